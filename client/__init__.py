@@ -1,0 +1,1 @@
+"""The site: data stores, local trainer, the Flower ClientApp."""

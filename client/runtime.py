@@ -1,0 +1,92 @@
+"""A site's loaded state: its config, data and model, kept warm between messages.
+
+Cached per (site.toml, run config) so a simulated worker that serves several
+sites never mixes them: each site has its own entry, and every train/evaluate
+message loads the global adapter into the model in full before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..common.config import RunConfig
+from ..common.errors import ConfigError
+from ..common.models import BuiltModel, build_model
+from .site_config import SiteConfig
+
+log = logging.getLogger(__name__)
+
+SITE_CONFIG_KEY = "site-config"
+"""SuperNode ``--node-config`` key naming the site's ``site.toml`` (deployment)."""
+_MAX_CACHED_SITES = 8
+
+
+@dataclass
+class SiteRuntime:
+    """What a site needs to answer train and evaluate messages."""
+
+    site: SiteConfig
+    data: Any  # client.data.dataset.SiteData
+    built: BuiltModel
+    site_index: int
+
+
+_CACHE: OrderedDict[tuple[str, str], SiteRuntime] = OrderedDict()
+
+
+def resolve_site_toml(node_config: dict[str, Any], config: RunConfig) -> tuple[Path, int]:
+    """Find this node's ``site.toml`` and a numeric site index.
+
+    Deployment: the SuperNode's node config names it (``site-config``).
+    Simulation: ``partition-id`` picks the N-th site under ``data.sites-dir``.
+    """
+    if SITE_CONFIG_KEY in node_config:
+        return Path(str(node_config[SITE_CONFIG_KEY])), -1
+    if "partition-id" in node_config:
+        pid = int(node_config["partition-id"])
+        sites = sorted(Path(config.data.sites_dir).glob("*/site.toml"))
+        if pid >= len(sites):
+            raise ConfigError(
+                f"simulated site {pid} has no site.toml: {len(sites)} site(s) under "
+                f"data.sites-dir={config.data.sites_dir!r}",
+                hint="Run as many simulated sites as there are site folders.",
+            )
+        return sites[pid], pid
+    raise ConfigError(
+        "this node does not know its site.toml",
+        hint=f"Start the site with --node-config \"{SITE_CONFIG_KEY}='/path/site.toml'\".",
+    )
+
+
+def _config_key(config: RunConfig) -> str:
+    relevant = {"model": config.model.model_dump(mode="json"), "task": config.task.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def get_runtime(site_toml: Path, site_index: int, config: RunConfig) -> SiteRuntime:
+    """Load (or reuse) the site's data and model for this run config."""
+    key = (str(Path(site_toml).resolve()), _config_key(config))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    from ..common.text import get_tokenizer
+    from .data.dataset import load_site_data
+
+    site = SiteConfig.from_toml(site_toml)
+    data = load_site_data(
+        site, config.task, image_size=config.model.image_size,
+        max_note_tokens=config.model.max_note_tokens,
+        tokenizer=get_tokenizer(config.model.tokenizer),
+    )
+    runtime = SiteRuntime(site=site, data=data, built=build_model(config), site_index=site_index)
+    log.info("site %d loaded: %d studies", site_index, data.num_studies)
+    _CACHE[key] = runtime
+    while len(_CACHE) > _MAX_CACHED_SITES:
+        _CACHE.popitem(last=False)
+    return runtime

@@ -1,0 +1,1 @@
+"""What the site and the coordinator share: config, models, adapters, math, wire."""

@@ -1,0 +1,108 @@
+"""Adapter state: get/set the trainable tensors, Flower records, PEFT directories.
+
+The adapter is exactly what ``peft.get_peft_model_state_dict`` returns for the
+model: the LoRA factors and the declared trainable modules. Nothing else is ever
+put in a record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import FederationError
+
+if TYPE_CHECKING:
+    import torch
+    from flwr.app import ArrayRecord
+
+
+def adapter_state(model: torch.nn.Module) -> OrderedDict[str, np.ndarray]:
+    """The adapter's tensors as float32 numpy arrays, in a stable order."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    return OrderedDict(
+        (k, state[k].detach().to("cpu", dtype=state[k].dtype).float().numpy().copy())
+        for k in sorted(state)
+    )
+
+
+def load_adapter_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Load adapter tensors into the model; every adapter tensor must be given."""
+    import torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise FederationError(
+            f"adapter does not fit this model: {len(missing)} tensor(s) missing "
+            f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})",
+            hint="The coordinator and this site must use the same run config and model.",
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise FederationError(
+                f"adapter tensor {key} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(expected[key].shape)}"
+            )
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()}
+    result = set_peft_model_state_dict(model, tensors)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise FederationError(f"PEFT did not load {len(unexpected)} adapter tensor(s): {unexpected[:2]}")
+
+
+def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Wrap float32 tensors in a Flower ArrayRecord (serialised without pickle)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord(
+        OrderedDict((k, Array(np.ascontiguousarray(v, dtype=np.float32))) for k, v in state.items())
+    )
+
+
+def from_record(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    """Unwrap a Flower ArrayRecord into numpy arrays."""
+    return OrderedDict((k, record[k].numpy()) for k in record.keys())
+
+
+def l2_norm(state: Mapping[str, np.ndarray]) -> float:
+    """The global L2 norm over all tensors."""
+    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in state.values())))
+
+
+def adapter_sha256(state: Mapping[str, np.ndarray]) -> str:
+    """A content hash of an adapter (names, shapes, float32 bytes)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        value = np.ascontiguousarray(state[key], dtype=np.float32)
+        digest.update(key.encode())
+        digest.update(str(value.shape).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def num_bytes(state: Mapping[str, np.ndarray]) -> int:
+    """Bytes of the tensors as float32."""
+    return int(sum(v.size for v in state.values()) * 4)
+
+
+def save_peft_adapter(model: torch.nn.Module, state: Mapping[str, np.ndarray], out_dir: Path) -> Path:
+    """Write ``state`` as a PEFT adapter directory (``adapter_config.json`` + safetensors).
+
+    Loadable with ``PeftModel.from_pretrained(base_model, out_dir)`` onto the base
+    model that :func:`wardround.common.models.build_model` makes from the run config.
+    """
+    load_adapter_state(model, state)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir

@@ -1,0 +1,271 @@
+"""Typed run configuration, parsed once at the edge.
+
+A run config is a nested TOML file (``wardround simulate --config run.toml``) or a
+Flower ``run_config`` (flat, dotted keys, scalar values). Both become one frozen
+:class:`RunConfig`; unknown keys are rejected with the list of known ones, and
+every problem is reported at once.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+def _dashed(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", alias_generator=_dashed, populate_by_name=True
+    )
+
+
+class Strategy(str, Enum):
+    """Server-side aggregation strategy."""
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+
+
+class Fusion(str, Enum):
+    """How the modality embeddings are combined."""
+
+    CONCAT = "concat"
+    GATED = "gated"
+    CROSS_ATTENTION = "cross-attention"
+
+
+class Modality(str, Enum):
+    """Input modalities of the fusion model."""
+
+    IMAGE = "image"
+    EHR = "ehr"
+    NOTE = "note"
+
+
+ALL_MODALITIES = (Modality.IMAGE, Modality.EHR, Modality.NOTE)
+
+
+class FederationConfig(_Section):
+    """How rounds run."""
+
+    strategy: Strategy = Strategy.FEDAVG
+    proximal_mu: float = Field(0.0, ge=0.0)
+    rounds: int = Field(5, ge=1, le=10_000)
+    min_sites: int = Field(2, ge=1)
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(1.0, gt=0.0, le=1.0)
+    round_timeout_s: float = Field(3600.0, gt=0.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _mu_matches_strategy(self) -> FederationConfig:
+        if self.strategy is Strategy.FEDPROX and self.proximal_mu <= 0.0:
+            raise ValueError("strategy 'fedprox' needs proximal-mu > 0 (e.g. 0.01)")
+        return self
+
+
+class TrainConfig(_Section):
+    """Local training at each site, per round."""
+
+    local_epochs: int = Field(1, ge=1, le=1000)
+    max_steps: int = Field(0, ge=0, description="0: whole local epochs")
+    batch_size: int = Field(16, ge=1, le=4096)
+    learning_rate: float = Field(3e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    eval_batch_size: int = Field(64, ge=1)
+    torch_threads: int = Field(1, ge=0, description="0: torch's default")
+
+
+class ModelConfig(_Section):
+    """The base model and its adapters."""
+
+    family: str = "fusion"
+    vision: str = Field("tiny", description="'tiny' (built from config), a local path or hub id")
+    text: str = Field("tiny", description="'tiny' (built from config), a local path or hub id")
+    tokenizer: str = Field("byte", description="'byte' or a local path / hub id")
+    fusion: Fusion = Fusion.GATED
+    modalities: tuple[Modality, ...] = ALL_MODALITIES
+    image_size: int = Field(64, ge=16, le=1024)
+    max_note_tokens: int = Field(128, ge=8, le=4096)
+    hidden_size: int = Field(64, ge=8)
+    lora_rank: int = Field(8, ge=1, le=256)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    init_seed: int = 0
+
+    @model_validator(mode="after")
+    def _some_modality(self) -> ModelConfig:
+        if not self.modalities:
+            raise ValueError("modalities must name at least one of image, ehr, note")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError("modalities lists a modality twice")
+        return self
+
+
+class NumericFeature(_Section):
+    """A numeric EHR feature with the federation-wide normalisation."""
+
+    mean: float
+    std: float = Field(gt=0.0)
+
+
+class TaskConfig(_Section):
+    """What is predicted from what. Shared by every site of a run.
+
+    Normalisation statistics and categorical vocabularies are declared here, never
+    derived from one site's data.
+    """
+
+    labels: tuple[str, ...] = ("nodule", "effusion", "pneumonia", "cardiomegaly")
+    numeric: dict[str, NumericFeature] = Field(
+        default_factory=lambda: {
+            "age": NumericFeature(mean=60.0, std=15.0),
+            "temperature": NumericFeature(mean=37.2, std=0.8),
+            "heart_rate": NumericFeature(mean=85.0, std=15.0),
+            "spo2": NumericFeature(mean=95.0, std=3.0),
+            "wbc": NumericFeature(mean=9.0, std=3.5),
+            "crp": NumericFeature(mean=30.0, std=40.0),
+            "bnp": NumericFeature(mean=300.0, std=400.0),
+        }
+    )
+    categorical: dict[str, tuple[str, ...]] = Field(
+        default_factory=lambda: {"sex": ("F", "M")}
+    )
+
+    @model_validator(mode="after")
+    def _labels_present(self) -> TaskConfig:
+        if not self.labels:
+            raise ValueError("labels must name at least one label")
+        return self
+
+    @property
+    def ehr_width(self) -> int:
+        """Width of the EHR vector: numeric values, their missingness, one-hots."""
+        onehot = sum(len(v) + 1 for v in self.categorical.values())  # +1: unknown
+        return 2 * len(self.numeric) + onehot
+
+
+class DataConfig(_Section):
+    """Where the sites' data is (simulation)."""
+
+    sites_dir: str = ""
+    synthesize_sites: int = Field(0, ge=0, le=256, description="make N synthetic sites if sites-dir is empty")
+    patients_per_site: int = Field(300, ge=10)
+    synth_seed: int = 0
+
+
+class OutputConfig(_Section):
+    """Where the run directory goes."""
+
+    dir: str = "runs/latest"
+    checkpoint_every: int = Field(1, ge=0, description="0: no per-round checkpoints")
+
+
+class RunConfig(_Section):
+    """Everything a run needs, shared by the coordinator and all sites."""
+
+    federation: FederationConfig = FederationConfig()
+    train: TrainConfig = TrainConfig()
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    data: DataConfig = DataConfig()
+    output: OutputConfig = OutputConfig()
+
+    # -- parsing ---------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any], *, source: str = "run config") -> RunConfig:
+        """Validate a nested mapping; raise ConfigError listing every problem."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(
+                f"{source} has {exc.error_count()} problem(s):\n" + _describe(exc, cls),
+                hint="Fix the keys above; `wardround simulate --help` shows the options.",
+            ) from None
+
+    @classmethod
+    def from_toml(cls, path: Path) -> RunConfig:
+        """Read a run config TOML file."""
+        return cls.from_mapping(read_toml(path), source=str(path))
+
+    @classmethod
+    def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
+        """Rebuild from a Flower ``run_config`` (flat dotted keys, JSON for lists)."""
+        nested: dict[str, Any] = {}
+        for key, value in run_config.items():
+            *parents, leaf = key.split(".")
+            node = nested
+            for part in parents:
+                node = node.setdefault(part, {})
+            if isinstance(value, str) and value[:1] in "[{":
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            node[leaf] = value
+        return cls.from_mapping(nested, source="Flower run_config")
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """Flatten to a Flower ``run_config``: dotted keys, scalars, JSON for the rest."""
+        flat: dict[str, bool | int | float | str] = {}
+        for section, values in self.model_dump(mode="json", by_alias=True).items():
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = (
+                    value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+                )
+        return flat
+
+    def with_overrides(self, **sections: dict[str, Any]) -> RunConfig:
+        """Return a copy with some keys of some sections replaced (validated)."""
+        raw = self.model_dump(mode="json", by_alias=True)
+        for section, values in sections.items():
+            raw[section].update({_dashed(k): v for k, v in values.items()})
+        return RunConfig.from_mapping(raw)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file or raise ConfigError saying what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", hint="Check the path.")
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(model, err["loc"][:-1])
+            lines.append(f"  - {where}: unknown key; known keys here: {', '.join(known)}")
+        else:
+            lines.append(f"  - {where}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", {})
+        match = next(
+            (f for name, f in fields.items() if part in (name, f.alias)), None
+        )
+        if match is None or not isinstance(match.annotation, type):
+            return []
+        current = match.annotation
+    fields = getattr(current, "model_fields", {})
+    return sorted(f.alias or name for name, f in fields.items())

@@ -1,0 +1,220 @@
+"""The ``fusion`` family: vision encoder + text encoder + EHR encoder → fused head.
+
+The vision and text encoders are Hugging Face transformers models, built from a tiny
+config (``"tiny"``, random init from ``model.init-seed``) or loaded with
+``from_pretrained`` from a local path or hub id. PEFT LoRA adapts their attention
+projections; the projections into the shared width, the EHR encoder, the fusion
+module and the multi-label head are the only other trainable parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Modality, RunConfig
+from ..errors import ConfigError
+from .fusion_layers import FUSIONS
+from .registry import BuiltModel, register_family
+
+# Attention projection names per architecture (transformers 5.x).
+LORA_PROJECTIONS = ("q_proj", "v_proj", "query", "value")
+TRAINABLE_MODULES = ("vision_proj", "text_proj", "ehr_encoder", "fusion", "head")
+
+
+def tiny_vision_config(image_size: int) -> Any:
+    """A small ViT for tests and the demo (grayscale input)."""
+    from transformers import ViTConfig
+
+    return ViTConfig(
+        image_size=image_size, patch_size=8, num_channels=1, hidden_size=64,
+        num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+
+
+def tiny_text_config(vocab_size: int, max_tokens: int) -> Any:
+    """A small BERT for tests and the demo."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=max(512, max_tokens), type_vocab_size=1,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+
+
+def _load_encoder(spec: str, tiny_config: Any) -> nn.Module:
+    from transformers import AutoModel
+
+    if spec == "tiny":
+        return AutoModel.from_config(tiny_config)
+    try:
+        return AutoModel.from_pretrained(spec)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load encoder {spec!r}: {exc}",
+            hint="Give 'tiny', a local folder written by save_pretrained, or a hub id "
+            "that is in the local Hugging Face cache.",
+        ) from None
+
+
+class FusionModel(nn.Module):
+    """Encoders per modality, a fusion module and a multi-label head."""
+
+    def __init__(
+        self, *, vision: nn.Module | None, text: nn.Module | None, ehr_width: int,
+        hidden: int, fusion: str, n_labels: int, image_size: int,
+    ) -> None:
+        super().__init__()
+        self.vision_encoder = vision
+        self.text_encoder = text
+        self.image_size = image_size
+        self.vision_proj = nn.Linear(vision.config.hidden_size, hidden) if vision else None
+        self.text_proj = nn.Linear(text.config.hidden_size, hidden) if text else None
+        self.ehr_encoder = nn.Sequential(
+            nn.Linear(ehr_width, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU()
+        ) if ehr_width > 0 else None
+        self.fusion = FUSIONS[fusion](hidden, 3)
+        self.head = nn.Linear(hidden, n_labels)
+
+    def _vision_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        cfg = self.vision_encoder.config
+        if image.shape[1] != cfg.num_channels:
+            image = image.expand(-1, cfg.num_channels, -1, -1)
+        if image.shape[-1] != cfg.image_size:
+            image = nn.functional.interpolate(image, size=(cfg.image_size, cfg.image_size), mode="bilinear")
+        return self.vision_proj(self.vision_encoder(pixel_values=image).last_hidden_state)
+
+    def forward(
+        self, image: torch.Tensor, ehr: torch.Tensor, note_ids: torch.Tensor,
+        note_mask: torch.Tensor, present: torch.Tensor,
+    ) -> torch.Tensor:
+        """Return multi-label logits [B, n_labels].
+
+        ``present`` [B, 3] marks which of image, EHR, note each example has; a
+        modality the model was built without counts as absent.
+        """
+        batch = present.shape[0]
+        hidden = self.head.in_features
+        zeros_tok = present.new_zeros(batch, 1, hidden)
+        zeros_mask = present.new_zeros(batch, 1)
+        present = present.clone()
+        tokens, pooled = [], []
+        if self.vision_encoder is not None:
+            seq = self._vision_tokens(image)
+            tokens.append((seq, present[:, 0:1].expand(-1, seq.shape[1])))
+            pooled.append(seq.mean(1))
+        else:
+            present[:, 0] = 0
+            tokens.append((zeros_tok, zeros_mask))
+            pooled.append(zeros_tok[:, 0])
+        if self.ehr_encoder is not None:
+            emb = self.ehr_encoder(ehr)
+            tokens.append((emb.unsqueeze(1), present[:, 1:2]))
+            pooled.append(emb)
+        else:
+            present[:, 1] = 0
+            tokens.append((zeros_tok, zeros_mask))
+            pooled.append(zeros_tok[:, 0])
+        if self.text_encoder is not None:
+            out = self.text_encoder(input_ids=note_ids, attention_mask=note_mask).last_hidden_state
+            seq = self.text_proj(out)
+            mask = note_mask.to(seq.dtype) * present[:, 2:3]
+            tokens.append((seq, mask))
+            pooled.append((seq * note_mask.unsqueeze(-1)).sum(1) / note_mask.sum(1, keepdim=True).clamp_min(1))
+        else:
+            present[:, 2] = 0
+            tokens.append((zeros_tok, zeros_mask))
+            pooled.append(zeros_tok[:, 0])
+        fused = self.fusion(tokens, torch.stack(pooled, dim=1), present)
+        return self.head(fused)
+
+
+def base_fingerprint(model: nn.Module, config_json: str) -> str:
+    """sha256 over the frozen base tensors (name, shape, bytes) and the base config."""
+    digest = hashlib.sha256(config_json.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.split(".")[0] in TRAINABLE_MODULES:
+            continue
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def build_base(config: RunConfig) -> tuple[FusionModel, str]:
+    """Build the base fusion model (deterministic) and its fingerprint."""
+    from ..text import get_tokenizer
+
+    mc, task = config.model, config.task
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(mc.init_seed)
+    try:
+        vision = (_load_encoder(mc.vision, tiny_vision_config(mc.image_size))
+                  if Modality.IMAGE in mc.modalities else None)
+        text = (_load_encoder(mc.text, tiny_text_config(len(get_tokenizer(mc.tokenizer)), mc.max_note_tokens))
+                if Modality.NOTE in mc.modalities else None)
+        model = FusionModel(
+            vision=vision, text=text,
+            ehr_width=task.ehr_width if Modality.EHR in mc.modalities else 0,
+            hidden=mc.hidden_size, fusion=mc.fusion, n_labels=len(task.labels),
+            image_size=mc.image_size,
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    base_json = json.dumps(
+        {"family": "fusion", "model": mc.model_dump(mode="json", exclude={"lora_rank", "lora_alpha", "lora_dropout"}),
+         "labels": list(task.labels), "ehr_width": task.ehr_width},
+        sort_keys=True,
+    )
+    return model, base_fingerprint(model, base_json)
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """Names of the encoders' attention projections that get LoRA adapters."""
+    return sorted(
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and name.split(".")[0] in ("vision_encoder", "text_encoder")
+        and name.rsplit(".", 1)[-1] in LORA_PROJECTIONS
+    )
+
+
+@register_family("fusion", base=build_base)
+def build_fusion(config: RunConfig) -> BuiltModel:
+    """Build the LoRA-wrapped fusion model."""
+    from peft import LoraConfig, get_peft_model
+
+    base, fingerprint = build_base(config)
+    targets = lora_targets(base)
+    trainable = [m for m in TRAINABLE_MODULES if getattr(base, m) is not None]
+    lora = LoraConfig(
+        r=config.model.lora_rank, lora_alpha=config.model.lora_alpha,
+        lora_dropout=config.model.lora_dropout, target_modules=targets or None,
+        modules_to_save=trainable, bias="none",
+    )
+    if not targets:
+        # An EHR-only model has no encoder attention to adapt; PEFT needs a LoRA
+        # target, so the fusion module's linear layers take LoRA instead of
+        # training in full.
+        targets = sorted(n for n, m in base.named_modules()
+                         if n.startswith("fusion.") and isinstance(m, nn.Linear))
+        trainable = [m for m in trainable if m != "fusion"]
+        lora = LoraConfig(
+            r=config.model.lora_rank, lora_alpha=config.model.lora_alpha,
+            lora_dropout=config.model.lora_dropout, target_modules=targets,
+            modules_to_save=trainable, bias="none",
+        )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(config.model.init_seed + 1)
+    try:
+        peft_model = get_peft_model(base, lora)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return BuiltModel(model=peft_model, base_fingerprint=fingerprint, family="fusion")

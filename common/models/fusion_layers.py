@@ -1,0 +1,82 @@
+"""Fusion modules over per-modality embeddings.
+
+All are built from ``nn.Linear``/``nn.LayerNorm`` only, so Opacus can compute exact
+per-sample gradients (a trainable ``nn.MultiheadAttention`` would break that).
+Absent modalities are masked, never imputed with zeros that the model could read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import Fusion
+
+
+class ConcatFusion(nn.Module):
+    """Concatenate the modality embeddings (absent ones zeroed) and project."""
+
+    def __init__(self, hidden: int, n_modalities: int) -> None:
+        super().__init__()
+        self.project = nn.Sequential(
+            nn.Linear(hidden * n_modalities + n_modalities, hidden), nn.GELU()
+        )
+
+    def forward(self, tokens: list[tuple[torch.Tensor, torch.Tensor]], pooled: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Fuse ``pooled`` [B, M, H] given ``present`` [B, M]."""
+        masked = pooled * present.unsqueeze(-1)
+        return self.project(torch.cat([masked.flatten(1), present], dim=1))
+
+
+class GatedFusion(nn.Module):
+    """Sigmoid-gated average of the present modalities (Arevalo et al., 2017)."""
+
+    def __init__(self, hidden: int, n_modalities: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(hidden * n_modalities + n_modalities, n_modalities)
+        self.out = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU())
+
+    def forward(self, tokens: list[tuple[torch.Tensor, torch.Tensor]], pooled: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Fuse ``pooled`` [B, M, H] given ``present`` [B, M]."""
+        masked = pooled * present.unsqueeze(-1)
+        gates = torch.sigmoid(self.gate(torch.cat([masked.flatten(1), present], dim=1)))
+        weights = gates * present
+        fused = (weights.unsqueeze(-1) * pooled).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-6)
+        return self.out(fused)
+
+
+class CrossAttentionFusion(nn.Module):
+    """One query, from the pooled embeddings, attends over every modality's tokens.
+
+    Single-head scaled dot-product attention written with ``nn.Linear`` so that
+    per-sample gradients are exact under Opacus.
+    """
+
+    def __init__(self, hidden: int, n_modalities: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(hidden * n_modalities + n_modalities, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU())
+        self.scale = 1.0 / math.sqrt(hidden)
+
+    def forward(self, tokens: list[tuple[torch.Tensor, torch.Tensor]], pooled: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Fuse token sequences ``tokens`` (each [B, T_m, H], masked by [B, T_m] in
+        ``tokens_mask``) with ``pooled`` [B, M, H] and ``present`` [B, M]."""
+        seq = torch.cat([t for t, _ in tokens], dim=1)
+        mask = torch.cat([m for _, m in tokens], dim=1)
+        masked = pooled * present.unsqueeze(-1)
+        q = self.query(torch.cat([masked.flatten(1), present], dim=1)).unsqueeze(1)
+        scores = (q * self.key(seq)).sum(-1) * self.scale
+        scores = scores.masked_fill(mask <= 0, torch.finfo(scores.dtype).min)
+        attn = torch.softmax(scores, dim=-1) * (mask.sum(-1, keepdim=True) > 0)
+        return self.out((attn.unsqueeze(-1) * self.value(seq)).sum(1))
+
+
+FUSIONS: dict[Fusion, type[nn.Module]] = {
+    Fusion.CONCAT: ConcatFusion,
+    Fusion.GATED: GatedFusion,
+    Fusion.CROSS_ATTENTION: CrossAttentionFusion,
+}

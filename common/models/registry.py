@@ -1,0 +1,87 @@
+"""A registry of model families.
+
+A family turns a :class:`~wardround.common.config.RunConfig` into a base model plus
+its LoRA adapters (a PEFT model) and names the tensors that train. New families
+(e.g. generative VLMs) register here without touching the federation code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..config import RunConfig
+
+
+@dataclass
+class BuiltModel:
+    """A PEFT-wrapped model and what the federation needs to know about it."""
+
+    model: torch.nn.Module
+    """The PEFT model (``PeftModel``) whose trainable tensors are the adapter."""
+    base_fingerprint: str
+    """sha256 over the frozen base weights and the base config."""
+    family: str
+
+
+FamilyBuilder = Callable[["RunConfig"], BuiltModel]
+BaseBuilder = Callable[["RunConfig"], "tuple[torch.nn.Module, str]"]
+_FAMILIES: dict[str, FamilyBuilder] = {}
+_BASES: dict[str, BaseBuilder] = {}
+
+
+def register_family(
+    name: str, *, base: BaseBuilder
+) -> Callable[[FamilyBuilder], FamilyBuilder]:
+    """Register a family (decorator on its PEFT builder); ``base`` builds the bare base model."""
+
+    def decorate(builder: FamilyBuilder) -> FamilyBuilder:
+        _FAMILIES[name] = builder
+        _BASES[name] = base
+        return builder
+
+    return decorate
+
+
+def get_family(name: str) -> FamilyBuilder:
+    """Return the builder of a family, importing the built-in ones lazily."""
+    if not _FAMILIES:
+        from . import fusion  # noqa: F401  (registers itself)
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        known = ", ".join(sorted(_FAMILIES))
+        raise ConfigError(
+            f"unknown model family {name!r}", hint=f"Set model.family to one of: {known}."
+        ) from None
+
+
+def build_base_model(config: RunConfig) -> tuple[torch.nn.Module, str]:
+    """The bare base model (no adapters) and its fingerprint, e.g. for
+    ``PeftModel.from_pretrained(base, run_dir / "adapter")``."""
+    get_family(config.model.family)
+    return _BASES[config.model.family](config)
+
+
+def build_model(config: RunConfig) -> BuiltModel:
+    """Build the configured family's PEFT model (deterministic for a config)."""
+    return get_family(config.model.family)(config)
+
+
+def describe(built: BuiltModel) -> dict[str, Any]:
+    """Parameter counts and bytes for reports."""
+    total = sum(p.numel() for p in built.model.parameters())
+    trainable = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
+    return {
+        "family": built.family,
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "model_bytes_float32": total * 4,
+        "adapter_bytes_float32": trainable * 4,
+    }

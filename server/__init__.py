@@ -1,0 +1,1 @@
+"""The coordinator: the Flower ServerApp, round loop, run directory, admin CLI."""

@@ -1,0 +1,212 @@
+"""The coordinator's round loop over adapter deltas.
+
+Each round: Flower's strategy samples sites and builds the train messages (global
+adapter *weights* + round config); sites reply with *deltas*; the coordinator
+takes their example-weighted mean and steps the global adapter; then every
+sampled site evaluates the new global adapter on its own validation split.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from ..common import wire
+from ..common.adapter import adapter_sha256, adapter_state, from_record, num_bytes, save_peft_adapter, to_record
+from ..common.aggregation import apply_delta, weighted_mean, weighted_metric_mean
+from ..common.config import RunConfig
+from ..common.errors import FederationError
+from ..common.models import build_model
+from ..common.models.registry import describe
+from .plots import plot_rounds
+from .records import RoundRecord, SiteEvalReport, SiteFailure, SiteTrainReport
+from .rundir import RunDirectory, versions
+from .strategy import make_strategy
+
+log = logging.getLogger(__name__)
+
+
+class RoundObserver(Protocol):
+    """Receives progress (the CLI's progress display, logs)."""
+
+    def on_start(self, total_rounds: int) -> None:
+        """The run is about to start its first round."""
+
+    def on_round(self, record: RoundRecord) -> None:
+        """A round finished."""
+
+
+@dataclass
+class FederationResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    rounds: list[RoundRecord]
+    summary: dict[str, Any]
+
+
+def _array_bytes(msg: Message, key: str) -> int:
+    record = msg.content[key]
+    return int(sum(len(record[k].data) for k in record.keys()))
+
+
+def _split_replies(replies: Iterable[Message], phase: str, need: tuple[str, ...]) -> tuple[list[Message], list[SiteFailure]]:
+    ok, failed = [], []
+    for msg in replies:
+        node = int(msg.metadata.src_node_id)
+        if msg.has_error():
+            failed.append(SiteFailure(node, phase, msg.error.reason[:500]))
+        elif any(k not in msg.content for k in need):
+            failed.append(SiteFailure(node, phase, f"reply lacks {[k for k in need if k not in msg.content]}"))
+        else:
+            ok.append(msg)
+    for failure in failed:
+        log.warning("site %s failed in %s: %s", failure.node_id, phase, failure.reason.splitlines()[0] if failure.reason else "")
+    return ok, failed
+
+
+def run_federation(
+    grid: Grid,
+    config: RunConfig,
+    *,
+    run_dir: Path,
+    site_names: Callable[[int, int], str] | None = None,
+    observer: RoundObserver | None = None,
+) -> FederationResult:
+    """Run ``config.federation.rounds`` rounds and write the run directory."""
+    started = time.time()
+    name_of = site_names or (lambda node_id, index: f"site-{index + 1:02d}" if index >= 0 else f"node-{node_id}")
+    built = build_model(config)
+    global_state = adapter_state(built.model)
+    model_info = describe(built)
+    strategy = make_strategy(config.federation)
+    out = RunDirectory(run_dir, config)
+    out.write_config()
+    records: list[RoundRecord] = []
+    bytes_per_site: dict[str, int] = {}
+    if observer:
+        observer.on_start(config.federation.rounds)
+
+    for server_round in range(1, config.federation.rounds + 1):
+        round_start = time.perf_counter()
+        train_config = ConfigRecord({wire.BASE_FINGERPRINT: built.base_fingerprint, wire.PAYLOAD_KIND: wire.PayloadKind.WEIGHTS.value})
+        messages = list(strategy.configure_train(server_round, to_record(global_state), train_config, grid))
+        replies = grid.send_and_receive(messages, timeout=config.federation.round_timeout_s)
+        ok, failures = _split_replies(replies, "train", (wire.ADAPTER_DELTA, wire.METRICS))
+        if len(ok) < config.federation.min_sites:
+            reasons = "; ".join(f"node {f.node_id}: {f.reason.splitlines()[0] if f.reason else '?'}" for f in failures)
+            raise FederationError(
+                f"round {server_round}: {len(ok)} site(s) trained, the run needs "
+                f"federation.min-sites={config.federation.min_sites}. {reasons}",
+                hint="Check the failing sites' logs, or lower federation.min-sites.",
+            )
+        train_reports, deltas, weights = [], [], []
+        for msg in ok:
+            metrics = msg.content[wire.METRICS]
+            node = int(msg.metadata.src_node_id)
+            site = name_of(node, int(metrics.get(wire.SITE_INDEX, -1)))
+            sent = _array_bytes(msg, wire.ADAPTER_DELTA)
+            bytes_per_site[site] = bytes_per_site.get(site, 0) + sent
+            deltas.append(from_record(msg.content[wire.ADAPTER_DELTA]))
+            weights.append(float(metrics[wire.NUM_EXAMPLES]))
+            train_reports.append(SiteTrainReport(
+                node_id=node, site=site, num_examples=int(metrics[wire.NUM_EXAMPLES]),
+                loss=float(metrics[wire.TRAIN_LOSS]), steps=int(metrics[wire.TRAIN_STEPS]),
+                seconds=float(metrics[wire.TRAIN_SECONDS]), delta_l2=float(metrics[wire.DELTA_L2]),
+                bytes_sent=sent,
+            ))
+        agg_start = time.perf_counter()
+        global_state = apply_delta(global_state, weighted_mean(deltas, weights))
+        aggregation_seconds = time.perf_counter() - agg_start
+
+        eval_messages = list(strategy.configure_evaluate(server_round, to_record(global_state), ConfigRecord({wire.BASE_FINGERPRINT: built.base_fingerprint}), grid))
+        eval_replies = grid.send_and_receive(eval_messages, timeout=config.federation.round_timeout_s)
+        eval_ok, eval_failures = _split_replies(eval_replies, "evaluate", (wire.METRICS,))
+        eval_reports = []
+        for msg in eval_ok:
+            metrics = msg.content[wire.METRICS]
+            node = int(msg.metadata.src_node_id)
+            eval_reports.append(SiteEvalReport(
+                node_id=node, site=name_of(node, int(metrics.get(wire.SITE_INDEX, -1))),
+                num_examples=int(metrics[wire.NUM_EXAMPLES]), loss=float(metrics[wire.EVAL_LOSS]),
+                auroc_macro=float(metrics[wire.AUROC_MACRO]),
+                auroc_per_label={label: float(metrics.get(wire.AUROC_PREFIX + label, float("nan"))) for label in config.task.labels},
+            ))
+        eval_reports.sort(key=lambda e: e.site)
+        train_reports.sort(key=lambda t: t.site)
+        sha = adapter_sha256(global_state)
+        record = RoundRecord(
+            round=server_round, train=train_reports, evaluate=eval_reports,
+            failures=failures + eval_failures,
+            global_auroc=weighted_metric_mean([e.auroc_macro for e in eval_reports], [e.num_examples for e in eval_reports]),
+            global_loss=weighted_metric_mean([e.loss for e in eval_reports], [e.num_examples for e in eval_reports]),
+            train_loss=weighted_metric_mean([t.loss for t in train_reports], [t.num_examples for t in train_reports]),
+            adapter_sha256=sha, seconds=time.perf_counter() - round_start,
+            aggregation_seconds=aggregation_seconds,
+        )
+        out.write_round(record, _manifest(config, built.base_fingerprint, record))
+        every = config.output.checkpoint_every
+        if every and (server_round % every == 0 or server_round == config.federation.rounds):
+            out.write_checkpoint(server_round, global_state, sha)
+        records.append(record)
+        if observer:
+            observer.on_round(record)
+        log.info("round %d: global AUROC %.3f, loss %.4f", server_round, record.global_auroc, record.global_loss)
+
+    save_peft_adapter(built.model, global_state, run_dir / "adapter")
+    plot_rounds(records, run_dir / "plots")
+    summary = _summary(config, records, model_info, bytes_per_site, started, built.base_fingerprint, global_state)
+    out.write_final(summary)
+    return FederationResult(run_dir=Path(run_dir), rounds=records, summary=summary)
+
+
+def _manifest(config: RunConfig, fingerprint: str, record: RoundRecord) -> dict[str, Any]:
+    return {
+        "round": record.round,
+        "participants": [{"node_id": t.node_id, "site": t.site, "num_examples": t.num_examples} for t in record.train],
+        "failures": [{"node_id": f.node_id, "phase": f.phase} for f in record.failures],
+        "strategy": config.federation.strategy.value,
+        "proximal_mu": config.federation.proximal_mu,
+        "aggregation": "plain",
+        "differential_privacy": None,
+        "secure_aggregation": None,
+        "base_model_fingerprint": fingerprint,
+        "adapter_sha256": record.adapter_sha256,
+        "versions": versions(),
+    }
+
+
+def _summary(config: RunConfig, records: list[RoundRecord], model_info: dict[str, Any],
+             bytes_per_site: dict[str, int], started: float, fingerprint: str,
+             state: dict[str, np.ndarray]) -> dict[str, Any]:
+    last = records[-1]
+    return {
+        "config": config.model_dump(mode="json", by_alias=True),
+        "model": {**model_info, "adapter_tensors": len(state), "adapter_payload_bytes": num_bytes(state),
+                  "base_model_fingerprint": fingerprint},
+        "aggregation": "plain",
+        "differential_privacy": None,
+        "rounds_completed": len(records),
+        "final": {
+            "global": {"auroc_macro": last.global_auroc, "loss": last.global_loss},
+            "sites": {e.site: {"auroc_macro": e.auroc_macro, "loss": e.loss, "num_examples": e.num_examples,
+                               "auroc_per_label": e.auroc_per_label} for e in last.evaluate},
+        },
+        "history": {"global_auroc": [r.global_auroc for r in records], "global_loss": [r.global_loss for r in records]},
+        "bytes_sent_per_site": bytes_per_site,
+        "privacy_spent": {},
+        "timings": {
+            "started": started, "finished": time.time(), "wall_seconds": time.time() - started,
+            "round_seconds": [r.seconds for r in records],
+            "aggregation_seconds": [r.aggregation_seconds for r in records],
+        },
+        "versions": versions(),
+    }

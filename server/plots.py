@@ -1,0 +1,40 @@
+"""PNG plots of a run's rounds (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .records import RoundRecord
+
+
+def plot_rounds(records: list[RoundRecord], out_dir: Path) -> list[Path]:
+    """Write ``auroc.png`` and ``loss.png`` (global and per site) into ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rounds = [r.round for r in records]
+    sites = sorted({e.site for r in records for e in r.evaluate})
+    written = []
+    for name, glob, per_site, ylabel in (
+        ("auroc", [r.global_auroc for r in records], lambda e: e.auroc_macro, "validation AUROC (macro)"),
+        ("loss", [r.global_loss for r in records], lambda e: e.loss, "validation loss (BCE)"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        ax.plot(rounds, glob, marker="o", linewidth=2.5, color="black", label="global (weighted)")
+        for site in sites:
+            xs, ys = zip(*[(r.round, per_site(e)) for r in records for e in r.evaluate if e.site == site], strict=True) if any(
+                e.site == site for r in records for e in r.evaluate) else ((), ())
+            ax.plot(xs, ys, marker=".", linewidth=1, alpha=0.8, label=site)
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written

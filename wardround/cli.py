@@ -1,0 +1,124 @@
+"""The ``wardround`` command line: one entry point for all three kinds of user.
+
+User errors (``WardroundError``) are shown as one paragraph with what to fix and
+a non-zero exit code; tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="wardround", no_args_is_help=True, add_completion=False,
+    help="Federated LoRA fine-tuning of multimodal medical models across hospitals.",
+)
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _fail(exc: Exception) -> None:
+    from wardround.common.errors import WardroundError
+
+    if isinstance(exc, WardroundError) and not _state["debug"]:
+        err_console.print(f"[bold red]{exc.title}:[/] {exc.message}", highlight=False)
+        if exc.hint:
+            err_console.print(exc.hint, highlight=False)
+        raise typer.Exit(exc.exit_code)
+    raise exc
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
+) -> None:
+    _state["debug"] = debug
+    _state["verbose"] = verbose
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def simulate(
+    sites: Annotated[int | None, typer.Option(min=1, max=256, help="Synthetic sites to make (default 3).")] = None,
+    rounds: Annotated[int | None, typer.Option(min=1, help="Rounds (default: the config's, 5).")] = None,
+    config: Annotated[Path | None, typer.Option(help="A run config TOML file.", dir_okay=False)] = None,
+    out: Annotated[Path, typer.Option(help="The run directory to write.")] = Path("runs/simulate"),
+    strategy: Annotated[str | None, typer.Option(help="fedavg or fedprox (overrides the config).")] = None,
+    proximal_mu: Annotated[float | None, typer.Option("--proximal-mu", help="FedProx's mu.")] = None,
+    modalities: Annotated[str | None, typer.Option(help="Comma list of image,ehr,note (ablations).")] = None,
+    fusion: Annotated[str | None, typer.Option(help="concat, gated or cross-attention.")] = None,
+) -> None:
+    """Run a whole federation on this machine (synthetic hospitals unless given data)."""
+    try:
+        from wardround.common.config import RunConfig
+        from wardround.simulations.runner import prepare_simulation, run_simulation_engine
+
+        from .console import ProgressObserver, summary_table
+
+        run_config = RunConfig.from_toml(config) if config else RunConfig()
+        federation: dict = {}
+        model: dict = {}
+        if strategy is not None:
+            federation["strategy"] = strategy
+        if proximal_mu is not None:
+            federation["proximal_mu"] = proximal_mu
+        if modalities is not None:
+            model["modalities"] = [m.strip() for m in modalities.split(",") if m.strip()]
+        if fusion is not None:
+            model["fusion"] = fusion
+        if federation or model:
+            run_config = run_config.with_overrides(federation=federation, model=model)
+        run_config, n_sites = prepare_simulation(run_config, out_dir=out, sites=sites, rounds=rounds)
+        console.print(f"wardround simulate: {n_sites} sites, {run_config.federation.rounds} rounds, "
+                      f"{run_config.federation.strategy.value}, modalities "
+                      f"{','.join(m.value for m in run_config.model.modalities)} → {run_config.output.dir}")
+        observer = ProgressObserver(console)
+        try:
+            result = run_simulation_engine(run_config, n_sites, observer=observer,
+                                           verbose=_state.get("verbose", False))
+        finally:
+            observer.close()
+        console.print(summary_table(result))
+        console.print(f"run directory: {result.run_dir}  (adapter/, run.json, rounds.jsonl, plots/)")
+    except KeyboardInterrupt:
+        err_console.print("interrupted: Flower and Ray processes were stopped")
+        sys.stdout.flush()
+        os._exit(130)  # the ServerApp thread may still wait on replies; do not hang on it
+    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
+        _fail(exc)
+
+
+@app.command()
+def synth(
+    sites: Annotated[int, typer.Option(min=1, max=256, help="Number of hospitals.")] = 3,
+    out: Annotated[Path, typer.Option(help="Folder to write site-01/, site-02/, ... into.")] = Path("sites"),
+    patients: Annotated[int, typer.Option(min=10, help="Patients per site.")] = 300,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same data.")] = 0,
+) -> None:
+    """Write synthetic hospitals: DICOM files, an EHR Parquet table and a site.toml each."""
+    try:
+        from wardround.simulations.synth import synthesize_federation
+
+        paths = synthesize_federation(out, sites, patients_per_site=patients, seed=seed)
+        for path in paths:
+            console.print(f"wrote {path}")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
