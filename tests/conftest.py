@@ -1,0 +1,38 @@
+"""Shared fixtures: machine hygiene for Flower/Ray, tiny configs, synthetic sites."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from wardround.common.config import RunConfig
+from wardround.common.env import apply_machine_hygiene
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _machine_hygiene(tmp_path_factory: pytest.TempPathFactory) -> None:
+    state = tmp_path_factory.mktemp("flwr-state")
+    os.environ.pop("FLWR_HOME", None)
+    os.environ.pop("RAY_TMPDIR", None)
+    apply_machine_hygiene(state)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> RunConfig:
+    """The default model, small enough for unit tests."""
+    return RunConfig().with_overrides(
+        model={"image_size": 32, "max_note_tokens": 32},
+        train={"batch_size": 8},
+    )
+
+
+@pytest.fixture(scope="session")
+def synthetic_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two small synthetic hospitals, written once per test session."""
+    from wardround.simulations.synth import synthesize_federation
+
+    root = tmp_path_factory.mktemp("sites")
+    synthesize_federation(root, 2, patients_per_site=40, seed=7)
+    return root
