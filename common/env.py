@@ -19,6 +19,8 @@ _FIXED = {
     # The SuperLink otherwise re-installs dependencies per run (a multi-GB CUDA torch).
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Keep Ray from rewriting CUDA_VISIBLE_DEVICES for CPU-only actors (and its warning).
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "HF_HUB_OFFLINE": "1",
 }
 

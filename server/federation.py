@@ -95,63 +95,28 @@ def run_federation(
     if observer:
         observer.on_start(config.federation.rounds)
 
+    # Round 0: every site evaluates the initial adapter, the baseline the rounds improve on.
+    start0 = time.perf_counter()
+    evals0, failures0 = _evaluate_phase(strategy, grid, config, 0, global_state, built.base_fingerprint, name_of)
+    records.append(_record(0, [], evals0, failures0, adapter_sha256(global_state), time.perf_counter() - start0, 0.0))
+    out.write_round(records[0], _manifest(config, built.base_fingerprint, records[0]))
+
     for server_round in range(1, config.federation.rounds + 1):
         round_start = time.perf_counter()
-        train_config = ConfigRecord({wire.BASE_FINGERPRINT: built.base_fingerprint, wire.PAYLOAD_KIND: wire.PayloadKind.WEIGHTS.value})
-        messages = list(strategy.configure_train(server_round, to_record(global_state), train_config, grid))
-        replies = grid.send_and_receive(messages, timeout=config.federation.round_timeout_s)
-        ok, failures = _split_replies(replies, "train", (wire.ADAPTER_DELTA, wire.METRICS))
-        if len(ok) < config.federation.min_sites:
-            reasons = "; ".join(f"node {f.node_id}: {f.reason.splitlines()[0] if f.reason else '?'}" for f in failures)
-            raise FederationError(
-                f"round {server_round}: {len(ok)} site(s) trained, the run needs "
-                f"federation.min-sites={config.federation.min_sites}. {reasons}",
-                hint="Check the failing sites' logs, or lower federation.min-sites.",
-            )
-        train_reports, deltas, weights = [], [], []
-        for msg in ok:
-            metrics = msg.content[wire.METRICS]
-            node = int(msg.metadata.src_node_id)
-            site = name_of(node, int(metrics.get(wire.SITE_INDEX, -1)))
-            sent = _array_bytes(msg, wire.ADAPTER_DELTA)
-            bytes_per_site[site] = bytes_per_site.get(site, 0) + sent
-            deltas.append(from_record(msg.content[wire.ADAPTER_DELTA]))
-            weights.append(float(metrics[wire.NUM_EXAMPLES]))
-            train_reports.append(SiteTrainReport(
-                node_id=node, site=site, num_examples=int(metrics[wire.NUM_EXAMPLES]),
-                loss=float(metrics[wire.TRAIN_LOSS]), steps=int(metrics[wire.TRAIN_STEPS]),
-                seconds=float(metrics[wire.TRAIN_SECONDS]), delta_l2=float(metrics[wire.DELTA_L2]),
-                bytes_sent=sent,
-            ))
+        train_reports, deltas, failures = _train_phase(strategy, grid, config, server_round, global_state,
+                                                       built.base_fingerprint, name_of)
+        for report in train_reports:
+            bytes_per_site[report.site] = bytes_per_site.get(report.site, 0) + report.bytes_sent
         agg_start = time.perf_counter()
+        weights = [float(t.num_examples) for t in train_reports]
         global_state = apply_delta(global_state, weighted_mean(deltas, weights))
         aggregation_seconds = time.perf_counter() - agg_start
 
-        eval_messages = list(strategy.configure_evaluate(server_round, to_record(global_state), ConfigRecord({wire.BASE_FINGERPRINT: built.base_fingerprint}), grid))
-        eval_replies = grid.send_and_receive(eval_messages, timeout=config.federation.round_timeout_s)
-        eval_ok, eval_failures = _split_replies(eval_replies, "evaluate", (wire.METRICS,))
-        eval_reports = []
-        for msg in eval_ok:
-            metrics = msg.content[wire.METRICS]
-            node = int(msg.metadata.src_node_id)
-            eval_reports.append(SiteEvalReport(
-                node_id=node, site=name_of(node, int(metrics.get(wire.SITE_INDEX, -1))),
-                num_examples=int(metrics[wire.NUM_EXAMPLES]), loss=float(metrics[wire.EVAL_LOSS]),
-                auroc_macro=float(metrics[wire.AUROC_MACRO]),
-                auroc_per_label={label: float(metrics.get(wire.AUROC_PREFIX + label, float("nan"))) for label in config.task.labels},
-            ))
-        eval_reports.sort(key=lambda e: e.site)
-        train_reports.sort(key=lambda t: t.site)
+        eval_reports, eval_failures = _evaluate_phase(strategy, grid, config, server_round, global_state,
+                                                      built.base_fingerprint, name_of)
         sha = adapter_sha256(global_state)
-        record = RoundRecord(
-            round=server_round, train=train_reports, evaluate=eval_reports,
-            failures=failures + eval_failures,
-            global_auroc=weighted_metric_mean([e.auroc_macro for e in eval_reports], [e.num_examples for e in eval_reports]),
-            global_loss=weighted_metric_mean([e.loss for e in eval_reports], [e.num_examples for e in eval_reports]),
-            train_loss=weighted_metric_mean([t.loss for t in train_reports], [t.num_examples for t in train_reports]),
-            adapter_sha256=sha, seconds=time.perf_counter() - round_start,
-            aggregation_seconds=aggregation_seconds,
-        )
+        record = _record(server_round, train_reports, eval_reports, failures + eval_failures, sha,
+                         time.perf_counter() - round_start, aggregation_seconds)
         out.write_round(record, _manifest(config, built.base_fingerprint, record))
         every = config.output.checkpoint_every
         if every and (server_round % every == 0 or server_round == config.federation.rounds):
@@ -166,6 +131,69 @@ def run_federation(
     summary = _summary(config, records, model_info, bytes_per_site, started, built.base_fingerprint, global_state)
     out.write_final(summary)
     return FederationResult(run_dir=Path(run_dir), rounds=records, summary=summary)
+
+
+def _train_phase(strategy: Any, grid: Grid, config: RunConfig, server_round: int,
+                 global_state: dict[str, np.ndarray], fingerprint: str, name_of: Callable[[int, int], str],
+                 ) -> tuple[list[SiteTrainReport], list[dict[str, np.ndarray]], list[SiteFailure]]:
+    """Sampled sites train the global adapter; return their reports and deltas (same order)."""
+    train_config = ConfigRecord({wire.BASE_FINGERPRINT: fingerprint,
+                                 wire.PAYLOAD_KIND: wire.PayloadKind.WEIGHTS.value})
+    messages = list(strategy.configure_train(server_round, to_record(global_state), train_config, grid))
+    replies = grid.send_and_receive(messages, timeout=config.federation.round_timeout_s)
+    ok, failures = _split_replies(replies, "train", (wire.ADAPTER_DELTA, wire.METRICS))
+    if len(ok) < config.federation.min_sites:
+        reasons = "; ".join(f"node {f.node_id}: {f.reason.splitlines()[0] if f.reason else '?'}" for f in failures)
+        raise FederationError(
+            f"round {server_round}: {len(ok)} site(s) trained, the run needs "
+            f"federation.min-sites={config.federation.min_sites}. {reasons}",
+            hint="Check the failing sites' logs, or lower federation.min-sites.",
+        )
+    reports, deltas = [], []
+    for msg in sorted(ok, key=lambda m: int(m.content[wire.METRICS].get(wire.SITE_INDEX, -1))):
+        metrics = msg.content[wire.METRICS]
+        node = int(msg.metadata.src_node_id)
+        deltas.append(from_record(msg.content[wire.ADAPTER_DELTA]))
+        reports.append(SiteTrainReport(
+            node_id=node, site=name_of(node, int(metrics.get(wire.SITE_INDEX, -1))),
+            num_examples=int(metrics[wire.NUM_EXAMPLES]), loss=float(metrics[wire.TRAIN_LOSS]),
+            steps=int(metrics[wire.TRAIN_STEPS]), seconds=float(metrics[wire.TRAIN_SECONDS]),
+            delta_l2=float(metrics[wire.DELTA_L2]), bytes_sent=_array_bytes(msg, wire.ADAPTER_DELTA),
+        ))
+    return reports, deltas, failures
+
+
+def _evaluate_phase(strategy: Any, grid: Grid, config: RunConfig, server_round: int,
+                    global_state: dict[str, np.ndarray], fingerprint: str,
+                    name_of: Callable[[int, int], str]) -> tuple[list[SiteEvalReport], list[SiteFailure]]:
+    """Every sampled site evaluates ``global_state`` on its validation split."""
+    messages = list(strategy.configure_evaluate(
+        server_round, to_record(global_state), ConfigRecord({wire.BASE_FINGERPRINT: fingerprint}), grid))
+    replies = grid.send_and_receive(messages, timeout=config.federation.round_timeout_s)
+    ok, failures = _split_replies(replies, "evaluate", (wire.METRICS,))
+    reports = []
+    for msg in ok:
+        metrics = msg.content[wire.METRICS]
+        node = int(msg.metadata.src_node_id)
+        reports.append(SiteEvalReport(
+            node_id=node, site=name_of(node, int(metrics.get(wire.SITE_INDEX, -1))),
+            num_examples=int(metrics[wire.NUM_EXAMPLES]), loss=float(metrics[wire.EVAL_LOSS]),
+            auroc_macro=float(metrics[wire.AUROC_MACRO]),
+            auroc_per_label={label: float(metrics.get(wire.AUROC_PREFIX + label, float("nan")))
+                             for label in config.task.labels},
+        ))
+    return sorted(reports, key=lambda e: e.site), failures
+
+
+def _record(server_round: int, train: list[SiteTrainReport], evals: list[SiteEvalReport],
+            failures: list[SiteFailure], sha: str, seconds: float, aggregation_seconds: float) -> RoundRecord:
+    return RoundRecord(
+        round=server_round, train=train, evaluate=evals, failures=failures,
+        global_auroc=weighted_metric_mean([e.auroc_macro for e in evals], [e.num_examples for e in evals]),
+        global_loss=weighted_metric_mean([e.loss for e in evals], [e.num_examples for e in evals]),
+        train_loss=weighted_metric_mean([t.loss for t in train], [t.num_examples for t in train]),
+        adapter_sha256=sha, seconds=seconds, aggregation_seconds=aggregation_seconds,
+    )
 
 
 def _manifest(config: RunConfig, fingerprint: str, record: RoundRecord) -> dict[str, Any]:
@@ -194,7 +222,7 @@ def _summary(config: RunConfig, records: list[RoundRecord], model_info: dict[str
                   "base_model_fingerprint": fingerprint},
         "aggregation": "plain",
         "differential_privacy": None,
-        "rounds_completed": len(records),
+        "rounds_completed": len(records) - 1,
         "final": {
             "global": {"auroc_macro": last.global_auroc, "loss": last.global_loss},
             "sites": {e.site: {"auroc_macro": e.auroc_macro, "loss": e.loss, "num_examples": e.num_examples,

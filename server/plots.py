@@ -13,6 +13,7 @@ def plot_rounds(records: list[RoundRecord], out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rounds = [r.round for r in records]
@@ -25,10 +26,10 @@ def plot_rounds(records: list[RoundRecord], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         ax.plot(rounds, glob, marker="o", linewidth=2.5, color="black", label="global (weighted)")
         for site in sites:
-            xs, ys = zip(*[(r.round, per_site(e)) for r in records for e in r.evaluate if e.site == site], strict=True) if any(
-                e.site == site for r in records for e in r.evaluate) else ((), ())
-            ax.plot(xs, ys, marker=".", linewidth=1, alpha=0.8, label=site)
-        ax.set_xlabel("round")
+            points = [(r.round, per_site(e)) for r in records for e in r.evaluate if e.site == site]
+            ax.plot([x for x, _ in points], [y for _, y in points], marker=".", linewidth=1, alpha=0.8, label=site)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round (0: before training)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

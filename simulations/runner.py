@@ -68,7 +68,10 @@ def run_simulation_engine(config: RunConfig, n_sites: int, *, observer: RoundObs
     from ..server.app import build_server_app
 
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # Flower warns that run_simulation is deprecated in favour of `flwr run`;
+        # `wardround simulate` keeps the in-process engine so it can stop every
+        # process itself. Errors still show.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
     flat = config.to_flower()
     results: list[FederationResult] = []
     server_app = build_server_app(flat, observer=observer, results=results)

@@ -17,6 +17,8 @@ from rich.console import Console
 
 app = typer.Typer(
     name="wardround", no_args_is_help=True, add_completion=False,
+    # locals could hold patient values: never print them in a traceback
+    pretty_exceptions_show_locals=False,
     help="Federated LoRA fine-tuning of multimodal medical models across hospitals.",
 )
 console = Console()

@@ -76,12 +76,16 @@ def build_model(config: RunConfig) -> BuiltModel:
 
 def describe(built: BuiltModel) -> dict[str, Any]:
     """Parameter counts and bytes for reports."""
-    total = sum(p.numel() for p in built.model.parameters())
-    trainable = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
+    named = list(built.model.named_parameters())
+    # PEFT keeps a frozen original next to each trainable copy of a module to save:
+    # count the base model once, as it would be shipped.
+    base = sum(p.numel() for n, p in named if "lora_" not in n and ".modules_to_save." not in n)
+    trainable = sum(p.numel() for _, p in named if p.requires_grad)
     return {
         "family": built.family,
-        "parameters": total,
+        "base_parameters": base,
         "trainable_parameters": trainable,
-        "model_bytes_float32": total * 4,
+        "base_model_bytes_float32": base * 4,
         "adapter_bytes_float32": trainable * 4,
+        "adapter_to_base_ratio": trainable / base if base else float("nan"),
     }

@@ -1,0 +1,81 @@
+"""The site's replies, inspected as Flower messages (what actually leaves the site)."""
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+
+from wardround.client.app import handle_evaluate, handle_train
+from wardround.common import wire
+from wardround.common.adapter import adapter_state, to_record
+from wardround.common.errors import ModelMismatchError
+from wardround.common.models import build_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _task_identity():
+    """Flower stamps messages with the process's task identity, as a SuperLink sets it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture(scope="module")
+def site_setup(synthetic_sites, tiny_config):
+    config = tiny_config.with_overrides(data={"sites_dir": str(synthetic_sites)}, train={"max_steps": 2})
+    built = build_model(config)
+    context = Context(run_id=1, node_id=11, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config=config.to_flower())
+    return config, built, context
+
+
+def _message(built, kind, fingerprint=None):
+    content = RecordDict({
+        wire.GLOBAL_ADAPTER: to_record(adapter_state(built.model)),
+        wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 1, wire.BASE_FINGERPRINT: fingerprint or built.base_fingerprint}),
+    })
+    return Message(content=content, dst_node_id=11, message_type=kind)
+
+
+def test_train_reply_holds_only_the_adapter_delta_and_numbers(site_setup):
+    config, built, context = site_setup
+    reply = handle_train(_message(built, MessageType.TRAIN), context)
+
+    assert set(reply.content.keys()) == {wire.ADAPTER_DELTA, wire.METRICS}
+    delta = reply.content[wire.ADAPTER_DELTA]
+    assert isinstance(delta, ArrayRecord)
+    from peft import get_peft_model_state_dict
+
+    declared = get_peft_model_state_dict(built.model)
+    assert set(delta.keys()) == set(declared)
+    for key in delta.keys():
+        array = delta[key].numpy()
+        assert array.dtype == np.float32
+        assert array.shape == tuple(declared[key].shape)
+    # frozen encoder weights never travel
+    assert not any("lora_" not in k and "encoder" in k and "ehr_encoder" not in k for k in delta.keys())
+    metrics = reply.content[wire.METRICS]
+    assert isinstance(metrics, MetricRecord)
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    assert metrics[wire.NUM_EXAMPLES] > 0
+    # training moved the adapter, so the delta is not all zeros
+    assert metrics[wire.DELTA_L2] > 0
+
+
+def test_evaluate_reply_is_numbers_with_fixed_names(site_setup):
+    config, built, context = site_setup
+    reply = handle_evaluate(_message(built, MessageType.EVALUATE), context)
+    assert set(reply.content.keys()) == {wire.METRICS}
+    metrics = reply.content[wire.METRICS]
+    expected = {wire.NUM_EXAMPLES, wire.SITE_INDEX, wire.EVAL_LOSS, wire.AUROC_MACRO, wire.EVAL_SECONDS} | {
+        wire.AUROC_PREFIX + label for label in config.task.labels}
+    assert set(metrics.keys()) == expected
+
+
+def test_site_refuses_another_base_model(site_setup):
+    _, built, context = site_setup
+    with pytest.raises(ModelMismatchError, match="base model"):
+        handle_train(_message(built, MessageType.TRAIN, fingerprint="0" * 64), context)
