@@ -13,7 +13,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..common import wire
-from ..common.adapter import adapter_state, from_record, l2_norm, load_adapter_state, subtract, to_record
+from ..common.adapter import adapter_state, from_record, l2_norm, load_adapter_state, to_record
+from ..common.aggregation import subtract
 from ..common.config import RunConfig
 from ..common.errors import ModelMismatchError
 from .runtime import SiteRuntime, get_runtime, resolve_site_toml
