@@ -1,0 +1,157 @@
+"""Free-text referral notes that mention findings partially and noisily.
+
+Each finding is mentioned with a finding-specific probability when present and a
+small one when absent; absent findings are sometimes negated ("no fever"). Sites
+write in one of three styles: terse abbreviations, full sentences, or a template.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import numpy as np
+
+FINDINGS = ("nodule", "effusion", "pneumonia", "cardiomegaly")
+
+#: P(mentioned | finding present), P(mentioned | finding absent)
+MENTION = {
+    "nodule": (0.30, 0.05),
+    "effusion": (0.65, 0.08),
+    "pneumonia": (0.70, 0.08),
+    "cardiomegaly": (0.40, 0.08),
+}
+
+
+class NoteStyle(str, Enum):
+    """How a site's clinicians write."""
+
+    TERSE = "terse"
+    FULL = "full"
+    TEMPLATE = "template"
+
+
+_CUES: dict[NoteStyle, dict[str, tuple[str, ...]]] = {
+    NoteStyle.TERSE: {
+        "nodule": (
+            "f/u lung nodule",
+            "ex-smoker 40pk-yr",
+            "?nodule on prior CT",
+            "wt loss",
+        ),
+        "effusion": (
+            "SOB",
+            "dyspnoea",
+            "reduced AE base",
+            "dull to percussion",
+            "pleuritic CP",
+        ),
+        "pneumonia": (
+            "cough",
+            "fever",
+            "productive sputum",
+            "r/o PNA",
+            "crackles R base",
+        ),
+        "cardiomegaly": ("known CHF", "ankle oedema", "orthopnoea", "?cardiomegaly"),
+    },
+    NoteStyle.FULL: {
+        "nodule": (
+            "follow-up of a lung nodule seen on a previous scan",
+            "long-standing heavy smoker",
+            "unintentional weight loss over months",
+        ),
+        "effusion": (
+            "increasing shortness of breath",
+            "dullness to percussion at the base",
+            "pleuritic chest pain",
+            "reduced breath sounds at the base",
+        ),
+        "pneumonia": (
+            "productive cough for three days",
+            "febrile overnight",
+            "please rule out pneumonia",
+            "coarse crackles on auscultation",
+        ),
+        "cardiomegaly": (
+            "known congestive heart failure",
+            "bilateral ankle oedema",
+            "sleeps on three pillows",
+            "query enlarged heart",
+        ),
+    },
+}
+_CUES[NoteStyle.TEMPLATE] = _CUES[NoteStyle.FULL]
+
+_NEGATIONS = {
+    "nodule": ("no weight loss", "never smoker"),
+    "effusion": ("no dyspnoea", "chest clear to percussion"),
+    "pneumonia": ("no fever", "denies cough", "afebrile"),
+    "cardiomegaly": ("no oedema", "no history of heart failure"),
+}
+
+_FILLER = {
+    NoteStyle.TERSE: (
+        "obs stable",
+        "bloods sent",
+        "PMH HTN, T2DM",
+        "NKDA",
+        "CXR pls",
+        "on ward 4",
+        "non-specific chest pain",
+        "fall last wk",
+        "pre-op",
+    ),
+    NoteStyle.FULL: (
+        "observations are stable",
+        "bloods have been sent",
+        "history of hypertension",
+        "no known drug allergies",
+        "admitted via the emergency department",
+        "non-specific chest pain",
+        "pre-operative assessment requested",
+    ),
+}
+_FILLER[NoteStyle.TEMPLATE] = _FILLER[NoteStyle.FULL]
+
+
+def write_note(
+    findings: dict[str, int],
+    age: int,
+    sex: str | None,
+    style: NoteStyle,
+    rng: np.random.Generator,
+) -> str:
+    """One note for a patient with latent ``findings`` (name -> 0/1)."""
+    cues: list[str] = []
+    for name in FINDINGS:
+        p_pos, p_neg = MENTION[name]
+        if rng.random() < (p_pos if findings.get(name, 0) else p_neg):
+            options = _CUES[style][name]
+            k = 1 + int(rng.random() < 0.4)
+            picks = rng.choice(len(options), size=min(k, len(options)), replace=False)
+            cues.extend(options[i] for i in sorted(picks))
+        elif not findings.get(name, 0) and rng.random() < 0.12:
+            cues.append(_NEGATIONS[name][int(rng.integers(len(_NEGATIONS[name])))])
+    fillers = _FILLER[style]
+    extra = [
+        fillers[i]
+        for i in rng.choice(len(fillers), size=int(rng.integers(0, 3)), replace=False)
+    ]
+    order = rng.permutation(len(cues) + len(extra))
+    parts = [(cues + extra)[i] for i in order]
+    who = {"F": "F", "M": "M"}.get(sex or "", "")
+    if style is NoteStyle.TERSE:
+        head = f"{age}{who}."
+        body = ", ".join(parts) if parts else "routine"
+        return f"{head} {body}."
+    if style is NoteStyle.FULL:
+        noun = {"F": "woman", "M": "man"}.get(sex or "", "patient")
+        text = f"{age}-year-old {noun}."
+        for part in parts:
+            text += f" {part[0].upper()}{part[1:]}."
+        return text
+    reason = parts[0] if parts else "routine review"
+    history = "; ".join(parts[1:]) if len(parts) > 1 else "nil of note"
+    return (
+        f"Indication: {reason}. History: {history}. Age {age}. Request: chest imaging."
+    )
