@@ -47,6 +47,10 @@ def prepare_simulation(config: RunConfig, *, out_dir: Path, sites: int | None,
     if not found:
         raise ConfigError(f"no */site.toml under {sites_dir}",
                           hint="Run `wardround synth` or point data.sites-dir at real site folders.")
+    from ..client.preflight import preflight_site
+
+    for site_toml in found:
+        preflight_site(site_toml, config.task)
     overrides["data"] = {"sites_dir": str(sites_dir)}
     config = config.with_overrides(**overrides)
     if config.federation.min_sites > len(found):

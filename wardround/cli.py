@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 app = typer.Typer(
     name="wardround", no_args_is_help=True, add_completion=False,
@@ -30,9 +31,10 @@ def _fail(exc: Exception) -> None:
     from wardround.common.errors import WardroundError
 
     if isinstance(exc, WardroundError) and not _state["debug"]:
-        err_console.print(f"[bold red]{exc.title}:[/] {exc.message}", highlight=False)
+        # Messages quote site.toml keys like [ehr.features]: print them as plain text.
+        err_console.print(Text.assemble((f"{exc.title}: ", "bold red"), exc.message), soft_wrap=True)
         if exc.hint:
-            err_console.print(exc.hint, highlight=False)
+            err_console.print(Text(exc.hint), soft_wrap=True)
         raise typer.Exit(exc.exit_code)
     raise exc
 

@@ -80,11 +80,10 @@ def _missing_problems(cols: EhrColumns, have: set[str]) -> list[str]:
     return problems
 
 
-def read_ehr(path: Path, task: TaskConfig, schema: EhrSchema) -> pa.Table:
-    """Read only the declared columns of the EHR Parquet file or dataset folder.
+def open_ehr(path: Path, task: TaskConfig, schema: EhrSchema) -> tuple[pads.Dataset, list[str]]:
+    """Open the EHR dataset and check its schema; return it and the columns to read.
 
-    The table keeps the site's own column names. When ``note`` is not declared in
-    site.toml and the default ``note`` column is absent, notes are simply absent.
+    Reads no rows: every declared column that is missing is reported at once.
     """
     path = Path(path)
     if not path.exists():
@@ -112,7 +111,16 @@ def read_ehr(path: Path, task: TaskConfig, schema: EhrSchema) -> pa.Table:
             hint="Map the run's names to your columns in site.toml under [ehr], "
             "[ehr.features] and [ehr.labels].",
         )
-    wanted = [c for c in cols.all if c in have]
+    return dataset, [c for c in cols.all if c in have]
+
+
+def read_ehr(path: Path, task: TaskConfig, schema: EhrSchema) -> pa.Table:
+    """Read only the declared columns of the EHR Parquet file or dataset folder.
+
+    The table keeps the site's own column names. When ``note`` is not declared in
+    site.toml and the default ``note`` column is absent, notes are simply absent.
+    """
+    dataset, wanted = open_ehr(path, task, schema)
     return dataset.to_table(columns=wanted)
 
 

@@ -1,0 +1,27 @@
+"""Fast checks of a site before a run starts: settings, folders, EHR schema.
+
+Reads no image and no EHR row, so a simulation (or a site daemon) can refuse a
+broken site in well under a second, with every problem named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..common.config import TaskConfig
+from ..common.errors import DataError
+from .data.ehr import open_ehr
+from .site_config import SiteConfig
+
+
+def preflight_site(site_toml: Path, task: TaskConfig) -> SiteConfig:
+    """Parse ``site.toml`` and check that its folders and EHR columns exist."""
+    site = SiteConfig.from_toml(site_toml)
+    missing = [str(p) for p in site.dicom_paths if not p.is_dir()]
+    if missing:
+        raise DataError(
+            f"{site_toml}: DICOM folder(s) not found: {', '.join(missing)}",
+            hint="Fix `data.dicom-dirs` in site.toml (paths are relative to site.toml).",
+        )
+    open_ehr(site.ehr_path, task, site.ehr)
+    return site
