@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -37,6 +38,10 @@ def _fail(exc: Exception) -> None:
             err_console.print(Text(exc.hint), soft_wrap=True)
         raise typer.Exit(exc.exit_code)
     raise exc
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @app.callback()
@@ -86,6 +91,8 @@ def simulate(
                       f"{run_config.federation.strategy.value}, modalities "
                       f"{','.join(m.value for m in run_config.model.modalities)} → {run_config.output.dir}")
         observer = ProgressObserver(console)
+        # SIGTERM (systemd, a scheduler) stops the run like Ctrl-C: processes first.
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         try:
             result = run_simulation_engine(run_config, n_sites, observer=observer,
                                            verbose=_state.get("verbose", False))
@@ -115,6 +122,22 @@ def synth(
         paths = synthesize_federation(out, sites, patients_per_site=patients, seed=seed)
         for path in paths:
             console.print(f"wrote {path}")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@app.command("config")
+def show_config(
+    config: Annotated[Path | None, typer.Option(help="A run config TOML file to validate.", dir_okay=False)] = None,
+) -> None:
+    """Print the run config (defaults filled in) as TOML, after validating it."""
+    try:
+        import tomli_w
+
+        from wardround.common.config import RunConfig
+
+        run_config = RunConfig.from_toml(config) if config else RunConfig()
+        sys.stdout.write(tomli_w.dumps(run_config.model_dump(mode="json", by_alias=True)))
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
 

@@ -34,6 +34,10 @@ def tiny_vision_config(image_size: int) -> Any:
         image_size=image_size, patch_size=8, num_channels=1, hidden_size=64,
         num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        # A frozen random encoder only carries image content through to LoRA and the
+        # projection if its layers are not near-identity maps: measured on the
+        # synthetic task, image-only AUROC 0.59 at the default 0.02, 0.69 at 0.1.
+        initializer_range=0.1,
     )
 
 
@@ -70,9 +74,12 @@ class FusionModel(nn.Module):
     def __init__(
         self, *, vision: nn.Module | None, text: nn.Module | None, ehr_width: int,
         hidden: int, fusion: str, n_labels: int, image_size: int,
+        pixel_mean: float = 0.5, pixel_std: float = 0.5,
     ) -> None:
         super().__init__()
         self.vision_encoder = vision
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std), persistent=False)
         self.text_encoder = text
         self.image_size = image_size
         self.vision_proj = nn.Linear(vision.config.hidden_size, hidden) if vision else None
@@ -89,6 +96,9 @@ class FusionModel(nn.Module):
             image = image.expand(-1, cfg.num_channels, -1, -1)
         if image.shape[-1] != cfg.image_size:
             image = nn.functional.interpolate(image, size=(cfg.image_size, cfg.image_size), mode="bilinear")
+        # The image processor's normalisation: [0, 1] → about [-1, 1]. Without it the
+        # encoder's LayerNorms map bright and dark uniform patches to the same vector.
+        image = (image - self.pixel_mean) / self.pixel_std
         return self.vision_proj(self.vision_encoder(pixel_values=image).last_hidden_state)
 
     def forward(
@@ -109,7 +119,7 @@ class FusionModel(nn.Module):
         if self.vision_encoder is not None:
             seq = self._vision_tokens(image)
             tokens.append((seq, present[:, 0:1].expand(-1, seq.shape[1])))
-            pooled.append(seq.mean(1))
+            pooled.append(seq.mean(1) + seq.amax(1))
         else:
             present[:, 0] = 0
             tokens.append((zeros_tok, zeros_mask))

@@ -48,10 +48,13 @@ class GatedFusion(nn.Module):
 
 
 class CrossAttentionFusion(nn.Module):
-    """One query, from the pooled embeddings, attends over every modality's tokens.
+    """A query made from all modalities attends over each modality's tokens.
 
-    Single-head scaled dot-product attention written with ``nn.Linear`` so that
-    per-sample gradients are exact under Opacus.
+    One softmax per modality (a single softmax over 64 image patches, 128 note
+    tokens and one EHR token would drown the EHR token); the attended vectors of
+    the present modalities are then concatenated and projected. Single-head
+    attention from ``nn.Linear`` layers, so per-sample gradients are exact under
+    Opacus.
     """
 
     def __init__(self, hidden: int, n_modalities: int) -> None:
@@ -59,20 +62,21 @@ class CrossAttentionFusion(nn.Module):
         self.query = nn.Linear(hidden * n_modalities + n_modalities, hidden)
         self.key = nn.Linear(hidden, hidden)
         self.value = nn.Linear(hidden, hidden)
-        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU())
+        self.out = nn.Sequential(nn.Linear(hidden * n_modalities + n_modalities, hidden), nn.GELU())
         self.scale = 1.0 / math.sqrt(hidden)
 
-    def forward(self, tokens: list[tuple[torch.Tensor, torch.Tensor]], pooled: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """Fuse token sequences ``tokens`` (each [B, T_m, H], masked by [B, T_m] in
-        ``tokens_mask``) with ``pooled`` [B, M, H] and ``present`` [B, M]."""
-        seq = torch.cat([t for t, _ in tokens], dim=1)
-        mask = torch.cat([m for _, m in tokens], dim=1)
-        masked = pooled * present.unsqueeze(-1)
-        q = self.query(torch.cat([masked.flatten(1), present], dim=1)).unsqueeze(1)
-        scores = (q * self.key(seq)).sum(-1) * self.scale
-        scores = scores.masked_fill(mask <= 0, torch.finfo(scores.dtype).min)
-        attn = torch.softmax(scores, dim=-1) * (mask.sum(-1, keepdim=True) > 0)
-        return self.out((attn.unsqueeze(-1) * self.value(seq)).sum(1))
+    def forward(self, tokens: list[tuple[torch.Tensor, torch.Tensor]], pooled: torch.Tensor,
+                present: torch.Tensor) -> torch.Tensor:
+        """Fuse per-modality token sequences ``(tokens [B, T, H], mask [B, T])``."""
+        q = self.query(torch.cat([(pooled * present.unsqueeze(-1)).flatten(1), present], dim=1))
+        attended = []
+        for seq, mask in tokens:
+            scores = (q.unsqueeze(1) * self.key(seq)).sum(-1) * self.scale
+            scores = scores.masked_fill(mask <= 0, torch.finfo(scores.dtype).min)
+            weights = torch.softmax(scores, dim=-1) * (mask.sum(-1, keepdim=True) > 0)
+            attended.append((weights.unsqueeze(-1) * self.value(seq)).sum(1))
+        stacked = torch.stack(attended, dim=1) * present.unsqueeze(-1)
+        return self.out(torch.cat([stacked.flatten(1), present], dim=1))
 
 
 FUSIONS: dict[Fusion, type[nn.Module]] = {

@@ -63,3 +63,13 @@ def test_synth_writes_sites(tmp_path):
     assert code == 0
     assert (tmp_path / "s" / "site-01" / "site.toml").is_file()
     assert (tmp_path / "s" / "site-02" / "ehr.parquet").is_file()
+
+
+def test_config_prints_a_toml_that_parses_back(tmp_path):
+    from wardround.common.config import RunConfig
+
+    code, out = _run("config")
+    assert code == 0
+    path = tmp_path / "printed.toml"
+    path.write_text(out)
+    assert RunConfig.from_toml(path) == RunConfig()
