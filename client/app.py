@@ -13,22 +13,34 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..common import wire
-from ..common.adapter import adapter_state, from_record, l2_norm, load_adapter_state, to_record
+from ..common.adapter import (
+    adapter_state,
+    from_record,
+    l2_norm,
+    load_adapter_state,
+    to_record,
+)
 from ..common.aggregation import subtract
 from ..common.config import RunConfig
 from ..common.errors import ModelMismatchError
 from .runtime import SiteRuntime, get_runtime, resolve_site_toml
 
 
-def _setup(msg: Message, context: Context, run_config: dict[str, Any] | None) -> tuple[RunConfig, SiteRuntime, ConfigRecord]:
+def _setup(
+    msg: Message, context: Context, run_config: dict[str, Any] | None
+) -> tuple[RunConfig, SiteRuntime, ConfigRecord]:
     import torch
 
-    config = RunConfig.from_flower(run_config if run_config is not None else dict(context.run_config))
+    config = RunConfig.from_flower(
+        run_config if run_config is not None else dict(context.run_config)
+    )
     if config.train.torch_threads:
         torch.set_num_threads(config.train.torch_threads)
     site_toml, site_index = resolve_site_toml(dict(context.node_config), config)
     runtime = get_runtime(site_toml, site_index, config)
-    round_config = msg.content[wire.CONFIG] if wire.CONFIG in msg.content else ConfigRecord()
+    round_config = (
+        msg.content[wire.CONFIG] if wire.CONFIG in msg.content else ConfigRecord()
+    )
     expected = round_config.get(wire.BASE_FINGERPRINT)
     if expected != runtime.built.base_fingerprint:
         raise ModelMismatchError(
@@ -36,7 +48,9 @@ def _setup(msg: Message, context: Context, run_config: dict[str, Any] | None) ->
             f"this site has {runtime.built.base_fingerprint[:12]}…",
             hint="Use the same model section of the run config and the same weights at every site.",
         )
-    load_adapter_state(runtime.built.model, from_record(msg.content[wire.GLOBAL_ADAPTER]))
+    load_adapter_state(
+        runtime.built.model, from_record(msg.content[wire.GLOBAL_ADAPTER])
+    )
     return config, runtime, round_config
 
 
@@ -45,7 +59,9 @@ def _round_seed(config: RunConfig, runtime: SiteRuntime, server_round: int) -> i
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
-def handle_train(msg: Message, context: Context, run_config: dict[str, Any] | None = None) -> Message:
+def handle_train(
+    msg: Message, context: Context, run_config: dict[str, Any] | None = None
+) -> Message:
     """Train the received global adapter on local data; reply with the delta."""
     from .trainer import LocalTrainSpec, train_local
 
@@ -53,32 +69,40 @@ def handle_train(msg: Message, context: Context, run_config: dict[str, Any] | No
     global_state = from_record(msg.content[wire.GLOBAL_ADAPTER])
     server_round = int(round_config.get(wire.SERVER_ROUND, 0))
     spec = LocalTrainSpec(
-        epochs=config.train.local_epochs, max_steps=config.train.max_steps,
-        batch_size=config.train.batch_size, learning_rate=config.train.learning_rate,
+        epochs=config.train.local_epochs,
+        max_steps=config.train.max_steps,
+        batch_size=config.train.batch_size,
+        learning_rate=config.train.learning_rate,
         weight_decay=config.train.weight_decay,
         proximal_mu=float(round_config.get(wire.PROXIMAL_MU, 0.0)),
         seed=_round_seed(config, runtime, server_round),
     )
     outcome = train_local(runtime.built.model, runtime.data.train, spec)
     delta = subtract(adapter_state(runtime.built.model), global_state)
-    metrics = MetricRecord({
-        wire.NUM_EXAMPLES: outcome.num_examples,
-        wire.SITE_INDEX: runtime.site_index,
-        wire.TRAIN_LOSS: outcome.mean_loss,
-        wire.TRAIN_STEPS: outcome.steps,
-        wire.TRAIN_SECONDS: outcome.seconds,
-        wire.DELTA_L2: l2_norm(delta),
-    })
+    metrics = MetricRecord(
+        {
+            wire.NUM_EXAMPLES: outcome.num_examples,
+            wire.SITE_INDEX: runtime.site_index,
+            wire.TRAIN_LOSS: outcome.mean_loss,
+            wire.TRAIN_STEPS: outcome.steps,
+            wire.TRAIN_SECONDS: outcome.seconds,
+            wire.DELTA_L2: l2_norm(delta),
+        }
+    )
     content = RecordDict({wire.ADAPTER_DELTA: to_record(delta), wire.METRICS: metrics})
     return Message(content, reply_to=msg)
 
 
-def handle_evaluate(msg: Message, context: Context, run_config: dict[str, Any] | None = None) -> Message:
+def handle_evaluate(
+    msg: Message, context: Context, run_config: dict[str, Any] | None = None
+) -> Message:
     """Evaluate the received global adapter on the local validation split."""
     from .trainer import evaluate
 
     config, runtime, _ = _setup(msg, context, run_config)
-    outcome = evaluate(runtime.built.model, runtime.data.validation, config.train.eval_batch_size)
+    outcome = evaluate(
+        runtime.built.model, runtime.data.validation, config.train.eval_batch_size
+    )
     values: dict[str, float | int] = {
         wire.NUM_EXAMPLES: outcome.num_examples,
         wire.SITE_INDEX: runtime.site_index,

@@ -12,7 +12,9 @@ import torch
 
 
 def proximal_term(
-    params: Iterable[tuple[str, torch.Tensor]], anchor: Mapping[str, torch.Tensor], mu: float
+    params: Iterable[tuple[str, torch.Tensor]],
+    anchor: Mapping[str, torch.Tensor],
+    mu: float,
 ) -> torch.Tensor:
     """Return ``mu/2 · Σ ||p - anchor[name]||²`` over ``params``; 0 when mu is 0."""
     total: torch.Tensor | None = None
@@ -26,4 +28,6 @@ def proximal_term(
 
 def snapshot_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of the trainable parameters (the proximal anchor)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+    }

@@ -40,7 +40,9 @@ class SiteRuntime:
 _CACHE: OrderedDict[tuple[str, str], SiteRuntime] = OrderedDict()
 
 
-def resolve_site_toml(node_config: dict[str, Any], config: RunConfig) -> tuple[Path, int]:
+def resolve_site_toml(
+    node_config: dict[str, Any], config: RunConfig
+) -> tuple[Path, int]:
     """Find this node's ``site.toml`` and a numeric site index.
 
     Deployment: the SuperNode's node config names it (``site-config``).
@@ -65,7 +67,10 @@ def resolve_site_toml(node_config: dict[str, Any], config: RunConfig) -> tuple[P
 
 
 def _config_key(config: RunConfig) -> str:
-    relevant = {"model": config.model.model_dump(mode="json"), "task": config.task.model_dump(mode="json")}
+    relevant = {
+        "model": config.model.model_dump(mode="json"),
+        "task": config.task.model_dump(mode="json"),
+    }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
@@ -80,11 +85,15 @@ def get_runtime(site_toml: Path, site_index: int, config: RunConfig) -> SiteRunt
 
     site = SiteConfig.from_toml(site_toml)
     data = load_site_data(
-        site, config.task, image_size=config.model.image_size,
+        site,
+        config.task,
+        image_size=config.model.image_size,
         max_note_tokens=config.model.max_note_tokens,
         tokenizer=get_tokenizer(config.model.tokenizer),
     )
-    runtime = SiteRuntime(site=site, data=data, built=build_model(config), site_index=site_index)
+    runtime = SiteRuntime(
+        site=site, data=data, built=build_model(config), site_index=site_index
+    )
     log.info("site %d loaded: %d studies", site_index, data.num_studies)
     _CACHE[key] = runtime
     while len(_CACHE) > _MAX_CACHED_SITES:

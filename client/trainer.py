@@ -57,13 +57,19 @@ def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return model(**{k: batch[k] for k in INPUT_KEYS})
 
 
-def train_local(model: torch.nn.Module, dataset: Dataset, spec: LocalTrainSpec) -> TrainOutcome:
+def train_local(
+    model: torch.nn.Module, dataset: Dataset, spec: LocalTrainSpec
+) -> TrainOutcome:
     """Train the model's trainable tensors on ``dataset``; FedProx term when mu > 0."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(spec.seed)
-    loader = DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, generator=generator)
+    loader = DataLoader(
+        dataset, batch_size=spec.batch_size, shuffle=True, generator=generator
+    )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=spec.learning_rate, weight_decay=spec.weight_decay
+    )
     anchor = snapshot_trainable(model) if spec.proximal_mu > 0 else {}
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
@@ -74,7 +80,9 @@ def train_local(model: torch.nn.Module, dataset: Dataset, spec: LocalTrainSpec) 
             loss = loss_fn(_forward(model, batch), batch["labels"])
             total = loss
             if spec.proximal_mu > 0:
-                trainable = ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+                trainable = (
+                    (n, p) for n, p in model.named_parameters() if p.requires_grad
+                )
                 total = loss + proximal_term(trainable, anchor, spec.proximal_mu)
             total.backward()
             optimizer.step()
@@ -86,8 +94,10 @@ def train_local(model: torch.nn.Module, dataset: Dataset, spec: LocalTrainSpec) 
         if spec.max_steps and steps >= spec.max_steps:
             break
     return TrainOutcome(
-        num_examples=len(dataset), steps=steps,
-        mean_loss=loss_sum / max(seen, 1), seconds=time.perf_counter() - start,
+        num_examples=len(dataset),
+        steps=steps,
+        mean_loss=loss_sum / max(seen, 1),
+        seconds=time.perf_counter() - start,
     )
 
 
@@ -106,11 +116,15 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int) -> EvalO
         all_labels.append(batch["labels"].numpy())
     n = len(dataset)
     if n == 0:
-        return EvalOutcome(0, float("nan"), float("nan"), np.array([]), time.perf_counter() - start)
+        return EvalOutcome(
+            0, float("nan"), float("nan"), np.array([]), time.perf_counter() - start
+        )
     labels, scores = np.concatenate(all_labels), np.concatenate(all_scores)
     per_label = auroc_per_label(labels, scores)
     return EvalOutcome(
-        num_examples=n, loss=loss_sum / (n * labels.shape[1]),
-        auroc_macro=macro_auroc(per_label), auroc_per_label=per_label,
+        num_examples=n,
+        loss=loss_sum / (n * labels.shape[1]),
+        auroc_macro=macro_auroc(per_label),
+        auroc_per_label=per_label,
         seconds=time.perf_counter() - start,
     )

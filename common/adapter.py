@@ -53,11 +53,16 @@ def load_adapter_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) 
                 f"adapter tensor {key} has shape {tuple(value.shape)}, "
                 f"the model expects {tuple(expected[key].shape)}"
             )
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()}
+    tensors = {
+        k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+        for k, v in state.items()
+    }
     result = set_peft_model_state_dict(model, tensors)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise FederationError(f"PEFT did not load {len(unexpected)} adapter tensor(s): {unexpected[:2]}")
+        raise FederationError(
+            f"PEFT did not load {len(unexpected)} adapter tensor(s): {unexpected[:2]}"
+        )
 
 
 def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -65,7 +70,10 @@ def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
     from flwr.app import Array, ArrayRecord
 
     return ArrayRecord(
-        OrderedDict((k, Array(np.ascontiguousarray(v, dtype=np.float32))) for k, v in state.items())
+        OrderedDict(
+            (k, Array(np.ascontiguousarray(v, dtype=np.float32)))
+            for k, v in state.items()
+        )
     )
 
 
@@ -76,7 +84,11 @@ def from_record(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
 
 def l2_norm(state: Mapping[str, np.ndarray]) -> float:
     """The global L2 norm over all tensors."""
-    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in state.values())))
+    return float(
+        np.sqrt(
+            sum(float(np.sum(np.square(v, dtype=np.float64))) for v in state.values())
+        )
+    )
 
 
 def adapter_sha256(state: Mapping[str, np.ndarray]) -> str:
@@ -95,7 +107,9 @@ def num_bytes(state: Mapping[str, np.ndarray]) -> int:
     return int(sum(v.size for v in state.values()) * 4)
 
 
-def save_peft_adapter(model: torch.nn.Module, state: Mapping[str, np.ndarray], out_dir: Path) -> Path:
+def save_peft_adapter(
+    model: torch.nn.Module, state: Mapping[str, np.ndarray], out_dir: Path
+) -> Path:
     """Write ``state`` as a PEFT adapter directory (``adapter_config.json`` + safetensors).
 
     Loadable with ``PeftModel.from_pretrained(base_model, out_dir)`` onto the base

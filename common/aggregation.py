@@ -19,7 +19,9 @@ from .errors import FederationError
 Tensors = Mapping[str, np.ndarray]
 
 
-def weighted_mean(updates: Sequence[Tensors], weights: Sequence[float]) -> dict[str, np.ndarray]:
+def weighted_mean(
+    updates: Sequence[Tensors], weights: Sequence[float]
+) -> dict[str, np.ndarray]:
     """Example-weighted mean of several tensor dicts with identical keys and shapes.
 
     Computed in float64 and returned as float32.
@@ -30,17 +32,23 @@ def weighted_mean(updates: Sequence[Tensors], weights: Sequence[float]) -> dict[
         raise ValueError("one weight per update is needed")
     w = np.asarray(weights, dtype=np.float64)
     if np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
-        raise FederationError(f"example counts must be non-negative and sum > 0, got {list(weights)}")
+        raise FederationError(
+            f"example counts must be non-negative and sum > 0, got {list(weights)}"
+        )
     keys = list(updates[0].keys())
     for i, update in enumerate(updates[1:], start=1):
         if list(update.keys()) != keys:
             missing = set(keys) ^ set(update.keys())
-            raise FederationError(f"update {i} has other tensors than update 0: {sorted(missing)[:5]}")
+            raise FederationError(
+                f"update {i} has other tensors than update 0: {sorted(missing)[:5]}"
+            )
     out: dict[str, np.ndarray] = {}
     for key in keys:
         shapes = {u[key].shape for u in updates}
         if len(shapes) != 1:
-            raise FederationError(f"tensor {key} arrives with different shapes: {sorted(shapes)}")
+            raise FederationError(
+                f"tensor {key} arrives with different shapes: {sorted(shapes)}"
+            )
         acc = np.zeros(updates[0][key].shape, dtype=np.float64)
         for weight, update in zip(w, updates, strict=True):
             acc += weight * update[key].astype(np.float64)
@@ -48,19 +56,30 @@ def weighted_mean(updates: Sequence[Tensors], weights: Sequence[float]) -> dict[
     return out
 
 
-def apply_delta(weights: Tensors, delta: Tensors, server_lr: float = 1.0) -> dict[str, np.ndarray]:
+def apply_delta(
+    weights: Tensors, delta: Tensors, server_lr: float = 1.0
+) -> dict[str, np.ndarray]:
     """Return ``weights + server_lr * delta`` (same keys required)."""
     if set(weights) != set(delta):
-        raise FederationError("the aggregated delta does not match the global adapter's tensors")
-    return {k: (weights[k].astype(np.float32) + np.float32(server_lr) * delta[k]).astype(np.float32)
-            for k in weights}
+        raise FederationError(
+            "the aggregated delta does not match the global adapter's tensors"
+        )
+    return {
+        k: (weights[k].astype(np.float32) + np.float32(server_lr) * delta[k]).astype(
+            np.float32
+        )
+        for k in weights
+    }
 
 
 def subtract(trained: Tensors, reference: Tensors) -> dict[str, np.ndarray]:
     """The delta ``trained - reference`` as float32 (same keys required)."""
     if set(trained) != set(reference):
         raise FederationError("trained and reference adapters hold different tensors")
-    return {k: (trained[k].astype(np.float32) - reference[k].astype(np.float32)) for k in reference}
+    return {
+        k: (trained[k].astype(np.float32) - reference[k].astype(np.float32))
+        for k in reference
+    }
 
 
 def weighted_metric_mean(values: Sequence[float], weights: Sequence[float]) -> float:

@@ -9,11 +9,11 @@ every problem is reported at once.
 from __future__ import annotations
 
 import json
-import tomllib
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
@@ -55,6 +55,14 @@ class Modality(str, Enum):
 ALL_MODALITIES = (Modality.IMAGE, Modality.EHR, Modality.NOTE)
 
 
+class SliceMode(str, Enum):
+    """How a multi-frame image or a multi-slice series becomes one image input."""
+
+    MIDDLE = "middle"
+    MIP = "mip"
+    CHANNELS = "channels"
+
+
 class FederationConfig(_Section):
     """How rounds run."""
 
@@ -90,8 +98,12 @@ class ModelConfig(_Section):
     """The base model and its adapters."""
 
     family: str = "fusion"
-    vision: str = Field("tiny", description="'tiny' (built from config), a local path or hub id")
-    text: str = Field("tiny", description="'tiny' (built from config), a local path or hub id")
+    vision: str = Field(
+        "tiny", description="'tiny' (built from config), a local path or hub id"
+    )
+    text: str = Field(
+        "tiny", description="'tiny' (built from config), a local path or hub id"
+    )
     tokenizer: str = Field("byte", description="'byte' or a local path / hub id")
     fusion: Fusion = Fusion.GATED
     modalities: tuple[Modality, ...] = ALL_MODALITIES
@@ -141,11 +153,58 @@ class TaskConfig(_Section):
     categorical: dict[str, tuple[str, ...]] = Field(
         default_factory=lambda: {"sex": ("F", "M")}
     )
+    units: dict[str, str] = Field(
+        default_factory=lambda: {
+            "age": "years",
+            "temperature": "degC",
+            "heart_rate": "bpm",
+            "spo2": "%",
+            "wbc": "10^9/L",
+            "crp": "mg/L",
+            "bnp": "pg/mL",
+        },
+        description="numeric feature -> the run's unit; sites declare theirs in "
+        "site.toml and are converted to it",
+    )
+    ranges: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {
+            "age": (0.0, 120.0),
+            "temperature": (25.0, 45.0),
+            "heart_rate": (10.0, 300.0),
+            "spo2": (30.0, 100.0),
+            "wbc": (0.0, 500.0),
+            "crp": (0.0, 1000.0),
+            "bnp": (0.0, 100_000.0),
+        },
+        description="numeric feature -> plausible [low, high] in the run's unit; "
+        "values outside become missing (and are counted by `site check`)",
+    )
+    require_image: bool = Field(
+        True, description="false: EHR rows without a DICOM study train without image"
+    )
+    slice_mode: SliceMode = Field(
+        SliceMode.MIDDLE,
+        description="multi-frame images and multi-slice series: middle slice, "
+        "max-intensity projection, or `image-channels` slices as channels",
+    )
+    image_channels: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="channels of the image input (> 1 only with slice-mode 'channels')",
+    )
 
     @model_validator(mode="after")
     def _labels_present(self) -> TaskConfig:
         if not self.labels:
             raise ValueError("labels must name at least one label")
+        if (self.image_channels > 1) != (self.slice_mode is SliceMode.CHANNELS):
+            raise ValueError(
+                "image-channels > 1 goes with slice-mode 'channels' (and only with it)"
+            )
+        for name, (low, high) in self.ranges.items():
+            if not low < high:
+                raise ValueError(f"ranges.{name}: low must be below high")
         return self
 
     @property
@@ -159,7 +218,9 @@ class DataConfig(_Section):
     """Where the sites' data is (simulation)."""
 
     sites_dir: str = ""
-    synthesize_sites: int = Field(0, ge=0, le=256, description="make N synthetic sites if sites-dir is empty")
+    synthesize_sites: int = Field(
+        0, ge=0, le=256, description="make N synthetic sites if sites-dir is empty"
+    )
     patients_per_site: int = Field(300, ge=10)
     synth_seed: int = 0
 
@@ -183,7 +244,9 @@ class RunConfig(_Section):
 
     # -- parsing ---------------------------------------------------------------
     @classmethod
-    def from_mapping(cls, raw: dict[str, Any], *, source: str = "run config") -> RunConfig:
+    def from_mapping(
+        cls, raw: dict[str, Any], *, source: str = "run config"
+    ) -> RunConfig:
         """Validate a nested mapping; raise ConfigError listing every problem."""
         try:
             return cls.model_validate(raw)
@@ -221,7 +284,9 @@ class RunConfig(_Section):
         for section, values in self.model_dump(mode="json", by_alias=True).items():
             for key, value in values.items():
                 flat[f"{section}.{key}"] = (
-                    value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+                    value
+                    if isinstance(value, (bool, int, float, str))
+                    else json.dumps(value)
                 )
         return flat
 
@@ -251,7 +316,9 @@ def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             known = _known_keys(model, err["loc"][:-1])
-            lines.append(f"  - {where}: unknown key; known keys here: {', '.join(known)}")
+            lines.append(
+                f"  - {where}: unknown key; known keys here: {', '.join(known)}"
+            )
         else:
             lines.append(f"  - {where}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)
@@ -261,9 +328,7 @@ def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     current: Any = model
     for part in loc:
         fields = getattr(current, "model_fields", {})
-        match = next(
-            (f for name, f in fields.items() if part in (name, f.alias)), None
-        )
+        match = next((f for name, f in fields.items() if part in (name, f.alias)), None)
         if match is None or not isinstance(match.annotation, type):
             return []
         current = match.annotation

@@ -52,8 +52,12 @@ class ChildProcessGuard:
         self.before = set(descendants())
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if self.shutdown_ray:
             try:
                 import ray
@@ -65,4 +69,6 @@ class ChildProcessGuard:
         leftovers = [p for pid, p in descendants().items() if pid not in self.before]
         if leftovers:
             self.stopped = stop_processes(leftovers)
-            log.debug("stopped %d leftover process(es): %s", len(self.stopped), self.stopped)
+            log.debug(
+                "stopped %d leftover process(es): %s", len(self.stopped), self.stopped
+            )

@@ -20,7 +20,14 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from ..common import wire
-from ..common.adapter import adapter_sha256, adapter_state, from_record, num_bytes, save_peft_adapter, to_record
+from ..common.adapter import (
+    adapter_sha256,
+    adapter_state,
+    from_record,
+    num_bytes,
+    save_peft_adapter,
+    to_record,
+)
 from ..common.aggregation import apply_delta, weighted_mean, weighted_metric_mean
 from ..common.config import RunConfig
 from ..common.errors import FederationError
@@ -58,18 +65,31 @@ def _array_bytes(msg: Message, key: str) -> int:
     return int(sum(len(record[k].data) for k in record.keys()))
 
 
-def _split_replies(replies: Iterable[Message], phase: str, need: tuple[str, ...]) -> tuple[list[Message], list[SiteFailure]]:
+def _split_replies(
+    replies: Iterable[Message], phase: str, need: tuple[str, ...]
+) -> tuple[list[Message], list[SiteFailure]]:
     ok, failed = [], []
     for msg in replies:
         node = int(msg.metadata.src_node_id)
         if msg.has_error():
             failed.append(SiteFailure(node, phase, msg.error.reason[:500]))
         elif any(k not in msg.content for k in need):
-            failed.append(SiteFailure(node, phase, f"reply lacks {[k for k in need if k not in msg.content]}"))
+            failed.append(
+                SiteFailure(
+                    node,
+                    phase,
+                    f"reply lacks {[k for k in need if k not in msg.content]}",
+                )
+            )
         else:
             ok.append(msg)
     for failure in failed:
-        log.warning("site %s failed in %s: %s", failure.node_id, phase, failure.reason.splitlines()[0] if failure.reason else "")
+        log.warning(
+            "site %s failed in %s: %s",
+            failure.node_id,
+            phase,
+            failure.reason.splitlines()[0] if failure.reason else "",
+        )
     return ok, failed
 
 
@@ -83,7 +103,11 @@ def run_federation(
 ) -> FederationResult:
     """Run ``config.federation.rounds`` rounds and write the run directory."""
     started = time.time()
-    name_of = site_names or (lambda node_id, index: f"site-{index + 1:02d}" if index >= 0 else f"node-{node_id}")
+    name_of = site_names or (
+        lambda node_id, index: (
+            f"site-{index + 1:02d}" if index >= 0 else f"node-{node_id}"
+        )
+    )
     built = build_model(config)
     global_state = adapter_state(built.model)
     model_info = describe(built)
@@ -97,109 +121,225 @@ def run_federation(
 
     # Round 0: every site evaluates the initial adapter, the baseline the rounds improve on.
     start0 = time.perf_counter()
-    evals0, failures0 = _evaluate_phase(strategy, grid, config, 0, global_state, built.base_fingerprint, name_of)
-    records.append(_record(0, [], evals0, failures0, adapter_sha256(global_state), time.perf_counter() - start0, 0.0))
+    evals0, failures0 = _evaluate_phase(
+        strategy, grid, config, 0, global_state, built.base_fingerprint, name_of
+    )
+    records.append(
+        _record(
+            0,
+            [],
+            evals0,
+            failures0,
+            adapter_sha256(global_state),
+            time.perf_counter() - start0,
+            0.0,
+        )
+    )
     out.write_round(records[0], _manifest(config, built.base_fingerprint, records[0]))
 
     for server_round in range(1, config.federation.rounds + 1):
         round_start = time.perf_counter()
-        train_reports, deltas, failures = _train_phase(strategy, grid, config, server_round, global_state,
-                                                       built.base_fingerprint, name_of)
+        train_reports, deltas, failures = _train_phase(
+            strategy,
+            grid,
+            config,
+            server_round,
+            global_state,
+            built.base_fingerprint,
+            name_of,
+        )
         for report in train_reports:
-            bytes_per_site[report.site] = bytes_per_site.get(report.site, 0) + report.bytes_sent
+            bytes_per_site[report.site] = (
+                bytes_per_site.get(report.site, 0) + report.bytes_sent
+            )
         agg_start = time.perf_counter()
         weights = [float(t.num_examples) for t in train_reports]
         global_state = apply_delta(global_state, weighted_mean(deltas, weights))
         aggregation_seconds = time.perf_counter() - agg_start
 
-        eval_reports, eval_failures = _evaluate_phase(strategy, grid, config, server_round, global_state,
-                                                      built.base_fingerprint, name_of)
+        eval_reports, eval_failures = _evaluate_phase(
+            strategy,
+            grid,
+            config,
+            server_round,
+            global_state,
+            built.base_fingerprint,
+            name_of,
+        )
         sha = adapter_sha256(global_state)
-        record = _record(server_round, train_reports, eval_reports, failures + eval_failures, sha,
-                         time.perf_counter() - round_start, aggregation_seconds)
+        record = _record(
+            server_round,
+            train_reports,
+            eval_reports,
+            failures + eval_failures,
+            sha,
+            time.perf_counter() - round_start,
+            aggregation_seconds,
+        )
         out.write_round(record, _manifest(config, built.base_fingerprint, record))
         every = config.output.checkpoint_every
-        if every and (server_round % every == 0 or server_round == config.federation.rounds):
+        if every and (
+            server_round % every == 0 or server_round == config.federation.rounds
+        ):
             out.write_checkpoint(server_round, global_state, sha)
         records.append(record)
         if observer:
             observer.on_round(record)
-        log.info("round %d: global AUROC %.3f, loss %.4f", server_round, record.global_auroc, record.global_loss)
+        log.info(
+            "round %d: global AUROC %.3f, loss %.4f",
+            server_round,
+            record.global_auroc,
+            record.global_loss,
+        )
 
     save_peft_adapter(built.model, global_state, run_dir / "adapter")
     plot_rounds(records, run_dir / "plots")
-    summary = _summary(config, records, model_info, bytes_per_site, started, built.base_fingerprint, global_state)
+    summary = _summary(
+        config,
+        records,
+        model_info,
+        bytes_per_site,
+        started,
+        built.base_fingerprint,
+        global_state,
+    )
     out.write_final(summary)
     return FederationResult(run_dir=Path(run_dir), rounds=records, summary=summary)
 
 
-def _train_phase(strategy: Any, grid: Grid, config: RunConfig, server_round: int,
-                 global_state: dict[str, np.ndarray], fingerprint: str, name_of: Callable[[int, int], str],
-                 ) -> tuple[list[SiteTrainReport], list[dict[str, np.ndarray]], list[SiteFailure]]:
+def _train_phase(
+    strategy: Any,
+    grid: Grid,
+    config: RunConfig,
+    server_round: int,
+    global_state: dict[str, np.ndarray],
+    fingerprint: str,
+    name_of: Callable[[int, int], str],
+) -> tuple[list[SiteTrainReport], list[dict[str, np.ndarray]], list[SiteFailure]]:
     """Sampled sites train the global adapter; return their reports and deltas (same order)."""
-    train_config = ConfigRecord({wire.BASE_FINGERPRINT: fingerprint,
-                                 wire.PAYLOAD_KIND: wire.PayloadKind.WEIGHTS.value})
-    messages = list(strategy.configure_train(server_round, to_record(global_state), train_config, grid))
+    train_config = ConfigRecord(
+        {
+            wire.BASE_FINGERPRINT: fingerprint,
+            wire.PAYLOAD_KIND: wire.PayloadKind.WEIGHTS.value,
+        }
+    )
+    messages = list(
+        strategy.configure_train(
+            server_round, to_record(global_state), train_config, grid
+        )
+    )
     replies = grid.send_and_receive(messages, timeout=config.federation.round_timeout_s)
     ok, failures = _split_replies(replies, "train", (wire.ADAPTER_DELTA, wire.METRICS))
     if len(ok) < config.federation.min_sites:
-        reasons = "; ".join(f"node {f.node_id}: {f.reason.splitlines()[0] if f.reason else '?'}" for f in failures)
+        reasons = "; ".join(
+            f"node {f.node_id}: {f.reason.splitlines()[0] if f.reason else '?'}"
+            for f in failures
+        )
         raise FederationError(
             f"round {server_round}: {len(ok)} site(s) trained, the run needs "
             f"federation.min-sites={config.federation.min_sites}. {reasons}",
             hint="Check the failing sites' logs, or lower federation.min-sites.",
         )
     reports, deltas = [], []
-    for msg in sorted(ok, key=lambda m: int(m.content[wire.METRICS].get(wire.SITE_INDEX, -1))):
+    for msg in sorted(
+        ok, key=lambda m: int(m.content[wire.METRICS].get(wire.SITE_INDEX, -1))
+    ):
         metrics = msg.content[wire.METRICS]
         node = int(msg.metadata.src_node_id)
         deltas.append(from_record(msg.content[wire.ADAPTER_DELTA]))
-        reports.append(SiteTrainReport(
-            node_id=node, site=name_of(node, int(metrics.get(wire.SITE_INDEX, -1))),
-            num_examples=int(metrics[wire.NUM_EXAMPLES]), loss=float(metrics[wire.TRAIN_LOSS]),
-            steps=int(metrics[wire.TRAIN_STEPS]), seconds=float(metrics[wire.TRAIN_SECONDS]),
-            delta_l2=float(metrics[wire.DELTA_L2]), bytes_sent=_array_bytes(msg, wire.ADAPTER_DELTA),
-        ))
+        reports.append(
+            SiteTrainReport(
+                node_id=node,
+                site=name_of(node, int(metrics.get(wire.SITE_INDEX, -1))),
+                num_examples=int(metrics[wire.NUM_EXAMPLES]),
+                loss=float(metrics[wire.TRAIN_LOSS]),
+                steps=int(metrics[wire.TRAIN_STEPS]),
+                seconds=float(metrics[wire.TRAIN_SECONDS]),
+                delta_l2=float(metrics[wire.DELTA_L2]),
+                bytes_sent=_array_bytes(msg, wire.ADAPTER_DELTA),
+            )
+        )
     return reports, deltas, failures
 
 
-def _evaluate_phase(strategy: Any, grid: Grid, config: RunConfig, server_round: int,
-                    global_state: dict[str, np.ndarray], fingerprint: str,
-                    name_of: Callable[[int, int], str]) -> tuple[list[SiteEvalReport], list[SiteFailure]]:
+def _evaluate_phase(
+    strategy: Any,
+    grid: Grid,
+    config: RunConfig,
+    server_round: int,
+    global_state: dict[str, np.ndarray],
+    fingerprint: str,
+    name_of: Callable[[int, int], str],
+) -> tuple[list[SiteEvalReport], list[SiteFailure]]:
     """Every sampled site evaluates ``global_state`` on its validation split."""
-    messages = list(strategy.configure_evaluate(
-        server_round, to_record(global_state), ConfigRecord({wire.BASE_FINGERPRINT: fingerprint}), grid))
+    messages = list(
+        strategy.configure_evaluate(
+            server_round,
+            to_record(global_state),
+            ConfigRecord({wire.BASE_FINGERPRINT: fingerprint}),
+            grid,
+        )
+    )
     replies = grid.send_and_receive(messages, timeout=config.federation.round_timeout_s)
     ok, failures = _split_replies(replies, "evaluate", (wire.METRICS,))
     reports = []
     for msg in ok:
         metrics = msg.content[wire.METRICS]
         node = int(msg.metadata.src_node_id)
-        reports.append(SiteEvalReport(
-            node_id=node, site=name_of(node, int(metrics.get(wire.SITE_INDEX, -1))),
-            num_examples=int(metrics[wire.NUM_EXAMPLES]), loss=float(metrics[wire.EVAL_LOSS]),
-            auroc_macro=float(metrics[wire.AUROC_MACRO]),
-            auroc_per_label={label: float(metrics.get(wire.AUROC_PREFIX + label, float("nan")))
-                             for label in config.task.labels},
-        ))
+        reports.append(
+            SiteEvalReport(
+                node_id=node,
+                site=name_of(node, int(metrics.get(wire.SITE_INDEX, -1))),
+                num_examples=int(metrics[wire.NUM_EXAMPLES]),
+                loss=float(metrics[wire.EVAL_LOSS]),
+                auroc_macro=float(metrics[wire.AUROC_MACRO]),
+                auroc_per_label={
+                    label: float(metrics.get(wire.AUROC_PREFIX + label, float("nan")))
+                    for label in config.task.labels
+                },
+            )
+        )
     return sorted(reports, key=lambda e: e.site), failures
 
 
-def _record(server_round: int, train: list[SiteTrainReport], evals: list[SiteEvalReport],
-            failures: list[SiteFailure], sha: str, seconds: float, aggregation_seconds: float) -> RoundRecord:
+def _record(
+    server_round: int,
+    train: list[SiteTrainReport],
+    evals: list[SiteEvalReport],
+    failures: list[SiteFailure],
+    sha: str,
+    seconds: float,
+    aggregation_seconds: float,
+) -> RoundRecord:
     return RoundRecord(
-        round=server_round, train=train, evaluate=evals, failures=failures,
-        global_auroc=weighted_metric_mean([e.auroc_macro for e in evals], [e.num_examples for e in evals]),
-        global_loss=weighted_metric_mean([e.loss for e in evals], [e.num_examples for e in evals]),
-        train_loss=weighted_metric_mean([t.loss for t in train], [t.num_examples for t in train]),
-        adapter_sha256=sha, seconds=seconds, aggregation_seconds=aggregation_seconds,
+        round=server_round,
+        train=train,
+        evaluate=evals,
+        failures=failures,
+        global_auroc=weighted_metric_mean(
+            [e.auroc_macro for e in evals], [e.num_examples for e in evals]
+        ),
+        global_loss=weighted_metric_mean(
+            [e.loss for e in evals], [e.num_examples for e in evals]
+        ),
+        train_loss=weighted_metric_mean(
+            [t.loss for t in train], [t.num_examples for t in train]
+        ),
+        adapter_sha256=sha,
+        seconds=seconds,
+        aggregation_seconds=aggregation_seconds,
     )
 
 
-def _manifest(config: RunConfig, fingerprint: str, record: RoundRecord) -> dict[str, Any]:
+def _manifest(
+    config: RunConfig, fingerprint: str, record: RoundRecord
+) -> dict[str, Any]:
     return {
         "round": record.round,
-        "participants": [{"node_id": t.node_id, "site": t.site, "num_examples": t.num_examples} for t in record.train],
+        "participants": [
+            {"node_id": t.node_id, "site": t.site, "num_examples": t.num_examples}
+            for t in record.train
+        ],
         "failures": [{"node_id": f.node_id, "phase": f.phase} for f in record.failures],
         "strategy": config.federation.strategy.value,
         "proximal_mu": config.federation.proximal_mu,
@@ -212,27 +352,49 @@ def _manifest(config: RunConfig, fingerprint: str, record: RoundRecord) -> dict[
     }
 
 
-def _summary(config: RunConfig, records: list[RoundRecord], model_info: dict[str, Any],
-             bytes_per_site: dict[str, int], started: float, fingerprint: str,
-             state: dict[str, np.ndarray]) -> dict[str, Any]:
+def _summary(
+    config: RunConfig,
+    records: list[RoundRecord],
+    model_info: dict[str, Any],
+    bytes_per_site: dict[str, int],
+    started: float,
+    fingerprint: str,
+    state: dict[str, np.ndarray],
+) -> dict[str, Any]:
     last = records[-1]
     return {
         "config": config.model_dump(mode="json", by_alias=True),
-        "model": {**model_info, "adapter_tensors": len(state), "adapter_payload_bytes": num_bytes(state),
-                  "base_model_fingerprint": fingerprint},
+        "model": {
+            **model_info,
+            "adapter_tensors": len(state),
+            "adapter_payload_bytes": num_bytes(state),
+            "base_model_fingerprint": fingerprint,
+        },
         "aggregation": "plain",
         "differential_privacy": None,
         "rounds_completed": len(records) - 1,
         "final": {
             "global": {"auroc_macro": last.global_auroc, "loss": last.global_loss},
-            "sites": {e.site: {"auroc_macro": e.auroc_macro, "loss": e.loss, "num_examples": e.num_examples,
-                               "auroc_per_label": e.auroc_per_label} for e in last.evaluate},
+            "sites": {
+                e.site: {
+                    "auroc_macro": e.auroc_macro,
+                    "loss": e.loss,
+                    "num_examples": e.num_examples,
+                    "auroc_per_label": e.auroc_per_label,
+                }
+                for e in last.evaluate
+            },
         },
-        "history": {"global_auroc": [r.global_auroc for r in records], "global_loss": [r.global_loss for r in records]},
+        "history": {
+            "global_auroc": [r.global_auroc for r in records],
+            "global_loss": [r.global_loss for r in records],
+        },
         "bytes_sent_per_site": bytes_per_site,
         "privacy_spent": {},
         "timings": {
-            "started": started, "finished": time.time(), "wall_seconds": time.time() - started,
+            "started": started,
+            "finished": time.time(),
+            "wall_seconds": time.time() - started,
             "round_seconds": [r.seconds for r in records],
             "aggregation_seconds": [r.aggregation_seconds for r in records],
         },

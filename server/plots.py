@@ -20,14 +20,43 @@ def plot_rounds(records: list[RoundRecord], out_dir: Path) -> list[Path]:
     sites = sorted({e.site for r in records for e in r.evaluate})
     written = []
     for name, glob, per_site, ylabel in (
-        ("auroc", [r.global_auroc for r in records], lambda e: e.auroc_macro, "validation AUROC (macro)"),
-        ("loss", [r.global_loss for r in records], lambda e: e.loss, "validation loss (BCE)"),
+        (
+            "auroc",
+            [r.global_auroc for r in records],
+            lambda e: e.auroc_macro,
+            "validation AUROC (macro)",
+        ),
+        (
+            "loss",
+            [r.global_loss for r in records],
+            lambda e: e.loss,
+            "validation loss (BCE)",
+        ),
     ):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        ax.plot(rounds, glob, marker="o", linewidth=2.5, color="black", label="global (weighted)")
+        ax.plot(
+            rounds,
+            glob,
+            marker="o",
+            linewidth=2.5,
+            color="black",
+            label="global (weighted)",
+        )
         for site in sites:
-            points = [(r.round, per_site(e)) for r in records for e in r.evaluate if e.site == site]
-            ax.plot([x for x, _ in points], [y for _, y in points], marker=".", linewidth=1, alpha=0.8, label=site)
+            points = [
+                (r.round, per_site(e))
+                for r in records
+                for e in r.evaluate
+                if e.site == site
+            ]
+            ax.plot(
+                [x for x, _ in points],
+                [y for _, y in points],
+                marker=".",
+                linewidth=1,
+                alpha=0.8,
+                label=site,
+            )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round (0: before training)")
         ax.set_ylabel(ylabel)

@@ -44,7 +44,16 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for pkg in ("wardround", "flwr", "torch", "transformers", "peft", "opacus", "pydicom", "pyarrow"):
+    for pkg in (
+        "wardround",
+        "flwr",
+        "torch",
+        "transformers",
+        "peft",
+        "opacus",
+        "pydicom",
+        "pyarrow",
+    ):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -71,7 +80,9 @@ class RunDirectory:
             os.fsync(handle.fileno())
         write_json(self.root / "manifests" / f"round-{record.round:03d}.json", manifest)
 
-    def write_checkpoint(self, server_round: int, state: Mapping[str, np.ndarray], sha256: str) -> Path:
+    def write_checkpoint(
+        self, server_round: int, state: Mapping[str, np.ndarray], sha256: str
+    ) -> Path:
         """Save the global adapter after a round (safetensors, no pickle)."""
         from safetensors.numpy import save_file
 
@@ -80,7 +91,11 @@ class RunDirectory:
         save_file(
             {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()},
             str(folder / "adapter.safetensors"),
-            metadata={"round": str(server_round), "sha256": sha256, "payload": "weights"},
+            metadata={
+                "round": str(server_round),
+                "sha256": sha256,
+                "payload": "weights",
+            },
         )
         return folder
 
@@ -93,5 +108,7 @@ class RunDirectory:
         import tomli_w
 
         path = self.root / "run-config.toml"
-        path.write_text(tomli_w.dumps(self.config.model_dump(mode="json", by_alias=True)))
+        path.write_text(
+            tomli_w.dumps(self.config.model_dump(mode="json", by_alias=True))
+        )
         return path

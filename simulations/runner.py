@@ -21,8 +21,9 @@ from ..server.federation import FederationResult, RoundObserver
 log = logging.getLogger(__name__)
 
 
-def prepare_simulation(config: RunConfig, *, out_dir: Path, sites: int | None,
-                       rounds: int | None) -> tuple[RunConfig, int]:
+def prepare_simulation(
+    config: RunConfig, *, out_dir: Path, sites: int | None, rounds: int | None
+) -> tuple[RunConfig, int]:
     """Resolve paths, write synthetic sites if needed; return the final config and site count."""
     out_dir = Path(out_dir).resolve()
     overrides: dict[str, dict] = {"output": {"dir": str(out_dir)}}
@@ -35,18 +36,28 @@ def prepare_simulation(config: RunConfig, *, out_dir: Path, sites: int | None,
         n_sites = sites if sites is not None else (config.data.synthesize_sites or 3)
         sites_dir = out_dir / "sites"
         if not any(sites_dir.glob("*/site.toml")):
-            synthesize_federation(sites_dir, n_sites, patients_per_site=config.data.patients_per_site,
-                                  seed=config.data.synth_seed)
+            synthesize_federation(
+                sites_dir,
+                n_sites,
+                patients_per_site=config.data.patients_per_site,
+                seed=config.data.synth_seed,
+            )
     elif not sites_dir.is_dir():
-        raise ConfigError(f"data.sites-dir {sites_dir} does not exist",
-                          hint="Point data.sites-dir at a folder of site folders, each with a site.toml.")
+        raise ConfigError(
+            f"data.sites-dir {sites_dir} does not exist",
+            hint="Point data.sites-dir at a folder of site folders, each with a site.toml.",
+        )
     found = sorted(sites_dir.glob("*/site.toml"))
     if sites is not None and config.data.sites_dir and sites != len(found):
-        raise ConfigError(f"--sites {sites} but data.sites-dir holds {len(found)} site(s)",
-                          hint="Drop --sites to use them all.")
+        raise ConfigError(
+            f"--sites {sites} but data.sites-dir holds {len(found)} site(s)",
+            hint="Drop --sites to use them all.",
+        )
     if not found:
-        raise ConfigError(f"no */site.toml under {sites_dir}",
-                          hint="Run `wardround synth` or point data.sites-dir at real site folders.")
+        raise ConfigError(
+            f"no */site.toml under {sites_dir}",
+            hint="Run `wardround synth` or point data.sites-dir at real site folders.",
+        )
     from ..client.preflight import preflight_site
 
     for site_toml in found:
@@ -58,10 +69,17 @@ def prepare_simulation(config: RunConfig, *, out_dir: Path, sites: int | None,
     return config, len(found)
 
 
-def run_simulation_engine(config: RunConfig, n_sites: int, *, observer: RoundObserver | None = None,
-                          verbose: bool = False) -> FederationResult:
+def run_simulation_engine(
+    config: RunConfig,
+    n_sites: int,
+    *,
+    observer: RoundObserver | None = None,
+    verbose: bool = False,
+) -> FederationResult:
     """Run the federation in Flower's simulation engine and return its result."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="wr-ray-"))  # short: Ray's socket paths are limited
+    ray_tmp = Path(
+        tempfile.mkdtemp(prefix="wr-ray-")
+    )  # short: Ray's socket paths are limited
     apply_machine_hygiene(Path(config.output.dir) / ".state")
     import os
 
@@ -84,23 +102,35 @@ def run_simulation_engine(config: RunConfig, n_sites: int, *, observer: RoundObs
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {
-            "num_cpus": cpus, "include_dashboard": False, "_temp_dir": str(ray_tmp),
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "_temp_dir": str(ray_tmp),
             "logging_level": logging.INFO if verbose else logging.ERROR,
-            "log_to_driver": verbose, "_node_ip_address": "127.0.0.1",
+            "log_to_driver": verbose,
+            "_node_ip_address": "127.0.0.1",
         },
     }
     try:
         with ChildProcessGuard():
-            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites,
-                           backend_config=backend_config, verbose_logging=verbose)
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=n_sites,
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
     except RuntimeError as exc:
         cause = exc.__cause__ or exc.__context__
-        if isinstance(cause, Exception) and cause.__class__.__module__.startswith("wardround"):
+        if isinstance(cause, Exception) and cause.__class__.__module__.startswith(
+            "wardround"
+        ):
             raise cause from None
         raise
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     if not results:
-        raise FederationError("the simulation ended without finishing its rounds",
-                              hint="Run again with --verbose to see Flower's and Ray's logs.")
+        raise FederationError(
+            "the simulation ended without finishing its rounds",
+            hint="Run again with --verbose to see Flower's and Ray's logs.",
+        )
     return results[0]

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from wardround.common.config import RunConfig
 from wardround.common.env import apply_machine_hygiene
 

@@ -18,7 +18,9 @@ from rich.console import Console
 from rich.text import Text
 
 app = typer.Typer(
-    name="wardround", no_args_is_help=True, add_completion=False,
+    name="wardround",
+    no_args_is_help=True,
+    add_completion=False,
     # locals could hold patient values: never print them in a traceback
     pretty_exceptions_show_locals=False,
     help="Federated LoRA fine-tuning of multimodal medical models across hospitals.",
@@ -33,7 +35,9 @@ def _fail(exc: Exception) -> None:
 
     if isinstance(exc, WardroundError) and not _state["debug"]:
         # Messages quote site.toml keys like [ehr.features]: print them as plain text.
-        err_console.print(Text.assemble((f"{exc.title}: ", "bold red"), exc.message), soft_wrap=True)
+        err_console.print(
+            Text.assemble((f"{exc.title}: ", "bold red"), exc.message), soft_wrap=True
+        )
         if exc.hint:
             err_console.print(Text(exc.hint), soft_wrap=True)
         raise typer.Exit(exc.exit_code)
@@ -46,30 +50,56 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 @app.callback()
 def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks for errors.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")
+    ] = False,
 ) -> None:
     _state["debug"] = debug
     _state["verbose"] = verbose
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 @app.command()
 def simulate(
-    sites: Annotated[int | None, typer.Option(min=1, max=256, help="Synthetic sites to make (default 3).")] = None,
-    rounds: Annotated[int | None, typer.Option(min=1, help="Rounds (default: the config's, 5).")] = None,
-    config: Annotated[Path | None, typer.Option(help="A run config TOML file.", dir_okay=False)] = None,
-    out: Annotated[Path, typer.Option(help="The run directory to write.")] = Path("runs/simulate"),
-    strategy: Annotated[str | None, typer.Option(help="fedavg or fedprox (overrides the config).")] = None,
-    proximal_mu: Annotated[float | None, typer.Option("--proximal-mu", help="FedProx's mu.")] = None,
-    modalities: Annotated[str | None, typer.Option(help="Comma list of image,ehr,note (ablations).")] = None,
-    fusion: Annotated[str | None, typer.Option(help="concat, gated or cross-attention.")] = None,
+    sites: Annotated[
+        int | None,
+        typer.Option(min=1, max=256, help="Synthetic sites to make (default 3)."),
+    ] = None,
+    rounds: Annotated[
+        int | None, typer.Option(min=1, help="Rounds (default: the config's, 5).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="A run config TOML file.", dir_okay=False)
+    ] = None,
+    out: Annotated[Path, typer.Option(help="The run directory to write.")] = Path(
+        "runs/simulate"
+    ),
+    strategy: Annotated[
+        str | None, typer.Option(help="fedavg or fedprox (overrides the config).")
+    ] = None,
+    proximal_mu: Annotated[
+        float | None, typer.Option("--proximal-mu", help="FedProx's mu.")
+    ] = None,
+    modalities: Annotated[
+        str | None, typer.Option(help="Comma list of image,ehr,note (ablations).")
+    ] = None,
+    fusion: Annotated[
+        str | None, typer.Option(help="concat, gated or cross-attention.")
+    ] = None,
 ) -> None:
     """Run a whole federation on this machine (synthetic hospitals unless given data)."""
     try:
         from wardround.common.config import RunConfig
-        from wardround.simulations.runner import prepare_simulation, run_simulation_engine
+        from wardround.simulations.runner import (
+            prepare_simulation,
+            run_simulation_engine,
+        )
 
         from .console import ProgressObserver, summary_table
 
@@ -81,39 +111,59 @@ def simulate(
         if proximal_mu is not None:
             federation["proximal_mu"] = proximal_mu
         if modalities is not None:
-            model["modalities"] = [m.strip() for m in modalities.split(",") if m.strip()]
+            model["modalities"] = [
+                m.strip() for m in modalities.split(",") if m.strip()
+            ]
         if fusion is not None:
             model["fusion"] = fusion
         if federation or model:
             run_config = run_config.with_overrides(federation=federation, model=model)
-        run_config, n_sites = prepare_simulation(run_config, out_dir=out, sites=sites, rounds=rounds)
-        console.print(f"wardround simulate: {n_sites} sites, {run_config.federation.rounds} rounds, "
-                      f"{run_config.federation.strategy.value}, modalities "
-                      f"{','.join(m.value for m in run_config.model.modalities)} → {run_config.output.dir}")
+        run_config, n_sites = prepare_simulation(
+            run_config, out_dir=out, sites=sites, rounds=rounds
+        )
+        console.print(
+            f"wardround simulate: {n_sites} sites, {run_config.federation.rounds} rounds, "
+            f"{run_config.federation.strategy.value}, modalities "
+            f"{','.join(m.value for m in run_config.model.modalities)} → {run_config.output.dir}"
+        )
         observer = ProgressObserver(console)
         # SIGTERM (systemd, a scheduler) stops the run like Ctrl-C: processes first.
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         try:
-            result = run_simulation_engine(run_config, n_sites, observer=observer,
-                                           verbose=_state.get("verbose", False))
+            result = run_simulation_engine(
+                run_config,
+                n_sites,
+                observer=observer,
+                verbose=_state.get("verbose", False),
+            )
         finally:
             observer.close()
         console.print(summary_table(result))
-        console.print(f"run directory: {result.run_dir}  (adapter/, run.json, rounds.jsonl, plots/)")
+        console.print(
+            f"run directory: {result.run_dir}  (adapter/, run.json, rounds.jsonl, plots/)"
+        )
     except KeyboardInterrupt:
         err_console.print("interrupted: Flower and Ray processes were stopped")
         sys.stdout.flush()
-        os._exit(130)  # the ServerApp thread may still wait on replies; do not hang on it
+        os._exit(
+            130
+        )  # the ServerApp thread may still wait on replies; do not hang on it
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
         _fail(exc)
 
 
 @app.command()
 def synth(
-    sites: Annotated[int, typer.Option(min=1, max=256, help="Number of hospitals.")] = 3,
-    out: Annotated[Path, typer.Option(help="Folder to write site-01/, site-02/, ... into.")] = Path("sites"),
+    sites: Annotated[
+        int, typer.Option(min=1, max=256, help="Number of hospitals.")
+    ] = 3,
+    out: Annotated[
+        Path, typer.Option(help="Folder to write site-01/, site-02/, ... into.")
+    ] = Path("sites"),
     patients: Annotated[int, typer.Option(min=10, help="Patients per site.")] = 300,
-    seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same data.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed; the same seed writes the same data.")
+    ] = 0,
 ) -> None:
     """Write synthetic hospitals: DICOM files, an EHR Parquet table and a site.toml each."""
     try:
@@ -128,7 +178,10 @@ def synth(
 
 @app.command("config")
 def show_config(
-    config: Annotated[Path | None, typer.Option(help="A run config TOML file to validate.", dir_okay=False)] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="A run config TOML file to validate.", dir_okay=False),
+    ] = None,
 ) -> None:
     """Print the run config (defaults filled in) as TOML, after validating it."""
     try:
@@ -137,7 +190,9 @@ def show_config(
         from wardround.common.config import RunConfig
 
         run_config = RunConfig.from_toml(config) if config else RunConfig()
-        sys.stdout.write(tomli_w.dumps(run_config.model_dump(mode="json", by_alias=True)))
+        sys.stdout.write(
+            tomli_w.dumps(run_config.model_dump(mode="json", by_alias=True))
+        )
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import math
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from wardround.server.federation import FederationResult
@@ -13,7 +19,11 @@ from wardround.server.records import RoundRecord
 
 
 def _fmt(value: float, digits: int = 3) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "—"
+    return (
+        f"{value:.{digits}f}"
+        if isinstance(value, (int, float)) and math.isfinite(value)
+        else "—"
+    )
 
 
 class ProgressObserver:
@@ -29,18 +39,25 @@ class ProgressObserver:
         if not self.console.is_terminal:
             return
         self.progress = Progress(
-            TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self.console,
+            TextColumn("[bold]rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=self.console,
         )
         self.progress.start()
-        self.task = self.progress.add_task("rounds", total=total_rounds, status="training…")
+        self.task = self.progress.add_task(
+            "rounds", total=total_rounds, status="training…"
+        )
 
     def on_round(self, record: RoundRecord) -> None:
         """Advance by one round and show its global AUROC."""
         if self.progress is None or self.task is None:
             return
         self.progress.update(
-            self.task, advance=1,
+            self.task,
+            advance=1,
             status=f"round {record.round}: AUROC {_fmt(record.global_auroc)} loss {_fmt(record.global_loss, 4)}",
         )
 
@@ -57,12 +74,33 @@ def summary_table(result: FederationResult) -> Table:
     first = result.rounds[0]
     first_auroc = {e.site: e.auroc_macro for e in first.evaluate}
     sent = result.summary["bytes_sent_per_site"]
-    table = Table(title=f"wardround: {len(result.rounds)} round(s), {result.summary['aggregation']} aggregation")
-    for col in ("site", "examples (val)", f"AUROC round {first.round}", f"AUROC round {last.round}", "val loss", "bytes sent"):
+    table = Table(
+        title=f"wardround: {len(result.rounds)} round(s), {result.summary['aggregation']} aggregation"
+    )
+    for col in (
+        "site",
+        "examples (val)",
+        f"AUROC round {first.round}",
+        f"AUROC round {last.round}",
+        "val loss",
+        "bytes sent",
+    ):
         table.add_column(col, justify="right" if col != "site" else "left")
     for e in last.evaluate:
-        table.add_row(e.site, str(e.num_examples), _fmt(first_auroc.get(e.site, float("nan"))),
-                      _fmt(e.auroc_macro), _fmt(e.loss, 4), f"{sent.get(e.site, 0):,}")
-    table.add_row("[bold]global", str(sum(e.num_examples for e in last.evaluate)), _fmt(first.global_auroc),
-                  f"[bold]{_fmt(last.global_auroc)}", _fmt(last.global_loss, 4), f"{sum(sent.values()):,}")
+        table.add_row(
+            e.site,
+            str(e.num_examples),
+            _fmt(first_auroc.get(e.site, float("nan"))),
+            _fmt(e.auroc_macro),
+            _fmt(e.loss, 4),
+            f"{sent.get(e.site, 0):,}",
+        )
+    table.add_row(
+        "[bold]global",
+        str(sum(e.num_examples for e in last.evaluate)),
+        _fmt(first.global_auroc),
+        f"[bold]{_fmt(last.global_auroc)}",
+        _fmt(last.global_loss, 4),
+        f"{sum(sent.values()):,}",
+    )
     return table

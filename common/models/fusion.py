@@ -31,9 +31,15 @@ def tiny_vision_config(image_size: int) -> Any:
     from transformers import ViTConfig
 
     return ViTConfig(
-        image_size=image_size, patch_size=8, num_channels=1, hidden_size=64,
-        num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        image_size=image_size,
+        patch_size=8,
+        num_channels=1,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
         # A frozen random encoder only carries image content through to LoRA and the
         # projection if its layers are not near-identity maps: measured on the
         # synthetic task, image-only AUROC 0.59 at the default 0.02, 0.69 at 0.1.
@@ -46,10 +52,15 @@ def tiny_text_config(vocab_size: int, max_tokens: int) -> Any:
     from transformers import BertConfig
 
     return BertConfig(
-        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=max(512, max_tokens), type_vocab_size=1,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=max(512, max_tokens),
+        type_vocab_size=1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
 
 
@@ -72,9 +83,17 @@ class FusionModel(nn.Module):
     """Encoders per modality, a fusion module and a multi-label head."""
 
     def __init__(
-        self, *, vision: nn.Module | None, text: nn.Module | None, ehr_width: int,
-        hidden: int, fusion: str, n_labels: int, image_size: int,
-        pixel_mean: float = 0.5, pixel_std: float = 0.5,
+        self,
+        *,
+        vision: nn.Module | None,
+        text: nn.Module | None,
+        ehr_width: int,
+        hidden: int,
+        fusion: str,
+        n_labels: int,
+        image_size: int,
+        pixel_mean: float = 0.5,
+        pixel_std: float = 0.5,
     ) -> None:
         super().__init__()
         self.vision_encoder = vision
@@ -82,11 +101,20 @@ class FusionModel(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std), persistent=False)
         self.text_encoder = text
         self.image_size = image_size
-        self.vision_proj = nn.Linear(vision.config.hidden_size, hidden) if vision else None
+        self.vision_proj = (
+            nn.Linear(vision.config.hidden_size, hidden) if vision else None
+        )
         self.text_proj = nn.Linear(text.config.hidden_size, hidden) if text else None
-        self.ehr_encoder = nn.Sequential(
-            nn.Linear(ehr_width, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU()
-        ) if ehr_width > 0 else None
+        self.ehr_encoder = (
+            nn.Sequential(
+                nn.Linear(ehr_width, hidden),
+                nn.GELU(),
+                nn.Linear(hidden, hidden),
+                nn.GELU(),
+            )
+            if ehr_width > 0
+            else None
+        )
         self.fusion = FUSIONS[fusion](hidden, 3)
         self.head = nn.Linear(hidden, n_labels)
 
@@ -95,15 +123,23 @@ class FusionModel(nn.Module):
         if image.shape[1] != cfg.num_channels:
             image = image.expand(-1, cfg.num_channels, -1, -1)
         if image.shape[-1] != cfg.image_size:
-            image = nn.functional.interpolate(image, size=(cfg.image_size, cfg.image_size), mode="bilinear")
+            image = nn.functional.interpolate(
+                image, size=(cfg.image_size, cfg.image_size), mode="bilinear"
+            )
         # The image processor's normalisation: [0, 1] → about [-1, 1]. Without it the
         # encoder's LayerNorms map bright and dark uniform patches to the same vector.
         image = (image - self.pixel_mean) / self.pixel_std
-        return self.vision_proj(self.vision_encoder(pixel_values=image).last_hidden_state)
+        return self.vision_proj(
+            self.vision_encoder(pixel_values=image).last_hidden_state
+        )
 
     def forward(
-        self, image: torch.Tensor, ehr: torch.Tensor, note_ids: torch.Tensor,
-        note_mask: torch.Tensor, present: torch.Tensor,
+        self,
+        image: torch.Tensor,
+        ehr: torch.Tensor,
+        note_ids: torch.Tensor,
+        note_mask: torch.Tensor,
+        present: torch.Tensor,
     ) -> torch.Tensor:
         """Return multi-label logits [B, n_labels].
 
@@ -133,11 +169,16 @@ class FusionModel(nn.Module):
             tokens.append((zeros_tok, zeros_mask))
             pooled.append(zeros_tok[:, 0])
         if self.text_encoder is not None:
-            out = self.text_encoder(input_ids=note_ids, attention_mask=note_mask).last_hidden_state
+            out = self.text_encoder(
+                input_ids=note_ids, attention_mask=note_mask
+            ).last_hidden_state
             seq = self.text_proj(out)
             mask = note_mask.to(seq.dtype) * present[:, 2:3]
             tokens.append((seq, mask))
-            pooled.append((seq * note_mask.unsqueeze(-1)).sum(1) / note_mask.sum(1, keepdim=True).clamp_min(1))
+            pooled.append(
+                (seq * note_mask.unsqueeze(-1)).sum(1)
+                / note_mask.sum(1, keepdim=True).clamp_min(1)
+            )
         else:
             present[:, 2] = 0
             tokens.append((zeros_tok, zeros_mask))
@@ -166,21 +207,39 @@ def build_base(config: RunConfig) -> tuple[FusionModel, str]:
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(mc.init_seed)
     try:
-        vision = (_load_encoder(mc.vision, tiny_vision_config(mc.image_size))
-                  if Modality.IMAGE in mc.modalities else None)
-        text = (_load_encoder(mc.text, tiny_text_config(len(get_tokenizer(mc.tokenizer)), mc.max_note_tokens))
-                if Modality.NOTE in mc.modalities else None)
+        vision = (
+            _load_encoder(mc.vision, tiny_vision_config(mc.image_size))
+            if Modality.IMAGE in mc.modalities
+            else None
+        )
+        text = (
+            _load_encoder(
+                mc.text,
+                tiny_text_config(len(get_tokenizer(mc.tokenizer)), mc.max_note_tokens),
+            )
+            if Modality.NOTE in mc.modalities
+            else None
+        )
         model = FusionModel(
-            vision=vision, text=text,
+            vision=vision,
+            text=text,
             ehr_width=task.ehr_width if Modality.EHR in mc.modalities else 0,
-            hidden=mc.hidden_size, fusion=mc.fusion, n_labels=len(task.labels),
+            hidden=mc.hidden_size,
+            fusion=mc.fusion,
+            n_labels=len(task.labels),
             image_size=mc.image_size,
         )
     finally:
         torch.random.set_rng_state(generator_state)
     base_json = json.dumps(
-        {"family": "fusion", "model": mc.model_dump(mode="json", exclude={"lora_rank", "lora_alpha", "lora_dropout"}),
-         "labels": list(task.labels), "ehr_width": task.ehr_width},
+        {
+            "family": "fusion",
+            "model": mc.model_dump(
+                mode="json", exclude={"lora_rank", "lora_alpha", "lora_dropout"}
+            ),
+            "labels": list(task.labels),
+            "ehr_width": task.ehr_width,
+        },
         sort_keys=True,
     )
     return model, base_fingerprint(model, base_json)
@@ -189,7 +248,8 @@ def build_base(config: RunConfig) -> tuple[FusionModel, str]:
 def lora_targets(model: nn.Module) -> list[str]:
     """Names of the encoders' attention projections that get LoRA adapters."""
     return sorted(
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
         and name.split(".")[0] in ("vision_encoder", "text_encoder")
         and name.rsplit(".", 1)[-1] in LORA_PROJECTIONS
@@ -205,21 +265,30 @@ def build_fusion(config: RunConfig) -> BuiltModel:
     targets = lora_targets(base)
     trainable = [m for m in TRAINABLE_MODULES if getattr(base, m) is not None]
     lora = LoraConfig(
-        r=config.model.lora_rank, lora_alpha=config.model.lora_alpha,
-        lora_dropout=config.model.lora_dropout, target_modules=targets or None,
-        modules_to_save=trainable, bias="none",
+        r=config.model.lora_rank,
+        lora_alpha=config.model.lora_alpha,
+        lora_dropout=config.model.lora_dropout,
+        target_modules=targets or None,
+        modules_to_save=trainable,
+        bias="none",
     )
     if not targets:
         # An EHR-only model has no encoder attention to adapt; PEFT needs a LoRA
         # target, so the fusion module's linear layers take LoRA instead of
         # training in full.
-        targets = sorted(n for n, m in base.named_modules()
-                         if n.startswith("fusion.") and isinstance(m, nn.Linear))
+        targets = sorted(
+            n
+            for n, m in base.named_modules()
+            if n.startswith("fusion.") and isinstance(m, nn.Linear)
+        )
         trainable = [m for m in trainable if m != "fusion"]
         lora = LoraConfig(
-            r=config.model.lora_rank, lora_alpha=config.model.lora_alpha,
-            lora_dropout=config.model.lora_dropout, target_modules=targets,
-            modules_to_save=trainable, bias="none",
+            r=config.model.lora_rank,
+            lora_alpha=config.model.lora_alpha,
+            lora_dropout=config.model.lora_dropout,
+            target_modules=targets,
+            modules_to_save=trainable,
+            bias="none",
         )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(config.model.init_seed + 1)

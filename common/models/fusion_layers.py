@@ -24,7 +24,12 @@ class ConcatFusion(nn.Module):
             nn.Linear(hidden * n_modalities + n_modalities, hidden), nn.GELU()
         )
 
-    def forward(self, tokens: list[tuple[torch.Tensor, torch.Tensor]], pooled: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: list[tuple[torch.Tensor, torch.Tensor]],
+        pooled: torch.Tensor,
+        present: torch.Tensor,
+    ) -> torch.Tensor:
         """Fuse ``pooled`` [B, M, H] given ``present`` [B, M]."""
         masked = pooled * present.unsqueeze(-1)
         return self.project(torch.cat([masked.flatten(1), present], dim=1))
@@ -38,12 +43,19 @@ class GatedFusion(nn.Module):
         self.gate = nn.Linear(hidden * n_modalities + n_modalities, n_modalities)
         self.out = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU())
 
-    def forward(self, tokens: list[tuple[torch.Tensor, torch.Tensor]], pooled: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: list[tuple[torch.Tensor, torch.Tensor]],
+        pooled: torch.Tensor,
+        present: torch.Tensor,
+    ) -> torch.Tensor:
         """Fuse ``pooled`` [B, M, H] given ``present`` [B, M]."""
         masked = pooled * present.unsqueeze(-1)
         gates = torch.sigmoid(self.gate(torch.cat([masked.flatten(1), present], dim=1)))
         weights = gates * present
-        fused = (weights.unsqueeze(-1) * pooled).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-6)
+        fused = (weights.unsqueeze(-1) * pooled).sum(1) / weights.sum(
+            1, keepdim=True
+        ).clamp_min(1e-6)
         return self.out(fused)
 
 
@@ -62,13 +74,21 @@ class CrossAttentionFusion(nn.Module):
         self.query = nn.Linear(hidden * n_modalities + n_modalities, hidden)
         self.key = nn.Linear(hidden, hidden)
         self.value = nn.Linear(hidden, hidden)
-        self.out = nn.Sequential(nn.Linear(hidden * n_modalities + n_modalities, hidden), nn.GELU())
+        self.out = nn.Sequential(
+            nn.Linear(hidden * n_modalities + n_modalities, hidden), nn.GELU()
+        )
         self.scale = 1.0 / math.sqrt(hidden)
 
-    def forward(self, tokens: list[tuple[torch.Tensor, torch.Tensor]], pooled: torch.Tensor,
-                present: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: list[tuple[torch.Tensor, torch.Tensor]],
+        pooled: torch.Tensor,
+        present: torch.Tensor,
+    ) -> torch.Tensor:
         """Fuse per-modality token sequences ``(tokens [B, T, H], mask [B, T])``."""
-        q = self.query(torch.cat([(pooled * present.unsqueeze(-1)).flatten(1), present], dim=1))
+        q = self.query(
+            torch.cat([(pooled * present.unsqueeze(-1)).flatten(1), present], dim=1)
+        )
         attended = []
         for seq, mask in tokens:
             scores = (q.unsqueeze(1) * self.key(seq)).sum(-1) * self.scale

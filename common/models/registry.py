@@ -58,13 +58,16 @@ def get_family(name: str) -> FamilyBuilder:
     except KeyError:
         known = ", ".join(sorted(_FAMILIES))
         raise ConfigError(
-            f"unknown model family {name!r}", hint=f"Set model.family to one of: {known}."
+            f"unknown model family {name!r}",
+            hint=f"Set model.family to one of: {known}.",
         ) from None
 
 
 def build_base_model(config: RunConfig) -> tuple[torch.nn.Module, str]:
-    """The bare base model (no adapters) and its fingerprint, e.g. for
-    ``PeftModel.from_pretrained(base, run_dir / "adapter")``."""
+    """Build the bare base model (no adapters) and its fingerprint.
+
+    For ``PeftModel.from_pretrained(base, run_dir / "adapter")``.
+    """
     get_family(config.model.family)
     return _BASES[config.model.family](config)
 
@@ -79,7 +82,9 @@ def describe(built: BuiltModel) -> dict[str, Any]:
     named = list(built.model.named_parameters())
     # PEFT keeps a frozen original next to each trainable copy of a module to save:
     # count the base model once, as it would be shipped.
-    base = sum(p.numel() for n, p in named if "lora_" not in n and ".modules_to_save." not in n)
+    base = sum(
+        p.numel() for n, p in named if "lora_" not in n and ".modules_to_save." not in n
+    )
     trainable = sum(p.numel() for _, p in named if p.requires_grad)
     return {
         "family": built.family,

@@ -13,12 +13,27 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_stops_the_simulation_and_all_its_processes(synthetic_sites, tmp_path, signum):
+def test_signal_stops_the_simulation_and_all_its_processes(
+    synthetic_sites, tmp_path, signum
+):
     config = tmp_path / "run.toml"
-    config.write_text(f'[data]\nsites-dir = "{synthetic_sites}"\n[federation]\nrounds = 50\n'
-                      '[model]\nimage-size = 32\nmax-note-tokens = 32\n')
-    cmd = [sys.executable, "-m", "wardround.cli", "simulate", "--config", str(config), "--out", str(tmp_path / "run")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+    config.write_text(
+        f'[data]\nsites-dir = "{synthetic_sites}"\n[federation]\nrounds = 50\n'
+        "[model]\nimage-size = 32\nmax-note-tokens = 32\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "wardround.cli",
+        "simulate",
+        "--config",
+        str(config),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ)
+    )
     seen: dict[int, psutil.Process] = {}
     try:
         # wait until the first round is written: Ray and its workers are up by then
@@ -42,4 +57,6 @@ def test_signal_stops_the_simulation_and_all_its_processes(synthetic_sites, tmp_
     assert code == 130
     # every process it had started is gone (not merely orphaned)
     _, alive = psutil.wait_procs(list(seen.values()), timeout=15)
-    assert not [p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not [
+        p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    ]

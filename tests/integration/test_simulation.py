@@ -4,15 +4,15 @@ import json
 
 import numpy as np
 import pytest
-
 from wardround.common.processes import descendants
 
 pytestmark = pytest.mark.integration
 
 
-def test_two_sites_two_rounds_write_a_complete_run_directory(synthetic_sites, tiny_config, tmp_path):
+def test_two_sites_two_rounds_write_a_complete_run_directory(
+    synthetic_sites, tiny_config, tmp_path
+):
     from peft import PeftModel
-
     from wardround.common.adapter import adapter_state
     from wardround.common.config import RunConfig
     from wardround.common.models import build_base_model
@@ -20,7 +20,9 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(synthetic_sites, ti
 
     before = set(descendants())
     config = tiny_config.with_overrides(data={"sites_dir": str(synthetic_sites)})
-    config, n_sites = prepare_simulation(config, out_dir=tmp_path / "run", sites=None, rounds=2)
+    config, n_sites = prepare_simulation(
+        config, out_dir=tmp_path / "run", sites=None, rounds=2
+    )
     assert n_sites == 2
 
     result = run_simulation_engine(config, n_sites)
@@ -28,7 +30,9 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(synthetic_sites, ti
     run_dir = tmp_path / "run"
     # every process the simulation started is gone
     assert set(descendants()) <= before
-    lines = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()
+    ]
     assert [r["round"] for r in lines] == [0, 1, 2]
     for r in lines[1:]:
         assert sorted(t["site"] for t in r["train"]) == ["site-01", "site-02"]
@@ -51,7 +55,9 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(synthetic_sites, ti
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     from safetensors.numpy import load_file
 
-    final = load_file(str(run_dir / "checkpoints" / "round-002" / "adapter.safetensors"))
+    final = load_file(
+        str(run_dir / "checkpoints" / "round-002" / "adapter.safetensors")
+    )
     loaded = adapter_state(model)
     assert set(loaded) == set(final)
     assert all(np.array_equal(loaded[k], final[k]) for k in final)

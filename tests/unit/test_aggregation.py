@@ -1,13 +1,23 @@
 import numpy as np
 import pytest
-
-from wardround.common.aggregation import apply_delta, subtract, weighted_mean, weighted_metric_mean
+from wardround.common.aggregation import (
+    apply_delta,
+    subtract,
+    weighted_mean,
+    weighted_metric_mean,
+)
 from wardround.common.errors import FederationError
 
 
 def test_weighted_mean_matches_closed_form():
-    a = {"w": np.array([1.0, 2.0], dtype=np.float32), "b": np.array([[0.0]], dtype=np.float32)}
-    b = {"w": np.array([3.0, 6.0], dtype=np.float32), "b": np.array([[4.0]], dtype=np.float32)}
+    a = {
+        "w": np.array([1.0, 2.0], dtype=np.float32),
+        "b": np.array([[0.0]], dtype=np.float32),
+    }
+    b = {
+        "w": np.array([3.0, 6.0], dtype=np.float32),
+        "b": np.array([[4.0]], dtype=np.float32),
+    }
     out = weighted_mean([a, b], [1, 3])
     # (1*1 + 3*3)/4 = 2.5 ; (1*2 + 3*6)/4 = 5 ; (0 + 12)/4 = 3
     np.testing.assert_allclose(out["w"], [2.5, 5.0])
@@ -43,4 +53,6 @@ def test_weighted_mean_rejects_inconsistent_updates(updates, weights):
 
 
 def test_metric_mean_skips_nan():
-    assert weighted_metric_mean([0.5, float("nan"), 0.9], [1, 5, 3]) == pytest.approx((0.5 + 2.7) / 4)
+    assert weighted_metric_mean([0.5, float("nan"), 0.9], [1, 5, 3]) == pytest.approx(
+        (0.5 + 2.7) / 4
+    )

@@ -18,7 +18,9 @@ def _run(*args):
 def test_unknown_config_key_is_a_config_error(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text("[federation]\nrounds = 2\nlearning-rate = 0.1\n")
-    code, out = _run("simulate", "--config", str(config), "--out", str(tmp_path / "run"))
+    code, out = _run(
+        "simulate", "--config", str(config), "--out", str(tmp_path / "run")
+    )
     assert code == 2
     assert "learning-rate: unknown key" in out and "rounds" in out
     assert "Traceback" not in out
@@ -27,14 +29,18 @@ def test_unknown_config_key_is_a_config_error(tmp_path):
 def test_bad_value_names_the_key(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('[model]\nfusion = "attention"\n')
-    code, out = _run("simulate", "--config", str(config), "--out", str(tmp_path / "run"))
+    code, out = _run(
+        "simulate", "--config", str(config), "--out", str(tmp_path / "run")
+    )
     assert code == 2 and "model.fusion" in out and "Traceback" not in out
 
 
 def test_missing_sites_folder(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(f'[data]\nsites-dir = "{tmp_path / "nowhere"}"\n')
-    code, out = _run("simulate", "--config", str(config), "--out", str(tmp_path / "run"))
+    code, out = _run(
+        "simulate", "--config", str(config), "--out", str(tmp_path / "run")
+    )
     assert code == 2 and "does not exist" in out and "Traceback" not in out
 
 
@@ -45,21 +51,27 @@ def test_missing_dicom_folder_and_missing_ehr_columns(synthetic_sites, tmp_path)
     config.write_text(f'[data]\nsites-dir = "{sites}"\n')
 
     shutil.rmtree(sites / "site-01" / "dicom")
-    code, out = _run("simulate", "--config", str(config), "--out", str(tmp_path / "run"))
+    code, out = _run(
+        "simulate", "--config", str(config), "--out", str(tmp_path / "run")
+    )
     assert code == 3 and "DICOM folder" in out and "data.dicom-dirs" in out
 
     shutil.copytree(synthetic_sites / "site-01" / "dicom", sites / "site-01" / "dicom")
     ehr = sites / "site-01" / "ehr.parquet"
     table = pq.read_table(ehr)
     pq.write_table(table.drop_columns(["crp", "bnp"]), ehr)
-    code, out = _run("simulate", "--config", str(config), "--out", str(tmp_path / "run"))
+    code, out = _run(
+        "simulate", "--config", str(config), "--out", str(tmp_path / "run")
+    )
     assert code == 3
     assert "'crp'" in out and "'bnp'" in out and "[ehr.features]" in out
     assert "Traceback" not in out
 
 
 def test_synth_writes_sites(tmp_path):
-    code, out = _run("synth", "--sites", "2", "--patients", "12", "--out", str(tmp_path / "s"))
+    code, out = _run(
+        "synth", "--sites", "2", "--patients", "12", "--out", str(tmp_path / "s")
+    )
     assert code == 0
     assert (tmp_path / "s" / "site-01" / "site.toml").is_file()
     assert (tmp_path / "s" / "site-02" / "ehr.parquet").is_file()

@@ -2,9 +2,15 @@
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.app.message_type import MessageType
-
 from wardround.client.app import handle_evaluate, handle_train
 from wardround.common import wire
 from wardround.common.adapter import adapter_state, to_record
@@ -25,18 +31,32 @@ def _task_identity():
 
 @pytest.fixture(scope="module")
 def site_setup(synthetic_sites, tiny_config):
-    config = tiny_config.with_overrides(data={"sites_dir": str(synthetic_sites)}, train={"max_steps": 2})
+    config = tiny_config.with_overrides(
+        data={"sites_dir": str(synthetic_sites)}, train={"max_steps": 2}
+    )
     built = build_model(config)
-    context = Context(run_id=1, node_id=11, node_config={"partition-id": 0, "num-partitions": 2},
-                      state=RecordDict(), run_config=config.to_flower())
+    context = Context(
+        run_id=1,
+        node_id=11,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=config.to_flower(),
+    )
     return config, built, context
 
 
 def _message(built, kind, fingerprint=None):
-    content = RecordDict({
-        wire.GLOBAL_ADAPTER: to_record(adapter_state(built.model)),
-        wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 1, wire.BASE_FINGERPRINT: fingerprint or built.base_fingerprint}),
-    })
+    content = RecordDict(
+        {
+            wire.GLOBAL_ADAPTER: to_record(adapter_state(built.model)),
+            wire.CONFIG: ConfigRecord(
+                {
+                    wire.SERVER_ROUND: 1,
+                    wire.BASE_FINGERPRINT: fingerprint or built.base_fingerprint,
+                }
+            ),
+        }
+    )
     return Message(content=content, dst_node_id=11, message_type=kind)
 
 
@@ -56,7 +76,10 @@ def test_train_reply_holds_only_the_adapter_delta_and_numbers(site_setup):
         assert array.dtype == np.float32
         assert array.shape == tuple(declared[key].shape)
     # frozen encoder weights never travel
-    assert not any("lora_" not in k and "encoder" in k and "ehr_encoder" not in k for k in delta.keys())
+    assert not any(
+        "lora_" not in k and "encoder" in k and "ehr_encoder" not in k
+        for k in delta.keys()
+    )
     metrics = reply.content[wire.METRICS]
     assert isinstance(metrics, MetricRecord)
     assert all(isinstance(v, (int, float)) for v in metrics.values())
@@ -70,8 +93,13 @@ def test_evaluate_reply_is_numbers_with_fixed_names(site_setup):
     reply = handle_evaluate(_message(built, MessageType.EVALUATE), context)
     assert set(reply.content.keys()) == {wire.METRICS}
     metrics = reply.content[wire.METRICS]
-    expected = {wire.NUM_EXAMPLES, wire.SITE_INDEX, wire.EVAL_LOSS, wire.AUROC_MACRO, wire.EVAL_SECONDS} | {
-        wire.AUROC_PREFIX + label for label in config.task.labels}
+    expected = {
+        wire.NUM_EXAMPLES,
+        wire.SITE_INDEX,
+        wire.EVAL_LOSS,
+        wire.AUROC_MACRO,
+        wire.EVAL_SECONDS,
+    } | {wire.AUROC_PREFIX + label for label in config.task.labels}
     assert set(metrics.keys()) == expected
 
 

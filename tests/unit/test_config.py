@@ -1,5 +1,4 @@
 import pytest
-
 from wardround.common.config import Fusion, RunConfig, Strategy
 from wardround.common.errors import ConfigError
 
@@ -13,8 +12,10 @@ def test_defaults_round_trip_through_flower_run_config():
 
 def test_toml_file_with_dashed_keys(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('[federation]\nstrategy = "fedprox"\nproximal-mu = 0.1\nrounds = 2\n'
-                    '[model]\nfusion = "cross-attention"\nmodalities = ["image", "note"]\n')
+    path.write_text(
+        '[federation]\nstrategy = "fedprox"\nproximal-mu = 0.1\nrounds = 2\n'
+        '[model]\nfusion = "cross-attention"\nmodalities = ["image", "note"]\n'
+    )
     config = RunConfig.from_toml(path)
     assert config.federation.strategy is Strategy.FEDPROX
     assert config.federation.proximal_mu == 0.1
@@ -24,7 +25,12 @@ def test_toml_file_with_dashed_keys(tmp_path):
 
 def test_every_problem_is_reported_at_once_with_known_keys():
     with pytest.raises(ConfigError) as info:
-        RunConfig.from_mapping({"federation": {"strategy": "fedsgd", "roundz": 3}, "train": {"batch-size": 0}})
+        RunConfig.from_mapping(
+            {
+                "federation": {"strategy": "fedsgd", "roundz": 3},
+                "train": {"batch-size": 0},
+            }
+        )
     text = str(info.value)
     assert "3 problem(s)" in text
     assert "federation.strategy" in text and "fedsgd" in text

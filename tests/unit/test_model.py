@@ -1,8 +1,13 @@
 import numpy as np
 import pytest
 import torch
-
-from wardround.common.adapter import adapter_state, from_record, load_adapter_state, save_peft_adapter, to_record
+from wardround.common.adapter import (
+    adapter_state,
+    from_record,
+    load_adapter_state,
+    save_peft_adapter,
+    to_record,
+)
 from wardround.common.errors import ConfigError, FederationError
 from wardround.common.models import build_base_model, build_model
 from wardround.common.models.fusion import lora_targets
@@ -39,11 +44,25 @@ def test_build_is_deterministic_and_fingerprint_tracks_the_base(tiny_config):
 def test_only_lora_and_declared_modules_train(tiny_config):
     model = build_model(tiny_config).model
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    allowed = ("lora_A", "lora_B", "vision_proj", "text_proj", "ehr_encoder", "fusion", "head")
+    allowed = (
+        "lora_A",
+        "lora_B",
+        "vision_proj",
+        "text_proj",
+        "ehr_encoder",
+        "fusion",
+        "head",
+    )
     assert trainable and all(any(a in n for a in allowed) for n in trainable)
     # the encoders' own weights stay frozen
-    assert not any(("encoder" in n and "lora_" not in n and "ehr_encoder" not in n) for n in trainable)
-    assert all(t.rsplit(".", 1)[-1] in {"q_proj", "v_proj", "query", "value"} for t in lora_targets(model.get_base_model()))
+    assert not any(
+        ("encoder" in n and "lora_" not in n and "ehr_encoder" not in n)
+        for n in trainable
+    )
+    assert all(
+        t.rsplit(".", 1)[-1] in {"q_proj", "v_proj", "query", "value"}
+        for t in lora_targets(model.get_base_model())
+    )
 
 
 def test_absent_modality_does_not_change_the_prediction(tiny_config):
@@ -61,7 +80,9 @@ def test_adapter_round_trip_through_peft_from_pretrained(tiny_config, tmp_path):
     built = build_model(tiny_config)
     state = adapter_state(built.model)
     rng = np.random.default_rng(0)
-    changed = {k: v + rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in state.items()}
+    changed = {
+        k: v + rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in state.items()
+    }
     save_peft_adapter(built.model, changed, tmp_path / "adapter")
 
     base, fingerprint = build_base_model(tiny_config)
@@ -80,7 +101,9 @@ def test_adapter_travels_through_a_flower_record_without_change(tiny_config):
     state = adapter_state(build_model(tiny_config).model)
     back = from_record(to_record(state))
     assert list(back) == list(state)
-    assert all(np.array_equal(back[k], state[k]) and back[k].dtype == np.float32 for k in state)
+    assert all(
+        np.array_equal(back[k], state[k]) and back[k].dtype == np.float32 for k in state
+    )
 
 
 def test_loading_a_foreign_adapter_is_refused(tiny_config):
@@ -97,7 +120,6 @@ def test_loading_a_foreign_adapter_is_refused(tiny_config):
 
 def test_from_pretrained_path_loads_a_locally_saved_encoder(tiny_config, tmp_path):
     from transformers import AutoModel
-
     from wardround.common.models.fusion import tiny_vision_config
 
     torch.manual_seed(3)
@@ -114,7 +136,9 @@ def test_from_pretrained_path_loads_a_locally_saved_encoder(tiny_config, tmp_pat
 
 def test_unloadable_encoder_is_a_config_error(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match="cannot load encoder"):
-        build_model(tiny_config.with_overrides(model={"vision": str(tmp_path / "missing")}))
+        build_model(
+            tiny_config.with_overrides(model={"vision": str(tmp_path / "missing")})
+        )
 
 
 def test_unknown_family_lists_known_ones(tiny_config):

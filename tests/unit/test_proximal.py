@@ -1,5 +1,4 @@
 import torch
-
 from wardround.client.proximal import proximal_term, snapshot_trainable
 
 
