@@ -85,10 +85,10 @@ class FederationConfig(_Section):
 class TrainConfig(_Section):
     """Local training at each site, per round."""
 
-    local_epochs: int = Field(1, ge=1, le=1000)
+    local_epochs: int = Field(2, ge=1, le=1000)
     max_steps: int = Field(0, ge=0, description="0: whole local epochs")
     batch_size: int = Field(16, ge=1, le=4096)
-    learning_rate: float = Field(3e-3, gt=0.0, le=10.0)
+    learning_rate: float = Field(5e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.0, ge=0.0)
     eval_batch_size: int = Field(64, ge=1)
     torch_threads: int = Field(1, ge=0, description="0: torch's default")
@@ -105,7 +105,7 @@ class ModelConfig(_Section):
         "tiny", description="'tiny' (built from config), a local path or hub id"
     )
     tokenizer: str = Field("byte", description="'byte' or a local path / hub id")
-    fusion: Fusion = Fusion.GATED
+    fusion: Fusion = Fusion.CONCAT
     modalities: tuple[Modality, ...] = ALL_MODALITIES
     image_size: int = Field(64, ge=16, le=1024)
     max_note_tokens: int = Field(128, ge=8, le=4096)

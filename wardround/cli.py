@@ -142,12 +142,14 @@ def simulate(
         console.print(
             f"run directory: {result.run_dir}  (adapter/, run.json, rounds.jsonl, plots/)"
         )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # Ctrl-C arrives as KeyboardInterrupt; SIGTERM as SystemExit, because ray.init
+        # replaces our SIGTERM handler with sys.exit(15). By now ChildProcessGuard has
+        # stopped Ray's processes.
+        code = 143 if isinstance(stop, SystemExit) else 130
         err_console.print("interrupted: Flower and Ray processes were stopped")
         sys.stdout.flush()
-        os._exit(
-            130
-        )  # the ServerApp thread may still wait on replies; do not hang on it
+        os._exit(code)  # the ServerApp thread may still wait on replies; do not hang on it
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
         _fail(exc)
 
