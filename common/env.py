@@ -8,7 +8,19 @@ state directories so runs do not share or leak state.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+# Ray puts sockets at RAY_TMPDIR/ray/session_<timestamp>_<pid>/sockets/plasma_store
+# (about 75 bytes below RAY_TMPDIR); AF_UNIX paths stop at 107 bytes.
+_MAX_RAY_TMPDIR = 30
+
+
+def _short_ray_dir(preferred: Path) -> str:
+    if len(str(preferred)) <= _MAX_RAY_TMPDIR:
+        return str(preferred)
+    return tempfile.mkdtemp(prefix="wr-ray-")
+
 
 _FIXED = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -38,7 +50,9 @@ def apply_machine_hygiene(state_dir: Path) -> dict[str, str]:
     values = dict(_FIXED)
     values["FLWR_HOME"] = os.environ.get("FLWR_HOME") or str(state_dir / "flwr-home")
     # Ray's socket paths must stay short (AF_UNIX limit of 107 bytes).
-    values["RAY_TMPDIR"] = os.environ.get("RAY_TMPDIR") or str(state_dir / "ray")
+    values["RAY_TMPDIR"] = os.environ.get("RAY_TMPDIR") or _short_ray_dir(
+        state_dir / "ray"
+    )
     for key, value in values.items():
         os.environ[key] = value
     Path(values["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+
 from wardround.common.config import RunConfig
 from wardround.common.env import apply_machine_hygiene
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _machine_hygiene(tmp_path_factory: pytest.TempPathFactory) -> None:
+def _machine_hygiene(tmp_path_factory: pytest.TempPathFactory):
     state = tmp_path_factory.mktemp("flwr-state")
     os.environ.pop("FLWR_HOME", None)
     os.environ.pop("RAY_TMPDIR", None)
-    apply_machine_hygiene(state)
+    values = apply_machine_hygiene(state)
+    yield
+    if Path(values["RAY_TMPDIR"]).name.startswith("wr-ray-"):
+        shutil.rmtree(values["RAY_TMPDIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

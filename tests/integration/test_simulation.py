@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+
 from wardround.common.processes import descendants
 
 pytestmark = pytest.mark.integration
@@ -13,6 +14,7 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(
     synthetic_sites, tiny_config, tmp_path
 ):
     from peft import PeftModel
+
     from wardround.common.adapter import adapter_state
     from wardround.common.config import RunConfig
     from wardround.common.models import build_base_model

@@ -2,6 +2,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+
 from wardround.common.aggregation import weighted_mean
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)

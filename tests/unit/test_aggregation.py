@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from wardround.common.aggregation import (
     apply_delta,
     subtract,

@@ -11,6 +11,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.app.message_type import MessageType
+
 from wardround.client.app import handle_evaluate, handle_train
 from wardround.common import wire
 from wardround.common.adapter import adapter_state, to_record

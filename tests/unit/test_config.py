@@ -1,4 +1,5 @@
 import pytest
+
 from wardround.common.config import Fusion, RunConfig, Strategy
 from wardround.common.errors import ConfigError
 

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+
 from wardround.common.adapter import (
     adapter_state,
     from_record,
@@ -120,6 +121,7 @@ def test_loading_a_foreign_adapter_is_refused(tiny_config):
 
 def test_from_pretrained_path_loads_a_locally_saved_encoder(tiny_config, tmp_path):
     from transformers import AutoModel
+
     from wardround.common.models.fusion import tiny_vision_config
 
     torch.manual_seed(3)

@@ -1,4 +1,5 @@
 import torch
+
 from wardround.client.proximal import proximal_term, snapshot_trainable
 
 
