@@ -108,3 +108,11 @@ def test_site_refuses_another_base_model(site_setup):
     _, built, context = site_setup
     with pytest.raises(ModelMismatchError, match="base model"):
         handle_train(_message(built, MessageType.TRAIN, fingerprint="0" * 64), context)
+
+
+def test_a_round_is_reproducible(site_setup):
+    _, built, context = site_setup
+    message = _message(built, MessageType.TRAIN)
+    first = handle_train(message, context).content[wire.ADAPTER_DELTA]
+    second = handle_train(message, context).content[wire.ADAPTER_DELTA]
+    assert all(np.array_equal(first[k].numpy(), second[k].numpy()) for k in first.keys())
