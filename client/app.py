@@ -76,6 +76,7 @@ def handle_train(
         weight_decay=config.train.weight_decay,
         proximal_mu=float(round_config.get(wire.PROXIMAL_MU, 0.0)),
         seed=_round_seed(config, runtime, server_round),
+        modality_dropout=config.train.modality_dropout,
     )
     outcome = train_local(runtime.built.model, runtime.data.train, spec)
     delta = subtract(adapter_state(runtime.built.model), global_state)

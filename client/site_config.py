@@ -7,6 +7,7 @@ so hospitals with different EHR schemas join one federation.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +33,77 @@ class SiteDataSection(_Section):
     split_seed: int = 0
 
 
+class ColumnType(StrEnum):
+    """The physical type a site declares for a column (checked, not converted)."""
+
+    NUMBER = "number"
+    INTEGER = "integer"
+    BOOLEAN = "boolean"
+    TEXT = "text"
+
+
+class FeatureSpec(_Section):
+    """One run feature in this site's table: column, type, unit, range, mapping."""
+
+    column: str
+    type: ColumnType | None = None
+    unit: str | None = Field(None, description="this site's unit, converted to the run's")
+    range: tuple[float, float] | None = Field(
+        None, description="allowed [low, high] in this site's unit; outside -> missing"
+    )
+    map: dict[str, str] = Field(
+        default_factory=dict,
+        description="categorical: this site's value -> the run's vocabulary value",
+    )
+
+    @model_validator(mode="after")
+    def _range_ordered(self) -> FeatureSpec:
+        if self.range is not None and not self.range[0] < self.range[1]:
+            raise ValueError("range must be [low, high] with low < high")
+        return self
+
+
+class LabelSpec(_Section):
+    """One run label in this site's table, with an optional value mapping."""
+
+    column: str
+    type: ColumnType | None = None
+    positive: tuple[str, ...] = Field((), description="values meaning 1 (text columns)")
+    negative: tuple[str, ...] = Field((), description="values meaning 0 (text columns)")
+
+
 class EhrSchema(_Section):
-    """Column names of the site's EHR table."""
+    """Column names (and declared types, units, ranges, mappings) of the EHR table."""
 
     patient_id: str = "patient_id"
     study_uid: str = "study_uid"
     note: str | None = "note"
-    features: dict[str, str] = Field(
-        default_factory=dict, description="run feature name -> column (default: same name)"
+    features: dict[str, str | FeatureSpec] = Field(
+        default_factory=dict,
+        description="run feature name -> column, or {column, type, unit, range, map}",
     )
-    labels: dict[str, str] = Field(
-        default_factory=dict, description="run label name -> column (default: same name)"
+    labels: dict[str, str | LabelSpec] = Field(
+        default_factory=dict,
+        description="run label name -> column, or {column, type, positive, negative}",
     )
+
+    def feature_spec(self, feature: str) -> FeatureSpec:
+        """The site's declaration for a run feature (default: same-named column)."""
+        value = self.features.get(feature, feature)
+        return value if isinstance(value, FeatureSpec) else FeatureSpec(column=value)
+
+    def label_spec(self, label: str) -> LabelSpec:
+        """The site's declaration for a run label (default: same-named column)."""
+        value = self.labels.get(label, label)
+        return value if isinstance(value, LabelSpec) else LabelSpec(column=value)
 
     def feature_column(self, feature: str) -> str:
         """The site's column for a run feature."""
-        return self.features.get(feature, feature)
+        return self.feature_spec(feature).column
 
     def label_column(self, label: str) -> str:
         """The site's column for a run label."""
-        return self.labels.get(label, label)
+        return self.label_spec(label).column
 
 
 class SiteConfig(_Section):

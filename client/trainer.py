@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .data.transforms import drop_modalities
 from .metrics import auroc_per_label, macro_auroc
 from .proximal import proximal_term, snapshot_trainable
 
@@ -30,6 +31,7 @@ class LocalTrainSpec:
     weight_decay: float
     proximal_mu: float
     seed: int
+    modality_dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ def train_local(
     steps, loss_sum, seen = 0, 0.0, 0
     for _ in range(spec.epochs):
         for batch in loader:
+            if spec.modality_dropout > 0:
+                batch = drop_modalities(batch, spec.modality_dropout, generator)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(_forward(model, batch), batch["labels"])
             total = loss

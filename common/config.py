@@ -9,11 +9,11 @@ every problem is reported at once.
 from __future__ import annotations
 
 import json
-from enum import Enum
+import tomllib
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
@@ -29,14 +29,14 @@ class _Section(BaseModel):
     )
 
 
-class Strategy(str, Enum):
+class Strategy(StrEnum):
     """Server-side aggregation strategy."""
 
     FEDAVG = "fedavg"
     FEDPROX = "fedprox"
 
 
-class Fusion(str, Enum):
+class Fusion(StrEnum):
     """How the modality embeddings are combined."""
 
     CONCAT = "concat"
@@ -44,7 +44,7 @@ class Fusion(str, Enum):
     CROSS_ATTENTION = "cross-attention"
 
 
-class Modality(str, Enum):
+class Modality(StrEnum):
     """Input modalities of the fusion model."""
 
     IMAGE = "image"
@@ -55,7 +55,7 @@ class Modality(str, Enum):
 ALL_MODALITIES = (Modality.IMAGE, Modality.EHR, Modality.NOTE)
 
 
-class SliceMode(str, Enum):
+class SliceMode(StrEnum):
     """How a multi-frame image or a multi-slice series becomes one image input."""
 
     MIDDLE = "middle"
@@ -91,6 +91,12 @@ class TrainConfig(_Section):
     learning_rate: float = Field(5e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.0, ge=0.0)
     eval_batch_size: int = Field(64, ge=1)
+    modality_dropout: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="chance to hide a present modality per training example",
+    )
     torch_threads: int = Field(1, ge=0, description="0: torch's default")
 
 

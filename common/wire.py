@@ -7,7 +7,7 @@ from data, or pickles (Flower serialises arrays with ``allow_pickle=False``).
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 # Record keys (RecordDict entries)
 GLOBAL_ADAPTER = "arrays"
@@ -18,7 +18,7 @@ CONFIG = "config"
 METRICS = "metrics"
 
 
-class PayloadKind(str, Enum):
+class PayloadKind(StrEnum):
     """What an ArrayRecord holds."""
 
     WEIGHTS = "weights"

@@ -149,7 +149,9 @@ def simulate(
         code = 143 if isinstance(stop, SystemExit) else 130
         err_console.print("interrupted: Flower and Ray processes were stopped")
         sys.stdout.flush()
-        os._exit(code)  # the ServerApp thread may still wait on replies; do not hang on it
+        os._exit(
+            code
+        )  # the ServerApp thread may still wait on replies; do not hang on it
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
         _fail(exc)
 
@@ -202,6 +204,17 @@ def show_config(
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+def _register_groups() -> None:
+    from wardround.client.cli import site_app
+
+    app.add_typer(
+        site_app, name="site", help="A site's data: check it, de-identify it."
+    )
+
+
+_register_groups()
 
 
 if __name__ == "__main__":

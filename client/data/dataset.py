@@ -1,14 +1,17 @@
 """A site's training and validation data: EHR ⋈ DICOM index, split per patient.
 
 ``load_site_data`` joins the EHR rows with the DICOM index on the study UID (one
-image per study: the first usable SOP instance by sorted path), splits patients
+image per study, from its chosen series, see :mod:`.join`), splits patients
 deterministically into train and validation, decodes the images (cached as
-``.npy`` keyed by the index fingerprint and image size, so later rounds skip DICOM
-decoding) and materialises every item as tensors in memory.
+``.npy`` keyed by the index fingerprint, image size and slice mode, so later
+rounds skip DICOM decoding; the reason of every failed study is cached beside it)
+and materialises every item as tensors in memory. With ``task.require_image``
+false, EHR rows whose study has no image are items too, without image.
 
 Each item is a dict::
 
-    image      float32 [1, S, S]   in [0, 1] (zeros when the image failed to decode)
+    image      float32 [C, S, S]   in [0, 1], C = task.image_channels (zeros when
+                                    the study has no usable image)
     ehr        float32 [task.ehr_width]
     note_ids   int64   [L]          L = max_note_tokens
     note_mask  int64   [L]
@@ -27,15 +30,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
 from ...common.config import TaskConfig
 from ...common.errors import DataError
 from ..site_config import SiteConfig
-from .dicom_index import OK, index_dicom
-from .ehr import EncodedEhr, encode_ehr, read_ehr
-from .image import load_image
+from .decode import DecodeFailure
+from .dicom_index import index_dicom
+from .ehr import EncodedEhr, read_encoded_ehr
+from .image import load_study_image
+from .join import Join, index_fingerprint, join_ehr_images, study_series
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +78,7 @@ class SiteData:
     num_null_labels: int = 0
     num_image_errors: int = 0
     num_duplicate_ehr: int = 0
+    num_without_image: int = 0  # items kept without image (require_image false)
 
 
 def validation_side(patient_id: str, split_seed: int, fraction: float) -> bool:
@@ -99,63 +106,83 @@ def split_patients(
     return np.array([side[p] for p in patient_ids], dtype=bool)
 
 
-def first_image_per_study(index: pa.Table) -> dict[str, dict[str, Any]]:
-    """Study UID -> index row of its first usable instance (by sorted path)."""
-    rows = [r for r in index.to_pylist() if r["status"] == OK and r["study_uid"]]
-    rows.sort(key=lambda r: r["path"])
-    chosen: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        chosen.setdefault(row["study_uid"], row)
-    return dict(sorted(chosen.items()))
+@dataclass(frozen=True)
+class PreparedSite:
+    """Everything between the raw stores and the tensors (shared with site check)."""
+
+    index: pa.Table
+    images: dict[str, list[dict[str, Any]]]
+    ehr: EncodedEhr
+    join: Join
+    decoded: np.ndarray  # float32 [n_studies, C, S, S] aligned with images; NaN: failed
+    reasons: dict[str, str]  # study UID -> why its image failed
+    fingerprint: str
 
 
-def _index_fingerprint(images: dict[str, dict[str, Any]]) -> str:
-    h = hashlib.sha256()
-    for study, row in images.items():
-        for part in (study, row["series_uid"] or "", row["sop_uid"], str(row["size"])):
-            h.update(part.encode())
-            h.update(b"\x1f")
-        h.update(b"\x1e")
-    return h.hexdigest()
+def prepare_site(site: SiteConfig, task: TaskConfig, *, image_size: int) -> PreparedSite:
+    """Index, read, check, join and decode a site's data (no tensors, no split)."""
+    index = index_dicom(site.dicom_paths, site.cache_path)
+    images = study_series(index)
+    ehr = read_encoded_ehr(site.ehr_path, task, site.ehr)
+    join = join_ehr_images(ehr, images, require_image=task.require_image)
+    decoded, reasons = decoded_images(images, image_size, task, site.cache_path)
+    return PreparedSite(index, images, ehr, join, decoded, reasons,
+                        _fingerprint(images, ehr, join.rows))
 
 
-def _decoded_images(
-    images: dict[str, dict[str, Any]], image_size: int, cache_dir: Path
-) -> np.ndarray:
-    """float32 [n_studies, S, S] aligned with ``images``; NaN rows failed to decode.
+def _cache_key(images: dict[str, list[dict[str, Any]]], task: TaskConfig) -> str:
+    key = hashlib.sha256(index_fingerprint(images).encode())
+    key.update(f"{task.slice_mode.value}/{task.image_channels}\x1e".encode())
+    for rows in images.values():
+        for row in rows:
+            key.update(f"{row['path']}\x1f{row['mtime_ns']}\x1e".encode())
+    return key.hexdigest()[:24]
 
-    Cached as ``images-<fingerprint>-<S>.npy``; the key also covers mtimes, so a
-    replaced file of the same size is decoded again.
+
+def decoded_images(
+    images: dict[str, list[dict[str, Any]]], image_size: int, task: TaskConfig,
+    cache_dir: Path,
+) -> tuple[np.ndarray, dict[str, str]]:
+    """float32 [n_studies, C, S, S] aligned with ``images`` (NaN: failed) and reasons.
+
+    Cached as ``images-<key>-<S>.npy`` plus ``.status.parquet`` (study, reason); the
+    key covers UIDs, sizes, mtimes and the slice mode, so a changed file is
+    decoded again.
     """
-    key = hashlib.sha256(_index_fingerprint(images).encode())
-    for row in images.values():
-        key.update(f"{row['path']}\x1f{row['mtime_ns']}\x1e".encode())
-    cache = cache_dir / f"images-{key.hexdigest()[:24]}-{image_size}.npy"
-    if cache.is_file():
+    channels = task.image_channels
+    shape = (len(images), channels, image_size, image_size)
+    cache = cache_dir / f"images-{_cache_key(images, task)}-{image_size}.npy"
+    status = cache.with_suffix(".status.parquet")
+    if cache.is_file() and status.is_file():
         try:
             array = np.load(cache, allow_pickle=False)
-            if array.shape == (len(images), image_size, image_size):
-                logger.info(
-                    "decoded images loaded from cache (%d studies)", len(images)
-                )
-                return array
-        except (OSError, ValueError) as exc:
-            logger.warning(
-                "image cache unreadable (%s); decoding again", type(exc).__name__
-            )
-    array = np.full((len(images), image_size, image_size), np.nan, np.float32)
-    for i, row in enumerate(images.values()):
+            table = pq.read_table(status)
+            if array.shape == shape:
+                logger.info("decoded images loaded from cache (%d studies)", len(images))
+                reasons = dict(zip(table.column("study_uid").to_pylist(),
+                                   table.column("reason").to_pylist(), strict=True))
+                return array, reasons
+        except (OSError, ValueError, pa.ArrowInvalid) as exc:
+            logger.warning("image cache unreadable (%s); decoding again",
+                           type(exc).__name__)
+    array = np.full(shape, np.nan, np.float32)
+    reasons: dict[str, str] = {}
+    for i, (study, rows) in enumerate(images.items()):
         try:
-            array[i] = load_image(Path(row["path"]), image_size)
-        except DataError:
-            pass  # counted by the caller; the item keeps its EHR and note
+            array[i] = load_study_image([Path(r["path"]) for r in rows], image_size,
+                                        task.slice_mode, channels)
+        except DecodeFailure as exc:
+            reasons[study] = exc.reason  # the item keeps its EHR and note
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for stale in cache_dir.glob(f"images-*-{image_size}.npy"):
+    for stale in cache_dir.glob(f"images-*-{image_size}.*"):
         stale.unlink(missing_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, array, allow_pickle=False)
     tmp.replace(cache)
-    return array
+    pq.write_table(pa.table({"study_uid": list(reasons), "reason": list(reasons.values())},
+                            schema=pa.schema([("study_uid", pa.string()),
+                                              ("reason", pa.string())])), status)
+    return array, reasons
 
 
 def load_site_data(
@@ -166,40 +193,30 @@ def load_site_data(
     max_note_tokens: int,
     tokenizer,
 ) -> SiteData:
-    """Index, read, join, split and materialise a site's data."""
-    index = index_dicom(site.dicom_paths, site.cache_path)
-    images = first_image_per_study(index)
-    table = read_ehr(site.ehr_path, task, site.ehr)
-    ehr = encode_ehr(table, task, site.ehr)
+    """Index, read, join, split and materialise a site's data.
 
-    rows, seen, duplicates = [], set(), 0
-    for i, study in enumerate(ehr.study_uids):
-        if study is None or ehr.patient_ids[i] is None:
-            continue
-        if study in seen:
-            duplicates += 1
-            continue
-        seen.add(study)
-        rows.append(i)
-    matched = sorted(
-        (i for i in rows if ehr.study_uids[i] in images),
-        key=lambda i: ehr.study_uids[i],
-    )
-    unmatched_ehr = len(rows) - len(matched)
-    unmatched_images = len(set(images) - seen)
+    Raises :class:`DataError` when no EHR row can become an item.
+    """
+    prep = prepare_site(site, task, image_size=image_size)
+    images, ehr, join = prep.images, prep.ehr, prep.join
+    matched = join.rows
     if not matched:
         raise DataError(
-            f"no EHR row matches a DICOM study ({len(rows)} EHR studies, "
-            f"{len(images)} DICOM studies)",
+            f"no EHR row matches a DICOM study ({join.ehr_studies} EHR studies, "
+            f"{join.dicom_studies} DICOM studies)",
             hint="Check that `[ehr] study-uid` in site.toml names the column holding "
-            "the DICOM StudyInstanceUID, and that data.dicom-dirs is right.",
+            "the DICOM StudyInstanceUID, and that data.dicom-dirs is right "
+            "(`wardround site check` shows the join coverage).",
         )
-
-    decoded = _decoded_images(images, image_size, site.cache_path)
     position = {study: j for j, study in enumerate(images)}
-    image = decoded[[position[ehr.study_uids[i]] for i in matched]]
-    image_ok = ~np.isnan(image).any(axis=(1, 2))
-    image = np.where(image_ok[:, None, None], image, 0.0).astype(np.float32)
+    size, channels = image_size, task.image_channels
+    image = np.zeros((len(matched), channels, size, size), np.float32)
+    image_ok = np.zeros(len(matched), bool)
+    for k, i in enumerate(matched):
+        j = position.get(ehr.study_uids[i])
+        if j is not None and not np.isnan(prep.decoded[j]).any():
+            image[k] = prep.decoded[j]
+            image_ok[k] = True
 
     notes = [ehr.notes[i] for i in matched]
     encoded = tokenizer(
@@ -210,21 +227,13 @@ def load_site_data(
         return_tensors="np",
     )
     features = ehr.features[matched]
-    n_numeric, n_cat = len(task.numeric), len(task.categorical)
-    ehr_present = (
-        (features[:, n_numeric : 2 * n_numeric] < 0.5).any(axis=1)
-        if n_numeric
-        else np.ones(len(matched), bool)
-    )
-    if n_cat:
-        known = _known_categorical(features, task)
-        ehr_present = ehr_present | known
     present = np.stack(
-        [image_ok, ehr_present, np.array([bool(t.strip()) for t in notes])], axis=1
+        [image_ok, ehr_present(features, task),
+         np.array([bool(t.strip()) for t in notes])], axis=1
     ).astype(np.float32)
 
     tensors = {
-        "image": torch.from_numpy(image[:, None]),
+        "image": torch.from_numpy(image),
         "ehr": torch.from_numpy(features),
         "note_ids": torch.from_numpy(np.asarray(encoded["input_ids"], np.int64)),
         "note_mask": torch.from_numpy(np.asarray(encoded["attention_mask"], np.int64)),
@@ -238,8 +247,8 @@ def load_site_data(
     val_idx = torch.from_numpy(np.flatnonzero(in_val))
     train_idx = torch.from_numpy(np.flatnonzero(~in_val))
     null_labels = int(ehr.label_null[matched].sum())
-    fingerprint = _fingerprint(images, ehr, matched)
-    n_errors = int((~image_ok).sum())
+    with_image = np.array(join.with_image, bool)
+    n_errors = int((with_image & ~image_ok).sum())
     if n_errors:
         logger.warning(
             "%d of %d images could not be decoded; kept without image",
@@ -254,37 +263,43 @@ def load_site_data(
         len(matched),
         len(train_idx),
         len(val_idx),
-        unmatched_ehr,
-        unmatched_images,
-        duplicates,
+        join.ehr_studies - join.ehr_with_image,
+        join.dicom_studies - join.dicom_with_ehr,
+        join.duplicates,
     )
     return SiteData(
         train=TensorDictDataset({k: v[train_idx] for k, v in tensors.items()}),
         validation=TensorDictDataset({k: v[val_idx] for k, v in tensors.items()}),
-        fingerprint=fingerprint,
+        fingerprint=prep.fingerprint,
         num_studies=len(matched),
-        num_unmatched_ehr=unmatched_ehr,
-        num_unmatched_images=unmatched_images,
+        num_unmatched_ehr=join.ehr_studies - join.ehr_with_image,
+        num_unmatched_images=join.dicom_studies - join.dicom_with_ehr,
         num_null_labels=null_labels,
         num_image_errors=n_errors,
-        num_duplicate_ehr=duplicates,
+        num_duplicate_ehr=join.duplicates,
+        num_without_image=int((~with_image).sum()),
     )
 
 
-def _known_categorical(features: np.ndarray, task: TaskConfig) -> np.ndarray:
-    start = 2 * len(task.numeric)
-    known = np.zeros(len(features), bool)
+def ehr_present(features: np.ndarray, task: TaskConfig) -> np.ndarray:
+    """Per row: whether any EHR feature is known (a numeric value or a category)."""
+    n_numeric = len(task.numeric)
+    present = (
+        (features[:, n_numeric : 2 * n_numeric] < 0.5).any(axis=1)
+        if n_numeric
+        else np.zeros(len(features), bool)
+    )
+    start = 2 * n_numeric
     for vocab in task.categorical.values():
-        block = features[:, start : start + len(vocab)]
-        known |= block.sum(axis=1) > 0
+        present |= features[:, start : start + len(vocab)].sum(axis=1) > 0
         start += len(vocab) + 1
-    return known
+    return present
 
 
 def _fingerprint(
-    images: dict[str, dict[str, Any]], ehr: EncodedEhr, matched: list[int]
+    images: dict[str, list[dict[str, Any]]], ehr: EncodedEhr, matched: list[int]
 ) -> str:
-    h = hashlib.sha256(_index_fingerprint(images).encode())
+    h = hashlib.sha256(index_fingerprint(images).encode())
     for i in matched:
         h.update((ehr.patient_ids[i] or "").encode() + b"\x1f")
         h.update((ehr.study_uids[i] or "").encode() + b"\x1f")

@@ -3,8 +3,11 @@
 Only headers are read (``stop_before_pixels``). The index is cached as Parquet in
 the site's cache folder; the next call re-reads only files that are new or whose
 size or modification time changed, and drops files that are gone. Files that are
-not usable DICOM images stay in the index with a ``status`` saying why, so a site
-check can report them; they never stop the indexing.
+not usable DICOM images stay in the index with a ``status`` from the fixed
+vocabulary of :mod:`.decode` saying why; they never stop the indexing. Headers are
+read in worker processes (all cores by default) in chunks, and rows are kept as
+Arrow record batches, so memory grows by a few hundred bytes per file, not by
+Python objects per file.
 """
 
 from __future__ import annotations
@@ -12,20 +15,24 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from ...common.errors import DataError
+from . import decode
+from .decode import OK, DecodeFailure
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "dicom-index.parquet"
-OK = "ok"
+__all__ = ["INDEX_FILE", "INDEX_SCHEMA", "OK", "index_dicom"]
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -38,6 +45,12 @@ INDEX_SCHEMA = pa.schema(
         ("transfer_syntax", pa.string()),
         ("rows", pa.int32()),
         ("columns", pa.int32()),
+        ("frames", pa.int32()),
+        ("instance_number", pa.int32()),
+        ("slice_position", pa.float64()),
+        ("photometric", pa.string()),
+        ("burned_in", pa.bool_()),
+        ("identity_removed", pa.bool_()),
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
         ("status", pa.string()),
@@ -46,13 +59,30 @@ INDEX_SCHEMA = pa.schema(
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+_TAGS = [
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality",
+    "BodyPartExamined", "Rows", "Columns", "NumberOfFrames", "InstanceNumber",
+    "ImagePositionPatient", "SliceLocation", "PhotometricInterpretation",
+    "BurnedInAnnotation", "PatientIdentityRemoved",
+]
+_CHUNK = 256
+_PARALLEL_FROM = 512  # fewer new files than this are read in this process
 
 
-def index_dicom(folders: list[Path], cache_dir: Path) -> pa.Table:
+def index_dicom(
+    folders: list[Path], cache_dir: Path, *, workers: int | None = None
+) -> pa.Table:
     """Index every file under ``folders``; return the index table sorted by path.
 
-    Re-uses ``cache_dir/dicom-index.parquet`` for files whose size and mtime are
-    unchanged. A missing folder raises :class:`DataError`.
+    Parameters
+    ----------
+    folders
+        DICOM folders, any layout; a missing one raises :class:`DataError`.
+    cache_dir
+        Holds ``dicom-index.parquet``; rows of files whose size and mtime are
+        unchanged are reused.
+    workers
+        Processes reading headers (default: all cores); 1 reads in this process.
     """
     folders = [Path(f) for f in folders]
     missing = [f for f in folders if not f.is_dir()]
@@ -63,70 +93,103 @@ def index_dicom(folders: list[Path], cache_dir: Path) -> pa.Table:
         )
     cache_dir = Path(cache_dir)
     cached = _load_cache(cache_dir / INDEX_FILE)
-    rows: list[dict[str, Any]] = []
-    n_read = 0
-    for path, stat in _walk(folders, skip=cache_dir):
-        key = str(path)
-        old = cached.get(key)
-        if (
-            old is not None
-            and old["size"] == stat.st_size
-            and old["mtime_ns"] == stat.st_mtime_ns
-        ):
-            rows.append(old)
-            continue
-        rows.append(_read_header(path, stat.st_size, stat.st_mtime_ns))
-        n_read += 1
-    rows.sort(key=lambda r: r["path"])
-    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
-    n_gone = len(set(cached) - {r["path"] for r in rows})
-    if n_read or n_gone or not (cache_dir / INDEX_FILE).is_file():
+    known = _cache_keys(cached)
+    keep: list[int] = []
+    todo: list[tuple[str, int, int]] = []
+    seen = 0
+    for path, size, mtime_ns in _walk(folders, skip=cache_dir):
+        seen += 1
+        old = known.pop(path, None)
+        if old is not None and old[0] == size and old[1] == mtime_ns:
+            keep.append(old[2])
+        else:
+            todo.append((path, size, mtime_ns))
+    n_gone = len(known)
+    del known
+    parts = [cached.take(pa.array(keep, pa.int64()))] if keep else []
+    parts += list(_read_all(todo, workers))
+    table = (
+        pa.concat_tables(parts).combine_chunks() if parts else INDEX_SCHEMA.empty_table()
+    )
+    table = table.sort_by("path")
+    if todo or n_gone or not (cache_dir / INDEX_FILE).is_file():
         _save_cache(table, cache_dir)
-    n_ok = sum(1 for r in rows if r["status"] == OK)
+    n_ok = pc.sum(pc.equal(table.column("status"), OK)).as_py() or 0
     logger.info(
         "DICOM index: %d files (%d usable), %d read, %d from cache, %d removed",
-        len(rows),
-        n_ok,
-        n_read,
-        len(rows) - n_read,
-        n_gone,
+        seen, n_ok, len(todo), len(keep), n_gone,
     )
     return table
 
 
-def _walk(folders: list[Path], *, skip: Path) -> list[tuple[Path, os.stat_result]]:
-    skip_resolved = skip.resolve()
-    seen: set[Path] = set()
-    found = []
-    for folder in folders:
-        for dirpath, dirnames, filenames in os.walk(folder):
-            here = Path(dirpath)
-            dirnames[:] = sorted(
-                d for d in dirnames if (here / d).resolve() != skip_resolved
-            )
-            for name in sorted(filenames):
-                path = (here / name).resolve()
-                if path in seen or not path.is_file():
-                    continue
-                seen.add(path)
-                found.append((path, path.stat()))
-    return found
+def _read_all(todo: list[tuple[str, int, int]], workers: int | None) -> Iterator[pa.Table]:
+    chunks = [todo[i : i + _CHUNK] for i in range(0, len(todo), _CHUNK)]
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1 or len(todo) < _PARALLEL_FROM:
+        for chunk in chunks:
+            yield _read_chunk(chunk)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(_read_chunk, chunks)
 
 
-def _load_cache(path: Path) -> dict[str, dict[str, Any]]:
+def _read_chunk(chunk: list[tuple[str, int, int]]) -> pa.Table:
+    rows = [_read_header(Path(p), size, mtime) for p, size, mtime in chunk]
+    return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+
+
+def _walk(folders: list[Path], *, skip: Path) -> Iterator[tuple[str, int, int]]:
+    """Yield (resolved path, size, mtime_ns) of every regular file, once each."""
+    skip_resolved = str(skip.resolve())
+    seen: set[str] = set()
+    stack = [str(Path(f).resolve()) for f in reversed(folders)]
+    while stack:
+        here = stack.pop()
+        if here == skip_resolved:
+            continue
+        try:
+            entries = sorted(os.scandir(here), key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    subdirs.append(os.path.realpath(entry.path))
+                elif entry.is_file():
+                    path = os.path.realpath(entry.path)
+                    if path in seen:
+                        continue
+                    seen.add(path)
+                    stat = entry.stat()
+                    yield path, stat.st_size, stat.st_mtime_ns
+            except OSError:
+                continue
+        stack.extend(reversed(subdirs))
+
+
+def _load_cache(path: Path) -> pa.Table:
     if not path.is_file():
-        return {}
+        return INDEX_SCHEMA.empty_table()
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as exc:
         logger.warning(
-            "DICOM index cache %s is unreadable (%s); rebuilding it", path, exc
+            "DICOM index cache %s is unreadable (%s); rebuilding it",
+            path, type(exc).__name__,
         )
-        return {}
+        return INDEX_SCHEMA.empty_table()
     if table.schema != INDEX_SCHEMA:
         logger.info("DICOM index cache %s has an old layout; rebuilding it", path)
-        return {}
-    return {row["path"]: row for row in table.to_pylist()}
+        return INDEX_SCHEMA.empty_table()
+    return table
+
+
+def _cache_keys(table: pa.Table) -> dict[str, tuple[int, int, int]]:
+    paths = table.column("path").to_pylist()
+    sizes = table.column("size").to_pylist()
+    mtimes = table.column("mtime_ns").to_pylist()
+    return {p: (s, m, i) for i, (p, s, m) in enumerate(zip(paths, sizes, mtimes, strict=True))}
 
 
 def _save_cache(table: pa.Table, cache_dir: Path) -> None:
@@ -136,58 +199,91 @@ def _save_cache(table: pa.Table, cache_dir: Path) -> None:
     os.replace(tmp, cache_dir / INDEX_FILE)
 
 
-def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
+def _text(ds: Any, keyword: str) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - a malformed element is as good as absent
+        return None
     if value is None or value == "":
         return None
-    return str(value)
+    return str(value).strip() or None
+
+
+def _int(ds: Any, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value is not None and value != "" else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _slice_position(ds: pydicom.Dataset) -> float | None:
+    try:
+        position = ds.get("ImagePositionPatient")
+        if position is not None and len(position) == 3:
+            return float(position[2])
+        location = ds.get("SliceLocation")
+        return float(location) if location is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _read_header(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:
     """Read one file's header into an index row; never raises for bad files."""
     row: dict[str, Any] = {name: None for name in INDEX_SCHEMA.names}
     row.update(path=str(path), size=size, mtime_ns=mtime_ns)
+    pixel_offset: int | None = None
     try:
         with path.open("rb") as handle:
-            ds = pydicom.dcmread(handle, stop_before_pixels=True)
+            ds = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=_TAGS)
             pixel_offset = handle.tell()
-    except InvalidDicomError:
-        row["status"] = "not DICOM: no DICM preamble (not a DICOM Part 10 file)"
-        return row
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is recorded, not fatal
-        row["status"] = f"unreadable header: {type(exc).__name__}"
+    except pydicom.errors.InvalidDicomError:
+        try:
+            ds = decode.read_dataset(path, stop_before_pixels=True)
+        except DecodeFailure as exc:
+            row["status"] = exc.reason
+            return row
+    except Exception:  # noqa: BLE001 - any unreadable file is recorded, not fatal
+        row["status"] = decode.UNREADABLE
         return row
     meta = getattr(ds, "file_meta", None)
+    ts = _text(meta, "TransferSyntaxUID") if meta is not None else None
+    burned = _text(ds, "BurnedInAnnotation")
+    removed = _text(ds, "PatientIdentityRemoved")
     row.update(
         study_uid=_text(ds, "StudyInstanceUID"),
         series_uid=_text(ds, "SeriesInstanceUID"),
         sop_uid=_text(ds, "SOPInstanceUID"),
         modality=_text(ds, "Modality"),
         body_part=_text(ds, "BodyPartExamined"),
-        transfer_syntax=_text(meta, "TransferSyntaxUID") if meta is not None else None,
-        rows=_int(ds.get("Rows")),
-        columns=_int(ds.get("Columns")),
+        transfer_syntax=ts,
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        frames=_int(ds, "NumberOfFrames") or 1,
+        instance_number=_int(ds, "InstanceNumber"),
+        slice_position=_slice_position(ds),
+        photometric=_text(ds, "PhotometricInterpretation"),
+        burned_in=None if burned is None else burned.upper() == "YES",
+        identity_removed=None if removed is None else removed.upper() == "YES",
     )
     row["status"] = _status(ds, row, path, pixel_offset, size)
     return row
 
 
-def _int(value: Any) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
 def _status(
-    ds: pydicom.Dataset, row: dict[str, Any], path: Path, offset: int, size: int
+    ds: pydicom.Dataset, row: dict[str, Any], path: Path, offset: int | None, size: int
 ) -> str:
+    if not row["rows"] or not row["columns"]:
+        return decode.NO_PIXELS
     if not row["study_uid"]:
         return "no StudyInstanceUID"
     if not row["sop_uid"]:
         return "no SOPInstanceUID"
-    if not row["rows"] or not row["columns"]:
-        return "no image (Rows/Columns missing)"
+    codec = decode.codec_status(row["transfer_syntax"])
+    if codec != OK:
+        return codec
+    if offset is None or row["transfer_syntax"] == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return OK  # raw or deflated data set: checked when decoded
     return _pixel_status(ds, path, offset, size)
 
 
@@ -206,20 +302,19 @@ def _pixel_status(ds: pydicom.Dataset, path: Path, offset: int, size: int) -> st
         handle.seek(offset)
         head = handle.read(12)
     if len(head) < 8:
-        return "no pixel data (file ends after the header, truncated?)"
+        return decode.TRUNCATED
     end = "<" if little else ">"
     group, elem = struct.unpack(end + "HH", head[:4])
     if (group, elem) not in _PIXEL_TAGS:
-        return "no pixel data element"
-    if implicit:
+        return decode.NO_PIXELS
+    if implicit or not head[4:6].isalpha():  # some files lie about explicit VR
         (length,) = struct.unpack(end + "L", head[4:8])
         start = offset + 8
     else:
         if len(head) < 12:
-            return "truncated pixel data"
+            return decode.TRUNCATED
         (length,) = struct.unpack(end + "L", head[8:12])
         start = offset + 12
     if length != _UNDEFINED_LENGTH and start + length > size:
-        present = max(size - start, 0)
-        return f"truncated pixel data: {length} bytes declared, {present} present"
+        return decode.TRUNCATED
     return OK

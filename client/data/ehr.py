@@ -1,18 +1,24 @@
-"""Read a site's EHR table through its ``site.toml`` column mapping and encode it.
+"""Read a site's EHR table through its declared schema and encode it, streamed.
 
-The run's :class:`TaskConfig` names features and labels; ``[ehr]``,
+The run's :class:`TaskConfig` names features and labels and fixes their units,
+plausible ranges, categorical vocabularies and normalisation. ``[ehr]``,
 ``[ehr.features]`` and ``[ehr.labels]`` in ``site.toml`` say which of the site's
-columns hold them. Only those columns are read. The encoded EHR vector has the
-layout of ``TaskConfig.ehr_width``::
+columns hold them, with the site's types, units, allowed ranges and value
+mappings. Every schema problem is reported at once, before a row is read. The
+table is read in record batches (``pyarrow.dataset``), only declared columns.
+The encoded EHR vector has the layout of ``TaskConfig.ehr_width``::
 
-    [numeric values, normalised with the task's mean/std, missing -> 0]
-    [one missingness flag per numeric feature (1 = missing)]
-    [per categorical feature: one-hot over its vocabulary, then an 'unknown' slot]
+    [numeric values in the run's unit, normalised with the run's mean/std;
+     missing or out of range -> 0 (the run's mean: mean imputation)]
+    [one missingness flag per numeric feature (1 = missing or out of range)]
+    [per categorical feature: one-hot over the run's vocabulary, then an
+     'unknown' slot (missing or outside the vocabulary)]
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,68 +29,160 @@ import pyarrow.dataset as pads
 
 from ...common.config import TaskConfig
 from ...common.errors import DataError
-from ..site_config import EhrSchema
+from ..site_config import ColumnType, EhrSchema
+from .units import conversion, known_units
+
+BATCH_ROWS = 65_536
 
 
-@dataclass(frozen=True)
-class EhrColumns:
-    """The site's column names for everything the run needs."""
-
-    patient_id: str
-    study_uid: str
-    note: str | None
-    features: dict[str, str]
-    labels: dict[str, str]
-    note_required: bool
-
-    @property
-    def all(self) -> list[str]:
-        """Every declared column, without duplicates, in a stable order."""
-        names = [self.patient_id, self.study_uid]
-        if self.note:
-            names.append(self.note)
-        names += list(self.features.values()) + list(self.labels.values())
-        return list(dict.fromkeys(names))
+def _columns(task: TaskConfig, schema: EhrSchema) -> list[str]:
+    names = [schema.patient_id, schema.study_uid]
+    if schema.note:
+        names.append(schema.note)
+    names += [schema.feature_column(f) for f in (*task.numeric, *task.categorical)]
+    names += [schema.label_column(label) for label in task.labels]
+    return list(dict.fromkeys(names))
 
 
-def declared_columns(task: TaskConfig, schema: EhrSchema) -> EhrColumns:
-    """Resolve the run's names to this site's columns."""
-    features = [*task.numeric, *task.categorical]
-    return EhrColumns(
-        patient_id=schema.patient_id,
-        study_uid=schema.study_uid,
-        note=schema.note or None,
-        features={name: schema.feature_column(name) for name in features},
-        labels={name: schema.label_column(name) for name in task.labels},
-        note_required="note" in schema.model_fields_set and bool(schema.note),
-    )
+def _kind(dtype: pa.DataType) -> ColumnType | None:
+    if pa.types.is_boolean(dtype):
+        return ColumnType.BOOLEAN
+    if pa.types.is_integer(dtype):
+        return ColumnType.INTEGER
+    if pa.types.is_floating(dtype) or pa.types.is_decimal(dtype):
+        return ColumnType.NUMBER
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
+        return ColumnType.TEXT
+    if pa.types.is_dictionary(dtype):
+        return _kind(dtype.value_type)
+    return None
 
 
-def _missing_problems(cols: EhrColumns, have: set[str]) -> list[str]:
-    problems = []
+_NUMERIC = {ColumnType.NUMBER, ColumnType.INTEGER, ColumnType.BOOLEAN}
 
-    def check(column: str, what: str, key: str) -> None:
-        if column not in have:
+
+def schema_problems(
+    arrow_schema: pa.Schema, task: TaskConfig, schema: EhrSchema
+) -> list[str]:
+    """Every problem of the table's schema against the declaration, at once."""
+    return _problems_and_missing(arrow_schema, task, schema)[0]
+
+
+def _problems_and_missing(
+    arrow_schema: pa.Schema, task: TaskConfig, schema: EhrSchema
+) -> tuple[list[str], int]:
+    have = {f.name: f.type for f in arrow_schema}
+    problems: list[str] = []
+    absent: list[str] = []
+
+    def column(name: str, what: str, key: str) -> pa.DataType | None:
+        if name not in have:
+            absent.append(name)
+            problems.append(f'  - {name!r} ({what}): set `{key} = "<column>"` in site.toml')
+            return None
+        return have[name]
+
+    def declared(name: str, dtype: pa.DataType, want: ColumnType | None) -> None:
+        kind = _kind(dtype)
+        if want is not None and kind is not want and not (
+            want is ColumnType.NUMBER and kind is ColumnType.INTEGER
+        ):
             problems.append(
-                f'  - {column!r} ({what}): set `{key} = "<column>"` in site.toml'
+                f"  - column {name!r} is declared {want.value} but holds {dtype}"
             )
 
-    check(cols.patient_id, "patient id", "[ehr] patient-id")
-    check(cols.study_uid, "study uid, joins DICOM StudyInstanceUID", "[ehr] study-uid")
-    if cols.note and cols.note_required:
-        check(cols.note, "free-text note", "[ehr] note")
-    for name, column in cols.features.items():
-        check(column, f"feature {name}", f"[ehr.features] {name}")
-    for name, column in cols.labels.items():
-        check(column, f"label {name}", f"[ehr.labels] {name}")
-    return problems
+    column(schema.patient_id, "patient id", "[ehr] patient-id")
+    column(schema.study_uid, "study uid, joins DICOM StudyInstanceUID", "[ehr] study-uid")
+    if schema.note and "note" in schema.model_fields_set:
+        dtype = column(schema.note, "free-text note", "[ehr] note")
+        if dtype is not None and _kind(dtype) is not ColumnType.TEXT:
+            problems.append(f"  - note column {schema.note!r} holds {dtype}, not text")
+    for name in task.numeric:
+        spec = schema.feature_spec(name)
+        dtype = column(spec.column, f"feature {name}", f"[ehr.features] {name}")
+        if dtype is not None:
+            declared(spec.column, dtype, spec.type)
+            if _kind(dtype) not in _NUMERIC:
+                problems.append(
+                    f"  - column {spec.column!r} (feature {name}) holds {dtype}; "
+                    "it must be numeric"
+                )
+        run_unit = task.units.get(name)
+        if spec.unit is not None:
+            if run_unit is None:
+                problems.append(
+                    f"  - [ehr.features] {name}: unit {spec.unit!r} declared but the "
+                    "run declares no unit for it (task.units)"
+                )
+            elif conversion(spec.unit, run_unit) is None:
+                problems.append(
+                    f"  - [ehr.features] {name}: unit {spec.unit!r} cannot be converted "
+                    f"to the run's {run_unit!r}; known: {', '.join(known_units(run_unit))}"
+                )
+        if spec.map:
+            problems.append(f"  - [ehr.features] {name}: `map` is for categorical features")
+    for name, vocab in task.categorical.items():
+        spec = schema.feature_spec(name)
+        dtype = column(spec.column, f"feature {name}", f"[ehr.features] {name}")
+        if dtype is not None:
+            declared(spec.column, dtype, spec.type)
+            if _kind(dtype) not in (ColumnType.TEXT, ColumnType.INTEGER, ColumnType.BOOLEAN):
+                problems.append(
+                    f"  - column {spec.column!r} (feature {name}) holds {dtype}; "
+                    "it must be text or integer codes"
+                )
+        bad = sorted({v for v in spec.map.values() if v not in vocab})
+        if bad:
+            problems.append(
+                f"  - [ehr.features] {name}: map targets {bad} are not in the run's "
+                f"vocabulary {list(vocab)}"
+            )
+        if spec.unit is not None or spec.range is not None:
+            problems.append(
+                f"  - [ehr.features] {name}: unit/range are for numeric features"
+            )
+    for name in task.labels:
+        spec = schema.label_spec(name)
+        dtype = column(spec.column, f"label {name}", f"[ehr.labels] {name}")
+        if dtype is None:
+            continue
+        declared(spec.column, dtype, spec.type)
+        kind = _kind(dtype)
+        if kind is ColumnType.TEXT and not spec.positive:
+            problems.append(
+                f"  - label column {spec.column!r} ({name}) holds text: declare "
+                f'`positive = [...]` (and `negative`) under [ehr.labels.{name}]'
+            )
+        elif kind is None:
+            problems.append(f"  - label column {spec.column!r} ({name}) holds {dtype}")
+    return problems, len(set(absent))
 
 
-def open_ehr(path: Path, task: TaskConfig, schema: EhrSchema) -> tuple[pads.Dataset, list[str]]:
+def open_ehr(
+    path: Path, task: TaskConfig, schema: EhrSchema
+) -> tuple[pads.Dataset, list[str]]:
     """Open the EHR dataset and check its schema; return it and the columns to read.
 
-    Reads no rows: every declared column that is missing is reported at once.
+    Reads no rows. Raises :class:`DataError` listing every problem at once.
     """
+    dataset = open_dataset(path)
+    problems, n_missing = _problems_and_missing(dataset.schema, task, schema)
+    if problems:
+        raise DataError(
+            f"EHR table {path} has {len(problems)} schema problem(s) "
+            f"({n_missing} declared column(s) missing):\n"
+            + "\n".join(problems)
+            + "\nThe table has columns: "
+            + ", ".join(sorted(dataset.schema.names)),
+            hint="Map the run's names to your columns in site.toml under [ehr], "
+            "[ehr.features] and [ehr.labels] (with type, unit, range, map, positive).",
+        )
+    have = set(dataset.schema.names)
+    return dataset, [c for c in _columns(task, schema) if c in have]
+
+
+def open_dataset(path: Path) -> pads.Dataset:
+    """Open a Parquet file or partitioned folder, or raise a DataError saying why."""
     path = Path(path)
     if not path.exists():
         raise DataError(
@@ -93,35 +191,43 @@ def open_ehr(path: Path, task: TaskConfig, schema: EhrSchema) -> tuple[pads.Data
             "relative to site.toml).",
         )
     try:
-        dataset = pads.dataset(path, format="parquet")
+        return pads.dataset(path, format="parquet", partitioning="hive")
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(
-            f"EHR table {path} is not readable Parquet: {exc}",
+            f"EHR table {path} is not readable Parquet ({type(exc).__name__})",
             hint="Point `data.ehr` in site.toml at a Parquet file or folder.",
         ) from None
-    cols = declared_columns(task, schema)
-    have = set(dataset.schema.names)
-    problems = _missing_problems(cols, have)
-    if problems:
-        raise DataError(
-            f"EHR table {path} lacks {len(problems)} declared column(s):\n"
-            + "\n".join(problems)
-            + "\nThe table has columns: "
-            + ", ".join(sorted(have)),
-            hint="Map the run's names to your columns in site.toml under [ehr], "
-            "[ehr.features] and [ehr.labels].",
-        )
-    return dataset, [c for c in cols.all if c in have]
 
 
 def read_ehr(path: Path, task: TaskConfig, schema: EhrSchema) -> pa.Table:
-    """Read only the declared columns of the EHR Parquet file or dataset folder.
-
-    The table keeps the site's own column names. When ``note`` is not declared in
-    site.toml and the default ``note`` column is absent, notes are simply absent.
-    """
+    """Read only the declared columns (whole table; see :func:`iter_ehr` to stream)."""
     dataset, wanted = open_ehr(path, task, schema)
     return dataset.to_table(columns=wanted)
+
+
+def iter_ehr(
+    path: Path, task: TaskConfig, schema: EhrSchema, batch_rows: int = BATCH_ROWS
+) -> Iterator[pa.RecordBatch]:
+    """Stream the declared columns in record batches."""
+    dataset, wanted = open_ehr(path, task, schema)
+    yield from dataset.to_batches(columns=wanted, batch_size=batch_rows)
+
+
+@dataclass
+class EhrStats:
+    """Counts about the values (never the values): for `site check`."""
+
+    rows: int = 0
+    missing: dict[str, int] = field(default_factory=dict)
+    out_of_range: dict[str, int] = field(default_factory=dict)
+    unknown_category: dict[str, int] = field(default_factory=dict)
+    label_null: dict[str, int] = field(default_factory=dict)
+    label_positive: dict[str, int] = field(default_factory=dict)
+    label_unmapped: dict[str, int] = field(default_factory=dict)
+
+    def add(self, counts: dict[str, int], key: str, n: int) -> None:
+        """Add ``n`` to ``counts[key]``."""
+        counts[key] = counts.get(key, 0) + int(n)
 
 
 class EncodedEhr(NamedTuple):
@@ -133,6 +239,7 @@ class EncodedEhr(NamedTuple):
     patient_ids: list[str | None]
     study_uids: list[str | None]
     label_null: np.ndarray  # bool [n, len(task.labels)]: the cell was null
+    stats: EhrStats | None = None
 
     @property
     def null_labels(self) -> int:
@@ -140,70 +247,138 @@ class EncodedEhr(NamedTuple):
         return int(self.label_null.sum())
 
 
-def _as_float(table: pa.Table, column: str, problems: list[str]) -> np.ndarray:
-    array = table.column(column)
-    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
-        problems.append(f"  - column {column!r} holds text; it must be numeric")
+def _floats(array: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if _kind(array.type) not in _NUMERIC:
         return np.full(len(array), np.nan)
-    try:
-        cast = pc.cast(array, pa.float64())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        problems.append(
-            f"  - column {column!r} has type {array.type}; it must be numeric"
-        )
-        return np.full(len(array), np.nan)
+    cast = pc.cast(array, pa.float64())
     return cast.to_numpy(zero_copy_only=False).astype(np.float64)
 
 
-def _as_text(table: pa.Table, column: str) -> list[str | None]:
-    return pc.cast(table.column(column), pa.string()).to_pylist()
+def _texts(array: pa.ChunkedArray | pa.Array) -> list[str | None]:
+    return pc.cast(array, pa.string()).to_pylist()
 
 
-def encode_ehr(table: pa.Table, task: TaskConfig, schema: EhrSchema) -> EncodedEhr:
-    """Encode features (see module docstring), labels, notes and keys."""
-    cols = declared_columns(task, schema)
+def encode_batch(
+    table: pa.Table | pa.RecordBatch, task: TaskConfig, schema: EhrSchema,
+    stats: EhrStats,
+) -> EncodedEhr:
+    """Encode one batch (see module docstring); counts go into ``stats``."""
     n = table.num_rows
-    problems: list[str] = []
+    stats.rows += n
     numeric = np.zeros((n, len(task.numeric)), np.float32)
     missing = np.zeros((n, len(task.numeric)), np.float32)
-    for j, (name, stats) in enumerate(task.numeric.items()):
-        values = _as_float(table, cols.features[name], problems)
+    for j, (name, norm) in enumerate(task.numeric.items()):
+        spec = schema.feature_spec(name)
+        values = _floats(table.column(spec.column))
         absent = ~np.isfinite(values)
-        numeric[:, j] = np.where(absent, 0.0, (values - stats.mean) / stats.std)
-        missing[:, j] = absent
+        outside = np.zeros(n, bool)
+        if spec.range is not None:
+            outside |= ~absent & ((values < spec.range[0]) | (values > spec.range[1]))
+        run_unit = task.units.get(name)
+        if spec.unit is not None and run_unit is not None:
+            scale, offset = conversion(spec.unit, run_unit) or (1.0, 0.0)
+            values = values * scale + offset
+        if name in task.ranges:
+            low, high = task.ranges[name]
+            outside |= ~absent & ((values < low) | (values > high))
+        stats.add(stats.missing, name, absent.sum())
+        stats.add(stats.out_of_range, name, outside.sum())
+        gone = absent | outside
+        numeric[:, j] = np.where(gone, 0.0, (values - norm.mean) / norm.std)
+        missing[:, j] = gone
     onehots = []
     for name, vocab in task.categorical.items():
-        texts = _as_text(table, cols.features[name])
-        block = np.zeros((n, len(vocab) + 1), np.float32)
+        spec = schema.feature_spec(name)
+        texts = _texts(table.column(spec.column))
         slot = {v: i for i, v in enumerate(vocab)}
-        for i, value in enumerate(texts):
-            block[
-                i, slot.get(value, len(vocab)) if value is not None else len(vocab)
-            ] = 1.0
+        slot.update({k: slot[v] for k, v in spec.map.items() if v in slot})
+        index = np.array(
+            [slot.get(t.strip(), len(vocab)) if t is not None else -1 for t in texts],
+            np.int64,
+        )
+        stats.add(stats.missing, name, (index < 0).sum())
+        stats.add(stats.unknown_category, name, (index == len(vocab)).sum())
+        block = np.zeros((n, len(vocab) + 1), np.float32)
+        block[np.arange(n), np.where(index < 0, len(vocab), index)] = 1.0
         onehots.append(block)
     labels = np.zeros((n, len(task.labels)), np.float32)
     label_null = np.zeros((n, len(task.labels)), bool)
     for k, name in enumerate(task.labels):
-        values = _as_float(table, cols.labels[name], problems)
-        label_null[:, k] = np.isnan(values)
-        labels[:, k] = np.where(label_null[:, k], 0.0, values != 0)
-    if problems:
-        raise DataError(
-            f"EHR columns with unusable types ({len(problems)}):\n"
-            + "\n".join(problems),
-            hint="Convert these columns to numbers, or map other columns in site.toml.",
-        )
-    if cols.note and cols.note in table.column_names:
-        notes = [t or "" for t in _as_text(table, cols.note)]
+        spec = schema.label_spec(name)
+        values = _label_values(table.column(spec.column), spec.positive, spec.negative)
+        null = np.isnan(values)
+        unmapped = int(null.sum()) - table.column(spec.column).null_count
+        label_null[:, k] = null
+        labels[:, k] = np.where(null, 0.0, values != 0)
+        stats.add(stats.label_null, name, null.sum())
+        stats.add(stats.label_unmapped, name, unmapped)
+        stats.add(stats.label_positive, name, labels[:, k].sum())
+    note = schema.note
+    if note and note in table.column_names:
+        notes = [t or "" for t in _texts(table.column(note))]
     else:
         notes = [""] * n
     features = np.concatenate([numeric, missing, *onehots], axis=1).astype(np.float32)
-    assert features.shape[1] == task.ehr_width
     return EncodedEhr(
         features=features,
         labels=labels,
         notes=notes,
-        patient_ids=_as_text(table, cols.patient_id),
-        study_uids=_as_text(table, cols.study_uid),
+        patient_ids=_texts(table.column(schema.patient_id)),
+        study_uids=_texts(table.column(schema.study_uid)),
         label_null=label_null,
+        stats=stats,
+    )
+
+
+def _label_values(
+    array: pa.ChunkedArray | pa.Array, positive: tuple[str, ...], negative: tuple[str, ...]
+) -> np.ndarray:
+    """1.0 / 0.0 per row, NaN for null or (with a mapping) unmapped values."""
+    if not positive and _kind(array.type) in _NUMERIC:
+        return _floats(array)
+    pos = {p.strip().lower() for p in positive}
+    neg = {v.strip().lower() for v in negative}
+    out = np.full(len(array), np.nan)
+    for i, text in enumerate(_texts(array)):
+        if text is None:
+            continue
+        key = text.strip().lower()
+        if key in pos:
+            out[i] = 1.0
+        elif key in neg or (not neg and key):
+            out[i] = 0.0
+    return out
+
+
+def encode_ehr(table: pa.Table, task: TaskConfig, schema: EhrSchema) -> EncodedEhr:
+    """Encode a whole table at once; raise DataError on schema problems."""
+    problems = schema_problems(table.schema, task, schema)
+    if problems:
+        raise DataError(
+            f"EHR columns with problems ({len(problems)}):\n" + "\n".join(problems),
+            hint="Convert these columns, or declare type/unit/positive in site.toml.",
+        )
+    return encode_batch(table, task, schema, EhrStats())
+
+
+def read_encoded_ehr(
+    path: Path, task: TaskConfig, schema: EhrSchema, batch_rows: int = BATCH_ROWS
+) -> EncodedEhr:
+    """Stream, check and encode the EHR table; counts in ``.stats``."""
+    stats = EhrStats()
+    parts = [encode_batch(b, task, schema, stats)
+             for b in iter_ehr(path, task, schema, batch_rows)]
+    if not parts:
+        width, n_labels = task.ehr_width, len(task.labels)
+        return EncodedEhr(np.zeros((0, width), np.float32),
+                          np.zeros((0, n_labels), np.float32), [], [], [],
+                          np.zeros((0, n_labels), bool), stats)
+    return EncodedEhr(
+        features=np.concatenate([p.features for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        notes=[t for p in parts for t in p.notes],
+        patient_ids=[t for p in parts for t in p.patient_ids],
+        study_uids=[t for p in parts for t in p.study_uids],
+        label_null=np.concatenate([p.label_null for p in parts]),
+        stats=stats,
     )

@@ -1,9 +1,13 @@
 """DICOM pixels to a model-ready image: pure functions, one step each.
 
-``load_image`` = read → pick the middle frame → grey level → modality LUT (e.g. HU)
-→ window (the file's own centre/width, else a default by modality) → invert
-``MONOCHROME1`` → resize → clip to [0, 1]. ``apply_voi_lut`` is not used: it does
-not return [0, 1]; the window here is the plain linear one.
+``frames_to_unit`` = decode → frames ``[F, H, W(, 3)]`` → colour to luminance
+(palette LUT, RGB; YBR is converted to RGB by pydicom) → modality LUT (e.g. HU)
+→ window (the file's own centre/width, else a preset by modality and body part,
+else the image's own range) → invert ``MONOCHROME1`` → values in [0, 1].
+``combine_slices`` turns frames (or the slices of a series) into ``C`` channels
+(middle slice, max-intensity projection, or evenly spaced slices), and
+``resize_to_square`` keeps the physical aspect ratio (``PixelSpacing``) and pads.
+``apply_voi_lut`` is not used: it does not return [0, 1].
 """
 
 from __future__ import annotations
@@ -16,10 +20,31 @@ import pydicom
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
+from ...common.config import SliceMode
 from ...common.errors import DataError
+from .decode import SERIES_SHAPES, DecodeFailure, decode_pixels, read_dataset
 
-#: (center, width) for CT when the file declares no window: lung to soft tissue
+#: (center, width) for CT when the file declares no window and no preset fits
 CT_DEFAULT_WINDOW = (-400.0, 1600.0)
+
+#: (modality, body part) -> (center, width); body part None: any body part.
+#: Used only when the file declares no window of its own.
+WINDOW_PRESETS: dict[tuple[str, str | None], tuple[float, float]] = {
+    ("CT", None): CT_DEFAULT_WINDOW,
+    ("CT", "CHEST"): CT_DEFAULT_WINDOW,  # lung and mediastinum together
+    ("CT", "LUNG"): (-600.0, 1500.0),
+    ("CT", "HEAD"): (40.0, 80.0),
+    ("CT", "BRAIN"): (40.0, 80.0),
+    ("CT", "NECK"): (40.0, 350.0),
+    ("CT", "ABDOMEN"): (50.0, 400.0),
+    ("CT", "PELVIS"): (50.0, 400.0),
+    ("CT", "LIVER"): (60.0, 160.0),
+    ("CT", "SPINE"): (400.0, 1800.0),
+    ("CT", "CSPINE"): (400.0, 1800.0),
+    ("CT", "LSPINE"): (400.0, 1800.0),
+    ("CT", "EXTREMITY"): (400.0, 1800.0),
+    ("PT", None): (2.5, 5.0),  # SUV-like scale after the modality LUT
+}
 
 
 def window(array: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -34,7 +59,7 @@ def min_max(array: np.ndarray) -> np.ndarray:
     """Scale to [0, 1] by the array's own range (a constant array gives zeros)."""
     array = np.asarray(array, dtype=np.float32)
     low, high = float(array.min()), float(array.max())
-    if high - low <= 0:
+    if not np.isfinite(low) or not np.isfinite(high) or high - low <= 0:
         return np.zeros_like(array, dtype=np.float32)
     return (array - low) / (high - low)
 
@@ -54,87 +79,218 @@ def _first(value: Any) -> float | None:
 
 def declared_window(ds: pydicom.Dataset) -> tuple[float, float] | None:
     """Return the file's (WindowCenter, WindowWidth), first value if multi-valued."""
-    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    try:
+        center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    except (TypeError, ValueError):
+        return None
     if center is None or width is None or width <= 0:
         return None
     return center, width
 
 
-def to_unit(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
-    """Window modality-LUT output to [0, 1] (declared window, else by modality)."""
-    declared = declared_window(ds)
-    if declared is not None:
-        return window(values, *declared)
-    if str(ds.get("Modality", "")).upper() == "CT":
-        return window(values, *CT_DEFAULT_WINDOW)
+def preset_window(
+    modality: str | None,
+    body_part: str | None,
+    presets: dict[tuple[str, str | None], tuple[float, float]] | None = None,
+) -> tuple[float, float] | None:
+    """The preset window for a modality and body part (else the modality's)."""
+    table = WINDOW_PRESETS if presets is None else presets
+    mod = (modality or "").strip().upper()
+    part = (body_part or "").strip().upper() or None
+    return table.get((mod, part)) or table.get((mod, None))
+
+
+def to_unit(
+    values: np.ndarray,
+    ds: pydicom.Dataset,
+    presets: dict[tuple[str, str | None], tuple[float, float]] | None = None,
+) -> np.ndarray:
+    """Window modality-LUT output to [0, 1]: file window, else preset, else range."""
+    chosen = declared_window(ds) or preset_window(
+        str(ds.get("Modality", "")), str(ds.get("BodyPartExamined", "")), presets
+    )
+    if chosen is not None:
+        return window(values, *chosen)
     return min_max(values)
 
 
-def select_frame(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
-    """Pick the middle frame of a multi-frame image, else the image itself."""
+def photometric(ds: pydicom.Dataset) -> str:
+    """The photometric interpretation, upper case (MONOCHROME2 when absent)."""
+    return str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+
+
+def is_colour(ds: pydicom.Dataset) -> bool:
+    """Whether the image is stored as colour (no modality LUT, no inversion)."""
+    return int(ds.get("SamplesPerPixel", 1) or 1) > 1 or photometric(ds) == (
+        "PALETTE COLOR"
+    )
+
+
+def as_frames(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Give pixels a leading frame axis: ``[F, H, W]`` or ``[F, H, W, 3]``."""
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        return pixels[frames // 2]
+    colour = int(ds.get("SamplesPerPixel", 1) or 1) > 1
+    single = pixels.ndim == (3 if colour else 2)
+    if frames <= 1 or single:
+        return pixels[None]
     return pixels
 
 
 def to_grey(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     """Colour (RGB, YBR converted by pydicom, PALETTE COLOR) to luminance."""
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric == "PALETTE COLOR":
+    if photometric(ds) == "PALETTE COLOR":
         pixels = apply_color_lut(pixels, ds)
-    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+    if pixels.ndim >= 3 and pixels.shape[-1] == 3:
         weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
         return pixels.astype(np.float32) @ weights
-    return pixels
+    return pixels.astype(np.float32)
 
 
-def is_colour(ds: pydicom.Dataset) -> bool:
-    """Whether the image is stored as colour (no modality LUT, no inversion)."""
-    return (
-        int(ds.get("SamplesPerPixel", 1) or 1) > 1
-        or str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR"
-    )
+def frames_to_unit(
+    ds: pydicom.Dataset,
+    pixels: np.ndarray,
+    presets: dict[tuple[str, str | None], tuple[float, float]] | None = None,
+) -> np.ndarray:
+    """Decoded pixels → float32 ``[F, H, W]`` in [0, 1], display-ready."""
+    frames = as_frames(pixels, ds)
+    if is_colour(ds):
+        return min_max(to_grey(frames, ds))
+    values = np.asarray(apply_modality_lut(frames, ds), dtype=np.float32)
+    unit = to_unit(values, ds, presets)
+    if photometric(ds) == "MONOCHROME1":
+        unit = 1.0 - unit
+    return unit.astype(np.float32, copy=False)
+
+
+def pick_indices(n: int, mode: SliceMode, channels: int = 1) -> list[int]:
+    """Which of ``n`` slices a mode uses.
+
+    Middle: ``[n // 2]``; MIP: all; channels: the centres of ``channels`` equal
+    parts (the identity when ``n == channels``, repeats when ``n < channels``).
+    """
+    if mode is SliceMode.MIP:
+        return list(range(n))
+    if mode is SliceMode.CHANNELS:
+        return [min(n - 1, int((i + 0.5) * n / channels)) for i in range(channels)]
+    return [n // 2]
+
+
+def combine_slices(
+    frames: np.ndarray, mode: SliceMode, channels: int = 1
+) -> np.ndarray:
+    """``[F, H, W]`` → ``[C, H, W]``: middle slice, MIP, or slices as channels.
+
+    For ``channels`` mode with fewer slices than channels, slices repeat.
+    """
+    if mode is SliceMode.MIP:
+        return frames.max(axis=0, keepdims=True)
+    if mode is SliceMode.CHANNELS:
+        return frames[pick_indices(len(frames), mode, channels)]
+    return frames[len(frames) // 2][None]
+
+
+def pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float]:
+    """(row, column) spacing in mm; (1, 1) when undeclared or invalid."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        try:
+            row, col = float(value[0]), float(value[1])
+        except (TypeError, ValueError, IndexError, KeyError):
+            continue
+        if row > 0 and col > 0:
+            return row, col
+    return 1.0, 1.0
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
     """Bilinear, anti-aliased resize of a 2-D image to ``size x size``."""
+    return resize_to_square(image[None], size)[0]
+
+
+def resize_to_square(
+    image: np.ndarray, size: int, spacing: tuple[float, float] = (1.0, 1.0)
+) -> np.ndarray:
+    """``[C, H, W]`` → ``[C, S, S]`` keeping the physical aspect ratio, zero-padded.
+
+    The longer physical side fills ``size``; a square image with square pixels is
+    a plain resize.
+    """
     import torch
 
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    out = torch.nn.functional.interpolate(
-        tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-    )
-    return out[0, 0].numpy()
+    _, rows, cols = image.shape
+    height, width = rows * spacing[0], cols * spacing[1]
+    scale = size / max(height, width)
+    out_h = max(1, min(size, int(round(height * scale))))
+    out_w = max(1, min(size, int(round(width * scale))))
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    resized = torch.nn.functional.interpolate(
+        tensor, size=(out_h, out_w), mode="bilinear", align_corners=False,
+        antialias=True,
+    )[0].numpy()
+    out = np.zeros((image.shape[0], size, size), np.float32)
+    top, left = (size - out_h) // 2, (size - out_w) // 2
+    out[:, top : top + out_h, left : left + out_w] = resized
+    return np.clip(out, 0.0, 1.0)
 
 
-def dataset_to_image(ds: pydicom.Dataset, size: int) -> np.ndarray:
-    """Convert a decoded dataset to float32 ``[size, size]`` in [0, 1]."""
-    pixels = select_frame(ds.pixel_array, ds)
-    if is_colour(ds):
-        unit = min_max(to_grey(pixels, ds))
-    else:
-        values = apply_modality_lut(pixels, ds)
-        unit = to_unit(values, ds)
-        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-            unit = 1.0 - unit
-    return np.clip(resize(unit, size), 0.0, 1.0).astype(np.float32, copy=False)
+def dataset_to_image(
+    ds: pydicom.Dataset,
+    size: int,
+    mode: SliceMode = SliceMode.MIDDLE,
+    channels: int = 1,
+) -> np.ndarray:
+    """Decoded dataset → float32 ``[S, S]`` (one channel) or ``[C, S, S]``."""
+    unit = frames_to_unit(ds, decode_pixels(ds))
+    image = resize_to_square(combine_slices(unit, mode, channels), size,
+                             pixel_spacing(ds))
+    return image[0] if channels == 1 and mode is not SliceMode.CHANNELS else image
+
+
+def load_unit_frames(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
+    """Read one file → (``[F, H, W]`` in [0, 1], pixel spacing).
+
+    Raises
+    ------
+    DecodeFailure
+        With a fixed-vocabulary reason.
+    """
+    ds = read_dataset(Path(path))
+    return frames_to_unit(ds, decode_pixels(ds)), pixel_spacing(ds)
+
+
+def load_study_image(
+    paths: list[Path], size: int, mode: SliceMode = SliceMode.MIDDLE,
+    channels: int = 1,
+) -> np.ndarray:
+    """One image input ``[C, S, S]`` from a file (frames) or a series (one per slice).
+
+    ``paths`` are in slice order. With several files, only the slices the mode
+    needs are decoded. Raises :class:`DecodeFailure` when a needed file fails.
+    """
+    if len(paths) == 1:
+        frames, spacing = load_unit_frames(paths[0])
+        return resize_to_square(combine_slices(frames, mode, channels), size, spacing)
+    decoded = [load_unit_frames(paths[i]) for i in pick_indices(len(paths), mode, channels)]
+    shape = decoded[0][0].shape[1:]
+    if any(f.shape[1:] != shape for f, _ in decoded):
+        raise DecodeFailure(SERIES_SHAPES)
+    picked = np.stack([f[len(f) // 2] for f, _ in decoded])  # [k, H, W]
+    if mode is SliceMode.MIP:
+        picked = picked.max(axis=0, keepdims=True)
+    return resize_to_square(picked, size, decoded[0][1])
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
-    """Read a DICOM file; return float32 ``[size, size]`` in [0, 1].
+    """Read a DICOM file; return float32 ``[size, size]`` in [0, 1] (middle frame).
 
-    Raises :class:`DataError` when the pixels cannot be decoded (e.g. a compressed
-    transfer syntax without its codec installed).
+    Raises :class:`DataError` naming the reason when the pixels cannot be used
+    (e.g. a compressed transfer syntax without its codec installed).
     """
     try:
-        ds = pydicom.dcmread(path)
-        return dataset_to_image(ds, size)
-    except DataError:
-        raise
-    except Exception as exc:
+        return load_study_image([Path(path)], size)[0]
+    except DecodeFailure as exc:
         raise DataError(
-            f"cannot decode the pixels of {path}: {type(exc).__name__}: {exc}",
-            hint="For JPEG / JPEG 2000 / JPEG-LS files install pylibjpeg with "
-            "pylibjpeg-libjpeg and pylibjpeg-openjpeg (or python-gdcm).",
+            f"cannot use the pixels of {path}: {exc.reason}",
+            hint="Compressed files need `pip install wardround[codecs]`; "
+            "`wardround site check` lists every file that cannot be used.",
         ) from exc

@@ -26,14 +26,14 @@ LORA_PROJECTIONS = ("q_proj", "v_proj", "query", "value")
 TRAINABLE_MODULES = ("vision_proj", "text_proj", "ehr_encoder", "fusion", "head")
 
 
-def tiny_vision_config(image_size: int) -> Any:
-    """A small ViT for tests and the demo (grayscale input)."""
+def tiny_vision_config(image_size: int, channels: int = 1) -> Any:
+    """A small ViT for tests and the demo (grayscale or a few slices as channels)."""
     from transformers import ViTConfig
 
     return ViTConfig(
         image_size=image_size,
         patch_size=8,
-        num_channels=1,
+        num_channels=channels,
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -208,7 +208,9 @@ def build_base(config: RunConfig) -> tuple[FusionModel, str]:
     torch.manual_seed(mc.init_seed)
     try:
         vision = (
-            _load_encoder(mc.vision, tiny_vision_config(mc.image_size))
+            _load_encoder(
+                mc.vision, tiny_vision_config(mc.image_size, task.image_channels)
+            )
             if Modality.IMAGE in mc.modalities
             else None
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 import tomli_w
-import tomllib
+
 from wardround.client.data import dataset as dataset_mod
 from wardround.client.data import dicom_index
 from wardround.client.data.dataset import load_site_data, split_patients
@@ -333,7 +334,7 @@ def test_load_is_reproducible_and_reuses_the_image_cache(site_dir, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("DICOM decoded again despite the cache")
 
-    monkeypatch.setattr(dataset_mod, "load_image", no_decoding)
+    monkeypatch.setattr(dataset_mod, "load_study_image", no_decoding)
     second = _load(site_dir)
     assert second.fingerprint == first.fingerprint
     for key in first.train.tensors:

@@ -10,6 +10,7 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import ExplicitVRLittleEndian
+
 from wardround.client.data.ehr import read_ehr
 from wardround.client.site_config import SiteConfig
 from wardround.common.config import TaskConfig

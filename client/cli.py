@@ -1,0 +1,106 @@
+"""The ``wardround site`` command group: ``check`` and ``deid``.
+
+Registered by ``wardround/cli.py`` with ``app.add_typer(site_app, name="site")``.
+Heavy imports (pyarrow, pydicom, torch) happen inside the commands, so ``--help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+site_app = typer.Typer(
+    name="site",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Check a site's data and settings; export de-identified copies.",
+)
+
+
+def _fail(exc: Exception) -> None:
+    from wardround.cli import _fail as fail  # late: wardround.cli imports this module
+
+    fail(exc)
+
+
+@site_app.command("check")
+def check(
+    config: Annotated[Path, typer.Option("--config", help="the site's site.toml")],
+    run_config: Annotated[
+        Path | None, typer.Option("--run-config", help="run.toml (default: defaults)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Validate a site's data; exit 0 when it can train, 3 listing what blocks it."""
+    try:
+        from wardround.common.config import RunConfig
+
+        from .site_check import check_site, format_report
+
+        run = RunConfig.from_toml(run_config) if run_config else RunConfig()
+        report = check_site(config, run.task, image_size=run.model.image_size)
+    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
+        _fail(exc)
+        return
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if not report["can_train"]:
+        from wardround.common.errors import DataError
+
+        raise typer.Exit(DataError.exit_code)
+
+
+@site_app.command("deid")
+def deid(
+    src: Annotated[Path, typer.Option("--in", help="DICOM folder to copy")],
+    out: Annotated[Path, typer.Option("--out", help="folder for the de-identified copy")],
+    salt: Annotated[str | None, typer.Option("--salt", help="secret pseudonym salt")] = None,
+    salt_file: Annotated[
+        Path | None, typer.Option("--salt-file", help="file holding the salt")
+    ] = None,
+    ehr: Annotated[Path | None, typer.Option("--ehr", help="EHR Parquet to map")] = None,
+    ehr_out: Annotated[
+        Path | None, typer.Option("--ehr-out", help="where the mapped EHR goes")
+    ] = None,
+    study_col: Annotated[str, typer.Option("--study-col")] = "study_uid",
+    patient_col: Annotated[str, typer.Option("--patient-col")] = "patient_id",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Export a de-identified copy (DICOM PS3.15 Basic Profile, salted UID pseudonyms)."""
+    try:
+        from wardround.common.errors import ConfigError
+
+        from .deid import deid_ehr, deid_folder, load_salt
+
+        if (ehr is None) != (ehr_out is None):
+            raise ConfigError("--ehr and --ehr-out go together")
+        key = load_salt(salt, salt_file)
+        result = deid_folder(src, out, key)
+        if ehr is not None and ehr_out is not None:
+            result.ehr_rows = deid_ehr(ehr, ehr_out, key, study_column=study_col,
+                                       patient_column=patient_col)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+        return
+    summary = {
+        "written": result.written,
+        "skipped": result.skipped,
+        "burned_in_annotation": result.burned_in,
+        "burn_in_undeclared": result.burn_in_undeclared,
+        "ehr_rows": result.ehr_rows,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(f"de-identified {result.written} file(s) into {out}")
+    for reason, n in result.skipped.items():
+        typer.echo(f"skipped {n}: {reason}")
+    if result.burned_in or result.burn_in_undeclared:
+        typer.echo(f"review for burned-in text: {result.burned_in} declared, "
+                   f"{result.burn_in_undeclared} undeclared in prone modalities")
+    if ehr_out is not None:
+        typer.echo(f"EHR: {result.ehr_rows} row(s) written to {ehr_out}")

@@ -1,0 +1,228 @@
+"""``wardround site check``: what a site has, what is wrong with it, what to fix.
+
+:func:`check_site` runs the same path as training (index, EHR schema and values,
+join, image decoding, fingerprint) but collects every problem instead of stopping
+at the first. The report stays on the site: it is for the operator and may name
+columns, modalities and body parts; it never holds patient values.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from ..common.config import TaskConfig
+from ..common.errors import WardroundError
+from .data.dataset import ehr_present, prepare_site
+from .data.decode import OK, transfer_syntax_name
+from .data.ehr import open_dataset
+from .site_config import SiteConfig
+
+logger = logging.getLogger(__name__)
+
+#: column names that suggest direct identifiers in an EHR table
+_IDENTIFYING = re.compile(
+    r"(^|_)(name|surname|first_?name|last_?name|dob|birth|address|street|phone|"
+    r"tel|email|ssn|social|zip|postcode|postal)($|_)",
+    re.IGNORECASE,
+)
+#: modalities that often carry text burned into the pixels
+_BURN_IN_PRONE = {"US", "SC", "XA", "OT", "ES", "SM", "DOC"}
+
+
+def _counts(values: list[Any]) -> dict[str, int]:
+    return dict(Counter("(none)" if v is None else str(v) for v in values).most_common())
+
+
+def _frac(num: int, den: int) -> float:
+    return round(num / den, 4) if den else 0.0
+
+
+def check_site(site_toml: Path, task: TaskConfig, *, image_size: int = 64) -> dict[str, Any]:
+    """Check a site; return a JSON-able report with ``can_train`` and ``blocking``.
+
+    Never raises for problems of the site's data or settings: they become
+    ``blocking`` entries.
+    """
+    report: dict[str, Any] = {"config": str(site_toml), "blocking": [], "warnings": []}
+    blocking, warnings = report["blocking"], report["warnings"]
+    try:
+        site = SiteConfig.from_toml(Path(site_toml))
+    except WardroundError as exc:
+        blocking.append(str(exc))
+        return _finish(report)
+    missing = [str(p) for p in site.dicom_paths if not p.is_dir()]
+    if missing:
+        blocking.append(
+            f"DICOM folder(s) not found: {', '.join(missing)}; fix `data.dicom-dirs`"
+        )
+        return _finish(report)
+    try:
+        prep = prepare_site(site, task, image_size=image_size)
+    except WardroundError as exc:
+        blocking.append(str(exc))
+        from .data.dicom_index import index_dicom
+
+        report["dicom"] = _dicom_section(index_dicom(site.dicom_paths, site.cache_path),
+                                         {}, {})
+        return _finish(report)
+    report["dicom"] = _dicom_section(prep.index, prep.images, prep.reasons)
+    report["ehr"] = _ehr_section(prep)
+    report["join"] = _join_section(prep, task)
+    report["fingerprint"] = prep.fingerprint
+    report["phi"] = _phi_findings(prep, site)
+    items = report["join"]["items"]
+    if items == 0:
+        blocking.append(
+            "no EHR row joins a usable DICOM study: check `[ehr] study-uid` (the column "
+            "holding StudyInstanceUID) and `data.dicom-dirs`"
+            + ("" if task.require_image else ", or EHR rows lack patient id/study uid")
+        )
+    elif report["join"]["patients"] < 2:
+        blocking.append("fewer than 2 patients: no validation split is possible")
+    if items and report["join"]["items_with_image"] == 0 and task.require_image:
+        blocking.append("no study image could be decoded (see dicom.decode_failures)")
+    for label, prevalence in report["ehr"]["label_prevalence"].items():
+        if prevalence == 0.0:
+            warnings.append(f"label {label!r} has no positive example at this site")
+    for feature, frac in report["ehr"]["missing_fraction"].items():
+        if frac >= 0.5:
+            warnings.append(f"feature {feature!r} is missing in {frac:.0%} of rows")
+    failures = sum(report["dicom"]["decode_failures"].values())
+    if failures:
+        warnings.append(f"{failures} study image(s) could not be decoded; those "
+                        "studies train without image")
+    return _finish(report)
+
+
+def _finish(report: dict[str, Any]) -> dict[str, Any]:
+    report["can_train"] = not report["blocking"]
+    return report
+
+
+def _dicom_section(index, images, reasons: dict[str, str]) -> dict[str, Any]:
+    status = index.column("status").to_pylist()
+    usable = index.filter(pc.equal(index.column("status"), OK))
+    syntaxes = [transfer_syntax_name(t) for t in index.column("transfer_syntax").to_pylist()]
+    return {
+        "files": index.num_rows,
+        "usable_files": usable.num_rows,
+        "studies": len(images),
+        "by_modality": _counts(usable.column("modality").to_pylist()),
+        "by_body_part": _counts(usable.column("body_part").to_pylist()),
+        "by_transfer_syntax": _counts(syntaxes),
+        "multi_frame_files": int(pc.sum(pc.greater(usable.column("frames"), 1)).as_py()
+                                 or 0),
+        "not_usable": _counts([s for s in status if s != OK]),
+        "decode_failures": _counts(list(reasons.values())),
+    }
+
+
+def _ehr_section(prep) -> dict[str, Any]:
+    stats = prep.ehr.stats
+    rows = stats.rows
+    labelled = {k: rows - stats.label_null.get(k, 0) for k in stats.label_positive}
+    return {
+        "rows": rows,
+        "studies": prep.join.ehr_studies,
+        "duplicate_study_rows": prep.join.duplicates,
+        "rows_without_keys": prep.join.no_key,
+        "missing_fraction": {k: _frac(v, rows) for k, v in stats.missing.items()},
+        "out_of_range": dict(stats.out_of_range),
+        "unknown_category": dict(stats.unknown_category),
+        "label_prevalence": {k: _frac(v, labelled[k])
+                             for k, v in stats.label_positive.items()},
+        "label_null": dict(stats.label_null),
+        "label_unmapped": dict(stats.label_unmapped),
+    }
+
+
+def _join_section(prep, task: TaskConfig) -> dict[str, Any]:
+    join, ehr = prep.join, prep.ehr
+    position = {s: j for j, s in enumerate(prep.images)}
+    with_image = 0
+    for i in join.rows:
+        j = position.get(ehr.study_uids[i])
+        if j is not None and not np.isnan(prep.decoded[j]).any():
+            with_image += 1
+    present_ehr = ehr_present(ehr.features[join.rows], task) if join.rows else []
+    return {
+        "ehr_studies_with_image": join.ehr_with_image,
+        "ehr_studies": join.ehr_studies,
+        "dicom_studies_with_ehr": join.dicom_with_ehr,
+        "dicom_studies": join.dicom_studies,
+        "ehr_coverage": _frac(join.ehr_with_image, join.ehr_studies),
+        "dicom_coverage": _frac(join.dicom_with_ehr, join.dicom_studies),
+        "require_image": task.require_image,
+        "items": len(join.rows),
+        "items_with_image": with_image,
+        "items_with_ehr": int(np.sum(present_ehr)),
+        "items_with_note": sum(1 for i in join.rows if ehr.notes[i].strip()),
+        "patients": len({ehr.patient_ids[i] for i in join.rows}),
+    }
+
+
+def _phi_findings(prep, site: SiteConfig) -> list[str]:
+    found = []
+    usable = prep.index.filter(pc.equal(prep.index.column("status"), OK))
+    removed = usable.column("identity_removed").to_pylist()
+    not_deid = sum(1 for r in removed if r is not True)
+    if not_deid:
+        found.append(
+            f"{not_deid} image file(s) are not marked de-identified "
+            "(PatientIdentityRemoved is not YES). They never leave the site; use "
+            "`wardround site deid` for copies you share."
+        )
+    burned = sum(1 for b in usable.column("burned_in").to_pylist() if b is True)
+    if burned:
+        found.append(f"{burned} image file(s) declare burned-in annotation (text in "
+                     "the pixels): review them before sharing any copy.")
+    prone = sum(
+        1 for m, b in zip(usable.column("modality").to_pylist(),
+                          usable.column("burned_in").to_pylist(), strict=True)
+        if b is None and (m or "").upper() in _BURN_IN_PRONE
+    )
+    if prone:
+        found.append(f"{prone} image file(s) of modalities that often carry burned-in "
+                     "text do not declare BurnedInAnnotation.")
+    columns = open_dataset(site.ehr_path).schema.names
+    risky = [c for c in columns if _IDENTIFYING.search(c)]
+    if risky:
+        found.append(
+            f"the EHR table has {len(risky)} column(s) whose names suggest identifiers "
+            f"({', '.join(risky)}); wardround never reads undeclared columns."
+        )
+    if site.ehr.note and any(t for t in prep.ehr.notes):
+        found.append("free-text notes may hold names or dates; they are tokenised on "
+                     "the site and never sent.")
+    return found
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Plain-text rendering of a report, for a terminal."""
+    lines = [f"site check: {report['config']}"]
+    for section in ("dicom", "ehr", "join"):
+        if section not in report:
+            continue
+        lines.append(f"[{section}]")
+        for key, value in report[section].items():
+            if isinstance(value, dict):
+                shown = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
+                lines.append(f"  {key}: {shown}")
+            else:
+                lines.append(f"  {key}: {value}")
+    if "fingerprint" in report:
+        lines.append(f"dataset fingerprint: {report['fingerprint']}")
+    for title, key in (("PHI risk", "phi"), ("warning", "warnings"),
+                       ("BLOCKING", "blocking")):
+        for item in report.get(key, []):
+            lines.append(f"{title}: {item}")
+    lines.append("result: " + ("the site can train" if report["can_train"]
+                               else f"{len(report['blocking'])} blocking problem(s)"))
+    return "\n".join(lines)

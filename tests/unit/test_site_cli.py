@@ -1,0 +1,144 @@
+"""`wardround site check` / `site deid` and the modality-dropout transform."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+import torch
+import typer
+from pydicom.data import get_testdata_file
+from typer.testing import CliRunner
+
+from wardround.client.cli import site_app
+from wardround.client.data.transforms import drop_modalities
+from wardround.client.deid import PROFILE, uid_pseudonym
+from wardround.simulations.synth import synthesize_federation
+
+runner = CliRunner()
+SALT = "a-long-test-salt-0123456789"
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.add_typer(site_app, name="site")
+    return app
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fed")
+    synthesize_federation(out, 1, patients_per_site=24, seed=3)
+    return out
+
+
+def test_site_check_json_reports_and_exits_zero(template, tmp_path):
+    site = tmp_path / "site"
+    shutil.copytree(template / "site-01", site)
+    (site / "dicom" / "README.txt").write_text("exported by PACS")
+    result = runner.invoke(_app(), ["site", "check", "--config", str(site / "site.toml"),
+                                    "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["can_train"] and report["blocking"] == []
+    assert report["dicom"]["files"] == 25 and report["dicom"]["usable_files"] == 24
+    assert report["dicom"]["not_usable"] == {"not DICOM (no DICOM header)": 1}
+    assert sum(report["dicom"]["by_modality"].values()) == 24
+    assert report["dicom"]["by_transfer_syntax"]["Explicit VR Little Endian"] == 24
+    assert 0 < report["join"]["ehr_coverage"] <= 1 and report["join"]["items"] > 10
+    assert set(report["ehr"]["label_prevalence"]) == {"nodule", "effusion", "pneumonia",
+                                                       "cardiomegaly"}
+    assert len(report["fingerprint"]) == 64 and report["phi"]
+
+
+def test_site_check_lists_blocking_problems(template, tmp_path):
+    site = tmp_path / "site"
+    shutil.copytree(template / "site-01", site)
+    table = pq.read_table(site / "ehr.parquet").drop_columns(["bnp", "crp"])
+    pq.write_table(table, site / "ehr.parquet")
+    result = runner.invoke(_app(), ["site", "check", "--config", str(site / "site.toml")])
+    assert result.exit_code == 3
+    assert "BLOCKING" in result.output and "'bnp'" in result.output
+    assert "'crp'" in result.output
+
+
+def test_site_check_missing_config_is_a_config_error(tmp_path):
+    result = runner.invoke(_app(), ["site", "check", "--config", str(tmp_path / "no.toml"),
+                                    "--json"])
+    assert result.exit_code == 3
+    assert json.loads(result.output)["blocking"][0].startswith("config file")
+
+
+def test_deid_profile_pseudonyms_and_ehr(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(get_testdata_file(name), src / name)
+    (src / "junk.bin").write_bytes(b"\x00" * 64)
+    originals = {p.name: pydicom.dcmread(p) for p in src.glob("*.dcm")}
+    ehr = tmp_path / "ehr.parquet"
+    import pyarrow as pa
+
+    study = originals["CT_small.dcm"].StudyInstanceUID
+    pq.write_table(pa.table({"study_uid": [study], "patient_id": ["X1"], "age": [3.0]}), ehr)
+    out, ehr_out = tmp_path / "out", tmp_path / "ehr-deid.parquet"
+    result = runner.invoke(_app(), ["site", "deid", "--in", str(src), "--out", str(out),
+                                    "--salt", SALT, "--ehr", str(ehr), "--ehr-out",
+                                    str(ehr_out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["written"] == 2 and summary["skipped"] == {"not DICOM (no DICOM header)": 1}
+    written = [pydicom.dcmread(p) for p in sorted(out.rglob("*.dcm"))]
+    by_sop = {}
+    for ds in originals.values():
+        by_sop[uid_pseudonym(ds.SOPInstanceUID, SALT.encode())] = ds
+    for ds in written:
+        orig = by_sop[ds.SOPInstanceUID]
+        assert ds.PatientIdentityRemoved == "YES" and ds.DeidentificationMethod
+        for keyword in PROFILE:
+            if keyword in orig and orig[keyword].value not in ("", None, []):
+                assert keyword not in ds or ds[keyword].value != orig[keyword].value, keyword
+        for elem in ds.iterall():
+            assert not elem.tag.is_private
+        assert ds.StudyInstanceUID == uid_pseudonym(orig.StudyInstanceUID, SALT.encode())
+        assert ds.SOPClassUID == orig.SOPClassUID  # class UIDs are kept
+        assert str(ds.StudyInstanceUID).startswith("2.25.")
+    mapped = pq.read_table(ehr_out).to_pylist()[0]
+    ct = next(d for d in written if d.Modality == "CT")
+    assert mapped["study_uid"] == ct.StudyInstanceUID and mapped["age"] == 3.0
+    assert mapped["patient_id"] != "X1"
+    again = tmp_path / "again"
+    runner.invoke(_app(), ["site", "deid", "--in", str(src), "--out", str(again),
+                           "--salt", SALT])
+    assert sorted(p.relative_to(again) for p in again.rglob("*.dcm")) == sorted(
+        p.relative_to(out) for p in out.rglob("*.dcm"))  # reproducible
+
+
+def test_deid_needs_a_salt(tmp_path):
+    result = runner.invoke(_app(), ["site", "deid", "--in", str(tmp_path), "--out",
+                                    str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--salt" in result.output
+
+
+def test_drop_modalities_is_seeded_and_never_empties_an_example():
+    present = torch.ones(512, 3)
+    present[:64, 0] = 0  # no image
+    present[64:80] = 0  # nothing at all: left alone
+    batch = {"present": present, "labels": torch.zeros(512, 4)}
+    a = drop_modalities(batch, 0.6, torch.Generator().manual_seed(1))
+    b = drop_modalities(batch, 0.6, torch.Generator().manual_seed(1))
+    assert torch.equal(a["present"], b["present"]) and a["labels"] is batch["labels"]
+    assert torch.equal(batch["present"], present)  # input not modified
+    out = a["present"]
+    assert (out <= present).all()  # only hides, never invents
+    assert (out[:64, 0] == 0).all() and (out[64:80] == 0).all()
+    has = present.sum(1) > 0
+    assert (out[has].sum(1) >= 1).all()
+    assert 0.3 < 1 - out[80:].mean().item() < 0.7
+    assert torch.equal(drop_modalities(batch, 0.0, torch.Generator())["present"], present)
+    with pytest.raises(ValueError):
+        drop_modalities(batch, 1.0, torch.Generator())
