@@ -146,3 +146,12 @@ def test_unloadable_encoder_is_a_config_error(tiny_config, tmp_path):
 def test_unknown_family_lists_known_ones(tiny_config):
     with pytest.raises(ConfigError, match="fusion"):
         build_model(tiny_config.with_overrides(model={"family": "nope"}))
+
+
+def test_slices_as_channels_reach_the_vision_encoder(tiny_config):
+    config = tiny_config.with_overrides(task={"slice_mode": "channels", "image_channels": 3})
+    model = build_model(config).model
+    assert model.get_base_model().vision_encoder.config.num_channels == 3
+    batch = _batch(config)
+    batch["image"] = torch.rand(3, 3, 32, 32)
+    assert model(**batch).shape == (3, len(config.task.labels))
