@@ -10,29 +10,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from ..common import wire
 from ..common.adapter import (
     adapter_sha256,
     adapter_state,
-    from_record,
     num_bytes,
     save_peft_adapter,
-    to_record,
 )
 from ..common.aggregation import apply_delta, weighted_mean, weighted_metric_mean
 from ..common.config import RunConfig
-from ..common.errors import FederationError
 from ..common.models import build_model
 from ..common.models.registry import describe
+from .phases import RoundPhases
 from .plots import plot_rounds
 from .records import RoundRecord, SiteEvalReport, SiteFailure, SiteTrainReport
 from .rundir import RunDirectory, versions
@@ -60,39 +56,6 @@ class FederationResult:
     summary: dict[str, Any]
 
 
-def _array_bytes(msg: Message, key: str) -> int:
-    record = msg.content[key]
-    return int(sum(len(record[k].data) for k in record.keys()))
-
-
-def _split_replies(
-    replies: Iterable[Message], phase: str, need: tuple[str, ...]
-) -> tuple[list[Message], list[SiteFailure]]:
-    ok, failed = [], []
-    for msg in replies:
-        node = int(msg.metadata.src_node_id)
-        if msg.has_error():
-            failed.append(SiteFailure(node, phase, msg.error.reason[:500]))
-        elif any(k not in msg.content for k in need):
-            failed.append(
-                SiteFailure(
-                    node,
-                    phase,
-                    f"reply lacks {[k for k in need if k not in msg.content]}",
-                )
-            )
-        else:
-            ok.append(msg)
-    for failure in failed:
-        log.warning(
-            "site %s failed in %s: %s",
-            failure.node_id,
-            phase,
-            failure.reason.splitlines()[0] if failure.reason else "",
-        )
-    return ok, failed
-
-
 def run_federation(
     grid: Grid,
     config: RunConfig,
@@ -111,7 +74,13 @@ def run_federation(
     built = build_model(config)
     global_state = adapter_state(built.model)
     model_info = describe(built)
-    strategy = make_strategy(config.federation)
+    phases = RoundPhases(
+        strategy=make_strategy(config.federation),
+        grid=grid,
+        config=config,
+        fingerprint=built.base_fingerprint,
+        name_of=name_of,
+    )
     out = RunDirectory(run_dir, config)
     out.write_config()
     records: list[RoundRecord] = []
@@ -121,9 +90,7 @@ def run_federation(
 
     # Round 0: every site evaluates the initial adapter, the baseline the rounds improve on.
     start0 = time.perf_counter()
-    evals0, failures0 = _evaluate_phase(
-        strategy, grid, config, 0, global_state, built.base_fingerprint, name_of
-    )
+    evals0, failures0 = phases.evaluate(0, global_state)
     records.append(
         _record(
             0,
@@ -139,15 +106,7 @@ def run_federation(
 
     for server_round in range(1, config.federation.rounds + 1):
         round_start = time.perf_counter()
-        train_reports, deltas, failures = _train_phase(
-            strategy,
-            grid,
-            config,
-            server_round,
-            global_state,
-            built.base_fingerprint,
-            name_of,
-        )
+        train_reports, deltas, failures = phases.train(server_round, global_state)
         for report in train_reports:
             bytes_per_site[report.site] = (
                 bytes_per_site.get(report.site, 0) + report.bytes_sent
@@ -157,15 +116,7 @@ def run_federation(
         global_state = apply_delta(global_state, weighted_mean(deltas, weights))
         aggregation_seconds = time.perf_counter() - agg_start
 
-        eval_reports, eval_failures = _evaluate_phase(
-            strategy,
-            grid,
-            config,
-            server_round,
-            global_state,
-            built.base_fingerprint,
-            name_of,
-        )
+        eval_reports, eval_failures = phases.evaluate(server_round, global_state)
         sha = adapter_sha256(global_state)
         record = _record(
             server_round,
@@ -205,101 +156,6 @@ def run_federation(
     )
     out.write_final(summary)
     return FederationResult(run_dir=Path(run_dir), rounds=records, summary=summary)
-
-
-def _train_phase(
-    strategy: Any,
-    grid: Grid,
-    config: RunConfig,
-    server_round: int,
-    global_state: dict[str, np.ndarray],
-    fingerprint: str,
-    name_of: Callable[[int, int], str],
-) -> tuple[list[SiteTrainReport], list[dict[str, np.ndarray]], list[SiteFailure]]:
-    """Sampled sites train the global adapter; return their reports and deltas (same order)."""
-    train_config = ConfigRecord(
-        {
-            wire.BASE_FINGERPRINT: fingerprint,
-            wire.PAYLOAD_KIND: wire.PayloadKind.WEIGHTS.value,
-        }
-    )
-    messages = list(
-        strategy.configure_train(
-            server_round, to_record(global_state), train_config, grid
-        )
-    )
-    replies = grid.send_and_receive(messages, timeout=config.federation.round_timeout_s)
-    ok, failures = _split_replies(replies, "train", (wire.ADAPTER_DELTA, wire.METRICS))
-    if len(ok) < config.federation.min_sites:
-        reasons = "; ".join(
-            f"node {f.node_id}: {f.reason.splitlines()[0] if f.reason else '?'}"
-            for f in failures
-        )
-        raise FederationError(
-            f"round {server_round}: {len(ok)} site(s) trained, the run needs "
-            f"federation.min-sites={config.federation.min_sites}. {reasons}",
-            hint="Check the failing sites' logs, or lower federation.min-sites.",
-        )
-    reports, deltas = [], []
-    for msg in sorted(
-        ok, key=lambda m: int(m.content[wire.METRICS].get(wire.SITE_INDEX, -1))
-    ):
-        metrics = msg.content[wire.METRICS]
-        node = int(msg.metadata.src_node_id)
-        deltas.append(from_record(msg.content[wire.ADAPTER_DELTA]))
-        reports.append(
-            SiteTrainReport(
-                node_id=node,
-                site=name_of(node, int(metrics.get(wire.SITE_INDEX, -1))),
-                num_examples=int(metrics[wire.NUM_EXAMPLES]),
-                loss=float(metrics[wire.TRAIN_LOSS]),
-                steps=int(metrics[wire.TRAIN_STEPS]),
-                seconds=float(metrics[wire.TRAIN_SECONDS]),
-                delta_l2=float(metrics[wire.DELTA_L2]),
-                bytes_sent=_array_bytes(msg, wire.ADAPTER_DELTA),
-            )
-        )
-    return reports, deltas, failures
-
-
-def _evaluate_phase(
-    strategy: Any,
-    grid: Grid,
-    config: RunConfig,
-    server_round: int,
-    global_state: dict[str, np.ndarray],
-    fingerprint: str,
-    name_of: Callable[[int, int], str],
-) -> tuple[list[SiteEvalReport], list[SiteFailure]]:
-    """Every sampled site evaluates ``global_state`` on its validation split."""
-    messages = list(
-        strategy.configure_evaluate(
-            server_round,
-            to_record(global_state),
-            ConfigRecord({wire.BASE_FINGERPRINT: fingerprint}),
-            grid,
-        )
-    )
-    replies = grid.send_and_receive(messages, timeout=config.federation.round_timeout_s)
-    ok, failures = _split_replies(replies, "evaluate", (wire.METRICS,))
-    reports = []
-    for msg in ok:
-        metrics = msg.content[wire.METRICS]
-        node = int(msg.metadata.src_node_id)
-        reports.append(
-            SiteEvalReport(
-                node_id=node,
-                site=name_of(node, int(metrics.get(wire.SITE_INDEX, -1))),
-                num_examples=int(metrics[wire.NUM_EXAMPLES]),
-                loss=float(metrics[wire.EVAL_LOSS]),
-                auroc_macro=float(metrics[wire.AUROC_MACRO]),
-                auroc_per_label={
-                    label: float(metrics.get(wire.AUROC_PREFIX + label, float("nan")))
-                    for label in config.task.labels
-                },
-            )
-        )
-    return sorted(reports, key=lambda e: e.site), failures
 
 
 def _record(
