@@ -15,6 +15,13 @@ from torch import nn
 from ..config import Fusion
 
 
+def masked_summary(per_modality: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Concatenate [B, M, H] embeddings with absent ones zeroed, then the mask [B, M]."""
+    return torch.cat(
+        [(per_modality * present.unsqueeze(-1)).flatten(1), present], dim=1
+    )
+
+
 class ConcatFusion(nn.Module):
     """Concatenate the modality embeddings (absent ones zeroed) and project."""
 
@@ -31,8 +38,7 @@ class ConcatFusion(nn.Module):
         present: torch.Tensor,
     ) -> torch.Tensor:
         """Fuse ``pooled`` [B, M, H] given ``present`` [B, M]."""
-        masked = pooled * present.unsqueeze(-1)
-        return self.project(torch.cat([masked.flatten(1), present], dim=1))
+        return self.project(masked_summary(pooled, present))
 
 
 class GatedFusion(nn.Module):
@@ -50,8 +56,7 @@ class GatedFusion(nn.Module):
         present: torch.Tensor,
     ) -> torch.Tensor:
         """Fuse ``pooled`` [B, M, H] given ``present`` [B, M]."""
-        masked = pooled * present.unsqueeze(-1)
-        gates = torch.sigmoid(self.gate(torch.cat([masked.flatten(1), present], dim=1)))
+        gates = torch.sigmoid(self.gate(masked_summary(pooled, present)))
         weights = gates * present
         fused = (weights.unsqueeze(-1) * pooled).sum(1) / weights.sum(
             1, keepdim=True
@@ -86,17 +91,15 @@ class CrossAttentionFusion(nn.Module):
         present: torch.Tensor,
     ) -> torch.Tensor:
         """Fuse per-modality token sequences ``(tokens [B, T, H], mask [B, T])``."""
-        q = self.query(
-            torch.cat([(pooled * present.unsqueeze(-1)).flatten(1), present], dim=1)
-        )
+        q = self.query(masked_summary(pooled, present))
         attended = []
         for seq, mask in tokens:
             scores = (q.unsqueeze(1) * self.key(seq)).sum(-1) * self.scale
             scores = scores.masked_fill(mask <= 0, torch.finfo(scores.dtype).min)
             weights = torch.softmax(scores, dim=-1) * (mask.sum(-1, keepdim=True) > 0)
             attended.append((weights.unsqueeze(-1) * self.value(seq)).sum(1))
-        stacked = torch.stack(attended, dim=1) * present.unsqueeze(-1)
-        return self.out(torch.cat([stacked.flatten(1), present], dim=1))
+        stacked = torch.stack(attended, dim=1)
+        return self.out(masked_summary(stacked, present))
 
 
 FUSIONS: dict[Fusion, type[nn.Module]] = {
