@@ -2,7 +2,7 @@
 
 Ray runs each simulated site's ClientApp in worker processes, so the peak resident
 memory of the CLI process alone under-counts. This samples the summed RSS of the
-command and all its descendants every 0.2 s.
+command and all its descendants (RSS and PSS) every 0.5 s.
 
     python bench/simulate_footprint.py -- wardround simulate --out runs/bench
 """
@@ -22,24 +22,29 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     root = psutil.Process(proc.pid)
-    peak = 0
+    peak_rss = peak_pss = 0
     while proc.poll() is None:
-        total = 0
+        rss = pss = 0
         try:
             for p in [root, *root.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    # PSS shares each shared page (torch, Ray) among the processes
+                    # mapping it; summed RSS counts those libraries once per worker.
+                    info = p.memory_full_info()
+                    rss += info.rss
+                    pss += getattr(info, "pss", info.rss)
                 except psutil.Error:
                     pass
         except psutil.Error:
             pass
-        peak = max(peak, total)
-        time.sleep(0.2)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        time.sleep(0.5)
     wall = time.perf_counter() - start
     print(f"command: {' '.join(cmd)}")
     print(f"exit code: {proc.returncode}")
     print(f"wall time: {wall:.1f} s")
-    print(f"peak RSS, whole process tree: {peak / 2**20:.0f} MiB")
+    print(f"peak PSS, whole process tree: {peak_pss / 2**20:.0f} MiB")
+    print(f"peak summed RSS, whole process tree: {peak_rss / 2**20:.0f} MiB")
     return proc.returncode
 
 
