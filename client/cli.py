@@ -34,7 +34,9 @@ def check(
     run_config: Annotated[
         Path | None, typer.Option("--run-config", help="run.toml (default: defaults)")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the report as JSON")
+    ] = False,
 ) -> None:
     """Validate a site's data; exit 0 when it can train, 3 listing what blocks it."""
     try:
@@ -57,12 +59,18 @@ def check(
 @site_app.command("deid")
 def deid(
     src: Annotated[Path, typer.Option("--in", help="DICOM folder to copy")],
-    out: Annotated[Path, typer.Option("--out", help="folder for the de-identified copy")],
-    salt: Annotated[str | None, typer.Option("--salt", help="secret pseudonym salt")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="folder for the de-identified copy")
+    ],
+    salt: Annotated[
+        str | None, typer.Option("--salt", help="secret pseudonym salt")
+    ] = None,
     salt_file: Annotated[
         Path | None, typer.Option("--salt-file", help="file holding the salt")
     ] = None,
-    ehr: Annotated[Path | None, typer.Option("--ehr", help="EHR Parquet to map")] = None,
+    ehr: Annotated[
+        Path | None, typer.Option("--ehr", help="EHR Parquet to map")
+    ] = None,
     ehr_out: Annotated[
         Path | None, typer.Option("--ehr-out", help="where the mapped EHR goes")
     ] = None,
@@ -81,8 +89,9 @@ def deid(
         key = load_salt(salt, salt_file)
         result = deid_folder(src, out, key)
         if ehr is not None and ehr_out is not None:
-            result.ehr_rows = deid_ehr(ehr, ehr_out, key, study_column=study_col,
-                                       patient_column=patient_col)
+            result.ehr_rows = deid_ehr(
+                ehr, ehr_out, key, study_column=study_col, patient_column=patient_col
+            )
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
         return
@@ -100,7 +109,9 @@ def deid(
     for reason, n in result.skipped.items():
         typer.echo(f"skipped {n}: {reason}")
     if result.burned_in or result.burn_in_undeclared:
-        typer.echo(f"review for burned-in text: {result.burned_in} declared, "
-                   f"{result.burn_in_undeclared} undeclared in prone modalities")
+        typer.echo(
+            f"review for burned-in text: {result.burned_in} declared, "
+            f"{result.burn_in_undeclared} undeclared in prone modalities"
+        )
     if ehr_out is not None:
         typer.echo(f"EHR: {result.ehr_rows} row(s) written to {ehr_out}")

@@ -36,78 +36,171 @@ METHOD = "DICOM PS3.15 E.1 Basic Application Confidentiality Profile"
 PROFILE: dict[str, str] = {
     **dict.fromkeys(
         (
-            "AccessionNumber", "ContentDate", "ContentTime", "PatientBirthDate",
-            "PatientName", "PatientSex", "ReferringPhysicianName", "StudyDate",
-            "StudyTime", "StudyID", "ContentCreatorName", "FillerOrderNumberImagingServiceRequest",
-            "PlacerOrderNumberImagingServiceRequest", "VerifyingObserverName",
-            "ContrastBolusAgent", "RequestedProcedureID",
+            "AccessionNumber",
+            "ContentDate",
+            "ContentTime",
+            "PatientBirthDate",
+            "PatientName",
+            "PatientSex",
+            "ReferringPhysicianName",
+            "StudyDate",
+            "StudyTime",
+            "StudyID",
+            "ContentCreatorName",
+            "FillerOrderNumberImagingServiceRequest",
+            "PlacerOrderNumberImagingServiceRequest",
+            "VerifyingObserverName",
+            "ContrastBolusAgent",
+            "RequestedProcedureID",
         ),
         "Z",
     ),
     "PatientID": "D",
     **dict.fromkeys(
         (
-            "AcquisitionComments", "AcquisitionDate", "AcquisitionDateTime",
-            "AcquisitionTime", "ActualHumanPerformersSequence",
-            "AdditionalPatientHistory", "AdmissionID", "AdmittingDate",
-            "AdmittingDiagnosesCodeSequence", "AdmittingDiagnosesDescription",
-            "AdmittingTime", "Allergies", "Arbitrary", "AuthorObserverSequence",
-            "BranchOfService", "ConsultingPhysicianName", "CountryOfResidence",
-            "CurrentPatientLocation", "CustodialOrganizationSequence",
-            "DerivationDescription", "DeviceSerialNumber", "DigitalSignaturesSequence",
-            "EthnicGroup", "FrameComments", "ImageComments", "InstanceCreationDate",
-            "InstanceCreationTime", "InstitutionAddress", "InstitutionName",
-            "InstitutionalDepartmentName", "IssuerOfPatientID", "MedicalAlerts",
-            "MedicalRecordLocator", "MilitaryRank", "ModifiedAttributesSequence",
-            "NameOfPhysiciansReadingStudy", "Occupation", "OperatorsName",
-            "OrderCallbackPhoneNumber", "OriginalAttributesSequence",
-            "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames",
-            "PatientAddress", "PatientAge", "PatientBirthName", "PatientBirthTime",
-            "PatientComments", "PatientInsurancePlanCodeSequence",
-            "PatientMotherBirthName", "PatientPrimaryLanguageCodeSequence",
-            "PatientReligiousPreference", "PatientSize", "PatientState",
-            "PatientTelephoneNumbers", "PatientWeight",
-            "PerformedProcedureStepDescription", "PerformedProcedureStepEndDate",
-            "PerformedProcedureStepEndTime", "PerformedProcedureStepID",
-            "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
-            "PerformingPhysicianName", "PerformingPhysicianIdentificationSequence",
-            "PhysiciansOfRecord", "PhysiciansReadingStudyIdentificationSequence",
-            "PregnancyStatus", "ProtocolName", "ReasonForStudy",
-            "ReferencedPatientSequence", "ReferencedStudySequence",
-            "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
-            "RequestAttributesSequence", "RequestedProcedureDescription",
-            "RequestingPhysician", "RequestingService", "ResponsibleOrganization",
-            "ResponsiblePerson", "ScheduledProcedureStepDescription",
-            "ScheduledProcedureStepID", "SeriesDate", "SeriesDescription",
-            "SeriesTime", "SmokingStatus", "SpecialNeeds", "StationName",
-            "StudyDescription", "TextComments", "TextString", "VisitComments",
-            "PersonName", "PersonAddress", "PersonTelephoneNumbers",
-            "InterpretationRecorder", "InterpretationTranscriber",
-            "InterpretationAuthor", "ResultsComments", "CommentsOnThePerformedProcedureStep",
-            "ScheduledPerformingPhysicianName", "IssuerOfAdmissionID",
-            "ServiceEpisodeID", "ServiceEpisodeDescription", "PatientTransportArrangements",
-            "RequestedContrastAgent", "PreMedication", "ImagePresentationComments",
-            "DetectorID", "GantryID", "PlateID", "CassetteID", "GeneratorID",
+            "AcquisitionComments",
+            "AcquisitionDate",
+            "AcquisitionDateTime",
+            "AcquisitionTime",
+            "ActualHumanPerformersSequence",
+            "AdditionalPatientHistory",
+            "AdmissionID",
+            "AdmittingDate",
+            "AdmittingDiagnosesCodeSequence",
+            "AdmittingDiagnosesDescription",
+            "AdmittingTime",
+            "Allergies",
+            "Arbitrary",
+            "AuthorObserverSequence",
+            "BranchOfService",
+            "ConsultingPhysicianName",
+            "CountryOfResidence",
+            "CurrentPatientLocation",
+            "CustodialOrganizationSequence",
+            "DerivationDescription",
+            "DeviceSerialNumber",
+            "DigitalSignaturesSequence",
+            "EthnicGroup",
+            "FrameComments",
+            "ImageComments",
+            "InstanceCreationDate",
+            "InstanceCreationTime",
+            "InstitutionAddress",
+            "InstitutionName",
+            "InstitutionalDepartmentName",
+            "IssuerOfPatientID",
+            "MedicalAlerts",
+            "MedicalRecordLocator",
+            "MilitaryRank",
+            "ModifiedAttributesSequence",
+            "NameOfPhysiciansReadingStudy",
+            "Occupation",
+            "OperatorsName",
+            "OrderCallbackPhoneNumber",
+            "OriginalAttributesSequence",
+            "OtherPatientIDs",
+            "OtherPatientIDsSequence",
+            "OtherPatientNames",
+            "PatientAddress",
+            "PatientAge",
+            "PatientBirthName",
+            "PatientBirthTime",
+            "PatientComments",
+            "PatientInsurancePlanCodeSequence",
+            "PatientMotherBirthName",
+            "PatientPrimaryLanguageCodeSequence",
+            "PatientReligiousPreference",
+            "PatientSize",
+            "PatientState",
+            "PatientTelephoneNumbers",
+            "PatientWeight",
+            "PerformedProcedureStepDescription",
+            "PerformedProcedureStepEndDate",
+            "PerformedProcedureStepEndTime",
+            "PerformedProcedureStepID",
+            "PerformedProcedureStepStartDate",
+            "PerformedProcedureStepStartTime",
+            "PerformingPhysicianName",
+            "PerformingPhysicianIdentificationSequence",
+            "PhysiciansOfRecord",
+            "PhysiciansReadingStudyIdentificationSequence",
+            "PregnancyStatus",
+            "ProtocolName",
+            "ReasonForStudy",
+            "ReferencedPatientSequence",
+            "ReferencedStudySequence",
+            "ReferringPhysicianAddress",
+            "ReferringPhysicianTelephoneNumbers",
+            "RequestAttributesSequence",
+            "RequestedProcedureDescription",
+            "RequestingPhysician",
+            "RequestingService",
+            "ResponsibleOrganization",
+            "ResponsiblePerson",
+            "ScheduledProcedureStepDescription",
+            "ScheduledProcedureStepID",
+            "SeriesDate",
+            "SeriesDescription",
+            "SeriesTime",
+            "SmokingStatus",
+            "SpecialNeeds",
+            "StationName",
+            "StudyDescription",
+            "TextComments",
+            "TextString",
+            "VisitComments",
+            "PersonName",
+            "PersonAddress",
+            "PersonTelephoneNumbers",
+            "InterpretationRecorder",
+            "InterpretationTranscriber",
+            "InterpretationAuthor",
+            "ResultsComments",
+            "CommentsOnThePerformedProcedureStep",
+            "ScheduledPerformingPhysicianName",
+            "IssuerOfAdmissionID",
+            "ServiceEpisodeID",
+            "ServiceEpisodeDescription",
+            "PatientTransportArrangements",
+            "RequestedContrastAgent",
+            "PreMedication",
+            "ImagePresentationComments",
+            "DetectorID",
+            "GantryID",
+            "PlateID",
+            "CassetteID",
+            "GeneratorID",
         ),
         "X",
     ),
 }
 
 #: UIDs never pseudonymised (they name classes and syntaxes, not instances)
-_KEEP_UIDS = {"SOPClassUID", "MediaStorageSOPClassUID", "TransferSyntaxUID",
-              "ReferencedSOPClassUID", "ImplementationClassUID", "CodingSchemeUID",
-              "ContextGroupExtensionCreatorUID", "MappingResource"}
+_KEEP_UIDS = {
+    "SOPClassUID",
+    "MediaStorageSOPClassUID",
+    "TransferSyntaxUID",
+    "ReferencedSOPClassUID",
+    "ImplementationClassUID",
+    "CodingSchemeUID",
+    "ContextGroupExtensionCreatorUID",
+    "MappingResource",
+}
 
 
 def load_salt(salt: str | None, salt_file: Path | None) -> bytes:
     """The pseudonym salt from ``--salt`` or ``--salt-file`` (at least 16 bytes)."""
     if (salt is None) == (salt_file is None):
-        raise ConfigError("give exactly one of --salt and --salt-file",
-                          hint="Keep the salt secret and the same for every export.")
+        raise ConfigError(
+            "give exactly one of --salt and --salt-file",
+            hint="Keep the salt secret and the same for every export.",
+        )
     value = salt.encode() if salt is not None else Path(salt_file).read_bytes().strip()
     if len(value) < 16:
-        raise ConfigError("the salt is shorter than 16 bytes",
-                          hint="Use a long random secret, e.g. `openssl rand -hex 32`.")
+        raise ConfigError(
+            "the salt is shorter than 16 bytes",
+            hint="Use a long random secret, e.g. `openssl rand -hex 32`.",
+        )
     return value
 
 
@@ -136,7 +229,8 @@ def deidentify(ds: Dataset, salt: bytes) -> Dataset:
     meta = getattr(ds, "file_meta", None)
     if meta is not None and "MediaStorageSOPInstanceUID" in meta:
         meta.MediaStorageSOPInstanceUID = uid_pseudonym(
-            meta.MediaStorageSOPInstanceUID, salt)
+            meta.MediaStorageSOPInstanceUID, salt
+        )
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = METHOD
     code = Dataset()
@@ -159,8 +253,12 @@ def _strip(ds: Dataset, salt: bytes) -> None:
                 _strip(item, salt)
         elif elem.VR == "UI" and keyword not in _KEEP_UIDS and elem.value:
             values = elem.value if elem.VM > 1 else [elem.value]
-            mapped = [v if UID(str(v)).is_transfer_syntax or UID(str(v)).name != str(v)
-                      else uid_pseudonym(str(v), salt) for v in values]
+            mapped = [
+                v
+                if UID(str(v)).is_transfer_syntax or UID(str(v)).name != str(v)
+                else uid_pseudonym(str(v), salt)
+                for v in values
+            ]
             elem.value = mapped if elem.VM > 1 else mapped[0]
 
 
@@ -203,8 +301,10 @@ def deid_folder(src: Path, dst: Path, salt: bytes) -> DeidResult:
         elif not burned and str(ds.get("Modality", "")).upper() in _BURN_IN_PRONE:
             result.burn_in_undeclared += 1
         deidentify(ds, salt)
-        parts = [str(ds.get(k, "") or "x") for k in
-                 ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+        parts = [
+            str(ds.get(k, "") or "x")
+            for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+        ]
         out = dst / parts[0] / parts[1] / f"{parts[2]}.dcm"
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -215,13 +315,20 @@ def deid_folder(src: Path, dst: Path, salt: bytes) -> DeidResult:
             continue
         result.written += 1
     result.skipped = dict(skipped)
-    logger.info("de-identified %d file(s), skipped %d", result.written,
-                sum(skipped.values()))
+    logger.info(
+        "de-identified %d file(s), skipped %d", result.written, sum(skipped.values())
+    )
     return result
 
 
-def deid_ehr(src: Path, dst: Path, salt: bytes, *, study_column: str = "study_uid",
-             patient_column: str | None = "patient_id") -> int:
+def deid_ehr(
+    src: Path,
+    dst: Path,
+    salt: bytes,
+    *,
+    study_column: str = "study_uid",
+    patient_column: str | None = "patient_id",
+) -> int:
     """Copy an EHR Parquet table with study UIDs and patient ids pseudonymised."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -231,12 +338,17 @@ def deid_ehr(src: Path, dst: Path, salt: bytes, *, study_column: str = "study_ui
         if column is None:
             continue
         if column not in table.column_names:
-            raise DataError(f"EHR table {src} has no column {column!r}",
-                            hint="Name it with --study-col / --patient-col.")
-        values = [None if v is None else fn(str(v), salt)
-                  for v in table.column(column).cast(pa.string()).to_pylist()]
-        table = table.set_column(table.schema.get_field_index(column), column,
-                                 pa.array(values, pa.string()))
+            raise DataError(
+                f"EHR table {src} has no column {column!r}",
+                hint="Name it with --study-col / --patient-col.",
+            )
+        values = [
+            None if v is None else fn(str(v), salt)
+            for v in table.column(column).cast(pa.string()).to_pylist()
+        ]
+        table = table.set_column(
+            table.schema.get_field_index(column), column, pa.array(values, pa.string())
+        )
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, dst)
     return table.num_rows

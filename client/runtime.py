@@ -66,10 +66,28 @@ def resolve_site_toml(
     )
 
 
+def resolve_device(spec: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; a named GPU must exist."""
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        index = int(spec.split(":")[1]) if ":" in spec else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"train.device={spec!r} but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s) visible to torch",
+                hint="Use train.device = 'auto' or 'cpu', or install the CUDA build of torch.",
+            )
+    return spec
+
+
 def _config_key(config: RunConfig) -> str:
     relevant = {
         "model": config.model.model_dump(mode="json"),
         "task": config.task.model_dump(mode="json"),
+        "device": config.train.device,
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -91,9 +109,9 @@ def get_runtime(site_toml: Path, site_index: int, config: RunConfig) -> SiteRunt
         max_note_tokens=config.model.max_note_tokens,
         tokenizer=get_tokenizer(config.model.tokenizer),
     )
-    runtime = SiteRuntime(
-        site=site, data=data, built=build_model(config), site_index=site_index
-    )
+    built = build_model(config)
+    built.model.to(resolve_device(config.train.device))
+    runtime = SiteRuntime(site=site, data=data, built=built, site_index=site_index)
     log.info("site %d loaded: %d studies", site_index, data.num_studies)
     _CACHE[key] = runtime
     while len(_CACHE) > _MAX_CACHED_SITES:

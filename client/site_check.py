@@ -37,14 +37,18 @@ _BURN_IN_PRONE = {"US", "SC", "XA", "OT", "ES", "SM", "DOC"}
 
 
 def _counts(values: list[Any]) -> dict[str, int]:
-    return dict(Counter("(none)" if v is None else str(v) for v in values).most_common())
+    return dict(
+        Counter("(none)" if v is None else str(v) for v in values).most_common()
+    )
 
 
 def _frac(num: int, den: int) -> float:
     return round(num / den, 4) if den else 0.0
 
 
-def check_site(site_toml: Path, task: TaskConfig, *, image_size: int = 64) -> dict[str, Any]:
+def check_site(
+    site_toml: Path, task: TaskConfig, *, image_size: int = 64
+) -> dict[str, Any]:
     """Check a site; return a JSON-able report with ``can_train`` and ``blocking``.
 
     Never raises for problems of the site's data or settings: they become
@@ -69,8 +73,9 @@ def check_site(site_toml: Path, task: TaskConfig, *, image_size: int = 64) -> di
         blocking.append(str(exc))
         from .data.dicom_index import index_dicom
 
-        report["dicom"] = _dicom_section(index_dicom(site.dicom_paths, site.cache_path),
-                                         {}, {})
+        report["dicom"] = _dicom_section(
+            index_dicom(site.dicom_paths, site.cache_path), {}, {}
+        )
         return _finish(report)
     report["dicom"] = _dicom_section(prep.index, prep.images, prep.reasons)
     report["ehr"] = _ehr_section(prep)
@@ -96,8 +101,10 @@ def check_site(site_toml: Path, task: TaskConfig, *, image_size: int = 64) -> di
             warnings.append(f"feature {feature!r} is missing in {frac:.0%} of rows")
     failures = sum(report["dicom"]["decode_failures"].values())
     if failures:
-        warnings.append(f"{failures} study image(s) could not be decoded; those "
-                        "studies train without image")
+        warnings.append(
+            f"{failures} study image(s) could not be decoded; those "
+            "studies train without image"
+        )
     return _finish(report)
 
 
@@ -109,7 +116,9 @@ def _finish(report: dict[str, Any]) -> dict[str, Any]:
 def _dicom_section(index, images, reasons: dict[str, str]) -> dict[str, Any]:
     status = index.column("status").to_pylist()
     usable = index.filter(pc.equal(index.column("status"), OK))
-    syntaxes = [transfer_syntax_name(t) for t in index.column("transfer_syntax").to_pylist()]
+    syntaxes = [
+        transfer_syntax_name(t) for t in index.column("transfer_syntax").to_pylist()
+    ]
     return {
         "files": index.num_rows,
         "usable_files": usable.num_rows,
@@ -117,8 +126,9 @@ def _dicom_section(index, images, reasons: dict[str, str]) -> dict[str, Any]:
         "by_modality": _counts(usable.column("modality").to_pylist()),
         "by_body_part": _counts(usable.column("body_part").to_pylist()),
         "by_transfer_syntax": _counts(syntaxes),
-        "multi_frame_files": int(pc.sum(pc.greater(usable.column("frames"), 1)).as_py()
-                                 or 0),
+        "multi_frame_files": int(
+            pc.sum(pc.greater(usable.column("frames"), 1)).as_py() or 0
+        ),
         "not_usable": _counts([s for s in status if s != OK]),
         "decode_failures": _counts(list(reasons.values())),
     }
@@ -136,8 +146,9 @@ def _ehr_section(prep) -> dict[str, Any]:
         "missing_fraction": {k: _frac(v, rows) for k, v in stats.missing.items()},
         "out_of_range": dict(stats.out_of_range),
         "unknown_category": dict(stats.unknown_category),
-        "label_prevalence": {k: _frac(v, labelled[k])
-                             for k, v in stats.label_positive.items()},
+        "label_prevalence": {
+            k: _frac(v, labelled[k]) for k, v in stats.label_positive.items()
+        },
         "label_null": dict(stats.label_null),
         "label_unmapped": dict(stats.label_unmapped),
     }
@@ -181,16 +192,24 @@ def _phi_findings(prep, site: SiteConfig) -> list[str]:
         )
     burned = sum(1 for b in usable.column("burned_in").to_pylist() if b is True)
     if burned:
-        found.append(f"{burned} image file(s) declare burned-in annotation (text in "
-                     "the pixels): review them before sharing any copy.")
+        found.append(
+            f"{burned} image file(s) declare burned-in annotation (text in "
+            "the pixels): review them before sharing any copy."
+        )
     prone = sum(
-        1 for m, b in zip(usable.column("modality").to_pylist(),
-                          usable.column("burned_in").to_pylist(), strict=True)
+        1
+        for m, b in zip(
+            usable.column("modality").to_pylist(),
+            usable.column("burned_in").to_pylist(),
+            strict=True,
+        )
         if b is None and (m or "").upper() in _BURN_IN_PRONE
     )
     if prone:
-        found.append(f"{prone} image file(s) of modalities that often carry burned-in "
-                     "text do not declare BurnedInAnnotation.")
+        found.append(
+            f"{prone} image file(s) of modalities that often carry burned-in "
+            "text do not declare BurnedInAnnotation."
+        )
     columns = open_dataset(site.ehr_path).schema.names
     risky = [c for c in columns if _IDENTIFYING.search(c)]
     if risky:
@@ -199,8 +218,10 @@ def _phi_findings(prep, site: SiteConfig) -> list[str]:
             f"({', '.join(risky)}); wardround never reads undeclared columns."
         )
     if site.ehr.note and any(t for t in prep.ehr.notes):
-        found.append("free-text notes may hold names or dates; they are tokenised on "
-                     "the site and never sent.")
+        found.append(
+            "free-text notes may hold names or dates; they are tokenised on "
+            "the site and never sent."
+        )
     return found
 
 
@@ -219,10 +240,19 @@ def format_report(report: dict[str, Any]) -> str:
                 lines.append(f"  {key}: {value}")
     if "fingerprint" in report:
         lines.append(f"dataset fingerprint: {report['fingerprint']}")
-    for title, key in (("PHI risk", "phi"), ("warning", "warnings"),
-                       ("BLOCKING", "blocking")):
+    for title, key in (
+        ("PHI risk", "phi"),
+        ("warning", "warnings"),
+        ("BLOCKING", "blocking"),
+    ):
         for item in report.get(key, []):
             lines.append(f"{title}: {item}")
-    lines.append("result: " + ("the site can train" if report["can_train"]
-                               else f"{len(report['blocking'])} blocking problem(s)"))
+    lines.append(
+        "result: "
+        + (
+            "the site can train"
+            if report["can_train"]
+            else f"{len(report['blocking'])} blocking problem(s)"
+        )
+    )
     return "\n".join(lines)

@@ -47,7 +47,9 @@ class FeatureSpec(_Section):
 
     column: str
     type: ColumnType | None = None
-    unit: str | None = Field(None, description="this site's unit, converted to the run's")
+    unit: str | None = Field(
+        None, description="this site's unit, converted to the run's"
+    )
     range: tuple[float, float] | None = Field(
         None, description="allowed [low, high] in this site's unit; outside -> missing"
     )

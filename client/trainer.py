@@ -59,6 +59,18 @@ def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return model(**{k: batch[k] for k in INPUT_KEYS})
 
 
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(
+    batch: dict[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def train_local(
     model: torch.nn.Module, dataset: Dataset, spec: LocalTrainSpec
 ) -> TrainOutcome:
@@ -75,11 +87,13 @@ def train_local(
     anchor = snapshot_trainable(model) if spec.proximal_mu > 0 else {}
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
+    device = _model_device(model)
     steps, loss_sum, seen = 0, 0.0, 0
     for _ in range(spec.epochs):
         for batch in loader:
             if spec.modality_dropout > 0:
                 batch = drop_modalities(batch, spec.modality_dropout, generator)
+            batch = _to(batch, device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(_forward(model, batch), batch["labels"])
             total = loss
@@ -110,14 +124,16 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int) -> EvalO
     """Loss and AUROC (per label and macro) on ``dataset``."""
     start = time.perf_counter()
     model.eval()
+    device = _model_device(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
     all_scores, all_labels, loss_sum = [], [], 0.0
     for batch in loader:
+        batch = _to(batch, device)
         logits = _forward(model, batch)
         loss_sum += float(loss_fn(logits, batch["labels"]))
-        all_scores.append(torch.sigmoid(logits).numpy())
-        all_labels.append(batch["labels"].numpy())
+        all_scores.append(torch.sigmoid(logits).float().cpu().numpy())
+        all_labels.append(batch["labels"].cpu().numpy())
     n = len(dataset)
     if n == 0:
         return EvalOutcome(

@@ -98,6 +98,11 @@ class TrainConfig(_Section):
         description="chance to hide a present modality per training example",
     )
     torch_threads: int = Field(1, ge=0, description="0: torch's default")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto: cuda if available",
+    )
 
 
 class ModelConfig(_Section):

@@ -59,6 +59,9 @@ def prepare_simulation(
             hint="Run `wardround synth` or point data.sites-dir at real site folders.",
         )
     from ..client.preflight import preflight_site
+    from ..client.runtime import resolve_device
+
+    resolve_device(config.train.device)  # simulated sites train on this machine
 
     for site_toml in found:
         preflight_site(site_toml, config.task)
@@ -99,8 +102,12 @@ def run_simulation_engine(
     server_app = build_server_app(flat, observer=observer, results=results)
     client_app = build_client_app(flat)
     cpus = os.cpu_count() or 1
+    from ..client.runtime import resolve_device
+
+    # On a GPU machine two simulated sites share each GPU; on CPU one core each.
+    on_gpu = resolve_device(config.train.device).startswith("cuda")
     backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.5 if on_gpu else 0.0},
         "init_args": {
             "num_cpus": cpus,
             "include_dashboard": False,

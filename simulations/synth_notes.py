@@ -7,7 +7,7 @@ write in one of three styles: terse abbreviations, full sentences, or a template
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
@@ -22,7 +22,7 @@ MENTION = {
 }
 
 
-class NoteStyle(str, Enum):
+class NoteStyle(StrEnum):
     """How a site's clinicians write."""
 
     TERSE = "terse"

@@ -119,15 +119,18 @@ class PreparedSite:
     fingerprint: str
 
 
-def prepare_site(site: SiteConfig, task: TaskConfig, *, image_size: int) -> PreparedSite:
+def prepare_site(
+    site: SiteConfig, task: TaskConfig, *, image_size: int
+) -> PreparedSite:
     """Index, read, check, join and decode a site's data (no tensors, no split)."""
     index = index_dicom(site.dicom_paths, site.cache_path)
     images = study_series(index)
     ehr = read_encoded_ehr(site.ehr_path, task, site.ehr)
     join = join_ehr_images(ehr, images, require_image=task.require_image)
     decoded, reasons = decoded_images(images, image_size, task, site.cache_path)
-    return PreparedSite(index, images, ehr, join, decoded, reasons,
-                        _fingerprint(images, ehr, join.rows))
+    return PreparedSite(
+        index, images, ehr, join, decoded, reasons, _fingerprint(images, ehr, join.rows)
+    )
 
 
 def _cache_key(images: dict[str, list[dict[str, Any]]], task: TaskConfig) -> str:
@@ -140,7 +143,9 @@ def _cache_key(images: dict[str, list[dict[str, Any]]], task: TaskConfig) -> str
 
 
 def decoded_images(
-    images: dict[str, list[dict[str, Any]]], image_size: int, task: TaskConfig,
+    images: dict[str, list[dict[str, Any]]],
+    image_size: int,
+    task: TaskConfig,
     cache_dir: Path,
 ) -> tuple[np.ndarray, dict[str, str]]:
     """float32 [n_studies, C, S, S] aligned with ``images`` (NaN: failed) and reasons.
@@ -158,19 +163,28 @@ def decoded_images(
             array = np.load(cache, allow_pickle=False)
             table = pq.read_table(status)
             if array.shape == shape:
-                logger.info("decoded images loaded from cache (%d studies)", len(images))
-                reasons = dict(zip(table.column("study_uid").to_pylist(),
-                                   table.column("reason").to_pylist(), strict=True))
+                logger.info(
+                    "decoded images loaded from cache (%d studies)", len(images)
+                )
+                reasons = dict(
+                    zip(
+                        table.column("study_uid").to_pylist(),
+                        table.column("reason").to_pylist(),
+                        strict=True,
+                    )
+                )
                 return array, reasons
         except (OSError, ValueError, pa.ArrowInvalid) as exc:
-            logger.warning("image cache unreadable (%s); decoding again",
-                           type(exc).__name__)
+            logger.warning(
+                "image cache unreadable (%s); decoding again", type(exc).__name__
+            )
     array = np.full(shape, np.nan, np.float32)
     reasons: dict[str, str] = {}
     for i, (study, rows) in enumerate(images.items()):
         try:
-            array[i] = load_study_image([Path(r["path"]) for r in rows], image_size,
-                                        task.slice_mode, channels)
+            array[i] = load_study_image(
+                [Path(r["path"]) for r in rows], image_size, task.slice_mode, channels
+            )
         except DecodeFailure as exc:
             reasons[study] = exc.reason  # the item keeps its EHR and note
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -179,9 +193,13 @@ def decoded_images(
     tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, array, allow_pickle=False)
     tmp.replace(cache)
-    pq.write_table(pa.table({"study_uid": list(reasons), "reason": list(reasons.values())},
-                            schema=pa.schema([("study_uid", pa.string()),
-                                              ("reason", pa.string())])), status)
+    pq.write_table(
+        pa.table(
+            {"study_uid": list(reasons), "reason": list(reasons.values())},
+            schema=pa.schema([("study_uid", pa.string()), ("reason", pa.string())]),
+        ),
+        status,
+    )
     return array, reasons
 
 
@@ -228,8 +246,12 @@ def load_site_data(
     )
     features = ehr.features[matched]
     present = np.stack(
-        [image_ok, ehr_present(features, task),
-         np.array([bool(t.strip()) for t in notes])], axis=1
+        [
+            image_ok,
+            ehr_present(features, task),
+            np.array([bool(t.strip()) for t in notes]),
+        ],
+        axis=1,
     ).astype(np.float32)
 
     tensors = {

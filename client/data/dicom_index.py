@@ -60,10 +60,20 @@ INDEX_SCHEMA = pa.schema(
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
 _TAGS = [
-    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality",
-    "BodyPartExamined", "Rows", "Columns", "NumberOfFrames", "InstanceNumber",
-    "ImagePositionPatient", "SliceLocation", "PhotometricInterpretation",
-    "BurnedInAnnotation", "PatientIdentityRemoved",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "Modality",
+    "BodyPartExamined",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "InstanceNumber",
+    "ImagePositionPatient",
+    "SliceLocation",
+    "PhotometricInterpretation",
+    "BurnedInAnnotation",
+    "PatientIdentityRemoved",
 ]
 _CHUNK = 256
 _PARALLEL_FROM = 512  # fewer new files than this are read in this process
@@ -109,7 +119,9 @@ def index_dicom(
     parts = [cached.take(pa.array(keep, pa.int64()))] if keep else []
     parts += list(_read_all(todo, workers))
     table = (
-        pa.concat_tables(parts).combine_chunks() if parts else INDEX_SCHEMA.empty_table()
+        pa.concat_tables(parts).combine_chunks()
+        if parts
+        else INDEX_SCHEMA.empty_table()
     )
     table = table.sort_by("path")
     if todo or n_gone or not (cache_dir / INDEX_FILE).is_file():
@@ -117,12 +129,18 @@ def index_dicom(
     n_ok = pc.sum(pc.equal(table.column("status"), OK)).as_py() or 0
     logger.info(
         "DICOM index: %d files (%d usable), %d read, %d from cache, %d removed",
-        seen, n_ok, len(todo), len(keep), n_gone,
+        seen,
+        n_ok,
+        len(todo),
+        len(keep),
+        n_gone,
     )
     return table
 
 
-def _read_all(todo: list[tuple[str, int, int]], workers: int | None) -> Iterator[pa.Table]:
+def _read_all(
+    todo: list[tuple[str, int, int]], workers: int | None
+) -> Iterator[pa.Table]:
     chunks = [todo[i : i + _CHUNK] for i in range(0, len(todo), _CHUNK)]
     workers = workers or os.cpu_count() or 1
     if workers <= 1 or len(todo) < _PARALLEL_FROM:
@@ -176,7 +194,8 @@ def _load_cache(path: Path) -> pa.Table:
     except (OSError, pa.ArrowInvalid) as exc:
         logger.warning(
             "DICOM index cache %s is unreadable (%s); rebuilding it",
-            path, type(exc).__name__,
+            path,
+            type(exc).__name__,
         )
         return INDEX_SCHEMA.empty_table()
     if table.schema != INDEX_SCHEMA:
@@ -189,7 +208,10 @@ def _cache_keys(table: pa.Table) -> dict[str, tuple[int, int, int]]:
     paths = table.column("path").to_pylist()
     sizes = table.column("size").to_pylist()
     mtimes = table.column("mtime_ns").to_pylist()
-    return {p: (s, m, i) for i, (p, s, m) in enumerate(zip(paths, sizes, mtimes, strict=True))}
+    return {
+        p: (s, m, i)
+        for i, (p, s, m) in enumerate(zip(paths, sizes, mtimes, strict=True))
+    }
 
 
 def _save_cache(table: pa.Table, cache_dir: Path) -> None:
@@ -282,7 +304,10 @@ def _status(
     codec = decode.codec_status(row["transfer_syntax"])
     if codec != OK:
         return codec
-    if offset is None or row["transfer_syntax"] == pydicom.uid.DeflatedExplicitVRLittleEndian:
+    if (
+        offset is None
+        or row["transfer_syntax"] == pydicom.uid.DeflatedExplicitVRLittleEndian
+    ):
         return OK  # raw or deflated data set: checked when decoded
     return _pixel_status(ds, path, offset, size)
 

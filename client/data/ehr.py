@@ -78,21 +78,27 @@ def _problems_and_missing(
     def column(name: str, what: str, key: str) -> pa.DataType | None:
         if name not in have:
             absent.append(name)
-            problems.append(f'  - {name!r} ({what}): set `{key} = "<column>"` in site.toml')
+            problems.append(
+                f'  - {name!r} ({what}): set `{key} = "<column>"` in site.toml'
+            )
             return None
         return have[name]
 
     def declared(name: str, dtype: pa.DataType, want: ColumnType | None) -> None:
         kind = _kind(dtype)
-        if want is not None and kind is not want and not (
-            want is ColumnType.NUMBER and kind is ColumnType.INTEGER
+        if (
+            want is not None
+            and kind is not want
+            and not (want is ColumnType.NUMBER and kind is ColumnType.INTEGER)
         ):
             problems.append(
                 f"  - column {name!r} is declared {want.value} but holds {dtype}"
             )
 
     column(schema.patient_id, "patient id", "[ehr] patient-id")
-    column(schema.study_uid, "study uid, joins DICOM StudyInstanceUID", "[ehr] study-uid")
+    column(
+        schema.study_uid, "study uid, joins DICOM StudyInstanceUID", "[ehr] study-uid"
+    )
     if schema.note and "note" in schema.model_fields_set:
         dtype = column(schema.note, "free-text note", "[ehr] note")
         if dtype is not None and _kind(dtype) is not ColumnType.TEXT:
@@ -120,13 +126,19 @@ def _problems_and_missing(
                     f"to the run's {run_unit!r}; known: {', '.join(known_units(run_unit))}"
                 )
         if spec.map:
-            problems.append(f"  - [ehr.features] {name}: `map` is for categorical features")
+            problems.append(
+                f"  - [ehr.features] {name}: `map` is for categorical features"
+            )
     for name, vocab in task.categorical.items():
         spec = schema.feature_spec(name)
         dtype = column(spec.column, f"feature {name}", f"[ehr.features] {name}")
         if dtype is not None:
             declared(spec.column, dtype, spec.type)
-            if _kind(dtype) not in (ColumnType.TEXT, ColumnType.INTEGER, ColumnType.BOOLEAN):
+            if _kind(dtype) not in (
+                ColumnType.TEXT,
+                ColumnType.INTEGER,
+                ColumnType.BOOLEAN,
+            ):
                 problems.append(
                     f"  - column {spec.column!r} (feature {name}) holds {dtype}; "
                     "it must be text or integer codes"
@@ -151,7 +163,7 @@ def _problems_and_missing(
         if kind is ColumnType.TEXT and not spec.positive:
             problems.append(
                 f"  - label column {spec.column!r} ({name}) holds text: declare "
-                f'`positive = [...]` (and `negative`) under [ehr.labels.{name}]'
+                f"`positive = [...]` (and `negative`) under [ehr.labels.{name}]"
             )
         elif kind is None:
             problems.append(f"  - label column {spec.column!r} ({name}) holds {dtype}")
@@ -259,7 +271,9 @@ def _texts(array: pa.ChunkedArray | pa.Array) -> list[str | None]:
 
 
 def encode_batch(
-    table: pa.Table | pa.RecordBatch, task: TaskConfig, schema: EhrSchema,
+    table: pa.Table | pa.RecordBatch,
+    task: TaskConfig,
+    schema: EhrSchema,
     stats: EhrStats,
 ) -> EncodedEhr:
     """Encode one batch (see module docstring); counts go into ``stats``."""
@@ -331,7 +345,9 @@ def encode_batch(
 
 
 def _label_values(
-    array: pa.ChunkedArray | pa.Array, positive: tuple[str, ...], negative: tuple[str, ...]
+    array: pa.ChunkedArray | pa.Array,
+    positive: tuple[str, ...],
+    negative: tuple[str, ...],
 ) -> np.ndarray:
     """1.0 / 0.0 per row, NaN for null or (with a mapping) unmapped values."""
     if not positive and _kind(array.type) in _NUMERIC:
@@ -366,13 +382,21 @@ def read_encoded_ehr(
 ) -> EncodedEhr:
     """Stream, check and encode the EHR table; counts in ``.stats``."""
     stats = EhrStats()
-    parts = [encode_batch(b, task, schema, stats)
-             for b in iter_ehr(path, task, schema, batch_rows)]
+    parts = [
+        encode_batch(b, task, schema, stats)
+        for b in iter_ehr(path, task, schema, batch_rows)
+    ]
     if not parts:
         width, n_labels = task.ehr_width, len(task.labels)
-        return EncodedEhr(np.zeros((0, width), np.float32),
-                          np.zeros((0, n_labels), np.float32), [], [], [],
-                          np.zeros((0, n_labels), bool), stats)
+        return EncodedEhr(
+            np.zeros((0, width), np.float32),
+            np.zeros((0, n_labels), np.float32),
+            [],
+            [],
+            [],
+            np.zeros((0, n_labels), bool),
+            stats,
+        )
     return EncodedEhr(
         features=np.concatenate([p.features for p in parts]),
         labels=np.concatenate([p.labels for p in parts]),

@@ -224,7 +224,10 @@ def resize_to_square(
     out_w = max(1, min(size, int(round(width * scale))))
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
     resized = torch.nn.functional.interpolate(
-        tensor, size=(out_h, out_w), mode="bilinear", align_corners=False,
+        tensor,
+        size=(out_h, out_w),
+        mode="bilinear",
+        align_corners=False,
         antialias=True,
     )[0].numpy()
     out = np.zeros((image.shape[0], size, size), np.float32)
@@ -241,8 +244,9 @@ def dataset_to_image(
 ) -> np.ndarray:
     """Decoded dataset → float32 ``[S, S]`` (one channel) or ``[C, S, S]``."""
     unit = frames_to_unit(ds, decode_pixels(ds))
-    image = resize_to_square(combine_slices(unit, mode, channels), size,
-                             pixel_spacing(ds))
+    image = resize_to_square(
+        combine_slices(unit, mode, channels), size, pixel_spacing(ds)
+    )
     return image[0] if channels == 1 and mode is not SliceMode.CHANNELS else image
 
 
@@ -259,7 +263,9 @@ def load_unit_frames(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
 
 
 def load_study_image(
-    paths: list[Path], size: int, mode: SliceMode = SliceMode.MIDDLE,
+    paths: list[Path],
+    size: int,
+    mode: SliceMode = SliceMode.MIDDLE,
     channels: int = 1,
 ) -> np.ndarray:
     """One image input ``[C, S, S]`` from a file (frames) or a series (one per slice).
@@ -270,7 +276,9 @@ def load_study_image(
     if len(paths) == 1:
         frames, spacing = load_unit_frames(paths[0])
         return resize_to_square(combine_slices(frames, mode, channels), size, spacing)
-    decoded = [load_unit_frames(paths[i]) for i in pick_indices(len(paths), mode, channels)]
+    decoded = [
+        load_unit_frames(paths[i]) for i in pick_indices(len(paths), mode, channels)
+    ]
     shape = decoded[0][0].shape[1:]
     if any(f.shape[1:] != shape for f, _ in decoded):
         raise DecodeFailure(SERIES_SHAPES)

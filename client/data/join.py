@@ -18,8 +18,16 @@ import pyarrow.compute as pc
 from .decode import OK
 from .ehr import EncodedEhr
 
-_COLUMNS = ("path", "study_uid", "series_uid", "sop_uid", "size", "mtime_ns",
-            "instance_number", "slice_position")
+_COLUMNS = (
+    "path",
+    "study_uid",
+    "series_uid",
+    "sop_uid",
+    "size",
+    "mtime_ns",
+    "instance_number",
+    "slice_position",
+)
 
 
 def study_series(index: pa.Table) -> dict[str, list[dict[str, Any]]]:

@@ -61,3 +61,17 @@ def test_bad_toml_and_missing_file(tmp_path):
 def test_ehr_width_counts_values_flags_and_onehots():
     config = RunConfig()
     assert config.task.ehr_width == 2 * 7 + (2 + 1)
+
+
+def test_device_is_validated():
+    import torch
+
+    from wardround.client.runtime import resolve_device
+
+    with pytest.raises(ConfigError, match="train.device"):
+        RunConfig.from_mapping({"train": {"device": "gpu"}})
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA device"):
+            resolve_device("cuda:0")
