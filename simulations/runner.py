@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from ..common.config import RunConfig
@@ -117,8 +118,10 @@ def run_simulation_engine(
             "_node_ip_address": "127.0.0.1",
         },
     }
-    try:
-        with ChildProcessGuard():
+    engine_error: list[BaseException] = []
+
+    def run_engine() -> None:
+        try:
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
@@ -126,15 +129,33 @@ def run_simulation_engine(
                 backend_config=backend_config,
                 verbose_logging=verbose,
             )
-    except RuntimeError as exc:
-        cause = exc.__cause__ or exc.__context__
-        if isinstance(cause, Exception) and cause.__class__.__module__.startswith(
-            "wardround"
-        ):
-            raise cause from None
-        raise
+        except BaseException as exc:  # handed to the main thread below
+            engine_error.append(exc)
+
+    # The engine runs in a worker thread while the main thread waits in short timed
+    # joins: a Ctrl-C or SIGTERM that the kernel hands to one of Ray's or gRPC's
+    # threads would otherwise never interrupt an untimed join, and the run would
+    # go on. On the way out, also on an interrupt, the guard calls ray.shutdown()
+    # first (killing the raylet under a connected driver makes Ray abort the whole
+    # process) and then stops leftover processes by PID.
+    engine = threading.Thread(target=run_engine, name="flower-simulation", daemon=True)
+    try:
+        with ChildProcessGuard():
+            engine.start()
+            while engine.is_alive():
+                engine.join(timeout=0.5)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    if engine_error:
+        exc = engine_error[0]
+        cause = exc.__cause__ or exc.__context__
+        if (
+            isinstance(exc, RuntimeError)
+            and isinstance(cause, Exception)
+            and (cause.__class__.__module__.startswith("wardround"))
+        ):
+            raise cause from None
+        raise exc
     if not results:
         raise FederationError(
             "the simulation ended without finishing its rounds",

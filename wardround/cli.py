@@ -45,6 +45,7 @@ def _fail(exc: Exception) -> None:
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    _state["signal"] = signum
     raise KeyboardInterrupt
 
 
@@ -143,10 +144,11 @@ def simulate(
             f"run directory: {result.run_dir}  (adapter/, run.json, rounds.jsonl, plots/)"
         )
     except (KeyboardInterrupt, SystemExit) as stop:
-        # Ctrl-C arrives as KeyboardInterrupt; SIGTERM as SystemExit, because ray.init
-        # replaces our SIGTERM handler with sys.exit(15). By now ChildProcessGuard has
-        # stopped Ray's processes.
-        code = 143 if isinstance(stop, SystemExit) else 130
+        # Ctrl-C arrives as KeyboardInterrupt, SIGTERM through our handler (or as
+        # SystemExit if Ray's own handler got there first). By now ChildProcessGuard
+        # has stopped Ray's processes.
+        sigterm = isinstance(stop, SystemExit) or _state.get("signal") == signal.SIGTERM
+        code = 143 if sigterm else 130
         err_console.print("interrupted: Flower and Ray processes were stopped")
         sys.stdout.flush()
         os._exit(

@@ -54,7 +54,8 @@ def test_signal_stops_the_simulation_and_all_its_processes(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert code == (130 if signum == signal.SIGINT else 143)
+    output = proc.stdout.read().decode(errors="replace")
+    assert code == (130 if signum == signal.SIGINT else 143), output[-3000:]
     # every process it had started is gone (not merely orphaned)
     _, alive = psutil.wait_procs(list(seen.values()), timeout=15)
     assert not [
