@@ -75,7 +75,7 @@ def summary_table(result: FederationResult) -> Table:
     first_auroc = {e.site: e.auroc_macro for e in first.evaluate}
     sent = result.summary["bytes_sent_per_site"]
     table = Table(
-        title=f"wardround: {len(result.rounds)} round(s), {result.summary['aggregation']} aggregation"
+        title=f"wardround: {len(result.rounds) - 1} round(s), {result.summary['aggregation']} aggregation"
     )
     for col in (
         "site",
