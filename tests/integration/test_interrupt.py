@@ -32,7 +32,14 @@ def test_signal_stops_the_simulation_and_all_its_processes(
         str(tmp_path / "run"),
     ]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ)
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ),
+        # as a foreground command: async jobs of a non-interactive shell (a CI
+        # script, `nohup cmd &`) inherit SIGINT as ignored, and Python then keeps
+        # ignoring it, as any Unix program does
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen: dict[int, psutil.Process] = {}
     try:
