@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from .federation import RoundObserver, run_federation
 log = logging.getLogger(__name__)
 
 
-def site_namer(config: RunConfig):  # noqa: ANN201
+def site_namer(config: RunConfig) -> Callable[[int, int], str]:
     """Name sites by their folder under ``data.sites-dir`` (simulation) or node id."""
     folders = (
         sorted(p.parent.name for p in Path(config.data.sites_dir).glob("*/site.toml"))
