@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -28,7 +29,7 @@ from .runtime import SiteRuntime, get_runtime, resolve_site_toml
 
 def _setup(
     msg: Message, context: Context, run_config: dict[str, Any] | None
-) -> tuple[RunConfig, SiteRuntime, ConfigRecord]:
+) -> tuple[RunConfig, SiteRuntime, ConfigRecord, dict[str, np.ndarray]]:
     import torch
 
     config = RunConfig.from_flower(
@@ -48,10 +49,9 @@ def _setup(
             f"this site has {runtime.built.base_fingerprint[:12]}…",
             hint="Use the same model section of the run config and the same weights at every site.",
         )
-    load_adapter_state(
-        runtime.built.model, from_record(msg.content[wire.GLOBAL_ADAPTER])
-    )
-    return config, runtime, round_config
+    global_state = from_record(msg.content[wire.GLOBAL_ADAPTER])
+    load_adapter_state(runtime.built.model, global_state)
+    return config, runtime, round_config, global_state
 
 
 def _round_seed(config: RunConfig, runtime: SiteRuntime, server_round: int) -> int:
@@ -65,8 +65,7 @@ def handle_train(
     """Train the received global adapter on local data; reply with the delta."""
     from .trainer import LocalTrainSpec, train_local
 
-    config, runtime, round_config = _setup(msg, context, run_config)
-    global_state = from_record(msg.content[wire.GLOBAL_ADAPTER])
+    config, runtime, round_config, global_state = _setup(msg, context, run_config)
     server_round = int(round_config.get(wire.SERVER_ROUND, 0))
     spec = LocalTrainSpec(
         epochs=config.train.local_epochs,
@@ -100,7 +99,7 @@ def handle_evaluate(
     """Evaluate the received global adapter on the local validation split."""
     from .trainer import evaluate
 
-    config, runtime, _ = _setup(msg, context, run_config)
+    config, runtime, _, _ = _setup(msg, context, run_config)
     outcome = evaluate(
         runtime.built.model, runtime.data.validation, config.train.eval_batch_size
     )
