@@ -55,19 +55,30 @@ def write_ehr(path: Path, rows: int) -> None:
     if path.is_file() and pq.read_metadata(path).num_rows == rows:
         return
     rng = np.random.default_rng(0)
+
     def num(mean, std):
         values = rng.normal(mean, std, rows)
         values[rng.random(rows) < 0.1] = np.nan
         return pa.array(values, from_pandas=True)
-    table = pa.table({
-        "patient_id": pa.array([f"p{i}" for i in range(rows)]),
-        "study_uid": pa.array([f"2.25.{i}" for i in range(rows)]),
-        "age": num(60, 15), "temperature": num(37.2, 0.8), "heart_rate": num(85, 15),
-        "spo2": num(95, 3), "wbc": num(9, 3.5), "crp": num(30, 40), "bnp": num(300, 400),
-        "sex": pa.array(rng.choice(["F", "M", "X"], rows)),
-        **{k: pa.array(rng.integers(0, 2, rows)) for k in
-           ("nodule", "effusion", "pneumonia", "cardiomegaly")},
-    })
+
+    table = pa.table(
+        {
+            "patient_id": pa.array([f"p{i}" for i in range(rows)]),
+            "study_uid": pa.array([f"2.25.{i}" for i in range(rows)]),
+            "age": num(60, 15),
+            "temperature": num(37.2, 0.8),
+            "heart_rate": num(85, 15),
+            "spo2": num(95, 3),
+            "wbc": num(9, 3.5),
+            "crp": num(30, 40),
+            "bnp": num(300, 400),
+            "sex": pa.array(rng.choice(["F", "M", "X"], rows)),
+            **{
+                k: pa.array(rng.integers(0, 2, rows))
+                for k in ("nodule", "effusion", "pneumonia", "cardiomegaly")
+            },
+        }
+    )
     pq.write_table(table, path, row_group_size=131_072)
 
 
@@ -85,9 +96,13 @@ def step_index(folder: str, cache: str, workers: int) -> dict:
     start = time.perf_counter()
     table = index_dicom([Path(folder)], Path(cache), workers=workers)
     seconds = time.perf_counter() - start
-    return {"files": table.num_rows, "seconds": seconds,
-            "files_per_s": table.num_rows / seconds, "peak_mb": _peak_mb(),
-            "baseline_mb": base}
+    return {
+        "files": table.num_rows,
+        "seconds": seconds,
+        "files_per_s": table.num_rows / seconds,
+        "peak_mb": _peak_mb(),
+        "baseline_mb": base,
+    }
 
 
 def step_ehr(path: str) -> dict:
@@ -101,13 +116,22 @@ def step_ehr(path: str) -> dict:
     enc = read_encoded_ehr(Path(path), TaskConfig(), EhrSchema(note=None))
     seconds = time.perf_counter() - start
     rows = len(enc.features)
-    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds,
-            "peak_mb": _peak_mb(), "baseline_mb": base}
+    return {
+        "rows": rows,
+        "seconds": seconds,
+        "rows_per_s": rows / seconds,
+        "peak_mb": _peak_mb(),
+        "baseline_mb": base,
+    }
 
 
 def _run(step: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--step", step, *args],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--step", step, *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -133,7 +157,10 @@ def main() -> None:
     write_dicom(root / "dicom", opts.files)
     write_ehr(root / "ehr.parquet", opts.rows)
     rows = []
-    for label, folder, n in (("quarter", "dicom-small", quarter), ("full", "dicom", opts.files)):
+    for label, folder, n in (
+        ("quarter", "dicom-small", quarter),
+        ("full", "dicom", opts.files),
+    ):
         for workers in sorted({1, opts.workers}):
             cache = root / f"cache-{label}-{workers}"
             for stale in cache.glob("*"):
@@ -143,12 +170,19 @@ def main() -> None:
             warm = _run("index", str(root / folder), str(cache), str(workers))
             rows.append((f"index {n} files, {workers} worker(s), cold", cold))
             rows.append((f"index {n} files, {workers} worker(s), warm", warm))
-    rows.append((f"EHR {opts.rows} rows, stream + encode", _run("ehr", str(root / "ehr.parquet"))))
+    rows.append(
+        (
+            f"EHR {opts.rows} rows, stream + encode",
+            _run("ehr", str(root / "ehr.parquet")),
+        )
+    )
     print(f"{'step':48s} {'count':>9s} {'seconds':>8s} {'per s':>10s} {'peak MB':>8s}")
     for name, r in rows:
         count = r.get("files", r.get("rows"))
         rate = r.get("files_per_s", r.get("rows_per_s"))
-        print(f"{name:48s} {count:9d} {r['seconds']:8.2f} {rate:10.0f} {r['peak_mb']:8.0f}")
+        print(
+            f"{name:48s} {count:9d} {r['seconds']:8.2f} {rate:10.0f} {r['peak_mb']:8.0f}"
+        )
 
 
 if __name__ == "__main__":

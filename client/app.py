@@ -1,21 +1,40 @@
 """The site's Flower ``ClientApp``: train and evaluate the global adapter locally.
 
-What leaves the site: the adapter *delta* (float32, the declared trainable
-tensors only) and numeric metrics keyed by fixed names (see ``common/wire.py``).
+What leaves the site: the adapter *delta* (float32, the declared payload tensors,
+clipped to the run's L2 bound) and numeric metrics keyed by fixed names (see
+``common/wire.py``). Under secure aggregation the delta goes to Flower's SecAgg+
+mod, which quantizes and masks it. Every reply passes the egress guard; every
+exception leaves as a sanitized reason.
+
+Mods, outermost first (``client/egress_mods.site_mods``): error sanitizing → egress
+guard → SecAgg+ (SecAgg+ messages only) → inner egress guard.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import (
+    Code,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.compat.common import recorddict_compat as compat
 
 from ..common import wire
 from ..common.adapter import (
     adapter_state,
+    clip_l2,
     from_record,
     l2_norm,
     load_adapter_state,
@@ -23,13 +42,29 @@ from ..common.adapter import (
 )
 from ..common.aggregation import subtract
 from ..common.config import RunConfig
-from ..common.errors import ModelMismatchError
+from ..common.errors import FederationError, ModelMismatchError
+from ..common.privacy import Mechanism, check_round_budget, epsilon_spent
+from .egress import EgressAllowlist, check_legacy_fitres, check_reply
+from .egress_mods import site_mods
+from .privacy_policy import DpPlan, plan_site_privacy
 from .runtime import SiteRuntime, get_runtime, resolve_site_toml
+from .secure_aggregation import LEGACY_FITINS_ARRAYS
+
+log = logging.getLogger(__name__)
 
 
-def _setup(
-    msg: Message, context: Context, run_config: dict[str, Any] | None
-) -> tuple[RunConfig, SiteRuntime, ConfigRecord, dict[str, np.ndarray]]:
+@dataclass(frozen=True)
+class _Request:
+    config: RunConfig
+    runtime: SiteRuntime
+    round_config: dict[str, Any]
+    global_state: OrderedDict[str, np.ndarray]
+    simulation: bool
+
+
+def _load(
+    context: Context, run_config: dict[str, Any] | None
+) -> tuple[RunConfig, SiteRuntime, bool]:
     import torch
 
     config = RunConfig.from_flower(
@@ -37,11 +72,34 @@ def _setup(
     )
     if config.train.torch_threads:
         torch.set_num_threads(config.train.torch_threads)
-    site_toml, site_index = resolve_site_toml(dict(context.node_config), config)
+    node_config = dict(context.node_config)
+    site_toml, site_index = resolve_site_toml(node_config, config)
     runtime = get_runtime(site_toml, site_index, config)
-    round_config = (
-        msg.content[wire.CONFIG] if wire.CONFIG in msg.content else ConfigRecord()
-    )
+    return config, runtime, "partition-id" in node_config
+
+
+def _parse(
+    msg: Message, context: Context, run_config: dict[str, Any] | None
+) -> _Request:
+    config, runtime, simulation = _load(context, run_config)
+    if LEGACY_FITINS_ARRAYS in msg.content:
+        # Secure aggregation: Flower's legacy FitIns (unnamed arrays, in key order).
+        fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        arrays = parameters_to_ndarrays(fit_ins.parameters)
+        keys = runtime.adapter_keys
+        if len(arrays) != len(keys):
+            raise FederationError(
+                f"the coordinator sent {len(arrays)} adapter tensors, this site's "
+                f"model has {len(keys)}",
+                hint="The coordinator and this site must use the same model section.",
+            )
+        global_state = OrderedDict(zip(keys, arrays, strict=True))
+        round_config = dict(fit_ins.config)
+    else:
+        global_state = from_record(msg.content[wire.GLOBAL_ADAPTER])
+        round_config = (
+            dict(msg.content[wire.CONFIG]) if wire.CONFIG in msg.content else {}
+        )
     expected = round_config.get(wire.BASE_FINGERPRINT)
     if expected != runtime.built.base_fingerprint:
         raise ModelMismatchError(
@@ -49,9 +107,8 @@ def _setup(
             f"this site has {runtime.built.base_fingerprint[:12]}…",
             hint="Use the same model section of the run config and the same weights at every site.",
         )
-    global_state = from_record(msg.content[wire.GLOBAL_ADAPTER])
     load_adapter_state(runtime.built.model, global_state)
-    return config, runtime, round_config, global_state
+    return _Request(config, runtime, round_config, global_state, simulation)
 
 
 def _round_seed(config: RunConfig, runtime: SiteRuntime, server_round: int) -> int:
@@ -59,37 +116,145 @@ def _round_seed(config: RunConfig, runtime: SiteRuntime, server_round: int) -> i
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
-def handle_train(
-    msg: Message, context: Context, run_config: dict[str, Any] | None = None
-) -> Message:
-    """Train the received global adapter on local data; reply with the delta."""
+def _dp_plan(request: _Request) -> DpPlan | None:
+    return plan_site_privacy(
+        request.config,
+        request.runtime.site.privacy,
+        len(request.runtime.data.train),
+        simulation=request.simulation,
+    )
+
+
+def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, Any]]:
+    """One round of local training; returns the clipped payload delta and metrics."""
     from .trainer import LocalTrainSpec, train_local
 
-    config, runtime, round_config, global_state = _setup(msg, context, run_config)
-    server_round = int(round_config.get(wire.SERVER_ROUND, 0))
+    config, runtime = request.config, request.runtime
+    server_round = int(request.round_config.get(wire.SERVER_ROUND, 0))
+    run_id = str(request.round_config.get(wire.RUN_ID, "unnamed-run"))
+    plan = _dp_plan(request)
+    reservation = None
+    if plan is not None:
+        ledger = runtime.ledger
+        run_after, total_after = ledger.projected(
+            plan.per_round, plan.delta, plan.accountant, run_id
+        )
+        floor = runtime.site.privacy
+        check_round_budget(
+            run_after,
+            total_after,
+            max_epsilon_per_run=plan.run_epsilon_limit,
+            budget_epsilon=floor.budget_epsilon,
+        )
+        # Durable before any noisy step: a crash from here on counts as spent.
+        reservation = ledger.reserve(
+            run_id,
+            server_round,
+            plan.per_round,
+            delta=plan.delta,
+            max_grad_norm=plan.training.max_grad_norm,
+            accountant=plan.accountant.value,
+            base_model=runtime.built.base_fingerprint,
+        )
     spec = LocalTrainSpec(
         epochs=config.train.local_epochs,
         max_steps=config.train.max_steps,
         batch_size=config.train.batch_size,
         learning_rate=config.train.learning_rate,
         weight_decay=config.train.weight_decay,
-        proximal_mu=float(round_config.get(wire.PROXIMAL_MU, 0.0)),
+        proximal_mu=float(request.round_config.get(wire.PROXIMAL_MU, 0.0)),
         seed=_round_seed(config, runtime, server_round),
         modality_dropout=config.train.modality_dropout,
     )
-    outcome = train_local(runtime.built.model, runtime.data.train, spec)
-    delta = subtract(adapter_state(runtime.built.model), global_state)
-    metrics = MetricRecord(
-        {
-            wire.NUM_EXAMPLES: outcome.num_examples,
-            wire.SITE_INDEX: runtime.site_index,
-            wire.TRAIN_LOSS: outcome.mean_loss,
-            wire.TRAIN_STEPS: outcome.steps,
-            wire.TRAIN_SECONDS: outcome.seconds,
-            wire.DELTA_L2: l2_norm(delta),
-        }
+    outcome = train_local(
+        runtime.built.model,
+        runtime.data.train,
+        spec,
+        plan.training if plan is not None else None,
     )
-    content = RecordDict({wire.ADAPTER_DELTA: to_record(delta), wire.METRICS: metrics})
+    full_delta = subtract(adapter_state(runtime.built.model), request.global_state)
+    payload = OrderedDict((k, full_delta[k]) for k in runtime.payload_keys)
+    raw_l2 = l2_norm(payload)
+    payload, clipped = clip_l2(payload, config.federation.delta_clip_norm)
+    metrics: dict[str, Any] = {
+        wire.NUM_EXAMPLES: outcome.num_examples,
+        wire.SITE_INDEX: runtime.site_index,
+        wire.TRAIN_LOSS: outcome.mean_loss,
+        wire.TRAIN_STEPS: outcome.steps,
+        wire.TRAIN_SECONDS: outcome.seconds,
+        wire.DELTA_L2: raw_l2,
+        wire.DELTA_CLIPPED: int(clipped),
+    }
+    if plan is not None and reservation is not None:
+        ledger = runtime.ledger
+        # The reservation still counts its planned steps (>= those taken): the
+        # reported epsilon never understates what the commit below records.
+        run_history = ledger.history(run_id)
+        eps_run = epsilon_spent(run_history, plan.delta, plan.accountant)
+        eps_total = epsilon_spent(ledger.history(), plan.delta, plan.accountant)
+        # Written before the update leaves the site.
+        ledger.commit(
+            reservation, outcome.steps, epsilon_run=eps_run, epsilon_total=eps_total
+        )
+        metrics.update(
+            {
+                wire.DP_EPSILON_RUN: eps_run,
+                wire.DP_EPSILON_RUN_PRV: _prv_epsilon(run_history, plan),
+                wire.DP_EPSILON_TOTAL: eps_total,
+                wire.DP_DELTA: plan.delta,
+                wire.DP_NOISE_MULTIPLIER: plan.per_round.noise_multiplier,
+                wire.DP_SAMPLE_RATE: plan.per_round.sample_rate,
+                wire.DP_STEPS: outcome.steps,
+                wire.DP_MAX_GRAD_NORM: plan.training.max_grad_norm,
+            }
+        )
+    return payload, metrics
+
+
+def _prv_epsilon(history: list[Mechanism], plan: DpPlan) -> float:
+    from ..common.config import Accountant
+
+    try:
+        return epsilon_spent(history, plan.delta, Accountant.PRV)
+    except Exception:  # PRV has numeric limits; the budget uses plan.accountant
+        log.warning("PRV accountant could not evaluate this history", exc_info=True)
+        return -1.0
+
+
+def handle_train(
+    msg: Message, context: Context, run_config: dict[str, Any] | None = None
+) -> Message:
+    """Train the received global adapter on local data; reply with the delta."""
+    request = _parse(msg, context, run_config)
+    payload, metrics = _train(request)
+    allowlist = request.runtime.allowlist
+    if LEGACY_FITINS_ARRAYS in msg.content:
+        max_weight = request.round_config.get(wire.SECAGG_MAX_WEIGHT)
+        num_examples = int(metrics[wire.NUM_EXAMPLES])
+        if max_weight is not None and num_examples > float(max_weight):
+            # SecAgg+ would overflow its quantization range: cap this site's weight.
+            log.warning(
+                "weight capped at %s examples for secure aggregation", max_weight
+            )
+            num_examples = int(float(max_weight))
+        content = compat.fitres_to_recorddict(
+            FitRes(
+                status=Status(code=Code.OK, message="Success"),
+                parameters=ndarrays_to_parameters(list(payload.values())),
+                num_examples=num_examples,
+                metrics=metrics,
+            ),
+            keep_input=True,
+        )
+        check_legacy_fitres(content, allowlist)
+    else:
+        content = RecordDict(
+            {
+                wire.ADAPTER_DELTA: to_record(payload),
+                wire.METRICS: MetricRecord(metrics),
+            }
+        )
+        check_reply(content, allowlist, kind="train")
     return Message(content, reply_to=msg)
 
 
@@ -99,32 +264,85 @@ def handle_evaluate(
     """Evaluate the received global adapter on the local validation split."""
     from .trainer import evaluate
 
-    config, runtime, _, _ = _setup(msg, context, run_config)
+    request = _parse(msg, context, run_config)
+    runtime = request.runtime
     outcome = evaluate(
-        runtime.built.model, runtime.data.validation, config.train.eval_batch_size
+        runtime.built.model,
+        runtime.data.validation,
+        request.config.train.eval_batch_size,
     )
     values: dict[str, float | int] = {
         wire.NUM_EXAMPLES: outcome.num_examples,
+        wire.TRAIN_EXAMPLES: len(runtime.data.train),
         wire.SITE_INDEX: runtime.site_index,
         wire.EVAL_LOSS: outcome.loss,
         wire.AUROC_MACRO: outcome.auroc_macro,
         wire.EVAL_SECONDS: outcome.seconds,
     }
-    for label, value in zip(config.task.labels, outcome.auroc_per_label, strict=False):
+    for label, value in zip(
+        request.config.task.labels, outcome.auroc_per_label, strict=False
+    ):
         values[wire.AUROC_PREFIX + label] = float(value)
-    return Message(RecordDict({wire.METRICS: MetricRecord(values)}), reply_to=msg)
+    # Undefined numbers (one class only, no validation data) are left out, not sent.
+    values = {k: v for k, v in values.items() if np.isfinite(v)}
+    content = RecordDict({wire.METRICS: MetricRecord(values)})
+    check_reply(content, runtime.allowlist, kind="evaluate")
+    return Message(content, reply_to=msg)
+
+
+def precheck_secure_round(
+    msg: Message, context: Context, run_config: dict[str, Any] | None = None
+) -> None:
+    """Before joining SecAgg+: refuse now if this site would refuse to train.
+
+    A site that leaves at setup costs the protocol nothing; one that leaves after
+    sharing keys has to be reconstructed.
+    """
+    config, runtime, simulation = _load(context, run_config)
+    plan = plan_site_privacy(
+        config, runtime.site.privacy, len(runtime.data.train), simulation=simulation
+    )
+    if plan is None:
+        return
+    _, total_after = runtime.ledger.projected(
+        plan.per_round, plan.delta, plan.accountant, None
+    )
+    check_round_budget(
+        0.0,
+        total_after,
+        max_epsilon_per_run=plan.run_epsilon_limit,
+        budget_epsilon=runtime.site.privacy.budget_epsilon,
+    )
 
 
 def build_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``run_config`` overrides the context's (in-process simulation)."""
-    client_app = ClientApp()
+
+    def allowlist_for(msg: Message, context: Context) -> EgressAllowlist:
+        return _load(context, run_config)[1].allowlist
+
+    def precheck(msg: Message, context: Context) -> None:
+        precheck_secure_round(msg, context, run_config)
+
+    def violations_log(context: Context) -> Path | None:
+        try:
+            return (
+                _load(context, run_config)[1].site.cache_path
+                / "egress-violations.jsonl"
+            )
+        except Exception:  # the violation is still logged; the file is a convenience
+            return None
+
+    client_app = ClientApp(
+        mods=site_mods(allowlist_for, precheck=precheck, violations_log=violations_log)
+    )
 
     @client_app.train()
-    def _train(msg: Message, context: Context) -> Message:
+    def _train_handler(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, run_config)
 
     @client_app.evaluate()
-    def _evaluate(msg: Message, context: Context) -> Message:
+    def _evaluate_handler(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, run_config)
 
     return client_app

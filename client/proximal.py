@@ -31,3 +31,16 @@ def snapshot_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {
         n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
     }
+
+
+@torch.no_grad()
+def add_proximal_gradient(
+    model: torch.nn.Module, anchor: Mapping[str, torch.Tensor], mu: float
+) -> None:
+    """Add ``mu · (p - anchor)``, the gradient of the proximal term, to ``p.grad``.
+
+    Used after DP-SGD's noise: the term does not touch data, so it costs no privacy.
+    """
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.grad is not None:
+            param.grad.add_(param.detach() - anchor[name], alpha=mu)

@@ -7,6 +7,7 @@ message loads the global adapter into the model in full before use.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -15,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..common.config import RunConfig
+from ..common.adapter import adapter_state, payload_keys
+from ..common.config import LoraVariant, RunConfig
 from ..common.errors import ConfigError
 from ..common.models import BuiltModel, build_model
+from .egress import EgressAllowlist
+from .ledger import PrivacyLedger, ledger_file
 from .site_config import SiteConfig
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,36 @@ class SiteRuntime:
     data: Any  # client.data.dataset.SiteData
     built: BuiltModel
     site_index: int
+    config: RunConfig
+
+    @functools.cached_property
+    def adapter_keys(self) -> list[str]:
+        """Every adapter tensor, sorted (the order of unnamed arrays on the wire)."""
+        return list(adapter_state(self.built.model))
+
+    @functools.cached_property
+    def payload_keys(self) -> list[str]:
+        """The adapter tensors this site sends back (FFA-LoRA: not the frozen A)."""
+        return payload_keys(
+            self.adapter_keys,
+            frozen_lora_a=self.config.model.lora_variant is LoraVariant.FFA,
+        )
+
+    @functools.cached_property
+    def allowlist(self) -> EgressAllowlist:
+        """What may leave this site: the payload tensors and the wire's metrics."""
+        state = adapter_state(self.built.model)
+        return EgressAllowlist.for_payload(
+            {k: tuple(state[k].shape) for k in self.payload_keys},
+            self.config.task.labels,
+        )
+
+    @functools.cached_property
+    def ledger(self) -> PrivacyLedger:
+        """This site's privacy ledger for this base model."""
+        return PrivacyLedger(
+            ledger_file(self.site.ledger_path, self.built.base_fingerprint)
+        )
 
 
 _CACHE: OrderedDict[tuple[str, str], SiteRuntime] = OrderedDict()
@@ -111,7 +145,9 @@ def get_runtime(site_toml: Path, site_index: int, config: RunConfig) -> SiteRunt
     )
     built = build_model(config)
     built.model.to(resolve_device(config.train.device))
-    runtime = SiteRuntime(site=site, data=data, built=built, site_index=site_index)
+    runtime = SiteRuntime(
+        site=site, data=data, built=built, site_index=site_index, config=config
+    )
     log.info("site %d loaded: %d studies", site_index, data.num_studies)
     _CACHE[key] = runtime
     while len(_CACHE) > _MAX_CACHED_SITES:

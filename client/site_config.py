@@ -108,12 +108,46 @@ class EhrSchema(_Section):
         return self.label_spec(label).column
 
 
+class SitePrivacy(_Section):
+    """The site's own privacy floor and budget. No run config can lower them."""
+
+    required: bool = Field(True, description="refuse runs that train without DP-SGD")
+    max_epsilon: float = Field(
+        10.0, gt=0.0, description="the most epsilon a single run may spend here"
+    )
+    budget_epsilon: float = Field(
+        30.0,
+        gt=0.0,
+        description="epsilon this site's patients may lose over all runs (per base "
+        "model), composed from the ledger",
+    )
+    max_delta: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="largest delta a run may use; default 1 / training examples",
+    )
+    min_noise_multiplier: float = Field(
+        0.0, ge=0.0, description="refuse runs whose sigma would be lower"
+    )
+    ledger_dir: str = Field(
+        "privacy-ledger", description="folder of the append-only privacy ledger"
+    )
+
+    @model_validator(mode="after")
+    def _budget_covers_run(self) -> SitePrivacy:
+        if self.budget_epsilon < self.max_epsilon:
+            raise ValueError("budget-epsilon must be at least max-epsilon")
+        return self
+
+
 class SiteConfig(_Section):
     """A parsed ``site.toml``."""
 
     site: SiteSection = SiteSection()
     data: SiteDataSection = SiteDataSection()
     ehr: EhrSchema = EhrSchema()
+    privacy: SitePrivacy = SitePrivacy()
     base_dir: Path = Field(Path("."), exclude=True)
 
     @model_validator(mode="after")
@@ -150,6 +184,11 @@ class SiteConfig(_Section):
     def ehr_path(self) -> Path:
         """The EHR Parquet file or dataset folder, resolved."""
         return self.resolve(self.data.ehr)
+
+    @property
+    def ledger_path(self) -> Path:
+        """The privacy ledger folder, resolved."""
+        return self.resolve(self.privacy.ledger_dir)
 
     @property
     def cache_path(self) -> Path:

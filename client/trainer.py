@@ -14,8 +14,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data.transforms import drop_modalities
+from .dp import DpTraining, is_empty_batch, private_training
 from .metrics import auroc_per_label, macro_auroc
-from .proximal import proximal_term, snapshot_trainable
+from .proximal import add_proximal_gradient, proximal_term, snapshot_trainable
 
 INPUT_KEYS = ("image", "ehr", "note_ids", "note_mask", "present")
 
@@ -72,9 +73,18 @@ def _to(
 
 
 def train_local(
-    model: torch.nn.Module, dataset: Dataset, spec: LocalTrainSpec
+    model: torch.nn.Module,
+    dataset: Dataset,
+    spec: LocalTrainSpec,
+    dp: DpTraining | None = None,
 ) -> TrainOutcome:
-    """Train the model's trainable tensors on ``dataset``; FedProx term when mu > 0."""
+    """Train the model's trainable tensors on ``dataset``; FedProx term when mu > 0.
+
+    With ``dp``, every step is a DP-SGD step (Opacus, Poisson sampling); the
+    FedProx gradient is data-independent and is added after the noise, at no
+    privacy cost. ``steps`` counts sampling steps, empty Poisson batches included
+    (they are skipped, but accounted).
+    """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(spec.seed)
     loader = DataLoader(
@@ -85,38 +95,72 @@ def train_local(
         params, lr=spec.learning_rate, weight_decay=spec.weight_decay
     )
     anchor = snapshot_trainable(model) if spec.proximal_mu > 0 else {}
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
-    device = _model_device(model)
-    steps, loss_sum, seen = 0, 0.0, 0
-    for _ in range(spec.epochs):
-        for batch in loader:
-            if spec.modality_dropout > 0:
-                batch = drop_modalities(batch, spec.modality_dropout, generator)
-            batch = _to(batch, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(_forward(model, batch), batch["labels"])
-            total = loss
-            if spec.proximal_mu > 0:
-                trainable = (
-                    (n, p) for n, p in model.named_parameters() if p.requires_grad
-                )
-                total = loss + proximal_term(trainable, anchor, spec.proximal_mu)
-            total.backward()
-            optimizer.step()
-            steps += 1
-            loss_sum += float(loss.detach()) * len(batch["labels"])
-            seen += len(batch["labels"])
-            if spec.max_steps and steps >= spec.max_steps:
-                break
-        if spec.max_steps and steps >= spec.max_steps:
-            break
+    if dp is None:
+        counts = _run_epochs(model, model, optimizer, loader, spec, anchor, generator)
+    else:
+        with private_training(model, optimizer, loader, dp, seed=spec.seed) as parts:
+            counts = _run_epochs(
+                model,
+                parts.model,
+                parts.optimizer,
+                parts.loader,
+                spec,
+                anchor,
+                generator,
+            )
+    steps, loss_sum, seen = counts
     return TrainOutcome(
         num_examples=len(dataset),
         steps=steps,
         mean_loss=loss_sum / max(seen, 1),
         seconds=time.perf_counter() - start,
     )
+
+
+def _run_epochs(
+    model: torch.nn.Module,
+    forward_model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    spec: LocalTrainSpec,
+    anchor: dict[str, torch.Tensor],
+    generator: torch.Generator,
+) -> tuple[int, float, int]:
+    private = hasattr(optimizer, "pre_step")  # an Opacus DPOptimizer
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    device = _model_device(model)
+    steps, loss_sum, seen = 0, 0.0, 0
+    for _ in range(spec.epochs):
+        for batch in loader:
+            steps += 1
+            if is_empty_batch(batch):
+                continue
+            if spec.modality_dropout > 0:
+                batch = drop_modalities(batch, spec.modality_dropout, generator)
+            batch = _to(batch, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(_forward(forward_model, batch), batch["labels"])
+            if private:
+                loss.backward()
+                if optimizer.pre_step():  # clip per example, add noise, average
+                    if spec.proximal_mu > 0:
+                        add_proximal_gradient(model, anchor, spec.proximal_mu)
+                    optimizer.original_optimizer.step()
+            else:
+                total = loss
+                if spec.proximal_mu > 0:
+                    trainable = (
+                        (n, p) for n, p in model.named_parameters() if p.requires_grad
+                    )
+                    total = loss + proximal_term(trainable, anchor, spec.proximal_mu)
+                total.backward()
+                optimizer.step()
+            loss_sum += float(loss.detach()) * len(batch["labels"])
+            seen += len(batch["labels"])
+            if spec.max_steps and steps >= spec.max_steps:
+                return steps, loss_sum, seen
+    return steps, loss_sum, seen
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,14 @@ def adapter_state(model: torch.nn.Module) -> OrderedDict[str, np.ndarray]:
         (k, state[k].detach().to("cpu", dtype=state[k].dtype).float().numpy().copy())
         for k in sorted(state)
     )
+
+
+def payload_keys(state_keys: Iterable[str], *, frozen_lora_a: bool) -> list[str]:
+    """The adapter tensors a site sends back: all of them, or all but LoRA A (FFA-LoRA).
+
+    Sorted: the order of the unnamed arrays in the secure-aggregation vector.
+    """
+    return sorted(k for k in state_keys if not (frozen_lora_a and ".lora_A." in k))
 
 
 def load_adapter_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
@@ -88,6 +96,29 @@ def l2_norm(state: Mapping[str, np.ndarray]) -> float:
         np.sqrt(
             sum(float(np.sum(np.square(v, dtype=np.float64))) for v in state.values())
         )
+    )
+
+
+def clip_l2(
+    state: Mapping[str, np.ndarray], bound: float
+) -> tuple[OrderedDict[str, np.ndarray], bool]:
+    """Scale ``state`` down so its global L2 norm is at most ``bound`` (0: no bound).
+
+    Returns the (possibly) scaled tensors as float32 and whether scaling happened.
+    """
+    norm = l2_norm(state)
+    if bound <= 0 or norm <= bound:
+        return OrderedDict(
+            (k, np.asarray(v, np.float32)) for k, v in state.items()
+        ), False
+    # float32 rounding can push the scaled norm a hair over the bound: aim just below.
+    scale = bound / norm * (1.0 - 1e-6)
+    return (
+        OrderedDict(
+            (k, (np.asarray(v, np.float64) * scale).astype(np.float32))
+            for k, v in state.items()
+        ),
+        True,
     )
 
 

@@ -59,15 +59,23 @@ def weighted_mean(
 def apply_delta(
     weights: Tensors, delta: Tensors, server_lr: float = 1.0
 ) -> dict[str, np.ndarray]:
-    """Return ``weights + server_lr * delta`` (same keys required)."""
-    if set(weights) != set(delta):
+    """Return ``weights + server_lr * delta``; tensors without a delta stay as they are.
+
+    Every key of ``delta`` must be a tensor of ``weights`` (FFA-LoRA's frozen A
+    factors have no delta).
+    """
+    unknown = set(delta) - set(weights)
+    if unknown:
         raise FederationError(
-            "the aggregated delta does not match the global adapter's tensors"
+            "the aggregated delta holds tensors the global adapter does not: "
+            f"{sorted(unknown)[:3]}"
         )
     return {
-        k: (weights[k].astype(np.float32) + np.float32(server_lr) * delta[k]).astype(
-            np.float32
-        )
+        k: (
+            weights[k].astype(np.float32) + np.float32(server_lr) * delta[k]
+            if k in delta
+            else weights[k]
+        ).astype(np.float32)
         for k in weights
     }
 

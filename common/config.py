@@ -55,6 +55,39 @@ class Modality(StrEnum):
 ALL_MODALITIES = (Modality.IMAGE, Modality.EHR, Modality.NOTE)
 
 
+class LoraVariant(StrEnum):
+    """Which LoRA factors train (and so what crosses the wire)."""
+
+    LORA = "lora"
+    """A and B train; FedAvg averages each factor (avg(B)·avg(A), not avg(B·A))."""
+    FFA = "ffa"
+    """FFA-LoRA: A frozen at its shared init, only B trains; averaging is exact."""
+
+
+class Accountant(StrEnum):
+    """Opacus privacy accountant used for sigma and for budget decisions."""
+
+    RDP = "rdp"
+    PRV = "prv"
+
+
+class GradSampleMode(StrEnum):
+    """How Opacus computes per-sample gradients."""
+
+    HOOKS = "hooks"
+    EW = "ew"
+    FUNCTORCH = "functorch"
+    GHOST = "ghost"
+
+
+class SecureMode(StrEnum):
+    """Opacus secure noise: auto = on in deployment, off in simulation."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
 class SliceMode(StrEnum):
     """How a multi-frame image or a multi-slice series becomes one image input."""
 
@@ -74,6 +107,13 @@ class FederationConfig(_Section):
     fraction_evaluate: float = Field(1.0, gt=0.0, le=1.0)
     round_timeout_s: float = Field(3600.0, gt=0.0)
     seed: int = 0
+    delta_clip_norm: float = Field(
+        4.0,
+        ge=0.0,
+        description="L2 bound every site clips its adapter delta to before it leaves "
+        "(a robustness bound; sets the secure-aggregation quantization). 0: no clip "
+        "(plain aggregation only)",
+    )
 
     @model_validator(mode="after")
     def _mu_matches_strategy(self) -> FederationConfig:
@@ -124,6 +164,10 @@ class ModelConfig(_Section):
     lora_rank: int = Field(8, ge=1, le=256)
     lora_alpha: float = Field(16.0, gt=0.0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_variant: LoraVariant = Field(
+        LoraVariant.LORA,
+        description="'lora' (A and B train) or 'ffa' (FFA-LoRA: A frozen, B trains)",
+    )
     init_seed: int = 0
 
     @model_validator(mode="after")
@@ -236,6 +280,55 @@ class DataConfig(_Section):
     synth_seed: int = 0
 
 
+class PrivacyConfig(_Section):
+    """Record-level DP-SGD at every site (Opacus). Each site's own floor still applies."""
+
+    enabled: bool = True
+    target_epsilon: float = Field(
+        8.0, gt=0.0, le=1000.0, description="epsilon this run may spend at a site"
+    )
+    target_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0, description="per-example clip (L2)")
+    accountant: Accountant = Accountant.RDP
+    grad_sample_mode: GradSampleMode = GradSampleMode.HOOKS
+    secure_mode: SecureMode = SecureMode.AUTO
+
+
+class SecureAggregationConfig(_Section):
+    """Flower's SecAgg+: the coordinator only sees the masked sum of the deltas."""
+
+    enabled: bool = True
+    num_shares: float = Field(
+        1.0,
+        gt=0.0,
+        description="key shares per site: a fraction of the sampled sites (<= 1.0) "
+        "or a count (> 2)",
+    )
+    reconstruction_threshold: float = Field(
+        0.67,
+        gt=0.0,
+        description="shares needed to unmask: a fraction of num-shares (<= 1.0) or a "
+        "count; sites that may drop out = shares - threshold",
+    )
+    stage_timeout_s: float = Field(
+        600.0, gt=0.0, description="how long each protocol stage waits for replies"
+    )
+
+    @model_validator(mode="after")
+    def _shares_valid(self) -> SecureAggregationConfig:
+        if self.num_shares > 1.0 and (
+            self.num_shares != int(self.num_shares) or self.num_shares <= 2
+        ):
+            raise ValueError("num-shares above 1.0 must be a whole number above 2")
+        if self.reconstruction_threshold > 1.0 and (
+            self.reconstruction_threshold != int(self.reconstruction_threshold)
+        ):
+            raise ValueError(
+                "reconstruction-threshold above 1.0 must be a whole number"
+            )
+        return self
+
+
 class OutputConfig(_Section):
     """Where the run directory goes."""
 
@@ -251,7 +344,18 @@ class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
     data: DataConfig = DataConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _secagg_needs_clip(self) -> RunConfig:
+        if self.secure_aggregation.enabled and self.federation.delta_clip_norm <= 0:
+            raise ValueError(
+                "secure-aggregation needs federation.delta-clip-norm > 0 (it sets the "
+                "quantization range)"
+            )
+        return self
 
     # -- parsing ---------------------------------------------------------------
     @classmethod
@@ -305,7 +409,7 @@ class RunConfig(_Section):
         """Return a copy with some keys of some sections replaced (validated)."""
         raw = self.model_dump(mode="json", by_alias=True)
         for section, values in sections.items():
-            raw[section].update({_dashed(k): v for k, v in values.items()})
+            raw[_dashed(section)].update({_dashed(k): v for k, v in values.items()})
         return RunConfig.from_mapping(raw)
 
 

@@ -6,6 +6,8 @@ that says what to fix, without a traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class WardroundError(Exception):
     """Base of every error wardround raises on purpose."""
@@ -57,8 +59,36 @@ class PrivacyBudgetExhausted(WardroundError):
     title = "privacy budget exhausted"
 
 
+class PrivacyPolicyRefused(WardroundError):
+    """A run asks for less privacy than the site's own floor allows."""
+
+    exit_code = 8
+    title = "privacy policy refused"
+
+
 class FederationError(WardroundError):
     """A round could not complete (too few sites replied, a site failed)."""
 
     exit_code = 7
     title = "federation error"
+
+
+_KIND_PREFIX = re.compile(r"\[([A-Za-z_][A-Za-z0-9_]*)\] ")
+
+
+def safe_error_reason(exc: BaseException) -> str:
+    """The error text that may leave the site for ``exc``.
+
+    Wardround's own errors carry controlled text; anything else may quote data, so only
+    its class name leaves. The ``[ClassName] `` prefix is read back by
+    :func:`error_kind`.
+    """
+    if isinstance(exc, WardroundError):
+        return f"[{type(exc).__name__}] {exc.title}: {exc.message}"
+    return f"[{type(exc).__name__}] the site failed; details are in the site's log"
+
+
+def error_kind(reason: str | None) -> str | None:
+    """The exception class name a site put in front of an error reason, if any."""
+    match = _KIND_PREFIX.match(reason or "")
+    return match.group(1) if match else None

@@ -30,6 +30,17 @@ SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"  # the key Flower's FedProx sets
 BASE_FINGERPRINT = "base-model-fingerprint"
 PAYLOAD_KIND = "payload-kind"
+RUN_ID = "run-id"  # the coordinator's run id, for the site's privacy ledger
+AGGREGATION = "aggregation"  # an Aggregation value
+SECAGG_MAX_WEIGHT = "secagg-max-weight"  # sites cap their example count at this
+
+
+class Aggregation(StrEnum):
+    """How the coordinator combined the deltas of a round."""
+
+    PLAIN = "plain"
+    SECAGG_PLUS = "secagg+"
+
 
 # Metric keys sites send (numbers only)
 NUM_EXAMPLES = "num-examples"  # the key Flower's strategies weight by
@@ -42,3 +53,40 @@ EVAL_LOSS = "eval-loss"
 AUROC_MACRO = "auroc-macro"
 AUROC_PREFIX = "auroc."  # + run label name (from the run config, never from data)
 EVAL_SECONDS = "eval-seconds"
+TRAIN_EXAMPLES = (
+    "train-examples"  # evaluate replies: training-set size (SecAgg+ weights)
+)
+DELTA_CLIPPED = "delta-clipped"  # 1 when the delta was scaled down to the L2 bound
+
+# Differential privacy, per site per round (numbers only)
+DP_EPSILON_RUN = "dp-epsilon-run"  # epsilon this run has spent at the site (accountant)
+DP_EPSILON_RUN_PRV = "dp-epsilon-run-prv"  # the same from the PRV accountant
+DP_EPSILON_TOTAL = "dp-epsilon-total"  # over every run in the site's ledger
+DP_DELTA = "dp-delta"
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+DP_SAMPLE_RATE = "dp-sample-rate"
+DP_STEPS = "dp-steps"
+DP_MAX_GRAD_NORM = "dp-max-grad-norm"
+
+METRIC_NAMES = (
+    NUM_EXAMPLES,
+    SITE_INDEX,
+    TRAIN_LOSS,
+    TRAIN_STEPS,
+    TRAIN_SECONDS,
+    DELTA_L2,
+    DELTA_CLIPPED,
+    EVAL_LOSS,
+    AUROC_MACRO,
+    EVAL_SECONDS,
+    TRAIN_EXAMPLES,
+    DP_EPSILON_RUN,
+    DP_EPSILON_RUN_PRV,
+    DP_EPSILON_TOTAL,
+    DP_DELTA,
+    DP_NOISE_MULTIPLIER,
+    DP_SAMPLE_RATE,
+    DP_STEPS,
+    DP_MAX_GRAD_NORM,
+)
+"""Every metric name a site may send (plus ``AUROC_PREFIX`` + a run label)."""

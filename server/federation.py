@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,14 +23,16 @@ from ..common.adapter import (
     adapter_sha256,
     adapter_state,
     num_bytes,
+    payload_keys,
     save_peft_adapter,
 )
-from ..common.aggregation import apply_delta, weighted_mean, weighted_metric_mean
-from ..common.config import RunConfig
+from ..common.aggregation import apply_delta, weighted_metric_mean
+from ..common.config import LoraVariant, RunConfig
+from ..common.errors import FederationError, PrivacyBudgetExhausted, WardroundError
 from ..common.models import build_model
 from ..common.models.registry import describe
 from .phases import RoundPhases
-from .plots import plot_rounds
+from .plots import plot_privacy, plot_rounds
 from .records import RoundRecord, SiteEvalReport, SiteFailure, SiteTrainReport
 from .rundir import RunDirectory, versions
 from .strategy import make_strategy
@@ -63,6 +66,7 @@ def run_federation(
     run_dir: Path,
     site_names: Callable[[int, int], str] | None = None,
     observer: RoundObserver | None = None,
+    run_id: str | None = None,
 ) -> FederationResult:
     """Run ``config.federation.rounds`` rounds and write the run directory."""
     started = time.time()
@@ -74,12 +78,18 @@ def run_federation(
     built = build_model(config)
     global_state = adapter_state(built.model)
     model_info = describe(built)
+    keys = payload_keys(
+        global_state, frozen_lora_a=config.model.lora_variant is LoraVariant.FFA
+    )
+    run_id = run_id or uuid.uuid4().hex
     phases = RoundPhases(
         strategy=make_strategy(config.federation),
         grid=grid,
         config=config,
         fingerprint=built.base_fingerprint,
         name_of=name_of,
+        run_id=run_id,
+        payload_shapes={k: tuple(global_state[k].shape) for k in keys},
     )
     out = RunDirectory(run_dir, config)
     out.write_config()
@@ -104,28 +114,34 @@ def run_federation(
     )
     out.write_round(records[0], _manifest(config, built.base_fingerprint, records[0]))
 
+    stopped: WardroundError | None = None
     for server_round in range(1, config.federation.rounds + 1):
         round_start = time.perf_counter()
-        train_reports, deltas, failures = phases.train(server_round, global_state)
-        for report in train_reports:
+        try:
+            phase = phases.train(server_round, global_state)
+        except (FederationError, PrivacyBudgetExhausted) as exc:
+            # Keep every completed round: write the run directory, then report.
+            log.error("run stopped in round %d: %s", server_round, exc.message)
+            stopped = exc
+            break
+        for report in phase.reports:
             bytes_per_site[report.site] = (
                 bytes_per_site.get(report.site, 0) + report.bytes_sent
             )
-        agg_start = time.perf_counter()
-        weights = [float(t.num_examples) for t in train_reports]
-        global_state = apply_delta(global_state, weighted_mean(deltas, weights))
-        aggregation_seconds = time.perf_counter() - agg_start
+        global_state = apply_delta(global_state, phase.mean_delta)
 
         eval_reports, eval_failures = phases.evaluate(server_round, global_state)
         sha = adapter_sha256(global_state)
         record = _record(
             server_round,
-            train_reports,
+            phase.reports,
             eval_reports,
-            failures + eval_failures,
+            phase.failures + eval_failures,
             sha,
             time.perf_counter() - round_start,
-            aggregation_seconds,
+            phase.aggregation_seconds,
+            aggregation=phase.aggregation.value,
+            secure_aggregation=phase.secure_aggregation,
         )
         out.write_round(record, _manifest(config, built.base_fingerprint, record))
         every = config.output.checkpoint_every
@@ -145,6 +161,7 @@ def run_federation(
 
     save_peft_adapter(built.model, global_state, run_dir / "adapter")
     plot_rounds(records, run_dir / "plots")
+    plot_privacy(records, run_dir / "plots")
     summary = _summary(
         config,
         records,
@@ -153,8 +170,16 @@ def run_federation(
         started,
         built.base_fingerprint,
         global_state,
+        run_id=run_id,
+        stopped=stopped,
     )
     out.write_final(summary)
+    if stopped is not None:
+        raise type(stopped)(
+            f"{stopped.message}\nThe run directory {run_dir} holds the "
+            f"{len(records) - 1} completed round(s).",
+            hint=stopped.hint,
+        )
     return FederationResult(run_dir=Path(run_dir), rounds=records, summary=summary)
 
 
@@ -166,6 +191,9 @@ def _record(
     sha: str,
     seconds: float,
     aggregation_seconds: float,
+    *,
+    aggregation: str = "none",
+    secure_aggregation: dict[str, Any] | None = None,
 ) -> RoundRecord:
     return RoundRecord(
         round=server_round,
@@ -184,7 +212,35 @@ def _record(
         adapter_sha256=sha,
         seconds=seconds,
         aggregation_seconds=aggregation_seconds,
+        aggregation=aggregation,
+        secure_aggregation=secure_aggregation,
     )
+
+
+def _dp_settings(config: RunConfig) -> dict[str, Any] | None:
+    if not config.privacy.enabled:
+        return None
+    return config.privacy.model_dump(mode="json", by_alias=True)
+
+
+def privacy_by_site(records: list[RoundRecord]) -> dict[str, dict[str, Any]]:
+    """Each site's latest privacy accounting and its per-round history."""
+    out: dict[str, dict[str, Any]] = {}
+    for record in records:
+        for report in record.train:
+            if report.privacy is None:
+                continue
+            entry = out.setdefault(report.site, {"per_round": []})
+            entry.update(asdict(report.privacy))
+            entry["per_round"].append(
+                {
+                    "round": record.round,
+                    "epsilon_run": report.privacy.epsilon_run,
+                    "epsilon_run_prv": report.privacy.epsilon_run_prv,
+                    "epsilon_total": report.privacy.epsilon_total,
+                }
+            )
+    return out
 
 
 def _manifest(
@@ -199,9 +255,14 @@ def _manifest(
         "failures": [{"node_id": f.node_id, "phase": f.phase} for f in record.failures],
         "strategy": config.federation.strategy.value,
         "proximal_mu": config.federation.proximal_mu,
-        "aggregation": "plain",
-        "differential_privacy": None,
-        "secure_aggregation": None,
+        "lora_variant": config.model.lora_variant.value,
+        "delta_clip_norm": config.federation.delta_clip_norm,
+        "aggregation": record.aggregation,
+        "differential_privacy": _dp_settings(config),
+        "privacy_spent": {
+            t.site: asdict(t.privacy) for t in record.train if t.privacy is not None
+        },
+        "secure_aggregation": record.secure_aggregation,
         "base_model_fingerprint": fingerprint,
         "adapter_sha256": record.adapter_sha256,
         "versions": versions(),
@@ -216,18 +277,39 @@ def _summary(
     started: float,
     fingerprint: str,
     state: dict[str, np.ndarray],
+    *,
+    run_id: str,
+    stopped: WardroundError | None,
 ) -> dict[str, Any]:
     last = records[-1]
+    trained = records[1:]
     return {
+        "run_id": run_id,
+        "status": "completed" if stopped is None else f"stopped: {stopped.title}",
+        "stop_reason": None if stopped is None else stopped.message,
         "config": config.model_dump(mode="json", by_alias=True),
         "model": {
             **model_info,
             "adapter_tensors": len(state),
-            "adapter_payload_bytes": num_bytes(state),
+            "adapter_payload_tensors": len(
+                payload_keys(
+                    state,
+                    frozen_lora_a=config.model.lora_variant is LoraVariant.FFA,
+                )
+            ),
+            "adapter_payload_bytes": num_bytes(
+                {
+                    k: state[k]
+                    for k in payload_keys(
+                        state,
+                        frozen_lora_a=config.model.lora_variant is LoraVariant.FFA,
+                    )
+                }
+            ),
             "base_model_fingerprint": fingerprint,
         },
-        "aggregation": "plain",
-        "differential_privacy": None,
+        "aggregation": sorted({r.aggregation for r in trained}) or ["none"],
+        "differential_privacy": _dp_settings(config),
         "rounds_completed": len(records) - 1,
         "final": {
             "global": {"auroc_macro": last.global_auroc, "loss": last.global_loss},
@@ -246,7 +328,7 @@ def _summary(
             "global_loss": [r.global_loss for r in records],
         },
         "bytes_sent_per_site": bytes_per_site,
-        "privacy_spent": {},
+        "privacy_spent": privacy_by_site(records),
         "timings": {
             "started": started,
             "finished": time.time(),

@@ -7,8 +7,9 @@ turned into typed reports. Failed replies become :class:`SiteFailure` records.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,16 +18,19 @@ from flwr.serverapp import Grid
 
 from ..common import wire
 from ..common.adapter import from_record, to_record
+from ..common.aggregation import weighted_mean
 from ..common.config import RunConfig
-from ..common.errors import FederationError
-from .records import SiteEvalReport, SiteFailure, SiteTrainReport
+from ..common.errors import FederationError, PrivacyBudgetExhausted, error_kind
+from ..common.secagg_math import mean_error_bound, plan_quantization
+from .records import PrivacySpend, SiteEvalReport, SiteFailure, SiteTrainReport
+from .secagg import run_secure_train
+from .wirebytes import content_bytes
+
+_UNKNOWN_MAX_WEIGHT = 100_000
+"""SecAgg+ max weight before any site has reported its training-set size."""
+_PRIVACY_REFUSALS = frozenset({"PrivacyBudgetExhausted", "PrivacyPolicyRefused"})
 
 log = logging.getLogger(__name__)
-
-
-def _array_bytes(msg: Message, key: str) -> int:
-    record = msg.content[key]
-    return int(sum(len(record[k].data) for k in record.keys()))
 
 
 def _split_replies(
@@ -36,7 +40,8 @@ def _split_replies(
     for msg in replies:
         node = int(msg.metadata.src_node_id)
         if msg.has_error():
-            failed.append(SiteFailure(node, phase, msg.error.reason[:500]))
+            reason = msg.error.reason[:500]
+            failed.append(SiteFailure(node, phase, reason, error_kind(reason)))
         elif any(k not in msg.content for k in need):
             failed.append(
                 SiteFailure(
@@ -58,6 +63,19 @@ def _split_replies(
 
 
 @dataclass(frozen=True)
+class TrainPhase:
+    """What the training phase of a round produced."""
+
+    reports: list[SiteTrainReport]
+    mean_delta: dict[str, np.ndarray]
+    """The example-weighted mean of the sites' payload deltas."""
+    failures: list[SiteFailure]
+    aggregation: wire.Aggregation
+    aggregation_seconds: float
+    secure_aggregation: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class RoundPhases:
     """What both phases of every round need."""
 
@@ -66,15 +84,20 @@ class RoundPhases:
     config: RunConfig
     fingerprint: str
     name_of: Callable[[int, int], str]
+    run_id: str
+    payload_shapes: dict[str, tuple[int, ...]]
+    train_examples: dict[int, int] = field(default_factory=dict)
+    """node id -> training-set size, from evaluate replies (SecAgg+ weights)."""
 
     def train(
         self, server_round: int, global_state: dict[str, np.ndarray]
-    ) -> tuple[list[SiteTrainReport], list[dict[str, np.ndarray]], list[SiteFailure]]:
-        """Sampled sites train the global adapter; return their reports and deltas (same order)."""
+    ) -> TrainPhase:
+        """Sampled sites train the global adapter; return the aggregate and reports."""
         train_config = ConfigRecord(
             {
                 wire.BASE_FINGERPRINT: self.fingerprint,
                 wire.PAYLOAD_KIND: wire.PayloadKind.WEIGHTS.value,
+                wire.RUN_ID: self.run_id,
             }
         )
         messages = list(
@@ -82,42 +105,157 @@ class RoundPhases:
                 server_round, to_record(global_state), train_config, self.grid
             )
         )
+        if self.config.secure_aggregation.enabled:
+            return self._train_secure(server_round, messages)
         replies = self.grid.send_and_receive(
             messages, timeout=self.config.federation.round_timeout_s
         )
         ok, failures = _split_replies(
             replies, "train", (wire.ADAPTER_DELTA, wire.METRICS)
         )
-        if len(ok) < self.config.federation.min_sites:
-            reasons = "; ".join(
-                f"node {f.node_id}: {f.reason.splitlines()[0] if f.reason else '?'}"
-                for f in failures
-            )
-            raise FederationError(
-                f"round {server_round}: {len(ok)} site(s) trained, the run needs "
-                f"federation.min-sites={self.config.federation.min_sites}. {reasons}",
-                hint="Check the failing sites' logs, or lower federation.min-sites.",
-            )
+        self._require_enough(server_round, len(ok), failures)
         reports, deltas = [], []
         for msg in sorted(
             ok, key=lambda m: int(m.content[wire.METRICS].get(wire.SITE_INDEX, -1))
         ):
-            metrics = msg.content[wire.METRICS]
-            node = int(msg.metadata.src_node_id)
             deltas.append(from_record(msg.content[wire.ADAPTER_DELTA]))
             reports.append(
-                SiteTrainReport(
-                    node_id=node,
-                    site=self.name_of(node, int(metrics.get(wire.SITE_INDEX, -1))),
-                    num_examples=int(metrics[wire.NUM_EXAMPLES]),
-                    loss=float(metrics[wire.TRAIN_LOSS]),
-                    steps=int(metrics[wire.TRAIN_STEPS]),
-                    seconds=float(metrics[wire.TRAIN_SECONDS]),
-                    delta_l2=float(metrics[wire.DELTA_L2]),
-                    bytes_sent=_array_bytes(msg, wire.ADAPTER_DELTA),
+                self._report(
+                    int(msg.metadata.src_node_id),
+                    dict(msg.content[wire.METRICS]),
+                    content_bytes(msg.content),
                 )
             )
-        return reports, deltas, failures
+        start = time.perf_counter()
+        mean = weighted_mean(deltas, [float(r.num_examples) for r in reports])
+        return TrainPhase(
+            reports=reports,
+            mean_delta=mean,
+            failures=failures,
+            aggregation=wire.Aggregation.PLAIN,
+            aggregation_seconds=time.perf_counter() - start,
+        )
+
+    def _train_secure(self, server_round: int, messages: list[Message]) -> TrainPhase:
+        sampled = [int(m.metadata.dst_node_id) for m in messages]
+        known = [self.train_examples[n] for n in sampled if n in self.train_examples]
+        plan = plan_quantization(
+            self.config.federation.delta_clip_norm,
+            len(sampled),
+            max(known) if known else _UNKNOWN_MAX_WEIGHT,
+        )
+        for msg in messages:
+            msg.content[wire.CONFIG][wire.SECAGG_MAX_WEIGHT] = plan.max_weight
+        result = run_secure_train(
+            self.grid,
+            messages,
+            server_round=server_round,
+            payload_shapes=self.payload_shapes,
+            settings=self.config.secure_aggregation,
+            plan=plan,
+            arrays_key=wire.GLOBAL_ADAPTER,
+            config_key=wire.CONFIG,
+        )
+        failures = [
+            SiteFailure(node, "train", reason, error_kind(reason))
+            for node, reason in result.failures.items()
+        ]
+        for failure in failures:
+            log.warning(
+                "site %s left secure aggregation: %s",
+                failure.node_id,
+                failure.reason.splitlines()[0] if failure.reason else "",
+            )
+        contributed = len(result.site_metrics)
+        if result.mean_delta is None:
+            contributed = 0
+        self._require_enough(server_round, contributed, failures)
+        assert result.mean_delta is not None
+        reports = sorted(
+            (
+                self._report(node, metrics, result.bytes_up.get(node, 0))
+                for node, metrics in result.site_metrics.items()
+            ),
+            key=lambda r: r.site,
+        )
+        bound = mean_error_bound(
+            plan,
+            len(result.site_metrics),
+            self.config.federation.delta_clip_norm,
+            result.weight_sum,
+        )
+        return TrainPhase(
+            reports=reports,
+            mean_delta=dict(result.mean_delta),
+            failures=failures,
+            aggregation=wire.Aggregation.SECAGG_PLUS,
+            aggregation_seconds=result.unmask_seconds,
+            secure_aggregation={
+                "sites_sampled": len(sampled),
+                "sites_aggregated": len(result.site_metrics),
+                "num_shares": result.num_shares,
+                "reconstruction_threshold": result.threshold,
+                "clipping_range": plan.clipping_range,
+                "quantization_range": plan.quantization_range,
+                "modulus_range": plan.modulus_range,
+                "max_weight": plan.max_weight,
+                "weight_sum": result.weight_sum,
+                "max_abs_error_per_coordinate": bound,
+                "protocol_seconds": result.protocol_seconds,
+            },
+        )
+
+    def _require_enough(
+        self, server_round: int, trained: int, failures: list[SiteFailure]
+    ) -> None:
+        if trained >= self.config.federation.min_sites:
+            return
+        reasons = "; ".join(
+            f"node {f.node_id}: {f.reason.splitlines()[0] if f.reason else '?'}"
+            for f in failures
+        )
+        message = (
+            f"round {server_round}: {trained} site(s) trained, the run needs "
+            f"federation.min-sites={self.config.federation.min_sites}. {reasons}"
+        )
+        if failures and all(f.kind in _PRIVACY_REFUSALS for f in failures):
+            raise PrivacyBudgetExhausted(
+                message,
+                hint="The sites' privacy floors or budgets stop this run; the run "
+                "directory holds every completed round.",
+            )
+        raise FederationError(
+            message,
+            hint="Check the failing sites' logs, or lower federation.min-sites.",
+        )
+
+    def _report(
+        self, node: int, metrics: dict[str, Any], bytes_sent: int
+    ) -> SiteTrainReport:
+        privacy = None
+        if wire.DP_EPSILON_RUN in metrics:
+            privacy = PrivacySpend(
+                epsilon_run=float(metrics[wire.DP_EPSILON_RUN]),
+                epsilon_run_prv=float(metrics.get(wire.DP_EPSILON_RUN_PRV, -1.0)),
+                epsilon_total=float(metrics[wire.DP_EPSILON_TOTAL]),
+                delta=float(metrics[wire.DP_DELTA]),
+                noise_multiplier=float(metrics[wire.DP_NOISE_MULTIPLIER]),
+                sample_rate=float(metrics[wire.DP_SAMPLE_RATE]),
+                steps=int(metrics[wire.DP_STEPS]),
+                max_grad_norm=float(metrics[wire.DP_MAX_GRAD_NORM]),
+            )
+        return SiteTrainReport(
+            node_id=node,
+            site=self.name_of(node, int(metrics.get(wire.SITE_INDEX, -1))),
+            num_examples=int(metrics[wire.NUM_EXAMPLES]),
+            loss=float(metrics[wire.TRAIN_LOSS]),
+            steps=int(metrics[wire.TRAIN_STEPS]),
+            seconds=float(metrics[wire.TRAIN_SECONDS]),
+            delta_l2=float(metrics[wire.DELTA_L2]),
+            bytes_sent=bytes_sent,
+            delta_clipped=bool(metrics.get(wire.DELTA_CLIPPED, 0)),
+            privacy=privacy,
+        )
 
     def evaluate(
         self, server_round: int, global_state: dict[str, np.ndarray]
@@ -139,13 +277,15 @@ class RoundPhases:
         for msg in ok:
             metrics = msg.content[wire.METRICS]
             node = int(msg.metadata.src_node_id)
+            if wire.TRAIN_EXAMPLES in metrics:
+                self.train_examples[node] = int(metrics[wire.TRAIN_EXAMPLES])
             reports.append(
                 SiteEvalReport(
                     node_id=node,
                     site=self.name_of(node, int(metrics.get(wire.SITE_INDEX, -1))),
                     num_examples=int(metrics[wire.NUM_EXAMPLES]),
-                    loss=float(metrics[wire.EVAL_LOSS]),
-                    auroc_macro=float(metrics[wire.AUROC_MACRO]),
+                    loss=float(metrics.get(wire.EVAL_LOSS, float("nan"))),
+                    auroc_macro=float(metrics.get(wire.AUROC_MACRO, float("nan"))),
                     auroc_per_label={
                         label: float(
                             metrics.get(wire.AUROC_PREFIX + label, float("nan"))

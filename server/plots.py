@@ -68,3 +68,55 @@ def plot_rounds(records: list[RoundRecord], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def plot_privacy(records: list[RoundRecord], out_dir: Path) -> Path | None:
+    """Write ``privacy.png``: epsilon spent by this run at each site, per round."""
+    points: dict[str, list[tuple[int, float, float]]] = {}
+    for record in records:
+        for report in record.train:
+            if report.privacy is not None:
+                points.setdefault(report.site, []).append(
+                    (
+                        record.round,
+                        report.privacy.epsilon_run,
+                        report.privacy.epsilon_run_prv,
+                    )
+                )
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for site, series in sorted(points.items()):
+        line = ax.plot(
+            [r for r, _, _ in series],
+            [e for _, e, _ in series],
+            marker="o",
+            label=f"{site} (RDP)",
+        )[0]
+        prv = [(r, e) for r, _, e in series if e >= 0]
+        if prv:
+            ax.plot(
+                [r for r, _ in prv],
+                [e for _, e in prv],
+                linestyle="--",
+                color=line.get_color(),
+                alpha=0.7,
+                label=f"{site} (PRV)",
+            )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon spent by this run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "privacy.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path

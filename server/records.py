@@ -7,6 +7,23 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class PrivacySpend:
+    """A site's differential-privacy accounting after a round (its ledger's numbers)."""
+
+    epsilon_run: float
+    """Epsilon this run has spent at the site (the run's accountant, RDP by default)."""
+    epsilon_run_prv: float
+    """The same from the PRV accountant (-1: PRV could not evaluate it)."""
+    epsilon_total: float
+    """Epsilon over every run in the site's ledger for this base model."""
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
 class SiteTrainReport:
     """One site's training reply in one round."""
 
@@ -18,6 +35,8 @@ class SiteTrainReport:
     seconds: float
     delta_l2: float
     bytes_sent: int
+    delta_clipped: bool = False
+    privacy: PrivacySpend | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +58,8 @@ class SiteFailure:
     node_id: int
     phase: str
     reason: str
+    kind: str | None = None
+    """The site's error class when it said (e.g. PrivacyBudgetExhausted)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +76,10 @@ class RoundRecord:
     adapter_sha256: str
     seconds: float
     aggregation_seconds: float
+    aggregation: str = "plain"
+    """'plain' or 'secagg+' (see common.wire.Aggregation)."""
+    secure_aggregation: dict[str, Any] | None = None
+    """SecAgg+ settings and the stated quantization error bound of the round."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

@@ -422,6 +422,15 @@ def _site_toml(profile: SiteProfile, seed: int) -> dict:
             "validation-fraction": 0.2,
             "split-seed": seed,
         },
+        # The site's own floor: no run may spend more than max-epsilon here, and
+        # every run together no more than budget-epsilon (composed in the ledger).
+        "privacy": {
+            "required": True,
+            "max-epsilon": 10.0,
+            "budget-epsilon": 100.0,
+            "min-noise-multiplier": 0.3,
+            "ledger-dir": "privacy-ledger",
+        },
     }
     if profile.renamed:
         doc["ehr"] = {

@@ -93,6 +93,28 @@ def simulate(
     fusion: Annotated[
         str | None, typer.Option(help="concat, gated or cross-attention.")
     ] = None,
+    dp: Annotated[
+        bool | None,
+        typer.Option(
+            "--dp/--no-dp", help="DP-SGD at every site (default: on, from the config)."
+        ),
+    ] = None,
+    epsilon: Annotated[
+        float | None,
+        typer.Option(help="Target epsilon of the run at each site (default 8)."),
+    ] = None,
+    secure_aggregation: Annotated[
+        bool | None,
+        typer.Option(
+            "--secagg/--no-secagg",
+            help="Flower SecAgg+ (default: on); --no-secagg aggregates in the clear "
+            "(debugging).",
+        ),
+    ] = None,
+    lora_variant: Annotated[
+        str | None,
+        typer.Option(help="lora (A and B train) or ffa (FFA-LoRA: B only)."),
+    ] = None,
 ) -> None:
     """Run a whole federation on this machine (synthetic hospitals unless given data)."""
     try:
@@ -117,15 +139,42 @@ def simulate(
             ]
         if fusion is not None:
             model["fusion"] = fusion
-        if federation or model:
-            run_config = run_config.with_overrides(federation=federation, model=model)
+        if lora_variant is not None:
+            model["lora_variant"] = lora_variant
+        privacy: dict = {}
+        if dp is not None:
+            privacy["enabled"] = dp
+        if epsilon is not None:
+            privacy["target_epsilon"] = epsilon
+        secagg: dict = {}
+        if secure_aggregation is not None:
+            secagg["enabled"] = secure_aggregation
+        if federation or model or privacy or secagg:
+            run_config = run_config.with_overrides(
+                federation=federation,
+                model=model,
+                privacy=privacy,
+                secure_aggregation=secagg,
+            )
         run_config, n_sites = prepare_simulation(
             run_config, out_dir=out, sites=sites, rounds=rounds
         )
         console.print(
             f"wardround simulate: {n_sites} sites, {run_config.federation.rounds} rounds, "
             f"{run_config.federation.strategy.value}, modalities "
-            f"{','.join(m.value for m in run_config.model.modalities)} → {run_config.output.dir}"
+            f"{','.join(m.value for m in run_config.model.modalities)}, "
+            + (
+                f"DP-SGD ε={run_config.privacy.target_epsilon:g}"
+                if run_config.privacy.enabled
+                else "no DP"
+            )
+            + ", "
+            + (
+                "SecAgg+"
+                if run_config.secure_aggregation.enabled
+                else "plain aggregation"
+            )
+            + f" → {run_config.output.dir}"
         )
         observer = ProgressObserver(console)
         # SIGTERM (systemd, a scheduler) stops the run like Ctrl-C: processes first.

@@ -68,31 +68,58 @@ class ProgressObserver:
             self.progress = None
 
 
+def _title(summary: dict) -> str:
+    aggregation = " + ".join(
+        "SecAgg+" if a == "secagg+" else a for a in summary["aggregation"]
+    )
+    dp = summary["differential_privacy"]
+    privacy = (
+        f"DP-SGD (target ε={dp['target-epsilon']:g}, δ={dp['target-delta']:g})"
+        if dp
+        else "no DP"
+    )
+    return (
+        f"wardround: {summary['rounds_completed']} round(s), {aggregation} "
+        f"aggregation, {privacy}"
+    )
+
+
 def summary_table(result: FederationResult) -> Table:
-    """Per-site and global AUROC, loss, and bytes sent."""
+    """Per-site and global AUROC, loss, epsilon spent and bytes sent."""
     last = result.rounds[-1]
     first = result.rounds[0]
     first_auroc = {e.site: e.auroc_macro for e in first.evaluate}
     sent = result.summary["bytes_sent_per_site"]
-    table = Table(
-        title=f"wardround: {len(result.rounds) - 1} round(s), {result.summary['aggregation']} aggregation"
-    )
-    for col in (
+    spent = result.summary["privacy_spent"]
+    table = Table(title=_title(result.summary))
+    columns = [
         "site",
         "examples (val)",
         f"AUROC round {first.round}",
         f"AUROC round {last.round}",
         "val loss",
-        "bytes sent",
-    ):
+    ]
+    if spent:
+        columns += ["ε this run", "ε all runs"]
+    columns.append("bytes sent")
+    for col in columns:
         table.add_column(col, justify="right" if col != "site" else "left")
     for e in last.evaluate:
+        privacy = (
+            [
+                _fmt(spent[e.site]["epsilon_run"], 2) if e.site in spent else "—",
+                _fmt(spent[e.site]["epsilon_total"], 2) if e.site in spent else "—",
+            ]
+            if spent
+            else []
+        )
         table.add_row(
             e.site,
             str(e.num_examples),
             _fmt(first_auroc.get(e.site, float("nan"))),
             _fmt(e.auroc_macro),
             _fmt(e.loss, 4),
+            *privacy,
             f"{sent.get(e.site, 0):,}",
         )
     table.add_row(
@@ -101,6 +128,7 @@ def summary_table(result: FederationResult) -> Table:
         _fmt(first.global_auroc),
         f"[bold]{_fmt(last.global_auroc)}",
         _fmt(last.global_loss, 4),
+        *(["", ""] if spent else []),
         f"{sum(sent.values()):,}",
     )
     return table

@@ -237,7 +237,8 @@ def build_base(config: RunConfig) -> tuple[FusionModel, str]:
         {
             "family": "fusion",
             "model": mc.model_dump(
-                mode="json", exclude={"lora_rank", "lora_alpha", "lora_dropout"}
+                mode="json",
+                exclude={"lora_rank", "lora_alpha", "lora_dropout", "lora_variant"},
             ),
             "labels": list(task.labels),
             "ehr_width": task.ehr_width,

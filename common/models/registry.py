@@ -73,8 +73,19 @@ def build_base_model(config: RunConfig) -> tuple[torch.nn.Module, str]:
 
 
 def build_model(config: RunConfig) -> BuiltModel:
-    """Build the configured family's PEFT model (deterministic for a config)."""
-    return get_family(config.model.family)(config)
+    """Build the configured family's PEFT model (deterministic for a config).
+
+    FFA-LoRA freezes every LoRA A factor at its (seeded, shared) initial value, so
+    only B and the modules to save train.
+    """
+    from ..config import LoraVariant
+
+    built = get_family(config.model.family)(config)
+    if config.model.lora_variant is LoraVariant.FFA:
+        for name, param in built.model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+    return built
 
 
 def describe(built: BuiltModel) -> dict[str, Any]:

@@ -20,7 +20,13 @@ def test_summary_counts_training_rounds_and_shows_every_site():
         Path("."),
         [_round(0, 0.5), _round(1, 0.6), _round(2, 0.7)],
         {
-            "aggregation": "plain",
+            "aggregation": ["secagg+"],
+            "rounds_completed": 2,
+            "differential_privacy": {"target-epsilon": 8.0, "target-delta": 1e-5},
+            "privacy_spent": {
+                "site-01": {"epsilon_run": 3.21, "epsilon_total": 11.5},
+                "site-02": {"epsilon_run": 3.4, "epsilon_total": 3.4},
+            },
             "bytes_sent_per_site": {"site-01": 100, "site-02": 200},
         },
     )
@@ -31,3 +37,5 @@ def test_summary_counts_training_rounds_and_shows_every_site():
     assert "AUROC round 0" in text and "AUROC round 2" in text
     assert "site-01" in text and "site-02" in text and "0.775" in text
     assert "300" in text  # bytes summed over sites
+    assert "SecAgg+" in text and "ε=8" in text
+    assert "3.21" in text and "11.50" in text  # epsilon per site: this run, all runs

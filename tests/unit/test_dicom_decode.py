@@ -38,13 +38,24 @@ KNOWN_BAD = {
 }
 #: one file per compressed transfer syntax that must decode with the codecs
 MUST_DECODE = [
-    "JPEG2000.dcm", "MR_small_jp2klossless.dcm", "JPGExtended.dcm",
-    "JPEGLSNearLossless_16.dcm", "MR_small_jpeg_ls_lossless.dcm",
-    "SC_rgb_jpeg_gdcm.dcm", "SC_rgb_dcmtk_+eb+cy+n1.dcm", "MR_small_RLE.dcm",
-    "image_dfl.dcm", "MR_small_bigendian.dcm", "SC_ybr_full_422_uncompressed.dcm",
+    "JPEG2000.dcm",
+    "MR_small_jp2klossless.dcm",
+    "JPGExtended.dcm",
+    "JPEGLSNearLossless_16.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+    "SC_rgb_jpeg_gdcm.dcm",
+    "SC_rgb_dcmtk_+eb+cy+n1.dcm",
+    "MR_small_RLE.dcm",
+    "image_dfl.dcm",
+    "MR_small_bigendian.dcm",
+    "SC_ybr_full_422_uncompressed.dcm",
 ]
-NATIVE = {"MR_small_RLE.dcm", "image_dfl.dcm", "MR_small_bigendian.dcm",
-          "SC_ybr_full_422_uncompressed.dcm"}
+NATIVE = {
+    "MR_small_RLE.dcm",
+    "image_dfl.dcm",
+    "MR_small_bigendian.dcm",
+    "SC_ybr_full_422_uncompressed.dcm",
+}
 
 
 def _local_test_files() -> list[Path]:
@@ -57,7 +68,9 @@ def _local_test_files() -> list[Path]:
 def _outcomes() -> dict[str, str]:
     out = {}
     for path in _local_test_files():
-        name = str(path.relative_to(TEST_ROOT)) if TEST_ROOT in path.parents else path.name
+        name = (
+            str(path.relative_to(TEST_ROOT)) if TEST_ROOT in path.parents else path.name
+        )
         try:
             image = load_study_image([path], 16)
         except DecodeFailure as exc:
@@ -88,12 +101,16 @@ def test_every_pydicom_test_file_decodes_or_has_a_reason(codecs, monkeypatch):
     else:
         _without_codecs(monkeypatch)
     outcomes = _outcomes()
-    vocabulary = {v for k, v in vars(decode).items() if k.isupper() and isinstance(v, str)}
+    vocabulary = {
+        v for k, v in vars(decode).items() if k.isupper() and isinstance(v, str)
+    }
     assert len(outcomes) > 150
     assert set(outcomes.values()) <= vocabulary  # every reason is a named one
     for name, reason in KNOWN_BAD.items():
         assert outcomes[name] == reason, name
-    assert outcomes["CT_small.dcm"] == "ok" and outcomes["rtplan.dcm"] == decode.NO_PIXELS
+    assert (
+        outcomes["CT_small.dcm"] == "ok" and outcomes["rtplan.dcm"] == decode.NO_PIXELS
+    )
     assert outcomes["README.txt"] == decode.NOT_DICOM
     # no preamble and no file meta: still read as DICOM (they hold no pixels)
     assert outcomes["ExplVR_BigEndNoMeta.dcm"] == decode.NO_PIXELS
@@ -103,11 +120,14 @@ def test_every_pydicom_test_file_decodes_or_has_a_reason(codecs, monkeypatch):
         else:
             assert outcomes[name] == decode.NEEDS_CODEC, name
             assert "install wardround[codecs]" in outcomes[name]
-    unavailable = sorted(set(online_test_file_dummy_paths().values())
-                         - {Path(p).name for p in outcomes})
-    print(f"\n{codecs} codecs: {sum(v == 'ok' for v in outcomes.values())} decoded, "
-          f"{len(outcomes)} local files, {len(unavailable)} downloadable files "
-          f"unavailable offline: {', '.join(unavailable)}")
+    unavailable = sorted(
+        set(online_test_file_dummy_paths().values()) - {Path(p).name for p in outcomes}
+    )
+    print(
+        f"\n{codecs} codecs: {sum(v == 'ok' for v in outcomes.values())} decoded, "
+        f"{len(outcomes)} local files, {len(unavailable)} downloadable files "
+        f"unavailable offline: {', '.join(unavailable)}"
+    )
 
 
 def test_index_reports_missing_codec_at_header_time(tmp_path, monkeypatch):
@@ -118,10 +138,18 @@ def test_index_reports_missing_codec_at_header_time(tmp_path, monkeypatch):
         (folder / name).write_bytes(Path(get_testdata_file(name)).read_bytes())
     (folder / "notes.txt").write_text("not an image")
     table = index_dicom([folder], tmp_path / "cache", workers=1)
-    status = dict(zip([Path(p).name for p in table.column("path").to_pylist()],
-                      table.column("status").to_pylist(), strict=True))
-    assert status == {"JPEG2000.dcm": decode.NEEDS_CODEC, "CT_small.dcm": "ok",
-                      "notes.txt": decode.NOT_DICOM}
+    status = dict(
+        zip(
+            [Path(p).name for p in table.column("path").to_pylist()],
+            table.column("status").to_pylist(),
+            strict=True,
+        )
+    )
+    assert status == {
+        "JPEG2000.dcm": decode.NEEDS_CODEC,
+        "CT_small.dcm": "ok",
+        "notes.txt": decode.NOT_DICOM,
+    }
 
 
 def test_truncated_file_is_skipped_with_a_reason(tmp_path):
@@ -152,12 +180,17 @@ def test_multiframe_modes(tmp_path):
     assert middle.shape == mip.shape == (1, 16, 16) and chans.shape == (3, 16, 16)
     assert (mip >= middle - 1e-5).all() and mip.sum() > middle.sum()
     assert chans[0].mean() < chans[1].mean() < chans[2].mean()  # frame order kept
-    rgb2 = load_study_image([Path(get_testdata_file("SC_rgb_rle_2frame.dcm"))], 8,
-                            SliceMode.CHANNELS, 2)
+    rgb2 = load_study_image(
+        [Path(get_testdata_file("SC_rgb_rle_2frame.dcm"))], 8, SliceMode.CHANNELS, 2
+    )
     assert rgb2.shape == (2, 8, 8)
     frames = np.random.default_rng(0).random((10, 4, 4)).astype(np.float32)
-    np.testing.assert_array_equal(combine_slices(frames, SliceMode.MIP), frames.max(0)[None])
-    np.testing.assert_array_equal(combine_slices(frames, SliceMode.MIDDLE), frames[5][None])
+    np.testing.assert_array_equal(
+        combine_slices(frames, SliceMode.MIP), frames.max(0)[None]
+    )
+    np.testing.assert_array_equal(
+        combine_slices(frames, SliceMode.MIDDLE), frames[5][None]
+    )
     assert pick_indices(10, SliceMode.CHANNELS, 3) == [1, 5, 8]
     assert pick_indices(3, SliceMode.CHANNELS, 3) == [0, 1, 2]
     assert pick_indices(1, SliceMode.CHANNELS, 3) == [0, 0, 0]
@@ -191,7 +224,7 @@ def _palette(tmp_path: Path) -> Path:
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 7, 0, 1
     ds.PhotometricInterpretation = "PALETTE COLOR"
-    ramp = (np.arange(256, dtype=np.uint16) * 257)
+    ramp = np.arange(256, dtype=np.uint16) * 257
     for colour, lut in (("Red", ramp), ("Green", ramp[::-1].copy()), ("Blue", ramp)):
         setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
         setattr(ds, f"{colour}PaletteColorLookupTableData", lut.tobytes())

@@ -73,7 +73,7 @@ def test_units_ranges_maps_and_labels_are_applied():
     assert f[1, col["age"]] == 0 and f[1, n + col["age"]] == 1
     assert f[2, col["age"]] == 0 and f[2, n + col["age"]] == 1
     assert f[2, n + col["temperature"]] == 1
-    np.testing.assert_array_equal(f[:, 2 * n:], [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(f[:, 2 * n :], [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
     np.testing.assert_array_equal(enc.labels[:, 1], [1, 0, 0])  # effusion
     assert enc.label_null[2, 1] and enc.label_null[2, 0]  # unmapped / null
     assert stats.out_of_range["age"] == 1 and stats.out_of_range["temperature"] == 1
@@ -83,18 +83,36 @@ def test_units_ranges_maps_and_labels_are_applied():
 
 def test_every_schema_problem_is_reported_at_once(tmp_path):
     bad = _table(wbc=["9", "12", "3"], EFF=[1.5, 0.0, 1.0]).drop_columns(["bnp"])
-    schema = EhrSchema.model_validate({**RAW, "features": {
-        **RAW["features"],
-        "heart_rate": {"column": "heart_rate", "unit": "furlongs"},
-        "sex": {"column": "gender", "map": {"female": "W"}},
-    }, "labels": {**RAW["labels"], "pneumonia": {"column": "pneumonia", "type": "text"}}})
+    schema = EhrSchema.model_validate(
+        {
+            **RAW,
+            "features": {
+                **RAW["features"],
+                "heart_rate": {"column": "heart_rate", "unit": "furlongs"},
+                "sex": {"column": "gender", "map": {"female": "W"}},
+            },
+            "labels": {
+                **RAW["labels"],
+                "pneumonia": {"column": "pneumonia", "type": "text"},
+            },
+        }
+    )
     path = tmp_path / "ehr.parquet"
     pq.write_table(bad, path)
     with pytest.raises(DataError) as err:
         open_ehr(path, TASK, schema)
     text = str(err.value)
-    for needle in ("'bnp'", "[ehr.features] bnp", "'wbc'", "must be numeric",
-                   "furlongs", "bpm", "['W']", "declared text", "1 declared column"):
+    for needle in (
+        "'bnp'",
+        "[ehr.features] bnp",
+        "'wbc'",
+        "must be numeric",
+        "furlongs",
+        "bpm",
+        "['W']",
+        "declared text",
+        "1 declared column",
+    ):
         assert needle in text, needle
     assert len(schema_problems(bad.schema, TASK, schema)) >= 5
 
@@ -114,9 +132,13 @@ def template(tmp_path_factory) -> Path:
 
 
 def _load(site_dir: Path, task: TaskConfig):
-    return load_site_data(SiteConfig.from_toml(site_dir / "site.toml"), task,
-                          image_size=16, max_note_tokens=16,
-                          tokenizer=get_tokenizer("byte"))
+    return load_site_data(
+        SiteConfig.from_toml(site_dir / "site.toml"),
+        task,
+        image_size=16,
+        max_note_tokens=16,
+        tokenizer=get_tokenizer("byte"),
+    )
 
 
 def test_studies_without_images_train_when_the_run_allows(template, tmp_path):
@@ -126,10 +148,12 @@ def test_studies_without_images_train_when_the_run_allows(template, tmp_path):
     loose = _load(site, TASK.model_copy(update={"require_image": False}))
     assert loose.num_studies == strict.num_studies + strict.num_unmatched_ehr
     assert loose.num_without_image == strict.num_unmatched_ehr > 0
-    present = np.concatenate([loose.train.tensors["present"],
-                              loose.validation.tensors["present"]])
-    images = np.concatenate([loose.train.tensors["image"],
-                             loose.validation.tensors["image"]])
+    present = np.concatenate(
+        [loose.train.tensors["present"], loose.validation.tensors["present"]]
+    )
+    images = np.concatenate(
+        [loose.train.tensors["image"], loose.validation.tensors["image"]]
+    )
     no_image = present[:, 0] == 0
     assert no_image.sum() == loose.num_without_image
     assert (images[no_image] == 0).all()
@@ -140,7 +164,8 @@ def test_slices_as_channels_reach_the_items(template, tmp_path):
     site = tmp_path / "site"
     shutil.copytree(template / "site-01", site)
     task = TaskConfig.model_validate(
-        {**TASK.model_dump(), "slice_mode": "channels", "image_channels": 3})
+        {**TASK.model_dump(), "slice_mode": "channels", "image_channels": 3}
+    )
     data = _load(site, task)
     assert tuple(data.train[0]["image"].shape) == (3, 16, 16)
 
@@ -149,15 +174,23 @@ def test_declared_schema_in_site_toml_loads(template, tmp_path):
     site = tmp_path / "site"
     shutil.copytree(template / "site-01", site)
     table = pq.read_table(site / "ehr.parquet")
-    temp_f = [None if v is None else v * 9 / 5 + 32
-              for v in table.column("temperature").to_pylist()]
-    table = table.drop_columns(["temperature"]).append_column("TEMP_F", pa.array(temp_f))
+    temp_f = [
+        None if v is None else v * 9 / 5 + 32
+        for v in table.column("temperature").to_pylist()
+    ]
+    table = table.drop_columns(["temperature"]).append_column(
+        "TEMP_F", pa.array(temp_f)
+    )
     pq.write_table(table, site / "ehr.parquet")
     raw = tomllib.loads((site / "site.toml").read_text())
     raw.setdefault("ehr", {}).setdefault("features", {})["temperature"] = {
-        "column": "TEMP_F", "unit": "degF", "range": [80.0, 115.0]}
+        "column": "TEMP_F",
+        "unit": "degF",
+        "range": [80.0, 115.0],
+    }
     (site / "site.toml").write_bytes(tomli_w.dumps(raw).encode())
     before = _load(template / "site-01", TASK)
     after = _load(site, TASK)
-    np.testing.assert_allclose(after.train.tensors["ehr"], before.train.tensors["ehr"],
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        after.train.tensors["ehr"], before.train.tensors["ehr"], atol=1e-4
+    )

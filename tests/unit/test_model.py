@@ -149,7 +149,9 @@ def test_unknown_family_lists_known_ones(tiny_config):
 
 
 def test_slices_as_channels_reach_the_vision_encoder(tiny_config):
-    config = tiny_config.with_overrides(task={"slice_mode": "channels", "image_channels": 3})
+    config = tiny_config.with_overrides(
+        task={"slice_mode": "channels", "image_channels": 3}
+    )
     model = build_model(config).model
     assert model.get_base_model().vision_encoder.config.num_channels == 3
     batch = _batch(config)

@@ -40,8 +40,9 @@ def test_site_check_json_reports_and_exits_zero(template, tmp_path):
     site = tmp_path / "site"
     shutil.copytree(template / "site-01", site)
     (site / "dicom" / "README.txt").write_text("exported by PACS")
-    result = runner.invoke(_app(), ["site", "check", "--config", str(site / "site.toml"),
-                                    "--json"])
+    result = runner.invoke(
+        _app(), ["site", "check", "--config", str(site / "site.toml"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["can_train"] and report["blocking"] == []
@@ -50,8 +51,12 @@ def test_site_check_json_reports_and_exits_zero(template, tmp_path):
     assert sum(report["dicom"]["by_modality"].values()) == 24
     assert report["dicom"]["by_transfer_syntax"]["Explicit VR Little Endian"] == 24
     assert 0 < report["join"]["ehr_coverage"] <= 1 and report["join"]["items"] > 10
-    assert set(report["ehr"]["label_prevalence"]) == {"nodule", "effusion", "pneumonia",
-                                                       "cardiomegaly"}
+    assert set(report["ehr"]["label_prevalence"]) == {
+        "nodule",
+        "effusion",
+        "pneumonia",
+        "cardiomegaly",
+    }
     assert len(report["fingerprint"]) == 64 and report["phi"]
 
 
@@ -60,15 +65,18 @@ def test_site_check_lists_blocking_problems(template, tmp_path):
     shutil.copytree(template / "site-01", site)
     table = pq.read_table(site / "ehr.parquet").drop_columns(["bnp", "crp"])
     pq.write_table(table, site / "ehr.parquet")
-    result = runner.invoke(_app(), ["site", "check", "--config", str(site / "site.toml")])
+    result = runner.invoke(
+        _app(), ["site", "check", "--config", str(site / "site.toml")]
+    )
     assert result.exit_code == 3
     assert "BLOCKING" in result.output and "'bnp'" in result.output
     assert "'crp'" in result.output
 
 
 def test_site_check_missing_config_is_a_config_error(tmp_path):
-    result = runner.invoke(_app(), ["site", "check", "--config", str(tmp_path / "no.toml"),
-                                    "--json"])
+    result = runner.invoke(
+        _app(), ["site", "check", "--config", str(tmp_path / "no.toml"), "--json"]
+    )
     assert result.exit_code == 3
     assert json.loads(result.output)["blocking"][0].startswith("config file")
 
@@ -84,14 +92,33 @@ def test_deid_profile_pseudonyms_and_ehr(tmp_path):
     import pyarrow as pa
 
     study = originals["CT_small.dcm"].StudyInstanceUID
-    pq.write_table(pa.table({"study_uid": [study], "patient_id": ["X1"], "age": [3.0]}), ehr)
+    pq.write_table(
+        pa.table({"study_uid": [study], "patient_id": ["X1"], "age": [3.0]}), ehr
+    )
     out, ehr_out = tmp_path / "out", tmp_path / "ehr-deid.parquet"
-    result = runner.invoke(_app(), ["site", "deid", "--in", str(src), "--out", str(out),
-                                    "--salt", SALT, "--ehr", str(ehr), "--ehr-out",
-                                    str(ehr_out), "--json"])
+    result = runner.invoke(
+        _app(),
+        [
+            "site",
+            "deid",
+            "--in",
+            str(src),
+            "--out",
+            str(out),
+            "--salt",
+            SALT,
+            "--ehr",
+            str(ehr),
+            "--ehr-out",
+            str(ehr_out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary["written"] == 2 and summary["skipped"] == {"not DICOM (no DICOM header)": 1}
+    assert summary["written"] == 2 and summary["skipped"] == {
+        "not DICOM (no DICOM header)": 1
+    }
     written = [pydicom.dcmread(p) for p in sorted(out.rglob("*.dcm"))]
     by_sop = {}
     for ds in originals.values():
@@ -101,10 +128,14 @@ def test_deid_profile_pseudonyms_and_ehr(tmp_path):
         assert ds.PatientIdentityRemoved == "YES" and ds.DeidentificationMethod
         for keyword in PROFILE:
             if keyword in orig and orig[keyword].value not in ("", None, []):
-                assert keyword not in ds or ds[keyword].value != orig[keyword].value, keyword
+                assert keyword not in ds or ds[keyword].value != orig[keyword].value, (
+                    keyword
+                )
         for elem in ds.iterall():
             assert not elem.tag.is_private
-        assert ds.StudyInstanceUID == uid_pseudonym(orig.StudyInstanceUID, SALT.encode())
+        assert ds.StudyInstanceUID == uid_pseudonym(
+            orig.StudyInstanceUID, SALT.encode()
+        )
         assert ds.SOPClassUID == orig.SOPClassUID  # class UIDs are kept
         assert str(ds.StudyInstanceUID).startswith("2.25.")
     mapped = pq.read_table(ehr_out).to_pylist()[0]
@@ -112,15 +143,18 @@ def test_deid_profile_pseudonyms_and_ehr(tmp_path):
     assert mapped["study_uid"] == ct.StudyInstanceUID and mapped["age"] == 3.0
     assert mapped["patient_id"] != "X1"
     again = tmp_path / "again"
-    runner.invoke(_app(), ["site", "deid", "--in", str(src), "--out", str(again),
-                           "--salt", SALT])
+    runner.invoke(
+        _app(), ["site", "deid", "--in", str(src), "--out", str(again), "--salt", SALT]
+    )
     assert sorted(p.relative_to(again) for p in again.rglob("*.dcm")) == sorted(
-        p.relative_to(out) for p in out.rglob("*.dcm"))  # reproducible
+        p.relative_to(out) for p in out.rglob("*.dcm")
+    )  # reproducible
 
 
 def test_deid_needs_a_salt(tmp_path):
-    result = runner.invoke(_app(), ["site", "deid", "--in", str(tmp_path), "--out",
-                                    str(tmp_path / "o")])
+    result = runner.invoke(
+        _app(), ["site", "deid", "--in", str(tmp_path), "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code == 2 and "--salt" in result.output
 
 
@@ -139,6 +173,8 @@ def test_drop_modalities_is_seeded_and_never_empties_an_example():
     has = present.sum(1) > 0
     assert (out[has].sum(1) >= 1).all()
     assert 0.3 < 1 - out[80:].mean().item() < 0.7
-    assert torch.equal(drop_modalities(batch, 0.0, torch.Generator())["present"], present)
+    assert torch.equal(
+        drop_modalities(batch, 0.0, torch.Generator())["present"], present
+    )
     with pytest.raises(ValueError):
         drop_modalities(batch, 1.0, torch.Generator())

@@ -1,0 +1,105 @@
+"""DP-SGD for one round of local training, with Opacus.
+
+Opacus wraps the model (per-sample gradients), the optimizer (per-example clipping
+and Gaussian noise) and the data loader (Poisson sampling) for the round, and is
+unwrapped afterwards so the site's cached model carries no hooks between rounds.
+Sigma is not chosen here: it was planned once for the run's whole schedule.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..common.config import GradSampleMode
+
+
+@dataclass(frozen=True)
+class DpTraining:
+    """How the round's optimizer is privatised."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    grad_sample_mode: GradSampleMode
+    secure_mode: bool
+    """Opacus's secure noise (sum of four Gaussians, against floating-point
+    attacks) with generators seeded from the OS's CSPRNG; off: seeded, reproducible."""
+
+
+@dataclass
+class PrivateParts:
+    """The wrapped model, optimizer and Poisson-sampled loader of one round."""
+
+    model: torch.nn.Module
+    optimizer: Any  # opacus.optimizers.DPOptimizer
+    loader: DataLoader
+
+
+def _urandom_generator(device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(
+        int.from_bytes(os.urandom(8), "little") & (2**63 - 1)
+    )
+
+
+@contextmanager
+def private_training(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    dp: DpTraining,
+    *,
+    seed: int,
+) -> Iterator[PrivateParts]:
+    """Privatise (model, optimizer, loader) for one round; unwrap on exit."""
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+
+    device = next(model.parameters()).device
+    with warnings.catch_warnings():
+        # Opacus warns when its torchcsprng-based secure RNG is off; secure mode is
+        # handled below, and the warning would repeat every round.
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+    if dp.secure_mode:
+        sampling = _urandom_generator(torch.device("cpu"))
+    else:
+        sampling = torch.Generator().manual_seed(seed)
+    poisson = DPDataLoader.from_data_loader(loader, generator=sampling)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp_model, dp_optimizer, dp_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=poisson,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=False,  # the loader above already samples
+            grad_sample_mode=dp.grad_sample_mode.value,
+            noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
+        )
+    if dp.secure_mode:
+        # Opacus's own secure_mode needs torchcsprng, which has no release for
+        # current torch. Use its secure noise path (four Gaussians per draw, against
+        # floating-point attacks) with a generator seeded from the OS's CSPRNG.
+        dp_optimizer.secure_mode = True
+        dp_optimizer.generator = _urandom_generator(device)
+    try:
+        yield PrivateParts(model=dp_model, optimizer=dp_optimizer, loader=dp_loader)
+    finally:
+        dp_optimizer.zero_grad(set_to_none=True)
+        dp_model._close()  # removes Opacus's hooks and per-sample gradients
+
+
+def is_empty_batch(batch: Any) -> bool:
+    """Poisson sampling can draw no example at all: such a batch is skipped."""
+    if isinstance(batch, dict):
+        labels = batch.get("labels")
+        return labels is None or labels.shape[0] == 0
+    return len(batch) == 0

@@ -1,0 +1,530 @@
+"""The egress guard: nothing but the declared adapter tensors and numbers leaves a site.
+
+Every outgoing reply is checked against an :class:`EgressAllowlist` built from the
+adapter (tensor names, shapes, float32, count) and the numeric metrics schema of
+:mod:`wardround.common.wire`. A reply that holds anything else is refused: it is not
+sent, the coordinator gets an error reply that says what is wrong and where (never the
+offending value), and the violation is logged locally.
+
+Three reply shapes are checked:
+
+- Message-API replies (:func:`check_reply`): ``delta`` + ``metrics`` for train,
+  ``metrics`` alone for evaluate;
+- the legacy FitRes record dict a train handler produces under secure aggregation,
+  before Flower's SecAgg+ mod quantizes and masks it (:func:`check_legacy_fitres`);
+- what Flower's SecAgg+ mod sends back at each of its stages
+  (:func:`check_secagg_reply`).
+
+Names outside the allowlist are never echoed, since a record key or a metric name can
+be built from data: they appear as their length and a short SHA-256.
+
+Mod order, outermost first (:func:`guarded_mods`)::
+
+    [error_sanitizing_mod, guard, secaggplus_mod, guard(raise_violations=True)]
+
+The outer guard sees what SecAgg+ sends; the inner one sees the float delta before it
+is quantized and masked (NaN and shapes can only be checked there). The inner one
+raises, since Flower's SecAgg+ mod fails on an error reply, and the sanitizing mod
+turns that into an error reply that names the violation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NoReturn, cast
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.app.message_type import MessageType
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+from flwr.common.constant import SType
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    Key,
+    Stage,
+)
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_public_key,
+    public_key_to_bytes,
+)
+
+from ..common import wire
+from ..common.errors import EgressViolation
+
+log = logging.getLogger("wardround.egress")
+
+_FALLBACK_METRIC_NAMES = (
+    wire.NUM_EXAMPLES,
+    wire.SITE_INDEX,
+    wire.TRAIN_LOSS,
+    wire.TRAIN_STEPS,
+    wire.TRAIN_SECONDS,
+    wire.DELTA_L2,
+    wire.EVAL_LOSS,
+    wire.AUROC_MACRO,
+    wire.EVAL_SECONDS,
+)
+WIRE_METRIC_NAMES: frozenset[str] = frozenset(
+    getattr(wire, "METRIC_NAMES", _FALLBACK_METRIC_NAMES)
+)
+"""Every fixed metric name of the wire contract."""
+
+# The legacy FitRes layout (flwr/compat/common/recorddict_compat.py).
+FITRES_PARAMETERS = "fitres.parameters"
+FITRES_METRICS = "fitres.metrics"
+FITRES_NUM_EXAMPLES = "fitres.num_examples"
+FITRES_STATUS = "fitres.status"
+_FITRES_LAYOUT: dict[str, type] = {
+    FITRES_PARAMETERS: ArrayRecord,
+    FITRES_METRICS: ConfigRecord,
+    FITRES_NUM_EXAMPLES: MetricRecord,
+    FITRES_STATUS: ConfigRecord,
+}
+_STATUS_OK = 0  # flwr.compat.common.typing.Code.OK
+_STATUS_MESSAGES = ("Success", "")  # what NumPyClient writes, or nothing
+
+SECAGG_CONFIGS = RECORD_KEY_CONFIGS
+_SECAGG_REPLY_KEYS: dict[str, dict[str, str]] = {
+    Stage.SETUP: {Key.PUBLIC_KEY_1: "bytes", Key.PUBLIC_KEY_2: "bytes"},
+    Stage.SHARE_KEYS: {
+        Key.DESTINATION_LIST: "list[int]",
+        Key.CIPHERTEXT_LIST: "list[bytes]",
+    },
+    Stage.COLLECT_MASKED_VECTORS: {Key.MASKED_PARAMETERS: "list[bytes]"},
+    Stage.UNMASK: {Key.NODE_ID_LIST: "list[int]", Key.SHARE_LIST: "list[bytes]"},
+}
+
+_HINT = (
+    "Nothing was sent. Only the declared adapter tensors (float32, finite) and numeric "
+    "metrics named in the wire schema may leave the site."
+)
+
+
+@dataclass(frozen=True)
+class EgressAllowlist:
+    """What may leave the site.
+
+    Attributes
+    ----------
+    tensors : tuple of (str, tuple of int)
+        The adapter tensors as (name, shape), in payload order; all float32.
+    metric_names : frozenset of str
+        The fixed metric names.
+    metric_prefixes : tuple of str
+        Prefixes that, followed by one of ``labels``, name a metric (``auroc.<label>``).
+    labels : frozenset of str
+        The run's label names (from the run config, never from data).
+    """
+
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]
+    metric_names: frozenset[str]
+    metric_prefixes: tuple[str, ...] = (wire.AUROC_PREFIX,)
+    labels: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        names = [name for name, _ in self.tensors]
+        if not names:
+            raise ValueError("an egress allowlist needs at least one adapter tensor")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(
+                f"adapter tensor names repeat in the allowlist: {repeated}"
+            )
+        for name, shape in self.tensors:
+            if not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(
+                    f"adapter tensor {name!r} has an invalid shape {shape}"
+                )
+
+    @classmethod
+    def for_payload(
+        cls,
+        payload_shapes: Mapping[str, Sequence[int]],
+        labels: Iterable[str],
+        *,
+        extra_metric_names: Iterable[str] = (),
+    ) -> EgressAllowlist:
+        """The allowlist for a payload (name -> shape, in payload order) and run labels."""
+        return cls(
+            tensors=tuple(
+                (str(name), tuple(int(d) for d in shape))
+                for name, shape in payload_shapes.items()
+            ),
+            metric_names=WIRE_METRIC_NAMES | frozenset(extra_metric_names),
+            metric_prefixes=(wire.AUROC_PREFIX,),
+            labels=frozenset(labels),
+        )
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """The tensor names in payload order."""
+        return tuple(name for name, _ in self.tensors)
+
+    def allows_metric(self, name: str) -> bool:
+        """Whether ``name`` is a fixed metric name or a prefix + a run label."""
+        if name in self.metric_names:
+            return True
+        return any(
+            name.startswith(prefix) and name[len(prefix) :] in self.labels
+            for prefix in self.metric_prefixes
+        )
+
+
+# --- describing places without values ---------------------------------------------
+
+
+def _unlisted(name: str) -> str:
+    digest = hashlib.sha256(name.encode("utf-8", "replace")).hexdigest()[:12]
+    return f"<unlisted name, {len(name)} chars, sha256 {digest}>"
+
+
+def _shown(name: str, known: Iterable[str]) -> str:
+    return repr(name) if name in set(known) else _unlisted(name)
+
+
+def _dtype_text(dtype: str | np.dtype) -> str:
+    try:
+        parsed = np.dtype(dtype)
+    except (TypeError, ValueError):
+        return "an unreadable dtype"
+    return "a structured dtype" if parsed.fields else parsed.name
+
+
+def _refuse(what: str, problems: Sequence[str]) -> NoReturn:
+    text = f"{what} refused ({len(problems)} problem(s)): " + "; ".join(problems)
+    log.error("egress refused: %s", text)
+    raise EgressViolation(text, hint=_HINT)
+
+
+def _raise_if(what: str, problems: Sequence[str]) -> None:
+    if problems:
+        _refuse(what, problems)
+
+
+# --- checks of the parts ------------------------------------------------------------
+
+
+def _layout(content: RecordDict, expected: Mapping[str, type]) -> list[str]:
+    problems = []
+    for key, record in content.items():
+        kind = type(record).__name__
+        if key not in expected:
+            problems.append(
+                f"record {_unlisted(key)}: an unexpected {kind} "
+                f"(only {sorted(expected)} may be sent)"
+            )
+        elif not isinstance(record, expected[key]):
+            problems.append(
+                f"record {key!r}: is a {kind}, expected a {expected[key].__name__}"
+            )
+    problems += [f"record {key!r}: missing" for key in expected if key not in content]
+    return problems
+
+
+def _decode(data: bytes) -> np.ndarray | None:
+    try:
+        value = bytes_to_ndarray(data)  # allow_pickle=False
+    except Exception:  # noqa: BLE001 - anything that does not decode is refused
+        return None
+    return value if isinstance(value, np.ndarray) else None
+
+
+def _float_array(
+    array: Array, shape: tuple[int, ...], where: str, *, legacy: bool = False
+) -> list[str]:
+    """Problems of one adapter tensor: float32, the declared shape, finite."""
+    if array.stype != SType.NUMPY:
+        return [f"{where}: not serialised as {SType.NUMPY}"]
+    value = _decode(array.data)
+    if value is None:
+        return [f"{where}: the bytes are not a pickle-free .npy array"]
+    problems = []
+    if value.dtype != np.float32:
+        problems.append(f"{where}: dtype {_dtype_text(value.dtype)}, expected float32")
+    elif not np.isfinite(value).all():
+        count = int(value.size - np.isfinite(value).sum())
+        problems.append(f"{where}: {count} non-finite value(s) (NaN or inf)")
+    if value.shape != shape:
+        problems.append(f"{where}: shape {value.shape}, expected {shape}")
+    # The legacy Parameters conversion leaves dtype "" and shape () in the metadata.
+    declared = (array.dtype, tuple(array.shape))
+    if not (legacy and declared == ("", ())) and declared != (
+        str(value.dtype),
+        value.shape,
+    ):
+        problems.append(f"{where}: the declared dtype or shape differs from the bytes")
+    if ndarray_to_bytes(value) != array.data:
+        problems.append(f"{where}: the bytes hold more than the array's .npy encoding")
+    return problems
+
+
+def _named_tensors(
+    record: ArrayRecord, allowlist: EgressAllowlist, where: str
+) -> list[str]:
+    expected = dict(allowlist.tensors)
+    extra = [name for name in record.keys() if name not in expected]
+    missing = [name for name in expected if name not in record]
+    problems = []
+    if extra:
+        problems.append(
+            f"{where}: {len(extra)} tensor(s) not in the adapter allowlist: "
+            + ", ".join(_unlisted(name) for name in extra)
+        )
+    if missing:
+        problems.append(
+            f"{where}: {len(missing)} declared tensor(s) missing: {missing[:5]}"
+        )
+    for name in record.keys():
+        if name in expected:
+            problems += _float_array(
+                record[name], expected[name], f"{where} tensor {name!r}"
+            )
+    return problems
+
+
+def _ordered_tensors(
+    record: ArrayRecord, allowlist: EgressAllowlist, where: str
+) -> list[str]:
+    """Legacy Parameters: unnamed arrays ("0", "1", ...) or the names, in payload order."""
+    keys = list(record.keys())
+    names = list(allowlist.tensor_names)
+    indices = [str(i) for i in range(len(names))]
+    problems = []
+    if len(keys) != len(names):
+        problems.append(f"{where}: {len(keys)} array(s), expected {len(names)}")
+    if keys[: len(names)] not in (indices[: len(keys)], names[: len(keys)]):
+        shown = ", ".join(_shown(key, indices + names) for key in keys[:5])
+        problems.append(
+            f"{where}: array keys [{shown}] are neither '0', '1', ... nor the adapter "
+            "tensor names in payload order"
+        )
+    for i, (key, (name, shape)) in enumerate(
+        zip(keys, allowlist.tensors, strict=False)
+    ):
+        problems += _float_array(
+            record[key], shape, f"{where} array {i} ({name!r})", legacy=True
+        )
+    return problems
+
+
+def _metric_values(
+    items: Mapping[str, object], allowlist: EgressAllowlist, where: str
+) -> list[str]:
+    """Problems of a metrics record: schema names, int or float values, finite."""
+    problems = []
+    for name, value in items.items():
+        if not allowlist.allows_metric(name):
+            problems.append(f"{where}: metric {_unlisted(name)} is not in the schema")
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(
+                f"{where} metric {name!r}: is a {type(value).__name__}, "
+                "expected an int or a float"
+            )
+        elif not math.isfinite(value):
+            problems.append(f"{where} metric {name!r}: not finite (NaN or inf)")
+    return problems
+
+
+def _fitres_records(
+    content: RecordDict, allowlist: EgressAllowlist | None, *, masked: bool
+) -> list[str]:
+    """Problems of the FitRes records; ``masked``: SecAgg+ has cleared the arrays."""
+    problems = []
+    params = content.get(FITRES_PARAMETERS)
+    where = f"record {FITRES_PARAMETERS!r}"
+    if isinstance(params, ArrayRecord):
+        if masked and len(params):
+            problems.append(f"{where}: {len(params)} array(s) left after masking")
+        elif not masked and allowlist is not None:
+            problems += _ordered_tensors(params, allowlist, where)
+    metrics = content.get(FITRES_METRICS)
+    if isinstance(metrics, ConfigRecord) and allowlist is not None:
+        problems += _metric_values(metrics, allowlist, f"record {FITRES_METRICS!r}")
+    counts = content.get(FITRES_NUM_EXAMPLES)
+    where = f"record {FITRES_NUM_EXAMPLES!r}"
+    if isinstance(counts, MetricRecord):
+        extra = [key for key in counts.keys() if key != "num_examples"]
+        if extra:
+            problems.append(f"{where}: {len(extra)} key(s) besides 'num_examples'")
+        value = counts.get("num_examples")
+        if type(value) is not int or value < 0:
+            problems.append(f"{where}: 'num_examples' is not an int >= 0")
+    status = content.get(FITRES_STATUS)
+    where = f"record {FITRES_STATUS!r}"
+    if isinstance(status, ConfigRecord):
+        if set(status.keys()) != {"code", "message"}:
+            problems.append(f"{where}: keys other than 'code' and 'message'")
+        code = status.get("code")
+        if type(code) is not int or code != _STATUS_OK:
+            problems.append(f"{where}: 'code' is not {_STATUS_OK} (OK)")
+        if status.get("message") not in _STATUS_MESSAGES:
+            problems.append(f"{where}: 'message' is not one of {_STATUS_MESSAGES}")
+    return problems
+
+
+def _typed(value: object, spec: str) -> bool:
+    if spec == "bytes":
+        return type(value) is bytes
+    item = {"list[int]": int, "list[bytes]": bytes}[spec]
+    return isinstance(value, list) and all(type(v) is item for v in value)
+
+
+def _public_key(value: object) -> bool:
+    if not isinstance(value, bytes):
+        return False
+    try:
+        return public_key_to_bytes(bytes_to_public_key(value)) == value
+    except Exception:  # noqa: BLE001 - anything that does not parse is refused
+        return False
+
+
+def _masked_vectors(
+    blobs: list[bytes], allowlist: EgressAllowlist, where: str
+) -> list[str]:
+    """SecAgg+'s masked vector: the weight factor (1,), then one per adapter tensor."""
+    shapes = [(1,), *(shape for _, shape in allowlist.tensors)]
+    labels = ["the weight factor", *(repr(name) for name in allowlist.tensor_names)]
+    problems = []
+    if len(blobs) != len(shapes):
+        problems.append(
+            f"{where}: {len(blobs)} masked array(s), expected {len(shapes)} "
+            "(the weight factor, then one per adapter tensor)"
+        )
+    for i, (blob, shape, label) in enumerate(zip(blobs, shapes, labels, strict=False)):
+        at = f"{where} masked array {i} ({label})"
+        value = _decode(blob)
+        if value is None:
+            problems.append(f"{at}: the bytes are not a pickle-free .npy array")
+            continue
+        if not np.issubdtype(value.dtype, np.integer):
+            problems.append(
+                f"{at}: dtype {_dtype_text(value.dtype)}, expected integers"
+            )
+        elif value.size and value.min() < 0:
+            problems.append(f"{at}: negative entries (masked values are mod-reduced)")
+        if value.shape != shape:
+            problems.append(f"{at}: shape {value.shape}, expected {shape}")
+        if ndarray_to_bytes(value) != blob:
+            problems.append(f"{at}: the bytes hold more than the array's .npy encoding")
+    return problems
+
+
+# --- the checks ---------------------------------------------------------------------
+
+
+def check_reply(content: RecordDict, allowlist: EgressAllowlist, *, kind: str) -> None:
+    """Check a Message-API reply (``kind``: "train" or "evaluate").
+
+    Raises
+    ------
+    EgressViolation
+        Listing every problem found; the text names places, never values.
+    """
+    layouts: dict[str, dict[str, type]] = {
+        MessageType.TRAIN: {
+            wire.ADAPTER_DELTA: ArrayRecord,
+            wire.METRICS: MetricRecord,
+        },
+        MessageType.EVALUATE: {wire.METRICS: MetricRecord},
+    }
+    if kind not in layouts:
+        _refuse("reply", [f"no egress allowlist for message type {_unlisted(kind)}"])
+    problems = _layout(content, layouts[kind])
+    delta = content.get(wire.ADAPTER_DELTA)
+    if kind == MessageType.TRAIN and isinstance(delta, ArrayRecord):
+        problems += _named_tensors(delta, allowlist, f"record {wire.ADAPTER_DELTA!r}")
+    metrics = content.get(wire.METRICS)
+    if isinstance(metrics, MetricRecord):
+        problems += _metric_values(metrics, allowlist, f"record {wire.METRICS!r}")
+    _raise_if(f"{kind} reply", problems)
+
+
+def check_legacy_fitres(content: RecordDict, allowlist: EgressAllowlist) -> None:
+    """Check a legacy FitRes record dict (a train reply under secure aggregation).
+
+    Raises
+    ------
+    EgressViolation
+        Listing every problem found; the text names places, never values.
+    """
+    problems = _layout(content, _FITRES_LAYOUT)
+    problems += _fitres_records(content, allowlist, masked=False)
+    _raise_if("train reply (legacy FitRes)", problems)
+
+
+def secagg_stage_of(configs: ConfigRecord) -> str | None:
+    """The SecAgg+ stage whose reply has exactly these config keys, if any."""
+    keys = set(configs.keys())
+    return next(
+        (stage for stage, spec in _SECAGG_REPLY_KEYS.items() if keys == set(spec)), None
+    )
+
+
+def check_secagg_reply(
+    content: RecordDict, allowlist: EgressAllowlist | None, stage: str
+) -> None:
+    """Check what Flower's SecAgg+ mod sends back at ``stage``.
+
+    ``allowlist`` is needed at the ``collect_masked_vectors`` stage only.
+
+    Raises
+    ------
+    EgressViolation
+        Listing every problem found; the text names places, never values.
+    """
+    what = "SecAgg+ reply"
+    if stage not in _SECAGG_REPLY_KEYS:
+        _refuse(what, [f"unknown SecAgg+ stage {_unlisted(stage)}"])
+    what = f"SecAgg+ {stage} reply"
+    collect = stage == Stage.COLLECT_MASKED_VECTORS
+    if collect and allowlist is None:
+        raise ValueError("checking masked vectors needs the egress allowlist")
+    layout: dict[str, type] = {SECAGG_CONFIGS: ConfigRecord}
+    problems = _layout(content, {**layout, **_FITRES_LAYOUT} if collect else layout)
+    configs = content.get(SECAGG_CONFIGS)
+    where = f"record {SECAGG_CONFIGS!r}"
+    if isinstance(configs, ConfigRecord):
+        spec = _SECAGG_REPLY_KEYS[stage]
+        extra = [_unlisted(key) for key in configs.keys() if key not in spec]
+        if extra:
+            problems.append(f"{where}: unexpected key(s) {', '.join(extra)}")
+        problems += [f"{where}: {key!r} missing" for key in spec if key not in configs]
+        for key, expected in spec.items():
+            value = configs.get(key)
+            if key in configs and not _typed(value, expected):
+                problems.append(f"{where} {key!r}: is not {expected}")
+            elif stage == Stage.SETUP and key in configs and not _public_key(value):
+                problems.append(f"{where} {key!r}: not a canonical PEM public key")
+        pairs = {Stage.SHARE_KEYS: (Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST)}
+        pairs[Stage.UNMASK] = (Key.NODE_ID_LIST, Key.SHARE_LIST)
+        if stage in pairs:
+            ids, blobs = (configs.get(key) for key in pairs[stage])
+            if (
+                isinstance(ids, list)
+                and isinstance(blobs, list)
+                and len(ids) != len(blobs)
+            ):
+                problems.append(f"{where}: {len(ids)} node ids but {len(blobs)} blobs")
+        blobs = configs.get(Key.MASKED_PARAMETERS)
+        if collect and allowlist is not None and _typed(blobs, "list[bytes]"):
+            problems += _masked_vectors(
+                cast(list[bytes], blobs),
+                allowlist,
+                f"{where} {Key.MASKED_PARAMETERS!r}",
+            )
+    if collect:
+        problems += _fitres_records(content, allowlist, masked=True)
+    _raise_if(what, problems)
+
+
+# --- Flower mods --------------------------------------------------------------------

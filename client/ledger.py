@@ -1,0 +1,385 @@
+"""The site's privacy ledger: an append-only JSONL file per site and base model.
+
+Every application of the DP mechanism is recorded. A ``reserve`` line (σ, sample
+rate, planned steps, run, round, time) is made durable *before* local training
+starts; a ``commit`` line (steps taken) is written after training and *before* the
+update leaves the site. A reservation without a commit (a crash mid-round) counts
+with its planned steps, a committed one with the steps it took. The ledger spans
+runs: epsilon is composed over every line, so neither a restart nor a new run
+resets it.
+
+Each line carries a sha256 of its canonical JSON, so a torn or edited line is
+detected. Only a torn *last* line is tolerated (a crash during the append: the
+reservation never became durable, so training never started); any other damage
+stops the site from training until an operator restores the file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..common.config import Accountant
+from ..common.errors import DataError
+from ..common.privacy import Mechanism, epsilon_spent
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+_RESTORE_HINT = (
+    "This site must not train until an operator restores the ledger from a backup "
+    "(or repairs the line after checking what it recorded). Do not delete it: it is "
+    "the site's only record of the privacy its patients have already lost."
+)
+_NUMBER = (int, float)
+_RESERVE_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "run": (str,),
+    "round": (int,),
+    "time": _NUMBER,
+    "noise_multiplier": _NUMBER,
+    "sample_rate": _NUMBER,
+    "steps": (int,),
+    "delta": _NUMBER,
+    "max_grad_norm": _NUMBER,
+    "accountant": (str,),
+    "base_model": (str,),
+}
+_COMMIT_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "steps": (int,),
+    "time": _NUMBER,
+    "epsilon_run": (*_NUMBER, type(None)),
+    "epsilon_total": (*_NUMBER, type(None)),
+}
+
+
+def ledger_file(ledger_dir: Path, base_fingerprint: str) -> Path:
+    """The ledger of one site for one base model (its folder is created, 0o700)."""
+    ledger_dir = Path(ledger_dir)
+    ledger_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return ledger_dir / f"{base_fingerprint[:16]}.jsonl"
+
+
+def _digest(body: Mapping[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _encode(body: Mapping[str, Any]) -> bytes:
+    entry = {**body, "sha256": _digest(body)}
+    return (json.dumps(entry, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+class PrivacyLedger:
+    """Reads and appends one ledger file; safe across processes (``flock``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    # -- writing ----------------------------------------------------------------
+    def reserve(
+        self,
+        run_id: str,
+        server_round: int,
+        mechanism: Mechanism,
+        *,
+        delta: float,
+        max_grad_norm: float,
+        accountant: Accountant | str,
+        base_model: str,
+    ) -> str:
+        """Durably record a round's planned mechanism before training; its id."""
+        entry_id = uuid.uuid4().hex
+        self._append(
+            {
+                "kind": "reserve",
+                "v": VERSION,
+                "id": entry_id,
+                "run": str(run_id),
+                "round": int(server_round),
+                "time": time.time(),
+                "noise_multiplier": float(mechanism.noise_multiplier),
+                "sample_rate": float(mechanism.sample_rate),
+                "steps": int(mechanism.steps),
+                "delta": float(delta),
+                "max_grad_norm": float(max_grad_norm),
+                "accountant": Accountant(accountant).value,
+                "base_model": str(base_model),
+            }
+        )
+        return entry_id
+
+    def commit(
+        self,
+        entry_id: str,
+        steps_taken: int,
+        *,
+        epsilon_run: float,
+        epsilon_total: float,
+    ) -> None:
+        """Durably record the steps a reserved round took, before its update leaves.
+
+        The epsilons are informational (the history is what counts); a non-finite
+        one is stored as null.
+        """
+        if steps_taken < 0:
+            raise ValueError(f"steps taken must be >= 0, got {steps_taken}")
+
+        def check(entries: list[dict[str, Any]]) -> None:
+            reserved = [e for e in entries if e["kind"] == "reserve"]
+            match = [e for e in reserved if e["id"] == entry_id]
+            if not match:
+                raise DataError(
+                    f"privacy ledger {self.path} has no reservation {entry_id} to "
+                    "commit: the file was replaced or truncated while the site trained",
+                    hint=_RESTORE_HINT,
+                )
+            if any(e["kind"] == "commit" and e["id"] == entry_id for e in entries):
+                raise DataError(
+                    f"reservation {entry_id} in privacy ledger {self.path} is "
+                    "already committed"
+                )
+            if steps_taken > match[0]["steps"]:
+                log.warning(
+                    "round took %d DP-SGD steps, %d were planned and checked "
+                    "against the budget",
+                    steps_taken,
+                    match[0]["steps"],
+                )
+
+        self._append(
+            {
+                "kind": "commit",
+                "v": VERSION,
+                "id": entry_id,
+                "steps": int(steps_taken),
+                "time": time.time(),
+                "epsilon_run": _finite_or_none(epsilon_run),
+                "epsilon_total": _finite_or_none(epsilon_total),
+            },
+            check=check,
+        )
+
+    def _append(
+        self,
+        body: dict[str, Any],
+        check: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
+        """Append one line under an exclusive lock, fsync'ed before returning.
+
+        A torn tail left by an earlier crash is cut off first, so it cannot end up
+        glued to this line in the middle of the file.
+        """
+        line = _encode(body)
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            created = True
+        except FileExistsError:
+            fd = os.open(self.path, flags)
+            created = False
+        try:
+            if created:
+                os.fchmod(fd, 0o600)  # whatever the umask
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            raw = _read_all(fd)
+            entries, torn_at = self._parse(raw)
+            if check is not None:
+                check(entries)
+            if torn_at is not None:
+                os.ftruncate(fd, torn_at)
+            elif raw and not raw.endswith(b"\n"):
+                line = b"\n" + line  # complete a last line that verified
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # releases the lock
+        if created:
+            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    # -- reading ----------------------------------------------------------------
+    def entries(self) -> list[dict[str, Any]]:
+        """Every line in file order, without its checksum (raises DataError on damage)."""
+        return [{k: v for k, v in e.items() if k != "sha256"} for e in self._read()[0]]
+
+    def history(self, run_id: str | None = None) -> list[Mechanism]:
+        """The mechanisms that count, in order, for one run or (None) every run.
+
+        A committed reservation counts the steps taken; an uncommitted one its
+        planned steps (it may have trained until a crash).
+        """
+        return [m for run, m in self._mechanisms() if run_id is None or run == run_id]
+
+    def epsilon(
+        self, delta: float, accountant: Accountant, run_id: str | None = None
+    ) -> float:
+        """Epsilon spent by one run, or (None) by every run on this base model."""
+        return epsilon_spent(self.history(run_id), delta, accountant)
+
+    def projected(
+        self,
+        mechanism: Mechanism,
+        delta: float,
+        accountant: Accountant,
+        run_id: str | None,
+    ) -> tuple[float, float]:
+        """(run epsilon, lifetime epsilon) if ``mechanism`` were applied now.
+
+        ``run_id=None`` stands for a run with no round yet: its epsilon is that of
+        ``mechanism`` alone.
+        """
+        recorded = self._mechanisms()
+        of_run = [m for run, m in recorded if run_id is not None and run == run_id]
+        everything = [m for _, m in recorded]
+        return (
+            epsilon_spent([*of_run, mechanism], delta, accountant),
+            epsilon_spent([*everything, mechanism], delta, accountant),
+        )
+
+    def _mechanisms(self) -> list[tuple[str, Mechanism]]:
+        entries = self._read()[0]
+        taken = {e["id"]: e["steps"] for e in entries if e["kind"] == "commit"}
+        return [
+            (
+                e["run"],
+                Mechanism(
+                    noise_multiplier=float(e["noise_multiplier"]),
+                    sample_rate=float(e["sample_rate"]),
+                    steps=taken.get(e["id"], e["steps"]),
+                ),
+            )
+            for e in entries
+            if e["kind"] == "reserve"
+        ]
+
+    def _read(self) -> tuple[list[dict[str, Any]], int | None]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return [], None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # no half-written line from a writer
+            return self._parse(_read_all(fd))
+        finally:
+            os.close(fd)
+
+    def _parse(self, raw: bytes) -> tuple[list[dict[str, Any]], int | None]:
+        """Checked entries, and the offset of a torn last line (None if there is none).
+
+        A last line without its newline that still verifies is kept (counting it
+        is the safe side); one that does not is a torn append and is ignored.
+        """
+        lines = raw.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        entries: list[dict[str, Any]] = []
+        seen: dict[str, list[str]] = {}  # id -> kinds of its lines so far
+        for number, line in enumerate(lines, start=1):
+            entry, problem = _decode(line)
+            if problem is None:
+                problem = _check_entry(entry, seen)
+            if problem is not None:
+                raise DataError(
+                    f"privacy ledger {self.path} is damaged at line {number}: "
+                    f"{problem}",
+                    hint=_RESTORE_HINT,
+                )
+            entries.append(entry)
+            seen.setdefault(entry["id"], []).append(entry["kind"])
+        torn_at = None
+        if tail:
+            entry, problem = _decode(tail)
+            if problem is None:
+                problem = _check_entry(entry, seen)
+            if problem is None:
+                entries.append(entry)
+                log.warning(
+                    "privacy ledger %s: last line lacks its newline but verifies; kept",
+                    self.path,
+                )
+            else:
+                torn_at = len(raw) - len(tail)
+                log.warning(
+                    "privacy ledger %s ends in a partial line (%d bytes, a crash "
+                    "while appending); ignored: that reservation never became "
+                    "durable, so its round never trained",
+                    self.path,
+                    len(tail),
+                )
+        return entries, torn_at
+
+
+def _read_all(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _finite_or_none(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _decode(line: bytes) -> tuple[dict[str, Any], str | None]:
+    try:
+        entry = json.loads(line.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError):
+        return {}, "not valid JSON"
+    if not isinstance(entry, dict):
+        return {}, "not a JSON object"
+    body = {k: v for k, v in entry.items() if k != "sha256"}
+    if entry.get("sha256") != _digest(body):
+        return {}, "its sha256 does not match its content (edited or corrupted)"
+    return entry, None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in the ledger")
+
+
+def _check_entry(entry: dict[str, Any], seen: Mapping[str, list[str]]) -> str | None:
+    """What is wrong with a checksummed entry, given the kinds of earlier lines by id."""
+    kind = entry.get("kind")
+    if kind not in ("reserve", "commit") or entry.get("v") != VERSION:
+        return (
+            f"unknown entry kind {kind!r} / version {entry.get('v')!r} (written by "
+            "a newer wardround?)"
+        )
+    fields = _RESERVE_FIELDS if kind == "reserve" else _COMMIT_FIELDS
+    for name, types in fields.items():
+        value = entry.get(name)
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"field {name!r} is missing or has the wrong type"
+    if entry["steps"] < 0:
+        return "negative steps"
+    same_id = seen.get(entry["id"], [])
+    if kind == "reserve":
+        if same_id:
+            return f"reservation id {entry['id']} appears twice"
+        try:
+            Mechanism(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+        except ValueError as err:
+            return str(err)
+        return None
+    if "reserve" not in same_id:
+        return f"commit of reservation {entry['id']}, which no earlier line makes"
+    if "commit" in same_id:
+        return f"reservation {entry['id']} is committed twice"
+    return None

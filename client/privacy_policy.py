@@ -1,0 +1,126 @@
+"""The site's privacy decisions: does it accept the run's DP settings, with what sigma.
+
+The run config asks (target epsilon and delta, clip norm, planned rounds); the
+site's ``[privacy]`` section in ``site.toml`` is a floor no run can lower. Sigma is
+planned once for the run's whole schedule (rounds x local steps, Poisson sampling).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+from ..common.config import Accountant, RunConfig, SecureMode
+from ..common.errors import PrivacyPolicyRefused
+from ..common.privacy import Mechanism, local_schedule, plan_noise_multiplier
+from .dp import DpTraining
+from .site_config import SitePrivacy
+
+
+@dataclass(frozen=True)
+class DpPlan:
+    """What DP-SGD means at this site for this run."""
+
+    per_round: Mechanism
+    """The mechanism one round of local training applies."""
+    delta: float
+    accountant: Accountant
+    run_epsilon_limit: float
+    """A round that would take this run past it is refused: the run's target, or
+    the site's per-run maximum if lower."""
+    training: DpTraining
+
+
+def plan_site_privacy(
+    config: RunConfig, floor: SitePrivacy, num_train: int, *, simulation: bool
+) -> DpPlan | None:
+    """The site's DP plan for ``config``; None when the run trains without DP.
+
+    Raises PrivacyPolicyRefused when the run asks for less privacy than ``floor``.
+    """
+    return _plan(
+        config.model_dump_json(), floor.model_dump_json(), num_train, simulation
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(
+    config_json: str, floor_json: str, num_train: int, simulation: bool
+) -> DpPlan | None:
+    config = RunConfig.model_validate(json.loads(config_json))
+    floor = SitePrivacy.model_validate(json.loads(floor_json))
+    privacy = config.privacy
+    hint = (
+        "Ask the coordinator for a run within this site's floor, or change "
+        "[privacy] in site.toml if your governance allows it."
+    )
+    if not privacy.enabled:
+        if floor.required:
+            raise PrivacyPolicyRefused(
+                "this site requires DP-SGD and the run has privacy.enabled = false",
+                hint=hint,
+            )
+        return None
+    reasons = []
+    if privacy.target_epsilon > floor.max_epsilon:
+        reasons.append(
+            f"the run targets epsilon {privacy.target_epsilon:g} and this site allows "
+            f"at most {floor.max_epsilon:g} per run (privacy.max-epsilon)"
+        )
+    max_delta = floor.max_delta if floor.max_delta is not None else 1.0 / num_train
+    if privacy.target_delta > max_delta:
+        reasons.append(
+            f"the run's delta {privacy.target_delta:g} is above this site's limit "
+            f"{max_delta:g} ("
+            + (
+                "privacy.max-delta"
+                if floor.max_delta is not None
+                else f"1 / its {num_train} training examples"
+            )
+            + ")"
+        )
+    schedule = local_schedule(
+        num_train,
+        config.train.batch_size,
+        config.train.local_epochs,
+        config.train.max_steps,
+    )
+    sigma = plan_noise_multiplier(
+        privacy.target_epsilon,
+        privacy.target_delta,
+        schedule.sample_rate,
+        schedule.steps_per_round * config.federation.rounds,
+        privacy.accountant,
+    )
+    if sigma < floor.min_noise_multiplier:
+        reasons.append(
+            f"the run's schedule gives noise multiplier {sigma:.3f}, below this "
+            f"site's minimum {floor.min_noise_multiplier:g} "
+            "(privacy.min-noise-multiplier)"
+        )
+    if reasons:
+        raise PrivacyPolicyRefused(
+            "the run asks for less privacy than this site allows: "
+            + "; ".join(reasons),
+            hint=hint,
+        )
+    secure = privacy.secure_mode is SecureMode.ON or (
+        privacy.secure_mode is SecureMode.AUTO and not simulation
+    )
+    return DpPlan(
+        per_round=Mechanism(
+            noise_multiplier=sigma,
+            sample_rate=schedule.sample_rate,
+            steps=schedule.steps_per_round,
+        ),
+        delta=privacy.target_delta,
+        accountant=privacy.accountant,
+        run_epsilon_limit=min(privacy.target_epsilon, floor.max_epsilon) * (1 + 1e-6),
+        training=DpTraining(
+            noise_multiplier=sigma,
+            max_grad_norm=privacy.max_grad_norm,
+            grad_sample_mode=privacy.grad_sample_mode,
+            secure_mode=secure,
+        ),
+    )

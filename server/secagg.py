@@ -1,0 +1,270 @@
+"""One training phase under Flower's SecAgg+, bridged from the Message API.
+
+SecAgg+ exists only in Flower's legacy workflow API. This module runs exactly one
+``SecAggPlusWorkflow`` (its four stages) per round on a ``LegacyContext`` whose
+strategy is a thin bridge: it hands the workflow the fit instructions our
+Message-API strategy already built, and receives the unmasked *weighted mean* of
+the sites' deltas. Everything else (sampling, evaluation, the run directory) stays
+on the Message API.
+
+The quantization settings come from the delta bound (see :mod:`common.secagg_math`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import (
+    FitIns,
+    FitRes,
+    Parameters,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import (
+    SecAggPlusWorkflow,
+)
+from flwr.serverapp import Grid
+
+from ..common import wire
+from ..common.config import SecureAggregationConfig
+from ..common.secagg_math import QuantizationPlan, quantized_weight
+from ..common.secagg_wire import widen_masked_vectors
+from .wirebytes import content_bytes
+
+log = logging.getLogger(__name__)
+
+
+class _BridgeStrategy(Strategy):
+    """Legacy strategy that only carries fit instructions in and the aggregate out."""
+
+    def __init__(self, instructions: list[tuple[ClientProxy, FitIns]]) -> None:
+        self._instructions = instructions
+        self.results: list[tuple[ClientProxy, FitRes]] | None = None
+        self.failures: list[Any] = []
+
+    def initialize_parameters(self, client_manager: Any) -> Parameters | None:
+        return None
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: Any
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        return self._instructions
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[Any],
+    ) -> tuple[Parameters | None, dict[str, Any]]:
+        # Every FitRes carries the same unmasked weighted mean (the workflow's doing).
+        self.results, self.failures = results, failures
+        return (results[0][1].parameters if results else None), {}
+
+    def configure_evaluate(self, *args: Any) -> list[Any]:
+        return []
+
+    def aggregate_evaluate(self, *args: Any) -> tuple[None, dict[str, Any]]:
+        return None, {}
+
+    def evaluate(self, *args: Any) -> None:
+        return None
+
+
+class _ObservedSecAggPlus(SecAggPlusWorkflow):
+    """Flower's workflow, noting the per-round share settings and the unmask time."""
+
+    num_shares_used = 0
+    threshold_used = 0
+    unmask_seconds = 0.0
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        proceed = super().setup_stage(grid, context, state)
+        self.num_shares_used, self.threshold_used = state.num_shares, state.threshold
+        return proceed
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        start = time.perf_counter()
+        try:
+            return super().unmask_stage(grid, context, state)
+        finally:
+            self.unmask_seconds = time.perf_counter() - start
+
+
+@dataclass
+class _RecordingGrid:
+    """Delegates to the real grid; notes each node's bytes and failed replies."""
+
+    grid: Grid
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def send_and_receive(
+        self, messages: Sequence[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        sent = {int(m.metadata.dst_node_id) for m in messages}
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        answered = set()
+        for reply in replies:
+            size = 0 if reply.has_error() else content_bytes(reply.content)
+            widen_masked_vectors(reply)
+            node = int(reply.metadata.src_node_id)
+            answered.add(node)
+            if reply.has_error():
+                self.errors.setdefault(node, reply.error.reason)
+            else:
+                self.bytes_up[node] = self.bytes_up.get(node, 0) + size
+        for node in sent - answered:
+            self.errors.setdefault(node, "no reply before the stage timed out")
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+
+@dataclass(frozen=True)
+class SecureRoundResult:
+    """What one SecAgg+ training phase produced."""
+
+    mean_delta: OrderedDict[str, np.ndarray] | None
+    """The example-weighted mean delta (float32), or None if the protocol halted."""
+    site_metrics: dict[int, dict[str, Any]]
+    """node id -> the site's numeric metrics (as sent alongside its masked vector)."""
+    failures: dict[int, str]
+    """node id -> why it did not contribute."""
+    bytes_up: dict[int, int]
+    """node id -> bytes the site sent in all four stages."""
+    weight_sum: float
+    """Sum of the quantized weights (num examples / max-weight) that were unmasked."""
+    num_shares: int
+    threshold: int
+    unmask_seconds: float
+    """Server time of the unmask stage (reconstruction and dequantization)."""
+    protocol_seconds: float
+    """Wall time of all four stages, local training included."""
+
+
+def run_secure_train(
+    grid: Grid,
+    messages: Sequence[Message],
+    *,
+    server_round: int,
+    payload_shapes: Mapping[str, tuple[int, ...]],
+    settings: SecureAggregationConfig,
+    plan: QuantizationPlan,
+    arrays_key: str,
+    config_key: str,
+) -> SecureRoundResult:
+    """Run SecAgg+ over the train ``messages`` our strategy built for this round."""
+    recording = _RecordingGrid(grid)
+    run_id = int(messages[0].metadata.run_id) if messages else 0
+    instructions = []
+    for msg in messages:
+        arrays = msg.content[arrays_key]
+        config = dict(msg.content[config_key]) if config_key in msg.content else {}
+        fit_ins = FitIns(
+            parameters=ndarrays_to_parameters(
+                [np.asarray(arrays[k].numpy(), np.float32) for k in arrays.keys()]
+            ),
+            config=config,
+        )
+        node = int(msg.metadata.dst_node_id)
+        instructions.append((GridClientProxy(node, grid, run_id), fit_ins))
+    bridge = _BridgeStrategy(instructions)
+    context = LegacyContext(
+        context=Context(
+            run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
+        ),
+        strategy=bridge,
+        client_manager=SimpleClientManager(),
+    )
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+        {WorkflowKey.CURRENT_ROUND: server_round}
+    )
+    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        Parameters(tensors=[], tensor_type="numpy.ndarray"), keep_input=True
+    )
+    workflow = _ObservedSecAggPlus(
+        num_shares=_count_or_fraction(settings.num_shares),
+        reconstruction_threshold=_count_or_fraction(settings.reconstruction_threshold),
+        max_weight=plan.max_weight,
+        clipping_range=plan.clipping_range,
+        quantization_range=plan.quantization_range,
+        modulus_range=plan.modulus_range,
+        timeout=settings.stage_timeout_s,
+    )
+    start = time.perf_counter()
+    workflow(recording, context)  # type: ignore[arg-type]
+    protocol_seconds = time.perf_counter() - start
+    observed = {
+        "num_shares": workflow.num_shares_used,
+        "threshold": workflow.threshold_used,
+        "unmask_seconds": workflow.unmask_seconds,
+        "protocol_seconds": protocol_seconds,
+    }
+
+    sampled = {int(m.metadata.dst_node_id) for m in messages}
+    results = bridge.results or []
+    contributed = {int(proxy.node_id) for proxy, _ in results}
+    halted = bridge.results is None
+    fallback = (
+        "secure aggregation halted: fewer live sites than the reconstruction threshold"
+        if halted
+        else "left the secure-aggregation protocol"
+    )
+    if halted:
+        contributed = set()
+    failures = {
+        node: recording.errors.get(node, fallback)
+        for node in sorted(sampled - contributed)
+    }
+    site_metrics = {
+        int(proxy.node_id): {**fit_res.metrics, wire.NUM_EXAMPLES: fit_res.num_examples}
+        for proxy, fit_res in results
+    }
+    if bridge.results is None or not results:
+        return SecureRoundResult(
+            None, site_metrics, failures, recording.bytes_up, 0.0, **observed
+        )
+    mean = parameters_to_ndarrays(results[0][1].parameters)
+    names = sorted(payload_shapes)
+    if len(mean) != len(names) or any(
+        tuple(a.shape) != tuple(payload_shapes[n])
+        for a, n in zip(mean, names, strict=False)
+    ):
+        raise ValueError(
+            "the secure aggregate does not match the adapter payload "
+            f"({len(mean)} arrays for {len(names)} tensors)"
+        )
+    weight_sum = sum(quantized_weight(fr.num_examples, plan) for _, fr in results)
+    return SecureRoundResult(
+        mean_delta=OrderedDict(
+            (n, np.asarray(a, dtype=np.float32))
+            for n, a in zip(names, mean, strict=True)
+        ),
+        site_metrics=site_metrics,
+        failures=failures,
+        bytes_up=recording.bytes_up,
+        weight_sum=weight_sum,
+        **observed,
+    )
+
+
+def _count_or_fraction(value: float) -> int | float:
+    """Flower reads an int as a count and a float as a fraction."""
+    return float(value) if value <= 1.0 else int(value)

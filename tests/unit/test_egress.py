@@ -1,0 +1,584 @@
+"""The egress guard: only the declared adapter tensors and numbers leave a site."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.client.mod import secaggplus_mod
+from flwr.client.mod.utils import make_ffn
+from flwr.common import ndarray_to_bytes, ndarrays_to_parameters
+from flwr.common.constant import ErrorCode
+from flwr.compat.common import recorddict_compat as compat
+from flwr.compat.common.typing import Code, FitRes, Status
+
+from wardround.client.egress import (
+    WIRE_METRIC_NAMES,
+    EgressAllowlist,
+    check_legacy_fitres,
+    check_reply,
+    check_secagg_reply,
+)
+from wardround.client.egress_mods import (
+    error_sanitizing_mod,
+    make_egress_guard_mod,
+    site_mods,
+)
+from wardround.common import wire
+from wardround.common.errors import (
+    DataError,
+    EgressViolation,
+    PrivacyBudgetExhausted,
+    error_kind,
+    safe_error_reason,
+)
+
+SHAPES = {"lora_A.weight": (2, 3), "lora_B.weight": (3, 2), "head.bias": (4,)}
+LABELS = ("pneumonia", "edema")
+SECRET = "Jane Doe, MRN 0042"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _task_identity():
+    """Flower stamps messages with the process's task identity, as a SuperLink sets it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture
+def allowlist() -> EgressAllowlist:
+    return EgressAllowlist.for_payload(SHAPES, LABELS)
+
+
+def _delta(shapes=SHAPES, dtype=np.float32) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+
+
+def _train_content(delta=None, **metrics) -> RecordDict:
+    arrays = ArrayRecord({k: Array(v) for k, v in (delta or _delta()).items()})
+    values = {wire.NUM_EXAMPLES: 12, wire.TRAIN_LOSS: 0.5, **metrics}
+    return RecordDict({wire.ADAPTER_DELTA: arrays, wire.METRICS: MetricRecord(values)})
+
+
+def _eval_content(**metrics) -> RecordDict:
+    values = {wire.NUM_EXAMPLES: 12, wire.EVAL_LOSS: 0.4, "auroc.edema": 0.7, **metrics}
+    return RecordDict({wire.METRICS: MetricRecord(values)})
+
+
+def _fitres_content(arrays=None, metrics=None, num_examples=12) -> RecordDict:
+    ndarrays = list((arrays or _delta()).values())
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="Success"),
+        parameters=ndarrays_to_parameters(ndarrays),
+        num_examples=num_examples,
+        metrics=metrics if metrics is not None else {wire.TRAIN_LOSS: 0.5},
+    )
+    return compat.fitres_to_recorddict(fitres, keep_input=True)
+
+
+def _refusal(fn, *args, **kwargs) -> str:
+    with pytest.raises(EgressViolation) as info:
+        fn(*args, **kwargs)
+    return info.value.message
+
+
+def _message(
+    kind: str, content: RecordDict | None = None, node_id: int = 11
+) -> Message:
+    return Message(
+        content=content or RecordDict(), dst_node_id=node_id, message_type=kind
+    )
+
+
+def _context(node_id: int = 11) -> Context:
+    return Context(
+        run_id=1, node_id=node_id, node_config={}, state=RecordDict(), run_config={}
+    )
+
+
+# --- the allowlist -------------------------------------------------------------------
+
+
+def test_allowlist_holds_the_wire_metrics_and_the_run_labels_only(allowlist):
+    assert (
+        wire.NUM_EXAMPLES in WIRE_METRIC_NAMES
+        and wire.EVAL_SECONDS in WIRE_METRIC_NAMES
+    )
+    assert allowlist.tensors == tuple(SHAPES.items())
+    assert allowlist.allows_metric(wire.DELTA_L2)
+    assert allowlist.allows_metric("auroc.pneumonia")
+    assert not allowlist.allows_metric("auroc.fracture")
+    assert not allowlist.allows_metric("patient-age")
+    extra = EgressAllowlist.for_payload(SHAPES, LABELS, extra_metric_names=["norm_bit"])
+    assert extra.allows_metric("norm_bit")
+
+
+def test_allowlist_rejects_repeated_names_and_an_empty_payload():
+    with pytest.raises(ValueError, match="repeat"):
+        EgressAllowlist(tensors=(("a", (1,)), ("a", (1,))), metric_names=frozenset())
+    with pytest.raises(ValueError, match="at least one"):
+        EgressAllowlist.for_payload({}, LABELS)
+
+
+# --- Message-API replies ---------------------------------------------------------------
+
+
+def test_a_correct_train_and_evaluate_reply_pass(allowlist):
+    check_reply(_train_content(), allowlist, kind="train")
+    check_reply(_eval_content(), allowlist, kind="evaluate")
+
+
+def test_an_extra_tensor_is_refused_without_echoing_its_name(allowlist):
+    delta = {**_delta(), "encoder.patient_jane.weight": np.zeros(2, np.float32)}
+
+    text = _refusal(check_reply, _train_content(delta), allowlist, kind="train")
+
+    assert "not in the adapter allowlist" in text
+    assert "patient_jane" not in text
+
+
+def test_a_missing_tensor_is_refused(allowlist):
+    delta = _delta()
+    del delta["head.bias"]
+
+    text = _refusal(check_reply, _train_content(delta), allowlist, kind="train")
+
+    assert "missing" in text and "'head.bias'" in text
+
+
+def test_a_wrong_shape_is_refused(allowlist):
+    delta = {**_delta(), "lora_A.weight": np.zeros((3, 3), np.float32)}
+
+    text = _refusal(check_reply, _train_content(delta), allowlist, kind="train")
+
+    assert "'lora_A.weight'" in text and "(3, 3)" in text and "(2, 3)" in text
+
+
+def test_a_float64_tensor_is_refused(allowlist):
+    delta = {**_delta(), "head.bias": np.zeros(4, np.float64)}
+
+    text = _refusal(check_reply, _train_content(delta), allowlist, kind="train")
+
+    assert "'head.bias'" in text and "float64" in text
+
+
+def test_a_nan_in_a_tensor_is_refused(allowlist):
+    delta = _delta()
+    delta["lora_B.weight"][1, 1] = np.nan
+
+    text = _refusal(check_reply, _train_content(delta), allowlist, kind="train")
+
+    assert "'lora_B.weight'" in text and "non-finite" in text
+
+
+def test_trailing_bytes_after_an_array_are_refused(allowlist):
+    content = _train_content()
+    record = content[wire.ADAPTER_DELTA]
+    good = record["head.bias"]
+    record["head.bias"] = Array(
+        dtype=good.dtype,
+        shape=good.shape,
+        stype=good.stype,
+        data=good.data + SECRET.encode(),
+    )
+
+    text = _refusal(check_reply, content, allowlist, kind="train")
+
+    assert "more than the array's .npy encoding" in text
+
+
+def test_a_string_metric_is_refused_without_its_value(allowlist):
+    content = _eval_content()
+    content[wire.CONFIG] = ConfigRecord({wire.EVAL_LOSS: SECRET})
+
+    text = _refusal(check_reply, content, allowlist, kind="evaluate")
+
+    assert "unexpected ConfigRecord" in text
+    assert SECRET not in text
+
+
+def test_a_string_in_the_legacy_metrics_is_refused_without_its_value(allowlist):
+    content = _fitres_content(metrics={wire.TRAIN_LOSS: SECRET})
+
+    text = _refusal(check_legacy_fitres, content, allowlist)
+
+    assert f"'{wire.TRAIN_LOSS}': is a str" in text
+    assert SECRET not in text
+
+
+def test_an_unknown_metric_name_is_refused_without_echoing_it(allowlist):
+    content = _eval_content(**{"auroc.jane-doe": 0.9})
+
+    text = _refusal(check_reply, content, allowlist, kind="evaluate")
+
+    assert "not in the schema" in text and "jane-doe" not in text
+
+
+def test_an_inf_metric_is_refused(allowlist):
+    content = _eval_content(**{wire.EVAL_LOSS: float("inf")})
+
+    text = _refusal(check_reply, content, allowlist, kind="evaluate")
+
+    assert f"'{wire.EVAL_LOSS}': not finite" in text
+
+
+def test_a_list_metric_is_refused(allowlist):
+    content = _eval_content(**{wire.EVAL_LOSS: [0.1, 0.2]})
+
+    text = _refusal(check_reply, content, allowlist, kind="evaluate")
+
+    assert "is a list" in text
+
+
+def test_an_extra_config_record_in_a_train_reply_is_refused(allowlist):
+    content = _train_content()
+    content["notes"] = ConfigRecord({"n": 1})
+
+    text = _refusal(check_reply, content, allowlist, kind="train")
+
+    assert "unexpected ConfigRecord" in text
+
+
+def test_an_evaluate_reply_may_not_carry_tensors(allowlist):
+    content = _eval_content()
+    content[wire.ADAPTER_DELTA] = ArrayRecord(
+        {"head.bias": Array(np.zeros(4, np.float32))}
+    )
+
+    _refusal(check_reply, content, allowlist, kind="evaluate")
+
+
+def test_every_problem_is_reported_at_once(allowlist):
+    delta = {**_delta(), "head.bias": np.zeros(4, np.float64)}
+    content = _train_content(delta, **{wire.TRAIN_LOSS: float("nan")})
+
+    text = _refusal(check_reply, content, allowlist, kind="train")
+
+    assert "(2 problem(s))" in text
+
+
+# --- legacy FitRes ---------------------------------------------------------------------
+
+
+def test_a_correct_legacy_fitres_passes(allowlist):
+    check_legacy_fitres(_fitres_content(), allowlist)
+
+
+def test_legacy_fitres_with_arrays_out_of_order_is_refused(allowlist):
+    arrays = dict(reversed(list(_delta().items())))
+
+    text = _refusal(check_legacy_fitres, _fitres_content(arrays), allowlist)
+
+    assert "array 0 ('lora_A.weight')" in text and "shape" in text
+
+
+def test_legacy_fitres_with_a_nan_is_refused(allowlist):
+    arrays = _delta()
+    arrays["head.bias"][0] = np.inf
+
+    text = _refusal(check_legacy_fitres, _fitres_content(arrays), allowlist)
+
+    assert "non-finite" in text
+
+
+def test_legacy_fitres_status_message_must_be_fixed(allowlist):
+    content = _fitres_content()
+    content["fitres.status"] = ConfigRecord({"code": 0, "message": SECRET})
+
+    text = _refusal(check_legacy_fitres, content, allowlist)
+
+    assert "'fitres.status'" in text and SECRET not in text
+
+
+def test_legacy_fitres_with_an_extra_array_is_refused(allowlist):
+    arrays = {**_delta(), "extra": np.zeros(2, np.float32)}
+
+    text = _refusal(check_legacy_fitres, _fitres_content(arrays), allowlist)
+
+    assert "4 array(s), expected 3" in text
+
+
+# --- SecAgg+ replies --------------------------------------------------------------------
+
+
+def _collect_content(blobs: list[bytes]) -> RecordDict:
+    content = _fitres_content()
+    for record in content.array_records.values():
+        record.clear()
+    content["secaggplus_configs"] = ConfigRecord({"masked_params": blobs})
+    return content
+
+
+def _masked_blobs(count_extra: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(1)
+    arrays = [np.array([7]), *(rng.integers(0, 2**20, s) for s in SHAPES.values())]
+    arrays += [np.zeros(3, np.int64)] * count_extra
+    return [ndarray_to_bytes(a) for a in arrays]
+
+
+def test_a_correct_masked_vectors_reply_passes(allowlist):
+    check_secagg_reply(
+        _collect_content(_masked_blobs()), allowlist, "collect_masked_vectors"
+    )
+
+
+def test_a_masked_vectors_reply_with_an_extra_array_is_refused(allowlist):
+    content = _collect_content(_masked_blobs(count_extra=1))
+
+    text = _refusal(check_secagg_reply, content, allowlist, "collect_masked_vectors")
+
+    assert "5 masked array(s), expected 4" in text
+
+
+def test_a_masked_vectors_reply_with_float_arrays_is_refused(allowlist):
+    blobs = _masked_blobs()
+    blobs[2] = ndarray_to_bytes(np.zeros((3, 2), np.float32))
+
+    text = _refusal(
+        check_secagg_reply, _collect_content(blobs), allowlist, "collect_masked_vectors"
+    )
+
+    assert "masked array 2 ('lora_B.weight')" in text and "integers" in text
+
+
+def test_secagg_keys_of_another_stage_are_refused():
+    content = RecordDict(
+        {"secaggplus_configs": ConfigRecord({"nids": [1], "shares": [b"s"]})}
+    )
+
+    text = _refusal(check_secagg_reply, content, None, "share_keys")
+
+    assert "'dsts' missing" in text
+
+
+# --- the mods ---------------------------------------------------------------------------
+
+
+def test_the_guard_passes_a_correct_reply(allowlist):
+    guard = make_egress_guard_mod(lambda msg, ctx: allowlist)
+    msg = _message("train")
+
+    reply = guard(msg, _context(), lambda m, c: Message(_train_content(), reply_to=m))
+
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {wire.ADAPTER_DELTA, wire.METRICS}
+
+
+def test_the_guard_replies_with_an_error_and_logs_without_the_value(
+    allowlist, tmp_path, caplog
+):
+    log_path = tmp_path / "egress" / "violations.jsonl"
+    guard = make_egress_guard_mod(lambda msg, ctx: allowlist, violations_log=log_path)
+    msg = _message("evaluate")
+    content = _eval_content()
+    content["leak"] = ConfigRecord({"note": SECRET})
+
+    with caplog.at_level(logging.ERROR, logger="wardround.egress"):
+        reply = guard(msg, _context(), lambda m, c: Message(content, reply_to=m))
+
+    assert reply.has_error() and not reply.has_content()
+    assert reply.error.code == ErrorCode.MOD_FAILED_PRECONDITION
+    assert error_kind(reply.error.reason) == "EgressViolation"
+    assert SECRET not in reply.error.reason
+    lines = log_path.read_text().splitlines()
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    assert (
+        entry["message_type"] == "evaluate"
+        and "unexpected ConfigRecord" in entry["violation"]
+    )
+    assert SECRET not in lines[0]
+    assert "egress refused" in caplog.text and SECRET not in caplog.text
+
+
+def test_the_guard_passes_error_replies_and_refuses_unknown_message_types(allowlist):
+    guard = make_egress_guard_mod(lambda msg, ctx: allowlist)
+    msg = _message("train")
+    failed = guard(
+        msg, _context(), lambda m, c: error_sanitizing_mod(m, c, _raise_with_data)
+    )
+    assert failed.has_error()
+
+    query = _message("query")
+    reply = guard(query, _context(), lambda m, c: Message(_eval_content(), reply_to=m))
+    assert reply.has_error() and "no egress allowlist" in reply.error.reason
+
+
+def _raise_with_data(msg, ctx):
+    raise ValueError(f"could not parse row: {SECRET}")
+
+
+def _raise_data_error(msg, ctx):
+    raise DataError("no rows")
+
+
+def test_safe_error_reason_hides_foreign_exception_text():
+    reason = safe_error_reason(ValueError(f"bad row {SECRET}"))
+
+    assert SECRET not in reason
+    assert error_kind(reason) == "ValueError"
+
+
+def test_safe_error_reason_keeps_wardround_text_with_a_parsable_kind():
+    reason = safe_error_reason(PrivacyBudgetExhausted("epsilon 8.0 is spent", hint="x"))
+
+    assert (
+        reason
+        == "[PrivacyBudgetExhausted] privacy budget exhausted: epsilon 8.0 is spent"
+    )
+    assert error_kind(reason) == "PrivacyBudgetExhausted"
+    assert error_kind("<class 'ValueError'>:<'boom'>") is None
+    assert error_kind(None) is None
+
+
+def test_the_error_sanitizing_mod_replies_with_the_safe_reason(caplog):
+    msg = _message("train")
+
+    with caplog.at_level(logging.ERROR, logger="wardround.egress"):
+        reply = error_sanitizing_mod(msg, _context(), _raise_with_data)
+        data_reply = error_sanitizing_mod(msg, _context(), _raise_data_error)
+
+    assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert (
+        reply.error.reason.startswith("[ValueError] ")
+        and SECRET not in reply.error.reason
+    )
+    assert SECRET in caplog.text  # the full exception stays in the local log
+    assert data_reply.error.reason == "[DataError] data error: no rows"
+
+
+# --- against Flower's own SecAgg+ mod -----------------------------------------------
+
+
+def _secagg_message(node_id: int, configs: dict) -> Message:
+    return _message(
+        "train", RecordDict({"secaggplus_configs": ConfigRecord(configs)}), node_id
+    )
+
+
+def _legacy_train(arrays):
+    def handler(msg, ctx):
+        return Message(_fitres_content(arrays), reply_to=msg)
+
+    return handler
+
+
+def _run_secagg_round(allowlist, arrays_for, tmp_path, mods=None):
+    """Two sites through Flower's four SecAgg+ stages, the guard outside and inside."""
+    nodes = (11, 12)
+    log_path = tmp_path / "violations.jsonl"
+    mods = mods or site_mods(
+        lambda m, c: allowlist, precheck=lambda m, c: None, violations_log=log_path
+    )
+    apps = {n: make_ffn(_legacy_train(arrays_for(n)), mods) for n in nodes}
+    contexts = {n: _context(n) for n in nodes}
+    setup = {
+        "stage": "setup", "sample_num": 2, "share_num": 2, "threshold": 2,
+        "clipping_range": 8.0, "target_range": 2**16, "mod_range": 2**24,
+        "max_weight": 1000.0,
+    }  # fmt: skip
+    replies = {n: apps[n](_secagg_message(n, dict(setup)), contexts[n]) for n in nodes}
+    keys = {
+        str(n): [r.content["secaggplus_configs"][k] for k in ("pk1", "pk2")]
+        for n, r in replies.items()
+    }
+    shares = {
+        n: apps[n](_secagg_message(n, {"stage": "share_keys", **keys}), contexts[n])
+        for n in nodes
+    }
+    inbox: dict[int, tuple[list[int], list[bytes]]] = {n: ([], []) for n in nodes}
+    for src, reply in shares.items():
+        configs = reply.content["secaggplus_configs"]
+        for dst, ctxt in zip(configs["dsts"], configs["ctxts"], strict=True):
+            inbox[dst][0].append(src)
+            inbox[dst][1].append(ctxt)
+    collect = {
+        n: apps[n](
+            _secagg_message(
+                n,
+                {
+                    "stage": "collect_masked_vectors",
+                    "srcs": inbox[n][0],
+                    "ctxts": inbox[n][1],
+                },
+            ),
+            contexts[n],
+        )
+        for n in nodes
+    }
+    unmask_configs = {"stage": "unmask", "active_nids": list(nodes), "dead_nids": []}
+    unmask = {
+        n: apps[n](_secagg_message(n, dict(unmask_configs)), contexts[n]) for n in nodes
+    }
+    return [
+        *replies.values(),
+        *shares.values(),
+        *collect.values(),
+        *unmask.values(),
+    ], log_path
+
+
+def test_the_mod_order_is_pinned(allowlist):
+    mods = site_mods(lambda m, c: allowlist, precheck=lambda m, c: None)
+
+    assert [m.__name__ for m in mods] == [
+        "error_sanitizing_mod",
+        "egress_guard_mod",
+        "secure_aggregation_mod",
+        "egress_guard_mod",
+    ]
+
+
+def test_flowers_secagg_replies_pass_the_guard_at_every_stage(allowlist, tmp_path):
+    replies, log_path = _run_secagg_round(allowlist, lambda n: _delta(), tmp_path)
+
+    assert [r.has_error() for r in replies] == [False] * 8
+    assert not log_path.exists()
+
+
+def test_a_nan_delta_under_secagg_is_refused_before_masking(allowlist, tmp_path):
+    def arrays_for(node):
+        arrays = _delta()
+        if node == 12:
+            arrays["lora_A.weight"][0, 0] = np.nan
+        return arrays
+
+    replies, log_path = _run_secagg_round(allowlist, arrays_for, tmp_path)
+
+    collect_11, collect_12 = replies[4:6]
+    assert not collect_11.has_error()
+    assert collect_12.has_error() and "non-finite" in collect_12.error.reason
+    assert error_kind(collect_12.error.reason) == "EgressViolation"
+    assert (
+        "legacy FitRes" in json.loads(log_path.read_text().splitlines()[0])["violation"]
+    )
+
+
+def test_the_outer_guard_checks_flowers_masked_vectors(tmp_path):
+    declared = EgressAllowlist.for_payload({**SHAPES, "lora_C.weight": (2,)}, LABELS)
+    outer_only = [
+        error_sanitizing_mod,
+        make_egress_guard_mod(lambda m, c: declared),
+        secaggplus_mod,
+    ]
+
+    replies, _ = _run_secagg_round(declared, lambda n: _delta(), tmp_path, outer_only)
+
+    assert [r.has_error() for r in replies] == [False] * 4 + [True] * 2 + [False] * 2
+    assert "4 masked array(s), expected 5" in replies[4].error.reason
