@@ -182,12 +182,22 @@ class PrivacyLedger:
         """
         line = _encode(body)
         flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+        created = False
         try:
-            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-            created = True
-        except FileExistsError:
-            fd = os.open(self.path, flags)
-            created = False
+            if check is None:  # a reservation may start the file; a commit may not
+                try:
+                    fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+                    created = True
+                except FileExistsError:
+                    pass
+            if not created:
+                fd = os.open(self.path, flags)
+        except FileNotFoundError:
+            raise DataError(
+                f"privacy ledger {self.path} is missing: it was deleted or moved while "
+                "the site trained",
+                hint=_RESTORE_HINT,
+            ) from None
         try:
             if created:
                 os.fchmod(fd, 0o600)  # whatever the umask

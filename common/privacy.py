@@ -110,21 +110,21 @@ def plan_noise_multiplier(
     planned per round would let every round spend the full target. Opacus's
     binary search stops within 0.01 below the target. With PRV and a target above
     ``PRV_MAX_EPSILON``, sigma is planned with RDP instead (larger sigma, so PRV's
-    epsilon stays below the target). Measured: RDP 0.01–13 s (slowest at q≈0.5),
-    PRV 0.5–33 s for targets 1–50.
+    epsilon stays below the target). Measured on one CPU: RDP 0.01–13 s (slowest
+    at q≈0.5), PRV 0.5–33 s for targets 1–50 and 49–86 s at 100.
     """
     from opacus.accountants.utils import get_noise_multiplier
 
     if total_steps <= 0:
         raise ConfigError(f"the run plans {total_steps} DP-SGD steps; it needs >= 1")
-    mechanism = accountant
+    used = accountant
     if accountant is Accountant.PRV and target_epsilon > PRV_MAX_EPSILON:
         log.warning(
             "target epsilon %s is above %s: sigma planned with RDP, not PRV",
             target_epsilon,
             PRV_MAX_EPSILON,
         )
-        mechanism = Accountant.RDP
+        used = Accountant.RDP
     try:
         return float(
             get_noise_multiplier(
@@ -132,7 +132,7 @@ def plan_noise_multiplier(
                 target_delta=target_delta,
                 sample_rate=sample_rate,
                 steps=total_steps,
-                accountant=mechanism.value,
+                accountant=used.value,
                 epsilon_tolerance=0.01,
             )
         )
@@ -140,7 +140,7 @@ def plan_noise_multiplier(
         raise ConfigError(
             f"no noise multiplier reaches epsilon {target_epsilon:g} at delta "
             f"{target_delta:g} over {total_steps} steps at sample rate "
-            f"{sample_rate:.4g} ({mechanism.value} accountant): {err}",
+            f"{sample_rate:.4g} ({used.value} accountant): {err}",
             hint="Raise privacy.target-epsilon, or plan fewer steps (fewer "
             "federation.rounds, train.local-epochs or a train.max-steps cap). RDP "
             "cannot certify epsilon below about 0.2 at all; PRV can.",

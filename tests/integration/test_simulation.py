@@ -64,3 +64,17 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(
     assert set(loaded) == set(final)
     assert all(np.array_equal(loaded[k], final[k]) for k in final)
     assert result.rounds[-1].adapter_sha256 != result.rounds[0].adapter_sha256
+
+    # By default: DP-SGD at every site and SecAgg+, and every output says so.
+    assert summary["aggregation"] == ["secagg+"]
+    assert manifest["aggregation"] == "secagg+"
+    assert manifest["secure_aggregation"]["max_abs_error_per_coordinate"] < 1e-5
+    assert manifest["differential_privacy"]["target-epsilon"] == 8.0
+    for site in ("site-01", "site-02"):
+        spent = summary["privacy_spent"][site]
+        rounds = [r["epsilon_run"] for r in spent["per_round"]]
+        assert len(rounds) == 2 and 0 < rounds[0] < rounds[1] <= 8.0 * 1.001
+        assert spent["epsilon_run_prv"] > 0
+        assert manifest["privacy_spent"][site]["epsilon_run"] == rounds[-1]
+    assert (run_dir / "plots" / "privacy.png").stat().st_size > 0
+
