@@ -19,7 +19,7 @@ def test_ffa_freezes_every_lora_a_and_sends_half_the_lora_tensors():
     lora_sent = [k for k in sent if ".lora_" in k]
     assert 2 * sum(state[k].size for k in lora_sent) == sum(state[k].size for k in lora_all)
     # the same init: A is identical at every site and the coordinator
-    again = adapter_state(build_model(RunConfig().with_overrides(model={"lora_variant": "ffa"})))
+    again = adapter_state(build_model(RunConfig().with_overrides(model={"lora_variant": "ffa"})).model)
     assert all(np.array_equal(state[k], again[k]) for k in state if ".lora_A." in k)
 
 
