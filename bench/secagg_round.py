@@ -48,10 +48,10 @@ def _shapes(params: int) -> OrderedDict[str, tuple[int, int]]:
     )
 
 
-def _site_app(delta: OrderedDict, num_examples: int, allowlist: EgressAllowlist) -> ClientApp:
-    app = ClientApp(
-        mods=site_mods(lambda m, c: allowlist, precheck=lambda m, c: None)
-    )
+def _site_app(
+    delta: OrderedDict, num_examples: int, allowlist: EgressAllowlist
+) -> ClientApp:
+    app = ClientApp(mods=site_mods(lambda m, c: allowlist, precheck=lambda m, c: None))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -68,7 +68,10 @@ def _site_app(delta: OrderedDict, num_examples: int, allowlist: EgressAllowlist)
             )
         else:
             content = RecordDict(
-                {wire.ADAPTER_DELTA: to_record(delta), wire.METRICS: MetricRecord(metrics)}
+                {
+                    wire.ADAPTER_DELTA: to_record(delta),
+                    wire.METRICS: MetricRecord(metrics),
+                }
             )
         return Message(content, reply_to=msg)
 
@@ -76,7 +79,9 @@ def _site_app(delta: OrderedDict, num_examples: int, allowlist: EgressAllowlist)
 
 
 def _messages(nodes: list[int], shapes: OrderedDict) -> list[Message]:
-    weights = to_record(OrderedDict((k, np.zeros(s, np.float32)) for k, s in shapes.items()))
+    weights = to_record(
+        OrderedDict((k, np.zeros(s, np.float32)) for k, s in shapes.items())
+    )
     return [
         Message(
             RecordDict(
@@ -109,13 +114,19 @@ def main(argv: list[str] | None = None) -> dict:
     examples = [200 + 37 * i for i in range(args.sites)]
     deltas = [
         clip_l2(
-            OrderedDict((k, rng.normal(0, 0.01, s).astype(np.float32)) for k, s in shapes.items()),
+            OrderedDict(
+                (k, rng.normal(0, 0.01, s).astype(np.float32))
+                for k, s in shapes.items()
+            ),
             BOUND,
         )[0]
         for _ in nodes
     ]
     allowlist = EgressAllowlist.for_payload(dict(shapes), ())
-    apps = {n: _site_app(d, e, allowlist) for n, d, e in zip(nodes, deltas, examples, strict=True)}
+    apps = {
+        n: _site_app(d, e, allowlist)
+        for n, d, e in zip(nodes, deltas, examples, strict=True)
+    }
     exact = weighted_mean(deltas, [float(e) for e in examples])
 
     plain_times, secure_times, errors = [], [], []
@@ -154,8 +165,12 @@ def main(argv: list[str] | None = None) -> dict:
         secure_parallel.append(grid.as_if_parallel(secure_times[-1]))
         secure_bytes = grid.traffic
         assert result.mean_delta is not None
-        worst = max(float(np.max(np.abs(result.mean_delta[k] - exact[k]))) for k in shapes)
-        errors.append((worst, mean_error_bound(plan, len(nodes), BOUND, result.weight_sum)))
+        worst = max(
+            float(np.max(np.abs(result.mean_delta[k] - exact[k]))) for k in shapes
+        )
+        errors.append(
+            (worst, mean_error_bound(plan, len(nodes), BOUND, result.weight_sum))
+        )
 
     assert plain_bytes is not None and secure_bytes is not None
     up_plain = statistics.mean(plain_bytes.up.values())
@@ -163,7 +178,10 @@ def main(argv: list[str] | None = None) -> dict:
     down_plain = statistics.mean(plain_bytes.down.values())
     down_secure = statistics.mean(secure_bytes.down.values())
     t_plain, t_secure = statistics.median(plain_times), statistics.median(secure_times)
-    p_plain, p_secure = statistics.median(plain_parallel), statistics.median(secure_parallel)
+    p_plain, p_secure = (
+        statistics.median(plain_parallel),
+        statistics.median(secure_parallel),
+    )
     figures = {
         "sites": args.sites,
         "adapter_parameters": n_params,
@@ -183,18 +201,32 @@ def main(argv: list[str] | None = None) -> dict:
         "stated_error_bound": min(b for _, b in errors),
         "machine": f"{platform.machine()}, {platform.python_version()}",
     }
-    print(f"SecAgg+ vs plain aggregation: {args.sites} sites, {n_params:,} adapter parameters "
-          f"({n_params * 4:,} B float32), median of {args.repeats}")
+    print(
+        f"SecAgg+ vs plain aggregation: {args.sites} sites, {n_params:,} adapter parameters "
+        f"({n_params * 4:,} B float32), median of {args.repeats}"
+    )
     print(f"{'':28}{'plain':>14}{'SecAgg+':>14}{'ratio':>8}")
-    print(f"{'round time, sites serial (s)':28}{t_plain:>14.3f}{t_secure:>14.3f}{t_secure / t_plain:>8.2f}")
-    print(f"{'round time, sites parallel':28}{p_plain:>14.3f}{p_secure:>14.3f}{p_secure / p_plain:>8.2f}")
-    print(f"{'upload per site (B)':28}{up_plain:>14,.0f}{up_secure:>14,.0f}{up_secure / up_plain:>8.2f}")
-    print(f"{'download per site (B)':28}{down_plain:>14,.0f}{down_secure:>14,.0f}{down_secure / down_plain:>8.2f}")
-    print(f"secure mean vs exact weighted mean: max |error| {figures['max_abs_error']:.2e} "
-          f"<= stated bound {figures['stated_error_bound']:.2e}")
-    print("goal: <= 1.35x time, <= 1.5x bytes: "
-          f"time (sites parallel) {'PASS' if p_secure / p_plain <= 1.35 else 'MISS'}, "
-          f"bytes {'PASS' if up_secure / up_plain <= 1.5 else 'MISS'}")
+    print(
+        f"{'round time, sites serial (s)':28}{t_plain:>14.3f}{t_secure:>14.3f}{t_secure / t_plain:>8.2f}"
+    )
+    print(
+        f"{'round time, sites parallel':28}{p_plain:>14.3f}{p_secure:>14.3f}{p_secure / p_plain:>8.2f}"
+    )
+    print(
+        f"{'upload per site (B)':28}{up_plain:>14,.0f}{up_secure:>14,.0f}{up_secure / up_plain:>8.2f}"
+    )
+    print(
+        f"{'download per site (B)':28}{down_plain:>14,.0f}{down_secure:>14,.0f}{down_secure / down_plain:>8.2f}"
+    )
+    print(
+        f"secure mean vs exact weighted mean: max |error| {figures['max_abs_error']:.2e} "
+        f"<= stated bound {figures['stated_error_bound']:.2e}"
+    )
+    print(
+        "goal: <= 1.35x time, <= 1.5x bytes: "
+        f"time (sites parallel) {'PASS' if p_secure / p_plain <= 1.35 else 'MISS'}, "
+        f"bytes {'PASS' if up_secure / up_plain <= 1.5 else 'MISS'}"
+    )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return figures

@@ -424,8 +424,10 @@ def _site_toml(profile: SiteProfile, seed: int) -> dict:
         },
         # The site's own floor: no run may spend more than max-epsilon here, and
         # every run together no more than budget-epsilon (composed in the ledger).
+        # Synthetic patients allow runs without DP (ablations); a real site.toml
+        # defaults to required = true.
         "privacy": {
-            "required": True,
+            "required": False,
             "max-epsilon": 10.0,
             "budget-epsilon": 100.0,
             "min-noise-multiplier": 0.3,

@@ -43,5 +43,17 @@ def synthetic_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Budget and floor tests write their own site.toml.
     for site_toml in root.glob("*/site.toml"):
         text = site_toml.read_text()
-        site_toml.write_text(text.replace("budget-epsilon = 100.0", "budget-epsilon = 1000000.0"))
+        site_toml.write_text(
+            text.replace("budget-epsilon = 100.0", "budget-epsilon = 1000000.0")
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def three_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three small synthetic hospitals (SecAgg+ dropout needs a third)."""
+    from wardround.simulations.synth import synthesize_federation
+
+    root = tmp_path_factory.mktemp("three-sites")
+    synthesize_federation(root, 3, patients_per_site=40, seed=11)
     return root

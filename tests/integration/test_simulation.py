@@ -77,4 +77,3 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(
         assert spent["epsilon_run_prv"] > 0
         assert manifest["privacy_spent"][site]["epsilon_run"] == rounds[-1]
     assert (run_dir / "plots" / "privacy.png").stat().st_size > 0
-

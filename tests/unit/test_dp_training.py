@@ -55,10 +55,18 @@ def test_opacus_leaves_no_hooks_on_the_cached_model(site):
     initial = adapter_state(model)
     hooks = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
     try:
-        train_local(model, site.data.train, _spec(0), DpTraining(1.0, 1.0, GradSampleMode.HOOKS, False))
+        train_local(
+            model,
+            site.data.train,
+            _spec(0),
+            DpTraining(1.0, 1.0, GradSampleMode.HOOKS, False),
+        )
     finally:
         load_adapter_state(model, initial)
-    assert sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules()) == hooks
+    assert (
+        sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
+        == hooks
+    )
     assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
 
 
@@ -73,7 +81,12 @@ def test_secure_mode_noise_is_not_reproducible_and_seeded_noise_is(site):
     try:
         for name, secure in (("a", False), ("b", False), ("c", True), ("d", True)):
             load_adapter_state(model, initial)
-            train_local(model, site.data.train, spec, DpTraining(1.0, 1.0, GradSampleMode.HOOKS, secure))
+            train_local(
+                model,
+                site.data.train,
+                spec,
+                DpTraining(1.0, 1.0, GradSampleMode.HOOKS, secure),
+            )
             shas[name] = adapter_sha256(adapter_state(model))
     finally:
         load_adapter_state(model, initial)

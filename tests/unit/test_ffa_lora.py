@@ -12,14 +12,20 @@ def test_ffa_freezes_every_lora_a_and_sends_half_the_lora_tensors():
     ffa = build_model(RunConfig().with_overrides(model={"lora_variant": "ffa"}))
     assert plain.base_fingerprint == ffa.base_fingerprint  # same base model
     frozen = [n for n, p in ffa.model.named_parameters() if ".lora_A." in n]
-    assert frozen and all(not p.requires_grad for n, p in ffa.model.named_parameters() if n in frozen)
+    assert frozen and all(
+        not p.requires_grad for n, p in ffa.model.named_parameters() if n in frozen
+    )
     state = adapter_state(ffa.model)
     sent = payload_keys(state, frozen_lora_a=True)
     lora_all = [k for k in state if ".lora_" in k]
     lora_sent = [k for k in sent if ".lora_" in k]
-    assert 2 * sum(state[k].size for k in lora_sent) == sum(state[k].size for k in lora_all)
+    assert 2 * sum(state[k].size for k in lora_sent) == sum(
+        state[k].size for k in lora_all
+    )
     # the same init: A is identical at every site and the coordinator
-    again = adapter_state(build_model(RunConfig().with_overrides(model={"lora_variant": "ffa"})).model)
+    again = adapter_state(
+        build_model(RunConfig().with_overrides(model={"lora_variant": "ffa"})).model
+    )
     assert all(np.array_equal(state[k], again[k]) for k in state if ".lora_A." in k)
 
 

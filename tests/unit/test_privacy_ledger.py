@@ -27,7 +27,13 @@ def _ledger(tmp_path, fingerprint="ab" * 32):
 
 def _round(ledger, run, n, mechanism=ROUND, commit=True):
     entry = ledger.reserve(
-        run, n, mechanism, delta=DELTA, max_grad_norm=1.0, accountant="rdp", base_model="ab" * 32
+        run,
+        n,
+        mechanism,
+        delta=DELTA,
+        max_grad_norm=1.0,
+        accountant="rdp",
+        base_model="ab" * 32,
     )
     if commit:
         ledger.commit(entry, mechanism.steps, epsilon_run=0.0, epsilon_total=0.0)
@@ -43,11 +49,18 @@ def test_ledger_epsilon_equals_opacus_recomputed_from_the_recorded_history(tmp_p
     lines = [json.loads(x) for x in ledger.path.read_text().splitlines()]
     steps = {x["id"]: x["steps"] for x in lines if x["kind"] == "commit"}
     history = [
-        (x["noise_multiplier"], x["sample_rate"], steps[x["id"]]) for x in lines if x["kind"] == "reserve"
+        (x["noise_multiplier"], x["sample_rate"], steps[x["id"]])
+        for x in lines
+        if x["kind"] == "reserve"
     ]
-    for accountant, engine in ((Accountant.RDP, RDPAccountant()), (Accountant.PRV, PRVAccountant())):
+    for accountant, engine in (
+        (Accountant.RDP, RDPAccountant()),
+        (Accountant.PRV, PRVAccountant()),
+    ):
         engine.history = history
-        assert ledger.epsilon(DELTA, accountant) == pytest.approx(engine.get_epsilon(DELTA), rel=1e-6)
+        assert ledger.epsilon(DELTA, accountant) == pytest.approx(
+            engine.get_epsilon(DELTA), rel=1e-6
+        )
 
 
 def test_rounds_compose_to_the_epsilon_of_one_opacus_run_with_the_same_steps(tmp_path):
@@ -57,18 +70,35 @@ def test_rounds_compose_to_the_epsilon_of_one_opacus_run_with_the_same_steps(tmp
         _round(ledger, "run", n)
     one_run = RDPAccountant()
     for _ in range(rounds * ROUND.steps):
-        one_run.step(noise_multiplier=ROUND.noise_multiplier, sample_rate=ROUND.sample_rate)
-    assert ledger.epsilon(DELTA, Accountant.RDP, "run") == pytest.approx(one_run.get_epsilon(DELTA), rel=1e-9)
+        one_run.step(
+            noise_multiplier=ROUND.noise_multiplier, sample_rate=ROUND.sample_rate
+        )
+    assert ledger.epsilon(DELTA, Accountant.RDP, "run") == pytest.approx(
+        one_run.get_epsilon(DELTA), rel=1e-9
+    )
 
 
 def test_planned_sigma_spends_the_target_over_the_whole_schedule():
-    schedule = local_schedule(num_examples=240, batch_size=16, local_epochs=2, max_steps=0)
-    assert schedule.steps_per_round == 30 and schedule.sample_rate == pytest.approx(16 / 240)
-    sigma = plan_noise_multiplier(8.0, DELTA, schedule.sample_rate, 5 * 30, Accountant.RDP)
-    spent = epsilon_spent([Mechanism(sigma, schedule.sample_rate, 30)] * 5, DELTA, Accountant.RDP)
+    schedule = local_schedule(
+        num_examples=240, batch_size=16, local_epochs=2, max_steps=0
+    )
+    assert schedule.steps_per_round == 30 and schedule.sample_rate == pytest.approx(
+        16 / 240
+    )
+    sigma = plan_noise_multiplier(
+        8.0, DELTA, schedule.sample_rate, 5 * 30, Accountant.RDP
+    )
+    spent = epsilon_spent(
+        [Mechanism(sigma, schedule.sample_rate, 30)] * 5, DELTA, Accountant.RDP
+    )
     assert 7.9 <= spent <= 8.05
     # a fresh accountant per round would report far less: composition matters
-    assert epsilon_spent([Mechanism(sigma, schedule.sample_rate, 30)], DELTA, Accountant.RDP) < 0.6 * spent
+    assert (
+        epsilon_spent(
+            [Mechanism(sigma, schedule.sample_rate, 30)], DELTA, Accountant.RDP
+        )
+        < 0.6 * spent
+    )
 
 
 def test_an_uncommitted_reservation_counts_its_planned_steps(tmp_path):
@@ -88,7 +118,9 @@ def test_the_ledger_spans_runs_and_restarts(tmp_path):
     total = again.epsilon(DELTA, Accountant.RDP)
     assert total > run_a > 0
     run_after, total_after = again.projected(ROUND, DELTA, Accountant.RDP, "run-a")
-    assert run_after == pytest.approx(epsilon_spent([ROUND, ROUND], DELTA, Accountant.RDP))
+    assert run_after == pytest.approx(
+        epsilon_spent([ROUND, ROUND], DELTA, Accountant.RDP)
+    )
     assert total_after > total
 
 

@@ -14,7 +14,11 @@ from wardround.client.ledger import PrivacyLedger, ledger_file
 from wardround.common import wire
 from wardround.common.adapter import adapter_state, to_record
 from wardround.common.config import Accountant
-from wardround.common.errors import PrivacyBudgetExhausted, PrivacyPolicyRefused, error_kind
+from wardround.common.errors import (
+    PrivacyBudgetExhausted,
+    PrivacyPolicyRefused,
+    error_kind,
+)
 from wardround.common.models import build_model
 from wardround.common.privacy import Mechanism
 
@@ -83,7 +87,9 @@ def test_the_site_floor_beats_the_run_config(
         handle_train(msg, context)
     # nothing was spent: the refusal comes before the ledger
     assert not list((site_toml.parent / "privacy-ledger").glob("*.jsonl")) or not (
-        PrivacyLedger(next((site_toml.parent / "privacy-ledger").glob("*.jsonl"))).history()
+        PrivacyLedger(
+            next((site_toml.parent / "privacy-ledger").glob("*.jsonl"))
+        ).history()
     )
 
 
@@ -94,7 +100,9 @@ def test_a_round_past_the_budget_is_refused_and_the_refusal_leaves_as_a_status(
     config = tiny_config.with_overrides(train={"max_steps": 2})
     msg, context, built = _call(config, site_toml, run_id="new-run")
     # an earlier run already spent most of this site's lifetime budget
-    ledger = PrivacyLedger(ledger_file(site_toml.parent / "privacy-ledger", built.base_fingerprint))
+    ledger = PrivacyLedger(
+        ledger_file(site_toml.parent / "privacy-ledger", built.base_fingerprint)
+    )
     entry = ledger.reserve(
         "old-run", 1, Mechanism(0.7, 0.25, 60), delta=1e-5, max_grad_norm=1.0,
         accountant="rdp", base_model=built.base_fingerprint,
@@ -112,20 +120,31 @@ def test_a_round_past_the_budget_is_refused_and_the_refusal_leaves_as_a_status(
     assert error_kind(reply.error.reason) == "PrivacyBudgetExhausted"
 
 
-def test_a_dp_round_is_ledgered_before_its_delta_leaves(synthetic_sites, tiny_config, tmp_path):
+def test_a_dp_round_is_ledgered_before_its_delta_leaves(
+    synthetic_sites, tiny_config, tmp_path
+):
     site_toml = _site(synthetic_sites, tmp_path)
     config = tiny_config.with_overrides(train={"max_steps": 3})
     msg, context, built = _call(config, site_toml)
     reply = handle_train(msg, context)
     metrics = reply.content[wire.METRICS]
-    ledger = PrivacyLedger(ledger_file(site_toml.parent / "privacy-ledger", built.base_fingerprint))
+    ledger = PrivacyLedger(
+        ledger_file(site_toml.parent / "privacy-ledger", built.base_fingerprint)
+    )
     kinds = [e["kind"] for e in ledger.entries()]
     assert kinds == ["reserve", "commit"]
     assert metrics[wire.DP_STEPS] == 3
-    assert metrics[wire.DP_EPSILON_RUN] == pytest.approx(ledger.epsilon(1e-5, Accountant.RDP, "run-1"))
+    assert metrics[wire.DP_EPSILON_RUN] == pytest.approx(
+        ledger.epsilon(1e-5, Accountant.RDP, "run-1")
+    )
     assert 0 < metrics[wire.DP_EPSILON_RUN] < config.privacy.target_epsilon
     assert np.isfinite(metrics[wire.DP_EPSILON_RUN_PRV])
     # the delta is clipped to the run's bound
     delta = reply.content[wire.ADAPTER_DELTA]
-    norm = np.sqrt(sum(float(np.sum(delta[k].numpy().astype(np.float64) ** 2)) for k in delta.keys()))
+    norm = np.sqrt(
+        sum(
+            float(np.sum(delta[k].numpy().astype(np.float64) ** 2))
+            for k in delta.keys()
+        )
+    )
     assert norm <= config.federation.delta_clip_norm + 1e-6

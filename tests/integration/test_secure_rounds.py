@@ -1,0 +1,72 @@
+"""Whole rounds with the real site ClientApps on an in-process grid (no Ray):
+DP-SGD, SecAgg+, the egress guard and FFA-LoRA together, and a site that vanishes
+in the middle of a SecAgg+ round."""
+
+import json
+
+import pytest
+from flwr.app import Message
+
+from wardround.client.app import build_client_app
+from wardround.server.federation import run_federation
+from wardround.simulations.local_grid import LocalGrid
+
+pytestmark = pytest.mark.integration
+
+
+def _grid(config, sites, vanish=None):
+    nodes = {
+        1000 + i: {"partition-id": i, "num-partitions": sites} for i in range(sites)
+    }
+    run_config = config.to_flower()
+    apps = {node: build_client_app(run_config) for node in nodes}
+    return LocalGrid(apps, nodes, run_config, vanish=vanish)
+
+
+def test_ffa_lora_under_dp_and_secagg_trains_and_reports(
+    three_sites, tiny_config, tmp_path
+):
+    config = tiny_config.with_overrides(
+        data={"sites_dir": str(three_sites)},
+        model={"lora_variant": "ffa"},
+        train={"max_steps": 2},
+        federation={"rounds": 2, "min_sites": 2},
+    )
+    result = run_federation(_grid(config, 3), config, run_dir=tmp_path / "run")
+    last = result.rounds[-1]
+    assert last.aggregation == "secagg+" and len(last.train) == 3
+    assert all(t.privacy is not None and t.privacy.epsilon_run > 0 for t in last.train)
+    # FFA: the frozen A factors are not sent and never change
+    first = json.loads((tmp_path / "run" / "manifests" / "round-001.json").read_text())
+    assert first["lora_variant"] == "ffa"
+    assert (
+        result.summary["model"]["adapter_payload_tensors"]
+        < result.summary["model"]["adapter_tensors"]
+    )
+
+
+def test_a_site_vanishing_mid_secagg_round_leaves_a_round_of_the_others(
+    three_sites, tiny_config, tmp_path
+):
+    config = tiny_config.with_overrides(
+        data={"sites_dir": str(three_sites)},
+        train={"max_steps": 2},
+        federation={"rounds": 1, "min_sites": 2},
+        secure_aggregation={"num_shares": 1.0, "reconstruction_threshold": 2},
+    )
+    victim = 1001
+
+    def vanish(node: int, msg: Message) -> bool:
+        configs = msg.content.config_records.get("secaggplus_configs")
+        return (
+            node == victim
+            and configs is not None
+            and configs.get("stage") == "collect_masked_vectors"
+        )
+
+    result = run_federation(_grid(config, 3, vanish), config, run_dir=tmp_path / "run")
+    round_one = result.rounds[1]
+    assert sorted(t.node_id for t in round_one.train) == [1000, 1002]
+    assert [f.node_id for f in round_one.failures if f.phase == "train"] == [victim]
+    assert round_one.secure_aggregation["sites_aggregated"] == 2
+    assert round_one.adapter_sha256 != result.rounds[0].adapter_sha256
