@@ -1,4 +1,4 @@
-"""The ``wardround site`` command group: ``check`` and ``deid``.
+"""The ``wardround site`` command group: ``check``, ``deid`` and ``privacy``.
 
 Registered by ``wardround/cli.py`` with ``app.add_typer(site_app, name="site")``.
 Heavy imports (pyarrow, pydicom, torch) happen inside the commands, so ``--help``
@@ -115,3 +115,54 @@ def deid(
         )
     if ehr_out is not None:
         typer.echo(f"EHR: {result.ehr_rows} row(s) written to {ehr_out}")
+
+
+@site_app.command("privacy")
+def privacy(
+    config: Annotated[Path, typer.Option("--config", help="the site's site.toml")],
+    delta: Annotated[float, typer.Option(help="delta to report epsilon at")] = 1e-5,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the report as JSON")
+    ] = False,
+) -> None:
+    """The site's privacy ledgers: epsilon spent per run and in total, per base model."""
+    try:
+        from wardround.common.config import Accountant
+
+        from .ledger import PrivacyLedger
+        from .site_config import SiteConfig
+
+        site = SiteConfig.from_toml(config)
+        report = []
+        for path in sorted(site.ledger_path.glob("*.jsonl")):
+            ledger = PrivacyLedger(path)
+            entries = ledger.entries()
+            runs = sorted({e["run"] for e in entries if e["kind"] == "reserve"})
+            report.append(
+                {
+                    "ledger": str(path),
+                    "base_model": path.stem,
+                    "rounds": sum(1 for e in entries if e["kind"] == "reserve"),
+                    "epsilon_total": ledger.epsilon(delta, Accountant.RDP),
+                    "budget_epsilon": site.privacy.budget_epsilon,
+                    "runs": {
+                        run: ledger.epsilon(delta, Accountant.RDP, run) for run in runs
+                    },
+                }
+            )
+    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
+        _fail(exc)
+        return
+    if as_json:
+        typer.echo(json.dumps({"delta": delta, "ledgers": report}, indent=2))
+        return
+    if not report:
+        typer.echo(f"no privacy ledger under {site.ledger_path}: nothing spent yet")
+    for item in report:
+        typer.echo(
+            f"base model {item['base_model']}: epsilon {item['epsilon_total']:.3f} of "
+            f"{item['budget_epsilon']:g} spent (RDP, delta {delta:g}) over "
+            f"{item['rounds']} round(s)"
+        )
+        for run, eps in item["runs"].items():
+            typer.echo(f"  run {run}: epsilon {eps:.3f}")

@@ -178,3 +178,27 @@ def test_drop_modalities_is_seeded_and_never_empties_an_example():
     )
     with pytest.raises(ValueError):
         drop_modalities(batch, 1.0, torch.Generator())
+
+
+def test_site_privacy_reports_the_ledger(tmp_path):
+    from wardround.client.ledger import PrivacyLedger, ledger_file
+    from wardround.common.privacy import Mechanism
+
+    site_toml = tmp_path / "site.toml"
+    site_toml.write_text("[privacy]\nbudget-epsilon = 30.0\n")
+    empty = runner.invoke(_app(), ["site", "privacy", "--config", str(site_toml)])
+    assert empty.exit_code == 0 and "nothing spent yet" in empty.output
+    ledger = PrivacyLedger(ledger_file(tmp_path / "privacy-ledger", "f" * 64))
+    for run in ("run-a", "run-b"):
+        entry = ledger.reserve(
+            run, 1, Mechanism(1.0, 0.1, 50), delta=1e-5, max_grad_norm=1.0,
+            accountant="rdp", base_model="f" * 64,
+        )  # fmt: skip
+        ledger.commit(entry, 50, epsilon_run=0.0, epsilon_total=0.0)
+    result = runner.invoke(
+        _app(), ["site", "privacy", "--config", str(site_toml), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)["ledgers"][0]
+    assert report["rounds"] == 2 and set(report["runs"]) == {"run-a", "run-b"}
+    assert report["epsilon_total"] > report["runs"]["run-a"] > 0
