@@ -28,9 +28,8 @@ from .egress import (
     _unlisted,
     check_legacy_fitres,
     check_reply,
-    check_secagg_reply,
-    secagg_stage_of,
 )
+from .egress_secagg import check_secagg_reply, secagg_stage_of
 
 log = logging.getLogger("wardround.egress")
 

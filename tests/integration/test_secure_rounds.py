@@ -70,3 +70,42 @@ def test_a_site_vanishing_mid_secagg_round_leaves_a_round_of_the_others(
     assert [f.node_id for f in round_one.failures if f.phase == "train"] == [victim]
     assert round_one.secure_aggregation["sites_aggregated"] == 2
     assert round_one.adapter_sha256 != result.rounds[0].adapter_sha256
+
+
+def _sites_with(three_sites, tmp_path, **privacy):
+    import shutil
+    import tomllib
+
+    import tomli_w
+
+    root = tmp_path / "sites"
+    shutil.copytree(three_sites, root, ignore=shutil.ignore_patterns("privacy-ledger"))
+    for site_toml in root.glob("*/site.toml"):
+        doc = tomllib.loads(site_toml.read_text())
+        doc["privacy"].update({k.replace("_", "-"): v for k, v in privacy.items()})
+        site_toml.write_text(tomli_w.dumps(doc))
+    return root
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_sites_that_refuse_stop_the_run_cleanly_with_its_rounds_written(
+    three_sites, tiny_config, tmp_path, secure
+):
+    from wardround.common.errors import PrivacyBudgetExhausted
+
+    sites = _sites_with(three_sites, tmp_path, max_epsilon=4.0)  # the run asks for 8
+    config = tiny_config.with_overrides(
+        data={"sites_dir": str(sites)},
+        train={"max_steps": 1},
+        federation={"rounds": 2, "min_sites": 2},
+        secure_aggregation={"enabled": secure},
+    )
+    with pytest.raises(
+        PrivacyBudgetExhausted, match="less privacy than this site allows"
+    ):
+        run_federation(_grid(config, 3), config, run_dir=tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert summary["status"].startswith("stopped")
+    assert "PrivacyPolicyRefused" in summary["stop_reason"]
+    assert summary["rounds_completed"] == 0
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()

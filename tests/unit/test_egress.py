@@ -28,13 +28,13 @@ from wardround.client.egress import (
     EgressAllowlist,
     check_legacy_fitres,
     check_reply,
-    check_secagg_reply,
 )
 from wardround.client.egress_mods import (
     error_sanitizing_mod,
     make_egress_guard_mod,
     site_mods,
 )
+from wardround.client.egress_secagg import check_secagg_reply
 from wardround.common import wire
 from wardround.common.errors import (
     DataError,
