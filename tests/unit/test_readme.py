@@ -16,7 +16,15 @@ def test_readme_run_config_parses_and_matches_the_defaults(tmp_path):
     path.write_text(block)
     config = RunConfig.from_toml(path)
     defaults = RunConfig()
-    for section in ("federation", "train", "model", "data", "output"):
+    for section in (
+        "federation",
+        "train",
+        "model",
+        "data",
+        "privacy",
+        "secure_aggregation",
+        "output",
+    ):
         assert getattr(config, section) == getattr(defaults, section), section
 
 
