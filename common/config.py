@@ -355,6 +355,11 @@ class RunConfig(_Section):
                 "secure-aggregation needs federation.delta-clip-norm > 0 (it sets the "
                 "quantization range)"
             )
+        if self.secure_aggregation.enabled and self.federation.min_sites < 2:
+            raise ValueError(
+                "secure-aggregation needs federation.min-sites >= 2 (a sum of one "
+                "site's update hides nothing); disable it for a one-site run"
+            )
         return self
 
     # -- parsing ---------------------------------------------------------------

@@ -75,3 +75,18 @@ def test_device_is_validated():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA device"):
             resolve_device("cuda:0")
+
+
+def test_secure_aggregation_settings_are_checked_together():
+    from wardround.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="delta-clip-norm > 0"):
+        RunConfig().with_overrides(federation={"delta_clip_norm": 0.0})
+    with pytest.raises(ConfigError, match="min-sites >= 2"):
+        RunConfig().with_overrides(federation={"min_sites": 1})
+    one_site = RunConfig().with_overrides(
+        federation={"min_sites": 1}, secure_aggregation={"enabled": False}
+    )
+    assert one_site.federation.min_sites == 1
+    with pytest.raises(ConfigError, match="num-shares"):
+        RunConfig().with_overrides(secure_aggregation={"num_shares": 2.5})
