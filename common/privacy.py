@@ -14,6 +14,7 @@ from PRV to RDP is always safe, only looser.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -172,11 +173,21 @@ def epsilon_spent(
     ``PRV_MAX_EPSILON``, and when it succeeds; otherwise the RDP bound is returned
     and a warning logged (RDP is a valid, looser upper bound).
     """
-    from opacus.accountants import RDPAccountant
-
     entries = merge_history(history)
     if not entries:
         return 0.0
+    return _epsilon_of(tuple(entries), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon_of(
+    entries: tuple[tuple[float, float, int], ...], delta: float, accountant: Accountant
+) -> float:
+    # Pure in its arguments: a site asks the same question before and after a round
+    # (projection, commit, report), so answers are kept.
+    from opacus.accountants import RDPAccountant
+
+    entries = list(entries)
     rdp = RDPAccountant()
     rdp.history = entries
     rdp_eps = float(rdp.get_epsilon(delta))
