@@ -84,6 +84,13 @@ def _title(summary: dict) -> str:
     )
 
 
+def _caption(with_privacy: bool) -> str:
+    text = "val n: validation studies; AUROC r0: before training"
+    if with_privacy:
+        text += "; ε run / ε all: spent by this run / by all runs (RDP)"
+    return text
+
+
 def summary_table(result: FederationResult) -> Table:
     """Per-site and global AUROC, loss, epsilon spent and bytes sent."""
     last = result.rounds[-1]
@@ -91,16 +98,17 @@ def summary_table(result: FederationResult) -> Table:
     first_auroc = {e.site: e.auroc_macro for e in first.evaluate}
     sent = result.summary["bytes_sent_per_site"]
     spent = result.summary["privacy_spent"]
-    table = Table(title=_title(result.summary))
+    table = Table(title=_title(result.summary), caption=_caption(bool(spent)))
+    # Short headers: the table fits an 80-column terminal (and CI logs).
     columns = [
         "site",
-        "examples (val)",
-        f"AUROC round {first.round}",
-        f"AUROC round {last.round}",
+        "val n",
+        f"AUROC r{first.round}",
+        f"AUROC r{last.round}",
         "val loss",
     ]
     if spent:
-        columns += ["ε this run", "ε all runs"]
+        columns += ["ε run", "ε all"]
     columns.append("bytes sent")
     for col in columns:
         table.add_column(col, justify="right" if col != "site" else "left")

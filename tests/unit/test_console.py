@@ -34,7 +34,7 @@ def test_summary_counts_training_rounds_and_shows_every_site():
     console.print(summary_table(result))
     text = console.export_text()
     assert "2 round(s)" in text
-    assert "AUROC round 0" in text and "AUROC round 2" in text
+    assert "AUROC r0" in text and "AUROC r2" in text
     assert "site-01" in text and "site-02" in text and "0.775" in text
     assert "300" in text  # bytes summed over sites
     assert "SecAgg+" in text and "ε=8" in text
