@@ -358,7 +358,8 @@ class RunConfig(_Section):
         if self.secure_aggregation.enabled and self.federation.min_sites < 2:
             raise ValueError(
                 "secure-aggregation needs federation.min-sites >= 2 (a sum of one "
-                "site's update hides nothing); disable it for a one-site run"
+                "site's update hides nothing); disable it for a one-site run "
+                "(secure-aggregation.enabled = false, or --no-secagg)"
             )
         return self
 
@@ -439,6 +440,9 @@ def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
             lines.append(
                 f"  - {where}: unknown key; known keys here: {', '.join(known)}"
             )
+        elif not err["loc"]:
+            # a check across sections: its input is the whole config, not worth echoing
+            lines.append(f"  - {where}: {err['msg']}")
         else:
             lines.append(f"  - {where}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)
