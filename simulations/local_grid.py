@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-defined]
 from flwr.serverapp import Grid
@@ -25,6 +26,19 @@ from flwr.supercore.task_identity import TaskIdentity
 
 VanishRule = Callable[[int, Message], bool]
 """(node id, incoming message) -> True if the site dies on receiving it."""
+
+
+def vanish_at_secagg_stage(stage: str, nodes: Iterable[int]) -> VanishRule:
+    """These nodes die on receiving the SecAgg+ message of ``stage``."""
+    doomed = set(nodes)
+
+    def rule(node: int, msg: Message) -> bool:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        return (
+            node in doomed and configs is not None and configs.get(Key.STAGE) == stage
+        )
+
+    return rule
 
 
 @dataclass

@@ -57,3 +57,14 @@ def three_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("three-sites")
     synthesize_federation(root, 3, patients_per_site=40, seed=11)
     return root
+
+
+@pytest.fixture(scope="module")
+def task_identity():
+    """Flower stamps messages with the process's task identity, as a SuperLink sets it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved

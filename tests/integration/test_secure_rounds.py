@@ -5,11 +5,10 @@ in the middle of a SecAgg+ round."""
 import json
 
 import pytest
-from flwr.app import Message
 
 from wardround.client.app import build_client_app
 from wardround.server.federation import run_federation
-from wardround.simulations.local_grid import LocalGrid
+from wardround.simulations.local_grid import LocalGrid, vanish_at_secagg_stage
 
 pytestmark = pytest.mark.integration
 
@@ -56,13 +55,7 @@ def test_a_site_vanishing_mid_secagg_round_leaves_a_round_of_the_others(
     )
     victim = 1001
 
-    def vanish(node: int, msg: Message) -> bool:
-        configs = msg.content.config_records.get("secaggplus_configs")
-        return (
-            node == victim
-            and configs is not None
-            and configs.get("stage") == "collect_masked_vectors"
-        )
+    vanish = vanish_at_secagg_stage("collect_masked_vectors", [victim])
 
     result = run_federation(_grid(config, 3, vanish), config, run_dir=tmp_path / "run")
     round_one = result.rounds[1]

@@ -49,15 +49,7 @@ LABELS = ("pneumonia", "edema")
 SECRET = "Jane Doe, MRN 0042"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _task_identity():
-    """Flower stamps messages with the process's task identity, as a SuperLink sets it."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from wardround.common.secagg_math import (
     quantized_weight,
 )
 from wardround.server.secagg import run_secure_train
-from wardround.simulations.local_grid import LocalGrid
+from wardround.simulations.local_grid import LocalGrid, vanish_at_secagg_stage
 
 SHAPES = OrderedDict(
     [("a.lora_A.weight", (4, 16)), ("b.lora_B.weight", (16, 4)), ("head.weight", (3,))]
@@ -166,14 +166,8 @@ def test_a_site_killed_mid_round_and_the_round_still_aggregates():
     examples = [100, 150, 90, 130, 110]
     victim = 103
 
-    def vanish(node: int, msg: Message) -> bool:
-        # Dies when asked for its masked vector (after sharing its keys).
-        configs = msg.content.config_records.get("secaggplus_configs")
-        return (
-            node == victim
-            and configs is not None
-            and configs.get("stage") == "collect_masked_vectors"
-        )
+    # Dies when asked for its masked vector (after sharing its keys).
+    vanish = vanish_at_secagg_stage("collect_masked_vectors", [victim])
 
     deltas, nodes, plan, result, grid = _run(5, examples, vanish=vanish)
     assert victim in grid.dead
@@ -190,11 +184,7 @@ def test_a_site_killed_mid_round_and_the_round_still_aggregates():
 def test_too_many_dropouts_halt_the_protocol_without_a_result():
     examples = [100, 100, 100]
 
-    def vanish(node: int, msg: Message) -> bool:
-        configs = msg.content.config_records.get("secaggplus_configs")
-        return (
-            node != 101 and configs is not None and configs.get("stage") == "share_keys"
-        )
+    vanish = vanish_at_secagg_stage("share_keys", [102, 103])
 
     _, _, _, result, _ = _run(3, examples, vanish=vanish)
     assert result.mean_delta is None

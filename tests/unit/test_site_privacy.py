@@ -22,15 +22,7 @@ from wardround.common.errors import (
 from wardround.common.models import build_model
 from wardround.common.privacy import Mechanism
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _site(synthetic_sites, tmp_path, **privacy):
