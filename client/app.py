@@ -12,6 +12,7 @@ guard → SecAgg+ (SecAgg+ messages only) → inner egress guard.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections import OrderedDict
@@ -41,9 +42,9 @@ from ..common.adapter import (
     to_record,
 )
 from ..common.aggregation import subtract
-from ..common.config import RunConfig
+from ..common.config import Accountant, RunConfig
 from ..common.errors import FederationError, ModelMismatchError
-from ..common.privacy import Mechanism, check_round_budget, epsilon_spent
+from ..common.privacy import check_round_budget, epsilon_spent
 from .egress import EgressAllowlist, check_legacy_fitres, check_reply
 from .egress_mods import site_mods
 from .privacy_policy import DpPlan, plan_site_privacy
@@ -62,14 +63,19 @@ class _Request:
     simulation: bool
 
 
+@functools.lru_cache(maxsize=8)
+def _parse_run_config(items: tuple[tuple[str, Any], ...]) -> RunConfig:
+    # Every mod and handler of a message reads the run config: parse it once per run.
+    return RunConfig.from_flower(dict(items))
+
+
 def _load(
     context: Context, run_config: dict[str, Any] | None
 ) -> tuple[RunConfig, SiteRuntime, bool]:
     import torch
 
-    config = RunConfig.from_flower(
-        run_config if run_config is not None else dict(context.run_config)
-    )
+    raw = run_config if run_config is not None else dict(context.run_config)
+    config = _parse_run_config(tuple(sorted(raw.items())))
     if config.train.torch_threads:
         torch.set_num_threads(config.train.torch_threads)
     node_config = dict(context.node_config)
@@ -135,19 +141,9 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
     plan = _dp_plan(request)
     reservation = None
     if plan is not None:
-        ledger = runtime.ledger
-        run_after, total_after = ledger.projected(
-            plan.per_round, plan.delta, plan.accountant, run_id
-        )
-        floor = runtime.site.privacy
-        check_round_budget(
-            run_after,
-            total_after,
-            max_epsilon_per_run=plan.run_epsilon_limit,
-            budget_epsilon=floor.budget_epsilon,
-        )
+        _check_round_budget(runtime, plan, run_id)
         # Durable before any noisy step: a crash from here on counts as spent.
-        reservation = ledger.reserve(
+        reservation = runtime.ledger.reserve(
             run_id,
             server_round,
             plan.per_round,
@@ -199,7 +195,10 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         metrics.update(
             {
                 wire.DP_EPSILON_RUN: eps_run,
-                wire.DP_EPSILON_RUN_PRV: _prv_epsilon(run_history, plan),
+                # PRV falls back to the RDP bound where it cannot evaluate a history
+                wire.DP_EPSILON_RUN_PRV: epsilon_spent(
+                    run_history, plan.delta, Accountant.PRV
+                ),
                 wire.DP_EPSILON_TOTAL: eps_total,
                 wire.DP_DELTA: plan.delta,
                 wire.DP_NOISE_MULTIPLIER: plan.per_round.noise_multiplier,
@@ -211,14 +210,21 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
     return payload, metrics
 
 
-def _prv_epsilon(history: list[Mechanism], plan: DpPlan) -> float:
-    from ..common.config import Accountant
+def _check_round_budget(runtime: SiteRuntime, plan: DpPlan, run_id: str | None) -> None:
+    """Refuse a round that would take the run or the site past its epsilon limit.
 
-    try:
-        return epsilon_spent(history, plan.delta, Accountant.PRV)
-    except Exception:  # PRV has numeric limits; the budget uses plan.accountant
-        log.warning("PRV accountant could not evaluate this history", exc_info=True)
-        return -1.0
+    ``run_id=None``: a run that has not trained here yet (only the site's budget
+    can be at stake).
+    """
+    run_after, total_after = runtime.ledger.projected(
+        plan.per_round, plan.delta, plan.accountant, run_id
+    )
+    check_round_budget(
+        run_after,
+        total_after,
+        max_epsilon_per_run=plan.run_epsilon_limit,
+        budget_epsilon=runtime.site.privacy.budget_epsilon,
+    )
 
 
 def handle_train(
@@ -302,17 +308,8 @@ def precheck_secure_round(
     plan = plan_site_privacy(
         config, runtime.site.privacy, len(runtime.data.train), simulation=simulation
     )
-    if plan is None:
-        return
-    _, total_after = runtime.ledger.projected(
-        plan.per_round, plan.delta, plan.accountant, None
-    )
-    check_round_budget(
-        0.0,
-        total_after,
-        max_epsilon_per_run=plan.run_epsilon_limit,
-        budget_epsilon=runtime.site.privacy.budget_epsilon,
-    )
+    if plan is not None:
+        _check_round_budget(runtime, plan, None)
 
 
 def build_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:

@@ -57,20 +57,7 @@ from ..common.errors import EgressViolation
 
 log = logging.getLogger("wardround.egress")
 
-_FALLBACK_METRIC_NAMES = (
-    wire.NUM_EXAMPLES,
-    wire.SITE_INDEX,
-    wire.TRAIN_LOSS,
-    wire.TRAIN_STEPS,
-    wire.TRAIN_SECONDS,
-    wire.DELTA_L2,
-    wire.EVAL_LOSS,
-    wire.AUROC_MACRO,
-    wire.EVAL_SECONDS,
-)
-WIRE_METRIC_NAMES: frozenset[str] = frozenset(
-    getattr(wire, "METRIC_NAMES", _FALLBACK_METRIC_NAMES)
-)
+WIRE_METRIC_NAMES: frozenset[str] = frozenset(wire.METRIC_NAMES)
 """Every fixed metric name of the wire contract."""
 
 # The legacy FitRes layout (flwr/compat/common/recorddict_compat.py).

@@ -42,9 +42,14 @@ class SiteRuntime:
     config: RunConfig
 
     @functools.cached_property
+    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every adapter tensor's shape, in sorted key order."""
+        return {k: tuple(v.shape) for k, v in adapter_state(self.built.model).items()}
+
+    @property
     def adapter_keys(self) -> list[str]:
         """Every adapter tensor, sorted (the order of unnamed arrays on the wire)."""
-        return list(adapter_state(self.built.model))
+        return list(self.adapter_shapes)
 
     @functools.cached_property
     def payload_keys(self) -> list[str]:
@@ -57,9 +62,8 @@ class SiteRuntime:
     @functools.cached_property
     def allowlist(self) -> EgressAllowlist:
         """What may leave this site: the payload tensors and the wire's metrics."""
-        state = adapter_state(self.built.model)
         return EgressAllowlist.for_payload(
-            {k: tuple(state[k].shape) for k in self.payload_keys},
+            {k: self.adapter_shapes[k] for k in self.payload_keys},
             self.config.task.labels,
         )
 

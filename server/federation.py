@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -170,6 +170,7 @@ def run_federation(
         started,
         built.base_fingerprint,
         global_state,
+        payload=phases.payload_shapes,
         run_id=run_id,
         stopped=stopped,
     )
@@ -278,9 +279,11 @@ def _summary(
     fingerprint: str,
     state: dict[str, np.ndarray],
     *,
+    payload: Iterable[str],
     run_id: str,
     stopped: WardroundError | None,
 ) -> dict[str, Any]:
+    payload = list(payload)
     last = records[-1]
     trained = records[1:]
     return {
@@ -291,21 +294,8 @@ def _summary(
         "model": {
             **model_info,
             "adapter_tensors": len(state),
-            "adapter_payload_tensors": len(
-                payload_keys(
-                    state,
-                    frozen_lora_a=config.model.lora_variant is LoraVariant.FFA,
-                )
-            ),
-            "adapter_payload_bytes": num_bytes(
-                {
-                    k: state[k]
-                    for k in payload_keys(
-                        state,
-                        frozen_lora_a=config.model.lora_variant is LoraVariant.FFA,
-                    )
-                }
-            ),
+            "adapter_payload_tensors": len(payload),
+            "adapter_payload_bytes": num_bytes({k: state[k] for k in payload}),
             "base_model_fingerprint": fingerprint,
         },
         "aggregation": sorted({r.aggregation for r in trained}) or ["none"],

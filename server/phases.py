@@ -166,10 +166,9 @@ class RoundPhases:
                 failure.node_id,
                 failure.reason.splitlines()[0] if failure.reason else "",
             )
-        contributed = len(result.site_metrics)
-        if result.mean_delta is None:
-            contributed = 0
-        self._require_enough(server_round, contributed, failures)
+        if result.mean_delta is None:  # the protocol halted: nobody's update counts
+            self._require_enough(server_round, 0, failures)
+        self._require_enough(server_round, len(result.site_metrics), failures)
         assert result.mean_delta is not None
         reports = sorted(
             (

@@ -13,7 +13,7 @@ class PrivacySpend:
     epsilon_run: float
     """Epsilon this run has spent at the site (the run's accountant, RDP by default)."""
     epsilon_run_prv: float
-    """The same from the PRV accountant (-1: PRV could not evaluate it)."""
+    """The same from the PRV accountant (the RDP bound where PRV cannot evaluate it)."""
     epsilon_total: float
     """Epsilon over every run in the site's ledger for this base model."""
     delta: float
