@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -139,11 +140,17 @@ def run_simulation_engine(
     # first (killing the raylet under a connected driver makes Ray abort the whole
     # process) and then stops leftover processes by PID.
     engine = threading.Thread(target=run_engine, name="flower-simulation", daemon=True)
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
     try:
         with ChildProcessGuard():
             engine.start()
             while engine.is_alive():
                 engine.join(timeout=0.5)
+                # Ray's core worker installs a native, process-wide SIGTERM handler
+                # when it starts (from the engine thread); it then exits with 1 and
+                # skips the cleanup. Re-assert the caller's handler while waiting.
+                if callable(sigterm_handler):
+                    signal.signal(signal.SIGTERM, sigterm_handler)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     if engine_error:
