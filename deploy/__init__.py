@@ -1,0 +1,1 @@
+"""Deployment tooling: TLS certificates and SuperNode authentication keys."""

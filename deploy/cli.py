@@ -1,0 +1,177 @@
+"""The ``wardround certs`` and ``wardround keys`` command groups.
+
+Registered by ``wardround/cli.py`` with ``app.add_typer(certs_app, name="certs")``
+and ``app.add_typer(keys_app, name="keys")``. ``cryptography`` is imported inside
+the commands, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+certs_app = typer.Typer(
+    name="certs",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Create the federation's CA and the coordinator's TLS certificate.",
+)
+keys_app = typer.Typer(
+    name="keys",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Create the key pairs sites authenticate to the coordinator with.",
+)
+
+_FORCE_HELP = "replace existing files"
+
+
+def _fail(exc: Exception) -> None:
+    from wardround.cli import _fail as fail  # late: wardround.cli imports this module
+
+    fail(exc)
+
+
+def _echo_written(*paths: Path) -> None:
+    for path in paths:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        typer.echo(f"wrote {path} (mode {mode:04o})")
+
+
+@certs_app.command("init")
+def init(
+    out: Annotated[Path, typer.Option("--out", help="folder for ca.pem and ca.key")],
+    name: Annotated[
+        str, typer.Option("--name", help="the CA's common name")
+    ] = "wardround CA",
+    days: Annotated[int, typer.Option("--days", help="validity in days")] = 3650,
+    force: Annotated[bool, typer.Option("--force", help=_FORCE_HELP)] = False,
+) -> None:
+    """Create the federation's certificate authority (EC P-384, self-signed)."""
+    try:
+        from .pki import init_ca
+
+        files = init_ca(out, name, days, force=force)
+    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
+        _fail(exc)
+        return
+    _echo_written(files.cert, files.key)
+    typer.echo(f"keep {files.key} offline and private; give {files.cert} to every site")
+    typer.echo(
+        f"next: wardround certs server --ca {out} --host HOST --out DIR  "
+        "(the coordinator's TLS certificate)"
+    )
+
+
+@certs_app.command("server")
+def server(
+    ca: Annotated[Path, typer.Option("--ca", help="folder holding ca.pem and ca.key")],
+    out: Annotated[
+        Path, typer.Option("--out", help="folder for NAME.pem and NAME.key")
+    ],
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="DNS name sites connect to (repeatable)"),
+    ] = None,
+    ip: Annotated[
+        list[str] | None,
+        typer.Option("--ip", help="IP address sites connect to (repeatable)"),
+    ] = None,
+    name: Annotated[
+        str, typer.Option("--name", help="base name of the two files")
+    ] = "coordinator",
+    days: Annotated[int, typer.Option("--days", help="validity in days")] = 825,
+    force: Annotated[bool, typer.Option("--force", help=_FORCE_HELP)] = False,
+) -> None:
+    """Issue the coordinator's TLS server certificate, signed by the CA."""
+    try:
+        from .pki import CA_CERT_NAME, issue_server_certificate
+
+        files = issue_server_certificate(
+            ca, host or [], ip or [], out, name, days, force=force
+        )
+    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
+        _fail(exc)
+        return
+    _echo_written(files.cert, files.key)
+    typer.echo(
+        f"SuperLink: --ssl-ca-certfile {ca / CA_CERT_NAME} "
+        f"--ssl-certfile {files.cert} --ssl-keyfile {files.key}"
+    )
+    typer.echo(f"SuperNodes: --root-certificates {ca / CA_CERT_NAME}")
+
+
+@certs_app.command("show")
+def show(
+    files: Annotated[list[Path], typer.Argument(help="PEM certificate file(s)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list")] = False,
+) -> None:
+    """Describe certificates; warn about those expiring within 30 days."""
+    try:
+        from .pki import describe_certificate, expiry_warning
+
+        infos = [describe_certificate(path) for path in files]
+    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
+        _fail(exc)
+        return
+    if as_json:
+        payload = [
+            {**info.to_dict(), "warning": expiry_warning(info)} for info in infos
+        ]
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    for index, info in enumerate(infos):
+        if index:
+            typer.echo("")
+        typer.echo(str(info.path))
+        rows = {
+            "subject": info.subject_cn,
+            "issuer": info.issuer_cn,
+            "CA": "yes" if info.is_ca else "no",
+            "DNS names": ", ".join(info.dns_names) or "-",
+            "IPs": ", ".join(info.ip_addresses) or "-",
+            "not after": info.not_after.strftime("%Y-%m-%d %H:%M UTC"),
+            "days left": str(info.days_left),
+            "key": info.key_type,
+            "sha256": info.sha256_fingerprint,
+        }
+        for label, value in rows.items():
+            typer.echo(f"  {label + ':':<11} {value}")
+        warning = expiry_warning(info)
+        if warning:
+            typer.echo(f"  WARNING: {warning}; issue a new certificate")
+
+
+@keys_app.command("site")
+def site(
+    name: Annotated[str, typer.Argument(help="the site's name (letters, digits, - _)")],
+    out: Annotated[
+        Path, typer.Option("--out", help="folder for NAME.key and NAME.pub")
+    ],
+    force: Annotated[bool, typer.Option("--force", help=_FORCE_HELP)] = False,
+) -> None:
+    """Create a site's SuperNode authentication key pair (EC P-384, OpenSSH)."""
+    try:
+        from .pki import generate_site_keypair, public_key_fingerprint
+
+        files = generate_site_keypair(name, out, force=force)
+        fingerprint = public_key_fingerprint(files.public_key)
+    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
+        _fail(exc)
+        return
+    _echo_written(files.private_key, files.public_key)
+    typer.echo(f"public key sha256: {fingerprint}")
+    typer.echo(
+        f"the private key stays at the site: SuperNode --auth-supernode-private-key "
+        f"{files.private_key}"
+    )
+    typer.echo(
+        f"next, at the coordinator: wardround sites add {name} "
+        f"--key {files.public_key} --config coordinator.toml"
+    )
