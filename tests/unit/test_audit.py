@@ -1,0 +1,497 @@
+"""The hash-chained audit log, its no-patient-data guard, filters and CLI."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import stat
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import typer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from wardround.common.audit import (
+    GENESIS,
+    RESERVED_KEYS,
+    AuditCheck,
+    AuditEvent,
+    AuditLog,
+    filter_events,
+    merge_by_time,
+    read_audit,
+    safe_reason,
+    verify_audit,
+)
+from wardround.common.audit_cli import audit_command
+from wardround.common.errors import DataError
+
+runner = CliRunner()
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.callback()(lambda: None)  # a group, like the real `wardround` app
+    app.command("audit")(audit_command)
+    return app
+
+
+def _fill(path: Path, n: int, actor: str = "coordinator") -> AuditLog:
+    log = AuditLog(path, actor)
+    for i in range(n):
+        log.record(AuditEvent.ROUND_FINISHED, run_id="run-1", server_round=i, loss=0.5)
+    return log
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True)
+
+
+# -- the chain -------------------------------------------------------------------
+def test_many_records_form_an_intact_chain(tmp_path):
+    path = tmp_path / "deep" / "er" / "audit.jsonl"
+    _fill(path, 120)
+
+    events = read_audit(path)
+    assert [e["seq"] for e in events] == list(range(120))
+    assert events[0]["prev"] == GENESIS
+    assert all(
+        b["prev"] == a["sha256"] for a, b in zip(events, events[1:], strict=False)
+    )
+    assert verify_audit(path) == AuditCheck(ok=True, lines=120)
+
+
+def test_record_returns_the_line_it_wrote(tmp_path):
+    log = AuditLog(tmp_path / "audit.jsonl", "site:st-marys")
+    entry = log.record(
+        "site_joined",
+        site="st-marys",
+        address="10.0.0.7:9092",
+        bytes_by_site={"st-marys": 1024, "general": 2048},
+        sites=["st-marys", "general"],
+        config=tmp_path / "site.toml",
+        ok=True,
+        note=None,
+    )
+    assert list(entry)[:4] == ["seq", "time", "actor", "event"]
+    assert list(entry)[-2:] == ["prev", "sha256"]
+    assert entry["event"] == "site_joined"
+    assert entry["config"] == str(tmp_path / "site.toml")
+    assert entry["time"].endswith("Z") and len(entry["time"]) == len(
+        "2025-01-01T00:00:00.000Z"
+    )
+    assert read_audit(log.path) == [entry]
+
+
+def test_file_is_private(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    _fill(path, 1)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def _append_many(path: str, actor: str, n: int) -> None:
+    log = AuditLog(Path(path), actor)
+    for i in range(n):
+        log.record(AuditEvent.PRIVACY_SPENT, run_id="r1", server_round=i, epsilon=0.1)
+
+
+def test_two_processes_share_one_chain(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_append_many, args=(str(path), actor, 50))
+        for actor in ("coordinator", "launch")
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+
+    assert [w.exitcode for w in workers] == [0, 0]
+    events = read_audit(path)
+    assert len(events) == 100
+    assert [e["seq"] for e in events] == list(range(100))
+    assert {e["actor"] for e in events} == {"coordinator", "launch"}
+    assert verify_audit(path).ok
+
+
+def test_an_edited_field_breaks_the_chain_at_its_line(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    _fill(path, 10)
+    lines = _lines(path)
+    entry = json.loads(lines[4])
+    entry["loss"] = 0.01  # the sha256 no longer matches
+    lines[4] = json.dumps(entry) + "\n"
+    path.write_text("".join(lines))
+
+    check = verify_audit(path)
+    assert not check.ok
+    assert check.first_bad_line == 5
+    assert "sha256" in check.problem
+
+
+def test_a_rehashed_edit_is_caught_by_the_next_line(tmp_path):
+    from wardround.common.audit import _digest
+
+    path = tmp_path / "audit.jsonl"
+    _fill(path, 10)
+    lines = _lines(path)
+    entry = json.loads(lines[4])
+    entry["loss"] = 0.01
+    body = {k: v for k, v in entry.items() if k != "sha256"}
+    lines[4] = json.dumps({**body, "sha256": _digest(body)}) + "\n"
+    path.write_text("".join(lines))
+
+    check = verify_audit(path)
+    assert (check.ok, check.first_bad_line) == (False, 6)
+    assert "prev" in check.problem
+
+
+@pytest.mark.parametrize("gone", [0, 3, 8])
+def test_a_deleted_line_breaks_the_chain_where_it_was(tmp_path, gone):
+    path = tmp_path / "audit.jsonl"
+    _fill(path, 10)
+    lines = _lines(path)
+    del lines[gone]
+    path.write_text("".join(lines))
+
+    check = verify_audit(path)
+    assert (check.ok, check.first_bad_line, check.lines) == (False, gone + 1, 9)
+
+
+def test_swapped_lines_break_the_chain_at_the_first(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    _fill(path, 10)
+    lines = _lines(path)
+    lines[6], lines[7] = lines[7], lines[6]
+    path.write_text("".join(lines))
+
+    check = verify_audit(path)
+    assert (check.ok, check.first_bad_line) == (False, 7)
+
+
+def test_a_garbage_line_is_named(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    _fill(path, 3)
+    lines = _lines(path)
+    lines.insert(1, "not json\n")
+    path.write_text("".join(lines))
+
+    assert verify_audit(path).first_bad_line == 2
+    with pytest.raises(DataError, match="line 2"):
+        read_audit(path)
+
+
+def test_torn_tail_is_tolerated_then_repaired(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = _fill(path, 5)
+    complete = path.read_bytes()
+    path.write_bytes(complete + _lines(path)[-1][:37].encode())  # crash mid-write
+
+    check = verify_audit(path)
+    assert (check.ok, check.lines, check.torn_tail) == (True, 5, True)
+    assert len(read_audit(path)) == 5
+
+    entry = log.record(AuditEvent.RUN_FINISHED, run_id="run-1")
+    assert entry["seq"] == 5
+    assert path.read_bytes().startswith(complete)
+    assert verify_audit(path) == AuditCheck(ok=True, lines=6)
+
+
+def test_a_file_that_is_only_a_torn_line_restarts_the_chain(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    path.write_text('{"seq":0,"ti')
+    entry = AuditLog(path, "coordinator").record("coordinator_started")
+    assert (entry["seq"], entry["prev"]) == (0, GENESIS)
+    assert verify_audit(path) == AuditCheck(ok=True, lines=1)
+
+
+def test_a_last_line_without_its_newline_is_kept(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = _fill(path, 3)
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    assert verify_audit(path) == AuditCheck(ok=True, lines=3)
+
+    assert log.record("run_stopped", run_id="run-1")["seq"] == 3
+    assert verify_audit(path) == AuditCheck(ok=True, lines=4)
+
+
+def test_record_refuses_to_extend_a_damaged_last_line(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = _fill(path, 3)
+    lines = _lines(path)
+    lines[-1] = lines[-1].replace('"loss":0.5', '"loss":0.6')
+    path.write_text("".join(lines))
+    with pytest.raises(DataError, match="last line does not verify"):
+        log.record("error", reason="x")
+
+
+def test_tail_reading_handles_lines_longer_than_a_chunk(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, "coordinator")
+    sites = [f"hospital-{i:04d}-" + "x" * 40 for i in range(200)]  # ~10 KB lines
+    for _ in range(3):
+        log.record("run_started", run_id="r", sites=sites)
+    assert [e["seq"] for e in read_audit(path)] == [0, 1, 2]
+    assert verify_audit(path).ok
+
+
+# -- no patient data -------------------------------------------------------------
+PATIENT = "Jane Doe, MRN 4471-22"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"{PATIENT}\nchest pain",
+        f"{PATIENT} 100%",
+        f"{PATIENT} #2",
+        f"{PATIENT} " + "note " * 80,
+        {"outer": {"inner": PATIENT}},
+        [PATIENT, [PATIENT]],
+        {"site": float("nan")},
+        PATIENT.encode(),
+        f"{PATIENT} é",
+        f"{PATIENT}\t",
+    ],
+)
+def test_patient_looking_values_are_refused_without_echo(tmp_path, value):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, "site:a")
+    with pytest.raises(ValueError) as info:
+        log.record("error", free_text=value)
+    assert "free_text" in str(info.value)
+    assert "Jane" not in str(info.value) and "4471" not in str(info.value)
+    assert not path.exists() or path.read_bytes() == b""
+
+
+def test_dict_keys_are_checked_without_echo(tmp_path):
+    log = AuditLog(tmp_path / "audit.jsonl", "coordinator")
+    with pytest.raises(ValueError, match="epsilon_by_site") as info:
+        log.record("privacy_spent", epsilon_by_site={"Jane Doe\n": 1.0})
+    assert "Jane" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(RESERVED_KEYS - {"event"}))
+def test_reserved_field_names_are_refused(tmp_path, name):
+    log = AuditLog(tmp_path / "audit.jsonl", "coordinator")
+    with pytest.raises(ValueError, match=name):
+        log.record("error", **{name: "x"})
+
+
+@pytest.mark.parametrize("name", ["CamelCase", "with-dash", "_private", "1st", "a b"])
+def test_field_names_must_be_snake_case(tmp_path, name):
+    log = AuditLog(tmp_path / "audit.jsonl", "coordinator")
+    with pytest.raises(ValueError, match="snake_case"):
+        log.record("error", **{name: "x"})
+
+
+def test_unknown_events_and_actors_are_refused(tmp_path):
+    with pytest.raises(ValueError):
+        AuditLog(tmp_path / "audit.jsonl", "coordinator").record("patient_admitted")
+    with pytest.raises(ValueError):
+        AuditLog(tmp_path / "audit.jsonl", "bad\nactor")
+
+
+def test_event_enum_is_exactly_the_agreed_set():
+    assert {e.value for e in AuditEvent} == {
+        "coordinator_started", "coordinator_stopped", "site_daemon_started",
+        "site_daemon_stopped", "site_enrolled", "site_revoked", "site_joined",
+        "site_left", "site_refused", "run_started", "run_resumed", "run_paused",
+        "run_finished", "run_stopped", "round_started", "round_finished",
+        "app_approved", "app_refused", "privacy_spent", "error",
+    }  # fmt: skip
+
+
+def test_safe_reason_squeezes_any_text_into_the_alphabet(tmp_path):
+    reason = safe_reason("boom:\n  value #3 is 100% wrong\t(é) " + "z" * 500)
+    assert reason.startswith("boom: value 3 is 100 wrong ( ) zzz")
+    assert len(reason) <= 300
+    AuditLog(tmp_path / "audit.jsonl", "coordinator").record("error", reason=reason)
+
+
+# -- filters ---------------------------------------------------------------------
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def _at(minutes: int, event: str, **fields) -> dict:
+    stamp = (T0 + timedelta(minutes=minutes)).isoformat(timespec="milliseconds")
+    return {"time": stamp.replace("+00:00", "Z"), "event": event, **fields}
+
+
+EVENTS = [
+    _at(0, "run_started", run_id="r1", sites=["a", "b"]),
+    _at(1, "site_joined", site="a"),
+    _at(2, "round_finished", run_id="r1", server_round=1),
+    _at(3, "privacy_spent", run_id="r1", site="b", epsilon=0.4),
+    _at(4, "run_started", run_id="r2", sites=["c"]),
+    _at(5, "run_finished", run_id="r1"),
+]
+
+
+def test_filter_by_run_site_event_and_time():
+    def kinds(events):
+        return [e["event"] for e in events]
+
+    assert kinds(filter_events(EVENTS, run="r1")) == [
+        "run_started", "round_finished", "privacy_spent", "run_finished",
+    ]  # fmt: skip
+    assert kinds(filter_events(EVENTS, site="a")) == ["run_started", "site_joined"]
+    assert kinds(filter_events(EVENTS, site="b")) == ["run_started", "privacy_spent"]
+    assert kinds(filter_events(EVENTS, event="run_started")) == ["run_started"] * 2
+    assert kinds(
+        filter_events(EVENTS, event=[AuditEvent.SITE_JOINED, "run_finished"])
+    ) == ["site_joined", "run_finished"]
+    assert kinds(
+        filter_events(
+            EVENTS,
+            since=T0 + timedelta(minutes=2),
+            until=T0.replace(tzinfo=None) + timedelta(minutes=4),
+        )
+    ) == ["round_finished", "privacy_spent", "run_started"]
+    assert filter_events(EVENTS, run="r2", site="a") == []
+    with pytest.raises(ValueError):
+        filter_events(EVENTS, event="nope")
+
+
+def test_merge_interleaves_by_time():
+    merged = merge_by_time([*EVENTS[::2], *EVENTS[1::2]])
+    assert merged == EVENTS
+
+
+# -- property --------------------------------------------------------------------
+_TEXT = st.text(alphabet="abcXYZ019 ._:/@=+,-()[]'", max_size=300)
+_SCALAR = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63),
+    st.floats(allow_nan=False, allow_infinity=False),
+    _TEXT,
+)
+_VALUE = st.one_of(
+    _SCALAR,
+    st.lists(_SCALAR, max_size=5),
+    st.dictionaries(_TEXT.filter(bool), _SCALAR, max_size=5),
+)
+_NAME = st.from_regex(r"[a-z][a-z0-9_]{0,15}", fullmatch=True).filter(
+    lambda name: name not in RESERVED_KEYS
+)
+_RECORD = st.tuples(
+    st.sampled_from(list(AuditEvent)), st.dictionaries(_NAME, _VALUE, max_size=4)
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(records=st.lists(_RECORD, min_size=1, max_size=8))
+def test_any_sequence_of_allowed_records_verifies(records):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "audit.jsonl"
+        log = AuditLog(path, "site:prop")
+        written = [log.record(event, **fields) for event, fields in records]
+        assert verify_audit(path) == AuditCheck(ok=True, lines=len(records))
+        assert read_audit(path) == written
+
+
+# -- the command -----------------------------------------------------------------
+@pytest.fixture
+def two_logs(tmp_path):
+    coordinator = AuditLog(tmp_path / "coord" / "audit.jsonl", "coordinator")
+    site = AuditLog(tmp_path / "site-a" / "audit.jsonl", "site:a")
+    coordinator.record("run_started", run_id="r1", sites=["a", "b"])
+    site.record("site_joined", site="a", address="127.0.0.1:9092")
+    coordinator.record(
+        "round_finished", run_id="r1", server_round=1, bytes_by_site={"a": 10}
+    )
+    site.record("error", run_id="r1", site="a", reason="[DataError] bad column")
+    coordinator.record("run_finished", run_id="r1")
+    return coordinator.path, site.path
+
+
+def test_cli_table_merges_logs_by_time(two_logs):
+    coordinator, site = two_logs
+    result = runner.invoke(_app(), ["audit", str(coordinator.parent), str(site)])
+    assert result.exit_code == 0, result.output
+    order = [
+        result.output.index(name)
+        for name in (
+            "run_started",
+            "site_joined",
+            "round_finished",
+            "error",
+            "run_finished",
+        )
+    ]
+    assert order == sorted(order)
+    assert "[DataError]" in result.output  # shown as text, not eaten as markup
+    assert "server_round=1" in result.output
+
+
+def test_cli_json_filters(two_logs):
+    coordinator, site = two_logs
+    result = runner.invoke(
+        _app(),
+        ["audit", str(coordinator), str(site), "--json", "--site", "a",
+         "--event", "run_started,error"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.output.splitlines()]
+    assert [e["event"] for e in events] == ["run_started", "error"]
+    assert events[1]["actor"] == "site:a"
+
+
+def test_cli_since_and_until(two_logs):
+    coordinator, _ = two_logs
+    future = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+    result = runner.invoke(
+        _app(), ["audit", str(coordinator), "--json", "--since", future]
+    )
+    assert result.exit_code == 0 and result.output == ""
+    result = runner.invoke(
+        _app(), ["audit", str(coordinator), "--json", "--until", future]
+    )
+    assert len(result.output.splitlines()) == 3
+
+
+def test_cli_verify_exit_codes(two_logs):
+    coordinator, site = two_logs
+    result = runner.invoke(_app(), ["audit", "--verify", str(coordinator), str(site)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("chain intact") == 2
+
+    lines = _lines(coordinator)
+    del lines[1]
+    coordinator.write_text("".join(lines))
+    result = runner.invoke(_app(), ["audit", "--verify", str(coordinator), str(site)])
+    assert result.exit_code == DataError.exit_code == 3
+    assert f"{coordinator}: line 2" in result.output
+
+    shown = runner.invoke(_app(), ["audit", str(coordinator)])
+    assert shown.exit_code == 0
+    assert "fails verification at line 2" in shown.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--event", "patient_admitted"], "unknown audit event"),
+        (["--since", "yesterday"], "not an ISO-8601"),
+        (["--until", "2025-13-45"], "not an ISO-8601"),
+    ],
+)
+def test_cli_bad_options_exit_2(two_logs, args, message):
+    result = runner.invoke(_app(), ["audit", str(two_logs[0]), *args])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_cli_missing_log_exits_2(tmp_path):
+    result = runner.invoke(_app(), ["audit", str(tmp_path / "nope.jsonl")])
+    assert result.exit_code == 2
+    assert "no audit log at" in result.output
+    result = runner.invoke(_app(), ["audit", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no audit.jsonl in folder" in result.output
