@@ -114,6 +114,18 @@ class FederationConfig(_Section):
         "(a robustness bound; sets the secure-aggregation quantization). 0: no clip "
         "(plain aggregation only)",
     )
+    join_timeout_s: float = Field(
+        120.0,
+        gt=0.0,
+        description="how long each round waits for the expected sites to connect "
+        "before it goes ahead with those present (at least min-sites)",
+    )
+    expected_sites: int = Field(
+        0,
+        ge=0,
+        description="how many sites the run expects; 0: min-sites (on a coordinator: "
+        "the enrolled sites that are not revoked)",
+    )
 
     @model_validator(mode="after")
     def _mu_matches_strategy(self) -> FederationConfig:
@@ -334,6 +346,11 @@ class OutputConfig(_Section):
 
     dir: str = "runs/latest"
     checkpoint_every: int = Field(1, ge=0, description="0: no per-round checkpoints")
+    resume: bool = Field(
+        False,
+        description="continue the run in `dir` from its last intact checkpoint "
+        "(same run id; the config but for this section must be unchanged)",
+    )
 
 
 class RunConfig(_Section):
@@ -458,3 +475,21 @@ def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         current = match.annotation
     fields = getattr(current, "model_fields", {})
     return sorted(f.alias or name for name, f in fields.items())
+
+
+def flower_config_string(value: str) -> str:
+    """``value`` quoted for Flower's ``key=value`` arguments (``--node-config``, ``--run-config``).
+
+    Flower reads each value as TOML after splitting on a regular expression that
+    ends a quoted value at its first closing quote: single quotes (literal, no
+    escapes) unless the value holds one, else double quotes with escaped backslashes.
+    """
+    if "\n" in value or ("'" in value and '"' in value):
+        raise ConfigError(
+            f"the path {value!r} cannot be passed to Flower (it holds a newline, or "
+            "both ' and \")",
+            hint="Use a path without quote characters or newlines.",
+        )
+    if "'" not in value:
+        return f"'{value}'"
+    return '"' + value.replace("\\", "\\\\") + '"'

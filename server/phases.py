@@ -22,9 +22,9 @@ from ..common.aggregation import weighted_mean
 from ..common.config import RunConfig
 from ..common.errors import FederationError, PrivacyBudgetExhausted, error_kind
 from ..common.secagg_math import mean_error_bound, plan_quantization
+from ..common.wirebytes import content_bytes
 from .records import PrivacySpend, SiteEvalReport, SiteFailure, SiteTrainReport
 from .secagg import run_secure_train
-from .wirebytes import content_bytes
 
 _UNKNOWN_MAX_WEIGHT = 100_000
 """SecAgg+ max weight before any site has reported its training-set size."""
@@ -34,9 +34,26 @@ log = logging.getLogger(__name__)
 
 
 def _split_replies(
-    replies: Iterable[Message], phase: str, need: tuple[str, ...]
+    replies: Iterable[Message],
+    phase: str,
+    need: tuple[str, ...],
+    *,
+    sent_to: Iterable[int] = (),
+    timeout_s: float = 0.0,
 ) -> tuple[list[Message], list[SiteFailure]]:
     ok, failed = [], []
+    replies = list(replies)
+    replied = {int(m.metadata.src_node_id) for m in replies}
+    # A site that is connected but silent (hung, killed, cut off) sends no error:
+    # name it here, so the round's record and the audit say who was missing.
+    for node in sorted(set(sent_to) - replied):
+        failed.append(
+            SiteFailure(
+                node,
+                phase,
+                f"no reply within federation.round-timeout-s ({timeout_s:g} s)",
+            )
+        )
     for msg in replies:
         node = int(msg.metadata.src_node_id)
         if msg.has_error():
@@ -60,6 +77,13 @@ def _split_replies(
             failure.reason.splitlines()[0] if failure.reason else "",
         )
     return ok, failed
+
+
+def _reasons(failures: list[SiteFailure]) -> str:
+    return "; ".join(
+        f"node {f.node_id}: {f.reason.splitlines()[0] if f.reason else '?'}"
+        for f in failures
+    )
 
 
 @dataclass(frozen=True)
@@ -88,6 +112,10 @@ class RoundPhases:
     payload_shapes: dict[str, tuple[int, ...]]
     train_examples: dict[int, int] = field(default_factory=dict)
     """node id -> training-set size, from evaluate replies (SecAgg+ weights)."""
+    on_sampled: Callable[[int, list[int]], None] | None = None
+    """Called with (round, node ids) once the strategy has sampled a round's sites."""
+    on_incomplete: Callable[[int, list[SiteFailure]], None] | None = None
+    """Called with a round's failures when too few sites trained for it to count."""
 
     def train(
         self, server_round: int, global_state: dict[str, np.ndarray]
@@ -105,13 +133,21 @@ class RoundPhases:
                 server_round, to_record(global_state), train_config, self.grid
             )
         )
+        if self.on_sampled is not None:
+            self.on_sampled(
+                server_round, [int(m.metadata.dst_node_id) for m in messages]
+            )
         if self.config.secure_aggregation.enabled:
             return self._train_secure(server_round, messages)
-        replies = self.grid.send_and_receive(
-            messages, timeout=self.config.federation.round_timeout_s
-        )
+        timeout = self.config.federation.round_timeout_s
+        sampled = [int(m.metadata.dst_node_id) for m in messages]
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
         ok, failures = _split_replies(
-            replies, "train", (wire.ADAPTER_DELTA, wire.METRICS)
+            replies,
+            "train",
+            (wire.ADAPTER_DELTA, wire.METRICS),
+            sent_to=sampled,
+            timeout_s=timeout,
         )
         self._require_enough(server_round, len(ok), failures)
         reports, deltas = [], []
@@ -209,13 +245,13 @@ class RoundPhases:
     ) -> None:
         if trained >= self.config.federation.min_sites:
             return
-        reasons = "; ".join(
-            f"node {f.node_id}: {f.reason.splitlines()[0] if f.reason else '?'}"
-            for f in failures
-        )
+        # The round leaves no record: say who failed in it before the run stops.
+        if self.on_incomplete is not None:
+            self.on_incomplete(server_round, failures)
         message = (
             f"round {server_round}: {trained} site(s) trained, the run needs "
-            f"federation.min-sites={self.config.federation.min_sites}. {reasons}"
+            f"federation.min-sites={self.config.federation.min_sites}. "
+            f"{_reasons(failures)}"
         )
         if failures and all(f.kind in _PRIVACY_REFUSALS for f in failures):
             raise PrivacyBudgetExhausted(
@@ -225,6 +261,27 @@ class RoundPhases:
             )
         raise FederationError(
             message,
+            hint="Check the failing sites' logs, or lower federation.min-sites.",
+        )
+
+    def require_evaluated(
+        self,
+        server_round: int,
+        evals: list[SiteEvalReport],
+        failures: list[SiteFailure],
+    ) -> None:
+        """Raise FederationError when fewer than min-sites evaluated the round's adapter.
+
+        Called after the round is written: its update is sound, only its metric is
+        not, so the run directory keeps the round and the run stops.
+        """
+        if len(evals) >= self.config.federation.min_sites:
+            return
+        evaluate_failures = [f for f in failures if f.phase == "evaluate"]
+        raise FederationError(
+            f"round {server_round}: {len(evals)} site(s) evaluated the global "
+            f"adapter, the run needs federation.min-sites="
+            f"{self.config.federation.min_sites}. {_reasons(evaluate_failures)}",
             hint="Check the failing sites' logs, or lower federation.min-sites.",
         )
 
@@ -268,10 +325,12 @@ class RoundPhases:
                 self.grid,
             )
         )
-        replies = self.grid.send_and_receive(
-            messages, timeout=self.config.federation.round_timeout_s
+        timeout = self.config.federation.round_timeout_s
+        sampled = [int(m.metadata.dst_node_id) for m in messages]
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        ok, failures = _split_replies(
+            replies, "evaluate", (wire.METRICS,), sent_to=sampled, timeout_s=timeout
         )
-        ok, failures = _split_replies(replies, "evaluate", (wire.METRICS,))
         reports = []
         for msg in ok:
             metrics = msg.content[wire.METRICS]
@@ -294,3 +353,118 @@ class RoundPhases:
                 )
             )
         return sorted(reports, key=lambda e: e.site), failures
+
+
+_JOIN_POLL_S = 1.0
+"""How often the join wait asks the grid who is connected."""
+_PAUSE_POLL_S = 2.0
+"""How often a paused run asks again (at most; less with a shorter join timeout)."""
+
+
+@dataclass
+class SiteWait:
+    """Waits, before a round, until the run's sites are connected.
+
+    Flower's strategies block in ``sample_nodes`` until ``min_available_nodes`` are
+    connected, silently and for ever; this wait comes first so that the run says
+    what it waits for (``status.json``, the observers) and goes ahead without
+    sites that do not come.
+
+    Parameters
+    ----------
+    grid
+        Flower's grid; only ``get_node_ids`` is called.
+    expected
+        How many sites the run expects; a round waits up to ``join_timeout_s`` for
+        them.
+    min_sites
+        Below this many connected sites the run pauses until enough are back.
+    join_timeout_s
+        How long a round waits for the expected sites.
+    on_paused, on_resumed
+        Called when the run pauses (with the reason) and when it goes on.
+    name_of
+        Names a node id for the logs (``index`` -1: not known before it replies).
+    expected_nodes
+        The node ids the run expects (enrolled sites), to name missing ones.
+    """
+
+    grid: Grid
+    expected: int
+    min_sites: int
+    join_timeout_s: float
+    on_paused: Callable[[str], None]
+    on_resumed: Callable[[], None]
+    name_of: Callable[[int, int], str] = lambda node, index: f"node-{node}"
+    expected_nodes: tuple[int, ...] = ()
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+
+    def before_round(self, server_round: int) -> list[int]:
+        """The connected node ids once the round may start (pauses while too few).
+
+        Waits up to ``join_timeout_s`` for ``expected`` sites; goes ahead with at
+        least ``min_sites``; with fewer, pauses until that many are back and then
+        gives the others another ``join_timeout_s`` to follow.
+        """
+        while True:
+            nodes = self._join()
+            if len(nodes) >= self.min_sites:
+                self._log_missing(server_round, nodes)
+                return nodes
+            self._pause_until_enough(nodes)
+
+    def ensure_min(self) -> list[int]:
+        """The connected node ids, pausing first while fewer than ``min_sites``.
+
+        For the evaluation phase of a round: its sites were just there, so it only
+        guards against Flower's silent wait, without another join timeout.
+        """
+        nodes = self._connected()
+        if len(nodes) < self.min_sites:
+            nodes = self._pause_until_enough(nodes)
+        return nodes
+
+    def _connected(self) -> list[int]:
+        return sorted(int(n) for n in self.grid.get_node_ids())
+
+    def _join(self) -> list[int]:
+        deadline = self.clock() + self.join_timeout_s
+        nodes = self._connected()
+        while len(nodes) < self.expected:
+            left = deadline - self.clock()
+            if left <= 0:
+                break
+            self.sleep(min(_JOIN_POLL_S, left))
+            nodes = self._connected()
+        return nodes
+
+    def _pause_until_enough(self, nodes: list[int]) -> list[int]:
+        reason = (
+            f"waiting for sites: {len(nodes)} connected, the run needs at least "
+            f"{self.min_sites} (federation.min-sites)"
+        )
+        log.warning("run paused: %s", reason)
+        self.on_paused(reason)
+        # Never ask slower than a round would wait for a join (tests use tiny ones).
+        interval = min(_PAUSE_POLL_S, self.join_timeout_s)
+        while len(nodes) < self.min_sites:
+            self.sleep(interval)
+            nodes = self._connected()
+        log.info("run resumed: %d site(s) connected", len(nodes))
+        self.on_resumed()
+        return nodes
+
+    def _log_missing(self, server_round: int, nodes: list[int]) -> None:
+        if len(nodes) >= self.expected:
+            return
+        missing = sorted(set(self.expected_nodes) - set(nodes))
+        names = ", ".join(self.name_of(n, -1) for n in missing) or "(no roster)"
+        log.warning(
+            "round %d goes ahead with %d of %d expected site(s) after %gs; missing: %s",
+            server_round,
+            len(nodes),
+            self.expected,
+            self.join_timeout_s,
+            names,
+        )

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+
+def _float(value: Any) -> float:
+    """A float read back from JSON, where the run directory writes NaN as null."""
+    return math.nan if value is None else float(value)
 
 
 @dataclass(frozen=True)
@@ -85,3 +92,80 @@ class RoundRecord:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RoundRecord:
+        """The record a :meth:`to_json` dict (or a line of ``rounds.jsonl``) describes.
+
+        Parameters
+        ----------
+        data
+            ``record.to_json()``, or that dict after a trip through JSON: NaN
+            metrics written as ``null`` come back as NaN.
+
+        Returns
+        -------
+        RoundRecord
+            ``RoundRecord.from_json(r.to_json()) == r`` for any record without NaN
+            metrics (NaN never equals itself); after a JSON trip, tuples inside
+            ``secure_aggregation`` and ``extra`` come back as lists.
+        """
+        return cls(
+            round=int(data["round"]),
+            train=[_train_report(t) for t in data["train"]],
+            evaluate=[_eval_report(e) for e in data["evaluate"]],
+            failures=[SiteFailure(**f) for f in data["failures"]],
+            global_auroc=_float(data["global_auroc"]),
+            global_loss=_float(data["global_loss"]),
+            train_loss=_float(data["train_loss"]),
+            adapter_sha256=str(data["adapter_sha256"]),
+            seconds=_float(data["seconds"]),
+            aggregation_seconds=_float(data["aggregation_seconds"]),
+            aggregation=str(data.get("aggregation", "plain")),
+            secure_aggregation=(
+                None
+                if data.get("secure_aggregation") is None
+                else dict(data["secure_aggregation"])
+            ),
+            extra=dict(data.get("extra") or {}),
+        )
+
+
+def _train_report(data: Mapping[str, Any]) -> SiteTrainReport:
+    privacy = data.get("privacy")
+    return SiteTrainReport(
+        node_id=int(data["node_id"]),
+        site=str(data["site"]),
+        num_examples=int(data["num_examples"]),
+        loss=_float(data["loss"]),
+        steps=int(data["steps"]),
+        seconds=_float(data["seconds"]),
+        delta_l2=_float(data["delta_l2"]),
+        bytes_sent=int(data["bytes_sent"]),
+        delta_clipped=bool(data.get("delta_clipped", False)),
+        privacy=None if privacy is None else _privacy(privacy),
+    )
+
+
+def _privacy(data: Mapping[str, Any]) -> PrivacySpend:
+    return PrivacySpend(
+        epsilon_run=_float(data["epsilon_run"]),
+        epsilon_run_prv=_float(data["epsilon_run_prv"]),
+        epsilon_total=_float(data["epsilon_total"]),
+        delta=_float(data["delta"]),
+        noise_multiplier=_float(data["noise_multiplier"]),
+        sample_rate=_float(data["sample_rate"]),
+        steps=int(data["steps"]),
+        max_grad_norm=_float(data["max_grad_norm"]),
+    )
+
+
+def _eval_report(data: Mapping[str, Any]) -> SiteEvalReport:
+    return SiteEvalReport(
+        node_id=int(data["node_id"]),
+        site=str(data["site"]),
+        num_examples=int(data["num_examples"]),
+        loss=_float(data["loss"]),
+        auroc_macro=_float(data["auroc_macro"]),
+        auroc_per_label={k: _float(v) for k, v in data["auroc_per_label"].items()},
+    )

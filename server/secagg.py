@@ -45,7 +45,7 @@ from ..common import wire
 from ..common.config import SecureAggregationConfig
 from ..common.secagg_math import QuantizationPlan, quantized_weight
 from ..common.secagg_wire import widen_masked_vectors
-from .wirebytes import content_bytes
+from ..common.wirebytes import content_bytes
 
 log = logging.getLogger(__name__)
 
