@@ -8,6 +8,11 @@ entry and terminates, by PID, every new one that is still alive on exit.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from types import TracebackType
 
 import psutil
@@ -72,3 +77,63 @@ class ChildProcessGuard:
             log.debug(
                 "stopped %d leftover process(es): %s", len(self.stopped), self.stopped
             )
+
+
+def _die_with_parent() -> None:
+    # Linux: the child gets SIGTERM when the daemon that started it dies, even by
+    # SIGKILL, so a killed daemon never leaves an orphaned SuperLink or SuperNode.
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def start_child(
+    args: list[str], env: dict[str, str], log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start a child process that logs to ``log_path`` and dies with this process.
+
+    This interpreter's ``bin/`` goes first on the child's PATH: Flower's SuperLink
+    starts ``flower-superexec`` by name, and under systemd the venv is not on PATH.
+    """
+    env = dict(env)
+    env["PATH"] = os.pathsep.join(
+        [str(Path(sys.executable).parent), env.get("PATH", os.defpath)]
+    )
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(  # noqa: S603 - args are built by wardround, not a shell
+            args,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+        )
+
+
+def stop_child(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """Stop a child and every process it started, by PID."""
+    try:
+        parent = psutil.Process(proc.pid)
+        family = [parent, *parent.children(recursive=True)]
+    except psutil.Error:
+        family = []
+    stop_processes(family, grace_s=grace_s)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def flower_binary(name: str) -> str:
+    """A Flower console script, next to this interpreter first.
+
+    A virtual environment's ``bin/`` is not always on PATH (systemd units, cron).
+    """
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else (shutil.which(name) or name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..common.config import RunConfig
-from .federation import RoundObserver, run_federation
+from ..common.flower_pacing import PACING_ENV, pace_serverapp_grid
+from .deployment import deployment_from_env
+from .federation import ObserverGroup, RoundObserver, run_federation
+from .prompt_grid import PromptGrid
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +68,27 @@ def build_server_app(
             run_config if run_config is not None else dict(context.run_config)
         )
         prepare_sites(config)
+        # On a coordinator: enrolled sites' names, who to wait for, the audit log.
+        deployment = deployment_from_env()
+        if deployment is None:
+            options: dict[str, Any] = {"site_names": site_namer(config)}
+        else:
+            if os.environ.get(PACING_ENV, "1") != "0":
+                pace_serverapp_grid()
+                grid = PromptGrid(grid)  # Flower's Grid polls for replies every 3 s
+            options = {
+                "site_names": deployment.roster.name,
+                "run_id": deployment.run_id(config),
+                "expected_nodes": deployment.roster.expected_nodes(),
+            }
         result = run_federation(
             grid,
             config,
             run_dir=Path(config.output.dir),
-            site_names=site_namer(config),
-            observer=observer,
+            observer=ObserverGroup(
+                observer, deployment.observer if deployment else None
+            ),
+            **options,
         )
         if results is not None:
             results.append(result)

@@ -1,0 +1,71 @@
+"""Flower 1.41's deployment engine, paced for rounds of seconds rather than minutes.
+
+Three waits are fixed inside Flower 1.41 and dominate a small model's round on a
+deployment: the idle SuperNode asks for work every 3 s; a reply is checked for
+every 0.5 s; and an array that has been announced but not yet uploaded is retried
+after 1 s, then 2 s, then 4 s (``pull_objects``' default backoff), on both the
+SuperNode (fetching a message) and the ServerApp (fetching a reply). With five
+exchanges per SecAgg+ round those waits cost 20–30 s per round.
+
+These functions shorten them in the process that runs that Flower code (the site's
+SuperNode via :mod:`wardround.client.supernode_main`, the coordinator's ServerApp).
+Each checks that its patch point still looks as expected and otherwise leaves
+Flower as it is: a Flower upgrade can only make a round slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from types import ModuleType
+from typing import Any
+
+PACING_ENV = "WARDROUND_FLOWER_PACING"
+"""Set to 0 to run Flower's own pacing (the deployment benchmark's baseline)."""
+
+OBJECT_POLL_S = 0.02
+"""First retry of an announced-but-not-uploaded array (Flower: 1 s)."""
+OBJECT_POLL_CAP_S = 0.25
+"""Longest retry interval for such an array (Flower: 10 s)."""
+
+
+class _CappedSleep:
+    """The ``time`` module, with ``sleep`` capped at ``cap_s`` seconds."""
+
+    def __init__(self, cap_s: float) -> None:
+        self.cap_s = cap_s
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.cap_s))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def prompt_object_pulls(module: ModuleType) -> bool:
+    """Make ``module.pull_objects`` retry missing arrays after milliseconds, not seconds."""
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
+
+    if getattr(module, "pull_objects", None) is not pull_objects:
+        return False
+    module.pull_objects = functools.partial(  # type: ignore[attr-defined]
+        pull_objects, initial_backoff=OBJECT_POLL_S, backoff_cap=OBJECT_POLL_CAP_S
+    )
+    return True
+
+
+def pace_supernode(poll_s: float) -> bool:
+    """Cap the SuperNode's polling sleeps at ``poll_s`` and make its array pulls prompt."""
+    from flwr.supernode import start_client_internal
+
+    if getattr(start_client_internal, "time", None) is not time:
+        return False
+    start_client_internal.time = _CappedSleep(poll_s)  # type: ignore[assignment]
+    return prompt_object_pulls(start_client_internal)
+
+
+def pace_serverapp_grid() -> bool:
+    """Make the ServerApp's deployment Grid fetch reply arrays promptly."""
+    from flwr.superlink.grid import http_grid
+
+    return prompt_object_pulls(http_grid)

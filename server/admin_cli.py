@@ -1,0 +1,318 @@
+"""The coordinator admin's commands: ``coordinator start``, ``sites``, ``launch``, ``runs``, ``stop``.
+
+Registered by ``wardround/cli.py``. Heavy imports happen inside the commands, so
+``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+coordinator_app = typer.Typer(
+    name="coordinator",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Run the coordinator (a Flower SuperLink with TLS and site authentication).",
+)
+sites_app = typer.Typer(
+    name="sites",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Enrol, list and revoke the sites allowed to connect.",
+)
+
+CoordinatorOption = Annotated[
+    Path,
+    typer.Option(
+        "--coordinator",
+        "--config",
+        envvar="WARDROUND_COORDINATOR_CONFIG",
+        help="coordinator.toml (or $WARDROUND_COORDINATOR_CONFIG)",
+        dir_okay=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+def _fail(exc: Exception) -> None:
+    from wardround.cli import _fail as fail  # late: wardround.cli imports this module
+
+    fail(exc)
+
+
+def _load(path: Path) -> Any:
+    from .coordinator_config import CoordinatorConfig
+
+    return CoordinatorConfig.from_toml(path)
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+@coordinator_app.command("start")
+def coordinator_start(config: CoordinatorOption) -> None:
+    """Run the SuperLink (TLS, site authentication) until SIGTERM; resume unfinished runs."""
+    try:
+        from .coordinator import run_coordinator
+
+        coordinator = _load(config)
+        stop = threading.Event()
+        _stop_on_signals(stop)
+        typer.echo(
+            f"coordinator: listening on {coordinator.coordinator.host}:"
+            f"{coordinator.coordinator.port} (TLS, site authentication); state in "
+            f"{coordinator.state_path}"
+        )
+        run_coordinator(
+            coordinator, stop, on_ready=lambda: typer.echo("coordinator: ready")
+        )
+        typer.echo("coordinator: stopped")
+    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
+        _fail(exc)
+
+
+@sites_app.command("add")
+def sites_add(
+    name: Annotated[str, typer.Argument(help="the site's name, e.g. site-01")],
+    key: Annotated[
+        Path, typer.Option("--key", help="the site's NAME.pub", dir_okay=False)
+    ],
+    config: CoordinatorOption,
+) -> None:
+    """Enrol a site's public key; its SuperNode may connect from now on."""
+    try:
+        from .registry import add_site
+
+        site = add_site(_load(config), name, key)
+        typer.echo(
+            f"enrolled {site.name} as node {site.node_id} (key sha256 {site.public_key_sha256[:16]}…)"
+        )
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@sites_app.command("revoke")
+def sites_revoke(
+    name: Annotated[str, typer.Argument(help="the site's name")],
+    config: CoordinatorOption,
+) -> None:
+    """Revoke a site: its key is refused from now on."""
+    try:
+        from .registry import revoke_site
+
+        site = revoke_site(_load(config), name)
+        typer.echo(f"revoked {site.name} (node {site.node_id}) at {site.revoked_at}")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@sites_app.command("list")
+def sites_list(config: CoordinatorOption, as_json: JsonOption = False) -> None:
+    """The enrolled sites and whether each is online."""
+    try:
+        from .registry import list_sites
+
+        rows = list_sites(_load(config))
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+        return
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    _table(rows, ["site", "node_id", "state", "online_at", "enrolled_at", "revoked_at"])
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    Console().print(table)
+
+
+def launch(
+    config: Annotated[Path, typer.Option("--config", help="run.toml", dir_okay=False)],
+    coordinator: Annotated[
+        Path,
+        typer.Option(
+            "--coordinator",
+            envvar="WARDROUND_COORDINATOR_CONFIG",
+            help="coordinator.toml (or $WARDROUND_COORDINATOR_CONFIG)",
+            dir_okay=False,
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="copy the run directory here (default runs/NAME)"),
+    ] = None,
+    print_hash: Annotated[
+        bool,
+        typer.Option("--print-hash", help="print the app hash sites approve, and exit"),
+    ] = False,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="start the run and return")
+    ] = False,
+) -> None:
+    """Start a run on the deployed federation and follow it round by round."""
+    try:
+        from wardround.common.config import RunConfig
+
+        from .launcher import build_app, launch_run
+
+        run = RunConfig.from_toml(config)
+        coord = _load(coordinator)
+        if print_hash:
+            typer.echo(build_app(run, coord.state_path / "apps").fab_hash)
+            return
+        name, run_dir, bundle = launch_run(coord, run, config)
+        typer.echo(f"run {name} started; app hash {bundle.fab_hash}")
+        typer.echo(
+            f"sites train it only once approved: wardround site approve {bundle.fab_hash}"
+        )
+        if detach:
+            typer.echo(f"follow it with: wardround runs {name} --follow")
+            return
+        _follow_and_copy(
+            coord, run_dir, out or Path("runs") / name, run.federation.rounds
+        )
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+def _follow_and_copy(coord: Any, run_dir: Path, out: Path, rounds: int) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from wardround.common.errors import FederationError
+
+    from .launcher import copy_run, follow
+
+    console = Console(stderr=True)
+    shown: dict[str, Any] = {"state": None}
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("round {task.completed:.0f}/{task.total:.0f}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    ) as progress:
+        task = progress.add_task("starting", total=rounds)
+
+        def on_progress(status: dict[str, Any]) -> None:
+            state = status.get("state", "starting")
+            progress.update(
+                task, completed=status.get("rounds_done", 0), description=state
+            )
+            if state != shown["state"]:
+                shown["state"] = state
+                reason = f": {status['reason']}" if status.get("reason") else ""
+                typer.echo(f"{state}{reason}", err=True)
+
+        try:
+            result = follow(coord, run_dir, on_progress)
+        except KeyboardInterrupt:
+            typer.echo(
+                f"stopped following; the run continues. `wardround runs {run_dir.name} "
+                f"--follow` follows it again, `wardround stop {run_dir.name}` stops it.",
+                err=True,
+            )
+            raise typer.Exit(130) from None
+    copied = copy_run(run_dir, out)
+    typer.echo(f"run directory: {copied}")
+    summary = copied / "run.json"
+    if summary.exists():
+        final = json.loads(summary.read_text()).get("final", {})
+        auroc = (
+            final.get("global", {}).get("auroc_macro")
+            if isinstance(final, dict)
+            else None
+        )
+        if auroc is not None:
+            typer.echo(f"final global AUROC {auroc:.3f}")
+    if result.state != "finished":
+        raise FederationError(
+            f"run {run_dir.name} {result.state}: {result.reason or 'no reason given'}",
+            hint=f"Completed rounds are in {copied}; `wardround audit` shows what happened.",
+        )
+
+
+def runs(
+    name: Annotated[str | None, typer.Argument(help="one run (name or prefix)")] = None,
+    coordinator: Annotated[
+        Path,
+        typer.Option(
+            "--coordinator",
+            envvar="WARDROUND_COORDINATOR_CONFIG",
+            help="coordinator.toml (or $WARDROUND_COORDINATOR_CONFIG)",
+            dir_okay=False,
+        ),
+    ] = Path("coordinator.toml"),
+    follow_run: Annotated[
+        bool, typer.Option("--follow", help="follow the run until it ends")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="with --follow: copy it here")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the coordinator's runs, or show (and follow) one."""
+    try:
+        from .launcher import find_run, list_runs, read_json, run_status
+
+        coord = _load(coordinator)
+        if name is None:
+            rows = list_runs(coord)
+            if as_json:
+                typer.echo(json.dumps(rows, indent=2))
+            else:
+                _table(
+                    rows, ["name", "state", "round", "rounds", "reason", "launched_at"]
+                )
+            return
+        run_dir = find_run(coord, name)
+        if follow_run:
+            total = run_status(run_dir).get("rounds") or 0
+            _follow_and_copy(coord, run_dir, out or Path("runs") / run_dir.name, total)
+            return
+        detail = {**read_json(run_dir / "launch.json"), "status": run_status(run_dir)}
+        typer.echo(json.dumps(detail, indent=2))
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+def stop(
+    name: Annotated[str, typer.Argument(help="the run's name (or a unique prefix)")],
+    coordinator: Annotated[
+        Path,
+        typer.Option(
+            "--coordinator",
+            envvar="WARDROUND_COORDINATOR_CONFIG",
+            help="coordinator.toml (or $WARDROUND_COORDINATOR_CONFIG)",
+            dir_okay=False,
+        ),
+    ] = Path("coordinator.toml"),
+) -> None:
+    """Stop a run; its completed rounds stay in its run directory."""
+    try:
+        from .launcher import stop_run
+
+        run_dir = stop_run(_load(coordinator), name)
+        typer.echo(f"stopped {run_dir.name}; its completed rounds are in {run_dir}")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)

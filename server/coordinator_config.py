@@ -1,0 +1,113 @@
+"""``coordinator.toml``: where the coordinator listens, its TLS files and its state.
+
+Relative paths are resolved against the folder holding the file. The state folder
+holds the SuperLink's database, the enrolled sites (``sites.json``), the runs
+(``runs/<name>/``), the audit log (``audit.jsonl``) and the private ``FLWR_HOME``
+the admin commands use to reach the SuperLink.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from ..common.config import _describe, _Section, read_toml
+from ..common.errors import ConfigError
+
+FEDERATION_NAME = "wardround"
+"""The name under which the admin commands know the coordinator's SuperLink."""
+
+
+class CoordinatorSection(_Section):
+    """Where the SuperLink listens and keeps its state."""
+
+    host: str = Field("0.0.0.0", description="bind address")
+    port: int = Field(9093, ge=1, le=65535, description="the one port sites connect to")
+    admin_address: str = Field(
+        "",
+        description="host:port the admin commands use to reach the SuperLink "
+        "(default 127.0.0.1:port); must match a name in the server certificate",
+    )
+    state_dir: str = "coordinator-state"
+
+
+class TlsSection(_Section):
+    """The SuperLink's TLS files (``wardround certs init`` / ``certs server``)."""
+
+    ca_certificate: str
+    certificate: str
+    private_key: str
+
+
+class CoordinatorConfig(_Section):
+    """A parsed ``coordinator.toml``."""
+
+    coordinator: CoordinatorSection = CoordinatorSection()
+    tls: TlsSection
+    base_dir: Path = Field(Path("."), exclude=True)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> CoordinatorConfig:
+        """Read and validate ``coordinator.toml``; ConfigError lists every problem."""
+        path = Path(path)
+        raw: dict[str, Any] = read_toml(path)
+        raw["base_dir"] = path.resolve().parent
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(
+                f"{path} has {exc.error_count()} problem(s):\n" + _describe(exc, cls),
+                hint="See deploy/README.md for an example coordinator.toml.",
+            ) from None
+
+    def resolve(self, relative: str) -> Path:
+        """Resolve a path from the file against its folder."""
+        p = Path(relative).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    @property
+    def state_path(self) -> Path:
+        """The state folder, resolved."""
+        return self.resolve(self.coordinator.state_dir)
+
+    @property
+    def admin_address(self) -> str:
+        """host:port for the admin commands (loopback by default)."""
+        return self.coordinator.admin_address or f"127.0.0.1:{self.coordinator.port}"
+
+    @property
+    def ca_path(self) -> Path:
+        """The CA certificate, resolved."""
+        return self.resolve(self.tls.ca_certificate)
+
+    @property
+    def certificate_path(self) -> Path:
+        """The server certificate, resolved."""
+        return self.resolve(self.tls.certificate)
+
+    @property
+    def private_key_path(self) -> Path:
+        """The server's private key, resolved."""
+        return self.resolve(self.tls.private_key)
+
+    @property
+    def flwr_home(self) -> Path:
+        """The private FLWR_HOME of the admin commands and the SuperLink."""
+        return self.state_path / "flwr-home"
+
+    @property
+    def runs_path(self) -> Path:
+        """Where the ServerApp writes each run's directory."""
+        return self.state_path / "runs"
+
+    @property
+    def audit_path(self) -> Path:
+        """The coordinator's audit log."""
+        return self.state_path / "audit.jsonl"
+
+    @property
+    def sites_path(self) -> Path:
+        """The enrolled sites."""
+        return self.state_path / "sites.json"
