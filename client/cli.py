@@ -166,3 +166,93 @@ def privacy(
         )
         for run, eps in item["runs"].items():
             typer.echo(f"  run {run}: epsilon {eps:.3f}")
+
+
+@site_app.command("start")
+def start(
+    config: Annotated[Path, typer.Option("--config", help="the site's site.toml")],
+) -> None:
+    """Run the site daemon (a Flower SuperNode and the warm worker) until SIGTERM."""
+    try:
+        import signal
+        import threading
+
+        from .daemon import plan_site, run_site_daemon
+
+        plan = plan_site(config)
+        stop = threading.Event()
+
+        def handler(signum: int, frame: object) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+        typer.echo(
+            f"site {plan.site.site.name}: connecting to {plan.coordinator} (TLS); "
+            f"state in {plan.state_dir}"
+        )
+        run_site_daemon(plan, stop)
+        typer.echo(f"site {plan.site.site.name}: stopped")
+    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
+        _fail(exc)
+
+
+@site_app.command("approve")
+def approve(
+    app_hash: Annotated[
+        str, typer.Argument(help="the app hash `wardround launch` shows")
+    ],
+    config: Annotated[Path, typer.Option("--config", help="the site's site.toml")],
+    note: Annotated[str, typer.Option(help="why, for the audit log")] = "",
+    revoke: Annotated[
+        bool, typer.Option("--revoke", help="withdraw an approval instead")
+    ] = False,
+) -> None:
+    """Allow (or, with --revoke, stop allowing) runs of one app to train at this site."""
+    try:
+        from wardround.common.audit import AuditLog, safe_reason
+
+        from .approvals import AppApprovals
+        from .daemon import AUDIT_FILE
+        from .site_config import SiteConfig
+
+        site = SiteConfig.from_toml(config)
+        approvals = AppApprovals(site.state_path)
+        audit = AuditLog(site.state_path / AUDIT_FILE, actor=f"site:{site.site.name}")
+        if revoke:
+            from .approvals import normalize_hash
+
+            found = approvals.revoke(app_hash)
+            audit.record(
+                "app_refused",
+                fab_hash=normalize_hash(app_hash),
+                reason="approval withdrawn",
+            )
+            typer.echo("approval withdrawn" if found else "that app was not approved")
+            return
+        value = approvals.approve(app_hash, note=safe_reason(note))
+        audit.record("app_approved", fab_hash=value, note=safe_reason(note))
+        typer.echo(f"approved app {value} at site {site.site.name}")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
+@site_app.command("approvals")
+def approvals_list(
+    config: Annotated[Path, typer.Option("--config", help="the site's site.toml")],
+) -> None:
+    """The app hashes this site has approved."""
+    try:
+        from .approvals import AppApprovals
+        from .site_config import SiteConfig
+
+        site = SiteConfig.from_toml(config)
+        approved = AppApprovals(site.state_path).load()
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+        return
+    if not approved:
+        typer.echo("no app approved yet")
+    for fab_hash, row in sorted(approved.items(), key=lambda kv: kv[1]["approved_at"]):
+        note = f"  {row['note']}" if row.get("note") else ""
+        typer.echo(f"{fab_hash}  {row['approved_at']}{note}")

@@ -141,6 +141,34 @@ class SitePrivacy(_Section):
         return self
 
 
+class SiteDeployment(_Section):
+    """How the site daemon reaches the coordinator (``wardround site start``)."""
+
+    coordinator: str = Field(
+        "", description="host:port of the coordinator's SuperLink (outbound only)"
+    )
+    root_certificate: str = Field("", description="the federation's CA certificate")
+    private_key: str = Field(
+        "",
+        description="the site's key (wardround keys site), enrolled at the coordinator",
+    )
+    state_dir: str = Field(
+        ".wardround-site", description="approvals, audit log and the SuperNode's state"
+    )
+    runtime_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="loopback port of the SuperNode's local Runtime API (0: pick a free one)",
+    )
+    poll_interval_s: float = Field(
+        0.2,
+        gt=0.0,
+        le=3.0,
+        description="how often the idle SuperNode asks the coordinator for work",
+    )
+
+
 class SiteConfig(_Section):
     """A parsed ``site.toml``."""
 
@@ -148,6 +176,7 @@ class SiteConfig(_Section):
     data: SiteDataSection = SiteDataSection()
     ehr: EhrSchema = EhrSchema()
     privacy: SitePrivacy = SitePrivacy()
+    deployment: SiteDeployment = SiteDeployment()
     base_dir: Path = Field(Path("."), exclude=True)
 
     @model_validator(mode="after")
@@ -189,6 +218,11 @@ class SiteConfig(_Section):
     def ledger_path(self) -> Path:
         """The privacy ledger folder, resolved."""
         return self.resolve(self.privacy.ledger_dir)
+
+    @property
+    def state_path(self) -> Path:
+        """The site daemon's state folder, resolved."""
+        return self.resolve(self.deployment.state_dir)
 
     @property
     def cache_path(self) -> Path:

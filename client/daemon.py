@@ -1,0 +1,303 @@
+"""``wardround site start``: the site daemon.
+
+It checks the site (the same checks as ``wardround site check``) and its deployment
+settings, then runs two things until SIGTERM:
+
+- a Flower SuperNode (``flower-supernode``) that connects *out* to the coordinator
+  over TLS, authenticates with the site's enrolled key, retries through coordinator
+  restarts and network loss, and keeps its local Runtime API on 127.0.0.1;
+- the warm worker (:mod:`wardround.client.site_worker`) that takes the SuperNode's
+  ClientApp tasks, under ``--isolation process``, with the model and data loaded once.
+
+Everything the site does is appended to ``<state-dir>/audit.jsonl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..common import wire
+from ..common.audit import AuditLog, safe_reason
+from ..common.config import flower_config_string
+from ..common.env import apply_machine_hygiene
+from ..common.errors import ConfigError, DataError, FederationError
+from ..common.processes import start_child, stop_child
+from .approvals import AppApprovals
+from .site_config import SiteConfig
+from .site_worker import APP_NOT_APPROVED, SiteWorker, TaskObserver, TaskOutcome
+from .supernode_main import POLL_ENV
+
+log = logging.getLogger(__name__)
+
+SUPERNODE_LOG = "supernode.log"
+AUDIT_FILE = "audit.jsonl"
+
+# What the SuperNode prints when the coordinator turns it away, and what to do.
+_REFUSALS = (
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "TLS: the coordinator's certificate is not signed by this site's "
+        "deployment.root-certificate (or does not name the coordinator's address)",
+        "Install the federation's ca.pem as deployment.root-certificate, and check "
+        "deployment.coordinator against the names in the coordinator's certificate.",
+    ),
+    (
+        "Failed to activate SuperNode",
+        "the coordinator refused this site's key: it is not enrolled, or it was revoked",
+        "Send the site's public key (.pub) to the coordinator admin, who runs "
+        "`wardround sites add NAME --key NAME.pub --config coordinator.toml`.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """What the daemon will start, resolved and checked."""
+
+    site: SiteConfig
+    site_toml: Path
+    coordinator: str
+    root_certificate: Path
+    private_key: Path
+    state_dir: Path
+
+
+def plan_site(site_toml: Path) -> SitePlan:
+    """Check ``site.toml`` for deployment; ConfigError/DataError say what to fix."""
+    from ..deploy.pki import describe_certificate
+    from .site_check import check_site, format_report
+
+    site_toml = Path(site_toml).resolve()
+    site = SiteConfig.from_toml(site_toml)
+    dep = site.deployment
+    missing = [
+        key
+        for key, value in (
+            ("coordinator", dep.coordinator),
+            ("root-certificate", dep.root_certificate),
+            ("private-key", dep.private_key),
+        )
+        if not value
+    ]
+    if missing:
+        raise ConfigError(
+            f"{site_toml} [deployment] lacks {', '.join(missing)}",
+            hint='Add them: coordinator = "host:port", root-certificate = the '
+            "federation's ca.pem, private-key = the key from `wardround keys site`.",
+        )
+    root, key = site.resolve(dep.root_certificate), site.resolve(dep.private_key)
+    for what, path in (("root-certificate", root), ("private-key", key)):
+        if not path.is_file():
+            raise ConfigError(f"deployment.{what} {path} does not exist")
+    info = describe_certificate(root)
+    if info.days_left < 0:
+        raise ConfigError(
+            f"deployment.root-certificate {root} expired on {info.not_after:%Y-%m-%d}",
+            hint="Install the federation's current ca.pem.",
+        )
+    if key.stat().st_mode & 0o077:
+        raise ConfigError(
+            f"the site's private key {key} is readable by other users",
+            hint=f"Run `chmod 600 {key}`.",
+        )
+    report = check_site(site_toml, _default_task())
+    if not report["can_train"]:
+        raise DataError(
+            "the site cannot train; `wardround site check` reports:\n"
+            + format_report(report),
+            hint="Fix the blocking problems, then start the site again.",
+        )
+    return SitePlan(
+        site=site,
+        site_toml=site_toml,
+        coordinator=dep.coordinator,
+        root_certificate=root,
+        private_key=key,
+        state_dir=site.state_path.resolve(),
+    )
+
+
+def _default_task():  # noqa: ANN202 - a TaskConfig; imported late to keep --help fast
+    from ..common.config import RunConfig
+
+    return RunConfig().task
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def supernode_command(plan: SitePlan, runtime_port: int) -> list[str]:
+    """The ``flower-supernode`` command line of this site."""
+    return [
+        sys.executable,
+        "-m",
+        "wardround.client.supernode_main",
+        "--superlink",
+        plan.coordinator,
+        "--root-certificates",
+        str(plan.root_certificate),
+        "--auth-supernode-private-key",
+        str(plan.private_key),
+        "--node-config",
+        f"site-config={flower_config_string(str(plan.site_toml))}",
+        "--isolation",
+        "process",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+    ]
+
+
+def refusal_in(log_text: str) -> FederationError | None:
+    """The coordinator's refusal the SuperNode logged, as an error that says what to do."""
+    for marker, message, hint in _REFUSALS:
+        if marker in log_text:
+            return FederationError(message, hint=hint)
+    return None
+
+
+class AuditingObserver(TaskObserver):
+    """Writes each task of the site's worker to the site's audit log."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+        self.runs_seen: set[int] = set()
+
+    def on_task(self, outcome: TaskOutcome) -> None:
+        """One task: a refusal, a new run, a round's work, privacy spent, an error."""
+        run = str(outcome.run_id)
+        try:
+            if not outcome.approved:
+                self.audit.record(
+                    "app_refused",
+                    run_id=run,
+                    fab_hash=outcome.fab_hash,
+                    reason=APP_NOT_APPROVED,
+                )
+                return
+            if outcome.run_id not in self.runs_seen:
+                self.runs_seen.add(outcome.run_id)
+                self.audit.record("run_started", run_id=run, fab_hash=outcome.fab_hash)
+            fields = {
+                "run_id": run,
+                "round": _round_of(outcome.group),
+                "message_type": outcome.message_type,
+                "bytes_in": outcome.bytes_in,
+                "bytes_out": outcome.bytes_out,
+                "seconds": round(outcome.seconds, 3),
+                "app_seconds": round(outcome.app_seconds, 3),
+                "ok": outcome.ok,
+            }
+            self.audit.record("round_finished", **fields)
+            eps = outcome.metrics.get(wire.DP_EPSILON_RUN)
+            if eps is not None:
+                self.audit.record(
+                    "privacy_spent",
+                    run_id=run,
+                    round=fields["round"],
+                    epsilon_run=eps,
+                    epsilon_total=outcome.metrics.get(wire.DP_EPSILON_TOTAL),
+                )
+            if not outcome.ok:
+                self.audit.record(
+                    "error",
+                    run_id=run,
+                    round=fields["round"],
+                    reason=safe_reason(outcome.error),
+                )
+        except (ValueError, DataError) as exc:  # auditing must not stop training
+            log.error("could not write the audit log: %s", exc)
+
+
+def _round_of(group: str) -> int | None:
+    return int(group) if group.isdigit() else None
+
+
+def run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
+    """Run the SuperNode and the warm worker until ``stop`` is set or the node fails."""
+    plan.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    env_before = dict(os.environ)
+    os.environ["FLWR_HOME"] = str(plan.state_dir / "flwr-home")
+    apply_machine_hygiene(plan.state_dir)
+    audit = AuditLog(plan.state_dir / AUDIT_FILE, actor=f"site:{plan.site.site.name}")
+    port = plan.site.deployment.runtime_port or free_loopback_port()
+    log_path = plan.state_dir / SUPERNODE_LOG
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    env = dict(os.environ)
+    env[POLL_ENV] = str(plan.site.deployment.poll_interval_s)
+    node = start_child(supernode_command(plan, port), env, log_path)
+    audit.record(
+        "site_daemon_started",
+        coordinator=plan.coordinator,
+        pid=os.getpid(),
+        supernode_pid=node.pid,
+    )
+    _wait_for_port(port, node)
+    worker = SiteWorker(
+        f"127.0.0.1:{port}", AppApprovals(plan.state_dir), AuditingObserver(audit)
+    )
+    worker_thread = threading.Thread(
+        target=worker.serve, args=(stop,), name="wardround-worker", daemon=True
+    )
+    worker_thread.start()
+    failure: FederationError | None = None
+    try:
+        while not stop.wait(0.5):
+            if node.poll() is not None:
+                text = _read_from(log_path, offset)
+                failure = refusal_in(text) or FederationError(
+                    f"the SuperNode exited with code {node.returncode}",
+                    hint=f"See {log_path}.",
+                )
+                break
+            if not worker_thread.is_alive():
+                failure = FederationError(
+                    "the site's worker stopped",
+                    hint=f"See {log_path} and the daemon's log.",
+                )
+                break
+    finally:
+        stop.set()
+        stop_child(node)
+        worker_thread.join(timeout=30)
+        audit.record(
+            "site_daemon_stopped",
+            tasks=worker.tasks_run,
+            reason=safe_reason(failure.message) if failure else "stopped",
+        )
+        os.environ.clear()
+        os.environ.update(env_before)
+    if failure is not None:
+        raise failure
+
+
+def _wait_for_port(port: int, node: object, limit_s: float = 60.0) -> None:
+    # The worker starts once the SuperNode's Runtime API listens (no retry noise).
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and node.poll() is None:  # type: ignore[attr-defined]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""

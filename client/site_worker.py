@@ -1,0 +1,284 @@
+"""The site's warm worker: runs every ClientApp task of the site's SuperNode in one process.
+
+Flower's default SuperNode isolation (``subprocess``) starts a fresh ``flwr-clientapp``
+process per message: torch, the model and the site's data are loaded again for every
+train, evaluate and SecAgg+ stage message. With ``--isolation process`` the SuperNode
+instead waits for an outside process to take its tasks over its local Runtime API
+(127.0.0.1 only). This worker is that process: it asks for tasks the way Flower's
+SuperExec does (``AcquireTask``), then runs each task in-process the way
+``flwr-clientapp`` does (Flower's own ``pull_task_input``, ``push_message``,
+``push_task_output``), so the trainer, model and data stay loaded between messages.
+
+Before a task runs, the FAB's hash must be on the site's allowlist
+(:mod:`wardround.client.approvals`); a refused task gets an error reply that reaches
+the coordinator as a clear status.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..common.errors import safe_error_reason
+from .approvals import AppApprovals
+
+log = logging.getLogger(__name__)
+
+APP_NOT_APPROVED = "AppNotApproved"
+
+
+@dataclass
+class TaskOutcome:
+    """What one task did (for the site's audit log)."""
+
+    run_id: int
+    fab_hash: str
+    message_type: str
+    group: str
+    approved: bool
+    ok: bool
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    error: str = ""
+    app_seconds: float = 0.0
+    """Time inside the ClientApp (training, evaluation, SecAgg+), without transfers."""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class TaskObserver:
+    """Receives each finished task; the site daemon writes them to the audit log."""
+
+    def on_task(self, outcome: TaskOutcome) -> None:
+        """Called after a task's reply was pushed."""
+
+
+class SiteWorker:
+    """Take ClientApp tasks from a local SuperNode and run them in this process.
+
+    Parameters
+    ----------
+    runtime_api_address : str
+        The SuperNode's Runtime API (``127.0.0.1:PORT``), plain HTTP on loopback.
+    approvals : AppApprovals
+        The site's FAB allowlist.
+    observer : TaskObserver | None
+        Told about every finished task.
+    poll_interval_s : float
+        Pause between ``AcquireTask`` calls when nothing is pending.
+    """
+
+    def __init__(
+        self,
+        runtime_api_address: str,
+        approvals: AppApprovals,
+        observer: TaskObserver | None = None,
+        poll_interval_s: float = 0.05,
+    ) -> None:
+        self.runtime_api_address = runtime_api_address
+        self.approvals = approvals
+        self.observer = observer or TaskObserver()
+        self.poll_interval_s = poll_interval_s
+        self.tasks_run = 0
+        self._client_app: Any = None
+
+    def warm_up(self) -> None:
+        """Import torch and the ClientApp now, not on the first message."""
+        from .app import app
+
+        self._client_app = app
+
+    def serve(self, stop: threading.Event) -> None:
+        """Run tasks until ``stop`` is set."""
+        from flwr.common.constant import RUNTIME_DEPENDENCY_INSTALL  # noqa: F401
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest
+        from flwr.supercore.constant import TaskType
+
+        self.warm_up()
+        acquirer = self._runtime_client(component="SuperExec")
+        request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
+        try:
+            while not stop.is_set():
+                try:
+                    response = acquirer.AcquireTask(request)
+                except Exception as exc:  # the SuperNode may be restarting
+                    log.debug("AcquireTask failed: %s", exc)
+                    stop.wait(1.0)
+                    continue
+                if response.HasField("task") and response.token:
+                    self.run_task(response.token)
+                else:
+                    stop.wait(self.poll_interval_s)
+        finally:
+            acquirer.close()
+
+    def run_task(self, token: str) -> TaskOutcome | None:
+        """Run one ClientApp task the way ``flwr-clientapp`` does, without exiting."""
+        from flwr.app import Message
+        from flwr.app.error import Error
+        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.supercore.heartbeat import (
+            HeartbeatSender,
+            make_task_heartbeat_fn_http,
+        )
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+        from ..common.wirebytes import content_bytes
+
+        client = self._runtime_client(component="flwr-clientapp", token=token)
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        started = time.perf_counter()
+        message = reply = context = None
+        outcome: TaskOutcome | None = None
+        sub_status, details = SubStatus.FAILED, "ClientApp task failed"
+        try:
+            message, context, run, fab = pull_task_input(client)
+            decision = self.approvals.check(
+                fab.hash_str, fab.content, dict(context.run_config)
+            )
+            outcome = TaskOutcome(
+                run_id=int(run.run_id),
+                fab_hash=fab.hash_str,
+                message_type=str(message.metadata.message_type),
+                group=str(message.metadata.group_id),
+                approved=decision.approved,
+                ok=False,
+                bytes_in=_safe_bytes(content_bytes, message),
+                bytes_out=0,
+                seconds=0.0,
+            )
+            if not decision.approved:
+                log.warning("refused run %s: %s", run.run_id, decision.reason)
+                reason = f"[{APP_NOT_APPROVED}] {decision.reason}"
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                    reply_to=message,
+                )
+                details = reason
+            else:
+                app_started = time.perf_counter()
+                reply = self._client_app(message=message, context=context)
+                outcome.app_seconds = time.perf_counter() - app_started
+                sub_status, details = SubStatus.COMPLETED, ""
+        except Exception as exc:  # noqa: BLE001 - any failure becomes an error reply
+            log.error("task failed: %s", type(exc).__name__, exc_info=exc)
+            details = safe_error_reason(exc)
+            if message is not None:
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                    reply_to=message,
+                )
+        finally:
+            if reply is not None and context is not None:
+                try:
+                    push_message(client, reply, context)
+                except Exception as exc:  # noqa: BLE001 - the SuperNode went away
+                    log.error("could not push the reply: %s", exc)
+            push_task_output(client, context, sub_status, details)
+            heartbeat.stop()
+            client.close()
+        self.tasks_run += 1
+        if outcome is not None:
+            outcome.seconds = time.perf_counter() - started
+            outcome.ok = sub_status == SubStatus.COMPLETED and not (
+                reply is not None and reply.has_error()
+            )
+            if reply is not None and reply.has_error():
+                outcome.error = str(reply.error.reason)
+            elif reply is not None:
+                outcome.bytes_out = _safe_bytes(content_bytes, reply)
+                outcome.metrics = _numeric_metrics(reply)
+            self.observer.on_task(outcome)
+        return outcome
+
+    def _runtime_client(self, component: str, token: str | None = None) -> Any:
+        from flwr.supercore.interceptors import (
+            RuntimeTokenHttpInterceptor,
+            RuntimeVersionHttpInterceptor,
+        )
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        interceptors: list[Any] = [
+            RuntimeVersionHttpInterceptor(component_name=component)
+        ]
+        if token is not None:
+            interceptors.append(RuntimeTokenHttpInterceptor(token))
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.runtime_api_address,
+            insecure=True,  # loopback only: the SuperNode binds its Runtime API to 127.0.0.1
+            root_certificates=None,
+            interceptors=interceptors,
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+
+
+def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
+    """Flower's ``pull_task_input``, polling the message's objects every few ms.
+
+    The SuperNode announces a message before it has fetched the message's arrays
+    from the coordinator; Flower's default retry for an object that is not there yet
+    waits 1 s, then 2 s, then 4 s, which cost up to 7 s per message on loopback.
+    """
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import (
+        pull_and_inflate_object_from_tree,
+    )
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from ..common.flower_pacing import OBJECT_POLL_CAP_S, OBJECT_POLL_S
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context = context_from_proto(res.context)
+    run = run_from_proto(res.run)
+    fab = fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode announced a task without a message")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(
+            client.ConfirmMessageReceived, node, context.run_id
+        ),
+        return_type=Message,
+        initial_backoff=OBJECT_POLL_S,
+        backoff_cap=OBJECT_POLL_CAP_S,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id
+    return message, context, run, fab
+
+
+def _safe_bytes(count: Any, message: Any) -> int:
+    try:
+        return int(count(message.content))
+    except Exception:  # noqa: BLE001 - an error message has no content
+        return 0
+
+
+def _numeric_metrics(reply: Any) -> dict[str, float]:
+    # Message-API replies carry metrics in a MetricRecord; legacy (SecAgg+) ones in
+    # the FitRes's ConfigRecord.
+    metrics: dict[str, float] = {}
+    content = reply.content
+    for record in (*content.metric_records.values(), *content.config_records.values()):
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[key] = float(value)
+    return metrics

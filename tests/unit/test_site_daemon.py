@@ -1,0 +1,373 @@
+"""The site daemon: deployment checks, the SuperNode command, refusals, the audit observer."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+# plan_site imports the site checks (torch, pydicom): import them at collection, so
+# the tests below time only their own work
+import wardround.client.site_check  # noqa: F401
+from wardround.client.daemon import (
+    AuditingObserver,
+    SitePlan,
+    plan_site,
+    refusal_in,
+    supernode_command,
+)
+from wardround.client.site_config import SiteConfig
+from wardround.client.site_worker import APP_NOT_APPROVED, TaskOutcome, _numeric_metrics
+from wardround.common import wire
+from wardround.common.audit import AuditLog, read_audit, verify_audit
+from wardround.common.errors import ConfigError, FederationError
+from wardround.deploy.pki import generate_site_keypair, init_ca
+
+# ------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(
+    ("log_text", "message_part", "hint_part"),
+    [
+        (
+            "grpc: ssl_transport_security.cc: CERTIFICATE_VERIFY_FAILED: "
+            "self signed certificate in certificate chain\n",
+            "TLS: the coordinator's certificate is not signed",
+            "deployment.root-certificate",
+        ),
+        (
+            "INFO : Starting Flower SuperNode\n"
+            "ERROR : Failed to activate SuperNode: PERMISSION_DENIED\n",
+            "the coordinator refused this site's key",
+            "wardround sites add NAME --key NAME.pub",
+        ),
+    ],
+)
+def test_refusal_in_maps_the_log_markers(log_text, message_part, hint_part):
+    error = refusal_in(log_text)
+    assert isinstance(error, FederationError)
+    assert message_part in error.message
+    assert hint_part in error.hint
+
+
+@pytest.mark.parametrize(
+    "log_text",
+    [
+        "",
+        "INFO : Starting Flower SuperNode\nINFO : connected\n",
+        "certificate verify failed",
+    ],
+)
+def test_refusal_in_is_none_for_other_logs(log_text):
+    assert refusal_in(log_text) is None
+
+
+# ------------------------------------------------------------------ plan_site
+
+
+@pytest.fixture
+def site(synthetic_sites, tmp_path) -> Path:
+    """A private copy of a synthetic site; returns its site.toml."""
+    folder = tmp_path / "site"
+    shutil.copytree(synthetic_sites / "site-01", folder)
+    return folder / "site.toml"
+
+
+@pytest.fixture(scope="module")
+def credentials(tmp_path_factory) -> tuple[Path, Path]:
+    """The federation's CA certificate and a site key (0600)."""
+    root = tmp_path_factory.mktemp("site-credentials")
+    ca = init_ca(root / "ca")
+    keys = generate_site_keypair("site-01", root / "keys")
+    return ca.cert, keys.private_key
+
+
+def _deploy(site_toml: Path, **values: str) -> None:
+    lines = "".join(f'{key} = "{value}"\n' for key, value in values.items())
+    site_toml.write_text(site_toml.read_text() + f"\n[deployment]\n{lines}")
+
+
+def _local_copy(source: Path, target: Path, mode: int) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(source.read_bytes())
+    target.chmod(mode)
+    return target
+
+
+def test_plan_site_refuses_a_site_without_deployment(site):
+    with pytest.raises(ConfigError) as err:
+        plan_site(site)
+    assert (
+        "[deployment] lacks coordinator, root-certificate, private-key"
+        in err.value.message
+    )
+    assert str(site.resolve()) in err.value.message
+    assert "root-certificate" in err.value.hint
+
+
+def test_plan_site_names_only_the_missing_keys(site, credentials):
+    _deploy(
+        site,
+        coordinator="coord.example.org:9093",
+        **{"root-certificate": str(credentials[0])},
+    )
+    with pytest.raises(ConfigError) as err:
+        plan_site(site)
+    assert err.value.message.endswith("[deployment] lacks private-key")
+
+
+def test_plan_site_refuses_a_missing_certificate(site, credentials):
+    _deploy(
+        site,
+        coordinator="coord.example.org:9093",
+        **{"root-certificate": "certs/ca.pem", "private-key": str(credentials[1])},
+    )
+    with pytest.raises(ConfigError) as err:
+        plan_site(site)
+    assert "deployment.root-certificate" in err.value.message
+    assert "does not exist" in err.value.message
+
+
+def test_plan_site_refuses_a_private_key_readable_by_others(site, credentials):
+    key = _local_copy(credentials[1], site.parent / "keys" / "site-01.key", 0o640)
+    _deploy(
+        site,
+        coordinator="coord.example.org:9093",
+        **{"root-certificate": str(credentials[0]), "private-key": "keys/site-01.key"},
+    )
+    with pytest.raises(ConfigError) as err:
+        plan_site(site)
+    assert "readable by other users" in err.value.message
+    assert "chmod 600" in err.value.hint
+    assert str(key) in err.value.hint
+
+
+def test_plan_site_passes_and_resolves_absolute_paths(
+    site, credentials, monkeypatch, tmp_path
+):
+    _local_copy(credentials[0], site.parent / "certs" / "ca.pem", 0o644)
+    _local_copy(credentials[1], site.parent / "keys" / "site-01.key", 0o600)
+    _deploy(
+        site,
+        coordinator="coord.example.org:9093",
+        **{"root-certificate": "certs/ca.pem", "private-key": "keys/site-01.key"},
+    )
+    monkeypatch.chdir(tmp_path)
+    plan = plan_site(Path("site") / "site.toml")
+    assert plan.coordinator == "coord.example.org:9093"
+    assert plan.site_toml == site.resolve() and plan.site_toml.is_absolute()
+    for path in (plan.root_certificate, plan.private_key, plan.state_dir):
+        assert path.is_absolute()
+    assert (
+        plan.root_certificate.resolve() == (site.parent / "certs" / "ca.pem").resolve()
+    )
+    assert (
+        plan.private_key.resolve() == (site.parent / "keys" / "site-01.key").resolve()
+    )
+    assert plan.state_dir == (site.parent / ".wardround-site").resolve()
+    assert plan.site.site.name == "site-01"
+
+
+def test_supernode_command_runs_the_paced_supernode(site):
+    config = SiteConfig.from_toml(site)
+    plan = SitePlan(
+        site=config,
+        site_toml=site.resolve(),
+        coordinator="coord.example.org:9093",
+        root_certificate=Path("/etc/wardround/ca.pem"),
+        private_key=Path("/etc/wardround/site-01.key"),
+        state_dir=site.parent / ".wardround-site",
+    )
+    command = supernode_command(plan, 45123)
+    assert command[:3] == [sys.executable, "-m", "wardround.client.supernode_main"]
+
+    def value(flag: str) -> str:
+        assert command.count(flag) == 1
+        return command[command.index(flag) + 1]
+
+    assert value("--isolation") == "process"
+    assert value("--host") == "127.0.0.1"
+    assert value("--port") == "45123"
+    assert value("--superlink") == "coord.example.org:9093"
+    assert value("--root-certificates") == "/etc/wardround/ca.pem"
+    assert value("--auth-supernode-private-key") == "/etc/wardround/site-01.key"
+    assert value("--node-config") == f"site-config='{site.resolve()}'"
+    assert "--insecure" not in command
+
+
+def test_supernode_node_config_parses_back_to_site_toml(site):
+    from flwr.common.config import parse_config_args
+
+    from wardround.client.runtime import SITE_CONFIG_KEY
+
+    plan = SitePlan(
+        site=SiteConfig.from_toml(site),
+        site_toml=site.resolve(),
+        coordinator="c:1",
+        root_certificate=Path("/ca.pem"),
+        private_key=Path("/k"),
+        state_dir=Path("/s"),
+    )
+    command = supernode_command(plan, 1)
+    node_config = parse_config_args([command[command.index("--node-config") + 1]])
+    assert node_config == {SITE_CONFIG_KEY: str(site.resolve())}
+
+
+# ------------------------------------------------------------------ the observer
+
+
+def _outcome(**changes) -> TaskOutcome:
+    values = {
+        "run_id": 5,
+        "fab_hash": "ab" * 32,
+        "message_type": "train",
+        "group": "1",
+        "approved": True,
+        "ok": True,
+        "bytes_in": 1000,
+        "bytes_out": 2000,
+        "seconds": 1.23456,
+        "app_seconds": 0.98765,
+    }
+    values.update(changes)
+    return TaskOutcome(**values)
+
+
+@pytest.fixture
+def audit_path(tmp_path) -> Path:
+    return tmp_path / "state" / "audit.jsonl"
+
+
+def _observer(audit_path: Path) -> AuditingObserver:
+    return AuditingObserver(AuditLog(audit_path, actor="site:site-01"))
+
+
+def test_observer_records_a_refused_app(audit_path):
+    observer = _observer(audit_path)
+    observer.on_task(_outcome(approved=False, ok=False, error="[AppNotApproved] ..."))
+    events = read_audit(audit_path)
+    assert [e["event"] for e in events] == ["app_refused"]
+    assert events[0]["run_id"] == "5"
+    assert events[0]["fab_hash"] == "ab" * 32
+    assert events[0]["reason"] == APP_NOT_APPROVED
+    assert events[0]["actor"] == "site:site-01"
+    assert observer.runs_seen == set()
+
+
+def test_observer_records_a_run_once_and_every_round(audit_path):
+    observer = _observer(audit_path)
+    observer.on_task(_outcome(group="1"))
+    observer.on_task(_outcome(group="1", message_type="evaluate"))
+    observer.on_task(_outcome(group="2"))
+    observer.on_task(_outcome(run_id=6, group="1"))
+    events = read_audit(audit_path)
+    assert [(e["event"], e["run_id"]) for e in events] == [
+        ("run_started", "5"),
+        ("round_finished", "5"),
+        ("round_finished", "5"),
+        ("round_finished", "5"),
+        ("run_started", "6"),
+        ("round_finished", "6"),
+    ]
+    first = events[1]
+    assert first["round"] == 1
+    assert first["message_type"] == "train"
+    assert first["bytes_in"] == 1000 and first["bytes_out"] == 2000
+    assert first["seconds"] == 1.235 and first["app_seconds"] == 0.988
+    assert first["ok"] is True
+    assert events[0]["fab_hash"] == "ab" * 32
+    rounds = [e["round"] for e in events if e["event"] == "round_finished"]
+    assert rounds == [1, 1, 2, 1]
+    assert verify_audit(audit_path).ok
+
+
+def test_observer_round_is_none_for_a_non_numeric_group(audit_path):
+    _observer(audit_path).on_task(_outcome(group="secagg-stage"))
+    assert read_audit(audit_path)[-1]["round"] is None
+
+
+def test_observer_records_privacy_spent(audit_path):
+    observer = _observer(audit_path)
+    observer.on_task(
+        _outcome(
+            group="3", metrics={wire.DP_EPSILON_RUN: 1.5, wire.DP_EPSILON_TOTAL: 4.0}
+        )
+    )
+    observer.on_task(_outcome(group="4", metrics={wire.DP_EPSILON_RUN: 2.0}))
+    observer.on_task(_outcome(group="5", metrics={"train-loss": 0.3}))
+    spent = [e for e in read_audit(audit_path) if e["event"] == "privacy_spent"]
+    assert [(e["round"], e["epsilon_run"], e["epsilon_total"]) for e in spent] == [
+        (3, 1.5, 4.0),
+        (4, 2.0, None),
+    ]
+
+
+def test_observer_records_a_failed_task_as_an_error(audit_path):
+    observer = _observer(audit_path)
+    observer.on_task(
+        _outcome(group="2", ok=False, error="ValueError: bad <value>\nline two")
+    )
+    events = read_audit(audit_path)
+    assert [e["event"] for e in events] == ["run_started", "round_finished", "error"]
+    assert events[1]["ok"] is False
+    error = events[2]
+    assert error["run_id"] == "5" and error["round"] == 2
+    assert error["reason"] == "ValueError: bad value line two"
+
+
+def test_observer_never_raises_on_an_unloggable_field(audit_path):
+    observer = _observer(audit_path)
+    # refused by the audit log (not its alphabet): logged, not raised
+    observer.on_task(_outcome(message_type="train\n{patient}"))
+    observer.on_task(_outcome(group="2"))
+    events = read_audit(audit_path)
+    assert [e["event"] for e in events] == ["run_started", "round_finished"]
+    assert events[-1]["round"] == 2
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def _content() -> RecordDict:
+    return RecordDict(
+        {
+            "metrics": MetricRecord(
+                {"train-loss": 0.5, "num-examples": 32, "hist": [1.0, 2.0]}
+            ),
+            "fitres.metrics": ConfigRecord(
+                {
+                    wire.DP_EPSILON_RUN: 1.25,
+                    "rounds": 3,
+                    "site": "site-01",
+                    "clipped": True,
+                    "blob": b"\x00",
+                }
+            ),
+            "arrays": ArrayRecord(),
+        }
+    )
+
+
+def test_numeric_metrics_reads_metric_and_config_records():
+    metrics = _numeric_metrics(SimpleNamespace(content=_content()))
+    assert metrics == {
+        "train-loss": 0.5,
+        "num-examples": 32.0,
+        wire.DP_EPSILON_RUN: 1.25,
+        "rounds": 3.0,
+    }
+    assert all(type(v) is float for v in metrics.values())
+
+
+def test_numeric_metrics_of_a_flower_message(task_identity):
+    message = Message(content=_content(), dst_node_id=1, message_type="train")
+    assert _numeric_metrics(message)[wire.DP_EPSILON_RUN] == 1.25
+    assert "clipped" not in _numeric_metrics(message)
+
+
+def test_numeric_metrics_of_empty_content():
+    assert _numeric_metrics(SimpleNamespace(content=RecordDict())) == {}
