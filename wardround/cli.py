@@ -259,10 +259,29 @@ def main() -> None:
 
 def _register_groups() -> None:
     from wardround.client.cli import site_app
+    from wardround.common.audit_cli import audit_command
+    from wardround.deploy.cli import certs_app, keys_app
+    from wardround.server.admin_cli import (
+        coordinator_app,
+        launch,
+        runs,
+        sites_app,
+        stop,
+    )
 
     app.add_typer(
-        site_app, name="site", help="A site's data: check it, de-identify it."
+        site_app,
+        name="site",
+        help="A site: check its data, run its daemon, approve runs, see its privacy.",
     )
+    app.add_typer(coordinator_app, name="coordinator")
+    app.add_typer(sites_app, name="sites")
+    app.command("launch")(launch)
+    app.command("runs")(runs)
+    app.command("stop")(stop)
+    app.add_typer(certs_app, name="certs")
+    app.add_typer(keys_app, name="keys")
+    app.command("audit")(audit_command)
 
 
 _register_groups()

@@ -1,0 +1,315 @@
+"""Deployment on loopback: a coordinator and three site daemons with TLS and site keys.
+
+One federation serves the whole module (starting it costs ~30 s): runs with DP and
+SecAgg+, refusals (unapproved app, unenrolled or revoked key, a certificate from
+another CA), a site killed mid-run, and the coordinator killed and resumed. Every
+process is started through the ``wardround`` CLI and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from wardround.client.site_config import SiteConfig
+from wardround.common.audit import read_audit, verify_audit
+from wardround.deploy.loopback import (
+    WARDROUND,
+    LoopbackFederation,
+    read_jsonl,
+    wait_for,
+)
+from wardround.deploy.pki import generate_site_keypair, init_ca
+
+pytestmark = pytest.mark.deploy
+
+# The first message a site gets loads its data and model: minutes on a loaded 2-core
+# machine. Later rounds are seconds; the killed-site test keeps a short timeout.
+FAST_RUN = """
+[federation]
+rounds = {rounds}
+min-sites = 2
+round-timeout-s = {timeout}
+join-timeout-s = 20
+seed = {seed}
+[secure-aggregation]
+stage-timeout-s = 30
+[model]
+image-size = 32
+max-note-tokens = 32
+[train]
+batch-size = 8
+"""
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory):
+    fed = LoopbackFederation.create(tmp_path_factory.mktemp("loopback"))
+    try:
+        fed.start_coordinator()
+        for name in fed.site_names:
+            result = fed.cli(
+                "sites",
+                "add",
+                name,
+                "--key",
+                str(fed.root / "keys" / f"{name}.pub"),
+                "--config",
+                str(fed.coordinator_toml),
+            )
+            assert result.returncode == 0, result.stderr
+        for name in fed.site_names:
+            fed.start_site(name)
+        fed.wait_online(fed.site_names)
+        yield fed
+    finally:
+        stopped = fed.stop_all()
+        assert all(
+            not d.family() or d.proc.poll() is not None for d in fed.daemons.values()
+        )
+        assert stopped or not fed.daemons
+
+
+def _launch(
+    fed: LoopbackFederation, run_toml: Path, *extra: str, timeout_s: float = 600
+):
+    return fed.cli(
+        "launch",
+        "--config",
+        str(run_toml),
+        "--coordinator",
+        str(fed.coordinator_toml),
+        "--out",
+        str(fed.root / "out" / run_toml.stem),
+        *extra,
+        timeout_s=timeout_s,
+    )
+
+
+def test_a_run_with_dp_and_secagg_writes_the_run_directory_and_audit_logs(federation):
+    fed = federation
+    run_toml = fed.run_toml(
+        "dp-secagg.toml", FAST_RUN.format(rounds=2, seed=1, timeout=300)
+    )
+    fed.approve(fed.app_hash(run_toml), fed.site_names)
+
+    result = _launch(fed, run_toml)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = fed.root / "out" / "dp-secagg"
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["rounds_completed"] == 2
+    assert sorted(summary["final"]["sites"]) == fed.site_names  # named from sites.json
+    for site, spent in summary["privacy_spent"].items():
+        assert 0 < spent["epsilon_run"] <= 8.0 + 1e-6, site
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+    manifests = sorted((out / "manifests").glob("round-*.json"))
+    assert [m.name for m in manifests] == [f"round-00{i}.json" for i in range(3)]
+    last = json.loads(manifests[-1].read_text())
+    assert last["aggregation"] == "secagg+"
+    assert last["secure_aggregation"]["sites_aggregated"] == 3
+    assert last["differential_privacy"]["enabled"] is True
+    assert sorted(p["site"] for p in last["participants"]) == fed.site_names
+    rounds = read_jsonl(out / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["aggregation"] == "secagg+" for r in rounds[1:])
+
+    coordinator_log = fed.state / "audit.jsonl"
+    assert verify_audit(coordinator_log).ok
+    events = [e["event"] for e in read_audit(coordinator_log)]
+    for wanted in (
+        "coordinator_started",
+        "site_enrolled",
+        "run_started",
+        "round_finished",
+        "run_finished",
+    ):
+        assert wanted in events, wanted
+    patient_ids = set()
+    for name in fed.site_names:
+        site_log = fed.site_state(name) / "audit.jsonl"
+        assert verify_audit(site_log).ok
+        site_events = [e["event"] for e in read_audit(site_log)]
+        for wanted in (
+            "site_daemon_started",
+            "app_approved",
+            "run_started",
+            "round_finished",
+            "privacy_spent",
+        ):
+            assert wanted in site_events, (name, wanted)
+        site = SiteConfig.from_toml(fed.site_toml(name))
+        column = site.ehr.patient_id
+        patient_ids |= set(
+            pq.read_table(site.ehr_path, columns=[column]).column(column).to_pylist()
+        )
+    logs = coordinator_log.read_text() + "".join(
+        (fed.site_state(n) / "audit.jsonl").read_text() for n in fed.site_names
+    )
+    leaked = [p for p in patient_ids if re.search(rf"\b{re.escape(str(p))}\b", logs)]
+    assert not leaked, f"patient ids in the audit logs: {leaked[:3]}"
+
+
+def test_a_site_refuses_a_run_it_has_not_approved(federation):
+    fed = federation
+    run_toml = fed.run_toml(
+        "unapproved.toml", FAST_RUN.format(rounds=1, seed=99, timeout=120)
+    )
+    result = _launch(fed, run_toml, timeout_s=300)
+    assert result.returncode == 7, result.stdout + result.stderr
+    assert "approve" in (result.stdout + result.stderr)
+    refused = [
+        e
+        for name in fed.site_names
+        for e in read_audit(fed.site_state(name) / "audit.jsonl")
+        if e["event"] == "app_refused"
+    ]
+    assert refused and all(e["fab_hash"] == fed.app_hash(run_toml) for e in refused)
+
+
+def _refused_start(fed: LoopbackFederation, name: str) -> str:
+    daemon = fed.start_site(name)
+    wait_for(lambda: daemon.proc.poll() is not None, 120, f"{name} to be refused")
+    assert daemon.proc.returncode == 7, daemon.output()[-2000:]
+    return daemon.output()
+
+
+def _clone_site(
+    fed: LoopbackFederation, name: str, key: Path, ca: Path | None = None
+) -> None:
+    """A new site folder sharing site-01's data, with its own key (and CA)."""
+    site_dir = fed.root / "sites" / name
+    site_dir.mkdir()
+    for item in fed.site_toml(fed.site_names[0]).parent.iterdir():
+        if item.name in (".wardround-cache", "privacy-ledger"):
+            continue
+        target = site_dir / item.name
+        if item.is_dir():
+            target.symlink_to(item.resolve())
+        else:
+            target.write_bytes(item.read_bytes())
+    fed.add_deployment(name, key=key, ca=ca)
+
+
+@pytest.mark.parametrize("case", ["unenrolled", "revoked"])
+def test_an_unenrolled_or_revoked_key_is_refused(federation, case):
+    fed = federation
+    name = f"site-{case}"
+    keys = generate_site_keypair(name, fed.root / "keys")
+    _clone_site(fed, name, keys.private_key)
+    if case == "revoked":
+        coordinator = str(fed.coordinator_toml)
+        added = fed.cli(
+            "sites", "add", name, "--key", str(keys.public_key), "--config", coordinator
+        )
+        assert added.returncode == 0, added.stderr
+        revoked = fed.cli("sites", "revoke", name, "--config", coordinator)
+        assert revoked.returncode == 0, revoked.stderr
+        listed = json.loads(
+            fed.cli("sites", "list", "--config", coordinator, "--json").stdout
+        )
+        assert {r["site"]: r["state"] for r in listed}[name] == "revoked"
+    output = _refused_start(fed, name)
+    assert "not enrolled, or it was revoked" in output
+    assert "wardround sites add" in output
+
+
+def test_a_coordinator_certificate_from_another_ca_is_refused(federation):
+    fed = federation
+    other_ca = init_ca(fed.root / "other-pki")
+    enrolled_key = fed.root / "keys" / f"{fed.site_names[0]}.key"
+    _clone_site(fed, "site-other-ca", enrolled_key, ca=other_ca.cert)
+    output = _refused_start(fed, "site-other-ca")
+    assert "TLS" in output and "root-certificate" in output
+
+
+def _rounds_done(run_dir: Path) -> int:
+    rounds = run_dir / "rounds.jsonl"
+    return len(read_jsonl(rounds)) - 1 if rounds.exists() else 0
+
+
+def test_a_site_killed_mid_run_and_the_run_finishes_with_the_rest(federation):
+    fed = federation
+    run_toml = fed.run_toml(
+        "site-killed.toml", FAST_RUN.format(rounds=3, seed=3, timeout=90)
+    )
+    fed.approve(fed.app_hash(run_toml), fed.site_names)
+    before = set(fed.run_dirs())
+    follower = subprocess.Popen(
+        [
+            *WARDROUND,
+            "launch",
+            "--config",
+            str(run_toml),
+            "--coordinator",
+            str(fed.coordinator_toml),
+            "--out",
+            str(fed.root / "out" / "site-killed"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=fed.root,
+    )
+    try:
+        run_dir = wait_for(lambda: sorted(set(fed.run_dirs()) - before), 60, "the run")[
+            0
+        ]
+        wait_for(lambda: _rounds_done(run_dir) >= 1, 300, "round 1")
+        victim = fed.site_names[-1]
+        fed.kill(victim)
+        output, _ = follower.communicate(timeout=600)
+    finally:
+        if follower.poll() is None:
+            follower.send_signal(signal.SIGTERM)
+            follower.wait(timeout=30)
+    assert follower.returncode == 0, output
+    summary = json.loads((fed.root / "out" / "site-killed" / "run.json").read_text())
+    assert summary["rounds_completed"] == 3
+    rounds = read_jsonl(fed.root / "out" / "site-killed" / "rounds.jsonl")
+    assert len(rounds[-1]["train"]) == 2
+    assert victim not in {t["site"] for t in rounds[-1]["train"]}
+    fed.start_site(victim)
+    fed.wait_online(fed.site_names)
+
+
+def test_the_coordinator_killed_mid_run_resumes_from_its_last_checkpoint(federation):
+    fed = federation
+    run_toml = fed.run_toml(
+        "resumed.toml", FAST_RUN.format(rounds=3, seed=4, timeout=300)
+    )
+    fed.approve(fed.app_hash(run_toml), fed.site_names)
+    before = set(fed.run_dirs())
+    started = _launch(fed, run_toml, "--detach")
+    assert started.returncode == 0, started.stderr
+    run_dir = sorted(set(fed.run_dirs()) - before)[0]
+    wait_for(lambda: _rounds_done(run_dir) >= 1, 300, "round 1")
+
+    fed.kill("coordinator")
+    fed.start_coordinator()
+    followed = fed.cli(
+        "runs",
+        run_dir.name,
+        "--follow",
+        "--coordinator",
+        str(fed.coordinator_toml),
+        "--out",
+        str(fed.root / "out" / "resumed"),
+        timeout_s=900,
+    )
+    assert followed.returncode == 0, followed.stdout + followed.stderr
+    out = fed.root / "out" / "resumed"
+    rounds = [r["round"] for r in read_jsonl(out / "rounds.jsonl")]
+    assert rounds == [0, 1, 2, 3]
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["rounds_completed"] == 3
+    assert summary.get("resumed_from_round") is not None
+    launch = json.loads((run_dir / "launch.json").read_text())
+    assert len(launch["flower_run_ids"]) == 2
+    assert "run_resumed" in [e["event"] for e in read_audit(fed.state / "audit.jsonl")]
