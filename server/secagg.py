@@ -98,6 +98,16 @@ class _ObservedSecAggPlus(SecAggPlusWorkflow):
         self.num_shares_used, self.threshold_used = state.num_shares, state.threshold
         return proceed
 
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        proceed = super().share_keys_stage(grid, context, state)
+        # Flower 1.41 treats every sampled node missing at unmask as "dead" and asks
+        # the others for its key share. A node that dropped before its shares went out
+        # (a site gone before or during the round's first stages) left no shares to
+        # ask for: the others fail with a KeyError and the round is lost. Only nodes
+        # whose shares were distributed can be dead; the others never masked with them.
+        state.sampled_node_ids = set(state.active_node_ids)
+        return proceed
+
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         start = time.perf_counter()
         try:

@@ -162,12 +162,19 @@ def test_quantization_error_stays_within_bound_at_a_coarse_range():
     assert 0 < worst <= bound
 
 
-def test_a_site_killed_mid_round_and_the_round_still_aggregates():
+@pytest.mark.parametrize(
+    "stage",
+    [
+        "setup",  # gone before the round (still listed by the coordinator)
+        "share_keys",  # gone before its key shares went out
+        "collect_masked_vectors",  # gone after sharing its keys
+    ],
+)
+def test_a_site_killed_mid_round_and_the_round_still_aggregates(stage):
     examples = [100, 150, 90, 130, 110]
     victim = 103
 
-    # Dies when asked for its masked vector (after sharing its keys).
-    vanish = vanish_at_secagg_stage("collect_masked_vectors", [victim])
+    vanish = vanish_at_secagg_stage(stage, [victim])
 
     deltas, nodes, plan, result, grid = _run(5, examples, vanish=vanish)
     assert victim in grid.dead
