@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 SUPERNODE_LOG = "supernode.log"
 AUDIT_FILE = "audit.jsonl"
 
+_KEY_REFUSED = "Failed to activate SuperNode"
+_STABLE_S = 30.0  # a SuperNode up this long was not refused
+
 # What the SuperNode prints when the coordinator turns it away, and what to do.
 _REFUSALS = (
     (
@@ -49,7 +52,7 @@ _REFUSALS = (
         "deployment.coordinator against the names in the coordinator's certificate.",
     ),
     (
-        "Failed to activate SuperNode",
+        _KEY_REFUSED,
         "the coordinator refused this site's key: it is not enrolled, or it was revoked",
         "Send the site's public key (.pub) to the coordinator admin, who runs "
         "`wardround sites add NAME --key NAME.pub --config coordinator.toml`.",
@@ -198,6 +201,7 @@ class AuditingObserver(TaskObserver):
                 "bytes_out": outcome.bytes_out,
                 "seconds": round(outcome.seconds, 3),
                 "app_seconds": round(outcome.app_seconds, 3),
+                "pull_seconds": round(outcome.pull_seconds, 3),
                 "ok": outcome.ok,
             }
             self.audit.record("round_finished", **fields)
@@ -253,11 +257,33 @@ def run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
     )
     worker_thread.start()
     failure: FederationError | None = None
+    grace = plan.site.deployment.refusal_grace_s
+    first_refusal: float | None = None
+    node_started = time.monotonic()
     try:
         while not stop.wait(0.5):
             if node.poll() is not None:
                 text = _read_from(log_path, offset)
-                failure = refusal_in(text) or FederationError(
+                refusal = refusal_in(text)
+                now = time.monotonic()
+                if now - node_started > _STABLE_S:
+                    first_refusal = None  # the last refusal was a passing one
+                if refusal is not None and _KEY_REFUSED in text:
+                    first_refusal = first_refusal or now
+                    if now - first_refusal < grace:
+                        # A restarting coordinator registers its sites' keys again
+                        # within seconds: retry before calling the key refused.
+                        log.warning(
+                            "%s; retrying (%.0f s left)",
+                            refusal.message,
+                            grace - (now - first_refusal),
+                        )
+                        stop.wait(min(5.0, grace))
+                        offset = log_path.stat().st_size if log_path.exists() else 0
+                        node = start_child(supernode_command(plan, port), env, log_path)
+                        node_started = time.monotonic()
+                        continue
+                failure = refusal or FederationError(
                     f"the SuperNode exited with code {node.returncode}",
                     hint=f"See {log_path}.",
                 )

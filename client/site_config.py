@@ -161,6 +161,12 @@ class SiteDeployment(_Section):
         le=65535,
         description="loopback port of the SuperNode's local Runtime API (0: pick a free one)",
     )
+    refusal_grace_s: float = Field(
+        120.0,
+        ge=0.0,
+        description="a restarting coordinator re-enrols its sites: keep retrying a "
+        "refused key this long before stopping",
+    )
     poll_interval_s: float = Field(
         0.2,
         gt=0.0,

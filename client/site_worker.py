@@ -46,6 +46,8 @@ class TaskOutcome:
     error: str = ""
     app_seconds: float = 0.0
     """Time inside the ClientApp (training, evaluation, SecAgg+), without transfers."""
+    pull_seconds: float = 0.0
+    """Time to fetch the task's message from the SuperNode."""
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -76,7 +78,7 @@ class SiteWorker:
         runtime_api_address: str,
         approvals: AppApprovals,
         observer: TaskObserver | None = None,
-        poll_interval_s: float = 0.05,
+        poll_interval_s: float = 0.1,
     ) -> None:
         self.runtime_api_address = runtime_api_address
         self.approvals = approvals
@@ -137,6 +139,7 @@ class SiteWorker:
         sub_status, details = SubStatus.FAILED, "ClientApp task failed"
         try:
             message, context, run, fab = pull_task_input(client)
+            pulled = time.perf_counter() - started
             decision = self.approvals.check(
                 fab.hash_str, fab.content, dict(context.run_config)
             )
@@ -150,6 +153,7 @@ class SiteWorker:
                 bytes_in=_safe_bytes(content_bytes, message),
                 bytes_out=0,
                 seconds=0.0,
+                pull_seconds=pulled,
             )
             if not decision.approved:
                 log.warning("refused run %s: %s", run.run_id, decision.reason)

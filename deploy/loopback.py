@@ -126,7 +126,13 @@ class LoopbackFederation:
             federation.add_deployment(name, key=root / "keys" / f"{name}.key")
         return federation
 
-    def add_deployment(self, name: str, key: Path, ca: Path | None = None) -> None:
+    def add_deployment(
+        self,
+        name: str,
+        key: Path,
+        ca: Path | None = None,
+        refusal_grace_s: float = 120.0,
+    ) -> None:
         """(Re)write a site's ``[deployment]`` section (key, CA, fast polling)."""
         site_toml = self.site_toml(name)
         text = site_toml.read_text().split("\n[deployment]")[0]
@@ -138,6 +144,7 @@ class LoopbackFederation:
             f'private-key = "{key}"\n'
             f'state-dir = "{self.site_state(name)}"\n'
             "poll-interval-s = 0.2\n"
+            f"refusal-grace-s = {refusal_grace_s}\n"
         )
 
     # -- processes -------------------------------------------------------------

@@ -30,6 +30,8 @@ class EnrolledSite:
     public_key_sha256: str
     enrolled_at: str
     revoked_at: str | None = None
+    public_key: str = ""
+    """The OpenSSH public key (not secret): re-enrolled when the coordinator restarts."""
 
     @property
     def active(self) -> bool:
@@ -106,6 +108,7 @@ def add_site(config: CoordinatorConfig, name: str, public_key: Path) -> Enrolled
         node_id=int(reply["node-id"]),
         public_key_sha256=fingerprint,
         enrolled_at=_now(),
+        public_key=public_key.read_text().strip(),
     )
     sites[name] = site
     config.state_path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -114,6 +117,36 @@ def add_site(config: CoordinatorConfig, name: str, public_key: Path) -> Enrolled
         "site_enrolled", site=name, node_id=str(site.node_id), key_sha256=fingerprint
     )
     return site
+
+
+def reenrol_sites(config: CoordinatorConfig) -> list[str]:
+    """Register every active site's key with a freshly started SuperLink.
+
+    The SuperLink keeps its state in memory (its SQL state costs more CPU per array
+    transfer than the round itself); ``sites.json`` is the record of who is enrolled,
+    and a restart registers those keys again. Revoked sites stay out.
+    """
+    import tempfile
+
+    sites = load_sites(config.sites_path)
+    done = []
+    for name, site in sorted(sites.items()):
+        if not site.active or not site.public_key:
+            continue
+        with tempfile.NamedTemporaryFile("w", suffix=".pub", delete=False) as handle:
+            handle.write(site.public_key + "\n")
+            key_file = Path(handle.name)
+        try:
+            reply = flwr_json(config, "supernode", "register", str(key_file))
+        finally:
+            key_file.unlink(missing_ok=True)
+        sites[name] = EnrolledSite(
+            **{**site.__dict__, "node_id": int(reply["node-id"])}
+        )
+        done.append(name)
+    if done:
+        save_sites(config.sites_path, sites)
+    return done
 
 
 def revoke_site(config: CoordinatorConfig, name: str) -> EnrolledSite:

@@ -30,7 +30,8 @@ from wardround.deploy.pki import generate_site_keypair, init_ca
 pytestmark = pytest.mark.deploy
 
 # The first message a site gets loads its data and model: minutes on a loaded 2-core
-# machine. Later rounds are seconds; the killed-site test keeps a short timeout.
+# machine, and sites reconnect to a restarted coordinator with a backoff of seconds.
+# The killed-site test keeps short timeouts: they decide how soon the round goes on.
 FAST_RUN = """
 [federation]
 rounds = {rounds}
@@ -39,7 +40,7 @@ round-timeout-s = {timeout}
 join-timeout-s = 20
 seed = {seed}
 [secure-aggregation]
-stage-timeout-s = 30
+stage-timeout-s = {stage_timeout}
 [model]
 image-size = 32
 max-note-tokens = 32
@@ -95,7 +96,8 @@ def _launch(
 def test_a_run_with_dp_and_secagg_writes_the_run_directory_and_audit_logs(federation):
     fed = federation
     run_toml = fed.run_toml(
-        "dp-secagg.toml", FAST_RUN.format(rounds=2, seed=1, timeout=300)
+        "dp-secagg.toml",
+        FAST_RUN.format(rounds=2, seed=1, timeout=300, stage_timeout=120),
     )
     fed.approve(fed.app_hash(run_toml), fed.site_names)
 
@@ -159,7 +161,8 @@ def test_a_run_with_dp_and_secagg_writes_the_run_directory_and_audit_logs(federa
 def test_a_site_refuses_a_run_it_has_not_approved(federation):
     fed = federation
     run_toml = fed.run_toml(
-        "unapproved.toml", FAST_RUN.format(rounds=1, seed=99, timeout=120)
+        "unapproved.toml",
+        FAST_RUN.format(rounds=1, seed=99, timeout=120, stage_timeout=60),
     )
     result = _launch(fed, run_toml, timeout_s=300)
     assert result.returncode == 7, result.stdout + result.stderr
@@ -194,7 +197,9 @@ def _clone_site(
             target.symlink_to(item.resolve())
         else:
             target.write_bytes(item.read_bytes())
-    fed.add_deployment(name, key=key, ca=ca)
+    # A refused key is retried while a restarting coordinator re-enrols its sites;
+    # these sites are refused for good, so do not wait for that.
+    fed.add_deployment(name, key=key, ca=ca, refusal_grace_s=0.0)
 
 
 @pytest.mark.parametrize("case", ["unenrolled", "revoked"])
@@ -237,7 +242,8 @@ def _rounds_done(run_dir: Path) -> int:
 def test_a_site_killed_mid_run_and_the_run_finishes_with_the_rest(federation):
     fed = federation
     run_toml = fed.run_toml(
-        "site-killed.toml", FAST_RUN.format(rounds=3, seed=3, timeout=90)
+        "site-killed.toml",
+        FAST_RUN.format(rounds=3, seed=3, timeout=90, stage_timeout=30),
     )
     fed.approve(fed.app_hash(run_toml), fed.site_names)
     before = set(fed.run_dirs())
@@ -282,7 +288,8 @@ def test_a_site_killed_mid_run_and_the_run_finishes_with_the_rest(federation):
 def test_the_coordinator_killed_mid_run_resumes_from_its_last_checkpoint(federation):
     fed = federation
     run_toml = fed.run_toml(
-        "resumed.toml", FAST_RUN.format(rounds=3, seed=4, timeout=300)
+        "resumed.toml",
+        FAST_RUN.format(rounds=3, seed=4, timeout=300, stage_timeout=120),
     )
     fed.approve(fed.app_hash(run_toml), fed.site_names)
     before = set(fed.run_dirs())

@@ -209,7 +209,7 @@ def test_check_tls_refuses_an_expired_certificate(pki, tmp_path):
         check_tls(config)
 
 
-def test_superlink_command_has_auth_tls_and_the_state_database(tmp_path):
+def test_superlink_command_has_auth_and_tls_and_keeps_state_in_memory(tmp_path):
     config = _coordinator(tmp_path / "coord", "port = 9555")
     command = superlink_command(config)
     assert Path(command[0]).name == "flower-superlink"
@@ -222,8 +222,8 @@ def test_superlink_command_has_auth_tls_and_the_state_database(tmp_path):
     assert value("--ssl-ca-certfile") == str(config.ca_path)
     assert value("--ssl-certfile") == str(config.certificate_path)
     assert value("--ssl-keyfile") == str(config.private_key_path)
-    database = Path(value("--database"))
-    assert database.parent == config.state_path
+    # sites.json and runs/ are the durable state; the SuperLink's own is in memory
+    assert "--database" not in command
     assert value("--port") == "9555"
     assert "--insecure" not in command
 
@@ -662,3 +662,29 @@ def test_list_sites_when_the_coordinator_is_down(tmp_path, flwr, keys):
 
 def test_list_sites_before_any_enrolment_is_empty(tmp_path, flwr):
     assert list_sites(_coordinator(tmp_path)) == []
+
+
+def test_a_restarted_coordinator_registers_active_keys_again_not_revoked_ones(
+    tmp_path, flwr, keys
+):
+    config = _coordinator(tmp_path)
+    add_site(config, "st-marys", keys / "st-marys.pub")
+    add_site(config, "general", keys / "general.pub")
+    revoke_site(config, "general")
+    flwr.calls.clear()
+    registered_keys: list[str] = []
+
+    def register(config_, *args, **_kw):
+        registered_keys.append(Path(args[2]).read_text().strip())
+        return {"success": True, "node-id": 77}
+
+    flwr_calls = registry.flwr_json
+    registry.flwr_json = register
+    try:
+        assert registry.reenrol_sites(config) == ["st-marys"]
+    finally:
+        registry.flwr_json = flwr_calls
+    assert registered_keys == [(keys / "st-marys.pub").read_text().strip()]
+    sites = load_sites(config.sites_path)
+    assert sites["st-marys"].node_id == 77  # the new SuperLink's id
+    assert not sites["general"].active
