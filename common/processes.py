@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,17 @@ class ChildProcessGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc_type is not None and issubclass(
+            exc_type, (KeyboardInterrupt, SystemExit)
+        ):
+            # Interrupted while the engine thread may still be inside a Ray call:
+            # ray.shutdown() or a dying raylet then makes Ray end this whole process
+            # with exit code 1. Freeze the new processes instead (their sockets stay
+            # open, so Ray notices nothing); exit_killing() kills them on the way out.
+            for pid, proc in descendants().items():
+                if pid not in self.before:
+                    _freeze(proc)
+            return
         if self.shutdown_ray:
             try:
                 import ray
@@ -77,6 +89,32 @@ class ChildProcessGuard:
             log.debug(
                 "stopped %d leftover process(es): %s", len(self.stopped), self.stopped
             )
+
+
+_frozen: list[psutil.Process] = []
+
+
+def _freeze(proc: psutil.Process) -> None:
+    try:
+        proc.suspend()
+        _frozen.append(proc)
+    except psutil.Error:
+        pass
+
+
+def exit_killing(code: int) -> None:
+    """Kill, by PID, the processes an interrupted guard froze; then exit with ``code``.
+
+    The kills and the exit are back to back, before Ray in this process can notice
+    its helpers dying and exit with its own code. The killed processes are reaped by
+    init.
+    """
+    for proc in _frozen:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    os._exit(code)
 
 
 def _die_with_parent() -> None:

@@ -7,7 +7,6 @@ a non-zero exit code; tracebacks only with ``--debug``.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -195,14 +194,15 @@ def simulate(
     except (KeyboardInterrupt, SystemExit) as stop:
         # Ctrl-C arrives as KeyboardInterrupt, SIGTERM through our handler (or as
         # SystemExit if Ray's own handler got there first). By now ChildProcessGuard
-        # has stopped Ray's processes.
+        # has frozen Ray's processes; exit_killing kills them as it exits.
         sigterm = isinstance(stop, SystemExit) or _state.get("signal") == signal.SIGTERM
         code = 143 if sigterm else 130
         err_console.print("interrupted: Flower and Ray processes were stopped")
         sys.stdout.flush()
-        os._exit(
-            code
-        )  # the ServerApp thread may still wait on replies; do not hang on it
+        from wardround.common.processes import exit_killing
+
+        # the ServerApp thread may still wait on replies; do not hang on it
+        exit_killing(code)
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
         _fail(exc)
 

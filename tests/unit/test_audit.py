@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import stat
 import tempfile
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -401,13 +402,21 @@ def test_any_sequence_of_allowed_records_verifies(records):
 def two_logs(tmp_path):
     coordinator = AuditLog(tmp_path / "coord" / "audit.jsonl", "coordinator")
     site = AuditLog(tmp_path / "site-a" / "audit.jsonl", "site:a")
-    coordinator.record("run_started", run_id="r1", sites=["a", "b"])
-    site.record("site_joined", site="a", address="127.0.0.1:9092")
-    coordinator.record(
-        "round_finished", run_id="r1", server_round=1, bytes_by_site={"a": 10}
-    )
-    site.record("error", run_id="r1", site="a", reason="[DataError] bad column")
-    coordinator.record("run_finished", run_id="r1")
+    steps = [
+        lambda: coordinator.record("run_started", run_id="r1", sites=["a", "b"]),
+        lambda: site.record("site_joined", site="a", address="127.0.0.1:9092"),
+        lambda: coordinator.record(
+            "round_finished", run_id="r1", server_round=1, bytes_by_site={"a": 10}
+        ),
+        lambda: site.record(
+            "error", run_id="r1", site="a", reason="[DataError] bad column"
+        ),
+        lambda: coordinator.record("run_finished", run_id="r1"),
+    ]
+    for step in steps:
+        step()
+        # stamps have millisecond resolution; events in one millisecond keep file order
+        time.sleep(0.002)
     return coordinator.path, site.path
 
 
