@@ -41,6 +41,10 @@ AUDIT_FILE = "audit.jsonl"
 
 _KEY_REFUSED = "Failed to activate SuperNode"
 _STABLE_S = 30.0  # a SuperNode up this long was not refused
+_MAX_QUICK_EXITS = (
+    6  # unexplained exits in a row (each under _STABLE_S) before giving up
+)
+_MAX_RESTART_DELAY_S = 30.0
 
 # What the SuperNode prints when the coordinator turns it away, and what to do.
 _REFUSALS = (
@@ -259,6 +263,7 @@ def run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
     failure: FederationError | None = None
     grace = plan.site.deployment.refusal_grace_s
     first_refusal: float | None = None
+    quick_exits = 0
     node_started = time.monotonic()
     try:
         while not stop.wait(0.5):
@@ -266,8 +271,11 @@ def run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
                 text = _read_from(log_path, offset)
                 refusal = refusal_in(text)
                 now = time.monotonic()
-                if now - node_started > _STABLE_S:
+                ran_s = now - node_started
+                if ran_s > _STABLE_S:
                     first_refusal = None  # the last refusal was a passing one
+                    quick_exits = 0
+                delay: float | None = None
                 if refusal is not None and _KEY_REFUSED in text:
                     first_refusal = first_refusal or now
                     if now - first_refusal < grace:
@@ -278,13 +286,35 @@ def run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
                             refusal.message,
                             grace - (now - first_refusal),
                         )
-                        stop.wait(min(5.0, grace))
-                        offset = log_path.stat().st_size if log_path.exists() else 0
-                        node = start_child(supernode_command(plan, port), env, log_path)
-                        node_started = time.monotonic()
-                        continue
+                        delay = min(5.0, grace)
+                elif refusal is None and quick_exits < _MAX_QUICK_EXITS:
+                    # Flower's SuperNode ends itself (exit 0) when a restarted
+                    # SuperLink no longer knows its node (heartbeat 401): a new one
+                    # registers again. Quick exits in a row back off, then give up.
+                    quick_exits += 1
+                    delay = min(_MAX_RESTART_DELAY_S, 2.0 ** (quick_exits - 1))
+                    log.warning(
+                        "the SuperNode exited with code %s after %.0f s; "
+                        "starting it again in %.0f s",
+                        node.returncode,
+                        ran_s,
+                        delay,
+                    )
+                    audit.record(
+                        "supernode_restarted",
+                        exit_code=node.returncode,
+                        ran_s=round(ran_s, 1),
+                    )
+                if delay is not None:
+                    if stop.wait(delay):
+                        break
+                    offset = log_path.stat().st_size if log_path.exists() else 0
+                    node = start_child(supernode_command(plan, port), env, log_path)
+                    node_started = time.monotonic()
+                    continue
                 failure = refusal or FederationError(
-                    f"the SuperNode exited with code {node.returncode}",
+                    f"the SuperNode exited with code {node.returncode}"
+                    + (f", {quick_exits} times in a row" if quick_exits else ""),
                     hint=f"See {log_path}.",
                 )
                 break

@@ -61,6 +61,7 @@ class AuditEvent(StrEnum):
     COORDINATOR_STOPPED = "coordinator_stopped"
     SITE_DAEMON_STARTED = "site_daemon_started"
     SITE_DAEMON_STOPPED = "site_daemon_stopped"
+    SUPERNODE_RESTARTED = "supernode_restarted"
     SITE_ENROLLED = "site_enrolled"
     SITE_REVOKED = "site_revoked"
     SITE_JOINED = "site_joined"

@@ -371,3 +371,100 @@ def test_numeric_metrics_of_a_flower_message(task_identity):
 
 def test_numeric_metrics_of_empty_content():
     assert _numeric_metrics(SimpleNamespace(content=RecordDict())) == {}
+
+
+# ------------------------------------------------------------------ supervision
+
+
+class _IdleWorker:
+    """Stands in for the warm worker: these tests are about the SuperNode process."""
+
+    tasks_run = 0
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def serve(self, stop) -> None:  # noqa: ANN001 - a threading.Event
+        stop.wait()
+
+
+def _supervised_plan(site, credentials, monkeypatch, node_script: str) -> SitePlan:
+    import wardround.client.daemon as daemon
+
+    _local_copy(credentials[0], site.parent / "ca.pem", 0o644)
+    _local_copy(credentials[1], site.parent / "site-01.key", 0o600)
+    _deploy(
+        site,
+        coordinator="127.0.0.1:9",
+        **{"root-certificate": "ca.pem", "private-key": "site-01.key"},
+    )
+    monkeypatch.setattr(daemon, "SiteWorker", _IdleWorker)
+    monkeypatch.setattr(daemon, "_MAX_RESTART_DELAY_S", 0.01)
+    monkeypatch.setattr(
+        daemon,
+        "supernode_command",
+        lambda plan, port: [sys.executable, "-c", node_script],
+    )
+    return plan_site(site)
+
+
+def test_a_supernode_that_ends_itself_is_started_again(site, credentials, monkeypatch):
+    import threading
+    import time
+
+    from wardround.client.daemon import run_site_daemon
+
+    marker = site.parent / "first-run-done"
+    # first run: ends at once, as Flower's SuperNode does on a 401 from a restarted
+    # SuperLink; second run: stays up
+    script = (
+        "import pathlib, sys, time\n"
+        f"m = pathlib.Path({str(marker)!r})\n"
+        "if not m.exists():\n    m.touch(); sys.exit(0)\n"
+        "time.sleep(120)\n"
+    )
+    plan = _supervised_plan(site, credentials, monkeypatch, script)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_site_daemon(plan, stop)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    audit = plan.state_dir / "audit.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (
+        audit.exists()
+        and "supernode_restarted" in [e["event"] for e in read_audit(audit)]
+    ):
+        time.sleep(0.2)
+    time.sleep(1.5)  # the second SuperNode stays up
+    assert thread.is_alive(), errors
+    stop.set()
+    thread.join(timeout=60)
+    assert not errors
+    events = [e for e in read_audit(audit)]
+    restarted = [e for e in events if e["event"] == "supernode_restarted"]
+    assert len(restarted) == 1 and restarted[0]["exit_code"] == 0
+    assert events[-1]["event"] == "site_daemon_stopped"
+    assert events[-1]["reason"] == "stopped"
+
+
+def test_a_supernode_that_keeps_ending_fails_the_daemon(site, credentials, monkeypatch):
+    import threading
+
+    import wardround.client.daemon as daemon
+
+    plan = _supervised_plan(site, credentials, monkeypatch, "import sys; sys.exit(3)")
+    with pytest.raises(FederationError, match="exited with code 3, 6 times in a row"):
+        daemon.run_site_daemon(plan, threading.Event())
+    restarted = [
+        e
+        for e in read_audit(plan.state_dir / "audit.jsonl")
+        if e["event"] == "supernode_restarted"
+    ]
+    assert len(restarted) == daemon._MAX_QUICK_EXITS
