@@ -411,6 +411,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--keep", action="store_true", help="keep the temporary folders (logs, runs)"
     )
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--write-docs",
+        type=Path,
+        metavar="MARKDOWN",
+        help="rewrite this file's deploy-round section (docs/benchmarks.md)",
+    )
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in ALL_MODES]
@@ -425,6 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm),
         signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
     }
+    load_start = os.getloadavg()[0]
     results: dict[str, dict[str, Any]] = {}
     roots: dict[str, Path] = {}
     failed: dict[str, str] = {}
@@ -570,7 +577,91 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[{mode}] failed, no figures: {reason.splitlines()[0]}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+    if args.write_docs:
+        from wardround.simulations.reporting import write_marked_section
+
+        figures["load_average_end"] = round(os.getloadavg()[0], 2)
+        write_marked_section(
+            args.write_docs, DOCS_SECTION, docs_section(figures, argv, load_start)
+        )
+        print(f"wrote the {DOCS_SECTION} section of {args.write_docs}")
     return figures
+
+
+DOCS_SECTION = "bench:deploy-round"
+
+
+def docs_section(
+    figures: dict[str, Any], argv: list[str] | None, load_start: float
+) -> str:
+    """The Markdown for docs/benchmarks.md: command, machine, table, verdict."""
+    import flwr
+    import torch
+
+    from wardround.simulations.reporting import describe_machine, machine_info
+
+    command = "python bench/deploy_round.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    modes = figures["modes"]
+    lines = [
+        "## Deployment round overhead (3 sites on loopback)",
+        "",
+        "Written by the command below; do not edit by hand.",
+        "",
+        f"```bash\n{command.strip()}\n```",
+        "",
+        f"Machine: {describe_machine(machine_info())}; load average "
+        f"{load_start:.2f} at the start, {figures['load_average_end']:.2f} at the end. "
+        f"Versions: flwr {flwr.__version__}, torch {torch.__version__}, "
+        f"Python {sys.version.split()[0]}.",
+        "",
+        f"{figures['sites']} sites, {figures['patients_per_site']} patients per site, "
+        f"{figures['rounds']} rounds, DP-SGD on, SecAgg+ "
+        f"{'on' if figures['secure_aggregation'] else 'off'}. *Overhead* = the "
+        "round's wall time at the coordinator minus the slowest site's local "
+        "training time (the evaluation of the new adapter stays inside the overhead). "
+        "*before* = Flower's default: a plain `flower-supernode` per site with "
+        "`--isolation subprocess` (a fresh ClientApp process per message) and "
+        "Flower's own polling; *after* = `wardround site start` (warm worker, "
+        "paced polling).",
+        "",
+        "| mode | round | wall (s) | slowest train (s) | overhead (s) | sites |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for mode, fig in modes.items():
+        for row in fig["per_round"]:
+            lines.append(
+                f"| {mode} | {row['round']} | {row['wall_s']:.2f} | "
+                f"{row['slowest_train_s']:.2f} | {row['overhead_s']:.2f} | "
+                f"{row['sites_trained']} |"
+            )
+    lines += ["", "| | before | after | before / after |", "|---|---:|---:|---:|"]
+    ratios = figures.get("ratios_before_over_after", {})
+    for label, key in (
+        ("median overhead, rounds 2..R (s)", "median_overhead_s_rounds_2_on"),
+        ("median round wall, rounds 2..R (s)", "median_wall_s_rounds_2_on"),
+        ("median slowest train, rounds 2..R (s)", "median_slowest_train_s_rounds_2_on"),
+    ):
+        before = modes.get("before", {}).get(key)
+        after = modes.get("after", {}).get(key)
+        ratio = ratios.get(key)
+        lines.append(f"| {label} | {_cell(before)} | {_cell(after)} | {_cell(ratio)} |")
+    after_overhead = modes.get("after", {}).get("median_overhead_s_rounds_2_on")
+    if after_overhead is not None:
+        verdict = "met" if after_overhead <= 3.0 else "missed"
+        lines += [
+            "",
+            f"Goal: overhead ≤ 3 s per round — **{verdict}** "
+            f"({after_overhead:.2f} s, median of rounds 2..R).",
+        ]
+    for mode, reason in figures.get("failed_modes", {}).items():
+        lines.append(f"\nMode `{mode}` failed: {reason.splitlines()[0]}")
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":
