@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from ..common.privacy import check_round_budget, epsilon_spent
 from .egress import EgressAllowlist, check_legacy_fitres, check_reply
 from .egress_mods import site_mods
 from .privacy_policy import DpPlan, plan_site_privacy
-from .runtime import SiteRuntime, get_runtime, resolve_site_toml
+from .runtime import SiteRuntime, get_runtime, resolve_site_toml, samples_folder
 from .secure_aggregation import LEGACY_FITINS_ARRAYS
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         runtime.data.train,
         spec,
         plan.training if plan is not None else None,
+        objective=runtime.objective,
     )
     full_delta = subtract(adapter_state(runtime.built.model), request.global_state)
     payload = OrderedDict((k, full_delta[k]) for k in runtime.payload_keys)
@@ -276,7 +278,10 @@ def handle_evaluate(
         runtime.built.model,
         runtime.data.validation,
         request.config.train.eval_batch_size,
+        runtime.objective,
     )
+    if outcome.samples:
+        write_samples(runtime, request.round_config, outcome.samples)
     values: dict[str, float | int] = {
         wire.NUM_EXAMPLES: outcome.num_examples,
         wire.TRAIN_EXAMPLES: len(runtime.data.train),
@@ -289,11 +294,31 @@ def handle_evaluate(
         request.config.task.labels, outcome.auroc_per_label, strict=False
     ):
         values[wire.AUROC_PREFIX + label] = float(value)
+    values.update(outcome.metrics)
     # Undefined numbers (one class only, no validation data) are left out, not sent.
     values = {k: v for k, v in values.items() if np.isfinite(v)}
     content = RecordDict({wire.METRICS: MetricRecord(values)})
     check_reply(content, runtime.allowlist, kind="evaluate")
     return Message(content, reply_to=msg)
+
+
+def write_samples(
+    runtime: SiteRuntime, round_config: dict[str, Any], samples: list[dict[str, Any]]
+) -> Path:
+    """Keep generated texts at the site: ``<cache>/generations/<run>/round-NNN.jsonl``.
+
+    They derive from patient data, so they never go on the wire; a simulation,
+    whose sites are all local, copies them into its run directory.
+    """
+    run_id = str(round_config.get(wire.RUN_ID, "unnamed-run"))
+    server_round = int(round_config.get(wire.SERVER_ROUND, 0))
+    folder = samples_folder(runtime.site.cache_path, run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"round-{server_round:03d}.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        for sample in samples:
+            handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    return path
 
 
 def precheck_secure_round(

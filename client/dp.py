@@ -72,6 +72,10 @@ def private_training(
     else:
         sampling = torch.Generator().manual_seed(seed)
     poisson = DPDataLoader.from_data_loader(loader, generator=sampling)
+    # When the very first Poisson batch is empty, Opacus builds a stand-in from the
+    # first item's fields (dict keys, for our items) and fails; an empty list is
+    # skipped by is_empty_batch like any other empty batch.
+    poisson.collate_fn.sample_empty_shapes = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dp_model, dp_optimizer, dp_loader = engine.make_private(

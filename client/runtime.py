@@ -14,7 +14,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..common.adapter import adapter_state, payload_keys
 from ..common.config import LoraVariant, RunConfig
@@ -23,6 +23,9 @@ from ..common.models import BuiltModel, build_model
 from .egress import EgressAllowlist
 from .ledger import PrivacyLedger, ledger_file
 from .site_config import SiteConfig
+
+if TYPE_CHECKING:
+    from .objectives import Objective
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,23 @@ class SiteRuntime:
         )
 
     @functools.cached_property
+    def objective(self) -> Objective:
+        """What local training optimises and evaluation measures, for the family."""
+        from .objectives import FusionObjective
+
+        if self.config.model.family != "vlm":
+            return FusionObjective(modality_dropout=self.config.train.modality_dropout)
+        from .vlm_objective import VlmObjective
+
+        return VlmObjective.create(
+            self.built.processor,
+            self.config.task,
+            max_new_tokens=self.config.model.max_new_tokens,
+            generations=self.config.train.eval_generations,
+            pack=self.config.model.pack_sequences,
+        )
+
+    @functools.cached_property
     def ledger(self) -> PrivacyLedger:
         """This site's privacy ledger for this base model."""
         return PrivacyLedger(
@@ -76,6 +96,12 @@ class SiteRuntime:
 
 
 _CACHE: OrderedDict[tuple[str, str], SiteRuntime] = OrderedDict()
+
+
+def samples_folder(cache_path: Path, run_id: str) -> Path:
+    """Where a site keeps the texts its model generated in a run (never sent)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)[:120]
+    return Path(cache_path) / "generations" / safe
 
 
 def resolve_site_toml(
@@ -140,14 +166,26 @@ def get_runtime(site_toml: Path, site_index: int, config: RunConfig) -> SiteRunt
     from .data.dataset import load_site_data
 
     site = SiteConfig.from_toml(site_toml)
-    data = load_site_data(
-        site,
-        config.task,
-        image_size=config.model.image_size,
-        max_note_tokens=config.model.max_note_tokens,
-        tokenizer=get_tokenizer(config.model.tokenizer),
-    )
-    built = build_model(config)
+    if config.model.family == "vlm":
+        from .data.vlm_dataset import load_vlm_site_data
+
+        built = build_model(config)  # its processor tokenises the site's examples
+        data = load_vlm_site_data(
+            site,
+            config.task,
+            built.processor,
+            image_size=config.model.image_size,
+            max_tokens=config.model.max_seq_tokens,
+        )
+    else:
+        data = load_site_data(
+            site,
+            config.task,
+            image_size=config.model.image_size,
+            max_note_tokens=config.model.max_note_tokens,
+            tokenizer=get_tokenizer(config.model.tokenizer),
+        )
+        built = build_model(config)
     built.model.to(resolve_device(config.train.device))
     runtime = SiteRuntime(
         site=site, data=data, built=built, site_index=site_index, config=config

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from ..common.config import TaskConfig
+from ..common.config import TaskConfig, TaskKind
 from ..common.errors import WardroundError
 from .data.dataset import ehr_present, prepare_site
 from .data.decode import OK, transfer_syntax_name
@@ -82,6 +82,8 @@ def check_site(
     report["join"] = _join_section(prep, task)
     report["fingerprint"] = prep.fingerprint
     report["phi"] = _phi_findings(prep, site)
+    if task.kind is not TaskKind.CLASSIFICATION:
+        report["text"] = _text_section(site, task, prep, blocking)
     items = report["join"]["items"]
     if items == 0:
         blocking.append(
@@ -106,6 +108,35 @@ def check_site(
             "studies train without image"
         )
     return _finish(report)
+
+
+def _text_section(site: SiteConfig, task: TaskConfig, prep, blocking: list[str]):
+    """The report / question / answer columns a generative (vlm) task trains on."""
+    from .data.vlm_dataset import read_text_columns
+
+    try:
+        texts = read_text_columns(site, task.kind)
+    except WardroundError as exc:
+        blocking.append(str(exc))
+        return {"kind": task.kind.value, "studies_with_target": 0}
+    joined = list(prep.images)
+    with_target = sum(1 for study in joined if texts.target.get(study))
+    section: dict[str, Any] = {
+        "kind": task.kind.value,
+        "studies_with_target": with_target,
+        "studies_without_target": len(joined) - with_target,
+    }
+    if task.kind is TaskKind.VQA:
+        section["studies_with_question"] = sum(
+            1 for study in joined if texts.question.get(study)
+        )
+    if joined and with_target == 0:
+        target = "report" if task.kind is TaskKind.REPORT else "answer"
+        blocking.append(
+            f"no joined study has a {target} text: fill the column "
+            f"`[ehr] {target}` names ({getattr(site.ehr, target)!r})"
+        )
+    return section
 
 
 def _finish(report: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +259,7 @@ def _phi_findings(prep, site: SiteConfig) -> list[str]:
 def format_report(report: dict[str, Any]) -> str:
     """Plain-text rendering of a report, for a terminal."""
     lines = [f"site check: {report['config']}"]
-    for section in ("dicom", "ehr", "join"):
+    for section in ("dicom", "ehr", "join", "text"):
         if section not in report:
             continue
         lines.append(f"[{section}]")

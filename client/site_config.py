@@ -80,6 +80,11 @@ class EhrSchema(_Section):
     patient_id: str = "patient_id"
     study_uid: str = "study_uid"
     note: str | None = "note"
+    report: str = Field(
+        "report", description="report text column (vlm task 'report': the target)"
+    )
+    question: str = Field("question", description="question column (vlm task 'vqa')")
+    answer: str = Field("answer", description="answer column (vlm task 'vqa')")
     features: dict[str, str | FeatureSpec] = Field(
         default_factory=dict,
         description="run feature name -> column, or {column, type, unit, range, map}",

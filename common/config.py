@@ -96,6 +96,38 @@ class SliceMode(StrEnum):
     CHANNELS = "channels"
 
 
+class TaskKind(StrEnum):
+    """What a run's model learns to do."""
+
+    CLASSIFICATION = "classification"
+    """Multi-label findings from image, EHR and note (the ``fusion`` family)."""
+    REPORT = "report"
+    """Image + the EHR as text -> the report text column (the ``vlm`` family)."""
+    VQA = "vqa"
+    """Image + a question -> its answer (the ``vlm`` family)."""
+
+
+class VlmTower(StrEnum):
+    """Parts of a vision-language model that can take LoRA adapters."""
+
+    VISION = "vision"
+    PROJECTOR = "projector"
+    TEXT = "text"
+
+
+class ModelDtype(StrEnum):
+    """Floating-point type the frozen base weights are loaded in."""
+
+    AUTO = "auto"
+    """bfloat16 on a CUDA device that supports it, else float32."""
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
+TINY_VLM_ARCHS = ("llava", "paligemma", "idefics3", "qwen2-vl")
+"""Architectures ``model.tiny-arch`` can build from a config (random init)."""
+
+
 class FederationConfig(_Section):
     """How rounds run."""
 
@@ -143,6 +175,13 @@ class TrainConfig(_Section):
     learning_rate: float = Field(5e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.0, ge=0.0)
     eval_batch_size: int = Field(64, ge=1)
+    eval_generations: int = Field(
+        8,
+        ge=0,
+        le=10_000,
+        description="vlm: validation examples each site generates text for per "
+        "evaluation (exact match, text overlap, label agreement; kept at the site)",
+    )
     modality_dropout: float = Field(
         0.1,
         ge=0.0,
@@ -181,6 +220,42 @@ class ModelConfig(_Section):
         description="'lora' (A and B train) or 'ffa' (FFA-LoRA: A frozen, B trains)",
     )
     init_seed: int = 0
+    # -- the ``vlm`` family (generative vision-language models) --------------
+    path: str = Field(
+        "",
+        description="vlm: a local folder written by save_pretrained, or a hub id in "
+        "the local Hugging Face cache (AutoModelForImageTextToText + AutoProcessor)",
+    )
+    tiny_arch: str = Field(
+        "",
+        description="vlm: build a tiny random model of this architecture instead of "
+        f"loading one ({', '.join(TINY_VLM_ARCHS)})",
+    )
+    lora_towers: tuple[VlmTower, ...] = Field(
+        (VlmTower.VISION, VlmTower.PROJECTOR, VlmTower.TEXT),
+        description="vlm: which parts get LoRA on their linear layers",
+    )
+    max_seq_tokens: int = Field(
+        512, ge=16, le=32_768, description="vlm: longest prompt + answer, in tokens"
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, le=4096, description="vlm: longest generated answer, in tokens"
+    )
+    dtype: ModelDtype = Field(
+        ModelDtype.FLOAT32,
+        description="vlm: the frozen base weights' type ('auto': bfloat16 on a GPU "
+        "that supports it); the LoRA factors stay float32",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="vlm: recompute activations in the backward pass (less memory); "
+        "not with DP-SGD",
+    )
+    pack_sequences: bool = Field(
+        False,
+        description="vlm: pack a batch's examples into one row without padding "
+        "(llava, idefics3, smolvlm; not with DP-SGD)",
+    )
 
     @model_validator(mode="after")
     def _some_modality(self) -> ModelConfig:
@@ -188,6 +263,20 @@ class ModelConfig(_Section):
             raise ValueError("modalities must name at least one of image, ehr, note")
         if len(set(self.modalities)) != len(self.modalities):
             raise ValueError("modalities lists a modality twice")
+        if self.tiny_arch and self.tiny_arch not in TINY_VLM_ARCHS:
+            raise ValueError(
+                f"tiny-arch {self.tiny_arch!r} is not one of {', '.join(TINY_VLM_ARCHS)}"
+            )
+        if self.family == "vlm":
+            if bool(self.path) == bool(self.tiny_arch):
+                raise ValueError(
+                    "family 'vlm' needs exactly one of model.path (a local folder or "
+                    "hub id) and model.tiny-arch (a tiny random model)"
+                )
+            if not self.lora_towers:
+                raise ValueError(
+                    "lora-towers must name at least one of vision, projector, text"
+                )
         return self
 
 
@@ -205,6 +294,10 @@ class TaskConfig(_Section):
     derived from one site's data.
     """
 
+    kind: TaskKind = Field(
+        TaskKind.CLASSIFICATION,
+        description="'classification' (fusion family), 'report' or 'vqa' (vlm family)",
+    )
     labels: tuple[str, ...] = ("nodule", "effusion", "pneumonia", "cardiomegaly")
     numeric: dict[str, NumericFeature] = Field(
         default_factory=lambda: {
@@ -364,6 +457,38 @@ class RunConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _task_fits_family(self) -> RunConfig:
+        generative = self.task.kind is not TaskKind.CLASSIFICATION
+        if self.model.family == "vlm" and not generative:
+            raise ValueError(
+                "model.family 'vlm' generates text: set task.kind to 'report' or 'vqa'"
+            )
+        if self.model.family == "fusion" and generative:
+            raise ValueError(
+                f"task.kind {self.task.kind.value!r} needs model.family 'vlm' (the "
+                "fusion family classifies: task.kind 'classification')"
+            )
+        if self.model.family == "vlm" and self.privacy.enabled:
+            if self.privacy.grad_sample_mode is GradSampleMode.EW:
+                raise ValueError(
+                    "privacy.grad-sample-mode 'ew' passes the model's input "
+                    "positionally, and vision-language models take keyword inputs: "
+                    "use 'hooks' or 'functorch' with model.family 'vlm'"
+                )
+            if self.model.gradient_checkpointing:
+                raise ValueError(
+                    "model.gradient-checkpointing runs the forward pass twice, which "
+                    "breaks Opacus's per-sample gradients: turn it off with DP-SGD "
+                    "(privacy.enabled = true)"
+                )
+            if self.model.pack_sequences:
+                raise ValueError(
+                    "model.pack-sequences puts several patients in one row, so a "
+                    "row's gradient is no longer one record's: turn it off with DP-SGD"
+                )
+        return self
 
     @model_validator(mode="after")
     def _secagg_needs_clip(self) -> RunConfig:

@@ -58,6 +58,20 @@ TRAIN_EXAMPLES = (
 )
 DELTA_CLIPPED = "delta-clipped"  # 1 when the delta was scaled down to the L2 bound
 
+# Generative (vlm family) evaluation, per site; generated text itself never leaves
+EVAL_PERPLEXITY = "eval-perplexity"  # exp(mean answer-token NLL) on validation
+EVAL_GENERATED = "eval-generated"  # validation examples generated for
+EXACT_MATCH = "exact-match"  # share of closed questions answered exactly
+TEXT_OVERLAP = "text-overlap-chrf"  # corpus chrF (0-100) of generated vs reference
+LABEL_AGREEMENT = "label-agreement"  # findings read from generated reports vs labels
+GENERATIVE_METRICS = (
+    EVAL_PERPLEXITY,
+    EVAL_GENERATED,
+    EXACT_MATCH,
+    TEXT_OVERLAP,
+    LABEL_AGREEMENT,
+)
+
 # Differential privacy, per site per round (numbers only)
 DP_EPSILON_RUN = "dp-epsilon-run"  # epsilon this run has spent at the site (accountant)
 DP_EPSILON_RUN_PRV = "dp-epsilon-run-prv"  # the same from the PRV accountant
@@ -88,5 +102,6 @@ METRIC_NAMES = (
     DP_SAMPLE_RATE,
     DP_STEPS,
     DP_MAX_GRAD_NORM,
+    *GENERATIVE_METRICS,
 )
 """Every metric name a site may send (plus ``AUROC_PREFIX`` + a run label)."""

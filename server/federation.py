@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 from flwr.serverapp import Grid
 
+from ..common import wire
 from ..common.adapter import (
     adapter_sha256,
     adapter_state,
@@ -397,12 +398,20 @@ class _Run:
             self.out.write_checkpoint(server_round, self.state, record.adapter_sha256)
         self.status(RunState.RUNNING)
         self.events.on_round(record)
-        log.info(
-            "round %d: global AUROC %.3f, loss %.4f",
-            server_round,
-            record.global_auroc,
-            record.global_loss,
-        )
+        if "generative" in record.extra:
+            log.info(
+                "round %d: global validation loss %.4f, perplexity %.2f",
+                server_round,
+                record.global_loss,
+                record.extra["generative"][wire.EVAL_PERPLEXITY],
+            )
+        else:
+            log.info(
+                "round %d: global AUROC %.3f, loss %.4f",
+                server_round,
+                record.global_auroc,
+                record.global_loss,
+            )
         return self._enough_evaluated(record)
 
     def _write(self, record: RoundRecord) -> None:
@@ -517,7 +526,31 @@ def _record(
         aggregation_seconds=aggregation_seconds,
         aggregation=aggregation,
         secure_aggregation=secure_aggregation,
+        extra=_generative_extra(evals),
     )
+
+
+def _generative_extra(evals: list[SiteEvalReport]) -> dict[str, Any]:
+    """Global generative scores (vlm family), or nothing for a classifier.
+
+    Perplexity is weighted by each site's validation examples; the generation
+    scores by the examples each site generated for.
+    """
+    if not any(e.metrics for e in evals):
+        return {}
+    generated = [e.metrics.get(wire.EVAL_GENERATED, 0.0) for e in evals]
+    scores: dict[str, float] = {}
+    for name in wire.GENERATIVE_METRICS:
+        if name == wire.EVAL_GENERATED:
+            scores[name] = float(sum(generated))
+            continue
+        weights = [
+            e.num_examples if name == wire.EVAL_PERPLEXITY else g
+            for e, g in zip(evals, generated, strict=True)
+        ]
+        values = [e.metrics.get(name, float("nan")) for e in evals]
+        scores[name] = weighted_metric_mean(values, weights)
+    return {"generative": scores}
 
 
 def _dp_settings(config: RunConfig) -> dict[str, Any] | None:
@@ -615,13 +648,18 @@ def _summary(
         "differential_privacy": _dp_settings(config),
         "rounds_completed": len(records) - 1,
         "final": {
-            "global": {"auroc_macro": last.global_auroc, "loss": last.global_loss},
+            "global": {
+                "auroc_macro": last.global_auroc,
+                "loss": last.global_loss,
+                **last.extra.get("generative", {}),
+            },
             "sites": {
                 e.site: {
                     "auroc_macro": e.auroc_macro,
                     "loss": e.loss,
                     "num_examples": e.num_examples,
                     "auroc_per_label": e.auroc_per_label,
+                    **e.metrics,
                 }
                 for e in last.evaluate
             },
@@ -629,6 +667,11 @@ def _summary(
         "history": {
             "global_auroc": [r.global_auroc for r in records],
             "global_loss": [r.global_loss for r in records],
+            **(
+                {"global_generative": [r.extra.get("generative") for r in records]}
+                if "generative" in last.extra
+                else {}
+            ),
         },
         "bytes_sent_per_site": bytes_by_site(records),
         "privacy_spent": privacy_by_site(records),

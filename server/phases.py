@@ -321,7 +321,13 @@ class RoundPhases:
             self.strategy.configure_evaluate(
                 server_round,
                 to_record(global_state),
-                ConfigRecord({wire.BASE_FINGERPRINT: self.fingerprint}),
+                ConfigRecord(
+                    {
+                        wire.BASE_FINGERPRINT: self.fingerprint,
+                        wire.RUN_ID: self.run_id,
+                        wire.SERVER_ROUND: server_round,
+                    }
+                ),
                 self.grid,
             )
         )
@@ -349,6 +355,11 @@ class RoundPhases:
                             metrics.get(wire.AUROC_PREFIX + label, float("nan"))
                         )
                         for label in self.config.task.labels
+                    },
+                    metrics={
+                        name: float(metrics[name])
+                        for name in wire.GENERATIVE_METRICS
+                        if name in metrics
                     },
                 )
             )

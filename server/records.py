@@ -56,6 +56,8 @@ class SiteEvalReport:
     loss: float
     auroc_macro: float
     auroc_per_label: dict[str, float]
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Generative scores under their wire names (vlm family: perplexity, ...)."""
 
 
 @dataclass(frozen=True)
@@ -168,4 +170,5 @@ def _eval_report(data: Mapping[str, Any]) -> SiteEvalReport:
         loss=_float(data["loss"]),
         auroc_macro=_float(data["auroc_macro"]),
         auroc_per_label={k: _float(v) for k, v in data["auroc_per_label"].items()},
+        metrics={k: _float(v) for k, v in (data.get("metrics") or {}).items()},
     )

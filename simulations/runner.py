@@ -168,4 +168,12 @@ def run_simulation_engine(
             "the simulation ended without finishing its rounds",
             hint="Run again with --verbose to see Flower's and Ray's logs.",
         )
+    if config.model.family == "vlm":
+        from .samples import gather_samples
+
+        gather_samples(
+            Path(config.data.sites_dir),
+            results[0].summary["run_id"],
+            results[0].run_dir,
+        )
     return results[0]

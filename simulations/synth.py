@@ -16,6 +16,10 @@ cardiomegaly  strong (large heart)    strong (BNP, HR)         weak
 so no single modality predicts all four and a fused model beats each one alone.
 Sites differ like hospitals: prevalence, age mix, scanner intensity scale, offset
 and noise, modality mix, note style, folder layout and (for some) EHR column names.
+Each EHR row also carries a report and a question-answer pair written from the
+patient's findings (:mod:`.synth_reports`), for generative models.
+A :class:`~.synth_shift.Heterogeneity` makes them differ more, by stated amounts
+(label skew, scanner shift, note dialect), for studies of non-IID federations.
 Everything is drawn from ``numpy.random.Generator`` streams seeded by
 ``(seed, site index)``: the same seed gives byte-identical EHR files and identical
 DICOM pixel data and UIDs.
@@ -37,6 +41,13 @@ from ..common.errors import ConfigError
 from .synth_dicom import Scanner, Study, encode_pixels, make_uid, write_study
 from .synth_image import chest_phantom
 from .synth_notes import FINDINGS, NoteStyle, write_note
+from .synth_reports import (
+    RENAMED_TEXT_COLUMNS,
+    TEXT_COLUMNS,
+    add_text_columns,
+    text_stream,
+)
+from .synth_shift import Heterogeneity, apply_heterogeneity
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +122,8 @@ class SiteProfile:
     renamed: bool
     extra_columns: bool = True
     institution: str = field(default="")
+    note_vocabulary: dict[str, tuple[str, ...]] | None = None
+    """The cue phrases this site's notes use (None: every phrase of its style)."""
 
     @property
     def name(self) -> str:
@@ -186,11 +199,17 @@ def site_profile(index: int, seed: int) -> SiteProfile:
 
 
 def synthesize_federation(
-    out_dir: Path, n_sites: int, *, patients_per_site: int = 300, seed: int = 0
+    out_dir: Path,
+    n_sites: int,
+    *,
+    patients_per_site: int = 300,
+    seed: int = 0,
+    heterogeneity: Heterogeneity | None = None,
 ) -> list[Path]:
     """Write n_sites synthetic hospitals under out_dir/site-01, site-02, ...
 
-    Returns the site.toml paths, one per site, in site order.
+    ``heterogeneity`` makes the sites differ more than the presets do (None: the
+    presets alone). Returns the site.toml paths, one per site, in site order.
     """
     if n_sites < 1:
         raise ConfigError(f"--sites must be at least 1 (got {n_sites})")
@@ -200,6 +219,8 @@ def synthesize_federation(
     paths = []
     for index in range(n_sites):
         profile = site_profile(index, seed)
+        if heterogeneity is not None:
+            profile = apply_heterogeneity(profile, heterogeneity, seed)
         paths.append(
             write_site(out_dir / profile.name, profile, patients_per_site, seed)
         )
@@ -317,6 +338,14 @@ def write_site(site_dir: Path, profile: SiteProfile, n: int, seed: int) -> Path:
         write_study(dicom_root / _layout_path(profile.layout, study, i), study, enc)
 
     table = _ehr_table(profile, pats, patient_ids, study_uids, n, rng_note, rng_ehr)
+    table = add_text_columns(
+        table,
+        RENAMED_KEYS["patient_id"] if profile.renamed else "patient_id",
+        patient_ids,
+        pats["z"],
+        text_stream(seed, profile.index),
+        RENAMED_TEXT_COLUMNS if profile.renamed else TEXT_COLUMNS,
+    )
     pq.write_table(table, site_dir / "ehr.parquet")
     toml_path = site_dir / "site.toml"
     with toml_path.open("wb") as handle:
@@ -374,7 +403,14 @@ def _ehr_table(profile, pats, patient_ids, study_uids, n_imaged, rng_note, rng_e
     for i in range(total):
         sex = None if pats["sex_missing"][i] else str(pats["sex"][i])
         z = {k: int(pats["z"][k][i]) for k in FINDINGS}
-        text = write_note(z, int(pats["age"][i]), sex, profile.note_style, rng_note)
+        text = write_note(
+            z,
+            int(pats["age"][i]),
+            sex,
+            profile.note_style,
+            rng_note,
+            profile.note_vocabulary,
+        )
         u = rng_note.random()
         notes.append(None if u < 0.03 else "" if u < 0.09 else text)
 
@@ -441,11 +477,13 @@ def _site_toml(profile: SiteProfile, seed: int) -> dict:
             "note": RENAMED_KEYS["note"],
             "features": dict(RENAMED_FEATURES),
             "labels": dict(RENAMED_LABELS),
+            **RENAMED_TEXT_COLUMNS,
         }
     else:
         doc["ehr"] = {
             "patient-id": "patient_id",
             "study-uid": "study_uid",
             "note": "note",
+            **TEXT_COLUMNS,
         }
     return doc

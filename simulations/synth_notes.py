@@ -7,6 +7,7 @@ write in one of three styles: terse abbreviations, full sentences, or a template
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 
 import numpy as np
@@ -114,19 +115,45 @@ _FILLER = {
 _FILLER[NoteStyle.TEMPLATE] = _FILLER[NoteStyle.FULL]
 
 
+def site_cues(
+    style: NoteStyle, drop_fraction: float, rng: np.random.Generator
+) -> dict[str, tuple[str, ...]]:
+    """A site's own dialect: the cue phrases of ``style`` its clinicians write.
+
+    Each finding loses ``round(drop_fraction * n)`` of its ``n`` phrases (at least
+    one phrase is always kept), drawn from ``rng``; so two sites with the same style
+    still describe the same finding in partly different words.
+    """
+    if not 0.0 <= drop_fraction < 1.0:
+        raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
+    out = {}
+    for name in FINDINGS:
+        options = _CUES[style][name]
+        keep = max(1, len(options) - round(drop_fraction * len(options)))
+        picks = sorted(rng.choice(len(options), size=keep, replace=False))
+        out[name] = tuple(options[i] for i in picks)
+    return out
+
+
 def write_note(
     findings: dict[str, int],
     age: int,
     sex: str | None,
     style: NoteStyle,
     rng: np.random.Generator,
+    vocabulary: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
-    """One note for a patient with latent ``findings`` (name -> 0/1)."""
+    """One note for a patient with latent ``findings`` (name -> 0/1).
+
+    ``vocabulary`` (finding -> phrases) restricts the phrases to a site's dialect
+    (:func:`site_cues`); by default every phrase of ``style`` is used.
+    """
+    phrases = vocabulary if vocabulary is not None else _CUES[style]
     cues: list[str] = []
     for name in FINDINGS:
         p_pos, p_neg = MENTION[name]
         if rng.random() < (p_pos if findings.get(name, 0) else p_neg):
-            options = _CUES[style][name]
+            options = phrases[name]
             k = 1 + int(rng.random() < 0.4)
             picks = rng.choice(len(options), size=min(k, len(options)), replace=False)
             cues.extend(options[i] for i in sorted(picks))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -55,10 +56,15 @@ class ProgressObserver:
         """Advance by one round and show its global AUROC."""
         if self.progress is None or self.task is None:
             return
+        score = (
+            f"perplexity {_fmt(record.extra['generative']['eval-perplexity'], 2)}"
+            if "generative" in record.extra
+            else f"AUROC {_fmt(record.global_auroc)}"
+        )
         self.progress.update(
             self.task,
             advance=1,
-            status=f"round {record.round}: AUROC {_fmt(record.global_auroc)} loss {_fmt(record.global_loss, 4)}",
+            status=f"round {record.round}: {score} loss {_fmt(record.global_loss, 4)}",
         )
 
     def close(self) -> None:
@@ -84,8 +90,12 @@ def _title(summary: dict) -> str:
     )
 
 
-def _caption(with_privacy: bool) -> str:
-    text = "val n: validation studies; AUROC r0: before training"
+def _caption(with_privacy: bool, generative: bool = False) -> str:
+    text = (
+        "val n: validation examples; r0: before training; ppl: perplexity"
+        if generative
+        else "val n: validation studies; AUROC r0: before training"
+    )
     if with_privacy:
         text += "; ε run / ε all: spent by this run / by all runs (RDP)"
     return text
@@ -95,18 +105,34 @@ def summary_table(result: FederationResult) -> Table:
     """Per-site and global AUROC, loss, epsilon spent and bytes sent."""
     last = result.rounds[-1]
     first = result.rounds[0]
-    first_auroc = {e.site: e.auroc_macro for e in first.evaluate}
+    # A generative (vlm) run has no AUROC: its first two score columns are the
+    # untrained loss and the final perplexity.
+    generative = "generative" in last.extra
+    if generative:
+        first_score = {e.site: e.loss for e in first.evaluate}
+        first_global = first.global_loss
+        names = (f"loss r{first.round}", f"ppl r{last.round}")
+
+        def final(e: Any) -> float:
+            return e.metrics.get("eval-perplexity", float("nan"))
+
+        final_global = last.extra["generative"].get("eval-perplexity", float("nan"))
+    else:
+        first_score = {e.site: e.auroc_macro for e in first.evaluate}
+        first_global = first.global_auroc
+        names = (f"AUROC r{first.round}", f"AUROC r{last.round}")
+
+        def final(e: Any) -> float:
+            return e.auroc_macro
+
+        final_global = last.global_auroc
     sent = result.summary["bytes_sent_per_site"]
     spent = result.summary["privacy_spent"]
-    table = Table(title=_title(result.summary), caption=_caption(bool(spent)))
+    table = Table(
+        title=_title(result.summary), caption=_caption(bool(spent), generative)
+    )
     # Short headers: the table fits an 80-column terminal (and CI logs).
-    columns = [
-        "site",
-        "val n",
-        f"AUROC r{first.round}",
-        f"AUROC r{last.round}",
-        "val loss",
-    ]
+    columns = ["site", "val n", *names, "val loss"]
     if spent:
         columns += ["ε run", "ε all"]
     columns.append("bytes sent")
@@ -124,8 +150,8 @@ def summary_table(result: FederationResult) -> Table:
         table.add_row(
             e.site,
             str(e.num_examples),
-            _fmt(first_auroc.get(e.site, float("nan"))),
-            _fmt(e.auroc_macro),
+            _fmt(first_score.get(e.site, float("nan")), 4 if generative else 3),
+            _fmt(final(e), 2 if generative else 3),
             _fmt(e.loss, 4),
             *privacy,
             f"{sent.get(e.site, 0):,}",
@@ -133,8 +159,8 @@ def summary_table(result: FederationResult) -> Table:
     table.add_row(
         "[bold]global",
         str(sum(e.num_examples for e in last.evaluate)),
-        _fmt(first.global_auroc),
-        f"[bold]{_fmt(last.global_auroc)}",
+        _fmt(first_global, 4 if generative else 3),
+        f"[bold]{_fmt(final_global, 2 if generative else 3)}",
         _fmt(last.global_loss, 4),
         *(["", ""] if spent else []),
         f"{sum(sent.values()):,}",

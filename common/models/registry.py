@@ -7,6 +7,7 @@ its LoRA adapters (a PEFT model) and names the tensors that train. New families
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,12 +29,18 @@ class BuiltModel:
     base_fingerprint: str
     """sha256 over the frozen base weights and the base config."""
     family: str
+    processor: Any = None
+    """What turns raw inputs into model inputs, when the family has one (``vlm``:
+    the Hugging Face processor that tokenises prompts and prepares images)."""
 
 
 FamilyBuilder = Callable[["RunConfig"], BuiltModel]
 BaseBuilder = Callable[["RunConfig"], "tuple[torch.nn.Module, str]"]
 _FAMILIES: dict[str, FamilyBuilder] = {}
 _BASES: dict[str, BaseBuilder] = {}
+_BUILT_IN = {"fusion": "fusion", "vlm": "vlm"}
+"""Built-in family -> its module here (imported on first use: the ``vlm`` family
+pulls in transformers' multimodal models)."""
 
 
 def register_family(
@@ -51,12 +58,12 @@ def register_family(
 
 def get_family(name: str) -> FamilyBuilder:
     """Return the builder of a family, importing the built-in ones lazily."""
-    if not _FAMILIES:
-        from . import fusion  # noqa: F401  (registers itself)
+    if name not in _FAMILIES and name in _BUILT_IN:
+        importlib.import_module(f"{__package__}.{_BUILT_IN[name]}")  # registers itself
     try:
         return _FAMILIES[name]
     except KeyError:
-        known = ", ".join(sorted(_FAMILIES))
+        known = ", ".join(sorted(set(_FAMILIES) | set(_BUILT_IN)))
         raise ConfigError(
             f"unknown model family {name!r}",
             hint=f"Set model.family to one of: {known}.",

@@ -202,3 +202,24 @@ def test_site_privacy_reports_the_ledger(tmp_path):
     report = json.loads(result.output)["ledgers"][0]
     assert report["rounds"] == 2 and set(report["runs"]) == {"run-a", "run-b"}
     assert report["epsilon_total"] > report["runs"]["run-a"] > 0
+
+
+@pytest.mark.parametrize("kind", ["report", "vqa"])
+def test_site_check_counts_the_text_a_generative_task_needs(template, tmp_path, kind):
+    from wardround.client.site_check import check_site
+    from wardround.common.config import TaskConfig
+
+    site = tmp_path / "site"
+    shutil.copytree(template / "site-01", site)
+    task = TaskConfig(kind=kind)
+    report = check_site(site / "site.toml", task, image_size=32)
+    assert report["can_train"], report["blocking"]
+    assert report["text"]["kind"] == kind
+    assert report["text"]["studies_with_target"] == report["join"]["items"] > 10
+
+    target = "report" if kind == "report" else "answer"
+    table = pq.read_table(site / "ehr.parquet").drop_columns([target])
+    pq.write_table(table, site / "ehr.parquet")
+    report = check_site(site / "site.toml", task, image_size=32)
+    assert not report["can_train"]
+    assert any(f"`[ehr] {target} = " in line for line in report["blocking"])

@@ -1,0 +1,232 @@
+"""A site's data for generative vision-language tasks (``report`` and ``vqa``).
+
+The same stores as the classifier's (:func:`.dataset.prepare_site`: DICOM index,
+decoded images, the EHR read through ``site.toml``'s schema, the study join and
+the per-patient split), plus the text columns ``[ehr] report`` / ``question`` /
+``answer`` name. Each study with a decoded image and a non-empty target becomes
+one example, tokenised once with the model's processor
+(:func:`wardround.common.vlm_prompts.encode_example`): for ``report`` the image
+and the serialised EHR prompt the report; for ``vqa`` the image and the question
+prompt the answer. Items are dicts of tensors::
+
+    input_ids       int64 [L]   prompt (image tokens included) + answer
+    labels          int64 [L]   -100 except on the answer
+    attention_mask  int64 [L]   (and token_type_ids / mm_token_type_ids if the
+                                processor makes them)
+    pixel_values    float32     as the processor shapes them (leading dim 1 per
+                                image; Qwen2-VL: patches), with image_grid_thw /
+                                pixel_attention_mask where it makes them
+    prompt_length   int64 []
+    findings        float32 [len(task.labels)]
+    index           int64 []    the example's position (for its reference text)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import Dataset
+
+from ...common.config import TaskConfig, TaskKind
+from ...common.errors import DataError
+from ...common.vlm_prompts import (
+    PromptFormat,
+    encode_example,
+    serialize_ehr,
+    user_text,
+)
+from ..site_config import SiteConfig
+from .dataset import SiteData, prepare_site, split_patients
+from .ehr import open_dataset
+
+logger = logging.getLogger(__name__)
+
+
+class VlmDataset(Dataset):
+    """Tokenised examples (variable length) and their texts, in memory."""
+
+    def __init__(
+        self,
+        items: list[dict[str, torch.Tensor]],
+        prompts: list[str],
+        references: list[str],
+    ) -> None:
+        if not len(items) == len(prompts) == len(references):
+            raise ValueError("items, prompts and references differ in length")
+        self.items = items
+        self.prompts = prompts
+        """The user's text of each example (the EHR or question; no image)."""
+        self.references = references
+        """The target text of each example (report or answer)."""
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.items[index]
+
+    def subset(self, indices: np.ndarray) -> VlmDataset:
+        """The examples at ``indices``, renumbered."""
+        picked = [dict(self.items[i]) for i in indices]
+        for k, item in enumerate(picked):
+            item["index"] = torch.tensor(k)
+        return VlmDataset(
+            picked,
+            [self.prompts[i] for i in indices],
+            [self.references[i] for i in indices],
+        )
+
+
+@dataclass(frozen=True)
+class TextColumns:
+    """Per study UID: the target (report or answer) and, for vqa, the question."""
+
+    target: dict[str, str]
+    question: dict[str, str]
+
+
+def read_text_columns(site: SiteConfig, kind: TaskKind) -> TextColumns:
+    """Read the task's text columns, first row per study (as the join does)."""
+    schema = site.ehr
+    wanted = (
+        {"report": schema.report}
+        if kind is TaskKind.REPORT
+        else {"question": schema.question, "answer": schema.answer}
+    )
+    dataset = open_dataset(site.ehr_path)
+    have = set(dataset.schema.names)
+    missing = [(key, col) for key, col in wanted.items() if col not in have]
+    if missing:
+        raise DataError(
+            f"EHR table {site.ehr_path} lacks the {kind.value} column(s) "
+            + ", ".join(f"{col!r} ({key})" for key, col in missing),
+            hint="Name your columns in site.toml: "
+            + ", ".join(f'`[ehr] {key} = "<column>"`' for key, _ in missing)
+            + ".",
+        )
+    table = dataset.to_table(columns=[schema.study_uid, *wanted.values()])
+    studies = pc.cast(table.column(schema.study_uid), "string").to_pylist()
+    columns = {
+        key: pc.cast(table.column(col), "string").to_pylist()
+        for key, col in wanted.items()
+    }
+    target_key = "report" if kind is TaskKind.REPORT else "answer"
+    target: dict[str, str] = {}
+    question: dict[str, str] = {}
+    for row, study in enumerate(studies):
+        if study is None or study in target:
+            continue
+        target[study] = (columns[target_key][row] or "").strip()
+        if kind is TaskKind.VQA:
+            question[study] = (columns["question"][row] or "").strip()
+    return TextColumns(target=target, question=question)
+
+
+def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """[C, S, S] in [0, 1] -> uint8 [S, S, 3] (grey repeated; 3 channels as RGB)."""
+    if image.shape[0] == 3:
+        rgb = np.moveaxis(image, 0, -1)
+    else:
+        rgb = np.repeat(image[image.shape[0] // 2][..., None], 3, axis=-1)
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def load_vlm_site_data(
+    site: SiteConfig,
+    task: TaskConfig,
+    processor: Any,
+    *,
+    image_size: int,
+    max_tokens: int,
+) -> SiteData:
+    """Index, read, join, split and tokenise a site's report or VQA examples."""
+    prep = prepare_site(site, task, image_size=image_size)
+    texts = read_text_columns(site, task.kind)
+    fmt = PromptFormat.of(processor)
+    position = {study: j for j, study in enumerate(prep.images)}
+    ehr = prep.ehr
+    items: list[dict[str, torch.Tensor]] = []
+    prompts: list[str] = []
+    references: list[str] = []
+    patients: list[str] = []
+    without_image = image_errors = skipped_text = 0
+    for i in prep.join.rows:
+        study = ehr.study_uids[i]
+        j = position.get(study)
+        if j is None:  # an EHR row kept without image (task.require-image false)
+            without_image += 1
+            continue
+        if np.isnan(prep.decoded[j]).any():  # a prompt needs its image
+            image_errors += 1
+            continue
+        target = texts.target.get(study, "")
+        question = texts.question.get(study, "")
+        if not target or (task.kind is TaskKind.VQA and not question):
+            skipped_text += 1
+            continue
+        text = user_text(
+            task.kind, ehr_text=serialize_ehr(ehr.features[i], task), question=question
+        )
+        try:
+            encoded = encode_example(
+                processor,
+                fmt,
+                to_rgb_uint8(prep.decoded[j]),
+                text,
+                target,
+                max_tokens=max_tokens,
+            )
+        except ValueError as exc:
+            raise DataError(
+                f"a {task.kind.value} prompt does not fit: {exc}",
+                hint="Raise model.max-seq-tokens.",
+            ) from None
+        item = {
+            k: torch.as_tensor(v)
+            for k, v in encoded.items()
+            if isinstance(v, np.ndarray)
+        }
+        item["prompt_length"] = torch.tensor(encoded["prompt_length"])
+        item["findings"] = torch.from_numpy(ehr.labels[i].copy())
+        item["index"] = torch.tensor(len(items))
+        items.append(item)
+        prompts.append(text)
+        references.append(target)
+        patients.append(ehr.patient_ids[i] or "")
+    if not items:
+        raise DataError(
+            f"no study has both a decodable image and a {task.kind.value} text "
+            f"({without_image + image_errors} without image, {skipped_text} without "
+            "text)",
+            hint="Check `[ehr]` report / question / answer in site.toml and the "
+            "DICOM folders (`wardround site check`).",
+        )
+    everything = VlmDataset(items, prompts, references)
+    in_val = split_patients(
+        patients, site.data.split_seed, site.data.validation_fraction
+    )
+    logger.info(
+        "vlm %s data: %d examples (%d validation); %d studies without image, "
+        "%d images not decoded, %d without text",
+        task.kind.value,
+        len(items),
+        int(in_val.sum()),
+        without_image,
+        image_errors,
+        skipped_text,
+    )
+    return SiteData(
+        train=everything.subset(np.flatnonzero(~in_val)),
+        validation=everything.subset(np.flatnonzero(in_val)),
+        fingerprint=prep.fingerprint,
+        num_studies=len(items),
+        num_unmatched_ehr=prep.join.ehr_studies - prep.join.ehr_with_image,
+        num_unmatched_images=prep.join.dicom_studies - prep.join.dicom_with_ehr,
+        num_image_errors=image_errors,
+        num_without_image=without_image,
+    )

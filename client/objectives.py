@@ -1,0 +1,140 @@
+"""What a model family trains for: batching, the loss, and evaluation.
+
+The trainer (:mod:`.trainer`) is one loop for every family; an :class:`Objective`
+supplies the family-specific parts. Every loss is the **mean of per-example
+losses**: Opacus clips one gradient per example and scales by the batch size, so
+an example's loss must not depend on the other examples of its batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from .data.transforms import drop_modalities
+from .metrics import auroc_per_label, macro_auroc
+
+INPUT_KEYS = ("image", "ehr", "note_ids", "note_mask", "present")
+"""The fusion model's inputs (``labels`` is the target)."""
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """Numbers from evaluating on the site's validation split."""
+
+    num_examples: int
+    loss: float
+    auroc_macro: float
+    auroc_per_label: np.ndarray
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Further numbers under their wire names (``common.wire``), e.g. perplexity."""
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    """Generated texts with their references: kept at the site, never sent."""
+
+
+class Objective(Protocol):
+    """The family-specific parts of local training and evaluation."""
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """Items -> one batch (the DataLoader's ``collate_fn``)."""
+
+    def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """The batch on the model's device."""
+
+    def loss(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, Any],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Mean over the batch's examples of each example's own loss."""
+
+    def num_examples(self, batch: dict[str, Any]) -> int:
+        """How many examples (records) the batch holds."""
+
+    def evaluate(
+        self, model: torch.nn.Module, dataset: Dataset, batch_size: int
+    ) -> EvalOutcome:
+        """Validation numbers for the current model."""
+
+
+def tensors_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move every tensor of a batch to ``device`` (no copy on the CPU)."""
+    if device.type == "cpu":
+        return batch
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+        for k, v in batch.items()
+    }
+
+
+@dataclass(frozen=True)
+class FusionObjective:
+    """The ``fusion`` family: multi-label BCE over findings, AUROC on validation."""
+
+    modality_dropout: float = 0.0
+    """Chance to hide each present modality of a training example."""
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """Stack the items' tensors."""
+        return default_collate(items)
+
+    def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """See :class:`Objective`."""
+        return tensors_to(batch, device)
+
+    def loss(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, Any],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """BCE over every (example, label) pair: a mean of per-example means."""
+        if self.modality_dropout > 0:
+            batch = drop_modalities(batch, self.modality_dropout, generator)
+        logits = model(**{k: batch[k] for k in INPUT_KEYS})
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, batch["labels"]
+        )
+
+    def num_examples(self, batch: dict[str, Any]) -> int:
+        """See :class:`Objective`."""
+        return len(batch["labels"])
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: torch.nn.Module, dataset: Dataset, batch_size: int
+    ) -> EvalOutcome:
+        """Loss and AUROC (per label and macro) on ``dataset``."""
+        start = time.perf_counter()
+        model.eval()
+        device = next(model.parameters()).device
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
+        all_scores, all_labels, loss_sum = [], [], 0.0
+        for batch in loader:
+            batch = tensors_to(batch, device)
+            logits = model(**{k: batch[k] for k in INPUT_KEYS})
+            loss_sum += float(loss_fn(logits, batch["labels"]))
+            all_scores.append(torch.sigmoid(logits).float().cpu().numpy())
+            all_labels.append(batch["labels"].cpu().numpy())
+        n = len(dataset)
+        if n == 0:
+            return EvalOutcome(
+                0, float("nan"), float("nan"), np.array([]), time.perf_counter() - start
+            )
+        labels, scores = np.concatenate(all_labels), np.concatenate(all_scores)
+        per_label = auroc_per_label(labels, scores)
+        return EvalOutcome(
+            num_examples=n,
+            loss=loss_sum / (n * labels.shape[1]),
+            auroc_macro=macro_auroc(per_label),
+            auroc_per_label=per_label,
+            seconds=time.perf_counter() - start,
+        )
