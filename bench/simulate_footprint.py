@@ -16,9 +16,8 @@ import time
 import psutil
 
 
-def main(argv: list[str]) -> int:
-    """Run the command after ``--`` and print wall seconds and peak tree RSS."""
-    cmd = argv[argv.index("--") + 1 :] if "--" in argv else ["wardround", "simulate"]
+def measure(cmd: list[str], *, interval_s: float = 0.5) -> dict:
+    """Run ``cmd`` (output discarded); exit code, wall seconds, peak tree PSS/RSS (bytes)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     root = psutil.Process(proc.pid)
@@ -38,14 +37,27 @@ def main(argv: list[str]) -> int:
         except psutil.Error:
             pass
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-        time.sleep(0.5)
-    wall = time.perf_counter() - start
+        time.sleep(interval_s)
+    return {
+        "returncode": proc.returncode,
+        "wall_seconds": time.perf_counter() - start,
+        "peak_pss_bytes": peak_pss,
+        "peak_rss_bytes": peak_rss,
+    }
+
+
+def main(argv: list[str]) -> int:
+    """Run the command after ``--`` and print wall seconds and peak tree RSS."""
+    cmd = argv[argv.index("--") + 1 :] if "--" in argv else ["wardround", "simulate"]
+    figures = measure(cmd)
     print(f"command: {' '.join(cmd)}")
-    print(f"exit code: {proc.returncode}")
-    print(f"wall time: {wall:.1f} s")
-    print(f"peak PSS, whole process tree: {peak_pss / 2**20:.0f} MiB")
-    print(f"peak summed RSS, whole process tree: {peak_rss / 2**20:.0f} MiB")
-    return proc.returncode
+    print(f"exit code: {figures['returncode']}")
+    print(f"wall time: {figures['wall_seconds']:.1f} s")
+    print(f"peak PSS, whole process tree: {figures['peak_pss_bytes'] / 2**20:.0f} MiB")
+    print(
+        f"peak summed RSS, whole process tree: {figures['peak_rss_bytes'] / 2**20:.0f} MiB"
+    )
+    return figures["returncode"]
 
 
 if __name__ == "__main__":

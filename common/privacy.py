@@ -98,6 +98,7 @@ def local_schedule(
     return LocalSchedule(sample_rate=sample_rate, steps_per_round=steps)
 
 
+@functools.lru_cache(maxsize=64)
 def plan_noise_multiplier(
     target_epsilon: float,
     target_delta: float,
@@ -112,7 +113,9 @@ def plan_noise_multiplier(
     binary search stops within 0.01 below the target. With PRV and a target above
     ``PRV_MAX_EPSILON``, sigma is planned with RDP instead (larger sigma, so PRV's
     epsilon stays below the target). Measured on one CPU: RDP 0.01–13 s (slowest
-    at q≈0.5), PRV 0.5–33 s for targets 1–50 and 49–86 s at 100.
+    at q≈0.5), PRV 0.5–33 s for targets 1–50 and 49–86 s at 100. Answers are
+    cached: the search is pure in its arguments, and runs with the same schedule
+    (a study's DP arms, a run restarted in the same process) ask it again.
     """
     from opacus.accountants.utils import get_noise_multiplier
 

@@ -160,8 +160,13 @@ def simulate(
         )
         console.print(
             f"wardround simulate: {n_sites} sites, {run_config.federation.rounds} rounds, "
-            f"{run_config.federation.strategy.value}, modalities "
-            f"{','.join(m.value for m in run_config.model.modalities)}, "
+            f"{run_config.federation.strategy.value}, "
+            + (
+                f"{run_config.model.family} ({run_config.task.kind.value}), "
+                if run_config.model.family != "fusion"
+                else "modalities "
+                f"{','.join(m.value for m in run_config.model.modalities)}, "
+            )
             + (
                 f"DP-SGD ε={run_config.privacy.target_epsilon:g}"
                 if run_config.privacy.enabled
@@ -268,6 +273,7 @@ def _register_groups() -> None:
         sites_app,
         stop,
     )
+    from wardround.simulations.study.cli import study_app
 
     app.add_typer(
         site_app,
@@ -282,6 +288,11 @@ def _register_groups() -> None:
     app.add_typer(certs_app, name="certs")
     app.add_typer(keys_app, name="keys")
     app.command("audit")(audit_command)
+    app.add_typer(
+        study_app,
+        name="study",
+        help="Studies on synthetic hospitals: federated vs pooled vs local-only.",
+    )
 
 
 _register_groups()

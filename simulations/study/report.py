@@ -1,0 +1,315 @@
+"""The study's Markdown report (pure: from ``study.json``'s content to text).
+
+The same text is ``report.md`` in the study's folder and, with ``--write-docs``,
+the ``study:quality`` section of ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ..reporting import describe_machine
+from .summary import fmt
+
+DOCS_SECTION = "study:quality"
+PLOT_TITLES = {
+    "rounds": "Validation AUROC per round, every arm (mean over sites and seeds)",
+    "privacy": "Privacy–utility: AUROC against the DP budget ε per site",
+    "sites": "Per-site AUROC: local-only, FedAvg and pooled",
+}
+
+
+def _num(value: Any, digits: int = 3, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _and(values: list[Any]) -> str:
+    """'3', '3 and 8', '2, 4 and 8'."""
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def _sharing(data: Mapping[str, Any]) -> str:
+    """How much of a core the arms had: their CPU time over their wall time."""
+    share = data["arm_cpu_seconds_total"] / max(data["arm_seconds_total"], 1e-9)
+    text = (
+        f"the arms' CPU time was {share * 100:.0f} % of their wall time (100 %: a "
+        "core of their own)"
+    )
+    loads = data.get("arm_load_average_range")
+    if loads:
+        text += f", load average {loads[0]:.1f}–{loads[1]:.1f} as they started"
+    return text
+
+
+def _met(met: bool | None) -> str:
+    return {True: "**met**", False: "**missed**", None: "reported"}[met]
+
+
+def _header(data: Mapping[str, Any]) -> list[str]:
+    s = data["settings"]
+    v = data["versions"]
+    h = s["heterogeneity"]
+    m = data["machine"]
+    finished = datetime.fromtimestamp(data["finished"], UTC).strftime("%Y-%m-%d")
+    noise = h["scanner_noise"]
+    return [
+        f"*Written by `{data['command']}` on {finished}; rerun that command to "
+        "regenerate this section, do not edit it by hand.*",
+        "",
+        f"- **Command** (repository root, the project's venv): `{data['command']}`",
+        f"- **Machine**: {describe_machine(m)}; shared with other work: "
+        + _sharing(data)
+        + ".",
+        f"- **Versions**: Python {v['python']}, torch {v['torch']}, flwr {v['flwr']}, "
+        f"opacus {v['opacus']}, peft {v['peft']}, transformers {v['transformers']}, "
+        f"wardround {v['wardround']}.",
+        f"- **Time**: {data['arms_span_seconds'] / 60:.1f} min from the first arm's "
+        f"start to the last one's end; the arms' own wall times add up to "
+        f"{data['arm_seconds_total'] / 60:.1f} min. The command took "
+        f"{data['wall_seconds'] / 60:.1f} min; its main process ran "
+        f"{data['arms_run']} arms and read {data['arms_cached']} from the output "
+        "folder (written by its `--jobs` workers or by an earlier call).",
+        f"- **Data**: synthetic hospitals (`wardround synth`'s generator), "
+        f"{_and(s['site_counts'])} sites, "
+        f"{s['patients_per_site']} patients per site, split per patient into "
+        "training and validation (80/20); seeds "
+        f"{', '.join(str(x) for x in s['seeds'])}: each seed draws the hospitals, "
+        "the model's initialisation and the shuffling. Every arm is scored on the "
+        "same per-site validation splits.",
+        "- **Generator difficulty, fixed before the study ran** "
+        "(`simulations/synth_shift.py`, `STUDY_HETEROGENEITY`): label skew "
+        f"{h['label_skew']:g} (sd of each site's shift of each finding's "
+        f"prevalence log-odds), scanner shift {h['scanner_shift']:g} (sd of the "
+        "log intensity scale; offset sd half of it), scanner noise sd "
+        + (f"{noise[0]:g}–{noise[1]:g}" if noise else "as preset")
+        + f", note dialect {h['note_dialect']:g} (share of each finding's note "
+        "phrases a site never uses), on top of the presets' differences in age, "
+        "modality mix, note style and EHR schema.",
+        f"- **Training**: the default fusion model (image {s['image_size']}², "
+        f"notes ≤ {s['max_note_tokens']} tokens), {s['rounds']} rounds × "
+        f"{s['local_epochs']} local epochs, batch {s['batch_size']}: every arm sees "
+        f"each training example {s['rounds'] * s['local_epochs']} times. Pooled: "
+        "the same trainer on the union of the training splits; local only: each "
+        "site alone. FedProx μ ∈ {"
+        + ", ".join(f"{x:g}" for x in s["fedprox_mus"])
+        + "}; DP-SGD at ε ∈ {"
+        + ", ".join(f"{x:g}" for x in s["dp_epsilons"])
+        + "} per site (δ = 1e-5, clip 1.0, RDP accounting). Privacy, SecAgg+ and "
+        "modality arms run on "
+        + ", ".join(str(c) for c in s["ablation_site_counts"])
+        + " sites.",
+        "- **AUROC**: macro over the four findings on each site's validation "
+        "split, then the mean over sites (every hospital once); mean ± sd over "
+        "seeds. Ratios to pooled are ratios of those means.",
+    ]
+
+
+def _goals(data: Mapping[str, Any]) -> list[str]:
+    lines = ["| sites | goal | measured | |", "|---:|---|---|---|"]
+    for g in data["goals"]:
+        lines.append(
+            f"| {g['sites']} | {g['goal']} | {g['measured']} | {_met(g['met'])} |"
+        )
+    return lines
+
+
+def _mean(arms: Mapping[str, Any], name: str) -> float | None:
+    entry = arms.get(name, {})
+    return entry.get("auroc", {}).get("mean") if entry.get("seeds") else None
+
+
+def _findings(n_sites: str, arms: Mapping[str, Any]) -> list[str]:
+    """What the figures of one federation size say, in numbers."""
+    lines = []
+    pooled, local, fedavg = (_mean(arms, k) for k in ("pooled", "local", "fedavg"))
+    if None not in (pooled, local, fedavg):
+        lines.append(
+            f"- **Federated vs pooled**: FedAvg {fedavg:.3f} = {fedavg / pooled:.3f}× "
+            f"pooled ({pooled:.3f}); local-only {local:.3f} = {local / pooled:.3f}×."
+        )
+    prox = sorted(
+        (float(e["label"].split("=")[-1]), e["auroc"]["mean"])
+        for name, e in arms.items()
+        if name.startswith("fedprox-") and e.get("seeds")
+    )
+    if prox and fedavg is not None:
+        lines.append(
+            "- **FedProx**: "
+            + ", ".join(f"μ={mu:g} {value:.3f}" for mu, value in prox)
+            + f" (FedAvg {fedavg:.3f}); the per-round plot shows how fast each learns."
+        )
+    dp = sorted(
+        (e["target_epsilon"], e["auroc"]["mean"])
+        for e in arms.values()
+        if e.get("seeds")
+        and e.get("target_epsilon") is not None
+        and not e.get("secure_aggregation")
+    )
+    if dp and local is not None and fedavg is not None:
+        untrained = arms["fedavg"]["per_round"][0]["mean"]
+        below = all(value < local for _, value in dp)
+        lines.append(
+            "- **DP-SGD**: "
+            + ", ".join(f"ε={eps:g} {value:.3f}" for eps, value in dp)
+            + f", against {fedavg:.3f} without DP, {local:.3f} local-only and "
+            f"{untrained:.3f} untrained"
+            + ("; every ε measured is below local-only." if below else ".")
+        )
+    secure = _mean(arms, "fedavg-secagg")
+    if secure is not None and fedavg is not None:
+        lines.append(
+            f"- **SecAgg+**: AUROC {secure:.3f} vs {fedavg:.3f} in the clear "
+            f"({secure - fedavg:+.3f}; the two arms differ only in SecAgg+'s "
+            "quantization of the deltas); bytes in `bench/systems.py`'s section."
+        )
+    singles = {
+        e["label"].split(", ")[-1]: e["auroc"]["mean"]
+        for e in arms.values()
+        if e.get("seeds") and e["label"].endswith(" only") and e["group"] == "modality"
+    }
+    if singles and fedavg is not None:
+        best = max(singles, key=singles.__getitem__)
+        fusions = [
+            (e["label"].split("(")[-1].rstrip(")"), e["auroc"]["mean"])
+            for e in arms.values()
+            if e.get("seeds") and "fused (" in e["label"]
+        ]
+        lines.append(
+            f"- **Modalities**: best single {best} {singles[best]:.3f}; fused: concat "
+            f"{fedavg:.3f} ({fedavg - singles[best]:+.3f})"
+            + "".join(
+                f", {name} {value:.3f} ({value - singles[best]:+.3f})"
+                for name, value in fusions
+            )
+            + "."
+        )
+    return lines
+
+
+def _arms_table(arms: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "| arm | untrained | AUROC | × pooled | sites above local-only | worst site | "
+        "upload B/site/round | ε spent | s per run (CPU s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in arms.values():
+        if not entry.get("seeds"):
+            lines.append(f"| {entry['label']} | | failed | | | | | | |")
+            continue
+        above = (
+            f"{entry['sites_above_local']}/{entry['sites']}"
+            if "sites_above_local" in entry
+            else "—"
+        )
+        upload = entry.get("upload_bytes_per_site_per_round", {}).get("mean")
+        lines.append(
+            f"| {entry['label']} | {_num(entry['per_round'][0]['mean'])} | "
+            f"{fmt(entry['auroc'])} | "
+            f"{_num(entry.get('ratio_to_pooled'))} | {above} | "
+            f"{_num(entry.get('worst_site'))} | "
+            f"{'—' if upload is None else f'{upload:,.0f}'} | "
+            f"{fmt(entry.get('epsilon'), 2)} | {_num(entry['seconds']['mean'], 0)} "
+            f"({_num(entry['cpu_seconds']['mean'], 0)}) |"
+        )
+    return lines
+
+
+def _best(arms: Mapping[str, Any], prefix: str) -> tuple[str, Mapping[str, Any]] | None:
+    found = [
+        (name, e)
+        for name, e in arms.items()
+        if name.startswith(prefix) and e.get("seeds")
+    ]
+    if not found:
+        return None
+    return max(found, key=lambda item: item[1]["auroc"]["mean"] or -1.0)
+
+
+def _sites_table(arms: Mapping[str, Any]) -> list[str]:
+    columns = [("local", "local only"), ("fedavg", "FedAvg")]
+    best = _best(arms, "fedprox-")
+    if best is not None:
+        columns.append((best[0], f"best FedProx ({best[1]['label'].split()[-1]})"))
+    columns.append(("pooled", "pooled"))
+    columns = [(k, t) for k, t in columns if arms.get(k, {}).get("seeds")]
+    reference = arms.get("pooled") or next(iter(arms.values()))
+    sites = sorted(reference.get("per_site", {}))
+    lines = [
+        "| site | training (mean) | validation (mean) | "
+        + " | ".join(t for _, t in columns)
+        + " |",
+        "|---|---:|---:|" + "---:|" * len(columns),
+    ]
+    for site in sites:
+        cells = [fmt(arms[k]["per_site"].get(site)) for k, _ in columns]
+        lines.append(
+            f"| {site} | {_num(reference['train_examples'].get(site), 0)} | "
+            f"{_num(reference['validation_examples'].get(site), 0)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
+
+
+def _subgroup_table(arms: Mapping[str, Any]) -> list[str]:
+    fed = arms.get("fedavg", {}).get("subgroups")
+    if not fed:
+        return []
+    pooled = arms.get("pooled", {}).get("subgroups") or {}
+    lines = [
+        "| by | group | validation examples (mean) | FedAvg | pooled |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for dimension in ("overall", "sex", "age", "site"):
+        for group, entry in fed.get(dimension, {}).items():
+            other = pooled.get(dimension, {}).get(group, {}).get("auroc")
+            lines.append(
+                f"| {dimension} | {group} | {entry['n']:.0f} | {fmt(entry['auroc'])} "
+                f"| {fmt(other)} |"
+            )
+    return lines
+
+
+def render_report(
+    data: Mapping[str, Any],
+    plots: Mapping[str, Path],
+    *,
+    relative_to: Path,
+    heading: str = "##",
+) -> str:
+    """The study as Markdown; plot links relative to ``relative_to``."""
+    lines = [f"{heading} Learning quality: federated vs pooled vs local-only", ""]
+    lines += _header(data)
+    lines += ["", f"{heading}# Goals", ""] + _goals(data)
+    if data.get("failures"):
+        lines += ["", "Arms that failed (not in the figures):", ""]
+        lines += [f"- {k}: {why}" for k, why in data["failures"].items()]
+    for n_sites, arms in data["summary"].items():
+        lines += ["", f"{heading}# {n_sites} sites", ""] + _findings(n_sites, arms)
+        lines += [""] + _arms_table(arms)
+        lines += ["", f"Per site ({n_sites} sites):", ""] + _sites_table(arms)
+        table = _subgroup_table(arms)
+        if table:
+            lines += [
+                "",
+                f"Subgroups ({n_sites} sites): AUROC of the final FedAvg model (and of "
+                "the pooled model) over every site's validation split, by sex, age "
+                "band and site; groups are small, so read differences below about "
+                "0.05 as noise:",
+                "",
+                *table,
+            ]
+    if plots:
+        lines += ["", f"{heading}# Plots", ""]
+        for name, path in plots.items():
+            link = Path(os.path.relpath(path, relative_to)).as_posix()
+            lines += [f"![{PLOT_TITLES.get(name, name)}]({link})", ""]
+    return "\n".join(lines).rstrip() + "\n"
