@@ -111,7 +111,10 @@ class SiteWorker:
                     stop.wait(1.0)
                     continue
                 if response.HasField("task") and response.token:
-                    self.run_task(response.token)
+                    try:
+                        self.run_task(response.token)
+                    except Exception:  # one broken task must not end the worker
+                        log.exception("a ClientApp task failed outside the app")
                 else:
                     stop.wait(self.poll_interval_s)
         finally:
@@ -122,16 +125,16 @@ class SiteWorker:
         from flwr.app import Message
         from flwr.app.error import Error
         from flwr.common.constant import ErrorCode, SubStatus
-        from flwr.supercore.heartbeat import (
-            HeartbeatSender,
-            make_task_heartbeat_fn_http,
-        )
+        from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         from ..common.wirebytes import content_bytes
 
-        client = self._runtime_client(component="flwr-clientapp", token=token)
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        cancelled = threading.Event()
+        client = self._runtime_client(
+            component="flwr-clientapp", token=token, cancelled=cancelled
+        )
+        heartbeat = HeartbeatSender(task_heartbeat_fn(client, cancelled))
         heartbeat.start()
         started = time.perf_counter()
         message = reply = context = None
@@ -182,7 +185,10 @@ class SiteWorker:
                     push_message(client, reply, context)
                 except Exception as exc:  # noqa: BLE001 - the SuperNode went away
                     log.error("could not push the reply: %s", exc)
-            push_task_output(client, context, sub_status, details)
+            try:
+                push_task_output(client, context, sub_status, details)
+            except Exception as exc:  # noqa: BLE001 - the SuperNode dropped the task
+                log.warning("could not report the task's end: %s", exc)
             heartbeat.stop()
             client.close()
         self.tasks_run += 1
@@ -199,7 +205,12 @@ class SiteWorker:
             self.observer.on_task(outcome)
         return outcome
 
-    def _runtime_client(self, component: str, token: str | None = None) -> Any:
+    def _runtime_client(
+        self,
+        component: str,
+        token: str | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> Any:
         from flwr.supercore.interceptors import (
             RuntimeTokenHttpInterceptor,
             RuntimeVersionHttpInterceptor,
@@ -212,13 +223,58 @@ class SiteWorker:
         ]
         if token is not None:
             interceptors.append(RuntimeTokenHttpInterceptor(token))
+        retry = make_simple_http_retry_invoker()
+        if cancelled is not None:
+            # A task's calls stop retrying once its SuperNode has dropped the task
+            # (restarted, or the run ended): the worker moves on to the next one.
+            flower_giveup = retry.should_giveup
+            retry.should_giveup = lambda exc: (
+                cancelled.is_set() or bool(flower_giveup and flower_giveup(exc))
+            )
+            retry.max_time = TASK_CALL_RETRY_S
         return RuntimeHttpClient.from_server_address(
             server_address=self.runtime_api_address,
             insecure=True,  # loopback only: the SuperNode binds its Runtime API to 127.0.0.1
             root_certificates=None,
             interceptors=interceptors,
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=retry,
         )
+
+
+TASK_CALL_RETRY_S = 120.0
+"""How long one call of a task retries a SuperNode that does not answer."""
+
+
+def task_heartbeat_fn(client: Any, cancelled: threading.Event) -> Any:
+    """Flower's task heartbeat, without ending the process when the task is gone.
+
+    Flower's own (``make_task_heartbeat_fn_http``) raises SIGINT when the SuperNode
+    no longer knows the task: right for a one-task ``flwr-clientapp`` process, but
+    it would stop the whole site daemon. Here the task is marked cancelled instead.
+    """
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    request = SendTaskHeartbeatRequest()
+
+    def beat() -> bool:
+        try:
+            response = client.SendTaskHeartbeat(request)
+        except httpx.TransportError:
+            return False
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in (
+                httpx.codes.SERVICE_UNAVAILABLE,
+                httpx.codes.GATEWAY_TIMEOUT,
+            ):
+                return False
+            cancelled.set()
+            return True
+        if not response.success:
+            cancelled.set()
+        return True
+
+    return beat
 
 
 def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:

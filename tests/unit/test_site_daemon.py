@@ -468,3 +468,45 @@ def test_a_supernode_that_keeps_ending_fails_the_daemon(site, credentials, monke
         if e["event"] == "supernode_restarted"
     ]
     assert len(restarted) == daemon._MAX_QUICK_EXITS
+
+
+# ------------------------------------------------------------------ task heartbeat
+
+
+def test_a_task_its_supernode_dropped_is_cancelled_not_the_daemon():
+    import threading
+
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse
+
+    from wardround.client.site_worker import task_heartbeat_fn
+
+    class Client:
+        success = True
+
+        def SendTaskHeartbeat(self, request):  # noqa: N802 - Flower's name
+            return SendTaskHeartbeatResponse(success=self.success)
+
+    client, cancelled = Client(), threading.Event()
+    beat = task_heartbeat_fn(client, cancelled)
+    assert beat() and not cancelled.is_set()
+    client.success = False  # Flower's own function would raise SIGINT here
+    assert beat() and cancelled.is_set()
+
+
+def test_a_cancelled_task_stops_retrying_its_calls():
+    import threading
+
+    from wardround.client.approvals import AppApprovals
+    from wardround.client.site_worker import SiteWorker
+
+    worker = SiteWorker("127.0.0.1:9", AppApprovals(Path("/nonexistent")))
+    cancelled = threading.Event()
+    client = worker._runtime_client("flwr-clientapp", token="t", cancelled=cancelled)
+    retry = client._retry_invoker if hasattr(client, "_retry_invoker") else None
+    invoker = retry or next(
+        v for v in vars(client).values() if hasattr(v, "should_giveup")
+    )
+    assert not invoker.should_giveup(ConnectionRefusedError())
+    cancelled.set()
+    assert invoker.should_giveup(ConnectionRefusedError())
+    assert invoker.max_time is not None
