@@ -71,7 +71,7 @@ def test_record_returns_the_line_it_wrote(tmp_path):
     entry = log.record(
         "site_joined",
         site="st-marys",
-        address="10.0.0.7:9092",
+        address="127.0.0.1:9092",
         bytes_by_site={"st-marys": 1024, "general": 2048},
         sites=["st-marys", "general"],
         config=tmp_path / "site.toml",

@@ -429,9 +429,9 @@ def test_cli_bad_inputs_exit_2_naming_the_problem(pki, tmp_path):
     result = runner.invoke(
         app,
         ["certs", "server", "--ca", str(pki["ca_dir"]), "--out", str(tmp_path),
-         "--host", "localhost", "--ip", "10.0.0.300"],
+         "--host", "localhost", "--ip", "127.0.0.300"],
     )  # fmt: skip
-    assert result.exit_code == 2 and "'10.0.0.300'" in result.output
+    assert result.exit_code == 2 and "'127.0.0.300'" in result.output
 
     result = runner.invoke(
         app, ["certs", "server", "--ca", str(pki["ca_dir"]), "--out", str(tmp_path)]
