@@ -43,12 +43,17 @@ from ..common.adapter import (
     to_record,
 )
 from ..common.aggregation import subtract
+from ..common.audit import AUDIT_FILENAME, AuditLog
 from ..common.config import Accountant, RunConfig
-from ..common.errors import FederationError, ModelMismatchError
-from ..common.privacy import check_round_budget, epsilon_spent
+from ..common.errors import AnswerRefused, FederationError, ModelMismatchError
+from ..common.privacy import Mechanism, check_round_budget, epsilon_spent
+from .answer_audit import make_answer_audit_mod
+from .answers import AnswerKind, coarsen_metrics
 from .egress import EgressAllowlist, check_legacy_fitres, check_reply
 from .egress_mods import site_mods
+from .ledger import project
 from .privacy_policy import DpPlan, plan_site_privacy
+from .run_identity import run_identity
 from .runtime import SiteRuntime, get_runtime, resolve_site_toml, samples_folder
 from .secure_aggregation import LEGACY_FITINS_ARRAYS
 
@@ -62,6 +67,11 @@ class _Request:
     round_config: dict[str, Any]
     global_state: OrderedDict[str, np.ndarray]
     simulation: bool
+    run: str
+    """The site's own identity of the run (never the id the message names)."""
+    server_round: int
+    secure_aggregation: bool
+    """The message came through Flower's SecAgg+ protocol."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -107,6 +117,7 @@ def _parse(
         round_config = (
             dict(msg.content[wire.CONFIG]) if wire.CONFIG in msg.content else {}
         )
+    _require_finite(global_state)
     expected = round_config.get(wire.BASE_FINGERPRINT)
     if expected != runtime.built.base_fingerprint:
         raise ModelMismatchError(
@@ -115,7 +126,45 @@ def _parse(
             hint="Use the same model section of the run config and the same weights at every site.",
         )
     load_adapter_state(runtime.built.model, global_state)
-    return _Request(config, runtime, round_config, global_state, simulation)
+    run = run_identity(
+        config,
+        simulation=simulation,
+        flower_run=int(context.run_id),
+        named_run=str(round_config.get(wire.RUN_ID, "")),
+    )
+    return _Request(
+        config,
+        runtime,
+        round_config,
+        global_state,
+        simulation,
+        run=run,
+        server_round=_server_round(round_config),
+        secure_aggregation=LEGACY_FITINS_ARRAYS in msg.content,
+    )
+
+
+def _server_round(round_config: dict[str, Any]) -> int:
+    value = round_config.get(wire.SERVER_ROUND, 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FederationError(
+            "the coordinator's message has no numeric server round",
+            hint="The coordinator must run wardround's ServerApp.",
+        )
+    return int(value)
+
+
+def _require_finite(state: OrderedDict[str, np.ndarray]) -> None:
+    """Refuse a global adapter holding NaN or infinity, before any work or budget."""
+    bad = [name for name, array in state.items() if not np.isfinite(array).all()]
+    if bad:
+        raise FederationError(
+            f"the coordinator sent an adapter with non-finite values in "
+            f"{len(bad)} tensor(s) (first: {bad[0]}); this site does not train or "
+            "evaluate on it",
+            hint="The coordinator's global adapter diverged or was tampered with; "
+            "nothing was spent here.",
+        )
 
 
 def _round_seed(config: RunConfig, runtime: SiteRuntime, server_round: int) -> int:
@@ -137,21 +186,22 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
     from .trainer import LocalTrainSpec, train_local
 
     config, runtime = request.config, request.runtime
-    server_round = int(request.round_config.get(wire.SERVER_ROUND, 0))
-    run_id = str(request.round_config.get(wire.RUN_ID, "unnamed-run"))
+    server_round, run = request.server_round, request.run
     plan = _dp_plan(request)
+    runtime.answers.admit(AnswerKind.TRAIN, run, server_round, config.federation.rounds)
     reservation = None
     if plan is not None:
-        _check_round_budget(runtime, plan, run_id)
-        # Durable before any noisy step: a crash from here on counts as spent.
+        # Checked and made durable under one lock, before any noisy step: a crash
+        # from here on counts as spent.
         reservation = runtime.ledger.reserve(
-            run_id,
+            run,
             server_round,
             plan.per_round,
             delta=plan.delta,
             max_grad_norm=plan.training.max_grad_norm,
             accountant=plan.accountant.value,
             base_model=runtime.built.base_fingerprint,
+            admit=functools.partial(_admit_round, plan, runtime, run),
         )
     spec = LocalTrainSpec(
         epochs=config.train.local_epochs,
@@ -187,9 +237,11 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         ledger = runtime.ledger
         # The reservation still counts its planned steps (>= those taken): the
         # reported epsilon never understates what the commit below records.
-        run_history = ledger.history(run_id)
+        run_history = ledger.history(run)
         eps_run = epsilon_spent(run_history, plan.delta, plan.accountant)
-        eps_total = epsilon_spent(ledger.history(), plan.delta, plan.accountant)
+        eps_total = epsilon_spent(
+            ledger.history(), plan.lifetime_delta, plan.accountant
+        )
         # Written before the update leaves the site.
         ledger.commit(
             reservation, outcome.steps, epsilon_run=eps_run, epsilon_total=eps_total
@@ -209,17 +261,49 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
                 wire.DP_MAX_GRAD_NORM: plan.training.max_grad_norm,
             }
         )
+    metrics = coarsen_metrics(
+        metrics,
+        runtime.site.answers,
+        secure_aggregation=request.secure_aggregation,
+    )
     return payload, metrics
+
+
+def _admit_round(
+    plan: DpPlan,
+    runtime: SiteRuntime,
+    run: str,
+    recorded: list[tuple[str, Mechanism]],
+) -> None:
+    """Refuse (under the ledger's lock) a round past the run's or the site's limit."""
+    run_after, total_after = project(
+        recorded,
+        plan.per_round,
+        run,
+        run_delta=plan.delta,
+        lifetime_delta=plan.lifetime_delta,
+        accountant=plan.accountant,
+    )
+    check_round_budget(
+        run_after,
+        total_after,
+        max_epsilon_per_run=plan.run_epsilon_limit,
+        budget_epsilon=runtime.site.privacy.budget_epsilon,
+    )
 
 
 def _check_round_budget(runtime: SiteRuntime, plan: DpPlan, run_id: str | None) -> None:
     """Refuse a round that would take the run or the site past its epsilon limit.
 
-    ``run_id=None``: a run that has not trained here yet (only the site's budget
-    can be at stake).
+    A check ahead of time (SecAgg+ setup); the binding one is made under the
+    ledger's lock with the reservation.
     """
     run_after, total_after = runtime.ledger.projected(
-        plan.per_round, plan.delta, plan.accountant, run_id
+        plan.per_round,
+        plan.delta,
+        plan.accountant,
+        run_id,
+        lifetime_delta=plan.lifetime_delta,
     )
     check_round_budget(
         run_after,
@@ -274,6 +358,17 @@ def handle_evaluate(
 
     request = _parse(msg, context, run_config)
     runtime = request.runtime
+    if not runtime.site.answers.evaluate:
+        raise AnswerRefused(
+            "this site answers no evaluate messages ([answers] evaluate = false)",
+            hint="The site operator decides; the run can go on without its metrics.",
+        )
+    runtime.answers.admit(
+        AnswerKind.EVALUATE,
+        request.run,
+        request.server_round,
+        request.config.federation.rounds,
+    )
     outcome = evaluate(
         runtime.built.model,
         runtime.data.validation,
@@ -297,6 +392,7 @@ def handle_evaluate(
     values.update(outcome.metrics)
     # Undefined numbers (one class only, no validation data) are left out, not sent.
     values = {k: v for k, v in values.items() if np.isfinite(v)}
+    values = coarsen_metrics(values, runtime.site.answers, secure_aggregation=False)
     content = RecordDict({wire.METRICS: MetricRecord(values)})
     check_reply(content, runtime.allowlist, kind="evaluate")
     return Message(content, reply_to=msg)
@@ -334,7 +430,10 @@ def precheck_secure_round(
         config, runtime.site.privacy, len(runtime.data.train), simulation=simulation
     )
     if plan is not None:
-        _check_round_budget(runtime, plan, None)
+        run = run_identity(
+            config, simulation=simulation, flower_run=int(context.run_id), named_run=""
+        )
+        _check_round_budget(runtime, plan, run)
 
 
 def build_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
@@ -355,8 +454,18 @@ def build_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
         except Exception:  # the violation is still logged; the file is a convenience
             return None
 
+    def audit_for(context: Context) -> AuditLog | None:
+        try:
+            site = _load(context, run_config)[1].site
+        except Exception:  # noqa: BLE001 - a site that cannot load answers nothing
+            return None
+        return AuditLog(site.state_path / AUDIT_FILENAME, actor=f"site:{site.site.name}")
+
     client_app = ClientApp(
-        mods=site_mods(allowlist_for, precheck=precheck, violations_log=violations_log)
+        mods=[
+            make_answer_audit_mod(audit_for),
+            *site_mods(allowlist_for, precheck=precheck, violations_log=violations_log),
+        ]
     )
 
     @client_app.train()

@@ -125,47 +125,43 @@ def privacy(
         bool, typer.Option("--json", help="print the report as JSON")
     ] = False,
 ) -> None:
-    """The site's privacy ledgers: epsilon spent per run and in total, per base model."""
+    """The site's privacy ledger: epsilon spent per run and over every run."""
     try:
         from wardround.common.config import Accountant
 
-        from .ledger import PrivacyLedger
+        from .ledger import site_ledger
         from .site_config import SiteConfig
 
         site = SiteConfig.from_toml(config)
-        report = []
-        for path in sorted(site.ledger_path.glob("*.jsonl")):
-            ledger = PrivacyLedger(path)
-            entries = ledger.entries()
-            runs = sorted({e["run"] for e in entries if e["kind"] == "reserve"})
-            report.append(
-                {
-                    "ledger": str(path),
-                    "base_model": path.stem,
-                    "rounds": sum(1 for e in entries if e["kind"] == "reserve"),
-                    "epsilon_total": ledger.epsilon(delta, Accountant.RDP),
-                    "budget_epsilon": site.privacy.budget_epsilon,
-                    "runs": {
-                        run: ledger.epsilon(delta, Accountant.RDP, run) for run in runs
-                    },
-                }
-            )
+        ledger = site_ledger(site.ledger_path)
+        recorded = ledger.recorded()
+        runs = sorted({run for run, _ in recorded})
+        rounds = len(recorded)
+        report = {
+            "ledger": str(ledger.path),
+            "earlier_ledgers": [str(p) for p in ledger.legacy],
+            "rounds": rounds,
+            "epsilon_total": ledger.epsilon(delta, Accountant.RDP),
+            "budget_epsilon": site.privacy.budget_epsilon,
+            "runs": {run: ledger.epsilon(delta, Accountant.RDP, run) for run in runs},
+        }
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
         _fail(exc)
         return
     if as_json:
-        typer.echo(json.dumps({"delta": delta, "ledgers": report}, indent=2))
+        typer.echo(json.dumps({"delta": delta, **report}, indent=2))
         return
-    if not report:
-        typer.echo(f"no privacy ledger under {site.ledger_path}: nothing spent yet")
-    for item in report:
-        typer.echo(
-            f"base model {item['base_model']}: epsilon {item['epsilon_total']:.3f} of "
-            f"{item['budget_epsilon']:g} spent (RDP, delta {delta:g}) over "
-            f"{item['rounds']} round(s)"
-        )
-        for run, eps in item["runs"].items():
-            typer.echo(f"  run {run}: epsilon {eps:.3f}")
+    if not rounds and not ledger.legacy:
+        typer.echo(f"nothing spent yet: {ledger.path} records no round")
+        return
+    typer.echo(
+        f"epsilon {report['epsilon_total']:.3f} of {report['budget_epsilon']:g} spent "
+        f"(RDP, delta {delta:g}) over {rounds} round(s) in {ledger.path}"
+    )
+    for path in ledger.legacy:
+        typer.echo(f"  counted too: {path} (a per-model ledger of an earlier version)")
+    for run, eps in report["runs"].items():
+        typer.echo(f"  run {run}: epsilon {eps:.3f}")
 
 
 @site_app.command("start")

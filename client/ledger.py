@@ -1,17 +1,24 @@
-"""The site's privacy ledger: an append-only JSONL file per site and base model.
+"""The site's privacy ledger: one append-only JSONL file per site.
 
-Every application of the DP mechanism is recorded. A ``reserve`` line (σ, sample
+The ledger belongs to the site's patients, not to a model or a run: every
+application of the DP mechanism to this site's data, whatever the base model or
+the run, is composed into one lifetime epsilon. A ``reserve`` line (σ, sample
 rate, planned steps, run, round, time) is made durable *before* local training
-starts; a ``commit`` line (steps taken) is written after training and *before* the
-update leaves the site. A reservation without a commit (a crash mid-round) counts
-with its planned steps, a committed one with the steps it took. The ledger spans
-runs: epsilon is composed over every line, so neither a restart nor a new run
-resets it.
+starts, under the same lock as the budget check that admits it; a ``commit`` line
+(steps taken) is written after training and *before* the update leaves the site.
+A reservation without a commit (a crash mid-round) counts with its planned steps,
+a committed one with the steps it took.
+
+The ``run`` of a line is the site's own identity of the run (the settings it
+approved, see :mod:`wardround.client.run_identity`), never an id a message names.
 
 Each line carries a sha256 of its canonical JSON, so a torn or edited line is
 detected. Only a torn *last* line is tolerated (a crash during the append: the
 reservation never became durable, so training never started); any other damage
 stops the site from training until an operator restores the file.
+
+Ledgers of earlier versions (one file per base model, ``<fingerprint>.jsonl``)
+in the same folder are read and counted, never written.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -63,11 +71,32 @@ _COMMIT_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
-def ledger_file(ledger_dir: Path, base_fingerprint: str) -> Path:
-    """The ledger of one site for one base model (its folder is created, 0o700)."""
+LEDGER_FILE = "ledger.jsonl"
+_LEGACY_NAME = re.compile(r"[0-9a-f]{16}\.jsonl")
+
+Admit = Callable[[list[tuple[str, Mechanism]]], None]
+"""Called under the ledger's lock with every recorded (run, mechanism); raises to
+refuse a reservation."""
+
+
+def ledger_file(ledger_dir: Path) -> Path:
+    """The site's ledger (its folder is created, 0o700)."""
     ledger_dir = Path(ledger_dir)
     ledger_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return ledger_dir / f"{base_fingerprint[:16]}.jsonl"
+    return ledger_dir / LEDGER_FILE
+
+
+def legacy_ledgers(ledger_dir: Path) -> list[Path]:
+    """Per-base-model ledgers an earlier version wrote in ``ledger_dir``."""
+    folder = Path(ledger_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _LEGACY_NAME.fullmatch(p.name))
+
+
+def site_ledger(ledger_dir: Path) -> PrivacyLedger:
+    """The site's ledger, counting the earlier per-model ledgers beside it."""
+    return PrivacyLedger(ledger_file(ledger_dir), legacy=legacy_ledgers(ledger_dir))
 
 
 def _digest(body: Mapping[str, Any]) -> str:
@@ -83,8 +112,9 @@ def _encode(body: Mapping[str, Any]) -> bytes:
 class PrivacyLedger:
     """Reads and appends one ledger file; safe across processes (``flock``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, legacy: list[Path] | tuple[Path, ...] = ()) -> None:
         self.path = Path(path)
+        self.legacy = tuple(Path(p) for p in legacy)
 
     # -- writing ----------------------------------------------------------------
     def reserve(
@@ -97,9 +127,20 @@ class PrivacyLedger:
         max_grad_norm: float,
         accountant: Accountant | str,
         base_model: str,
+        admit: Admit | None = None,
     ) -> str:
-        """Durably record a round's planned mechanism before training; its id."""
+        """Durably record a round's planned mechanism before training; its id.
+
+        ``admit`` sees the recorded history under the same lock as the append, so
+        a budget check and its reservation are one step: two rounds racing for the
+        last of a budget cannot both get it.
+        """
         entry_id = uuid.uuid4().hex
+
+        def check(entries: list[dict[str, Any]]) -> None:
+            if admit is not None:
+                admit([*self._legacy_mechanisms(), *_mechanisms_of(entries)])
+
         self._append(
             {
                 "kind": "reserve",
@@ -115,7 +156,9 @@ class PrivacyLedger:
                 "max_grad_norm": float(max_grad_norm),
                 "accountant": Accountant(accountant).value,
                 "base_model": str(base_model),
-            }
+            },
+            check=check,
+            create=True,
         )
         return entry_id
 
@@ -174,6 +217,8 @@ class PrivacyLedger:
         self,
         body: dict[str, Any],
         check: Callable[[list[dict[str, Any]]], None] | None = None,
+        *,
+        create: bool = False,
     ) -> None:
         """Append one line under an exclusive lock, fsync'ed before returning.
 
@@ -184,7 +229,7 @@ class PrivacyLedger:
         flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
         created = False
         try:
-            if check is None:  # a reservation may start the file; a commit may not
+            if create:  # a reservation may start the file; a commit may not
                 try:
                     fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
                     created = True
@@ -239,7 +284,7 @@ class PrivacyLedger:
     def epsilon(
         self, delta: float, accountant: Accountant, run_id: str | None = None
     ) -> float:
-        """Epsilon spent by one run, or (None) by every run on this base model."""
+        """Epsilon spent by one run, or (None) by every run at this site."""
         return epsilon_spent(self.history(run_id), delta, accountant)
 
     def projected(
@@ -248,35 +293,36 @@ class PrivacyLedger:
         delta: float,
         accountant: Accountant,
         run_id: str | None,
+        *,
+        lifetime_delta: float | None = None,
     ) -> tuple[float, float]:
         """(run epsilon, lifetime epsilon) if ``mechanism`` were applied now.
 
         ``run_id=None`` stands for a run with no round yet: its epsilon is that of
-        ``mechanism`` alone.
+        ``mechanism`` alone. The lifetime epsilon is at ``lifetime_delta`` (the
+        site's own, default ``delta``).
         """
-        recorded = self._mechanisms()
-        of_run = [m for run, m in recorded if run_id is not None and run == run_id]
-        everything = [m for _, m in recorded]
-        return (
-            epsilon_spent([*of_run, mechanism], delta, accountant),
-            epsilon_spent([*everything, mechanism], delta, accountant),
+        return project(
+            self._mechanisms(),
+            mechanism,
+            run_id,
+            run_delta=delta,
+            lifetime_delta=delta if lifetime_delta is None else lifetime_delta,
+            accountant=accountant,
         )
 
+    def recorded(self) -> list[tuple[str, Mechanism]]:
+        """(run, mechanism) of every round that counts, earlier ledgers first."""
+        return self._mechanisms()
+
     def _mechanisms(self) -> list[tuple[str, Mechanism]]:
-        entries = self._read()[0]
-        taken = {e["id"]: e["steps"] for e in entries if e["kind"] == "commit"}
-        return [
-            (
-                e["run"],
-                Mechanism(
-                    noise_multiplier=float(e["noise_multiplier"]),
-                    sample_rate=float(e["sample_rate"]),
-                    steps=taken.get(e["id"], e["steps"]),
-                ),
-            )
-            for e in entries
-            if e["kind"] == "reserve"
-        ]
+        return [*self._legacy_mechanisms(), *_mechanisms_of(self._read()[0])]
+
+    def _legacy_mechanisms(self) -> list[tuple[str, Mechanism]]:
+        recorded: list[tuple[str, Mechanism]] = []
+        for path in self.legacy:
+            recorded.extend(_mechanisms_of(PrivacyLedger(path)._read()[0]))
+        return recorded
 
     def _read(self) -> tuple[list[dict[str, Any]], int | None]:
         try:
@@ -332,6 +378,42 @@ class PrivacyLedger:
                     len(tail),
                 )
         return entries, torn_at
+
+
+def project(
+    recorded: list[tuple[str, Mechanism]],
+    mechanism: Mechanism,
+    run_id: str | None,
+    *,
+    run_delta: float,
+    lifetime_delta: float,
+    accountant: Accountant,
+) -> tuple[float, float]:
+    """(run epsilon at ``run_delta``, lifetime epsilon at ``lifetime_delta``) of the
+    recorded history with ``mechanism`` added."""
+    of_run = [m for run, m in recorded if run_id is not None and run == run_id]
+    everything = [m for _, m in recorded]
+    return (
+        epsilon_spent([*of_run, mechanism], run_delta, accountant),
+        epsilon_spent([*everything, mechanism], lifetime_delta, accountant),
+    )
+
+
+def _mechanisms_of(entries: list[dict[str, Any]]) -> list[tuple[str, Mechanism]]:
+    """(run, mechanism) of every reservation: the steps taken once committed."""
+    taken = {e["id"]: e["steps"] for e in entries if e["kind"] == "commit"}
+    return [
+        (
+            e["run"],
+            Mechanism(
+                noise_multiplier=float(e["noise_multiplier"]),
+                sample_rate=float(e["sample_rate"]),
+                steps=taken.get(e["id"], e["steps"]),
+            ),
+        )
+        for e in entries
+        if e["kind"] == "reserve"
+    ]
 
 
 def _read_all(fd: int) -> bytes:

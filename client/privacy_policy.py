@@ -25,6 +25,10 @@ class DpPlan:
     per_round: Mechanism
     """The mechanism one round of local training applies."""
     delta: float
+    """The run's delta: its own epsilon is reported and capped at it."""
+    lifetime_delta: float
+    """The site's delta (its floor, never the run's): the lifetime budget composes
+    every run at it."""
     accountant: Accountant
     run_epsilon_limit: float
     """A round that would take this run past it is refused: the run's target, or
@@ -99,15 +103,21 @@ def _plan(
             f"site's minimum {floor.min_noise_multiplier:g} "
             "(privacy.min-noise-multiplier)"
         )
+    secure = privacy.secure_mode is SecureMode.ON or (
+        privacy.secure_mode is SecureMode.AUTO and not simulation
+    )
+    if not secure and not simulation:
+        reasons.append(
+            "the run turns secure noise off (privacy.secure-mode = 'off'); outside "
+            "a simulation this site draws its noise only from seeds the operating "
+            "system's CSPRNG makes, never from values the coordinator knows"
+        )
     if reasons:
         raise PrivacyPolicyRefused(
             "the run asks for less privacy than this site allows: "
             + "; ".join(reasons),
             hint=hint,
         )
-    secure = privacy.secure_mode is SecureMode.ON or (
-        privacy.secure_mode is SecureMode.AUTO and not simulation
-    )
     return DpPlan(
         per_round=Mechanism(
             noise_multiplier=sigma,
@@ -115,6 +125,7 @@ def _plan(
             steps=schedule.steps_per_round,
         ),
         delta=privacy.target_delta,
+        lifetime_delta=max_delta,
         accountant=privacy.accountant,
         run_epsilon_limit=min(privacy.target_epsilon, floor.max_epsilon) * (1 + 1e-6),
         training=DpTraining(

@@ -21,7 +21,8 @@ from ..common.config import LoraVariant, RunConfig
 from ..common.errors import ConfigError
 from ..common.models import BuiltModel, build_model
 from .egress import EgressAllowlist
-from .ledger import PrivacyLedger, ledger_file
+from .answers import ANSWER_LOG, AnswerLog
+from .ledger import PrivacyLedger, site_ledger
 from .site_config import SiteConfig
 
 if TYPE_CHECKING:
@@ -89,10 +90,13 @@ class SiteRuntime:
 
     @functools.cached_property
     def ledger(self) -> PrivacyLedger:
-        """This site's privacy ledger for this base model."""
-        return PrivacyLedger(
-            ledger_file(self.site.ledger_path, self.built.base_fingerprint)
-        )
+        """This site's privacy ledger (one per site, whatever the model)."""
+        return site_ledger(self.site.ledger_path)
+
+    @functools.cached_property
+    def answers(self) -> AnswerLog:
+        """How often this site has answered each run (beside the ledger)."""
+        return AnswerLog(self.site.ledger_path / ANSWER_LOG)
 
 
 _CACHE: OrderedDict[tuple[str, str], SiteRuntime] = OrderedDict()

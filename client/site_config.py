@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from ..common.config import _describe, _Section, read_toml
 from ..common.errors import ConfigError
+from ..common.wire import ANSWERABLE_METRICS, DEFAULT_ANSWER_METRICS
 
 
 class SiteSection(_Section):
@@ -146,6 +147,43 @@ class SitePrivacy(_Section):
         return self
 
 
+class SiteAnswers(_Section):
+    """What this site answers: which per-site metrics leave, how coarse, how often.
+
+    The coordinator asks; these limits are the site's and no run can widen them.
+    """
+
+    metrics: tuple[str, ...] = Field(
+        DEFAULT_ANSWER_METRICS,
+        description="per-site metric names that may leave this site ('auroc.*': "
+        "AUROC per run label); privacy accounting always leaves",
+    )
+    decimals: int = Field(
+        3, ge=0, le=6, description="every non-accounting metric is rounded to this"
+    )
+    count_granularity: int = Field(
+        10,
+        ge=1,
+        le=10_000,
+        description="example counts leave rounded up to a multiple of this",
+    )
+    evaluate: bool = Field(
+        True,
+        description="answer evaluate messages (at most one per approved round, "
+        "plus the one before training)",
+    )
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> SiteAnswers:
+        unknown = [m for m in self.metrics if m not in ANSWERABLE_METRICS]
+        if unknown:
+            raise ValueError(
+                f"unknown metric name(s) {', '.join(unknown)}; known: "
+                + ", ".join(ANSWERABLE_METRICS)
+            )
+        return self
+
+
 class SiteDeployment(_Section):
     """How the site daemon reaches the coordinator (``wardround site start``)."""
 
@@ -187,6 +225,7 @@ class SiteConfig(_Section):
     data: SiteDataSection = SiteDataSection()
     ehr: EhrSchema = EhrSchema()
     privacy: SitePrivacy = SitePrivacy()
+    answers: SiteAnswers = SiteAnswers()
     deployment: SiteDeployment = SiteDeployment()
     base_dir: Path = Field(Path("."), exclude=True)
 

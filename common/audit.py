@@ -77,6 +77,8 @@ class AuditEvent(StrEnum):
     APP_APPROVED = "app_approved"
     APP_REFUSED = "app_refused"
     PRIVACY_SPENT = "privacy_spent"
+    ANSWER_SENT = "answer_sent"
+    ANSWER_REFUSED = "answer_refused"
     ERROR = "error"
 
 

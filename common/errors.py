@@ -66,6 +66,12 @@ class PrivacyPolicyRefused(WardroundError):
     title = "privacy policy refused"
 
 
+class AnswerRefused(PrivacyPolicyRefused):
+    """The coordinator asks more of a site than the run it approved allows."""
+
+    title = "answer refused"
+
+
 class FederationError(WardroundError):
     """A round could not complete (too few sites replied, a site failed)."""
 

@@ -105,3 +105,36 @@ METRIC_NAMES = (
     *GENERATIVE_METRICS,
 )
 """Every metric name a site may send (plus ``AUROC_PREFIX`` + a run label)."""
+
+AUROC_PER_LABEL = AUROC_PREFIX + "*"
+"""A site's answer policy names per-label AUROC with this one entry."""
+
+ACCOUNTING_METRICS = (
+    DP_EPSILON_RUN,
+    DP_EPSILON_RUN_PRV,
+    DP_EPSILON_TOTAL,
+    DP_DELTA,
+    DP_NOISE_MULTIPLIER,
+    DP_SAMPLE_RATE,
+    DP_STEPS,
+    DP_MAX_GRAD_NORM,
+)
+"""Numeric privacy accounting: functions of the site's plan, not of its data; it
+always leaves (the coordinator shows every site's spend)."""
+
+COUNT_METRICS = (NUM_EXAMPLES, TRAIN_EXAMPLES)
+"""Example counts: they leave rounded up to the site's count granularity."""
+
+PER_SITE_TRAINING_METRICS = (TRAIN_LOSS, TRAIN_SECONDS, DELTA_L2, DELTA_CLIPPED)
+"""What a round's training says about one site's data beyond its update. Under
+SecAgg+ the coordinator sees only the sum of the updates, so these stay home
+(aggregate-only); in plain rounds they leave if the site's policy lists them."""
+
+ANSWERABLE_METRICS = tuple(
+    m for m in METRIC_NAMES if m not in ACCOUNTING_METRICS
+) + (AUROC_PER_LABEL,)
+"""Names a site's answer policy (``[answers] metrics``) may list."""
+
+DEFAULT_ANSWER_METRICS = ANSWERABLE_METRICS
+"""By default every schema metric may leave (rounded, counts coarsened); a site
+narrows the list in ``site.toml``."""

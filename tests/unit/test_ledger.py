@@ -18,7 +18,7 @@ FINGERPRINT = "ab" * 32
 
 @pytest.fixture
 def ledger(tmp_path):
-    return PrivacyLedger(ledger_file(tmp_path / "privacy-ledger", FINGERPRINT))
+    return PrivacyLedger(ledger_file(tmp_path / "privacy-ledger"))
 
 
 def _train_round(ledger, run_id, server_round, mechanism=ROUND, steps_taken=None):
@@ -130,7 +130,7 @@ def test_reopened_ledger_reports_the_same_epsilon(ledger):
     _train_round(ledger, "run-a", 2)
     before = ledger.epsilon(DELTA, Accountant.RDP)
 
-    reopened = PrivacyLedger(ledger_file(ledger.path.parent, FINGERPRINT))
+    reopened = PrivacyLedger(ledger_file(ledger.path.parent))
 
     assert reopened.epsilon(DELTA, Accountant.RDP) == before
     assert reopened.entries() == ledger.entries()
@@ -197,7 +197,7 @@ def test_commit_needs_its_reservation(ledger):
 def test_ledger_file_and_folder_are_private(ledger):
     _train_round(ledger, "run-a", 1)
 
-    assert ledger.path.name == FINGERPRINT[:16] + ".jsonl"
+    assert ledger.path.name == "ledger.jsonl"
     assert stat.S_IMODE(ledger.path.stat().st_mode) == 0o600
     assert stat.S_IMODE(ledger.path.parent.stat().st_mode) == 0o700
 

@@ -22,7 +22,7 @@ ROUND = Mechanism(noise_multiplier=1.1, sample_rate=0.05, steps=40)
 
 
 def _ledger(tmp_path, fingerprint="ab" * 32):
-    return PrivacyLedger(ledger_file(tmp_path / "ledger", fingerprint))
+    return PrivacyLedger(ledger_file(tmp_path / "ledger"))
 
 
 def _round(ledger, run, n, mechanism=ROUND, commit=True):

@@ -188,7 +188,7 @@ def test_site_privacy_reports_the_ledger(tmp_path):
     site_toml.write_text("[privacy]\nbudget-epsilon = 30.0\n")
     empty = runner.invoke(_app(), ["site", "privacy", "--config", str(site_toml)])
     assert empty.exit_code == 0 and "nothing spent yet" in empty.output
-    ledger = PrivacyLedger(ledger_file(tmp_path / "privacy-ledger", "f" * 64))
+    ledger = PrivacyLedger(ledger_file(tmp_path / "privacy-ledger"))
     for run in ("run-a", "run-b"):
         entry = ledger.reserve(
             run, 1, Mechanism(1.0, 0.1, 50), delta=1e-5, max_grad_norm=1.0,
@@ -199,9 +199,23 @@ def test_site_privacy_reports_the_ledger(tmp_path):
         _app(), ["site", "privacy", "--config", str(site_toml), "--json"]
     )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)["ledgers"][0]
+    report = json.loads(result.output)
     assert report["rounds"] == 2 and set(report["runs"]) == {"run-a", "run-b"}
     assert report["epsilon_total"] > report["runs"]["run-a"] > 0
+
+    # A per-model ledger of an earlier version beside it still counts.
+    legacy = PrivacyLedger(tmp_path / "privacy-ledger" / ("ab" * 8 + ".jsonl"))
+    entry = legacy.reserve(
+        "run-old", 1, Mechanism(1.0, 0.1, 50), delta=1e-5, max_grad_norm=1.0,
+        accountant="rdp", base_model="a" * 64,
+    )  # fmt: skip
+    again = runner.invoke(
+        _app(), ["site", "privacy", "--config", str(site_toml), "--json"]
+    )
+    with_legacy = json.loads(again.output)
+    assert with_legacy["earlier_ledgers"] == [str(legacy.path)]
+    assert with_legacy["epsilon_total"] > report["epsilon_total"]
+    assert entry and "run-old" in with_legacy["runs"]
 
 
 @pytest.mark.parametrize("kind", ["report", "vqa"])

@@ -11,6 +11,7 @@ from flwr.app.message_type import MessageType
 
 from wardround.client.app import build_client_app, handle_train
 from wardround.client.ledger import PrivacyLedger, ledger_file
+from wardround.client.run_identity import approved_run_key
 from wardround.common import wire
 from wardround.common.adapter import adapter_state, to_record
 from wardround.common.config import Accountant
@@ -93,7 +94,7 @@ def test_a_round_past_the_budget_is_refused_and_the_refusal_leaves_as_a_status(
     msg, context, built = _call(config, site_toml, run_id="new-run")
     # an earlier run already spent most of this site's lifetime budget
     ledger = PrivacyLedger(
-        ledger_file(site_toml.parent / "privacy-ledger", built.base_fingerprint)
+        ledger_file(site_toml.parent / "privacy-ledger")
     )
     entry = ledger.reserve(
         "old-run", 1, Mechanism(0.7, 0.25, 60), delta=1e-5, max_grad_norm=1.0,
@@ -121,13 +122,13 @@ def test_a_dp_round_is_ledgered_before_its_delta_leaves(
     reply = handle_train(msg, context)
     metrics = reply.content[wire.METRICS]
     ledger = PrivacyLedger(
-        ledger_file(site_toml.parent / "privacy-ledger", built.base_fingerprint)
+        ledger_file(site_toml.parent / "privacy-ledger")
     )
     kinds = [e["kind"] for e in ledger.entries()]
     assert kinds == ["reserve", "commit"]
     assert metrics[wire.DP_STEPS] == 3
     assert metrics[wire.DP_EPSILON_RUN] == pytest.approx(
-        ledger.epsilon(1e-5, Accountant.RDP, "run-1")
+        ledger.epsilon(1e-5, Accountant.RDP, approved_run_key(config))
     )
     assert 0 < metrics[wire.DP_EPSILON_RUN] < config.privacy.target_epsilon
     assert np.isfinite(metrics[wire.DP_EPSILON_RUN_PRV])

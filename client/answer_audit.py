@@ -1,0 +1,89 @@
+"""Every answer the site gives, or refuses, goes into the site's audit log.
+
+The outermost client mod: it sees the reply exactly as it leaves (after the egress
+guard and error sanitizing) and records the message type, the round, the SecAgg+
+stage, the numbers that left and the bytes, or the refusal's controlled reason.
+Never a tensor, never text from data: the audit log's own field guard refuses
+anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    Key,
+)
+
+from ..common import wire
+from ..common.audit import AuditEvent, AuditLog, safe_reason
+from ..common.errors import DataError
+from ..common.wirebytes import content_bytes
+
+log = logging.getLogger(__name__)
+
+
+def _round_of(msg: Message) -> int | None:
+    for record in msg.content.config_records.values():
+        value = record.get(wire.SERVER_ROUND)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _stage_of(msg: Message) -> str | None:
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    stage = configs.get(Key.STAGE) if configs is not None else None
+    return stage if isinstance(stage, str) else None
+
+
+def _numbers_sent(reply: Message) -> dict[str, float | int]:
+    numbers: dict[str, float | int] = {}
+    content = reply.content
+    for record in (*content.metric_records.values(), *content.config_records.values()):
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers[key] = value
+    return numbers
+
+
+def make_answer_audit_mod(audit_for: Callable[[Context], AuditLog | None]) -> Mod:
+    """A mod that records each reply in ``audit_for(context)`` (None: not audited)."""
+
+    def answer_audit_mod(
+        msg: Message, ctx: Context, call_next: ClientAppCallable
+    ) -> Message:
+        fields: dict[str, Any] = {
+            "flower_run": int(ctx.run_id),
+            "message_type": str(msg.metadata.message_type),
+            "round": _round_of(msg) if msg.has_content() else None,
+            "secagg_stage": _stage_of(msg) if msg.has_content() else None,
+        }
+        reply = call_next(msg, ctx)
+        try:
+            audit = audit_for(ctx)
+            if audit is None:
+                return reply
+            if reply.has_error():
+                audit.record(
+                    AuditEvent.ANSWER_REFUSED,
+                    **fields,
+                    reason=safe_reason(str(reply.error.reason)),
+                )
+            else:
+                audit.record(
+                    AuditEvent.ANSWER_SENT,
+                    **fields,
+                    numbers=_numbers_sent(reply),
+                    bytes_out=int(content_bytes(reply.content)),
+                )
+        except (ValueError, DataError, OSError) as exc:  # never blocks an answer
+            log.error("could not audit an answer: %s", exc)
+        return reply
+
+    return answer_audit_mod
