@@ -188,7 +188,7 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
     config, runtime = request.config, request.runtime
     server_round, run = request.server_round, request.run
     plan = _dp_plan(request)
-    runtime.answers.admit(AnswerKind.TRAIN, run, server_round, config.federation.rounds)
+    _admit_answer(request, AnswerKind.TRAIN)
     reservation = None
     if plan is not None:
         # Checked and made durable under one lock, before any noisy step: a crash
@@ -267,6 +267,20 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         secure_aggregation=request.secure_aggregation,
     )
     return payload, metrics
+
+
+def _admit_answer(request: _Request, kind: AnswerKind) -> None:
+    """Count this answer against the approved run's allowance, or refuse it.
+
+    Not in a simulation: there the researcher runs both sides, and a resumed run
+    may repeat rounds. A deployed site trains an approved run at most its
+    ``federation.rounds`` times, a repeated round included.
+    """
+    if request.simulation:
+        return
+    request.runtime.answers.admit(
+        kind, request.run, request.server_round, request.config.federation.rounds
+    )
 
 
 def _admit_round(
@@ -363,12 +377,7 @@ def handle_evaluate(
             "this site answers no evaluate messages ([answers] evaluate = false)",
             hint="The site operator decides; the run can go on without its metrics.",
         )
-    runtime.answers.admit(
-        AnswerKind.EVALUATE,
-        request.run,
-        request.server_round,
-        request.config.federation.rounds,
-    )
+    _admit_answer(request, AnswerKind.EVALUATE)
     outcome = evaluate(
         runtime.built.model,
         runtime.data.validation,

@@ -1,0 +1,213 @@
+"""The site's answer policy, answer log, run identity and its one ledger."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from wardround.client.answers import (
+    ANSWER_LOG,
+    AnswerKind,
+    AnswerLog,
+    coarsen_metrics,
+)
+from wardround.client.ledger import project, site_ledger
+from wardround.client.run_identity import approved_run_key, run_identity
+from wardround.client.site_config import SiteAnswers
+from wardround.common import wire
+from wardround.common.config import Accountant, RunConfig
+from wardround.common.errors import AnswerRefused, ConfigError, PrivacyBudgetExhausted
+from wardround.common.privacy import Mechanism, check_round_budget, epsilon_spent
+
+TRAIN_METRICS = {
+    wire.NUM_EXAMPLES: 123,
+    wire.SITE_INDEX: -1,
+    wire.TRAIN_LOSS: 0.693147,
+    wire.TRAIN_STEPS: 4,
+    wire.TRAIN_SECONDS: 1.23456,
+    wire.DELTA_L2: 0.123456,
+    wire.DELTA_CLIPPED: 0,
+    wire.DP_EPSILON_RUN: 1.2345678,
+    wire.DP_NOISE_MULTIPLIER: 0.987654321,
+}
+
+
+def test_policy_rounds_floats_and_coarsens_counts_upwards():
+    out = coarsen_metrics(TRAIN_METRICS, SiteAnswers(), secure_aggregation=False)
+
+    assert out[wire.NUM_EXAMPLES] == 130  # rounded up: a SecAgg+ weight cap holds
+    assert out[wire.TRAIN_LOSS] == 0.693 and out[wire.DELTA_L2] == 0.123
+    # accounting is a function of the plan: it leaves exact
+    assert out[wire.DP_EPSILON_RUN] == TRAIN_METRICS[wire.DP_EPSILON_RUN]
+    assert out[wire.DP_NOISE_MULTIPLIER] == TRAIN_METRICS[wire.DP_NOISE_MULTIPLIER]
+
+
+def test_under_secagg_per_site_training_metrics_stay_home():
+    out = coarsen_metrics(TRAIN_METRICS, SiteAnswers(), secure_aggregation=True)
+
+    assert not set(out) & set(wire.PER_SITE_TRAINING_METRICS)
+    assert out[wire.TRAIN_STEPS] == 4 and wire.DP_EPSILON_RUN in out
+
+
+def test_only_listed_metrics_leave():
+    policy = SiteAnswers(metrics=(wire.AUROC_MACRO,), decimals=1)
+    values = {wire.AUROC_MACRO: 0.7349, wire.EVAL_LOSS: 0.5, "auroc.edema": 0.61}
+
+    assert coarsen_metrics(values, policy, secure_aggregation=False) == {
+        wire.AUROC_MACRO: 0.7
+    }
+    per_label = SiteAnswers(metrics=(wire.AUROC_PER_LABEL,))
+    assert coarsen_metrics(values, per_label, secure_aggregation=False) == {
+        "auroc.edema": 0.61
+    }
+
+
+def test_an_unknown_metric_in_the_policy_is_a_config_error(tmp_path):
+    from wardround.client.site_config import SiteConfig
+
+    toml = tmp_path / "site.toml"
+    toml.write_text('[answers]\nmetrics = ["auroc-macro", "patient-names"]\n')
+    with pytest.raises(ConfigError, match="patient-names"):
+        SiteConfig.from_toml(toml)
+
+
+def test_answer_log_allows_rounds_trainings_and_rounds_plus_one_evaluations(tmp_path):
+    log = AnswerLog(tmp_path / ANSWER_LOG)
+    for server_round in (1, 2):
+        log.admit(AnswerKind.TRAIN, "run-a", server_round, approved_rounds=2)
+    with pytest.raises(AnswerRefused, match="answered 2 train"):
+        log.admit(AnswerKind.TRAIN, "run-a", 1, approved_rounds=2)
+    for server_round in (0, 1, 2):
+        log.admit(AnswerKind.EVALUATE, "run-a", server_round, approved_rounds=2)
+    with pytest.raises(AnswerRefused):
+        log.admit(AnswerKind.EVALUATE, "run-a", 2, approved_rounds=2)
+    # another approved run has its own allowance; rounds outside the run are refused
+    log.admit(AnswerKind.TRAIN, "run-b", 1, approved_rounds=2)
+    with pytest.raises(AnswerRefused, match="rounds 1..2"):
+        log.admit(AnswerKind.TRAIN, "run-b", 3, approved_rounds=2)
+    with pytest.raises(AnswerRefused, match="rounds 1..2"):
+        log.admit(AnswerKind.TRAIN, "run-b", 0, approved_rounds=2)
+    assert len(AnswerLog(tmp_path / ANSWER_LOG).entries()) == 6
+
+
+def test_answer_log_racing_threads_get_exactly_the_allowance(tmp_path):
+    log = AnswerLog(tmp_path / ANSWER_LOG)
+    outcomes: list[bool] = []
+
+    def ask() -> None:
+        try:
+            AnswerLog(log.path).admit(AnswerKind.TRAIN, "run", 1, approved_rounds=3)
+            outcomes.append(True)
+        except AnswerRefused:
+            outcomes.append(False)
+
+    threads = [threading.Thread(target=ask) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count(True) == 3 and len(log.entries()) == 3
+
+
+def test_a_damaged_answer_log_stops_answers(tmp_path):
+    from wardround.common.errors import DataError
+
+    log = AnswerLog(tmp_path / ANSWER_LOG)
+    log.admit(AnswerKind.TRAIN, "run", 1, approved_rounds=3)
+    log.admit(AnswerKind.TRAIN, "run", 2, approved_rounds=3)
+    lines = log.path.read_text().splitlines()
+    log.path.write_text(lines[0].replace('"round": 1', '"round": 9') + "\n" + lines[1] + "\n")
+    with pytest.raises(DataError, match="line 1"):
+        log.admit(AnswerKind.TRAIN, "run", 3, approved_rounds=3)
+
+
+def test_a_torn_last_answer_line_is_cut_off(tmp_path):
+    log = AnswerLog(tmp_path / ANSWER_LOG)
+    log.admit(AnswerKind.TRAIN, "run", 1, approved_rounds=3)
+    with log.path.open("a") as handle:
+        handle.write('{"kind": "tra')
+    log.admit(AnswerKind.TRAIN, "run", 2, approved_rounds=3)
+    assert [e["round"] for e in log.entries()] == [1, 2]
+
+
+def test_run_identity_is_the_approved_settings_not_the_message():
+    config = RunConfig()
+    moved = config.with_overrides(output={"dir": "elsewhere", "resume": True})
+    changed = config.with_overrides(federation={"rounds": 6})
+
+    assert approved_run_key(moved) == approved_run_key(config)
+    assert approved_run_key(changed) != approved_run_key(config)
+    deployed = {
+        run_identity(config, simulation=False, flower_run=r, named_run=n)
+        for r, n in ((1, "a"), (2, "b"), (3, "c"))
+    }
+    assert deployed == {approved_run_key(config)}
+    simulated = {
+        run_identity(config, simulation=True, flower_run=r, named_run="x")
+        for r in (1, 2)
+    }
+    assert len(simulated) == 2
+
+
+def _reserve(ledger, run, base_model, mechanism, admit=None):
+    return ledger.reserve(
+        run, 1, mechanism, delta=1e-5, max_grad_norm=1.0, accountant="rdp",
+        base_model=base_model, admit=admit,
+    )  # fmt: skip
+
+
+def test_one_ledger_per_site_whatever_the_base_model(tmp_path):
+    mechanism = Mechanism(1.0, 0.1, 100)
+    _reserve(site_ledger(tmp_path), "run-a", "a" * 64, mechanism)
+    _reserve(site_ledger(tmp_path), "run-b", "b" * 64, mechanism)  # another init-seed
+
+    ledger = site_ledger(tmp_path)
+    assert len(ledger.recorded()) == 2
+    alone = epsilon_spent([mechanism], 1e-5, Accountant.RDP)
+    assert ledger.epsilon(1e-5, Accountant.RDP) > alone * 1.3
+
+
+def test_lifetime_epsilon_is_at_the_sites_delta_not_the_runs():
+    recorded = [("old", Mechanism(1.0, 0.1, 200))]
+    new = Mechanism(1.0, 0.1, 50)
+    # a run asking for a loose delta does not loosen the lifetime account
+    _, lifetime_site = project(
+        recorded, new, "new", run_delta=1e-2, lifetime_delta=1e-6,
+        accountant=Accountant.RDP,
+    )  # fmt: skip
+    _, lifetime_run = project(
+        recorded, new, "new", run_delta=1e-2, lifetime_delta=1e-2,
+        accountant=Accountant.RDP,
+    )  # fmt: skip
+    assert lifetime_site > lifetime_run
+
+
+def test_budget_check_and_reservation_are_one_step(tmp_path):
+    """Twelve rounds race for a budget with room for three: three get it."""
+    mechanism = Mechanism(1.0, 0.05, 100)
+    budget = epsilon_spent([mechanism] * 3, 1e-5, Accountant.RDP) * (1 + 1e-9)
+
+    def admit(recorded):
+        _, total = project(
+            recorded, mechanism, "run", run_delta=1e-5, lifetime_delta=1e-5,
+            accountant=Accountant.RDP,
+        )  # fmt: skip
+        check_round_budget(total, total, max_epsilon_per_run=budget, budget_epsilon=budget)
+
+    outcomes: list[bool] = []
+
+    def race() -> None:
+        try:
+            _reserve(site_ledger(tmp_path), "run", "a" * 64, mechanism, admit)
+            outcomes.append(True)
+        except PrivacyBudgetExhausted:
+            outcomes.append(False)
+
+    threads = [threading.Thread(target=race) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count(True) == 3
+    assert len(site_ledger(tmp_path).recorded()) == 3
