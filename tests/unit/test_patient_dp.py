@@ -37,7 +37,7 @@ from wardround.common.adapter import (
     to_record,
 )
 from wardround.common.config import GradSampleMode, RunConfig, TaskConfig
-from wardround.common.errors import DataError
+from wardround.common.errors import DataError, PrivacyPolicyRefused
 from wardround.common.privacy import local_schedule
 from wardround.common.text import get_tokenizer
 
@@ -233,6 +233,37 @@ def test_a_dp_round_plans_and_ledgers_the_patient_sample_rate(
     per_study = local_schedule(len(runtime.data.train), batch, epochs, 2).sample_rate
     assert per_patient > per_study
     assert [m.sample_rate for m in runtime.ledger.history()] == [per_patient]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_default_delta_limit_is_one_over_the_training_patients(
+    multi_study_site, tiny_config
+):
+    runtime = get_runtime(multi_study_site / "site.toml", 0, tiny_config)
+    patients = runtime.data.num_privacy_units
+    assert runtime.site.privacy.max_delta is None  # the 1/N default applies
+    config = tiny_config.with_overrides(
+        privacy={"target_delta": 1.2 / patients}, train={"max_steps": 1}
+    )
+    message, context = _train_message(config, multi_study_site / "site.toml")
+    with pytest.raises(PrivacyPolicyRefused, match=f"1 / its {patients} training pat"):
+        handle_train(message, context)
+
+
+def test_vlm_site_data_is_split_and_counted_by_patient(multi_study_site):
+    from wardround.client.data.vlm_dataset import load_vlm_site_data
+    from wardround.common.models.vlm_tiny import build_tiny_vlm
+
+    _, processor = build_tiny_vlm("llava")
+    site = SiteConfig.from_toml(multi_study_site / "site.toml")
+    data = load_vlm_site_data(
+        site, TaskConfig(kind="vqa"), processor, image_size=16, max_tokens=256
+    )
+    train, validation = data.train.patients, data.validation.patients
+    assert len(train) == len(data.train) and len(validation) == len(data.validation)
+    assert not set(train.tolist()) & set(validation.tolist())
+    assert data.num_privacy_units == len(set(train.tolist())) < len(data.train)
+    assert np.bincount(np.concatenate([train, validation])).max() == 4
 
 
 @pytest.fixture(scope="module")
