@@ -176,7 +176,7 @@ def _dp_plan(request: _Request) -> DpPlan | None:
     return plan_site_privacy(
         request.config,
         request.runtime.site.privacy,
-        len(request.runtime.data.train),
+        request.runtime.data.num_privacy_units,
         simulation=request.simulation,
     )
 
@@ -436,7 +436,10 @@ def precheck_secure_round(
     """
     config, runtime, simulation = _load(context, run_config)
     plan = plan_site_privacy(
-        config, runtime.site.privacy, len(runtime.data.train), simulation=simulation
+        config,
+        runtime.site.privacy,
+        runtime.data.num_privacy_units,
+        simulation=simulation,
     )
     if plan is not None:
         run = run_identity(

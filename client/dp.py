@@ -3,6 +3,8 @@
 Opacus wraps the model (per-sample gradients), the optimizer (per-example clipping
 and Gaussian noise) and the data loader (Poisson sampling) for the round, and is
 unwrapped afterwards so the site's cached model carries no hooks between rounds.
+The privacy unit is the patient: Opacus Poisson-samples the training patients and
+each sampled patient gives one of their studies (:mod:`.data.patients`).
 Sigma is not chosen here: it was planned once for the run's whole schedule.
 """
 
@@ -19,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..common.config import GradSampleMode
+from .data.patients import OneStudyPerPatient, patients_of
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class DpTraining:
 
 @dataclass
 class PrivateParts:
-    """The wrapped model, optimizer and Poisson-sampled loader of one round."""
+    """The wrapped model, optimizer and patient-sampled loader of one round."""
 
     model: torch.nn.Module
     optimizer: Any  # opacus.optimizers.DPOptimizer
@@ -57,7 +60,13 @@ def private_training(
     *,
     seed: int,
 ) -> Iterator[PrivateParts]:
-    """Privatise (model, optimizer, loader) for one round; unwrap on exit."""
+    """Privatise (model, optimizer, loader) for one round; unwrap on exit.
+
+    ``loader`` is the plain loader over studies: its dataset must say whose each
+    study is (DataError otherwise), and its batch size and collate are kept. The
+    private loader samples patients at Opacus's rate ``1 / ceil(patients /
+    batch size)``, as :func:`~wardround.common.privacy.local_schedule` plans.
+    """
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
 
@@ -69,9 +78,16 @@ def private_training(
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     if dp.secure_mode:
         sampling = _urandom_generator(torch.device("cpu"))
+        choice = _urandom_generator(torch.device("cpu"))
     else:
         sampling = torch.Generator().manual_seed(seed)
-    poisson = DPDataLoader.from_data_loader(loader, generator=sampling)
+        choice = torch.Generator().manual_seed(seed + 2)
+    per_patient = DataLoader(
+        OneStudyPerPatient(loader.dataset, patients_of(loader.dataset), choice),
+        batch_size=loader.batch_size,
+        collate_fn=loader.collate_fn,
+    )
+    poisson = DPDataLoader.from_data_loader(per_patient, generator=sampling)
     # When the very first Poisson batch is empty, Opacus builds a stand-in from the
     # first item's fields (dict keys, for our items) and fails; an empty list is
     # skipped by is_empty_batch like any other empty batch.

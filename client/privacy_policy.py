@@ -80,7 +80,7 @@ def _plan(
             + (
                 "privacy.max-delta"
                 if floor.max_delta is not None
-                else f"1 / its {num_train} training examples"
+                else f"1 / its {num_train} training patients"
             )
             + ")"
         )

@@ -194,6 +194,7 @@ def _join_section(prep, task: TaskConfig) -> dict[str, Any]:
         if j is not None and not np.isnan(prep.decoded[j]).any():
             with_image += 1
     present_ehr = ehr_present(ehr.features[join.rows], task) if join.rows else []
+    studies_per_patient = Counter(ehr.patient_ids[i] for i in join.rows)
     return {
         "ehr_studies_with_image": join.ehr_with_image,
         "ehr_studies": join.ehr_studies,
@@ -206,7 +207,9 @@ def _join_section(prep, task: TaskConfig) -> dict[str, Any]:
         "items_with_image": with_image,
         "items_with_ehr": int(np.sum(present_ehr)),
         "items_with_note": sum(1 for i in join.rows if ehr.notes[i].strip()),
-        "patients": len({ehr.patient_ids[i] for i in join.rows}),
+        "patients": len(studies_per_patient),
+        # DP-SGD samples patients and takes one study of each: epsilon is per patient
+        "max_studies_per_patient": max(studies_per_patient.values(), default=0),
     }
 
 

@@ -66,10 +66,11 @@ def train_local(
 ) -> TrainOutcome:
     """Train the model's trainable tensors on ``dataset``; FedProx term when mu > 0.
 
-    With ``dp``, every step is a DP-SGD step (Opacus, Poisson sampling); the
-    FedProx gradient is data-independent and is added after the noise, at no
-    privacy cost. ``steps`` counts sampling steps, empty Poisson batches included
-    (they are skipped, but accounted). ``objective`` defaults to the fusion
+    With ``dp``, every step is a DP-SGD step (Opacus, Poisson sampling of the
+    dataset's patients, one study per sampled patient); the FedProx gradient is
+    data-independent and is added after the noise, at no privacy cost. ``steps``
+    counts sampling steps, empty Poisson batches included (they are skipped, but
+    accounted). Without ``dp`` every study is used, shuffled. ``objective`` defaults to the fusion
     classifier's (with ``spec.modality_dropout``).
     """
     start = time.perf_counter()

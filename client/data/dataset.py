@@ -42,6 +42,7 @@ from .dicom_index import index_dicom
 from .ehr import EncodedEhr, read_encoded_ehr
 from .image import load_study_image
 from .join import Join, index_fingerprint, join_ehr_images, study_series
+from .patients import count_patients, patient_ordinals
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +50,23 @@ ITEM_KEYS = ("image", "ehr", "note_ids", "note_mask", "labels", "present")
 
 
 class TensorDictDataset(Dataset):
-    """Items are slices of in-memory tensors that share their first dimension."""
+    """Items are slices of in-memory tensors that share their first dimension.
 
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+    ``patients`` numbers each item's patient (see :mod:`.patients`); DP-SGD
+    samples by it and refuses a dataset without it.
+    """
+
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], patients: np.ndarray | None = None
+    ) -> None:
         lengths = {len(t) for t in tensors.values()}
         if len(lengths) != 1:
             raise ValueError(f"tensors differ in length: {sorted(lengths)}")
         self.tensors = tensors
         self._len = lengths.pop()
+        if patients is not None and len(patients) != self._len:
+            raise ValueError(f"{len(patients)} patient numbers for {self._len} items")
+        self.patients = patients
 
     def __len__(self) -> int:
         return self._len
@@ -75,6 +85,8 @@ class SiteData:
     num_studies: int
     num_unmatched_ehr: int
     num_unmatched_images: int
+    num_privacy_units: int
+    """Training patients: DP-SGD samples them, and epsilon and delta are per patient."""
     num_null_labels: int = 0
     num_image_errors: int = 0
     num_duplicate_ehr: int = 0
@@ -262,10 +274,11 @@ def load_site_data(
         "labels": torch.from_numpy(ehr.labels[matched]),
         "present": torch.from_numpy(present),
     }
-    patients = [ehr.patient_ids[i] for i in matched]
+    patient_ids = [ehr.patient_ids[i] or "" for i in matched]
     in_val = split_patients(
-        patients, site.data.split_seed, site.data.validation_fraction
+        patient_ids, site.data.split_seed, site.data.validation_fraction
     )
+    patients = patient_ordinals(patient_ids)
     val_idx = torch.from_numpy(np.flatnonzero(in_val))
     train_idx = torch.from_numpy(np.flatnonzero(~in_val))
     null_labels = int(ehr.label_null[matched].sum())
@@ -280,22 +293,29 @@ def load_site_data(
     if null_labels:
         logger.warning("%d null label cells were counted as 0", null_labels)
     logger.info(
-        "site data: %d studies (%d train, %d validation), %d EHR rows without image, "
-        "%d images without EHR row, %d duplicate EHR rows",
+        "site data: %d studies (%d train, %d validation) of %d patients (%d train), "
+        "%d EHR rows without image, %d images without EHR row, %d duplicate EHR rows",
         len(matched),
         len(train_idx),
         len(val_idx),
+        count_patients(patients),
+        count_patients(patients[train_idx.numpy()]),
         join.ehr_studies - join.ehr_with_image,
         join.dicom_studies - join.dicom_with_ehr,
         join.duplicates,
     )
     return SiteData(
-        train=TensorDictDataset({k: v[train_idx] for k, v in tensors.items()}),
-        validation=TensorDictDataset({k: v[val_idx] for k, v in tensors.items()}),
+        train=TensorDictDataset(
+            {k: v[train_idx] for k, v in tensors.items()}, patients[train_idx.numpy()]
+        ),
+        validation=TensorDictDataset(
+            {k: v[val_idx] for k, v in tensors.items()}, patients[val_idx.numpy()]
+        ),
         fingerprint=prep.fingerprint,
         num_studies=len(matched),
         num_unmatched_ehr=join.ehr_studies - join.ehr_with_image,
         num_unmatched_images=join.dicom_studies - join.dicom_with_ehr,
+        num_privacy_units=count_patients(patients[train_idx.numpy()]),
         num_null_labels=null_labels,
         num_image_errors=n_errors,
         num_duplicate_ehr=join.duplicates,

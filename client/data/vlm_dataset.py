@@ -43,21 +43,30 @@ from ...common.vlm_prompts import (
 from ..site_config import SiteConfig
 from .dataset import SiteData, prepare_site, split_patients
 from .ehr import open_dataset
+from .patients import count_patients, patient_ordinals, patients_of
 
 logger = logging.getLogger(__name__)
 
 
 class VlmDataset(Dataset):
-    """Tokenised examples (variable length) and their texts, in memory."""
+    """Tokenised examples (variable length) and their texts, in memory.
+
+    ``patients`` numbers each example's patient (see :mod:`.patients`); DP-SGD
+    samples by it and refuses a dataset without it.
+    """
 
     def __init__(
         self,
         items: list[dict[str, torch.Tensor]],
         prompts: list[str],
         references: list[str],
+        patients: np.ndarray | None = None,
     ) -> None:
         if not len(items) == len(prompts) == len(references):
             raise ValueError("items, prompts and references differ in length")
+        if patients is not None and len(patients) != len(items):
+            raise ValueError(f"{len(patients)} patient numbers for {len(items)} items")
+        self.patients = patients
         self.items = items
         self.prompts = prompts
         """The user's text of each example (the EHR or question; no image)."""
@@ -79,6 +88,7 @@ class VlmDataset(Dataset):
             picked,
             [self.prompts[i] for i in indices],
             [self.references[i] for i in indices],
+            None if self.patients is None else self.patients[indices],
         )
 
 
@@ -206,7 +216,7 @@ def load_vlm_site_data(
             hint="Check `[ehr]` report / question / answer in site.toml and the "
             "DICOM folders (`wardround site check`).",
         )
-    everything = VlmDataset(items, prompts, references)
+    everything = VlmDataset(items, prompts, references, patient_ordinals(patients))
     in_val = split_patients(
         patients, site.data.split_seed, site.data.validation_fraction
     )
@@ -220,13 +230,15 @@ def load_vlm_site_data(
         image_errors,
         skipped_text,
     )
+    train = everything.subset(np.flatnonzero(~in_val))
     return SiteData(
-        train=everything.subset(np.flatnonzero(~in_val)),
+        train=train,
         validation=everything.subset(np.flatnonzero(in_val)),
         fingerprint=prep.fingerprint,
         num_studies=len(items),
         num_unmatched_ehr=prep.join.ehr_studies - prep.join.ehr_with_image,
         num_unmatched_images=prep.join.dicom_studies - prep.join.dicom_with_ehr,
+        num_privacy_units=count_patients(patients_of(train)),
         num_image_errors=image_errors,
         num_without_image=without_image,
     )

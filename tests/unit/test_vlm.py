@@ -502,8 +502,9 @@ def test_dp_sgd_trains_lora_on_a_bfloat16_base():
 
     outcome = train_local(
         built.model,
-        VlmDataset(items, ["q"] * 8, ["a"] * 8),
-        LocalTrainSpec(1, 0, 4, 0.01, 0.0, 0.0, seed=1),
+        # four patients of two studies each: DP samples patients, one study each
+        VlmDataset(items, ["q"] * 8, ["a"] * 8, np.arange(8) // 2),
+        LocalTrainSpec(1, 0, 2, 0.01, 0.0, 0.0, seed=1),
         DpTraining(1.0, 1.0, GradSampleMode.HOOKS, secure_mode=False),
         objective,
     )
