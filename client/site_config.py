@@ -131,7 +131,8 @@ class SitePrivacy(_Section):
         None,
         gt=0.0,
         lt=1.0,
-        description="largest delta a run may use; default 1 / training examples",
+        description="largest delta a run may use, and the delta of the lifetime "
+        "budget; default 1 / training patients",
     )
     min_noise_multiplier: float = Field(
         0.0, ge=0.0, description="refuse runs whose sigma would be lower"
