@@ -471,7 +471,9 @@ def build_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
             site = _load(context, run_config)[1].site
         except Exception:  # noqa: BLE001 - a site that cannot load answers nothing
             return None
-        return AuditLog(site.state_path / AUDIT_FILENAME, actor=f"site:{site.site.name}")
+        return AuditLog(
+            site.state_path / AUDIT_FILENAME, actor=f"site:{site.site.name}"
+        )
 
     client_app = ClientApp(
         mods=[

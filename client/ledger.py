@@ -389,8 +389,11 @@ def project(
     lifetime_delta: float,
     accountant: Accountant,
 ) -> tuple[float, float]:
-    """(run epsilon at ``run_delta``, lifetime epsilon at ``lifetime_delta``) of the
-    recorded history with ``mechanism`` added."""
+    """Run and lifetime epsilon of the recorded history with ``mechanism`` added.
+
+    The run's at ``run_delta`` (its own rounds only), the lifetime's at
+    ``lifetime_delta`` (every round at the site).
+    """
     of_run = [m for run, m in recorded if run_id is not None and run == run_id]
     everything = [m for _, m in recorded]
     return (

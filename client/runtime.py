@@ -20,8 +20,8 @@ from ..common.adapter import adapter_state, payload_keys
 from ..common.config import LoraVariant, RunConfig
 from ..common.errors import ConfigError
 from ..common.models import BuiltModel, build_model
-from .egress import EgressAllowlist
 from .answers import ANSWER_LOG, AnswerLog
+from .egress import EgressAllowlist
 from .ledger import PrivacyLedger, site_ledger
 from .site_config import SiteConfig
 

@@ -130,9 +130,9 @@ PER_SITE_TRAINING_METRICS = (TRAIN_LOSS, TRAIN_SECONDS, DELTA_L2, DELTA_CLIPPED)
 SecAgg+ the coordinator sees only the sum of the updates, so these stay home
 (aggregate-only); in plain rounds they leave if the site's policy lists them."""
 
-ANSWERABLE_METRICS = tuple(
-    m for m in METRIC_NAMES if m not in ACCOUNTING_METRICS
-) + (AUROC_PER_LABEL,)
+ANSWERABLE_METRICS = tuple(m for m in METRIC_NAMES if m not in ACCOUNTING_METRICS) + (
+    AUROC_PER_LABEL,
+)
 """Names a site's answer policy (``[answers] metrics``) may list."""
 
 DEFAULT_ANSWER_METRICS = ANSWERABLE_METRICS

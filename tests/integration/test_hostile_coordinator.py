@@ -100,7 +100,9 @@ def _audit(site_folder):
 
 
 def _ledger_runs(site_folder):
-    return Counter(run for run, _ in site_ledger(site_folder / "privacy-ledger").recorded())
+    return Counter(
+        run for run, _ in site_ledger(site_folder / "privacy-ledger").recorded()
+    )
 
 
 def test_a_fresh_run_id_every_round_buys_no_fresh_budget(site, approved):

@@ -117,7 +117,9 @@ def test_a_damaged_answer_log_stops_answers(tmp_path):
     log.admit(AnswerKind.TRAIN, "run", 1, approved_rounds=3)
     log.admit(AnswerKind.TRAIN, "run", 2, approved_rounds=3)
     lines = log.path.read_text().splitlines()
-    log.path.write_text(lines[0].replace('"round": 1', '"round": 9') + "\n" + lines[1] + "\n")
+    log.path.write_text(
+        lines[0].replace('"round": 1', '"round": 9') + "\n" + lines[1] + "\n"
+    )
     with pytest.raises(DataError, match="line 1"):
         log.admit(AnswerKind.TRAIN, "run", 3, approved_rounds=3)
 
@@ -193,7 +195,9 @@ def test_budget_check_and_reservation_are_one_step(tmp_path):
             recorded, mechanism, "run", run_delta=1e-5, lifetime_delta=1e-5,
             accountant=Accountant.RDP,
         )  # fmt: skip
-        check_round_budget(total, total, max_epsilon_per_run=budget, budget_epsilon=budget)
+        check_round_budget(
+            total, total, max_epsilon_per_run=budget, budget_epsilon=budget
+        )
 
     outcomes: list[bool] = []
 
