@@ -133,7 +133,7 @@ class SitePrivacy(_Section):
     budget_epsilon: float = Field(
         30.0,
         gt=0.0,
-        le=10_000.0,
+        le=1_000_000.0,
         description="epsilon this site's patients may lose over all runs (per base "
         "model), composed from the ledger",
     )
