@@ -61,7 +61,7 @@ def test_many_records_form_an_intact_chain(tmp_path):
     assert [e["seq"] for e in events] == list(range(120))
     assert events[0]["prev"] == GENESIS
     assert all(
-        b["prev"] == a["sha256"] for a, b in zip(events, events[1:], strict=False)
+        b["prev"] == a["hmac"] for a, b in zip(events, events[1:], strict=False)
     )
     assert verify_audit(path) == AuditCheck(ok=True, lines=120)
 
@@ -79,7 +79,7 @@ def test_record_returns_the_line_it_wrote(tmp_path):
         note=None,
     )
     assert list(entry)[:4] == ["seq", "time", "actor", "event"]
-    assert list(entry)[-2:] == ["prev", "sha256"]
+    assert list(entry)[-2:] == ["prev", "hmac"]
     assert entry["event"] == "site_joined"
     assert entry["config"] == str(tmp_path / "site.toml")
     assert entry["time"].endswith("Z") and len(entry["time"]) == len(
@@ -125,26 +125,27 @@ def test_an_edited_field_breaks_the_chain_at_its_line(tmp_path):
     _fill(path, 10)
     lines = _lines(path)
     entry = json.loads(lines[4])
-    entry["loss"] = 0.01  # the sha256 no longer matches
+    entry["loss"] = 0.01  # the hmac no longer matches
     lines[4] = json.dumps(entry) + "\n"
     path.write_text("".join(lines))
 
     check = verify_audit(path)
     assert not check.ok
     assert check.first_bad_line == 5
-    assert "sha256" in check.problem
+    assert "hmac" in check.problem
 
 
-def test_a_rehashed_edit_is_caught_by_the_next_line(tmp_path):
-    from wardround.common.audit import _digest
+def test_a_resealed_edit_is_caught_by_the_next_line(tmp_path):
+    from wardround.common.audit import _mac
 
     path = tmp_path / "audit.jsonl"
-    _fill(path, 10)
+    log = _fill(path, 10)
     lines = _lines(path)
     entry = json.loads(lines[4])
     entry["loss"] = 0.01
-    body = {k: v for k, v in entry.items() if k != "sha256"}
-    lines[4] = json.dumps({**body, "sha256": _digest(body)}) + "\n"
+    body = {k: v for k, v in entry.items() if k != "hmac"}
+    key = log.key_path.read_bytes()  # even with the key, the next line's prev breaks
+    lines[4] = json.dumps({**body, "hmac": _mac(key, body)}) + "\n"
     path.write_text("".join(lines))
 
     check = verify_audit(path)
