@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     from rich.text import Text
 
 # Shown in their own columns (or not at all); every other field goes to "details".
-_COLUMN_KEYS = frozenset({"seq", "time", "actor", "event", "run_id", "prev", "sha256"})
+_COLUMN_KEYS = frozenset(
+    {"seq", "time", "actor", "event", "run_id", "prev", "sha256", "hmac"}
+)
 
 
 def _fail(exc: Exception) -> None:
