@@ -90,6 +90,26 @@ def changed_settings(fab: bytes, run_config: dict[str, Any]) -> list[str]:
     return sorted(k for k in keys if approved.get(k) != run_config.get(k))
 
 
+SHOWN_SECTIONS = ("privacy", "secure-aggregation", "federation", "model", "task")
+"""The run settings a site operator reads before approving a run."""
+
+
+def describe_run(run: Any) -> list[str]:
+    """The settings of a run (a ``RunConfig``) that matter to a site, as text lines.
+
+    One ``[section]`` header per shown section, then ``key = value`` lines in the
+    run.toml spelling; lists and tables are written as compact JSON.
+    """
+    settings = run.model_dump(mode="json", by_alias=True)
+    lines: list[str] = []
+    for section in SHOWN_SECTIONS:
+        lines.append(f"[{section}]")
+        for key, value in settings[section].items():
+            shown = value if isinstance(value, str) else json.dumps(value)
+            lines.append(f"  {key} = {shown}")
+    return lines
+
+
 class AppApprovals:
     """The site's allowlist of FAB hashes, kept in ``<state-dir>/approved-apps.json``."""
 

@@ -195,42 +195,108 @@ def start(
 
 @site_app.command("approve")
 def approve(
-    app_hash: Annotated[
-        str, typer.Argument(help="the app hash `wardround launch` shows")
-    ],
     config: Annotated[Path, typer.Option("--config", help="the site's site.toml")],
+    app_hash: Annotated[
+        str | None,
+        typer.Argument(
+            help="the app hash `wardround launch` shows (or give --run-config)",
+            show_default=False,
+        ),
+    ] = None,
+    run_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--run-config",
+            help="the run.toml to approve: its app hash is computed as `wardround "
+            "launch --print-hash` does, and its settings are shown",
+            dir_okay=False,
+        ),
+    ] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="approve the shown run without asking")
+    ] = False,
     note: Annotated[str, typer.Option(help="why, for the audit log")] = "",
     revoke: Annotated[
         bool, typer.Option("--revoke", help="withdraw an approval instead")
     ] = False,
 ) -> None:
-    """Allow (or, with --revoke, stop allowing) runs of one app to train at this site."""
+    """Allow (or, with --revoke, stop allowing) runs of one app to train at this site.
+
+    With --run-config the site sees what it approves: the hash is recomputed from
+    run.toml and the run's privacy, secure-aggregation, federation, model and task
+    settings are shown before it asks. A bare HASH cannot be shown.
+    """
     try:
         from wardround.common.audit import AuditLog, safe_reason
+        from wardround.common.errors import ConfigError
 
-        from .approvals import AppApprovals
+        from .approvals import AppApprovals, describe_run, normalize_hash
         from .daemon import AUDIT_FILE
         from .site_config import SiteConfig
 
         site = SiteConfig.from_toml(config)
+        if run_config is not None:
+            value, settings = _run_hash_and_settings(run_config)
+            if app_hash is not None and normalize_hash(app_hash) != value:
+                raise ConfigError(
+                    f"{run_config} has app hash {value}, not the {app_hash} given",
+                    hint="Approve the run.toml you were sent; ask the coordinator "
+                    "admin which one they launched.",
+                )
+        elif app_hash is not None:
+            value, settings = normalize_hash(app_hash), None
+        else:
+            raise ConfigError(
+                "name the app to approve: a run.toml or its hash",
+                hint="Run `wardround site approve --run-config run.toml "
+                "--config site.toml`.",
+            )
         approvals = AppApprovals(site.state_path)
         audit = AuditLog(site.state_path / AUDIT_FILE, actor=f"site:{site.site.name}")
         if revoke:
-            from .approvals import normalize_hash
-
-            found = approvals.revoke(app_hash)
-            audit.record(
-                "app_refused",
-                fab_hash=normalize_hash(app_hash),
-                reason="approval withdrawn",
-            )
+            found = approvals.revoke(value)
+            audit.record("app_refused", fab_hash=value, reason="approval withdrawn")
             typer.echo("approval withdrawn" if found else "that app was not approved")
             return
-        value = approvals.approve(app_hash, note=safe_reason(note))
-        audit.record("app_approved", fab_hash=value, note=safe_reason(note))
+        if settings is None:
+            typer.echo(
+                "warning: approving a bare hash: wardround cannot show what it "
+                "approves. `--run-config run.toml` recomputes the hash and shows the "
+                "run's settings.",
+                err=True,
+            )
+        else:
+            typer.echo(f"app hash {value} ({run_config})")
+            typer.echo("\n".join(describe_run(settings)))
+            if not yes and not typer.confirm(
+                f"Approve this run at site {site.site.name}?", default=False
+            ):
+                typer.echo("not approved")
+                raise typer.Exit(1)
+        approvals.approve(value, note=safe_reason(note))
+        audit.record(
+            "app_approved",
+            fab_hash=value,
+            note=safe_reason(note),
+            settings_shown=settings is not None,
+        )
         typer.echo(f"approved app {value} at site {site.site.name}")
+    except typer.Exit:
+        raise
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
+
+
+def _run_hash_and_settings(run_config: Path):  # noqa: ANN202 - (str, RunConfig)
+    """The app hash of a run.toml, built the way `wardround launch` builds it."""
+    import tempfile
+
+    from wardround.common.config import RunConfig
+    from wardround.server.launcher import build_app
+
+    run = RunConfig.from_toml(run_config)
+    with tempfile.TemporaryDirectory(prefix="wardround-approve-") as apps:
+        return build_app(run, Path(apps)).fab_hash, run
 
 
 @site_app.command("approvals")

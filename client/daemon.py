@@ -8,6 +8,9 @@ settings, then runs two things until SIGTERM:
   restarts and network loss, and keeps its local Runtime API on 127.0.0.1;
 - the warm worker (:mod:`wardround.client.site_worker`) that takes the SuperNode's
   ClientApp tasks, under ``--isolation process``, with the model and data loaded once.
+  The Runtime API is authenticated: the SuperNode checks every ``AcquireTask``
+  against ``<state-dir>/superexec.secret`` (Flower's ``--superexec-auth-secret-file``,
+  created once, mode 0600), which only the site's own user can read.
 
 Everything the site does is appended to ``<state-dir>/audit.jsonl``.
 """
@@ -29,6 +32,7 @@ from ..common.config import flower_config_string
 from ..common.env import apply_machine_hygiene
 from ..common.errors import ConfigError, DataError, FederationError
 from ..common.processes import start_child, stop_child
+from ..common.secret_file import load_or_create_secret
 from .approvals import AppApprovals
 from .site_config import SiteConfig
 from .site_worker import APP_NOT_APPROVED, SiteWorker, TaskObserver, TaskOutcome
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SUPERNODE_LOG = "supernode.log"
 AUDIT_FILE = "audit.jsonl"
+SUPEREXEC_SECRET_FILE = "superexec.secret"
 
 _KEY_REFUSED = "Failed to activate SuperNode"
 _STABLE_S = 30.0  # a SuperNode up this long was not refused
@@ -164,6 +169,8 @@ def supernode_command(plan: SitePlan, runtime_port: int) -> list[str]:
         "127.0.0.1",
         "--port",
         str(runtime_port),
+        "--superexec-auth-secret-file",
+        str(plan.state_dir / SUPEREXEC_SECRET_FILE),
     ]
 
 
@@ -239,6 +246,9 @@ def run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
     env_before = dict(os.environ)
     os.environ["FLWR_HOME"] = str(plan.state_dir / "flwr-home")
     apply_machine_hygiene(plan.state_dir)
+    secret = load_or_create_secret(
+        plan.state_dir / SUPEREXEC_SECRET_FILE, "the site's SuperExec secret"
+    )
     audit = AuditLog(plan.state_dir / AUDIT_FILE, actor=f"site:{plan.site.site.name}")
     port = plan.site.deployment.runtime_port or free_loopback_port()
     log_path = plan.state_dir / SUPERNODE_LOG
@@ -254,7 +264,10 @@ def run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
     )
     _wait_for_port(port, node)
     worker = SiteWorker(
-        f"127.0.0.1:{port}", AppApprovals(plan.state_dir), AuditingObserver(audit)
+        f"127.0.0.1:{port}",
+        AppApprovals(plan.state_dir),
+        AuditingObserver(audit),
+        superexec_secret=secret,
     )
     worker_thread = threading.Thread(
         target=worker.serve, args=(stop,), name="wardround-worker", daemon=True

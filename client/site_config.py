@@ -27,7 +27,7 @@ class SiteSection(_Section):
 class SiteDataSection(_Section):
     """Where the site's data lives."""
 
-    dicom_dirs: tuple[str, ...] = ("dicom",)
+    dicom_dirs: tuple[str, ...] = Field(("dicom",), max_length=1024)
     ehr: str = "ehr.parquet"
     cache_dir: str = ".wardround-cache"
     validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
@@ -56,6 +56,7 @@ class FeatureSpec(_Section):
     )
     map: dict[str, str] = Field(
         default_factory=dict,
+        max_length=4096,
         description="categorical: this site's value -> the run's vocabulary value",
     )
 
@@ -71,8 +72,12 @@ class LabelSpec(_Section):
 
     column: str
     type: ColumnType | None = None
-    positive: tuple[str, ...] = Field((), description="values meaning 1 (text columns)")
-    negative: tuple[str, ...] = Field((), description="values meaning 0 (text columns)")
+    positive: tuple[str, ...] = Field(
+        (), max_length=1024, description="values meaning 1 (text columns)"
+    )
+    negative: tuple[str, ...] = Field(
+        (), max_length=1024, description="values meaning 0 (text columns)"
+    )
 
 
 class EhrSchema(_Section):
@@ -88,10 +93,12 @@ class EhrSchema(_Section):
     answer: str = Field("answer", description="answer column (vlm task 'vqa')")
     features: dict[str, str | FeatureSpec] = Field(
         default_factory=dict,
+        max_length=1024,
         description="run feature name -> column, or {column, type, unit, range, map}",
     )
     labels: dict[str, str | LabelSpec] = Field(
         default_factory=dict,
+        max_length=1024,
         description="run label name -> column, or {column, type, positive, negative}",
     )
 
@@ -119,11 +126,15 @@ class SitePrivacy(_Section):
 
     required: bool = Field(True, description="refuse runs that train without DP-SGD")
     max_epsilon: float = Field(
-        10.0, gt=0.0, description="the most epsilon a single run may spend here"
+        10.0,
+        gt=0.0,
+        le=1000.0,
+        description="the most epsilon a single run may spend here",
     )
     budget_epsilon: float = Field(
         30.0,
         gt=0.0,
+        le=1_000_000.0,
         description="epsilon this site's patients may lose over all runs (per base "
         "model), composed from the ledger",
     )
@@ -135,7 +146,7 @@ class SitePrivacy(_Section):
         "budget; default 1 / training patients",
     )
     min_noise_multiplier: float = Field(
-        0.0, ge=0.0, description="refuse runs whose sigma would be lower"
+        0.0, ge=0.0, le=1000.0, description="refuse runs whose sigma would be lower"
     )
     ledger_dir: str = Field(
         "privacy-ledger", description="folder of the append-only privacy ledger"
@@ -208,6 +219,7 @@ class SiteDeployment(_Section):
     refusal_grace_s: float = Field(
         120.0,
         ge=0.0,
+        le=86_400.0,
         description="a restarting coordinator re-enrols its sites: keep retrying a "
         "refused key this long before stopping",
     )

@@ -71,6 +71,10 @@ class SiteWorker:
         Told about every finished task.
     poll_interval_s : float
         Pause between ``AcquireTask`` calls when nothing is pending.
+    superexec_secret : bytes | None
+        The secret the SuperNode was started with (``--superexec-auth-secret-file``):
+        ``AcquireTask`` calls are signed with it, the way Flower's SuperExec signs
+        them, so no other local user can take the site's tasks.
     """
 
     def __init__(
@@ -79,8 +83,10 @@ class SiteWorker:
         approvals: AppApprovals,
         observer: TaskObserver | None = None,
         poll_interval_s: float = 0.1,
+        superexec_secret: bytes | None = None,
     ) -> None:
         self.runtime_api_address = runtime_api_address
+        self.superexec_secret = superexec_secret
         self.approvals = approvals
         self.observer = observer or TaskObserver()
         self.poll_interval_s = poll_interval_s
@@ -107,7 +113,13 @@ class SiteWorker:
                 try:
                     response = acquirer.AcquireTask(request)
                 except Exception as exc:  # the SuperNode may be restarting
-                    log.debug("AcquireTask failed: %s", exc)
+                    if _status_code(exc) == 401:
+                        log.error(
+                            "the SuperNode refused the worker's SuperExec secret "
+                            "(another SuperNode on this port, or the secret changed)"
+                        )
+                    else:
+                        log.debug("AcquireTask failed: %s", exc)
                     stop.wait(1.0)
                     continue
                 if response.HasField("task") and response.token:
@@ -214,6 +226,7 @@ class SiteWorker:
         from flwr.supercore.interceptors import (
             RuntimeTokenHttpInterceptor,
             RuntimeVersionHttpInterceptor,
+            SuperExecAuthHttpInterceptor,
         )
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
@@ -224,6 +237,20 @@ class SiteWorker:
         if token is not None:
             interceptors.append(RuntimeTokenHttpInterceptor(token))
         retry = make_simple_http_retry_invoker()
+        if token is None and self.superexec_secret is not None:
+            interceptors.append(
+                SuperExecAuthHttpInterceptor(
+                    master_secret=self.superexec_secret,
+                    protected_methods=SUPEREXEC_AUTH_METHODS,
+                )
+            )
+            # Flower's SuperExec ends its process on a 401; here that would end
+            # the site daemon: give up the call, and serve() says why.
+            flower_giveup_401 = retry.should_giveup
+            retry.should_giveup = lambda exc: (
+                _status_code(exc) == 401
+                or bool(flower_giveup_401 and flower_giveup_401(exc))
+            )
         if cancelled is not None:
             # A task's calls stop retrying once its SuperNode has dropped the task
             # (restarted, or the run ended): the worker moves on to the next one.
@@ -243,6 +270,13 @@ class SiteWorker:
 
 TASK_CALL_RETRY_S = 120.0
 """How long one call of a task retries a SuperNode that does not answer."""
+SUPEREXEC_AUTH_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
+"""The Runtime API calls a SuperNode with a SuperExec secret checks (Flower 1.41)."""
+
+
+def _status_code(exc: Exception) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
 
 
 def task_heartbeat_fn(client: Any, cancelled: threading.Event) -> Any:

@@ -1,10 +1,18 @@
-"""The audit log: an append-only, hash-chained JSONL file of operational facts.
+"""The audit log: an append-only, keyed hash-chained JSONL file of operational facts.
 
 The coordinator and each site daemon keep one (``audit.jsonl``). Every line holds a
 sequence number, a UTC time, the actor that wrote it, an :class:`AuditEvent`, a few
-fields, the ``sha256`` of the line before it (``prev``) and its own ``sha256`` over
-its canonical JSON. The chain makes an edited, deleted, inserted or reordered line
-detectable by :func:`verify_audit`; only a truncation of the newest lines is not.
+fields, the seal of the line before it (``prev``) and its own seal, ``hmac``: an
+HMAC-SHA256 over its canonical JSON under the log owner's key. The key lives beside
+the log (``audit.key``, mode 0600, made on the first record). The chain makes an
+edited, deleted, inserted or reordered line detectable by :func:`verify_audit`, and,
+because the seal is keyed, so is a log rewritten and re-chained by someone who can
+write the file but not read the key. Only a truncation of the newest lines is not.
+
+Logs written before the chain was keyed seal their lines with a plain ``sha256``.
+They are still read and verified; such lines are reported as unkeyed, and a log
+with no keyed line does not verify as ok. Once a log has keyed lines, an unkeyed
+line after them is a break.
 
 The log must never hold patient data, so :meth:`AuditLog.record` refuses anything
 but numbers, booleans, nulls and short strings over a conservative alphabet
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -33,13 +42,15 @@ from enum import StrEnum
 from pathlib import Path, PurePath
 from typing import Any
 
-from .errors import DataError
+from .errors import ConfigError, DataError
+from .secret_file import load_or_create_secret, read_secret
 
 AUDIT_FILENAME = "audit.jsonl"
+AUDIT_KEY_SUFFIX = ".key"  # audit.jsonl -> audit.key, beside it
 GENESIS = "0" * 64  # the ``prev`` of the first line
 MAX_TEXT = 300
 MAX_ITEMS = 1024  # per list or dict field: more than any federation has sites
-RESERVED_KEYS = frozenset({"seq", "time", "actor", "event", "prev", "sha256"})
+RESERVED_KEYS = frozenset({"seq", "time", "actor", "event", "prev", "sha256", "hmac"})
 
 _ALPHABET = r"A-Za-z0-9 ._:/@=+,()\[\]'\-"
 _SAFE_TEXT = re.compile(rf"[{_ALPHABET}]{{0,{MAX_TEXT}}}")
@@ -95,10 +106,15 @@ class AuditCheck:
     first_bad_line
         1-based number of the first line that breaks the chain, or None.
     problem
-        What is wrong with that line, or None.
+        What is wrong with that line (or with the log, when no line is keyed), or
+        None.
     torn_tail
         The file ends in a partial line (a crash mid-append); it is ignored and is
         not a chain break.
+    unkeyed_lines
+        Leading lines sealed by a plain sha256 (written before logs were keyed).
+        They are covered by the first keyed line after them; a log of unkeyed
+        lines only is not ok.
     """
 
     ok: bool
@@ -106,6 +122,13 @@ class AuditCheck:
     first_bad_line: int | None = None
     problem: str | None = None
     torn_tail: bool = False
+    unkeyed_lines: int = 0
+
+
+def audit_key_path(log_path: Path) -> Path:
+    """Where a log's key lives by default: beside it, ``audit.jsonl`` -> ``audit.key``."""
+    log_path = Path(log_path)
+    return log_path.with_name(log_path.stem + AUDIT_KEY_SUFFIX)
 
 
 # -- the safe alphabet -----------------------------------------------------------
@@ -199,9 +222,43 @@ def _checked_scalar(name: str, value: Any, where: str) -> Scalar:
 
 
 # -- encoding --------------------------------------------------------------------
+def _canonical(body: Mapping[str, Any]) -> bytes:
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return text.encode()
+
+
 def _digest(body: Mapping[str, Any]) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """The unkeyed seal of logs written before keying (read, never written)."""
+    return hashlib.sha256(_canonical(body)).hexdigest()
+
+
+def _mac(key: bytes, body: Mapping[str, Any]) -> str:
+    return hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
+
+
+def _seal(entry: Mapping[str, Any]) -> Any:
+    """A line's own seal, which the next line's ``prev`` repeats."""
+    return entry["hmac"] if "hmac" in entry else entry.get("sha256")
+
+
+def _seal_problem(entry: Mapping[str, Any], key: bytes | None) -> str | None:
+    """Whether a line's seal matches its content (keyed lines need ``key``)."""
+    if "hmac" in entry:
+        body = {k: v for k, v in entry.items() if k != "hmac"}
+        if key is None:
+            return "it is keyed, and no key was given"
+        if not isinstance(entry["hmac"], str) or not hmac.compare_digest(
+            entry["hmac"], _mac(key, body)
+        ):
+            return (
+                "its hmac does not match its content under the log's key (edited, "
+                "or re-sealed without the key)"
+            )
+        return None
+    body = {k: v for k, v in entry.items() if k != "sha256"}
+    if entry.get("sha256") != _digest(body):
+        return "its sha256 does not match its content (edited or corrupted)"
+    return None
 
 
 def _encode(entry: Mapping[str, Any]) -> bytes:
@@ -228,11 +285,17 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     return entry if isinstance(entry, dict) else None
 
 
-def _line_problem(entry: dict[str, Any], seq: int, prev: str) -> str | None:
+def _line_problem(
+    entry: dict[str, Any], seq: int, prev: str, key: bytes | None, keyed_before: bool
+) -> str | None:
     """What is wrong with a parsed line expected at ``seq`` after ``prev``, or None."""
-    body = {k: v for k, v in entry.items() if k != "sha256"}
-    if entry.get("sha256") != _digest(body):
-        return "its sha256 does not match its content (edited or corrupted)"
+    if keyed_before and "hmac" not in entry:
+        return (
+            "it is not keyed, though lines before it are (rewritten by someone "
+            "without the key)"
+        )
+    if (problem := _seal_problem(entry, key)) is not None:
+        return problem
     for key, kind in (("time", str), ("actor", str), ("event", str), ("prev", str)):
         if not isinstance(entry.get(key), kind):
             return f"field {key!r} is missing or has the wrong type"
@@ -244,7 +307,7 @@ def _line_problem(entry: dict[str, Any], seq: int, prev: str) -> str | None:
         )
     if entry["prev"] != prev:
         return (
-            "prev does not match the sha256 of the line before it (a line was "
+            "prev does not match the seal of the line before it (a line was "
             "deleted, inserted, moved or edited)"
         )
     return None
@@ -261,15 +324,20 @@ class AuditLog:
         record, the file with mode 0600.
     actor
         Who writes: e.g. ``coordinator`` or ``site:st-marys``.
+    key_path
+        The log owner's HMAC key (default :func:`audit_key_path`: ``audit.key``
+        beside the log), created with mode 0600 on the first record.
     """
 
-    def __init__(self, path: Path, actor: str) -> None:
+    def __init__(self, path: Path, actor: str, key_path: Path | None = None) -> None:
         if not isinstance(actor, str) or not actor or not _SAFE_TEXT.fullmatch(actor):
             raise ValueError(
                 "audit actor must be a short string over the audit alphabet"
             )
         self.path = Path(path)
         self.actor = actor
+        self.key_path = Path(key_path) if key_path else audit_key_path(self.path)
+        self._key: bytes | None = None
 
     def record(self, event: AuditEvent | str, **fields: Any) -> dict[str, Any]:
         """Durably append one event; the line written, as a dict.
@@ -285,10 +353,21 @@ class AuditLog:
         """
         kind = AuditEvent(event)
         checked = check_fields(fields)
+        key_existed = self.key_path.exists()
+        if self._key is None:
+            self._key = load_or_create_secret(self.key_path, "the audit key")
         fd, created = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             last, torn_at, glue = self._last_line(fd)
+            if last is not None and "hmac" not in last and key_existed:
+                # A keyed log ends in an unkeyed line: someone without the key
+                # rewrote it. Appending a keyed line would seal their version.
+                raise DataError(
+                    f"audit log {self.path} is damaged: its last line is not keyed, "
+                    f"though its key {self.key_path} exists",
+                    hint=_REPAIR_HINT,
+                )
             if torn_at is not None:
                 os.ftruncate(fd, torn_at)  # O_APPEND writes go to the new end
             body: dict[str, Any] = {
@@ -298,9 +377,9 @@ class AuditLog:
                 "actor": self.actor,
                 "event": kind.value,
                 **checked,
-                "prev": GENESIS if last is None else last["sha256"],
+                "prev": GENESIS if last is None else _seal(last),
             }
-            entry = {**body, "sha256": _digest(body)}
+            entry = {**body, "hmac": _mac(self._key, body)}
             view = memoryview((b"\n" if glue else b"") + _encode(entry))
             while view:
                 view = view[os.write(fd, view) :]
@@ -356,10 +435,9 @@ class AuditLog:
         return self._checked_last(last), torn_at, False
 
     def _checked_last(self, entry: dict[str, Any]) -> dict[str, Any]:
-        body = {k: v for k, v in entry.items() if k != "sha256"}
         seq = entry.get("seq")
         if (
-            entry.get("sha256") != _digest(body)
+            _seal_problem(entry, self._key) is not None
             or isinstance(seq, bool)
             or not isinstance(seq, int)
         ):
@@ -383,7 +461,9 @@ def _read_locked(path: Path) -> bytes:
         os.close(fd)
 
 
-def _scan(raw: bytes) -> tuple[list[dict[str, Any] | None], AuditCheck]:
+def _scan(
+    raw: bytes, key: bytes | None = None
+) -> tuple[list[dict[str, Any] | None], AuditCheck]:
     """Every complete line parsed (None where not JSON) and the chain's verdict."""
     *complete, tail = raw.split(b"\n")
     parsed: list[dict[str, Any] | None] = [_parse(line) for line in complete]
@@ -396,22 +476,30 @@ def _scan(raw: bytes) -> tuple[list[dict[str, Any] | None], AuditCheck]:
             parsed.append(entry)
     first_bad = problem = None
     prev = GENESIS
+    unkeyed = 0
     for number, entry in enumerate(parsed, start=1):
         problem = (
             "not a JSON object"
             if entry is None
-            else _line_problem(entry, number - 1, prev)
+            else _line_problem(entry, number - 1, prev, key, unkeyed < number - 1)
         )
         if problem is not None:
             first_bad = number
             break
-        prev = entry["sha256"]
+        unkeyed += "hmac" not in entry
+        prev = _seal(entry)
+    if first_bad is None and parsed and unkeyed == len(parsed):
+        problem = (
+            "no line is keyed: its sha256 chain holds, but anyone who can write the "
+            "file could have rewritten it"
+        )
     check = AuditCheck(
-        ok=first_bad is None,
+        ok=problem is None,
         lines=len(parsed),
         first_bad_line=first_bad,
         problem=problem,
         torn_tail=torn,
+        unkeyed_lines=unkeyed,
     )
     return parsed, check
 
@@ -440,9 +528,30 @@ def read_audit(path: Path) -> list[dict[str, Any]]:
     return [entry for entry in parsed if entry is not None]
 
 
-def verify_audit(path: Path) -> AuditCheck:
-    """Check the hash chain of ``path`` (FileNotFoundError if it is missing)."""
-    return _scan(_read_locked(Path(path)))[1]
+def verify_audit(path: Path, key_path: Path | None = None) -> AuditCheck:
+    """Check the keyed chain of ``path`` (FileNotFoundError if it is missing).
+
+    The key is read from ``key_path``, by default ``audit.key`` beside the log.
+
+    Raises
+    ------
+    ConfigError
+        The log has keyed lines and there is no key to check them with, or the key
+        file is readable by other users.
+    """
+    path = Path(path)
+    key_file = Path(key_path) if key_path else audit_key_path(path)
+    key = read_secret(key_file, "the audit key") if key_file.exists() else None
+    raw = _read_locked(path)
+    parsed, check = _scan(raw, key)
+    if key is None and check.first_bad_line is not None:
+        entry = parsed[check.first_bad_line - 1]
+        if entry is not None and "hmac" in entry:
+            raise ConfigError(
+                f"audit log {path} is keyed, and its key is not at {key_file}",
+                hint="Give the key with `wardround audit --verify --key FILE`.",
+            )
+    return check
 
 
 # -- filtering (pure) ------------------------------------------------------------

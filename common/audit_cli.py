@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     from rich.text import Text
 
 # Shown in their own columns (or not at all); every other field goes to "details".
-_COLUMN_KEYS = frozenset({"seq", "time", "actor", "event", "run_id", "prev", "sha256"})
+_COLUMN_KEYS = frozenset(
+    {"seq", "time", "actor", "event", "run_id", "prev", "sha256", "hmac"}
+)
 
 
 def _fail(exc: Exception) -> None:
@@ -60,10 +62,20 @@ def audit_command(
     ] = False,
     verify: Annotated[
         bool,
-        typer.Option("--verify", help="check each log's hash chain; exit 3 if broken"),
+        typer.Option(
+            "--verify", help="check each log's keyed chain; exit 3 if broken or unkeyed"
+        ),
     ] = False,
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            "--key",
+            help="the logs' key file, when it is not beside the log (audit.key)",
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
-    """Show audit logs merged by time, filtered; or verify their hash chains."""
+    """Show audit logs merged by time, filtered; or verify their keyed chains."""
     try:
         from wardround.common.audit import (
             filter_events,
@@ -74,7 +86,7 @@ def audit_command(
 
         paths = [_log_file(path) for path in logs]
         if verify:
-            checks = [(path, verify_audit(path)) for path in paths]
+            checks = [(path, verify_audit(path, key)) for path in paths]
         else:
             wanted = _event_filter(event)
             lower = _moment(since, "--since")
@@ -85,9 +97,7 @@ def audit_command(
             shown = filter_events(
                 merged, run=run, site=site, event=wanted, since=lower, until=upper
             )
-            broken = [
-                (path, check) for path in paths if not (check := verify_audit(path)).ok
-            ]
+            broken = [_check_or_warn(path, key) for path in paths]
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
         _fail(exc)
         return
@@ -95,10 +105,12 @@ def audit_command(
         _report_checks(checks, as_json)
         return
     for path, check in broken:
+        if check is None or check.ok:
+            continue
+        where = f"at line {check.first_bad_line} " if check.first_bad_line else ""
         typer.echo(
-            f"warning: audit log {path} fails verification at line "
-            f"{check.first_bad_line} ({check.problem}); its events may have been "
-            "altered. Run `wardround audit --verify`.",
+            f"warning: audit log {path} fails verification {where}({check.problem}); "
+            "its events may have been altered. Run `wardround audit --verify`.",
             err=True,
         )
     if as_json:
@@ -106,6 +118,18 @@ def audit_command(
             typer.echo(json.dumps(entry, separators=(",", ":")))
     else:
         _print_table(shown, len(paths))
+
+
+def _check_or_warn(path: Path, key: Path | None) -> tuple[Path, Any]:
+    """A log's verdict for the warning when showing it; None when it cannot be had."""
+    from wardround.common.audit import verify_audit
+    from wardround.common.errors import ConfigError
+
+    try:
+        return path, verify_audit(path, key)
+    except ConfigError as exc:
+        typer.echo(f"warning: audit log {path} not verified: {exc.message}", err=True)
+        return path, None
 
 
 def _log_file(path: Path) -> Path:
@@ -173,7 +197,18 @@ def _report_checks(checks: list[tuple[Path, Any]], as_json: bool) -> None:
                 if check.torn_tail
                 else ""
             )
-            typer.echo(f"ok      {path}: {check.lines} line(s), chain intact{torn}")
+            older = (
+                f"; lines 1-{check.unkeyed_lines} predate keying (sha256), sealed "
+                f"by keyed line {check.unkeyed_lines + 1}"
+                if check.unkeyed_lines
+                else ""
+            )
+            typer.echo(
+                f"ok      {path}: {check.lines} line(s), keyed chain intact"
+                f"{older}{torn}"
+            )
+        elif check.first_bad_line is None:
+            typer.echo(f"UNKEYED {path}: {check.lines} line(s): {check.problem}")
         else:
             typer.echo(f"BROKEN  {path}: line {check.first_bad_line}: {check.problem}")
     broken = [(path, check) for path, check in checks if not check.ok]
@@ -181,10 +216,14 @@ def _report_checks(checks: list[tuple[Path, Any]], as_json: bool) -> None:
         from wardround.common.errors import DataError
 
         path, check = broken[0]
+        where = (
+            f"broken at line {check.first_bad_line}"
+            if check.first_bad_line
+            else ("unkeyed")
+        )
         _fail(
             DataError(
-                f"audit log {path} is broken at line {check.first_bad_line}: "
-                f"{check.problem}",
+                f"audit log {path} is {where}: {check.problem}",
                 hint="Keep the file as evidence; compare it with its backups.",
             )
         )

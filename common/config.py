@@ -124,6 +124,11 @@ class ModelDtype(StrEnum):
     BFLOAT16 = "bfloat16"
 
 
+MAX_TASK_ITEMS = 1024
+"""The most labels, numeric or categorical features a task may declare."""
+MAX_VOCABULARY = 4096
+"""The most values one categorical feature may have."""
+
 TINY_VLM_ARCHS = ("llava", "paligemma", "idefics3", "qwen2-vl")
 """Architectures ``model.tiny-arch`` can build from a config (random init)."""
 
@@ -132,16 +137,17 @@ class FederationConfig(_Section):
     """How rounds run."""
 
     strategy: Strategy = Strategy.FEDAVG
-    proximal_mu: float = Field(0.0, ge=0.0)
+    proximal_mu: float = Field(0.0, ge=0.0, le=100.0)
     rounds: int = Field(5, ge=1, le=10_000)
-    min_sites: int = Field(2, ge=1)
+    min_sites: int = Field(2, ge=1, le=10_000)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, gt=0.0, le=1.0)
-    round_timeout_s: float = Field(3600.0, gt=0.0)
+    round_timeout_s: float = Field(3600.0, gt=0.0, le=604_800.0)
     seed: int = 0
     delta_clip_norm: float = Field(
         4.0,
         ge=0.0,
+        le=10_000.0,
         description="L2 bound every site clips its adapter delta to before it leaves "
         "(a robustness bound; sets the secure-aggregation quantization). 0: no clip "
         "(plain aggregation only)",
@@ -149,12 +155,14 @@ class FederationConfig(_Section):
     join_timeout_s: float = Field(
         120.0,
         gt=0.0,
+        le=86_400.0,
         description="how long each round waits for the expected sites to connect "
         "before it goes ahead with those present (at least min-sites)",
     )
     expected_sites: int = Field(
         0,
         ge=0,
+        le=10_000,
         description="how many sites the run expects; 0: min-sites (on a coordinator: "
         "the enrolled sites that are not revoked)",
     )
@@ -170,11 +178,11 @@ class TrainConfig(_Section):
     """Local training at each site, per round."""
 
     local_epochs: int = Field(2, ge=1, le=1000)
-    max_steps: int = Field(0, ge=0, description="0: whole local epochs")
+    max_steps: int = Field(0, ge=0, le=1_000_000, description="0: whole local epochs")
     batch_size: int = Field(16, ge=1, le=4096)
     learning_rate: float = Field(5e-3, gt=0.0, le=10.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    eval_batch_size: int = Field(64, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    eval_batch_size: int = Field(64, ge=1, le=65_536)
     eval_generations: int = Field(
         8,
         ge=0,
@@ -188,7 +196,7 @@ class TrainConfig(_Section):
         lt=1.0,
         description="chance to hide a present modality per training example",
     )
-    torch_threads: int = Field(1, ge=0, description="0: torch's default")
+    torch_threads: int = Field(1, ge=0, le=1024, description="0: torch's default")
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
@@ -211,9 +219,9 @@ class ModelConfig(_Section):
     modalities: tuple[Modality, ...] = ALL_MODALITIES
     image_size: int = Field(64, ge=16, le=1024)
     max_note_tokens: int = Field(128, ge=8, le=4096)
-    hidden_size: int = Field(64, ge=8)
+    hidden_size: int = Field(64, ge=8, le=16_384)
     lora_rank: int = Field(8, ge=1, le=256)
-    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_alpha: float = Field(16.0, gt=0.0, le=4096.0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     lora_variant: LoraVariant = Field(
         LoraVariant.LORA,
@@ -298,7 +306,9 @@ class TaskConfig(_Section):
         TaskKind.CLASSIFICATION,
         description="'classification' (fusion family), 'report' or 'vqa' (vlm family)",
     )
-    labels: tuple[str, ...] = ("nodule", "effusion", "pneumonia", "cardiomegaly")
+    labels: tuple[str, ...] = Field(
+        ("nodule", "effusion", "pneumonia", "cardiomegaly"), max_length=MAX_TASK_ITEMS
+    )
     numeric: dict[str, NumericFeature] = Field(
         default_factory=lambda: {
             "age": NumericFeature(mean=60.0, std=15.0),
@@ -308,10 +318,11 @@ class TaskConfig(_Section):
             "wbc": NumericFeature(mean=9.0, std=3.5),
             "crp": NumericFeature(mean=30.0, std=40.0),
             "bnp": NumericFeature(mean=300.0, std=400.0),
-        }
+        },
+        max_length=MAX_TASK_ITEMS,
     )
     categorical: dict[str, tuple[str, ...]] = Field(
-        default_factory=lambda: {"sex": ("F", "M")}
+        default_factory=lambda: {"sex": ("F", "M")}, max_length=MAX_TASK_ITEMS
     )
     units: dict[str, str] = Field(
         default_factory=lambda: {
@@ -323,6 +334,7 @@ class TaskConfig(_Section):
             "crp": "mg/L",
             "bnp": "pg/mL",
         },
+        max_length=MAX_TASK_ITEMS,
         description="numeric feature -> the run's unit; sites declare theirs in "
         "site.toml and are converted to it",
     )
@@ -336,6 +348,7 @@ class TaskConfig(_Section):
             "crp": (0.0, 1000.0),
             "bnp": (0.0, 100_000.0),
         },
+        max_length=MAX_TASK_ITEMS,
         description="numeric feature -> plausible [low, high] in the run's unit; "
         "values outside become missing (and are counted by `site check`)",
     )
@@ -365,6 +378,9 @@ class TaskConfig(_Section):
         for name, (low, high) in self.ranges.items():
             if not low < high:
                 raise ValueError(f"ranges.{name}: low must be below high")
+        for name, vocabulary in self.categorical.items():
+            if len(vocabulary) > MAX_VOCABULARY:
+                raise ValueError(f"categorical.{name}: at most {MAX_VOCABULARY} values")
         return self
 
     @property
@@ -381,7 +397,7 @@ class DataConfig(_Section):
     synthesize_sites: int = Field(
         0, ge=0, le=256, description="make N synthetic sites if sites-dir is empty"
     )
-    patients_per_site: int = Field(300, ge=10)
+    patients_per_site: int = Field(300, ge=10, le=1_000_000)
     synth_seed: int = 0
 
 
@@ -393,7 +409,9 @@ class PrivacyConfig(_Section):
         8.0, gt=0.0, le=1000.0, description="epsilon this run may spend at a site"
     )
     target_delta: float = Field(1e-5, gt=0.0, lt=1.0)
-    max_grad_norm: float = Field(1.0, gt=0.0, description="per-example clip (L2)")
+    max_grad_norm: float = Field(
+        1.0, gt=0.0, le=1000.0, description="per-example clip (L2)"
+    )
     accountant: Accountant = Accountant.RDP
     grad_sample_mode: GradSampleMode = GradSampleMode.HOOKS
     secure_mode: SecureMode = SecureMode.AUTO
@@ -406,17 +424,22 @@ class SecureAggregationConfig(_Section):
     num_shares: float = Field(
         1.0,
         gt=0.0,
+        le=10_000.0,
         description="key shares per site: a fraction of the sampled sites (<= 1.0) "
         "or a count (> 2)",
     )
     reconstruction_threshold: float = Field(
         0.67,
         gt=0.0,
+        le=10_000.0,
         description="shares needed to unmask: a fraction of num-shares (<= 1.0) or a "
         "count; sites that may drop out = shares - threshold",
     )
     stage_timeout_s: float = Field(
-        600.0, gt=0.0, description="how long each protocol stage waits for replies"
+        600.0,
+        gt=0.0,
+        le=86_400.0,
+        description="how long each protocol stage waits for replies",
     )
 
     @model_validator(mode="after")
@@ -438,7 +461,9 @@ class OutputConfig(_Section):
     """Where the run directory goes."""
 
     dir: str = "runs/latest"
-    checkpoint_every: int = Field(1, ge=0, description="0: no per-round checkpoints")
+    checkpoint_every: int = Field(
+        1, ge=0, le=10_000, description="0: no per-round checkpoints"
+    )
     resume: bool = Field(
         False,
         description="continue the run in `dir` from its last intact checkpoint "

@@ -196,3 +196,18 @@ def test_fab_components_reads_the_components_table():
         }
     )
     assert fab_components(fab) == {"serverapp": "a.b:app", "clientapp": "c.d:app"}
+
+
+def test_describe_run_shows_the_sections_a_site_approves():
+    from wardround.client.approvals import SHOWN_SECTIONS, describe_run
+
+    run = RunConfig().with_overrides(
+        privacy={"target_epsilon": 3.0}, secure_aggregation={"enabled": False}
+    )
+    lines = describe_run(run)
+    headers = [line for line in lines if line.startswith("[")]
+    assert headers == [f"[{section}]" for section in SHOWN_SECTIONS]
+    assert "  target-epsilon = 3.0" in lines
+    assert "  enabled = false" in lines  # secure aggregation off is shown plainly
+    assert '  labels = ["nodule", "effusion", "pneumonia", "cardiomegaly"]' in lines
+    assert not any(line.startswith("  dir =") for line in lines)  # output: not shown

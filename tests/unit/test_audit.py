@@ -60,9 +60,7 @@ def test_many_records_form_an_intact_chain(tmp_path):
     events = read_audit(path)
     assert [e["seq"] for e in events] == list(range(120))
     assert events[0]["prev"] == GENESIS
-    assert all(
-        b["prev"] == a["sha256"] for a, b in zip(events, events[1:], strict=False)
-    )
+    assert all(b["prev"] == a["hmac"] for a, b in zip(events, events[1:], strict=False))
     assert verify_audit(path) == AuditCheck(ok=True, lines=120)
 
 
@@ -79,7 +77,7 @@ def test_record_returns_the_line_it_wrote(tmp_path):
         note=None,
     )
     assert list(entry)[:4] == ["seq", "time", "actor", "event"]
-    assert list(entry)[-2:] == ["prev", "sha256"]
+    assert list(entry)[-2:] == ["prev", "hmac"]
     assert entry["event"] == "site_joined"
     assert entry["config"] == str(tmp_path / "site.toml")
     assert entry["time"].endswith("Z") and len(entry["time"]) == len(
@@ -125,26 +123,27 @@ def test_an_edited_field_breaks_the_chain_at_its_line(tmp_path):
     _fill(path, 10)
     lines = _lines(path)
     entry = json.loads(lines[4])
-    entry["loss"] = 0.01  # the sha256 no longer matches
+    entry["loss"] = 0.01  # the hmac no longer matches
     lines[4] = json.dumps(entry) + "\n"
     path.write_text("".join(lines))
 
     check = verify_audit(path)
     assert not check.ok
     assert check.first_bad_line == 5
-    assert "sha256" in check.problem
+    assert "hmac" in check.problem
 
 
-def test_a_rehashed_edit_is_caught_by_the_next_line(tmp_path):
-    from wardround.common.audit import _digest
+def test_a_resealed_edit_is_caught_by_the_next_line(tmp_path):
+    from wardround.common.audit import _mac
 
     path = tmp_path / "audit.jsonl"
-    _fill(path, 10)
+    log = _fill(path, 10)
     lines = _lines(path)
     entry = json.loads(lines[4])
     entry["loss"] = 0.01
-    body = {k: v for k, v in entry.items() if k != "sha256"}
-    lines[4] = json.dumps({**body, "sha256": _digest(body)}) + "\n"
+    body = {k: v for k, v in entry.items() if k != "hmac"}
+    key = log.key_path.read_bytes()  # even with the key, the next line's prev breaks
+    lines[4] = json.dumps({**body, "hmac": _mac(key, body)}) + "\n"
     path.write_text("".join(lines))
 
     check = verify_audit(path)
@@ -239,6 +238,156 @@ def test_tail_reading_handles_lines_longer_than_a_chunk(tmp_path):
         log.record("run_started", run_id="r", sites=sites)
     assert [e["seq"] for e in read_audit(path)] == [0, 1, 2]
     assert verify_audit(path).ok
+
+
+# -- the key ---------------------------------------------------------------------
+def _rechain_unkeyed(lines: list[str], start: int) -> list[str]:
+    """What an attacker without the key can do: re-seal lines from ``start`` on with
+    the old unkeyed sha256, each ``prev`` pointing at the line before."""
+    from wardround.common.audit import _digest
+
+    out = list(lines[:start])
+    last = json.loads(out[-1]) if out else {}
+    prev = last.get("hmac", last.get("sha256", GENESIS))
+    for line in lines[start:]:
+        entry = json.loads(line)
+        body = {k: v for k, v in entry.items() if k not in ("hmac", "sha256")}
+        body["prev"] = prev
+        prev = _digest(body)
+        out.append(json.dumps({**body, "sha256": prev}) + "\n")
+    return out
+
+
+def _legacy_log(path: Path, n: int) -> None:
+    """A log as wardround wrote it before the chain was keyed (plain sha256)."""
+    log = _fill(path.parent / "written-keyed" / path.name, n)
+    path.write_text("".join(_rechain_unkeyed(_lines(log.path), 0)))
+
+
+def test_the_key_is_private_beside_the_log_and_not_in_it(tmp_path):
+    path = tmp_path / "state" / "audit.jsonl"
+    log = _fill(path, 3)
+    assert log.key_path == tmp_path / "state" / "audit.key"
+    assert stat.S_IMODE(log.key_path.stat().st_mode) == 0o600
+    key = log.key_path.read_bytes()
+    assert len(key) == 64 and key not in path.read_bytes()
+    _fill(path, 2)  # a second writer uses the same key
+    assert log.key_path.read_bytes() == key
+    assert verify_audit(path) == AuditCheck(ok=True, lines=5)
+
+
+@pytest.mark.parametrize("start", [0, 4, 9])
+def test_a_log_rewritten_and_rechained_without_the_key_fails_at_that_line(
+    tmp_path, start
+):
+    path = tmp_path / "audit.jsonl"
+    _fill(path, 10)
+    lines = _lines(path)
+    edited = json.loads(lines[start])
+    edited["loss"] = 0.01
+    lines[start] = json.dumps(edited) + "\n"
+    path.write_text("".join(_rechain_unkeyed(lines, start)))
+
+    check = verify_audit(path)
+    assert not check.ok
+    if start == 0:  # the whole log rewritten: nothing is keyed any more
+        assert check.first_bad_line is None and check.unkeyed_lines == 10
+        assert "no line is keyed" in check.problem
+    else:
+        assert check.first_bad_line == start + 1
+        assert "not keyed, though lines before it are" in check.problem
+    result = runner.invoke(_app(), ["audit", "--verify", str(path)])
+    assert result.exit_code == DataError.exit_code
+    assert "ok " not in result.output
+    if start:
+        assert f"{path}: line {start + 1}:" in result.output
+
+
+def test_a_log_resealed_with_a_guessed_key_fails_at_its_first_line(tmp_path):
+    from wardround.common.audit import _mac
+
+    path = tmp_path / "audit.jsonl"
+    _fill(path, 4)
+    forged, prev = [], GENESIS
+    for line in _lines(path):
+        body = {k: v for k, v in json.loads(line).items() if k != "hmac"}
+        body["prev"] = prev
+        prev = _mac(b"0" * 64, body)
+        forged.append(json.dumps({**body, "hmac": prev}) + "\n")
+    path.write_text("".join(forged))
+
+    check = verify_audit(path)
+    assert (check.ok, check.first_bad_line) == (False, 1)
+    assert "re-sealed without the key" in check.problem
+
+
+def test_verify_needs_the_key_and_takes_it_from_elsewhere(tmp_path):
+    from wardround.common.errors import ConfigError
+
+    path = tmp_path / "logs" / "audit.jsonl"
+    log = _fill(path, 3)
+    kept = tmp_path / "vault" / "site-a.key"
+    kept.parent.mkdir()
+    log.key_path.rename(kept)
+
+    with pytest.raises(ConfigError) as refused:
+        verify_audit(path)
+    assert "--key FILE" in refused.value.hint
+    assert verify_audit(path, kept) == AuditCheck(ok=True, lines=3)
+
+    result = runner.invoke(_app(), ["audit", "--verify", str(path)])
+    assert result.exit_code == 2 and "its key is not at" in result.output
+    result = runner.invoke(_app(), ["audit", "--verify", str(path), "--key", str(kept)])
+    assert result.exit_code == 0, result.output
+    assert "keyed chain intact" in result.output
+    shown = runner.invoke(_app(), ["audit", str(path), "--json"])
+    assert shown.exit_code == 0 and "not verified" in shown.output
+
+    kept.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable or writable by other users"):
+        verify_audit(path, kept)
+
+
+def test_an_old_unkeyed_log_is_read_and_reported_unkeyed(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    _legacy_log(path, 5)
+    assert len(read_audit(path)) == 5
+
+    check = verify_audit(path)
+    assert (check.ok, check.unkeyed_lines, check.first_bad_line) == (False, 5, None)
+    result = runner.invoke(_app(), ["audit", "--verify", str(path)])
+    assert result.exit_code == DataError.exit_code
+    assert f"UNKEYED {path}: 5 line(s): no line is keyed" in result.output
+
+
+def test_appending_to_an_old_log_seals_its_unkeyed_lines(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    _legacy_log(path, 5)
+    AuditLog(path, "site:a").record("site_daemon_started", pid=1)
+
+    check = verify_audit(path)
+    assert check == AuditCheck(ok=True, lines=6, unkeyed_lines=5)
+    result = runner.invoke(_app(), ["audit", "--verify", str(path)])
+    assert result.exit_code == 0
+    assert "lines 1-5 predate keying (sha256), sealed by keyed line 6" in result.output
+
+    # the old lines are now covered: re-chaining them breaks at the keyed line
+    lines = _lines(path)
+    edited = json.loads(lines[2])
+    edited["loss"] = 0.01
+    lines[2] = json.dumps(edited) + "\n"
+    rechained = _rechain_unkeyed(lines[:5], 2) + lines[5:]
+    path.write_text("".join(rechained))
+    assert verify_audit(path).first_bad_line == 6
+
+
+def test_record_refuses_to_seal_a_keyed_log_rewritten_unkeyed(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = _fill(path, 4)
+    path.write_text("".join(_rechain_unkeyed(_lines(path), 0)))
+    with pytest.raises(DataError, match="last line is not keyed"):
+        log.record("error", reason="x")
+    assert len(read_audit(path)) == 4
 
 
 # -- no patient data -------------------------------------------------------------

@@ -90,3 +90,113 @@ def test_secure_aggregation_settings_are_checked_together():
     assert one_site.federation.min_sites == 1
     with pytest.raises(ConfigError, match="num-shares"):
         RunConfig().with_overrides(secure_aggregation={"num_shares": 2.5})
+
+
+# Every size, count, time and privacy setting has an upper bound: a hostile or
+# mistaken run config cannot ask a site for a 10^9-wide layer or a week per step.
+OUT_OF_BOUNDS = [
+    ("federation", "proximal-mu", 100.5),
+    ("federation", "rounds", 10_001),
+    ("federation", "min-sites", 10_001),
+    ("federation", "round-timeout-s", 604_801.0),
+    ("federation", "delta-clip-norm", 10_001.0),
+    ("federation", "join-timeout-s", 86_401.0),
+    ("federation", "expected-sites", 10_001),
+    ("train", "local-epochs", 1001),
+    ("train", "max-steps", 1_000_001),
+    ("train", "batch-size", 4097),
+    ("train", "learning-rate", 10.5),
+    ("train", "weight-decay", 10.5),
+    ("train", "eval-batch-size", 65_537),
+    ("train", "eval-generations", 10_001),
+    ("train", "torch-threads", 1025),
+    ("model", "image-size", 1025),
+    ("model", "max-note-tokens", 4097),
+    ("model", "hidden-size", 16_385),
+    ("model", "lora-rank", 257),
+    ("model", "lora-alpha", 4097.0),
+    ("model", "max-seq-tokens", 32_769),
+    ("model", "max-new-tokens", 4097),
+    ("task", "labels", [f"l{i}" for i in range(1025)]),
+    ("task", "numeric", {f"f{i}": {"mean": 0.0, "std": 1.0} for i in range(1025)}),
+    ("task", "categorical", {f"c{i}": ["a"] for i in range(1025)}),
+    ("task", "image-channels", 17),
+    ("data", "synthesize-sites", 257),
+    ("data", "patients-per-site", 1_000_001),
+    ("privacy", "target-epsilon", 1000.5),
+    ("privacy", "max-grad-norm", 1000.5),
+    ("secure-aggregation", "num-shares", 10_001.0),
+    ("secure-aggregation", "reconstruction-threshold", 10_001.0),
+    ("secure-aggregation", "stage-timeout-s", 86_401.0),
+    ("output", "checkpoint-every", 10_001),
+]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    OUT_OF_BOUNDS,
+    ids=[f"{section}.{key}" for section, key, _ in OUT_OF_BOUNDS],
+)
+def test_an_out_of_bound_run_setting_is_a_config_error_naming_it(section, key, value):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_mapping({section: {key: value}})
+    assert f"{section}.{key}" in info.value.message
+    assert "1 problem(s)" in info.value.message
+
+
+def test_a_categorical_vocabulary_is_bounded():
+    vocabulary = [f"v{i}" for i in range(4097)]
+    with pytest.raises(ConfigError, match="categorical.sex: at most 4096 values"):
+        RunConfig.from_mapping({"task": {"categorical": {"sex": vocabulary}}})
+
+
+def test_the_bounds_leave_room_for_real_gpu_runs():
+    config = RunConfig.from_mapping(
+        {
+            "model": {"hidden-size": 16_384, "image-size": 1024, "lora-rank": 256},
+            "train": {
+                "batch-size": 4096,
+                "eval-batch-size": 65_536,
+                "torch-threads": 1024,
+                "max-steps": 1_000_000,
+            },
+            "federation": {"strategy": "fedprox", "proximal-mu": 100.0},
+        }
+    )
+    assert config.model.hidden_size == 16_384
+    assert config.train.max_steps == 1_000_000
+
+
+SITE_OUT_OF_BOUNDS = [
+    ("data", "dicom-dirs", [f"d{i}" for i in range(1025)]),
+    ("privacy", "max-epsilon", 1000.5),
+    ("privacy", "budget-epsilon", 1_000_001.0),
+    ("privacy", "min-noise-multiplier", 1000.5),
+    ("deployment", "runtime-port", 65_536),
+    ("deployment", "refusal-grace-s", 86_401.0),
+    ("deployment", "poll-interval-s", 3.5),
+    ("ehr", "features", {f"f{i}": f"c{i}" for i in range(1025)}),
+    ("ehr", "labels", {f"l{i}": f"c{i}" for i in range(1025)}),
+]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    SITE_OUT_OF_BOUNDS,
+    ids=[f"{section}.{key}" for section, key, _ in SITE_OUT_OF_BOUNDS],
+)
+def test_an_out_of_bound_site_setting_is_a_config_error_naming_it(
+    tmp_path, section, key, value
+):
+    import tomli_w
+
+    from wardround.client.site_config import SiteConfig
+
+    path = tmp_path / "site.toml"
+    table = {section: {key: value}}
+    if key == "budget-epsilon":
+        table[section]["max-epsilon"] = 10.0
+    path.write_text(tomli_w.dumps(table))
+    with pytest.raises(ConfigError) as info:
+        SiteConfig.from_toml(path)
+    assert f"{section}.{key}" in info.value.message

@@ -237,3 +237,125 @@ def test_site_check_counts_the_text_a_generative_task_needs(template, tmp_path, 
     report = check_site(site / "site.toml", task, image_size=32)
     assert not report["can_train"]
     assert any(f"`[ehr] {target} = " in line for line in report["blocking"])
+
+
+# -- site approve --------------------------------------------------------------------
+@pytest.fixture
+def approving_site(tmp_path) -> tuple[Path, Path]:
+    """A site.toml (state in its folder) and a run.toml that sets a few settings."""
+    site_toml = tmp_path / "site.toml"
+    site_toml.write_text('[site]\nname = "st-marys"\n')
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text(
+        "[federation]\nrounds = 7\n[privacy]\ntarget-epsilon = 2.5\n"
+        "[secure-aggregation]\nreconstruction-threshold = 0.8\n"
+    )
+    return site_toml, run_toml
+
+
+def _launch_hash(run_toml: Path, tmp_path: Path) -> str:
+    """The hash `wardround launch --print-hash` prints (its own FAB builder)."""
+    from wardround.common.config import RunConfig
+    from wardround.server.launcher import build_app
+
+    return build_app(
+        RunConfig.from_toml(run_toml), tmp_path / "coordinator-apps"
+    ).fab_hash
+
+
+def _approved(site_toml: Path) -> dict:
+    from wardround.client.approvals import AppApprovals
+
+    return AppApprovals(site_toml.parent / ".wardround-site").load()
+
+
+def test_site_approve_run_config_shows_the_settings_and_the_launch_hash(
+    approving_site, tmp_path
+):
+    from wardround.common.audit import read_audit
+
+    site_toml, run_toml = approving_site
+    expected = _launch_hash(run_toml, tmp_path)
+    result = runner.invoke(
+        _app(),
+        ["site", "approve", "--run-config", str(run_toml), "--config", str(site_toml),
+         "--yes", "--note", "pilot study"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"app hash {expected}" in result.output
+    for shown in (
+        "[privacy]", "  target-epsilon = 2.5", "[secure-aggregation]",
+        "  enabled = true", "  reconstruction-threshold = 0.8", "[federation]",
+        "  rounds = 7", "[model]", "  hidden-size = 64", "[task]", "  labels = [",
+    ):  # fmt: skip
+        assert shown in result.output
+    assert "cannot show" not in result.output
+    assert list(_approved(site_toml)) == [expected]
+    audit = read_audit(site_toml.parent / ".wardround-site" / "audit.jsonl")
+    assert audit[-1]["event"] == "app_approved"
+    assert (audit[-1]["fab_hash"], audit[-1]["settings_shown"]) == (expected, True)
+
+    listed = runner.invoke(_app(), ["site", "approvals", "--config", str(site_toml)])
+    assert expected in listed.output and "pilot study" in listed.output
+
+
+def test_site_approve_asks_before_approving(approving_site, tmp_path):
+    site_toml, run_toml = approving_site
+    args = [
+        "site",
+        "approve",
+        "--run-config",
+        str(run_toml),
+        "--config",
+        str(site_toml),
+    ]
+    declined = runner.invoke(_app(), args, input="n\n")
+    assert declined.exit_code == 1
+    assert "Approve this run at site st-marys?" in declined.output
+    assert "not approved" in declined.output
+    assert _approved(site_toml) == {}
+
+    accepted = runner.invoke(_app(), args, input="y\n")
+    assert accepted.exit_code == 0, accepted.output
+    assert list(_approved(site_toml)) == [_launch_hash(run_toml, tmp_path)]
+
+
+def test_site_approve_a_bare_hash_warns_it_cannot_show_it(approving_site):
+    site_toml, _ = approving_site
+    result = runner.invoke(
+        _app(), ["site", "approve", "ab" * 32, "--config", str(site_toml)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "cannot show what it approves" in result.output
+    assert "--run-config run.toml" in result.output
+    assert list(_approved(site_toml)) == ["ab" * 32]
+
+
+def test_site_approve_refuses_a_hash_that_is_not_the_run_configs(approving_site):
+    site_toml, run_toml = approving_site
+    result = runner.invoke(
+        _app(),
+        ["site", "approve", "ab" * 32, "--run-config", str(run_toml),
+         "--config", str(site_toml), "--yes"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert f"not the {'ab' * 32} given" in result.output
+    nothing = runner.invoke(_app(), ["site", "approve", "--config", str(site_toml)])
+    assert nothing.exit_code == 2 and "a run.toml or its hash" in nothing.output
+    assert _approved(site_toml) == {}
+
+
+def test_site_approve_revokes_by_run_config(approving_site, tmp_path):
+    site_toml, run_toml = approving_site
+    base = [
+        "site",
+        "approve",
+        "--run-config",
+        str(run_toml),
+        "--config",
+        str(site_toml),
+    ]
+    assert runner.invoke(_app(), [*base, "--yes"]).exit_code == 0
+    revoked = runner.invoke(_app(), [*base, "--revoke"])
+    assert revoked.exit_code == 0 and "approval withdrawn" in revoked.output
+    assert _approved(site_toml) == {}

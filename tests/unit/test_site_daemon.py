@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -380,9 +381,10 @@ class _IdleWorker:
     """Stands in for the warm worker: these tests are about the SuperNode process."""
 
     tasks_run = 0
+    secrets: list[bytes | None] = []
 
-    def __init__(self, *args: object) -> None:
-        pass
+    def __init__(self, *args: object, superexec_secret: bytes | None = None) -> None:
+        _IdleWorker.secrets.append(superexec_secret)
 
     def serve(self, stop) -> None:  # noqa: ANN001 - a threading.Event
         stop.wait()
@@ -510,3 +512,140 @@ def test_a_cancelled_task_stops_retrying_its_calls():
     cancelled.set()
     assert invoker.should_giveup(ConnectionRefusedError())
     assert invoker.max_time is not None
+
+
+# ------------------------------------------------------------------ Runtime API auth
+
+
+def test_the_daemon_makes_one_private_superexec_secret_and_never_logs_it(
+    site, credentials, monkeypatch
+):
+    import threading
+
+    import wardround.client.daemon as daemon
+
+    _IdleWorker.secrets.clear()
+    plan = _supervised_plan(site, credentials, monkeypatch, "import sys; sys.exit(3)")
+    for _ in range(2):  # a restarted daemon keeps the secret it made
+        with pytest.raises(FederationError):
+            daemon.run_site_daemon(plan, threading.Event())
+    secret_file = plan.state_dir / daemon.SUPEREXEC_SECRET_FILE
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    secret = secret_file.read_bytes()
+    assert len(secret) == 64 and int(secret, 16) > 0
+    assert _IdleWorker.secrets == [secret, secret]
+    command = supernode_command(plan, 1)
+    flag = command.index("--superexec-auth-secret-file")
+    assert command[flag + 1] == str(secret_file)
+    for written in plan.state_dir.rglob("*"):
+        if written.is_file() and written != secret_file:
+            assert secret not in written.read_bytes(), written
+
+
+@pytest.fixture
+def secured_supernode(site, credentials, monkeypatch, tmp_path):
+    """The daemon's own SuperNode command, run for real: its Runtime API on 127.0.0.1.
+
+    No coordinator listens at ``deployment.coordinator``: the SuperNode keeps trying
+    to connect while its local Runtime API already answers.
+    """
+    from wardround.client.daemon import (
+        SUPEREXEC_SECRET_FILE,
+        _wait_for_port,
+        free_loopback_port,
+    )
+    from wardround.common.processes import start_child, stop_child
+    from wardround.common.secret_file import load_or_create_secret
+
+    _local_copy(credentials[0], site.parent / "ca.pem", 0o644)
+    _local_copy(credentials[1], site.parent / "site-01.key", 0o600)
+    _deploy(
+        site,
+        coordinator=f"127.0.0.1:{free_loopback_port()}",
+        **{"root-certificate": "ca.pem", "private-key": "site-01.key"},
+    )
+    plan = plan_site(site)
+    secret = load_or_create_secret(plan.state_dir / SUPEREXEC_SECRET_FILE, "secret")
+    port = free_loopback_port()
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    node = start_child(
+        supernode_command(plan, port), dict(os.environ), tmp_path / "supernode.log"
+    )
+    try:
+        _wait_for_port(port, node)
+        assert node.poll() is None, (tmp_path / "supernode.log").read_text()
+        yield f"127.0.0.1:{port}", secret
+    finally:
+        stop_child(node)
+
+
+def _acquire_task(address: str, *interceptors: object):  # noqa: ANN202
+    """One AcquireTask call, the way any local process could make it (no retries)."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor("SuperExec"), *interceptors],
+    )
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
+    try:
+        return client.AcquireTask(request)
+    finally:
+        client.close()
+
+
+def test_acquire_task_without_the_site_secret_is_refused(secured_supernode):
+    import httpx
+    from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
+
+    from wardround.client.site_worker import SUPEREXEC_AUTH_METHODS
+
+    address, secret = secured_supernode
+    wrong = SuperExecAuthHttpInterceptor(
+        master_secret=b"f" * 64, protected_methods=SUPEREXEC_AUTH_METHODS
+    )
+    for interceptors in ((), (wrong,)):
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            _acquire_task(address, *interceptors)
+        assert refused.value.response.status_code == 401
+    right = SuperExecAuthHttpInterceptor(
+        master_secret=secret, protected_methods=SUPEREXEC_AUTH_METHODS
+    )
+    assert not _acquire_task(address, right).HasField("task")
+
+
+def test_the_worker_signs_its_acquire_task_with_the_site_secret(secured_supernode):
+    import threading
+
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+
+    from wardround.client.approvals import AppApprovals
+    from wardround.client.site_worker import SiteWorker
+
+    address, secret = secured_supernode
+    worker = SiteWorker(
+        address, AppApprovals(Path("/nonexistent")), superexec_secret=secret
+    )
+    acquirer = worker._runtime_client(component="SuperExec")
+    try:
+        assert not acquirer.AcquireTask(AcquireTaskRequest()).HasField("task")
+    finally:
+        acquirer.close()
+    # a worker with a stale secret is refused, and its call gives up instead of
+    # Flower's SuperExec reaction (SIGINT to its own process: the site daemon)
+    stale = SiteWorker(
+        address, AppApprovals(Path("/nonexistent")), superexec_secret=b"0"
+    )
+    acquirer = stale._runtime_client(component="SuperExec")
+    try:
+        with pytest.raises(Exception) as refused:
+            acquirer.AcquireTask(AcquireTaskRequest())
+        assert refused.value.response.status_code == 401
+    finally:
+        acquirer.close()
+    assert threading.main_thread().is_alive()

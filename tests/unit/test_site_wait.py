@@ -344,7 +344,7 @@ ALLOWED_FIELDS = {
     "run_finished": {"run_id", "round"},
     "run_stopped": {"run_id", "round", "state", "reason"},
 }
-LINE_FIELDS = {"seq", "time", "actor", "event", "prev", "sha256"}
+LINE_FIELDS = {"seq", "time", "actor", "event", "prev", "hmac"}
 
 
 def test_a_deployed_run_names_sites_from_sites_json_and_audits_the_run(
