@@ -319,11 +319,14 @@ def run_federated(
         load_adapter_state(model, load_file(str(checkpoint)))
         outcome_subgroups = final_subgroups(model, _sites(config, site_tomls), config)
     model_info = result.summary["model"]
+    # Counts from the sites' own data on this machine: on the wire they are as
+    # coarse as each site's answer policy makes them.
+    local = _sites(config, site_tomls)
     return ArmOutcome(
         per_round=[{e.site: e.auroc_macro for e in r.evaluate} for r in result.rounds],
         per_label={e.site: dict(e.auroc_per_label) for e in last.evaluate},
-        train_examples={t.site: t.num_examples for t in last.train},
-        validation_examples={e.site: e.num_examples for e in last.evaluate},
+        train_examples={site.name: len(site.data.train) for site in local},
+        validation_examples={site.name: len(site.data.validation) for site in local},
         seconds=seconds,
         cpu_seconds=cpu_seconds,
         upload_bytes_per_round={s: float(np.mean(b)) for s, b in uploads.items()},
