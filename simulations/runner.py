@@ -36,6 +36,7 @@ def prepare_simulation(
         from .synth import synthesize_federation
 
         n_sites = sites if sites is not None else (config.data.synthesize_sites or 3)
+        _require_secure_aggregation_sites(config, n_sites)
         sites_dir = out_dir / "sites"
         if not any(sites_dir.glob("*/site.toml")):
             synthesize_federation(
@@ -60,6 +61,7 @@ def prepare_simulation(
             f"no */site.toml under {sites_dir}",
             hint="Run `wardround synth` or point data.sites-dir at real site folders.",
         )
+    _require_secure_aggregation_sites(config, len(found))
     from ..client.preflight import preflight_site
     from ..client.runtime import resolve_device
 
@@ -72,6 +74,16 @@ def prepare_simulation(
     if config.federation.min_sites > len(found):
         config = config.with_overrides(federation={"min_sites": len(found)})
     return config, len(found)
+
+
+def _require_secure_aggregation_sites(config: RunConfig, n_sites: int) -> None:
+    # Sites refuse SecAgg+ among fewer than 3: say so before anything starts.
+    if config.secure_aggregation.enabled and n_sites < 3:
+        raise ConfigError(
+            f"secure aggregation (SecAgg+) needs at least 3 sites; this simulation "
+            f"has {n_sites}",
+            hint="Use --sites 3 or more, or --no-secagg to aggregate in the clear.",
+        )
 
 
 def run_simulation_engine(

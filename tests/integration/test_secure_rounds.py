@@ -29,7 +29,7 @@ def test_ffa_lora_under_dp_and_secagg_trains_and_reports(
         data={"sites_dir": str(three_sites)},
         model={"lora_variant": "ffa"},
         train={"max_steps": 2},
-        federation={"rounds": 2, "min_sites": 2},
+        federation={"rounds": 2, "min_sites": 3},
     )
     result = run_federation(_grid(config, 3), config, run_dir=tmp_path / "run")
     last = result.rounds[-1]
