@@ -61,7 +61,6 @@ def prepare_simulation(
             f"no */site.toml under {sites_dir}",
             hint="Run `wardround synth` or point data.sites-dir at real site folders.",
         )
-    _require_secure_aggregation_sites(config, len(found))
     from ..client.preflight import preflight_site
     from ..client.runtime import resolve_device
 
@@ -69,6 +68,7 @@ def prepare_simulation(
 
     for site_toml in found:
         preflight_site(site_toml, config.task)
+    _require_secure_aggregation_sites(config, len(found))
     overrides["data"] = {"sites_dir": str(sites_dir)}
     config = config.with_overrides(**overrides)
     if config.federation.min_sites > len(found):
