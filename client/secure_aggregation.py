@@ -244,6 +244,20 @@ def check_unmask_request(
         )
 
 
+def _flower_secaggplus(
+    msg: Message,
+    context: Context,
+    call_next: ClientAppCallable,
+    masking: _MaskingStage | None,
+) -> Message:
+    # Module level: the ClientApp is pickled for Ray, and a ContextVar cannot be.
+    token = _masking_stage.set(masking)
+    try:
+        return secaggplus_mod(msg, context, call_next)
+    finally:
+        _masking_stage.reset(token)
+
+
 def _accepted(context: Context) -> ConfigRecord:
     return context.state.config_records.get(SETUP_RECORD) or ConfigRecord()
 
@@ -287,11 +301,7 @@ def make_secure_aggregation_mod(precheck: Callable[[Message, Context], None]) ->
             check_unmask_request(
                 configs, node_id, partners if isinstance(partners, list) else None
             )
-        token = _masking_stage.set(masking)
-        try:
-            reply = secaggplus_mod(msg, context, call_next)
-        finally:
-            _masking_stage.reset(token)
+        reply = _flower_secaggplus(msg, context, call_next, masking)
         context.state.config_records[SETUP_RECORD] = accepted
         return narrow_masked_vectors(reply)
 

@@ -365,3 +365,14 @@ def test_an_unmask_leaving_one_live_mask_partner_is_refused():
     for reason in result.failures.values():
         assert error_kind(reason) == REFUSED
         assert "1 of this site's mask partners alive" in reason
+
+
+def test_the_site_client_app_still_ships_to_ray_workers(tiny_config):
+    # Flower's simulation engine pickles the ClientApp (Ray's cloudpickle): the
+    # masked-vector marker must stay out of what the mods capture.
+    from ray import cloudpickle
+
+    app = cloudpickle.loads(
+        cloudpickle.dumps(build_client_app(tiny_config.to_flower()))
+    )
+    assert isinstance(app, ClientApp)
