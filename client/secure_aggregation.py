@@ -43,16 +43,18 @@ from flwr.compat.common import recorddict_compat as compat
 from ..common import wire
 from ..common.config import RunConfig
 from ..common.errors import SecureAggregationRefused
-from ..common.secagg_math import MODULUS_RANGE, plan_quantization, share_counts
+from ..common.secagg_math import (
+    MIN_PARTICIPANTS,
+    MODULUS_RANGE,
+    plan_quantization,
+    share_counts,
+)
 from ..common.secagg_wire import narrow_masked_vectors
 
 log = logging.getLogger(__name__)
 
 LEGACY_FITINS_ARRAYS = "fitins.parameters"
 """Where Flower's legacy FitIns carries the global adapter (unnamed arrays)."""
-
-MIN_PARTICIPANTS = 3
-"""Fewest SecAgg+ participants (self included) a site masks its update among."""
 
 MAX_PLAUSIBLE_WEIGHT = 2.0**31
 """Largest SecAgg+ max weight accepted: far above any site's example count."""

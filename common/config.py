@@ -503,6 +503,7 @@ class RunConfig(_Section):
                 "quantization range)"
             )
         if self.secure_aggregation.enabled and self.federation.min_sites < 3:
+            # common.secagg_math.MIN_PARTICIPANTS: sites refuse SecAgg+ among fewer
             raise ValueError(
                 "secure-aggregation needs federation.min-sites >= 3 (sites refuse "
                 "SecAgg+ among fewer: with 2, each site's one pairwise mask comes "

@@ -26,6 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODULUS_RANGE = 2**32
+MIN_PARTICIPANTS = 3
+"""Fewest SecAgg+ participants a site masks among (itself included): Flower derives
+each pairwise mask from a 32-bit seed, so with 2 the one mask a coordinator does not
+learn at unmask is a 2**32 search away."""
 _MAX_QUANTIZATION_RANGE = 2**30
 
 

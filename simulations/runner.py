@@ -18,6 +18,7 @@ from ..common.config import RunConfig
 from ..common.env import apply_machine_hygiene
 from ..common.errors import ConfigError, FederationError
 from ..common.processes import ChildProcessGuard
+from ..common.secagg_math import MIN_PARTICIPANTS
 from ..server.federation import FederationResult, RoundObserver
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,10 @@ def prepare_simulation(
 
 def _require_secure_aggregation_sites(config: RunConfig, n_sites: int) -> None:
     # Sites refuse SecAgg+ among fewer than 3: say so before anything starts.
-    if config.secure_aggregation.enabled and n_sites < 3:
+    if config.secure_aggregation.enabled and n_sites < MIN_PARTICIPANTS:
         raise ConfigError(
-            f"secure aggregation (SecAgg+) needs at least 3 sites; this simulation "
+            f"secure aggregation (SecAgg+) needs at least {MIN_PARTICIPANTS} sites; "
+            f"this simulation "
             f"has {n_sites}",
             hint="Use --sites 3 or more, or --no-secagg to aggregate in the clear.",
         )

@@ -24,10 +24,8 @@ from ...common.config import (
     Strategy,
 )
 from ...common.errors import ConfigError
+from ...common.secagg_math import MIN_PARTICIPANTS
 from ..synth_shift import STUDY_HETEROGENEITY, Heterogeneity
-
-SECURE_AGGREGATION_MIN_SITES = 3
-"""Sites refuse SecAgg+ among fewer participants (client/secure_aggregation.py)."""
 
 
 class ArmKind(StrEnum):
@@ -240,7 +238,7 @@ class StudySettings:
         federation of 2 runs without them (:meth:`arms_left_out`).
         """
         arms = self.arms
-        if n_sites < SECURE_AGGREGATION_MIN_SITES:
+        if n_sites < MIN_PARTICIPANTS:
             arms = tuple(a for a in arms if not a.secure_aggregation)
         if n_sites in self.ablation_site_counts:
             return arms
@@ -249,7 +247,7 @@ class StudySettings:
 
     def arms_left_out(self, n_sites: int) -> tuple[Arm, ...]:
         """The SecAgg+ arms a federation of fewer than 3 sites cannot run."""
-        if n_sites >= SECURE_AGGREGATION_MIN_SITES:
+        if n_sites >= MIN_PARTICIPANTS:
             return ()
         return tuple(a for a in self.arms if a.secure_aggregation)
 
