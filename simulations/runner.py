@@ -82,8 +82,7 @@ def _require_secure_aggregation_sites(config: RunConfig, n_sites: int) -> None:
     if config.secure_aggregation.enabled and n_sites < MIN_PARTICIPANTS:
         raise ConfigError(
             f"secure aggregation (SecAgg+) needs at least {MIN_PARTICIPANTS} sites; "
-            f"this simulation "
-            f"has {n_sites}",
+            f"this simulation has {n_sites}",
             hint="Use --sites 3 or more, or --no-secagg to aggregate in the clear.",
         )
 
