@@ -376,3 +376,49 @@ def test_the_site_client_app_still_ships_to_ray_workers(tiny_config):
         cloudpickle.dumps(build_client_app(tiny_config.to_flower()))
     )
     assert isinstance(app, ClientApp)
+
+
+class _SetupOnlyGrid:
+    """Keeps the setup messages Flower's workflow sends, and answers none."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.sent.extend(messages)
+        return []
+
+
+@pytest.mark.parametrize("sites", [3, 4, 5, 8])
+@pytest.mark.parametrize(
+    ("num_shares", "threshold"), [(1.0, 0.67), (0.5, 0.6), (5, 3), (1.0, 3)]
+)
+def test_the_site_recomputes_the_share_counts_flowers_workflow_announces(
+    sites, num_shares, threshold
+):
+    from wardround.common.secagg_math import share_counts
+
+    grid = _SetupOnlyGrid()
+    plan = plan_quantization(1.0, sites, 10)
+    messages = [
+        Message(
+            RecordDict({"arrays": to_record({"w": np.zeros(2, np.float32)})}),
+            dst_node_id=101 + i,
+            message_type=MessageType.TRAIN,
+            group_id="1",
+        )
+        for i in range(sites)
+    ]
+    settings = SecureAggregationConfig(
+        num_shares=num_shares, reconstruction_threshold=threshold
+    )
+    run_secure_train(
+        grid, messages, server_round=1, payload_shapes={}, settings=settings,
+        plan=plan, arrays_key="arrays", config_key="config",
+    )  # fmt: skip
+
+    announced = grid.sent[0].content.config_records[RECORD_KEY_CONFIGS]
+    expected = share_counts(num_shares, threshold, sites)
+    assert announced[Key.SAMPLE_NUMBER] == sites
+    assert announced[Key.SHARE_NUMBER] == expected.num_shares
+    assert announced[Key.THRESHOLD] == expected.threshold
