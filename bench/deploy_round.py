@@ -79,7 +79,7 @@ LOOPBACK_PATIENTS = 40  # what LoopbackFederation.create synthesizes per site
 RUN_TOML = """
 [federation]
 rounds = {rounds}
-min-sites = 2
+min-sites = {min_sites}
 round-timeout-s = {round_timeout}
 join-timeout-s = 60
 seed = 1
@@ -317,6 +317,8 @@ def run_mode(mode: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
             RUN_TOML.format(
                 rounds=args.rounds,
                 secagg="true" if args.secagg else "false",
+                # sites refuse SecAgg+ among fewer than 3
+                min_sites=3 if args.secagg else 2,
                 round_timeout=args.round_timeout_s,
             ),
         )

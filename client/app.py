@@ -55,7 +55,11 @@ from .ledger import project
 from .privacy_policy import DpPlan, plan_site_privacy
 from .run_identity import run_identity
 from .runtime import SiteRuntime, get_runtime, resolve_site_toml, samples_folder
-from .secure_aggregation import LEGACY_FITINS_ARRAYS
+from .secure_aggregation import (
+    LEGACY_FITINS_ARRAYS,
+    check_setup,
+    require_secure_channel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +335,7 @@ def handle_train(
     msg: Message, context: Context, run_config: dict[str, Any] | None = None
 ) -> Message:
     """Train the received global adapter on local data; reply with the delta."""
+    require_secure_channel(msg, _load(context, run_config)[0])
     request = _parse(msg, context, run_config)
     payload, metrics = _train(request)
     allowlist = request.runtime.allowlist
@@ -435,6 +440,7 @@ def precheck_secure_round(
     sharing keys has to be reconstructed.
     """
     config, runtime, simulation = _load(context, run_config)
+    check_setup(msg, config)
     plan = plan_site_privacy(
         config,
         runtime.site.privacy,

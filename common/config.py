@@ -139,7 +139,13 @@ class FederationConfig(_Section):
     strategy: Strategy = Strategy.FEDAVG
     proximal_mu: float = Field(0.0, ge=0.0, le=100.0)
     rounds: int = Field(5, ge=1, le=10_000)
-    min_sites: int = Field(2, ge=1, le=10_000)
+    min_sites: int = Field(
+        3,
+        ge=1,
+        le=10_000,
+        description="a round with fewer successful sites stops the run (at least 3 "
+        "under secure aggregation)",
+    )
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, gt=0.0, le=1.0)
     round_timeout_s: float = Field(3600.0, gt=0.0, le=604_800.0)
@@ -522,10 +528,12 @@ class RunConfig(_Section):
                 "secure-aggregation needs federation.delta-clip-norm > 0 (it sets the "
                 "quantization range)"
             )
-        if self.secure_aggregation.enabled and self.federation.min_sites < 2:
+        if self.secure_aggregation.enabled and self.federation.min_sites < 3:
+            # common.secagg_math.MIN_PARTICIPANTS: sites refuse SecAgg+ among fewer
             raise ValueError(
-                "secure-aggregation needs federation.min-sites >= 2 (a sum of one "
-                "site's update hides nothing); disable it for a one-site run "
+                "secure-aggregation needs federation.min-sites >= 3 (sites refuse "
+                "SecAgg+ among fewer: with 2, each site's one pairwise mask comes "
+                "from a 32-bit seed); disable it for a run of 1 or 2 sites "
                 "(secure-aggregation.enabled = false, or --no-secagg)"
             )
         return self

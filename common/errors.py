@@ -72,6 +72,13 @@ class AnswerRefused(PrivacyPolicyRefused):
     title = "answer refused"
 
 
+class SecureAggregationRefused(WardroundError):
+    """A train message breaks the SecAgg+ protocol or settings the site approved."""
+
+    exit_code = 9
+    title = "secure aggregation refused"
+
+
 class FederationError(WardroundError):
     """A round could not complete (too few sites replied, a site failed)."""
 

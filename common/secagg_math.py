@@ -26,6 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODULUS_RANGE = 2**32
+MIN_PARTICIPANTS = 3
+"""Fewest SecAgg+ participants a site masks among (itself included): Flower derives
+each pairwise mask from a 32-bit seed, so with 2 the one mask a coordinator does not
+learn at unmask is a 2**32 search away."""
 _MAX_QUANTIZATION_RANGE = 2**30
 
 
@@ -73,3 +77,42 @@ def mean_error_bound(
         return float("inf")
     k, c, t = num_sites, plan.clipping_range, plan.quantization_range
     return (2 * k * c + k * delta_bound) / (t * weight_sum) + delta_bound * 2.0**-23
+
+
+def count_or_fraction(value: float) -> int | float:
+    """A ``[secure-aggregation]`` value as Flower reads it: int a count, float a fraction."""
+    return float(value) if value <= 1.0 else int(value)
+
+
+@dataclass(frozen=True)
+class ShareCounts:
+    """The key shares of one SecAgg+ round, as Flower's workflow sets them."""
+
+    num_shares: int
+    threshold: int
+
+
+def share_counts(
+    num_shares: float, reconstruction_threshold: float, participants: int
+) -> ShareCounts:
+    """What ``SecAggPlusWorkflow`` announces at setup for ``participants`` sites.
+
+    Mirrors Flower 1.41's ``setup_stage``: a fractional ``num_shares`` is rounded
+    and made odd (below the participant count), and raised to all participants if
+    that leaves 2 or fewer; a fractional threshold is taken of the shares, at least 2.
+    """
+    shares_setting = count_or_fraction(num_shares)
+    if isinstance(shares_setting, float):
+        shares = round(shares_setting * participants)
+        if shares < participants and shares & 1 == 0:
+            shares += 1
+        if shares <= 2:
+            shares = participants
+    else:
+        shares = shares_setting
+    threshold_setting = count_or_fraction(reconstruction_threshold)
+    if isinstance(threshold_setting, float):
+        threshold = max(round(threshold_setting * shares), 2)
+    else:
+        threshold = threshold_setting
+    return ShareCounts(num_shares=shares, threshold=threshold)

@@ -43,7 +43,11 @@ from flwr.serverapp import Grid
 
 from ..common import wire
 from ..common.config import SecureAggregationConfig
-from ..common.secagg_math import QuantizationPlan, quantized_weight
+from ..common.secagg_math import (
+    QuantizationPlan,
+    count_or_fraction,
+    quantized_weight,
+)
 from ..common.secagg_wire import widen_masked_vectors
 from ..common.wirebytes import content_bytes
 
@@ -210,8 +214,8 @@ def run_secure_train(
         Parameters(tensors=[], tensor_type="numpy.ndarray"), keep_input=True
     )
     workflow = _ObservedSecAggPlus(
-        num_shares=_count_or_fraction(settings.num_shares),
-        reconstruction_threshold=_count_or_fraction(settings.reconstruction_threshold),
+        num_shares=count_or_fraction(settings.num_shares),
+        reconstruction_threshold=count_or_fraction(settings.reconstruction_threshold),
         max_weight=plan.max_weight,
         clipping_range=plan.clipping_range,
         quantization_range=plan.quantization_range,
@@ -273,8 +277,3 @@ def run_secure_train(
         weight_sum=weight_sum,
         **observed,
     )
-
-
-def _count_or_fraction(value: float) -> int | float:
-    """Flower reads an int as a count and a float as a fraction."""
-    return float(value) if value <= 1.0 else int(value)

@@ -18,6 +18,7 @@ from ..common.config import RunConfig
 from ..common.env import apply_machine_hygiene
 from ..common.errors import ConfigError, FederationError
 from ..common.processes import ChildProcessGuard
+from ..common.secagg_math import MIN_PARTICIPANTS
 from ..server.federation import FederationResult, RoundObserver
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ def prepare_simulation(
         from .synth import synthesize_federation
 
         n_sites = sites if sites is not None else (config.data.synthesize_sites or 3)
+        _require_secure_aggregation_sites(config, n_sites)
         sites_dir = out_dir / "sites"
         if not any(sites_dir.glob("*/site.toml")):
             synthesize_federation(
@@ -67,11 +69,22 @@ def prepare_simulation(
 
     for site_toml in found:
         preflight_site(site_toml, config.task)
+    _require_secure_aggregation_sites(config, len(found))
     overrides["data"] = {"sites_dir": str(sites_dir)}
     config = config.with_overrides(**overrides)
     if config.federation.min_sites > len(found):
         config = config.with_overrides(federation={"min_sites": len(found)})
     return config, len(found)
+
+
+def _require_secure_aggregation_sites(config: RunConfig, n_sites: int) -> None:
+    # Sites refuse SecAgg+ among fewer than 3: say so before anything starts.
+    if config.secure_aggregation.enabled and n_sites < MIN_PARTICIPANTS:
+        raise ConfigError(
+            f"secure aggregation (SecAgg+) needs at least {MIN_PARTICIPANTS} sites; "
+            f"this simulation has {n_sites}",
+            hint="Use --sites 3 or more, or --no-secagg to aggregate in the clear.",
+        )
 
 
 def run_simulation_engine(

@@ -32,13 +32,7 @@ def tiny_config() -> RunConfig:
     )
 
 
-@pytest.fixture(scope="session")
-def synthetic_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two small synthetic hospitals, written once per test session."""
-    from wardround.simulations.synth import synthesize_federation
-
-    root = tmp_path_factory.mktemp("sites")
-    synthesize_federation(root, 2, patients_per_site=40, seed=7)
+def _unreachable_budget(root: Path) -> None:
     # Many tests train these sites: give them a lifetime budget no test reaches.
     # Budget and floor tests write their own site.toml.
     for site_toml in root.glob("*/site.toml"):
@@ -46,16 +40,28 @@ def synthetic_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
         site_toml.write_text(
             text.replace("budget-epsilon = 100.0", "budget-epsilon = 1000000.0")
         )
+
+
+@pytest.fixture(scope="session")
+def synthetic_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two small synthetic hospitals, written once per test session (no SecAgg+:
+    sites refuse it among fewer than 3)."""
+    from wardround.simulations.synth import synthesize_federation
+
+    root = tmp_path_factory.mktemp("sites")
+    synthesize_federation(root, 2, patients_per_site=40, seed=7)
+    _unreachable_budget(root)
     return root
 
 
 @pytest.fixture(scope="session")
 def three_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three small synthetic hospitals (SecAgg+ dropout needs a third)."""
+    """Three small synthetic hospitals: the fewest SecAgg+ runs with."""
     from wardround.simulations.synth import synthesize_federation
 
     root = tmp_path_factory.mktemp("three-sites")
     synthesize_federation(root, 3, patients_per_site=40, seed=11)
+    _unreachable_budget(root)
     return root
 
 

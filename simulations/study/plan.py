@@ -24,6 +24,7 @@ from ...common.config import (
     Strategy,
 )
 from ...common.errors import ConfigError
+from ...common.secagg_math import MIN_PARTICIPANTS
 from ..synth_shift import STUDY_HETEROGENEITY, Heterogeneity
 
 
@@ -231,16 +232,33 @@ class StudySettings:
         return cls(size=StudySize(size), **values)
 
     def arms_for(self, n_sites: int) -> tuple[Arm, ...]:
-        """The arms run on the federation of ``n_sites`` sites."""
+        """The arms run on the federation of ``n_sites`` sites.
+
+        SecAgg+ arms need at least 3 sites (sites refuse it among fewer): a
+        federation of 2 runs without them (:meth:`arms_left_out`).
+        """
+        arms = self.arms
+        if n_sites < MIN_PARTICIPANTS:
+            arms = tuple(a for a in arms if not a.secure_aggregation)
         if n_sites in self.ablation_site_counts:
-            return self.arms
+            return arms
         core = (ArmGroup.REFERENCE, ArmGroup.STRATEGY)
-        return tuple(a for a in self.arms if a.group in core)
+        return tuple(a for a in arms if a.group in core)
+
+    def arms_left_out(self, n_sites: int) -> tuple[Arm, ...]:
+        """The SecAgg+ arms a federation of fewer than 3 sites cannot run."""
+        if n_sites >= MIN_PARTICIPANTS:
+            return ()
+        return tuple(a for a in self.arms if a.secure_aggregation)
 
     def base_config(self, sites_dir: str, n_sites: int, seed: int) -> RunConfig:
-        """The run config every arm of one federation and seed starts from."""
+        """The run config every arm of one federation and seed starts from.
+
+        Secure aggregation is off here; each arm says whether it uses it.
+        """
         return RunConfig().with_overrides(
             federation={"rounds": self.rounds, "min_sites": n_sites, "seed": seed},
+            secure_aggregation={"enabled": False},
             train={
                 "local_epochs": self.local_epochs,
                 "batch_size": self.batch_size,

@@ -159,6 +159,14 @@ def run_study(
     if shard is not None:
         units = [u for i, u in enumerate(units) if i % shard[1] == shard[0]]
     work = [(seed, n, arm) for seed, n in units for arm in settings.arms_for(n)]
+    for n_sites in sorted({n for _, n in units}):
+        left_out = settings.arms_left_out(n_sites)
+        if left_out:
+            log.warning(
+                "%d sites: SecAgg+ needs at least 3, so these arms do not run: %s",
+                n_sites,
+                ", ".join(a.name for a in left_out),
+            )
     results: dict[tuple[int, int, str], ArmOutcome] = {}
     failures: dict[tuple[int, int, str], str] = {}
     outcome = StudyResult(out_dir=out_dir, data={})

@@ -35,11 +35,12 @@ pytestmark = pytest.mark.deploy
 FAST_RUN = """
 [federation]
 rounds = {rounds}
-min-sites = 2
+min-sites = {min_sites}
 round-timeout-s = {timeout}
 join-timeout-s = 20
 seed = {seed}
 [secure-aggregation]
+enabled = {secure}
 stage-timeout-s = {stage_timeout}
 [model]
 image-size = 32
@@ -47,6 +48,11 @@ max-note-tokens = 32
 [train]
 batch-size = 8
 """
+
+ALL_SITES_SECURE = {"min_sites": 3, "secure": "true"}
+# A round of 2 left from 3 cannot be secure-aggregated (sites refuse SecAgg+ among
+# fewer than 3; tests/integration/test_secure_rounds.py): this run aggregates plainly.
+ONE_MAY_DROP = {"min_sites": 2, "secure": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +103,9 @@ def test_a_run_with_dp_and_secagg_writes_the_run_directory_and_audit_logs(federa
     fed = federation
     run_toml = fed.run_toml(
         "dp-secagg.toml",
-        FAST_RUN.format(rounds=2, seed=1, timeout=300, stage_timeout=120),
+        FAST_RUN.format(
+            rounds=2, seed=1, timeout=300, stage_timeout=120, **ALL_SITES_SECURE
+        ),
     )
     fed.approve(fed.app_hash(run_toml), fed.site_names)
 
@@ -162,7 +170,9 @@ def test_a_site_refuses_a_run_it_has_not_approved(federation):
     fed = federation
     run_toml = fed.run_toml(
         "unapproved.toml",
-        FAST_RUN.format(rounds=1, seed=99, timeout=120, stage_timeout=60),
+        FAST_RUN.format(
+            rounds=1, seed=99, timeout=120, stage_timeout=60, **ALL_SITES_SECURE
+        ),
     )
     result = _launch(fed, run_toml, timeout_s=300)
     assert result.returncode == 7, result.stdout + result.stderr
@@ -254,7 +264,7 @@ def test_a_site_killed_mid_run_and_the_run_finishes_with_the_rest(federation):
     fed = federation
     run_toml = fed.run_toml(
         "site-killed.toml",
-        FAST_RUN.format(rounds=3, seed=3, timeout=90, stage_timeout=30),
+        FAST_RUN.format(rounds=3, seed=3, timeout=90, stage_timeout=30, **ONE_MAY_DROP),
     )
     fed.approve(fed.app_hash(run_toml), fed.site_names)
     before = set(fed.run_dirs())
@@ -300,7 +310,9 @@ def test_the_coordinator_killed_mid_run_resumes_from_its_last_checkpoint(federat
     fed = federation
     run_toml = fed.run_toml(
         "resumed.toml",
-        FAST_RUN.format(rounds=2, seed=4, timeout=300, stage_timeout=120),
+        FAST_RUN.format(
+            rounds=2, seed=4, timeout=300, stage_timeout=120, **ALL_SITES_SECURE
+        ),
     )
     fed.approve(fed.app_hash(run_toml), fed.site_names)
     before = set(fed.run_dirs())

@@ -1,6 +1,7 @@
 """Whole rounds with the real site ClientApps on an in-process grid (no Ray):
 DP-SGD, SecAgg+, the egress guard and FFA-LoRA together, and a site that vanishes
-in the middle of a SecAgg+ round."""
+in the middle of a SecAgg+ round (4 sites: the others aggregate; 3 sites: the two
+left refuse to unmask)."""
 
 import json
 
@@ -29,7 +30,7 @@ def test_ffa_lora_under_dp_and_secagg_trains_and_reports(
         data={"sites_dir": str(three_sites)},
         model={"lora_variant": "ffa"},
         train={"max_steps": 2},
-        federation={"rounds": 2, "min_sites": 2},
+        federation={"rounds": 2, "min_sites": 3},
     )
     result = run_federation(_grid(config, 3), config, run_dir=tmp_path / "run")
     last = result.rounds[-1]
@@ -44,25 +45,59 @@ def test_ffa_lora_under_dp_and_secagg_trains_and_reports(
     )
 
 
+@pytest.fixture(scope="module")
+def four_sites(tmp_path_factory):
+    """Four small hospitals: one can drop and still leave 3 to aggregate."""
+    from wardround.simulations.synth import synthesize_federation
+
+    root = tmp_path_factory.mktemp("four-sites")
+    synthesize_federation(root, 4, patients_per_site=40, seed=13)
+    return root
+
+
 def test_a_site_vanishing_mid_secagg_round_leaves_a_round_of_the_others(
-    three_sites, tiny_config, tmp_path
+    four_sites, tiny_config, tmp_path
 ):
     config = tiny_config.with_overrides(
-        data={"sites_dir": str(three_sites)},
+        data={"sites_dir": str(four_sites)},
         train={"max_steps": 2},
-        federation={"rounds": 1, "min_sites": 2},
-        secure_aggregation={"num_shares": 1.0, "reconstruction_threshold": 2},
+        federation={"rounds": 1, "min_sites": 3},
+        secure_aggregation={"num_shares": 1.0, "reconstruction_threshold": 3},
     )
     victim = 1001
 
     vanish = vanish_at_secagg_stage("collect_masked_vectors", [victim])
 
-    result = run_federation(_grid(config, 3, vanish), config, run_dir=tmp_path / "run")
+    result = run_federation(_grid(config, 4, vanish), config, run_dir=tmp_path / "run")
     round_one = result.rounds[1]
-    assert sorted(t.node_id for t in round_one.train) == [1000, 1002]
+    assert sorted(t.node_id for t in round_one.train) == [1000, 1002, 1003]
     assert [f.node_id for f in round_one.failures if f.phase == "train"] == [victim]
-    assert round_one.secure_aggregation["sites_aggregated"] == 2
+    assert round_one.secure_aggregation["sites_aggregated"] == 3
     assert round_one.adapter_sha256 != result.rounds[0].adapter_sha256
+
+
+def test_a_secagg_round_left_with_two_sites_is_never_unmasked(
+    three_sites, tiny_config, tmp_path
+):
+    # One of 3 drops after sharing its keys: its pairwise masks would be rebuilt,
+    # leaving each survivor behind one 32-bit seed. Both refuse to unmask.
+    from wardround.common.errors import FederationError
+
+    config = tiny_config.with_overrides(
+        data={"sites_dir": str(three_sites)},
+        train={"max_steps": 1},
+        federation={"rounds": 1, "min_sites": 3},
+        secure_aggregation={"num_shares": 1.0, "reconstruction_threshold": 2},
+    )
+    victim = 1001
+    vanish = vanish_at_secagg_stage("collect_masked_vectors", [victim])
+
+    with pytest.raises(FederationError):
+        run_federation(_grid(config, 3, vanish), config, run_dir=tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert summary["rounds_completed"] == 0
+    assert "SecureAggregationRefused" in summary["stop_reason"]
+    assert "mask partners alive" in summary["stop_reason"]
 
 
 def _sites_with(three_sites, tmp_path, **privacy):
@@ -90,7 +125,7 @@ def test_sites_that_refuse_stop_the_run_cleanly_with_its_rounds_written(
     config = tiny_config.with_overrides(
         data={"sites_dir": str(sites)},
         train={"max_steps": 1},
-        federation={"rounds": 2, "min_sites": 2},
+        federation={"rounds": 2, "min_sites": 3},
         secure_aggregation={"enabled": secure},
     )
     with pytest.raises(

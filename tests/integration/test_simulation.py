@@ -1,4 +1,5 @@
-"""A 2-site × 2-round federation through Flower's simulation engine (Ray) on CPU."""
+"""A 3-site × 2-round federation through Flower's simulation engine (Ray) on CPU,
+with the defaults (DP-SGD and SecAgg+, which needs at least 3 sites)."""
 
 import json
 
@@ -9,9 +10,11 @@ from wardround.common.processes import descendants
 
 pytestmark = pytest.mark.integration
 
+SITES = ["site-01", "site-02", "site-03"]
 
-def test_two_sites_two_rounds_write_a_complete_run_directory(
-    synthetic_sites, tiny_config, tmp_path
+
+def test_three_sites_two_rounds_write_a_complete_run_directory(
+    three_sites, tiny_config, tmp_path
 ):
     from peft import PeftModel
 
@@ -21,11 +24,11 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(
     from wardround.simulations.runner import prepare_simulation, run_simulation_engine
 
     before = set(descendants())
-    config = tiny_config.with_overrides(data={"sites_dir": str(synthetic_sites)})
+    config = tiny_config.with_overrides(data={"sites_dir": str(three_sites)})
     config, n_sites = prepare_simulation(
         config, out_dir=tmp_path / "run", sites=None, rounds=2
     )
-    assert n_sites == 2
+    assert n_sites == 3
 
     result = run_simulation_engine(config, n_sites)
 
@@ -37,18 +40,18 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(
     ]
     assert [r["round"] for r in lines] == [0, 1, 2]
     for r in lines[1:]:
-        assert sorted(t["site"] for t in r["train"]) == ["site-01", "site-02"]
+        assert sorted(t["site"] for t in r["train"]) == SITES
         assert all(t["bytes_sent"] > 0 for t in r["train"])
         assert 0.0 <= r["global_auroc"] <= 1.0
     summary = json.loads((run_dir / "run.json").read_text())
     assert summary["rounds_completed"] == 2
-    assert set(summary["final"]["sites"]) == {"site-01", "site-02"}
-    assert set(summary["bytes_sent_per_site"]) == {"site-01", "site-02"}
+    assert set(summary["final"]["sites"]) == set(SITES)
+    assert set(summary["bytes_sent_per_site"]) == set(SITES)
     assert (run_dir / "plots" / "auroc.png").stat().st_size > 0
     assert (run_dir / "checkpoints" / "round-002" / "adapter.safetensors").is_file()
     manifest = json.loads((run_dir / "manifests" / "round-002.json").read_text())
     assert manifest["adapter_sha256"] == lines[-1]["adapter_sha256"]
-    assert len(manifest["participants"]) == 2
+    assert len(manifest["participants"]) == 3
 
     # the final adapter loads onto a freshly built base model and is the trained one
     saved_config = RunConfig.from_toml(run_dir / "run-config.toml")
@@ -70,7 +73,7 @@ def test_two_sites_two_rounds_write_a_complete_run_directory(
     assert manifest["aggregation"] == "secagg+"
     assert manifest["secure_aggregation"]["max_abs_error_per_coordinate"] < 1e-5
     assert manifest["differential_privacy"]["target-epsilon"] == 8.0
-    for site in ("site-01", "site-02"):
+    for site in SITES:
         spent = summary["privacy_spent"][site]
         rounds = [r["epsilon_run"] for r in spent["per_round"]]
         assert len(rounds) == 2 and 0 < rounds[0] < rounds[1] <= 8.0 * 1.001

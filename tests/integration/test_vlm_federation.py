@@ -1,6 +1,8 @@
 """2 sites x 2 rounds of the ``vlm`` family through the real ServerApp round loop
 and the real site ClientApps (in-process grid: Flower's message encoding, the
-egress guard, SecAgg+, DP-SGD and the privacy ledger all as in a deployment)."""
+egress guard, DP-SGD and the privacy ledger all as in a deployment). Plain
+aggregation: SecAgg+ needs 3 sites, and its path is the same for any adapter
+(tests/integration/test_secure_rounds.py)."""
 
 import json
 
@@ -30,7 +32,7 @@ def _config(sites, arch, kind, *, dp):
         data={"sites_dir": str(sites)},
         federation={"rounds": 2, "min_sites": 2},
         privacy={"enabled": dp},
-        secure_aggregation={"enabled": dp},
+        secure_aggregation={"enabled": False},
     )
 
 
@@ -82,13 +84,11 @@ def test_two_sites_two_rounds_train_a_vlm_adapter(
     assert summary["final"]["global"]["eval-perplexity"] == pytest.approx(
         scores["eval-perplexity"]
     )
+    assert rounds[-1]["aggregation"] == "plain"
     if dp:
-        assert rounds[-1]["aggregation"] == "secagg+"
         for site in ("site-01", "site-02"):
             spent = summary["privacy_spent"][site]["per_round"]
             assert 0 < spent[0]["epsilon_run"] < spent[1]["epsilon_run"] <= 8.0 * 1.001
-    else:
-        assert rounds[-1]["aggregation"] == "plain"
 
     # the generated samples stay at the sites until the simulation gathers them
     copied = gather_samples(synthetic_sites, result.summary["run_id"], run_dir)

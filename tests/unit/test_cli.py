@@ -68,6 +68,21 @@ def test_missing_dicom_folder_and_missing_ehr_columns(synthetic_sites, tmp_path)
     assert "Traceback" not in out
 
 
+def test_simulate_with_two_sites_asks_for_a_third_or_no_secagg(
+    synthetic_sites, tmp_path
+):
+    config = tmp_path / "run.toml"
+    config.write_text(f'[data]\nsites-dir = "{synthetic_sites}"\n')
+    code, out = _run(
+        "simulate", "--config", str(config), "--out", str(tmp_path / "run")
+    )
+    assert code == 2 and "Traceback" not in out
+    assert "needs at least 3 sites" in out and "--no-secagg" in out
+    code, out = _run("simulate", "--sites", "2", "--out", str(tmp_path / "synth"))
+    assert code == 2 and "this simulation has 2" in out
+    assert not (tmp_path / "synth" / "sites").exists()  # refused before writing
+
+
 def test_synth_writes_sites(tmp_path):
     code, out = _run(
         "synth", "--sites", "2", "--patients", "12", "--out", str(tmp_path / "s")

@@ -23,8 +23,11 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 @pytest.fixture(scope="module")
 def site_setup(synthetic_sites, tiny_config):
+    # Plain train messages: SecAgg+ replies are tested in test_secagg_enforcement.py
     config = tiny_config.with_overrides(
-        data={"sites_dir": str(synthetic_sites)}, train={"max_steps": 2}
+        data={"sites_dir": str(synthetic_sites)},
+        train={"max_steps": 2},
+        secure_aggregation={"enabled": False},
     )
     built = build_model(config)
     context = Context(

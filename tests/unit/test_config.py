@@ -82,8 +82,10 @@ def test_secure_aggregation_settings_are_checked_together():
 
     with pytest.raises(ConfigError, match="delta-clip-norm > 0"):
         RunConfig().with_overrides(federation={"delta_clip_norm": 0.0})
-    with pytest.raises(ConfigError, match="min-sites >= 2"):
-        RunConfig().with_overrides(federation={"min_sites": 1})
+    assert RunConfig().federation.min_sites == 3  # the default is valid
+    for too_few in (1, 2):
+        with pytest.raises(ConfigError, match="min-sites >= 3"):
+            RunConfig().with_overrides(federation={"min_sites": too_few})
     one_site = RunConfig().with_overrides(
         federation={"min_sites": 1}, secure_aggregation={"enabled": False}
     )

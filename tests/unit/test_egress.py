@@ -472,8 +472,9 @@ def _legacy_train(arrays):
 
 
 def _run_secagg_round(allowlist, arrays_for, tmp_path, mods=None):
-    """Two sites through Flower's four SecAgg+ stages, the guard outside and inside."""
-    nodes = (11, 12)
+    """Three sites (the fewest a site accepts) through Flower's four SecAgg+ stages,
+    the guard outside and inside."""
+    nodes = (11, 12, 13)
     log_path = tmp_path / "violations.jsonl"
     mods = mods or site_mods(
         lambda m, c: allowlist, precheck=lambda m, c: None, violations_log=log_path
@@ -481,7 +482,7 @@ def _run_secagg_round(allowlist, arrays_for, tmp_path, mods=None):
     apps = {n: make_ffn(_legacy_train(arrays_for(n)), mods) for n in nodes}
     contexts = {n: _context(n) for n in nodes}
     setup = {
-        "stage": "setup", "sample_num": 2, "share_num": 2, "threshold": 2,
+        "stage": "setup", "sample_num": 3, "share_num": 3, "threshold": 2,
         "clipping_range": 8.0, "target_range": 2**16, "mod_range": 2**24,
         "max_weight": 1000.0,
     }  # fmt: skip
@@ -540,7 +541,7 @@ def test_the_mod_order_is_pinned(allowlist):
 def test_flowers_secagg_replies_pass_the_guard_at_every_stage(allowlist, tmp_path):
     replies, log_path = _run_secagg_round(allowlist, lambda n: _delta(), tmp_path)
 
-    assert [r.has_error() for r in replies] == [False] * 8
+    assert [r.has_error() for r in replies] == [False] * 12
     assert not log_path.exists()
 
 
@@ -553,8 +554,8 @@ def test_a_nan_delta_under_secagg_is_refused_before_masking(allowlist, tmp_path)
 
     replies, log_path = _run_secagg_round(allowlist, arrays_for, tmp_path)
 
-    collect_11, collect_12 = replies[4:6]
-    assert not collect_11.has_error()
+    collect_11, collect_12, collect_13 = replies[6:9]
+    assert not collect_11.has_error() and not collect_13.has_error()
     assert collect_12.has_error() and "non-finite" in collect_12.error.reason
     assert error_kind(collect_12.error.reason) == "EgressViolation"
     assert (
@@ -572,5 +573,5 @@ def test_the_outer_guard_checks_flowers_masked_vectors(tmp_path):
 
     replies, _ = _run_secagg_round(declared, lambda n: _delta(), tmp_path, outer_only)
 
-    assert [r.has_error() for r in replies] == [False] * 4 + [True] * 2 + [False] * 2
-    assert "4 masked array(s), expected 5" in replies[4].error.reason
+    assert [r.has_error() for r in replies] == [False] * 6 + [True] * 3 + [False] * 3
+    assert "4 masked array(s), expected 5" in replies[6].error.reason

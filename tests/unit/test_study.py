@@ -334,3 +334,16 @@ def test_a_site_dialect_writes_only_its_own_phrases():
     ]
 
     assert not any(p[0].upper() + p[1:] in n for n in notes for p in dropped)
+
+
+def test_a_two_site_federation_runs_without_the_secagg_arms(tmp_path):
+    settings = StudySettings.for_size(StudySize.SMOKE, site_counts=(2,))
+
+    two = settings.arms_for(2)
+
+    assert two and not any(a.secure_aggregation for a in two)
+    assert {a.name for a in settings.arms_left_out(2)} >= {"fedavg-secagg"}
+    assert settings.arms_left_out(3) == ()
+    for arm in two:  # every arm that runs has a valid config
+        config = settings.arm_config(arm, str(tmp_path), 2, 0, str(tmp_path / "r"))
+        assert not config.secure_aggregation.enabled
