@@ -14,7 +14,7 @@ from wardround.client.ledger import PrivacyLedger, ledger_file
 from wardround.client.run_identity import approved_run_key
 from wardround.common import wire
 from wardround.common.adapter import adapter_state, to_record
-from wardround.common.config import Accountant
+from wardround.common.config import Accountant, RunConfig
 from wardround.common.errors import (
     PrivacyBudgetExhausted,
     PrivacyPolicyRefused,
@@ -95,9 +95,7 @@ def test_a_round_past_the_budget_is_refused_and_the_refusal_leaves_as_a_status(
     config = tiny_config.with_overrides(train={"max_steps": 2})
     msg, context, built = _call(config, site_toml, run_id="new-run")
     # an earlier run already spent most of this site's lifetime budget
-    ledger = PrivacyLedger(
-        ledger_file(site_toml.parent / "privacy-ledger")
-    )
+    ledger = PrivacyLedger(ledger_file(site_toml.parent / "privacy-ledger"))
     entry = ledger.reserve(
         "old-run", 1, Mechanism(0.7, 0.25, 60), delta=1e-5, max_grad_norm=1.0,
         accountant="rdp", base_model=built.base_fingerprint,
@@ -123,14 +121,16 @@ def test_a_dp_round_is_ledgered_before_its_delta_leaves(
     msg, context, built = _call(config, site_toml)
     reply = handle_train(msg, context)
     metrics = reply.content[wire.METRICS]
-    ledger = PrivacyLedger(
-        ledger_file(site_toml.parent / "privacy-ledger")
-    )
+    ledger = PrivacyLedger(ledger_file(site_toml.parent / "privacy-ledger"))
     kinds = [e["kind"] for e in ledger.entries()]
     assert kinds == ["reserve", "commit"]
     assert metrics[wire.DP_STEPS] == 3
     assert metrics[wire.DP_EPSILON_RUN] == pytest.approx(
-        ledger.epsilon(1e-5, Accountant.RDP, approved_run_key(config))
+        ledger.epsilon(
+            1e-5,
+            Accountant.RDP,
+            approved_run_key(RunConfig.from_flower(dict(context.run_config))),
+        )
     )
     assert 0 < metrics[wire.DP_EPSILON_RUN] < config.privacy.target_epsilon
     assert np.isfinite(metrics[wire.DP_EPSILON_RUN_PRV])
