@@ -121,7 +121,7 @@ class CoordinatorConfig(_Section):
 
     @property
     def nginx_path(self) -> Path:
-        """nginx's prefix: its config, pid file, logs and temp files."""
+        """The prefix of nginx: its config, pid file, logs and temp files."""
         return self.state_path / "nginx"
 
     @property

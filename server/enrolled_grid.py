@@ -1,4 +1,4 @@
-"""A Flower ``Grid`` that shows the ServerApp only the sites ``wardround sites add`` enrolled.
+"""A Flower ``Grid`` that shows the ServerApp only the sites enrolled by the admin.
 
 Flower's SuperLink admits any node whose public key was registered through its
 Control API, by whoever could reach it. The coordinator keeps, in ``sites.json``,
@@ -103,7 +103,8 @@ class EnrolledGrid(Grid):
             )
         return self.inner.push_messages(messages)
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Flower's own."""
         return self.inner.pull_messages(message_ids)
 
     def send_and_receive(

@@ -40,6 +40,9 @@ INSTALL_HINT = (
     "nginx`) unless it serves other sites on other ports."
 )
 
+SYSTEM_NGINX = Path("/usr/sbin/nginx")
+"""Where Debian, Ubuntu, RHEL and Fedora put nginx (not on a user's PATH)."""
+
 # Characters that nginx reads as syntax or variables inside a quoted value.
 _UNSAFE = set('"\\$;{}\n\r')
 
@@ -61,7 +64,7 @@ def find_nginx(config: CoordinatorConfig) -> str:
             f"[coordinator] nginx {path} is not an executable file", hint=INSTALL_HINT
         )
     found = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+        str(SYSTEM_NGINX) if os.access(SYSTEM_NGINX, os.X_OK) else None
     )
     if found is None:
         raise ConfigError(
@@ -121,7 +124,7 @@ def nginx_conf(config: CoordinatorConfig) -> str:
     section = config.coordinator
     temp = prefix / "temp"
     upstream_name = _upstream_name(config)
-    return f"""# Written by `wardround coordinator start` at every start: edit coordinator.toml.
+    return f"""# Written by `wardround coordinator start`: edit coordinator.toml instead.
 {_user_line()}daemon off;
 master_process on;
 worker_processes 1;

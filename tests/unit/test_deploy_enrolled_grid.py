@@ -90,16 +90,16 @@ def test_a_node_registered_behind_the_registrys_back_is_never_sampled(deployed):
 
     for server_round in (1, 2, 3):
         messages = list(
-            strategy.configure_train(
-                server_round, ArrayRecord(), ConfigRecord(), grid
-            )
+            strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
         )
         sampled = {m.metadata.dst_node_id for m in messages}
         assert sampled == set(ENROLLED.values())
     assert set(grid.get_node_ids()) == set(ENROLLED.values())
 
     ignored = [e for e in read_audit(audit_path) if e["event"] == "node_ignored"]
-    assert sorted(e["node_id"] for e in ignored) == sorted([str(INTRUDER), str(REVOKED)])
+    assert sorted(e["node_id"] for e in ignored) == sorted(
+        [str(INTRUDER), str(REVOKED)]
+    )
     assert all(e["run_id"] == "run-a" for e in ignored)  # once per node and run
 
 
