@@ -34,7 +34,7 @@ PROXY_TIMEOUT_S = 300
 
 INSTALL_HINT = (
     "Install nginx on the coordinator host (Debian/Ubuntu: "
-    "`apt-get install nginx-light`; RHEL/Fedora: `dnf install nginx`), or set "
+    "`apt-get install nginx`; RHEL/Fedora: `dnf install nginx`), or set "
     "[coordinator] nginx to its path. The coordinator starts and stops it itself: "
     "leave the distribution's nginx service disabled (`systemctl disable --now "
     "nginx`) unless it serves other sites on other ports."

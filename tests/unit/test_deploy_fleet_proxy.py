@@ -104,7 +104,7 @@ def test_a_missing_nginx_says_how_to_install_it(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         find_nginx(config)
     assert "nginx is not installed" in err.value.message
-    assert "apt-get install nginx-light" in err.value.hint
+    assert "apt-get install nginx" in err.value.hint
 
     configured = _config(tmp_path, 'nginx = "/opt/none/nginx"')
     with pytest.raises(ConfigError, match="/opt/none/nginx is not an executable"):
