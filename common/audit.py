@@ -78,6 +78,7 @@ class AuditEvent(StrEnum):
     SITE_JOINED = "site_joined"
     SITE_LEFT = "site_left"
     SITE_REFUSED = "site_refused"
+    NODE_IGNORED = "node_ignored"
     RUN_STARTED = "run_started"
     RUN_RESUMED = "run_resumed"
     RUN_PAUSED = "run_paused"

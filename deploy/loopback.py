@@ -77,6 +77,7 @@ class LoopbackFederation:
 
     root: Path
     port: int
+    internal_port: int
     site_names: list[str]
     daemons: dict[str, Daemon] = field(default_factory=dict)
     started: list[psutil.Process] = field(default_factory=list)
@@ -103,7 +104,9 @@ class LoopbackFederation:
     @classmethod
     def create(cls, root: Path, sites: int = 3) -> LoopbackFederation:
         """Write a CA, a server certificate, site keys, synthetic sites and configs."""
-        port = free_port()
+        port, internal_port = free_port(), free_port()
+        while internal_port == port:
+            internal_port = free_port()
         init_ca(root / "pki")
         issue_server_certificate(
             root / "pki", ["localhost"], ["127.0.0.1"], root / "pki"
@@ -112,6 +115,7 @@ class LoopbackFederation:
             "[coordinator]\n"
             'host = "127.0.0.1"\n'
             f"port = {port}\n"
+            f"internal-port = {internal_port}\n"
             'state-dir = "coordinator-state"\n'
             "[tls]\n"
             'ca-certificate = "pki/ca.pem"\n'
@@ -120,7 +124,9 @@ class LoopbackFederation:
         )
         synthesize_federation(root / "sites", sites, patients_per_site=40, seed=5)
         names = sorted(p.parent.name for p in (root / "sites").glob("*/site.toml"))
-        federation = cls(root=root, port=port, site_names=names)
+        federation = cls(
+            root=root, port=port, internal_port=internal_port, site_names=names
+        )
         for name in names:
             generate_site_keypair(name, root / "keys")
             federation.add_deployment(name, key=root / "keys" / f"{name}.key")

@@ -64,7 +64,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 @coordinator_app.command("start")
 def coordinator_start(config: CoordinatorOption) -> None:
-    """Run the SuperLink (TLS, site authentication) until SIGTERM; resume unfinished runs."""
+    """Run the coordinator (SuperLink, nginx) until SIGTERM; resume unfinished runs."""
     try:
         from .coordinator import run_coordinator
 
@@ -72,8 +72,9 @@ def coordinator_start(config: CoordinatorOption) -> None:
         stop = threading.Event()
         _stop_on_signals(stop)
         typer.echo(
-            f"coordinator: listening on {coordinator.coordinator.host}:"
-            f"{coordinator.coordinator.port} (TLS, site authentication); state in "
+            f"coordinator: sites on {coordinator.coordinator.host}:"
+            f"{coordinator.coordinator.port} (TLS, Fleet API only, site "
+            f"authentication); admin on {coordinator.internal_address}; state in "
             f"{coordinator.state_path}"
         )
         run_coordinator(

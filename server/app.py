@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..common.config import RunConfig
 from ..common.flower_pacing import PACING_ENV, pace_serverapp_grid
 from .deployment import deployment_from_env
+from .enrolled_grid import EnrolledGrid
 from .federation import ObserverGroup, RoundObserver, run_federation
 from .prompt_grid import PromptGrid
 
@@ -73,6 +74,13 @@ def build_server_app(
         if deployment is None:
             options: dict[str, Any] = {"site_names": site_namer(config)}
         else:
+            # Only sites enrolled with `wardround sites add` are ever sampled.
+            grid = EnrolledGrid(
+                grid,
+                deployment.roster,
+                deployment.observer.recorder,
+                deployment.run_id(config),
+            )
             if os.environ.get(PACING_ENV, "1") != "0":
                 pace_serverapp_grid()
                 grid = PromptGrid(grid)  # Flower's Grid polls for replies every 3 s

@@ -1,17 +1,28 @@
 """``wardround coordinator start``: the coordinator daemon.
 
-It runs Flower's SuperLink with TLS and SuperNode authentication on one port, with
-its database in the state folder (enrolled keys and runs survive a restart), and
-stops it by PID on SIGTERM. On start it resumes every run that was launched and not
-ended, from the run's last completed round. The ServerApp of each run inherits
-``WARDROUND_COORDINATOR_STATE`` and so finds the enrolled sites and the audit log.
+It runs three processes and stops them by PID on SIGTERM:
+
+- Flower's SuperLink, with TLS and SuperNode authentication, bound to 127.0.0.1 on
+  ``[coordinator] internal-port``: its Control API (the admin commands) and its
+  Runtime API (the ServerApp) are reachable from the coordinator host only;
+- Flower's SuperExec, which starts each run's ServerApp process; it signs its
+  Runtime API calls with a secret the SuperLink checks (``superexec.secret``, 0600,
+  fresh at each start), so no other local process can take a run's task;
+- nginx on the public ``host``/``port``, passing only the Fleet API that sites use
+  (:mod:`.fleet_proxy`).
+
+On start it resumes every run that was launched and not ended, from the run's last
+completed round. The ServerApp of each run inherits ``WARDROUND_COORDINATOR_STATE``
+and so finds the enrolled sites and the audit log.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,12 +32,16 @@ from ..common.env import apply_machine_hygiene
 from ..common.errors import ConfigError, FederationError
 from ..common.processes import flower_binary, start_child, stop_child
 from .coordinator_config import CoordinatorConfig
+from .fleet_proxy import error_log_tail, find_nginx, nginx_command, write_nginx_conf
 from .flwr_control import write_connection
 
 log = logging.getLogger(__name__)
 
 STATE_ENV = "WARDROUND_COORDINATOR_STATE"
 SUPERLINK_LOG = "superlink.log"
+SUPEREXEC_LOG = "superexec.log"
+NGINX_LOG = "nginx.log"
+LOOPBACK_IP = "127.0.0.1"
 
 
 def check_tls(config: CoordinatorConfig) -> None:
@@ -56,6 +71,12 @@ def check_tls(config: CoordinatorConfig) -> None:
             f"{info.not_after:%Y-%m-%d}",
             hint="Issue a new one (`wardround certs server`) and restart.",
         )
+    if LOOPBACK_IP not in info.ip_addresses:
+        raise ConfigError(
+            f"[tls] certificate {config.certificate_path} does not name {LOOPBACK_IP}: "
+            "the admin commands and the ServerApp reach the SuperLink there",
+            hint="Issue it with `--ip 127.0.0.1` as well (`wardround certs server`).",
+        )
     if config.private_key_path.stat().st_mode & 0o077:
         raise ConfigError(
             f"[tls] private-key {config.private_key_path} is readable by other users",
@@ -64,7 +85,10 @@ def check_tls(config: CoordinatorConfig) -> None:
 
 
 def superlink_command(config: CoordinatorConfig) -> list[str]:
-    """The ``flower-superlink`` command line.
+    """The ``flower-superlink`` command line: loopback only, SuperExec authenticated.
+
+    ``--isolation process``: the coordinator starts the SuperExec itself (Flower
+    ignores the SuperExec secret when the SuperLink starts its own).
 
     No ``--database``: Flower's SQL state costs the SuperLink ~0.1 s of CPU per
     array it relays (measured: a plain round took 34 s with it, 17.5 s without). The
@@ -82,11 +106,40 @@ def superlink_command(config: CoordinatorConfig) -> list[str]:
         str(config.private_key_path),
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(config.superexec_secret_path),
         "--host",
-        config.coordinator.host,
+        LOOPBACK_IP,
         "--port",
-        str(config.coordinator.port),
+        str(config.coordinator.internal_port),
     ]
+
+
+def superexec_command(config: CoordinatorConfig) -> list[str]:
+    """The ``flower-superexec`` command line: it launches each run's ServerApp."""
+    return [
+        flower_binary("flower-superexec"),
+        "--runtime-api-address",
+        config.internal_address,
+        "--root-certificates",
+        str(config.ca_path),
+        "--superexec-auth-secret-file",
+        str(config.superexec_secret_path),
+        "--parent-pid",
+        str(os.getpid()),
+    ]
+
+
+def write_superexec_secret(config: CoordinatorConfig) -> Path:
+    """A fresh random SuperExec secret, mode 0600, shared by SuperLink and SuperExec."""
+    path = config.superexec_secret_path
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    return path
 
 
 def _listening(host: str, port: int) -> bool:
@@ -98,39 +151,94 @@ def _listening(host: str, port: int) -> bool:
         return False
 
 
+def _wait_listening(
+    what: str,
+    port: int,
+    child: subprocess.Popen[bytes],
+    stop: threading.Event,
+    hint: str,
+    host: str = LOOPBACK_IP,
+) -> bool:
+    """Wait until ``child`` listens on ``port``; False when ``stop`` was set."""
+    deadline = time.monotonic() + 60
+    while not _listening(host, port):
+        if child.poll() is not None or time.monotonic() > deadline:
+            raise FederationError(f"{what} did not start", hint=hint)
+        if stop.wait(0.2):
+            return False
+    return True
+
+
+def _check_ports_free(config: CoordinatorConfig) -> None:
+    section = config.coordinator
+    for port, key in ((section.port, "port"), (section.internal_port, "internal-port")):
+        host = section.host if key == "port" else LOOPBACK_IP
+        if _listening(host, port):
+            raise FederationError(
+                f"port {port} is already in use",
+                hint=f"Stop what listens there, or set [coordinator] {key}.",
+            )
+
+
 def run_coordinator(
     config: CoordinatorConfig,
     stop: threading.Event,
     *,
     on_ready: callable | None = None,  # type: ignore[valid-type]
 ) -> None:
-    """Run the SuperLink until ``stop`` is set; resume unfinished runs once it is up."""
+    """Run the SuperLink, SuperExec and nginx until ``stop`` is set.
+
+    Unfinished runs are resumed once all three are up.
+    """
     check_tls(config)
+    nginx = find_nginx(config)
     state = config.state_path
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if _listening(config.coordinator.host, config.coordinator.port):
-        raise FederationError(
-            f"port {config.coordinator.port} is already in use",
-            hint="Stop what listens there, or set [coordinator] port.",
-        )
+    _check_ports_free(config)
     saved = dict(os.environ)
     os.environ["FLWR_HOME"] = str(config.flwr_home)
     apply_machine_hygiene(state)
     os.environ[STATE_ENV] = str(state)
     write_connection(config)
+    write_superexec_secret(config)
+    write_nginx_conf(config)
     audit = AuditLog(config.audit_path, actor="coordinator")
-    log_path = state / SUPERLINK_LOG
-    link = start_child(superlink_command(config), dict(os.environ), log_path)
+    children: dict[str, subprocess.Popen[bytes]] = {}
     failure: FederationError | None = None
     try:
-        deadline = time.monotonic() + 60
-        while not _listening(config.coordinator.host, config.coordinator.port):
-            if link.poll() is not None or time.monotonic() > deadline:
-                raise FederationError(
-                    "the SuperLink did not start", hint=f"See {log_path}."
-                )
-            if stop.wait(0.2):
+        log_path = state / SUPERLINK_LOG
+        children["the SuperLink"] = start_child(
+            superlink_command(config), dict(os.environ), log_path
+        )
+        if not _wait_listening(
+            "the SuperLink",
+            config.coordinator.internal_port,
+            children["the SuperLink"],
+            stop,
+            f"See {log_path}.",
+        ):
+            return
+        children["the SuperExec"] = start_child(
+            superexec_command(config), dict(os.environ), state / SUPEREXEC_LOG
+        )
+        children["nginx"] = start_child(
+            nginx_command(config, nginx), dict(os.environ), state / NGINX_LOG
+        )
+        try:
+            if not _wait_listening(
+                "nginx",
+                config.coordinator.port,
+                children["nginx"],
+                stop,
+                f"See {config.nginx_path}.",
+                host=config.coordinator.host,
+            ):
                 return
+        except FederationError as exc:
+            tail = error_log_tail(config)
+            raise FederationError(
+                f"nginx did not start{': ' + tail if tail else ''}", hint=exc.hint
+            ) from None
         from .registry import reenrol_sites
 
         reenrolled = reenrol_sites(config)
@@ -138,23 +246,29 @@ def run_coordinator(
             "coordinator_started",
             sites_reenrolled=reenrolled,
             port=config.coordinator.port,
+            internal_port=config.coordinator.internal_port,
             pid=os.getpid(),
-            superlink_pid=link.pid,
+            superlink_pid=children["the SuperLink"].pid,
+            superexec_pid=children["the SuperExec"].pid,
+            nginx_pid=children["nginx"].pid,
         )
         if on_ready:
             on_ready()
         threading.Thread(
             target=_resume_all, args=(config, audit), name="resume", daemon=True
         ).start()
-        while not stop.wait(0.5):
-            if link.poll() is not None:
-                failure = FederationError(
-                    f"the SuperLink exited with code {link.returncode}",
-                    hint=f"See {log_path}.",
-                )
-                break
+        while failure is None and not stop.wait(0.5):
+            for what, child in children.items():
+                if child.poll() is not None:
+                    failure = FederationError(
+                        f"{what} exited with code {child.returncode}",
+                        hint=f"See the logs in {state}.",
+                    )
+                    break
     finally:
-        stop_child(link)
+        # nginx first: no site call reaches a SuperLink that is going away.
+        for child in reversed(list(children.values())):
+            stop_child(child)
         try:
             audit.record(
                 "coordinator_stopped",

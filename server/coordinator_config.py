@@ -1,9 +1,13 @@
 """``coordinator.toml``: where the coordinator listens, its TLS files and its state.
 
 Relative paths are resolved against the folder holding the file. The state folder
-holds the SuperLink's database, the enrolled sites (``sites.json``), the runs
-(``runs/<name>/``), the audit log (``audit.jsonl``) and the private ``FLWR_HOME``
-the admin commands use to reach the SuperLink.
+holds the enrolled sites (``sites.json``), the runs (``runs/<name>/``), the audit
+log (``audit.jsonl``), the private ``FLWR_HOME`` the admin commands use to reach
+the SuperLink, the SuperExec secret and nginx's files (``nginx/``).
+
+Two ports: ``port`` on ``host`` is public and answers only Flower's Fleet API
+(nginx in front); ``internal-port`` on 127.0.0.1 is the SuperLink itself, with its
+Control and Runtime APIs, reachable from the coordinator host only.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from ..common.config import _describe, _Section, read_toml
 from ..common.errors import ConfigError
@@ -21,16 +25,41 @@ FEDERATION_NAME = "wardround"
 
 
 class CoordinatorSection(_Section):
-    """Where the SuperLink listens and keeps its state."""
+    """Where the coordinator listens and keeps its state."""
 
-    host: str = Field("0.0.0.0", description="bind address")
-    port: int = Field(9093, ge=1, le=65535, description="the one port sites connect to")
+    host: str = Field("0.0.0.0", description="bind address of the public port")
+    port: int = Field(
+        9093,
+        ge=1,
+        le=65535,
+        description="the one public port sites connect to: the Fleet API only",
+    )
+    internal_port: int = Field(
+        9094,
+        ge=1,
+        le=65535,
+        description="the SuperLink's own port, on 127.0.0.1 only (admin commands)",
+    )
     admin_address: str = Field(
         "",
         description="host:port the admin commands use to reach the SuperLink "
-        "(default 127.0.0.1:port); must match a name in the server certificate",
+        "(default 127.0.0.1:internal-port); a loopback name in the server certificate",
+    )
+    nginx: str = Field(
+        "",
+        description="the nginx binary in front of the SuperLink "
+        "(default: nginx on PATH, then /usr/sbin/nginx)",
     )
     state_dir: str = "coordinator-state"
+
+    @model_validator(mode="after")
+    def _two_ports(self) -> CoordinatorSection:
+        if self.internal_port == self.port:
+            raise ValueError(
+                f"internal-port {self.internal_port} must differ from port: the "
+                "public port answers the Fleet API only"
+            )
+        return self
 
 
 class TlsSection(_Section):
@@ -74,8 +103,26 @@ class CoordinatorConfig(_Section):
 
     @property
     def admin_address(self) -> str:
-        """host:port for the admin commands (loopback by default)."""
-        return self.coordinator.admin_address or f"127.0.0.1:{self.coordinator.port}"
+        """host:port for the admin commands: the SuperLink's loopback port."""
+        return (
+            self.coordinator.admin_address
+            or f"127.0.0.1:{self.coordinator.internal_port}"
+        )
+
+    @property
+    def internal_address(self) -> str:
+        """Where the SuperLink listens: loopback, the internal port."""
+        return f"127.0.0.1:{self.coordinator.internal_port}"
+
+    @property
+    def superexec_secret_path(self) -> Path:
+        """The SuperExec HMAC secret (0600), written afresh at each start."""
+        return self.state_path / "superexec.secret"
+
+    @property
+    def nginx_path(self) -> Path:
+        """The prefix of nginx: its config, pid file, logs and temp files."""
+        return self.state_path / "nginx"
 
     @property
     def ca_path(self) -> Path:

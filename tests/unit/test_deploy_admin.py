@@ -21,7 +21,12 @@ from wardround.deploy.pki import (
     public_key_fingerprint,
 )
 from wardround.server import launcher, registry
-from wardround.server.coordinator import check_tls, superlink_command
+from wardround.server.coordinator import (
+    check_tls,
+    superexec_command,
+    superlink_command,
+    write_superexec_secret,
+)
 from wardround.server.coordinator_config import CoordinatorConfig
 from wardround.server.launcher import (
     APP_NAME,
@@ -82,7 +87,14 @@ def test_coordinator_paths_resolve_against_the_files_folder(tmp_path, monkeypatc
     assert config.runs_path == tmp_path / "etc" / "state" / "runs"
     assert config.audit_path == tmp_path / "etc" / "state" / "audit.jsonl"
     assert config.flwr_home == tmp_path / "etc" / "state" / "flwr-home"
-    assert config.admin_address == "127.0.0.1:9500"
+    # the admin commands reach the SuperLink on loopback, on the internal port
+    assert config.coordinator.internal_port == 9094
+    assert config.admin_address == "127.0.0.1:9094"
+    assert config.internal_address == "127.0.0.1:9094"
+    assert (
+        config.superexec_secret_path == tmp_path / "etc" / "state" / "superexec.secret"
+    )
+    assert config.nginx_path == tmp_path / "etc" / "state" / "nginx"
 
 
 def test_coordinator_absolute_paths_and_admin_address_are_kept(tmp_path):
@@ -107,7 +119,14 @@ def test_coordinator_unknown_key_lists_the_known_keys(tmp_path):
         CoordinatorConfig.from_toml(path)
     message = err.value.message
     assert "coordinator.prot" in message and "unknown key" in message
-    for known in ("admin-address", "host", "port", "state-dir"):
+    for known in (
+        "admin-address",
+        "host",
+        "port",
+        "internal-port",
+        "nginx",
+        "state-dir",
+    ):
         assert known in message
 
 
@@ -118,6 +137,14 @@ def test_coordinator_missing_tls_and_bad_port_are_reported_together(tmp_path):
         CoordinatorConfig.from_toml(path)
     assert "2 problem(s)" in err.value.message
     assert "tls" in err.value.message and "coordinator.port" in err.value.message
+
+
+def test_coordinator_internal_port_must_differ_from_the_public_port(tmp_path):
+    path = tmp_path / "coordinator.toml"
+    path.write_text("[coordinator]\nport = 9500\ninternal-port = 9500\n" + TLS_TABLE)
+    with pytest.raises(ConfigError) as err:
+        CoordinatorConfig.from_toml(path)
+    assert "internal-port 9500 must differ from port" in err.value.message
 
 
 def test_coordinator_missing_file_is_a_config_error(tmp_path):
@@ -193,6 +220,17 @@ def test_check_tls_refuses_a_key_readable_by_others(pki, tmp_path):
     assert err.value.hint == f"Run `chmod 600 {config.private_key_path}`."
 
 
+def test_check_tls_refuses_a_certificate_without_the_loopback_address(pki, tmp_path):
+    config = _tls_config(pki, tmp_path)
+    public_only = tmp_path / "public-only"
+    issue_server_certificate(pki / "tls", ["coord.example.org"], [], public_only)
+    config.certificate_path.write_bytes((public_only / "coordinator.pem").read_bytes())
+    with pytest.raises(ConfigError) as err:
+        check_tls(config)
+    assert "does not name 127.0.0.1" in err.value.message
+    assert "--ip 127.0.0.1" in err.value.hint
+
+
 def test_check_tls_refuses_an_expired_certificate(pki, tmp_path):
     config = _tls_config(pki, tmp_path)
     old = tmp_path / "old"
@@ -209,23 +247,54 @@ def test_check_tls_refuses_an_expired_certificate(pki, tmp_path):
         check_tls(config)
 
 
-def test_superlink_command_has_auth_and_tls_and_keeps_state_in_memory(tmp_path):
-    config = _coordinator(tmp_path / "coord", "port = 9555")
+def _flag(command: list[str], flag: str) -> str:
+    assert command.count(flag) == 1, flag
+    return command[command.index(flag) + 1]
+
+
+def test_superlink_command_binds_loopback_with_auth_tls_and_an_authenticated_superexec(
+    tmp_path,
+):
+    config = _coordinator(tmp_path / "coord", "port = 9555\ninternal-port = 9556")
     command = superlink_command(config)
     assert Path(command[0]).name == "flower-superlink"
     assert "--enable-supernode-auth" in command
-
-    def value(flag: str) -> str:
-        assert command.count(flag) == 1
-        return command[command.index(flag) + 1]
-
-    assert value("--ssl-ca-certfile") == str(config.ca_path)
-    assert value("--ssl-certfile") == str(config.certificate_path)
-    assert value("--ssl-keyfile") == str(config.private_key_path)
+    assert _flag(command, "--ssl-ca-certfile") == str(config.ca_path)
+    assert _flag(command, "--ssl-certfile") == str(config.certificate_path)
+    assert _flag(command, "--ssl-keyfile") == str(config.private_key_path)
     # sites.json and runs/ are the durable state; the SuperLink's own is in memory
     assert "--database" not in command
-    assert value("--port") == "9555"
+    # all of Flower's APIs on loopback only; the public port is nginx's
+    assert _flag(command, "--host") == "127.0.0.1"
+    assert _flag(command, "--port") == "9556"
+    # Flower checks the SuperExec secret only when it does not start its own
+    assert _flag(command, "--isolation") == "process"
+    secret = _flag(command, "--superexec-auth-secret-file")
+    assert secret == str(config.superexec_secret_path)
     assert "--insecure" not in command
+
+
+def test_superexec_command_signs_with_the_same_secret_on_loopback(tmp_path):
+    config = _coordinator(tmp_path / "coord", "internal-port = 9556")
+    command = superexec_command(config)
+    assert Path(command[0]).name == "flower-superexec"
+    assert _flag(command, "--runtime-api-address") == "127.0.0.1:9556"
+    assert _flag(command, "--root-certificates") == str(config.ca_path)
+    assert _flag(command, "--superexec-auth-secret-file") == str(
+        config.superexec_secret_path
+    )
+    assert "--insecure" not in command
+
+
+def test_the_superexec_secret_is_private_and_fresh_at_every_start(tmp_path):
+    config = _coordinator(tmp_path / "coord")
+    config.state_path.mkdir(mode=0o700)
+    first = write_superexec_secret(config).read_bytes()
+    assert _mode(config.superexec_secret_path) == 0o600
+    assert len(first) == 64
+    second = write_superexec_secret(config).read_bytes()
+    assert second != first
+    assert _mode(config.superexec_secret_path) == 0o600
 
 
 # ------------------------------------------------------------------- launcher

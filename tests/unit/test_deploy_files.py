@@ -70,6 +70,15 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
     return instructions
 
 
+def _all_values(path: Path, key: str) -> list[str]:
+    """Every value of a unit key that may repeat (configparser keeps the last)."""
+    return [
+        line.split("=", 1)[1].strip()
+        for line in path.read_text().splitlines()
+        if line.startswith(f"{key}=")
+    ]
+
+
 @pytest.mark.parametrize("role", sorted(UNITS))
 def test_systemd_unit(role):
     unit = _unit(UNITS[role])
@@ -101,6 +110,47 @@ def test_systemd_unit(role):
         assert "# DeviceAllow=" in UNITS[role].read_text()
 
 
+@pytest.mark.parametrize("role", sorted(UNITS))
+def test_systemd_unit_is_hardened(role):
+    service = _unit(UNITS[role])["Service"]
+    assert service.get("UMask") == "0077"
+    assert service.get("CapabilityBoundingSet") == ""
+    assert service.get("AmbientCapabilities") == ""
+    assert service.get("ProtectHome") == "yes"
+    assert service.get("ReadWritePaths") == f"/var/lib/wardround/{role}"
+    for key in (
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectKernelLogs",
+        "ProtectControlGroups",
+        "RestrictSUIDSGID",
+        "RestrictNamespaces",
+        "LockPersonality",
+        "RemoveIPC",
+    ):
+        assert service.get(key) == "yes", key
+    families = set(service.get("RestrictAddressFamilies", "").split())
+    assert families and families <= {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
+    filters = _all_values(UNITS[role], "SystemCallFilter")
+    assert "@system-service" in filters and "~@privileged" in filters
+    assert service.get("SystemCallArchitectures") == "native"
+    # The coordinator needs no device; a GPU site needs /dev/nvidia*.
+    if role == "coordinator":
+        assert service.get("PrivateDevices") == "yes"
+        assert service.get("StateDirectoryMode") == "0700"
+    else:
+        assert "PrivateDevices" not in service
+
+
+def _mounts(service: dict) -> dict[str, str]:
+    """Container path -> host path of a service's bind mounts."""
+    found = {}
+    for volume in service.get("volumes", []):
+        host, container = volume.split(":")[:2]
+        found[container] = host
+    return found
+
+
 def test_compose_services():
     compose = _compose()
     services = compose["services"]
@@ -112,14 +162,34 @@ def test_compose_services():
             context = COMPOSE.parent / build.get("context", ".")
             dockerfile = context / build.get("dockerfile", "Dockerfile")
             assert dockerfile.resolve() == DOCKERFILE.resolve(), name
-        assert "./pki:/etc/wardround/pki:ro" in service.get("volumes", []), name
-    publishing = sorted(name for name, s in services.items() if s.get("ports"))
-    assert publishing == ["coordinator"], "only the coordinator publishes ports"
-    assert any(
-        str(port).split(":")[-1] == "9093" for port in services["coordinator"]["ports"]
-    )
+        assert service.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
     for site in ("site-01", "site-02"):
         assert f"./sites/{site}:/data/{site}" in services[site]["volumes"]
+
+
+def test_compose_publishes_only_the_fleet_port_on_loopback_by_default():
+    services = _compose()["services"]
+    publishing = sorted(name for name, s in services.items() if s.get("ports"))
+    assert publishing == ["coordinator"], "only the coordinator publishes ports"
+    (port,) = services["coordinator"]["ports"]  # nginx's; never the SuperLink's
+    assert port["target"] == 9093 and str(port["published"]) == "9093"
+    assert port["host_ip"] == "${WARDROUND_PUBLISH_ADDRESS:-127.0.0.1}"
+    assert all("expose" not in s for s in services.values())
+
+
+def test_compose_containers_see_no_private_key_but_their_own():
+    services = _compose()["services"]
+    coordinator = _mounts(services["coordinator"])
+    assert coordinator["/etc/wardround/pki/ca.pem"] == "./pki/ca.pem"
+    assert coordinator["/etc/wardround/pki/coordinator.key"] == "./pki/coordinator.key"
+    for name, service in services.items():
+        mounts = _mounts(service)
+        assert "./pki" not in mounts.values(), f"{name} mounts all of pki/"
+        assert "./pki/ca.key" not in mounts.values(), f"{name} mounts the CA key"
+        if name != "coordinator":
+            pki = sorted(h for h in mounts.values() if h.startswith("./pki"))
+            assert pki == ["./pki/ca.pem"], f"{name} mounts {pki}"
 
 
 def test_dockerfile():
@@ -141,7 +211,9 @@ def test_dockerfile():
     package_at = next(i for i, a in enumerate(runs) if 'install ".[codecs]"' in a)
     assert torch_at < package_at, "torch must be installed before the package"
     assert "TORCH_INDEX_URL" in runs[torch_at]
-    assert "9093" in " ".join(a for k, a in instructions if k == "EXPOSE")
+    assert " ".join(a for k, a in instructions if k == "EXPOSE").split() == ["9093"]
+    apt = next(a for k, a in instructions if k == "RUN" and "apt-get install" in a)
+    assert "nginx" in apt.split(), "the coordinator runs nginx in front of Flower"
     last_install = max(
         i for i, (k, a) in enumerate(instructions) if k == "RUN" and "pip install" in a
     )
