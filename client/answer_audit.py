@@ -10,6 +10,7 @@ anything else.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -52,8 +53,29 @@ def _numbers_sent(reply: Message) -> dict[str, float | int]:
     return numbers
 
 
+REFUSALS_IN_FULL = 10
+"""The first refusals of one kind each get a line; after that only the 20th, 30th,
+..., 100th, 200th, ... (with the count): nine lines a decade, so a coordinator that
+repeats a refused message cannot fill the site's disk through its audit log."""
+_TRACKED_REFUSALS = 1024
+
+
+def worth_recording(count: int) -> bool:
+    """Whether the ``count``-th identical refusal gets its own audit line."""
+    if count <= REFUSALS_IN_FULL:
+        return True
+    while count % 10 == 0:
+        count //= 10
+    return count < 10
+
+
 def make_answer_audit_mod(audit_for: Callable[[Context], AuditLog | None]) -> Mod:
-    """A mod that records each reply in ``audit_for(context)`` (None: not audited)."""
+    """A mod that records each reply in ``audit_for(context)`` (None: not audited).
+
+    Every answer sent is recorded; identical refusals are thinned out past
+    :data:`REFUSALS_IN_FULL` (see :func:`worth_recording`).
+    """
+    refusals: OrderedDict[tuple[int, str, str], int] = OrderedDict()
 
     def answer_audit_mod(
         msg: Message, ctx: Context, call_next: ClientAppCallable
@@ -70,11 +92,19 @@ def make_answer_audit_mod(audit_for: Callable[[Context], AuditLog | None]) -> Mo
             if audit is None:
                 return reply
             if reply.has_error():
-                audit.record(
-                    AuditEvent.ANSWER_REFUSED,
-                    **fields,
-                    reason=safe_reason(str(reply.error.reason)),
-                )
+                reason = safe_reason(str(reply.error.reason))
+                key = (fields["flower_run"], fields["message_type"], reason)
+                count = refusals.pop(key, 0) + 1
+                refusals[key] = count
+                while len(refusals) > _TRACKED_REFUSALS:
+                    refusals.popitem(last=False)
+                if worth_recording(count):
+                    audit.record(
+                        AuditEvent.ANSWER_REFUSED,
+                        **fields,
+                        reason=reason,
+                        repeated=count,
+                    )
             else:
                 audit.record(
                     AuditEvent.ANSWER_SENT,

@@ -44,7 +44,7 @@ from ..common.adapter import (
 )
 from ..common.aggregation import subtract
 from ..common.audit import AUDIT_FILENAME, AuditLog
-from ..common.config import Accountant, RunConfig
+from ..common.config import Accountant, RunConfig, Strategy
 from ..common.errors import AnswerRefused, FederationError, ModelMismatchError
 from ..common.privacy import Mechanism, check_round_budget, epsilon_spent
 from .answer_audit import make_answer_audit_mod
@@ -213,7 +213,12 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         batch_size=config.train.batch_size,
         learning_rate=config.train.learning_rate,
         weight_decay=config.train.weight_decay,
-        proximal_mu=float(request.round_config.get(wire.PROXIMAL_MU, 0.0)),
+        # The approved config's, never the message's (which could send inf).
+        proximal_mu=(
+            config.federation.proximal_mu
+            if config.federation.strategy is Strategy.FEDPROX
+            else 0.0
+        ),
         seed=_round_seed(config, runtime, server_round),
         modality_dropout=config.train.modality_dropout,
     )
@@ -244,7 +249,7 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         run_history = ledger.history(run)
         eps_run = epsilon_spent(run_history, plan.delta, plan.accountant)
         eps_total = epsilon_spent(
-            ledger.history(), plan.lifetime_delta, plan.accountant
+            ledger.history(), plan.lifetime_delta, plan.lifetime_accountant
         )
         # Written before the update leaves the site.
         ledger.commit(
@@ -301,6 +306,7 @@ def _admit_round(
         run_delta=plan.delta,
         lifetime_delta=plan.lifetime_delta,
         accountant=plan.accountant,
+        lifetime_accountant=plan.lifetime_accountant,
     )
     check_round_budget(
         run_after,
@@ -322,6 +328,7 @@ def _check_round_budget(runtime: SiteRuntime, plan: DpPlan, run_id: str | None) 
         plan.accountant,
         run_id,
         lifetime_delta=plan.lifetime_delta,
+        lifetime_accountant=plan.lifetime_accountant,
     )
     check_round_budget(
         run_after,

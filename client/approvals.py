@@ -9,6 +9,7 @@ approves a run definition (its settings), not foreign code.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -152,7 +153,17 @@ class AppApprovals:
     def check(
         self, fab_hash: str, fab: bytes, run_config: dict[str, Any] | None = None
     ) -> Decision:
-        """Decide whether a run with this FAB (and these run settings) may train here."""
+        """Decide whether a run with this FAB (and these run settings) may train here.
+
+        The hash that counts is the sha256 of the FAB's bytes, not the one it is
+        announced under.
+        """
+        if hashlib.sha256(fab).hexdigest() != fab_hash:
+            return Decision(
+                False,
+                f"app {fab_hash} does not hash to its announced hash; this site runs "
+                "only the bytes it approved",
+            )
         if fab_hash not in self.load():
             return Decision(
                 False,

@@ -295,6 +295,7 @@ class PrivacyLedger:
         run_id: str | None,
         *,
         lifetime_delta: float | None = None,
+        lifetime_accountant: Accountant | None = None,
     ) -> tuple[float, float]:
         """(run epsilon, lifetime epsilon) if ``mechanism`` were applied now.
 
@@ -309,6 +310,7 @@ class PrivacyLedger:
             run_delta=delta,
             lifetime_delta=delta if lifetime_delta is None else lifetime_delta,
             accountant=accountant,
+            lifetime_accountant=lifetime_accountant,
         )
 
     def recorded(self) -> list[tuple[str, Mechanism]]:
@@ -388,6 +390,7 @@ def project(
     run_delta: float,
     lifetime_delta: float,
     accountant: Accountant,
+    lifetime_accountant: Accountant | None = None,
 ) -> tuple[float, float]:
     """Run and lifetime epsilon of the recorded history with ``mechanism`` added.
 
@@ -398,7 +401,9 @@ def project(
     everything = [m for _, m in recorded]
     return (
         epsilon_spent([*of_run, mechanism], run_delta, accountant),
-        epsilon_spent([*everything, mechanism], lifetime_delta, accountant),
+        epsilon_spent(
+            [*everything, mechanism], lifetime_delta, lifetime_accountant or accountant
+        ),
     )
 
 

@@ -30,6 +30,8 @@ class DpPlan:
     """The site's delta (its floor, never the run's): the lifetime budget composes
     every run at it."""
     accountant: Accountant
+    lifetime_accountant: Accountant
+    """The site's accountant for its lifetime budget (its floor, never the run's)."""
     run_epsilon_limit: float
     """A round that would take this run past it is refused: the run's target, or
     the site's per-run maximum if lower."""
@@ -74,15 +76,16 @@ def _plan(
         )
     max_delta = floor.max_delta if floor.max_delta is not None else 1.0 / num_train
     if privacy.target_delta > max_delta:
+        # The refusal reaches the coordinator: the default limit (1 / patients)
+        # would tell it the site's patient count, so that one is not quoted.
         reasons.append(
             f"the run's delta {privacy.target_delta:g} is above this site's limit "
-            f"{max_delta:g} ("
             + (
-                "privacy.max-delta"
+                f"{max_delta:g} (privacy.max-delta)"
                 if floor.max_delta is not None
-                else f"1 / its {num_train} training patients"
+                else "(1 / its number of training patients; privacy.max-delta sets "
+                "another)"
             )
-            + ")"
         )
     schedule = local_schedule(
         num_train,
@@ -127,6 +130,7 @@ def _plan(
         delta=privacy.target_delta,
         lifetime_delta=max_delta,
         accountant=privacy.accountant,
+        lifetime_accountant=floor.accountant,
         run_epsilon_limit=min(privacy.target_epsilon, floor.max_epsilon) * (1 + 1e-6),
         training=DpTraining(
             noise_multiplier=sigma,

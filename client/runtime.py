@@ -104,8 +104,10 @@ _CACHE: OrderedDict[tuple[str, str], SiteRuntime] = OrderedDict()
 
 def samples_folder(cache_path: Path, run_id: str) -> Path:
     """Where a site keeps the texts its model generated in a run (never sent)."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)[:120]
-    return Path(cache_path) / "generations" / safe
+    # Letters, digits, - and _ only: a run id is the coordinator's text, and
+    # "." or ".." would name a folder outside generations/.
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in run_id)[:120]
+    return Path(cache_path) / "generations" / (safe or "_")
 
 
 def resolve_site_toml(

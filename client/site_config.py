@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from ..common.config import _describe, _Section, read_toml
+from ..common.config import Accountant, _describe, _Section, read_toml
 from ..common.errors import ConfigError
 from ..common.wire import ANSWERABLE_METRICS, DEFAULT_ANSWER_METRICS
 
@@ -144,6 +144,10 @@ class SitePrivacy(_Section):
         lt=1.0,
         description="largest delta a run may use, and the delta of the lifetime "
         "budget; default 1 / training patients",
+    )
+    accountant: Accountant = Field(
+        Accountant.RDP,
+        description="the accountant of the lifetime budget, whatever a run uses",
     )
     min_noise_multiplier: float = Field(
         0.0, ge=0.0, le=1000.0, description="refuse runs whose sigma would be lower"

@@ -50,6 +50,19 @@ class CoordinatorSection(_Section):
         description="the nginx binary in front of the SuperLink "
         "(default: nginx on PATH, then /usr/sbin/nginx)",
     )
+    max_request_mb: int = Field(
+        1024,
+        ge=1,
+        le=65_536,
+        description="the largest request the public port accepts (one adapter "
+        "object); larger ones are refused before they reach the SuperLink",
+    )
+    max_connections_per_address: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="open connections one address may hold on the public port",
+    )
     state_dir: str = "coordinator-state"
 
     @model_validator(mode="after")

@@ -151,6 +151,8 @@ http {{
     log_format refused '$time_iso8601 $remote_addr "$request_method $uri" $status';
     access_log {_quoted(prefix / NGINX_ACCESS_LOG)} refused if=$refused;
 
+    limit_conn_zone $binary_remote_addr zone=per_address:1m;
+
     upstream superlink {{
         server {config.internal_address};
         keepalive 16;
@@ -163,8 +165,10 @@ http {{
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_session_cache shared:fleet:1m;
 
-        # Adapters of any size; the SuperLink checks what it accepts.
-        client_max_body_size 0;
+        # Flower reads a whole request into memory before it authenticates the
+        # node: cap its size (one adapter object) and each address's connections.
+        client_max_body_size {section.max_request_mb}m;
+        limit_conn per_address {section.max_connections_per_address};
         proxy_request_buffering off;
         proxy_buffering off;
 

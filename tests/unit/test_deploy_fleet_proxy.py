@@ -66,8 +66,10 @@ def test_only_the_fleet_api_is_passed_to_the_loopback_superlink(tmp_path):
     assert "proxy_ssl_verify on;" in conf
     assert f'proxy_ssl_trusted_certificate "{config.ca_path}";' in conf
     assert 'proxy_ssl_name "coord.example.org";' in conf
-    # big adapters and the SuperNode's 30 s calls fit
-    assert "client_max_body_size 0;" in conf
+    # big adapters and the SuperNode's 30 s calls fit; an outsider cannot stream
+    # an unbounded body into the SuperLink's memory, nor hold every connection
+    assert "client_max_body_size 1024m;" in conf
+    assert "limit_conn per_address 64;" in conf
     assert "proxy_read_timeout 300s;" in conf
     # everything nginx writes stays in the state folder
     assert "daemon off;" in conf

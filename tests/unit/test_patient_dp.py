@@ -190,6 +190,8 @@ def test_site_check_reports_patients_and_the_most_studies_of_one(multi_study_sit
 def _train_message(config: RunConfig, site_toml: Path) -> tuple[Message, Context]:
     from wardround.common.models import build_model
 
+    # A plain train message, which a run under SecAgg+ would refuse.
+    config = config.with_overrides(secure_aggregation={"enabled": False})
     built = build_model(config)
     context = Context(
         run_id=1,
@@ -246,8 +248,17 @@ def test_the_default_delta_limit_is_one_over_the_training_patients(
         privacy={"target_delta": 1.2 / patients}, train={"max_steps": 1}
     )
     message, context = _train_message(config, multi_study_site / "site.toml")
-    with pytest.raises(PrivacyPolicyRefused, match=f"1 / its {patients} training pat"):
+    with pytest.raises(
+        PrivacyPolicyRefused, match="1 / its number of training pat"
+    ) as err:
         handle_train(message, context)
+    # the refusal reaches the coordinator: it does not quote the patient count
+    assert str(patients) not in err.value.message.split("limit", 1)[1]
+    from wardround.client.privacy_policy import plan_site_privacy
+
+    within = tiny_config.with_overrides(privacy={"target_delta": 0.9 / patients})
+    plan = plan_site_privacy(within, runtime.site.privacy, patients, simulation=True)
+    assert plan is not None and plan.lifetime_delta == pytest.approx(1 / patients)
 
 
 def test_vlm_site_data_is_split_and_counted_by_patient(multi_study_site):

@@ -215,3 +215,11 @@ def test_budget_check_and_reservation_are_one_step(tmp_path):
         thread.join()
     assert outcomes.count(True) == 3
     assert len(site_ledger(tmp_path).recorded()) == 3
+
+
+def test_identical_refusals_are_audited_in_full_then_nine_a_decade():
+    from wardround.client.answer_audit import worth_recording
+
+    recorded = [n for n in range(1, 1001) if worth_recording(n)]
+    assert recorded == [*range(1, 11), *range(20, 101, 10), *range(200, 1001, 100)]
+    assert sum(worth_recording(n) for n in range(1, 1_000_001)) == 10 + 9 * 5
