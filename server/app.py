@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..common.config import RunConfig
+from ..common.errors import ConfigError
 from ..common.flower_pacing import PACING_ENV, pace_serverapp_grid
 from .deployment import deployment_from_env
 from .enrolled_grid import EnrolledGrid
@@ -55,6 +56,19 @@ def prepare_sites(config: RunConfig) -> None:
     )
 
 
+def check_simulated_nodes(nodes: int, config: RunConfig) -> None:
+    """A simulation with fewer SuperNodes than min-sites would wait for ever."""
+    if 0 < nodes < config.federation.min_sites:
+        raise ConfigError(
+            f"the simulation has {nodes} SuperNode(s) and the run needs "
+            f"federation.min-sites={config.federation.min_sites}",
+            hint="Give the federation one SuperNode per site, e.g. `flwr federation "
+            f"simulation-config @none/default local --num-supernodes "
+            f"{config.federation.min_sites}`, or lower federation.min-sites (at "
+            "least 3 with secure aggregation).",
+        )
+
+
 def build_server_app(
     run_config: dict[str, Any] | None = None,
     observer: RoundObserver | None = None,
@@ -72,6 +86,7 @@ def build_server_app(
         # On a coordinator: enrolled sites' names, who to wait for, the audit log.
         deployment = deployment_from_env()
         if deployment is None:
+            check_simulated_nodes(len(list(grid.get_node_ids())), config)
             options: dict[str, Any] = {"site_names": site_namer(config)}
         else:
             # Only sites enrolled with `wardround sites add` are ever sampled.

@@ -42,6 +42,13 @@ def test_flwr_run_dot_runs_the_federation(tmp_path):
     pyproject_before = (ROOT / "pyproject.toml").read_text()
     started = time.time()
     try:
+        # Flower's local federation has 2 SuperNodes; SecAgg+ needs 3 sites.
+        configured = subprocess.run(
+            ["flwr", "federation", "simulation-config", "@none/default", "local",
+             "--num-supernodes", "3"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert configured.returncode == 0, configured.stdout + configured.stderr
         result = subprocess.run(
             ["flwr", "run", ".", "--stream", "--run-config", overrides],
             cwd=ROOT,
@@ -63,5 +70,5 @@ def test_flwr_run_dot_runs_the_federation(tmp_path):
     assert (tmp_path / "run" / "run.json").is_file(), output[-3000:]
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
     assert summary["rounds_completed"] == 1
-    assert len(summary["final"]["sites"]) == 2
+    assert len(summary["final"]["sites"]) == 3
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
