@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -231,16 +232,52 @@ def _stop_mode(
                 daemon.proc.wait(timeout=10)
 
 
+def site_train_seconds(audit_paths: dict[str, Path]) -> dict[int, tuple[str, float]]:
+    """Round -> (site, seconds) of the slowest site's training, from the sites' audits.
+
+    Under SecAgg+ a site keeps its training time at home (its answer policy), so
+    the coordinator's rounds.jsonl has none; each site daemon's audit log records
+    the time its ClientApp spent on every task (``app_seconds``). The longest train
+    task of a round is its training (the other SecAgg+ stages take milliseconds).
+    """
+    from wardround.common.audit import read_audit
+
+    slowest: dict[int, tuple[str, float]] = {}
+    for site, path in audit_paths.items():
+        if not path.is_file():
+            continue
+        for entry in read_audit(path):
+            if entry.get("event") != "round_finished" or entry.get("round") is None:
+                continue
+            if not str(entry.get("message_type", "")).startswith("train"):
+                continue
+            seconds = float(entry.get("app_seconds") or 0.0)
+            current = slowest.get(int(entry["round"]))
+            if current is None or seconds > current[1]:
+                slowest[int(entry["round"])] = (site, seconds)
+    return slowest
+
+
 def _round_figures(
-    rounds: list[dict[str, Any]], eval_key: str | None
+    rounds: list[dict[str, Any]],
+    eval_key: str | None,
+    audited: dict[int, tuple[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
     rows = []
     for record in rounds:
         if int(record["round"]) < 1:
             continue
-        train = record.get("train") or []
+        train = [
+            t
+            for t in record.get("train") or []
+            if isinstance(t.get("seconds"), int | float)
+            and math.isfinite(float(t["seconds"]))
+        ]
         slowest = max(train, key=lambda t: float(t["seconds"])) if train else None
         train_s = float(slowest["seconds"]) if slowest else float("nan")
+        if slowest is None and audited and int(record["round"]) in audited:
+            site, train_s = audited[int(record["round"])]
+            slowest = {"site": site}
         eval_s = None
         if eval_key is not None and record.get("evaluate"):
             eval_s = max(float(e[eval_key]) for e in record["evaluate"])
@@ -253,7 +290,7 @@ def _round_figures(
                 "slowest_train_site": slowest["site"] if slowest else None,
                 "slowest_eval_s": eval_s,
                 "overhead_s": wall - train_s - (eval_s or 0.0),
-                "sites_trained": len(train),
+                "sites_trained": len(record.get("train") or []),
                 "sites_evaluated": len(record.get("evaluate") or []),
                 "aggregation": record.get("aggregation"),
                 "aggregation_s": record.get("aggregation_seconds"),
@@ -345,11 +382,15 @@ def run_mode(mode: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
             _track(daemon.family())
         for node in nodes:
             _track(_family(node.pid))
+        audited = site_train_seconds(
+            {name: fed.site_state(name) / "audit.jsonl" for name in fed.site_names}
+        )
         return {
             "mode": mode,
             "root": str(root),
             "run_dir": str(new[0]),
             "rounds_raw": rounds,
+            "site_train_seconds": audited,
             "online_s": online_s,
             "launch_s": launch_s,
         }
@@ -482,7 +523,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "modes": {},
     }
     for mode, res in results.items():
-        rows = _round_figures(res["rounds_raw"], eval_key)
+        rows = _round_figures(
+            res["rounds_raw"], eval_key, res.get("site_train_seconds")
+        )
         later = [r["overhead_s"] for r in rows if r["round"] >= 2]
         figures["modes"][mode] = {
             "per_round": rows,
