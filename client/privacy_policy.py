@@ -17,6 +17,11 @@ from ..common.privacy import Mechanism, local_schedule, plan_noise_multiplier
 from .dp import DpTraining
 from .site_config import SitePrivacy
 
+DEFAULT_LIFETIME_DELTA = 1e-5
+"""The lifetime budget's delta when ``[privacy] max-delta`` is not set (or 1 / the
+training patients, if smaller): never looser than the runs it composes, which may
+use up to 1 / patients."""
+
 
 @dataclass(frozen=True)
 class DpPlan:
@@ -128,7 +133,11 @@ def _plan(
             steps=schedule.steps_per_round,
         ),
         delta=privacy.target_delta,
-        lifetime_delta=max_delta,
+        lifetime_delta=(
+            floor.max_delta
+            if floor.max_delta is not None
+            else min(DEFAULT_LIFETIME_DELTA, 1.0 / num_train)
+        ),
         accountant=privacy.accountant,
         lifetime_accountant=floor.accountant,
         run_epsilon_limit=min(privacy.target_epsilon, floor.max_epsilon) * (1 + 1e-6),

@@ -142,8 +142,9 @@ class SitePrivacy(_Section):
         None,
         gt=0.0,
         lt=1.0,
-        description="largest delta a run may use, and the delta of the lifetime "
-        "budget; default 1 / training patients",
+        description="largest delta a run may use (default 1 / training patients), "
+        "and the delta of the lifetime budget (default the smaller of 1e-5 and "
+        "1 / training patients)",
     )
     accountant: Accountant = Field(
         Accountant.RDP,

@@ -258,7 +258,9 @@ def test_the_default_delta_limit_is_one_over_the_training_patients(
 
     within = tiny_config.with_overrides(privacy={"target_delta": 0.9 / patients})
     plan = plan_site_privacy(within, runtime.site.privacy, patients, simulation=True)
-    assert plan is not None and plan.lifetime_delta == pytest.approx(1 / patients)
+    # the lifetime account is never at a looser delta than 1e-5 (or 1 / patients)
+    assert plan is not None
+    assert plan.lifetime_delta == pytest.approx(min(1e-5, 1 / patients))
 
 
 def test_vlm_site_data_is_split_and_counted_by_patient(multi_study_site):
