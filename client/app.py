@@ -295,7 +295,7 @@ def _admit_answer(request: _Request, kind: AnswerKind) -> None:
 def _admit_round(
     plan: DpPlan,
     runtime: SiteRuntime,
-    run: str,
+    run: str | None,
     recorded: list[tuple[str, Mechanism]],
 ) -> None:
     """Refuse (under the ledger's lock) a round past the run's or the site's limit."""
@@ -322,20 +322,7 @@ def _check_round_budget(runtime: SiteRuntime, plan: DpPlan, run_id: str | None) 
     A check ahead of time (SecAgg+ setup); the binding one is made under the
     ledger's lock with the reservation.
     """
-    run_after, total_after = runtime.ledger.projected(
-        plan.per_round,
-        plan.delta,
-        plan.accountant,
-        run_id,
-        lifetime_delta=plan.lifetime_delta,
-        lifetime_accountant=plan.lifetime_accountant,
-    )
-    check_round_budget(
-        run_after,
-        total_after,
-        max_epsilon_per_run=plan.run_epsilon_limit,
-        budget_epsilon=runtime.site.privacy.budget_epsilon,
-    )
+    _admit_round(plan, runtime, run_id, runtime.ledger.recorded())
 
 
 def handle_train(

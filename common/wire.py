@@ -82,33 +82,6 @@ DP_SAMPLE_RATE = "dp-sample-rate"
 DP_STEPS = "dp-steps"
 DP_MAX_GRAD_NORM = "dp-max-grad-norm"
 
-METRIC_NAMES = (
-    NUM_EXAMPLES,
-    SITE_INDEX,
-    TRAIN_LOSS,
-    TRAIN_STEPS,
-    TRAIN_SECONDS,
-    DELTA_L2,
-    DELTA_CLIPPED,
-    EVAL_LOSS,
-    AUROC_MACRO,
-    EVAL_SECONDS,
-    TRAIN_EXAMPLES,
-    DP_EPSILON_RUN,
-    DP_EPSILON_RUN_PRV,
-    DP_EPSILON_TOTAL,
-    DP_DELTA,
-    DP_NOISE_MULTIPLIER,
-    DP_SAMPLE_RATE,
-    DP_STEPS,
-    DP_MAX_GRAD_NORM,
-    *GENERATIVE_METRICS,
-)
-"""Every metric name a site may send (plus ``AUROC_PREFIX`` + a run label)."""
-
-AUROC_PER_LABEL = AUROC_PREFIX + "*"
-"""A site's answer policy names per-label AUROC with this one entry."""
-
 ACCOUNTING_METRICS = (
     DP_EPSILON_RUN,
     DP_EPSILON_RUN_PRV,
@@ -121,6 +94,26 @@ ACCOUNTING_METRICS = (
 )
 """Numeric privacy accounting: functions of the site's plan, not of its data; it
 always leaves (the coordinator shows every site's spend)."""
+
+METRIC_NAMES = (
+    NUM_EXAMPLES,
+    SITE_INDEX,
+    TRAIN_LOSS,
+    TRAIN_STEPS,
+    TRAIN_SECONDS,
+    DELTA_L2,
+    DELTA_CLIPPED,
+    EVAL_LOSS,
+    AUROC_MACRO,
+    EVAL_SECONDS,
+    TRAIN_EXAMPLES,
+    *ACCOUNTING_METRICS,
+    *GENERATIVE_METRICS,
+)
+"""Every metric name a site may send (plus ``AUROC_PREFIX`` + a run label)."""
+
+AUROC_PER_LABEL = AUROC_PREFIX + "*"
+"""A site's answer policy names per-label AUROC with this one entry."""
 
 COUNT_METRICS = (NUM_EXAMPLES, TRAIN_EXAMPLES)
 """Example counts: they leave rounded up to the site's count granularity."""
