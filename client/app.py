@@ -207,20 +207,15 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
             base_model=runtime.built.base_fingerprint,
             admit=functools.partial(_admit_round, plan, runtime, run),
         )
-    spec = LocalTrainSpec(
-        epochs=config.train.local_epochs,
-        max_steps=config.train.max_steps,
-        batch_size=config.train.batch_size,
-        learning_rate=config.train.learning_rate,
-        weight_decay=config.train.weight_decay,
+    spec = LocalTrainSpec.from_config(
+        config,
+        seed=_round_seed(config, runtime, server_round),
         # The approved config's, never the message's (which could send inf).
         proximal_mu=(
             config.federation.proximal_mu
             if config.federation.strategy is Strategy.FEDPROX
             else 0.0
         ),
-        seed=_round_seed(config, runtime, server_round),
-        modality_dropout=config.train.modality_dropout,
     )
     outcome = train_local(
         runtime.built.model,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..common.config import Accountant, RunConfig, SecureMode
 from ..common.errors import PrivacyPolicyRefused
 from ..common.privacy import Mechanism, local_schedule, plan_noise_multiplier
+from ..common.recipe import training_recipe
 from .dp import DpTraining
 from .site_config import SitePrivacy
 
@@ -94,7 +95,7 @@ def _plan(
         )
     schedule = local_schedule(
         num_train,
-        config.train.batch_size,
+        training_recipe(config).batch_size,
         config.train.local_epochs,
         config.train.max_steps,
     )

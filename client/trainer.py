@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..common.config import OptimizerKind, RunConfig
+from ..common.recipe import training_recipe
 from .dp import DpTraining, is_empty_batch, private_training
 from .objectives import INPUT_KEYS, EvalOutcome, FusionObjective, Objective
 from .proximal import add_proximal_gradient, proximal_term, snapshot_trainable
@@ -41,6 +43,29 @@ class LocalTrainSpec:
     proximal_mu: float
     seed: int
     modality_dropout: float = 0.0
+    optimizer: OptimizerKind = OptimizerKind.ADAMW
+    """AdamW, or SGD with ``momentum``: under DP-SGD's noise a fresh AdamW turns
+    every noisy step into a full learning-rate step."""
+    momentum: float = 0.9
+
+    @classmethod
+    def from_config(
+        cls, config: RunConfig, *, seed: int, proximal_mu: float
+    ) -> LocalTrainSpec:
+        """The round's spec from the run config's resolved recipe."""
+        recipe = training_recipe(config)
+        return cls(
+            epochs=config.train.local_epochs,
+            max_steps=config.train.max_steps,
+            batch_size=recipe.batch_size,
+            learning_rate=recipe.learning_rate,
+            weight_decay=config.train.weight_decay,
+            proximal_mu=proximal_mu,
+            seed=seed,
+            modality_dropout=config.train.modality_dropout,
+            optimizer=recipe.optimizer,
+            momentum=recipe.momentum,
+        )
 
 
 @dataclass(frozen=True)
@@ -85,9 +110,7 @@ def train_local(
         collate_fn=objective.collate,
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=spec.learning_rate, weight_decay=spec.weight_decay
-    )
+    optimizer = make_optimizer(params, spec)
     anchor = snapshot_trainable(model) if spec.proximal_mu > 0 else {}
     model.train()
     if dp is None:
@@ -112,6 +135,22 @@ def train_local(
         steps=steps,
         mean_loss=loss_sum / max(seen, 1),
         seconds=time.perf_counter() - start,
+    )
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter], spec: LocalTrainSpec
+) -> torch.optim.Optimizer:
+    """The round's optimizer over the trainable tensors (fresh every round)."""
+    if spec.optimizer is OptimizerKind.SGD:
+        return torch.optim.SGD(
+            params,
+            lr=spec.learning_rate,
+            momentum=spec.momentum,
+            weight_decay=spec.weight_decay,
+        )
+    return torch.optim.AdamW(
+        params, lr=spec.learning_rate, weight_decay=spec.weight_decay
     )
 
 

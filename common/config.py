@@ -64,6 +64,28 @@ class LoraVariant(StrEnum):
     """FFA-LoRA: A frozen at its shared init, only B trains; averaging is exact."""
 
 
+class TrainableScope(StrEnum):
+    """Which tensors of the fusion family train (and so cross the wire)."""
+
+    AUTO = "auto"
+    """'fusion' under DP-SGD, 'all' without (the measured recipes: docs/privacy.md)."""
+    ALL = "all"
+    """LoRA on the encoders' attention; projections, EHR encoder, fusion and head in full."""
+    FUSION = "fusion"
+    """Encoders, projections and EHR encoder frozen (the base's features); the fusion
+    module and the head train in full."""
+
+
+class OptimizerKind(StrEnum):
+    """The local optimizer (fresh every round)."""
+
+    AUTO = "auto"
+    """'sgd' under DP-SGD, 'adamw' without."""
+    ADAMW = "adamw"
+    SGD = "sgd"
+    """SGD with momentum (``train.momentum``)."""
+
+
 class Accountant(StrEnum):
     """Opacus privacy accountant used for sigma and for budget decisions."""
 
@@ -185,8 +207,20 @@ class TrainConfig(_Section):
 
     local_epochs: int = Field(2, ge=1, le=1000)
     max_steps: int = Field(0, ge=0, le=1_000_000, description="0: whole local epochs")
-    batch_size: int = Field(16, ge=1, le=4096)
-    learning_rate: float = Field(5e-3, gt=0.0, le=10.0)
+    batch_size: int = Field(
+        0, ge=0, le=65_536, description="0: the recipe's (16; 64 under DP-SGD)"
+    )
+    learning_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description="0: the recipe's (AdamW 5e-3; SGD 0.1 under DP-SGD)",
+    )
+    optimizer: OptimizerKind = Field(
+        OptimizerKind.AUTO,
+        description="'auto': SGD with momentum under DP-SGD, else AdamW",
+    )
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD's momentum")
     weight_decay: float = Field(0.0, ge=0.0, le=10.0)
     eval_batch_size: int = Field(64, ge=1, le=65_536)
     eval_generations: int = Field(
@@ -234,6 +268,17 @@ class ModelConfig(_Section):
         description="'lora' (A and B train) or 'ffa' (FFA-LoRA: A frozen, B trains)",
     )
     init_seed: int = 0
+    base: str = Field(
+        "pretrained",
+        description="fusion: 'pretrained' (encoders pretrained without labels on a "
+        "public synthetic corpus, built on first use and cached), 'random', or a "
+        "folder written by `wardround pretrain`",
+    )
+    trainable: TrainableScope = Field(
+        TrainableScope.AUTO,
+        description="fusion: 'all' (LoRA on the encoders + every fusion layer), "
+        "'fusion' (only the fusion module and head), 'auto' (fusion under DP-SGD)",
+    )
     # -- the ``vlm`` family (generative vision-language models) --------------
     path: str = Field(
         "",

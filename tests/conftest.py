@@ -25,9 +25,12 @@ def _machine_hygiene(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def tiny_config() -> RunConfig:
-    """The default model, small enough for unit tests."""
+    """The default model, small enough for unit tests, on a random base.
+
+    Tests of the pretrained base build it themselves (tests/unit/test_pretrained_base.py).
+    """
     return RunConfig().with_overrides(
-        model={"image_size": 32, "max_note_tokens": 32},
+        model={"image_size": 32, "max_note_tokens": 32, "base": "random"},
         train={"batch_size": 8},
     )
 

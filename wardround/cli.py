@@ -236,6 +236,99 @@ def synth(
         _fail(exc)
 
 
+@app.command()
+def pretrain(
+    out: Annotated[
+        Path, typer.Option(help="Folder to write the base into (save_pretrained).")
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run config TOML whose shapes (image size, hidden size, task's EHR "
+            "features) the base is built for; default: the default run config.",
+            dir_okay=False,
+        ),
+    ] = None,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of public sites (site-*/site.toml, as `wardround synth` "
+            "writes them); labels are never read. Default: the public synthetic "
+            "corpus (its own seed and generator settings).",
+            file_okay=False,
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 400,
+    batch_size: Annotated[
+        int, typer.Option(min=2, help="Examples per step (all from one site).")
+    ] = 128,
+    seed: Annotated[int, typer.Option(help="Pretraining seed.")] = 0,
+) -> None:
+    """Pretrain the fusion family's encoders without labels (cross-modal contrastive).
+
+    Writes a base folder that model.base names. The same command, corpus and
+    settings rebuild the same tensors on the same machine and thread count.
+    """
+    try:
+        import tempfile
+
+        from rich.progress import Progress
+
+        from wardround.common.config import RunConfig
+        from wardround.common.errors import ConfigError
+        from wardround.common.models.pretraining import PretrainSettings
+        from wardround.simulations.public_base import (
+            build_public_base,
+            pretrain_base,
+        )
+
+        run_config = RunConfig.from_toml(config) if config else RunConfig()
+        if run_config.model.family != "fusion":
+            raise ConfigError(
+                f"model.family {run_config.model.family!r} has no pretraining here",
+                hint="Pretraining is for the fusion family; a vlm uses its checkpoint.",
+            )
+        settings = PretrainSettings(steps=steps, batch_size=batch_size, seed=seed)
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("pretraining", total=steps)
+
+            def on_step(step: int, loss: float) -> None:
+                progress.update(
+                    task,
+                    completed=step + 1,
+                    description=f"pretraining (loss {loss:.3f})",
+                )
+
+            if corpus is None:
+                with tempfile.TemporaryDirectory() as scratch:
+                    manifest = build_public_base(
+                        run_config,
+                        out,
+                        Path(scratch),
+                        settings=settings,
+                        on_step=on_step,
+                    )
+            else:
+                tomls = sorted(corpus.glob("*/site.toml"))
+                if not tomls:
+                    raise ConfigError(
+                        f"{corpus} holds no site folder (*/site.toml)",
+                        hint="Point --corpus at a folder of site folders.",
+                    )
+                source = {"kind": "sites", "sites": [t.parent.name for t in tomls]}
+                manifest = pretrain_base(
+                    run_config, tomls, out, settings, source, on_step
+                )
+        console.print(
+            f"wrote {out} ({sum(manifest['corpus_examples'])} corpus examples, "
+            f"{steps} steps in {manifest['seconds']} s, loss "
+            f"{manifest['loss_first']:.3f} -> {manifest['loss_last_tenth']:.3f}); "
+            f'use it with model.base = "{out}"'
+        )
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
 @app.command("config")
 def show_config(
     config: Annotated[

@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import Modality, RunConfig
+from ..config import Modality, RunConfig, TrainableScope
 from ..errors import ConfigError
+from ..recipe import training_recipe
+from .base_folder import (
+    check_fits,
+    encoder_folder,
+    layers_sha256,
+    load_pretrained_layers,
+    read_manifest,
+)
 from .fusion_layers import FUSIONS
 from .registry import BuiltModel, register_family
 
@@ -133,15 +142,15 @@ class FusionModel(nn.Module):
             self.vision_encoder(pixel_values=image).last_hidden_state
         )
 
-    def forward(
+    def encode(
         self,
         image: torch.Tensor,
         ehr: torch.Tensor,
         note_ids: torch.Tensor,
         note_mask: torch.Tensor,
         present: torch.Tensor,
-    ) -> torch.Tensor:
-        """Return multi-label logits [B, n_labels].
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+        """Per-modality tokens, pooled embeddings [B, 3, H] and presence [B, 3].
 
         ``present`` [B, 3] marks which of image, EHR, note each example has; a
         modality the model was built without counts as absent.
@@ -183,8 +192,24 @@ class FusionModel(nn.Module):
             present[:, 2] = 0
             tokens.append((zeros_tok, zeros_mask))
             pooled.append(zeros_tok[:, 0])
-        fused = self.fusion(tokens, torch.stack(pooled, dim=1), present)
-        return self.head(fused)
+        # Each modality's embedding at a common scale (a LayerNorm without
+        # parameters): the fusion layer then weighs modalities by content, not by
+        # their encoders' output scale, and a per-example gradient clip is not
+        # spent on the largest one. Measured: DP-SGD FedAvg AUROC 0.62 -> 0.72.
+        stacked = torch.stack(pooled, dim=1)
+        return tokens, nn.functional.layer_norm(stacked, stacked.shape[-1:]), present
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        ehr: torch.Tensor,
+        note_ids: torch.Tensor,
+        note_mask: torch.Tensor,
+        present: torch.Tensor,
+    ) -> torch.Tensor:
+        """Return multi-label logits [B, n_labels] (inputs as :meth:`encode`)."""
+        tokens, pooled, present = self.encode(image, ehr, note_ids, note_mask, present)
+        return self.head(self.fusion(tokens, pooled, present))
 
 
 def base_fingerprint(model: nn.Module, config_json: str) -> str:
@@ -204,19 +229,27 @@ def build_base(config: RunConfig) -> tuple[FusionModel, str]:
     from ..text import get_tokenizer
 
     mc, task = config.model, config.task
+    pretrained = resolve_base_folder(config)
+    vision_spec, text_spec = mc.vision, mc.text
+    if pretrained is not None:
+        # The base pretrains the tiny encoders; named checkpoints are used as given.
+        if vision_spec == "tiny":
+            vision_spec = str(encoder_folder(pretrained, "vision"))
+        if text_spec == "tiny":
+            text_spec = str(encoder_folder(pretrained, "text"))
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(mc.init_seed)
     try:
         vision = (
             _load_encoder(
-                mc.vision, tiny_vision_config(mc.image_size, task.image_channels)
+                vision_spec, tiny_vision_config(mc.image_size, task.image_channels)
             )
             if Modality.IMAGE in mc.modalities
             else None
         )
         text = (
             _load_encoder(
-                mc.text,
+                text_spec,
                 tiny_text_config(len(get_tokenizer(mc.tokenizer)), mc.max_note_tokens),
             )
             if Modality.NOTE in mc.modalities
@@ -233,6 +266,16 @@ def build_base(config: RunConfig) -> tuple[FusionModel, str]:
         )
     finally:
         torch.random.set_rng_state(generator_state)
+    if pretrained is not None:
+        load_pretrained_layers(
+            model,
+            pretrained,
+            skip=tuple(
+                layer
+                for layer, spec in (("vision_proj", mc.vision), ("text_proj", mc.text))
+                if spec != "tiny"
+            ),
+        )
     base_json = json.dumps(
         {
             "family": "fusion",
@@ -242,10 +285,28 @@ def build_base(config: RunConfig) -> tuple[FusionModel, str]:
             ),
             "labels": list(task.labels),
             "ehr_width": task.ehr_width,
+            # The base's pretrained layers are the trainable modules' start.
+            "pretrained_layers": (
+                layers_sha256(pretrained) if pretrained is not None else None
+            ),
         },
         sort_keys=True,
     )
     return model, base_fingerprint(model, base_json)
+
+
+def resolve_base_folder(config: RunConfig) -> Path | None:
+    """The folder of the run's pretrained base; None for ``model.base = 'random'``."""
+    spec = config.model.base
+    if spec == "random":
+        return None
+    if spec == "pretrained":
+        from ...simulations.public_base import public_base_folder
+
+        return public_base_folder(config)
+    folder = Path(spec).expanduser()
+    check_fits(folder, read_manifest(folder), config)
+    return folder
 
 
 def lora_targets(model: nn.Module) -> list[str]:
@@ -265,34 +326,37 @@ def build_fusion(config: RunConfig) -> BuiltModel:
     from peft import LoraConfig, get_peft_model
 
     base, fingerprint = build_base(config)
-    targets = lora_targets(base)
-    trainable = [m for m in TRAINABLE_MODULES if getattr(base, m) is not None]
-    lora = LoraConfig(
-        r=config.model.lora_rank,
-        lora_alpha=config.model.lora_alpha,
-        lora_dropout=config.model.lora_dropout,
-        target_modules=targets or None,
-        modules_to_save=trainable,
-        bias="none",
-    )
-    if not targets:
-        # An EHR-only model has no encoder attention to adapt; PEFT needs a LoRA
-        # target, so the fusion module's linear layers take LoRA instead of
-        # training in full.
+    scope = training_recipe(config).trainable
+    targets = lora_targets(base) if scope is TrainableScope.ALL else []
+    if targets:
+        trainable = [m for m in TRAINABLE_MODULES if getattr(base, m) is not None]
+    else:
+        # 'fusion' (and an EHR-only model, with no encoder attention to adapt):
+        # PEFT needs a LoRA target, so the fusion module's linear layers take
+        # LoRA and the head trains in full; encoders, projections and the EHR
+        # encoder stay the base's.
         targets = sorted(
             n
             for n, m in base.named_modules()
             if n.startswith("fusion.") and isinstance(m, nn.Linear)
         )
-        trainable = [m for m in trainable if m != "fusion"]
-        lora = LoraConfig(
-            r=config.model.lora_rank,
-            lora_alpha=config.model.lora_alpha,
-            lora_dropout=config.model.lora_dropout,
-            target_modules=targets,
-            modules_to_save=trainable,
-            bias="none",
+        trainable = (
+            ["head"]
+            if scope is TrainableScope.FUSION
+            else [
+                m
+                for m in TRAINABLE_MODULES
+                if m != "fusion" and getattr(base, m) is not None
+            ]
         )
+    lora = LoraConfig(
+        r=config.model.lora_rank,
+        lora_alpha=config.model.lora_alpha,
+        lora_dropout=config.model.lora_dropout,
+        target_modules=targets,
+        modules_to_save=trainable,
+        bias="none",
+    )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(config.model.init_seed + 1)
     try:

@@ -136,16 +136,8 @@ def round_seed(config: RunConfig, site_name: str, server_round: int) -> int:
 def _spec(config: RunConfig, name: str, server_round: int) -> Any:
     from ...client.trainer import LocalTrainSpec
 
-    train = config.train
-    return LocalTrainSpec(
-        epochs=train.local_epochs,
-        max_steps=train.max_steps,
-        batch_size=train.batch_size,
-        learning_rate=train.learning_rate,
-        weight_decay=train.weight_decay,
-        proximal_mu=0.0,
-        seed=round_seed(config, name, server_round),
-        modality_dropout=train.modality_dropout,
+    return LocalTrainSpec.from_config(
+        config, seed=round_seed(config, name, server_round), proximal_mu=0.0
     )
 
 

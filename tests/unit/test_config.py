@@ -29,7 +29,7 @@ def test_every_problem_is_reported_at_once_with_known_keys():
         RunConfig.from_mapping(
             {
                 "federation": {"strategy": "fedsgd", "roundz": 3},
-                "train": {"batch-size": 0},
+                "train": {"batch-size": -1},
             }
         )
     text = str(info.value)
@@ -106,7 +106,7 @@ OUT_OF_BOUNDS = [
     ("federation", "expected-sites", 10_001),
     ("train", "local-epochs", 1001),
     ("train", "max-steps", 1_000_001),
-    ("train", "batch-size", 4097),
+    ("train", "batch-size", 65_537),
     ("train", "learning-rate", 10.5),
     ("train", "weight-decay", 10.5),
     ("train", "eval-batch-size", 65_537),

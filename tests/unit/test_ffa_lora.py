@@ -7,9 +7,15 @@ from wardround.common.config import RunConfig
 from wardround.common.models import build_model
 
 
+# LoRA on the encoders' square attention projections, where A and B are equal in size.
+ENCODER_LORA = {"trainable": "all", "base": "random"}
+
+
 def test_ffa_freezes_every_lora_a_and_sends_half_the_lora_tensors():
-    plain = build_model(RunConfig())
-    ffa = build_model(RunConfig().with_overrides(model={"lora_variant": "ffa"}))
+    plain = build_model(RunConfig().with_overrides(model=ENCODER_LORA))
+    ffa = build_model(
+        RunConfig().with_overrides(model={**ENCODER_LORA, "lora_variant": "ffa"})
+    )
     assert plain.base_fingerprint == ffa.base_fingerprint  # same base model
     frozen = [n for n, p in ffa.model.named_parameters() if ".lora_A." in n]
     assert frozen and all(
@@ -24,7 +30,9 @@ def test_ffa_freezes_every_lora_a_and_sends_half_the_lora_tensors():
     )
     # the same init: A is identical at every site and the coordinator
     again = adapter_state(
-        build_model(RunConfig().with_overrides(model={"lora_variant": "ffa"})).model
+        build_model(
+            RunConfig().with_overrides(model={**ENCODER_LORA, "lora_variant": "ffa"})
+        ).model
     )
     assert all(np.array_equal(state[k], again[k]) for k in state if ".lora_A." in k)
 

@@ -1,0 +1,225 @@
+"""The public pretrained base: encoders aligned on a public synthetic population.
+
+``model.base = "pretrained"`` (the default) names this base. It is built from the
+run config's shapes on first use and cached (``$WARDROUND_CACHE``, else
+``$XDG_CACHE_HOME/wardround``, else ``~/.cache/wardround``), so every later run,
+study arm and simulated site reuses it. The corpus is a *public* synthetic
+population: its own seed (never one a study or ``wardround simulate`` uses), its
+own site count and heterogeneity, and its labels are never read. Real
+federations name a base folder built from public data (``wardround pretrain
+--corpus``), or Hugging Face checkpoints (``model.vision``, ``model.text``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..common.config import RunConfig
+from ..common.errors import ConfigError
+from ..common.models.base_folder import MANIFEST, base_shapes, save_base
+from ..common.models.pretraining import PretrainSettings, pretrain_encoders
+from .synth_shift import Heterogeneity
+
+logger = logging.getLogger(__name__)
+
+PUBLIC_HETEROGENEITY = Heterogeneity(
+    label_skew=0.5, scanner_shift=0.25, scanner_noise=(0.01, 0.1), note_dialect=0.3
+)
+"""Unlike the study's (label skew 1.0, scanner shift 0.15, dialect 0.5)."""
+
+
+@dataclass(frozen=True)
+class PublicCorpus:
+    """The public synthetic population the default base is pretrained on."""
+
+    seed: int = 1_000_003
+    sites: int = 4
+    patients_per_site: int = 1500
+    heterogeneity: Heterogeneity = field(default=PUBLIC_HETEROGENEITY)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready values (manifests, cache keys)."""
+        return {**asdict(self), "heterogeneity": self.heterogeneity.as_dict()}
+
+
+def cache_root() -> Path:
+    """Where built bases are kept."""
+    if os.environ.get("WARDROUND_CACHE"):
+        return Path(os.environ["WARDROUND_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "wardround"
+
+
+def base_key(
+    config: RunConfig, corpus: PublicCorpus, settings: PretrainSettings
+) -> str:
+    """What decides the public base's bytes: shapes, corpus, pretraining, init."""
+    payload = {
+        "shapes": base_shapes(config),
+        "modalities": [m.value for m in config.model.modalities],
+        "corpus": corpus.as_dict(),
+        "pretrain": settings.as_dict(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+DEFAULT_CORPUS = PublicCorpus()
+DEFAULT_PRETRAINING = PretrainSettings()
+
+
+def public_base_folder(
+    config: RunConfig,
+    corpus: PublicCorpus = DEFAULT_CORPUS,
+    settings: PretrainSettings = DEFAULT_PRETRAINING,
+) -> Path:
+    """The cached public base for ``config``'s shapes, built first if missing.
+
+    Concurrent callers (a simulation's sites) wait on one lock; the base is
+    written to a temporary folder and renamed, so a half-built base is never used.
+    """
+    folder = (
+        cache_root()
+        / "bases"
+        / f"public-synthetic-{base_key(config, corpus, settings)}"
+    )
+    if (folder / MANIFEST).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(folder.with_suffix(".lock")):
+        if (folder / MANIFEST).is_file():
+            return folder
+        logger.info("building the public pretrained base in %s (first use)", folder)
+        with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
+            staging = Path(scratch) / "base"
+            build_public_base(
+                config, staging, Path(scratch) / "corpus", corpus, settings
+            )
+            os.replace(staging, folder)
+    return folder
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_public_corpus_fits(config: RunConfig) -> None:
+    """ConfigError when the synthetic corpus cannot feed ``config``'s task."""
+    default = RunConfig().task
+    task = config.task
+    if (dict(task.numeric), dict(task.categorical)) != (
+        dict(default.numeric),
+        dict(default.categorical),
+    ):
+        raise ConfigError(
+            "model.base 'pretrained' is pretrained on the public synthetic corpus, "
+            "whose EHR has the default task's features; this run's task has others",
+            hint="Pretrain a base on public data with your task's features "
+            "(`wardround pretrain --corpus DIR --config RUN.toml --out FOLDER`) and "
+            "name the folder in model.base, or set model.base = 'random'.",
+        )
+
+
+def build_public_base(
+    config: RunConfig,
+    out: Path,
+    corpus_dir: Path,
+    corpus: PublicCorpus = DEFAULT_CORPUS,
+    settings: PretrainSettings = DEFAULT_PRETRAINING,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Synthesize the public corpus into ``corpus_dir``, pretrain, write ``out``."""
+    from .synth import synthesize_federation
+
+    check_public_corpus_fits(config)
+    start = time.perf_counter()
+    synthesize_federation(
+        corpus_dir,
+        corpus.sites,
+        patients_per_site=corpus.patients_per_site,
+        seed=corpus.seed,
+        heterogeneity=corpus.heterogeneity,
+    )
+    site_tomls = sorted(corpus_dir.glob("*/site.toml"))
+    source = {"kind": "public-synthetic", **corpus.as_dict()}
+    manifest = pretrain_base(config, site_tomls, out, settings, source, on_step)
+    logger.info("public base built in %.1f s", time.perf_counter() - start)
+    return manifest
+
+
+def pretrain_base(
+    config: RunConfig,
+    site_tomls: list[Path],
+    out: Path,
+    settings: PretrainSettings,
+    source: dict[str, Any],
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Pretrain ``config``'s random base on the corpus sites; write it to ``out``."""
+    from ..client.data.dataset import TensorDictDataset, load_site_data
+    from ..client.site_config import SiteConfig
+    from ..common.models.fusion import build_base
+    from ..common.text import get_tokenizer
+
+    random_config = config.with_overrides(model={"base": "random"})
+    datasets = []
+    for toml in site_tomls:
+        data = load_site_data(
+            SiteConfig.from_toml(toml),
+            config.task,
+            image_size=config.model.image_size,
+            max_note_tokens=config.model.max_note_tokens,
+            tokenizer=get_tokenizer(config.model.tokenizer),
+        )
+        # Every corpus example is used: the split only matters for the task.
+        parts = [data.train.tensors, data.validation.tensors]
+        datasets.append(
+            TensorDictDataset(
+                {k: _cat([p[k] for p in parts]) for k in parts[0] if k != "labels"}
+            )
+        )
+    model, _ = build_base(random_config)
+    start = time.perf_counter()
+    losses = pretrain_encoders(model, datasets, settings, on_step)
+    seconds = time.perf_counter() - start
+    tail = losses[-max(len(losses) // 10, 1) :]
+    manifest = {
+        "shapes": base_shapes(config),
+        "modalities": [m.value for m in config.model.modalities],
+        "init_seed": config.model.init_seed,
+        "corpus": source,
+        "corpus_examples": [len(d) for d in datasets],
+        "pretrain": settings.as_dict(),
+        "objective": "cross-modal InfoNCE (image-EHR, image-note, EHR-note)",
+        "loss_first": losses[0] if losses else None,
+        "loss_last_tenth": sum(tail) / len(tail) if tail else None,
+        "seconds": round(seconds, 1),
+    }
+    staging = out
+    if staging.exists():
+        shutil.rmtree(staging)
+    save_base(model, staging, manifest)
+    return manifest
+
+
+def _cat(tensors: list[Any]) -> Any:
+    import torch
+
+    return torch.cat(tensors)
