@@ -210,6 +210,7 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
     spec = LocalTrainSpec.from_config(
         config,
         seed=_round_seed(config, runtime, server_round),
+        patients=runtime.data.num_privacy_units,
         # The approved config's, never the message's (which could send inf).
         proximal_mu=(
             config.federation.proximal_mu

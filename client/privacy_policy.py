@@ -95,7 +95,7 @@ def _plan(
         )
     schedule = local_schedule(
         num_train,
-        training_recipe(config).batch_size,
+        training_recipe(config).batch_for(num_train),
         config.train.local_epochs,
         config.train.max_steps,
     )

@@ -20,6 +20,7 @@ from ..common.adapter import adapter_state, payload_keys
 from ..common.config import LoraVariant, RunConfig
 from ..common.errors import ConfigError
 from ..common.models import BuiltModel, build_model
+from ..common.recipe import training_recipe
 from .answers import ANSWER_LOG, AnswerLog
 from .egress import EgressAllowlist
 from .ledger import PrivacyLedger, site_ledger
@@ -156,6 +157,8 @@ def resolve_device(spec: str) -> str:
 def _config_key(config: RunConfig) -> str:
     relevant = {
         "model": config.model.model_dump(mode="json"),
+        # 'auto' keys resolve by privacy.enabled: the built model differs with them
+        "recipe": training_recipe(config).trainable.value,
         "task": config.task.model_dump(mode="json"),
         "device": config.train.device,
     }

@@ -50,14 +50,17 @@ class LocalTrainSpec:
 
     @classmethod
     def from_config(
-        cls, config: RunConfig, *, seed: int, proximal_mu: float
+        cls, config: RunConfig, *, seed: int, proximal_mu: float, patients: int
     ) -> LocalTrainSpec:
-        """The round's spec from the run config's resolved recipe."""
+        """The round's spec from the run config's recipe.
+
+        ``patients``: the site's training patients (the DP batch is a share of them).
+        """
         recipe = training_recipe(config)
         return cls(
             epochs=config.train.local_epochs,
             max_steps=config.train.max_steps,
-            batch_size=recipe.batch_size,
+            batch_size=recipe.batch_for(patients),
             learning_rate=recipe.learning_rate,
             weight_decay=config.train.weight_decay,
             proximal_mu=proximal_mu,

@@ -5,11 +5,12 @@ value; keys the run sets win. The DP recipe was chosen by measurement on
 synthetic hospitals (docs/privacy.md, "Why this recipe"): under DP-SGD the noise
 grows with the number of trained tensors and a fresh AdamW turns every noisy step
 into a full-size step, so DP trains only the fusion module and head, on the
-base's features, with SGD with momentum and larger batches.
+base's features, with SGD with momentum and a batch of 1/8 of the site's patients.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .config import OptimizerKind, RunConfig, TrainableScope
@@ -23,8 +24,24 @@ class TrainingRecipe:
     optimizer: OptimizerKind
     learning_rate: float
     batch_size: int
+    """Expected examples per step; 0: a ``sample_rate`` share of the site's patients."""
     momentum: float
+    sample_rate: float = 0.125
 
+    def batch_for(self, patients: int) -> int:
+        """The batch size at a site with ``patients`` training patients.
+
+        A share of the site's patients rather than a fixed count: every site then
+        takes the same number of DP-SGD steps per epoch (1 / sample rate), which is
+        what sets how far a round moves; a fixed batch gives a large site many
+        noisy steps and a small one too few (docs/privacy.md).
+        """
+        if self.batch_size:
+            return self.batch_size
+        return min(max(math.ceil(patients * self.sample_rate), MIN_BATCH), MAX_BATCH)
+
+
+MIN_BATCH, MAX_BATCH = 8, 4096
 
 PLAIN = TrainingRecipe(
     trainable=TrainableScope.ALL,
@@ -39,8 +56,9 @@ PRIVATE = TrainingRecipe(
     trainable=TrainableScope.FUSION,
     optimizer=OptimizerKind.SGD,
     learning_rate=0.1,
-    batch_size=64,
+    batch_size=0,  # 1/8 of the site's training patients: 8 steps per epoch
     momentum=0.9,
+    sample_rate=0.125,
 )
 """Under DP-SGD, for the ``fusion`` family."""
 
@@ -58,4 +76,5 @@ def training_recipe(config: RunConfig) -> TrainingRecipe:
         learning_rate=train.learning_rate or defaults.learning_rate,
         batch_size=train.batch_size or defaults.batch_size,
         momentum=train.momentum,
+        sample_rate=defaults.sample_rate,
     )

@@ -4,6 +4,11 @@ A patient's image, EHR row and note are three views of the same findings. A
 contrastive (InfoNCE, CLIP-style) loss per pair of modalities pulls the embeddings
 of one patient's views together and pushes other patients' apart, so the encoders
 learn what the modalities share, the findings, without ever reading a label.
+Cross-modal alignment alone keeps only what the other modalities also show (a
+nodule is seen on the image, hardly in the EHR or note), so the image encoder
+also learns from two augmented views of each image (SimCLR): invariance to the
+intensity scale, offset and noise that differ between scanners, and to small
+shifts and flips.
 Everything here is pure torch: no I/O, no data loading.
 """
 
@@ -34,6 +39,9 @@ class AlignmentHeads(nn.Module):
             )
             for _ in range(3)
         )
+        self.image_views = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, width)
+        )
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """[B, 3, H] pooled modality embeddings -> [B, 3, width], unit length."""
@@ -41,6 +49,35 @@ class AlignmentHeads(nn.Module):
             [head(pooled[:, i]) for i, head in enumerate(self.heads)], dim=1
         )
         return nn.functional.normalize(projected, dim=-1)
+
+
+def augment_images(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random view of each image [B, C, H, W] in [0, 1].
+
+    A scanner's intensity scale, offset and noise, a shift of up to 1/8 of the
+    side, a horizontal flip.
+    """
+    batch, _, height, width = image.shape
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        draw = torch.rand(batch, 1, 1, 1, generator=generator)
+        return (low + (high - low) * draw).to(image)
+
+    view = image * uniform(0.75, 1.25) + uniform(-0.1, 0.1)
+    view = view + uniform(0.0, 0.04) * torch.randn(image.shape, generator=generator).to(
+        image
+    )
+    shifts = torch.randint(
+        -height // 8, height // 8 + 1, (batch, 2), generator=generator
+    )
+    flips = torch.rand(batch, generator=generator) < 0.5
+    moved = []
+    for i in range(batch):
+        one = torch.roll(
+            view[i], shifts=(int(shifts[i, 0]), int(shifts[i, 1])), dims=(1, 2)
+        )
+        moved.append(one.flip(-1) if flips[i] else one)
+    return torch.stack(moved).clamp(0.0, 1.0)
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -88,6 +88,11 @@ def _load_encoder(spec: str, tiny_config: Any) -> nn.Module:
         ) from None
 
 
+def pool_image_tokens(seq: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] image tokens -> [B, H]: mean (diffuse findings) + max (small ones)."""
+    return seq.mean(1) + seq.amax(1)
+
+
 class FusionModel(nn.Module):
     """Encoders per modality, a fusion module and a multi-label head."""
 
@@ -127,7 +132,8 @@ class FusionModel(nn.Module):
         self.fusion = FUSIONS[fusion](hidden, 3)
         self.head = nn.Linear(hidden, n_labels)
 
-    def _vision_tokens(self, image: torch.Tensor) -> torch.Tensor:
+    def vision_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """Image [B, C, H, W] in [0, 1] -> projected patch tokens [B, T, hidden]."""
         cfg = self.vision_encoder.config
         if image.shape[1] != cfg.num_channels:
             image = image.expand(-1, cfg.num_channels, -1, -1)
@@ -162,9 +168,9 @@ class FusionModel(nn.Module):
         present = present.clone()
         tokens, pooled = [], []
         if self.vision_encoder is not None:
-            seq = self._vision_tokens(image)
+            seq = self.vision_tokens(image)
             tokens.append((seq, present[:, 0:1].expand(-1, seq.shape[1])))
-            pooled.append(seq.mean(1) + seq.amax(1))
+            pooled.append(pool_image_tokens(seq))
         else:
             present[:, 0] = 0
             tokens.append((zeros_tok, zeros_mask))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .alignment import AlignmentHeads, alignment_loss
+from .alignment import AlignmentHeads, alignment_loss, augment_images, info_nce
 from .base_folder import PRETRAINED_LAYERS
 
 INPUTS = ("image", "ehr", "note_ids", "note_mask", "present")
@@ -34,6 +34,8 @@ class PretrainSettings:
     warmup_steps: int = 20
     seed: int = 0
     threads: int = 2
+    image_views: bool = True
+    """Also contrast two augmented views of each image (SimCLR)."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready values (manifests, cache keys)."""
@@ -95,6 +97,10 @@ def pretrain_encoders(
             batch = _gather(site, index)
             _, pooled, present = model.encode(**{k: batch[k] for k in INPUTS})
             loss = alignment_loss(heads(pooled), present, settings.temperature)
+            if settings.image_views and model.vision_encoder is not None:
+                views = _image_view_loss(model, heads, batch, settings, generator)
+                if views is not None:
+                    loss = views if loss is None else loss + views
             if loss is None:
                 continue
             for group in optimizer.param_groups:
@@ -113,6 +119,30 @@ def pretrain_encoders(
     for param in model.parameters():
         param.requires_grad_(True)
     return losses
+
+
+def _image_view_loss(
+    model: torch.nn.Module,
+    heads: AlignmentHeads,
+    batch: dict[str, torch.Tensor],
+    settings: PretrainSettings,
+    generator: torch.Generator,
+) -> torch.Tensor | None:
+    from .fusion import pool_image_tokens
+
+    images = batch["image"][batch["present"][:, 0] > 0.5]
+    if len(images) < 2:
+        return None
+    embeddings = []
+    for _ in range(2):
+        pooled = pool_image_tokens(
+            model.vision_tokens(augment_images(images, generator))
+        )
+        pooled = torch.nn.functional.layer_norm(pooled, pooled.shape[-1:])
+        embeddings.append(
+            torch.nn.functional.normalize(heads.image_views(pooled), dim=-1)
+        )
+    return info_nce(embeddings[0], embeddings[1], settings.temperature)
 
 
 def _gather(site: Dataset, index: torch.Tensor) -> dict[str, torch.Tensor]:

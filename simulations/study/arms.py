@@ -133,11 +133,14 @@ def round_seed(config: RunConfig, site_name: str, server_round: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
-def _spec(config: RunConfig, name: str, server_round: int) -> Any:
+def _spec(config: RunConfig, name: str, server_round: int, patients: int) -> Any:
     from ...client.trainer import LocalTrainSpec
 
     return LocalTrainSpec.from_config(
-        config, seed=round_seed(config, name, server_round), proximal_mu=0.0
+        config,
+        seed=round_seed(config, name, server_round),
+        proximal_mu=0.0,
+        patients=patients,
     )
 
 
@@ -219,7 +222,8 @@ def run_pooled(
     union = ConcatDataset([s.data.train for s in sites])
     evaluations = [{s.name: _scores(model, s, config) for s in sites}]
     for server_round in range(1, config.federation.rounds + 1):
-        train_local(model, union, _spec(config, "pooled", server_round))
+        patients = sum(s.data.num_privacy_units for s in sites)
+        train_local(model, union, _spec(config, "pooled", server_round, patients))
         evaluations.append({s.name: _scores(model, s, config) for s in sites})
     return ArmOutcome(
         per_round=[{n: e.auroc_macro for n, e in r.items()} for r in evaluations],
@@ -249,7 +253,8 @@ def run_local(config: RunConfig, site_tomls: list[Path]) -> ArmOutcome:
         load_adapter_state(model, initial)  # every site starts from the same adapter
         per_round[0][site.name] = _scores(model, site, config).auroc_macro
         for server_round in range(1, rounds + 1):
-            train_local(model, site.data.train, _spec(config, site.name, server_round))
+            spec = _spec(config, site.name, server_round, site.data.num_privacy_units)
+            train_local(model, site.data.train, spec)
             outcome = _scores(model, site, config)
             per_round[server_round][site.name] = outcome.auroc_macro
         per_label[site.name] = _per_label(outcome, config)

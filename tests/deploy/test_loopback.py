@@ -45,6 +45,7 @@ stage-timeout-s = {stage_timeout}
 [model]
 image-size = 32
 max-note-tokens = 32
+base = "random"
 [train]
 batch-size = 8
 """

@@ -19,7 +19,7 @@ def test_signal_stops_the_simulation_and_all_its_processes(
     config = tmp_path / "run.toml"
     config.write_text(
         f'[data]\nsites-dir = "{synthetic_sites}"\n[federation]\nrounds = 50\n'
-        "[model]\nimage-size = 32\nmax-note-tokens = 32\n"
+        "[model]\nimage-size = 32\nmax-note-tokens = 32\nbase = 'random'\n"
         "[secure-aggregation]\nenabled = false\n"  # 2 sites: SecAgg+ needs 3
     )
     cmd = [

@@ -1,0 +1,172 @@
+"""The pretrained base: label-free alignment, the base folder, the public cache, the recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from wardround.common.config import RunConfig
+from wardround.common.errors import ConfigError
+from wardround.common.models import build_model
+from wardround.common.models.alignment import alignment_loss
+from wardround.common.models.base_folder import MANIFEST, read_manifest
+from wardround.common.models.pretraining import PretrainSettings
+from wardround.simulations import public_base
+from wardround.simulations.public_base import PublicCorpus, pretrain_base
+
+FEW_STEPS = PretrainSettings(steps=4, batch_size=16, warmup_steps=1, threads=1)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def test_alignment_loss_is_lower_for_matched_views_than_for_shuffled_ones():
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randn(32, 16, generator=generator)
+    views = torch.stack(
+        [
+            _unit(shared + 0.1 * torch.randn(32, 16, generator=generator))
+            for _ in range(3)
+        ],
+        dim=1,
+    )
+    present = torch.ones(32, 3)
+    matched = alignment_loss(views, present, temperature=0.1)
+    shuffled = views.clone()
+    shuffled[:, 2] = views[torch.randperm(32, generator=generator), 2]
+    assert matched is not None
+    assert matched < alignment_loss(shuffled, present, temperature=0.1)
+
+
+def test_alignment_loss_uses_only_examples_that_have_both_modalities():
+    views = _unit(torch.randn(4, 3, 8))
+    present = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 1, 1], [0, 1, 0]]).float()
+    # no pair is present in two examples: nothing to contrast
+    assert alignment_loss(views, present, temperature=0.1) is None
+    present[3, 2] = 1  # now EHR-note is present in examples 2 and 3
+    before = alignment_loss(views, present, temperature=0.1)
+    scrambled = views.clone()
+    scrambled[:2] = _unit(torch.randn(2, 3, 8))  # examples without the pair
+    assert torch.allclose(before, alignment_loss(scrambled, present, temperature=0.1))
+
+
+@pytest.fixture(scope="module")
+def built_base(synthetic_sites, tiny_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "base"
+    tomls = sorted(synthetic_sites.glob("*/site.toml"))
+    manifest = pretrain_base(tiny_config, tomls, out, FEW_STEPS, {"kind": "sites"})
+    return out, manifest
+
+
+def test_pretraining_writes_a_save_pretrained_base_that_model_base_names(
+    built_base, tiny_config
+):
+    from transformers import AutoModel
+
+    out, manifest = built_base
+    assert (out / "vision" / "config.json").is_file()
+    assert (out / "text" / "model.safetensors").is_file()
+    assert read_manifest(out)["pretrain"]["steps"] == FEW_STEPS.steps
+    assert len(manifest["corpus_examples"]) == 2
+    assert manifest["loss_first"] > 0
+
+    pretrained = build_model(tiny_config.with_overrides(model={"base": str(out)}))
+    random = build_model(tiny_config)
+    assert pretrained.base_fingerprint != random.base_fingerprint
+    saved = AutoModel.from_pretrained(out / "vision").state_dict()
+    loaded = pretrained.model.base_model.model.vision_encoder.state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    # the same folder gives the same base, fingerprint included
+    again = build_model(tiny_config.with_overrides(model={"base": str(out)}))
+    assert again.base_fingerprint == pretrained.base_fingerprint
+
+
+def test_pretraining_is_reproducible_and_reads_no_label(
+    synthetic_sites, tiny_config, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    tomls = sorted(synthetic_sites.glob("*/site.toml"))
+    outs = []
+    for name in ("a", "b"):
+        pretrain_base(tiny_config, tomls, tmp_path / name, FEW_STEPS, {"kind": "sites"})
+        outs.append(load_file(str(tmp_path / name / "encoders.safetensors")))
+    assert outs[0].keys() == outs[1].keys()
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_a_base_built_for_other_shapes_is_refused_with_the_fix(built_base, tiny_config):
+    out, _ = built_base
+    other = tiny_config.with_overrides(model={"base": str(out), "image_size": 48})
+    with pytest.raises(ConfigError) as info:
+        build_model(other)
+    assert "image_size" in info.value.message
+    assert "wardround pretrain" in info.value.hint
+
+
+def test_a_folder_without_a_manifest_is_not_a_base(tmp_path, tiny_config):
+    with pytest.raises(ConfigError, match="not a wardround base"):
+        build_model(tiny_config.with_overrides(model={"base": str(tmp_path)}))
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": 99}))
+    with pytest.raises(ConfigError, match="format"):
+        build_model(tiny_config.with_overrides(model={"base": str(tmp_path)}))
+
+
+def test_the_public_base_is_built_once_then_reused(tmp_path, tiny_config, monkeypatch):
+    monkeypatch.setenv("WARDROUND_CACHE", str(tmp_path / "cache"))
+    corpus = PublicCorpus(sites=2, patients_per_site=24)
+    first = public_base.public_base_folder(tiny_config, corpus, FEW_STEPS)
+    assert (first / MANIFEST).is_file()
+    assert read_manifest(first)["corpus"]["seed"] == corpus.seed
+    assert not list(first.parent.glob("tmp*"))  # the staging folder is gone
+
+    def no_second_build(*args, **kwargs):
+        raise AssertionError("the cached base was built again")
+
+    monkeypatch.setattr(public_base, "build_public_base", no_second_build)
+    assert public_base.public_base_folder(tiny_config, corpus, FEW_STEPS) == first
+    # other pretraining settings are another base
+    other = PretrainSettings(steps=5, batch_size=16, warmup_steps=1, threads=1)
+    assert public_base.base_key(tiny_config, corpus, other) != public_base.base_key(
+        tiny_config, corpus, FEW_STEPS
+    )
+
+
+def test_the_public_corpus_refuses_a_task_with_other_ehr_features(tiny_config):
+    other_task = tiny_config.with_overrides(
+        task={
+            "numeric": {"lactate": {"mean": 1.5, "std": 1.0}},
+            "units": {},
+            "ranges": {},
+        }
+    )
+    with pytest.raises(ConfigError, match="public synthetic corpus") as info:
+        public_base.check_public_corpus_fits(other_task)
+    assert "wardround pretrain --corpus" in info.value.hint
+
+
+def test_the_public_corpus_seed_is_not_one_a_study_or_simulation_uses():
+    from wardround.simulations.study.plan import StudySettings, StudySize
+
+    seeds = set(StudySettings.for_size(StudySize.FULL).seeds) | {
+        RunConfig().data.synth_seed
+    }
+    assert PublicCorpus().seed not in seeds
+    assert PublicCorpus().heterogeneity != public_base.Heterogeneity()
+
+
+def test_image_views_differ_stay_in_range_and_repeat_for_a_seed():
+    from wardround.common.models.alignment import augment_images
+
+    images = torch.rand(6, 1, 32, 32)
+    first = augment_images(images, torch.Generator().manual_seed(3))
+    again = augment_images(images, torch.Generator().manual_seed(3))
+    other = augment_images(images, torch.Generator().manual_seed(4))
+    assert first.shape == images.shape
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert not torch.equal(first, images)
+    assert float(first.min()) >= 0.0 and float(first.max()) <= 1.0
