@@ -28,7 +28,8 @@ def _fail(exc: Exception) -> None:
     fail(exc)
 
 
-def _site_counts(text: str | None) -> tuple[int, ...] | None:
+def _numbers(option: str, text: str | None, example: str) -> tuple[int, ...] | None:
+    """A comma list of whole numbers (None: the option was not given)."""
     from wardround.common.errors import ConfigError
 
     if text is None:
@@ -37,10 +38,20 @@ def _site_counts(text: str | None) -> tuple[int, ...] | None:
         counts = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise ConfigError(
-            f"--sites {text!r} is not a comma list of whole numbers",
-            hint="For example --sites 3,8.",
+            f"{option} {text!r} is not a comma list of whole numbers",
+            hint=f"For example {option} {example}.",
         ) from None
     return counts
+
+
+def _site_counts(text: str | None) -> tuple[int, ...] | None:
+    return _numbers("--sites", text, "3,8")
+
+
+def _bases(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def run_workers(jobs: int, options: list[str]) -> None:
@@ -88,12 +99,30 @@ def quality(
     sites: Annotated[
         str | None,
         typer.Option(
-            help="Comma list of federation sizes (default: 3,8 for full, 3 for smoke)."
+            help="Comma list of site counts (default: 3,8 for full, 3 for smoke)."
+        ),
+    ] = None,
+    patients: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma list of patients per site (default: 200,1000,3000 for full, "
+            "40 for smoke); the smallest runs every arm, the others the privacy axis."
+        ),
+    ] = None,
+    bases: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma list of bases: pretrained, random, or a base folder (default: "
+            "pretrained,random for full, random for smoke); the first that is not "
+            "random runs the ablations."
         ),
     ] = None,
     seeds: Annotated[
-        int | None,
-        typer.Option(min=1, help="Seeds 0..N-1 (default: 3 for full, 1 for smoke)."),
+        str | None,
+        typer.Option(
+            help="Seeds 0..N-1: one N for every size, or one per --patients size "
+            "(default: 3,2,1 for full, 1 for smoke)."
+        ),
     ] = None,
     size: Annotated[
         str,
@@ -124,7 +153,7 @@ def quality(
     ] = 1,
     shard: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
-    """Federated vs pooled vs local-only training, with DP, SecAgg+ and modality arms."""
+    """Federated vs pooled vs local-only; DP, SecAgg+, modalities; per base and size."""
     try:
         from rich.console import Console
 
@@ -145,13 +174,19 @@ def quality(
                 f"--size {size!r} is not a study size", hint="Use smoke or full."
             ) from None
         settings = StudySettings.for_size(
-            study_size, site_counts=_site_counts(sites), seeds=seeds
+            study_size,
+            site_counts=_site_counts(sites),
+            seeds=_numbers("--seeds", seeds, "3,2,1"),
+            patients=_numbers("--patients", patients, "200,1000,3000"),
+            bases=_bases(bases),
         )
         out_dir = out or Path(f"runs/study-quality-{study_size.value}")
         command = "wardround study quality" + "".join(
             [
                 f" --size {study_size.value}",
                 f" --sites {sites}" if sites else "",
+                f" --patients {patients}" if patients else "",
+                f" --bases {bases}" if bases else "",
                 f" --seeds {seeds}" if seeds else "",
                 f" --out {out}" if out else "",
                 f" --jobs {jobs}" if jobs > 1 else "",
@@ -180,14 +215,17 @@ def quality(
                 f"({'cached' if event.cached else f'{event.outcome.seconds:.0f} s'})"
             )
             console.print(
-                f"[{event.index}/{event.total}] {event.n_sites} sites, seed "
+                f"[{event.index}/{event.total}] {event.cell.label}, seed "
                 f"{event.seed}, {event.arm.label}: {state}",
                 highlight=False,
             )
 
         console.print(
-            f"{command}: {len(settings.site_counts)} federation size(s), "
-            f"{len(settings.seeds)} seed(s) → {out_dir}",
+            f"{command}: {len(settings.cells())} cells, arm runs per size: "
+            + ", ".join(
+                f"{p} patients {settings.arm_count(p)}" for p in settings.patients
+            )
+            + f" → {out_dir}",
             highlight=False,
         )
         if shard is not None:
@@ -203,7 +241,9 @@ def quality(
                     "--size",
                     study_size.value,
                     *(["--sites", sites] if sites else []),
-                    *(["--seeds", str(seeds)] if seeds else []),
+                    *(["--patients", patients] if patients else []),
+                    *(["--bases", bases] if bases else []),
+                    *(["--seeds", seeds] if seeds else []),
                     "--out",
                     str(out_dir),
                 ],
@@ -218,8 +258,11 @@ def quality(
         )
         for goal in result.data["goals"]:
             verdict = {True: "met", False: "MISSED", None: "reported"}[goal["met"]]
+            if goal["met"] is None and goal["value"] is None:  # NaN in study.json
+                verdict = "not measured"
             console.print(
-                f"  {goal['sites']} sites: {goal['goal']}: {goal['measured']} — {verdict}",
+                f"  {goal['patients']} patients × {goal['sites']} sites, "
+                f"{goal['base']}: {goal['goal']}: {goal['measured']} — {verdict}",
                 highlight=False,
             )
         console.print(f"study.json, report.md, plots/ in {result.out_dir}")

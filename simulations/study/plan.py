@@ -1,11 +1,18 @@
-"""What the learning-quality study runs: its arms and its sizes (pure, no torch).
+"""What the learning-quality study runs: its arms, cells and sizes (pure, no torch).
 
 An *arm* is one way of training: pooled (centralised) training on the union of the
 sites' training data, local-only training at each site, or a federation (FedAvg,
 FedProx, with or without DP-SGD and SecAgg+, on some modalities with some fusion).
-Every arm of a study sees the same synthetic hospitals, the same seeds and the same
-number of training examples (``rounds × local-epochs`` passes over each site's
-training split), and is evaluated on the same per-site validation split.
+A *cell* is one setting the arms run in: patients per site, site count and base
+(the pretrained encoders or random ones). Every arm of a cell sees the same
+synthetic hospitals, the same seeds and the same number of training examples
+(``rounds × local-epochs`` passes over each site's training split), and is
+evaluated on the same per-site validation split.
+
+The cells span three axes: base × patients per site × DP. Every arm runs on the
+*primary* cells (the smallest size, the primary base); every other size and base
+runs the privacy axis only (pooled, local-only, FedAvg, FedAvg + DP per ε), on
+the ablation site counts.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from ...common.config import (
@@ -24,6 +32,7 @@ from ...common.config import (
     Strategy,
 )
 from ...common.errors import ConfigError
+from ...common.recipe import training_recipe
 from ...common.secagg_math import MIN_PARTICIPANTS
 from ..synth_shift import STUDY_HETEROGENEITY, Heterogeneity
 
@@ -90,6 +99,14 @@ class Arm:
             },
             "secure_aggregation": {"enabled": self.secure_aggregation},
         }
+
+    @property
+    def privacy_axis(self) -> bool:
+        """Pooled, local-only, FedAvg and FedAvg + DP: the arms every cell runs."""
+        return (
+            self.group in (ArmGroup.REFERENCE, ArmGroup.PRIVACY)
+            or self.name == "fedavg"
+        )
 
 
 def standard_arms(
@@ -175,24 +192,75 @@ def standard_arms(
     return tuple(arms)
 
 
+RANDOM_BASE = "random"
+PRETRAINED_BASE = "pretrained"
+
+
+def base_label(base: str) -> str:
+    """What files, keys and the report call a base: its name, or its folder's name."""
+    if base in (RANDOM_BASE, PRETRAINED_BASE):
+        return base
+    return Path(base).name or base
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One setting the arms run in: patients per site, site count, base."""
+
+    patients: int
+    sites: int
+    base: str
+    """'pretrained' (the public synthetic base), 'random', or a base folder."""
+
+    @property
+    def key(self) -> str:
+        """Identifier: JSON keys, e.g. '200x3-pretrained'."""
+        return f"{self.patients}x{self.sites}-{base_label(self.base)}"
+
+    @property
+    def label(self) -> str:
+        """What the report calls it."""
+        return (
+            f"{self.patients:,} patients/site, {self.sites} sites, "
+            f"{base_label(self.base)} base"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready values."""
+        return {
+            "patients": self.patients,
+            "sites": self.sites,
+            "base": base_label(self.base),
+        }
+
+
 @dataclass(frozen=True)
 class StudySettings:
     """Everything that decides a study's numbers, parsed once from the CLI."""
 
     size: StudySize
     site_counts: tuple[int, ...]
-    seeds: tuple[int, ...]
-    patients_per_site: int
+    patients: tuple[int, ...]
+    """Patients per site of each size, ascending; the first runs every arm."""
+    seed_counts: tuple[int, ...]
+    """Seeds (0..N-1) per entry of ``patients``: the larger sizes may run fewer."""
+    bases: tuple[str, ...]
     rounds: int
     local_epochs: int
     batch_size: int
+    """0: the recipe's batch (16 without DP, 64 under DP-SGD)."""
     image_size: int
     max_note_tokens: int
     mus: tuple[float, ...]
     epsilons: tuple[float, ...]
     ablation_site_counts: tuple[int, ...]
-    """Site counts that run every arm; the others run the reference and strategy
-    arms only (pooled, local-only, FedAvg, FedProx)."""
+    """Site counts that run the privacy axis at every size and base, and (at the
+    primary cell) every arm; the others run the reference and strategy arms only
+    (pooled, local-only, FedAvg, FedProx), at the smallest size and primary base."""
+    dp_goal_patients: int
+    """The size the 'DP keeps X of pooled' goals are checked at."""
+    local_goal_patients: int
+    """The size the 'DP above every site's local-only model' goal is checked at."""
     heterogeneity: Heterogeneity = STUDY_HETEROGENEITY
     arms: tuple[Arm, ...] = field(default=())
 
@@ -202,8 +270,19 @@ class StudySettings:
         problems = []
         if not self.site_counts or min(self.site_counts) < 2:
             problems.append("--sites needs counts of at least 2 (a federation)")
-        if not self.seeds:
-            problems.append("--seeds must be at least 1")
+        if not self.patients or min(self.patients) < 10:
+            problems.append("--patients needs sizes of at least 10 patients per site")
+        elif list(self.patients) != sorted(set(self.patients)):
+            problems.append("--patients must list each size once, ascending")
+        if (
+            len(self.seed_counts) != len(self.patients)
+            or min(self.seed_counts, default=0) < 1
+        ):
+            problems.append(
+                "--seeds must be at least 1, one count or one per --patients size"
+            )
+        if not self.bases or len(set(map(base_label, self.bases))) != len(self.bases):
+            problems.append("--bases must name each base once")
         if problems:
             raise ConfigError(
                 "; ".join(problems), hint="See `wardround study quality --help`."
@@ -215,15 +294,39 @@ class StudySettings:
         size: StudySize,
         *,
         site_counts: tuple[int, ...] | None = None,
-        seeds: int | None = None,
+        seeds: int | tuple[int, ...] | None = None,
+        patients: tuple[int, ...] | None = None,
+        bases: tuple[str, ...] | None = None,
     ) -> StudySettings:
-        """The preset of ``size``, with the site counts and seed count overridden."""
-        preset = _PRESETS[StudySize(size)]
+        """The preset of ``size``, with site counts, sizes, seeds and bases overridden.
+
+        ``seeds``: one count for every size, or one per size; by default the
+        preset's count for a size it knows and 1 for any other.
+        """
+        preset = dict(_PRESETS[StudySize(size)])
+        preset_seeds = preset.pop("seeds_per_patients")
         counts = tuple(site_counts) if site_counts else preset["site_counts"]
+        given = tuple(patients) if patients else preset["patients"]
+        if seeds is None:
+            per_size = tuple(preset_seeds.get(p, 1) for p in given)
+        elif isinstance(seeds, int):
+            per_size = (seeds,) * len(given)
+        elif len(seeds) == 1:
+            per_size = tuple(seeds) * len(given)
+        else:
+            per_size = tuple(seeds)
+        if len(per_size) == len(given) and len(set(given)) == len(given):
+            # ascending sizes, each with its own seed count
+            given, per_size = zip(
+                *sorted(zip(given, per_size, strict=True)), strict=True
+            )
+        sizes, seed_counts = tuple(given), tuple(per_size)
         values = {
             **preset,
             "site_counts": counts,
-            "seeds": tuple(range(seeds)) if seeds is not None else preset["seeds"],
+            "patients": sizes,
+            "seed_counts": seed_counts,
+            "bases": tuple(bases) if bases else preset["bases"],
             "ablation_site_counts": tuple(
                 c for c in counts if c in preset["ablation_site_counts"]
             )
@@ -231,19 +334,49 @@ class StudySettings:
         }
         return cls(size=StudySize(size), **values)
 
-    def arms_for(self, n_sites: int) -> tuple[Arm, ...]:
-        """The arms run on the federation of ``n_sites`` sites.
+    # -- cells and arms -----------------------------------------------------------
+    @property
+    def primary_base(self) -> str:
+        """The base the ablations run on: the first that is not random."""
+        return next((b for b in self.bases if b != RANDOM_BASE), self.bases[0])
+
+    def seeds_for(self, patients: int) -> tuple[int, ...]:
+        """The seeds of one size."""
+        return tuple(range(self.seed_counts[self.patients.index(patients)]))
+
+    def is_primary(self, cell: Cell) -> bool:
+        """The smallest size on the primary base: where the ablations run."""
+        return cell.patients == self.patients[0] and cell.base == self.primary_base
+
+    def arms_for(self, cell: Cell) -> tuple[Arm, ...]:
+        """The arms run in ``cell`` (none: the cell is not part of the study).
 
         SecAgg+ arms need at least 3 sites (sites refuse it among fewer): a
         federation of 2 runs without them (:meth:`arms_left_out`).
         """
         arms = self.arms
-        if n_sites < MIN_PARTICIPANTS:
+        if cell.sites < MIN_PARTICIPANTS:
             arms = tuple(a for a in arms if not a.secure_aggregation)
-        if n_sites in self.ablation_site_counts:
-            return arms
-        core = (ArmGroup.REFERENCE, ArmGroup.STRATEGY)
-        return tuple(a for a in arms if a.group in core)
+        axis = cell.sites in self.ablation_site_counts
+        if self.is_primary(cell):
+            if axis:
+                return arms
+            core = (ArmGroup.REFERENCE, ArmGroup.STRATEGY)
+            return tuple(a for a in arms if a.group in core)
+        if axis:
+            return tuple(a for a in arms if a.privacy_axis)
+        return ()
+
+    def cells(self) -> tuple[Cell, ...]:
+        """Every cell with arms: by size, then site count, then base (primary first)."""
+        bases = (self.primary_base, *(b for b in self.bases if b != self.primary_base))
+        return tuple(
+            cell
+            for p in self.patients
+            for n in self.site_counts
+            for base in bases
+            if self.arms_for(cell := Cell(p, n, base))
+        )
 
     def arms_left_out(self, n_sites: int) -> tuple[Arm, ...]:
         """The SecAgg+ arms a federation of fewer than 3 sites cannot run."""
@@ -251,53 +384,110 @@ class StudySettings:
             return ()
         return tuple(a for a in self.arms if a.secure_aggregation)
 
-    def base_config(self, sites_dir: str, n_sites: int, seed: int) -> RunConfig:
-        """The run config every arm of one federation and seed starts from.
+    def arm_count(self, patients: int) -> int:
+        """Arm runs of one size, over its seeds."""
+        per_seed = sum(
+            len(self.arms_for(c)) for c in self.cells() if c.patients == patients
+        )
+        return per_seed * len(self.seeds_for(patients))
 
-        Secure aggregation is off here; each arm says whether it uses it.
+    # -- run configs --------------------------------------------------------------
+    def base_config(
+        self, sites_dir: str, cell: Cell, seed: int, base_folder: str | None = None
+    ) -> RunConfig:
+        """The run config every arm of one cell and seed starts from.
+
+        Secure aggregation is off here; each arm says whether it uses it. Batch
+        size, learning rate, optimizer and trainable scope are the recipe's
+        (common/recipe.py: one without DP, one under DP-SGD), except a batch size
+        the preset sets (the smoke's sites are smaller than the DP batch).
+        ``base_folder``: where the cell's pretrained base is (the runner resolves
+        'pretrained' once, so every arm, modality ablations included, uses the
+        same base).
         """
+        train: dict[str, Any] = {"local_epochs": self.local_epochs, "torch_threads": 1}
+        if self.batch_size:
+            train["batch_size"] = self.batch_size
         return RunConfig().with_overrides(
-            federation={"rounds": self.rounds, "min_sites": n_sites, "seed": seed},
+            federation={"rounds": self.rounds, "min_sites": cell.sites, "seed": seed},
             secure_aggregation={"enabled": False},
-            train={
-                "local_epochs": self.local_epochs,
-                "batch_size": self.batch_size,
-                "torch_threads": 1,
-            },
+            train=train,
             model={
                 "image_size": self.image_size,
                 "max_note_tokens": self.max_note_tokens,
                 "init_seed": seed,
+                "base": base_folder or cell.base,
             },
             data={"sites_dir": sites_dir},
             output={"checkpoint_every": self.rounds},
         )
 
     def arm_config(
-        self, arm: Arm, sites_dir: str, n_sites: int, seed: int, run_dir: str
+        self,
+        arm: Arm,
+        cell: Cell,
+        sites_dir: str,
+        seed: int,
+        run_dir: str,
+        base_folder: str | None = None,
     ) -> RunConfig:
-        """The run config of ``arm`` on one federation and seed."""
+        """The run config of ``arm`` in one cell and seed.
+
+        ``model.trainable`` is written out as the recipe resolves it ('fusion'
+        under DP-SGD, 'all' without), so the config says what trains. The study
+        runs many arms in one process, and a site's loaded model is reused for
+        every config with the same model section: with 'auto' left in it, a DP
+        arm would reuse the model a non-DP arm built, with the other scope.
+        """
         sections = arm.overrides()
         sections["output"] = {"dir": run_dir, "checkpoint_every": self.rounds}
-        return self.base_config(sites_dir, n_sites, seed).with_overrides(**sections)
+        config = self.base_config(sites_dir, cell, seed, base_folder)
+        config = config.with_overrides(**sections)
+        scope = training_recipe(config).trainable
+        return config.with_overrides(model={"trainable": scope.value})
 
-    def data_key(self) -> dict[str, Any]:
+    def recipes(self) -> dict[str, dict[str, Any]]:
+        """The training recipe of the arms without DP and of those with DP-SGD."""
+        cell = Cell(self.patients[0], self.site_counts[0], RANDOM_BASE)
+        out = {}
+        for name, private in (("no DP", False), ("DP-SGD", True)):
+            config = self.base_config("sites", cell, 0).with_overrides(
+                privacy={"enabled": private}
+            )
+            out[name] = {
+                k: v.value if isinstance(v, StrEnum) else v
+                for k, v in asdict(training_recipe(config)).items()
+            }
+        return out
+
+    def data_key(self, patients: int) -> dict[str, Any]:
         """What decides the synthetic hospitals (besides site count and seed)."""
         return {
-            "patients_per_site": self.patients_per_site,
+            "patients_per_site": patients,
             "heterogeneity": self.heterogeneity.as_dict(),
         }
 
-    def arm_key(self, arm: Arm, n_sites: int, seed: int) -> str:
+    def arm_key(
+        self,
+        arm: Arm,
+        cell: Cell,
+        seed: int,
+        base_identity: dict[str, Any] | None = None,
+    ) -> str:
         """A hash of everything that decides an arm's result.
 
-        A cached result under another key is stale and is run again.
+        ``base_identity``: what identifies the cell's pretrained base (its
+        pretrained layers' hash; the runner reads it). A cached result under
+        another key is stale and is run again.
         """
+        config = self.arm_config(arm, cell, "sites", seed, "run")
         payload = {
             "arm": asdict(arm),
-            "data": self.data_key(),
-            "sites": n_sites,
+            "data": self.data_key(cell.patients),
+            "sites": cell.sites,
             "seed": seed,
+            "base": base_label(cell.base),
+            "base_identity": base_identity,
             "training": {
                 k: getattr(self, k)
                 for k in (
@@ -308,6 +498,7 @@ class StudySettings:
                     "max_note_tokens",
                 )
             },
+            "recipe": asdict(training_recipe(config)),
         }
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -317,17 +508,30 @@ class StudySettings:
         return {
             "size": self.size.value,
             "site_counts": list(self.site_counts),
-            "seeds": list(self.seeds),
-            "patients_per_site": self.patients_per_site,
+            "patients": list(self.patients),
+            "seeds": {str(p): list(self.seeds_for(p)) for p in self.patients},
+            "bases": [base_label(b) for b in self.bases],
+            "primary_base": base_label(self.primary_base),
             "rounds": self.rounds,
             "local_epochs": self.local_epochs,
             "batch_size": self.batch_size,
+            "recipes": self.recipes(),
             "image_size": self.image_size,
             "max_note_tokens": self.max_note_tokens,
             "fedprox_mus": list(self.mus),
             "dp_epsilons": list(self.epsilons),
             "ablation_site_counts": list(self.ablation_site_counts),
+            "dp_goal_patients": self.dp_goal_patients,
+            "local_goal_patients": self.local_goal_patients,
             "heterogeneity": self.heterogeneity.as_dict(),
+            "cells": {
+                c.key: {
+                    **c.as_dict(),
+                    "seeds": list(self.seeds_for(c.patients)),
+                    "arms": [a.name for a in self.arms_for(c)],
+                }
+                for c in self.cells()
+            },
             "arms": {
                 a.name: {"label": a.label, "kind": a.kind.value, "group": a.group.value}
                 for a in self.arms
@@ -338,28 +542,38 @@ class StudySettings:
 _PRESETS: dict[StudySize, dict[str, Any]] = {
     StudySize.SMOKE: {
         "site_counts": (3,),
-        "seeds": (0,),
-        "patients_per_site": 40,
+        "patients": (40,),
+        "seeds_per_patients": {40: 1},
+        # Random only: a pretrained base for the smoke's shapes (image 32², 32
+        # note tokens) would be built on first use, about a minute; the tests
+        # run the smoke with a tiny base folder instead.
+        "bases": (RANDOM_BASE,),
         "rounds": 2,
         "local_epochs": 1,
-        "batch_size": 8,
+        "batch_size": 8,  # the DP recipe's 64 exceeds a smoke site's training split
         "image_size": 32,
         "max_note_tokens": 32,
         "mus": (0.1,),
         "epsilons": (8.0,),
         "ablation_site_counts": (3,),
+        "dp_goal_patients": 40,
+        "local_goal_patients": 40,
     },
     StudySize.FULL: {
         "site_counts": (3, 8),
-        "seeds": (0, 1, 2),
-        "patients_per_site": 200,
+        "patients": (200, 1000, 3000),
+        # the larger sizes cost 5× and 15× a 200-patient arm: fewer seeds
+        "seeds_per_patients": {200: 3, 1000: 2, 3000: 1},
+        "bases": (PRETRAINED_BASE, RANDOM_BASE),
         "rounds": 5,
         "local_epochs": 2,
-        "batch_size": 16,
+        "batch_size": 0,  # the recipe's: 16 without DP, 64 under DP-SGD
         "image_size": 64,
         "max_note_tokens": 128,
         "mus": (0.01, 0.1, 1.0),
         "epsilons": (1.0, 3.0, 8.0),
         "ablation_site_counts": (3,),
+        "dp_goal_patients": 1000,
+        "local_goal_patients": 200,
     },
 }

@@ -1,9 +1,13 @@
 """The study's plots (matplotlib, headless, small PNGs) from ``study.json``'s content.
 
-- ``rounds.png``: AUROC per round for every arm, one row per site count, one
-  column per question (strategy, privacy and secure aggregation, modality);
-- ``privacy.png``: AUROC against epsilon, with pooled, local-only and no-DP lines;
-- ``sites.png``: per-site AUROC bars of local-only, FedAvg and pooled.
+- ``rounds.png``: AUROC per round for every arm, one row per cell (patients per
+  site, site count, base), one column per question (strategy, privacy and secure
+  aggregation, modality);
+- ``privacy-P.png``, one per size P (patients per site): AUROC against ε, one line
+  per base (FedAvg + DP, and FedAvg without DP at the right edge), the pooled and
+  local-only models without DP of each base as horizontal lines; one panel per
+  site count;
+- ``sites.png``: per-site AUROC bars of local-only, FedAvg and pooled, per cell.
 """
 
 from __future__ import annotations
@@ -60,11 +64,21 @@ _REFERENCES = {
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:cyan")
 
 
-def plot_rounds(summary: Mapping[str, Any], path: Path) -> Path:
-    """AUROC per round per arm (mean over sites and seeds).
+def _title(cells: Mapping[str, Any], key: str) -> str:
+    cell = cells.get(key)
+    if not cell:
+        return key
+    return f"{cell['patients']:,}/site, {cell['sites']} sites, {cell['base']}"
+
+
+def plot_rounds(
+    summary: Mapping[str, Any], path: Path, cells: Mapping[str, Any] | None = None
+) -> Path:
+    """AUROC per round per arm (mean over sites and seeds), one row per cell.
 
     Pooled, local-only and FedAvg are drawn in every panel for reference.
     """
+    cells = cells or {}
     plt = _pyplot()
     rows = [(n, _panels(arms)) for n, arms in summary.items()]
     columns = max(len(panels) for _, panels in rows)
@@ -101,7 +115,7 @@ def plot_rounds(summary: Mapping[str, Any], path: Path) -> Path:
                     linewidth=1.2,
                     label=entry["label"],
                 )
-            ax.set_title(f"{n_sites} sites: {title}", fontsize=9)
+            ax.set_title(f"{_title(cells, n_sites)}: {title}", fontsize=9)
             ax.set_xlabel("round (pooled/local: after as many epochs)", fontsize=8)
             ax.set_ylabel("AUROC (mean over sites)", fontsize=8)
             ax.tick_params(labelsize=7)
@@ -113,66 +127,94 @@ def plot_rounds(summary: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-def plot_privacy(summary: Mapping[str, Any], path: Path) -> Path | None:
-    """AUROC against the per-site epsilon; no DP drawn at the right edge."""
-    series = {}
-    for n_sites, arms in summary.items():
-        points = sorted(
-            (
-                (float(entry["target_epsilon"]), entry)
-                for entry in arms.values()
-                if entry.get("seeds")
-                and entry.get("target_epsilon") is not None
-                and not entry.get("secure_aggregation")
-            ),
-            key=lambda item: item[0],
-        )
-        if points:
-            series[n_sites] = points
-    if not series:
+_BASE_COLORS = {"pretrained": "tab:blue", "random": "tab:red"}
+
+
+def _dp_points(arms: Mapping[str, Any]) -> list[tuple[float, Mapping[str, Any]]]:
+    return sorted(
+        (
+            (float(entry["target_epsilon"]), entry)
+            for entry in arms.values()
+            if entry.get("seeds")
+            and entry.get("target_epsilon") is not None
+            and not entry.get("secure_aggregation")
+        ),
+        key=lambda item: item[0],
+    )
+
+
+def plot_privacy(
+    summary: Mapping[str, Any], cells: Mapping[str, Any], patients: int, path: Path
+) -> Path | None:
+    """AUROC against the per-site ε at one size, one line per base.
+
+    One panel per site count; FedAvg without DP is drawn at the right edge, the
+    pooled and local-only models (without DP) of each base as horizontal lines.
+    None: no DP arm ran at this size.
+    """
+    panels: dict[int, list[str]] = {}
+    for key, cell in cells.items():
+        if cell["patients"] == patients and _dp_points(summary.get(key, {})):
+            panels.setdefault(cell["sites"], []).append(key)
+    if not panels:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=_DPI)
-    for n_sites, points in series.items():
-        arms = summary[n_sites]
-        eps = [e for e, _ in points]
-        no_dp = max(eps) * 2.5
-        xs = [*eps, no_dp]
-        entries = [entry for _, entry in points] + [arms.get("fedavg", {})]
-        line = ax.errorbar(
-            xs,
-            [_mean(e.get("auroc")) for e in entries],
-            yerr=[_sd(e.get("auroc")) for e in entries],
-            marker="o",
-            capsize=3,
-            label=f"FedAvg, {n_sites} sites",
-        )
-        color = line[0].get_color()
-        for name, style in (("pooled", "--"), ("local", ":")):
-            value = _mean(arms.get(name, {}).get("auroc"))
-            if math.isfinite(value):
-                ax.axhline(
-                    value,
-                    linestyle=style,
-                    color=color,
-                    alpha=0.7,
-                    label=f"{arms[name]['label']}, {n_sites} sites",
-                )
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(6 * len(panels), 4), dpi=_DPI, squeeze=False
+    )
+    spare = iter(c for c in _COLORS if c not in _BASE_COLORS.values())
+    for ax, (n_sites, keys) in zip(axes[0], sorted(panels.items()), strict=True):
+        ticks: list[float] = []
+        for key in keys:
+            arms, base = summary[key], cells[key]["base"]
+            points = _dp_points(arms)
+            eps = [e for e, _ in points]
+            no_dp = max(eps) * 2.5
+            xs = [*eps, no_dp]
+            ticks = sorted({*ticks, *xs})
+            entries = [entry for _, entry in points] + [arms.get("fedavg", {})]
+            color = _BASE_COLORS.get(base) or next(spare)
+            seeds = cells[key].get("seeds") or []
+            ax.errorbar(
+                xs,
+                [_mean(e.get("auroc")) for e in entries],
+                yerr=[_sd(e.get("auroc")) for e in entries],
+                marker="o",
+                capsize=3,
+                color=color,
+                label=f"FedAvg, {base} base ({len(seeds)} seed"
+                f"{'' if len(seeds) == 1 else 's'})",
+            )
+            for name, style in (("pooled", "--"), ("local", ":")):
+                value = _mean(arms.get(name, {}).get("auroc"))
+                if math.isfinite(value):
+                    ax.axhline(
+                        value,
+                        linestyle=style,
+                        color=color,
+                        alpha=0.7,
+                        label=f"{arms[name]['label']}, {base} base",
+                    )
+        top = max(ticks)
         ax.set_xscale("log")
-        ax.set_xticks(xs, [f"{e:g}" for e in eps] + ["no DP"])
+        ax.set_xticks(ticks, [f"{e:g}" if e != top else "no DP" for e in ticks])
         ax.minorticks_off()
-    ax.set_xlabel("ε per site (δ = 1e-5)")
-    ax.set_ylabel("AUROC (mean over sites)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        ax.set_title(f"{patients:,} patients per site, {n_sites} sites", fontsize=9)
+        ax.set_xlabel("ε per site (δ = 1e-5)")
+        ax.set_ylabel("AUROC (mean over sites)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def plot_sites(summary: Mapping[str, Any], path: Path) -> Path:
-    """Per-site bars: local only, FedAvg, pooled (mean ± sd over seeds)."""
+def plot_sites(
+    summary: Mapping[str, Any], path: Path, cells: Mapping[str, Any] | None = None
+) -> Path:
+    """Per-site bars: local only, FedAvg, pooled (mean ± sd over seeds), per cell."""
+    cells = cells or {}
     plt = _pyplot()
     counts = list(summary)
     fig, axes = plt.subplots(
@@ -200,7 +242,7 @@ def plot_sites(summary: Mapping[str, Any], path: Path) -> Path:
         ax.set_xticklabels(sites, fontsize=7)
         ax.set_ylim(0.4, 1.0)
         ax.set_ylabel("AUROC", fontsize=8)
-        ax.set_title(f"{n_sites} sites", fontsize=9)
+        ax.set_title(_title(cells, n_sites), fontsize=9)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
@@ -209,13 +251,24 @@ def plot_sites(summary: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
+def plot_names(data: Mapping[str, Any]) -> list[str]:
+    """The plots a study's data can have, in the report's order."""
+    sizes = data["settings"].get("patients", [])
+    return ["rounds", *(f"privacy-{p}" for p in sizes), "sites"]
+
+
 def write_plots(data: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
-    """Write every plot into ``out_dir``; name -> path of those written."""
+    """Write every plot into ``out_dir`` (its earlier plots removed); name -> path."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.png"):
+        old.unlink()
     summary = data["summary"]
-    written = {
-        "rounds": plot_rounds(summary, out_dir / "rounds.png"),
-        "privacy": plot_privacy(summary, out_dir / "privacy.png"),
-        "sites": plot_sites(summary, out_dir / "sites.png"),
+    cells = data["settings"].get("cells", {})
+    written: dict[str, Path | None] = {
+        "rounds": plot_rounds(summary, out_dir / "rounds.png", cells)
     }
+    for patients in data["settings"].get("patients", []):
+        name = f"privacy-{patients}"
+        written[name] = plot_privacy(summary, cells, patients, out_dir / f"{name}.png")
+    written["sites"] = plot_sites(summary, out_dir / "sites.png", cells)
     return {k: v for k, v in written.items() if v is not None}

@@ -24,6 +24,17 @@ PLOT_TITLES = {
 }
 
 
+def plot_title(name: str) -> str:
+    """The alt text of a plot (``privacy-P``: the privacy–utility plot at size P)."""
+    if name.startswith("privacy-"):
+        patients = int(name.split("-", 1)[1])
+        return (
+            f"Privacy–utility at {patients:,} patients per site: AUROC against the "
+            "DP budget ε per site, one line per base"
+        )
+    return PLOT_TITLES.get(name, name)
+
+
 def _num(value: Any, digits: int = 3, suffix: str = "") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
@@ -53,6 +64,95 @@ def _met(met: bool | None) -> str:
     return {True: "**met**", False: "**missed**", None: "reported"}[met]
 
 
+def _verdict(goal: Mapping[str, Any]) -> str:
+    value = goal.get("value")
+    if goal["met"] is None and (value is None or not math.isfinite(value)):
+        return "not measured"
+    return _met(goal["met"])
+
+
+_SCOPES = {
+    "all": "LoRA on the encoders and every fusion layer",
+    "fusion": "the fusion module and head only (the base frozen)",
+}
+
+
+def _recipe(recipe: Mapping[str, Any], batch: int) -> str:
+    scope = _SCOPES.get(recipe["trainable"], recipe["trainable"])
+    optimizer = {"adamw": "AdamW", "sgd": "SGD"}.get(
+        recipe["optimizer"], recipe["optimizer"]
+    )
+    momentum = (
+        f" (momentum {recipe['momentum']:g})" if recipe["optimizer"] == "sgd" else ""
+    )
+    return (
+        f"{optimizer} lr {recipe['learning_rate']:g}{momentum}, batch "
+        f"{batch or recipe['batch_size']}, training {scope}"
+    )
+
+
+def _training(s: Mapping[str, Any]) -> str:
+    recipes = s.get("recipes") or {}
+    batch = s["batch_size"]
+    if not recipes:
+        return f"batch {batch}"
+    text = (
+        "the recipes of `common/recipe.py`: without DP "
+        + _recipe(recipes["no DP"], batch)
+        + "; under DP-SGD "
+        + _recipe(recipes["DP-SGD"], batch)
+    )
+    if batch:
+        text += f"; the `{s['size']}` preset sets batch {batch} for every arm"
+    return text
+
+
+def _seeds(s: Mapping[str, Any]) -> str:
+    seeds = s["seeds"]
+    parts = [
+        f"{int(p):,} patients: {', '.join(str(x) for x in seeds[p])}" for p in seeds
+    ]
+    text = "seeds " + "; ".join(parts)
+    counts = {len(v) for v in seeds.values()}
+    if len(counts) > 1:
+        text += (
+            " (an arm's time grows with the patients per site, so the larger sizes "
+            "run fewer seeds: their ± is over fewer seeds, and absent for one)"
+        )
+    return text
+
+
+def _base_text(name: str, info: Mapping[str, Any] | None) -> str:
+    if info is None:
+        return f"`{name}`: randomly initialised encoders (the ablation)"
+    corpus = info.get("corpus") or {}
+    pretrain = info.get("pretrain") or {}
+    if corpus.get("kind") == "public-synthetic":
+        source = (
+            f"a public synthetic corpus of {corpus['sites']} sites × "
+            f"{corpus['patients_per_site']:,} patients (seed {corpus['seed']}, its "
+            "own heterogeneity; its labels are never read)"
+        )
+    else:
+        source = f"a corpus ({corpus.get('kind', 'as given')})"
+    loss = ""
+    if info.get("loss_first") is not None and info.get("loss_last_tenth") is not None:
+        loss = f", loss {info['loss_first']:.2f} → {info['loss_last_tenth']:.2f}"
+    built = (
+        f", pretraining took {info['seconds']:.0f} s"
+        if info.get("seconds") is not None
+        else ""
+    )
+    digest = (info.get("layers_sha256") or "")[:12]
+    return (
+        f"`{name}`: encoders pretrained without labels "
+        f"({info.get('objective', 'contrastive')}) on {source}, "
+        f"{pretrain.get('steps', '?')} steps of batch {pretrain.get('batch_size', '?')}, "
+        f"init seed {info.get('init_seed')}{loss}{built} (cached as "
+        f"`{info.get('folder')}`, pretrained layers sha256 {digest}…)"
+    )
+
+
 def _header(data: Mapping[str, Any]) -> list[str]:
     s = data["settings"]
     v = data["versions"]
@@ -79,11 +179,16 @@ def _header(data: Mapping[str, Any]) -> list[str]:
         "folder (written by its `--jobs` workers or by an earlier call).",
         f"- **Data**: synthetic hospitals (`wardround synth`'s generator), "
         f"{_and(s['site_counts'])} sites, "
-        f"{s['patients_per_site']} patients per site, split per patient into "
-        "training and validation (80/20); seeds "
-        f"{', '.join(str(x) for x in s['seeds'])}: each seed draws the hospitals, "
-        "the model's initialisation and the shuffling. Every arm is scored on the "
-        "same per-site validation splits.",
+        f"{_and([f'{p:,}' for p in s['patients']])} patients per site, split per "
+        f"patient into training and validation (80/20); {_seeds(s)}. Each seed "
+        "draws the hospitals, the model's initialisation and the shuffling; every "
+        "arm of a size, site count and seed is scored on the same per-site "
+        "validation splits, whatever its base.",
+        "- **Bases**: "
+        + "; ".join(
+            _base_text(name, info) for name, info in data.get("bases", {}).items()
+        )
+        + f". The ablations run on the `{s['primary_base']}` base.",
         "- **Generator difficulty, fixed before the study ran** "
         "(`simulations/synth_shift.py`, `STUDY_HETEROGENEITY`): label skew "
         f"{h['label_skew']:g} (sd of each site's shift of each finding's "
@@ -95,30 +200,108 @@ def _header(data: Mapping[str, Any]) -> list[str]:
         "modality mix, note style and EHR schema.",
         f"- **Training**: the default fusion model (image {s['image_size']}², "
         f"notes ≤ {s['max_note_tokens']} tokens), {s['rounds']} rounds × "
-        f"{s['local_epochs']} local epochs, batch {s['batch_size']}: every arm sees "
-        f"each training example {s['rounds'] * s['local_epochs']} times. Pooled: "
+        f"{s['local_epochs']} local epochs, {_training(s)}: every arm sees "
+        f"each training example {s['rounds'] * s['local_epochs']} times (under "
+        "DP-SGD in expectation: Poisson sampling). Pooled: "
         "the same trainer on the union of the training splits; local only: each "
         "site alone. FedProx μ ∈ {"
         + ", ".join(f"{x:g}" for x in s["fedprox_mus"])
         + "}; DP-SGD at ε ∈ {"
         + ", ".join(f"{x:g}" for x in s["dp_epsilons"])
-        + "} per site (δ = 1e-5, clip 1.0, RDP accounting). Privacy, SecAgg+ and "
-        "modality arms run on "
-        + ", ".join(str(c) for c in s["ablation_site_counts"])
-        + " sites.",
+        + "} per site (δ = 1e-5, clip 1.0, RDP accounting).",
+        f"- **Arms**: every arm runs at {s['patients'][0]:,} patients per site on "
+        f"{_and(s['ablation_site_counts'])} sites with the `{s['primary_base']}` "
+        "base"
+        + (
+            f"; {_and(others)} sites run pooled, local-only, FedAvg and FedProx there"
+            if (
+                others := [
+                    c for c in s["site_counts"] if c not in s["ablation_site_counts"]
+                ]
+            )
+            else ""
+        )
+        + "; every size and base runs the privacy axis (pooled, local-only, FedAvg "
+        f"and FedAvg + DP at each ε) on {_and(s['ablation_site_counts'])} sites. "
+        "Arm runs per size (all seeds): "
+        + ", ".join(f"{int(p):,} patients {n}" for p, n in _arm_runs(s).items())
+        + ".",
         "- **AUROC**: macro over the four findings on each site's validation "
         "split, then the mean over sites (every hospital once); mean ± sd over "
         "seeds. Ratios to pooled are ratios of those means.",
     ]
 
 
+def _arm_runs(s: Mapping[str, Any]) -> dict[str, int]:
+    runs: dict[str, int] = {}
+    for cell in s.get("cells", {}).values():
+        key = str(cell["patients"])
+        runs[key] = runs.get(key, 0) + len(cell["arms"]) * len(cell["seeds"])
+    return runs
+
+
 def _goals(data: Mapping[str, Any]) -> list[str]:
-    lines = ["| sites | goal | measured | |", "|---:|---|---|---|"]
+    lines = [
+        "| patients/site | sites | base | goal | measured | |",
+        "|---:|---:|---|---|---|---|",
+    ]
     for g in data["goals"]:
         lines.append(
-            f"| {g['sites']} | {g['goal']} | {g['measured']} | {_met(g['met'])} |"
+            f"| {g['patients']:,} | {g['sites']} | {g['base']} | {g['goal']} | "
+            f"{g['measured']} | {_verdict(g)} |"
         )
     return lines
+
+
+def _dp_worth(data: Mapping[str, Any]) -> list[str]:
+    """The 'with n patients per site, ε keeps X of pooled' table and sentences."""
+    rows = data.get("dp_worth") or []
+    if not rows:
+        return []
+    epsilons = sorted({float(e) for r in rows for e in r["dp"]}, reverse=True)
+    lines = [
+        "X = AUROC of FedAvg + DP at ε over the AUROC of the pooled model without "
+        "DP, in the same size, sites and base; in brackets, the sites where the DP "
+        "model beats that site's local-only model (trained without DP).",
+        "",
+        "| patients/site | sites | base | seeds | pooled | local only | "
+        "FedAvg, no DP | " + " | ".join(f"ε={e:g}: AUROC (X)" for e in epsilons) + " |",
+        "|---:|---:|---|---:|---:|---:|---:|" + "---:|" * len(epsilons),
+    ]
+    sentences = []
+    for r in rows:
+        cells = []
+        words = []
+        for eps in epsilons:
+            entry = r["dp"].get(f"{eps:g}")
+            if entry is None:
+                cells.append("—")
+                continue
+            above = (
+                f", {entry['sites_above_local']}/{entry['sites']} above local-only"
+                if entry.get("sites") is not None
+                else ""
+            )
+            cells.append(
+                f"{_num(entry['auroc'])} ({_num(entry['ratio_to_pooled'], 2)}×{above})"
+            )
+            words.append(f"ε={eps:g} {_num(entry['ratio_to_pooled'], 2)}×")
+        lines.append(
+            f"| {r['patients']:,} | {r['sites']} | {r['base']} | {r['seeds']} | "
+            f"{_num(r['pooled'])} | {_num(r['local'])} | {_num(r['fedavg'])} | "
+            + " | ".join(cells)
+            + " |"
+        )
+        if words:
+            first, *rest = words
+            eps, ratio_text = first.split(" ", 1)
+            sentences.append(
+                f"- With {r['patients']:,} patients per site ({r['sites']} sites, "
+                f"{r['base']} base), {eps} keeps {ratio_text} of pooled"
+                + (", " + ", ".join(rest) if rest else "")
+                + f"; FedAvg without DP {_num(r['fedavg_ratio_to_pooled'], 2)}×."
+            )
+    return lines + [""] + sentences
 
 
 def _mean(arms: Mapping[str, Any], name: str) -> float | None:
@@ -126,8 +309,8 @@ def _mean(arms: Mapping[str, Any], name: str) -> float | None:
     return entry.get("auroc", {}).get("mean") if entry.get("seeds") else None
 
 
-def _findings(n_sites: str, arms: Mapping[str, Any]) -> list[str]:
-    """What the figures of one federation size say, in numbers."""
+def _findings(arms: Mapping[str, Any]) -> list[str]:
+    """What the figures of one cell say, in numbers."""
     lines = []
     pooled, local, fedavg = (_mean(arms, k) for k in ("pooled", "local", "fedavg"))
     if None not in (pooled, local, fedavg):
@@ -292,15 +475,26 @@ def render_report(
     if data.get("failures"):
         lines += ["", "Arms that failed (not in the figures):", ""]
         lines += [f"- {k}: {why}" for k, why in data["failures"].items()]
-    for n_sites, arms in data["summary"].items():
-        lines += ["", f"{heading}# {n_sites} sites", ""] + _findings(n_sites, arms)
+    worth = _dp_worth(data)
+    if worth:
+        lines += ["", f"{heading}# Where DP is worth it", ""] + worth
+    cells = data["settings"].get("cells", {})
+    for key, arms in data["summary"].items():
+        cell = cells.get(key)
+        name = (
+            f"{cell['patients']:,} patients/site, {cell['sites']} sites, "
+            f"{cell['base']} base"
+            if cell
+            else key
+        )
+        lines += ["", f"{heading}# {name}", ""] + _findings(arms)
         lines += [""] + _arms_table(arms)
-        lines += ["", f"Per site ({n_sites} sites):", ""] + _sites_table(arms)
+        lines += ["", f"Per site ({name}):", ""] + _sites_table(arms)
         table = _subgroup_table(arms)
         if table:
             lines += [
                 "",
-                f"Subgroups ({n_sites} sites): AUROC of the final FedAvg model (and of "
+                f"Subgroups ({name}): AUROC of the final FedAvg model (and of "
                 "the pooled model) over every site's validation split, by sex, age "
                 "band and site; groups are small, so read differences below about "
                 "0.05 as noise:",
@@ -311,5 +505,5 @@ def render_report(
         lines += ["", f"{heading}# Plots", ""]
         for name, path in plots.items():
             link = Path(os.path.relpath(path, relative_to)).as_posix()
-            lines += [f"![{PLOT_TITLES.get(name, name)}]({link})", ""]
+            lines += [f"![{plot_title(name)}]({link})", ""]
     return "\n".join(lines).rstrip() + "\n"

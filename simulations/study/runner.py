@@ -1,10 +1,16 @@
 """The learning-quality study: every arm on every federation and seed, then a report.
 
-The output folder holds, per seed and site count, the synthetic hospitals
-(``data/seed-S/sites-N/``) and, per arm, its result (``arms/sites-N/seed-S/ARM.json``)
-and, for federated arms, its run directory. An arm whose result file holds the
-same settings key is not run again: a study that crashed or was stopped resumes
-where it stopped. Then ``study.json``, ``report.md`` and ``plots/`` are written.
+The output folder holds, per size, seed and site count, the synthetic hospitals
+(``data/patients-P/seed-S/sites-N/``, shared by every base) and, per arm, its
+result (``arms/patients-P/sites-N/base-B/seed-S/ARM.json``) and, for federated
+arms, its run directory. An arm whose result file holds the same settings key is
+not run again: a study that crashed or was stopped resumes where it stopped.
+Then ``study.json``, ``report.md`` and ``plots/`` are written.
+
+The pretrained base is resolved once, before any arm: ``pretrained`` is the public
+synthetic base for the study's shapes (built on first use with init seed 0 and
+cached, see :mod:`~wardround.simulations.public_base`), and every arm of a
+pretrained cell, the single-modality ablations included, loads that folder.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from ...common.errors import WardroundError
 from ...server.rundir import versions, write_json
 from ..reporting import machine_info
 from .arms import ArmOutcome, run_federated, run_local, run_pooled
-from .plan import Arm, ArmKind, StudySettings
-from .summary import evaluate_goals, study_summary_json, summarise
+from .plan import RANDOM_BASE, Arm, ArmKind, Cell, StudySettings, base_label
+from .summary import dp_worth, evaluate_goals, study_summary_json, summarise
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ after a few of them. Each run's own limit (``max-epsilon``, 10) still applies.""
 class ArmEvent:
     """One arm finished (or failed, or was found in the cache)."""
 
-    n_sites: int
+    cell: Cell
     seed: int
     arm: Arm
     index: int
@@ -62,15 +68,64 @@ class StudyResult:
     failed: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ResolvedBase:
+    """Where a study base is and what identifies it (random: nothing)."""
+
+    folder: Path | None
+    identity: dict[str, Any] | None
+    """Part of every arm key of its cells: the pretrained layers' hash and the
+    manifest's corpus and pretraining settings."""
+    manifest: dict[str, Any] | None
+
+
+def resolve_bases(settings: StudySettings) -> dict[str, ResolvedBase]:
+    """Base (as in ``settings.bases``) -> its folder, building the public base once.
+
+    The public base is built from a config with the study's shapes, every
+    modality and init seed 0, so its bytes do not depend on which seed (or which
+    ``--jobs`` worker) needs it first; concurrent workers wait on its lock.
+    """
+    from ...common.models.base_folder import check_fits, layers_sha256, read_manifest
+    from ..public_base import public_base_folder
+
+    out = {}
+    for base in settings.bases:
+        if base == RANDOM_BASE:
+            out[base] = ResolvedBase(None, None, None)
+            continue
+        cell = Cell(settings.patients[0], settings.site_counts[0], RANDOM_BASE)
+        config = settings.base_config("sites", cell, 0)
+        if base == "pretrained":
+            folder = public_base_folder(config)
+        else:
+            folder = Path(base).expanduser().resolve()
+        manifest = read_manifest(folder)
+        check_fits(folder, manifest, config)
+        identity = {
+            "layers_sha256": layers_sha256(folder),
+            "corpus": manifest.get("corpus"),
+            "pretrain": manifest.get("pretrain"),
+            "init_seed": manifest.get("init_seed"),
+        }
+        out[base] = ResolvedBase(folder, identity, manifest)
+    return out
+
+
 def prepare_federation(
-    settings: StudySettings, out_dir: Path, n_sites: int, seed: int
+    settings: StudySettings, out_dir: Path, patients: int, n_sites: int, seed: int
 ) -> list[Path]:
-    """The synthetic hospitals of one site count and seed (written once, then reused)."""
+    """The synthetic hospitals of one size, site count and seed (written once).
+
+    Every base's cells of that size, site count and seed train on them.
+    """
     from ..synth import synthesize_federation
 
-    root = out_dir / "data" / f"seed-{seed}" / f"sites-{n_sites}"
+    root = (
+        out_dir / "data" / f"patients-{patients}" / f"seed-{seed}" / f"sites-{n_sites}"
+    )
     marker = root / "federation.json"
-    wanted = {"sites": n_sites, "seed": seed, **settings.data_key()}
+    wanted = {"sites": n_sites, "seed": seed, **settings.data_key(patients)}
     if marker.is_file() and json.loads(marker.read_text()) == json.loads(
         json.dumps(wanted)
     ):
@@ -79,7 +134,7 @@ def prepare_federation(
     paths = synthesize_federation(
         root,
         n_sites,
-        patients_per_site=settings.patients_per_site,
+        patients_per_site=patients,
         seed=seed,
         heterogeneity=settings.heterogeneity,
     )
@@ -91,8 +146,16 @@ def prepare_federation(
     return paths
 
 
-def _arm_file(out_dir: Path, n_sites: int, seed: int, arm: Arm) -> Path:
-    return out_dir / "arms" / f"sites-{n_sites}" / f"seed-{seed}" / f"{arm.name}.json"
+def _arm_file(out_dir: Path, cell: Cell, seed: int, arm: Arm) -> Path:
+    return (
+        out_dir
+        / "arms"
+        / f"patients-{cell.patients}"
+        / f"sites-{cell.sites}"
+        / f"base-{base_label(cell.base)}"
+        / f"seed-{seed}"
+        / f"{arm.name}.json"
+    )
 
 
 def _cached(path: Path, key: str) -> dict[str, Any] | None:
@@ -107,14 +170,20 @@ def _cached(path: Path, key: str) -> dict[str, Any] | None:
 def run_arm(
     settings: StudySettings,
     arm: Arm,
+    cell: Cell,
     site_tomls: list[Path],
     seed: int,
     arm_dir: Path,
+    base_folder: Path | None = None,
 ) -> ArmOutcome:
-    """Train and evaluate one arm on one federation and seed."""
-    n_sites = len(site_tomls)
+    """Train and evaluate one arm in one cell and seed."""
     config = settings.arm_config(
-        arm, str(site_tomls[0].parent.parent), n_sites, seed, str(arm_dir / "run")
+        arm,
+        cell,
+        str(site_tomls[0].parent.parent),
+        seed,
+        str(arm_dir / "run"),
+        str(base_folder) if base_folder is not None else None,
     )
     if arm.kind is ArmKind.POOLED:
         return run_pooled(config, site_tomls, subgroups=arm.subgroups)
@@ -123,9 +192,47 @@ def run_arm(
     return run_federated(config, site_tomls, arm_dir / "run", subgroups=arm.subgroups)
 
 
-def federation_units(settings: StudySettings) -> list[tuple[int, int]]:
-    """(seed, site count) of every federation, in the order the study runs them."""
-    return [(seed, n) for seed in settings.seeds for n in settings.site_counts]
+def federation_units(settings: StudySettings) -> list[tuple[int, int, int]]:
+    """(patients, seed, site count) of every federation, in the order they run.
+
+    A federation's cells (one per base) run in the same unit: they share its data.
+    """
+    cells = settings.cells()
+    return [
+        (p, seed, n)
+        for p in settings.patients
+        for seed in settings.seeds_for(p)
+        for n in settings.site_counts
+        if any(c.patients == p and c.sites == n for c in cells)
+    ]
+
+
+def shard_units(
+    settings: StudySettings, units: list[tuple[int, int, int]], index: int, count: int
+) -> list[tuple[int, int, int]]:
+    """The units worker ``index`` of ``count`` runs (in the study's order).
+
+    Balanced by an estimate of each unit's cost (patients × sites × arms): the
+    largest first, each to the least loaded worker. Every worker computes the
+    same split.
+    """
+    cells = settings.cells()
+
+    def cost(unit: tuple[int, int, int]) -> int:
+        p, _, n = unit
+        arms = sum(
+            len(settings.arms_for(c)) for c in cells if (c.patients, c.sites) == (p, n)
+        )
+        return p * n * arms
+
+    loads = [0] * count
+    mine = set()
+    for position in sorted(range(len(units)), key=lambda i: (-cost(units[i]), i)):
+        worker = loads.index(min(loads))
+        loads[worker] += cost(units[position])
+        if worker == index:
+            mine.add(position)
+    return [u for i, u in enumerate(units) if i in mine]
 
 
 def run_study(
@@ -142,9 +249,10 @@ def run_study(
 
     An arm that raises a :class:`WardroundError` (a round that could not complete,
     a privacy refusal) is reported as failed, not cached, and the study goes on.
-    With ``shard = (i, n)`` only every n-th federation (from the i-th) is run and
-    nothing is summarised: n processes share the work through the arm files, and
-    a last call without ``shard`` finds every arm cached and writes the summary.
+    With ``shard = (i, n)`` only the i-th of n shares of the federations
+    (:func:`shard_units`) is run and nothing is summarised: n processes share
+    the work through the arm files, and a last call without ``shard`` finds
+    every arm cached and writes the summary.
     ``started`` and ``machine`` (:func:`~..reporting.machine_info`) say when and
     on what this command started, if before this call.
     """
@@ -157,9 +265,17 @@ def run_study(
     machine_start = machine if machine is not None else machine_info()
     units = federation_units(settings)
     if shard is not None:
-        units = [u for i, u in enumerate(units) if i % shard[1] == shard[0]]
-    work = [(seed, n, arm) for seed, n in units for arm in settings.arms_for(n)]
-    for n_sites in sorted({n for _, n in units}):
+        units = shard_units(settings, units, *shard)
+    cells = settings.cells()
+    work = [
+        (cell, seed, arm)
+        for p, seed, n in units
+        for cell in cells
+        if (cell.patients, cell.sites) == (p, n)
+        for arm in settings.arms_for(cell)
+    ]
+    bases = resolve_bases(settings)
+    for n_sites in sorted({n for _, _, n in units}):
         left_out = settings.arms_left_out(n_sites)
         if left_out:
             log.warning(
@@ -167,14 +283,15 @@ def run_study(
                 n_sites,
                 ", ".join(a.name for a in left_out),
             )
-    results: dict[tuple[int, int, str], ArmOutcome] = {}
-    failures: dict[tuple[int, int, str], str] = {}
+    results: dict[tuple[str, int, str], ArmOutcome] = {}
+    failures: dict[tuple[str, int, str], str] = {}
     outcome = StudyResult(out_dir=out_dir, data={})
     spans: list[tuple[float, float]] = []  # when each arm ran
     loads: list[float] = []  # the machine's load average as each arm started
-    for index, (seed, n_sites, arm) in enumerate(work, start=1):
-        key = settings.arm_key(arm, n_sites, seed)
-        path = _arm_file(out_dir, n_sites, seed, arm)
+    for index, (cell, seed, arm) in enumerate(work, start=1):
+        base = bases[cell.base]
+        key = settings.arm_key(arm, cell, seed, base.identity)
+        path = _arm_file(out_dir, cell, seed, arm)
         cached = _cached(path, key)
         error = None
         if cached is not None:
@@ -184,21 +301,27 @@ def run_study(
             if "load_average" in cached:
                 loads.append(cached["load_average"])
         else:
-            site_tomls = prepare_federation(settings, out_dir, n_sites, seed)
+            site_tomls = prepare_federation(
+                settings, out_dir, cell.patients, cell.sites, seed
+            )
             arm_started, load = time.time(), os.getloadavg()[0]
             try:
-                result = run_arm(settings, arm, site_tomls, seed, path.with_suffix(""))
+                result = run_arm(
+                    settings,
+                    arm,
+                    cell,
+                    site_tomls,
+                    seed,
+                    path.with_suffix(""),
+                    base.folder,
+                )
             except WardroundError as exc:
                 result, error = None, f"{type(exc).__name__}: {exc.message}"
                 log.error(
-                    "arm %s (%d sites, seed %d) failed: %s",
-                    arm.name,
-                    n_sites,
-                    seed,
-                    error,
+                    "arm %s (%s, seed %d) failed: %s", arm.name, cell.label, seed, error
                 )
-                failures[(n_sites, seed, arm.name)] = error
-                outcome.failed.append(f"{n_sites}/{seed}/{arm.name}")
+                failures[(cell.key, seed, arm.name)] = error
+                outcome.failed.append(f"{cell.key}/{seed}/{arm.name}")
             else:
                 outcome.ran += 1
                 spans.append((arm_started, time.time()))
@@ -208,7 +331,7 @@ def run_study(
                     {
                         "key": key,
                         "arm": arm.name,
-                        "sites": n_sites,
+                        **cell.as_dict(),
                         "seed": seed,
                         "started": arm_started,
                         "finished": spans[-1][1],
@@ -217,11 +340,11 @@ def run_study(
                     },
                 )
         if result is not None:
-            results[(n_sites, seed, arm.name)] = result
+            results[(cell.key, seed, arm.name)] = result
         if on_arm is not None:
             on_arm(
                 ArmEvent(
-                    n_sites,
+                    cell,
                     seed,
                     arm,
                     index,
@@ -260,6 +383,11 @@ def run_study(
             "load_average_end": machine_info()["load_average"],
         },
         "versions": versions(),
+        "bases": {
+            base_label(name): _describe_base(resolved)
+            for name, resolved in bases.items()
+        },
+        "dp_worth": dp_worth(settings, summary),
         **study_summary_json(settings, summary, goals, results, failures),
     }
     write_json(out_dir / "study.json", data)
@@ -280,17 +408,40 @@ def write_docs(result: StudyResult, docs_path: Path) -> list[Path]:
     import shutil
 
     from ..reporting import write_marked_section
+    from .plots import plot_names
     from .report import DOCS_SECTION, render_report
 
     docs_path = Path(docs_path).resolve()
     plot_dir = docs_path.parent / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     plots = {}
-    for name in ("rounds", "privacy", "sites"):
+    for name in plot_names(result.data):
         source = result.out_dir / "plots" / f"{name}.png"
         if source.is_file():
             plots[name] = plot_dir / f"study-quality-{name}.png"
             shutil.copyfile(source, plots[name])
+    for stale in plot_dir.glob("study-quality-*.png"):  # plots of an earlier design
+        if stale not in plots.values():
+            stale.unlink()
     body = render_report(result.data, plots, relative_to=docs_path.parent)
     write_marked_section(docs_path, DOCS_SECTION, body)
     return list(plots.values())
+
+
+def _describe_base(base: ResolvedBase) -> dict[str, Any] | None:
+    """What the report says of a base: where it came from and how it was built."""
+    if base.manifest is None:
+        return None
+    m = base.manifest
+    return {
+        "folder": base.folder.name if base.folder is not None else None,
+        "corpus": m.get("corpus"),
+        "corpus_examples": m.get("corpus_examples"),
+        "pretrain": m.get("pretrain"),
+        "objective": m.get("objective"),
+        "init_seed": m.get("init_seed"),
+        "loss_first": m.get("loss_first"),
+        "loss_last_tenth": m.get("loss_last_tenth"),
+        "seconds": m.get("seconds"),
+        "layers_sha256": (base.identity or {}).get("layers_sha256"),
+    }

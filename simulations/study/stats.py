@@ -126,10 +126,14 @@ def subgroup_auroc(
 # -- goals ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Goal:
-    """One of the issue's goals, checked against the measured figures."""
+    """One of the issues' goals, checked against the measured figures."""
 
     key: str
+    cell: str
+    """The cell it was measured in (its key: patients x sites - base)."""
+    patients: int
     sites: int
+    base: str
     goal: str
     """The goal in words, with its threshold."""
     measured: str
@@ -146,14 +150,29 @@ class Goal:
 
 def at_least(
     key: str,
-    sites: int,
+    cell: Any,
     goal: str,
     measured: str,
     value: float,
     threshold: float | None,
 ) -> Goal:
-    """A goal met when ``value >= threshold`` (None threshold: reported only)."""
+    """A goal met when ``value >= threshold``, in ``cell`` (a :class:`~.plan.Cell`).
+
+    ``met`` is None without a threshold, or when the value was not measured.
+    """
     met = None
     if threshold is not None and math.isfinite(value):
         met = value >= threshold
-    return Goal(key, sites, goal, measured, value, threshold, met)
+    where = cell.as_dict()
+    return Goal(
+        key,
+        cell.key,
+        where["patients"],
+        where["sites"],
+        where["base"],
+        goal,
+        measured,
+        value,
+        threshold,
+        met,
+    )

@@ -15,15 +15,18 @@ import numpy as np
 
 from ...common.config import Modality
 from .arms import ArmOutcome
-from .plan import Arm, ArmGroup, ArmKind, StudySettings
+from .plan import RANDOM_BASE, Arm, ArmGroup, ArmKind, Cell, StudySettings, base_label
 from .stats import Goal, MeanSd, at_least, group_order, mean_sd, ratio, site_mean
 
-Results = Mapping[tuple[int, int, str], ArmOutcome]
-"""(site count, seed, arm name) -> outcome; missing keys: the arm failed."""
+Results = Mapping[tuple[str, int, str], ArmOutcome]
+"""(cell key, seed, arm name) -> outcome; missing keys: the arm failed."""
 
 FEDERATED_VS_POOLED = 0.97
-DP_VS_POOLED = 0.90
-DP_GOAL_EPSILON = 8.0
+DP_VS_POOLED = ((8.0, 0.90), (3.0, 0.85))
+"""(ε, least share of pooled AUROC without DP) at ``dp_goal_patients`` per site."""
+DP_ABOVE_LOCAL_EPSILON = 8.0
+"""At ``local_goal_patients`` per site, DP FedAvg at this ε beats every site's
+local-only model (trained without DP)."""
 FUSION_MARGIN = 0.03
 
 
@@ -131,19 +134,20 @@ def summarise_arm(
 def summarise(
     settings: StudySettings, results: Results, labels: tuple[str, ...]
 ) -> dict[str, dict[str, Any]]:
-    """Site count -> arm name -> :func:`summarise_arm`, with comparisons added."""
+    """Cell key -> arm name -> :func:`summarise_arm`, with comparisons added."""
     out: dict[str, dict[str, Any]] = {}
-    for n_sites in settings.site_counts:
+    for cell in settings.cells():
+        plan = settings.arms_for(cell)
         arms = {}
-        for arm in settings.arms_for(n_sites):
+        for arm in plan:
             outcomes = [
-                results[(n_sites, seed, arm.name)]
-                for seed in settings.seeds
-                if (n_sites, seed, arm.name) in results
+                results[(cell.key, seed, arm.name)]
+                for seed in settings.seeds_for(cell.patients)
+                if (cell.key, seed, arm.name) in results
             ]
             arms[arm.name] = summarise_arm(arm, outcomes, labels)
-        _compare(arms, settings.arms_for(n_sites))
-        out[str(n_sites)] = arms
+        _compare(arms, plan)
+        out[cell.key] = arms
     return out
 
 
@@ -169,15 +173,81 @@ def _auroc(arms: Mapping[str, Any], name: str) -> float:
     return arms.get(name, {}).get("auroc", {}).get("mean", math.nan)
 
 
+def _dp_arm(arms: Mapping[str, Any], epsilon: float) -> dict[str, Any] | None:
+    """The FedAvg + DP arm at ``epsilon`` (without SecAgg+), if it has results."""
+    for entry in arms.values():
+        if (
+            entry.get("seeds")
+            and entry.get("target_epsilon") == epsilon
+            and not entry.get("secure_aggregation")
+        ):
+            return entry
+    return None
+
+
+def dp_worth(
+    settings: StudySettings, summary: Mapping[str, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Where DP is worth it: per cell with DP arms, what each ε keeps of pooled.
+
+    "With n patients per site, ε keeps X of pooled": X is the DP FedAvg AUROC over
+    the pooled AUROC without DP, same cell (same size, sites and base). Also the
+    sites where the DP model beats that site's local-only model (without DP).
+    """
+    rows = []
+    for cell in settings.cells():
+        arms = summary.get(cell.key, {})
+        dp = {}
+        for eps in sorted(settings.epsilons, reverse=True):
+            entry = _dp_arm(arms, eps)
+            if entry is None:
+                continue
+            dp[f"{eps:g}"] = {
+                "auroc": entry["auroc"]["mean"],
+                "ratio_to_pooled": entry.get("ratio_to_pooled", math.nan),
+                "sites_above_local": entry.get("sites_above_local"),
+                "sites": entry.get("sites"),
+            }
+        if not dp:
+            continue
+        rows.append(
+            {
+                "cell": cell.key,
+                **cell.as_dict(),
+                "seeds": len(settings.seeds_for(cell.patients)),
+                "pooled": _auroc(arms, "pooled"),
+                "local": _auroc(arms, "local"),
+                "fedavg": _auroc(arms, "fedavg"),
+                "fedavg_ratio_to_pooled": arms.get("fedavg", {}).get(
+                    "ratio_to_pooled", math.nan
+                ),
+                "dp": dp,
+            }
+        )
+    return rows
+
+
 def evaluate_goals(
     settings: StudySettings, summary: Mapping[str, Mapping[str, Any]]
 ) -> list[Goal]:
-    """The issue's learning-quality goals, per federation size, with the numbers."""
+    """The issues' learning-quality goals, per cell, with the numbers.
+
+    - every cell of the primary base: FedAvg and FedProx ≥ 0.97 × pooled, and
+      above every site's local-only model; fusion ≥ best single modality + 0.03;
+    - at ``dp_goal_patients`` per site, primary base: FedAvg + DP at ε 8 and 3
+      keep 0.90 and 0.85 of pooled without DP;
+    - at ``local_goal_patients``, primary base: FedAvg + DP ε=8 above every site's
+      local-only model (site by site);
+    - per size: FedAvg on the pretrained base ≥ FedAvg on the random base.
+    """
     goals: list[Goal] = []
-    for n_sites in settings.site_counts:
-        arms = summary[str(n_sites)]
+    primary = settings.primary_base
+    for cell in settings.cells():
+        if cell.base != primary:
+            continue
+        arms = summary[cell.key]
         pooled = _auroc(arms, "pooled")
-        plan = {a.name: a for a in settings.arms_for(n_sites)}
+        plan = {a.name: a for a in settings.arms_for(cell)}
         strategies = [
             a
             for a in plan.values()
@@ -188,7 +258,7 @@ def evaluate_goals(
             goals.append(
                 at_least(
                     "federated_vs_pooled",
-                    n_sites,
+                    cell,
                     f"{arm.label} without DP ≥ {FEDERATED_VS_POOLED} × pooled AUROC",
                     f"{entry['auroc']['mean']:.3f} vs pooled {pooled:.3f}: "
                     f"{entry['ratio_to_pooled']:.3f}×",
@@ -200,43 +270,147 @@ def evaluate_goals(
                 goals.append(
                     at_least(
                         "every_site_above_local",
-                        n_sites,
+                        cell,
                         f"{arm.label}: every site's AUROC above its local-only model",
                         f"{entry['sites_above_local']} of {entry['sites']} sites",
                         float(entry["sites_above_local"]),
                         float(entry["sites"]),
                     )
                 )
-        for arm in plan.values():
-            if (
-                arm.epsilon is None
-                or arm.secure_aggregation
-                or not arms[arm.name].get("seeds")
-            ):
-                continue
-            entry = arms[arm.name]
-            target = DP_VS_POOLED if arm.epsilon == DP_GOAL_EPSILON else None
-            goal = (
-                f"{arm.label} ≥ {DP_VS_POOLED} × pooled AUROC"
-                if target is not None
-                else f"{arm.label} (reported: where it lands)"
-            )
+        goals += _fusion_goals(cell, arms, plan)
+    for n_sites in settings.ablation_site_counts:
+        goals += _dp_pooled_goals(settings, summary, n_sites)
+        goals += _dp_local_goals(settings, summary, n_sites)
+        goals += _base_goals(settings, summary, n_sites)
+    return sorted(goals, key=lambda g: (g.patients, g.sites))  # stable: by size
+
+
+def _not_run(key: str, cell: Cell, goal: str, why: str) -> Goal:
+    return at_least(key, cell, goal, why, math.nan, None)
+
+
+def _dp_pooled_goals(
+    settings: StudySettings, summary: Mapping[str, Mapping[str, Any]], n_sites: int
+) -> list[Goal]:
+    cell = Cell(settings.dp_goal_patients, n_sites, settings.primary_base)
+    goals = []
+    for eps, share in DP_VS_POOLED:
+        goal = (
+            f"FedAvg + DP ε={eps:g} ≥ {share:g} × pooled AUROC without DP (same base)"
+        )
+        if cell.key not in summary:
             goals.append(
-                at_least(
+                _not_run(
                     "dp_vs_pooled",
-                    n_sites,
+                    cell,
                     goal,
-                    f"{entry['auroc']['mean']:.3f}: {entry['ratio_to_pooled']:.3f}× pooled",
-                    entry["ratio_to_pooled"],
-                    target,
+                    f"not run: no {cell.patients:,}-patient federation in this study",
                 )
             )
-        goals += _fusion_goals(n_sites, arms, plan)
+            continue
+        arms = summary[cell.key]
+        entry = _dp_arm(arms, eps)
+        if entry is None:
+            why = (
+                "no result: the arm failed"
+                if eps in settings.epsilons
+                else f"not run: ε={eps:g} is not one of this study's ε"
+            )
+            goals.append(_not_run("dp_vs_pooled", cell, goal, why))
+            continue
+        goals.append(
+            at_least(
+                "dp_vs_pooled",
+                cell,
+                goal,
+                f"{entry['auroc']['mean']:.3f} vs pooled {_auroc(arms, 'pooled'):.3f}: "
+                f"{entry['ratio_to_pooled']:.3f}×",
+                entry["ratio_to_pooled"],
+                share,
+            )
+        )
+    return goals
+
+
+def _dp_local_goals(
+    settings: StudySettings, summary: Mapping[str, Mapping[str, Any]], n_sites: int
+) -> list[Goal]:
+    cell = Cell(settings.local_goal_patients, n_sites, settings.primary_base)
+    eps = DP_ABOVE_LOCAL_EPSILON
+    goal = (
+        f"FedAvg + DP ε={eps:g}: every site's AUROC above its local-only model "
+        "(without DP)"
+    )
+    arms = summary.get(cell.key)
+    entry = _dp_arm(arms, eps) if arms is not None else None
+    local = (arms or {}).get("local", {})
+    if entry is None or not local.get("seeds"):
+        return [
+            _not_run(
+                "dp_above_local",
+                cell,
+                goal,
+                f"not run: no {cell.patients:,}-patient DP ε={eps:g} and local-only "
+                "results",
+            )
+        ]
+    margins = {
+        site: value["mean"] - local["per_site"][site]["mean"]
+        for site, value in entry["per_site"].items()
+        if site in local["per_site"]
+    }
+    above = sum(m > 0 for m in margins.values())
+    worst = min(margins, key=margins.__getitem__)
+    return [
+        at_least(
+            "dp_above_local",
+            cell,
+            goal,
+            f"{above} of {len(margins)} sites; smallest margin {margins[worst]:+.3f} "
+            f"({worst}: {entry['per_site'][worst]['mean']:.3f} vs local-only "
+            f"{local['per_site'][worst]['mean']:.3f})",
+            float(above),
+            float(len(margins)),
+        )
+    ]
+
+
+def _base_goals(
+    settings: StudySettings, summary: Mapping[str, Mapping[str, Any]], n_sites: int
+) -> list[Goal]:
+    """FedAvg without DP on the pretrained base vs on the random base, per size."""
+    pretrained = settings.primary_base
+    if pretrained == RANDOM_BASE or RANDOM_BASE not in settings.bases:
+        return []
+    goals = []
+    for patients in settings.patients:
+        cell = Cell(patients, n_sites, pretrained)
+        other = Cell(patients, n_sites, RANDOM_BASE)
+        goal = (
+            f"FedAvg without DP on the {base_label(pretrained)} base ≥ on the random "
+            "base"
+        )
+        if cell.key not in summary or other.key not in summary:
+            continue
+        mine, theirs = (
+            _auroc(summary[cell.key], "fedavg"),
+            _auroc(summary[other.key], "fedavg"),
+        )
+        goals.append(
+            at_least(
+                "pretrained_vs_random",
+                cell,
+                goal,
+                f"{mine:.3f} vs random {theirs:.3f}: {mine - theirs:+.3f}",
+                mine - theirs,
+                0.0,
+            )
+        )
     return goals
 
 
 def _fusion_goals(
-    n_sites: int, arms: Mapping[str, Any], plan: Mapping[str, Arm]
+    cell: Cell, arms: Mapping[str, Any], plan: Mapping[str, Arm]
 ) -> list[Goal]:
     singles = {
         a.modalities[0].value: _auroc(arms, a.name)
@@ -263,7 +437,7 @@ def _fusion_goals(
         goals.append(
             at_least(
                 "fused_vs_best_single",
-                n_sites,
+                cell,
                 f"fused ({arm.fusion.value}) ≥ best single modality + {FUSION_MARGIN}",
                 f"{_auroc(arms, arm.name):.3f} vs {best_name} only "
                 f"{singles[best_name]:.3f}: {margin:+.3f}",
@@ -279,7 +453,7 @@ def study_summary_json(
     summary: Mapping[str, Any],
     goals: list[Goal],
     results: Results,
-    failures: Mapping[tuple[int, int, str], str],
+    failures: Mapping[tuple[str, int, str], str],
 ) -> dict[str, Any]:
     """The JSON-ready body of ``study.json`` (without run metadata)."""
     return {
@@ -287,11 +461,12 @@ def study_summary_json(
         "summary": summary,
         "goals": [g.to_json() for g in goals],
         "results": {
-            f"{n}/{seed}/{arm}": outcome.to_json()
-            for (n, seed, arm), outcome in sorted(results.items())
+            f"{cell}/{seed}/{arm}": outcome.to_json()
+            for (cell, seed, arm), outcome in sorted(results.items())
         },
         "failures": {
-            f"{n}/{seed}/{arm}": why for (n, seed, arm), why in sorted(failures.items())
+            f"{cell}/{seed}/{arm}": why
+            for (cell, seed, arm), why in sorted(failures.items())
         },
     }
 

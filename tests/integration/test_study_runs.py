@@ -1,23 +1,47 @@
 """The learning-quality study at its smallest size: every kind of arm runs through
-the real ServerApp round loop and ClientApps (in-process grid), pooled beats chance,
-the outputs have their schema, and a second call reuses every finished arm."""
+the real ServerApp round loop and ClientApps (in-process grid), on a pretrained
+base and on the random one, pooled beats chance, the outputs have their schema,
+and a second call reuses every finished arm.
+
+The smoke's pretrained base is a tiny folder pretrained here for a few steps
+(seconds): the public base for the smoke's shapes would take about a minute to
+build. The study's wiring of a base folder is the same as of 'pretrained', which
+the runner resolves to the public base's folder.
+"""
 
 import json
+import tomllib
 
 import pytest
 from typer.testing import CliRunner
 
 from wardround.cli import app
-from wardround.simulations.study.plan import StudySettings, StudySize
+from wardround.common.models.pretraining import PretrainSettings
+from wardround.simulations.public_base import pretrain_base
+from wardround.simulations.study.plan import Cell, StudySettings, StudySize
 from wardround.simulations.study.runner import run_study, write_docs
+from wardround.simulations.synth import synthesize_federation
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def smoke_study(tmp_path_factory):
+def tiny_base(tmp_path_factory):
+    """A base folder pretrained for a few steps on a small corpus, smoke shapes."""
+    root = tmp_path_factory.mktemp("tiny-base")
+    corpus = synthesize_federation(root / "corpus", 2, patients_per_site=24, seed=99)
+    smoke = StudySettings.for_size(StudySize.SMOKE)
+    config = smoke.base_config("sites", Cell(40, 3, "random"), 0)
+    folder = root / "tiny-base"
+    settings = PretrainSettings(steps=3, batch_size=16, warmup_steps=1, threads=1)
+    pretrain_base(config, corpus, folder, settings, {"kind": "test corpus"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory, tiny_base):
     out = tmp_path_factory.mktemp("study")
-    settings = StudySettings.for_size(StudySize.SMOKE)
+    settings = StudySettings.for_size(StudySize.SMOKE, bases=(str(tiny_base), "random"))
     result = run_study(settings, out, command="test")
     return settings, out, result
 
@@ -27,8 +51,12 @@ def test_smoke_study_runs_every_arm_and_pooled_beats_chance(smoke_study):
     data = json.loads((out / "study.json").read_text())
 
     assert result.failed == [] and data["failures"] == {}
-    arms = data["summary"]["3"]
+    assert set(data["summary"]) == {"40x3-tiny-base", "40x3-random"}
+    arms = data["summary"]["40x3-tiny-base"]
     assert set(arms) == {a.name for a in settings.arms}
+    random = data["summary"]["40x3-random"]
+    assert set(random) == {a.name for a in settings.arms if a.privacy_axis}
+    assert random["pooled"]["auroc"]["mean"] > 0.5
     assert arms["pooled"]["auroc"]["mean"] > 0.5
     for name, entry in arms.items():
         assert entry["seeds"] == 1, name
@@ -51,15 +79,37 @@ def test_smoke_study_runs_every_arm_and_pooled_beats_chance(smoke_study):
     assert {g["key"] for g in data["goals"]} == {
         "federated_vs_pooled",
         "every_site_above_local",
-        "dp_vs_pooled",
         "fused_vs_best_single",
+        "dp_vs_pooled",
+        "dp_above_local",
+        "pretrained_vs_random",
     }
+    assert {r["cell"] for r in data["dp_worth"]} == set(data["summary"])
+    assert data["bases"]["random"] is None
+    assert data["bases"]["tiny-base"]["pretrain"]["steps"] == 3
     assert data["settings"]["heterogeneity"]["label_skew"] > 0
-    assert "## Learning quality" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Learning quality" in report and "### Where DP is worth it" in report
     assert all(
         (out / "plots" / f"{p}.png").stat().st_size > 0
-        for p in ("rounds", "privacy", "sites")
+        for p in ("rounds", "privacy-40", "sites")
     )
+
+
+def test_every_arm_of_a_pretrained_cell_loads_the_base_folder(smoke_study, tiny_base):
+    _, out, _ = smoke_study
+    runs = out / "arms" / "patients-40" / "sites-3"
+
+    def base_of(cell: str, arm: str) -> str:
+        config = runs / cell / "seed-0" / arm / "run" / "run-config.toml"
+        return tomllib.loads(config.read_text())["model"]["base"]
+
+    # the single-modality ablations too: the same base, without the other encoders
+    for arm in ("fedavg", "fedavg-dp-eps8", "fedavg-image-only", "fedavg-ehr-only"):
+        assert base_of("base-tiny-base", arm) == str(tiny_base.resolve())
+    assert base_of("base-random", "fedavg") == "random"
+    # one synthetic federation per size, site count and seed, shared by the bases
+    assert [p.name for p in (out / "data").iterdir()] == ["patients-40"]
 
 
 def test_a_second_call_reuses_every_finished_arm(smoke_study):
@@ -83,6 +133,7 @@ def test_write_docs_rewrites_only_the_study_section(smoke_study, tmp_path):
     assert once.startswith("# Benchmarks\n\nhand-written\n")
     assert "<!-- study:quality:start -->" in once and docs.read_text() == once
     assert "(plots/study-quality-rounds.png)" in once
+    assert "(plots/study-quality-privacy-40.png)" in once
     assert (tmp_path / "plots" / "study-quality-sites.png").is_file()
 
 
@@ -95,4 +146,19 @@ def test_study_command_is_registered_and_rejects_bad_options(tmp_path):
     )
 
     assert "--write-docs" in help_text and "--seeds" in help_text
+    assert "--patients" in help_text and "--bases" in help_text
     assert bad.exit_code == 2 and "smoke or full" in bad.output
+    seeds = runner.invoke(
+        app,
+        [
+            "study",
+            "quality",
+            "--size",
+            "smoke",
+            "--seeds",
+            "3,1",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert seeds.exit_code == 2 and "one per --patients size" in seeds.output
