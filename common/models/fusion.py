@@ -302,11 +302,20 @@ def build_base(config: RunConfig) -> tuple[FusionModel, str]:
 
 
 def resolve_base_folder(config: RunConfig) -> Path | None:
-    """The folder of the run's pretrained base; None for ``model.base = 'random'``."""
-    spec = config.model.base
+    """The folder of the run's pretrained base, or None.
+
+    None for ``model.base = 'random'``, and for 'pretrained' when every encoder
+    the model has is a named checkpoint (already pretrained: nothing to build).
+    """
+    spec, mc = config.model.base, config.model
     if spec == "random":
         return None
     if spec == "pretrained":
+        tiny = (Modality.IMAGE in mc.modalities and mc.vision == "tiny") or (
+            Modality.NOTE in mc.modalities and mc.text == "tiny"
+        )
+        if not tiny:  # the named checkpoints are the pretrained base
+            return None
         from ...simulations.public_base import public_base_folder
 
         return public_base_folder(config)

@@ -248,7 +248,7 @@ class StudySettings:
     rounds: int
     local_epochs: int
     batch_size: int
-    """0: the recipe's batch (16 without DP, 64 under DP-SGD)."""
+    """0: the recipe's batch (16 without DP; 1/8 of a site's training patients under DP-SGD)."""
     image_size: int
     max_note_tokens: int
     mus: tuple[float, ...]
@@ -434,10 +434,7 @@ class StudySettings:
         """The run config of ``arm`` in one cell and seed.
 
         ``model.trainable`` is written out as the recipe resolves it ('fusion'
-        under DP-SGD, 'all' without), so the config says what trains. The study
-        runs many arms in one process, and a site's loaded model is reused for
-        every config with the same model section: with 'auto' left in it, a DP
-        arm would reuse the model a non-DP arm built, with the other scope.
+        under DP-SGD, 'all' without), so each arm's saved config says what trained.
         """
         sections = arm.overrides()
         sections["output"] = {"dir": run_dir, "checkpoint_every": self.rounds}

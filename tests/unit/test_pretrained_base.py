@@ -151,9 +151,9 @@ def test_the_public_corpus_refuses_a_task_with_other_ehr_features(tiny_config):
 def test_the_public_corpus_seed_is_not_one_a_study_or_simulation_uses():
     from wardround.simulations.study.plan import StudySettings, StudySize
 
-    seeds = set(StudySettings.for_size(StudySize.FULL).seeds) | {
-        RunConfig().data.synth_seed
-    }
+    full = StudySettings.for_size(StudySize.FULL)
+    seeds = {seed for n in full.patients for seed in full.seeds_for(n)}
+    seeds.add(RunConfig().data.synth_seed)
     assert PublicCorpus().seed not in seeds
     assert PublicCorpus().heterogeneity != public_base.Heterogeneity()
 
@@ -170,3 +170,33 @@ def test_image_views_differ_stay_in_range_and_repeat_for_a_seed():
     assert not torch.equal(first, other)
     assert not torch.equal(first, images)
     assert float(first.min()) >= 0.0 and float(first.max()) <= 1.0
+
+
+def test_named_checkpoints_are_the_base_and_nothing_is_built(
+    tiny_config, tmp_path, monkeypatch
+):
+    from transformers import AutoModel
+
+    from wardround.common.models.fusion import tiny_text_config, tiny_vision_config
+    from wardround.common.text import get_tokenizer
+
+    AutoModel.from_config(tiny_vision_config(32)).save_pretrained(tmp_path / "vit")
+    AutoModel.from_config(
+        tiny_text_config(len(get_tokenizer("byte")), 32)
+    ).save_pretrained(tmp_path / "bert")
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the public base was built for named checkpoints")
+
+    monkeypatch.setattr(public_base, "public_base_folder", no_build)
+    config = tiny_config.with_overrides(
+        model={
+            "base": "pretrained",
+            "vision": str(tmp_path / "vit"),
+            "text": str(tmp_path / "bert"),
+        }
+    )
+    built = build_model(config)
+    saved = AutoModel.from_pretrained(tmp_path / "bert").state_dict()
+    loaded = built.model.get_base_model().text_encoder.state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
