@@ -10,6 +10,7 @@ site, round), so a site's round is reproducible.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -179,7 +180,15 @@ def _run_epochs(
             optimizer.zero_grad(set_to_none=True)
             loss = objective.loss(forward_model, batch, generator)
             if private:
-                loss.backward()
+                with warnings.catch_warnings():
+                    # Opacus's hooks on a fusion module whose inputs (frozen
+                    # encoders' outputs) need no gradient: expected, per step.
+                    warnings.filterwarnings(
+                        "ignore",
+                        message="Full backward hook is firing",
+                        category=UserWarning,
+                    )
+                    loss.backward()
                 if optimizer.pre_step():  # clip per example, add noise, average
                     if spec.proximal_mu > 0:
                         add_proximal_gradient(model, anchor, spec.proximal_mu)

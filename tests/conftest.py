@@ -15,6 +15,9 @@ from wardround.common.env import apply_machine_hygiene
 @pytest.fixture(scope="session", autouse=True)
 def _machine_hygiene(tmp_path_factory: pytest.TempPathFactory):
     state = tmp_path_factory.mktemp("flwr-state")
+    # Bases the tests build (the public pretrained base, once per session) go to
+    # the session's temporary folder, not the user's cache.
+    os.environ["WARDROUND_CACHE"] = str(tmp_path_factory.mktemp("wardround-cache"))
     os.environ.pop("FLWR_HOME", None)
     os.environ.pop("RAY_TMPDIR", None)
     values = apply_machine_hygiene(state)

@@ -50,7 +50,9 @@ def base_shapes(config: Any) -> dict[str, Any]:
 def save_base(model: nn.Module, folder: Path, manifest: dict[str, Any]) -> None:
     """Write ``model``'s encoders and pretrained layers, and the manifest, to ``folder``."""
     from safetensors.torch import save_file
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     folder.mkdir(parents=True, exist_ok=True)
     if model.vision_encoder is not None:
         model.vision_encoder.save_pretrained(folder / VISION_DIR)

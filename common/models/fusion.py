@@ -75,7 +75,9 @@ def tiny_text_config(vocab_size: int, max_tokens: int) -> Any:
 
 def _load_encoder(spec: str, tiny_config: Any) -> nn.Module:
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per encoder per site per run: noise
     if spec == "tiny":
         return AutoModel.from_config(tiny_config)
     try:
