@@ -30,7 +30,7 @@ VARIANTS: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
     ("recipe", "the DP recipe (defaults)", {}),
     (
         "all-adamw",
-        "before: LoRA on encoders + every fusion layer, AdamW 5e-3, batch 16",
+        "LoRA on the encoders + every fusion layer, AdamW 5e-3, batch 16 (the plain recipe)",
         {
             "model": {"trainable": "all"},
             "train": {"optimizer": "adamw", "learning_rate": 5e-3, "batch_size": 16},
@@ -38,7 +38,7 @@ VARIANTS: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
     ),
     (
         "all-sgd",
-        "LoRA on encoders + every fusion layer, with the recipe's optimizer",
+        "LoRA on the encoders + every fusion layer, the recipe's optimizer and batch",
         {"model": {"trainable": "all"}},
     ),
     (

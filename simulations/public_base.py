@@ -79,6 +79,19 @@ DEFAULT_CORPUS = PublicCorpus()
 DEFAULT_PRETRAINING = PretrainSettings()
 
 
+def public_base_path(
+    config: RunConfig,
+    corpus: PublicCorpus = DEFAULT_CORPUS,
+    settings: PretrainSettings = DEFAULT_PRETRAINING,
+) -> Path:
+    """Where the public base for ``config``'s shapes is cached (built or not)."""
+    return (
+        cache_root()
+        / "bases"
+        / f"public-synthetic-{base_key(config, corpus, settings)}"
+    )
+
+
 def public_base_folder(
     config: RunConfig,
     corpus: PublicCorpus = DEFAULT_CORPUS,
@@ -89,11 +102,7 @@ def public_base_folder(
     Concurrent callers (a simulation's sites) wait on one lock; the base is
     written to a temporary folder and renamed, so a half-built base is never used.
     """
-    folder = (
-        cache_root()
-        / "bases"
-        / f"public-synthetic-{base_key(config, corpus, settings)}"
-    )
+    folder = public_base_path(config, corpus, settings)
     if (folder / MANIFEST).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

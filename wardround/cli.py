@@ -180,6 +180,7 @@ def simulate(
             )
             + f" → {run_config.output.dir}"
         )
+        _ensure_public_base(run_config)
         observer = ProgressObserver(console)
         # SIGTERM (systemd, a scheduler) stops the run like Ctrl-C: processes first.
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -210,6 +211,30 @@ def simulate(
         exit_killing(code)
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
         _fail(exc)
+
+
+def _ensure_public_base(run_config) -> None:
+    """Build the public pretrained base before the sites need it, where they can see why."""
+    import time
+
+    from wardround.common.models.base_folder import MANIFEST
+    from wardround.common.models.fusion import resolve_base_folder
+    from wardround.simulations.public_base import public_base_path
+
+    if run_config.model.family != "fusion" or run_config.model.base != "pretrained":
+        return
+    folder = public_base_path(run_config)
+    if (folder / MANIFEST).is_file():
+        return
+    start = time.perf_counter()
+    with console.status(
+        "building the public pretrained base (first use; cached for later runs)"
+    ):
+        built = resolve_base_folder(run_config)
+    if built is not None:
+        console.print(
+            f"public pretrained base built in {time.perf_counter() - start:.0f} s: {built}"
+        )
 
 
 @app.command()
