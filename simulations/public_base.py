@@ -216,7 +216,12 @@ def pretrain_base(
         "corpus": source,
         "corpus_examples": [len(d) for d in datasets],
         "pretrain": settings.as_dict(),
-        "objective": "cross-modal InfoNCE (image-EHR, image-note, EHR-note)",
+        "objective": "cross-modal InfoNCE (image-EHR, image-note, EHR-note)"
+        + (
+            " + SimCLR on two augmented views of each image"
+            if settings.image_views
+            else ""
+        ),
         "loss_first": losses[0] if losses else None,
         "loss_last_tenth": sum(tail) / len(tail) if tail else None,
         "seconds": round(seconds, 1),

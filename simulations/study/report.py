@@ -85,10 +85,12 @@ def _recipe(recipe: Mapping[str, Any], batch: int) -> str:
     momentum = (
         f" (momentum {recipe['momentum']:g})" if recipe["optimizer"] == "sgd" else ""
     )
-    return (
-        f"{optimizer} lr {recipe['learning_rate']:g}{momentum}, batch "
-        f"{batch or recipe['batch_size']}, training {scope}"
+    size = batch or recipe["batch_size"]
+    share = recipe.get("sample_rate", 0.0)
+    batch_text = (
+        f"batch {size}" if size else f"batch {share:g} of each site's training patients"
     )
+    return f"{optimizer} lr {recipe['learning_rate']:g}{momentum}, {batch_text}, training {scope}"
 
 
 def _training(s: Mapping[str, Any]) -> str:
