@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..common.config import RunConfig
+from ..common.config import Modality, RunConfig
 from ..common.errors import ConfigError
 from ..common.models.base_folder import MANIFEST, base_shapes, save_base
 from ..common.models.pretraining import PretrainSettings, pretrain_encoders
@@ -187,6 +187,17 @@ def pretrain_base(
     from ..common.models.fusion import build_base
     from ..common.text import get_tokenizer
 
+    modalities = set(config.model.modalities)
+    if len(modalities) < 2 and not (
+        Modality.IMAGE in modalities and settings.image_views
+    ):
+        raise ConfigError(
+            "pretraining aligns modalities with each other (and images with their "
+            f"own views); a model of {', '.join(m.value for m in modalities)} alone "
+            "has nothing to align",
+            hint="Pretrain with at least two of image, ehr, note in model.modalities, "
+            "or use model.base = 'random' for this model.",
+        )
     random_config = config.with_overrides(model={"base": "random"})
     datasets = []
     for toml in site_tomls:

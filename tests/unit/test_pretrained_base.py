@@ -200,3 +200,40 @@ def test_named_checkpoints_are_the_base_and_nothing_is_built(
     saved = AutoModel.from_pretrained(tmp_path / "bert").state_dict()
     loaded = built.model.get_base_model().text_encoder.state_dict()
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+def test_the_pretrain_command_writes_a_base_and_explains_a_bad_corpus(
+    synthetic_sites, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from wardround.cli import app
+
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text(
+        '[model]\nimage-size = 32\nmax-note-tokens = 32\nbase = "random"\n'
+    )
+    out = tmp_path / "base"
+    args = ["pretrain", "--config", str(run_toml), "--steps", "2", "--batch-size", "8"]
+    result = CliRunner().invoke(
+        app, [*args, "--corpus", str(synthetic_sites), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out)["corpus"]["sites"] == ["site-01", "site-02"]
+    assert "model.base" in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = CliRunner().invoke(
+        app, [*args, "--corpus", str(empty), "--out", str(out)]
+    )
+    assert refused.exit_code == 2
+    assert "site folder" in refused.output
+
+
+def test_a_model_with_nothing_to_align_is_refused(
+    synthetic_sites, tiny_config, tmp_path
+):
+    ehr_only = tiny_config.with_overrides(model={"modalities": ["ehr"]})
+    tomls = sorted(synthetic_sites.glob("*/site.toml"))
+    with pytest.raises(ConfigError, match="nothing to align"):
+        pretrain_base(ehr_only, tomls, tmp_path / "base", FEW_STEPS, {"kind": "sites"})
