@@ -1,10 +1,12 @@
 """The ``fusion`` family: vision encoder + text encoder + EHR encoder → fused head.
 
-The vision and text encoders are Hugging Face transformers models, built from a tiny
-config (``"tiny"``, random init from ``model.init-seed``) or loaded with
-``from_pretrained`` from a local path or hub id. PEFT LoRA adapts their attention
-projections; the projections into the shared width, the EHR encoder, the fusion
-module and the multi-label head are the only other trainable parts.
+The vision and text encoders are Hugging Face transformers models: the tiny ones
+(``"tiny"``) come from the run's base (``model.base``: pretrained without labels,
+or random from ``model.init-seed``), others load with ``from_pretrained`` from a
+local path or hub id. What trains is the recipe's (``model.trainable``): PEFT LoRA
+on the encoders' attention projections plus the projections into the shared width,
+the EHR encoder, the fusion module and the head (``all``); or LoRA on the fusion
+module plus the head on the base's frozen features (``fusion``, the DP recipe).
 """
 
 from __future__ import annotations
