@@ -77,10 +77,7 @@ VARIANTS: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
 
 
 def _sites(root: Path, patients: int, seed: int) -> list[Path]:
-    import tomllib
-
-    import tomli_w
-
+    from wardround.simulations.study.runner import raise_lifetime_budget
     from wardround.simulations.synth import synthesize_federation
     from wardround.simulations.synth_shift import STUDY_HETEROGENEITY
 
@@ -91,10 +88,7 @@ def _sites(root: Path, patients: int, seed: int) -> list[Path]:
         seed=seed,
         heterogeneity=STUDY_HETEROGENEITY,
     )
-    for toml in paths:  # the sweep spends far more than one site's lifetime budget
-        doc = tomllib.loads(toml.read_text())
-        doc["privacy"]["budget-epsilon"] = 1e6
-        toml.write_text(tomli_w.dumps(doc))
+    raise_lifetime_budget(paths)  # the sweep spends far more than one site's budget
     return paths
 
 

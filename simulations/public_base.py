@@ -198,6 +198,8 @@ def pretrain_base(
             hint="Pretrain with at least two of image, ehr, note in model.modalities, "
             "or use model.base = 'random' for this model.",
         )
+    import torch
+
     random_config = config.with_overrides(model={"base": "random"})
     datasets = []
     for toml in site_tomls:
@@ -212,7 +214,7 @@ def pretrain_base(
         parts = [data.train.tensors, data.validation.tensors]
         datasets.append(
             TensorDictDataset(
-                {k: _cat([p[k] for p in parts]) for k in parts[0] if k != "labels"}
+                {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "labels"}
             )
         )
     model, _ = build_base(random_config)
@@ -237,14 +239,7 @@ def pretrain_base(
         "loss_last_tenth": sum(tail) / len(tail) if tail else None,
         "seconds": round(seconds, 1),
     }
-    staging = out
-    if staging.exists():
-        shutil.rmtree(staging)
-    save_base(model, staging, manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    save_base(model, out, manifest)
     return manifest
-
-
-def _cat(tensors: list[Any]) -> Any:
-    import torch
-
-    return torch.cat(tensors)

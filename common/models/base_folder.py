@@ -58,12 +58,7 @@ def save_base(model: nn.Module, folder: Path, manifest: dict[str, Any]) -> None:
         model.vision_encoder.save_pretrained(folder / VISION_DIR)
     if model.text_encoder is not None:
         model.text_encoder.save_pretrained(folder / TEXT_DIR)
-    layers = {
-        f"{name}.{key}": tensor.detach().cpu().contiguous()
-        for name in PRETRAINED_LAYERS
-        if getattr(model, name) is not None
-        for key, tensor in getattr(model, name).state_dict().items()
-    }
+    layers = {k: t.detach().cpu().contiguous() for k, t in layer_tensors(model).items()}
     save_file(layers, str(folder / LAYERS_FILE))
     body = {"format": FORMAT_VERSION, **manifest}
     (folder / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
@@ -156,7 +151,7 @@ def encoder_folder(folder: Path, which: str) -> Path:
 
 
 def layer_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The pretrained layers' tensors of ``model`` by name (for fingerprints)."""
+    """The pretrained layers' tensors of ``model`` by name (what a base saves)."""
     return {
         f"{name}.{key}": tensor
         for name in PRETRAINED_LAYERS

@@ -138,12 +138,19 @@ def prepare_federation(
         seed=seed,
         heterogeneity=settings.heterogeneity,
     )
-    for site_toml in paths:
-        doc = tomllib.loads(site_toml.read_text())
-        doc["privacy"]["budget-epsilon"] = STUDY_LIFETIME_BUDGET
-        site_toml.write_text(tomli_w.dumps(doc))
+    raise_lifetime_budget(paths)
     write_json(marker, wanted)  # written last: the federation is complete
     return paths
+
+
+def raise_lifetime_budget(
+    site_tomls: list[Path], epsilon: float = STUDY_LIFETIME_BUDGET
+) -> None:
+    """Give synthetic sites a lifetime budget that many runs cannot reach."""
+    for site_toml in site_tomls:
+        doc = tomllib.loads(site_toml.read_text())
+        doc["privacy"]["budget-epsilon"] = epsilon
+        site_toml.write_text(tomli_w.dumps(doc))
 
 
 def _arm_file(out_dir: Path, cell: Cell, seed: int, arm: Arm) -> Path:

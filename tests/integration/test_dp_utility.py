@@ -16,15 +16,12 @@ MARGIN = 0.15
 
 
 def test_a_default_dp_run_raises_global_auroc_by_the_margin(tmp_path):
-    import tomllib
-
-    import tomli_w
-
     from wardround.client.app import build_client_app
     from wardround.common.config import RunConfig
     from wardround.server.app import site_namer
     from wardround.server.federation import run_federation
     from wardround.simulations.local_grid import LocalGrid
+    from wardround.simulations.study.runner import raise_lifetime_budget
     from wardround.simulations.synth import synthesize_federation
 
     defaults = RunConfig()
@@ -34,10 +31,7 @@ def test_a_default_dp_run_raises_global_auroc_by_the_margin(tmp_path):
         patients_per_site=defaults.data.patients_per_site,
         seed=defaults.data.synth_seed,
     )
-    for toml in tomls:  # this machine's ledger may have spent the default budget
-        doc = tomllib.loads(toml.read_text())
-        doc["privacy"]["budget-epsilon"] = 1e6
-        toml.write_text(tomli_w.dumps(doc))
+    raise_lifetime_budget(tomls)  # the sites' default budget is not this test's subject
     config = defaults.with_overrides(
         data={"sites_dir": str(tmp_path / "sites")},
         output={"dir": str(tmp_path / "run")},
