@@ -100,6 +100,11 @@ def _batch(size: int, seed: int, device) -> tuple[dict, object]:
         "note_ids": torch.randint(1, vocab, (size, length), generator=gen) * note_mask,
         "note_mask": note_mask,
         "present": present,
+        # about 60 distinct word n-grams per note (0 pads)
+        "note_ngrams": torch.randint(
+            1, mc.note_ngram_buckets, (size, mc.max_note_ngrams), generator=gen
+        )
+        * (torch.arange(mc.max_note_ngrams)[None, :] < 60).long(),
     }
     labels = torch.randint(0, 2, (size, len(task.labels)), generator=gen).float()
     return {k: v.to(device) for k, v in batch.items()}, labels.to(device)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from .data.transforms import drop_modalities
 from .metrics import auroc_per_label, macro_auroc
 
-INPUT_KEYS = ("image", "ehr", "note_ids", "note_mask", "present")
+INPUT_KEYS = ("image", "ehr", "note_ids", "note_mask", "present", "note_ngrams")
 """The fusion model's inputs (``labels`` is the target)."""
 
 

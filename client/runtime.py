@@ -193,6 +193,8 @@ def get_runtime(site_toml: Path, site_index: int, config: RunConfig) -> SiteRunt
             image_size=config.model.image_size,
             max_note_tokens=config.model.max_note_tokens,
             tokenizer=get_tokenizer(config.model.tokenizer),
+            note_ngram_buckets=config.model.note_ngram_buckets,
+            max_note_ngrams=config.model.max_note_ngrams,
         )
         built = build_model(config)
     built.model.to(resolve_device(config.train.device))

@@ -48,6 +48,8 @@ class LocalTrainSpec:
     """AdamW, or SGD with ``momentum``: under DP-SGD's noise a fresh AdamW turns
     every noisy step into a full learning-rate step."""
     momentum: float = 0.9
+    wide_lr_scale: float = 1.0
+    """The fusion model's wide term trains at ``learning_rate × wide_lr_scale``."""
 
     @classmethod
     def from_config(
@@ -69,6 +71,7 @@ class LocalTrainSpec:
             modality_dropout=config.train.modality_dropout,
             optimizer=recipe.optimizer,
             momentum=recipe.momentum,
+            wide_lr_scale=recipe.wide_lr_scale,
         )
 
 
@@ -113,8 +116,7 @@ def train_local(
         generator=generator,
         collate_fn=objective.collate,
     )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, spec)
+    optimizer = make_optimizer(param_groups(model, spec), spec)
     anchor = snapshot_trainable(model) if spec.proximal_mu > 0 else {}
     model.train()
     if dp is None:
@@ -142,8 +144,20 @@ def train_local(
     )
 
 
+def param_groups(model: torch.nn.Module, spec: LocalTrainSpec) -> list[dict]:
+    """The trainable tensors: the wide term's at its own learning rate, then the rest."""
+    wide, deep = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (wide if ".wide." in f".{name}" else deep).append(param)
+    groups = [{"params": deep}] if deep else []
+    if wide:
+        groups.append({"params": wide, "lr": spec.learning_rate * spec.wide_lr_scale})
+    return groups
+
+
 def make_optimizer(
-    params: list[torch.nn.Parameter], spec: LocalTrainSpec
+    params: list[torch.nn.Parameter] | list[dict], spec: LocalTrainSpec
 ) -> torch.optim.Optimizer:
     """The round's optimizer over the trainable tensors (fresh every round)."""
     if spec.optimizer is OptimizerKind.SGD:

@@ -259,6 +259,21 @@ class ModelConfig(_Section):
     modalities: tuple[Modality, ...] = ALL_MODALITIES
     image_size: int = Field(64, ge=16, le=1024)
     max_note_tokens: int = Field(128, ge=8, le=4096)
+    wide: bool = Field(
+        True,
+        description="fusion: add a linear term over the notes' hashed word n-grams "
+        "and the EHR features to the logits (wide & deep): the model holds the "
+        "logistic regression a statistician would fit, and the deep part adds to it",
+    )
+    note_ngram_buckets: int = Field(
+        2**16,
+        ge=256,
+        le=2**22,
+        description="hash buckets of the notes' word n-grams (the wide term's rows)",
+    )
+    max_note_ngrams: int = Field(
+        256, ge=8, le=8192, description="distinct word n-grams kept per note"
+    )
     hidden_size: int = Field(64, ge=8, le=16_384)
     lora_rank: int = Field(8, ge=1, le=256)
     lora_alpha: float = Field(16.0, gt=0.0, le=4096.0)

@@ -27,6 +27,12 @@ class TrainingRecipe:
     """Expected examples per step; 0: a ``sample_rate`` share of the site's patients."""
     momentum: float
     sample_rate: float = 0.125
+    wide_lr_scale: float = 1.0
+    """The wide term's learning rate over ``learning_rate``: its features are
+    sparse (each n-gram is in few notes), so at the deep part's rate its weights
+    barely move in a run's steps. Under DP-SGD the fusion model does not train
+    its wide term (``common.models.fusion``); the classical reference, which is
+    only that term, does."""
 
     def batch_for(self, patients: int) -> int:
         """The batch size at a site with ``patients`` training patients.
@@ -42,6 +48,11 @@ class TrainingRecipe:
 
 
 MIN_BATCH, MAX_BATCH = 8, 4096
+# Measured at 1,000 patients/site, 3 sites (one seed): without DP, pooled fusion
+# AUROC 0.826 / 0.830 / 0.799 at 1 / 3 / 10; under DP-SGD (ε=8), the classical
+# reference's FedAvg 0.734 at 1, 0.772 at 10.
+WIDE_LR_SCALE = 3.0
+WIDE_LR_SCALE_PRIVATE = 10.0
 
 PLAIN = TrainingRecipe(
     trainable=TrainableScope.ALL,
@@ -49,6 +60,7 @@ PLAIN = TrainingRecipe(
     learning_rate=5e-3,
     batch_size=16,
     momentum=0.9,
+    wide_lr_scale=WIDE_LR_SCALE,
 )
 """Without DP-SGD (and for the ``vlm`` family)."""
 
@@ -59,6 +71,7 @@ PRIVATE = TrainingRecipe(
     batch_size=0,  # 1/8 of the site's training patients: 8 steps per epoch
     momentum=0.9,
     sample_rate=0.125,
+    wide_lr_scale=WIDE_LR_SCALE_PRIVATE,
 )
 """Under DP-SGD, for the ``fusion`` family."""
 
@@ -77,4 +90,5 @@ def training_recipe(config: RunConfig) -> TrainingRecipe:
         batch_size=train.batch_size or defaults.batch_size,
         momentum=train.momentum,
         sample_rate=defaults.sample_rate,
+        wide_lr_scale=defaults.wide_lr_scale,
     )

@@ -209,6 +209,8 @@ def pretrain_base(
             image_size=config.model.image_size,
             max_note_tokens=config.model.max_note_tokens,
             tokenizer=get_tokenizer(config.model.tokenizer),
+            note_ngram_buckets=config.model.note_ngram_buckets,
+            max_note_ngrams=config.model.max_note_ngrams,
         )
         # Every corpus example is used: the split only matters for the task.
         parts = [data.train.tensors, data.validation.tensors]

@@ -15,6 +15,8 @@ Each item is a dict::
     ehr        float32 [task.ehr_width]
     note_ids   int64   [L]          L = max_note_tokens
     note_mask  int64   [L]
+    note_ngrams int64  [K]          the note's hashed word n-grams (bucket ids, 0 pads),
+                                    K = max_note_ngrams
     labels     float32 [len(task.labels)]   in task.labels order, null -> 0
     present    float32 [3]          (image, ehr, note) present: 1, absent: 0
 """
@@ -36,6 +38,7 @@ from torch.utils.data import Dataset
 
 from ...common.config import TaskConfig
 from ...common.errors import DataError
+from ...common.text import hash_note_ngrams
 from ..site_config import SiteConfig
 from .decode import DecodeFailure
 from .dicom_index import index_dicom
@@ -46,7 +49,15 @@ from .patients import count_patients, patient_ordinals
 
 logger = logging.getLogger(__name__)
 
-ITEM_KEYS = ("image", "ehr", "note_ids", "note_mask", "labels", "present")
+ITEM_KEYS = (
+    "image",
+    "ehr",
+    "note_ids",
+    "note_mask",
+    "note_ngrams",
+    "labels",
+    "present",
+)
 
 
 class TensorDictDataset(Dataset):
@@ -222,6 +233,8 @@ def load_site_data(
     image_size: int,
     max_note_tokens: int,
     tokenizer,
+    note_ngram_buckets: int = 2**16,
+    max_note_ngrams: int = 256,
 ) -> SiteData:
     """Index, read, join, split and materialise a site's data.
 
@@ -256,6 +269,7 @@ def load_site_data(
         max_length=max_note_tokens,
         return_tensors="np",
     )
+    ngrams = hash_note_ngrams(notes, note_ngram_buckets, max_note_ngrams)
     features = ehr.features[matched]
     present = np.stack(
         [
@@ -271,6 +285,7 @@ def load_site_data(
         "ehr": torch.from_numpy(features),
         "note_ids": torch.from_numpy(np.asarray(encoded["input_ids"], np.int64)),
         "note_mask": torch.from_numpy(np.asarray(encoded["attention_mask"], np.int64)),
+        "note_ngrams": torch.from_numpy(ngrams),
         "labels": torch.from_numpy(ehr.labels[matched]),
         "present": torch.from_numpy(present),
     }

@@ -53,6 +53,7 @@ def test_only_lora_and_declared_modules_train(tiny_config):
         "ehr_encoder",
         "fusion",
         "head",
+        "wide",
     )
     assert trainable and all(any(a in n for a in allowed) for n in trainable)
     # the encoders' own weights stay frozen

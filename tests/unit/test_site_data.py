@@ -294,6 +294,7 @@ def test_items_have_the_contract_shapes_and_dtypes(site_dir):
         "ehr": ((TASK.ehr_width,), "float32"),
         "note_ids": ((48,), "int64"),
         "note_mask": ((48,), "int64"),
+        "note_ngrams": ((256,), "int64"),
         "labels": ((len(TASK.labels),), "float32"),
         "present": ((3,), "float32"),
     }
@@ -309,6 +310,9 @@ def test_items_have_the_contract_shapes_and_dtypes(site_dir):
     assert (~notes_present).any() and notes_present.any()  # some empty notes
     mask = data.train.tensors["note_mask"]
     assert (mask[notes_present].sum(1) > 2).all()
+    ngrams = data.train.tensors["note_ngrams"]
+    assert ((ngrams > 0).sum(1)[notes_present] > 0).all()
+    assert (ngrams[~notes_present] == 0).all()
     assert (
         0.0 <= data.train.tensors["image"].min()
         and data.train.tensors["image"].max() <= 1
