@@ -1,8 +1,11 @@
 """Free-text referral notes that mention findings partially and noisily.
 
 Each finding is mentioned with a finding-specific probability when present and a
-small one when absent; absent findings are sometimes negated ("no fever"). Sites
-write in one of three styles: terse abbreviations, full sentences, or a template.
+small one when absent; absent findings are sometimes negated ("no fever", "no
+pleural effusion"). Sites write in one of three styles: terse abbreviations, full
+sentences, or a template. Like real notes, they vary in length (a few to several
+filler phrases), carry de-identification redactions ("XXXX" for names and dates)
+and typos (a word in fifty has two letters swapped, dropped or doubled).
 """
 
 from __future__ import annotations
@@ -84,11 +87,22 @@ _CUES: dict[NoteStyle, dict[str, tuple[str, ...]]] = {
 _CUES[NoteStyle.TEMPLATE] = _CUES[NoteStyle.FULL]
 
 _NEGATIONS = {
-    "nodule": ("no weight loss", "never smoker"),
-    "effusion": ("no dyspnoea", "chest clear to percussion"),
-    "pneumonia": ("no fever", "denies cough", "afebrile"),
+    "nodule": ("no weight loss", "never smoker", "no nodule on prior imaging"),
+    "effusion": ("no dyspnoea", "chest clear to percussion", "no pleural effusion"),
+    "pneumonia": ("no fever", "denies cough", "afebrile", "no consolidation"),
     "cardiomegaly": ("no oedema", "no history of heart failure"),
 }
+
+#: Phrases with the de-identification tool's redactions in them.
+_REDACTED = (
+    "seen by Dr XXXX",
+    "GP XXXX informed",
+    "last admission XXXX",
+    "discussed with XXXX",
+    "XXXX ward",
+)
+TYPO_RATE = 0.02
+"""Share of words with a typo."""
 
 _FILLER = {
     NoteStyle.TERSE: (
@@ -159,13 +173,13 @@ def write_note(
             cues.extend(options[i] for i in sorted(picks))
         elif not findings.get(name, 0) and rng.random() < 0.12:
             cues.append(_NEGATIONS[name][int(rng.integers(len(_NEGATIONS[name])))])
-    fillers = _FILLER[style]
+    fillers = _FILLER[style] + _REDACTED
     extra = [
         fillers[i]
-        for i in rng.choice(len(fillers), size=int(rng.integers(0, 3)), replace=False)
+        for i in rng.choice(len(fillers), size=int(rng.integers(0, 6)), replace=False)
     ]
     order = rng.permutation(len(cues) + len(extra))
-    parts = [(cues + extra)[i] for i in order]
+    parts = [typos((cues + extra)[i], rng) for i in order]
     who = {"F": "F", "M": "M"}.get(sex or "", "")
     if style is NoteStyle.TERSE:
         head = f"{age}{who}."
@@ -182,3 +196,24 @@ def write_note(
     return (
         f"Indication: {reason}. History: {history}. Age {age}. Request: chest imaging."
     )
+
+
+def typos(phrase: str, rng: np.random.Generator, rate: float = TYPO_RATE) -> str:
+    """``phrase`` with a typo in about ``rate`` of its words (three letters or more).
+
+    A typo swaps two letters, drops one or doubles one.
+    """
+    words = phrase.split(" ")
+    for k, word in enumerate(words):
+        if len(word) < 3 or rng.random() >= rate:
+            continue
+        i = int(rng.integers(0, len(word) - 1))
+        kind = int(rng.integers(0, 3))
+        if kind == 0:
+            word = word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+        elif kind == 1:
+            word = word[:i] + word[i + 1 :]
+        else:
+            word = word[: i + 1] + word[i:]
+        words[k] = word
+    return " ".join(words)
