@@ -96,15 +96,17 @@ class ArmOutcome:
 class _Site:
     name: str
     data: Any  # client.data.dataset.SiteData
+    privacy: Any = None  # common.config.SitePrivacy: the site's floor
 
 
 def _sites(config: RunConfig, site_tomls: list[Path]) -> list[_Site]:
     """The sites' datasets as their ClientApps load them (shared runtime cache)."""
     from ...client.runtime import get_runtime
 
+    runtimes = [get_runtime(toml, i, config) for i, toml in enumerate(site_tomls)]
     return [
-        _Site(toml.parent.name, get_runtime(toml, index, config).data)
-        for index, toml in enumerate(site_tomls)
+        _Site(toml.parent.name, r.data, r.site.privacy)
+        for toml, r in zip(site_tomls, runtimes, strict=True)
     ]
 
 

@@ -128,6 +128,22 @@ def quality(
         str,
         typer.Option(help="smoke (seconds, tests) or full (the published figures)."),
     ] = "full",
+    sites_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run on the site folders in this folder (each with its site.toml) "
+            "instead of synthetic hospitals. Pooled arms gather every site's data on "
+            "this machine: for a data-sharing sandbox or a simulation, never a "
+            "deployment."
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --sites-dir: the run config (task labels, EHR features, model) "
+            "the arms start from."
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -173,18 +189,45 @@ def quality(
             raise ConfigError(
                 f"--size {size!r} is not a study size", hint="Use smoke or full."
             ) from None
-        settings = StudySettings.for_size(
-            study_size,
-            site_counts=_site_counts(sites),
-            seeds=_numbers("--seeds", seeds, "3,2,1"),
-            patients=_numbers("--patients", patients, "200,1000,3000"),
-            bases=_bases(bases),
-        )
+        if sites_dir is not None:
+            if sites or patients:
+                raise ConfigError(
+                    "--sites and --patients describe synthetic hospitals; "
+                    "--sites-dir runs on the sites it holds",
+                    hint="Leave --sites and --patients out with --sites-dir.",
+                )
+            seed_counts = _numbers("--seeds", seeds, "3") or (1,)
+            if len(seed_counts) != 1:
+                raise ConfigError(
+                    "--seeds takes one count with --sites-dir", hint="E.g. --seeds 3."
+                )
+            settings = StudySettings.for_sites_dir(
+                study_size,
+                sites_dir,
+                seeds=seed_counts[0],
+                bases=_bases(bases),
+                run_config=config,
+            )
+        elif config is not None:
+            raise ConfigError(
+                "--config only applies with --sites-dir",
+                hint="The synthetic hospitals use the default task.",
+            )
+        else:
+            settings = StudySettings.for_size(
+                study_size,
+                site_counts=_site_counts(sites),
+                seeds=_numbers("--seeds", seeds, "3,2,1"),
+                patients=_numbers("--patients", patients, "200,1000,3000"),
+                bases=_bases(bases),
+            )
         out_dir = out or Path(f"runs/study-quality-{study_size.value}")
         command = "wardround study quality" + "".join(
             [
                 f" --size {study_size.value}",
                 f" --sites {sites}" if sites else "",
+                f" --sites-dir {sites_dir}" if sites_dir else "",
+                f" --config {config}" if config else "",
                 f" --patients {patients}" if patients else "",
                 f" --bases {bases}" if bases else "",
                 f" --seeds {seeds}" if seeds else "",
@@ -223,7 +266,8 @@ def quality(
         console.print(
             f"{command}: {len(settings.cells())} cells, arm runs per size: "
             + ", ".join(
-                f"{p} patients {settings.arm_count(p)}" for p in settings.patients
+                f"{'own data' if p == 0 else f'{p} patients'} {settings.arm_count(p)}"
+                for p in settings.patients
             )
             + f" → {out_dir}",
             highlight=False,
@@ -241,6 +285,8 @@ def quality(
                     "--size",
                     study_size.value,
                     *(["--sites", sites] if sites else []),
+                    *(["--sites-dir", str(sites_dir)] if sites_dir else []),
+                    *(["--config", str(config)] if config else []),
                     *(["--patients", patients] if patients else []),
                     *(["--bases", bases] if bases else []),
                     *(["--seeds", seeds] if seeds else []),

@@ -49,6 +49,7 @@ class ArmGroup(StrEnum):
     """Which question an arm answers (the report's sections)."""
 
     REFERENCE = "reference"
+    CLASSICAL = "classical reference"
     STRATEGY = "strategy"
     PRIVACY = "privacy"
     SECURE_AGGREGATION = "secure aggregation"
@@ -81,6 +82,9 @@ class Arm:
     fusion: Fusion = Fusion.CONCAT
     subgroups: bool = False
     """Also report AUROC by sex, age band and site for this arm's final model."""
+    classical: bool = False
+    """The classical reference (logistic regression on hashed note n-grams and the
+    EHR, :mod:`.classical`) instead of the fusion model."""
 
     def overrides(self) -> dict[str, dict[str, Any]]:
         """The run-config sections this arm sets (on top of the study's base config)."""
@@ -104,7 +108,7 @@ class Arm:
     def privacy_axis(self) -> bool:
         """Pooled, local-only, FedAvg and FedAvg + DP: the arms every cell runs."""
         return (
-            self.group in (ArmGroup.REFERENCE, ArmGroup.PRIVACY)
+            self.group in (ArmGroup.REFERENCE, ArmGroup.CLASSICAL, ArmGroup.PRIVACY)
             or self.name == "fedavg"
         )
 
@@ -123,6 +127,7 @@ def standard_arms(
             subgroups=True,
         ),
         Arm("local", "local only", ArmKind.LOCAL, ArmGroup.REFERENCE),
+        *classical_arms(epsilons),
         Arm("fedavg", "FedAvg", federated, ArmGroup.STRATEGY, subgroups=True),
     ]
     arms += [
@@ -192,8 +197,50 @@ def standard_arms(
     return tuple(arms)
 
 
+def classical_arms(epsilons: tuple[float, ...]) -> tuple[Arm, ...]:
+    """The classical reference pooled, local only, FedAvg, and FedAvg + DP per ε."""
+    group = ArmGroup.CLASSICAL
+    arms = [
+        Arm(
+            "classical-pooled",
+            "classical, pooled",
+            ArmKind.POOLED,
+            group,
+            classical=True,
+        ),
+        Arm(
+            "classical-local",
+            "classical, local only",
+            ArmKind.LOCAL,
+            group,
+            classical=True,
+        ),
+        Arm(
+            "classical-fedavg",
+            "classical, FedAvg",
+            ArmKind.FEDERATED,
+            group,
+            classical=True,
+        ),
+    ]
+    arms += [
+        Arm(
+            f"classical-fedavg-dp-eps{eps:g}",
+            f"classical, FedAvg + DP ε={eps:g}",
+            ArmKind.FEDERATED,
+            group,
+            epsilon=eps,
+            classical=True,
+        )
+        for eps in epsilons
+    ]
+    return tuple(arms)
+
+
 RANDOM_BASE = "random"
 PRETRAINED_BASE = "pretrained"
+OWN_DATA = 0
+"""``patients`` of the cells of ``--sites-dir``: each site has what it has."""
 
 
 def base_label(base: str) -> str:
@@ -213,17 +260,21 @@ class Cell:
     """'pretrained' (the public synthetic base), 'random', or a base folder."""
 
     @property
+    def own_data(self) -> bool:
+        """The sites of ``--sites-dir`` (patients: theirs), not synthetic ones."""
+        return self.patients == OWN_DATA
+
+    @property
     def key(self) -> str:
-        """Identifier: JSON keys, e.g. '200x3-pretrained'."""
-        return f"{self.patients}x{self.sites}-{base_label(self.base)}"
+        """Identifier: JSON keys, e.g. '200x3-pretrained' ('sites3-…': own data)."""
+        size = "sites" if self.own_data else f"{self.patients}x"
+        return f"{size}{self.sites}-{base_label(self.base)}"
 
     @property
     def label(self) -> str:
         """What the report calls it."""
-        return (
-            f"{self.patients:,} patients/site, {self.sites} sites, "
-            f"{base_label(self.base)} base"
-        )
+        size = "own data" if self.own_data else f"{self.patients:,} patients/site"
+        return f"{size}, {self.sites} sites, {base_label(self.base)} base"
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready values."""
@@ -263,6 +314,17 @@ class StudySettings:
     """The size the 'DP above every site's local-only model' goal is checked at."""
     heterogeneity: Heterogeneity = STUDY_HETEROGENEITY
     arms: tuple[Arm, ...] = field(default=())
+    sites_dir: str | None = None
+    """A folder of real site folders (each with its site.toml) to run on instead of
+    synthetic hospitals; ``patients`` is then ``(OWN_DATA,)``."""
+    run_config: str | None = None
+    """A run config TOML whose task (labels, EHR features) and model the arms
+    start from; the study sets rounds, epochs, shapes and each arm's settings."""
+    data_identity: dict[str, str] = field(default_factory=dict)
+    """``--sites-dir``: site -> its dataset fingerprint (part of every arm key)."""
+    missing: dict[str, str] = field(default_factory=dict)
+    """Modality -> why no site has it (the runner fills it from the sites' data):
+    an arm that needs only missing modalities is skipped with that reason."""
 
     def __post_init__(self) -> None:
         if not self.arms:
@@ -270,7 +332,10 @@ class StudySettings:
         problems = []
         if not self.site_counts or min(self.site_counts) < 2:
             problems.append("--sites needs counts of at least 2 (a federation)")
-        if not self.patients or min(self.patients) < 10:
+        if self.sites_dir is not None:
+            if self.patients != (OWN_DATA,):
+                problems.append("--patients cannot be set with --sites-dir")
+        elif not self.patients or min(self.patients) < 10:
             problems.append("--patients needs sizes of at least 10 patients per site")
         elif list(self.patients) != sorted(set(self.patients)):
             problems.append("--patients must list each size once, ascending")
@@ -334,6 +399,39 @@ class StudySettings:
         }
         return cls(size=StudySize(size), **values)
 
+    @classmethod
+    def for_sites_dir(
+        cls,
+        size: StudySize,
+        sites_dir: Path,
+        *,
+        seeds: int = 1,
+        bases: tuple[str, ...] | None = None,
+        run_config: Path | None = None,
+    ) -> StudySettings:
+        """The preset of ``size`` on the site folders in ``sites_dir``."""
+        folder = Path(sites_dir).expanduser().resolve()
+        tomls = site_tomls_in(folder)
+        preset = dict(_PRESETS[StudySize(size)])
+        preset.pop("seeds_per_patients")
+        n = len(tomls)
+        values = {
+            **preset,
+            "site_counts": (n,),
+            "patients": (OWN_DATA,),
+            "seed_counts": (seeds,),
+            "bases": tuple(bases) if bases else preset["bases"],
+            "ablation_site_counts": (n,),
+            "dp_goal_patients": OWN_DATA,
+            "local_goal_patients": OWN_DATA,
+        }
+        return cls(
+            size=StudySize(size),
+            sites_dir=str(folder),
+            run_config=str(Path(run_config).resolve()) if run_config else None,
+            **values,
+        )
+
     # -- cells and arms -----------------------------------------------------------
     @property
     def primary_base(self) -> str:
@@ -354,14 +452,14 @@ class StudySettings:
         SecAgg+ arms need at least 3 sites (sites refuse it among fewer): a
         federation of 2 runs without them (:meth:`arms_left_out`).
         """
-        arms = self.arms
+        arms = tuple(a for a in self.arms if a.name not in self.skipped())
         if cell.sites < MIN_PARTICIPANTS:
             arms = tuple(a for a in arms if not a.secure_aggregation)
         axis = cell.sites in self.ablation_site_counts
         if self.is_primary(cell):
             if axis:
                 return arms
-            core = (ArmGroup.REFERENCE, ArmGroup.STRATEGY)
+            core = (ArmGroup.REFERENCE, ArmGroup.CLASSICAL, ArmGroup.STRATEGY)
             return tuple(a for a in arms if a.group in core)
         if axis:
             return tuple(a for a in arms if a.privacy_axis)
@@ -377,6 +475,15 @@ class StudySettings:
             for base in bases
             if self.arms_for(cell := Cell(p, n, base))
         )
+
+    def skipped(self) -> dict[str, str]:
+        """Arm name -> why the sites' data cannot support it (``missing``)."""
+        out = {}
+        for arm in self.arms:
+            wanted = [m.value for m in arm.modalities]
+            if all(m in self.missing for m in wanted):
+                out[arm.name] = "; ".join(self.missing[m] for m in wanted)
+        return out
 
     def arms_left_out(self, n_sites: int) -> tuple[Arm, ...]:
         """The SecAgg+ arms a federation of fewer than 3 sites cannot run."""
@@ -408,7 +515,16 @@ class StudySettings:
         train: dict[str, Any] = {"local_epochs": self.local_epochs, "torch_threads": 1}
         if self.batch_size:
             train["batch_size"] = self.batch_size
-        return RunConfig().with_overrides(
+        start = (
+            RunConfig.from_toml(Path(self.run_config))
+            if self.run_config
+            else RunConfig()
+        )
+        if self.sites_dir is not None:
+            # a real site may have no imaging, or studies without an image: they
+            # train on their EHR and note (the missing-modality path)
+            start = start.with_overrides(task={"require_image": False})
+        return start.with_overrides(
             federation={"rounds": self.rounds, "min_sites": cell.sites, "seed": seed},
             secure_aggregation={"enabled": False},
             train=train,
@@ -458,7 +574,17 @@ class StudySettings:
         return out
 
     def data_key(self, patients: int) -> dict[str, Any]:
-        """What decides the synthetic hospitals (besides site count and seed)."""
+        """What decides the arms' data.
+
+        Synthetic: what decides the hospitals (besides site count and seed).
+        ``--sites-dir``: each site's dataset fingerprint and the run config.
+        """
+        if self.sites_dir is not None:
+            config_text = Path(self.run_config).read_text() if self.run_config else ""
+            return {
+                "sites": self.data_identity,
+                "run_config": hashlib.sha256(config_text.encode()).hexdigest(),
+            }
         return {
             "patients_per_site": patients,
             "heterogeneity": self.heterogeneity.as_dict(),
@@ -496,6 +622,8 @@ class StudySettings:
                 )
             },
             "recipe": asdict(training_recipe(config)),
+            # the model as configured (the base is keyed above, by its identity)
+            "model": config.model.model_dump(mode="json", exclude={"base"}),
         }
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -504,6 +632,9 @@ class StudySettings:
         """The settings as JSON-ready values (the study's output and docs)."""
         return {
             "size": self.size.value,
+            "sites_dir": self.sites_dir,
+            "run_config": self.run_config,
+            "skipped_arms": self.skipped(),
             "site_counts": list(self.site_counts),
             "patients": list(self.patients),
             "seeds": {str(p): list(self.seeds_for(p)) for p in self.patients},
@@ -574,3 +705,21 @@ _PRESETS: dict[StudySize, dict[str, Any]] = {
         "local_goal_patients": 200,
     },
 }
+
+
+def site_tomls_in(folder: Path) -> list[Path]:
+    """The ``site.toml`` of every site folder directly in ``folder`` (sorted)."""
+    if not folder.is_dir():
+        raise ConfigError(
+            f"--sites-dir {folder} is not a folder",
+            hint="Give a folder that holds one folder per site, each with its site.toml.",
+        )
+    tomls = sorted(folder.glob("*/site.toml"))
+    if len(tomls) < 2:
+        raise ConfigError(
+            f"--sites-dir {folder} holds {len(tomls)} site folder(s) with a site.toml; "
+            "a federation needs at least 2",
+            hint="Put one folder per site in it, each with the site.toml that "
+            "`wardround site check` accepts.",
+        )
+    return tomls

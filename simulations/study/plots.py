@@ -68,7 +68,8 @@ def _title(cells: Mapping[str, Any], key: str) -> str:
     cell = cells.get(key)
     if not cell:
         return key
-    return f"{cell['patients']:,}/site, {cell['sites']} sites, {cell['base']}"
+    size = "own data" if cell["patients"] == 0 else f"{cell['patients']:,}/site"
+    return f"{size}, {cell['sites']} sites, {cell['base']}"
 
 
 def plot_rounds(

@@ -155,6 +155,63 @@ def _base_text(name: str, info: Mapping[str, Any] | None) -> str:
     )
 
 
+def _size(patients: int) -> str:
+    """A cell's patients per site as the tables write it (0: the sites' own data)."""
+    return "own data" if patients == 0 else f"{patients:,}"
+
+
+def _data_text(s: Mapping[str, Any]) -> str:
+    if s.get("sites_dir"):
+        return (
+            f"- **Data**: the {_and(s['site_counts'])} sites in `{s['sites_dir']}`"
+            + (f", run config `{s['run_config']}`" if s.get("run_config") else "")
+            + f", each split per patient as its site.toml says; {_seeds(s)}. Each "
+            "seed draws the model's initialisation and the shuffling."
+        )
+    return (
+        f"- **Data**: synthetic hospitals (`wardround synth`'s generator), "
+        f"{_and(s['site_counts'])} sites, "
+        f"{_and([f'{p:,}' for p in s['patients']])} patients per site, split per "
+        f"patient into training and validation (80/20); {_seeds(s)}. Each seed "
+        "draws the hospitals, the model's initialisation and the shuffling; every "
+        "arm of a size, site count and seed is scored on the same per-site "
+        "validation splits, whatever its base."
+    )
+
+
+def _own_data_notes(s: Mapping[str, Any]) -> list[str]:
+    if not s.get("sites_dir"):
+        return []
+    lines = [
+        "- **Where this runs**: the pooled arms gather every site's training data "
+        "on the one machine that ran the study. That is for a data-sharing sandbox "
+        "or a simulation, never a deployment: in a deployment no record leaves a "
+        "site."
+    ]
+    skipped = s.get("skipped_arms") or {}
+    if skipped:
+        lines.append(
+            "- **Skipped arms** (the sites' data cannot support them): "
+            + "; ".join(f"{name}: {why}" for name, why in sorted(skipped.items()))
+            + "."
+        )
+    return lines
+
+
+def _generator_text(h: Mapping[str, Any], noise: Any) -> str:
+    return (
+        "- **Generator difficulty, fixed before the study ran** "
+        "(`simulations/synth_shift.py`, `STUDY_HETEROGENEITY`): label skew "
+        f"{h['label_skew']:g} (sd of each site's shift of each finding's "
+        f"prevalence log-odds), scanner shift {h['scanner_shift']:g} (sd of the "
+        "log intensity scale; offset sd half of it), scanner noise sd "
+        + (f"{noise[0]:g}–{noise[1]:g}" if noise else "as preset")
+        + f", note dialect {h['note_dialect']:g} (share of each finding's note "
+        "phrases a site never uses), on top of the presets' differences in age, "
+        "modality mix, note style and EHR schema."
+    )
+
+
 def _header(data: Mapping[str, Any]) -> list[str]:
     s = data["settings"]
     v = data["versions"]
@@ -179,27 +236,23 @@ def _header(data: Mapping[str, Any]) -> list[str]:
         f"{data['wall_seconds'] / 60:.1f} min; its main process ran "
         f"{data['arms_run']} arms and read {data['arms_cached']} from the output "
         "folder (written by its `--jobs` workers or by an earlier call).",
-        f"- **Data**: synthetic hospitals (`wardround synth`'s generator), "
-        f"{_and(s['site_counts'])} sites, "
-        f"{_and([f'{p:,}' for p in s['patients']])} patients per site, split per "
-        f"patient into training and validation (80/20); {_seeds(s)}. Each seed "
-        "draws the hospitals, the model's initialisation and the shuffling; every "
-        "arm of a size, site count and seed is scored on the same per-site "
-        "validation splits, whatever its base.",
+        _data_text(s),
         "- **Bases**: "
         + "; ".join(
             _base_text(name, info) for name, info in data.get("bases", {}).items()
         )
         + f". The ablations run on the `{s['primary_base']}` base.",
-        "- **Generator difficulty, fixed before the study ran** "
-        "(`simulations/synth_shift.py`, `STUDY_HETEROGENEITY`): label skew "
-        f"{h['label_skew']:g} (sd of each site's shift of each finding's "
-        f"prevalence log-odds), scanner shift {h['scanner_shift']:g} (sd of the "
-        "log intensity scale; offset sd half of it), scanner noise sd "
-        + (f"{noise[0]:g}–{noise[1]:g}" if noise else "as preset")
-        + f", note dialect {h['note_dialect']:g} (share of each finding's note "
-        "phrases a site never uses), on top of the presets' differences in age, "
-        "modality mix, note style and EHR schema.",
+        *_own_data_notes(s),
+        *([] if s.get("sites_dir") else [_generator_text(h, noise)]),
+        "- **Classical reference**: logistic regression on each note's binary bag "
+        "of hashed word 1–2-grams (L2-normalised; hashing, so no vocabulary is "
+        "learned from any site's text) and the EHR features the run declares, one "
+        "model per finding. Pooled and local only: scikit-learn's "
+        "`LogisticRegressionCV` (L2 strength by 3-fold cross-validated AUROC on "
+        "the training split); FedAvg: the same linear model trained by the sites' "
+        "local trainer and averaged like the fusion model's adapter, with DP-SGD "
+        "as the DP arms. '− classical pooled' is an arm's AUROC minus the pooled "
+        "classical model's.",
         f"- **Training**: the default fusion model (image {s['image_size']}², "
         f"notes ≤ {s['max_note_tokens']} tokens), {s['rounds']} rounds × "
         f"{s['local_epochs']} local epochs, {_training(s)}: every arm sees "
@@ -211,7 +264,7 @@ def _header(data: Mapping[str, Any]) -> list[str]:
         + "}; DP-SGD at ε ∈ {"
         + ", ".join(f"{x:g}" for x in s["dp_epsilons"])
         + "} per site (δ = 1e-5, clip 1.0, RDP accounting).",
-        f"- **Arms**: every arm runs at {s['patients'][0]:,} patients per site on "
+        f"- **Arms**: every arm runs at {_size(s['patients'][0])} patients per site on "
         f"{_and(s['ablation_site_counts'])} sites with the `{s['primary_base']}` "
         "base"
         + (
@@ -226,7 +279,7 @@ def _header(data: Mapping[str, Any]) -> list[str]:
         + "; every size and base runs the privacy axis (pooled, local-only, FedAvg "
         f"and FedAvg + DP at each ε) on {_and(s['ablation_site_counts'])} sites. "
         "Arm runs per size (all seeds): "
-        + ", ".join(f"{int(p):,} patients {n}" for p, n in _arm_runs(s).items())
+        + ", ".join(f"{_size(int(p))} patients {n}" for p, n in _arm_runs(s).items())
         + ".",
         "- **AUROC**: macro over the four findings on each site's validation "
         "split, then the mean over sites (every hospital once); mean ± sd over "
@@ -249,7 +302,7 @@ def _goals(data: Mapping[str, Any]) -> list[str]:
     ]
     for g in data["goals"]:
         lines.append(
-            f"| {g['patients']:,} | {g['sites']} | {g['base']} | {g['goal']} | "
+            f"| {_size(g['patients'])} | {g['sites']} | {g['base']} | {g['goal']} | "
             f"{g['measured']} | {_verdict(g)} |"
         )
     return lines
@@ -267,8 +320,12 @@ def _dp_worth(data: Mapping[str, Any]) -> list[str]:
         "model beats that site's local-only model (trained without DP).",
         "",
         "| patients/site | sites | base | seeds | pooled | local only | "
-        "FedAvg, no DP | " + " | ".join(f"ε={e:g}: AUROC (X)" for e in epsilons) + " |",
-        "|---:|---:|---|---:|---:|---:|---:|" + "---:|" * len(epsilons),
+        "classical, pooled | FedAvg, no DP | "
+        + " | ".join(f"ε={e:g}: AUROC (X)" for e in epsilons)
+        + " | "
+        + " | ".join(f"classical, ε={e:g}" for e in epsilons)
+        + " |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|" + "---:|" * 2 * len(epsilons),
     ]
     sentences = []
     for r in rows:
@@ -289,16 +346,21 @@ def _dp_worth(data: Mapping[str, Any]) -> list[str]:
             )
             words.append(f"ε={eps:g} {_num(entry['ratio_to_pooled'], 2)}×")
         lines.append(
-            f"| {r['patients']:,} | {r['sites']} | {r['base']} | {r['seeds']} | "
-            f"{_num(r['pooled'])} | {_num(r['local'])} | {_num(r['fedavg'])} | "
+            f"| {_size(r['patients'])} | {r['sites']} | {r['base']} | {r['seeds']} | "
+            f"{_num(r['pooled'])} | {_num(r['local'])} | "
+            f"{_num(r.get('classical'))} | {_num(r['fedavg'])} | "
             + " | ".join(cells)
+            + " | "
+            + " | ".join(
+                _num((r.get("classical_dp") or {}).get(f"{e:g}")) for e in epsilons
+            )
             + " |"
         )
         if words:
             first, *rest = words
             eps, ratio_text = first.split(" ", 1)
             sentences.append(
-                f"- With {r['patients']:,} patients per site ({r['sites']} sites, "
+                f"- With {_size(r['patients'])} patients per site ({r['sites']} sites, "
                 f"{r['base']} base), {eps} keeps {ratio_text} of pooled"
                 + (", " + ", ".join(rest) if rest else "")
                 + f"; FedAvg without DP {_num(r['fedavg_ratio_to_pooled'], 2)}×."
@@ -381,13 +443,14 @@ def _findings(arms: Mapping[str, Any]) -> list[str]:
 
 def _arms_table(arms: Mapping[str, Any]) -> list[str]:
     lines = [
-        "| arm | untrained | AUROC | × pooled | sites above local-only | worst site | "
-        "upload B/site/round | ε spent | s per run (CPU s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| arm | untrained | AUROC | × pooled | − classical pooled | "
+        "sites above local-only | worst site | upload B/site/round | ε spent | "
+        "s per run (CPU s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for entry in arms.values():
         if not entry.get("seeds"):
-            lines.append(f"| {entry['label']} | | failed | | | | | | |")
+            lines.append(f"| {entry['label']} | | failed | | | | | | | |")
             continue
         above = (
             f"{entry['sites_above_local']}/{entry['sites']}"
@@ -398,13 +461,20 @@ def _arms_table(arms: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"| {entry['label']} | {_num(entry['per_round'][0]['mean'])} | "
             f"{fmt(entry['auroc'])} | "
-            f"{_num(entry.get('ratio_to_pooled'))} | {above} | "
+            f"{_num(entry.get('ratio_to_pooled'))} | "
+            f"{_signed(entry.get('minus_classical'))} | {above} | "
             f"{_num(entry.get('worst_site'))} | "
             f"{'—' if upload is None else f'{upload:,.0f}'} | "
             f"{fmt(entry.get('epsilon'), 2)} | {_num(entry['seconds']['mean'], 0)} "
             f"({_num(entry['cpu_seconds']['mean'], 0)}) |"
         )
     return lines
+
+
+def _signed(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    return f"{value:+.3f}"
 
 
 def _best(arms: Mapping[str, Any], prefix: str) -> tuple[str, Mapping[str, Any]] | None:
@@ -424,6 +494,10 @@ def _sites_table(arms: Mapping[str, Any]) -> list[str]:
     if best is not None:
         columns.append((best[0], f"best FedProx ({best[1]['label'].split()[-1]})"))
     columns.append(("pooled", "pooled"))
+    columns += [
+        ("classical-local", "classical, local"),
+        ("classical-pooled", "classical, pooled"),
+    ]
     columns = [(k, t) for k, t in columns if arms.get(k, {}).get("seeds")]
     reference = arms.get("pooled") or next(iter(arms.values()))
     sites = sorted(reference.get("per_site", {}))
@@ -484,7 +558,7 @@ def render_report(
     for key, arms in data["summary"].items():
         cell = cells.get(key)
         name = (
-            f"{cell['patients']:,} patients/site, {cell['sites']} sites, "
+            f"{_size(cell['patients'])} patients/site, {cell['sites']} sites, "
             f"{cell['base']} base"
             if cell
             else key

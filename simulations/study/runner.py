@@ -21,17 +21,28 @@ import os
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from ...client.site_config import SiteConfig
 from ...common.errors import WardroundError
 from ...server.rundir import versions, write_json
 from ..reporting import machine_info
 from .arms import ArmOutcome, run_federated, run_local, run_pooled
-from .plan import RANDOM_BASE, Arm, ArmKind, Cell, StudySettings, base_label
+from .classical import run_classical
+from .plan import (
+    OWN_DATA,
+    RANDOM_BASE,
+    Arm,
+    ArmKind,
+    Cell,
+    StudySettings,
+    base_label,
+    site_tomls_in,
+)
 from .summary import dp_worth, evaluate_goals, study_summary_json, summarise
 
 log = logging.getLogger(__name__)
@@ -121,6 +132,8 @@ def prepare_federation(
     """
     from ..synth import synthesize_federation
 
+    if settings.sites_dir is not None:
+        return stage_sites(settings, out_dir)
     root = (
         out_dir / "data" / f"patients-{patients}" / f"seed-{seed}" / f"sites-{n_sites}"
     )
@@ -143,6 +156,63 @@ def prepare_federation(
     return paths
 
 
+def stage_sites(settings: StudySettings, out_dir: Path) -> list[Path]:
+    """Copies of the ``--sites-dir`` sites' site.toml the study runs on.
+
+    The data stay where they are (paths made absolute); the copies put the image
+    cache, the privacy ledger and the daemon state under ``out_dir``, so a study
+    never writes into a site's folder nor spends its real privacy budget.
+    """
+    assert settings.sites_dir is not None
+    staged = []
+    for toml in site_tomls_in(Path(settings.sites_dir)):
+        SiteConfig.from_toml(toml)  # a site that site check would refuse stops here
+        doc = tomllib.loads(toml.read_text())
+        home = toml.parent.resolve()
+        target = out_dir / "data" / "sites-dir" / toml.parent.name
+        data = doc.setdefault("data", {})
+        if "dicom-dirs" in data:
+            data["dicom-dirs"] = [str(home / d) for d in data["dicom-dirs"]]
+        data["ehr"] = str(home / data.get("ehr", "ehr.parquet"))
+        data["cache-dir"] = str(target / "cache")
+        privacy = doc.setdefault("privacy", {})
+        privacy["ledger-dir"] = str(target / "privacy-ledger")
+        doc.setdefault("deployment", {})["state-dir"] = str(target / "state")
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "site.toml").write_text(tomli_w.dumps(doc))
+        staged.append(target / "site.toml")
+    raise_lifetime_budget(staged)
+    return staged
+
+
+def inspect_sites(settings: StudySettings, out_dir: Path) -> StudySettings:
+    """``settings`` with the modalities no ``--sites-dir`` site has, and its data.
+
+    Loads every site's data once (as its ClientApp would) and keys the arms on
+    each site's dataset fingerprint, so a changed site reruns its arms.
+    """
+    from ...client.runtime import get_runtime
+
+    tomls = stage_sites(settings, out_dir)
+    cell = Cell(OWN_DATA, len(tomls), RANDOM_BASE)
+    config = settings.base_config(str(Path(settings.sites_dir or ".")), cell, 0)
+    present = {"image": 0.0, "ehr": 0.0, "note": 0.0}
+    fingerprints = {}
+    for index, toml in enumerate(tomls):
+        data = get_runtime(toml, index, config).data
+        fingerprints[toml.parent.name] = data.fingerprint
+        for dataset in (data.train, data.validation):
+            flags = dataset.tensors["present"].sum(0).tolist()
+            for name, count in zip(present, flags, strict=True):
+                present[name] += count
+    missing = {
+        name: f"no site has {'images' if name == 'image' else name + 's'}"
+        for name, count in present.items()
+        if count == 0
+    }
+    return replace(settings, missing=missing, data_identity=fingerprints)
+
+
 def raise_lifetime_budget(
     site_tomls: list[Path], epsilon: float = STUDY_LIFETIME_BUDGET
 ) -> None:
@@ -157,7 +227,7 @@ def _arm_file(out_dir: Path, cell: Cell, seed: int, arm: Arm) -> Path:
     return (
         out_dir
         / "arms"
-        / f"patients-{cell.patients}"
+        / ("own-data" if cell.own_data else f"patients-{cell.patients}")
         / f"sites-{cell.sites}"
         / f"base-{base_label(cell.base)}"
         / f"seed-{seed}"
@@ -192,6 +262,8 @@ def run_arm(
         str(arm_dir / "run"),
         str(base_folder) if base_folder is not None else None,
     )
+    if arm.classical:
+        return run_classical(config, site_tomls, arm.kind)
     if arm.kind is ArmKind.POOLED:
         return run_pooled(config, site_tomls, subgroups=arm.subgroups)
     if arm.kind is ArmKind.LOCAL:
@@ -263,11 +335,14 @@ def run_study(
     ``started`` and ``machine`` (:func:`~..reporting.machine_info`) say when and
     on what this command started, if before this call.
     """
-    from ...common.config import RunConfig
     from .plots import write_plots
     from .report import render_report
 
     out_dir = Path(out_dir).resolve()
+    if settings.sites_dir is not None and not settings.data_identity:
+        settings = inspect_sites(settings, out_dir)
+        for name, why in settings.skipped().items():
+            log.warning("arm %s is skipped: %s", name, why)
     started = started if started is not None else time.time()
     machine_start = machine if machine is not None else machine_info()
     units = federation_units(settings)
@@ -364,7 +439,7 @@ def run_study(
     if shard is not None:
         return outcome
 
-    labels = RunConfig().task.labels
+    labels = settings.base_config("sites", cells[0], 0).task.labels if cells else ()
     summary = summarise(settings, results, labels)
     goals = evaluate_goals(settings, summary)
     data = {

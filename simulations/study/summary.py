@@ -28,6 +28,9 @@ DP_ABOVE_LOCAL_EPSILON = 8.0
 """At ``local_goal_patients`` per site, DP FedAvg at this ε beats every site's
 local-only model (trained without DP)."""
 FUSION_MARGIN = 0.03
+CLASSICAL_POOLED = "classical-pooled"
+CLASSICAL_DP_EPSILON = 8.0
+"""FedAvg + DP at this ε must reach the pooled classical reference too."""
 
 
 def _ms(values: list[float]) -> dict[str, Any]:
@@ -46,6 +49,7 @@ def summarise_arm(
         "label": arm.label,
         "group": arm.group.value,
         "kind": arm.kind.value,
+        "classical": arm.classical,
         "target_epsilon": arm.epsilon,
         "secure_aggregation": arm.secure_aggregation,
         "seeds": len(outcomes),
@@ -153,13 +157,17 @@ def summarise(
 
 def _compare(arms: dict[str, dict[str, Any]], plan: tuple[Arm, ...]) -> None:
     """Add each arm's ratio to pooled and how many sites beat their local-only model."""
-    pooled = arms.get("pooled", {}).get("auroc", {}).get("mean", math.nan)
-    local = arms.get("local", {}).get("per_site", {})
+    pooled = _auroc(arms, "pooled")
+    classical = _auroc(arms, CLASSICAL_POOLED)
     for arm in plan:
         entry = arms[arm.name]
         if not entry.get("seeds"):
             continue
+        local = arms.get("classical-local" if arm.classical else "local", {}).get(
+            "per_site", {}
+        )
         entry["ratio_to_pooled"] = ratio(entry["auroc"]["mean"], pooled)
+        entry["minus_classical"] = entry["auroc"]["mean"] - classical
         per_site = {s: v["mean"] for s, v in entry["per_site"].items()}
         entry["worst_site"] = min(per_site.values()) if per_site else math.nan
         if arm.kind is ArmKind.FEDERATED and local:
@@ -178,6 +186,7 @@ def _dp_arm(arms: Mapping[str, Any], epsilon: float) -> dict[str, Any] | None:
     for entry in arms.values():
         if (
             entry.get("seeds")
+            and not entry.get("classical")
             and entry.get("target_epsilon") == epsilon
             and not entry.get("secure_aggregation")
         ):
@@ -217,6 +226,11 @@ def dp_worth(
                 "seeds": len(settings.seeds_for(cell.patients)),
                 "pooled": _auroc(arms, "pooled"),
                 "local": _auroc(arms, "local"),
+                "classical": _auroc(arms, CLASSICAL_POOLED),
+                "classical_dp": {
+                    f"{eps:g}": _auroc(arms, f"classical-fedavg-dp-eps{eps:g}")
+                    for eps in settings.epsilons
+                },
                 "fedavg": _auroc(arms, "fedavg"),
                 "fedavg_ratio_to_pooled": arms.get("fedavg", {}).get(
                     "ratio_to_pooled", math.nan
@@ -278,11 +292,45 @@ def evaluate_goals(
                     )
                 )
         goals += _fusion_goals(cell, arms, plan)
+    for cell in settings.cells():
+        goals += _classical_goals(cell, summary.get(cell.key, {}))
     for n_sites in settings.ablation_site_counts:
         goals += _dp_pooled_goals(settings, summary, n_sites)
         goals += _dp_local_goals(settings, summary, n_sites)
         goals += _base_goals(settings, summary, n_sites)
     return sorted(goals, key=lambda g: (g.patients, g.sites))  # stable: by size
+
+
+def _classical_goals(cell: Cell, arms: Mapping[str, Any]) -> list[Goal]:
+    """The fusion model against the pooled classical reference, in every cell.
+
+    Without DP, FedAvg's AUROC is at least the pooled classical model's; so is
+    FedAvg + DP at ε=8 where the cell runs it.
+    """
+    classical = _auroc(arms, CLASSICAL_POOLED)
+    if math.isnan(classical):
+        return []
+    goals = []
+    candidates = [("FedAvg without DP", arms.get("fedavg"))]
+    dp = _dp_arm(arms, CLASSICAL_DP_EPSILON)
+    if dp is not None:
+        candidates.append((f"FedAvg + DP ε={CLASSICAL_DP_EPSILON:g}", dp))
+    for label, entry in candidates:
+        if not entry or not entry.get("seeds"):
+            continue
+        value = entry["auroc"]["mean"]
+        goals.append(
+            at_least(
+                "above_classical",
+                cell,
+                f"{label} ≥ the pooled classical reference's AUROC",
+                f"{value:.3f} vs classical pooled {classical:.3f}: "
+                f"{value - classical:+.3f}",
+                value - classical,
+                0.0,
+            )
+        )
+    return goals
 
 
 def _not_run(key: str, cell: Cell, goal: str, why: str) -> Goal:

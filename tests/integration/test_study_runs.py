@@ -61,9 +61,12 @@ def test_smoke_study_runs_every_arm_and_pooled_beats_chance(smoke_study):
     for name, entry in arms.items():
         assert entry["seeds"] == 1, name
         assert set(entry["per_site"]) == {"site-01", "site-02", "site-03"}
-        assert len(entry["per_round"]) == settings.rounds + 1
+        # the classical model fitted once (scikit-learn): untrained and final
+        one_fit = entry["classical"] and entry["kind"] != "federated"
+        assert len(entry["per_round"]) == (2 if one_fit else settings.rounds + 1)
         assert 0.0 <= entry["auroc"]["mean"] <= 1.0
         assert entry["ratio_to_pooled"] > 0
+        assert "minus_classical" in entry
     assert arms["fedavg"]["sites_above_local"] in range(4)
     assert arms["fedavg-dp-eps8"]["epsilon"]["mean"] <= 8.0 * 1.001
     assert arms["fedavg-secagg"]["upload_bytes_per_site_per_round"]["mean"] > 0
@@ -83,7 +86,13 @@ def test_smoke_study_runs_every_arm_and_pooled_beats_chance(smoke_study):
         "dp_vs_pooled",
         "dp_above_local",
         "pretrained_vs_random",
+        "above_classical",
     }
+    # the classical reference beats chance pooled, and its DP FedAvg spends its ε
+    assert arms["classical-pooled"]["auroc"]["mean"] > 0.5
+    assert arms["classical-fedavg-dp-eps8"]["epsilon"]["mean"] <= 8.0 * 1.001
+    assert arms["classical-fedavg"]["auroc"]["mean"] > 0.5
+    assert "classical, pooled" in (out / "report.md").read_text()
     assert {r["cell"] for r in data["dp_worth"]} == set(data["summary"])
     assert data["bases"]["random"] is None
     assert data["bases"]["tiny-base"]["pretrain"]["steps"] == 3

@@ -145,6 +145,12 @@ def test_full_study_crosses_base_size_and_dp_with_the_ablations_at_the_smallest(
         "fedavg-dp-eps1",
         "fedavg-dp-eps3",
         "fedavg-dp-eps8",
+        "classical-pooled",
+        "classical-local",
+        "classical-fedavg",
+        "classical-fedavg-dp-eps1",
+        "classical-fedavg-dp-eps3",
+        "classical-fedavg-dp-eps8",
     }
     # every arm at 200 patients, 3 sites, pretrained
     assert _names(settings.arms_for(cells["200x3-pretrained"])) == _names(settings.arms)
@@ -156,9 +162,11 @@ def test_full_study_crosses_base_size_and_dp_with_the_ablations_at_the_smallest(
         "fedavg-gated",
         "fedavg-cross-attention",
     }
-    # 8 sites: reference and strategy arms, at the smallest size and primary base
+    # 8 sites: reference, classical and strategy arms, at the smallest size and
+    # primary base
     assert {a.group for a in settings.arms_for(cells["200x8-pretrained"])} == {
         ArmGroup.REFERENCE,
+        ArmGroup.CLASSICAL,
         ArmGroup.STRATEGY,
     }
     # the privacy axis on both bases at every size, on the ablation site count only
@@ -630,3 +638,38 @@ def test_a_two_site_federation_runs_without_the_secagg_arms(tmp_path):
     for arm in two:  # every arm that runs has a valid config
         config = settings.arm_config(arm, cell, str(tmp_path), 0, str(tmp_path / "r"))
         assert not config.secure_aggregation.enabled
+
+
+# -- real sites (--sites-dir) ----------------------------------------------------------
+def _site_folders(root, n):
+    for i in range(n):
+        (root / f"hospital-{i}").mkdir(parents=True)
+        (root / f"hospital-{i}" / "site.toml").write_text(f'[site]\nname = "h{i}"\n')
+    return root
+
+
+def test_a_sites_dir_study_is_one_cell_of_its_own_sites(tmp_path):
+    settings = StudySettings.for_sites_dir(StudySize.SMOKE, _site_folders(tmp_path, 3))
+
+    (cell,) = settings.cells()
+    assert cell.own_data and cell.sites == 3 and cell.key == "sites3-random"
+    assert "own data" in cell.label
+    assert _names(settings.arms_for(cell)) == _names(settings.arms)
+
+
+def test_arms_that_need_a_modality_no_site_has_are_skipped_with_the_reason(tmp_path):
+    settings = StudySettings.for_sites_dir(StudySize.SMOKE, _site_folders(tmp_path, 3))
+    imageless = replace(settings, missing={"image": "no site has images"})
+
+    (cell,) = imageless.cells()
+    assert imageless.skipped() == {"fedavg-image-only": "no site has images"}
+    assert "fedavg-image-only" not in _names(imageless.arms_for(cell))
+    assert "fedavg" in _names(imageless.arms_for(cell))
+    assert imageless.describe()["skipped_arms"] == imageless.skipped()
+
+
+def test_a_sites_dir_needs_two_site_folders(tmp_path):
+    with pytest.raises(ConfigError, match="at least 2"):
+        StudySettings.for_sites_dir(StudySize.SMOKE, _site_folders(tmp_path, 1))
+    with pytest.raises(ConfigError, match="not a folder"):
+        StudySettings.for_sites_dir(StudySize.SMOKE, tmp_path / "absent")
