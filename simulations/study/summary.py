@@ -473,6 +473,7 @@ def _fusion_goals(
         a
         for a in plan.values()
         if a.kind is ArmKind.FEDERATED
+        and not a.classical
         and len(a.modalities) == len(Modality)
         and a.epsilon is None
         and not a.secure_aggregation
