@@ -1,0 +1,72 @@
+"""The study on a folder of real site folders (--sites-dir): image-less sites (EHR and
+notes only) run every arm their data supports, the classical reference included, and
+the image-only arm is skipped with the reason; the sites' own folders are not written."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from wardround.cli import app
+from wardround.simulations.study.plan import StudySettings, StudySize
+from wardround.simulations.study.runner import run_study
+from wardround.simulations.synth import synthesize_federation
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def sites_dir_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hospitals")
+    synthesize_federation(
+        root / "sites", 3, patients_per_site=40, seed=5, image_less_sites=3
+    )
+    before = sorted(p.relative_to(root) for p in (root / "sites").rglob("*"))
+    settings = StudySettings.for_sites_dir(StudySize.SMOKE, root / "sites")
+    out = tmp_path_factory.mktemp("study")
+    result = run_study(settings, out, command="test")
+    return root, before, settings, out, result
+
+
+def test_every_supported_arm_has_a_row_and_the_image_arm_says_why_not(sites_dir_study):
+    root, before, settings, out, result = sites_dir_study
+    data = json.loads((out / "study.json").read_text())
+
+    assert result.failed == []
+    (cell,) = data["summary"]
+    assert cell == "sites3-random"
+    arms = data["summary"][cell]
+    expected = {a.name for a in settings.arms} - {"fedavg-image-only"}
+    assert set(arms) == expected
+    assert all(entry["seeds"] == 1 for entry in arms.values())
+    for name in ("classical-pooled", "classical-local", "classical-fedavg"):
+        assert arms[name]["auroc"]["mean"] > 0.5, name
+    assert data["settings"]["skipped_arms"] == {
+        "fedavg-image-only": "no site has images"
+    }
+    report = (out / "report.md").read_text()
+    assert "own data" in report and "fedavg-image-only: no site has images" in report
+    assert "never a deployment" in report
+    assert "| classical, pooled |" in report and "| FedAvg, note only |" in report
+    # the sites' folders are read, never written (cache and ledger under --out)
+    assert sorted(p.relative_to(root) for p in (root / "sites").rglob("*")) == before
+
+
+def test_the_command_refuses_synthetic_sizes_with_a_sites_dir(tmp_path):
+    runner = CliRunner()
+
+    bad = runner.invoke(
+        app,
+        [
+            "study",
+            "quality",
+            "--sites-dir",
+            str(tmp_path),
+            "--patients",
+            "200",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+
+    assert bad.exit_code == 2 and "--sites-dir runs on the sites it holds" in bad.output
