@@ -52,6 +52,7 @@ from .answers import AnswerKind, coarsen_metrics
 from .egress import EgressAllowlist, check_legacy_fitres, check_reply
 from .egress_mods import site_mods
 from .ledger import project
+from .personal import load_personal, save_personal
 from .privacy_policy import DpPlan, plan_site_privacy
 from .run_identity import run_identity
 from .runtime import SiteRuntime, get_runtime, resolve_site_toml, samples_folder
@@ -129,12 +130,15 @@ def _parse(
             f"this site has {runtime.built.base_fingerprint[:12]}…",
             hint="Use the same model section of the run config and the same weights at every site.",
         )
-    load_adapter_state(runtime.built.model, global_state)
     run = run_identity(
         config,
         simulation=simulation,
         flower_run=int(context.run_id),
         named_run=str(round_config.get(wire.RUN_ID, "")),
+    )
+    # personalised sites: this site's own modules over the global adapter
+    load_adapter_state(
+        runtime.built.model, {**global_state, **load_personal(runtime, run)}
     )
     return _Request(
         config,
@@ -225,7 +229,9 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         plan.training if plan is not None else None,
         objective=runtime.objective,
     )
-    full_delta = subtract(adapter_state(runtime.built.model), request.global_state)
+    trained = adapter_state(runtime.built.model)
+    save_personal(runtime, run, trained)
+    full_delta = subtract(trained, request.global_state)
     payload = OrderedDict((k, full_delta[k]) for k in runtime.payload_keys)
     raw_l2 = l2_norm(payload)
     payload, clipped = clip_l2(payload, config.federation.delta_clip_norm)

@@ -62,6 +62,7 @@ class SiteRuntime:
         return payload_keys(
             self.adapter_keys,
             frozen_lora_a=self.config.model.lora_variant is LoraVariant.FFA,
+            personal=self.config.federation.personal,
         )
 
     @functools.cached_property

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import FederationError
+from .errors import ConfigError, FederationError
 
 if TYPE_CHECKING:
     import torch
@@ -33,12 +33,51 @@ def adapter_state(model: torch.nn.Module) -> OrderedDict[str, np.ndarray]:
     )
 
 
-def payload_keys(state_keys: Iterable[str], *, frozen_lora_a: bool) -> list[str]:
-    """The adapter tensors a site sends back: all of them, or all but LoRA A (FFA-LoRA).
+def payload_keys(
+    state_keys: Iterable[str],
+    *,
+    frozen_lora_a: bool,
+    personal: Iterable[str] = (),
+) -> list[str]:
+    """The adapter tensors a site sends back.
+
+    All of them, but not LoRA A (FFA-LoRA) nor those of the ``personal`` modules
+    (each site keeps its own).
 
     Sorted: the order of the unnamed arrays in the secure-aggregation vector.
     """
-    return sorted(k for k in state_keys if not (frozen_lora_a and ".lora_A." in k))
+    keys = list(state_keys)
+    personal = tuple(personal)
+    if personal:
+        _check_personal(keys, personal)
+    return sorted(
+        k
+        for k in keys
+        if not (frozen_lora_a and ".lora_A." in k) and not is_personal(k, personal)
+    )
+
+
+def _check_personal(keys: list[str], personal: tuple[str, ...]) -> None:
+    modules = sorted({k.split(".")[2] for k in keys if k.count(".") > 2})
+    hint = f"Name modules this model trains: {', '.join(modules)}."
+    for module in personal:
+        if not any(is_personal(k, (module,)) for k in keys):
+            raise ConfigError(
+                f"federation.personal names {module!r}, and no tensor this model "
+                "trains belongs to it",
+                hint=hint,
+            )
+    if all(is_personal(k, personal) for k in keys):
+        raise ConfigError(
+            "federation.personal keeps every trained tensor local: nothing is left "
+            "to federate",
+            hint=hint,
+        )
+
+
+def is_personal(key: str, personal: Iterable[str]) -> bool:
+    """Whether adapter tensor ``key`` belongs to one of the ``personal`` modules."""
+    return any(f".{module}." in f".{key}" for module in personal)
 
 
 def load_adapter_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:

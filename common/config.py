@@ -194,11 +194,24 @@ class FederationConfig(_Section):
         description="how many sites the run expects; 0: min-sites (on a coordinator: "
         "the enrolled sites that are not revoked)",
     )
+    personal: tuple[str, ...] = Field(
+        (),
+        max_length=16,
+        description="personalised sites: the model's trainable modules each site "
+        "keeps to itself (e.g. ['head', 'wide']); they never leave the site, are "
+        "not aggregated, and each site evaluates with its own",
+    )
 
     @model_validator(mode="after")
     def _mu_matches_strategy(self) -> FederationConfig:
         if self.strategy is Strategy.FEDPROX and self.proximal_mu <= 0.0:
             raise ValueError("strategy 'fedprox' needs proximal-mu > 0 (e.g. 0.01)")
+        if len(set(self.personal)) != len(self.personal) or not all(
+            name.isidentifier() for name in self.personal
+        ):
+            raise ValueError(
+                "personal must list module names (e.g. 'head', 'wide'), each once"
+            )
         return self
 
 

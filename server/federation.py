@@ -276,7 +276,9 @@ class _Run:
         )
         self.current_round = start.point.round if start.point else 0
         keys = payload_keys(
-            self.state, frozen_lora_a=config.model.lora_variant is LoraVariant.FFA
+            self.state,
+            frozen_lora_a=config.model.lora_variant is LoraVariant.FFA,
+            personal=config.federation.personal,
         )
         self.phases = RoundPhases(
             strategy=make_strategy(config.federation),

@@ -85,6 +85,8 @@ class Arm:
     classical: bool = False
     """The classical reference (logistic regression on hashed note n-grams and the
     EHR, :mod:`.classical`) instead of the fusion model."""
+    personal: tuple[str, ...] = ()
+    """Modules each site keeps to itself (``federation.personal``)."""
 
     def overrides(self) -> dict[str, dict[str, Any]]:
         """The run-config sections this arm sets (on top of the study's base config)."""
@@ -92,6 +94,7 @@ class Arm:
             "federation": {
                 "strategy": self.strategy.value,
                 "proximal_mu": self.proximal_mu,
+                "personal": list(self.personal),
             },
             "model": {
                 "modalities": [m.value for m in self.modalities],
@@ -141,6 +144,15 @@ def standard_arms(
         )
         for mu in mus
     ]
+    arms.append(
+        Arm(
+            "fedavg-personal",
+            "FedAvg, personalised (own head + wide term)",
+            federated,
+            ArmGroup.STRATEGY,
+            personal=PERSONAL_MODULES,
+        )
+    )
     arms.append(
         Arm(
             "fedavg-secagg",
@@ -195,6 +207,11 @@ def standard_arms(
         if fusion is not Fusion.CONCAT
     ]
     return tuple(arms)
+
+
+PERSONAL_MODULES = ("head", "wide")
+"""What the personalised arm keeps at each site: the head and the wide term read the
+site's own label mix and note dialect; encoders and fusion layers are federated."""
 
 
 def classical_arms(epsilons: tuple[float, ...]) -> tuple[Arm, ...]:
@@ -604,8 +621,11 @@ class StudySettings:
         another key is stale and is run again.
         """
         config = self.arm_config(arm, cell, "sites", seed, "run")
+        arm_fields = asdict(arm)
+        if not arm.personal:
+            del arm_fields["personal"]  # absent when off: earlier results stay valid
         payload = {
-            "arm": asdict(arm),
+            "arm": arm_fields,
             "data": self.data_key(cell.patients),
             "sites": cell.sites,
             "seed": seed,

@@ -292,6 +292,7 @@ def evaluate_goals(
                     )
                 )
         goals += _fusion_goals(cell, arms, plan)
+        goals += _personal_goals(cell, arms, plan)
     for cell in settings.cells():
         goals += _classical_goals(cell, summary.get(cell.key, {}))
     for n_sites in settings.ablation_site_counts:
@@ -299,6 +300,43 @@ def evaluate_goals(
         goals += _dp_local_goals(settings, summary, n_sites)
         goals += _base_goals(settings, summary, n_sites)
     return sorted(goals, key=lambda g: (g.patients, g.sites))  # stable: by size
+
+
+def _personal_goals(
+    cell: Cell, arms: Mapping[str, Any], plan: Mapping[str, Arm]
+) -> list[Goal]:
+    """Personalised FedAvg: every site at or above FedAvg and its local-only model.
+
+    Each on the site's own validation split.
+    """
+    goals = []
+    fedavg = arms.get("fedavg", {}).get("per_site", {})
+    local = arms.get("local", {}).get("per_site", {})
+    for arm in plan.values():
+        entry = arms.get(arm.name, {})
+        if not arm.personal or not entry.get("seeds") or not fedavg or not local:
+            continue
+        per_site = {s: v["mean"] for s, v in entry["per_site"].items()}
+        margins = {
+            s: value - max(fedavg[s]["mean"], local[s]["mean"])
+            for s, value in per_site.items()
+            if s in fedavg and s in local
+        }
+        above = sum(m >= 0 for m in margins.values())
+        worst = min(margins, key=margins.__getitem__)
+        goals.append(
+            at_least(
+                "personal_above_global_and_local",
+                cell,
+                f"{arm.label}: every site at or above both FedAvg and its "
+                "local-only model",
+                f"{above} of {len(margins)} sites; smallest margin "
+                f"{margins[worst]:+.3f} ({worst})",
+                float(above),
+                float(len(margins)),
+            )
+        )
+    return goals
 
 
 def _classical_goals(cell: Cell, arms: Mapping[str, Any]) -> list[Goal]:
@@ -474,6 +512,7 @@ def _fusion_goals(
         for a in plan.values()
         if a.kind is ArmKind.FEDERATED
         and not a.classical
+        and not a.personal
         and len(a.modalities) == len(Modality)
         and a.epsilon is None
         and not a.secure_aggregation

@@ -1,0 +1,68 @@
+"""Personalised sites: the modules each site keeps to itself (``federation.personal``).
+
+Their tensors are left out of what the site sends (``common.adapter.payload_keys``,
+so the egress guard refuses them too) and out of what the coordinator aggregates.
+The site keeps its own copy per run in its cache folder, loads it over every global
+adapter it receives, for training and for evaluation, and replaces it after each
+round of training. A restarted daemon picks it up again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..common.adapter import is_personal
+
+if TYPE_CHECKING:
+    from .runtime import SiteRuntime
+
+log = logging.getLogger(__name__)
+
+
+def _path(runtime: SiteRuntime, run: str) -> Path:
+    name = hashlib.sha256(run.encode()).hexdigest()[:24]
+    return runtime.site.cache_path / "personal" / f"{name}.safetensors"
+
+
+def load_personal(runtime: SiteRuntime, run: str) -> dict[str, np.ndarray]:
+    """This site's own tensors of the personal modules for ``run``.
+
+    Empty before its first round of training, or when the run has none.
+    """
+    personal = runtime.config.federation.personal
+    path = _path(runtime, run)
+    if not personal or not path.is_file():
+        return {}
+    from safetensors.numpy import load_file
+
+    own = load_file(str(path))
+    shapes = runtime.adapter_shapes
+    if any(k not in shapes or tuple(v.shape) != shapes[k] for k, v in own.items()):
+        log.warning("personal modules in %s do not fit this model; not used", path)
+        return {}
+    return own
+
+
+def save_personal(
+    runtime: SiteRuntime, run: str, state: Mapping[str, np.ndarray]
+) -> None:
+    """Keep the personal modules' tensors of ``state`` (the trained adapter)."""
+    personal = runtime.config.federation.personal
+    if not personal:
+        return
+    from safetensors.numpy import save_file
+
+    own = {
+        k: np.ascontiguousarray(v) for k, v in state.items() if is_personal(k, personal)
+    }
+    path = _path(runtime, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(own, str(tmp))
+    tmp.replace(path)
