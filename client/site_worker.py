@@ -49,6 +49,8 @@ class TaskOutcome:
     pull_seconds: float = 0.0
     """Time to fetch the task's message from the SuperNode."""
     metrics: dict[str, float] = field(default_factory=dict)
+    tensors: list[str] = field(default_factory=list)
+    """The names of the tensors in the reply (what left the site)."""
 
 
 class TaskObserver:
@@ -214,6 +216,7 @@ class SiteWorker:
             elif reply is not None:
                 outcome.bytes_out = _safe_bytes(content_bytes, reply)
                 outcome.metrics = _numeric_metrics(reply)
+                outcome.tensors = _tensor_names(reply)
             self.observer.on_task(outcome)
         return outcome
 
@@ -364,6 +367,15 @@ def _safe_bytes(count: Any, message: Any) -> int:
         return int(count(message.content))
     except Exception:  # noqa: BLE001 - an error message has no content
         return 0
+
+
+def _tensor_names(reply: Any) -> list[str]:
+    from .egress_log import reply_tensor_names
+
+    try:
+        return reply_tensor_names(reply.content)
+    except Exception:  # noqa: BLE001 - an error reply has no content
+        return []
 
 
 def _numeric_metrics(reply: Any) -> dict[str, float]:
