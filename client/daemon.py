@@ -221,7 +221,9 @@ class AuditingObserver(TaskObserver):
                 self.audit.record("run_started", run_id=run, fab_hash=outcome.fab_hash)
             fields = {
                 "run_id": run,
-                "round": _round_of(outcome.group),
+                "round": outcome.server_round
+                if outcome.server_round is not None
+                else _round_of(outcome.group),
                 "message_type": outcome.message_type,
                 "bytes_in": outcome.bytes_in,
                 "bytes_out": outcome.bytes_out,
@@ -258,7 +260,7 @@ class AuditingObserver(TaskObserver):
         try:
             record_egress(
                 self.egress_path,  # type: ignore[arg-type]
-                run_id=str(outcome.run_id),
+                run_id=outcome.run_name or str(outcome.run_id),
                 server_round=server_round,
                 message_type=outcome.message_type,
                 ok=outcome.ok,

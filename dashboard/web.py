@@ -225,6 +225,7 @@ def template_environment(*folders: Path) -> Any:
     env.filters["num"] = format_number
     env.filters["bytes"] = format_bytes
     env.filters["when"] = format_time
+    env.filters["short"] = lambda value: f"{float(value):.6g}"
     return env
 
 
@@ -297,6 +298,8 @@ class DashboardServer:
             access_log=False,
             lifespan="off",
             server_header=False,
+            # a browser's open keep-alive connection must not hold up the daemon
+            timeout_graceful_shutdown=2,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
@@ -318,6 +321,9 @@ class DashboardServer:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        """Stop serving and wait for the thread."""
+        """Stop serving (open connections get 2 s) and wait for the thread."""
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=5)
+        if self.thread.is_alive():
+            self.server.force_exit = True
+            self.thread.join(timeout=5)

@@ -278,7 +278,7 @@ class CoordinatorSource:
         runs = self.runs()
         rows: dict[str, dict[str, Any]] = {}
 
-        def row_for(name: str) -> dict[str, Any]:
+        def row_for(name: str, attributed: bool = True) -> dict[str, Any]:
             if name not in rows:
                 site = enrolled.get(name)
                 status = live.get(name, {})
@@ -294,6 +294,7 @@ class CoordinatorSource:
                     "rounds_taken_part": 0,
                     "rounds_refused": 0,
                     "refusals": [],
+                    "attributed": attributed,
                 }
             return rows[name]
 
@@ -305,8 +306,14 @@ class CoordinatorSource:
                 for report in round_row.get("train", []):
                     row_for(str(report["site"]))["rounds_taken_part"] += 1
                 for failure in round_row.get("failures", []):
+                    # Flower's own errors (a node that stopped answering) name the
+                    # SuperLink as their source, not the site: kept apart.
                     node = int(failure.get("node_id", -1))
-                    row = row_for(names.get(node, f"node {node}"))
+                    row = (
+                        row_for(names[node])
+                        if node in names
+                        else row_for(f"node {node}", attributed=False)
+                    )
                     row["rounds_refused"] += 1
                     row["refusals"].append(
                         {

@@ -95,7 +95,8 @@ def state(tmp_path: Path) -> Path:
         reason="this site has not approved app",
         kind="AppNotApproved",
     )
-    rows = [_round(0), _round(1), _round(2, [refused])]
+    unavailable = SiteFailure(node_id=1, phase="evaluate", reason="Node Unavailable")
+    rows = [_round(0), _round(1), _round(2, [refused, unavailable])]
     (run / "rounds.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in rows) + '{"torn'
     )
@@ -152,7 +153,10 @@ def test_the_coordinator_pages_show_runs_sites_privacy_traffic_and_audit(state):
     sites = client.get("/sites").text
     assert sites.count('class="state state-online">online') == 1
     assert sites.count('class="state state-offline">offline') == 2
-    assert "AppNotApproved" in sites and "this site has not approved app" in sites
+    site_03 = sites.split('data-site="site-03"')[1].split("</tr>")[0]
+    assert "AppNotApproved" in site_03 and "this site has not approved app" in site_03
+    assert 'data-site="node 1"' not in sites  # Flower's own node is no site
+    assert "Node Unavailable" in sites.split('id="unattributed"')[1]
 
     privacy = client.get("/privacy").text
     assert "the sites' own figures" in privacy
@@ -369,7 +373,7 @@ def test_the_site_pages_show_the_ledger_as_site_privacy_json_does(site):
     assert (
         "delta/fusion.lora_A" in sent
         and "4.0 KiB" in sent
-        and "train-loss=0.6100" in sent
+        and "train-loss=0.61<" in sent
     )
     assert "This site can train." in client.get("/check").text
     assert "app_refused" in client.get("/audit").text
@@ -449,3 +453,58 @@ def test_the_dashboard_sections_refuse_unknown_keys_and_clashing_ports(tmp_path)
     path.write_text(tls + "[coordinator]\nport = 9300\n[dashboard]\nport = 9300\n")
     with pytest.raises(ConfigError, match=r"\[dashboard\] port 9300 is also used"):
         _check_ports_free(CoordinatorConfig.from_toml(path))
+
+
+def test_a_dashboard_with_tls_and_a_token_serves_only_those_who_give_it(
+    state, tmp_path
+):
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from wardround.dashboard.web import DashboardServer
+    from wardround.deploy.loopback import free_port
+    from wardround.deploy.pki import init_ca, issue_server_certificate
+
+    ca = init_ca(tmp_path / "pki")
+    server_files = issue_server_certificate(
+        tmp_path / "pki", ["localhost"], ["127.0.0.1"], tmp_path / "pki"
+    )
+    exposure = check_exposure(
+        "[dashboard]",
+        "127.0.0.1",
+        free_port(),
+        token_file=_token_file(tmp_path),
+        certfile=server_files.cert,
+        keyfile=server_files.key,
+    )
+    server = DashboardServer(build_app(_source(state), exposure), exposure, "test")
+    server.start()
+    context = ssl.create_default_context(cafile=str(ca.cert))
+    try:
+        url = f"https://127.0.0.1:{exposure.port}/metrics"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, context=context, timeout=10)
+        assert refused.value.code == 401
+        request = urllib.request.Request(
+            url, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        with urllib.request.urlopen(request, context=context, timeout=10) as reply:
+            names = {
+                f.name for f in text_string_to_metric_families(reply.read().decode())
+            }
+        assert "wardround_run_rounds_completed" in names
+        with pytest.raises(OSError):  # plain HTTP is not served
+            urllib.request.urlopen(f"http://127.0.0.1:{exposure.port}/runs", timeout=10)
+    finally:
+        server.stop()
+    assert not server.thread.is_alive()
+
+
+def test_wardround_dashboard_serves_a_site_from_its_site_toml(site):
+    from wardround.dashboard.cli import _app
+
+    app, what = _app(None, None, site.base_dir / "site.toml", [], LOOPBACK, 5)
+    assert what == "site site-07"
+    page = TestClient(app).get("/privacy").text
+    assert f'id="epsilon-total">{privacy_report(site)["epsilon_total"]:.3f}<' in page
