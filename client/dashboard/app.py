@@ -78,6 +78,8 @@ def build_app(source: SiteSource, exposure: Any, *, refresh_s: int = 5) -> Any:
         return metrics_response(metrics_text(source))
 
     def login(request: Any) -> Any:
+        if exposure.token is None:  # nothing to sign in to
+            return RedirectResponse("/", status_code=303)
         return renderer.page(request, "login.html", "Sign in")
 
     routes = [

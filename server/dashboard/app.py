@@ -182,6 +182,8 @@ def build_app(source: CoordinatorSource, exposure: Any, *, refresh_s: int = 5) -
         return metrics_response(metrics_text(source))
 
     def login(request: Any) -> Any:
+        if exposure.token is None:  # nothing to sign in to
+            return RedirectResponse("/", status_code=303)
         return renderer.page(request, "login.html", "Sign in")
 
     routes = [

@@ -223,12 +223,14 @@ def test_the_dashboard_is_read_only_and_names_nothing_outside_its_runs(state):
         "http-equiv", ""
     )  # nothing from elsewhere
     assert client.get("/static/style.css").status_code == 200
+    assert client.get("/login", follow_redirects=False).status_code == 303  # no token
 
 
 def test_a_token_is_asked_of_every_page_and_of_metrics(state):
     exposure = Exposure(host="127.0.0.1", port=9095, token=TOKEN)
     client = TestClient(build_app(_source(state), exposure), follow_redirects=False)
     assert client.get("/runs").headers["location"] == "/login"
+    assert 'name="token"' in client.get("/login").text
     assert client.get("/metrics").status_code == 401
     assert (
         client.get("/metrics", headers={"authorization": "Bearer wrong"}).status_code
