@@ -70,7 +70,6 @@ def audit_page(
 ) -> Callable[[Any], Any]:
     """The audit page: merged events, filterable, with each log's verification."""
     from ..common.audit import AuditEvent
-    from ..server.dashboard.state import audit_view
 
     def endpoint(request: Any) -> Any:
         query = request.query_params
@@ -105,3 +104,50 @@ def zip_folder(folder: Path) -> bytes:
             if path.is_file() and not path.is_symlink():
                 archive.write(path, path.relative_to(folder).as_posix())
     return buffer.getvalue()
+
+
+def audit_view(
+    paths: tuple[Path, ...],
+    *,
+    run: str | None = None,
+    site: str | None = None,
+    event: str | None = None,
+    limit: int = 500,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The logs' events merged by time and filtered (newest first), and each log's check."""
+    from ..common.audit import (
+        AuditEvent,
+        filter_events,
+        merge_by_time,
+        read_audit,
+        verify_audit,
+    )
+    from ..common.errors import WardroundError
+
+    checks = []
+    events: list[dict[str, Any]] = []
+    for path in paths:
+        if not Path(path).is_file():
+            checks.append({"log": str(path), "ok": None, "detail": "no log yet"})
+            continue
+        try:
+            events.extend(read_audit(path))
+            verdict = verify_audit(path)
+            detail = (
+                f"{verdict.lines} line(s), keyed chain intact"
+                if verdict.ok
+                else f"line {verdict.first_bad_line}: {verdict.problem}"
+                if verdict.first_bad_line
+                else str(verdict.problem)
+            )
+            checks.append({"log": str(path), "ok": verdict.ok, "detail": detail})
+        except WardroundError as exc:
+            checks.append({"log": str(path), "ok": False, "detail": exc.message})
+    known = {e.value for e in AuditEvent}
+    shown = filter_events(
+        merge_by_time(events),
+        run=run or None,
+        site=site or None,
+        event=event if event in known else None,
+    )
+    return list(reversed(shown))[:limit], checks
