@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .state import CoordinatorSource
+from .state import CoordinatorSource, privacy_rows
 
 
 class CoordinatorCollector:
@@ -94,8 +94,6 @@ class CoordinatorCollector:
                 sent.add_metric([run.name, site], total)
             for (node, kind), count in sorted(refused.items()):
                 refusals.add_metric([run.name, node, kind], count)
-            from .state import privacy_rows
-
             for row in privacy_rows(run):
                 if row["epsilon_run"] is not None:
                     epsilon.add_metric(
