@@ -118,7 +118,7 @@ class AppApprovals:
         self.path = Path(state_dir) / APPROVALS_FILE
 
     def load(self) -> dict[str, dict[str, Any]]:
-        """Approved hashes -> {approved_at, note}; a damaged file is a ConfigError."""
+        """Approved hashes -> {approved_at, note[, settings]}; damaged: ConfigError."""
         if not self.path.exists():
             return {}
         try:
@@ -130,14 +130,22 @@ class AppApprovals:
                 hint="Restore it from a backup, or delete it and approve the apps again.",
             ) from None
 
-    def approve(self, fab_hash: str, note: str = "") -> str:
-        """Add a hash (written atomically, mode 0600); return it normalized."""
+    def approve(
+        self, fab_hash: str, note: str = "", settings: list[str] | None = None
+    ) -> str:
+        """Add a hash (written atomically, mode 0600); return it normalized.
+
+        ``settings``: the run's settings as shown at approval (:func:`describe_run`),
+        kept so the site dashboard can show what each hash stands for.
+        """
         value = normalize_hash(fab_hash)
         approved = self.load()
         approved[value] = {
             "approved_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "note": note,
         }
+        if settings is not None:
+            approved[value]["settings"] = list(settings)
         self._write(approved)
         return value
 

@@ -127,38 +127,25 @@ def privacy(
 ) -> None:
     """The site's privacy ledger: epsilon spent per run and over every run."""
     try:
-        from wardround.common.config import Accountant
-
-        from .ledger import site_ledger
+        from .dashboard.state import privacy_report
         from .site_config import SiteConfig
 
-        site = SiteConfig.from_toml(config)
-        ledger = site_ledger(site.ledger_path)
-        recorded = ledger.recorded()
-        runs = sorted({run for run, _ in recorded})
-        rounds = len(recorded)
-        report = {
-            "ledger": str(ledger.path),
-            "earlier_ledgers": [str(p) for p in ledger.legacy],
-            "rounds": rounds,
-            "epsilon_total": ledger.epsilon(delta, Accountant.RDP),
-            "budget_epsilon": site.privacy.budget_epsilon,
-            "runs": {run: ledger.epsilon(delta, Accountant.RDP, run) for run in runs},
-        }
+        report = privacy_report(SiteConfig.from_toml(config), delta)
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
         _fail(exc)
         return
+    rounds = report["rounds"]
     if as_json:
-        typer.echo(json.dumps({"delta": delta, **report}, indent=2))
+        typer.echo(json.dumps(report, indent=2))
         return
-    if not rounds and not ledger.legacy:
-        typer.echo(f"nothing spent yet: {ledger.path} records no round")
+    if not rounds and not report["earlier_ledgers"]:
+        typer.echo(f"nothing spent yet: {report['ledger']} records no round")
         return
     typer.echo(
         f"epsilon {report['epsilon_total']:.3f} of {report['budget_epsilon']:g} spent "
-        f"(RDP, delta {delta:g}) over {rounds} round(s) in {ledger.path}"
+        f"(RDP, delta {delta:g}) over {rounds} round(s) in {report['ledger']}"
     )
-    for path in ledger.legacy:
+    for path in report["earlier_ledgers"]:
         typer.echo(f"  counted too: {path} (a per-model ledger of an earlier version)")
     for run, eps in report["runs"].items():
         typer.echo(f"  run {run}: epsilon {eps:.3f}")
@@ -187,6 +174,11 @@ def start(
             f"site {plan.site.site.name}: connecting to {plan.coordinator} (TLS); "
             f"state in {plan.state_dir}"
         )
+        if plan.site.dashboard.enabled:
+            from .dashboard.app import site_exposure
+
+            url = site_exposure(plan.site, plan.site_toml).url
+            typer.echo(f"site {plan.site.site.name}: dashboard and /metrics on {url}")
         run_site_daemon(plan, stop)
         typer.echo(f"site {plan.site.site.name}: stopped")
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
@@ -273,7 +265,11 @@ def approve(
             ):
                 typer.echo("not approved")
                 raise typer.Exit(1)
-        approvals.approve(value, note=safe_reason(note))
+        approvals.approve(
+            value,
+            note=safe_reason(note),
+            settings=describe_run(settings) if settings is not None else None,
+        )
         audit.record(
             "app_approved",
             fab_hash=value,

@@ -12,7 +12,9 @@ settings, then runs two things until SIGTERM:
   against ``<state-dir>/superexec.secret`` (Flower's ``--superexec-auth-secret-file``,
   created once, mode 0600), which only the site's own user can read.
 
-Everything the site does is appended to ``<state-dir>/audit.jsonl``.
+Everything the site does is appended to ``<state-dir>/audit.jsonl``, and what each
+reply carried to ``<state-dir>/egress.jsonl``. A thread serves the operator's
+read-only dashboard and ``/metrics`` (``[dashboard]``; 127.0.0.1 by default).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common import wire
@@ -34,6 +36,7 @@ from ..common.errors import ConfigError, DataError, FederationError
 from ..common.processes import start_child, stop_child
 from ..common.secret_file import load_or_create_secret
 from .approvals import AppApprovals
+from .egress_log import EGRESS_FILE
 from .site_config import SiteConfig
 from .site_worker import APP_NOT_APPROVED, SiteWorker, TaskObserver, TaskOutcome
 from .supernode_main import POLL_ENV
@@ -79,6 +82,8 @@ class SitePlan:
     root_certificate: Path
     private_key: Path
     state_dir: Path
+    check_report: dict = field(default_factory=dict)
+    """The ``site check`` report made at start (the site dashboard shows it)."""
 
 
 def plan_site(site_toml: Path) -> SitePlan:
@@ -104,6 +109,10 @@ def plan_site(site_toml: Path) -> SitePlan:
             hint='Add them: coordinator = "host:port", root-certificate = the '
             "federation's ca.pem, private-key = the key from `wardround keys site`.",
         )
+    if site.dashboard.enabled:
+        from .dashboard.app import site_exposure
+
+        site_exposure(site, site_toml)  # a bad [dashboard] is refused before the check
     root, key = site.resolve(dep.root_certificate), site.resolve(dep.private_key)
     for what, path in (("root-certificate", root), ("private-key", key)):
         if not path.is_file():
@@ -133,6 +142,7 @@ def plan_site(site_toml: Path) -> SitePlan:
         root_certificate=root,
         private_key=key,
         state_dir=site.state_path.resolve(),
+        check_report=report,
     )
 
 
@@ -183,10 +193,15 @@ def refusal_in(log_text: str) -> FederationError | None:
 
 
 class AuditingObserver(TaskObserver):
-    """Writes each task of the site's worker to the site's audit log."""
+    """Writes each task of the site's worker to the site's audit log.
 
-    def __init__(self, audit: AuditLog) -> None:
+    With ``egress_path``, each approved task's reply is also described in the
+    egress log (:mod:`.egress_log`): tensor names, bytes and metrics.
+    """
+
+    def __init__(self, audit: AuditLog, egress_path: Path | None = None) -> None:
         self.audit = audit
+        self.egress_path = egress_path
         self.runs_seen: set[int] = set()
 
     def on_task(self, outcome: TaskOutcome) -> None:
@@ -206,7 +221,9 @@ class AuditingObserver(TaskObserver):
                 self.audit.record("run_started", run_id=run, fab_hash=outcome.fab_hash)
             fields = {
                 "run_id": run,
-                "round": _round_of(outcome.group),
+                "round": outcome.server_round
+                if outcome.server_round is not None
+                else _round_of(outcome.group),
                 "message_type": outcome.message_type,
                 "bytes_in": outcome.bytes_in,
                 "bytes_out": outcome.bytes_out,
@@ -216,6 +233,8 @@ class AuditingObserver(TaskObserver):
                 "ok": outcome.ok,
             }
             self.audit.record("round_finished", **fields)
+            if self.egress_path is not None:
+                self._record_egress(outcome, fields["round"])
             eps = outcome.metrics.get(wire.DP_EPSILON_RUN)
             if eps is not None:
                 self.audit.record(
@@ -235,6 +254,25 @@ class AuditingObserver(TaskObserver):
         except (ValueError, DataError) as exc:  # auditing must not stop training
             log.error("could not write the audit log: %s", exc)
 
+    def _record_egress(self, outcome: TaskOutcome, server_round: int | None) -> None:
+        from .egress_log import record_egress
+
+        try:
+            record_egress(
+                self.egress_path,  # type: ignore[arg-type]
+                run_id=outcome.run_name or str(outcome.run_id),
+                server_round=server_round,
+                message_type=outcome.message_type,
+                ok=outcome.ok,
+                bytes_in=outcome.bytes_in,
+                bytes_out=outcome.bytes_out,
+                seconds=outcome.seconds,
+                tensors=outcome.tensors,
+                metrics=outcome.metrics,
+            )
+        except OSError as exc:  # the record must not stop training
+            log.error("could not write the egress log: %s", exc)
+
 
 def _round_of(group: str) -> int | None:
     return int(group) if group.isdigit() else None
@@ -250,6 +288,14 @@ def run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
         plan.state_dir / SUPEREXEC_SECRET_FILE, "the site's SuperExec secret"
     )
     audit = AuditLog(plan.state_dir / AUDIT_FILE, actor=f"site:{plan.site.site.name}")
+    from .dashboard.app import start_site_dashboard
+
+    try:
+        dashboard = start_site_dashboard(plan.site, plan.site_toml, plan.check_report)
+    except BaseException:
+        os.environ.clear()
+        os.environ.update(env_before)
+        raise
     port = plan.site.deployment.runtime_port or free_loopback_port()
     log_path = plan.state_dir / SUPERNODE_LOG
     offset = log_path.stat().st_size if log_path.exists() else 0
@@ -261,12 +307,13 @@ def run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
         coordinator=plan.coordinator,
         pid=os.getpid(),
         supernode_pid=node.pid,
+        dashboard=dashboard.exposure.url if dashboard else "off",
     )
     _wait_for_port(port, node)
     worker = SiteWorker(
         f"127.0.0.1:{port}",
         AppApprovals(plan.state_dir),
-        AuditingObserver(audit),
+        AuditingObserver(audit, plan.state_dir / EGRESS_FILE),
         superexec_secret=secret,
     )
     worker_thread = threading.Thread(
@@ -341,6 +388,8 @@ def run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
         stop.set()
         stop_child(node)
         worker_thread.join(timeout=30)
+        if dashboard is not None:
+            dashboard.stop()
         audit.record(
             "site_daemon_stopped",
             tasks=worker.tasks_run,

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 from ..common.config import Accountant, _describe, _Section, read_toml
 from ..common.errors import ConfigError
 from ..common.wire import ANSWERABLE_METRICS, DEFAULT_ANSWER_METRICS
+from ..dashboard.settings import SiteDashboardSection
 
 
 class SiteSection(_Section):
@@ -245,6 +246,7 @@ class SiteConfig(_Section):
     privacy: SitePrivacy = SitePrivacy()
     answers: SiteAnswers = SiteAnswers()
     deployment: SiteDeployment = SiteDeployment()
+    dashboard: SiteDashboardSection = SiteDashboardSection()
     base_dir: Path = Field(Path("."), exclude=True)
 
     @model_validator(mode="after")

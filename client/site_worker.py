@@ -49,6 +49,12 @@ class TaskOutcome:
     pull_seconds: float = 0.0
     """Time to fetch the task's message from the SuperNode."""
     metrics: dict[str, float] = field(default_factory=dict)
+    tensors: list[str] = field(default_factory=list)
+    """The names of the tensors in the reply (what left the site)."""
+    server_round: int | None = None
+    """The round the coordinator's message named (its config record), if any."""
+    run_name: str = ""
+    """The coordinator's run id the message named (the privacy ledger's key)."""
 
 
 class TaskObserver:
@@ -170,6 +176,7 @@ class SiteWorker:
                 seconds=0.0,
                 pull_seconds=pulled,
             )
+            outcome.server_round, outcome.run_name = _round_and_run(message)
             if not decision.approved:
                 log.warning("refused run %s: %s", run.run_id, decision.reason)
                 reason = f"[{APP_NOT_APPROVED}] {decision.reason}"
@@ -214,6 +221,7 @@ class SiteWorker:
             elif reply is not None:
                 outcome.bytes_out = _safe_bytes(content_bytes, reply)
                 outcome.metrics = _numeric_metrics(reply)
+                outcome.tensors = _tensor_names(reply)
             self.observer.on_task(outcome)
         return outcome
 
@@ -364,6 +372,28 @@ def _safe_bytes(count: Any, message: Any) -> int:
         return int(count(message.content))
     except Exception:  # noqa: BLE001 - an error message has no content
         return 0
+
+
+def _round_and_run(message: Any) -> tuple[int | None, str]:
+    from ..common import wire
+
+    try:
+        for record in message.content.config_records.values():
+            value = record.get(wire.SERVER_ROUND)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value, str(record.get(wire.RUN_ID, ""))
+    except Exception:  # noqa: BLE001 - only for the records; never fails a task
+        pass
+    return None, ""
+
+
+def _tensor_names(reply: Any) -> list[str]:
+    from .egress_log import reply_tensor_names
+
+    try:
+        return reply_tensor_names(reply.content)
+    except Exception:  # noqa: BLE001 - an error reply has no content
+        return []
 
 
 def _numeric_metrics(reply: Any) -> dict[str, float]:

@@ -79,6 +79,9 @@ class LoopbackFederation:
     port: int
     internal_port: int
     site_names: list[str]
+    dashboard_port: int = 0
+    """The coordinator's dashboard and /metrics (127.0.0.1)."""
+    site_dashboard_ports: dict[str, int] = field(default_factory=dict)
     daemons: dict[str, Daemon] = field(default_factory=dict)
     started: list[psutil.Process] = field(default_factory=list)
 
@@ -104,9 +107,9 @@ class LoopbackFederation:
     @classmethod
     def create(cls, root: Path, sites: int = 3) -> LoopbackFederation:
         """Write a CA, a server certificate, site keys, synthetic sites and configs."""
-        port, internal_port = free_port(), free_port()
-        while internal_port == port:
-            internal_port = free_port()
+        port, internal_port, dashboard_port = free_port(), free_port(), free_port()
+        while len({port, internal_port, dashboard_port}) < 3:
+            internal_port, dashboard_port = free_port(), free_port()
         init_ca(root / "pki")
         issue_server_certificate(
             root / "pki", ["localhost"], ["127.0.0.1"], root / "pki"
@@ -121,11 +124,18 @@ class LoopbackFederation:
             'ca-certificate = "pki/ca.pem"\n'
             'certificate = "pki/coordinator.pem"\n'
             'private-key = "pki/coordinator.key"\n'
+            "[dashboard]\n"
+            f"port = {dashboard_port}\n"
+            "refresh-s = 2\n"
         )
         synthesize_federation(root / "sites", sites, patients_per_site=40, seed=5)
         names = sorted(p.parent.name for p in (root / "sites").glob("*/site.toml"))
         federation = cls(
-            root=root, port=port, internal_port=internal_port, site_names=names
+            root=root,
+            port=port,
+            internal_port=internal_port,
+            site_names=names,
+            dashboard_port=dashboard_port,
         )
         for name in names:
             generate_site_keypair(name, root / "keys")
@@ -139,8 +149,15 @@ class LoopbackFederation:
         ca: Path | None = None,
         refusal_grace_s: float = 120.0,
     ) -> None:
-        """(Re)write a site's ``[deployment]`` section (key, CA, fast polling)."""
+        """(Re)write a site's ``[deployment]`` and ``[dashboard]`` (key, CA, fast polling)."""
         site_toml = self.site_toml(name)
+        taken = {self.port, self.internal_port, self.dashboard_port}
+        taken |= set(self.site_dashboard_ports.values())
+        if name not in self.site_dashboard_ports:
+            dashboard = free_port()
+            while dashboard in taken:
+                dashboard = free_port()
+            self.site_dashboard_ports[name] = dashboard
         text = site_toml.read_text().split("\n[deployment]")[0]
         text = text.replace("budget-epsilon = 100.0", "budget-epsilon = 1000000.0")
         site_toml.write_text(
@@ -151,6 +168,9 @@ class LoopbackFederation:
             f'state-dir = "{self.site_state(name)}"\n'
             "poll-interval-s = 0.2\n"
             f"refusal-grace-s = {refusal_grace_s}\n"
+            "[dashboard]\n"
+            f"port = {self.site_dashboard_ports[name]}\n"
+            "refresh-s = 2\n"
         )
 
     # -- processes -------------------------------------------------------------

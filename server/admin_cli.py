@@ -77,6 +77,13 @@ def coordinator_start(config: CoordinatorOption) -> None:
             f"authentication); admin on {coordinator.internal_address}; state in "
             f"{coordinator.state_path}"
         )
+        if coordinator.dashboard.enabled:
+            from .dashboard.app import coordinator_exposure
+
+            typer.echo(
+                f"coordinator: dashboard and /metrics on "
+                f"{coordinator_exposure(coordinator).url} (read-only)"
+            )
         run_coordinator(
             coordinator, stop, on_ready=lambda: typer.echo("coordinator: ready")
         )

@@ -11,6 +11,9 @@ It runs three processes and stops them by PID on SIGTERM:
 - nginx on the public ``host``/``port``, passing only the Fleet API that sites use
   (:mod:`.fleet_proxy`).
 
+In a thread of its own it serves the read-only dashboard and ``/metrics``
+(:mod:`.dashboard`, ``[dashboard]``; 127.0.0.1 by default).
+
 On start it resumes every run that was launched and not ended, from the run's last
 completed round. The ServerApp of each run inherits ``WARDROUND_COORDINATOR_STATE``
 and so finds the enrolled sites and the audit log.
@@ -171,12 +174,24 @@ def _wait_listening(
 
 def _check_ports_free(config: CoordinatorConfig) -> None:
     section = config.coordinator
-    for port, key in ((section.port, "port"), (section.internal_port, "internal-port")):
-        host = section.host if key == "port" else LOOPBACK_IP
+    ports = [
+        (section.port, section.host, "[coordinator] port"),
+        (section.internal_port, LOOPBACK_IP, "[coordinator] internal-port"),
+    ]
+    if config.dashboard.enabled:
+        ports.append((config.dashboard.port, config.dashboard.host, "[dashboard] port"))
+    seen: set[int] = set()
+    for port, host, key in ports:
+        if port in seen:
+            raise ConfigError(
+                f"{key} {port} is also used by another of the coordinator's ports",
+                hint=f"Give {key} a port of its own.",
+            )
+        seen.add(port)
         if _listening(host, port):
             raise FederationError(
                 f"port {port} is already in use",
-                hint=f"Stop what listens there, or set [coordinator] {key}.",
+                hint=f"Stop what listens there, or set {key}.",
             )
 
 
@@ -191,6 +206,10 @@ def run_coordinator(
     Unfinished runs are resumed once all three are up.
     """
     check_tls(config)
+    if config.dashboard.enabled:
+        from .dashboard.app import coordinator_exposure
+
+        coordinator_exposure(config)  # a bad [dashboard] stops us before anything runs
     nginx = find_nginx(config)
     state = config.state_path
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -205,6 +224,7 @@ def run_coordinator(
     audit = AuditLog(config.audit_path, actor="coordinator")
     children: dict[str, subprocess.Popen[bytes]] = {}
     failure: FederationError | None = None
+    dashboard = None
     try:
         log_path = state / SUPERLINK_LOG
         children["the SuperLink"] = start_child(
@@ -242,6 +262,9 @@ def run_coordinator(
         from .registry import reenrol_sites
 
         reenrolled = reenrol_sites(config)
+        from .dashboard.app import start_coordinator_dashboard
+
+        dashboard = start_coordinator_dashboard(config)
         audit.record(
             "coordinator_started",
             sites_reenrolled=reenrolled,
@@ -251,6 +274,7 @@ def run_coordinator(
             superlink_pid=children["the SuperLink"].pid,
             superexec_pid=children["the SuperExec"].pid,
             nginx_pid=children["nginx"].pid,
+            dashboard=dashboard.exposure.url if dashboard else "off",
         )
         if on_ready:
             on_ready()
@@ -266,6 +290,8 @@ def run_coordinator(
                     )
                     break
     finally:
+        if dashboard is not None:
+            dashboard.stop()
         # nginx first: no site call reaches a SuperLink that is going away.
         for child in reversed(list(children.values())):
             stop_child(child)

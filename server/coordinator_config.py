@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from ..common.config import _describe, _Section, read_toml
 from ..common.errors import ConfigError
+from ..dashboard.settings import DashboardSection
 
 FEDERATION_NAME = "wardround"
 """The name under which the admin commands know the coordinator's SuperLink."""
@@ -88,6 +89,7 @@ class CoordinatorConfig(_Section):
 
     coordinator: CoordinatorSection = CoordinatorSection()
     tls: TlsSection
+    dashboard: DashboardSection = DashboardSection()
     base_dir: Path = Field(Path("."), exclude=True)
 
     @classmethod
@@ -171,3 +173,9 @@ class CoordinatorConfig(_Section):
     def sites_path(self) -> Path:
         """The enrolled sites."""
         return self.state_path / "sites.json"
+
+    @property
+    def dashboard_token_path(self) -> Path | None:
+        """The dashboard's token file, resolved (None: no token)."""
+        token = self.dashboard.token_file
+        return self.resolve(token) if token else None

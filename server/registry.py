@@ -189,6 +189,7 @@ def list_sites(config: CoordinatorConfig) -> list[dict[str, Any]]:
                     node.get("status", "unknown") if reachable else "coordinator down"
                 ),
                 "online_at": node.get("online-at", "N/A"),
+                "offline_at": node.get("offline-at", "N/A"),
                 "enrolled_at": site.enrolled_at,
                 "revoked_at": site.revoked_at,
                 "key_sha256": site.public_key_sha256,

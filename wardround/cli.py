@@ -383,6 +383,7 @@ def main() -> None:
 def _register_groups() -> None:
     from wardround.client.cli import site_app
     from wardround.common.audit_cli import audit_command
+    from wardround.dashboard.cli import dashboard_command
     from wardround.deploy.cli import certs_app, keys_app
     from wardround.server.admin_cli import (
         coordinator_app,
@@ -406,6 +407,7 @@ def _register_groups() -> None:
     app.add_typer(certs_app, name="certs")
     app.add_typer(keys_app, name="keys")
     app.command("audit")(audit_command)
+    app.command("dashboard")(dashboard_command)
     app.add_typer(
         study_app,
         name="study",

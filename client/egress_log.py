@@ -1,0 +1,84 @@
+"""What left the site, task by task: ``<state-dir>/egress.jsonl``.
+
+The site daemon appends one line per ClientApp task after its reply was pushed:
+the run, the round, the message type, the names of the tensors in the reply, the
+bytes sent and the numeric metrics that passed the egress guard. It is what the
+site dashboard's "Sent" page shows. Names and numbers only: the reply already
+passed :mod:`wardround.client.egress`, and nothing here is read from patient data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+EGRESS_FILE = "egress.jsonl"
+
+
+def record_egress(
+    path: Path,
+    *,
+    run_id: str,
+    server_round: int | None,
+    message_type: str,
+    ok: bool,
+    bytes_in: int,
+    bytes_out: int,
+    seconds: float,
+    tensors: Sequence[str],
+    metrics: Mapping[str, float],
+) -> None:
+    """Append one task's line (0600, created on first use)."""
+    line = {
+        "time": time.time(),
+        "run_id": str(run_id),
+        "round": server_round,
+        "message_type": str(message_type),
+        "ok": bool(ok),
+        "bytes_in": int(bytes_in),
+        "bytes_out": int(bytes_out),
+        "seconds": round(float(seconds), 3),
+        "tensors": [str(t) for t in tensors],
+        "metrics": {
+            str(k): float(v) for k, v in metrics.items() if math.isfinite(float(v))
+        },
+    }
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as handle:
+        handle.write(json.dumps(line, sort_keys=True) + "\n")
+
+
+def read_egress(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The recorded tasks, oldest first (the newest ``limit``); torn lines skipped."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows[-limit:] if limit else rows
+
+
+def reply_tensor_names(content: Any) -> list[str]:
+    """The tensors a Flower reply carries: ArrayRecord keys and byte-valued config entries."""
+    names: list[str] = []
+    for record_name, record in content.array_records.items():
+        names.extend(f"{record_name}/{key}" for key in record.keys())
+    for record_name, record in content.config_records.items():
+        for key, value in record.items():
+            items = value if isinstance(value, list) else [value]
+            if items and all(isinstance(item, bytes) for item in items):
+                names.append(f"{record_name}/{key}")
+    return names
