@@ -45,7 +45,12 @@ def check(
         from .site_check import check_site, format_report
 
         run = RunConfig.from_toml(run_config) if run_config else RunConfig()
-        report = check_site(config, run.task, image_size=run.model.image_size)
+        report = check_site(
+            config,
+            run.task,
+            image_size=run.model.image_size,
+            images_required=run.requires_images if run_config else None,
+        )
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
         _fail(exc)
         return
@@ -268,6 +273,15 @@ def approve(
         else:
             typer.echo(f"app hash {value} ({run_config})")
             typer.echo("\n".join(describe_run(settings)))
+            if not site.has_imaging and settings.requires_images:
+                from .data.imaging import no_imaging_error
+
+                refusal = no_imaging_error(site)
+                typer.echo(
+                    f"warning: {refusal.message}: this site will refuse to train "
+                    f"in it. {refusal.hint}",
+                    err=True,
+                )
             if not yes and not typer.confirm(
                 f"Approve this run at site {site.site.name}?", default=False
             ):

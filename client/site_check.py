@@ -22,6 +22,7 @@ from ..common.errors import WardroundError
 from .data.dataset import ehr_present, prepare_site
 from .data.decode import OK, transfer_syntax_name
 from .data.ehr import open_dataset
+from .data.imaging import task_for_site
 from .site_config import SiteConfig
 
 logger = logging.getLogger(__name__)
@@ -47,10 +48,16 @@ def _frac(num: int, den: int) -> float:
 
 
 def check_site(
-    site_toml: Path, task: TaskConfig, *, image_size: int = 64
+    site_toml: Path,
+    task: TaskConfig,
+    *,
+    image_size: int = 64,
+    images_required: bool | None = None,
 ) -> dict[str, Any]:
     """Check a site; return a JSON-able report with ``can_train`` and ``blocking``.
 
+    ``images_required`` is the run's :attr:`RunConfig.requires_images` (None: no
+    run is known, as for the site daemon); only a site without imaging reads it.
     Never raises for problems of the site's data or settings: they become
     ``blocking`` entries.
     """
@@ -58,9 +65,12 @@ def check_site(
     blocking, warnings = report["blocking"], report["warnings"]
     try:
         site = SiteConfig.from_toml(Path(site_toml))
+        task = task_for_site(site, task, images_required)
     except WardroundError as exc:
         blocking.append(str(exc))
         return _finish(report)
+    if not site.has_imaging:
+        warnings.extend(_no_imaging_notes(site, images_required))
     missing = [str(p) for p in site.dicom_paths if not p.is_dir()]
     if missing:
         blocking.append(
@@ -71,13 +81,16 @@ def check_site(
         prep = prepare_site(site, task, image_size=image_size)
     except WardroundError as exc:
         blocking.append(str(exc))
-        from .data.dicom_index import index_dicom
+        from .data.dicom_index import INDEX_SCHEMA, index_dicom
 
-        report["dicom"] = _dicom_section(
-            index_dicom(site.dicom_paths, site.cache_path), {}, {}
+        index = (
+            index_dicom(site.dicom_paths, site.cache_path)
+            if site.has_imaging
+            else INDEX_SCHEMA.empty_table()
         )
+        report["dicom"] = _dicom_section(site, index, {}, {})
         return _finish(report)
-    report["dicom"] = _dicom_section(prep.index, prep.images, prep.reasons)
+    report["dicom"] = _dicom_section(site, prep.index, prep.images, prep.reasons)
     report["ehr"] = _ehr_section(prep)
     report["join"] = _join_section(prep, task)
     report["fingerprint"] = prep.fingerprint
@@ -85,7 +98,12 @@ def check_site(
     if task.kind is not TaskKind.CLASSIFICATION:
         report["text"] = _text_section(site, task, prep, blocking)
     items = report["join"]["items"]
-    if items == 0:
+    if items == 0 and not site.has_imaging:
+        blocking.append(
+            "no EHR row has both a patient id and a study uid: check `[ehr] "
+            "patient-id` and `[ehr] study-uid` in site.toml"
+        )
+    elif items == 0:
         blocking.append(
             "no EHR row joins a usable DICOM study: check `[ehr] study-uid` (the column "
             "holding StudyInstanceUID) and `data.dicom-dirs`"
@@ -108,6 +126,26 @@ def check_site(
             "studies train without image"
         )
     return _finish(report)
+
+
+def _no_imaging_notes(site: SiteConfig, images_required: bool | None) -> list[str]:
+    notes = [
+        "this site has no imaging (site.toml names no data.dicom-dirs): its studies "
+        "train on EHR and notes"
+        + (
+            "; runs that require an image per study (task.require-image = true "
+            "with images in model.modalities, or a vlm) are refused"
+            if images_required is None
+            else ""
+        )
+    ]
+    beside = site.base_dir / "dicom"
+    if beside.is_dir() and any(beside.iterdir()):
+        notes.append(
+            f"{beside} holds files but data.dicom-dirs does not name it: if those are "
+            'the site\'s images, add `dicom-dirs = ["dicom"]` to [data]'
+        )
+    return notes
 
 
 def _text_section(site: SiteConfig, task: TaskConfig, prep, blocking: list[str]):
@@ -144,13 +182,16 @@ def _finish(report: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-def _dicom_section(index, images, reasons: dict[str, str]) -> dict[str, Any]:
+def _dicom_section(
+    site: SiteConfig, index, images, reasons: dict[str, str]
+) -> dict[str, Any]:
     status = index.column("status").to_pylist()
     usable = index.filter(pc.equal(index.column("status"), OK))
     syntaxes = [
         transfer_syntax_name(t) for t in index.column("transfer_syntax").to_pylist()
     ]
     return {
+        "folders": len(site.data.dicom_dirs),
         "files": index.num_rows,
         "usable_files": usable.num_rows,
         "studies": len(images),

@@ -68,7 +68,7 @@ def prepare_simulation(
     resolve_device(config.train.device)  # simulated sites train on this machine
 
     for site_toml in found:
-        preflight_site(site_toml, config.task)
+        preflight_site(site_toml, config.task, images_required=config.requires_images)
     _require_secure_aggregation_sites(config, len(found))
     overrides["data"] = {"sites_dir": str(sites_dir)}
     config = config.with_overrides(**overrides)

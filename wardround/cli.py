@@ -249,12 +249,28 @@ def synth(
     seed: Annotated[
         int, typer.Option(help="Seed; the same seed writes the same data.")
     ] = 0,
+    image_less_sites: Annotated[
+        int,
+        typer.Option(
+            "--image-less-sites",
+            min=0,
+            max=256,
+            help="How many sites (the last ones) have no imaging: EHR and notes "
+            "only, no data.dicom-dirs. Equal to --sites: a folder of image-less sites.",
+        ),
+    ] = 0,
 ) -> None:
     """Write synthetic hospitals: DICOM files, an EHR Parquet table and a site.toml each."""
     try:
         from wardround.simulations.synth import synthesize_federation
 
-        paths = synthesize_federation(out, sites, patients_per_site=patients, seed=seed)
+        paths = synthesize_federation(
+            out,
+            sites,
+            patients_per_site=patients,
+            seed=seed,
+            image_less_sites=image_less_sites,
+        )
         for path in paths:
             console.print(f"wrote {path}")
     except Exception as exc:  # noqa: BLE001

@@ -6,7 +6,9 @@ deterministically into train and validation, decodes the images (cached as
 ``.npy`` keyed by the index fingerprint, image size and slice mode, so later
 rounds skip DICOM decoding; the reason of every failed study is cached beside it)
 and materialises every item as tensors in memory. With ``task.require_image``
-false, EHR rows whose study has no image are items too, without image.
+false, EHR rows whose study has no image are items too, without image; a site
+without imaging (no ``data.dicom-dirs``) has only such items
+(:mod:`.imaging`).
 
 Each item is a dict::
 
@@ -38,9 +40,10 @@ from ...common.config import TaskConfig
 from ...common.errors import DataError
 from ..site_config import SiteConfig
 from .decode import DecodeFailure
-from .dicom_index import index_dicom
+from .dicom_index import INDEX_SCHEMA, index_dicom
 from .ehr import EncodedEhr, read_encoded_ehr
 from .image import load_study_image
+from .imaging import no_imaging_error
 from .join import Join, index_fingerprint, join_ehr_images, study_series
 from .patients import count_patients, patient_ordinals
 
@@ -135,7 +138,12 @@ def prepare_site(
     site: SiteConfig, task: TaskConfig, *, image_size: int
 ) -> PreparedSite:
     """Index, read, check, join and decode a site's data (no tensors, no split)."""
-    index = index_dicom(site.dicom_paths, site.cache_path)
+    if site.has_imaging:
+        index = index_dicom(site.dicom_paths, site.cache_path)
+    elif task.require_image:
+        raise no_imaging_error(site)
+    else:
+        index = INDEX_SCHEMA.empty_table()
     images = study_series(index)
     ehr = read_encoded_ehr(site.ehr_path, task, site.ehr)
     join = join_ehr_images(ehr, images, require_image=task.require_image)
@@ -230,6 +238,13 @@ def load_site_data(
     prep = prepare_site(site, task, image_size=image_size)
     images, ehr, join = prep.images, prep.ehr, prep.join
     matched = join.rows
+    if not matched and not site.has_imaging:
+        raise DataError(
+            f"no EHR row has both a patient id and a study uid ({join.no_key} rows "
+            "without)",
+            hint="Check `[ehr] patient-id` and `[ehr] study-uid` in site.toml "
+            "(`wardround site check` shows the EHR section).",
+        )
     if not matched:
         raise DataError(
             f"no EHR row matches a DICOM study ({join.ehr_studies} EHR studies, "
