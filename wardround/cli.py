@@ -71,6 +71,14 @@ def simulate(
         int | None,
         typer.Option(min=1, max=256, help="Synthetic sites to make (default 3)."),
     ] = None,
+    patients: Annotated[
+        int | None,
+        typer.Option(
+            min=10,
+            max=1_000_000,
+            help="Patients per synthetic site (default: the config's, 300).",
+        ),
+    ] = None,
     rounds: Annotated[
         int | None, typer.Option(min=1, help="Rounds (default: the config's, 5).")
     ] = None,
@@ -126,6 +134,17 @@ def simulate(
         from .console import ProgressObserver, summary_table
 
         run_config = RunConfig.from_toml(config) if config else RunConfig()
+        if patients is not None:
+            if run_config.data.sites_dir:
+                from wardround.common.errors import ConfigError
+
+                raise ConfigError(
+                    "--patients sizes synthetic sites, but the config names real "
+                    f"ones (data.sites-dir = {run_config.data.sites_dir!r})",
+                    hint="Drop --patients, or data.sites-dir to simulate on "
+                    "synthetic hospitals.",
+                )
+            run_config = run_config.with_overrides(data={"patients_per_site": patients})
         federation: dict = {}
         model: dict = {}
         if strategy is not None:
