@@ -21,8 +21,10 @@ from ..common.config import TaskConfig, TaskKind
 from ..common.errors import WardroundError
 from .data.dataset import ehr_present, prepare_site
 from .data.decode import OK, transfer_syntax_name
+from .data.dicom_warnings import count_kinds, log_kinds
 from .data.ehr import open_dataset
 from .data.imaging import task_for_site
+from .data.join import duplicate_instances
 from .site_config import SiteConfig
 
 logger = logging.getLogger(__name__)
@@ -119,6 +121,19 @@ def check_site(
     for feature, frac in report["ehr"]["missing_fraction"].items():
         if frac >= 0.5:
             warnings.append(f"feature {feature!r} is missing in {frac:.0%} of rows")
+    duplicates = report["dicom"]["duplicate_instances"]
+    if duplicates:
+        warnings.append(
+            f"{duplicates} usable file(s) repeat the SOPInstanceUID of another (a "
+            "re-send, a copy in another transfer syntax): each instance is used "
+            "once, the first file read without warning, in path order"
+        )
+    warned = sum(report["dicom"]["pydicom_warnings"].values())
+    if warned:
+        warnings.append(
+            f"pydicom warned {warned} time(s) reading the headers (by kind in "
+            "dicom.pydicom_warnings; each file in the log)"
+        )
     failures = sum(report["dicom"]["decode_failures"].values())
     if failures:
         warnings.append(
@@ -190,6 +205,9 @@ def _dicom_section(
     syntaxes = [
         transfer_syntax_name(t) for t in index.column("transfer_syntax").to_pylist()
     ]
+    per_file = index.column("warnings").to_pylist()
+    for path, kinds in zip(index.column("path").to_pylist(), per_file, strict=True):
+        log_kinds(path, kinds or ())
     return {
         "folders": len(site.data.dicom_dirs),
         "files": index.num_rows,
@@ -203,6 +221,8 @@ def _dicom_section(
         ),
         "not_usable": _counts([s for s in status if s != OK]),
         "decode_failures": _counts(list(reasons.values())),
+        "duplicate_instances": duplicate_instances(index),
+        "pydicom_warnings": count_kinds(per_file),
     }
 
 
@@ -315,6 +335,8 @@ def format_report(report: dict[str, Any]) -> str:
                 lines.append(f"  {key}: {value}")
     if "fingerprint" in report:
         lines.append(f"dataset fingerprint: {report['fingerprint']}")
+    if report.get("log") and report.get("dicom", {}).get("pydicom_warnings"):
+        lines.append(f"pydicom's warnings, file by file: {report['log']}")
     for title, key in (
         ("PHI risk", "phi"),
         ("warning", "warnings"),

@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from ...common.config import TaskConfig
 from ...common.errors import DataError
 from ..site_config import SiteConfig
+from . import dicom_warnings
 from .decode import DecodeFailure
 from .dicom_index import INDEX_SCHEMA, index_dicom
 from .ehr import EncodedEhr, read_encoded_ehr
@@ -201,12 +202,18 @@ def decoded_images(
     array = np.full(shape, np.nan, np.float32)
     reasons: dict[str, str] = {}
     for i, (study, rows) in enumerate(images.items()):
-        try:
-            array[i] = load_study_image(
-                [Path(r["path"]) for r in rows], image_size, task.slice_mode, channels
-            )
-        except DecodeFailure as exc:
-            reasons[study] = exc.reason  # the item keeps its EHR and note
+        # pydicom's warnings go to the log, by kind (the index counts them per file)
+        with dicom_warnings.capture() as kinds:
+            try:
+                array[i] = load_study_image(
+                    [Path(r["path"]) for r in rows],
+                    image_size,
+                    task.slice_mode,
+                    channels,
+                )
+            except DecodeFailure as exc:
+                reasons[study] = exc.reason  # the item keeps its EHR and note
+        dicom_warnings.log_kinds(rows[0]["path"], kinds)
     cache_dir.mkdir(parents=True, exist_ok=True)
     for stale in cache_dir.glob(f"images-*-{image_size}.*"):
         stale.unlink(missing_ok=True)

@@ -116,9 +116,9 @@ def test_deid_profile_pseudonyms_and_ehr(tmp_path):
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary["written"] == 2 and summary["skipped"] == {
-        "not DICOM (no DICOM header)": 1
-    }
+    assert summary["files"] == 3 and summary["written"] == 2
+    assert summary["duplicates"] == 0
+    assert summary["failed"] == {"not DICOM (no DICOM header)": 1}
     written = [pydicom.dcmread(p) for p in sorted(out.rglob("*.dcm"))]
     by_sop = {}
     for ds in originals.values():
