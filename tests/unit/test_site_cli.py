@@ -60,6 +60,35 @@ def test_site_check_json_reports_and_exits_zero(template, tmp_path):
     assert len(report["fingerprint"]) == 64 and report["phi"]
 
 
+def test_site_check_counts_duplicates_and_pydicom_warnings_and_logs_them(
+    template, tmp_path
+):
+    site = tmp_path / "site"
+    shutil.copytree(template / "site-01", site)
+    before = runner.invoke(
+        _app(), ["site", "check", "--config", str(site / "site.toml"), "--json"]
+    )
+    first = sorted(p for p in (site / "dicom").rglob("*") if p.is_file())[0]
+    (site / "dicom" / "resend").mkdir()
+    shutil.copy(first, site / "dicom" / "resend" / "copy.dcm")  # a re-send
+    shutil.copy(get_testdata_file("badVR.dcm"), site / "dicom" / "badVR.dcm")
+
+    result = runner.invoke(
+        _app(), ["site", "check", "--config", str(site / "site.toml"), "--json"]
+    )
+
+    assert result.exit_code == 0, result.output
+    report, earlier = json.loads(result.output), json.loads(before.output)
+    assert report["dicom"]["duplicate_instances"] == 1
+    assert report["join"]["items_with_image"] == earlier["join"]["items_with_image"]
+    assert report["dicom"]["pydicom_warnings"] == {"Invalid value for VR IS: '…'.": 1}
+    assert any("repeat the SOPInstanceUID" in w for w in report["warnings"])
+    log = Path(report["log"])
+    assert log == site / ".wardround-cache" / "site-check.log"
+    assert "badVR.dcm: pydicom: Invalid value for VR IS" in log.read_text()
+    assert "'1A'" not in log.read_text()  # the header value never reaches the log
+
+
 def test_site_check_lists_blocking_problems(template, tmp_path):
     site = tmp_path / "site"
     shutil.copytree(template / "site-01", site)
