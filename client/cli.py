@@ -8,8 +8,6 @@ stays fast.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -46,33 +44,6 @@ def _check_log_path(site_toml: Path) -> Path | None:
     return site.cache_path / CHECK_LOG if site.has_imaging else None
 
 
-@contextmanager
-def pydicom_log(path: Path | None) -> Iterator[None]:
-    """Send pydicom's warnings (file and kind) to ``path``, never to the terminal."""
-    import logging
-
-    from .data.dicom_warnings import LOGGER
-
-    if path is None:
-        yield
-        return
-    log = logging.getLogger(LOGGER)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    saved = (log.level, log.propagate)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    log.addHandler(handler)
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
-        handler.close()
-        log.setLevel(saved[0])
-        log.propagate = saved[1]
-
-
 @site_app.command("check")
 def check(
     config: Annotated[Path, typer.Option("--config", help="the site's site.toml")],
@@ -90,8 +61,10 @@ def check(
         from .site_check import check_site, format_report
 
         run = RunConfig.from_toml(run_config) if run_config else RunConfig()
+        from .data.dicom_warnings import log_to_file
+
         log_path = _check_log_path(config)
-        with pydicom_log(log_path):
+        with log_to_file(log_path):
             report = check_site(
                 config,
                 run.task,
@@ -251,8 +224,10 @@ def start(
         import threading
 
         from .daemon import plan_site, run_site_daemon
+        from .data.dicom_warnings import log_to_file
 
-        plan = plan_site(config)
+        with log_to_file(_check_log_path(config)):
+            plan = plan_site(config)
         stop = threading.Event()
 
         def handler(signum: int, frame: object) -> None:

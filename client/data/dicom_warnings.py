@@ -6,8 +6,8 @@ dozens of lines above a `site check` or `site deid` report. :func:`capture` take
 both channels while a file is read and gives back each warning's *kind*: pydicom's
 message with quoted values, numbers and links masked, so header values never
 reach a report or a log. Callers count kinds in their reports and log each
-(file, kind) at INFO on :data:`LOGGER`, which the CLI sends to a file, not the
-terminal. Other libraries' warnings pass through unchanged.
+(file, kind) at INFO on :data:`LOGGER`, which the CLI sends to a file
+(:func:`log_to_file`), not the terminal. Other libraries' warnings pass through unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 #: the logger that holds every (file, kind); ``site check`` writes it to a file
 LOGGER = "wardround.pydicom_warnings"
@@ -92,3 +93,29 @@ def log_kinds(what: str, kinds: Iterable[str]) -> None:
     log = logging.getLogger(LOGGER)
     for kind in kinds:
         log.info("%s: pydicom: %s", what, kind)
+
+
+@contextmanager
+def log_to_file(path: Path | None) -> Iterator[None]:
+    """For an entry point: send LOGGER (file and kind) to ``path``, not the terminal.
+
+    ``path`` is rewritten (the last check's warnings); None: leave LOGGER as it is.
+    """
+    if path is None:
+        yield
+        return
+    log = logging.getLogger(LOGGER)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    saved = (log.level, log.propagate)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        log.setLevel(saved[0])
+        log.propagate = saved[1]

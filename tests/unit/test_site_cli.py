@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -87,6 +89,15 @@ def test_site_check_counts_duplicates_and_pydicom_warnings_and_logs_them(
     assert log == site / ".wardround-cache" / "site-check.log"
     assert "badVR.dcm: pydicom: Invalid value for VR IS" in log.read_text()
     assert "'1A'" not in log.read_text()  # the header value never reaches the log
+    # the real entry point, as a terminal sees it: the report and nothing from pydicom
+    (site / ".wardround-cache").rename(tmp_path / "old-cache")  # read every file again
+    done = subprocess.run(
+        [sys.executable, "-m", "wardround.cli", "site", "check", "--config",
+         str(site / "site.toml")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "pydicom's warnings, file by file" in done.stdout
 
 
 def test_site_check_lists_blocking_problems(template, tmp_path):
@@ -388,3 +399,18 @@ def test_site_approve_revokes_by_run_config(approving_site, tmp_path):
     revoked = runner.invoke(_app(), [*base, "--revoke"])
     assert revoked.exit_code == 0 and "approval withdrawn" in revoked.output
     assert _approved(site_toml) == {}
+
+
+def test_site_approve_warns_a_site_without_imaging_of_a_run_that_requires_images(
+    approving_site,
+):
+    site_toml, run_toml = approving_site  # its site.toml names no dicom-dirs
+    args = ["site", "approve", "--run-config", str(run_toml), "--config"]
+
+    needs = runner.invoke(_app(), [*args, str(site_toml), "--yes"])
+    run_toml.write_text(run_toml.read_text() + "[task]\nrequire-image = false\n")
+    fine = runner.invoke(_app(), [*args, str(site_toml), "--yes"])
+
+    assert needs.exit_code == 0 and fine.exit_code == 0
+    assert "has no imaging" in needs.output and "refuse to train" in needs.output
+    assert "has no imaging" not in fine.output
