@@ -220,9 +220,7 @@ def synthesize_federation(
         raise ConfigError(f"--patients must be at least 10 (got {patients_per_site})")
     if not 0 <= image_less_sites <= n_sites:
         raise ConfigError(
-            f"--image-less-sites {image_less_sites} is not between 0 and --sites "
-            f"({n_sites})",
-            hint="Give how many of the sites (the last ones) have no imaging.",
+            f"--image-less-sites {image_less_sites} is not 0 to {n_sites}"
         )
     out_dir = Path(out_dir)
     paths = []
@@ -231,15 +229,8 @@ def synthesize_federation(
         if heterogeneity is not None:
             profile = apply_heterogeneity(profile, heterogeneity, seed)
         images = index < n_sites - image_less_sites
-        paths.append(
-            write_site(
-                out_dir / profile.name,
-                profile,
-                patients_per_site,
-                seed,
-                images=images,
-            )
-        )
+        site_dir = out_dir / profile.name
+        paths.append(write_site(site_dir, profile, patients_per_site, seed, images))
     logger.info("wrote %d synthetic sites under %s", n_sites, out_dir)
     return paths
 
@@ -311,12 +302,9 @@ def _draw_patients(profile: SiteProfile, n: int, rng: np.random.Generator) -> di
 
 
 def write_site(
-    site_dir: Path, profile: SiteProfile, n: int, seed: int, *, images: bool = True
+    site_dir: Path, profile: SiteProfile, n: int, seed: int, images: bool = True
 ) -> Path:
-    """Write one synthetic hospital; return its ``site.toml`` path.
-
-    ``images`` false: a site without imaging (EHR and notes only, the same rows).
-    """
+    """Write one synthetic hospital (``images`` false: EHR and notes only)."""
     _prepare_folder(site_dir)
     ss = np.random.SeedSequence([seed, profile.index])
     rng_pat, rng_img, rng_note, rng_ehr = (
@@ -473,8 +461,7 @@ def _site_toml(profile: SiteProfile, seed: int, *, images: bool = True) -> dict:
     doc: dict = {
         "site": {"name": profile.name},
         "data": {
-            # a site without imaging names no DICOM folder
-            **({"dicom-dirs": ["dicom"]} if images else {}),
+            **({"dicom-dirs": ["dicom"]} if images else {}),  # none: no imaging
             "ehr": "ehr.parquet",
             "cache-dir": ".wardround-cache",
             "validation-fraction": 0.2,

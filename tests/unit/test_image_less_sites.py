@@ -65,7 +65,7 @@ def test_synth_writes_an_image_less_site_with_the_same_ehr(mixed, tmp_path):
 def test_synth_refuses_more_image_less_sites_than_sites(tmp_path):
     from wardround.common.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="--image-less-sites 3"):
+    with pytest.raises(ConfigError, match="--image-less-sites 3 is not 0 to 2"):
         synthesize_federation(tmp_path, 2, patients_per_site=10, image_less_sites=3)
 
 
