@@ -28,6 +28,22 @@ def _fail(exc: Exception) -> None:
     fail(exc)
 
 
+CHECK_LOG = "site-check.log"
+
+
+def _check_log_path(site_toml: Path) -> Path | None:
+    """``<cache-dir>/site-check.log`` of a site with imaging (None: nothing to log)."""
+    from wardround.common.errors import WardroundError
+
+    from .site_config import SiteConfig
+
+    try:
+        site = SiteConfig.from_toml(site_toml)
+    except WardroundError:
+        return None  # the check reports why
+    return site.cache_path / CHECK_LOG if site.has_imaging else None
+
+
 @site_app.command("check")
 def check(
     config: Annotated[Path, typer.Option("--config", help="the site's site.toml")],
@@ -45,7 +61,18 @@ def check(
         from .site_check import check_site, format_report
 
         run = RunConfig.from_toml(run_config) if run_config else RunConfig()
-        report = check_site(config, run.task, image_size=run.model.image_size)
+        from .data.dicom_warnings import log_to_file
+
+        log_path = _check_log_path(config)
+        with log_to_file(log_path):
+            report = check_site(
+                config,
+                run.task,
+                image_size=run.model.image_size,
+                images_required=run.requires_images if run_config else None,
+            )
+        if log_path is not None:
+            report["log"] = str(log_path)
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
         _fail(exc)
         return
@@ -76,18 +103,31 @@ def deid(
     ] = None,
     study_col: Annotated[str, typer.Option("--study-col")] = "study_uid",
     patient_col: Annotated[str, typer.Option("--patient-col")] = "patient_id",
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            help="per-file account (JSON Lines; names source files, so it stays "
+            "outside --out); default: OUT.deid-report.jsonl beside --out",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Export a de-identified copy (DICOM PS3.15 Basic Profile, salted UID pseudonyms)."""
+    """Export a de-identified copy (DICOM PS3.15 Basic Profile, salted UID pseudonyms).
+
+    Every input file is reported as written, a duplicate of another file of the
+    same SOPInstanceUID (one copy per instance is written), or failed with why.
+    """
     try:
         from wardround.common.errors import ConfigError
 
-        from .deid import deid_ehr, deid_folder, load_salt
+        from .deid import deid_ehr, load_salt
+        from .deid_export import deid_folder
 
         if (ehr is None) != (ehr_out is None):
             raise ConfigError("--ehr and --ehr-out go together")
         key = load_salt(salt, salt_file)
-        result = deid_folder(src, out, key)
+        result = deid_folder(src, out, key, report=report)
         if ehr is not None and ehr_out is not None:
             result.ehr_rows = deid_ehr(
                 ehr, ehr_out, key, study_column=study_col, patient_column=patient_col
@@ -95,19 +135,28 @@ def deid(
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
         return
-    summary = {
-        "written": result.written,
-        "skipped": result.skipped,
-        "burned_in_annotation": result.burned_in,
-        "burn_in_undeclared": result.burn_in_undeclared,
-        "ehr_rows": result.ehr_rows,
-    }
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(json.dumps(result.summary(), indent=2))
         return
-    typer.echo(f"de-identified {result.written} file(s) into {out}")
-    for reason, n in result.skipped.items():
-        typer.echo(f"skipped {n}: {reason}")
+    n_failed = sum(result.failed.values())
+    typer.echo(
+        f"{result.files} input file(s): {result.written} de-identified into {out}, "
+        f"{result.duplicates} duplicate(s) of a written instance, {n_failed} failed"
+    )
+    if result.duplicates:
+        typer.echo(
+            "  duplicates share a SOPInstanceUID with a written file (a re-send, a "
+            "copy in another transfer syntax): one copy per instance is written"
+        )
+    for reason, n in result.failed.items():
+        typer.echo(f"  failed {n}: {reason}")
+    if result.replaced:
+        typer.echo(f"  {result.replaced} copy(ies) from an earlier export replaced")
+    if result.pydicom_warnings:
+        total = sum(result.pydicom_warnings.values())
+        typer.echo(f"pydicom warned {total} time(s), by kind:")
+        for kind, n in result.pydicom_warnings.items():
+            typer.echo(f"  {n}: {kind}")
     if result.burned_in or result.burn_in_undeclared:
         typer.echo(
             f"review for burned-in text: {result.burned_in} declared, "
@@ -115,6 +164,7 @@ def deid(
         )
     if ehr_out is not None:
         typer.echo(f"EHR: {result.ehr_rows} row(s) written to {ehr_out}")
+    typer.echo(f"every file's outcome (and warnings): {result.report}")
 
 
 @site_app.command("privacy")
@@ -161,8 +211,10 @@ def start(
         import threading
 
         from .daemon import plan_site, run_site_daemon
+        from .data.dicom_warnings import log_to_file
 
-        plan = plan_site(config)
+        with log_to_file(_check_log_path(config)):
+            plan = plan_site(config)
         stop = threading.Event()
 
         def handler(signum: int, frame: object) -> None:
@@ -260,6 +312,15 @@ def approve(
         else:
             typer.echo(f"app hash {value} ({run_config})")
             typer.echo("\n".join(describe_run(settings)))
+            if not site.has_imaging and settings.requires_images:
+                from .data.imaging import no_imaging_error
+
+                refusal = no_imaging_error(site)
+                typer.echo(
+                    f"warning: {refusal.message}: this site will refuse to train "
+                    f"in it. {refusal.hint}",
+                    err=True,
+                )
             if not yes and not typer.confirm(
                 f"Approve this run at site {site.site.name}?", default=False
             ):

@@ -9,7 +9,9 @@ column maps the same way); private tags, overlays and curves are removed; every
 other person name is emptied; ``PatientIdentityRemoved`` and
 ``DeidentificationMethod(CodeSequence)`` are set. Burned-in annotation (text in
 the pixels) cannot be removed here: files that declare it, or that are of a
-modality prone to it without declaring, are reported.
+modality prone to it without declaring, are reported. The folder walk, and the
+account of every input file (written, duplicate of another, failed), are in
+:mod:`.deid_export`.
 """
 
 from __future__ import annotations
@@ -18,15 +20,12 @@ import hashlib
 import hmac
 import logging
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from ..common.errors import ConfigError, DataError
-from .data.decode import DecodeFailure, read_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -260,65 +259,6 @@ def _strip(ds: Dataset, salt: bytes) -> None:
                 for v in values
             ]
             elem.value = mapped if elem.VM > 1 else mapped[0]
-
-
-@dataclass
-class DeidResult:
-    """What an export did (counts and fixed-vocabulary reasons only)."""
-
-    written: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-    burned_in: int = 0
-    burn_in_undeclared: int = 0
-    ehr_rows: int = 0
-
-
-_BURN_IN_PRONE = {"US", "SC", "XA", "OT", "ES", "SM", "DOC"}
-
-
-def deid_folder(src: Path, dst: Path, salt: bytes) -> DeidResult:
-    """Write a de-identified copy of every DICOM file under ``src`` into ``dst``.
-
-    Files are named ``<study>/<series>/<sop>.dcm`` by pseudonym (source paths may
-    hold names). Unreadable files are skipped and counted by reason.
-    """
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise DataError(f"DICOM folder {src} not found", hint="Check --in.")
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise ConfigError("--out must be outside --in", hint="Choose another folder.")
-    result = DeidResult()
-    skipped: Counter[str] = Counter()
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
-        try:
-            ds = read_dataset(path)
-        except DecodeFailure as exc:
-            skipped[exc.reason] += 1
-            continue
-        burned = str(ds.get("BurnedInAnnotation", "")).upper()
-        if burned == "YES":
-            result.burned_in += 1
-        elif not burned and str(ds.get("Modality", "")).upper() in _BURN_IN_PRONE:
-            result.burn_in_undeclared += 1
-        deidentify(ds, salt)
-        parts = [
-            str(ds.get(k, "") or "x")
-            for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-        ]
-        out = dst / parts[0] / parts[1] / f"{parts[2]}.dcm"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            ds.save_as(out, enforce_file_format="TransferSyntaxUID" in ds.file_meta)
-        except Exception:  # noqa: BLE001 - a file that cannot be written is counted
-            skipped["could not be written after de-identification"] += 1
-            out.unlink(missing_ok=True)
-            continue
-        result.written += 1
-    result.skipped = dict(skipped)
-    logger.info(
-        "de-identified %d file(s), skipped %d", result.written, sum(skipped.values())
-    )
-    return result
 
 
 def deid_ehr(

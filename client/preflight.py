@@ -11,17 +11,26 @@ from pathlib import Path
 from ..common.config import TaskConfig
 from ..common.errors import DataError
 from .data.ehr import open_ehr
+from .data.imaging import task_for_site
 from .site_config import SiteConfig
 
 
-def preflight_site(site_toml: Path, task: TaskConfig) -> SiteConfig:
-    """Parse ``site.toml`` and check that its folders and EHR columns exist."""
+def preflight_site(
+    site_toml: Path, task: TaskConfig, *, images_required: bool | None = None
+) -> SiteConfig:
+    """Parse ``site.toml`` and check that its folders and EHR columns exist.
+
+    ``images_required`` (:attr:`RunConfig.requires_images`): a site without
+    imaging is refused when the run requires images (None: not known here).
+    """
     site = SiteConfig.from_toml(site_toml)
+    task_for_site(site, task, images_required)
     missing = [str(p) for p in site.dicom_paths if not p.is_dir()]
     if missing:
         raise DataError(
             f"{site_toml}: DICOM folder(s) not found: {', '.join(missing)}",
-            hint="Fix `data.dicom-dirs` in site.toml (paths are relative to site.toml).",
+            hint="Fix `data.dicom-dirs` in site.toml (paths are relative to site.toml); "
+            "a site without imaging names none.",
         )
     open_ehr(site.ehr_path, task, site.ehr)
     return site

@@ -174,15 +174,18 @@ def get_runtime(site_toml: Path, site_index: int, config: RunConfig) -> SiteRunt
         return _CACHE[key]
     from ..common.text import get_tokenizer
     from .data.dataset import load_site_data
+    from .data.imaging import task_for_site
 
     site = SiteConfig.from_toml(site_toml)
+    # a site without imaging refuses a run that requires images, saying why
+    task = task_for_site(site, config.task, config.requires_images)
     if config.model.family == "vlm":
         from .data.vlm_dataset import load_vlm_site_data
 
         built = build_model(config)  # its processor tokenises the site's examples
         data = load_vlm_site_data(
             site,
-            config.task,
+            task,
             built.processor,
             image_size=config.model.image_size,
             max_tokens=config.model.max_seq_tokens,
@@ -190,7 +193,7 @@ def get_runtime(site_toml: Path, site_index: int, config: RunConfig) -> SiteRunt
     else:
         data = load_site_data(
             site,
-            config.task,
+            task,
             image_size=config.model.image_size,
             max_note_tokens=config.model.max_note_tokens,
             tokenizer=get_tokenizer(config.model.tokenizer),

@@ -21,7 +21,10 @@ from ..common.config import TaskConfig, TaskKind
 from ..common.errors import WardroundError
 from .data.dataset import ehr_present, prepare_site
 from .data.decode import OK, transfer_syntax_name
+from .data.dicom_warnings import count_kinds, log_kinds
 from .data.ehr import open_dataset
+from .data.imaging import task_for_site
+from .data.join import duplicate_instances
 from .site_config import SiteConfig
 
 logger = logging.getLogger(__name__)
@@ -47,10 +50,16 @@ def _frac(num: int, den: int) -> float:
 
 
 def check_site(
-    site_toml: Path, task: TaskConfig, *, image_size: int = 64
+    site_toml: Path,
+    task: TaskConfig,
+    *,
+    image_size: int = 64,
+    images_required: bool | None = None,
 ) -> dict[str, Any]:
     """Check a site; return a JSON-able report with ``can_train`` and ``blocking``.
 
+    ``images_required`` is the run's :attr:`RunConfig.requires_images` (None: no
+    run is known, as for the site daemon); only a site without imaging reads it.
     Never raises for problems of the site's data or settings: they become
     ``blocking`` entries.
     """
@@ -58,9 +67,12 @@ def check_site(
     blocking, warnings = report["blocking"], report["warnings"]
     try:
         site = SiteConfig.from_toml(Path(site_toml))
+        task = task_for_site(site, task, images_required)
     except WardroundError as exc:
         blocking.append(str(exc))
         return _finish(report)
+    if not site.has_imaging:
+        warnings.extend(_no_imaging_notes(site, images_required))
     missing = [str(p) for p in site.dicom_paths if not p.is_dir()]
     if missing:
         blocking.append(
@@ -71,13 +83,16 @@ def check_site(
         prep = prepare_site(site, task, image_size=image_size)
     except WardroundError as exc:
         blocking.append(str(exc))
-        from .data.dicom_index import index_dicom
+        from .data.dicom_index import INDEX_SCHEMA, index_dicom
 
-        report["dicom"] = _dicom_section(
-            index_dicom(site.dicom_paths, site.cache_path), {}, {}
+        index = (
+            index_dicom(site.dicom_paths, site.cache_path)
+            if site.has_imaging
+            else INDEX_SCHEMA.empty_table()
         )
+        report["dicom"] = _dicom_section(site, index, {}, {})
         return _finish(report)
-    report["dicom"] = _dicom_section(prep.index, prep.images, prep.reasons)
+    report["dicom"] = _dicom_section(site, prep.index, prep.images, prep.reasons)
     report["ehr"] = _ehr_section(prep)
     report["join"] = _join_section(prep, task)
     report["fingerprint"] = prep.fingerprint
@@ -85,7 +100,12 @@ def check_site(
     if task.kind is not TaskKind.CLASSIFICATION:
         report["text"] = _text_section(site, task, prep, blocking)
     items = report["join"]["items"]
-    if items == 0:
+    if items == 0 and not site.has_imaging:
+        blocking.append(
+            "no EHR row has both a patient id and a study uid: check `[ehr] "
+            "patient-id` and `[ehr] study-uid` in site.toml"
+        )
+    elif items == 0:
         blocking.append(
             "no EHR row joins a usable DICOM study: check `[ehr] study-uid` (the column "
             "holding StudyInstanceUID) and `data.dicom-dirs`"
@@ -101,6 +121,19 @@ def check_site(
     for feature, frac in report["ehr"]["missing_fraction"].items():
         if frac >= 0.5:
             warnings.append(f"feature {feature!r} is missing in {frac:.0%} of rows")
+    duplicates = report["dicom"]["duplicate_instances"]
+    if duplicates:
+        warnings.append(
+            f"{duplicates} usable file(s) repeat the SOPInstanceUID of another (a "
+            "re-send, a copy in another transfer syntax): each instance is used "
+            "once, the first file read without warning, in path order"
+        )
+    warned = sum(report["dicom"]["pydicom_warnings"].values())
+    if warned:
+        warnings.append(
+            f"pydicom warned {warned} time(s) reading the headers (by kind in "
+            "dicom.pydicom_warnings; each file in the log)"
+        )
     failures = sum(report["dicom"]["decode_failures"].values())
     if failures:
         warnings.append(
@@ -108,6 +141,26 @@ def check_site(
             "studies train without image"
         )
     return _finish(report)
+
+
+def _no_imaging_notes(site: SiteConfig, images_required: bool | None) -> list[str]:
+    notes = [
+        "this site has no imaging (site.toml names no data.dicom-dirs): its studies "
+        "train on EHR and notes"
+        + (
+            "; runs that require an image per study (task.require-image = true "
+            "with images in model.modalities, or a vlm) are refused"
+            if images_required is None
+            else ""
+        )
+    ]
+    beside = site.base_dir / "dicom"
+    if beside.is_dir() and any(beside.iterdir()):
+        notes.append(
+            f"{beside} holds files but data.dicom-dirs does not name it: if those are "
+            'the site\'s images, add `dicom-dirs = ["dicom"]` to [data]'
+        )
+    return notes
 
 
 def _text_section(site: SiteConfig, task: TaskConfig, prep, blocking: list[str]):
@@ -144,13 +197,19 @@ def _finish(report: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-def _dicom_section(index, images, reasons: dict[str, str]) -> dict[str, Any]:
+def _dicom_section(
+    site: SiteConfig, index, images, reasons: dict[str, str]
+) -> dict[str, Any]:
     status = index.column("status").to_pylist()
     usable = index.filter(pc.equal(index.column("status"), OK))
     syntaxes = [
         transfer_syntax_name(t) for t in index.column("transfer_syntax").to_pylist()
     ]
+    per_file = index.column("warnings").to_pylist()
+    for path, kinds in zip(index.column("path").to_pylist(), per_file, strict=True):
+        log_kinds(path, kinds or ())
     return {
+        "folders": len(site.data.dicom_dirs),
         "files": index.num_rows,
         "usable_files": usable.num_rows,
         "studies": len(images),
@@ -162,6 +221,8 @@ def _dicom_section(index, images, reasons: dict[str, str]) -> dict[str, Any]:
         ),
         "not_usable": _counts([s for s in status if s != OK]),
         "decode_failures": _counts(list(reasons.values())),
+        "duplicate_instances": duplicate_instances(index),
+        "pydicom_warnings": count_kinds(per_file),
     }
 
 
@@ -274,6 +335,8 @@ def format_report(report: dict[str, Any]) -> str:
                 lines.append(f"  {key}: {value}")
     if "fingerprint" in report:
         lines.append(f"dataset fingerprint: {report['fingerprint']}")
+    if report.get("log") and report.get("dicom", {}).get("pydicom_warnings"):
+        lines.append(f"pydicom's warnings, file by file: {report['log']}")
     for title, key in (
         ("PHI risk", "phi"),
         ("warning", "warnings"),

@@ -28,7 +28,12 @@ class SiteSection(_Section):
 class SiteDataSection(_Section):
     """Where the site's data lives."""
 
-    dicom_dirs: tuple[str, ...] = Field(("dicom",), max_length=1024)
+    dicom_dirs: tuple[str, ...] = Field(
+        (),
+        max_length=1024,
+        description="the site's DICOM folders; none: a site without imaging (EHR "
+        "and notes only), which trains in runs that do not require images",
+    )
     ehr: str = "ehr.parquet"
     cache_dir: str = ".wardround-cache"
     validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
@@ -249,12 +254,6 @@ class SiteConfig(_Section):
     dashboard: SiteDashboardSection = SiteDashboardSection()
     base_dir: Path = Field(Path("."), exclude=True)
 
-    @model_validator(mode="after")
-    def _dirs_given(self) -> SiteConfig:
-        if not self.data.dicom_dirs:
-            raise ValueError("data.dicom-dirs must name at least one folder")
-        return self
-
     @classmethod
     def from_toml(cls, path: Path) -> SiteConfig:
         """Read and validate ``site.toml``; raise ConfigError listing every problem."""
@@ -278,6 +277,11 @@ class SiteConfig(_Section):
     def dicom_paths(self) -> list[Path]:
         """The DICOM folders, resolved."""
         return [self.resolve(d) for d in self.data.dicom_dirs]
+
+    @property
+    def has_imaging(self) -> bool:
+        """Whether the site names DICOM folders (``data.dicom-dirs``)."""
+        return bool(self.data.dicom_dirs)
 
     @property
     def ehr_path(self) -> Path:

@@ -432,7 +432,9 @@ class TaskConfig(_Section):
         "values outside become missing (and are counted by `site check`)",
     )
     require_image: bool = Field(
-        True, description="false: EHR rows without a DICOM study train without image"
+        True,
+        description="false: EHR rows without a DICOM study train without image, "
+        "and sites without imaging (no data.dicom-dirs) can take part",
     )
     slice_mode: SliceMode = Field(
         SliceMode.MIDDLE,
@@ -610,6 +612,19 @@ class RunConfig(_Section):
                 "(secure-aggregation.enabled = false, or --no-secagg)"
             )
         return self
+
+    @property
+    def requires_images(self) -> bool:
+        """Whether every study must have an image (a site without imaging cannot train).
+
+        True for a vlm (its prompt holds the image) and for a fusion model that reads
+        images with ``task.require-image`` true. False when the model reads no image,
+        or when studies without image train on their EHR and note (the
+        missing-modality path, ``task.require-image`` false).
+        """
+        if self.model.family == "vlm":
+            return True
+        return self.task.require_image and Modality.IMAGE in self.model.modalities
 
     # -- parsing ---------------------------------------------------------------
     @classmethod

@@ -7,6 +7,7 @@ run directory. Every process it starts (Ray's) is stopped by PID on the way out.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import signal
@@ -23,6 +24,8 @@ from ..server.federation import FederationResult, RoundObserver
 
 log = logging.getLogger(__name__)
 
+SYNTH_RECORD = "synth.json"
+
 
 def prepare_simulation(
     config: RunConfig, *, out_dir: Path, sites: int | None, rounds: int | None
@@ -34,18 +37,12 @@ def prepare_simulation(
         overrides["federation"] = {"rounds": rounds}
     sites_dir = Path(config.data.sites_dir).resolve() if config.data.sites_dir else None
     if sites_dir is None:
-        from .synth import synthesize_federation
-
         n_sites = sites if sites is not None else (config.data.synthesize_sites or 3)
         _require_secure_aggregation_sites(config, n_sites)
         sites_dir = out_dir / "sites"
-        if not any(sites_dir.glob("*/site.toml")):
-            synthesize_federation(
-                sites_dir,
-                n_sites,
-                patients_per_site=config.data.patients_per_site,
-                seed=config.data.synth_seed,
-            )
+        synthetic_sites(
+            sites_dir, n_sites, config.data.patients_per_site, config.data.synth_seed
+        )
     elif not sites_dir.is_dir():
         raise ConfigError(
             f"data.sites-dir {sites_dir} does not exist",
@@ -68,13 +65,46 @@ def prepare_simulation(
     resolve_device(config.train.device)  # simulated sites train on this machine
 
     for site_toml in found:
-        preflight_site(site_toml, config.task)
+        preflight_site(site_toml, config.task, images_required=config.requires_images)
     _require_secure_aggregation_sites(config, len(found))
     overrides["data"] = {"sites_dir": str(sites_dir)}
     config = config.with_overrides(**overrides)
     if config.federation.min_sites > len(found):
         config = config.with_overrides(federation={"min_sites": len(found)})
     return config, len(found)
+
+
+def synthetic_sites(sites_dir: Path, n_sites: int, patients: int, seed: int) -> None:
+    """Write the synthetic sites a simulation asks for, or reuse equal ones.
+
+    ``sites_dir/synth.json`` records what was written; sites written with other
+    settings (another ``--sites`` or ``--patients``) are written again, never reused.
+    """
+    from .synth import MARKER, synthesize_federation
+
+    wanted = {"sites": n_sites, "patients_per_site": patients, "seed": seed}
+    record = sites_dir / SYNTH_RECORD
+    if any(sites_dir.glob("*/site.toml")):
+        try:
+            if json.loads(record.read_text()) == wanted:
+                return
+        except (OSError, ValueError):
+            pass
+        for folder in sites_dir.iterdir():
+            if (folder / MARKER).is_file():
+                shutil.rmtree(folder)
+        foreign = sorted(p.parent.name for p in sites_dir.glob("*/site.toml"))
+        if foreign:
+            raise ConfigError(
+                f"{sites_dir} holds site folders that `wardround synth` did not "
+                f"write ({', '.join(foreign)})",
+                hint="Use another --out, or name real sites with data.sites-dir.",
+            )
+        log.info(
+            "synthetic sites in %s had other settings; writing them again", sites_dir
+        )
+    synthesize_federation(sites_dir, n_sites, patients_per_site=patients, seed=seed)
+    record.write_text(json.dumps(wanted) + "\n")
 
 
 def _require_secure_aggregation_sites(config: RunConfig, n_sites: int) -> None:

@@ -205,25 +205,32 @@ def synthesize_federation(
     patients_per_site: int = 300,
     seed: int = 0,
     heterogeneity: Heterogeneity | None = None,
+    image_less_sites: int = 0,
 ) -> list[Path]:
     """Write n_sites synthetic hospitals under out_dir/site-01, site-02, ...
 
     ``heterogeneity`` makes the sites differ more than the presets do (None: the
-    presets alone). Returns the site.toml paths, one per site, in site order.
+    presets alone). The last ``image_less_sites`` sites have no imaging: no DICOM
+    folder and no ``data.dicom-dirs``, the same EHR table and notes as with images.
+    Returns the site.toml paths, one per site, in site order.
     """
     if n_sites < 1:
         raise ConfigError(f"--sites must be at least 1 (got {n_sites})")
     if patients_per_site < 10:
         raise ConfigError(f"--patients must be at least 10 (got {patients_per_site})")
+    if not 0 <= image_less_sites <= n_sites:
+        raise ConfigError(
+            f"--image-less-sites {image_less_sites} is not 0 to {n_sites}"
+        )
     out_dir = Path(out_dir)
     paths = []
     for index in range(n_sites):
         profile = site_profile(index, seed)
         if heterogeneity is not None:
             profile = apply_heterogeneity(profile, heterogeneity, seed)
-        paths.append(
-            write_site(out_dir / profile.name, profile, patients_per_site, seed)
-        )
+        images = index < n_sites - image_less_sites
+        site_dir = out_dir / profile.name
+        paths.append(write_site(site_dir, profile, patients_per_site, seed, images))
     logger.info("wrote %d synthetic sites under %s", n_sites, out_dir)
     return paths
 
@@ -294,8 +301,10 @@ def _draw_patients(profile: SiteProfile, n: int, rng: np.random.Generator) -> di
     }
 
 
-def write_site(site_dir: Path, profile: SiteProfile, n: int, seed: int) -> Path:
-    """Write one synthetic hospital; return its ``site.toml`` path."""
+def write_site(
+    site_dir: Path, profile: SiteProfile, n: int, seed: int, images: bool = True
+) -> Path:
+    """Write one synthetic hospital (``images`` false: EHR and notes only)."""
     _prepare_folder(site_dir)
     ss = np.random.SeedSequence([seed, profile.index])
     rng_pat, rng_img, rng_note, rng_ehr = (
@@ -316,7 +325,7 @@ def write_site(site_dir: Path, profile: SiteProfile, n: int, seed: int) -> Path:
     minutes = rng_pat.integers(7 * 60, 20 * 60, total)
 
     dicom_root = site_dir / "dicom"
-    for i in range(n):  # the last n_ehr_only patients have no images here
+    for i in range(n if images else 0):  # the last n_ehr_only have no images here
         shows = {
             k: bool(rng_img.random() < IMAGE_SHOW[k][1 - pats["z"][k][i]])
             for k in FINDINGS
@@ -349,7 +358,7 @@ def write_site(site_dir: Path, profile: SiteProfile, n: int, seed: int) -> Path:
     pq.write_table(table, site_dir / "ehr.parquet")
     toml_path = site_dir / "site.toml"
     with toml_path.open("wb") as handle:
-        tomli_w.dump(_site_toml(profile, seed), handle)
+        tomli_w.dump(_site_toml(profile, seed, images=images), handle)
     return toml_path
 
 
@@ -448,11 +457,11 @@ def _ehr_table(profile, pats, patient_ids, study_uids, n_imaged, rng_note, rng_e
     return pa.table(data)
 
 
-def _site_toml(profile: SiteProfile, seed: int) -> dict:
+def _site_toml(profile: SiteProfile, seed: int, *, images: bool = True) -> dict:
     doc: dict = {
         "site": {"name": profile.name},
         "data": {
-            "dicom-dirs": ["dicom"],
+            **({"dicom-dirs": ["dicom"]} if images else {}),  # none: no imaging
             "ehr": "ehr.parquet",
             "cache-dir": ".wardround-cache",
             "validation-fraction": 0.2,

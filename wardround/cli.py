@@ -71,6 +71,14 @@ def simulate(
         int | None,
         typer.Option(min=1, max=256, help="Synthetic sites to make (default 3)."),
     ] = None,
+    patients: Annotated[
+        int | None,
+        typer.Option(
+            min=10,
+            max=1_000_000,
+            help="Patients per synthetic site (default: the config's, 300).",
+        ),
+    ] = None,
     rounds: Annotated[
         int | None, typer.Option(min=1, help="Rounds (default: the config's, 5).")
     ] = None,
@@ -126,6 +134,17 @@ def simulate(
         from .console import ProgressObserver, summary_table
 
         run_config = RunConfig.from_toml(config) if config else RunConfig()
+        if patients is not None:
+            if run_config.data.sites_dir:
+                from wardround.common.errors import ConfigError
+
+                raise ConfigError(
+                    "--patients sizes synthetic sites, but the config names real "
+                    f"ones (data.sites-dir = {run_config.data.sites_dir!r})",
+                    hint="Drop --patients, or data.sites-dir to simulate on "
+                    "synthetic hospitals.",
+                )
+            run_config = run_config.with_overrides(data={"patients_per_site": patients})
         federation: dict = {}
         model: dict = {}
         if strategy is not None:
@@ -249,12 +268,28 @@ def synth(
     seed: Annotated[
         int, typer.Option(help="Seed; the same seed writes the same data.")
     ] = 0,
+    image_less_sites: Annotated[
+        int,
+        typer.Option(
+            "--image-less-sites",
+            min=0,
+            max=256,
+            help="How many sites (the last ones) have no imaging: EHR and notes "
+            "only, no data.dicom-dirs. Equal to --sites: a folder of image-less sites.",
+        ),
+    ] = 0,
 ) -> None:
     """Write synthetic hospitals: DICOM files, an EHR Parquet table and a site.toml each."""
     try:
         from wardround.simulations.synth import synthesize_federation
 
-        paths = synthesize_federation(out, sites, patients_per_site=patients, seed=seed)
+        paths = synthesize_federation(
+            out,
+            sites,
+            patients_per_site=patients,
+            seed=seed,
+            image_less_sites=image_less_sites,
+        )
         for path in paths:
             console.print(f"wrote {path}")
     except Exception as exc:  # noqa: BLE001

@@ -6,7 +6,9 @@ deterministically into train and validation, decodes the images (cached as
 ``.npy`` keyed by the index fingerprint, image size and slice mode, so later
 rounds skip DICOM decoding; the reason of every failed study is cached beside it)
 and materialises every item as tensors in memory. With ``task.require_image``
-false, EHR rows whose study has no image are items too, without image.
+false, EHR rows whose study has no image are items too, without image; a site
+without imaging (no ``data.dicom-dirs``) has only such items
+(:mod:`.imaging`).
 
 Each item is a dict::
 
@@ -40,10 +42,12 @@ from ...common.config import TaskConfig
 from ...common.errors import DataError
 from ...common.text import hash_note_ngrams
 from ..site_config import SiteConfig
+from . import dicom_warnings
 from .decode import DecodeFailure
-from .dicom_index import index_dicom
+from .dicom_index import INDEX_SCHEMA, index_dicom
 from .ehr import EncodedEhr, read_encoded_ehr
 from .image import load_study_image
+from .imaging import no_imaging_error
 from .join import Join, index_fingerprint, join_ehr_images, study_series
 from .patients import count_patients, patient_ordinals
 
@@ -146,7 +150,12 @@ def prepare_site(
     site: SiteConfig, task: TaskConfig, *, image_size: int
 ) -> PreparedSite:
     """Index, read, check, join and decode a site's data (no tensors, no split)."""
-    index = index_dicom(site.dicom_paths, site.cache_path)
+    if site.has_imaging:
+        index = index_dicom(site.dicom_paths, site.cache_path)
+    elif task.require_image:
+        raise no_imaging_error(site)
+    else:
+        index = INDEX_SCHEMA.empty_table()
     images = study_series(index)
     ehr = read_encoded_ehr(site.ehr_path, task, site.ehr)
     join = join_ehr_images(ehr, images, require_image=task.require_image)
@@ -204,12 +213,18 @@ def decoded_images(
     array = np.full(shape, np.nan, np.float32)
     reasons: dict[str, str] = {}
     for i, (study, rows) in enumerate(images.items()):
-        try:
-            array[i] = load_study_image(
-                [Path(r["path"]) for r in rows], image_size, task.slice_mode, channels
-            )
-        except DecodeFailure as exc:
-            reasons[study] = exc.reason  # the item keeps its EHR and note
+        # pydicom's warnings go to the log, by kind (the index counts them per file)
+        with dicom_warnings.capture() as kinds:
+            try:
+                array[i] = load_study_image(
+                    [Path(r["path"]) for r in rows],
+                    image_size,
+                    task.slice_mode,
+                    channels,
+                )
+            except DecodeFailure as exc:
+                reasons[study] = exc.reason  # the item keeps its EHR and note
+        dicom_warnings.log_kinds(rows[0]["path"], kinds)
     cache_dir.mkdir(parents=True, exist_ok=True)
     for stale in cache_dir.glob(f"images-*-{image_size}.*"):
         stale.unlink(missing_ok=True)
@@ -243,6 +258,13 @@ def load_site_data(
     prep = prepare_site(site, task, image_size=image_size)
     images, ehr, join = prep.images, prep.ehr, prep.join
     matched = join.rows
+    if not matched and not site.has_imaging:
+        raise DataError(
+            f"no EHR row has both a patient id and a study uid ({join.no_key} rows "
+            "without)",
+            hint="Check `[ehr] patient-id` and `[ehr] study-uid` in site.toml "
+            "(`wardround site check` shows the EHR section).",
+        )
     if not matched:
         raise DataError(
             f"no EHR row matches a DICOM study ({join.ehr_studies} EHR studies, "

@@ -7,7 +7,10 @@ not usable DICOM images stay in the index with a ``status`` from the fixed
 vocabulary of :mod:`.decode` saying why; they never stop the indexing. Headers are
 read in worker processes (all cores by default) in chunks, and rows are kept as
 Arrow record batches, so memory grows by a few hundred bytes per file, not by
-Python objects per file.
+Python objects per file. pydicom's warnings about a file are kept in its row, by
+kind, not printed. One SOP Instance UID may be indexed in several files (a
+re-send, a copy in another transfer syntax): the index keeps them all, and
+:func:`.join.study_series` uses each instance once.
 """
 
 from __future__ import annotations
@@ -26,13 +29,13 @@ import pyarrow.parquet as pq
 import pydicom
 
 from ...common.errors import DataError
-from . import decode
+from . import decode, dicom_warnings
 from .decode import OK, DecodeFailure
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "dicom-index.parquet"
-__all__ = ["INDEX_FILE", "INDEX_SCHEMA", "OK", "index_dicom"]
+__all__ = ["INDEX_FILE", "INDEX_SCHEMA", "OK", "index_dicom", "read_header"]
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -54,6 +57,7 @@ INDEX_SCHEMA = pa.schema(
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
         ("status", pa.string()),
+        ("warnings", pa.list_(pa.string())),  # kinds of pydicom's warnings
     ]
 )
 
@@ -250,8 +254,25 @@ def _slice_position(ds: pydicom.Dataset) -> float | None:
         return None
 
 
+def read_header(path: Path) -> dict[str, Any]:
+    """One file's index row (its ``status`` says whether it is a usable image)."""
+    stat = Path(path).stat()
+    return _read_header(Path(path), stat.st_size, stat.st_mtime_ns)
+
+
 def _read_header(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:
-    """Read one file's header into an index row; never raises for bad files."""
+    """Read one file's header into an index row; never raises for bad files.
+
+    pydicom's warnings are kept in the row by kind (:mod:`.dicom_warnings`), so a
+    report counts them the same from the cache, and they never reach a terminal.
+    """
+    with dicom_warnings.capture() as kinds:
+        row = _header_row(path, size, mtime_ns)
+    row["warnings"] = kinds or None
+    return row
+
+
+def _header_row(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:
     row: dict[str, Any] = {name: None for name in INDEX_SCHEMA.names}
     row.update(path=str(path), size=size, mtime_ns=mtime_ns)
     pixel_offset: int | None = None

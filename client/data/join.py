@@ -3,7 +3,10 @@
 A study's image comes from one series: the usable series with the most instances
 (ties: the one whose first file sorts first), its files in slice order
 (``ImagePositionPatient`` z, else ``SliceLocation``, then ``InstanceNumber``,
-then path). A multi-frame file is a series of one file.
+then path). A multi-frame file is a series of one file. Files that repeat a SOP Instance
+UID (a re-send, a copy in another transfer syntax) are one instance: the first
+read without warning, in path order, is used, so training never counts one image
+twice.
 """
 
 from __future__ import annotations
@@ -31,12 +34,23 @@ _COLUMNS = (
 
 
 def study_series(index: pa.Table) -> dict[str, list[dict[str, Any]]]:
-    """Study UID -> the rows of its chosen series, in slice order; sorted by UID."""
-    usable = index.filter(pc.equal(index.column("status"), OK)).select(list(_COLUMNS))
+    """Study UID -> the rows of its chosen series, in slice order; sorted by UID.
+
+    An instance is used once: of the usable files that share a SOP Instance UID,
+    the first that pydicom read without warning, in path order (the rule of
+    ``site deid``; :func:`duplicate_instances` counts the others).
+    """
+    usable = index.filter(pc.equal(index.column("status"), OK))
+    usable = usable.select([*_COLUMNS, "warnings"])
     by_study: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for row in usable.to_pylist():
+    seen: set[str] = set()
+    ranked = sorted(usable.to_pylist(), key=lambda r: (bool(r["warnings"]), r["path"]))
+    for row in ranked:
         if not row["study_uid"]:
             continue
+        if row["sop_uid"] in seen:
+            continue
+        seen.add(row["sop_uid"])
         series = row["series_uid"] or row["sop_uid"] or row["path"]
         by_study.setdefault(row["study_uid"], {}).setdefault(series, []).append(row)
     chosen: dict[str, list[dict[str, Any]]] = {}
@@ -45,6 +59,13 @@ def study_series(index: pa.Table) -> dict[str, list[dict[str, Any]]]:
         best = min(groups, key=lambda rows: (-len(rows), min(r["path"] for r in rows)))
         chosen[study] = sorted(best, key=_slice_key)
     return chosen
+
+
+def duplicate_instances(index: pa.Table) -> int:
+    """Usable files whose SOP Instance UID an earlier usable file already has."""
+    usable = index.filter(pc.equal(index.column("status"), OK))
+    sops = [s for s in usable.column("sop_uid").to_pylist() if s]
+    return len(sops) - len(set(sops))
 
 
 def _slice_key(row: dict[str, Any]) -> tuple:

@@ -92,6 +92,67 @@ def test_synth_writes_sites(tmp_path):
     assert (tmp_path / "s" / "site-02" / "ehr.parquet").is_file()
 
 
+def test_synth_writes_image_less_sites(tmp_path):
+    code, out = _run(
+        "synth",
+        "--sites",
+        "2",
+        "--patients",
+        "12",
+        "--image-less-sites",
+        "2",
+        "--out",
+        str(tmp_path / "s"),
+    )
+    assert code == 0, out
+    for name in ("site-01", "site-02"):
+        assert (tmp_path / "s" / name / "ehr.parquet").is_file()
+        assert not (tmp_path / "s" / name / "dicom").exists()
+        assert "dicom-dirs" not in (tmp_path / "s" / name / "site.toml").read_text()
+
+
+def test_simulate_patients_sizes_the_synthetic_sites(tmp_path, monkeypatch):
+    from wardround.simulations import runner as runner_mod
+
+    seen = {}
+
+    def stop_here(config, **kwargs):
+        seen["patients"] = config.data.patients_per_site
+        raise KeyError("stop before the simulation")
+
+    monkeypatch.setattr(runner_mod, "prepare_simulation", stop_here)
+    result = runner.invoke(app, ["simulate", "--patients", "40", "--out", "x"])
+    assert isinstance(result.exception, KeyError)
+    assert seen["patients"] == 40
+
+
+def test_simulate_patients_is_refused_with_real_sites(synthetic_sites, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(f'[data]\nsites-dir = "{synthetic_sites}"\n')
+    code, out = _run(
+        "simulate", "--patients", "40", "--config", str(config), "--no-secagg"
+    )
+    assert code == 2 and "--patients" in out and "data.sites-dir" in out
+    code, out = _run("simulate", "--patients", "5")
+    assert code == 2  # typer: at least 10
+
+
+def test_synthetic_sites_are_written_again_when_their_size_changes(tmp_path):
+    from wardround.simulations.runner import synthetic_sites
+
+    sites = tmp_path / "sites"
+    synthetic_sites(sites, 2, 12, 0)
+    ehr = sites / "site-01" / "ehr.parquet"
+    first = ehr.stat().st_mtime_ns
+
+    synthetic_sites(sites, 2, 12, 0)  # the same settings: reused
+    assert ehr.stat().st_mtime_ns == first
+
+    synthetic_sites(sites, 1, 20, 0)  # other settings: written again
+    assert sorted(p.parent.name for p in sites.glob("*/site.toml")) == ["site-01"]
+    assert pq.read_metadata(ehr).num_rows > 12
+
+
 def test_config_prints_a_toml_that_parses_back(tmp_path):
     from wardround.common.config import RunConfig
 

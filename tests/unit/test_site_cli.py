@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -58,6 +60,44 @@ def test_site_check_json_reports_and_exits_zero(template, tmp_path):
         "cardiomegaly",
     }
     assert len(report["fingerprint"]) == 64 and report["phi"]
+
+
+def test_site_check_counts_duplicates_and_pydicom_warnings_and_logs_them(
+    template, tmp_path
+):
+    site = tmp_path / "site"
+    shutil.copytree(template / "site-01", site)
+    before = runner.invoke(
+        _app(), ["site", "check", "--config", str(site / "site.toml"), "--json"]
+    )
+    first = sorted(p for p in (site / "dicom").rglob("*") if p.is_file())[0]
+    (site / "dicom" / "resend").mkdir()
+    shutil.copy(first, site / "dicom" / "resend" / "copy.dcm")  # a re-send
+    shutil.copy(get_testdata_file("badVR.dcm"), site / "dicom" / "badVR.dcm")
+
+    result = runner.invoke(
+        _app(), ["site", "check", "--config", str(site / "site.toml"), "--json"]
+    )
+
+    assert result.exit_code == 0, result.output
+    report, earlier = json.loads(result.output), json.loads(before.output)
+    assert report["dicom"]["duplicate_instances"] == 1
+    assert report["join"]["items_with_image"] == earlier["join"]["items_with_image"]
+    assert report["dicom"]["pydicom_warnings"] == {"Invalid value for VR IS: '…'.": 1}
+    assert any("repeat the SOPInstanceUID" in w for w in report["warnings"])
+    log = Path(report["log"])
+    assert log == site / ".wardround-cache" / "site-check.log"
+    assert "badVR.dcm: pydicom: Invalid value for VR IS" in log.read_text()
+    assert "'1A'" not in log.read_text()  # the header value never reaches the log
+    # the real entry point, as a terminal sees it: the report and nothing from pydicom
+    (site / ".wardround-cache").rename(tmp_path / "old-cache")  # read every file again
+    done = subprocess.run(
+        [sys.executable, "-m", "wardround.cli", "site", "check", "--config",
+         str(site / "site.toml")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "pydicom's warnings, file by file" in done.stdout
 
 
 def test_site_check_lists_blocking_problems(template, tmp_path):
@@ -116,9 +156,9 @@ def test_deid_profile_pseudonyms_and_ehr(tmp_path):
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary["written"] == 2 and summary["skipped"] == {
-        "not DICOM (no DICOM header)": 1
-    }
+    assert summary["files"] == 3 and summary["written"] == 2
+    assert summary["duplicates"] == 0
+    assert summary["failed"] == {"not DICOM (no DICOM header)": 1}
     written = [pydicom.dcmread(p) for p in sorted(out.rglob("*.dcm"))]
     by_sop = {}
     for ds in originals.values():
@@ -359,3 +399,18 @@ def test_site_approve_revokes_by_run_config(approving_site, tmp_path):
     revoked = runner.invoke(_app(), [*base, "--revoke"])
     assert revoked.exit_code == 0 and "approval withdrawn" in revoked.output
     assert _approved(site_toml) == {}
+
+
+def test_site_approve_warns_a_site_without_imaging_of_a_run_that_requires_images(
+    approving_site,
+):
+    site_toml, run_toml = approving_site  # its site.toml names no dicom-dirs
+    args = ["site", "approve", "--run-config", str(run_toml), "--config"]
+
+    needs = runner.invoke(_app(), [*args, str(site_toml), "--yes"])
+    run_toml.write_text(run_toml.read_text() + "[task]\nrequire-image = false\n")
+    fine = runner.invoke(_app(), [*args, str(site_toml), "--yes"])
+
+    assert needs.exit_code == 0 and fine.exit_code == 0
+    assert "has no imaging" in needs.output and "refuse to train" in needs.output
+    assert "has no imaging" not in fine.output

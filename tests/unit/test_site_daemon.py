@@ -173,6 +173,28 @@ def test_plan_site_passes_and_resolves_absolute_paths(
     assert plan.site.site.name == "site-01"
 
 
+def test_plan_site_accepts_a_site_without_imaging(site, credentials):
+    # the daemon does not know its runs yet: a run that requires images is
+    # refused when it comes (client.data.imaging), not the site
+    import tomllib
+
+    import tomli_w
+
+    doc = tomllib.loads(site.read_text())
+    del doc["data"]["dicom-dirs"]
+    site.write_text(tomli_w.dumps(doc))
+    shutil.rmtree(site.parent / "dicom")
+    _deploy(
+        site,
+        coordinator="coord.example.org:9093",
+        **{"root-certificate": str(credentials[0]), "private-key": str(credentials[1])},
+    )
+
+    plan = plan_site(site)
+
+    assert not plan.site.has_imaging
+
+
 def test_supernode_command_runs_the_paced_supernode(site):
     config = SiteConfig.from_toml(site)
     plan = SitePlan(
