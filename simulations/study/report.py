@@ -382,6 +382,16 @@ def _findings(arms: Mapping[str, Any]) -> list[str]:
             f"- **Federated vs pooled**: FedAvg {fedavg:.3f} = {fedavg / pooled:.3f}× "
             f"pooled ({pooled:.3f}); local-only {local:.3f} = {local / pooled:.3f}×."
         )
+    classical = {
+        k: _mean(arms, f"classical-{k}") for k in ("pooled", "local", "fedavg")
+    }
+    if None not in classical.values() and fedavg is not None:
+        lines.append(
+            f"- **Classical reference**: pooled {classical['pooled']:.3f}, local-only "
+            f"{classical['local']:.3f}, FedAvg {classical['fedavg']:.3f}; the fusion "
+            f"model's FedAvg {fedavg - classical['pooled']:+.3f} against the pooled "
+            "classical model."
+        )
     prox = sorted(
         (float(e["label"].split("=")[-1]), e["auroc"]["mean"])
         for name, e in arms.items()
@@ -399,6 +409,7 @@ def _findings(arms: Mapping[str, Any]) -> list[str]:
         if e.get("seeds")
         and e.get("target_epsilon") is not None
         and not e.get("secure_aggregation")
+        and not e.get("classical")
     )
     if dp and local is not None and fedavg is not None:
         untrained = arms["fedavg"]["per_round"][0]["mean"]
