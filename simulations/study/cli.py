@@ -28,6 +28,10 @@ def _fail(exc: Exception) -> None:
     fail(exc)
 
 
+def _size(patients: int) -> str:
+    return "own data" if patients == 0 else f"{patients} patients"
+
+
 def _numbers(option: str, text: str | None, example: str) -> tuple[int, ...] | None:
     """A comma list of whole numbers (None: the option was not given)."""
     from wardround.common.errors import ConfigError
@@ -307,7 +311,7 @@ def quality(
             if goal["met"] is None and goal["value"] is None:  # NaN in study.json
                 verdict = "not measured"
             console.print(
-                f"  {goal['patients']} patients × {goal['sites']} sites, "
+                f"  {_size(goal['patients'])} × {goal['sites']} sites, "
                 f"{goal['base']}: {goal['goal']}: {goal['measured']} — {verdict}",
                 highlight=False,
             )
