@@ -252,13 +252,16 @@ class SiteWorker:
                     protected_methods=SUPEREXEC_AUTH_METHODS,
                 )
             )
-            # Flower's SuperExec ends its process on a 401; here that would end
-            # the site daemon: give up the call, and serve() says why.
-            flower_giveup_401 = retry.should_giveup
-            retry.should_giveup = lambda exc: (
-                _status_code(exc) == 401
-                or bool(flower_giveup_401 and flower_giveup_401(exc))
-            )
+        # Flower's invoker ends its process (SIGINT) on a 401: right for a one-task
+        # process, but here that would end the site daemon. A 401 comes from a
+        # SuperNode that restarted (its coordinator did) and no longer knows the
+        # task's token, or a refused AcquireTask: give up the call, and the worker
+        # goes on with the next task (serve() says why).
+        flower_giveup_401 = retry.should_giveup
+        retry.should_giveup = lambda exc: (
+            _status_code(exc) == 401
+            or bool(flower_giveup_401 and flower_giveup_401(exc))
+        )
         if cancelled is not None:
             # A task's calls stop retrying once its SuperNode has dropped the task
             # (restarted, or the run ended): the worker moves on to the next one.

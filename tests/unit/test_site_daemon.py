@@ -531,6 +531,16 @@ def test_a_cancelled_task_stops_retrying_its_calls():
         v for v in vars(client).values() if hasattr(v, "should_giveup")
     )
     assert not invoker.should_giveup(ConnectionRefusedError())
+    # a SuperNode that restarted no longer knows the task's token: Flower's own
+    # invoker would SIGINT this process (the whole site daemon) here
+    import httpx
+
+    unauthorized = httpx.HTTPStatusError(
+        "401",
+        request=httpx.Request("POST", "http://127.0.0.1:9/x"),
+        response=httpx.Response(401),
+    )
+    assert invoker.should_giveup(unauthorized)
     cancelled.set()
     assert invoker.should_giveup(ConnectionRefusedError())
     assert invoker.max_time is not None
