@@ -66,7 +66,10 @@ def base_key(
     config: RunConfig, corpus: PublicCorpus, settings: PretrainSettings
 ) -> str:
     """What decides the public base's bytes: shapes, corpus, pretraining, init."""
+    from .synth import GENERATOR_VERSION
+
     payload = {
+        "generator": GENERATOR_VERSION,
         "shapes": base_shapes(config),
         "modalities": [m.value for m in config.model.modalities],
         "corpus": corpus.as_dict(),

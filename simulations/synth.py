@@ -52,6 +52,7 @@ from .synth_shift import Heterogeneity, apply_heterogeneity
 logger = logging.getLogger(__name__)
 
 MARKER = ".wardround-synth"
+GENERATOR_VERSION = 2  # raised when the same settings write other data (keys caches)
 
 #: P(pattern drawn | finding present), P(pattern drawn | finding absent)
 IMAGE_SHOW = {

@@ -602,7 +602,10 @@ class StudySettings:
                 "sites": self.data_identity,
                 "run_config": hashlib.sha256(config_text.encode()).hexdigest(),
             }
+        from ..synth import GENERATOR_VERSION
+
         return {
+            "generator": GENERATOR_VERSION,
             "patients_per_site": patients,
             "heterogeneity": self.heterogeneity.as_dict(),
         }
