@@ -274,7 +274,7 @@ def test_off_loopback_the_dashboard_needs_tls_and_a_token(tmp_path):
     with pytest.raises(ConfigError, match="needs TLS"):
         check_exposure(
             "[dashboard]",
-            "10.1.2.3",
+            "dashboard.hospital.example",
             9095,
             token_file=token,
             certfile=None,
@@ -284,9 +284,17 @@ def test_off_loopback_the_dashboard_needs_tls_and_a_token(tmp_path):
     cert.write_text("x")
     key.write_text("x")
     exposure = check_exposure(
-        "[dashboard]", "10.1.2.3", 9095, token_file=token, certfile=cert, keyfile=key
+        "[dashboard]",
+        "dashboard.hospital.example",
+        9095,
+        token_file=token,
+        certfile=cert,
+        keyfile=key,
     )
-    assert exposure.url == "https://10.1.2.3:9095/" and exposure.token == TOKEN
+    assert (
+        exposure.url == "https://dashboard.hospital.example:9095/"
+        and exposure.token == TOKEN
+    )
     with pytest.raises(ConfigError, match="readable by other users"):
         check_exposure(
             "[dashboard]",
