@@ -206,6 +206,14 @@ class FederationConfig(_Section):
     def _mu_matches_strategy(self) -> FederationConfig:
         if self.strategy is Strategy.FEDPROX and self.proximal_mu <= 0.0:
             raise ValueError("strategy 'fedprox' needs proximal-mu > 0 (e.g. 0.01)")
+        if self.strategy is not Strategy.FEDPROX and self.proximal_mu > 0.0:
+            # FedAvg sends no mu: the sites would train without the term it names.
+            raise ValueError(
+                f"proximal-mu = {self.proximal_mu:g} needs strategy 'fedprox' "
+                f"(strategy '{self.strategy.value}' applies no proximal term): set "
+                "federation.strategy = 'fedprox' (--strategy fedprox), or drop "
+                "proximal-mu"
+            )
         if len(set(self.personal)) != len(self.personal) or not all(
             name.isidentifier() for name in self.personal
         ):

@@ -32,7 +32,7 @@ from ..common.adapter import (
     save_peft_adapter,
 )
 from ..common.aggregation import apply_delta, weighted_metric_mean
-from ..common.config import LoraVariant, RunConfig
+from ..common.config import LoraVariant, RunConfig, Strategy
 from ..common.errors import (
     ConfigError,
     FederationError,
@@ -601,7 +601,12 @@ def _manifest(
         ],
         "failures": [{"node_id": f.node_id, "phase": f.phase} for f in record.failures],
         "strategy": config.federation.strategy.value,
-        "proximal_mu": config.federation.proximal_mu,
+        # what the strategy sent: FedAvg sends no mu
+        "proximal_mu": (
+            config.federation.proximal_mu
+            if config.federation.strategy is Strategy.FEDPROX
+            else 0.0
+        ),
         "lora_variant": config.model.lora_variant.value,
         "delta_clip_norm": config.federation.delta_clip_norm,
         "aggregation": record.aggregation,
