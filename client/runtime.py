@@ -79,7 +79,8 @@ class SiteRuntime:
         from .objectives import FusionObjective
 
         if self.config.model.family != "vlm":
-            return FusionObjective(modality_dropout=self.config.train.modality_dropout)
+            # the round's modality dropout comes with its LocalTrainSpec
+            return FusionObjective()
         from .vlm_objective import VlmObjective
 
         return VlmObjective.create(
@@ -156,12 +157,15 @@ def resolve_device(spec: str) -> str:
 
 
 def _config_key(config: RunConfig) -> str:
+    # Everything a SiteRuntime reads from its config: a long-lived worker given a
+    # changed setting must not answer with a runtime built for the old one.
     relevant = {
         "model": config.model.model_dump(mode="json"),
         # 'auto' keys resolve by privacy.enabled: the built model differs with them
         "recipe": training_recipe(config).trainable.value,
         "task": config.task.model_dump(mode="json"),
-        "device": config.train.device,
+        "train": config.train.model_dump(mode="json"),
+        "personal": list(config.federation.personal),
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
