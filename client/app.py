@@ -44,7 +44,7 @@ from ..common.adapter import (
 )
 from ..common.aggregation import subtract
 from ..common.audit import AUDIT_FILENAME, AuditLog
-from ..common.config import Accountant, RunConfig, Strategy
+from ..common.config import Accountant, RunConfig
 from ..common.errors import AnswerRefused, FederationError, ModelMismatchError
 from ..common.privacy import Mechanism, check_round_budget, epsilon_spent
 from .answer_audit import make_answer_audit_mod
@@ -194,33 +194,15 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
     from .trainer import LocalTrainSpec, train_local
 
     config, runtime = request.config, request.runtime
-    server_round, run = request.server_round, request.run
     plan = _dp_plan(request)
     _admit_answer(request, AnswerKind.TRAIN)
-    reservation = None
-    if plan is not None:
-        # Checked and made durable under one lock, before any noisy step: a crash
-        # from here on counts as spent.
-        reservation = runtime.ledger.reserve(
-            run,
-            server_round,
-            plan.per_round,
-            delta=plan.delta,
-            max_grad_norm=plan.training.max_grad_norm,
-            accountant=plan.accountant.value,
-            base_model=runtime.built.base_fingerprint,
-            admit=functools.partial(_admit_round, plan, runtime, run),
-        )
+    reservation = _reserve_budget(request, plan)
     spec = LocalTrainSpec.from_config(
         config,
-        seed=_round_seed(config, runtime, server_round),
+        seed=_round_seed(config, runtime, request.server_round),
         patients=runtime.data.num_privacy_units,
-        # The approved config's, never the message's (which could send inf).
-        proximal_mu=(
-            config.federation.proximal_mu
-            if config.federation.strategy is Strategy.FEDPROX
-            else 0.0
-        ),
+        # The approved config's, never the message's (0 unless FedProx, by config).
+        proximal_mu=config.federation.proximal_mu,
     )
     outcome = train_local(
         runtime.built.model,
@@ -230,7 +212,7 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         objective=runtime.objective,
     )
     trained = adapter_state(runtime.built.model)
-    save_personal(runtime, run, trained)
+    save_personal(runtime, request.run, trained)
     full_delta = subtract(trained, request.global_state)
     payload = OrderedDict((k, full_delta[k]) for k in runtime.payload_keys)
     raw_l2 = l2_norm(payload)
@@ -245,39 +227,59 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         wire.DELTA_CLIPPED: int(clipped),
     }
     if plan is not None and reservation is not None:
-        ledger = runtime.ledger
-        # The reservation still counts its planned steps (>= those taken): the
-        # reported epsilon never understates what the commit below records.
-        run_history = ledger.history(run)
-        eps_run = epsilon_spent(run_history, plan.delta, plan.accountant)
-        eps_total = epsilon_spent(
-            ledger.history(), plan.lifetime_delta, plan.lifetime_accountant
-        )
-        # Written before the update leaves the site.
-        ledger.commit(
-            reservation, outcome.steps, epsilon_run=eps_run, epsilon_total=eps_total
-        )
-        metrics.update(
-            {
-                wire.DP_EPSILON_RUN: eps_run,
-                # PRV falls back to the RDP bound where it cannot evaluate a history
-                wire.DP_EPSILON_RUN_PRV: epsilon_spent(
-                    run_history, plan.delta, Accountant.PRV
-                ),
-                wire.DP_EPSILON_TOTAL: eps_total,
-                wire.DP_DELTA: plan.delta,
-                wire.DP_NOISE_MULTIPLIER: plan.per_round.noise_multiplier,
-                wire.DP_SAMPLE_RATE: plan.per_round.sample_rate,
-                wire.DP_STEPS: outcome.steps,
-                wire.DP_MAX_GRAD_NORM: plan.training.max_grad_norm,
-            }
-        )
+        metrics.update(_commit_budget(request, plan, reservation, outcome.steps))
     metrics = coarsen_metrics(
         metrics,
         runtime.site.answers,
         secure_aggregation=request.secure_aggregation,
     )
     return payload, metrics
+
+
+def _reserve_budget(request: _Request, plan: DpPlan | None) -> str | None:
+    """Reserve the round's planned privacy spend, or None without DP-SGD."""
+    if plan is None:
+        return None
+    runtime = request.runtime
+    # Checked and made durable under one lock, before any noisy step: a crash
+    # from here on counts as spent.
+    return runtime.ledger.reserve(
+        request.run,
+        request.server_round,
+        plan.per_round,
+        delta=plan.delta,
+        max_grad_norm=plan.training.max_grad_norm,
+        accountant=plan.accountant.value,
+        base_model=runtime.built.base_fingerprint,
+        admit=functools.partial(_admit_round, plan, runtime, request.run),
+    )
+
+
+def _commit_budget(
+    request: _Request, plan: DpPlan, reservation: str, steps: int
+) -> dict[str, Any]:
+    """Record the steps taken in the ledger; the privacy metrics of the reply."""
+    ledger = request.runtime.ledger
+    # The reservation still counts its planned steps (>= those taken): the
+    # reported epsilon never understates what the commit below records.
+    run_history = ledger.history(request.run)
+    eps_run = epsilon_spent(run_history, plan.delta, plan.accountant)
+    eps_total = epsilon_spent(
+        ledger.history(), plan.lifetime_delta, plan.lifetime_accountant
+    )
+    # Written before the update leaves the site.
+    ledger.commit(reservation, steps, epsilon_run=eps_run, epsilon_total=eps_total)
+    return {
+        wire.DP_EPSILON_RUN: eps_run,
+        # PRV falls back to the RDP bound where it cannot evaluate a history
+        wire.DP_EPSILON_RUN_PRV: epsilon_spent(run_history, plan.delta, Accountant.PRV),
+        wire.DP_EPSILON_TOTAL: eps_total,
+        wire.DP_DELTA: plan.delta,
+        wire.DP_NOISE_MULTIPLIER: plan.per_round.noise_multiplier,
+        wire.DP_SAMPLE_RATE: plan.per_round.sample_rate,
+        wire.DP_STEPS: steps,
+        wire.DP_MAX_GRAD_NORM: plan.training.max_grad_norm,
+    }
 
 
 def _admit_answer(request: _Request, kind: AnswerKind) -> None:

@@ -144,7 +144,6 @@ class SiteWorker:
         from flwr.app.error import Error
         from flwr.common.constant import ErrorCode, SubStatus
         from flwr.supercore.heartbeat import HeartbeatSender
-        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         from ..common.wirebytes import content_bytes
 
@@ -199,31 +198,29 @@ class SiteWorker:
                     reply_to=message,
                 )
         finally:
-            if reply is not None and context is not None:
-                try:
-                    push_message(client, reply, context)
-                except Exception as exc:  # noqa: BLE001 - the SuperNode went away
-                    log.error("could not push the reply: %s", exc)
-            try:
-                push_task_output(client, context, sub_status, details)
-            except Exception as exc:  # noqa: BLE001 - the SuperNode dropped the task
-                log.warning("could not report the task's end: %s", exc)
+            _end_task(client, reply, context, sub_status, details)
             heartbeat.stop()
             client.close()
         self.tasks_run += 1
         if outcome is not None:
-            outcome.seconds = time.perf_counter() - started
-            outcome.ok = sub_status == SubStatus.COMPLETED and not (
-                reply is not None and reply.has_error()
-            )
-            if reply is not None and reply.has_error():
-                outcome.error = str(reply.error.reason)
-            elif reply is not None:
-                outcome.bytes_out = _safe_bytes(content_bytes, reply)
-                outcome.metrics = _numeric_metrics(reply)
-                outcome.tensors = _tensor_names(reply)
-            self.observer.on_task(outcome)
+            self._report(outcome, started, sub_status == SubStatus.COMPLETED, reply)
         return outcome
+
+    def _report(
+        self, outcome: TaskOutcome, started: float, completed: bool, reply: Any
+    ) -> None:
+        """Complete a task's outcome from its reply and hand it to the observer."""
+        from ..common.wirebytes import content_bytes
+
+        outcome.seconds = time.perf_counter() - started
+        outcome.ok = completed and not (reply is not None and reply.has_error())
+        if reply is not None and reply.has_error():
+            outcome.error = str(reply.error.reason)
+        elif reply is not None:
+            outcome.bytes_out = _safe_bytes(content_bytes, reply)
+            outcome.metrics = _numeric_metrics(reply)
+            outcome.tensors = _tensor_names(reply)
+        self.observer.on_task(outcome)
 
     def _runtime_client(
         self,
@@ -409,3 +406,20 @@ def _numeric_metrics(reply: Any) -> dict[str, float]:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics[key] = float(value)
     return metrics
+
+
+def _end_task(
+    client: Any, reply: Any, context: Any, sub_status: str, details: str
+) -> None:
+    """Push the reply (if any) and the task's end status to the SuperNode."""
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+    if reply is not None and context is not None:
+        try:
+            push_message(client, reply, context)
+        except Exception as exc:  # noqa: BLE001 - the SuperNode went away
+            log.error("could not push the reply: %s", exc)
+    try:
+        push_task_output(client, context, sub_status, details)
+    except Exception as exc:  # noqa: BLE001 - the SuperNode dropped the task
+        log.warning("could not report the task's end: %s", exc)
