@@ -42,7 +42,13 @@ def test_three_sites_two_rounds_write_a_complete_run_directory(
     for r in lines[1:]:
         assert sorted(t["site"] for t in r["train"]) == SITES
         assert all(t["bytes_sent"] > 0 for t in r["train"])
-        assert 0.0 <= r["global_auroc"] <= 1.0
+        # the global AUROC is the sites' AUROCs weighted by their validation examples
+        evals = r["evaluate"]
+        assert sorted(e["site"] for e in evals) == SITES
+        assert r["global_auroc"] == pytest.approx(
+            sum(e["auroc_macro"] * e["num_examples"] for e in evals)
+            / sum(e["num_examples"] for e in evals)
+        )
     summary = json.loads((run_dir / "run.json").read_text())
     assert summary["rounds_completed"] == 2
     assert set(summary["final"]["sites"]) == set(SITES)
