@@ -22,7 +22,7 @@ class SiteCollector:
             SummaryMetricFamily,
         )
 
-        from ...common.audit import read_audit
+        from ...ops.audit import read_audit
         from ..egress_log import read_egress
 
         site = self.source.site

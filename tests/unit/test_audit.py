@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from wardround.common.audit import (
+from wardround.common.errors import DataError
+from wardround.ops.audit import (
     GENESIS,
     RESERVED_KEYS,
     AuditCheck,
@@ -28,8 +29,7 @@ from wardround.common.audit import (
     safe_reason,
     verify_audit,
 )
-from wardround.common.audit_cli import audit_command
-from wardround.common.errors import DataError
+from wardround.ops.audit_cli import audit_command
 
 runner = CliRunner()
 
@@ -134,7 +134,7 @@ def test_an_edited_field_breaks_the_chain_at_its_line(tmp_path):
 
 
 def test_a_resealed_edit_is_caught_by_the_next_line(tmp_path):
-    from wardround.common.audit import _mac
+    from wardround.ops.audit import _mac
 
     path = tmp_path / "audit.jsonl"
     log = _fill(path, 10)
@@ -244,7 +244,7 @@ def test_tail_reading_handles_lines_longer_than_a_chunk(tmp_path):
 def _rechain_unkeyed(lines: list[str], start: int) -> list[str]:
     """What an attacker without the key can do: re-seal lines from ``start`` on with
     the old unkeyed sha256, each ``prev`` pointing at the line before."""
-    from wardround.common.audit import _digest
+    from wardround.ops.audit import _digest
 
     out = list(lines[:start])
     last = json.loads(out[-1]) if out else {}
@@ -304,7 +304,7 @@ def test_a_log_rewritten_and_rechained_without_the_key_fails_at_that_line(
 
 
 def test_a_log_resealed_with_a_guessed_key_fails_at_its_first_line(tmp_path):
-    from wardround.common.audit import _mac
+    from wardround.ops.audit import _mac
 
     path = tmp_path / "audit.jsonl"
     _fill(path, 4)

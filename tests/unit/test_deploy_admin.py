@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from wardround.common.audit import read_audit
 from wardround.common.config import RunConfig
 from wardround.common.errors import ConfigError, FederationError
-from wardround.deploy.pki import (
+from wardround.ops.audit import read_audit
+from wardround.pki import (
     generate_site_keypair,
     init_ca,
     issue_server_certificate,

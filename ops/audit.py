@@ -42,7 +42,7 @@ from enum import StrEnum
 from pathlib import Path, PurePath
 from typing import Any
 
-from .errors import ConfigError, DataError
+from ..common.errors import ConfigError, DataError
 from .secret_file import load_or_create_secret, read_secret
 
 AUDIT_FILENAME = "audit.jsonl"
