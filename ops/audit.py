@@ -14,84 +14,73 @@ They are still read and verified; such lines are reported as unkeyed, and a log
 with no keyed line does not verify as ok. Once a log has keyed lines, an unkeyed
 line after them is a break.
 
-The log must never hold patient data, so :meth:`AuditLog.record` refuses anything
-but numbers, booleans, nulls and short strings over a conservative alphabet
-(identifiers, run ids, site names, hashes, host:port, file paths, controlled
-reasons), in flat lists or one-level dicts. A refusal names the field, never its
-value: the value may be the very thing that must not be written anywhere.
+The log must never hold patient data: :meth:`AuditLog.record` takes only the
+fields :func:`~wardround.ops.audit_fields.check_fields` allows.
 
 Several processes may append to one file (the coordinator daemon and a
-``wardround launch`` follower), so appends hold an exclusive ``flock`` and read the
-previous line from the end of the file under it. A crash mid-append leaves a torn
-last line; readers ignore it, and the next append cuts it off first.
+``wardround launch`` follower): the file is a :mod:`wardround.ops.jsonl_log`, whose
+appends hold an exclusive ``flock`` and read the previous line from the end of the
+file under it. A crash mid-append leaves a torn last line; readers ignore it, and
+the next append cuts it off first.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import hmac
 import json
-import math
-import os
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 from ..common.errors import ConfigError, DataError
+from .audit_fields import (
+    RESERVED_KEYS,
+    SAFE_TEXT,
+    AuditEvent,
+    check_fields,
+    safe_reason,
+)
+from .audit_query import as_utc, event_names, event_time, filter_events, merge_by_time
+from .jsonl_log import (
+    GENESIS,
+    AppendHandle,
+    hmac_seal,
+    locked_for_append,
+    parse_object,
+    read_locked,
+    seal_of,
+    sha256_seal,
+)
 from .secret_file import load_or_create_secret, read_secret
+
+__all__ = [
+    "AUDIT_FILENAME",
+    "GENESIS",
+    "RESERVED_KEYS",
+    "AuditCheck",
+    "AuditEvent",
+    "AuditLog",
+    "as_utc",
+    "audit_key_path",
+    "check_fields",
+    "event_names",
+    "event_time",
+    "filter_events",
+    "merge_by_time",
+    "read_audit",
+    "safe_reason",
+    "verify_audit",
+]
 
 AUDIT_FILENAME = "audit.jsonl"
 AUDIT_KEY_SUFFIX = ".key"  # audit.jsonl -> audit.key, beside it
-GENESIS = "0" * 64  # the ``prev`` of the first line
-MAX_TEXT = 300
-MAX_ITEMS = 1024  # per list or dict field: more than any federation has sites
-RESERVED_KEYS = frozenset({"seq", "time", "actor", "event", "prev", "sha256", "hmac"})
 
-_ALPHABET = r"A-Za-z0-9 ._:/@=+,()\[\]'\-"
-_SAFE_TEXT = re.compile(rf"[{_ALPHABET}]{{0,{MAX_TEXT}}}")
-_UNSAFE_CHAR = re.compile(rf"[^{_ALPHABET}]")
-_FIELD_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
-_TAIL_CHUNK = 4096
 _REPAIR_HINT = (
     "Run `wardround audit --verify` on it to see where; keep the damaged file for "
     "investigation and start a new log beside it."
 )
-
-Scalar = int | float | bool | str | None
-
-
-class AuditEvent(StrEnum):
-    """What happened; the only events an audit line may record."""
-
-    COORDINATOR_STARTED = "coordinator_started"
-    COORDINATOR_STOPPED = "coordinator_stopped"
-    SITE_DAEMON_STARTED = "site_daemon_started"
-    SITE_DAEMON_STOPPED = "site_daemon_stopped"
-    SUPERNODE_RESTARTED = "supernode_restarted"
-    SITE_ENROLLED = "site_enrolled"
-    SITE_REVOKED = "site_revoked"
-    SITE_JOINED = "site_joined"
-    SITE_LEFT = "site_left"
-    SITE_REFUSED = "site_refused"
-    NODE_IGNORED = "node_ignored"
-    RUN_STARTED = "run_started"
-    RUN_RESUMED = "run_resumed"
-    RUN_PAUSED = "run_paused"
-    RUN_FINISHED = "run_finished"
-    RUN_STOPPED = "run_stopped"
-    ROUND_STARTED = "round_started"
-    ROUND_FINISHED = "round_finished"
-    APP_APPROVED = "app_approved"
-    APP_REFUSED = "app_refused"
-    PRIVACY_SPENT = "privacy_spent"
-    ANSWER_SENT = "answer_sent"
-    ANSWER_REFUSED = "answer_refused"
-    ERROR = "error"
 
 
 @dataclass(frozen=True)
@@ -132,116 +121,7 @@ def audit_key_path(log_path: Path) -> Path:
     return log_path.with_name(log_path.stem + AUDIT_KEY_SUFFIX)
 
 
-# -- the safe alphabet -----------------------------------------------------------
-def safe_reason(text: object) -> str:
-    """``text`` squeezed into the audit alphabet, for logging an error reason.
-
-    Other characters become spaces, runs of spaces collapse, and the result is cut
-    to 300 characters. This only makes the text *loggable*; it does not make it
-    free of patient data. Pass it controlled text, e.g.
-    :func:`wardround.common.errors.safe_error_reason`, never ``str(exc)`` of an
-    exception raised by code that reads patient data.
-    """
-    squeezed = " ".join(_UNSAFE_CHAR.sub(" ", str(text)).split())
-    return squeezed[:MAX_TEXT].rstrip()
-
-
-def check_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields of one audit line as plain JSON values; ValueError if one may not be logged.
-
-    Allowed values are int, finite float, bool, None and strings of at most 300
-    characters from letters, digits, space and ``._:/@=+,-()[]'`` (paths are taken
-    as strings); a list of those; or a dict from such strings to those. Field
-    names are snake_case and not one of :data:`RESERVED_KEYS`. The error names
-    the field and never contains its value.
-    """
-    checked: dict[str, Any] = {}
-    for name, value in fields.items():
-        if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
-            raise ValueError(
-                f"audit field name {str(name)[:64]!r} is not a snake_case identifier"
-            )
-        if name in RESERVED_KEYS:
-            raise ValueError(
-                f"audit field {name!r} is reserved: the log writes it itself"
-            )
-        checked[name] = _checked_value(name, value)
-    return checked
-
-
-def _checked_value(name: str, value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        _check_size(name, value)
-        return [
-            _checked_scalar(name, item, f" item {i}") for i, item in enumerate(value)
-        ]
-    if isinstance(value, Mapping):
-        _check_size(name, value)
-        out: dict[str, Scalar] = {}
-        for i, (key, item) in enumerate(value.items()):
-            if not isinstance(key, str) or not key or not _SAFE_TEXT.fullmatch(key):
-                raise ValueError(
-                    f"audit field {name!r} has a key (entry {i}) that is not a short "
-                    "string over the audit alphabet"
-                )
-            out[key] = _checked_scalar(name, item, f" entry {i}")
-        return out
-    return _checked_scalar(name, value, "")
-
-
-def _check_size(name: str, value: Sequence[Any] | Mapping[Any, Any]) -> None:
-    if len(value) > MAX_ITEMS:
-        raise ValueError(f"audit field {name!r} has more than {MAX_ITEMS} items")
-
-
-def _checked_scalar(name: str, value: Any, where: str) -> Scalar:
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"audit field {name!r}{where} is not a finite number")
-        return float(value)
-    if isinstance(value, PurePath):
-        value = str(value)
-    if isinstance(value, str):
-        if not _SAFE_TEXT.fullmatch(value):
-            raise ValueError(
-                f"audit field {name!r}{where} is refused: text must be at most "
-                f"{MAX_TEXT} characters of letters, digits, space and ._:/@=+,-()[]' "
-                "(the audit log holds operational facts only; pass error messages "
-                "through safe_reason())"
-            )
-        return str(value)
-    if isinstance(value, list | tuple | Mapping):
-        raise ValueError(f"audit field {name!r}{where} nests deeper than one level")
-    raise ValueError(
-        f"audit field {name!r}{where} has type {type(value).__name__}; only int, "
-        "float, bool, None and str may be logged"
-    )
-
-
 # -- encoding --------------------------------------------------------------------
-def _canonical(body: Mapping[str, Any]) -> bytes:
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return text.encode()
-
-
-def _digest(body: Mapping[str, Any]) -> str:
-    """The unkeyed seal of logs written before keying (read, never written)."""
-    return hashlib.sha256(_canonical(body)).hexdigest()
-
-
-def _mac(key: bytes, body: Mapping[str, Any]) -> str:
-    return hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
-
-
-def _seal(entry: Mapping[str, Any]) -> Any:
-    """A line's own seal, which the next line's ``prev`` repeats."""
-    return entry["hmac"] if "hmac" in entry else entry.get("sha256")
-
-
 def _seal_problem(entry: Mapping[str, Any], key: bytes | None) -> str | None:
     """Whether a line's seal matches its content (keyed lines need ``key``)."""
     if "hmac" in entry:
@@ -249,7 +129,7 @@ def _seal_problem(entry: Mapping[str, Any], key: bytes | None) -> str | None:
         if key is None:
             return "it is keyed, and no key was given"
         if not isinstance(entry["hmac"], str) or not hmac.compare_digest(
-            entry["hmac"], _mac(key, body)
+            entry["hmac"], hmac_seal(key, body)
         ):
             return (
                 "its hmac does not match its content under the log's key (edited, "
@@ -257,7 +137,7 @@ def _seal_problem(entry: Mapping[str, Any], key: bytes | None) -> str | None:
             )
         return None
     body = {k: v for k, v in entry.items() if k != "sha256"}
-    if entry.get("sha256") != _digest(body):
+    if entry.get("sha256") != sha256_seal(body):
         return "its sha256 does not match its content (edited or corrupted)"
     return None
 
@@ -273,17 +153,9 @@ def _utc_now() -> str:
     return stamp.replace("+00:00", "Z")
 
 
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid in an audit line")
-
-
 def _parse(line: bytes) -> dict[str, Any] | None:
     """The JSON object on one line, or None when it is not one."""
-    try:
-        entry = json.loads(line.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return entry if isinstance(entry, dict) else None
+    return parse_object(line)[0]
 
 
 def _line_problem(
@@ -331,7 +203,7 @@ class AuditLog:
     """
 
     def __init__(self, path: Path, actor: str, key_path: Path | None = None) -> None:
-        if not isinstance(actor, str) or not actor or not _SAFE_TEXT.fullmatch(actor):
+        if not isinstance(actor, str) or not actor or not SAFE_TEXT.fullmatch(actor):
             raise ValueError(
                 "audit actor must be a short string over the audit alphabet"
             )
@@ -357,10 +229,9 @@ class AuditLog:
         key_existed = self.key_path.exists()
         if self._key is None:
             self._key = load_or_create_secret(self.key_path, "the audit key")
-        fd, created = self._open()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            last, torn_at, glue = self._last_line(fd)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with locked_for_append(self.path, create=True) as log_file:
+            last, torn_at, glue = self._last_line(log_file)
             if last is not None and "hmac" not in last and key_existed:
                 # A keyed log ends in an unkeyed line: someone without the key
                 # rewrote it. Appending a keyed line would seal their version.
@@ -369,8 +240,6 @@ class AuditLog:
                     f"though its key {self.key_path} exists",
                     hint=_REPAIR_HINT,
                 )
-            if torn_at is not None:
-                os.ftruncate(fd, torn_at)  # O_APPEND writes go to the new end
             body: dict[str, Any] = {
                 "seq": 0 if last is None else last["seq"] + 1,
                 # taken under the lock, so time follows seq across writers
@@ -378,45 +247,17 @@ class AuditLog:
                 "actor": self.actor,
                 "event": kind.value,
                 **checked,
-                "prev": GENESIS if last is None else _seal(last),
+                "prev": GENESIS if last is None else seal_of(last),
             }
-            entry = {**body, "hmac": _mac(self._key, body)}
-            view = memoryview((b"\n" if glue else b"") + _encode(entry))
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)  # releases the lock
-        if created:  # make the new directory entry durable too
-            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            entry = {**body, "hmac": hmac_seal(self._key, body)}
+            log_file.append(_encode(entry), cut_at=torn_at, after_partial=glue)
         return entry
 
-    def _open(self) -> tuple[int, bool]:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
-        try:
-            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return os.open(self.path, flags), False
-        os.fchmod(fd, 0o600)  # whatever the umask
-        return fd, True
-
-    def _last_line(self, fd: int) -> tuple[dict[str, Any] | None, int | None, bool]:
-        """(last complete line, offset of a torn tail, whether a newline must precede).
-
-        Reads backwards from the end in chunks until the last complete line is
-        whole, so appending stays cheap however long the log grows.
-        """
-        size = os.fstat(fd).st_size
-        pos, buf = size, b""
-        while pos > 0 and buf.count(b"\n") < 2:
-            step = min(_TAIL_CHUNK, pos)
-            pos -= step
-            buf = os.pread(fd, step, pos) + buf
+    def _last_line(
+        self, log_file: AppendHandle
+    ) -> tuple[dict[str, Any] | None, int | None, bool]:
+        """(last complete line, offset of a torn tail, whether a newline must precede)."""
+        buf, whole, size = log_file.read_tail()
         head, _, tail = buf.rpartition(b"\n")
         if tail:
             entry = _parse(tail)
@@ -425,7 +266,7 @@ class AuditLog:
             torn_at = size - len(tail)
         else:
             torn_at = None
-        if not head and pos == 0 and not buf.startswith(b"\n"):
+        if not head and whole and not buf.startswith(b"\n"):
             return None, torn_at, False  # nothing but (maybe) a torn tail
         last = _parse(head.rpartition(b"\n")[2])
         if last is None:
@@ -450,18 +291,6 @@ class AuditLog:
 
 
 # -- reading ---------------------------------------------------------------------
-def _read_locked(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)  # never a half-written line from a writer
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def _scan(
     raw: bytes, key: bytes | None = None
 ) -> tuple[list[dict[str, Any] | None], AuditCheck]:
@@ -488,7 +317,7 @@ def _scan(
             first_bad = number
             break
         unkeyed += "hmac" not in entry
-        prev = _seal(entry)
+        prev = seal_of(entry)
     if first_bad is None and parsed and unkeyed == len(parsed):
         problem = (
             "no line is keyed: its sha256 chain holds, but anyone who can write the "
@@ -519,7 +348,7 @@ def read_audit(path: Path) -> list[dict[str, Any]]:
         A complete line is not a JSON object.
     """
     path = Path(path)
-    parsed, _ = _scan(_read_locked(path))
+    parsed, _ = _scan(read_locked(path))
     for number, entry in enumerate(parsed, start=1):
         if entry is None:
             raise DataError(
@@ -543,7 +372,7 @@ def verify_audit(path: Path, key_path: Path | None = None) -> AuditCheck:
     path = Path(path)
     key_file = Path(key_path) if key_path else audit_key_path(path)
     key = read_secret(key_file, "the audit key") if key_file.exists() else None
-    raw = _read_locked(path)
+    raw = read_locked(path)
     parsed, check = _scan(raw, key)
     if key is None and check.first_bad_line is not None:
         entry = parsed[check.first_bad_line - 1]
@@ -553,88 +382,3 @@ def verify_audit(path: Path, key_path: Path | None = None) -> AuditCheck:
                 hint="Give the key with `wardround audit --verify --key FILE`.",
             )
     return check
-
-
-# -- filtering (pure) ------------------------------------------------------------
-def event_time(entry: Mapping[str, Any]) -> datetime | None:
-    """The aware UTC time of an audit entry, or None when it has no readable time."""
-    stamp = entry.get("time")
-    if not isinstance(stamp, str):
-        return None
-    try:
-        return as_utc(datetime.fromisoformat(stamp))
-    except ValueError:
-        return None
-
-
-def as_utc(moment: datetime) -> datetime:
-    """``moment`` as an aware UTC datetime; a naive one is taken to be UTC."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
-
-
-def event_names(event: AuditEvent | str | Iterable[AuditEvent | str]) -> set[str]:
-    """The event values named by one event or several (ValueError on an unknown one)."""
-    several = [event] if isinstance(event, str) else list(event)
-    return {AuditEvent(name).value for name in several}
-
-
-def filter_events(
-    events: Iterable[Mapping[str, Any]],
-    *,
-    run: str | None = None,
-    site: str | None = None,
-    event: AuditEvent | str | Iterable[AuditEvent | str] | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-) -> list[dict[str, Any]]:
-    """The events matching every given criterion, in their order.
-
-    Parameters
-    ----------
-    run
-        Matches the field ``run_id``.
-    site
-        Matches the field ``site``, or membership in the list field ``sites``.
-    event
-        One event or several (ValueError on an unknown name).
-    since, until
-        Inclusive bounds on the event time; naive datetimes are taken as UTC. An
-        event without a readable time is left out when either is given.
-    """
-    wanted = None if event is None else event_names(event)
-    lower = None if since is None else as_utc(since)
-    upper = None if until is None else as_utc(until)
-    kept = []
-    for entry in events:
-        if run is not None and entry.get("run_id") != run:
-            continue
-        if site is not None and not _has_site(entry, site):
-            continue
-        if wanted is not None and entry.get("event") not in wanted:
-            continue
-        if lower is not None or upper is not None:
-            moment = event_time(entry)
-            if moment is None:
-                continue
-            if (lower is not None and moment < lower) or (
-                upper is not None and moment > upper
-            ):
-                continue
-        kept.append(dict(entry))
-    return kept
-
-
-def _has_site(entry: Mapping[str, Any], site: str) -> bool:
-    sites = entry.get("sites")
-    return entry.get("site") == site or (isinstance(sites, list) and site in sites)
-
-
-def merge_by_time(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Events from several logs interleaved by time (stable; unreadable times first)."""
-    earliest = datetime.min.replace(tzinfo=UTC)
-    return sorted(
-        (dict(entry) for entry in events),
-        key=lambda entry: event_time(entry) or earliest,
-    )
