@@ -254,30 +254,14 @@ def approve(
     run.toml and the run's privacy, secure-aggregation, federation, model and task
     settings are shown before it asks. A bare HASH cannot be shown.
     """
-    from wardround.common.errors import ConfigError
     from wardround.ops.audit import AuditLog, safe_reason
 
-    from .approvals import AppApprovals, describe_run, normalize_hash
+    from .approvals import AppApprovals, describe_run
     from .daemon import AUDIT_FILE
     from .site_config import SiteConfig
 
     site = SiteConfig.from_toml(config)
-    if run_config is not None:
-        value, settings = _run_hash_and_settings(run_config)
-        if app_hash is not None and normalize_hash(app_hash) != value:
-            raise ConfigError(
-                f"{run_config} has app hash {value}, not the {app_hash} given",
-                hint="Approve the run.toml you were sent; ask the coordinator "
-                "admin which one they launched.",
-            )
-    elif app_hash is not None:
-        value, settings = normalize_hash(app_hash), None
-    else:
-        raise ConfigError(
-            "name the app to approve: a run.toml or its hash",
-            hint="Run `wardround site approve --run-config run.toml "
-            "--config site.toml`.",
-        )
+    value, settings = _app_to_approve(app_hash, run_config)
     approvals = AppApprovals(site.state_path)
     audit = AuditLog(site.state_path / AUDIT_FILE, actor=f"site:{site.site.name}")
     if revoke:
@@ -292,23 +276,9 @@ def approve(
             "run's settings.",
             err=True,
         )
-    else:
-        typer.echo(f"app hash {value} ({run_config})")
-        typer.echo("\n".join(describe_run(settings)))
-        if not site.has_imaging and settings.requires_images:
-            from .data.imaging import no_imaging_error
-
-            refusal = no_imaging_error(site)
-            typer.echo(
-                f"warning: {refusal.message}: this site will refuse to train "
-                f"in it. {refusal.hint}",
-                err=True,
-            )
-        if not yes and not typer.confirm(
-            f"Approve this run at site {site.site.name}?", default=False
-        ):
-            typer.echo("not approved")
-            raise typer.Exit(1)
+    elif not _shown_and_confirmed(site, value, run_config, settings, yes):
+        typer.echo("not approved")
+        raise typer.Exit(1)
     approvals.approve(
         value,
         note=safe_reason(note),
@@ -321,6 +291,49 @@ def approve(
         settings_shown=settings is not None,
     )
     typer.echo(f"approved app {value} at site {site.site.name}")
+
+
+def _app_to_approve(app_hash: str | None, run_config: Path | None):  # noqa: ANN202
+    """(app hash, the run's settings or None for a bare hash) named on the command line."""
+    from wardround.common.errors import ConfigError
+
+    from .approvals import normalize_hash
+
+    if run_config is not None:
+        value, settings = _run_hash_and_settings(run_config)
+        if app_hash is not None and normalize_hash(app_hash) != value:
+            raise ConfigError(
+                f"{run_config} has app hash {value}, not the {app_hash} given",
+                hint="Approve the run.toml you were sent; ask the coordinator "
+                "admin which one they launched.",
+            )
+        return value, settings
+    if app_hash is not None:
+        return normalize_hash(app_hash), None
+    raise ConfigError(
+        "name the app to approve: a run.toml or its hash",
+        hint="Run `wardround site approve --run-config run.toml --config site.toml`.",
+    )
+
+
+def _shown_and_confirmed(site, value: str, run_config, settings, yes: bool) -> bool:  # noqa: ANN001
+    """Show the run's hash and settings (and whether this site can train in it); ask."""
+    from .approvals import describe_run
+
+    typer.echo(f"app hash {value} ({run_config})")
+    typer.echo("\n".join(describe_run(settings)))
+    if not site.has_imaging and settings.requires_images:
+        from .data.imaging import no_imaging_error
+
+        refusal = no_imaging_error(site)
+        typer.echo(
+            f"warning: {refusal.message}: this site will refuse to train "
+            f"in it. {refusal.hint}",
+            err=True,
+        )
+    return yes or typer.confirm(
+        f"Approve this run at site {site.site.name}?", default=False
+    )
 
 
 def _run_hash_and_settings(run_config: Path):  # noqa: ANN202 - (str, RunConfig)

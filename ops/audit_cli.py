@@ -25,6 +25,8 @@ _COLUMN_KEYS = frozenset(
     {"seq", "time", "actor", "event", "run_id", "prev", "sha256", "hmac"}
 )
 
+_MOMENT_HELP = "ISO date or time, inclusive (UTC if no zone)"
+
 
 @user_errors
 def audit_command(
@@ -46,14 +48,8 @@ def audit_command(
         list[str] | None,
         typer.Option("--event", help="only these events (repeat or comma-separate)"),
     ] = None,
-    since: Annotated[
-        str | None,
-        typer.Option("--since", help="ISO date or time, inclusive (UTC if no zone)"),
-    ] = None,
-    until: Annotated[
-        str | None,
-        typer.Option("--until", help="ISO date or time, inclusive (UTC if no zone)"),
-    ] = None,
+    since: Annotated[str | None, typer.Option("--since", help=_MOMENT_HELP)] = None,
+    until: Annotated[str | None, typer.Option("--until", help=_MOMENT_HELP)] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="print JSON lines instead of a table")
     ] = False,
@@ -82,20 +78,26 @@ def audit_command(
 
     paths = [_log_file(path) for path in logs]
     if verify:
-        checks = [(path, verify_audit(path, key)) for path in paths]
-    else:
-        wanted = _event_filter(event)
-        lower = _moment(since, "--since")
-        upper = _moment(until, "--until")
-        merged = merge_by_time(entry for path in paths for entry in read_audit(path))
-        shown = filter_events(
-            merged, run=run, site=site, event=wanted, since=lower, until=upper
-        )
-        broken = [_check_or_warn(path, key) for path in paths]
-    if verify:
-        _report_checks(checks, as_json)
+        _report_checks([(path, verify_audit(path, key)) for path in paths], as_json)
         return
-    for path, check in broken:
+    wanted = _event_filter(event)
+    lower = _moment(since, "--since")
+    upper = _moment(until, "--until")
+    merged = merge_by_time(entry for path in paths for entry in read_audit(path))
+    shown = filter_events(
+        merged, run=run, site=site, event=wanted, since=lower, until=upper
+    )
+    _warn_unverified([_check_or_warn(path, key) for path in paths])
+    if as_json:
+        for entry in shown:
+            typer.echo(json.dumps(entry, separators=(",", ":")))
+    else:
+        _print_table(shown, len(paths))
+
+
+def _warn_unverified(checked: list[tuple[Path, Any]]) -> None:
+    """Warn, on stderr, of every shown log whose chain does not verify."""
+    for path, check in checked:
         if check is None or check.ok:
             continue
         where = f"at line {check.first_bad_line} " if check.first_bad_line else ""
@@ -104,11 +106,6 @@ def audit_command(
             "its events may have been altered. Run `wardround audit --verify`.",
             err=True,
         )
-    if as_json:
-        for entry in shown:
-            typer.echo(json.dumps(entry, separators=(",", ":")))
-    else:
-        _print_table(shown, len(paths))
 
 
 def _check_or_warn(path: Path, key: Path | None) -> tuple[Path, Any]:
