@@ -89,6 +89,37 @@ def audit_page(
     return endpoint
 
 
+def shared_routes(
+    renderer: Renderer,
+    exposure: Any,
+    *,
+    home: str,
+    metrics: Callable[[], bytes],
+    audit_paths: Callable[[], tuple[Path, ...]],
+) -> list[Any]:
+    """The routes both dashboards serve alike: home, audit, ``/metrics``, sign-in."""
+    from starlette.responses import RedirectResponse
+    from starlette.routing import Route
+
+    def to_home(request: Any) -> Any:
+        return RedirectResponse(home, status_code=303)
+
+    def metrics_endpoint(request: Any) -> Any:
+        return metrics_response(metrics())
+
+    def login(request: Any) -> Any:
+        if exposure.token is None:  # nothing to sign in to
+            return RedirectResponse("/", status_code=303)
+        return renderer.page(request, "login.html", "Sign in")
+
+    return [
+        Route("/", to_home),
+        Route("/audit", audit_page(renderer, audit_paths)),
+        Route("/metrics", metrics_endpoint),
+        Route("/login", login, methods=["GET", "POST"]),
+    ]
+
+
 def metrics_response(text: bytes) -> Any:
     """A Prometheus text-format response."""
     from starlette.responses import Response
@@ -124,7 +155,7 @@ def audit_view(
         verify_audit,
     )
 
-    checks = []
+    checks: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     for path in paths:
         if not Path(path).is_file():
