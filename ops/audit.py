@@ -169,9 +169,9 @@ def _line_problem(
         )
     if (problem := _seal_problem(entry, key)) is not None:
         return problem
-    for key, kind in (("time", str), ("actor", str), ("event", str), ("prev", str)):
-        if not isinstance(entry.get(key), kind):
-            return f"field {key!r} is missing or has the wrong type"
+    for name, kind in (("time", str), ("actor", str), ("event", str), ("prev", str)):
+        if not isinstance(entry.get(name), kind):
+            return f"field {name!r} is missing or has the wrong type"
     got = entry.get("seq")
     if isinstance(got, bool) or not isinstance(got, int) or got != seq:
         return (
@@ -313,7 +313,7 @@ def _scan(
             if entry is None
             else _line_problem(entry, number - 1, prev, key, unkeyed < number - 1)
         )
-        if problem is not None:
+        if entry is None or problem is not None:
             first_bad = number
             break
         unkeyed += "hmac" not in entry
