@@ -410,7 +410,7 @@ def main() -> None:
 
 def _register_groups() -> None:
     from wardround.client.cli import site_app
-    from wardround.dashboard.cli import dashboard_command
+    from wardround.dashboard_cli import dashboard_command
     from wardround.deploy.cli import certs_app, keys_app
     from wardround.ops.audit_cli import audit_command
     from wardround.server.admin_cli import (

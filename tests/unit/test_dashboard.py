@@ -534,7 +534,7 @@ def test_a_dashboard_with_tls_and_a_token_serves_only_those_who_give_it(
 
 
 def test_wardround_dashboard_serves_a_site_from_its_site_toml(site):
-    from wardround.dashboard.cli import _app
+    from wardround.dashboard_cli import _app
 
     app, what = _app(None, None, site.base_dir / "site.toml", [], LOOPBACK, 5)
     assert what == "site site-07"

@@ -62,7 +62,7 @@ def dashboard_command(
     """Serve the read-only web dashboard and /metrics until Ctrl-C."""
     from wardround.common.errors import ConfigError
 
-    from .web import DashboardServer, check_exposure
+    from wardround.dashboard.web import DashboardServer, check_exposure
 
     chosen = [p for p in (path, coordinator, site) if p is not None]
     if len(chosen) != 1:
