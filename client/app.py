@@ -33,6 +33,7 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
+from .. import __version__
 from ..common import wire
 from ..common.adapter import (
     adapter_state,
@@ -43,17 +44,17 @@ from ..common.adapter import (
     to_record,
 )
 from ..common.aggregation import subtract
-from ..common.audit import AUDIT_FILENAME, AuditLog
-from ..common.config import Accountant, RunConfig
+from ..common.config import RunConfig
 from ..common.errors import AnswerRefused, FederationError, ModelMismatchError
-from ..common.privacy import Mechanism, check_round_budget, epsilon_spent
+from ..common.release import version_metrics
+from ..ops.audit import AUDIT_FILENAME, AuditLog
 from .answer_audit import make_answer_audit_mod
 from .answers import AnswerKind, coarsen_metrics
 from .egress import EgressAllowlist, check_legacy_fitres, check_reply
 from .egress_mods import site_mods
-from .ledger import project
 from .personal import load_personal, save_personal
 from .privacy_policy import DpPlan, plan_site_privacy
+from .round_budget import check_round_ahead, commit_round, reserve_round
 from .run_identity import run_identity
 from .runtime import SiteRuntime, get_runtime, resolve_site_toml, samples_folder
 from .secure_aggregation import (
@@ -196,7 +197,11 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
     config, runtime = request.config, request.runtime
     plan = _dp_plan(request)
     _admit_answer(request, AnswerKind.TRAIN)
-    reservation = _reserve_budget(request, plan)
+    reservation = (
+        None
+        if plan is None
+        else reserve_round(runtime, plan, request.run, request.server_round)
+    )
     spec = LocalTrainSpec.from_config(
         config,
         seed=_round_seed(config, runtime, request.server_round),
@@ -225,61 +230,18 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         wire.TRAIN_SECONDS: outcome.seconds,
         wire.DELTA_L2: raw_l2,
         wire.DELTA_CLIPPED: int(clipped),
+        **version_metrics(__version__),
     }
     if plan is not None and reservation is not None:
-        metrics.update(_commit_budget(request, plan, reservation, outcome.steps))
+        metrics.update(
+            commit_round(runtime, plan, request.run, reservation, outcome.steps)
+        )
     metrics = coarsen_metrics(
         metrics,
         runtime.site.answers,
         secure_aggregation=request.secure_aggregation,
     )
     return payload, metrics
-
-
-def _reserve_budget(request: _Request, plan: DpPlan | None) -> str | None:
-    """Reserve the round's planned privacy spend, or None without DP-SGD."""
-    if plan is None:
-        return None
-    runtime = request.runtime
-    # Checked and made durable under one lock, before any noisy step: a crash
-    # from here on counts as spent.
-    return runtime.ledger.reserve(
-        request.run,
-        request.server_round,
-        plan.per_round,
-        delta=plan.delta,
-        max_grad_norm=plan.training.max_grad_norm,
-        accountant=plan.accountant.value,
-        base_model=runtime.built.base_fingerprint,
-        admit=functools.partial(_admit_round, plan, runtime, request.run),
-    )
-
-
-def _commit_budget(
-    request: _Request, plan: DpPlan, reservation: str, steps: int
-) -> dict[str, Any]:
-    """Record the steps taken in the ledger; the privacy metrics of the reply."""
-    ledger = request.runtime.ledger
-    # The reservation still counts its planned steps (>= those taken): the
-    # reported epsilon never understates what the commit below records.
-    run_history = ledger.history(request.run)
-    eps_run = epsilon_spent(run_history, plan.delta, plan.accountant)
-    eps_total = epsilon_spent(
-        ledger.history(), plan.lifetime_delta, plan.lifetime_accountant
-    )
-    # Written before the update leaves the site.
-    ledger.commit(reservation, steps, epsilon_run=eps_run, epsilon_total=eps_total)
-    return {
-        wire.DP_EPSILON_RUN: eps_run,
-        # PRV falls back to the RDP bound where it cannot evaluate a history
-        wire.DP_EPSILON_RUN_PRV: epsilon_spent(run_history, plan.delta, Accountant.PRV),
-        wire.DP_EPSILON_TOTAL: eps_total,
-        wire.DP_DELTA: plan.delta,
-        wire.DP_NOISE_MULTIPLIER: plan.per_round.noise_multiplier,
-        wire.DP_SAMPLE_RATE: plan.per_round.sample_rate,
-        wire.DP_STEPS: steps,
-        wire.DP_MAX_GRAD_NORM: plan.training.max_grad_norm,
-    }
 
 
 def _admit_answer(request: _Request, kind: AnswerKind) -> None:
@@ -294,39 +256,6 @@ def _admit_answer(request: _Request, kind: AnswerKind) -> None:
     request.runtime.answers.admit(
         kind, request.run, request.server_round, request.config.federation.rounds
     )
-
-
-def _admit_round(
-    plan: DpPlan,
-    runtime: SiteRuntime,
-    run: str | None,
-    recorded: list[tuple[str, Mechanism]],
-) -> None:
-    """Refuse (under the ledger's lock) a round past the run's or the site's limit."""
-    run_after, total_after = project(
-        recorded,
-        plan.per_round,
-        run,
-        run_delta=plan.delta,
-        lifetime_delta=plan.lifetime_delta,
-        accountant=plan.accountant,
-        lifetime_accountant=plan.lifetime_accountant,
-    )
-    check_round_budget(
-        run_after,
-        total_after,
-        max_epsilon_per_run=plan.run_epsilon_limit,
-        budget_epsilon=runtime.site.privacy.budget_epsilon,
-    )
-
-
-def _check_round_budget(runtime: SiteRuntime, plan: DpPlan, run_id: str | None) -> None:
-    """Refuse a round that would take the run or the site past its epsilon limit.
-
-    A check ahead of time (SecAgg+ setup); the binding one is made under the
-    ledger's lock with the reservation.
-    """
-    _admit_round(plan, runtime, run_id, runtime.ledger.recorded())
 
 
 def handle_train(
@@ -396,6 +325,7 @@ def handle_evaluate(
         wire.EVAL_LOSS: outcome.loss,
         wire.AUROC_MACRO: outcome.auroc_macro,
         wire.EVAL_SECONDS: outcome.seconds,
+        **version_metrics(__version__),
     }
     for label, value in zip(
         request.config.task.labels, outcome.auroc_per_label, strict=False
@@ -449,7 +379,7 @@ def precheck_secure_round(
         run = run_identity(
             config, simulation=simulation, flower_run=int(context.run_id), named_run=""
         )
-        _check_round_budget(runtime, plan, run)
+        check_round_ahead(runtime, plan, run)
 
 
 def build_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:

@@ -1,4 +1,4 @@
-"""Machine hygiene: the private Ray folder a command makes is gone when it exits."""
+"""Machine hygiene (ops/env.py): the private Ray folder a command makes is gone when it exits."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 _SCRIPT = """
 import json, os, sys
 from pathlib import Path
-from wardround.common.env import apply_machine_hygiene
+from wardround.ops.env import apply_machine_hygiene
 values = apply_machine_hygiene(Path(sys.argv[1]))
 print(json.dumps({"dir": values["RAY_TMPDIR"], "made": os.path.isdir(values["RAY_TMPDIR"])}))
 """

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from wardround.client.daemon import AuditingObserver
 from wardround.client.site_worker import APP_NOT_APPROVED, TaskOutcome, _numeric_metrics
 from wardround.common import wire
-from wardround.common.audit import AuditLog, read_audit, verify_audit
+from wardround.ops.audit import AuditLog, read_audit, verify_audit
 
 # ------------------------------------------------------------------ the observer
 
