@@ -182,7 +182,7 @@ def simulate(
             f"{run_config.federation.strategy.value}, "
             + (
                 f"{run_config.model.family} ({run_config.task.kind.value}), "
-                if run_config.model.family != "fusion"
+                if run_config.model.generative
                 else "modalities "
                 f"{','.join(m.value for m in run_config.model.modalities)}, "
             )
@@ -236,11 +236,13 @@ def _ensure_public_base(run_config) -> None:
     """Build the public pretrained base before the sites need it, where they can see why."""
     import time
 
+    from wardround.common.config import FusionModelConfig
     from wardround.common.models.base_folder import MANIFEST
     from wardround.common.models.fusion import resolve_base_folder
     from wardround.simulations.public_base import public_base_path
 
-    if run_config.model.family != "fusion" or run_config.model.base != "pretrained":
+    model = run_config.model
+    if not isinstance(model, FusionModelConfig) or model.base != "pretrained":
         return
     folder = public_base_path(run_config)
     if (folder / MANIFEST).is_file():
@@ -334,7 +336,7 @@ def pretrain(
 
         from rich.progress import Progress
 
-        from wardround.common.config import RunConfig
+        from wardround.common.config import FusionModelConfig, RunConfig
         from wardround.common.errors import ConfigError
         from wardround.common.models.pretraining import PretrainSettings
         from wardround.simulations.public_base import (
@@ -343,7 +345,7 @@ def pretrain(
         )
 
         run_config = RunConfig.from_toml(config) if config else RunConfig()
-        if run_config.model.family != "fusion":
+        if not isinstance(run_config.model, FusionModelConfig):
             raise ConfigError(
                 f"model.family {run_config.model.family!r} has no pretraining here",
                 hint="Pretraining is for the fusion family; a vlm uses its checkpoint.",
