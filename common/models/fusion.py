@@ -30,7 +30,8 @@ from .base_folder import (
     read_manifest,
 )
 from .fusion_layers import FUSIONS
-from .registry import BuiltModel, register_family
+from .lora import add_lora
+from .registry import BuiltModel
 from .wide import WideTerm
 
 # Attention projection names per architecture (transformers 5.x).
@@ -370,11 +371,8 @@ def lora_targets(model: nn.Module) -> list[str]:
     )
 
 
-@register_family("fusion", base=build_base)
 def build_fusion(config: RunConfig) -> BuiltModel:
     """Build the LoRA-wrapped fusion model."""
-    from peft import LoraConfig, get_peft_model
-
     base, fingerprint = build_base(config)
     scope = training_recipe(config).trainable
     targets = lora_targets(base) if scope is TrainableScope.ALL else []
@@ -399,18 +397,5 @@ def build_fusion(config: RunConfig) -> BuiltModel:
                 if m != "fusion" and getattr(base, m) is not None
             ]
         )
-    lora = LoraConfig(
-        r=config.model.lora_rank,
-        lora_alpha=config.model.lora_alpha,
-        lora_dropout=config.model.lora_dropout,
-        target_modules=targets,
-        modules_to_save=trainable,
-        bias="none",
-    )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(config.model.init_seed + 1)
-    try:
-        peft_model = get_peft_model(base, lora)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    peft_model = add_lora(base, config.model, targets, modules_to_save=trainable)
     return BuiltModel(model=peft_model, base_fingerprint=fingerprint, family="fusion")

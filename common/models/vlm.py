@@ -28,7 +28,8 @@ from torch import nn
 
 from ..config import ModelDtype, RunConfig, VlmTower
 from ..errors import ConfigError
-from .registry import BuiltModel, register_family
+from .lora import add_lora
+from .registry import BuiltModel
 
 _LLAVA_LIKE = {
     VlmTower.PROJECTOR: ("model.multi_modal_projector.",),
@@ -191,11 +192,8 @@ def build_base(config: RunConfig) -> tuple[nn.Module, str]:
     return model, base_fingerprint(model, processor)
 
 
-@register_family("vlm", base=build_base)
 def build_vlm(config: RunConfig) -> BuiltModel:
     """The LoRA-wrapped vision-language model, with its processor."""
-    from peft import LoraConfig, get_peft_model
-
     mc = config.model
     base, processor = load_vlm(config)
     model_type = base.config.model_type
@@ -215,19 +213,7 @@ def build_vlm(config: RunConfig) -> BuiltModel:
             f"{[t.value for t in mc.lora_towers]}",
             hint="Name other towers (vision, projector, text).",
         )
-    lora = LoraConfig(
-        r=mc.lora_rank,
-        lora_alpha=mc.lora_alpha,
-        lora_dropout=mc.lora_dropout,
-        target_modules=targets,
-        bias="none",
-    )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(mc.init_seed + 1)
-    try:
-        model = get_peft_model(base, lora, autocast_adapter_dtype=True)
-    finally:
-        torch.random.set_rng_state(state)
+    model = add_lora(base, mc, targets, autocast_adapter_dtype=True)
     if mc.gradient_checkpointing:
         base.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
