@@ -32,7 +32,7 @@ def lora_config(
 
     return LoraConfig(
         r=model_config.lora_rank,
-        lora_alpha=model_config.lora_alpha,
+        lora_alpha=model_config.lora_alpha,  # type: ignore[arg-type]  # PEFT: int; a float scales as well
         lora_dropout=model_config.lora_dropout,
         target_modules=list(targets),
         modules_to_save=list(modules_to_save) or None,
@@ -59,7 +59,7 @@ def add_lora(
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(model_config.init_seed + 1)
     try:
-        model = get_peft_model(base, config, **peft_options)
+        model: PeftModel = get_peft_model(base, config, **peft_options)
     finally:
         torch.random.set_rng_state(generator_state)
     if model_config.lora_variant is LoraVariant.FFA:

@@ -60,11 +60,13 @@ class ModelFamily:
 
     def build(self, config: RunConfig) -> BuiltModel:
         """The family's PEFT model for ``config``."""
-        return _resolve(self.builder)(config)
+        built: BuiltModel = _resolve(self.builder)(config)
+        return built
 
     def build_base(self, config: RunConfig) -> tuple[torch.nn.Module, str]:
         """The bare base model and its fingerprint."""
-        return _resolve(self.base_builder)(config)
+        base: tuple[torch.nn.Module, str] = _resolve(self.base_builder)(config)
+        return base
 
     def make_objective(self, config: RunConfig, built: BuiltModel) -> Any:
         """The site's objective (``client.objectives.Objective``)."""
