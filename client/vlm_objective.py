@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..common import wire
-from ..common.config import RunConfig, TaskConfig, TaskKind
+from ..common.config import RunConfig, TaskConfig, TaskKind, VlmModelConfig
 from ..common.models import BuiltModel
 from ..common.vlm_prompts import (
     IGNORE_INDEX,
@@ -102,12 +102,13 @@ class VlmObjective:
     @classmethod
     def for_run(cls, config: RunConfig, built: BuiltModel) -> VlmObjective:
         """The run's objective, with the built model's processor (family registry)."""
+        model = VlmModelConfig.of(config)
         return cls.create(
             built.processor,
             config.task,
-            max_new_tokens=config.model.max_new_tokens,
+            max_new_tokens=model.max_new_tokens,
             generations=config.train.eval_generations,
-            pack=config.model.pack_sequences,
+            pack=model.pack_sequences,
         )
 
     # -- batches ----------------------------------------------------------------

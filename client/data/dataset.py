@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from ...common.config import RunConfig, TaskConfig
+from ...common.config import FusionModelConfig, RunConfig, TaskConfig
 from ...common.errors import DataError
 from ...common.text import hash_note_ngrams
 from ..site_config import SiteConfig
@@ -247,7 +247,7 @@ def load_site_data_for_run(
     """The fusion family's data loader (the family registry's entry)."""
     from ...common.text import get_tokenizer
 
-    model = config.model
+    model = FusionModelConfig.of(config)
     return load_site_data(
         site,
         task,

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
-from ...common.config import RunConfig, TaskConfig, TaskKind
+from ...common.config import RunConfig, TaskConfig, TaskKind, VlmModelConfig
 from ...common.errors import DataError
 from ...common.vlm_prompts import (
     PromptFormat,
@@ -153,12 +153,13 @@ def load_vlm_site_data_for_run(
     site: SiteConfig, task: TaskConfig, config: RunConfig, built: BuiltModel
 ) -> SiteData:
     """The vlm family's data loader: the built model's processor tokenises."""
+    model = VlmModelConfig.of(config)
     return load_vlm_site_data(
         site,
         task,
         built.processor,
-        image_size=config.model.image_size,
-        max_tokens=config.model.max_seq_tokens,
+        image_size=model.image_size,
+        max_tokens=model.max_seq_tokens,
     )
 
 

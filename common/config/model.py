@@ -10,10 +10,11 @@ so no code compares ``model.family`` as a string.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
+from ..errors import ConfigError
 from .enums import (
     ALL_MODALITIES,
     TINY_VLM_ARCHS,
@@ -56,6 +57,17 @@ class FamilyModelConfig(_Section):
     """True for families that write text (task.kind 'report' or 'vqa')."""
     dp_recipe: ClassVar[bool] = False
     """True when DP-SGD runs take the measured DP recipe's defaults (common/recipe.py)."""
+
+    @classmethod
+    def of(cls, run: RunConfig) -> Self:
+        """``run``'s model config, which code of this family needs to be its own."""
+        if not isinstance(run.model, cls):
+            raise ConfigError(
+                f"this needs model.family {cls.model_fields['family'].default!r}, "
+                f"and the run's is {run.model.family!r}",
+                hint="Set model.family in the run config.",
+            )
+        return run.model
 
     @property
     def trainable_scope(self) -> TrainableScope:

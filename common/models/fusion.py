@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Modality, RunConfig, TrainableScope
+from ..config import FusionModelConfig, Modality, RunConfig, TrainableScope
 from ..errors import ConfigError
 from ..recipe import training_recipe
 from .base_folder import (
@@ -262,7 +262,7 @@ def build_base(config: RunConfig) -> tuple[FusionModel, str]:
     """Build the base fusion model (deterministic) and its fingerprint."""
     from ..text import get_tokenizer
 
-    mc, task = config.model, config.task
+    mc, task = FusionModelConfig.of(config), config.task
     pretrained = resolve_base_folder(config)
     vision_spec, text_spec = mc.vision, mc.text
     if pretrained is not None:
@@ -343,7 +343,8 @@ def resolve_base_folder(config: RunConfig) -> Path | None:
     None for ``model.base = 'random'``, and for 'pretrained' when every encoder
     the model has is a named checkpoint (already pretrained: nothing to build).
     """
-    spec, mc = config.model.base, config.model
+    mc = FusionModelConfig.of(config)
+    spec = mc.base
     if spec == "random":
         return None
     if spec == "pretrained":

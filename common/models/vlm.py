@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ModelDtype, RunConfig, VlmTower
+from ..config import ModelDtype, RunConfig, VlmModelConfig, VlmTower
 from ..errors import ConfigError
 from .lora import add_lora
 from .registry import BuiltModel
@@ -122,7 +122,7 @@ def resolve_dtype(choice: ModelDtype) -> torch.dtype:
 
 def load_vlm(config: RunConfig) -> tuple[nn.Module, Any]:
     """The base model (frozen, eval mode) and its processor."""
-    mc = config.model
+    mc = VlmModelConfig.of(config)
     dtype = resolve_dtype(mc.dtype)
     if mc.tiny_arch:
         from .vlm_tiny import build_tiny_vlm
@@ -194,7 +194,7 @@ def build_base(config: RunConfig) -> tuple[nn.Module, str]:
 
 def build_vlm(config: RunConfig) -> BuiltModel:
     """The LoRA-wrapped vision-language model, with its processor."""
-    mc = config.model
+    mc = VlmModelConfig.of(config)
     base, processor = load_vlm(config)
     model_type = base.config.model_type
     if config.privacy.enabled:

@@ -167,3 +167,12 @@ def test_lora_settings_come_from_the_model_config():
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (4, 8.0, 0.0)
     assert set(lora.target_modules) == {"q_proj"}
     assert lora.modules_to_save == ["head"]
+
+
+def test_family_code_gets_its_own_config_or_a_config_error():
+    vlm = RunConfig(model=VLM, task={"kind": "vqa"})
+
+    assert VlmModelConfig.of(vlm) is vlm.model
+    assert FusionModelConfig.of(RunConfig()).hidden_size == 64
+    with pytest.raises(ConfigError, match="needs model.family 'fusion'.*is 'vlm'"):
+        FusionModelConfig.of(vlm)
