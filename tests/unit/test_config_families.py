@@ -176,3 +176,14 @@ def test_family_code_gets_its_own_config_or_a_config_error():
     assert FusionModelConfig.of(RunConfig()).hidden_size == 64
     with pytest.raises(ConfigError, match="needs model.family 'fusion'.*is 'vlm'"):
         FusionModelConfig.of(vlm)
+
+
+def test_the_fusion_family_s_objective_is_built_from_the_run_config():
+    from wardround.client.objectives import FusionObjective
+
+    config = RunConfig(train={"modality_dropout": 0.3})
+
+    objective = family_of(config).make_objective(config, None)
+
+    assert isinstance(objective, FusionObjective)
+    assert objective.modality_dropout == 0.3
