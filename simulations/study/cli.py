@@ -13,19 +13,12 @@ from typing import Annotated
 
 import typer
 
-study_app = typer.Typer(
-    name="study",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
+from wardround.cli_support import command_group, user_errors
+
+study_app = command_group(
+    "study",
     help="Studies on synthetic hospitals: learning quality of federated training.",
 )
-
-
-def _fail(exc: Exception) -> None:
-    from wardround.cli import _fail as fail  # late: wardround.cli imports this module
-
-    fail(exc)
 
 
 def _size(patients: int) -> str:
@@ -64,14 +57,13 @@ def run_workers(jobs: int, options: list[str]) -> None:
     They hand their results over in the output folder's arm files (JSON); every
     worker is stopped by PID if this process is interrupted.
     """
-    import signal
     import subprocess
     import sys
 
-    from wardround.cli import _raise_keyboard_interrupt
+    from wardround.cli_support import interrupt_on_sigterm
 
     # SIGTERM stops the workers too (the finally below), like Ctrl-C
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    interrupt_on_sigterm()
 
     # -P: the working directory must not shadow the installed package (a
     # checkout's top-level wardround/ folder holds only the CLI modules)
@@ -99,6 +91,7 @@ def run_workers(jobs: int, options: list[str]) -> None:
 
 
 @study_app.command("quality")
+@user_errors
 def quality(
     sites: Annotated[
         str | None,
@@ -174,157 +167,154 @@ def quality(
     shard: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Federated vs pooled vs local-only; DP, SecAgg+, modalities; per base and size."""
+    from rich.console import Console
+
+    from wardround.common.config import RunConfig  # noqa: F401  (fail early)
+    from wardround.common.errors import ConfigError
+    from wardround.ops.env import apply_machine_hygiene
+
+    from ..reporting import machine_info
+    from .plan import StudySettings, StudySize
+    from .runner import run_study
+    from .runner import write_docs as publish
+    from .stats import site_mean
+
     try:
-        from rich.console import Console
-
-        from wardround.common.config import RunConfig  # noqa: F401  (fail early)
-        from wardround.common.env import apply_machine_hygiene
-        from wardround.common.errors import ConfigError
-
-        from ..reporting import machine_info
-        from .plan import StudySettings, StudySize
-        from .runner import run_study
-        from .runner import write_docs as publish
-        from .stats import site_mean
-
-        try:
-            study_size = StudySize(size)
-        except ValueError:
+        study_size = StudySize(size)
+    except ValueError:
+        raise ConfigError(
+            f"--size {size!r} is not a study size", hint="Use smoke or full."
+        ) from None
+    if sites_dir is not None:
+        if sites or patients:
             raise ConfigError(
-                f"--size {size!r} is not a study size", hint="Use smoke or full."
-            ) from None
-        if sites_dir is not None:
-            if sites or patients:
-                raise ConfigError(
-                    "--sites and --patients describe synthetic hospitals; "
-                    "--sites-dir runs on the sites it holds",
-                    hint="Leave --sites and --patients out with --sites-dir.",
-                )
-            seed_counts = _numbers("--seeds", seeds, "3") or (1,)
-            if len(seed_counts) != 1:
-                raise ConfigError(
-                    "--seeds takes one count with --sites-dir", hint="E.g. --seeds 3."
-                )
-            settings = StudySettings.for_sites_dir(
-                study_size,
-                sites_dir,
-                seeds=seed_counts[0],
-                bases=_bases(bases),
-                run_config=config,
+                "--sites and --patients describe synthetic hospitals; "
+                "--sites-dir runs on the sites it holds",
+                hint="Leave --sites and --patients out with --sites-dir.",
             )
-        elif config is not None:
+        seed_counts = _numbers("--seeds", seeds, "3") or (1,)
+        if len(seed_counts) != 1:
             raise ConfigError(
-                "--config only applies with --sites-dir",
-                hint="The synthetic hospitals use the default task.",
+                "--seeds takes one count with --sites-dir", hint="E.g. --seeds 3."
             )
-        else:
-            settings = StudySettings.for_size(
-                study_size,
-                site_counts=_site_counts(sites),
-                seeds=_numbers("--seeds", seeds, "3,2,1"),
-                patients=_numbers("--patients", patients, "200,1000,3000"),
-                bases=_bases(bases),
-            )
-        out_dir = out or Path(f"runs/study-quality-{study_size.value}")
-        command = "wardround study quality" + "".join(
-            [
-                f" --size {study_size.value}",
-                f" --sites {sites}" if sites else "",
-                f" --sites-dir {sites_dir}" if sites_dir else "",
-                f" --config {config}" if config else "",
-                f" --patients {patients}" if patients else "",
-                f" --bases {bases}" if bases else "",
-                f" --seeds {seeds}" if seeds else "",
-                f" --out {out}" if out else "",
-                f" --jobs {jobs}" if jobs > 1 else "",
-                " --write-docs" if write_docs else "",
-                f" --docs {docs}"
-                if write_docs and docs != Path("docs/benchmarks.md")
-                else "",
-            ]
+        settings = StudySettings.for_sites_dir(
+            study_size,
+            sites_dir,
+            seeds=seed_counts[0],
+            bases=_bases(bases),
+            run_config=config,
         )
-        console = Console()
-        started, machine = time.time(), machine_info()
-        apply_machine_hygiene(out_dir / ".state")
-        # Flower logs every sampling and SecAgg+ stage; the study prints per arm.
-        # (Imported first: Flower sets its logger's level when it loads.)
-        import flwr.common.logger  # noqa: F401
+    elif config is not None:
+        raise ConfigError(
+            "--config only applies with --sites-dir",
+            hint="The synthetic hospitals use the default task.",
+        )
+    else:
+        settings = StudySettings.for_size(
+            study_size,
+            site_counts=_site_counts(sites),
+            seeds=_numbers("--seeds", seeds, "3,2,1"),
+            patients=_numbers("--patients", patients, "200,1000,3000"),
+            bases=_bases(bases),
+        )
+    out_dir = out or Path(f"runs/study-quality-{study_size.value}")
+    command = "wardround study quality" + "".join(
+        [
+            f" --size {study_size.value}",
+            f" --sites {sites}" if sites else "",
+            f" --sites-dir {sites_dir}" if sites_dir else "",
+            f" --config {config}" if config else "",
+            f" --patients {patients}" if patients else "",
+            f" --bases {bases}" if bases else "",
+            f" --seeds {seeds}" if seeds else "",
+            f" --out {out}" if out else "",
+            f" --jobs {jobs}" if jobs > 1 else "",
+            " --write-docs" if write_docs else "",
+            f" --docs {docs}"
+            if write_docs and docs != Path("docs/benchmarks.md")
+            else "",
+        ]
+    )
+    console = Console()
+    started, machine = time.time(), machine_info()
+    apply_machine_hygiene(out_dir / ".state")
+    # Flower logs every sampling and SecAgg+ stage; the study prints per arm.
+    # (Imported first: Flower sets its logger's level when it loads.)
+    import flwr.common.logger  # noqa: F401
 
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+    logging.getLogger("flwr").setLevel(logging.ERROR)
 
-        def on_arm(event) -> None:
-            if event.cached and jobs > 1:
-                return  # the workers said it when they ran it
-            state = (
-                f"failed: {event.error}"
-                if event.error
-                else f"AUROC {site_mean(event.outcome.final):.3f} "
-                f"({'cached' if event.cached else f'{event.outcome.seconds:.0f} s'})"
-            )
-            console.print(
-                f"[{event.index}/{event.total}] {event.cell.label}, seed "
-                f"{event.seed}, {event.arm.label}: {state}",
-                highlight=False,
-            )
-
+    def on_arm(event) -> None:
+        if event.cached and jobs > 1:
+            return  # the workers said it when they ran it
+        state = (
+            f"failed: {event.error}"
+            if event.error
+            else f"AUROC {site_mean(event.outcome.final):.3f} "
+            f"({'cached' if event.cached else f'{event.outcome.seconds:.0f} s'})"
+        )
         console.print(
-            f"{command}: {len(settings.cells())} cells, arm runs per size: "
-            + ", ".join(
-                f"{'own data' if p == 0 else f'{p} patients'} {settings.arm_count(p)}"
-                for p in settings.patients
-            )
-            + f" → {out_dir}",
+            f"[{event.index}/{event.total}] {event.cell.label}, seed "
+            f"{event.seed}, {event.arm.label}: {state}",
             highlight=False,
         )
-        if shard is not None:
-            index, count = (int(x) for x in shard.split("/"))
-            run_study(
-                settings, out_dir, command=command, on_arm=on_arm, shard=(index, count)
-            )
-            return
-        if jobs > 1:
-            run_workers(
-                jobs,
-                [
-                    "--size",
-                    study_size.value,
-                    *(["--sites", sites] if sites else []),
-                    *(["--sites-dir", str(sites_dir)] if sites_dir else []),
-                    *(["--config", str(config)] if config else []),
-                    *(["--patients", patients] if patients else []),
-                    *(["--bases", bases] if bases else []),
-                    *(["--seeds", seeds] if seeds else []),
-                    "--out",
-                    str(out_dir),
-                ],
-            )
-        result = run_study(
-            settings,
-            out_dir,
-            command=command,
-            on_arm=on_arm,
-            started=started,
-            machine=machine,
-        )
-        for goal in result.data["goals"]:
-            verdict = {True: "met", False: "MISSED", None: "reported"}[goal["met"]]
-            if goal["met"] is None and goal["value"] is None:  # NaN in study.json
-                verdict = "not measured"
-            console.print(
-                f"  {_size(goal['patients'])} × {goal['sites']} sites, "
-                f"{goal['base']}: {goal['goal']}: {goal['measured']} — {verdict}",
-                highlight=False,
-            )
-        console.print(f"study.json, report.md, plots/ in {result.out_dir}")
-        if write_docs:
-            publish(result, docs)
-            console.print(f"wrote the study's section of {docs}")
-        if result.failed:
-            from wardround.common.errors import FederationError
 
-            raise FederationError(
-                f"{len(result.failed)} arm run(s) failed: {', '.join(result.failed)}",
-                hint="report.md lists why; rerun the command to retry only those.",
-            )
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
-        _fail(exc)
+    console.print(
+        f"{command}: {len(settings.cells())} cells, arm runs per size: "
+        + ", ".join(
+            f"{'own data' if p == 0 else f'{p} patients'} {settings.arm_count(p)}"
+            for p in settings.patients
+        )
+        + f" → {out_dir}",
+        highlight=False,
+    )
+    if shard is not None:
+        index, count = (int(x) for x in shard.split("/"))
+        run_study(
+            settings, out_dir, command=command, on_arm=on_arm, shard=(index, count)
+        )
+        return
+    if jobs > 1:
+        run_workers(
+            jobs,
+            [
+                "--size",
+                study_size.value,
+                *(["--sites", sites] if sites else []),
+                *(["--sites-dir", str(sites_dir)] if sites_dir else []),
+                *(["--config", str(config)] if config else []),
+                *(["--patients", patients] if patients else []),
+                *(["--bases", bases] if bases else []),
+                *(["--seeds", seeds] if seeds else []),
+                "--out",
+                str(out_dir),
+            ],
+        )
+    result = run_study(
+        settings,
+        out_dir,
+        command=command,
+        on_arm=on_arm,
+        started=started,
+        machine=machine,
+    )
+    for goal in result.data["goals"]:
+        verdict = {True: "met", False: "MISSED", None: "reported"}[goal["met"]]
+        if goal["met"] is None and goal["value"] is None:  # NaN in study.json
+            verdict = "not measured"
+        console.print(
+            f"  {_size(goal['patients'])} × {goal['sites']} sites, "
+            f"{goal['base']}: {goal['goal']}: {goal['measured']} — {verdict}",
+            highlight=False,
+        )
+    console.print(f"study.json, report.md, plots/ in {result.out_dir}")
+    if write_docs:
+        publish(result, docs)
+        console.print(f"wrote the study's section of {docs}")
+    if result.failed:
+        from wardround.common.errors import FederationError
+
+        raise FederationError(
+            f"{len(result.failed)} arm run(s) failed: {', '.join(result.failed)}",
+            hint="report.md lists why; rerun the command to retry only those.",
+        )
