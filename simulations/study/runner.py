@@ -33,6 +33,7 @@ from ...server.rundir import versions, write_json
 from ..reporting import machine_info
 from .arms import ArmOutcome, run_federated, run_local, run_pooled
 from .classical import run_classical
+from .goals import evaluate_goals
 from .plan import (
     OWN_DATA,
     RANDOM_BASE,
@@ -43,7 +44,7 @@ from .plan import (
     base_label,
     site_tomls_in,
 )
-from .summary import dp_worth, evaluate_goals, study_summary_json, summarise
+from .summary import dp_worth, study_summary_json, summarise
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from wardround.common.config import TaskConfig
 from wardround.common.errors import ConfigError
 from wardround.simulations.reporting import replace_marked_section
 from wardround.simulations.study.arms import ArmOutcome
+from wardround.simulations.study.goals import evaluate_goals
 from wardround.simulations.study.plan import ArmGroup, Cell, StudySettings, StudySize
 from wardround.simulations.study.plots import write_plots
 from wardround.simulations.study.report import render_report
@@ -33,7 +34,6 @@ from wardround.simulations.study.stats import (
 )
 from wardround.simulations.study.summary import (
     dp_worth,
-    evaluate_goals,
     fmt,
     summarise,
 )
