@@ -18,8 +18,10 @@ belongs to that variant alone:
 * time: wall-clock (and process CPU time, less sensitive to other load on a shared
   host) of ``--steps`` optimizer steps (after ``--warmup``) on one fixed synthetic
   batch -- zero_grad, forward, ``BCEWithLogitsLoss``, backward, ``AdamW`` step
-  (for DP: Opacus's clip + noise + AdamW). The DataLoader given to ``make_private``
-  is only needed by Opacus for the sample rate; it is not iterated.
+  (for DP: Opacus's clip + noise + AdamW). Every DP variant is privatised by the
+  sites' own set-up, ``client/dp.py``'s ``private_training`` (a mode it cannot run
+  is reported as failing); its patient-sampling loader is only needed by Opacus
+  for the sample rate and is not iterated.
 * memory, CPU: ``ru_maxrss`` of the subprocess after the model, the batch and the
   libraries (opacus included, for every variant) are loaded (*baseline*) and after
   the timed steps (*peak*). CUDA: ``torch.cuda.max_memory_allocated`` after a reset
