@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import flwr.common.logger  # noqa: F401  (sets Flower's log level; then ours)
     import torch
 
-    from wardround.common.env import apply_machine_hygiene
+    from wardround.ops.env import apply_machine_hygiene
     from wardround.server.rundir import versions
     from wardround.simulations.reporting import machine_info
 

@@ -207,7 +207,7 @@ def main() -> None:
 
     import torch
 
-    from wardround.common.env import apply_machine_hygiene
+    from wardround.ops.env import apply_machine_hygiene
     from wardround.simulations.reporting import machine_info
     from wardround.simulations.synth import synthesize_federation
 

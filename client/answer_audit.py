@@ -22,9 +22,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 
 from ..common import wire
-from ..common.audit import AuditEvent, AuditLog, safe_reason
 from ..common.errors import DataError
 from ..common.wirebytes import content_bytes
+from ..ops.audit import AuditEvent, AuditLog, safe_reason
 
 log = logging.getLogger(__name__)
 

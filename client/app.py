@@ -33,6 +33,7 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
+from .. import __version__
 from ..common import wire
 from ..common.adapter import (
     adapter_state,
@@ -43,10 +44,11 @@ from ..common.adapter import (
     to_record,
 )
 from ..common.aggregation import subtract
-from ..common.audit import AUDIT_FILENAME, AuditLog
 from ..common.config import Accountant, RunConfig, Strategy
 from ..common.errors import AnswerRefused, FederationError, ModelMismatchError
 from ..common.privacy import Mechanism, check_round_budget, epsilon_spent
+from ..common.release import version_metrics
+from ..ops.audit import AUDIT_FILENAME, AuditLog
 from .answer_audit import make_answer_audit_mod
 from .answers import AnswerKind, coarsen_metrics
 from .egress import EgressAllowlist, check_legacy_fitres, check_reply
@@ -243,6 +245,7 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         wire.TRAIN_SECONDS: outcome.seconds,
         wire.DELTA_L2: raw_l2,
         wire.DELTA_CLIPPED: int(clipped),
+        **version_metrics(__version__),
     }
     if plan is not None and reservation is not None:
         ledger = runtime.ledger
@@ -265,6 +268,7 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
                     run_history, plan.delta, Accountant.PRV
                 ),
                 wire.DP_EPSILON_TOTAL: eps_total,
+                wire.DP_EPSILON_BUDGET: runtime.site.privacy.budget_epsilon,
                 wire.DP_DELTA: plan.delta,
                 wire.DP_NOISE_MULTIPLIER: plan.per_round.noise_multiplier,
                 wire.DP_SAMPLE_RATE: plan.per_round.sample_rate,
@@ -394,6 +398,7 @@ def handle_evaluate(
         wire.EVAL_LOSS: outcome.loss,
         wire.AUROC_MACRO: outcome.auroc_macro,
         wire.EVAL_SECONDS: outcome.seconds,
+        **version_metrics(__version__),
     }
     for label, value in zip(
         request.config.task.labels, outcome.auroc_per_label, strict=False

@@ -76,6 +76,7 @@ GENERATIVE_METRICS = (
 DP_EPSILON_RUN = "dp-epsilon-run"  # epsilon this run has spent at the site (accountant)
 DP_EPSILON_RUN_PRV = "dp-epsilon-run-prv"  # the same from the PRV accountant
 DP_EPSILON_TOTAL = "dp-epsilon-total"  # over every run in the site's ledger
+DP_EPSILON_BUDGET = "dp-epsilon-budget"  # the site's lifetime budget (its site.toml)
 DP_DELTA = "dp-delta"
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
 DP_SAMPLE_RATE = "dp-sample-rate"
@@ -86,6 +87,7 @@ ACCOUNTING_METRICS = (
     DP_EPSILON_RUN,
     DP_EPSILON_RUN_PRV,
     DP_EPSILON_TOTAL,
+    DP_EPSILON_BUDGET,
     DP_DELTA,
     DP_NOISE_MULTIPLIER,
     DP_SAMPLE_RATE,
@@ -94,6 +96,14 @@ ACCOUNTING_METRICS = (
 )
 """Numeric privacy accounting: functions of the site's plan, not of its data; it
 always leaves (the coordinator shows every site's spend)."""
+
+# The site's wardround release, as numbers (metrics carry no strings)
+VERSION_MAJOR = "wardround-version-major"
+VERSION_MINOR = "wardround-version-minor"
+VERSION_PATCH = "wardround-version-patch"
+VERSION_METRICS = (VERSION_MAJOR, VERSION_MINOR, VERSION_PATCH)
+"""Sent with every reply so the coordinator can tell which release each site runs; a
+site's answer policy may leave them out."""
 
 METRIC_NAMES = (
     NUM_EXAMPLES,
@@ -109,6 +119,7 @@ METRIC_NAMES = (
     TRAIN_EXAMPLES,
     *ACCOUNTING_METRICS,
     *GENERATIVE_METRICS,
+    *VERSION_METRICS,
 )
 """Every metric name a site may send (plus ``AUROC_PREFIX`` + a run label)."""
 

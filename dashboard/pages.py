@@ -69,7 +69,7 @@ def audit_page(
     renderer: Renderer, paths: Callable[[], tuple[Path, ...]], limit: int = 500
 ) -> Callable[[Any], Any]:
     """The audit page: merged events, filterable, with each log's verification."""
-    from ..common.audit import AuditEvent
+    from ..ops.audit import AuditEvent
 
     def endpoint(request: Any) -> Any:
         query = request.query_params
@@ -87,6 +87,37 @@ def audit_page(
         )
 
     return endpoint
+
+
+def shared_routes(
+    renderer: Renderer,
+    exposure: Any,
+    *,
+    home: str,
+    metrics: Callable[[], bytes],
+    audit_paths: Callable[[], tuple[Path, ...]],
+) -> list[Any]:
+    """The routes both dashboards serve alike: home, audit, ``/metrics``, sign-in."""
+    from starlette.responses import RedirectResponse
+    from starlette.routing import Route
+
+    def to_home(request: Any) -> Any:
+        return RedirectResponse(home, status_code=303)
+
+    def metrics_endpoint(request: Any) -> Any:
+        return metrics_response(metrics())
+
+    def login(request: Any) -> Any:
+        if exposure.token is None:  # nothing to sign in to
+            return RedirectResponse("/", status_code=303)
+        return renderer.page(request, "login.html", "Sign in")
+
+    return [
+        Route("/", to_home),
+        Route("/audit", audit_page(renderer, audit_paths)),
+        Route("/metrics", metrics_endpoint),
+        Route("/login", login, methods=["GET", "POST"]),
+    ]
 
 
 def metrics_response(text: bytes) -> Any:
@@ -115,16 +146,16 @@ def audit_view(
     limit: int = 500,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The logs' events merged by time and filtered (newest first), and each log's check."""
-    from ..common.audit import (
+    from ..common.errors import WardroundError
+    from ..ops.audit import (
         AuditEvent,
         filter_events,
         merge_by_time,
         read_audit,
         verify_audit,
     )
-    from ..common.errors import WardroundError
 
-    checks = []
+    checks: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     for path in paths:
         if not Path(path).is_file():

@@ -21,6 +21,7 @@ from ..common.adapter import from_record, to_record
 from ..common.aggregation import weighted_mean
 from ..common.config import RunConfig
 from ..common.errors import FederationError, PrivacyBudgetExhausted, error_kind
+from ..common.release import version_from_metrics
 from ..common.secagg_math import mean_error_bound, plan_quantization
 from ..common.wirebytes import content_bytes
 from .records import PrivacySpend, SiteEvalReport, SiteFailure, SiteTrainReport
@@ -77,6 +78,10 @@ def _split_replies(
             failure.reason.splitlines()[0] if failure.reason else "",
         )
     return ok, failed
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _reasons(failures: list[SiteFailure]) -> str:
@@ -299,6 +304,7 @@ class RoundPhases:
                 sample_rate=float(metrics[wire.DP_SAMPLE_RATE]),
                 steps=int(metrics[wire.DP_STEPS]),
                 max_grad_norm=float(metrics[wire.DP_MAX_GRAD_NORM]),
+                epsilon_budget=_optional_float(metrics.get(wire.DP_EPSILON_BUDGET)),
             )
         return SiteTrainReport(
             node_id=node,
@@ -312,6 +318,7 @@ class RoundPhases:
             bytes_sent=bytes_sent,
             delta_clipped=bool(metrics.get(wire.DELTA_CLIPPED, 0)),
             privacy=privacy,
+            software_version=version_from_metrics(metrics),
         )
 
     def evaluate(
@@ -362,6 +369,7 @@ class RoundPhases:
                         for name in wire.GENERATIVE_METRICS
                         if name in metrics
                     },
+                    software_version=version_from_metrics(metrics),
                 )
             )
         return sorted(reports, key=lambda e: e.site), failures

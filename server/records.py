@@ -28,6 +28,9 @@ class PrivacySpend:
     sample_rate: float
     steps: int
     max_grad_norm: float
+    epsilon_budget: float | None = None
+    """The site's lifetime budget that ``epsilon_total`` counts against (None from a
+    site that did not say)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class SiteTrainReport:
     bytes_sent: int
     delta_clipped: bool = False
     privacy: PrivacySpend | None = None
+    software_version: str | None = None
+    """The wardround release the site runs, as it reported it."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class SiteEvalReport:
     auroc_per_label: dict[str, float]
     metrics: dict[str, float] = field(default_factory=dict)
     """Generative scores under their wire names (vlm family: perplexity, ...)."""
+    software_version: str | None = None
+    """The wardround release the site runs, as it reported it."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,7 @@ def _train_report(data: Mapping[str, Any]) -> SiteTrainReport:
         bytes_sent=int(data["bytes_sent"]),
         delta_clipped=bool(data.get("delta_clipped", False)),
         privacy=None if privacy is None else _privacy(privacy),
+        software_version=_optional_text(data.get("software_version")),
     )
 
 
@@ -159,6 +167,11 @@ def _privacy(data: Mapping[str, Any]) -> PrivacySpend:
         sample_rate=_float(data["sample_rate"]),
         steps=int(data["steps"]),
         max_grad_norm=_float(data["max_grad_norm"]),
+        epsilon_budget=(
+            None
+            if data.get("epsilon_budget") is None
+            else float(data["epsilon_budget"])
+        ),
     )
 
 
@@ -171,4 +184,9 @@ def _eval_report(data: Mapping[str, Any]) -> SiteEvalReport:
         auroc_macro=_float(data["auroc_macro"]),
         auroc_per_label={k: _float(v) for k, v in data["auroc_per_label"].items()},
         metrics={k: _float(v) for k, v in (data.get("metrics") or {}).items()},
+        software_version=_optional_text(data.get("software_version")),
     )
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)

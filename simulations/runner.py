@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ..common.config import RunConfig
-from ..common.env import apply_machine_hygiene
 from ..common.errors import ConfigError, FederationError
-from ..common.processes import ChildProcessGuard
 from ..common.secagg_math import MIN_PARTICIPANTS
+from ..ops.env import apply_machine_hygiene
+from ..ops.processes import ChildProcessGuard
 from ..server.federation import FederationResult, RoundObserver
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ...dashboard.pages import Renderer, audit_page, metrics_response
+from ...dashboard.pages import Renderer, shared_routes
 from .metrics import metrics_text
 from .state import SiteSource, floor_rows
 
@@ -21,16 +21,12 @@ NAV = [
 
 def build_app(source: SiteSource, exposure: Any, *, refresh_s: int = 5) -> Any:
     """The site's dashboard over ``source`` (a Starlette app behind the guard)."""
-    from starlette.responses import RedirectResponse
     from starlette.routing import Route
 
     from ...dashboard.web import make_app
 
     name = source.site.site.name
     renderer = Renderer(HERE / "templates", f"wardround site {name}", NAV, refresh_s)
-
-    def home(request: Any) -> Any:
-        return RedirectResponse("/privacy", status_code=303)
 
     def check(request: Any) -> Any:
         from ..site_check import format_report
@@ -74,23 +70,18 @@ def build_app(source: SiteSource, exposure: Any, *, refresh_s: int = 5) -> Any:
             decimals=source.site.answers.decimals,
         )
 
-    def metrics(request: Any) -> Any:
-        return metrics_response(metrics_text(source))
-
-    def login(request: Any) -> Any:
-        if exposure.token is None:  # nothing to sign in to
-            return RedirectResponse("/", status_code=303)
-        return renderer.page(request, "login.html", "Sign in")
-
     routes = [
-        Route("/", home),
+        *shared_routes(
+            renderer,
+            exposure,
+            home="/privacy",
+            metrics=lambda: metrics_text(source),
+            audit_paths=lambda: (source.audit_path,),
+        ),
         Route("/check", check),
         Route("/privacy", privacy),
         Route("/approvals", approvals),
         Route("/sent", sent),
-        Route("/audit", audit_page(renderer, lambda: (source.audit_path,))),
-        Route("/metrics", metrics),
-        Route("/login", login, methods=["GET", "POST"]),
     ]
     return make_app(routes, exposure)
 

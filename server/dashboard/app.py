@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ...dashboard.pages import Renderer, audit_page, metrics_response, zip_folder
+from ...dashboard.pages import Renderer, shared_routes, zip_folder
 from .metrics import metrics_text
 from .state import (
     MANIFEST_NAME,
@@ -69,25 +69,23 @@ def _draw(run: RunView, kind: str) -> str:
     return line_chart(loss, title="Validation loss", ylabel="loss")
 
 
-def build_app(source: CoordinatorSource, exposure: Any, *, refresh_s: int = 5) -> Any:
-    """The coordinator's dashboard over ``source`` (a Starlette app behind the guard)."""
-    from starlette.responses import PlainTextResponse, RedirectResponse, Response
-    from starlette.routing import Route
+def _not_found(what: str) -> Any:
+    from starlette.responses import PlainTextResponse
 
-    from ...dashboard.web import make_app
+    return PlainTextResponse(f"no {what} here", status_code=404)
 
-    renderer = Renderer(HERE / "templates", "wardround coordinator", NAV, refresh_s)
-    charts = _ChartCache()
 
-    def not_found(what: str) -> Any:
-        return PlainTextResponse(f"no {what} here", status_code=404)
+class _Pages:
+    """The coordinator's own pages over one source (the shared ones: ``pages``)."""
 
-    def home(request: Any) -> Any:
-        return RedirectResponse("/runs", status_code=303)
+    def __init__(self, source: CoordinatorSource, renderer: Renderer) -> None:
+        self.source = source
+        self.renderer = renderer
+        self.charts = _ChartCache()
 
-    def runs(request: Any) -> Any:
-        views = source.runs()
-        return renderer.page(
+    def runs(self, request: Any) -> Any:
+        views = self.source.runs()
+        return self.renderer.page(
             request,
             "runs.html",
             "Runs",
@@ -96,12 +94,12 @@ def build_app(source: CoordinatorSource, exposure: Any, *, refresh_s: int = 5) -
             latest=views[0] if views else None,
         )
 
-    def run(request: Any) -> Any:
-        view = source.find_run(request.path_params["name"])
+    def run(self, request: Any) -> Any:
+        view = self.source.find_run(request.path_params["name"])
         if view is None:
-            return not_found("such run")
+            return _not_found("such run")
         folder = adapter_source(view.path)
-        return renderer.page(
+        return self.renderer.page(
             request,
             "run.html",
             f"Run {view.name}",
@@ -110,28 +108,34 @@ def build_app(source: CoordinatorSource, exposure: Any, *, refresh_s: int = 5) -
             adapter_folder=folder.name if folder else "",
         )
 
-    def chart(request: Any) -> Any:
-        kind = request.path_params["kind"]
-        view = source.find_run(request.path_params["name"])
-        if view is None or kind not in ("auroc", "loss", "traffic"):
-            return not_found("such chart")
-        return Response(charts.get(view, kind), media_type="image/svg+xml")
+    def chart(self, request: Any) -> Any:
+        from starlette.responses import Response
 
-    def manifest(request: Any) -> Any:
-        view = source.find_run(request.path_params["name"])
+        kind = request.path_params["kind"]
+        view = self.source.find_run(request.path_params["name"])
+        if view is None or kind not in ("auroc", "loss", "traffic"):
+            return _not_found("such chart")
+        return Response(self.charts.get(view, kind), media_type="image/svg+xml")
+
+    def manifest(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        view = self.source.find_run(request.path_params["name"])
         name = request.path_params["file"]
         if view is None or not MANIFEST_NAME.fullmatch(name):
-            return not_found("such manifest")
+            return _not_found("such manifest")
         path = view.path / "manifests" / name
         if not path.is_file():
-            return not_found("such manifest")
+            return _not_found("such manifest")
         return Response(path.read_bytes(), media_type="application/json")
 
-    def adapter(request: Any) -> Any:
-        view = source.find_run(request.path_params["name"])
+    def adapter(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        view = self.source.find_run(request.path_params["name"])
         folder = adapter_source(view.path) if view else None
         if view is None or folder is None:
-            return not_found("adapter")
+            return _not_found("adapter")
         return Response(
             zip_folder(folder),
             media_type="application/zip",
@@ -140,23 +144,24 @@ def build_app(source: CoordinatorSource, exposure: Any, *, refresh_s: int = 5) -
             },
         )
 
-    def sites(request: Any) -> Any:
+    def sites(self, request: Any) -> Any:
         from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
-        return renderer.page(
+        live = self.source.site_status is not None
+        return self.renderer.page(
             request,
             "sites.html",
             "Sites",
-            live=source.site_status is not None,
-            sites=source.sites(),
-            live_status=source.site_status is not None,
+            live=live,
+            sites=self.source.sites(),
+            live_status=live,
             heartbeat_s=HEARTBEAT_DEFAULT_INTERVAL,
             patience=HEARTBEAT_PATIENCE,
         )
 
-    def privacy(request: Any) -> Any:
-        views = source.runs()[:RUNS_SHOWN]
-        return renderer.page(
+    def privacy(self, request: Any) -> Any:
+        views = self.source.runs()[:RUNS_SHOWN]
+        return self.renderer.page(
             request,
             "privacy.html",
             "Privacy",
@@ -164,13 +169,13 @@ def build_app(source: CoordinatorSource, exposure: Any, *, refresh_s: int = 5) -
             runs=[(v, privacy_rows(v)) for v in views],
         )
 
-    def traffic(request: Any) -> Any:
-        views = source.runs()[:RUNS_SHOWN]
+    def traffic(self, request: Any) -> Any:
+        views = self.source.runs()[:RUNS_SHOWN]
         rows = []
         for view in views:
             rounds, series = traffic_rows(view)
             rows.append((view, rounds, series, adapter_bytes(view.path)))
-        return renderer.page(
+        return self.renderer.page(
             request,
             "traffic.html",
             "Traffic",
@@ -178,27 +183,31 @@ def build_app(source: CoordinatorSource, exposure: Any, *, refresh_s: int = 5) -
             runs=rows,
         )
 
-    def metrics(request: Any) -> Any:
-        return metrics_response(metrics_text(source))
 
-    def login(request: Any) -> Any:
-        if exposure.token is None:  # nothing to sign in to
-            return RedirectResponse("/", status_code=303)
-        return renderer.page(request, "login.html", "Sign in")
+def build_app(source: CoordinatorSource, exposure: Any, *, refresh_s: int = 5) -> Any:
+    """The coordinator's dashboard over ``source`` (a Starlette app behind the guard)."""
+    from starlette.routing import Route
 
+    from ...dashboard.web import make_app
+
+    renderer = Renderer(HERE / "templates", "wardround coordinator", NAV, refresh_s)
+    pages = _Pages(source, renderer)
     routes = [
-        Route("/", home),
-        Route("/runs", runs),
-        Route("/runs/{name}", run),
-        Route("/runs/{name}/chart/{kind}.svg", chart),
-        Route("/runs/{name}/manifests/{file}", manifest),
-        Route("/runs/{name}/adapter.zip", adapter),
-        Route("/sites", sites),
-        Route("/privacy", privacy),
-        Route("/traffic", traffic),
-        Route("/audit", audit_page(renderer, lambda: source.audit_paths)),
-        Route("/metrics", metrics),
-        Route("/login", login, methods=["GET", "POST"]),
+        *shared_routes(
+            renderer,
+            exposure,
+            home="/runs",
+            metrics=lambda: metrics_text(source),
+            audit_paths=lambda: source.audit_paths,
+        ),
+        Route("/runs", pages.runs),
+        Route("/runs/{name}", pages.run),
+        Route("/runs/{name}/chart/{kind}.svg", pages.chart),
+        Route("/runs/{name}/manifests/{file}", pages.manifest),
+        Route("/runs/{name}/adapter.zip", pages.adapter),
+        Route("/sites", pages.sites),
+        Route("/privacy", pages.privacy),
+        Route("/traffic", pages.traffic),
     ]
     return make_app(routes, exposure)
 

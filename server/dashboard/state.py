@@ -177,8 +177,19 @@ def learning_series(
     return auroc, loss
 
 
+def _share(spent: float | None, limit: float | None) -> tuple[Any, Any]:
+    """What remains of ``limit`` after ``spent``, and the share used (None if unknown)."""
+    if spent is None or limit is None:
+        return None, None
+    return limit - spent, (spent / limit if limit else None)
+
+
 def privacy_rows(run: RunView) -> list[dict[str, Any]]:
-    """Each site's last reported DP accounting in this run, against the run's target."""
+    """Each site's last reported DP accounting in this run.
+
+    Against the run's target (this run's ε) and against the site's lifetime budget
+    (ε over every run in the site's ledger), as far as the site reported it.
+    """
     last: dict[str, dict[str, Any]] = {}
     for row in run.rounds:
         for report in row.get("train", []):
@@ -187,20 +198,24 @@ def privacy_rows(run: RunView) -> list[dict[str, Any]]:
     rows = []
     for site, spend in sorted(last.items()):
         eps = spend.get("epsilon_run")
-        target = run.target_epsilon
+        total = spend.get("epsilon_total")
+        budget = spend.get("epsilon_budget")
+        remaining, used = _share(eps, run.target_epsilon)
+        budget_remaining, budget_used = _share(total, budget)
         rows.append(
             {
                 "site": site,
                 "round": spend["round"],
                 "epsilon_run": eps,
-                "epsilon_total": spend.get("epsilon_total"),
+                "epsilon_total": total,
                 "delta": spend.get("delta"),
                 "noise_multiplier": spend.get("noise_multiplier"),
-                "target_epsilon": target,
-                "remaining": (target - eps)
-                if target is not None and eps is not None
-                else None,
-                "used_share": (eps / target) if target and eps is not None else None,
+                "target_epsilon": run.target_epsilon,
+                "remaining": remaining,
+                "used_share": used,
+                "epsilon_budget": budget,
+                "budget_remaining": budget_remaining,
+                "budget_used_share": budget_used,
             }
         )
     return rows
@@ -291,6 +306,7 @@ class CoordinatorSource:
                     or ("revoked" if site and not site.active else "unknown"),
                     "online_at": _seen(status.get("online_at")),
                     "offline_at": _seen(status.get("offline_at")),
+                    "software_version": None,
                     "rounds_taken_part": 0,
                     "rounds_refused": 0,
                     "refusals": [],
@@ -300,8 +316,16 @@ class CoordinatorSource:
 
         for name in enrolled:
             row_for(name)
-        for run in runs:
+        for run in runs:  # newest first: a site's newest reply names its release
             names = _node_names(run.rounds, node_names)
+            for round_row in reversed(run.rounds):
+                for report in (
+                    *round_row.get("train", []),
+                    *round_row.get("evaluate", []),
+                ):
+                    row = row_for(str(report["site"]))
+                    if row["software_version"] is None:
+                        row["software_version"] = report.get("software_version")
             for round_row in run.rounds:
                 for report in round_row.get("train", []):
                     row_for(str(report["site"]))["rounds_taken_part"] += 1

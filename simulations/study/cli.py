@@ -21,19 +21,12 @@ if TYPE_CHECKING:
     from .plan import StudySettings
     from .runner import ArmEvent, StudyResult
 
-study_app = typer.Typer(
-    name="study",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
+from wardround.cli_support import command_group, user_errors
+
+study_app = command_group(
+    "study",
     help="Studies on synthetic hospitals: learning quality of federated training.",
 )
-
-
-def _fail(exc: Exception) -> None:
-    from wardround.cli import _fail as fail  # late: wardround.cli imports this module
-
-    fail(exc)
 
 
 def _size(patients: int) -> str:
@@ -72,14 +65,13 @@ def run_workers(jobs: int, options: list[str]) -> None:
     They hand their results over in the output folder's arm files (JSON); every
     worker is stopped by PID if this process is interrupted.
     """
-    import signal
     import subprocess
     import sys
 
-    from wardround.cli import _raise_keyboard_interrupt
+    from wardround.cli_support import interrupt_on_sigterm
 
     # SIGTERM stops the workers too (the finally below), like Ctrl-C
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    interrupt_on_sigterm()
 
     # -P: the working directory must not shadow the installed package (a
     # checkout's top-level wardround/ folder holds only the CLI modules)
@@ -246,6 +238,7 @@ class QualityOptions:
 
 
 @study_app.command("quality")
+@user_errors
 def quality(
     sites: SitesOption = None,
     patients: PatientsOption = None,
@@ -274,10 +267,7 @@ def quality(
         docs,
         jobs,
     )
-    try:
-        run_quality(options, shard)
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
-        _fail(exc)
+    run_quality(options, shard)
 
 
 def run_quality(options: QualityOptions, shard: str | None = None) -> None:
@@ -285,7 +275,7 @@ def run_quality(options: QualityOptions, shard: str | None = None) -> None:
     from rich.console import Console
 
     from wardround.common.config import RunConfig  # noqa: F401  (fail early)
-    from wardround.common.env import apply_machine_hygiene
+    from wardround.ops.env import apply_machine_hygiene
 
     from ..reporting import machine_info
     from .runner import run_study

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from wardround import __version__
+from wardround.common.release import version_from_metrics, version_metrics
 from wardround.deploy.loopback import LoopbackFederation, read_jsonl, wait_for
 
 pytestmark = pytest.mark.deploy
@@ -172,7 +174,15 @@ def test_the_runs_sites_and_privacy_pages_follow_a_live_run(fed, browser):
     assert sorted(sites) == fed.site_names
     assert all(0 < eps <= 8.0 for eps in epsilons), epsilons
     assert "the sites' own figures" in browser.page_source
+    budgets = _texts(browser, _coordinator(fed, "/privacy"), f"{privacy_css} td.budget")
+    assert all(float(b) > 0 for b in budgets) and len(budgets) == len(sites)
     _shot(browser, "coordinator-privacy")
+
+    # Every site that replied states its release on the sites page.
+    release = version_from_metrics(version_metrics(__version__))
+    assert _texts(browser, _coordinator(fed, "/sites"), "tr[data-site] td.version") == [
+        release
+    ] * len(fed.site_names)
 
 
 def test_a_site_killed_mid_run_shows_offline_within_the_heartbeat_tolerance(

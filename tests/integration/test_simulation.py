@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from wardround.common.processes import descendants
+from wardround.ops.processes import descendants
 
 pytestmark = pytest.mark.integration
 
@@ -18,9 +18,12 @@ def test_three_sites_two_rounds_write_a_complete_run_directory(
 ):
     from peft import PeftModel
 
+    from wardround import __version__
+    from wardround.client.site_config import SiteConfig
     from wardround.common.adapter import adapter_state
     from wardround.common.config import RunConfig
     from wardround.common.models import build_base_model
+    from wardround.common.release import version_from_metrics, version_metrics
     from wardround.simulations.runner import prepare_simulation, run_simulation_engine
 
     before = set(descendants())
@@ -79,4 +82,13 @@ def test_three_sites_two_rounds_write_a_complete_run_directory(
         assert len(rounds) == 2 and 0 < rounds[0] < rounds[1] <= 8.0 * 1.001
         assert spent["epsilon_run_prv"] > 0
         assert manifest["privacy_spent"][site]["epsilon_run"] == rounds[-1]
+        # Each site states its lifetime budget beside its lifetime spend.
+        floor = SiteConfig.from_toml(three_sites / site / "site.toml").privacy
+        assert spent["epsilon_budget"] == floor.budget_epsilon
+    # Each site states its wardround release (as numbers) with every reply.
+    release = version_from_metrics(version_metrics(__version__))
+    assert release is not None
+    for r in lines[1:]:
+        assert [t["software_version"] for t in r["train"]] == [release] * 3
+        assert [e["software_version"] for e in r["evaluate"]] == [release] * 3
     assert (run_dir / "plots" / "privacy.png").stat().st_size > 0

@@ -96,6 +96,7 @@ def test_evaluate_reply_is_numbers_with_fixed_names(site_setup):
         wire.EVAL_LOSS,
         wire.AUROC_MACRO,
         wire.EVAL_SECONDS,
+        *wire.VERSION_METRICS,
     }
     per_label = {wire.AUROC_PREFIX + label for label in config.task.labels}
     # a label with one class at this site has no AUROC: it is left out, not NaN

@@ -21,10 +21,10 @@ from wardround.client.dashboard.state import SiteSource, privacy_report
 from wardround.client.egress_log import record_egress
 from wardround.client.ledger import PrivacyLedger, ledger_file
 from wardround.client.site_config import SiteConfig
-from wardround.common.audit import AuditLog
 from wardround.common.errors import ConfigError
 from wardround.common.privacy import Mechanism
 from wardround.dashboard.web import Exposure, check_exposure
+from wardround.ops.audit import AuditLog
 from wardround.server.dashboard.app import build_app
 from wardround.server.dashboard.state import CoordinatorSource
 from wardround.server.records import (
@@ -50,7 +50,9 @@ def _round(r: int, failures=()) -> dict:
             privacy=PrivacySpend(
                 epsilon_run=1.5 * r + i, epsilon_run_prv=1.4 * r, epsilon_total=2.0 * r + i,
                 delta=1e-5, noise_multiplier=0.9, sample_rate=0.1, steps=5, max_grad_norm=1.0,
+                epsilon_budget=10.0 if s == "site-01" else None,
             ),
+            software_version="0.1.0" if s == "site-01" else None,
         )
         for i, s in enumerate(SITES)
     ]  # fmt: skip
@@ -153,6 +155,10 @@ def test_the_coordinator_pages_show_runs_sites_privacy_traffic_and_audit(state):
     sites = client.get("/sites").text
     assert sites.count('class="state state-online">online') == 1
     assert sites.count('class="state state-offline">offline') == 2
+    site_01 = sites.split('data-site="site-01"')[1].split("</tr>")[0]
+    assert '<td class="version">0.1.0</td>' in site_01
+    site_02 = sites.split('data-site="site-02"')[1].split("</tr>")[0]
+    assert "not reported" in site_02
     site_03 = sites.split('data-site="site-03"')[1].split("</tr>")[0]
     assert "AppNotApproved" in site_03 and "this site has not approved app" in site_03
     assert 'data-site="node 1"' not in sites  # Flower's own node is no site
@@ -162,6 +168,13 @@ def test_the_coordinator_pages_show_runs_sites_privacy_traffic_and_audit(state):
     assert "the sites' own figures" in privacy
     assert '<td class="num epsilon">3.000</td>' in privacy  # site-01 after round 2
     assert '<td class="num epsilon">4.000</td>' in privacy  # site-02
+    # Lifetime: site-01 reported epsilon 4 of its budget 10; site-02 no budget.
+    site_01 = privacy.split('<tr data-site="site-01">')[1].split("</tr>")[0]
+    assert '<td class="num budget">10.00</td>' in site_01
+    assert '<td class="num budget-remaining">6.000</td>' in site_01
+    site_02 = privacy.split('<tr data-site="site-02">')[1].split("</tr>")[0]
+    assert '<td class="num budget">–</td>' in site_02
+    assert '<td class="num epsilon-total">5.000</td>' in site_02
     traffic = client.get("/traffic").text
     assert "29.3 KiB" in traffic and "global adapter" in traffic
 
@@ -195,6 +208,15 @@ def test_the_coordinator_metrics_parse_with_the_prometheus_parser(state):
         == 60_003
     )
     assert samples[("wardround_sites_online", ())] == 2
+    site_01 = (("run", RUN), ("site", "site-01"))
+    assert samples[("wardround_site_reported_epsilon_budget", site_01)] == 10.0
+    assert samples[("wardround_site_reported_epsilon_lifetime", site_01)] == 4.0
+    assert (
+        "wardround_site_reported_epsilon_budget",
+        (("run", RUN), ("site", "site-02")),
+    ) not in samples
+    release = (("site", "site-01"), ("version", "0.1.0"))
+    assert samples[("wardround_site_release_info", release)] == 1.0
     assert samples[("wardround_sites_enrolled", ())] == 3
     assert (
         samples[
@@ -474,7 +496,7 @@ def test_a_dashboard_with_tls_and_a_token_serves_only_those_who_give_it(
 
     from wardround.dashboard.web import DashboardServer
     from wardround.deploy.loopback import free_port
-    from wardround.deploy.pki import init_ca, issue_server_certificate
+    from wardround.pki import init_ca, issue_server_certificate
 
     ca = init_ca(tmp_path / "pki")
     server_files = issue_server_certificate(
@@ -512,7 +534,7 @@ def test_a_dashboard_with_tls_and_a_token_serves_only_those_who_give_it(
 
 
 def test_wardround_dashboard_serves_a_site_from_its_site_toml(site):
-    from wardround.dashboard.cli import _app
+    from wardround.dashboard_cli import _app
 
     app, what = _app(None, None, site.base_dir / "site.toml", [], LOOPBACK, 5)
     assert what == "site site-07"

@@ -9,8 +9,8 @@ import pytest
 
 from wardround.client.app import build_client_app
 from wardround.common import wire
-from wardround.common.audit import read_audit, verify_audit
 from wardround.common.errors import FederationError
+from wardround.ops.audit import read_audit, verify_audit
 from wardround.server.deployment import (
     AuditObserver,
     Deployment,

@@ -13,13 +13,10 @@ from typing import Annotated, Any
 
 import typer
 
-
-def _fail(exc: Exception) -> None:
-    from wardround.cli import _fail as fail  # late: wardround.cli imports this module
-
-    fail(exc)
+from wardround.cli_support import user_errors
 
 
+@user_errors
 def dashboard_command(
     path: Annotated[
         Path | None,
@@ -63,32 +60,28 @@ def dashboard_command(
     ] = 5,
 ) -> None:
     """Serve the read-only web dashboard and /metrics until Ctrl-C."""
-    try:
-        from wardround.common.errors import ConfigError
+    from wardround.common.errors import ConfigError
 
-        from .web import DashboardServer, check_exposure
+    from wardround.dashboard.web import DashboardServer, check_exposure
 
-        chosen = [p for p in (path, coordinator, site) if p is not None]
-        if len(chosen) != 1:
-            raise ConfigError(
-                "give one of: a run directory, --coordinator coordinator.toml, "
-                "--site site.toml",
-                hint="For example `wardround dashboard runs/simulate`.",
-            )
-        exposure = check_exposure(
-            "wardround dashboard",
-            host,
-            port,
-            token_file=token_file,
-            certfile=certificate,
-            keyfile=private_key,
+    chosen = [p for p in (path, coordinator, site) if p is not None]
+    if len(chosen) != 1:
+        raise ConfigError(
+            "give one of: a run directory, --coordinator coordinator.toml, "
+            "--site site.toml",
+            hint="For example `wardround dashboard runs/simulate`.",
         )
-        app, what = _app(path, coordinator, site, audit or [], exposure, refresh)
-        server = DashboardServer(app, exposure, what)
-        server.start()
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
-        _fail(exc)
-        return
+    exposure = check_exposure(
+        "wardround dashboard",
+        host,
+        port,
+        token_file=token_file,
+        certfile=certificate,
+        keyfile=private_key,
+    )
+    app, what = _app(path, coordinator, site, audit or [], exposure, refresh)
+    server = DashboardServer(app, exposure, what)
+    server.start()
     typer.echo(f"{what} dashboard on {exposure.url} (read-only); Ctrl-C stops it")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -133,9 +126,9 @@ def _app(
     if coordinator is not None:
         from wardround.server.coordinator_config import CoordinatorConfig
 
-        source = coordinator_source(CoordinatorConfig.from_toml(coordinator))
-        source.audit_paths = (*source.audit_paths, *audit)
-        return build_app(source, exposure, refresh_s=refresh), "coordinator"
+        running = coordinator_source(CoordinatorConfig.from_toml(coordinator))
+        running.audit_paths = (*running.audit_paths, *audit)
+        return build_app(running, exposure, refresh_s=refresh), "coordinator"
     assert path is not None
     if not path.is_dir():
         raise ConfigError(
@@ -143,14 +136,15 @@ def _app(
             hint="Give a run directory (it holds rounds.jsonl or run.json), or the "
             "folder of run directories.",
         )
+    runs: CoordinatorSource
     if is_run_dir(path):
-        source = CoordinatorSource(single_run=path, audit_paths=tuple(audit))
+        runs = CoordinatorSource(single_run=path, audit_paths=tuple(audit))
     elif any(is_run_dir(p) for p in path.iterdir() if p.is_dir()):
-        source = CoordinatorSource(runs_root=path, audit_paths=tuple(audit))
+        runs = CoordinatorSource(runs_root=path, audit_paths=tuple(audit))
     else:
         raise ConfigError(
             f"{path} is not a run directory and holds none",
             hint="A run directory holds rounds.jsonl or run.json "
             "(`wardround simulate --out DIR` writes one).",
         )
-    return build_app(source, exposure, refresh_s=refresh), "run"
+    return build_app(runs, exposure, refresh_s=refresh), "run"
