@@ -373,11 +373,12 @@ def _arm_printer(console: Console, jobs: int) -> Callable[[ArmEvent], None]:
     def on_arm(event: ArmEvent) -> None:
         if event.cached and jobs > 1:
             return  # the workers said it when they ran it
+        outcome = event.outcome
         state = (
-            f"failed: {event.error}"
-            if event.error
-            else f"AUROC {site_mean(event.outcome.final):.3f} "
-            f"({'cached' if event.cached else f'{event.outcome.seconds:.0f} s'})"
+            f"AUROC {site_mean(outcome.final):.3f} "
+            f"({'cached' if event.cached else f'{outcome.seconds:.0f} s'})"
+            if outcome is not None
+            else f"failed: {event.error}"
         )
         console.print(
             f"[{event.index}/{event.total}] {event.cell.label}, seed "

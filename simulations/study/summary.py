@@ -103,41 +103,40 @@ def _cost_figures(outcomes: list[ArmOutcome], sites: list[str]) -> dict[str, Any
 def _federated_figures(outcomes: list[ArmOutcome]) -> dict[str, Any]:
     """Upload, epsilon, round times and subgroups: where every seed measured them."""
     out: dict[str, Any] = {}
-    if all(o.upload_bytes_per_round for o in outcomes):
+    uploads = [o.upload_bytes_per_round for o in outcomes]
+    if all(uploads):
         out["upload_bytes_per_site_per_round"] = _ms(
-            [float(np.mean(list(o.upload_bytes_per_round.values()))) for o in outcomes]
+            [float(np.mean(list(u.values()))) for u in uploads if u]
         )
         out["model"] = outcomes[0].model
-    if all(o.epsilon for o in outcomes):
-        out["epsilon"] = _ms(
-            [float(np.mean(list(o.epsilon.values()))) for o in outcomes]
-        )
-    if all(o.round_seconds for o in outcomes):
-        out["round_seconds"] = _ms([float(np.mean(o.round_seconds)) for o in outcomes])
+    epsilons = [o.epsilon for o in outcomes]
+    if all(epsilons):
+        out["epsilon"] = _ms([float(np.mean(list(e.values()))) for e in epsilons if e])
+    rounds = [o.round_seconds for o in outcomes]
+    aggregations = [o.aggregation_seconds for o in outcomes]
+    if all(rounds):
+        out["round_seconds"] = _ms([float(np.mean(r)) for r in rounds if r])
         out["aggregation_seconds"] = _ms(
-            [float(np.mean(o.aggregation_seconds)) for o in outcomes]
+            [float(np.mean(a)) for a in aggregations if a is not None]
         )
-    if all(o.subgroups for o in outcomes):
+    subgroups = [o.subgroups for o in outcomes]
+    if all(subgroups):
+        found = [g for g in subgroups if g]
         out["subgroups"] = {
-            dimension: _subgroup_figures(outcomes, dimension)
-            for dimension in outcomes[0].subgroups
+            dimension: _subgroup_figures(found, dimension) for dimension in found[0]
         }
     return out
 
 
 def _subgroup_figures(
-    outcomes: list[ArmOutcome], dimension: str
+    subgroups: list[dict[str, dict[str, dict[str, float]]]], dimension: str
 ) -> dict[str, dict[str, Any]]:
     """Group -> AUROC (mean ± sd) and size (mean) over the seeds that have it."""
-    groups = sorted(
-        {g for o in outcomes for g in o.subgroups[dimension]}, key=group_order
-    )
+    groups = sorted({g for seed in subgroups for g in seed[dimension]}, key=group_order)
     out = {}
     for group in groups:
         found = [
-            o.subgroups[dimension][group]
-            for o in outcomes
-            if group in o.subgroups[dimension]
+            seed[dimension][group] for seed in subgroups if group in seed[dimension]
         ]
         out[group] = {
             "auroc": _ms([g["auroc"] for g in found]),
