@@ -61,7 +61,6 @@ def dashboard_command(
 ) -> None:
     """Serve the read-only web dashboard and /metrics until Ctrl-C."""
     from wardround.common.errors import ConfigError
-
     from wardround.dashboard.web import DashboardServer, check_exposure
 
     chosen = [p for p in (path, coordinator, site) if p is not None]

@@ -51,8 +51,9 @@ def test_training_drops_modalities_at_the_specs_rate(
     site_toml, tiny_config, monkeypatch, dropout
 ):
     runtime = get_runtime(site_toml, 0, tiny_config)
-    # the cached objective carries no dropout of its own: the round's spec sets it
-    assert runtime.objective == FusionObjective()
+    # the cached objective was built for the config's dropout; the spec's wins
+    assert tiny_config.train.modality_dropout not in (0.0, dropout)
+    assert isinstance(runtime.objective, FusionObjective)
     rates = []
     real = objectives.drop_modalities
 
