@@ -335,7 +335,7 @@ def handle_evaluate(
     # Undefined numbers (one class only, no validation data) are left out, not sent.
     values = {k: v for k, v in values.items() if np.isfinite(v)}
     values = coarsen_metrics(values, runtime.site.answers, secure_aggregation=False)
-    content = RecordDict({wire.METRICS: MetricRecord(values)})
+    content = RecordDict({wire.METRICS: MetricRecord(dict(values))})
     check_reply(content, runtime.allowlist, kind="evaluate")
     return Message(content, reply_to=msg)
 

@@ -234,7 +234,7 @@ class AuditingObserver(TaskObserver):
             }
             self.audit.record("round_finished", **fields)
             if self.egress_path is not None:
-                self._record_egress(outcome, fields["round"])
+                self._record_egress(outcome, outcome.server_round)
             eps = outcome.metrics.get(wire.DP_EPSILON_RUN)
             if eps is not None:
                 self.audit.record(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,7 +263,7 @@ class SiteWorker:
         if cancelled is not None:
             # A task's calls stop retrying once its SuperNode has dropped the task
             # (restarted, or the run ended): the worker moves on to the next one.
-            flower_giveup = retry.should_giveup
+            flower_giveup: Callable[[Exception], bool] | None = retry.should_giveup
             retry.should_giveup = lambda exc: (
                 cancelled.is_set() or bool(flower_giveup and flower_giveup(exc))
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -137,7 +138,7 @@ def train_local(
             )
     steps, loss_sum, seen = counts
     return TrainOutcome(
-        num_examples=len(dataset),
+        num_examples=len(dataset),  # type: ignore[arg-type]  # map-style datasets are sized
         steps=steps,
         mean_loss=loss_sum / max(seen, 1),
         seconds=time.perf_counter() - start,
@@ -156,13 +157,14 @@ def _round_objective(objective: Objective | None, spec: LocalTrainSpec) -> Objec
     return objective
 
 
-def param_groups(model: torch.nn.Module, spec: LocalTrainSpec) -> list[dict]:
+def param_groups(model: torch.nn.Module, spec: LocalTrainSpec) -> list[dict[str, Any]]:
     """The trainable tensors: the wide term's at its own learning rate, then the rest."""
-    wide, deep = [], []
+    wide: list[torch.nn.Parameter] = []
+    deep: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (wide if ".wide." in f".{name}" else deep).append(param)
-    groups = [{"params": deep}] if deep else []
+    groups: list[dict[str, Any]] = [{"params": deep}] if deep else []
     if wide:
         groups.append({"params": wide, "lr": spec.learning_rate * spec.wide_lr_scale})
     return groups
