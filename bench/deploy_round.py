@@ -65,13 +65,13 @@ from typing import Any
 
 import psutil
 
-from wardround.common.flower_pacing import PACING_ENV
 from wardround.common.processes import start_child, stop_processes
 from wardround.deploy.loopback import (
     LoopbackFederation,
     free_port,
     read_jsonl,
 )
+from wardround.flower_compat.pacing import PACING_ENV
 from wardround.simulations.synth import synthesize_federation
 
 ALL_MODES = ("before", "after")

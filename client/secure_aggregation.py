@@ -49,7 +49,7 @@ from ..common.secagg_math import (
     plan_quantization,
     share_counts,
 )
-from ..common.secagg_wire import narrow_masked_vectors
+from ..flower_compat.secagg_wire import narrow_masked_vectors
 
 log = logging.getLogger(__name__)
 

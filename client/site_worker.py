@@ -342,7 +342,7 @@ def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     )
     from flwr.supercore.task_identity import TaskIdentity
 
-    from ..common.flower_pacing import OBJECT_POLL_CAP_S, OBJECT_POLL_S
+    from ..flower_compat.pacing import OBJECT_POLL_CAP_S, OBJECT_POLL_S
 
     res = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id = res.task_id
