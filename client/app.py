@@ -125,6 +125,7 @@ def _parse(
             dict(msg.content[wire.CONFIG]) if wire.CONFIG in msg.content else {}
         )
     _require_finite(global_state)
+    _require_weights(round_config)
     expected = round_config.get(wire.BASE_FINGERPRINT)
     if expected != runtime.built.base_fingerprint:
         raise ModelMismatchError(
@@ -152,6 +153,21 @@ def _parse(
         server_round=_server_round(round_config),
         secure_aggregation=LEGACY_FITINS_ARRAYS in msg.content,
     )
+
+
+def _require_weights(round_config: dict[str, Any]) -> None:
+    """The global adapter must arrive as weights: the site trains from it.
+
+    A message that says it carries something else (a delta) is refused; one that
+    says nothing carries weights under Flower's default key, as Flower's own do.
+    """
+    kind = round_config.get(wire.PAYLOAD_KIND, wire.PayloadKind.WEIGHTS.value)
+    if kind != wire.PayloadKind.WEIGHTS.value:
+        raise FederationError(
+            f"the coordinator sent a {str(kind)[:20]!r} payload as the global "
+            f"adapter; a site trains from {wire.PayloadKind.WEIGHTS.value!r}",
+            hint="The coordinator and this site must run the same wardround release.",
+        )
 
 
 def _server_round(round_config: dict[str, Any]) -> int:
