@@ -24,14 +24,6 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common import (
-    Code,
-    FitRes,
-    Status,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
-)
-from flwr.compat.common import recorddict_compat as compat
 
 from .. import __version__
 from ..common import wire
@@ -49,6 +41,14 @@ from ..common.config import Accountant, RunConfig, Strategy
 from ..common.errors import AnswerRefused, FederationError, ModelMismatchError
 from ..common.privacy import Mechanism, check_round_budget, epsilon_spent
 from ..common.release import version_metrics
+from ..flower_compat.legacy import (
+    Code,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from ..flower_compat.legacy import recorddict_compat as compat
 from .answer_audit import make_answer_audit_mod
 from .answers import AnswerKind, coarsen_metrics
 from .egress import EgressAllowlist, check_legacy_fitres, check_reply

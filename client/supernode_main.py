@@ -16,9 +16,8 @@ POLL_ENV = "WARDROUND_SUPERNODE_POLL_S"
 
 def main() -> int:
     """Flower's ``flower-supernode``, with the pacing from the environment."""
-    from flwr.supernode.cli import flower_supernode
-
     from ..flower_compat.pacing import pace_supernode
+    from ..flower_compat.tools import flower_supernode
 
     poll = float(os.environ.get(POLL_ENV, "0") or 0)
     if poll > 0:

@@ -247,10 +247,9 @@ def quality(
         started, machine = time.time(), machine_info()
         apply_machine_hygiene(out_dir / ".state")
         # Flower logs every sampling and SecAgg+ stage; the study prints per arm.
-        # (Imported first: Flower sets its logger's level when it loads.)
-        import flwr.common.logger  # noqa: F401
+        from ...flower_compat.flower_logging import quiet_flower
 
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+        quiet_flower()
 
         def on_arm(event) -> None:
             if event.cached and jobs > 1:
