@@ -106,9 +106,10 @@ ALLOWED_FIELDS = {
 LINE_FIELDS = {"seq", "time", "actor", "event", "prev", "hmac"}
 
 
-def test_a_deployed_run_names_sites_from_sites_json_and_audits_the_run(
-    three_sites, tiny_config, tmp_path, monkeypatch
-):
+def _deployed_run(three_sites, tiny_config, tmp_path, monkeypatch):
+    """Three enrolled sites (a fourth revoked) in a 2-round deployed run; the run's
+    result and the coordinator's state folder. One site is late before round 0,
+    st-cuthbert goes silent in round 2's training."""
     from flwr.app import Context, RecordDict
     from flwr.superlink.grid import http_grid
 
@@ -128,17 +129,16 @@ def test_a_deployed_run_names_sites_from_sites_json_and_audits_the_run(
         },
     )
     monkeypatch.setenv("WARDROUND_COORDINATOR_STATE", str(state))
-    run_dir = tmp_path / "runs" / "20250101-abcdef"
     config = tiny_config.with_overrides(
         data={"sites_dir": str(three_sites)},
         train={"max_steps": 1},
         federation={"rounds": 2, "min_sites": 2, **FAST},
         privacy={"enabled": False},
         secure_aggregation={"enabled": False},
-        output={"dir": str(run_dir)},
+        output={"dir": str(tmp_path / "runs" / "20250101-abcdef")},
     )
 
-    def silent(node, msg):  # st-cuthbert goes silent in round 2's training
+    def silent(node, msg):
         return (
             node == 1002
             and msg.metadata.message_type == "train"
@@ -153,8 +153,15 @@ def test_a_deployed_run_names_sites_from_sites_json_and_audits_the_run(
         grid,
         Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
     )
-
     [result] = results
+    return result, state
+
+
+def test_a_deployed_run_names_sites_from_sites_json_and_audits_the_run(
+    three_sites, tiny_config, tmp_path, monkeypatch
+):
+    result, state = _deployed_run(three_sites, tiny_config, tmp_path, monkeypatch)
+
     assert result.summary["run_id"] == "20250101-abcdef"  # the launcher's run name
     assert {t.site for t in result.rounds[1].train} == {
         "st-aurelia",
