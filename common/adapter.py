@@ -11,7 +11,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -188,5 +188,7 @@ def save_peft_adapter(
     load_adapter_state(model, state)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+    # A PeftModel: torch's Module typing does not know its save_pretrained.
+    peft_model: Any = model
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir

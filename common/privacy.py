@@ -190,9 +190,9 @@ def _epsilon_of(
     # (projection, commit, report), so answers are kept.
     from opacus.accountants import RDPAccountant
 
-    entries = list(entries)
+    history = list(entries)
     rdp = RDPAccountant()
-    rdp.history = entries
+    rdp.history = history
     rdp_eps = float(rdp.get_epsilon(delta))
     if accountant is not Accountant.PRV:
         return rdp_eps
@@ -206,7 +206,7 @@ def _epsilon_of(
             PRV_MAX_EPSILON,
         )
         return rdp_eps
-    prv_eps = _prv_epsilon(entries, delta)
+    prv_eps = _prv_epsilon(history, delta)
     if prv_eps is None:
         return rdp_eps
     return prv_eps

@@ -133,8 +133,10 @@ class PromptFormat:
             # image placeholder, then the text.
             return f"{self.image_token}{text}"
         turns = messages(text)
-        return processor.apply_chat_template(
-            turns, add_generation_prompt=not self.prefix_lm, tokenize=False
+        return str(
+            processor.apply_chat_template(
+                turns, add_generation_prompt=not self.prefix_lm, tokenize=False
+            )
         )
 
     def answer_suffix(self, processor: Any, text: str, answer: str) -> str:
@@ -144,8 +146,10 @@ class PromptFormat:
         if self.prefix_lm or template is None:
             return answer + eos
         prompt = self.prompt(processor, text)
-        full = processor.apply_chat_template(
-            messages(text, answer), add_generation_prompt=False, tokenize=False
+        full = str(
+            processor.apply_chat_template(
+                messages(text, answer), add_generation_prompt=False, tokenize=False
+            )
         )
         if not full.startswith(prompt) or answer not in full[len(prompt) :]:
             return answer + eos

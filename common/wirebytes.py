@@ -7,7 +7,7 @@ counted), and free of a second copy of a multi-megabyte payload.
 
 from __future__ import annotations
 
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 
 def _value_bytes(value: object) -> int:
@@ -23,6 +23,10 @@ def content_bytes(content: RecordDict) -> int:
     total = 0
     for record in content.array_records.values():
         total += sum(len(record[k].data) for k in record.keys())
-    for record in (*content.config_records.values(), *content.metric_records.values()):
-        total += sum(len(k) + _value_bytes(v) for k, v in record.items())
+    records: list[ConfigRecord | MetricRecord] = [
+        *content.config_records.values(),
+        *content.metric_records.values(),
+    ]
+    for values in records:
+        total += sum(len(k) + _value_bytes(v) for k, v in values.items())
     return total

@@ -133,9 +133,9 @@ def _app(
     if coordinator is not None:
         from wardround.server.coordinator_config import CoordinatorConfig
 
-        source = coordinator_source(CoordinatorConfig.from_toml(coordinator))
-        source.audit_paths = (*source.audit_paths, *audit)
-        return build_app(source, exposure, refresh_s=refresh), "coordinator"
+        running = coordinator_source(CoordinatorConfig.from_toml(coordinator))
+        running.audit_paths = (*running.audit_paths, *audit)
+        return build_app(running, exposure, refresh_s=refresh), "coordinator"
     assert path is not None
     if not path.is_dir():
         raise ConfigError(
@@ -143,14 +143,15 @@ def _app(
             hint="Give a run directory (it holds rounds.jsonl or run.json), or the "
             "folder of run directories.",
         )
+    runs: CoordinatorSource
     if is_run_dir(path):
-        source = CoordinatorSource(single_run=path, audit_paths=tuple(audit))
+        runs = CoordinatorSource(single_run=path, audit_paths=tuple(audit))
     elif any(is_run_dir(p) for p in path.iterdir() if p.is_dir()):
-        source = CoordinatorSource(runs_root=path, audit_paths=tuple(audit))
+        runs = CoordinatorSource(runs_root=path, audit_paths=tuple(audit))
     else:
         raise ConfigError(
             f"{path} is not a run directory and holds none",
             hint="A run directory holds rounds.jsonl or run.json "
             "(`wardround simulate --out DIR` writes one).",
         )
-    return build_app(source, exposure, refresh_s=refresh), "run"
+    return build_app(runs, exposure, refresh_s=refresh), "run"

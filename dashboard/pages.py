@@ -155,7 +155,7 @@ def audit_view(
     )
     from ..common.errors import WardroundError
 
-    checks = []
+    checks: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     for path in paths:
         if not Path(path).is_file():

@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,7 +145,12 @@ class Guard:
         self.app = app
         self.token = token
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[..., Any],
+        send: Callable[..., Any],
+    ) -> None:
         """Refuse writes and callers without the token; add the headers."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -156,7 +161,7 @@ class Guard:
         request = Request(scope, receive)
         path = scope.get("path", "")
 
-        async def send_with_headers(message: dict) -> None:
+        async def send_with_headers(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers += [

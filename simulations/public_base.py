@@ -216,7 +216,7 @@ def pretrain_base(
             max_note_ngrams=config.model.max_note_ngrams,
         )
         # Every corpus example is used: the split only matters for the task.
-        parts = [data.train.tensors, data.validation.tensors]
+        parts = [data.train.tensors, data.validation.tensors]  # type: ignore[attr-defined]
         datasets.append(
             TensorDictDataset(
                 {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "labels"}

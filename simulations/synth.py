@@ -31,6 +31,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -166,7 +167,7 @@ _PRESETS = (
 
 def site_profile(index: int, seed: int) -> SiteProfile:
     """Return the profile of site ``index`` (0-based): presets, then drawn ones."""
-    base = _PRESETS[index % len(_PRESETS)]
+    base: dict[str, Any] = _PRESETS[index % len(_PRESETS)]
     prevalence = dict(zip(FINDINGS, base["prevalence"], strict=True))
     age_mean, age_sd = base["age"]
     mix, scanner, style = base["mix"], base["scanner"], base["style"]

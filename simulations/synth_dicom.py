@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    UID,
     ComputedRadiographyImageStorage,
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -134,7 +135,7 @@ def build_dataset(study: Study, enc: Encoded) -> Dataset:
     """Assemble the dataset (file meta included) for one image."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SOP_CLASS[study.modality]
-    meta.MediaStorageSOPInstanceUID = study.sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(study.sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
     ds = Dataset()

@@ -10,6 +10,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -33,7 +34,7 @@ class ProgressObserver:
     def __init__(self, console: Console) -> None:
         self.console = console
         self.progress: Progress | None = None
-        self.task = None
+        self.task: TaskID | None = None
 
     def on_start(self, total_rounds: int) -> None:
         """Open the progress bar."""

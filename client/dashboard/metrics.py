@@ -119,5 +119,5 @@ def metrics_text(source: SiteSource) -> bytes:
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SiteCollector(source))  # type: ignore[arg-type]
+    registry.register(SiteCollector(source))
     return generate_latest(registry)

@@ -178,5 +178,5 @@ def metrics_text(source: CoordinatorSource) -> bytes:
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(CoordinatorCollector(source))  # type: ignore[arg-type]
+    registry.register(CoordinatorCollector(source))
     return generate_latest(registry)
