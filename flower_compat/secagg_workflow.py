@@ -140,7 +140,7 @@ class _RecordingGrid:
             node = int(reply.metadata.src_node_id)
             answered.add(node)
             if reply.has_error():
-                self.errors.setdefault(node, reply.error.reason)
+                self.errors.setdefault(node, reply.error.reason or "")
             else:
                 self.bytes_up[node] = self.bytes_up.get(node, 0) + size
         for node in sent - answered:
@@ -204,7 +204,7 @@ def run_secure_train(
     )
     start = time.perf_counter()
     workflow(recording, _legacy_context(bridge, run_id, server_round))  # type: ignore[arg-type]
-    observed = {
+    observed: dict[str, Any] = {
         "num_shares": workflow.num_shares_used,
         "threshold": workflow.threshold_used,
         "unmask_seconds": workflow.unmask_seconds,
@@ -235,8 +235,10 @@ def _fit_instruction(
     msg: Message, grid: Grid, run_id: int, arrays_key: str, config_key: str
 ) -> tuple[ClientProxy, FitIns]:
     """A Message-API train message as the legacy (proxy, FitIns) pair."""
-    arrays = msg.content[arrays_key]
-    config = dict(msg.content[config_key]) if config_key in msg.content else {}
+    arrays = msg.content.array_records[arrays_key]
+    config: dict[str, Any] = (
+        dict(msg.content[config_key]) if config_key in msg.content else {}
+    )
     fit_ins = FitIns(
         parameters=ndarrays_to_parameters(
             [np.asarray(arrays[k].numpy(), np.float32) for k in arrays.keys()]

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from ..common import wire
@@ -175,7 +175,7 @@ class RoundPhases:
         )
         reports = []
         for msg in ok:
-            metrics = msg.content[wire.METRICS]
+            metrics = cast(MetricRecord, msg.content[wire.METRICS])
             node = int(msg.metadata.src_node_id)
             if wire.TRAIN_EXAMPLES in metrics:
                 self.strategy.note_train_examples(

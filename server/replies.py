@@ -98,13 +98,13 @@ def _problem(
 ) -> tuple[str] | tuple[str, str | None] | None:
     """(reason,) or (reason, error kind) for an unusable reply; None for a sound one."""
     if msg.has_error():
-        reason = msg.error.reason[:500]
+        reason = (msg.error.reason or "")[:500]
         return reason, error_kind(reason)
     missing = [k for k in need if k not in msg.content]
     if missing:
         return (f"reply lacks {missing}",)
-    reason = check(msg) if check is not None else None
-    return None if reason is None else (reason,)
+    problem = check(msg) if check is not None else None
+    return None if problem is None else (problem,)
 
 
 def reasons(failures: list[SiteFailure]) -> str:

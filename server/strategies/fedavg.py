@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flower_strategy
 
@@ -83,11 +83,11 @@ class FedAvg:
             check=check_train_reply,
         )
         # Site order fixes the float sum's order: the same seed, the same mean.
-        ok.sort(key=lambda m: int(m.content[wire.METRICS].get(wire.SITE_INDEX, -1)))
+        ok.sort(key=lambda m: int(_metrics(m).get(wire.SITE_INDEX, -1)))
         contributions = [
             Contribution(
                 node_id=int(msg.metadata.src_node_id),
-                metrics=dict(msg.content[wire.METRICS]),
+                metrics=dict(_metrics(msg)),
                 bytes_sent=content_bytes(msg.content),
             )
             for msg in ok
@@ -95,7 +95,10 @@ class FedAvg:
         start = time.perf_counter()
         mean = (
             weighted_mean(
-                [from_record(msg.content[wire.ADAPTER_DELTA]) for msg in ok],
+                [
+                    from_record(msg.content.array_records[wire.ADAPTER_DELTA])
+                    for msg in ok
+                ],
                 [float(int(c.metrics[wire.NUM_EXAMPLES])) for c in contributions],
             )
             if ok
@@ -118,3 +121,8 @@ class FedAvg:
             "strategy": self.kind.value,
             "proximal_mu": float(self.train_settings().get(wire.PROXIMAL_MU, 0.0)),
         }
+
+
+def _metrics(msg: Message) -> MetricRecord:
+    """A sound reply's metrics (the site's egress guard sends them as a MetricRecord)."""
+    return cast(MetricRecord, msg.content[wire.METRICS])

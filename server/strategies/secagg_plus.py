@@ -88,7 +88,9 @@ class SecAggPlus:
         sampled = [int(m.metadata.dst_node_id) for m in messages]
         plan = self._plan(sampled)
         for msg in messages:
-            msg.content[wire.CONFIG][wire.SECAGG_MAX_WEIGHT] = plan.max_weight
+            msg.content.config_records[wire.CONFIG][wire.SECAGG_MAX_WEIGHT] = (
+                plan.max_weight
+            )
         result = run_secure_train(
             grid,
             messages,
