@@ -65,13 +65,13 @@ from typing import Any
 
 import psutil
 
-from wardround.common.processes import start_child, stop_processes
 from wardround.deploy.loopback import (
     LoopbackFederation,
     free_port,
     read_jsonl,
 )
 from wardround.flower_compat.pacing import PACING_ENV
+from wardround.ops.processes import start_child, stop_processes
 from wardround.simulations.synth import synthesize_federation
 
 ALL_MODES = ("before", "after")
@@ -96,7 +96,7 @@ max-note-tokens = 32
 batch-size = 8
 """
 
-# What `wardround site start` sets for its SuperNode (common.env.apply_machine_hygiene).
+# What `wardround site start` sets for its SuperNode (ops.env.apply_machine_hygiene).
 SUPERNODE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -240,7 +240,7 @@ def site_train_seconds(audit_paths: dict[str, Path]) -> dict[int, tuple[str, flo
     the time its ClientApp spent on every task (``app_seconds``). The longest train
     task of a round is its training (the other SecAgg+ stages take milliseconds).
     """
-    from wardround.common.audit import read_audit
+    from wardround.ops.audit import read_audit
 
     slowest: dict[int, tuple[str, float]] = {}
     for site, path in audit_paths.items():

@@ -18,8 +18,10 @@ belongs to that variant alone:
 * time: wall-clock (and process CPU time, less sensitive to other load on a shared
   host) of ``--steps`` optimizer steps (after ``--warmup``) on one fixed synthetic
   batch -- zero_grad, forward, ``BCEWithLogitsLoss``, backward, ``AdamW`` step
-  (for DP: Opacus's clip + noise + AdamW). The DataLoader given to ``make_private``
-  is only needed by Opacus for the sample rate; it is not iterated.
+  (for DP: Opacus's clip + noise + AdamW). Every DP variant is privatised by the
+  sites' own set-up, ``client/dp.py``'s ``private_training`` (a mode it cannot run
+  is reported as failing); its patient-sampling loader is only needed by Opacus
+  for the sample rate and is not iterated.
 * memory, CPU: ``ru_maxrss`` of the subprocess after the model, the batch and the
   libraries (opacus included, for every variant) are loaded (*baseline*) and after
   the timed steps (*peak*). CUDA: ``torch.cuda.max_memory_allocated`` after a reset
@@ -45,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 GOAL_TIME = 1.3
@@ -122,13 +125,19 @@ def _inputs(batch: dict) -> tuple:
 
 
 def _loader(size: int, batch_size: int):
-    """A DataLoader over a synthetic dict dataset (only for make_private)."""
+    """A DataLoader over a synthetic dict dataset, one study per patient.
+
+    ``private_training`` reads whose each study is (``patients``) to sample patients
+    at the site's rate; the timed steps use the fixed batch, not this loader.
+    """
+    import numpy as np
     import torch
     from torch.utils.data import DataLoader, Dataset
 
     class Synthetic(Dataset):
         def __init__(self) -> None:
             self.batch, self.labels = _batch(size, 1, "cpu")
+            self.patients = np.arange(size, dtype=np.int64)
 
         def __len__(self) -> int:
             return size
@@ -141,41 +150,31 @@ def _loader(size: int, batch_size: int):
     return DataLoader(Synthetic(), batch_size=batch_size, generator=torch.Generator())
 
 
+@contextmanager
 def _make_private(model, mode: str, batch_size: int, max_grad_norm: float):
-    """Opacus-wrap ``model``; returns (model, optimizer, criterion)."""
-    import opacus
+    """``model`` privatised as a site's round does it; yields (model, optimizer, loss).
+
+    Through the product's own set-up (:func:`wardround.client.dp.private_training`:
+    the patient-sampling loader, Opacus's ``make_private`` with the site's options,
+    the seeded noise generator), so the benchmark measures the DP path sites run,
+    and a mode that path cannot run fails here too. Unwrapped on exit.
+    """
     import torch
+
+    from wardround.client.dp import DpTraining, private_training
+    from wardround.common.config import GradSampleMode
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    engine = opacus.PrivacyEngine(accountant="rdp")
-    kwargs = dict(
-        module=model,
-        optimizer=optimizer,
-        data_loader=_loader(4 * batch_size, batch_size),
+    dp = DpTraining(
         noise_multiplier=1.0,
         max_grad_norm=max_grad_norm,
-        poisson_sampling=False,
-        grad_sample_mode=mode,
+        grad_sample_mode=GradSampleMode(mode),
+        secure_mode=False,
     )
-    if mode == "ghost":
-        # Ghost clipping needs the per-sample loss: Opacus's criterion wrapper calls
-        # the criterion with reduction="none". BCE on [B, L] logits gives [B, L];
-        # flattened to [B*L] with shape=(B, L) the wrapper averages over labels, so
-        # each example's loss is exactly the plain loss's per-example term.
-        model, optimizer, criterion, _ = engine.make_private(
-            criterion=loss_fn, **kwargs
-        )
-
-        def dp_loss(logits, labels):
-            return criterion(
-                logits.reshape(-1), labels.reshape(-1), shape=tuple(logits.shape)
-            )
-
-        return model, optimizer, dp_loss
-    model, optimizer, _ = engine.make_private(**kwargs)
-    return model, optimizer, loss_fn
+    loader = _loader(4 * batch_size, batch_size)
+    with private_training(model, optimizer, loader, dp, seed=0) as parts:
+        yield parts.model, parts.optimizer, torch.nn.BCEWithLogitsLoss()
 
 
 def _sync(device) -> None:
@@ -203,13 +202,16 @@ def measure(mode: str, batch_size: int, steps: int, warmup: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _maxrss_mb()
+    private = ExitStack()  # unwraps the DP model after the timed steps
     try:
         if mode == "plain":
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
             loss_fn = torch.nn.BCEWithLogitsLoss()
         else:
-            model, optimizer, loss_fn = _make_private(model, mode, batch_size, 1.0)
+            model, optimizer, loss_fn = private.enter_context(
+                _make_private(model, mode, batch_size, 1.0)
+            )
         times, cpu_times = [], []
         for i in range(warmup + steps):
             _sync(device)
@@ -225,6 +227,8 @@ def measure(mode: str, batch_size: int, steps: int, warmup: int) -> dict:
     except Exception as exc:  # noqa: BLE001  (a failing mode is a result)
         result["error"] = _first_line(exc)
         return result
+    finally:
+        private.close()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -301,39 +305,41 @@ def check_exact(mode: str, device) -> dict:
     model = _fresh_model(device)
     _perturb_lora_b(model)
     model.train()
-    model, optimizer, loss_fn = _make_private(model, mode, CHECK_BATCH, max_norm)
-    optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(*inputs), labels)
-    loss.backward()
-    dp_params = {
-        n.removeprefix("_module."): p
-        for n, p in model.named_parameters()
-        if p.requires_grad
-    }
-    out: dict = {"ref_sample_norms": [round(float(x), 4) for x in norms]}
-    if mode == "ghost":
-        dp_norms = model.get_norm_sample().detach()
-        out["norm_err"] = _rel(dp_norms, norms)
-        # p.grad after the second backward pass is the clipped sum (no noise yet).
-        out["clipped_sum_err"] = max(
-            _rel(dp_params[n].grad, ref_clipped[n]) for n in names
+    with _make_private(model, mode, CHECK_BATCH, max_norm) as private:
+        model, optimizer, loss_fn = private
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(*inputs), labels)
+        loss.backward()
+        dp_params = {
+            n.removeprefix("_module."): p
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
+        out: dict = {"ref_sample_norms": [round(float(x), 4) for x in norms]}
+        if mode == "ghost":
+            dp_norms = model.get_norm_sample().detach()
+            out["norm_err"] = _rel(dp_norms, norms)
+            # p.grad after the second backward pass is the clipped sum (no noise yet).
+            out["clipped_sum_err"] = max(
+                _rel(dp_params[n].grad, ref_clipped[n]) for n in names
+            )
+            out["exact"] = max(out["norm_err"], out["clipped_sum_err"]) <= TOLERANCE
+            return out
+        out["per_sample_err"] = max(
+            _rel(dp_params[n].grad_sample, per_sample[n]) for n in names
         )
-        out["exact"] = max(out["norm_err"], out["clipped_sum_err"]) <= TOLERANCE
+        out["sum_err"] = max(
+            _rel(dp_params[n].grad_sample.sum(0), ref_sum[n]) for n in names
+        )
+        optimizer.clip_and_accumulate()
+        out["clipped_sum_err"] = max(
+            _rel(dp_params[n].summed_grad, ref_clipped[n]) for n in names
+        )
+        out["exact"] = (
+            max(out["per_sample_err"], out["sum_err"], out["clipped_sum_err"])
+            <= TOLERANCE
+        )
         return out
-    out["per_sample_err"] = max(
-        _rel(dp_params[n].grad_sample, per_sample[n]) for n in names
-    )
-    out["sum_err"] = max(
-        _rel(dp_params[n].grad_sample.sum(0), ref_sum[n]) for n in names
-    )
-    optimizer.clip_and_accumulate()
-    out["clipped_sum_err"] = max(
-        _rel(dp_params[n].summed_grad, ref_clipped[n]) for n in names
-    )
-    out["exact"] = (
-        max(out["per_sample_err"], out["sum_err"], out["clipped_sum_err"]) <= TOLERANCE
-    )
-    return out
 
 
 def keyword_call_error(mode: str) -> str | None:
@@ -341,14 +347,14 @@ def keyword_call_error(mode: str) -> str | None:
     import torch
 
     model = _fresh_model(torch.device("cpu"))
-    model, _, _ = _make_private(model, mode, CHECK_BATCH, 1.0)
     batch, _ = _batch(CHECK_BATCH, 0, "cpu")
     from wardround.client.trainer import INPUT_KEYS
 
-    try:
-        model(**{k: batch[k] for k in INPUT_KEYS})
-    except Exception as exc:  # noqa: BLE001
-        return _first_line(exc)
+    with _make_private(model, mode, CHECK_BATCH, 1.0) as (private, _, _):
+        try:
+            private(**{k: batch[k] for k in INPUT_KEYS})
+        except Exception as exc:  # noqa: BLE001
+            return _first_line(exc)
     return None
 
 

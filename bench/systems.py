@@ -52,17 +52,9 @@ GOALS = {
 
 # -- 1. bytes ---------------------------------------------------------------------
 def _federation(config: Any, sites: int, run_dir: Path) -> Any:
-    from wardround.client.app import build_client_app
-    from wardround.server.app import site_namer
-    from wardround.server.federation import run_federation
-    from wardround.simulations.local_grid import LocalGrid
+    from wardround.simulations.in_process import run_in_process
 
-    nodes = {
-        1000 + i: {"partition-id": i, "num-partitions": sites} for i in range(sites)
-    }
-    flat = config.to_flower()
-    grid = LocalGrid({n: build_client_app(flat) for n in nodes}, nodes, flat)
-    return run_federation(grid, config, run_dir=run_dir, site_names=site_namer(config))
+    return run_in_process(config, run_dir, n_sites=sites)
 
 
 def _upload(result: Any) -> dict[str, Any]:
@@ -470,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import flwr.common.logger  # noqa: F401  (sets Flower's log level; then ours)
     import torch
 
-    from wardround.common.env import apply_machine_hygiene
+    from wardround.ops.env import apply_machine_hygiene
     from wardround.server.rundir import versions
     from wardround.simulations.reporting import machine_info
 

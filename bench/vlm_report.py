@@ -3,7 +3,7 @@
 Runs whole federations of the ``vlm`` family on this machine's CPU: synthetic
 hospitals (DICOM + EHR + reports written from each patient's findings), tiny
 random-init LLaVA and PaliGemma models, the real ServerApp round loop and site
-ClientApps on the in-process grid (``simulations/local_grid.py``: Flower's message
+ClientApps in this process (``simulations/in_process.py``: Flower's message
 encoding, egress guard, SecAgg+, DP-SGD and ledger as deployed, without Ray's
 start-up). For each model it runs without DP and with the default privacy
 (DP-SGD at epsilon 8 per site + SecAgg+), and reports the global validation loss
@@ -61,21 +61,11 @@ def _config(sites: Path, arch: str, rounds: int, dp: bool, out: Path):
 
 def run_one(sites: Path, arch: str, rounds: int, dp: bool, out: Path) -> dict:
     """One federation; its per-round global numbers."""
-    from wardround.client.app import build_client_app
-    from wardround.server.federation import run_federation
-    from wardround.simulations.local_grid import LocalGrid
+    from wardround.simulations.in_process import run_in_process
 
     config = _config(sites, arch, rounds, dp, out)
-    n_sites = len(list(sites.glob("*/site.toml")))
-    nodes = {
-        1000 + i: {"partition-id": i, "num-partitions": n_sites} for i in range(n_sites)
-    }
-    run_config = config.to_flower()
-    grid = LocalGrid(
-        {node: build_client_app(run_config) for node in nodes}, nodes, run_config
-    )
     start = time.perf_counter()
-    result = run_federation(grid, config, run_dir=out)
+    result = run_in_process(config, out)
     wall = time.perf_counter() - start
     last = result.rounds[-1].extra.get("generative", {})
     return {
@@ -217,7 +207,7 @@ def main() -> None:
 
     import torch
 
-    from wardround.common.env import apply_machine_hygiene
+    from wardround.ops.env import apply_machine_hygiene
     from wardround.simulations.reporting import machine_info
     from wardround.simulations.synth import synthesize_federation
 

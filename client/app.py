@@ -36,7 +36,6 @@ from ..common.adapter import (
     to_record,
 )
 from ..common.aggregation import subtract
-from ..common.audit import AUDIT_FILENAME, AuditLog
 from ..common.config import Accountant, RunConfig, Strategy
 from ..common.errors import AnswerRefused, FederationError, ModelMismatchError
 from ..common.privacy import Mechanism, check_round_budget, epsilon_spent
@@ -49,6 +48,7 @@ from ..flower_compat.legacy import (
     parameters_to_ndarrays,
 )
 from ..flower_compat.legacy import recorddict_compat as compat
+from ..ops.audit import AUDIT_FILENAME, AuditLog
 from .answer_audit import make_answer_audit_mod
 from .answers import AnswerKind, coarsen_metrics
 from .egress import EgressAllowlist, check_legacy_fitres, check_reply

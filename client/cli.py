@@ -13,19 +13,17 @@ from typing import Annotated
 
 import typer
 
-site_app = typer.Typer(
-    name="site",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-    help="Check a site's data and settings; export de-identified copies.",
+from wardround.cli_support import (
+    JsonOption,
+    SiteConfigOption,
+    command_group,
+    user_errors,
 )
 
-
-def _fail(exc: Exception) -> None:
-    from wardround.cli import _fail as fail  # late: wardround.cli imports this module
-
-    fail(exc)
+site_app = command_group(
+    "site",
+    help="Check a site's data and settings; export de-identified copies.",
+)
 
 
 CHECK_LOG = "site-check.log"
@@ -45,37 +43,32 @@ def _check_log_path(site_toml: Path) -> Path | None:
 
 
 @site_app.command("check")
+@user_errors
 def check(
-    config: Annotated[Path, typer.Option("--config", help="the site's site.toml")],
+    config: SiteConfigOption,
     run_config: Annotated[
         Path | None, typer.Option("--run-config", help="run.toml (default: defaults)")
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="print the report as JSON")
-    ] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Validate a site's data; exit 0 when it can train, 3 listing what blocks it."""
-    try:
-        from wardround.common.config import RunConfig
+    from wardround.common.config import RunConfig
 
-        from .site_check import check_site, format_report
+    from .site_check import check_site, format_report
 
-        run = RunConfig.from_toml(run_config) if run_config else RunConfig()
-        from .data.dicom_warnings import log_to_file
+    run = RunConfig.from_toml(run_config) if run_config else RunConfig()
+    from .data.dicom_warnings import log_to_file
 
-        log_path = _check_log_path(config)
-        with log_to_file(log_path):
-            report = check_site(
-                config,
-                run.task,
-                image_size=run.model.image_size,
-                images_required=run.requires_images if run_config else None,
-            )
-        if log_path is not None:
-            report["log"] = str(log_path)
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
-        _fail(exc)
-        return
+    log_path = _check_log_path(config)
+    with log_to_file(log_path):
+        report = check_site(
+            config,
+            run.task,
+            image_size=run.model.image_size,
+            images_required=run.requires_images if run_config else None,
+        )
+    if log_path is not None:
+        report["log"] = str(log_path)
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["can_train"]:
         from wardround.common.errors import DataError
@@ -84,6 +77,7 @@ def check(
 
 
 @site_app.command("deid")
+@user_errors
 def deid(
     src: Annotated[Path, typer.Option("--in", help="DICOM folder to copy")],
     out: Annotated[
@@ -111,30 +105,26 @@ def deid(
             "outside --out); default: OUT.deid-report.jsonl beside --out",
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Export a de-identified copy (DICOM PS3.15 Basic Profile, salted UID pseudonyms).
 
     Every input file is reported as written, a duplicate of another file of the
     same SOPInstanceUID (one copy per instance is written), or failed with why.
     """
-    try:
-        from wardround.common.errors import ConfigError
+    from wardround.common.errors import ConfigError
 
-        from .deid import deid_ehr, load_salt
-        from .deid_export import deid_folder
+    from .deid import deid_ehr, load_salt
+    from .deid_export import deid_folder
 
-        if (ehr is None) != (ehr_out is None):
-            raise ConfigError("--ehr and --ehr-out go together")
-        key = load_salt(salt, salt_file)
-        result = deid_folder(src, out, key, report=report)
-        if ehr is not None and ehr_out is not None:
-            result.ehr_rows = deid_ehr(
-                ehr, ehr_out, key, study_column=study_col, patient_column=patient_col
-            )
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
-        return
+    if (ehr is None) != (ehr_out is None):
+        raise ConfigError("--ehr and --ehr-out go together")
+    key = load_salt(salt, salt_file)
+    result = deid_folder(src, out, key, report=report)
+    if ehr is not None and ehr_out is not None:
+        result.ehr_rows = deid_ehr(
+            ehr, ehr_out, key, study_column=study_col, patient_column=patient_col
+        )
     if as_json:
         typer.echo(json.dumps(result.summary(), indent=2))
         return
@@ -168,22 +158,17 @@ def deid(
 
 
 @site_app.command("privacy")
+@user_errors
 def privacy(
-    config: Annotated[Path, typer.Option("--config", help="the site's site.toml")],
+    config: SiteConfigOption,
     delta: Annotated[float, typer.Option(help="delta to report epsilon at")] = 1e-5,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="print the report as JSON")
-    ] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """The site's privacy ledger: epsilon spent per run and over every run."""
-    try:
-        from .dashboard.state import privacy_report
-        from .site_config import SiteConfig
+    from .dashboard.state import privacy_report
+    from .site_config import SiteConfig
 
-        report = privacy_report(SiteConfig.from_toml(config), delta)
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
-        _fail(exc)
-        return
+    report = privacy_report(SiteConfig.from_toml(config), delta)
     rounds = report["rounds"]
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -202,44 +187,43 @@ def privacy(
 
 
 @site_app.command("start")
+@user_errors
 def start(
-    config: Annotated[Path, typer.Option("--config", help="the site's site.toml")],
+    config: SiteConfigOption,
 ) -> None:
     """Run the site daemon (a Flower SuperNode and the warm worker) until SIGTERM."""
-    try:
-        import signal
-        import threading
+    import signal
+    import threading
 
-        from .daemon import plan_site, run_site_daemon
-        from .data.dicom_warnings import log_to_file
+    from .daemon import plan_site, run_site_daemon
+    from .data.dicom_warnings import log_to_file
 
-        with log_to_file(_check_log_path(config)):
-            plan = plan_site(config)
-        stop = threading.Event()
+    with log_to_file(_check_log_path(config)):
+        plan = plan_site(config)
+    stop = threading.Event()
 
-        def handler(signum: int, frame: object) -> None:
-            stop.set()
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-        typer.echo(
-            f"site {plan.site.site.name}: connecting to {plan.coordinator} (TLS); "
-            f"state in {plan.state_dir}"
-        )
-        if plan.site.dashboard.enabled:
-            from .dashboard.app import site_exposure
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    typer.echo(
+        f"site {plan.site.site.name}: connecting to {plan.coordinator} (TLS); "
+        f"state in {plan.state_dir}"
+    )
+    if plan.site.dashboard.enabled:
+        from .dashboard.app import site_exposure
 
-            url = site_exposure(plan.site, plan.site_toml).url
-            typer.echo(f"site {plan.site.site.name}: dashboard and /metrics on {url}")
-        run_site_daemon(plan, stop)
-        typer.echo(f"site {plan.site.site.name}: stopped")
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
-        _fail(exc)
+        url = site_exposure(plan.site, plan.site_toml).url
+        typer.echo(f"site {plan.site.site.name}: dashboard and /metrics on {url}")
+    run_site_daemon(plan, stop)
+    typer.echo(f"site {plan.site.site.name}: stopped")
 
 
 @site_app.command("approve")
+@user_errors
 def approve(
-    config: Annotated[Path, typer.Option("--config", help="the site's site.toml")],
+    config: SiteConfigOption,
     app_hash: Annotated[
         str | None,
         typer.Argument(
@@ -270,78 +254,86 @@ def approve(
     run.toml and the run's privacy, secure-aggregation, federation, model and task
     settings are shown before it asks. A bare HASH cannot be shown.
     """
-    try:
-        from wardround.common.audit import AuditLog, safe_reason
-        from wardround.common.errors import ConfigError
+    from wardround.ops.audit import AuditLog, safe_reason
 
-        from .approvals import AppApprovals, describe_run, normalize_hash
-        from .daemon import AUDIT_FILE
-        from .site_config import SiteConfig
+    from .approvals import AppApprovals, describe_run
+    from .daemon import AUDIT_FILE
+    from .site_config import SiteConfig
 
-        site = SiteConfig.from_toml(config)
-        if run_config is not None:
-            value, settings = _run_hash_and_settings(run_config)
-            if app_hash is not None and normalize_hash(app_hash) != value:
-                raise ConfigError(
-                    f"{run_config} has app hash {value}, not the {app_hash} given",
-                    hint="Approve the run.toml you were sent; ask the coordinator "
-                    "admin which one they launched.",
-                )
-        elif app_hash is not None:
-            value, settings = normalize_hash(app_hash), None
-        else:
+    site = SiteConfig.from_toml(config)
+    value, settings = _app_to_approve(app_hash, run_config)
+    approvals = AppApprovals(site.state_path)
+    audit = AuditLog(site.state_path / AUDIT_FILE, actor=f"site:{site.site.name}")
+    if revoke:
+        found = approvals.revoke(value)
+        audit.record("app_refused", fab_hash=value, reason="approval withdrawn")
+        typer.echo("approval withdrawn" if found else "that app was not approved")
+        return
+    if settings is None:
+        typer.echo(
+            "warning: approving a bare hash: wardround cannot show what it "
+            "approves. `--run-config run.toml` recomputes the hash and shows the "
+            "run's settings.",
+            err=True,
+        )
+    elif not _shown_and_confirmed(site, value, run_config, settings, yes):
+        typer.echo("not approved")
+        raise typer.Exit(1)
+    approvals.approve(
+        value,
+        note=safe_reason(note),
+        settings=describe_run(settings) if settings is not None else None,
+    )
+    audit.record(
+        "app_approved",
+        fab_hash=value,
+        note=safe_reason(note),
+        settings_shown=settings is not None,
+    )
+    typer.echo(f"approved app {value} at site {site.site.name}")
+
+
+def _app_to_approve(app_hash: str | None, run_config: Path | None):  # noqa: ANN202
+    """(app hash, the run's settings or None for a bare hash) named on the command line."""
+    from wardround.common.errors import ConfigError
+
+    from .approvals import normalize_hash
+
+    if run_config is not None:
+        value, settings = _run_hash_and_settings(run_config)
+        if app_hash is not None and normalize_hash(app_hash) != value:
             raise ConfigError(
-                "name the app to approve: a run.toml or its hash",
-                hint="Run `wardround site approve --run-config run.toml "
-                "--config site.toml`.",
+                f"{run_config} has app hash {value}, not the {app_hash} given",
+                hint="Approve the run.toml you were sent; ask the coordinator "
+                "admin which one they launched.",
             )
-        approvals = AppApprovals(site.state_path)
-        audit = AuditLog(site.state_path / AUDIT_FILE, actor=f"site:{site.site.name}")
-        if revoke:
-            found = approvals.revoke(value)
-            audit.record("app_refused", fab_hash=value, reason="approval withdrawn")
-            typer.echo("approval withdrawn" if found else "that app was not approved")
-            return
-        if settings is None:
-            typer.echo(
-                "warning: approving a bare hash: wardround cannot show what it "
-                "approves. `--run-config run.toml` recomputes the hash and shows the "
-                "run's settings.",
-                err=True,
-            )
-        else:
-            typer.echo(f"app hash {value} ({run_config})")
-            typer.echo("\n".join(describe_run(settings)))
-            if not site.has_imaging and settings.requires_images:
-                from .data.imaging import no_imaging_error
+        return value, settings
+    if app_hash is not None:
+        return normalize_hash(app_hash), None
+    raise ConfigError(
+        "name the app to approve: a run.toml or its hash",
+        hint="Run `wardround site approve --run-config run.toml --config site.toml`.",
+    )
 
-                refusal = no_imaging_error(site)
-                typer.echo(
-                    f"warning: {refusal.message}: this site will refuse to train "
-                    f"in it. {refusal.hint}",
-                    err=True,
-                )
-            if not yes and not typer.confirm(
-                f"Approve this run at site {site.site.name}?", default=False
-            ):
-                typer.echo("not approved")
-                raise typer.Exit(1)
-        approvals.approve(
-            value,
-            note=safe_reason(note),
-            settings=describe_run(settings) if settings is not None else None,
+
+def _shown_and_confirmed(site, value: str, run_config, settings, yes: bool) -> bool:  # noqa: ANN001
+    """Show the run's hash and settings (and whether this site can train in it); ask."""
+    from .approvals import describe_run
+
+    typer.echo(f"app hash {value} ({run_config})")
+    typer.echo("\n".join(describe_run(settings)))
+    if not site.has_imaging and settings.requires_images:
+        from .data.imaging import no_imaging_error
+
+        refusal = no_imaging_error(site)
+        typer.echo(
+            f"warning: {refusal.message}: this site will refuse to train "
+            f"in it. {refusal.hint}",
+            err=True,
         )
-        audit.record(
-            "app_approved",
-            fab_hash=value,
-            note=safe_reason(note),
-            settings_shown=settings is not None,
-        )
-        typer.echo(f"approved app {value} at site {site.site.name}")
-    except typer.Exit:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    return yes or typer.confirm(
+        f"Approve this run at site {site.site.name}?", default=False
+    )
 
 
 def _run_hash_and_settings(run_config: Path):  # noqa: ANN202 - (str, RunConfig)
@@ -357,19 +349,16 @@ def _run_hash_and_settings(run_config: Path):  # noqa: ANN202 - (str, RunConfig)
 
 
 @site_app.command("approvals")
+@user_errors
 def approvals_list(
-    config: Annotated[Path, typer.Option("--config", help="the site's site.toml")],
+    config: SiteConfigOption,
 ) -> None:
     """The app hashes this site has approved."""
-    try:
-        from .approvals import AppApprovals
-        from .site_config import SiteConfig
+    from .approvals import AppApprovals
+    from .site_config import SiteConfig
 
-        site = SiteConfig.from_toml(config)
-        approved = AppApprovals(site.state_path).load()
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
-        return
+    site = SiteConfig.from_toml(config)
+    approved = AppApprovals(site.state_path).load()
     if not approved:
         typer.echo("no app approved yet")
     for fab_hash, row in sorted(approved.items(), key=lambda kv: kv[1]["approved_at"]):

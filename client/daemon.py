@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common import wire
-from ..common.audit import AuditLog, safe_reason
 from ..common.config import flower_config_string
-from ..common.env import apply_machine_hygiene
 from ..common.errors import ConfigError, DataError, FederationError
-from ..common.processes import start_child, stop_child
-from ..common.secret_file import load_or_create_secret
+from ..ops.audit import AuditLog, safe_reason
+from ..ops.env import apply_machine_hygiene
+from ..ops.processes import start_child, stop_child
+from ..ops.secret_file import load_or_create_secret
 from .approvals import AppApprovals
 from .egress_log import EGRESS_FILE
 from .site_config import SiteConfig
@@ -88,7 +88,7 @@ class SitePlan:
 
 def plan_site(site_toml: Path) -> SitePlan:
     """Check ``site.toml`` for deployment; ConfigError/DataError say what to fix."""
-    from ..deploy.pki import describe_certificate
+    from ..pki import describe_certificate
     from .site_check import check_site, format_report
 
     site_toml = Path(site_toml).resolve()

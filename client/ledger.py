@@ -12,7 +12,8 @@ a committed one with the steps it took.
 The ``run`` of a line is the site's own identity of the run (the settings it
 approved, see :mod:`wardround.client.run_identity`), never an id a message names.
 
-Each line carries a sha256 of its canonical JSON, so a torn or edited line is
+The file is a :mod:`wardround.ops.jsonl_log` whose lines are sealed one by one:
+each carries a sha256 of its canonical JSON, so a torn or edited line is
 detected. Only a torn *last* line is tolerated (a crash during the append: the
 reservation never became durable, so training never started); any other damage
 stops the site from training until an operator restores the file.
@@ -23,12 +24,9 @@ in the same folder are read and counted, never written.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import logging
 import math
-import os
 import re
 import time
 import uuid
@@ -39,6 +37,7 @@ from typing import Any
 from ..common.config import Accountant
 from ..common.errors import DataError
 from ..common.privacy import Mechanism, epsilon_spent
+from ..ops.jsonl_log import locked_for_append, parse_object, read_locked, sha256_seal
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +98,8 @@ def site_ledger(ledger_dir: Path) -> PrivacyLedger:
     return PrivacyLedger(ledger_file(ledger_dir), legacy=legacy_ledgers(ledger_dir))
 
 
-def _digest(body: Mapping[str, Any]) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
 def _encode(body: Mapping[str, Any]) -> bytes:
-    entry = {**body, "sha256": _digest(body)}
+    entry = {**body, "sha256": sha256_seal(body)}
     return (json.dumps(entry, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
@@ -226,47 +220,21 @@ class PrivacyLedger:
         glued to this line in the middle of the file.
         """
         line = _encode(body)
-        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
-        created = False
-        try:
-            if create:  # a reservation may start the file; a commit may not
-                try:
-                    fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-                    created = True
-                except FileExistsError:
-                    pass
-            if not created:
-                fd = os.open(self.path, flags)
+        try:  # a reservation may start the file; a commit may not
+            with locked_for_append(self.path, create=create) as ledger_file:
+                raw = ledger_file.read_all()
+                entries, torn_at = self._parse(raw)
+                if check is not None:
+                    check(entries)
+                # complete a last line that verified but lacks its newline
+                partial = torn_at is None and bool(raw) and not raw.endswith(b"\n")
+                ledger_file.append(line, cut_at=torn_at, after_partial=partial)
         except FileNotFoundError:
             raise DataError(
                 f"privacy ledger {self.path} is missing: it was deleted or moved while "
                 "the site trained",
                 hint=_RESTORE_HINT,
             ) from None
-        try:
-            if created:
-                os.fchmod(fd, 0o600)  # whatever the umask
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            raw = _read_all(fd)
-            entries, torn_at = self._parse(raw)
-            if check is not None:
-                check(entries)
-            if torn_at is not None:
-                os.ftruncate(fd, torn_at)
-            elif raw and not raw.endswith(b"\n"):
-                line = b"\n" + line  # complete a last line that verified
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)  # releases the lock
-        if created:
-            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
 
     # -- reading ----------------------------------------------------------------
     def entries(self) -> list[dict[str, Any]]:
@@ -328,14 +296,10 @@ class PrivacyLedger:
 
     def _read(self) -> tuple[list[dict[str, Any]], int | None]:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            raw = read_locked(self.path)
         except FileNotFoundError:
             return [], None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # no half-written line from a writer
-            return self._parse(_read_all(fd))
-        finally:
-            os.close(fd)
+        return self._parse(raw)
 
     def _parse(self, raw: bytes) -> tuple[list[dict[str, Any]], int | None]:
         """Checked entries, and the offset of a torn last line (None if there is none).
@@ -424,34 +388,19 @@ def _mechanisms_of(entries: list[dict[str, Any]]) -> list[tuple[str, Mechanism]]
     ]
 
 
-def _read_all(fd: int) -> bytes:
-    os.lseek(fd, 0, os.SEEK_SET)
-    chunks = []
-    while chunk := os.read(fd, 1 << 16):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _finite_or_none(value: float) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
 
 
 def _decode(line: bytes) -> tuple[dict[str, Any], str | None]:
-    try:
-        entry = json.loads(line.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError):
-        return {}, "not valid JSON"
-    if not isinstance(entry, dict):
-        return {}, "not a JSON object"
+    entry, problem = parse_object(line)
+    if entry is None:
+        return {}, problem
     body = {k: v for k, v in entry.items() if k != "sha256"}
-    if entry.get("sha256") != _digest(body):
+    if entry.get("sha256") != sha256_seal(body):
         return {}, "its sha256 does not match its content (edited or corrupted)"
     return entry, None
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed in the ledger")
 
 
 def _check_entry(entry: dict[str, Any], seen: Mapping[str, list[str]]) -> str | None:

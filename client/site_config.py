@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from ..common.config import Accountant, _describe, _Section, read_toml
-from ..common.errors import ConfigError
+from ..common.config import Accountant, _Section
 from ..common.wire import ANSWERABLE_METRICS, DEFAULT_ANSWER_METRICS
 from ..dashboard.settings import SiteDashboardSection
+from ..ops.config_file import TomlFileConfig
 
 
 class SiteSection(_Section):
@@ -242,7 +242,7 @@ class SiteDeployment(_Section):
     )
 
 
-class SiteConfig(_Section):
+class SiteConfig(TomlFileConfig):
     """A parsed ``site.toml``."""
 
     site: SiteSection = SiteSection()
@@ -252,21 +252,9 @@ class SiteConfig(_Section):
     answers: SiteAnswers = SiteAnswers()
     deployment: SiteDeployment = SiteDeployment()
     dashboard: SiteDashboardSection = SiteDashboardSection()
-    base_dir: Path = Field(Path("."), exclude=True)
-
-    @classmethod
-    def from_toml(cls, path: Path) -> SiteConfig:
-        """Read and validate ``site.toml``; raise ConfigError listing every problem."""
-        path = Path(path)
-        raw: dict[str, Any] = read_toml(path)
-        raw["base_dir"] = path.resolve().parent
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            raise ConfigError(
-                f"{path} has {exc.error_count()} problem(s):\n" + _describe(exc, cls),
-                hint="Fix site.toml; see the example that `wardround synth` writes.",
-            ) from None
+    toml_hint: ClassVar[str] = (
+        "Fix site.toml; see the example that `wardround synth` writes."
+    )
 
     def resolve(self, relative: str) -> Path:
         """Resolve a path from site.toml against its folder."""

@@ -69,7 +69,7 @@ def audit_page(
     renderer: Renderer, paths: Callable[[], tuple[Path, ...]], limit: int = 500
 ) -> Callable[[Any], Any]:
     """The audit page: merged events, filterable, with each log's verification."""
-    from ..common.audit import AuditEvent
+    from ..ops.audit import AuditEvent
 
     def endpoint(request: Any) -> Any:
         query = request.query_params
@@ -146,14 +146,14 @@ def audit_view(
     limit: int = 500,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The logs' events merged by time and filtered (newest first), and each log's check."""
-    from ..common.audit import (
+    from ..common.errors import WardroundError
+    from ..ops.audit import (
         AuditEvent,
         filter_events,
         merge_by_time,
         read_audit,
         verify_audit,
     )
-    from ..common.errors import WardroundError
 
     checks: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []

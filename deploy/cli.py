@@ -14,28 +14,16 @@ from typing import Annotated
 
 import typer
 
-certs_app = typer.Typer(
-    name="certs",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
+from wardround.cli_support import ForceOption, command_group, user_errors
+
+certs_app = command_group(
+    "certs",
     help="Create the federation's CA and the coordinator's TLS certificate.",
 )
-keys_app = typer.Typer(
-    name="keys",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
+keys_app = command_group(
+    "keys",
     help="Create the key pairs sites authenticate to the coordinator with.",
 )
-
-_FORCE_HELP = "replace existing files"
-
-
-def _fail(exc: Exception) -> None:
-    from wardround.cli import _fail as fail  # late: wardround.cli imports this module
-
-    fail(exc)
 
 
 def _echo_written(*paths: Path) -> None:
@@ -45,22 +33,19 @@ def _echo_written(*paths: Path) -> None:
 
 
 @certs_app.command("init")
+@user_errors
 def init(
     out: Annotated[Path, typer.Option("--out", help="folder for ca.pem and ca.key")],
     name: Annotated[
         str, typer.Option("--name", help="the CA's common name")
     ] = "wardround CA",
     days: Annotated[int, typer.Option("--days", help="validity in days")] = 3650,
-    force: Annotated[bool, typer.Option("--force", help=_FORCE_HELP)] = False,
+    force: ForceOption = False,
 ) -> None:
     """Create the federation's certificate authority (EC P-384, self-signed)."""
-    try:
-        from .pki import init_ca
+    from wardround.pki import init_ca
 
-        files = init_ca(out, name, days, force=force)
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
-        _fail(exc)
-        return
+    files = init_ca(out, name, days, force=force)
     _echo_written(files.cert, files.key)
     typer.echo(f"keep {files.key} offline and private; give {files.cert} to every site")
     typer.echo(
@@ -70,6 +55,7 @@ def init(
 
 
 @certs_app.command("server")
+@user_errors
 def server(
     ca: Annotated[Path, typer.Option("--ca", help="folder holding ca.pem and ca.key")],
     out: Annotated[
@@ -87,18 +73,14 @@ def server(
         str, typer.Option("--name", help="base name of the two files")
     ] = "coordinator",
     days: Annotated[int, typer.Option("--days", help="validity in days")] = 825,
-    force: Annotated[bool, typer.Option("--force", help=_FORCE_HELP)] = False,
+    force: ForceOption = False,
 ) -> None:
     """Issue the coordinator's TLS server certificate, signed by the CA."""
-    try:
-        from .pki import CA_CERT_NAME, issue_server_certificate
+    from wardround.pki import CA_CERT_NAME, issue_server_certificate
 
-        files = issue_server_certificate(
-            ca, host or [], ip or [], out, name, days, force=force
-        )
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
-        _fail(exc)
-        return
+    files = issue_server_certificate(
+        ca, host or [], ip or [], out, name, days, force=force
+    )
     _echo_written(files.cert, files.key)
     typer.echo(
         f"SuperLink: --ssl-ca-certfile {ca / CA_CERT_NAME} "
@@ -108,18 +90,15 @@ def server(
 
 
 @certs_app.command("show")
+@user_errors
 def show(
     files: Annotated[list[Path], typer.Argument(help="PEM certificate file(s)")],
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON list")] = False,
 ) -> None:
     """Describe certificates; warn about those expiring within 30 days."""
-    try:
-        from .pki import describe_certificate, expiry_warning
+    from wardround.pki import describe_certificate, expiry_warning
 
-        infos = [describe_certificate(path) for path in files]
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
-        _fail(exc)
-        return
+    infos = [describe_certificate(path) for path in files]
     if as_json:
         payload = [
             {**info.to_dict(), "warning": expiry_warning(info)} for info in infos
@@ -149,22 +128,19 @@ def show(
 
 
 @keys_app.command("site")
+@user_errors
 def site(
     name: Annotated[str, typer.Argument(help="the site's name (letters, digits, - _)")],
     out: Annotated[
         Path, typer.Option("--out", help="folder for NAME.key and NAME.pub")
     ],
-    force: Annotated[bool, typer.Option("--force", help=_FORCE_HELP)] = False,
+    force: ForceOption = False,
 ) -> None:
     """Create a site's SuperNode authentication key pair (EC P-384, OpenSSH)."""
-    try:
-        from .pki import generate_site_keypair, public_key_fingerprint
+    from wardround.pki import generate_site_keypair, public_key_fingerprint
 
-        files = generate_site_keypair(name, out, force=force)
-        fingerprint = public_key_fingerprint(files.public_key)
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
-        _fail(exc)
-        return
+    files = generate_site_keypair(name, out, force=force)
+    fingerprint = public_key_fingerprint(files.public_key)
     _echo_written(files.private_key, files.public_key)
     typer.echo(f"public key sha256: {fingerprint}")
     typer.echo(

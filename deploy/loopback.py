@@ -21,13 +21,12 @@ from typing import Any
 
 import psutil
 
-from wardround.common.processes import stop_processes
-from wardround.deploy.pki import (
+from wardround.ops.processes import stop_processes
+from wardround.pki import (
     generate_site_keypair,
     init_ca,
     issue_server_certificate,
 )
-from wardround.simulations.synth import synthesize_federation
 
 WARDROUND = [sys.executable, "-m", "wardround.cli"]
 
@@ -128,6 +127,9 @@ class LoopbackFederation:
             f"port = {dashboard_port}\n"
             "refresh-s = 2\n"
         )
+        # the synthetic hospitals are the one use of simulations here: import it late
+        from wardround.simulations.synth import synthesize_federation
+
         synthesize_federation(root / "sites", sites, patients_per_site=40, seed=5)
         names = sorted(p.parent.name for p in (root / "sites").glob("*/site.toml"))
         federation = cls(

@@ -14,38 +14,21 @@ from typing import Annotated, Any
 
 import typer
 
-coordinator_app = typer.Typer(
-    name="coordinator",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
+from wardround.cli_support import (
+    CoordinatorOption,
+    JsonOption,
+    command_group,
+    user_errors,
+)
+
+coordinator_app = command_group(
+    "coordinator",
     help="Run the coordinator (a Flower SuperLink with TLS and site authentication).",
 )
-sites_app = typer.Typer(
-    name="sites",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
+sites_app = command_group(
+    "sites",
     help="Enrol, list and revoke the sites allowed to connect.",
 )
-
-CoordinatorOption = Annotated[
-    Path,
-    typer.Option(
-        "--coordinator",
-        "--config",
-        envvar="WARDROUND_COORDINATOR_CONFIG",
-        help="coordinator.toml (or $WARDROUND_COORDINATOR_CONFIG)",
-        dir_okay=False,
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
-
-
-def _fail(exc: Exception) -> None:
-    from wardround.cli import _fail as fail  # late: wardround.cli imports this module
-
-    fail(exc)
 
 
 def _load(path: Path) -> Any:
@@ -63,36 +46,35 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 @coordinator_app.command("start")
+@user_errors
 def coordinator_start(config: CoordinatorOption) -> None:
     """Run the coordinator (SuperLink, nginx) until SIGTERM; resume unfinished runs."""
-    try:
-        from .coordinator import run_coordinator
+    from .coordinator import run_coordinator
 
-        coordinator = _load(config)
-        stop = threading.Event()
-        _stop_on_signals(stop)
+    coordinator = _load(config)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    typer.echo(
+        f"coordinator: sites on {coordinator.coordinator.host}:"
+        f"{coordinator.coordinator.port} (TLS, Fleet API only, site "
+        f"authentication); admin on {coordinator.internal_address}; state in "
+        f"{coordinator.state_path}"
+    )
+    if coordinator.dashboard.enabled:
+        from .dashboard.app import coordinator_exposure
+
         typer.echo(
-            f"coordinator: sites on {coordinator.coordinator.host}:"
-            f"{coordinator.coordinator.port} (TLS, Fleet API only, site "
-            f"authentication); admin on {coordinator.internal_address}; state in "
-            f"{coordinator.state_path}"
+            f"coordinator: dashboard and /metrics on "
+            f"{coordinator_exposure(coordinator).url} (read-only)"
         )
-        if coordinator.dashboard.enabled:
-            from .dashboard.app import coordinator_exposure
-
-            typer.echo(
-                f"coordinator: dashboard and /metrics on "
-                f"{coordinator_exposure(coordinator).url} (read-only)"
-            )
-        run_coordinator(
-            coordinator, stop, on_ready=lambda: typer.echo("coordinator: ready")
-        )
-        typer.echo("coordinator: stopped")
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
-        _fail(exc)
+    run_coordinator(
+        coordinator, stop, on_ready=lambda: typer.echo("coordinator: ready")
+    )
+    typer.echo("coordinator: stopped")
 
 
 @sites_app.command("add")
+@user_errors
 def sites_add(
     name: Annotated[str, typer.Argument(help="the site's name, e.g. site-01")],
     key: Annotated[
@@ -101,42 +83,34 @@ def sites_add(
     config: CoordinatorOption,
 ) -> None:
     """Enrol a site's public key; its SuperNode may connect from now on."""
-    try:
-        from .registry import add_site
+    from .registry import add_site
 
-        site = add_site(_load(config), name, key)
-        typer.echo(
-            f"enrolled {site.name} as node {site.node_id} (key sha256 {site.public_key_sha256[:16]}…)"
-        )
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    site = add_site(_load(config), name, key)
+    typer.echo(
+        f"enrolled {site.name} as node {site.node_id} (key sha256 {site.public_key_sha256[:16]}…)"
+    )
 
 
 @sites_app.command("revoke")
+@user_errors
 def sites_revoke(
     name: Annotated[str, typer.Argument(help="the site's name")],
     config: CoordinatorOption,
 ) -> None:
     """Revoke a site: its key is refused from now on."""
-    try:
-        from .registry import revoke_site
+    from .registry import revoke_site
 
-        site = revoke_site(_load(config), name)
-        typer.echo(f"revoked {site.name} (node {site.node_id}) at {site.revoked_at}")
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    site = revoke_site(_load(config), name)
+    typer.echo(f"revoked {site.name} (node {site.node_id}) at {site.revoked_at}")
 
 
 @sites_app.command("list")
+@user_errors
 def sites_list(config: CoordinatorOption, as_json: JsonOption = False) -> None:
     """The enrolled sites and whether each is online."""
-    try:
-        from .registry import list_sites
+    from .registry import list_sites
 
-        rows = list_sites(_load(config))
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
-        return
+    rows = list_sites(_load(config))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -153,6 +127,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     Console().print(table)
 
 
+@user_errors
 def launch(
     config: Annotated[Path, typer.Option("--config", help="run.toml", dir_okay=False)],
     coordinator: Annotated[
@@ -177,29 +152,24 @@ def launch(
     ] = False,
 ) -> None:
     """Start a run on the deployed federation and follow it round by round."""
-    try:
-        from wardround.common.config import RunConfig
+    from wardround.common.config import RunConfig
 
-        from .launcher import build_app, launch_run
+    from .launcher import build_app, launch_run
 
-        run = RunConfig.from_toml(config)
-        coord = _load(coordinator)
-        if print_hash:
-            typer.echo(build_app(run, coord.state_path / "apps").fab_hash)
-            return
-        name, run_dir, bundle = launch_run(coord, run, config)
-        typer.echo(f"run {name} started; app hash {bundle.fab_hash}")
-        typer.echo(
-            f"sites train it only once approved: wardround site approve {bundle.fab_hash}"
-        )
-        if detach:
-            typer.echo(f"follow it with: wardround runs {name} --follow")
-            return
-        _follow_and_copy(
-            coord, run_dir, out or Path("runs") / name, run.federation.rounds
-        )
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    run = RunConfig.from_toml(config)
+    coord = _load(coordinator)
+    if print_hash:
+        typer.echo(build_app(run, coord.state_path / "apps").fab_hash)
+        return
+    name, run_dir, bundle = launch_run(coord, run, config)
+    typer.echo(f"run {name} started; app hash {bundle.fab_hash}")
+    typer.echo(
+        f"sites train it only once approved: wardround site approve {bundle.fab_hash}"
+    )
+    if detach:
+        typer.echo(f"follow it with: wardround runs {name} --follow")
+        return
+    _follow_and_copy(coord, run_dir, out or Path("runs") / name, run.federation.rounds)
 
 
 def _follow_and_copy(coord: Any, run_dir: Path, out: Path, rounds: int) -> None:
@@ -260,6 +230,7 @@ def _follow_and_copy(coord: Any, run_dir: Path, out: Path, rounds: int) -> None:
         )
 
 
+@user_errors
 def runs(
     name: Annotated[str | None, typer.Argument(help="one run (name or prefix)")] = None,
     coordinator: Annotated[
@@ -280,30 +251,26 @@ def runs(
     as_json: JsonOption = False,
 ) -> None:
     """List the coordinator's runs, or show (and follow) one."""
-    try:
-        from .launcher import find_run, list_runs, read_json, run_status
+    from .launcher import find_run, list_runs, read_json, run_status
 
-        coord = _load(coordinator)
-        if name is None:
-            rows = list_runs(coord)
-            if as_json:
-                typer.echo(json.dumps(rows, indent=2))
-            else:
-                _table(
-                    rows, ["name", "state", "round", "rounds", "reason", "launched_at"]
-                )
-            return
-        run_dir = find_run(coord, name)
-        if follow_run:
-            total = run_status(run_dir).get("rounds") or 0
-            _follow_and_copy(coord, run_dir, out or Path("runs") / run_dir.name, total)
-            return
-        detail = {**read_json(run_dir / "launch.json"), "status": run_status(run_dir)}
-        typer.echo(json.dumps(detail, indent=2))
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    coord = _load(coordinator)
+    if name is None:
+        rows = list_runs(coord)
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+        else:
+            _table(rows, ["name", "state", "round", "rounds", "reason", "launched_at"])
+        return
+    run_dir = find_run(coord, name)
+    if follow_run:
+        total = run_status(run_dir).get("rounds") or 0
+        _follow_and_copy(coord, run_dir, out or Path("runs") / run_dir.name, total)
+        return
+    detail = {**read_json(run_dir / "launch.json"), "status": run_status(run_dir)}
+    typer.echo(json.dumps(detail, indent=2))
 
 
+@user_errors
 def stop(
     name: Annotated[str, typer.Argument(help="the run's name (or a unique prefix)")],
     coordinator: Annotated[
@@ -317,10 +284,7 @@ def stop(
     ] = Path("coordinator.toml"),
 ) -> None:
     """Stop a run; its completed rounds stay in its run directory."""
-    try:
-        from .launcher import stop_run
+    from .launcher import stop_run
 
-        run_dir = stop_run(_load(coordinator), name)
-        typer.echo(f"stopped {run_dir.name}; its completed rounds are in {run_dir}")
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    run_dir = stop_run(_load(coordinator), name)
+    typer.echo(f"stopped {run_dir.name}; its completed rounds are in {run_dir}")

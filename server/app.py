@@ -46,6 +46,8 @@ def prepare_sites(config: RunConfig) -> None:
     root = Path(config.data.sites_dir)
     if any(root.glob("*/site.toml")):
         return
+    # `flwr run .` on synthetic hospitals is a simulation: only this path imports
+    # simulations, so a deployed ServerApp never loads it.
     from ..simulations.synth import synthesize_federation
 
     log.info("writing %d synthetic sites to %s", config.data.synthesize_sites, root)

@@ -30,10 +30,10 @@ import threading
 import time
 from pathlib import Path
 
-from ..common.audit import AuditLog, safe_reason
-from ..common.env import apply_machine_hygiene
 from ..common.errors import ConfigError, FederationError
-from ..common.processes import flower_binary, start_child, stop_child
+from ..ops.audit import AuditLog, safe_reason
+from ..ops.env import apply_machine_hygiene
+from ..ops.processes import flower_binary, start_child, stop_child
 from .coordinator_config import CoordinatorConfig
 from .fleet_proxy import error_log_tail, find_nginx, nginx_command, write_nginx_conf
 from .flwr_control import write_connection
@@ -49,7 +49,7 @@ LOOPBACK_IP = "127.0.0.1"
 
 def check_tls(config: CoordinatorConfig) -> None:
     """The TLS files exist, match, have not expired and the key is private."""
-    from ..deploy.pki import describe_certificate, verify_issued_by
+    from ..pki import describe_certificate, verify_issued_by
 
     for what, path in (
         ("ca-certificate", config.ca_path),

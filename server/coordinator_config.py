@@ -13,13 +13,13 @@ Control and Runtime APIs, reachable from the coordinator host only.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from ..common.config import _describe, _Section, read_toml
-from ..common.errors import ConfigError
+from ..common.config import _Section
 from ..dashboard.settings import DashboardSection
+from ..ops.config_file import TomlFileConfig
 
 FEDERATION_NAME = "wardround"
 """The name under which the admin commands know the coordinator's SuperLink."""
@@ -84,27 +84,13 @@ class TlsSection(_Section):
     private_key: str
 
 
-class CoordinatorConfig(_Section):
+class CoordinatorConfig(TomlFileConfig):
     """A parsed ``coordinator.toml``."""
 
     coordinator: CoordinatorSection = CoordinatorSection()
     tls: TlsSection
     dashboard: DashboardSection = DashboardSection()
-    base_dir: Path = Field(Path("."), exclude=True)
-
-    @classmethod
-    def from_toml(cls, path: Path) -> CoordinatorConfig:
-        """Read and validate ``coordinator.toml``; ConfigError lists every problem."""
-        path = Path(path)
-        raw: dict[str, Any] = read_toml(path)
-        raw["base_dir"] = path.resolve().parent
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            raise ConfigError(
-                f"{path} has {exc.error_count()} problem(s):\n" + _describe(exc, cls),
-                hint="See deploy/README.md for an example coordinator.toml.",
-            ) from None
+    toml_hint: ClassVar[str] = "See deploy/README.md for an example coordinator.toml."
 
     def resolve(self, relative: str) -> Path:
         """Resolve a path from the file against its folder."""

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..common.audit import AUDIT_FILENAME, AuditLog, safe_reason
 from ..common.config import RunConfig
+from ..ops.audit import AUDIT_FILENAME, AuditLog, safe_reason
 from .coordinator import STATE_ENV
 from .observers import RunInfo
 from .records import RoundRecord, SiteFailure
@@ -44,7 +44,7 @@ REFUSALS = frozenset(
 
 
 class AuditRecorder(Protocol):
-    """What the observer writes to: :class:`~wardround.common.audit.AuditLog`."""
+    """What the observer writes to: :class:`~wardround.ops.audit.AuditLog`."""
 
     def record(self, event: str, **fields: Any) -> Any:
         """Append one event with its fields."""

@@ -96,7 +96,7 @@ def _listen_address(host: str, port: int) -> str:
 
 def _upstream_name(config: CoordinatorConfig) -> str:
     """The certificate's first DNS name: nginx checks the SuperLink's certificate."""
-    from ..deploy.pki import describe_certificate
+    from ..pki import describe_certificate
 
     names = describe_certificate(config.certificate_path).dns_names
     if not names:

@@ -16,9 +16,9 @@ from typing import Any
 
 import tomli_w
 
-from ..common.env import apply_machine_hygiene
 from ..common.errors import FederationError
-from ..common.processes import flower_binary
+from ..ops.env import apply_machine_hygiene
+from ..ops.processes import flower_binary
 from .coordinator_config import FEDERATION_NAME, CoordinatorConfig
 
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import tomli_w
 
-from ..common.audit import AuditLog, safe_reason
 from ..common.config import RunConfig, flower_config_string
 from ..common.errors import ConfigError, FederationError
+from ..ops.audit import AuditLog, safe_reason
 from .coordinator_config import CoordinatorConfig
 from .flwr_control import flwr_json
 

@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..common.audit import AuditLog
 from ..common.errors import ConfigError, DataError
+from ..ops.audit import AuditLog
 from .coordinator_config import CoordinatorConfig
 from .flwr_control import flwr_json
 
@@ -77,7 +77,7 @@ def _audit(config: CoordinatorConfig) -> AuditLog:
 
 def add_site(config: CoordinatorConfig, name: str, public_key: Path) -> EnrolledSite:
     """Register the site's key at the SuperLink and record who it belongs to."""
-    from ..deploy.pki import public_key_fingerprint, validate_name
+    from ..pki import public_key_fingerprint, validate_name
 
     validate_name(name, "site name")
     public_key = Path(public_key)

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..common.config import RunConfig
-from ..common.env import apply_machine_hygiene
 from ..common.errors import ConfigError, FederationError
-from ..common.processes import ChildProcessGuard
 from ..common.secagg_math import MIN_PARTICIPANTS
+from ..ops.env import apply_machine_hygiene
+from ..ops.processes import ChildProcessGuard
 from ..server.federation import FederationResult, RoundObserver
 
 log = logging.getLogger(__name__)
@@ -129,8 +132,6 @@ def run_simulation_engine(
         tempfile.mkdtemp(prefix="wr-ray-")
     )  # short: Ray's socket paths are limited
     apply_machine_hygiene(Path(config.output.dir) / ".state")
-    import os
-
     os.environ["RAY_TMPDIR"] = str(ray_tmp)
     from flwr.simulation import run_simulation
 
@@ -146,66 +147,19 @@ def run_simulation_engine(
     results: list[FederationResult] = []
     server_app = build_server_app(flat, observer=observer, results=results)
     client_app = build_client_app(flat)
-    cpus = os.cpu_count() or 1
-    from ..client.runtime import resolve_device
-
-    # On a GPU machine two simulated sites share each GPU; on CPU one core each.
-    on_gpu = resolve_device(config.train.device).startswith("cuda")
-    backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.5 if on_gpu else 0.0},
-        "init_args": {
-            "num_cpus": cpus,
-            "include_dashboard": False,
-            "_temp_dir": str(ray_tmp),
-            "logging_level": logging.INFO if verbose else logging.ERROR,
-            "log_to_driver": verbose,
-            "_node_ip_address": "127.0.0.1",
-        },
-    }
-    engine_error: list[BaseException] = []
-
-    def run_engine() -> None:
-        try:
-            run_simulation(
+    backend_config = _ray_backend_config(config, ray_tmp, verbose)
+    try:
+        _run_interruptibly(
+            lambda: run_simulation(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=n_sites,
                 backend_config=backend_config,
                 verbose_logging=verbose,
             )
-        except BaseException as exc:  # handed to the main thread below
-            engine_error.append(exc)
-
-    # The engine runs in a worker thread while the main thread waits in short timed
-    # joins: a Ctrl-C or SIGTERM that the kernel hands to one of Ray's or gRPC's
-    # threads would otherwise never interrupt an untimed join, and the run would
-    # go on. On the way out, also on an interrupt, the guard calls ray.shutdown()
-    # first (killing the raylet under a connected driver makes Ray abort the whole
-    # process) and then stops leftover processes by PID.
-    engine = threading.Thread(target=run_engine, name="flower-simulation", daemon=True)
-    sigterm_handler = signal.getsignal(signal.SIGTERM)
-    try:
-        with ChildProcessGuard():
-            engine.start()
-            while engine.is_alive():
-                engine.join(timeout=0.5)
-                # Ray's core worker installs a native, process-wide SIGTERM handler
-                # when it starts (from the engine thread); it then exits with 1 and
-                # skips the cleanup. Re-assert the caller's handler while waiting.
-                if callable(sigterm_handler):
-                    signal.signal(signal.SIGTERM, sigterm_handler)
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    if engine_error:
-        exc = engine_error[0]
-        cause = exc.__cause__ or exc.__context__
-        if (
-            isinstance(exc, RuntimeError)
-            and isinstance(cause, Exception)
-            and (cause.__class__.__module__.startswith("wardround"))
-        ):
-            raise cause from None
-        raise exc
     if not results:
         raise FederationError(
             "the simulation ended without finishing its rounds",
@@ -220,3 +174,69 @@ def run_simulation_engine(
             results[0].run_dir,
         )
     return results[0]
+
+
+def _ray_backend_config(
+    config: RunConfig, ray_tmp: Path, verbose: bool
+) -> dict[str, Any]:
+    """Ray's resources and start-up options: loopback only, no dashboard."""
+    from ..client.runtime import resolve_device
+
+    # On a GPU machine two simulated sites share each GPU; on CPU one core each.
+    on_gpu = resolve_device(config.train.device).startswith("cuda")
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.5 if on_gpu else 0.0},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "include_dashboard": False,
+            "_temp_dir": str(ray_tmp),
+            "logging_level": logging.INFO if verbose else logging.ERROR,
+            "log_to_driver": verbose,
+            "_node_ip_address": "127.0.0.1",
+        },
+    }
+
+
+def _run_interruptibly(run_engine: Callable[[], None]) -> None:
+    """Run the engine in a worker thread; stop Ray's processes on the way out.
+
+    The main thread waits in short timed joins: a Ctrl-C or SIGTERM that the
+    kernel hands to one of Ray's or gRPC's threads would otherwise never
+    interrupt an untimed join, and the run would go on. On the way out, also on
+    an interrupt, the guard calls ray.shutdown() first (killing the raylet under
+    a connected driver makes Ray abort the whole process) and then stops leftover
+    processes by PID. The engine's error is raised here.
+    """
+    engine_error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run_engine()
+        except BaseException as exc:  # handed to the main thread below
+            engine_error.append(exc)
+
+    engine = threading.Thread(target=target, name="flower-simulation", daemon=True)
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
+    with ChildProcessGuard():
+        engine.start()
+        while engine.is_alive():
+            engine.join(timeout=0.5)
+            # Ray's core worker installs a native, process-wide SIGTERM handler
+            # when it starts (from the engine thread); it then exits with 1 and
+            # skips the cleanup. Re-assert the caller's handler while waiting.
+            if callable(sigterm_handler):
+                signal.signal(signal.SIGTERM, sigterm_handler)
+    if engine_error:
+        _raise_engine_error(engine_error[0])
+
+
+def _raise_engine_error(exc: BaseException) -> None:
+    """Raise the engine's error; wardround's own when Flower wrapped one."""
+    cause = exc.__cause__ or exc.__context__
+    if (
+        isinstance(exc, RuntimeError)
+        and isinstance(cause, Exception)
+        and (cause.__class__.__module__.startswith("wardround"))
+    ):
+        raise cause from None
+    raise exc

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from wardround.common.config import RunConfig
-from wardround.common.env import apply_machine_hygiene
+from wardround.ops.env import apply_machine_hygiene
 
 
 @pytest.fixture(scope="session", autouse=True)

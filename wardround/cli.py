@@ -7,45 +7,28 @@ a non-zero exit code; tracebacks only with ``--debug``.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.text import Text
 
-app = typer.Typer(
-    name="wardround",
-    no_args_is_help=True,
-    add_completion=False,
-    # locals could hold patient values: never print them in a traceback
-    pretty_exceptions_show_locals=False,
+from wardround.cli_support import (
+    RunConfigOption,
+    cli_flags,
+    command_group,
+    err_console,
+    interrupt_on_sigterm,
+    sigterm_received,
+    user_errors,
+)
+
+app = command_group(
+    "wardround",
     help="Federated LoRA fine-tuning of multimodal medical models across hospitals.",
 )
 console = Console()
-err_console = Console(stderr=True)
-_state = {"debug": False}
-
-
-def _fail(exc: Exception) -> None:
-    from wardround.common.errors import WardroundError
-
-    if isinstance(exc, WardroundError) and not _state["debug"]:
-        # Messages quote site.toml keys like [ehr.features]: print them as plain text.
-        err_console.print(
-            Text.assemble((f"{exc.title}: ", "bold red"), exc.message), soft_wrap=True
-        )
-        if exc.hint:
-            err_console.print(Text(exc.hint), soft_wrap=True)
-        raise typer.Exit(exc.exit_code)
-    raise exc
-
-
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    _state["signal"] = signum
-    raise KeyboardInterrupt
 
 
 @app.callback()
@@ -57,182 +40,208 @@ def _root(
         bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs.")
     ] = False,
 ) -> None:
-    _state["debug"] = debug
-    _state["verbose"] = verbose
+    cli_flags["debug"] = debug
+    cli_flags["verbose"] = verbose
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
 
+SitesOption = Annotated[
+    int | None,
+    typer.Option(min=1, max=256, help="Synthetic sites to make (default 3)."),
+]
+PatientsOption = Annotated[
+    int | None,
+    typer.Option(
+        min=10,
+        max=1_000_000,
+        help="Patients per synthetic site (default: the config's, 300).",
+    ),
+]
+RoundsOption = Annotated[
+    int | None, typer.Option(min=1, help="Rounds (default: the config's, 5).")
+]
+StrategyOption = Annotated[
+    str | None, typer.Option(help="fedavg or fedprox (overrides the config).")
+]
+ProximalMuOption = Annotated[
+    float | None, typer.Option("--proximal-mu", help="FedProx's mu.")
+]
+ModalitiesOption = Annotated[
+    str | None, typer.Option(help="Comma list of image,ehr,note (ablations).")
+]
+FusionOption = Annotated[
+    str | None, typer.Option(help="concat, gated or cross-attention.")
+]
+DpOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--dp/--no-dp", help="DP-SGD at every site (default: on, from the config)."
+    ),
+]
+EpsilonOption = Annotated[
+    float | None,
+    typer.Option(help="Target epsilon of the run at each site (default 8)."),
+]
+SecaggOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--secagg/--no-secagg",
+        help="Flower SecAgg+ (default: on); --no-secagg aggregates in the clear "
+        "(debugging).",
+    ),
+]
+LoraVariantOption = Annotated[
+    str | None,
+    typer.Option(help="lora (A and B train) or ffa (FFA-LoRA: B only)."),
+]
+
+
 @app.command()
+@user_errors
 def simulate(
-    sites: Annotated[
-        int | None,
-        typer.Option(min=1, max=256, help="Synthetic sites to make (default 3)."),
-    ] = None,
-    patients: Annotated[
-        int | None,
-        typer.Option(
-            min=10,
-            max=1_000_000,
-            help="Patients per synthetic site (default: the config's, 300).",
-        ),
-    ] = None,
-    rounds: Annotated[
-        int | None, typer.Option(min=1, help="Rounds (default: the config's, 5).")
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="A run config TOML file.", dir_okay=False)
-    ] = None,
+    sites: SitesOption = None,
+    patients: PatientsOption = None,
+    rounds: RoundsOption = None,
+    config: RunConfigOption = None,
     out: Annotated[Path, typer.Option(help="The run directory to write.")] = Path(
         "runs/simulate"
     ),
-    strategy: Annotated[
-        str | None, typer.Option(help="fedavg or fedprox (overrides the config).")
-    ] = None,
-    proximal_mu: Annotated[
-        float | None, typer.Option("--proximal-mu", help="FedProx's mu.")
-    ] = None,
-    modalities: Annotated[
-        str | None, typer.Option(help="Comma list of image,ehr,note (ablations).")
-    ] = None,
-    fusion: Annotated[
-        str | None, typer.Option(help="concat, gated or cross-attention.")
-    ] = None,
-    dp: Annotated[
-        bool | None,
-        typer.Option(
-            "--dp/--no-dp", help="DP-SGD at every site (default: on, from the config)."
-        ),
-    ] = None,
-    epsilon: Annotated[
-        float | None,
-        typer.Option(help="Target epsilon of the run at each site (default 8)."),
-    ] = None,
-    secure_aggregation: Annotated[
-        bool | None,
-        typer.Option(
-            "--secagg/--no-secagg",
-            help="Flower SecAgg+ (default: on); --no-secagg aggregates in the clear "
-            "(debugging).",
-        ),
-    ] = None,
-    lora_variant: Annotated[
-        str | None,
-        typer.Option(help="lora (A and B train) or ffa (FFA-LoRA: B only)."),
-    ] = None,
+    strategy: StrategyOption = None,
+    proximal_mu: ProximalMuOption = None,
+    modalities: ModalitiesOption = None,
+    fusion: FusionOption = None,
+    dp: DpOption = None,
+    epsilon: EpsilonOption = None,
+    secure_aggregation: SecaggOption = None,
+    lora_variant: LoraVariantOption = None,
 ) -> None:
     """Run a whole federation on this machine (synthetic hospitals unless given data)."""
     try:
-        from wardround.common.config import RunConfig
-        from wardround.simulations.runner import (
-            prepare_simulation,
-            run_simulation_engine,
-        )
-
-        from .console import ProgressObserver, summary_table
-
-        run_config = RunConfig.from_toml(config) if config else RunConfig()
+        run_config = _load_run_config(config)
         if patients is not None:
-            if run_config.data.sites_dir:
-                from wardround.common.errors import ConfigError
-
-                raise ConfigError(
-                    "--patients sizes synthetic sites, but the config names real "
-                    f"ones (data.sites-dir = {run_config.data.sites_dir!r})",
-                    hint="Drop --patients, or data.sites-dir to simulate on "
-                    "synthetic hospitals.",
-                )
-            run_config = run_config.with_overrides(data={"patients_per_site": patients})
-        federation: dict = {}
-        model: dict = {}
-        if strategy is not None:
-            federation["strategy"] = strategy
-        if proximal_mu is not None:
-            federation["proximal_mu"] = proximal_mu
-        if modalities is not None:
-            model["modalities"] = [
-                m.strip() for m in modalities.split(",") if m.strip()
-            ]
-        if fusion is not None:
-            model["fusion"] = fusion
-        if lora_variant is not None:
-            model["lora_variant"] = lora_variant
-        privacy: dict = {}
-        if dp is not None:
-            privacy["enabled"] = dp
-        if epsilon is not None:
-            privacy["target_epsilon"] = epsilon
-        secagg: dict = {}
-        if secure_aggregation is not None:
-            secagg["enabled"] = secure_aggregation
-        if federation or model or privacy or secagg:
-            run_config = run_config.with_overrides(
-                federation=federation,
-                model=model,
-                privacy=privacy,
-                secure_aggregation=secagg,
-            )
-        run_config, n_sites = prepare_simulation(
-            run_config, out_dir=out, sites=sites, rounds=rounds
+            run_config = _with_synthetic_patients(run_config, patients)
+        run_config = _with_overrides(
+            run_config,
+            federation={"strategy": strategy, "proximal_mu": proximal_mu},
+            model={
+                "modalities": _comma_list(modalities),
+                "fusion": fusion,
+                "lora_variant": lora_variant,
+            },
+            privacy={"enabled": dp, "target_epsilon": epsilon},
+            secure_aggregation={"enabled": secure_aggregation},
         )
-        console.print(
-            f"wardround simulate: {n_sites} sites, {run_config.federation.rounds} rounds, "
-            f"{run_config.federation.strategy.value}, "
-            + (
-                f"{run_config.model.family} ({run_config.task.kind.value}), "
-                if run_config.model.family != "fusion"
-                else "modalities "
-                f"{','.join(m.value for m in run_config.model.modalities)}, "
-            )
-            + (
-                f"DP-SGD ε={run_config.privacy.target_epsilon:g}"
-                if run_config.privacy.enabled
-                else "no DP"
-            )
-            + ", "
-            + (
-                "SecAgg+"
-                if run_config.secure_aggregation.enabled
-                else "plain aggregation"
-            )
-            + f" → {run_config.output.dir}"
-        )
-        _ensure_public_base(run_config)
-        observer = ProgressObserver(console)
-        # SIGTERM (systemd, a scheduler) stops the run like Ctrl-C: processes first.
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-        try:
-            result = run_simulation_engine(
-                run_config,
-                n_sites,
-                observer=observer,
-                verbose=_state.get("verbose", False),
-            )
-        finally:
-            observer.close()
-        console.print(summary_table(result))
-        console.print(
-            f"run directory: {result.run_dir}  (adapter/, run.json, rounds.jsonl, plots/)"
-        )
+        _run_simulation(run_config, out, sites, rounds)
     except (KeyboardInterrupt, SystemExit) as stop:
-        # Ctrl-C arrives as KeyboardInterrupt, SIGTERM through our handler (or as
-        # SystemExit if Ray's own handler got there first). By now ChildProcessGuard
-        # has frozen Ray's processes; exit_killing kills them as it exits.
-        sigterm = isinstance(stop, SystemExit) or _state.get("signal") == signal.SIGTERM
-        code = 143 if sigterm else 130
-        err_console.print("interrupted: Flower and Ray processes were stopped")
-        sys.stdout.flush()
-        from wardround.common.processes import exit_killing
-
-        # the ServerApp thread may still wait on replies; do not hang on it
-        exit_killing(code)
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
-        _fail(exc)
+        _exit_interrupted(stop)
 
 
-def _ensure_public_base(run_config) -> None:
+def _load_run_config(path: Path | None):  # noqa: ANN202 - RunConfig, imported late
+    from wardround.common.config import RunConfig
+
+    return RunConfig.from_toml(path) if path else RunConfig()
+
+
+def _with_synthetic_patients(run_config, patients: int):  # noqa: ANN001, ANN202
+    """The config with ``patients`` per synthetic site; refused for real sites."""
+    if run_config.data.sites_dir:
+        from wardround.common.errors import ConfigError
+
+        raise ConfigError(
+            "--patients sizes synthetic sites, but the config names real "
+            f"ones (data.sites-dir = {run_config.data.sites_dir!r})",
+            hint="Drop --patients, or data.sites-dir to simulate on "
+            "synthetic hospitals.",
+        )
+    return run_config.with_overrides(data={"patients_per_site": patients})
+
+
+def _comma_list(text: str | None) -> list[str] | None:
+    return None if text is None else [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _with_overrides(run_config, **sections: dict):  # noqa: ANN001, ANN202
+    """The config with every option the user gave (None: not given) applied."""
+    given = {
+        section: {key: value for key, value in values.items() if value is not None}
+        for section, values in sections.items()
+    }
+    if not any(given.values()):
+        return run_config
+    return run_config.with_overrides(**given)
+
+
+def _simulation_banner(run_config, n_sites: int) -> str:  # noqa: ANN001
+    """One line saying what the simulation will run."""
+    shape = (
+        f"{run_config.model.family} ({run_config.task.kind.value}), "
+        if run_config.model.family != "fusion"
+        else f"modalities {','.join(m.value for m in run_config.model.modalities)}, "
+    )
+    privacy = (
+        f"DP-SGD ε={run_config.privacy.target_epsilon:g}"
+        if run_config.privacy.enabled
+        else "no DP"
+    )
+    aggregation = (
+        "SecAgg+" if run_config.secure_aggregation.enabled else "plain aggregation"
+    )
+    return (
+        f"wardround simulate: {n_sites} sites, {run_config.federation.rounds} rounds, "
+        f"{run_config.federation.strategy.value}, {shape}{privacy}, {aggregation}"
+        f" → {run_config.output.dir}"
+    )
+
+
+def _run_simulation(
+    run_config,  # noqa: ANN001 - RunConfig, imported late
+    out: Path,
+    sites: int | None,
+    rounds: int | None,
+) -> None:
+    """Run the federation with a progress bar and print its summary."""
+    # Only the simulation commands import simulations, and only when they run.
+    from wardround.simulations.runner import prepare_simulation, run_simulation_engine
+
+    from .console import ProgressObserver, summary_table
+
+    run_config, n_sites = prepare_simulation(
+        run_config, out_dir=out, sites=sites, rounds=rounds
+    )
+    console.print(_simulation_banner(run_config, n_sites))
+    _ensure_public_base(run_config)
+    observer = ProgressObserver(console)
+    interrupt_on_sigterm()  # processes are stopped first, as on Ctrl-C
+    try:
+        result = run_simulation_engine(
+            run_config, n_sites, observer=observer, verbose=cli_flags["verbose"]
+        )
+    finally:
+        observer.close()
+    console.print(summary_table(result))
+    console.print(
+        f"run directory: {result.run_dir}  (adapter/, run.json, rounds.jsonl, plots/)"
+    )
+
+
+def _exit_interrupted(stop: BaseException) -> None:
+    """Stop every Flower and Ray process and exit 130 (Ctrl-C) or 143 (SIGTERM)."""
+    # Ctrl-C arrives as KeyboardInterrupt, SIGTERM through our handler (or as
+    # SystemExit if Ray's own handler got there first). By now ChildProcessGuard
+    # has frozen Ray's processes; exit_killing kills them as it exits.
+    sigterm = isinstance(stop, SystemExit) or sigterm_received()
+    err_console.print("interrupted: Flower and Ray processes were stopped")
+    sys.stdout.flush()
+    from wardround.ops.processes import exit_killing
+
+    # the ServerApp thread may still wait on replies; do not hang on it
+    exit_killing(143 if sigterm else 130)
+
+
+def _ensure_public_base(run_config) -> None:  # noqa: ANN001
     """Build the public pretrained base before the sites need it, where they can see why."""
     import time
 
@@ -257,6 +266,7 @@ def _ensure_public_base(run_config) -> None:
 
 
 @app.command()
+@user_errors
 def synth(
     sites: Annotated[
         int, typer.Option(min=1, max=256, help="Number of hospitals.")
@@ -280,23 +290,21 @@ def synth(
     ] = 0,
 ) -> None:
     """Write synthetic hospitals: DICOM files, an EHR Parquet table and a site.toml each."""
-    try:
-        from wardround.simulations.synth import synthesize_federation
+    from wardround.simulations.synth import synthesize_federation
 
-        paths = synthesize_federation(
-            out,
-            sites,
-            patients_per_site=patients,
-            seed=seed,
-            image_less_sites=image_less_sites,
-        )
-        for path in paths:
-            console.print(f"wrote {path}")
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    paths = synthesize_federation(
+        out,
+        sites,
+        patients_per_site=patients,
+        seed=seed,
+        image_less_sites=image_less_sites,
+    )
+    for path in paths:
+        console.print(f"wrote {path}")
 
 
 @app.command()
+@user_errors
 def pretrain(
     out: Annotated[
         Path, typer.Option(help="Folder to write the base into (save_pretrained).")
@@ -329,67 +337,59 @@ def pretrain(
     Writes a base folder that model.base names. The same command, corpus and
     settings rebuild the same tensors on the same machine and thread count.
     """
-    try:
-        import tempfile
+    from rich.progress import Progress
 
-        from rich.progress import Progress
+    from wardround.common.errors import ConfigError
+    from wardround.common.models.pretraining import PretrainSettings
 
-        from wardround.common.config import RunConfig
-        from wardround.common.errors import ConfigError
-        from wardround.common.models.pretraining import PretrainSettings
-        from wardround.simulations.public_base import (
-            build_public_base,
-            pretrain_base,
+    run_config = _load_run_config(config)
+    if run_config.model.family != "fusion":
+        raise ConfigError(
+            f"model.family {run_config.model.family!r} has no pretraining here",
+            hint="Pretraining is for the fusion family; a vlm uses its checkpoint.",
         )
+    settings = PretrainSettings(steps=steps, batch_size=batch_size, seed=seed)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("pretraining", total=steps)
 
-        run_config = RunConfig.from_toml(config) if config else RunConfig()
-        if run_config.model.family != "fusion":
-            raise ConfigError(
-                f"model.family {run_config.model.family!r} has no pretraining here",
-                hint="Pretraining is for the fusion family; a vlm uses its checkpoint.",
+        def on_step(step: int, loss: float) -> None:
+            progress.update(
+                task, completed=step + 1, description=f"pretraining (loss {loss:.3f})"
             )
-        settings = PretrainSettings(steps=steps, batch_size=batch_size, seed=seed)
-        with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("pretraining", total=steps)
 
-            def on_step(step: int, loss: float) -> None:
-                progress.update(
-                    task,
-                    completed=step + 1,
-                    description=f"pretraining (loss {loss:.3f})",
-                )
+        manifest = _pretrain(run_config, out, corpus, settings, on_step)
+    console.print(
+        f"wrote {out} ({sum(manifest['corpus_examples'])} corpus examples, "
+        f"{steps} steps in {manifest['seconds']} s, loss "
+        f"{manifest['loss_first']:.3f} -> {manifest['loss_last_tenth']:.3f}); "
+        f'use it with model.base = "{out}"'
+    )
 
-            if corpus is None:
-                with tempfile.TemporaryDirectory() as scratch:
-                    manifest = build_public_base(
-                        run_config,
-                        out,
-                        Path(scratch),
-                        settings=settings,
-                        on_step=on_step,
-                    )
-            else:
-                tomls = sorted(corpus.glob("*/site.toml"))
-                if not tomls:
-                    raise ConfigError(
-                        f"{corpus} holds no site folder (*/site.toml)",
-                        hint="Point --corpus at a folder of site folders.",
-                    )
-                source = {"kind": "sites", "sites": [t.parent.name for t in tomls]}
-                manifest = pretrain_base(
-                    run_config, tomls, out, settings, source, on_step
-                )
-        console.print(
-            f"wrote {out} ({sum(manifest['corpus_examples'])} corpus examples, "
-            f"{steps} steps in {manifest['seconds']} s, loss "
-            f"{manifest['loss_first']:.3f} -> {manifest['loss_last_tenth']:.3f}); "
-            f'use it with model.base = "{out}"'
+
+def _pretrain(run_config, out: Path, corpus: Path | None, settings, on_step) -> dict:  # noqa: ANN001
+    """Pretrain on the public synthetic corpus, or on the site folders in ``corpus``."""
+    import tempfile
+
+    from wardround.common.errors import ConfigError
+    from wardround.simulations.public_base import build_public_base, pretrain_base
+
+    if corpus is None:
+        with tempfile.TemporaryDirectory() as scratch:
+            return build_public_base(
+                run_config, out, Path(scratch), settings=settings, on_step=on_step
+            )
+    tomls = sorted(corpus.glob("*/site.toml"))
+    if not tomls:
+        raise ConfigError(
+            f"{corpus} holds no site folder (*/site.toml)",
+            hint="Point --corpus at a folder of site folders.",
         )
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    source = {"kind": "sites", "sites": [t.parent.name for t in tomls]}
+    return pretrain_base(run_config, tomls, out, settings, source, on_step)
 
 
 @app.command("config")
+@user_errors
 def show_config(
     config: Annotated[
         Path | None,
@@ -397,17 +397,10 @@ def show_config(
     ] = None,
 ) -> None:
     """Print the run config (defaults filled in) as TOML, after validating it."""
-    try:
-        import tomli_w
+    import tomli_w
 
-        from wardround.common.config import RunConfig
-
-        run_config = RunConfig.from_toml(config) if config else RunConfig()
-        sys.stdout.write(
-            tomli_w.dumps(run_config.model_dump(mode="json", by_alias=True))
-        )
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    run_config = _load_run_config(config)
+    sys.stdout.write(tomli_w.dumps(run_config.model_dump(mode="json", by_alias=True)))
 
 
 def main() -> None:
@@ -417,9 +410,9 @@ def main() -> None:
 
 def _register_groups() -> None:
     from wardround.client.cli import site_app
-    from wardround.common.audit_cli import audit_command
-    from wardround.dashboard.cli import dashboard_command
+    from wardround.dashboard_cli import dashboard_command
     from wardround.deploy.cli import certs_app, keys_app
+    from wardround.ops.audit_cli import audit_command
     from wardround.server.admin_cli import (
         coordinator_app,
         launch,

@@ -84,7 +84,7 @@ def _refusals(source: SiteSource) -> Any:
     """Unapproved apps and refused answers, from the site's audit log."""
     from prometheus_client.core import CounterMetricFamily
 
-    from ...common.audit import read_audit
+    from ...ops.audit import read_audit
 
     refusals = CounterMetricFamily(
         "wardround_site_refusals",

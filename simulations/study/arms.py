@@ -1,10 +1,9 @@
 """Run one arm of the study on one federation and seed; return its numbers.
 
-Federated arms run wardround's own round loop (:func:`~wardround.server.federation.
-run_federation`, what the ServerApp runs) against the sites' real ClientApps
-(local training, FedProx term, DP-SGD, SecAgg+ mod, egress guard) on an in-process
-:class:`~wardround.simulations.local_grid.LocalGrid`: every message goes through
-Flower's protobuf encoding, and no Ray cluster starts per arm.
+Federated arms run wardround's own round loop against the sites' real ClientApps
+(local training, FedProx term, DP-SGD, SecAgg+ mod, egress guard) in this process
+(:func:`~wardround.simulations.in_process.run_in_process`): every message goes
+through Flower's protobuf encoding, and no Ray cluster starts per arm.
 
 Pooled and local-only arms run the same local trainer and evaluation
 (:mod:`wardround.client.trainer`) on the same site datasets the ClientApps load
@@ -27,8 +26,6 @@ import numpy as np
 
 from ...common.config import RunConfig
 from .stats import demographics, subgroup_auroc
-
-_FIRST_NODE = 1000
 
 
 @dataclass(frozen=True)
@@ -275,29 +272,17 @@ def run_federated(
 ) -> ArmOutcome:
     """A whole run of wardround's federation on an in-process grid.
 
-    Raises what :func:`~wardround.server.federation.run_federation` raises when a
-    round cannot complete (the run directory keeps the completed rounds).
+    Raises what :func:`~wardround.simulations.in_process.run_in_process` raises
+    when a round cannot complete (the run directory keeps the completed rounds).
     """
     from safetensors.numpy import load_file
 
-    from ...client.app import build_client_app
     from ...common.adapter import load_adapter_state
-    from ...server.app import site_namer
-    from ...server.federation import run_federation
-    from ..local_grid import LocalGrid
+    from ..in_process import run_in_process
 
-    n_sites = len(site_tomls)
-    nodes = {
-        _FIRST_NODE + i: {"partition-id": i, "num-partitions": n_sites}
-        for i in range(n_sites)
-    }
-    flat = config.to_flower()
-    grid = LocalGrid({node: build_client_app(flat) for node in nodes}, nodes, flat)
     _use_threads(config)
     start, cpu_start = time.perf_counter(), time.process_time()
-    result = run_federation(
-        grid, config, run_dir=run_dir, site_names=site_namer(config)
-    )
+    result = run_in_process(config, run_dir, n_sites=len(site_tomls))
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
     trained = result.rounds[1:]

@@ -33,7 +33,7 @@ from torch import nn
 from ...common.config import RunConfig
 from ...common.models.wide import WideTerm, bag_matrix
 from .arms import ArmOutcome, _Site, _sites, _spec, _use_threads
-from .plan import ArmKind
+from .catalog import ArmKind
 
 CS = (0.1, 0.3, 1.0, 3.0, 10.0)
 """Inverse L2 strengths ``LogisticRegressionCV`` chooses among."""

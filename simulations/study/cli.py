@@ -8,24 +8,25 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-study_app = typer.Typer(
-    name="study",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .plan import StudySettings
+    from .runner import ArmEvent, StudyResult
+
+from wardround.cli_support import command_group, user_errors
+
+study_app = command_group(
+    "study",
     help="Studies on synthetic hospitals: learning quality of federated training.",
 )
-
-
-def _fail(exc: Exception) -> None:
-    from wardround.cli import _fail as fail  # late: wardround.cli imports this module
-
-    fail(exc)
 
 
 def _size(patients: int) -> str:
@@ -64,14 +65,13 @@ def run_workers(jobs: int, options: list[str]) -> None:
     They hand their results over in the output folder's arm files (JSON); every
     worker is stopped by PID if this process is interrupted.
     """
-    import signal
     import subprocess
     import sys
 
-    from wardround.cli import _raise_keyboard_interrupt
+    from wardround.cli_support import interrupt_on_sigterm
 
     # SIGTERM stops the workers too (the finally below), like Ctrl-C
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    interrupt_on_sigterm()
 
     # -P: the working directory must not shadow the installed package (a
     # checkout's top-level wardround/ folder holds only the CLI modules)
@@ -98,232 +98,317 @@ def run_workers(jobs: int, options: list[str]) -> None:
                 worker.wait(timeout=30)
 
 
-@study_app.command("quality")
-def quality(
-    sites: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma list of site counts (default: 3,8 for full, 3 for smoke)."
-        ),
-    ] = None,
-    patients: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma list of patients per site (default: 200,1000,3000 for full, "
-            "40 for smoke); the smallest runs every arm, the others the privacy axis."
-        ),
-    ] = None,
-    bases: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma list of bases: pretrained, random, or a base folder (default: "
-            "pretrained,random for full, random for smoke); the first that is not "
-            "random runs the ablations."
-        ),
-    ] = None,
-    seeds: Annotated[
-        str | None,
-        typer.Option(
-            help="Seeds 0..N-1: one N for every size, or one per --patients size "
-            "(default: 3,2,1 for full, 1 for smoke)."
-        ),
-    ] = None,
-    size: Annotated[
-        str,
-        typer.Option(help="smoke (seconds, tests) or full (the published figures)."),
-    ] = "full",
-    sites_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Run on the site folders in this folder (each with its site.toml) "
-            "instead of synthetic hospitals. Pooled arms gather every site's data on "
-            "this machine: for a data-sharing sandbox or a simulation, never a "
-            "deployment."
-        ),
-    ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            help="With --sites-dir: the run config (task labels, EHR features, model) "
-            "the arms start from."
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            help="Output folder (default runs/study-quality-SIZE); rerunning resumes it."
-        ),
-    ] = None,
-    write_docs: Annotated[
-        bool,
-        typer.Option(
-            "--write-docs", help="Rewrite the study's section of --docs and its plots."
-        ),
-    ] = False,
-    docs: Annotated[
-        Path, typer.Option(help="The Markdown file --write-docs rewrites a section of.")
-    ] = Path("docs/benchmarks.md"),
-    jobs: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            max=64,
-            help="Worker processes, each running whole federations (one per core).",
-        ),
-    ] = 1,
-    shard: Annotated[str | None, typer.Option(hidden=True)] = None,
-) -> None:
-    """Federated vs pooled vs local-only; DP, SecAgg+, modalities; per base and size."""
-    try:
-        from rich.console import Console
+SitesOption = Annotated[
+    str | None,
+    typer.Option(
+        "--sites",
+        help="Comma list of site counts (default: 3,8 for full, 3 for smoke).",
+    ),
+]
+PatientsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--patients",
+        help="Comma list of patients per site (default: 200,1000,3000 for full, "
+        "40 for smoke); the smallest runs every arm, the others the privacy axis.",
+    ),
+]
+BasesOption = Annotated[
+    str | None,
+    typer.Option(
+        "--bases",
+        help="Comma list of bases: pretrained, random, or a base folder (default: "
+        "pretrained,random for full, random for smoke); the first that is not "
+        "random runs the ablations.",
+    ),
+]
+SeedsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--seeds",
+        help="Seeds 0..N-1: one N for every size, or one per --patients size "
+        "(default: 3,2,1 for full, 1 for smoke).",
+    ),
+]
+SizeOption = Annotated[
+    str,
+    typer.Option(
+        "--size", help="smoke (seconds, tests) or full (the published figures)."
+    ),
+]
+SitesDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--sites-dir",
+        help="Run on the site folders in this folder (each with its site.toml) "
+        "instead of synthetic hospitals. Pooled arms gather every site's data on "
+        "this machine: for a data-sharing sandbox or a simulation, never a "
+        "deployment.",
+    ),
+]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="With --sites-dir: the run config (task labels, EHR features, model) "
+        "the arms start from.",
+    ),
+]
+OutOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Output folder (default runs/study-quality-SIZE); rerunning resumes it.",
+    ),
+]
+WriteDocsOption = Annotated[
+    bool,
+    typer.Option(
+        "--write-docs", help="Rewrite the study's section of --docs and its plots."
+    ),
+]
+DocsOption = Annotated[
+    Path,
+    typer.Option(
+        "--docs", help="The Markdown file --write-docs rewrites a section of."
+    ),
+]
+JobsOption = Annotated[
+    int,
+    typer.Option(
+        "--jobs",
+        min=1,
+        max=64,
+        help="Worker processes, each running whole federations (one per core).",
+    ),
+]
+DEFAULT_DOCS = Path("docs/benchmarks.md")
 
-        from wardround.common.config import RunConfig  # noqa: F401  (fail early)
-        from wardround.common.env import apply_machine_hygiene
-        from wardround.common.errors import ConfigError
 
-        from ..reporting import machine_info
-        from .plan import StudySettings, StudySize
-        from .runner import run_study
-        from .runner import write_docs as publish
-        from .stats import site_mean
+@dataclass(frozen=True)
+class QualityOptions:
+    """``study quality``'s options as given (None: not given)."""
 
-        try:
-            study_size = StudySize(size)
-        except ValueError:
-            raise ConfigError(
-                f"--size {size!r} is not a study size", hint="Use smoke or full."
-            ) from None
-        if sites_dir is not None:
-            if sites or patients:
-                raise ConfigError(
-                    "--sites and --patients describe synthetic hospitals; "
-                    "--sites-dir runs on the sites it holds",
-                    hint="Leave --sites and --patients out with --sites-dir.",
-                )
-            seed_counts = _numbers("--seeds", seeds, "3") or (1,)
-            if len(seed_counts) != 1:
-                raise ConfigError(
-                    "--seeds takes one count with --sites-dir", hint="E.g. --seeds 3."
-                )
-            settings = StudySettings.for_sites_dir(
-                study_size,
-                sites_dir,
-                seeds=seed_counts[0],
-                bases=_bases(bases),
-                run_config=config,
-            )
-        elif config is not None:
-            raise ConfigError(
-                "--config only applies with --sites-dir",
-                hint="The synthetic hospitals use the default task.",
-            )
-        else:
-            settings = StudySettings.for_size(
-                study_size,
-                site_counts=_site_counts(sites),
-                seeds=_numbers("--seeds", seeds, "3,2,1"),
-                patients=_numbers("--patients", patients, "200,1000,3000"),
-                bases=_bases(bases),
-            )
-        out_dir = out or Path(f"runs/study-quality-{study_size.value}")
-        command = "wardround study quality" + "".join(
+    size: str
+    sites: str | None
+    patients: str | None
+    bases: str | None
+    seeds: str | None
+    sites_dir: Path | None
+    config: Path | None
+    out: Path | None
+    write_docs: bool
+    docs: Path
+    jobs: int
+
+    def command_line(self, size: str) -> str:
+        """The command as the user could type it again (the report quotes it)."""
+        return "wardround study quality" + "".join(
             [
-                f" --size {study_size.value}",
-                f" --sites {sites}" if sites else "",
-                f" --sites-dir {sites_dir}" if sites_dir else "",
-                f" --config {config}" if config else "",
-                f" --patients {patients}" if patients else "",
-                f" --bases {bases}" if bases else "",
-                f" --seeds {seeds}" if seeds else "",
-                f" --out {out}" if out else "",
-                f" --jobs {jobs}" if jobs > 1 else "",
-                " --write-docs" if write_docs else "",
-                f" --docs {docs}"
-                if write_docs and docs != Path("docs/benchmarks.md")
+                f" --size {size}",
+                f" --sites {self.sites}" if self.sites else "",
+                f" --sites-dir {self.sites_dir}" if self.sites_dir else "",
+                f" --config {self.config}" if self.config else "",
+                f" --patients {self.patients}" if self.patients else "",
+                f" --bases {self.bases}" if self.bases else "",
+                f" --seeds {self.seeds}" if self.seeds else "",
+                f" --out {self.out}" if self.out else "",
+                f" --jobs {self.jobs}" if self.jobs > 1 else "",
+                " --write-docs" if self.write_docs else "",
+                f" --docs {self.docs}"
+                if self.write_docs and self.docs != DEFAULT_DOCS
                 else "",
             ]
         )
-        console = Console()
-        started, machine = time.time(), machine_info()
-        apply_machine_hygiene(out_dir / ".state")
-        # Flower logs every sampling and SecAgg+ stage; the study prints per arm.
-        from ...flower_compat.flower_logging import quiet_flower
 
-        quiet_flower()
+    def worker_options(self, size: str, out_dir: Path) -> list[str]:
+        """What each ``--jobs`` worker is given: the same study, into ``out_dir``."""
+        return [
+            "--size",
+            size,
+            *(["--sites", self.sites] if self.sites else []),
+            *(["--sites-dir", str(self.sites_dir)] if self.sites_dir else []),
+            *(["--config", str(self.config)] if self.config else []),
+            *(["--patients", self.patients] if self.patients else []),
+            *(["--bases", self.bases] if self.bases else []),
+            *(["--seeds", self.seeds] if self.seeds else []),
+            "--out",
+            str(out_dir),
+        ]
 
-        def on_arm(event) -> None:
-            if event.cached and jobs > 1:
-                return  # the workers said it when they ran it
-            state = (
-                f"failed: {event.error}"
-                if event.error
-                else f"AUROC {site_mean(event.outcome.final):.3f} "
-                f"({'cached' if event.cached else f'{event.outcome.seconds:.0f} s'})"
+
+@study_app.command("quality")
+@user_errors
+def quality(
+    sites: SitesOption = None,
+    patients: PatientsOption = None,
+    bases: BasesOption = None,
+    seeds: SeedsOption = None,
+    size: SizeOption = "full",
+    sites_dir: SitesDirOption = None,
+    config: ConfigOption = None,
+    out: OutOption = None,
+    write_docs: WriteDocsOption = False,
+    docs: DocsOption = DEFAULT_DOCS,
+    jobs: JobsOption = 1,
+    shard: Annotated[str | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Federated vs pooled vs local-only; DP, SecAgg+, modalities; per base and size."""
+    options = QualityOptions(
+        size,
+        sites,
+        patients,
+        bases,
+        seeds,
+        sites_dir,
+        config,
+        out,
+        write_docs,
+        docs,
+        jobs,
+    )
+    run_quality(options, shard)
+
+
+def run_quality(options: QualityOptions, shard: str | None = None) -> None:
+    """Run the study ``options`` describe (one ``--jobs`` worker's share: ``shard``)."""
+    from rich.console import Console
+
+    from wardround.common.config import RunConfig  # noqa: F401  (fail early)
+    from wardround.ops.env import apply_machine_hygiene
+
+    from ..reporting import machine_info
+    from .runner import run_study
+
+    settings = study_settings(options)
+    size = settings.size.value
+    out_dir = options.out or Path(f"runs/study-quality-{size}")
+    command = options.command_line(size)
+    console = Console()
+    started, machine = time.time(), machine_info()
+    apply_machine_hygiene(out_dir / ".state")
+    # Flower logs every sampling and SecAgg+ stage; the study prints per arm.
+    from ...flower_compat.flower_logging import quiet_flower
+
+    quiet_flower()
+    on_arm = _arm_printer(console, options.jobs)
+    console.print(
+        f"{command}: {len(settings.cells())} cells, arm runs per size: "
+        + ", ".join(
+            f"{'own data' if p == 0 else f'{p} patients'} {settings.arm_count(p)}"
+            for p in settings.patients
+        )
+        + f" → {out_dir}",
+        highlight=False,
+    )
+    if shard is not None:
+        index, count = (int(x) for x in shard.split("/"))
+        run_study(
+            settings, out_dir, command=command, on_arm=on_arm, shard=(index, count)
+        )
+        return
+    if options.jobs > 1:
+        run_workers(options.jobs, options.worker_options(size, out_dir))
+    result = run_study(
+        settings,
+        out_dir,
+        command=command,
+        on_arm=on_arm,
+        started=started,
+        machine=machine,
+    )
+    _report(console, result, options)
+
+
+def study_settings(options: QualityOptions) -> StudySettings:
+    """The study's settings from the options; ConfigError for a bad combination."""
+    from wardround.common.errors import ConfigError
+
+    from .plan import StudySettings, StudySize
+
+    try:
+        study_size = StudySize(options.size)
+    except ValueError:
+        raise ConfigError(
+            f"--size {options.size!r} is not a study size", hint="Use smoke or full."
+        ) from None
+    if options.sites_dir is not None:
+        if options.sites or options.patients:
+            raise ConfigError(
+                "--sites and --patients describe synthetic hospitals; "
+                "--sites-dir runs on the sites it holds",
+                hint="Leave --sites and --patients out with --sites-dir.",
             )
-            console.print(
-                f"[{event.index}/{event.total}] {event.cell.label}, seed "
-                f"{event.seed}, {event.arm.label}: {state}",
-                highlight=False,
+        seed_counts = _numbers("--seeds", options.seeds, "3") or (1,)
+        if len(seed_counts) != 1:
+            raise ConfigError(
+                "--seeds takes one count with --sites-dir", hint="E.g. --seeds 3."
             )
+        return StudySettings.for_sites_dir(
+            study_size,
+            options.sites_dir,
+            seeds=seed_counts[0],
+            bases=_bases(options.bases),
+            run_config=options.config,
+        )
+    if options.config is not None:
+        raise ConfigError(
+            "--config only applies with --sites-dir",
+            hint="The synthetic hospitals use the default task.",
+        )
+    return StudySettings.for_size(
+        study_size,
+        site_counts=_site_counts(options.sites),
+        seeds=_numbers("--seeds", options.seeds, "3,2,1"),
+        patients=_numbers("--patients", options.patients, "200,1000,3000"),
+        bases=_bases(options.bases),
+    )
 
+
+def _arm_printer(console: Console, jobs: int) -> Callable[[ArmEvent], None]:
+    """A line per arm as it finishes (workers print their own arms)."""
+    from .stats import site_mean
+
+    def on_arm(event: ArmEvent) -> None:
+        if event.cached and jobs > 1:
+            return  # the workers said it when they ran it
+        outcome = event.outcome
+        state = (
+            f"AUROC {site_mean(outcome.final):.3f} "
+            f"({'cached' if event.cached else f'{outcome.seconds:.0f} s'})"
+            if outcome is not None
+            else f"failed: {event.error}"
+        )
         console.print(
-            f"{command}: {len(settings.cells())} cells, arm runs per size: "
-            + ", ".join(
-                f"{'own data' if p == 0 else f'{p} patients'} {settings.arm_count(p)}"
-                for p in settings.patients
-            )
-            + f" → {out_dir}",
+            f"[{event.index}/{event.total}] {event.cell.label}, seed "
+            f"{event.seed}, {event.arm.label}: {state}",
             highlight=False,
         )
-        if shard is not None:
-            index, count = (int(x) for x in shard.split("/"))
-            run_study(
-                settings, out_dir, command=command, on_arm=on_arm, shard=(index, count)
-            )
-            return
-        if jobs > 1:
-            run_workers(
-                jobs,
-                [
-                    "--size",
-                    study_size.value,
-                    *(["--sites", sites] if sites else []),
-                    *(["--sites-dir", str(sites_dir)] if sites_dir else []),
-                    *(["--config", str(config)] if config else []),
-                    *(["--patients", patients] if patients else []),
-                    *(["--bases", bases] if bases else []),
-                    *(["--seeds", seeds] if seeds else []),
-                    "--out",
-                    str(out_dir),
-                ],
-            )
-        result = run_study(
-            settings,
-            out_dir,
-            command=command,
-            on_arm=on_arm,
-            started=started,
-            machine=machine,
-        )
-        for goal in result.data["goals"]:
-            verdict = {True: "met", False: "MISSED", None: "reported"}[goal["met"]]
-            if goal["met"] is None and goal["value"] is None:  # NaN in study.json
-                verdict = "not measured"
-            console.print(
-                f"  {_size(goal['patients'])} × {goal['sites']} sites, "
-                f"{goal['base']}: {goal['goal']}: {goal['measured']} — {verdict}",
-                highlight=False,
-            )
-        console.print(f"study.json, report.md, plots/ in {result.out_dir}")
-        if write_docs:
-            publish(result, docs)
-            console.print(f"wrote the study's section of {docs}")
-        if result.failed:
-            from wardround.common.errors import FederationError
 
-            raise FederationError(
-                f"{len(result.failed)} arm run(s) failed: {', '.join(result.failed)}",
-                hint="report.md lists why; rerun the command to retry only those.",
-            )
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
-        _fail(exc)
+    return on_arm
+
+
+def _report(console: Console, result: StudyResult, options: QualityOptions) -> None:
+    """Print the goals, publish to the docs if asked; fail if an arm failed."""
+    from .runner import write_docs as publish
+
+    for goal in result.data["goals"]:
+        verdict = {True: "met", False: "MISSED", None: "reported"}[goal["met"]]
+        if goal["met"] is None and goal["value"] is None:  # NaN in study.json
+            verdict = "not measured"
+        console.print(
+            f"  {_size(goal['patients'])} × {goal['sites']} sites, "
+            f"{goal['base']}: {goal['goal']}: {goal['measured']} — {verdict}",
+            highlight=False,
+        )
+    console.print(f"study.json, report.md, plots/ in {result.out_dir}")
+    if options.write_docs:
+        publish(result, options.docs)
+        console.print(f"wrote the study's section of {options.docs}")
+    if result.failed:
+        from wardround.common.errors import FederationError
+
+        raise FederationError(
+            f"{len(result.failed)} arm run(s) failed: {', '.join(result.failed)}",
+            hint="report.md lists why; rerun the command to retry only those.",
+        )

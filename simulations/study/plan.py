@@ -1,13 +1,10 @@
-"""What the learning-quality study runs: its arms, cells and sizes (pure, no torch).
+"""What the learning-quality study runs: which arms, in which cells, how (pure).
 
-An *arm* is one way of training: pooled (centralised) training on the union of the
-sites' training data, local-only training at each site, or a federation (FedAvg,
-FedProx, with or without DP-SGD and SecAgg+, on some modalities with some fusion).
-A *cell* is one setting the arms run in: patients per site, site count and base
-(the pretrained encoders or random ones). Every arm of a cell sees the same
-synthetic hospitals, the same seeds and the same number of training examples
-(``rounds × local-epochs`` passes over each site's training split), and is
-evaluated on the same per-site validation split.
+The arms are in :mod:`.catalog`, the cells, sizes and presets in :mod:`.cells`;
+both are re-exported here. Every arm of a cell sees the same synthetic hospitals,
+the same seeds and the same number of training examples (``rounds × local-epochs``
+passes over each site's training split), and is evaluated on the same per-site
+validation split.
 
 The cells span three axes: base × patients per site × DP. Every arm runs on the
 *primary* cells (the smallest size, the primary base); every other size and base
@@ -24,282 +21,46 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ...common.config import (
-    ALL_MODALITIES,
-    Fusion,
-    Modality,
-    RunConfig,
-    Strategy,
-)
+from ...common.config import RunConfig
 from ...common.errors import ConfigError
 from ...common.recipe import training_recipe
 from ...common.secagg_math import MIN_PARTICIPANTS
 from ..synth_shift import STUDY_HETEROGENEITY, Heterogeneity
+from .catalog import (
+    PERSONAL_MODULES,
+    Arm,
+    ArmGroup,
+    ArmKind,
+    classical_arms,
+    standard_arms,
+)
+from .cells import (
+    OWN_DATA,
+    PRESETS,
+    PRETRAINED_BASE,
+    RANDOM_BASE,
+    Cell,
+    StudySize,
+    base_label,
+    site_tomls_in,
+)
 
-
-class ArmKind(StrEnum):
-    """How an arm trains."""
-
-    POOLED = "pooled"
-    LOCAL = "local"
-    FEDERATED = "federated"
-
-
-class ArmGroup(StrEnum):
-    """Which question an arm answers (the report's sections)."""
-
-    REFERENCE = "reference"
-    CLASSICAL = "classical reference"
-    STRATEGY = "strategy"
-    PRIVACY = "privacy"
-    SECURE_AGGREGATION = "secure aggregation"
-    MODALITY = "modality"
-
-
-class StudySize(StrEnum):
-    """``smoke``: seconds, for tests and CI; ``full``: the published figures."""
-
-    SMOKE = "smoke"
-    FULL = "full"
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One way of training, applied to every federation and seed of the study."""
-
-    name: str
-    """Identifier: file names, JSON keys."""
-    label: str
-    """What the report calls it."""
-    kind: ArmKind
-    group: ArmGroup
-    strategy: Strategy = Strategy.FEDAVG
-    proximal_mu: float = 0.0
-    epsilon: float | None = None
-    """Target epsilon of DP-SGD at every site (delta from the run config); None: no DP."""
-    secure_aggregation: bool = False
-    modalities: tuple[Modality, ...] = ALL_MODALITIES
-    fusion: Fusion = Fusion.CONCAT
-    subgroups: bool = False
-    """Also report AUROC by sex, age band and site for this arm's final model."""
-    classical: bool = False
-    """The classical reference (logistic regression on hashed note n-grams and the
-    EHR, :mod:`.classical`) instead of the fusion model."""
-    personal: tuple[str, ...] = ()
-    """Modules each site keeps to itself (``federation.personal``)."""
-
-    def overrides(self) -> dict[str, dict[str, Any]]:
-        """The run-config sections this arm sets (on top of the study's base config)."""
-        return {
-            "federation": {
-                "strategy": self.strategy.value,
-                "proximal_mu": self.proximal_mu,
-                "personal": list(self.personal),
-            },
-            "model": {
-                "modalities": [m.value for m in self.modalities],
-                "fusion": self.fusion.value,
-            },
-            "privacy": {
-                "enabled": self.epsilon is not None,
-                "target_epsilon": self.epsilon if self.epsilon is not None else 8.0,
-            },
-            "secure_aggregation": {"enabled": self.secure_aggregation},
-        }
-
-    @property
-    def privacy_axis(self) -> bool:
-        """Pooled, local-only, FedAvg and FedAvg + DP: the arms every cell runs."""
-        return (
-            self.group in (ArmGroup.REFERENCE, ArmGroup.CLASSICAL, ArmGroup.PRIVACY)
-            or self.name == "fedavg"
-        )
-
-
-def standard_arms(
-    mus: tuple[float, ...], epsilons: tuple[float, ...]
-) -> tuple[Arm, ...]:
-    """Pooled, local-only, FedAvg, FedProx per mu, SecAgg+, DP per epsilon, ablations."""
-    federated = ArmKind.FEDERATED
-    arms = [
-        Arm(
-            "pooled",
-            "pooled (centralised)",
-            ArmKind.POOLED,
-            ArmGroup.REFERENCE,
-            subgroups=True,
-        ),
-        Arm("local", "local only", ArmKind.LOCAL, ArmGroup.REFERENCE),
-        *classical_arms(epsilons),
-        Arm("fedavg", "FedAvg", federated, ArmGroup.STRATEGY, subgroups=True),
-    ]
-    arms += [
-        Arm(
-            f"fedprox-mu{mu:g}",
-            f"FedProx μ={mu:g}",
-            federated,
-            ArmGroup.STRATEGY,
-            strategy=Strategy.FEDPROX,
-            proximal_mu=mu,
-        )
-        for mu in mus
-    ]
-    arms.append(
-        Arm(
-            "fedavg-personal",
-            "FedAvg, personalised (own head + wide term)",
-            federated,
-            ArmGroup.STRATEGY,
-            personal=PERSONAL_MODULES,
-        )
-    )
-    arms.append(
-        Arm(
-            "fedavg-secagg",
-            "FedAvg + SecAgg+",
-            federated,
-            ArmGroup.SECURE_AGGREGATION,
-            secure_aggregation=True,
-        )
-    )
-    arms += [
-        Arm(
-            f"fedavg-dp-eps{eps:g}",
-            f"FedAvg + DP ε={eps:g}",
-            federated,
-            ArmGroup.PRIVACY,
-            epsilon=eps,
-        )
-        for eps in epsilons
-    ]
-    if epsilons:
-        top = max(epsilons)
-        # wardround's default deployment: DP-SGD and SecAgg+ together
-        arms.append(
-            Arm(
-                f"fedavg-dp-eps{top:g}-secagg",
-                f"FedAvg + DP ε={top:g} + SecAgg+",
-                federated,
-                ArmGroup.SECURE_AGGREGATION,
-                epsilon=top,
-                secure_aggregation=True,
-            )
-        )
-    arms += [
-        Arm(
-            f"fedavg-{m.value}-only",
-            f"FedAvg, {m.value} only",
-            federated,
-            ArmGroup.MODALITY,
-            modalities=(m,),
-        )
-        for m in ALL_MODALITIES
-    ]
-    arms += [
-        Arm(
-            f"fedavg-{fusion.value}",
-            f"FedAvg, fused ({fusion.value})",
-            federated,
-            ArmGroup.MODALITY,
-            fusion=fusion,
-        )
-        for fusion in Fusion
-        if fusion is not Fusion.CONCAT
-    ]
-    return tuple(arms)
-
-
-PERSONAL_MODULES = ("head", "wide")
-"""What the personalised arm keeps at each site: the head and the wide term read the
-site's own label mix and note dialect; encoders and fusion layers are federated."""
-
-
-def classical_arms(epsilons: tuple[float, ...]) -> tuple[Arm, ...]:
-    """The classical reference pooled, local only, FedAvg, and FedAvg + DP per ε."""
-    group = ArmGroup.CLASSICAL
-    arms = [
-        Arm(
-            "classical-pooled",
-            "classical, pooled",
-            ArmKind.POOLED,
-            group,
-            classical=True,
-        ),
-        Arm(
-            "classical-local",
-            "classical, local only",
-            ArmKind.LOCAL,
-            group,
-            classical=True,
-        ),
-        Arm(
-            "classical-fedavg",
-            "classical, FedAvg",
-            ArmKind.FEDERATED,
-            group,
-            classical=True,
-        ),
-    ]
-    arms += [
-        Arm(
-            f"classical-fedavg-dp-eps{eps:g}",
-            f"classical, FedAvg + DP ε={eps:g}",
-            ArmKind.FEDERATED,
-            group,
-            epsilon=eps,
-            classical=True,
-        )
-        for eps in epsilons
-    ]
-    return tuple(arms)
-
-
-RANDOM_BASE = "random"
-PRETRAINED_BASE = "pretrained"
-OWN_DATA = 0
-"""``patients`` of the cells of ``--sites-dir``: each site has what it has."""
-
-
-def base_label(base: str) -> str:
-    """What files, keys and the report call a base: its name, or its folder's name."""
-    if base in (RANDOM_BASE, PRETRAINED_BASE):
-        return base
-    return Path(base).name or base
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One setting the arms run in: patients per site, site count, base."""
-
-    patients: int
-    sites: int
-    base: str
-    """'pretrained' (the public synthetic base), 'random', or a base folder."""
-
-    @property
-    def own_data(self) -> bool:
-        """The sites of ``--sites-dir`` (patients: theirs), not synthetic ones."""
-        return self.patients == OWN_DATA
-
-    @property
-    def key(self) -> str:
-        """Identifier: JSON keys, e.g. '200x3-pretrained' ('sites3-…': own data)."""
-        size = "sites" if self.own_data else f"{self.patients}x"
-        return f"{size}{self.sites}-{base_label(self.base)}"
-
-    @property
-    def label(self) -> str:
-        """What the report calls it."""
-        size = "own data" if self.own_data else f"{self.patients:,} patients/site"
-        return f"{size}, {self.sites} sites, {base_label(self.base)} base"
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready values."""
-        return {
-            "patients": self.patients,
-            "sites": self.sites,
-            "base": base_label(self.base),
-        }
+__all__ = [
+    "OWN_DATA",
+    "PERSONAL_MODULES",
+    "PRETRAINED_BASE",
+    "RANDOM_BASE",
+    "Arm",
+    "ArmGroup",
+    "ArmKind",
+    "Cell",
+    "StudySettings",
+    "StudySize",
+    "base_label",
+    "classical_arms",
+    "site_tomls_in",
+    "standard_arms",
+]
 
 
 @dataclass(frozen=True)
@@ -385,7 +146,7 @@ class StudySettings:
         ``seeds``: one count for every size, or one per size; by default the
         preset's count for a size it knows and 1 for any other.
         """
-        preset = dict(_PRESETS[StudySize(size)])
+        preset = dict(PRESETS[StudySize(size)])
         preset_seeds = preset.pop("seeds_per_patients")
         counts = tuple(site_counts) if site_counts else preset["site_counts"]
         given = tuple(patients) if patients else preset["patients"]
@@ -429,7 +190,7 @@ class StudySettings:
         """The preset of ``size`` on the site folders in ``sites_dir``."""
         folder = Path(sites_dir).expanduser().resolve()
         tomls = site_tomls_in(folder)
-        preset = dict(_PRESETS[StudySize(size)])
+        preset = dict(PRESETS[StudySize(size)])
         preset.pop("seeds_per_patients")
         n = len(tomls)
         values = {
@@ -688,61 +449,3 @@ class StudySettings:
                 for a in self.arms
             },
         }
-
-
-_PRESETS: dict[StudySize, dict[str, Any]] = {
-    StudySize.SMOKE: {
-        "site_counts": (3,),
-        "patients": (40,),
-        "seeds_per_patients": {40: 1},
-        # Random only: a pretrained base for the smoke's shapes (image 32², 32
-        # note tokens) would be built on first use, about a minute; the tests
-        # run the smoke with a tiny base folder instead.
-        "bases": (RANDOM_BASE,),
-        "rounds": 2,
-        "local_epochs": 1,
-        "batch_size": 8,  # the DP recipe's 64 exceeds a smoke site's training split
-        "image_size": 32,
-        "max_note_tokens": 32,
-        "mus": (0.1,),
-        "epsilons": (8.0,),
-        "ablation_site_counts": (3,),
-        "dp_goal_patients": 40,
-        "local_goal_patients": 40,
-    },
-    StudySize.FULL: {
-        "site_counts": (3, 8),
-        "patients": (200, 1000, 3000),
-        # the larger sizes cost 5× and 15× a 200-patient arm: fewer seeds
-        "seeds_per_patients": {200: 3, 1000: 2, 3000: 1},
-        "bases": (PRETRAINED_BASE, RANDOM_BASE),
-        "rounds": 5,
-        "local_epochs": 2,
-        "batch_size": 0,  # the recipe's: 16 without DP, 64 under DP-SGD
-        "image_size": 64,
-        "max_note_tokens": 128,
-        "mus": (0.01, 0.1, 1.0),
-        "epsilons": (1.0, 3.0, 8.0),
-        "ablation_site_counts": (3,),
-        "dp_goal_patients": 1000,
-        "local_goal_patients": 200,
-    },
-}
-
-
-def site_tomls_in(folder: Path) -> list[Path]:
-    """The ``site.toml`` of every site folder directly in ``folder`` (sorted)."""
-    if not folder.is_dir():
-        raise ConfigError(
-            f"--sites-dir {folder} is not a folder",
-            hint="Give a folder that holds one folder per site, each with its site.toml.",
-        )
-    tomls = sorted(folder.glob("*/site.toml"))
-    if len(tomls) < 2:
-        raise ConfigError(
-            f"--sites-dir {folder} holds {len(tomls)} site folder(s) with a site.toml; "
-            "a federation needs at least 2",
-            hint="Put one folder per site in it, each with the site.toml that "
-            "`wardround site check` accepts.",
-        )
-    return tomls

@@ -7,10 +7,8 @@ arms, its run directory. An arm whose result file holds the same settings key is
 not run again: a study that crashed or was stopped resumes where it stopped.
 Then ``study.json``, ``report.md`` and ``plots/`` are written.
 
-The pretrained base is resolved once, before any arm: ``pretrained`` is the public
-synthetic base for the study's shapes (built on first use with init seed 0 and
-cached, see :mod:`~wardround.simulations.public_base`), and every arm of a
-pretrained cell, the single-modality ablations included, loads that folder.
+What the arms train on (the sites' data, the resolved bases) is
+:mod:`.study_data`'s.
 """
 
 from __future__ import annotations
@@ -19,38 +17,53 @@ import json
 import logging
 import os
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
-from ...client.site_config import SiteConfig
 from ...common.errors import WardroundError
 from ...server.rundir import versions, write_json
 from ..reporting import machine_info
 from .arms import ArmOutcome, run_federated, run_local, run_pooled
+from .catalog import Arm, ArmKind
+from .cells import Cell, base_label
 from .classical import run_classical
-from .plan import (
-    OWN_DATA,
-    RANDOM_BASE,
-    Arm,
-    ArmKind,
-    Cell,
-    StudySettings,
-    base_label,
-    site_tomls_in,
+from .goals import evaluate_goals
+from .plan import StudySettings
+from .study_data import (
+    STUDY_LIFETIME_BUDGET,
+    ResolvedBase,
+    describe_base,
+    inspect_sites,
+    prepare_federation,
+    raise_lifetime_budget,
+    resolve_bases,
+    stage_sites,
 )
-from .summary import dp_worth, evaluate_goals, study_summary_json, summarise
+from .summary import dp_worth, study_summary_json, summarise
+
+__all__ = [
+    "STUDY_LIFETIME_BUDGET",
+    "ArmEvent",
+    "ResolvedBase",
+    "StudyResult",
+    "federation_units",
+    "inspect_sites",
+    "prepare_federation",
+    "raise_lifetime_budget",
+    "resolve_bases",
+    "run_arm",
+    "run_study",
+    "shard_units",
+    "stage_sites",
+    "write_docs",
+]
 
 log = logging.getLogger(__name__)
 
-STUDY_LIFETIME_BUDGET = 1_000_000.0
-"""The study's sites' lifetime epsilon budget: every DP arm is a separate run on the
-same synthetic patients, and the synthetic default (100) would stop the study
-after a few of them. Each run's own limit (``max-epsilon``, 10) still applies."""
+ArmId = tuple[str, int, str]
+"""(cell key, seed, arm name)."""
 
 
 @dataclass(frozen=True)
@@ -77,150 +90,6 @@ class StudyResult:
     ran: int = 0
     cached: int = 0
     failed: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ResolvedBase:
-    """Where a study base is and what identifies it (random: nothing)."""
-
-    folder: Path | None
-    identity: dict[str, Any] | None
-    """Part of every arm key of its cells: the pretrained layers' hash and the
-    manifest's corpus and pretraining settings."""
-    manifest: dict[str, Any] | None
-
-
-def resolve_bases(settings: StudySettings) -> dict[str, ResolvedBase]:
-    """Base (as in ``settings.bases``) -> its folder, building the public base once.
-
-    The public base is built from a config with the study's shapes, every
-    modality and init seed 0, so its bytes do not depend on which seed (or which
-    ``--jobs`` worker) needs it first; concurrent workers wait on its lock.
-    """
-    from ...common.models.base_folder import check_fits, layers_sha256, read_manifest
-    from ..public_base import public_base_folder
-
-    out = {}
-    for base in settings.bases:
-        if base == RANDOM_BASE:
-            out[base] = ResolvedBase(None, None, None)
-            continue
-        cell = Cell(settings.patients[0], settings.site_counts[0], RANDOM_BASE)
-        config = settings.base_config("sites", cell, 0)
-        if base == "pretrained":
-            folder = public_base_folder(config)
-        else:
-            folder = Path(base).expanduser().resolve()
-        manifest = read_manifest(folder)
-        check_fits(folder, manifest, config)
-        identity = {
-            "layers_sha256": layers_sha256(folder),
-            "corpus": manifest.get("corpus"),
-            "pretrain": manifest.get("pretrain"),
-            "init_seed": manifest.get("init_seed"),
-        }
-        out[base] = ResolvedBase(folder, identity, manifest)
-    return out
-
-
-def prepare_federation(
-    settings: StudySettings, out_dir: Path, patients: int, n_sites: int, seed: int
-) -> list[Path]:
-    """The synthetic hospitals of one size, site count and seed (written once).
-
-    Every base's cells of that size, site count and seed train on them.
-    """
-    from ..synth import synthesize_federation
-
-    if settings.sites_dir is not None:
-        return stage_sites(settings, out_dir)
-    root = (
-        out_dir / "data" / f"patients-{patients}" / f"seed-{seed}" / f"sites-{n_sites}"
-    )
-    marker = root / "federation.json"
-    wanted = {"sites": n_sites, "seed": seed, **settings.data_key(patients)}
-    if marker.is_file() and json.loads(marker.read_text()) == json.loads(
-        json.dumps(wanted)
-    ):
-        return sorted(root.glob("*/site.toml"))
-    marker.unlink(missing_ok=True)
-    paths = synthesize_federation(
-        root,
-        n_sites,
-        patients_per_site=patients,
-        seed=seed,
-        heterogeneity=settings.heterogeneity,
-    )
-    raise_lifetime_budget(paths)
-    write_json(marker, wanted)  # written last: the federation is complete
-    return paths
-
-
-def stage_sites(settings: StudySettings, out_dir: Path) -> list[Path]:
-    """Copies of the ``--sites-dir`` sites' site.toml the study runs on.
-
-    The data stay where they are (paths made absolute); the copies put the image
-    cache, the privacy ledger and the daemon state under ``out_dir``, so a study
-    never writes into a site's folder nor spends its real privacy budget.
-    """
-    assert settings.sites_dir is not None
-    staged = []
-    for toml in site_tomls_in(Path(settings.sites_dir)):
-        SiteConfig.from_toml(toml)  # a site that site check would refuse stops here
-        doc = tomllib.loads(toml.read_text())
-        home = toml.parent.resolve()
-        target = out_dir / "data" / "sites-dir" / toml.parent.name
-        data = doc.setdefault("data", {})
-        if "dicom-dirs" in data:
-            data["dicom-dirs"] = [str(home / d) for d in data["dicom-dirs"]]
-        data["ehr"] = str(home / data.get("ehr", "ehr.parquet"))
-        data["cache-dir"] = str(target / "cache")
-        privacy = doc.setdefault("privacy", {})
-        privacy["ledger-dir"] = str(target / "privacy-ledger")
-        doc.setdefault("deployment", {})["state-dir"] = str(target / "state")
-        target.mkdir(parents=True, exist_ok=True)
-        (target / "site.toml").write_text(tomli_w.dumps(doc))
-        staged.append(target / "site.toml")
-    raise_lifetime_budget(staged)
-    return staged
-
-
-def inspect_sites(settings: StudySettings, out_dir: Path) -> StudySettings:
-    """``settings`` with the modalities no ``--sites-dir`` site has, and its data.
-
-    Loads every site's data once (as its ClientApp would) and keys the arms on
-    each site's dataset fingerprint, so a changed site reruns its arms.
-    """
-    from ...client.runtime import get_runtime
-
-    tomls = stage_sites(settings, out_dir)
-    cell = Cell(OWN_DATA, len(tomls), RANDOM_BASE)
-    config = settings.base_config(str(Path(settings.sites_dir or ".")), cell, 0)
-    present = {"image": 0.0, "ehr": 0.0, "note": 0.0}
-    fingerprints = {}
-    for index, toml in enumerate(tomls):
-        data = get_runtime(toml, index, config).data
-        fingerprints[toml.parent.name] = data.fingerprint
-        for dataset in (data.train, data.validation):
-            flags = dataset.tensors["present"].sum(0).tolist()
-            for name, count in zip(present, flags, strict=True):
-                present[name] += count
-    missing = {
-        name: f"no site has {'images' if name == 'image' else name + 's'}"
-        for name, count in present.items()
-        if count == 0
-    }
-    return replace(settings, missing=missing, data_identity=fingerprints)
-
-
-def raise_lifetime_budget(
-    site_tomls: list[Path], epsilon: float = STUDY_LIFETIME_BUDGET
-) -> None:
-    """Give synthetic sites a lifetime budget that many runs cannot reach."""
-    for site_toml in site_tomls:
-        doc = tomllib.loads(site_toml.read_text())
-        doc["privacy"]["budget-epsilon"] = epsilon
-        site_toml.write_text(tomli_w.dumps(doc))
 
 
 def _arm_file(out_dir: Path, cell: Cell, seed: int, arm: Arm) -> Path:
@@ -314,6 +183,19 @@ def shard_units(
     return [u for i, u in enumerate(units) if i in mine]
 
 
+@dataclass
+class _Progress:
+    """What the arms of one call have given so far."""
+
+    outcome: StudyResult
+    results: dict[ArmId, ArmOutcome] = field(default_factory=dict)
+    failures: dict[ArmId, str] = field(default_factory=dict)
+    spans: list[tuple[float, float]] = field(default_factory=list)
+    """When each arm ran (also those found cached)."""
+    loads: list[float] = field(default_factory=list)
+    """The machine's load average as each arm started."""
+
+
 def run_study(
     settings: StudySettings,
     out_dir: Path,
@@ -335,28 +217,51 @@ def run_study(
     ``started`` and ``machine`` (:func:`~..reporting.machine_info`) say when and
     on what this command started, if before this call.
     """
-    from .plots import write_plots
-    from .report import render_report
-
     out_dir = Path(out_dir).resolve()
-    if settings.sites_dir is not None and not settings.data_identity:
-        settings = inspect_sites(settings, out_dir)
-        for name, why in settings.skipped().items():
-            log.warning("arm %s is skipped: %s", name, why)
+    settings = _with_site_data(settings, out_dir)
     started = started if started is not None else time.time()
     machine_start = machine if machine is not None else machine_info()
     units = federation_units(settings)
     if shard is not None:
         units = shard_units(settings, units, *shard)
+    work = _work(settings, units)
+    bases = resolve_bases(settings)
+    _warn_left_out(settings, units)
+    progress = _Progress(StudyResult(out_dir=out_dir, data={}))
+    for index, (cell, seed, arm) in enumerate(work, start=1):
+        event = _arm(settings, out_dir, cell, seed, arm, bases[cell.base], progress)
+        if on_arm is not None:
+            on_arm(replace(event, index=index, total=len(work)))
+    if shard is None:
+        _write_study(settings, progress, bases, command, started, machine_start)
+    return progress.outcome
+
+
+def _with_site_data(settings: StudySettings, out_dir: Path) -> StudySettings:
+    """``--sites-dir``: the settings with the sites' fingerprints and gaps read."""
+    if settings.sites_dir is None or settings.data_identity:
+        return settings
+    settings = inspect_sites(settings, out_dir)
+    for name, why in settings.skipped().items():
+        log.warning("arm %s is skipped: %s", name, why)
+    return settings
+
+
+def _work(
+    settings: StudySettings, units: list[tuple[int, int, int]]
+) -> list[tuple[Cell, int, Arm]]:
+    """(cell, seed, arm) of every arm run of ``units``, in the order they run."""
     cells = settings.cells()
-    work = [
+    return [
         (cell, seed, arm)
         for p, seed, n in units
         for cell in cells
         if (cell.patients, cell.sites) == (p, n)
         for arm in settings.arms_for(cell)
     ]
-    bases = resolve_bases(settings)
+
+
+def _warn_left_out(settings: StudySettings, units: list[tuple[int, int, int]]) -> None:
     for n_sites in sorted({n for _, _, n in units}):
         left_out = settings.arms_left_out(n_sites)
         if left_out:
@@ -365,80 +270,102 @@ def run_study(
                 n_sites,
                 ", ".join(a.name for a in left_out),
             )
-    results: dict[tuple[str, int, str], ArmOutcome] = {}
-    failures: dict[tuple[str, int, str], str] = {}
-    outcome = StudyResult(out_dir=out_dir, data={})
-    spans: list[tuple[float, float]] = []  # when each arm ran
-    loads: list[float] = []  # the machine's load average as each arm started
-    for index, (cell, seed, arm) in enumerate(work, start=1):
-        base = bases[cell.base]
-        key = settings.arm_key(arm, cell, seed, base.identity)
-        path = _arm_file(out_dir, cell, seed, arm)
-        cached = _cached(path, key)
-        error = None
-        if cached is not None:
-            result = ArmOutcome.from_json(cached["outcome"])
-            outcome.cached += 1
-            spans.append((cached["started"], cached["finished"]))
-            if "load_average" in cached:
-                loads.append(cached["load_average"])
-        else:
-            site_tomls = prepare_federation(
-                settings, out_dir, cell.patients, cell.sites, seed
-            )
-            arm_started, load = time.time(), os.getloadavg()[0]
-            try:
-                result = run_arm(
-                    settings,
-                    arm,
-                    cell,
-                    site_tomls,
-                    seed,
-                    path.with_suffix(""),
-                    base.folder,
-                )
-            except WardroundError as exc:
-                result, error = None, f"{type(exc).__name__}: {exc.message}"
-                log.error(
-                    "arm %s (%s, seed %d) failed: %s", arm.name, cell.label, seed, error
-                )
-                failures[(cell.key, seed, arm.name)] = error
-                outcome.failed.append(f"{cell.key}/{seed}/{arm.name}")
-            else:
-                outcome.ran += 1
-                spans.append((arm_started, time.time()))
-                loads.append(load)
-                write_json(
-                    path,
-                    {
-                        "key": key,
-                        "arm": arm.name,
-                        **cell.as_dict(),
-                        "seed": seed,
-                        "started": arm_started,
-                        "finished": spans[-1][1],
-                        "load_average": load,
-                        "outcome": result.to_json(),
-                    },
-                )
-        if result is not None:
-            results[(cell.key, seed, arm.name)] = result
-        if on_arm is not None:
-            on_arm(
-                ArmEvent(
-                    cell,
-                    seed,
-                    arm,
-                    index,
-                    len(work),
-                    result,
-                    error,
-                    cached is not None,
-                )
-            )
-    if shard is not None:
-        return outcome
 
+
+def _arm(
+    settings: StudySettings,
+    out_dir: Path,
+    cell: Cell,
+    seed: int,
+    arm: Arm,
+    base: ResolvedBase,
+    progress: _Progress,
+) -> ArmEvent:
+    """Read one arm's result from its file, or run it and write the file.
+
+    Returns the arm's event (its place in the work list left for the caller).
+    """
+    key = settings.arm_key(arm, cell, seed, base.identity)
+    path = _arm_file(out_dir, cell, seed, arm)
+    cached = _cached(path, key)
+    error = None
+    if cached is not None:
+        result: ArmOutcome | None = ArmOutcome.from_json(cached["outcome"])
+        progress.outcome.cached += 1
+        progress.spans.append((cached["started"], cached["finished"]))
+        if "load_average" in cached:
+            progress.loads.append(cached["load_average"])
+    else:
+        result, error = _run_and_record(
+            settings, out_dir, cell, seed, arm, base, key, path, progress
+        )
+    if result is not None:
+        progress.results[(cell.key, seed, arm.name)] = result
+    return ArmEvent(cell, seed, arm, 0, 0, result, error, cached is not None)
+
+
+def _run_and_record(
+    settings: StudySettings,
+    out_dir: Path,
+    cell: Cell,
+    seed: int,
+    arm: Arm,
+    base: ResolvedBase,
+    key: str,
+    path: Path,
+    progress: _Progress,
+) -> tuple[ArmOutcome | None, str | None]:
+    """Run one arm; write its file under ``key``, or record why it failed."""
+    site_tomls = prepare_federation(settings, out_dir, cell.patients, cell.sites, seed)
+    arm_started, load = time.time(), os.getloadavg()[0]
+    try:
+        result = run_arm(
+            settings, arm, cell, site_tomls, seed, path.with_suffix(""), base.folder
+        )
+    except WardroundError as exc:
+        error = f"{type(exc).__name__}: {exc.message}"
+        log.error("arm %s (%s, seed %d) failed: %s", arm.name, cell.label, seed, error)
+        progress.failures[(cell.key, seed, arm.name)] = error
+        progress.outcome.failed.append(f"{cell.key}/{seed}/{arm.name}")
+        return None, error
+    progress.outcome.ran += 1
+    progress.spans.append((arm_started, time.time()))
+    progress.loads.append(load)
+    write_json(
+        path,
+        {
+            "key": key,
+            "arm": arm.name,
+            **cell.as_dict(),
+            "seed": seed,
+            "started": arm_started,
+            "finished": progress.spans[-1][1],
+            "load_average": load,
+            "outcome": result.to_json(),
+        },
+    )
+    return result, None
+
+
+def _write_study(
+    settings: StudySettings,
+    progress: _Progress,
+    bases: dict[str, ResolvedBase],
+    command: str,
+    started: float,
+    machine_start: dict[str, Any],
+) -> None:
+    """Summarise every arm; write study.json, the plots and report.md."""
+    from .plots import write_plots
+    from .report import render_report
+
+    outcome, results, spans, loads = (
+        progress.outcome,
+        progress.results,
+        progress.spans,
+        progress.loads,
+    )
+    cells = settings.cells()
     labels = settings.base_config("sites", cells[0], 0).task.labels if cells else ()
     summary = summarise(settings, results, labels)
     goals = evaluate_goals(settings, summary)
@@ -466,12 +393,13 @@ def run_study(
         },
         "versions": versions(),
         "bases": {
-            base_label(name): _describe_base(resolved)
+            base_label(name): describe_base(resolved)
             for name, resolved in bases.items()
         },
         "dp_worth": dp_worth(settings, summary),
-        **study_summary_json(settings, summary, goals, results, failures),
+        **study_summary_json(settings, summary, goals, results, progress.failures),
     }
+    out_dir = outcome.out_dir
     write_json(out_dir / "study.json", data)
     # render from the file as written (NaN there is null), as --write-docs will
     outcome.data = json.loads((out_dir / "study.json").read_text())
@@ -479,7 +407,6 @@ def run_study(
     (out_dir / "report.md").write_text(
         render_report(outcome.data, plots, relative_to=out_dir)
     )
-    return outcome
 
 
 def write_docs(result: StudyResult, docs_path: Path) -> list[Path]:
@@ -508,22 +435,3 @@ def write_docs(result: StudyResult, docs_path: Path) -> list[Path]:
     body = render_report(result.data, plots, relative_to=docs_path.parent)
     write_marked_section(docs_path, DOCS_SECTION, body)
     return list(plots.values())
-
-
-def _describe_base(base: ResolvedBase) -> dict[str, Any] | None:
-    """What the report says of a base: where it came from and how it was built."""
-    if base.manifest is None:
-        return None
-    m = base.manifest
-    return {
-        "folder": base.folder.name if base.folder is not None else None,
-        "corpus": m.get("corpus"),
-        "corpus_examples": m.get("corpus_examples"),
-        "pretrain": m.get("pretrain"),
-        "objective": m.get("objective"),
-        "init_seed": m.get("init_seed"),
-        "loss_first": m.get("loss_first"),
-        "loss_last_tenth": m.get("loss_last_tenth"),
-        "seconds": m.get("seconds"),
-        "layers_sha256": (base.identity or {}).get("layers_sha256"),
-    }

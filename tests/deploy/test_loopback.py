@@ -18,14 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from wardround.client.site_config import SiteConfig
-from wardround.common.audit import read_audit, verify_audit
 from wardround.deploy.loopback import (
     WARDROUND,
     LoopbackFederation,
     read_jsonl,
     wait_for,
 )
-from wardround.deploy.pki import generate_site_keypair, init_ca
+from wardround.ops.audit import read_audit, verify_audit
+from wardround.pki import generate_site_keypair, init_ca
 
 pytestmark = pytest.mark.deploy
 

@@ -28,12 +28,12 @@ from flwr.supercore.interceptors.http.superexec_auth import (
 )
 from flwr.supercore.runtime.runtime_http_client import RuntimeHttpClient
 
-from wardround.common.audit import read_audit
 from wardround.common.config import RunConfig
-from wardround.common.env import apply_machine_hygiene
-from wardround.common.processes import flower_binary
 from wardround.deploy.loopback import LoopbackFederation
-from wardround.deploy.pki import generate_site_keypair
+from wardround.ops.audit import read_audit
+from wardround.ops.env import apply_machine_hygiene
+from wardround.ops.processes import flower_binary
+from wardround.pki import generate_site_keypair
 from wardround.server.coordinator_config import CoordinatorConfig
 from wardround.server.flwr_control import flwr_json
 from wardround.server.launcher import build_app

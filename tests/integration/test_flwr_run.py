@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from wardround.common.processes import stop_processes
+from wardround.ops.processes import stop_processes
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -27,10 +27,10 @@ from wardround.client.ledger import site_ledger
 from wardround.client.run_identity import approved_run_key
 from wardround.common import wire
 from wardround.common.adapter import adapter_state, to_record
-from wardround.common.audit import AUDIT_FILENAME, read_audit
 from wardround.common.config import Accountant
 from wardround.common.errors import error_kind
 from wardround.common.models import build_model
+from wardround.ops.audit import AUDIT_FILENAME, read_audit
 from wardround.simulations.local_grid import LocalGrid
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("task_identity")]

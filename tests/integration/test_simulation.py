@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from wardround.common.processes import descendants
+from wardround.ops.processes import descendants
 
 pytestmark = pytest.mark.integration
 

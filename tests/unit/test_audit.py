@@ -1,4 +1,8 @@
-"""The hash-chained audit log, its no-patient-data guard, filters and CLI."""
+"""The hash-chained audit log: its chain, its key, concurrent writers.
+
+The no-patient-data guard and the filters are in test_audit_fields.py, the
+`wardround audit` command in test_audit_cli.py.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,6 @@ import json
 import multiprocessing
 import stat
 import tempfile
-import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -16,20 +18,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from wardround.common.audit import (
+from wardround.common.errors import DataError
+from wardround.ops.audit import (
     GENESIS,
     RESERVED_KEYS,
     AuditCheck,
     AuditEvent,
     AuditLog,
-    filter_events,
-    merge_by_time,
     read_audit,
-    safe_reason,
     verify_audit,
 )
-from wardround.common.audit_cli import audit_command
-from wardround.common.errors import DataError
+from wardround.ops.audit_cli import audit_command
 
 runner = CliRunner()
 
@@ -134,7 +133,7 @@ def test_an_edited_field_breaks_the_chain_at_its_line(tmp_path):
 
 
 def test_a_resealed_edit_is_caught_by_the_next_line(tmp_path):
-    from wardround.common.audit import _mac
+    from wardround.ops.jsonl_log import hmac_seal as _mac
 
     path = tmp_path / "audit.jsonl"
     log = _fill(path, 10)
@@ -244,7 +243,7 @@ def test_tail_reading_handles_lines_longer_than_a_chunk(tmp_path):
 def _rechain_unkeyed(lines: list[str], start: int) -> list[str]:
     """What an attacker without the key can do: re-seal lines from ``start`` on with
     the old unkeyed sha256, each ``prev`` pointing at the line before."""
-    from wardround.common.audit import _digest
+    from wardround.ops.jsonl_log import sha256_seal as _digest
 
     out = list(lines[:start])
     last = json.loads(out[-1]) if out else {}
@@ -304,7 +303,7 @@ def test_a_log_rewritten_and_rechained_without_the_key_fails_at_that_line(
 
 
 def test_a_log_resealed_with_a_guessed_key_fails_at_its_first_line(tmp_path):
-    from wardround.common.audit import _mac
+    from wardround.ops.jsonl_log import hmac_seal as _mac
 
     path = tmp_path / "audit.jsonl"
     _fill(path, 4)
@@ -390,132 +389,6 @@ def test_record_refuses_to_seal_a_keyed_log_rewritten_unkeyed(tmp_path):
     assert len(read_audit(path)) == 4
 
 
-# -- no patient data -------------------------------------------------------------
-PATIENT = "Jane Doe, MRN 4471-22"
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        f"{PATIENT}\nchest pain",
-        f"{PATIENT} 100%",
-        f"{PATIENT} #2",
-        f"{PATIENT} " + "note " * 80,
-        {"outer": {"inner": PATIENT}},
-        [PATIENT, [PATIENT]],
-        {"site": float("nan")},
-        PATIENT.encode(),
-        f"{PATIENT} é",
-        f"{PATIENT}\t",
-    ],
-)
-def test_patient_looking_values_are_refused_without_echo(tmp_path, value):
-    path = tmp_path / "audit.jsonl"
-    log = AuditLog(path, "site:a")
-    with pytest.raises(ValueError) as info:
-        log.record("error", free_text=value)
-    assert "free_text" in str(info.value)
-    assert "Jane" not in str(info.value) and "4471" not in str(info.value)
-    assert not path.exists() or path.read_bytes() == b""
-
-
-def test_dict_keys_are_checked_without_echo(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", "coordinator")
-    with pytest.raises(ValueError, match="epsilon_by_site") as info:
-        log.record("privacy_spent", epsilon_by_site={"Jane Doe\n": 1.0})
-    assert "Jane" not in str(info.value)
-
-
-@pytest.mark.parametrize("name", sorted(RESERVED_KEYS - {"event"}))
-def test_reserved_field_names_are_refused(tmp_path, name):
-    log = AuditLog(tmp_path / "audit.jsonl", "coordinator")
-    with pytest.raises(ValueError, match=name):
-        log.record("error", **{name: "x"})
-
-
-@pytest.mark.parametrize("name", ["CamelCase", "with-dash", "_private", "1st", "a b"])
-def test_field_names_must_be_snake_case(tmp_path, name):
-    log = AuditLog(tmp_path / "audit.jsonl", "coordinator")
-    with pytest.raises(ValueError, match="snake_case"):
-        log.record("error", **{name: "x"})
-
-
-def test_unknown_events_and_actors_are_refused(tmp_path):
-    with pytest.raises(ValueError):
-        AuditLog(tmp_path / "audit.jsonl", "coordinator").record("patient_admitted")
-    with pytest.raises(ValueError):
-        AuditLog(tmp_path / "audit.jsonl", "bad\nactor")
-
-
-def test_event_enum_is_exactly_the_agreed_set():
-    assert {e.value for e in AuditEvent} == {
-        "coordinator_started", "coordinator_stopped", "site_daemon_started",
-        "site_daemon_stopped", "supernode_restarted", "site_enrolled", "site_revoked",
-        "site_joined",
-        "site_left", "site_refused", "run_started", "run_resumed", "run_paused",
-        "run_finished", "run_stopped", "round_started", "round_finished",
-        "app_approved", "app_refused", "privacy_spent", "answer_sent",
-        "answer_refused", "node_ignored", "error",
-    }  # fmt: skip
-
-
-def test_safe_reason_squeezes_any_text_into_the_alphabet(tmp_path):
-    reason = safe_reason("boom:\n  value #3 is 100% wrong\t(é) " + "z" * 500)
-    assert reason.startswith("boom: value 3 is 100 wrong ( ) zzz")
-    assert len(reason) <= 300
-    AuditLog(tmp_path / "audit.jsonl", "coordinator").record("error", reason=reason)
-
-
-# -- filters ---------------------------------------------------------------------
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-
-
-def _at(minutes: int, event: str, **fields) -> dict:
-    stamp = (T0 + timedelta(minutes=minutes)).isoformat(timespec="milliseconds")
-    return {"time": stamp.replace("+00:00", "Z"), "event": event, **fields}
-
-
-EVENTS = [
-    _at(0, "run_started", run_id="r1", sites=["a", "b"]),
-    _at(1, "site_joined", site="a"),
-    _at(2, "round_finished", run_id="r1", server_round=1),
-    _at(3, "privacy_spent", run_id="r1", site="b", epsilon=0.4),
-    _at(4, "run_started", run_id="r2", sites=["c"]),
-    _at(5, "run_finished", run_id="r1"),
-]
-
-
-def test_filter_by_run_site_event_and_time():
-    def kinds(events):
-        return [e["event"] for e in events]
-
-    assert kinds(filter_events(EVENTS, run="r1")) == [
-        "run_started", "round_finished", "privacy_spent", "run_finished",
-    ]  # fmt: skip
-    assert kinds(filter_events(EVENTS, site="a")) == ["run_started", "site_joined"]
-    assert kinds(filter_events(EVENTS, site="b")) == ["run_started", "privacy_spent"]
-    assert kinds(filter_events(EVENTS, event="run_started")) == ["run_started"] * 2
-    assert kinds(
-        filter_events(EVENTS, event=[AuditEvent.SITE_JOINED, "run_finished"])
-    ) == ["site_joined", "run_finished"]
-    assert kinds(
-        filter_events(
-            EVENTS,
-            since=T0 + timedelta(minutes=2),
-            until=T0.replace(tzinfo=None) + timedelta(minutes=4),
-        )
-    ) == ["round_finished", "privacy_spent", "run_started"]
-    assert filter_events(EVENTS, run="r2", site="a") == []
-    with pytest.raises(ValueError):
-        filter_events(EVENTS, event="nope")
-
-
-def test_merge_interleaves_by_time():
-    merged = merge_by_time([*EVENTS[::2], *EVENTS[1::2]])
-    assert merged == EVENTS
-
-
-# -- property --------------------------------------------------------------------
 _TEXT = st.text(alphabet="abcXYZ019 ._:/@=+,-()[]'", max_size=300)
 _SCALAR = st.one_of(
     st.none(),
@@ -546,112 +419,3 @@ def test_any_sequence_of_allowed_records_verifies(records):
         written = [log.record(event, **fields) for event, fields in records]
         assert verify_audit(path) == AuditCheck(ok=True, lines=len(records))
         assert read_audit(path) == written
-
-
-# -- the command -----------------------------------------------------------------
-@pytest.fixture
-def two_logs(tmp_path):
-    coordinator = AuditLog(tmp_path / "coord" / "audit.jsonl", "coordinator")
-    site = AuditLog(tmp_path / "site-a" / "audit.jsonl", "site:a")
-    steps = [
-        lambda: coordinator.record("run_started", run_id="r1", sites=["a", "b"]),
-        lambda: site.record("site_joined", site="a", address="127.0.0.1:9092"),
-        lambda: coordinator.record(
-            "round_finished", run_id="r1", server_round=1, bytes_by_site={"a": 10}
-        ),
-        lambda: site.record(
-            "error", run_id="r1", site="a", reason="[DataError] bad column"
-        ),
-        lambda: coordinator.record("run_finished", run_id="r1"),
-    ]
-    for step in steps:
-        step()
-        # stamps have millisecond resolution; events in one millisecond keep file order
-        time.sleep(0.002)
-    return coordinator.path, site.path
-
-
-def test_cli_table_merges_logs_by_time(two_logs):
-    coordinator, site = two_logs
-    result = runner.invoke(_app(), ["audit", str(coordinator.parent), str(site)])
-    assert result.exit_code == 0, result.output
-    order = [
-        result.output.index(name)
-        for name in (
-            "run_started",
-            "site_joined",
-            "round_finished",
-            "error",
-            "run_finished",
-        )
-    ]
-    assert order == sorted(order)
-    assert "[DataError]" in result.output  # shown as text, not eaten as markup
-    assert "server_round=1" in result.output
-
-
-def test_cli_json_filters(two_logs):
-    coordinator, site = two_logs
-    result = runner.invoke(
-        _app(),
-        ["audit", str(coordinator), str(site), "--json", "--site", "a",
-         "--event", "run_started,error"],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    events = [json.loads(line) for line in result.output.splitlines()]
-    assert [e["event"] for e in events] == ["run_started", "error"]
-    assert events[1]["actor"] == "site:a"
-
-
-def test_cli_since_and_until(two_logs):
-    coordinator, _ = two_logs
-    future = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
-    result = runner.invoke(
-        _app(), ["audit", str(coordinator), "--json", "--since", future]
-    )
-    assert result.exit_code == 0 and result.output == ""
-    result = runner.invoke(
-        _app(), ["audit", str(coordinator), "--json", "--until", future]
-    )
-    assert len(result.output.splitlines()) == 3
-
-
-def test_cli_verify_exit_codes(two_logs):
-    coordinator, site = two_logs
-    result = runner.invoke(_app(), ["audit", "--verify", str(coordinator), str(site)])
-    assert result.exit_code == 0, result.output
-    assert result.output.count("chain intact") == 2
-
-    lines = _lines(coordinator)
-    del lines[1]
-    coordinator.write_text("".join(lines))
-    result = runner.invoke(_app(), ["audit", "--verify", str(coordinator), str(site)])
-    assert result.exit_code == DataError.exit_code == 3
-    assert f"{coordinator}: line 2" in result.output
-
-    shown = runner.invoke(_app(), ["audit", str(coordinator)])
-    assert shown.exit_code == 0
-    assert "fails verification at line 2" in shown.output
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--event", "patient_admitted"], "unknown audit event"),
-        (["--since", "yesterday"], "not an ISO-8601"),
-        (["--until", "2025-13-45"], "not an ISO-8601"),
-    ],
-)
-def test_cli_bad_options_exit_2(two_logs, args, message):
-    result = runner.invoke(_app(), ["audit", str(two_logs[0]), *args])
-    assert result.exit_code == 2
-    assert message in result.output
-
-
-def test_cli_missing_log_exits_2(tmp_path):
-    result = runner.invoke(_app(), ["audit", str(tmp_path / "nope.jsonl")])
-    assert result.exit_code == 2
-    assert "no audit log at" in result.output
-    result = runner.invoke(_app(), ["audit", str(tmp_path)])
-    assert result.exit_code == 2
-    assert "no audit.jsonl in folder" in result.output

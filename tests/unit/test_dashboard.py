@@ -21,10 +21,10 @@ from wardround.client.dashboard.state import SiteSource, privacy_report
 from wardround.client.egress_log import record_egress
 from wardround.client.ledger import PrivacyLedger, ledger_file
 from wardround.client.site_config import SiteConfig
-from wardround.common.audit import AuditLog
 from wardround.common.errors import ConfigError
 from wardround.common.privacy import Mechanism
 from wardround.dashboard.web import Exposure, check_exposure
+from wardround.ops.audit import AuditLog
 from wardround.server.dashboard.app import build_app
 from wardround.server.dashboard.state import CoordinatorSource
 from wardround.server.records import (
@@ -496,7 +496,7 @@ def test_a_dashboard_with_tls_and_a_token_serves_only_those_who_give_it(
 
     from wardround.dashboard.web import DashboardServer
     from wardround.deploy.loopback import free_port
-    from wardround.deploy.pki import init_ca, issue_server_certificate
+    from wardround.pki import init_ca, issue_server_certificate
 
     ca = init_ca(tmp_path / "pki")
     server_files = issue_server_certificate(
@@ -534,7 +534,7 @@ def test_a_dashboard_with_tls_and_a_token_serves_only_those_who_give_it(
 
 
 def test_wardround_dashboard_serves_a_site_from_its_site_toml(site):
-    from wardround.dashboard.cli import _app
+    from wardround.dashboard_cli import _app
 
     app, what = _app(None, None, site.base_dir / "site.toml", [], LOOPBACK, 5)
     assert what == "site site-07"

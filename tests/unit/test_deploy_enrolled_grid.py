@@ -14,9 +14,9 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from wardround.common.audit import AuditLog, read_audit
 from wardround.common.config import FederationConfig
 from wardround.common.errors import FederationError
+from wardround.ops.audit import AuditLog, read_audit
 from wardround.server.deployment import SiteRoster
 from wardround.server.enrolled_grid import EnrolledGrid
 from wardround.server.registry import EnrolledSite, save_sites

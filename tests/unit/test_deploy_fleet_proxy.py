@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from wardround.common.errors import ConfigError
-from wardround.deploy.pki import init_ca, issue_server_certificate
+from wardround.pki import init_ca, issue_server_certificate
 from wardround.server import fleet_proxy
 from wardround.server.coordinator import run_coordinator
 from wardround.server.coordinator_config import CoordinatorConfig

@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 
 from wardround.common.errors import ConfigError
 from wardround.deploy.cli import certs_app, keys_app
-from wardround.deploy.pki import (
+from wardround.pki import (
     describe_certificate,
     expiry_warning,
     generate_site_keypair,

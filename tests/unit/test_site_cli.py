@@ -312,7 +312,7 @@ def _approved(site_toml: Path) -> dict:
 def test_site_approve_run_config_shows_the_settings_and_the_launch_hash(
     approving_site, tmp_path
 ):
-    from wardround.common.audit import read_audit
+    from wardround.ops.audit import read_audit
 
     site_toml, run_toml = approving_site
     expected = _launch_hash(run_toml, tmp_path)

@@ -24,9 +24,9 @@ from wardround.client.daemon import (
 from wardround.client.site_config import SiteConfig
 from wardround.client.site_worker import APP_NOT_APPROVED, TaskOutcome, _numeric_metrics
 from wardround.common import wire
-from wardround.common.audit import AuditLog, read_audit, verify_audit
 from wardround.common.errors import ConfigError, FederationError
-from wardround.deploy.pki import generate_site_keypair, init_ca
+from wardround.ops.audit import AuditLog, read_audit, verify_audit
+from wardround.pki import generate_site_keypair, init_ca
 
 # ------------------------------------------------------------------ refusals
 
@@ -586,8 +586,8 @@ def secured_supernode(site, credentials, monkeypatch, tmp_path):
         _wait_for_port,
         free_loopback_port,
     )
-    from wardround.common.processes import start_child, stop_child
-    from wardround.common.secret_file import load_or_create_secret
+    from wardround.ops.processes import start_child, stop_child
+    from wardround.ops.secret_file import load_or_create_secret
 
     _local_copy(credentials[0], site.parent / "ca.pem", 0o644)
     _local_copy(credentials[1], site.parent / "site-01.key", 0o600)

@@ -11,8 +11,8 @@ from site_wait_helpers import late as _late
 from site_wait_helpers import local_grid as _grid
 
 from wardround.common import wire
-from wardround.common.audit import read_audit, verify_audit
 from wardround.common.errors import FederationError
+from wardround.ops.audit import read_audit, verify_audit
 from wardround.server.deployment import (
     AuditObserver,
     Deployment,

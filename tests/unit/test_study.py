@@ -1,13 +1,11 @@
 """The learning-quality study's pure parts: statistics, subgroups, plan (cells over
-base × patients per site × DP, keys, seeds), the 'keeps X of pooled' table, goals,
-report and plots, docs sections, and the generator's heterogeneity settings."""
+base × patients per site × DP, keys, seeds), the generator's heterogeneity settings
+and real sites (--sites-dir). Summary, goals and report: test_study_report.py."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,11 +15,7 @@ from wardround.client.data.ehr import encode_ehr
 from wardround.client.site_config import EhrSchema
 from wardround.common.config import TaskConfig
 from wardround.common.errors import ConfigError
-from wardround.simulations.reporting import replace_marked_section
-from wardround.simulations.study.arms import ArmOutcome
 from wardround.simulations.study.plan import ArmGroup, Cell, StudySettings, StudySize
-from wardround.simulations.study.plots import write_plots
-from wardround.simulations.study.report import render_report
 from wardround.simulations.study.stats import (
     age_band,
     demographics,
@@ -31,12 +25,7 @@ from wardround.simulations.study.stats import (
     site_mean,
     subgroup_auroc,
 )
-from wardround.simulations.study.summary import (
-    dp_worth,
-    evaluate_goals,
-    fmt,
-    summarise,
-)
+from wardround.simulations.study.summary import fmt
 from wardround.simulations.synth import site_profile
 from wardround.simulations.synth_notes import NoteStyle, site_cues, write_note
 from wardround.simulations.synth_shift import (
@@ -293,293 +282,6 @@ def test_a_one_site_study_and_tiny_sites_are_refused():
         StudySettings.for_size(StudySize.SMOKE, site_counts=(1,))
     with pytest.raises(ConfigError, match="at least 10 patients"):
         StudySettings.for_size(StudySize.SMOKE, patients=(5,))
-
-
-# -- summary, goals, report -------------------------------------------------------------
-SITES = ("site-01", "site-02", "site-03")
-
-
-def _outcome(per_site: dict[str, float], **extra) -> ArmOutcome:
-    return ArmOutcome(
-        per_round=[{s: 0.5 for s in per_site}, per_site],
-        per_label={s: dict.fromkeys(LABELS, v) for s, v in per_site.items()},
-        train_examples=dict.fromkeys(per_site, 30),
-        validation_examples=dict.fromkeys(per_site, 8),
-        seconds=1.0,
-        cpu_seconds=0.9,
-        **extra,
-    )
-
-
-def _per_site(value) -> dict[str, float]:
-    """A value per site: one number (then + 0.01 per site) or one per site."""
-    if isinstance(value, dict):
-        return dict(value)
-    return {s: value + 0.01 * i for i, s in enumerate(SITES)}
-
-
-PRIMARY_VALUES = {
-    "pooled": 0.80,
-    "local": 0.70,
-    "fedavg": 0.79,
-    "fedprox-mu0.1": {"site-01": 0.78, "site-02": 0.79, "site-03": 0.5},
-    "fedavg-secagg": 0.79,
-    "fedavg-dp-eps3": 0.60,
-    "fedavg-dp-eps8": {"site-01": 0.74, "site-02": 0.69, "site-03": 0.75},
-    "fedavg-dp-eps8-secagg": 0.70,
-    "fedavg-image-only": 0.72,
-    "fedavg-ehr-only": 0.75,
-    "fedavg-note-only": 0.65,
-    "fedavg-gated": 0.77,
-    "fedavg-cross-attention": 0.70,
-}
-
-
-def _results(settings: StudySettings, values: dict[str, dict]) -> dict:
-    """cell key -> arm -> value(s); every seed gets the same outcomes."""
-    results = {}
-    for cell in settings.cells():
-        for arm in settings.arms_for(cell):
-            if arm.name not in values.get(cell.key, {}):
-                continue
-            extra = {}
-            if arm.name.startswith("fedavg"):
-                extra["upload_bytes_per_round"] = dict.fromkeys(SITES, 1000.0)
-            if arm.epsilon is not None:
-                extra["epsilon"] = dict.fromkeys(SITES, arm.epsilon)
-            outcome = _outcome(_per_site(values[cell.key][arm.name]), **extra)
-            for seed in settings.seeds_for(cell.patients):
-                results[(cell.key, seed, arm.name)] = outcome
-    return results
-
-
-def _two_sizes() -> StudySettings:
-    """40 and 80 patients per site, pretrained and random; DP goals at 80."""
-    settings = StudySettings.for_size(
-        StudySize.SMOKE, patients=(40, 80), bases=("pretrained", "random")
-    )
-    return replace(
-        settings,
-        epsilons=(3.0, 8.0),
-        arms=(),
-        dp_goal_patients=80,
-        local_goal_patients=40,
-    )
-
-
-def _two_size_values() -> dict[str, dict]:
-    axis = ("pooled", "local", "fedavg", "fedavg-dp-eps3", "fedavg-dp-eps8")
-    return {
-        "40x3-pretrained": PRIMARY_VALUES,
-        "40x3-random": dict(zip(axis, (0.78, 0.66, 0.77, 0.55, 0.60), strict=True)),
-        "80x3-pretrained": dict(zip(axis, (0.84, 0.76, 0.80, 0.70, 0.78), strict=True)),
-        "80x3-random": dict(zip(axis, (0.83, 0.75, 0.82, 0.60, 0.65), strict=True)),
-    }
-
-
-def _site_mean(value) -> float:
-    return float(np.mean(list(_per_site(value).values())))
-
-
-def test_dp_worth_says_what_each_epsilon_keeps_of_pooled_on_the_same_base():
-    settings = _two_sizes()
-    values = _two_size_values()
-    summary = summarise(settings, _results(settings, values), LABELS)
-
-    rows = {r["cell"]: r for r in dp_worth(settings, summary)}
-
-    assert set(rows) == set(values)
-    for key, row in rows.items():
-        pooled = _site_mean(values[key]["pooled"])
-        assert row["pooled"] == pytest.approx(pooled)
-        assert row["seeds"] == 1
-        for eps in ("8", "3"):
-            dp = _site_mean(values[key][f"fedavg-dp-eps{eps}"])
-            assert row["dp"][eps]["auroc"] == pytest.approx(dp)
-            assert row["dp"][eps]["ratio_to_pooled"] == pytest.approx(dp / pooled)
-    local = _per_site(values["40x3-pretrained"]["local"])
-    dp8 = _per_site(values["40x3-pretrained"]["fedavg-dp-eps8"])
-    assert rows["40x3-pretrained"]["dp"]["8"]["sites_above_local"] == sum(
-        dp8[s] > local[s] for s in SITES
-    )
-
-
-def test_goals_are_checked_against_their_thresholds():
-    settings = _two_sizes()
-    values = _two_size_values()
-    summary = summarise(settings, _results(settings, values), LABELS)
-
-    checked = evaluate_goals(settings, summary)
-    goals = {(g.key, g.cell, g.goal.split()[0]): g for g in checked}
-
-    def ratio_of(cell, arm, to="pooled"):
-        return _site_mean(values[cell][arm]) / _site_mean(values[cell][to])
-
-    fedavg = goals[("federated_vs_pooled", "40x3-pretrained", "FedAvg")]
-    assert fedavg.met and fedavg.value == pytest.approx(
-        ratio_of("40x3-pretrained", "fedavg")
-    )
-    assert fedavg.patients == 40 and fedavg.sites == 3 and fedavg.base == "pretrained"
-    assert goals[("every_site_above_local", "40x3-pretrained", "FedAvg:")].met
-    prox = goals[("every_site_above_local", "40x3-pretrained", "FedProx")]
-    assert not prox.met and "2 of 3" in prox.measured
-    # the strategy goals are the primary base's only
-    assert not any(
-        g.base == "random" and g.key == "federated_vs_pooled" for g in checked
-    )
-    # DP vs pooled at the goal size (80): ε=8 ≥ 0.90×, ε=3 ≥ 0.85×
-    dp = [g for g in checked if g.key == "dp_vs_pooled"]
-    assert {g.cell for g in dp} == {"80x3-pretrained"}
-    for g in dp:
-        eps = "8" if "ε=8" in g.goal else "3"
-        value = ratio_of("80x3-pretrained", f"fedavg-dp-eps{eps}")
-        assert g.value == pytest.approx(value)
-        assert g.met == (value >= (0.90 if eps == "8" else 0.85))
-    assert {g.met for g in dp} == {True, False}  # the inputs meet one, miss one
-    # DP ε=8 above every site's local-only model at the local goal size (40)
-    above = next(g for g in checked if g.key == "dp_above_local")
-    local = _per_site(values["40x3-pretrained"]["local"])
-    dp8 = _per_site(values["40x3-pretrained"]["fedavg-dp-eps8"])
-    margins = {s: dp8[s] - local[s] for s in SITES}
-    worst = min(margins, key=margins.get)
-    assert above.cell == "40x3-pretrained"
-    assert above.value == sum(m > 0 for m in margins.values())
-    assert above.met == all(m > 0 for m in margins.values())
-    assert f"{margins[worst]:+.3f} ({worst}" in above.measured
-    # pretrained vs random FedAvg, per size, by how much
-    base = {g.patients: g for g in checked if g.key == "pretrained_vs_random"}
-    for patients, g in base.items():
-        diff = _site_mean(values[f"{patients}x3-pretrained"]["fedavg"]) - _site_mean(
-            values[f"{patients}x3-random"]["fedavg"]
-        )
-        assert g.value == pytest.approx(diff) and g.met == (diff >= 0)
-        assert f"{diff:+.3f}" in g.measured
-    assert set(base) == {40, 80} and {g.met for g in base.values()} == {True, False}
-    fused = [g for g in checked if g.key == "fused_vs_best_single"]
-    concat = next(g for g in fused if "(concat)" in g.goal)
-    best = max(
-        _site_mean(PRIMARY_VALUES[f"fedavg-{m}-only"]) for m in ("image", "ehr", "note")
-    )
-    assert concat.value == pytest.approx(_site_mean(PRIMARY_VALUES["fedavg"]) - best)
-    assert concat.met and not next(g for g in fused if "(gated)" in g.goal).met
-
-
-def test_a_goal_whose_size_did_not_run_is_reported_not_judged():
-    settings = replace(StudySettings.for_size(StudySize.SMOKE), dp_goal_patients=1000)
-    values = {
-        "40x3-random": {
-            "pooled": 0.8,
-            "local": 0.7,
-            "fedavg": 0.79,
-            "fedavg-dp-eps8": 0.7,
-        }
-    }
-    summary = summarise(settings, _results(settings, values), LABELS)
-
-    goals = [g for g in evaluate_goals(settings, summary) if g.key == "dp_vs_pooled"]
-
-    assert goals and all(g.met is None and "not run" in g.measured for g in goals)
-    data = json.loads(json.dumps(_study_data(settings, summary)))
-    text = render_report(data, {}, relative_to=Path("."))
-    assert "| 1,000 | 3 | random | FedAvg + DP ε=8" in text
-    assert "not run: no 1,000-patient federation in this study | not measured |" in text
-
-
-def _study_data(settings: StudySettings, summary: dict) -> dict:
-    goals = evaluate_goals(settings, summary)
-    return {
-        "command": "wardround study quality --size smoke",
-        "finished": 0.0,
-        "wall_seconds": 60.0,
-        "arms_span_seconds": 55.0,
-        "arms_run": 12,
-        "arms_cached": 0,
-        "arm_seconds_total": 50.0,
-        "arm_cpu_seconds_total": 45.0,
-        "machine": {
-            "cpus": 2,
-            "cpu_model": "test CPU",
-            "memory_gib": 8,
-            "gpu": "none",
-            "os": "Linux",
-            "load_average": 1.0,
-        },
-        "versions": dict.fromkeys(
-            ("python", "torch", "flwr", "opacus", "peft", "transformers", "wardround"),
-            "x",
-        ),
-        "bases": {
-            "pretrained": {
-                "folder": "public-synthetic-0123",
-                "corpus": {
-                    "kind": "public-synthetic",
-                    "sites": 4,
-                    "patients_per_site": 1500,
-                    "seed": 7,
-                },
-                "pretrain": {"steps": 400, "batch_size": 128},
-                "objective": "cross-modal InfoNCE",
-                "init_seed": 0,
-                "loss_first": 4.0,
-                "loss_last_tenth": 1.5,
-                "seconds": 90.0,
-                "layers_sha256": "abcdef0123456789",
-            },
-            "random": None,
-        },
-        "settings": settings.describe(),
-        "summary": summary,
-        "dp_worth": dp_worth(settings, summary),
-        "goals": [g.to_json() for g in goals],
-    }
-
-
-def test_report_renders_goals_dp_worth_cells_sites_and_subgroups(tmp_path):
-    settings = _two_sizes()
-    values = _two_size_values()
-    results = _results(settings, values)
-    results[("40x3-pretrained", 0, "fedavg")] = _outcome(
-        {"site-01": 0.79, "site-02": 0.8, "site-03": 0.81},
-        subgroups={"sex": {"F": {"auroc": 0.8, "n": 12}, "M": {"auroc": 0.7, "n": 10}}},
-    )
-    summary = summarise(settings, results, LABELS)
-    data = json.loads(json.dumps(_study_data(settings, summary)))  # as study.json
-    row = next(r for r in data["dp_worth"] if r["cell"] == "80x3-pretrained")
-    x8 = row["dp"]["8"]["ratio_to_pooled"]
-
-    plots = write_plots(data, tmp_path)
-    text = render_report(data, plots, relative_to=tmp_path)
-
-    assert set(plots) == {"rounds", "privacy-40", "privacy-80", "sites"}
-    assert all(p.stat().st_size > 0 for p in plots.values())
-    assert "| 80 | 3 | pretrained | FedAvg + DP ε=8 ≥ 0.9 × pooled AUROC" in text
-    assert "**missed**" in text and "**met**" in text
-    assert "### Where DP is worth it" in text
-    assert (
-        f"With 80 patients per site (3 sites, pretrained base), ε=8 keeps {x8:.2f}× "
-        "of pooled" in text
-    )
-    assert "### 40 patients/site, 3 sites, pretrained base" in text
-    assert "### 80 patients/site, 3 sites, random base" in text
-    assert "| FedAvg | 0.500 | 0.800 | 0.988 |" in text
-    assert "| site-03 |" in text and "| sex | F | 12 | 0.800 |" in text
-    assert "label skew 1" in text and "4 sites × 1,500 patients" in text
-    assert "(privacy-80.png)" in text
-
-
-# -- docs sections ---------------------------------------------------------------------
-def test_marked_section_is_replaced_in_place_and_appended_when_absent():
-    text = "# B\n\nhand-written\n\n<!-- x:start -->\nold\n<!-- x:end -->\n\ntail\n"
-
-    replaced = replace_marked_section(text, "x", "new")
-    appended = replace_marked_section("# B\n", "y", "body")
-
-    assert (
-        replaced
-        == "# B\n\nhand-written\n\n<!-- x:start -->\nnew\n<!-- x:end -->\n\ntail\n"
-    )
-    assert replace_marked_section(replaced, "x", "new") == replaced
-    assert appended == "# B\n\n<!-- y:start -->\nbody\n<!-- y:end -->\n"
 
 
 # -- the generator's heterogeneity ----------------------------------------------------

@@ -13,7 +13,7 @@ import os
 import secrets
 from pathlib import Path
 
-from .errors import ConfigError
+from ..common.errors import ConfigError
 
 SECRET_BYTES = 32
 _PRIVATE = 0o600

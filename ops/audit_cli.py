@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from wardround.cli_support import user_errors
+
 if TYPE_CHECKING:
     from rich.text import Text
 
@@ -23,13 +25,10 @@ _COLUMN_KEYS = frozenset(
     {"seq", "time", "actor", "event", "run_id", "prev", "sha256", "hmac"}
 )
 
-
-def _fail(exc: Exception) -> None:
-    from wardround.cli import _fail as fail  # late: wardround.cli imports this module
-
-    fail(exc)
+_MOMENT_HELP = "ISO date or time, inclusive (UTC if no zone)"
 
 
+@user_errors
 def audit_command(
     logs: Annotated[
         list[Path],
@@ -49,14 +48,8 @@ def audit_command(
         list[str] | None,
         typer.Option("--event", help="only these events (repeat or comma-separate)"),
     ] = None,
-    since: Annotated[
-        str | None,
-        typer.Option("--since", help="ISO date or time, inclusive (UTC if no zone)"),
-    ] = None,
-    until: Annotated[
-        str | None,
-        typer.Option("--until", help="ISO date or time, inclusive (UTC if no zone)"),
-    ] = None,
+    since: Annotated[str | None, typer.Option("--since", help=_MOMENT_HELP)] = None,
+    until: Annotated[str | None, typer.Option("--until", help=_MOMENT_HELP)] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="print JSON lines instead of a table")
     ] = False,
@@ -76,35 +69,35 @@ def audit_command(
     ] = None,
 ) -> None:
     """Show audit logs merged by time, filtered; or verify their keyed chains."""
-    try:
-        from wardround.common.audit import (
-            filter_events,
-            merge_by_time,
-            read_audit,
-            verify_audit,
-        )
+    from wardround.ops.audit import (
+        filter_events,
+        merge_by_time,
+        read_audit,
+        verify_audit,
+    )
 
-        paths = [_log_file(path) for path in logs]
-        if verify:
-            checks = [(path, verify_audit(path, key)) for path in paths]
-        else:
-            wanted = _event_filter(event)
-            lower = _moment(since, "--since")
-            upper = _moment(until, "--until")
-            merged = merge_by_time(
-                entry for path in paths for entry in read_audit(path)
-            )
-            shown = filter_events(
-                merged, run=run, site=site, event=wanted, since=lower, until=upper
-            )
-            broken = [_check_or_warn(path, key) for path in paths]
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
-        _fail(exc)
-        return
+    paths = [_log_file(path) for path in logs]
     if verify:
-        _report_checks(checks, as_json)
+        _report_checks([(path, verify_audit(path, key)) for path in paths], as_json)
         return
-    for path, check in broken:
+    wanted = _event_filter(event)
+    lower = _moment(since, "--since")
+    upper = _moment(until, "--until")
+    merged = merge_by_time(entry for path in paths for entry in read_audit(path))
+    shown = filter_events(
+        merged, run=run, site=site, event=wanted, since=lower, until=upper
+    )
+    _warn_unverified([_check_or_warn(path, key) for path in paths])
+    if as_json:
+        for entry in shown:
+            typer.echo(json.dumps(entry, separators=(",", ":")))
+    else:
+        _print_table(shown, len(paths))
+
+
+def _warn_unverified(checked: list[tuple[Path, Any]]) -> None:
+    """Warn, on stderr, of every shown log whose chain does not verify."""
+    for path, check in checked:
         if check is None or check.ok:
             continue
         where = f"at line {check.first_bad_line} " if check.first_bad_line else ""
@@ -113,17 +106,12 @@ def audit_command(
             "its events may have been altered. Run `wardround audit --verify`.",
             err=True,
         )
-    if as_json:
-        for entry in shown:
-            typer.echo(json.dumps(entry, separators=(",", ":")))
-    else:
-        _print_table(shown, len(paths))
 
 
 def _check_or_warn(path: Path, key: Path | None) -> tuple[Path, Any]:
     """A log's verdict for the warning when showing it; None when it cannot be had."""
-    from wardround.common.audit import verify_audit
     from wardround.common.errors import ConfigError
+    from wardround.ops.audit import verify_audit
 
     try:
         return path, verify_audit(path, key)
@@ -134,8 +122,8 @@ def _check_or_warn(path: Path, key: Path | None) -> tuple[Path, Any]:
 
 def _log_file(path: Path) -> Path:
     """The log named on the command line: a file, or ``audit.jsonl`` in a folder."""
-    from wardround.common.audit import AUDIT_FILENAME
     from wardround.common.errors import ConfigError
+    from wardround.ops.audit import AUDIT_FILENAME
 
     if path.is_dir():
         inside = path / AUDIT_FILENAME
@@ -154,8 +142,8 @@ def _log_file(path: Path) -> Path:
 
 
 def _event_filter(names: list[str] | None) -> list[str] | None:
-    from wardround.common.audit import AuditEvent
     from wardround.common.errors import ConfigError
+    from wardround.ops.audit import AuditEvent
 
     if not names:
         return None
@@ -221,11 +209,9 @@ def _report_checks(checks: list[tuple[Path, Any]], as_json: bool) -> None:
             if check.first_bad_line
             else ("unkeyed")
         )
-        _fail(
-            DataError(
-                f"audit log {path} is {where}: {check.problem}",
-                hint="Keep the file as evidence; compare it with its backups.",
-            )
+        raise DataError(
+            f"audit log {path} is {where}: {check.problem}",
+            hint="Keep the file as evidence; compare it with its backups.",
         )
 
 
@@ -278,12 +264,3 @@ def _compact(value: Any) -> str:
     if isinstance(value, dict):
         return ",".join(f"{key}:{_compact(item)}" for key, item in value.items())
     return json.dumps(value)
-
-
-audit_app = typer.Typer(
-    name="audit",
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-    help="Show, filter, merge and verify wardround audit logs.",
-)
-audit_app.command("audit")(audit_command)

@@ -13,13 +13,10 @@ from typing import Annotated, Any
 
 import typer
 
-
-def _fail(exc: Exception) -> None:
-    from wardround.cli import _fail as fail  # late: wardround.cli imports this module
-
-    fail(exc)
+from wardround.cli_support import user_errors
 
 
+@user_errors
 def dashboard_command(
     path: Annotated[
         Path | None,
@@ -63,32 +60,27 @@ def dashboard_command(
     ] = 5,
 ) -> None:
     """Serve the read-only web dashboard and /metrics until Ctrl-C."""
-    try:
-        from wardround.common.errors import ConfigError
+    from wardround.common.errors import ConfigError
+    from wardround.dashboard.web import DashboardServer, check_exposure
 
-        from .web import DashboardServer, check_exposure
-
-        chosen = [p for p in (path, coordinator, site) if p is not None]
-        if len(chosen) != 1:
-            raise ConfigError(
-                "give one of: a run directory, --coordinator coordinator.toml, "
-                "--site site.toml",
-                hint="For example `wardround dashboard runs/simulate`.",
-            )
-        exposure = check_exposure(
-            "wardround dashboard",
-            host,
-            port,
-            token_file=token_file,
-            certfile=certificate,
-            keyfile=private_key,
+    chosen = [p for p in (path, coordinator, site) if p is not None]
+    if len(chosen) != 1:
+        raise ConfigError(
+            "give one of: a run directory, --coordinator coordinator.toml, "
+            "--site site.toml",
+            hint="For example `wardround dashboard runs/simulate`.",
         )
-        app, what = _app(path, coordinator, site, audit or [], exposure, refresh)
-        server = DashboardServer(app, exposure, what)
-        server.start()
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes in _fail
-        _fail(exc)
-        return
+    exposure = check_exposure(
+        "wardround dashboard",
+        host,
+        port,
+        token_file=token_file,
+        certfile=certificate,
+        keyfile=private_key,
+    )
+    app, what = _app(path, coordinator, site, audit or [], exposure, refresh)
+    server = DashboardServer(app, exposure, what)
+    server.start()
     typer.echo(f"{what} dashboard on {exposure.url} (read-only); Ctrl-C stops it")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,193 @@
+"""What a study's arms train on: the sites' data and the resolved bases.
+
+Synthetic hospitals are written once per size, site count and seed
+(``data/patients-P/seed-S/sites-N/``) and shared by every base; ``--sites-dir``
+sites are staged as copies of their site.toml under the output folder. The
+pretrained base is resolved once, before any arm: ``pretrained`` is the public
+synthetic base for the study's shapes (built on first use with init seed 0 and
+cached, see :mod:`~wardround.simulations.public_base`), and every arm of a
+pretrained cell, the single-modality ablations included, loads that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from ...client.site_config import SiteConfig
+from ...server.rundir import write_json
+from .cells import OWN_DATA, RANDOM_BASE, Cell, site_tomls_in
+from .plan import StudySettings
+
+STUDY_LIFETIME_BUDGET = 1_000_000.0
+"""The study's sites' lifetime epsilon budget: every DP arm is a separate run on the
+same synthetic patients, and the synthetic default (100) would stop the study
+after a few of them. Each run's own limit (``max-epsilon``, 10) still applies."""
+
+
+@dataclass(frozen=True)
+class ResolvedBase:
+    """Where a study base is and what identifies it (random: nothing)."""
+
+    folder: Path | None
+    identity: dict[str, Any] | None
+    """Part of every arm key of its cells: the pretrained layers' hash and the
+    manifest's corpus and pretraining settings."""
+    manifest: dict[str, Any] | None
+
+
+def resolve_bases(settings: StudySettings) -> dict[str, ResolvedBase]:
+    """Base (as in ``settings.bases``) -> its folder, building the public base once.
+
+    The public base is built from a config with the study's shapes, every
+    modality and init seed 0, so its bytes do not depend on which seed (or which
+    ``--jobs`` worker) needs it first; concurrent workers wait on its lock.
+    """
+    from ...common.models.base_folder import check_fits, layers_sha256, read_manifest
+    from ..public_base import public_base_folder
+
+    out = {}
+    for base in settings.bases:
+        if base == RANDOM_BASE:
+            out[base] = ResolvedBase(None, None, None)
+            continue
+        cell = Cell(settings.patients[0], settings.site_counts[0], RANDOM_BASE)
+        config = settings.base_config("sites", cell, 0)
+        if base == "pretrained":
+            folder = public_base_folder(config)
+        else:
+            folder = Path(base).expanduser().resolve()
+        manifest = read_manifest(folder)
+        check_fits(folder, manifest, config)
+        identity = {
+            "layers_sha256": layers_sha256(folder),
+            "corpus": manifest.get("corpus"),
+            "pretrain": manifest.get("pretrain"),
+            "init_seed": manifest.get("init_seed"),
+        }
+        out[base] = ResolvedBase(folder, identity, manifest)
+    return out
+
+
+def prepare_federation(
+    settings: StudySettings, out_dir: Path, patients: int, n_sites: int, seed: int
+) -> list[Path]:
+    """The synthetic hospitals of one size, site count and seed (written once).
+
+    Every base's cells of that size, site count and seed train on them.
+    """
+    from ..synth import synthesize_federation
+
+    if settings.sites_dir is not None:
+        return stage_sites(settings, out_dir)
+    root = (
+        out_dir / "data" / f"patients-{patients}" / f"seed-{seed}" / f"sites-{n_sites}"
+    )
+    marker = root / "federation.json"
+    wanted = {"sites": n_sites, "seed": seed, **settings.data_key(patients)}
+    if marker.is_file() and json.loads(marker.read_text()) == json.loads(
+        json.dumps(wanted)
+    ):
+        return sorted(root.glob("*/site.toml"))
+    marker.unlink(missing_ok=True)
+    paths = synthesize_federation(
+        root,
+        n_sites,
+        patients_per_site=patients,
+        seed=seed,
+        heterogeneity=settings.heterogeneity,
+    )
+    raise_lifetime_budget(paths)
+    write_json(marker, wanted)  # written last: the federation is complete
+    return paths
+
+
+def stage_sites(settings: StudySettings, out_dir: Path) -> list[Path]:
+    """Copies of the ``--sites-dir`` sites' site.toml the study runs on.
+
+    The data stay where they are (paths made absolute); the copies put the image
+    cache, the privacy ledger and the daemon state under ``out_dir``, so a study
+    never writes into a site's folder nor spends its real privacy budget.
+    """
+    assert settings.sites_dir is not None
+    staged = []
+    for toml in site_tomls_in(Path(settings.sites_dir)):
+        SiteConfig.from_toml(toml)  # a site that site check would refuse stops here
+        doc = tomllib.loads(toml.read_text())
+        home = toml.parent.resolve()
+        target = out_dir / "data" / "sites-dir" / toml.parent.name
+        data = doc.setdefault("data", {})
+        if "dicom-dirs" in data:
+            data["dicom-dirs"] = [str(home / d) for d in data["dicom-dirs"]]
+        data["ehr"] = str(home / data.get("ehr", "ehr.parquet"))
+        data["cache-dir"] = str(target / "cache")
+        privacy = doc.setdefault("privacy", {})
+        privacy["ledger-dir"] = str(target / "privacy-ledger")
+        doc.setdefault("deployment", {})["state-dir"] = str(target / "state")
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "site.toml").write_text(tomli_w.dumps(doc))
+        staged.append(target / "site.toml")
+    raise_lifetime_budget(staged)
+    return staged
+
+
+def inspect_sites(settings: StudySettings, out_dir: Path) -> StudySettings:
+    """``settings`` with the modalities no ``--sites-dir`` site has, and its data.
+
+    Loads every site's data once (as its ClientApp would) and keys the arms on
+    each site's dataset fingerprint, so a changed site reruns its arms.
+    """
+    from ...client.runtime import get_runtime
+
+    tomls = stage_sites(settings, out_dir)
+    cell = Cell(OWN_DATA, len(tomls), RANDOM_BASE)
+    config = settings.base_config(str(Path(settings.sites_dir or ".")), cell, 0)
+    present = {"image": 0.0, "ehr": 0.0, "note": 0.0}
+    fingerprints = {}
+    for index, toml in enumerate(tomls):
+        data = get_runtime(toml, index, config).data
+        fingerprints[toml.parent.name] = data.fingerprint
+        for dataset in (data.train, data.validation):
+            flags = dataset.tensors["present"].sum(0).tolist()
+            for name, count in zip(present, flags, strict=True):
+                present[name] += count
+    missing = {
+        name: f"no site has {'images' if name == 'image' else name + 's'}"
+        for name, count in present.items()
+        if count == 0
+    }
+    return replace(settings, missing=missing, data_identity=fingerprints)
+
+
+def raise_lifetime_budget(
+    site_tomls: list[Path], epsilon: float = STUDY_LIFETIME_BUDGET
+) -> None:
+    """Give synthetic sites a lifetime budget that many runs cannot reach."""
+    for site_toml in site_tomls:
+        doc = tomllib.loads(site_toml.read_text())
+        doc["privacy"]["budget-epsilon"] = epsilon
+        site_toml.write_text(tomli_w.dumps(doc))
+
+
+def describe_base(base: ResolvedBase) -> dict[str, Any] | None:
+    """What the report says of a base: where it came from and how it was built."""
+    if base.manifest is None:
+        return None
+    m = base.manifest
+    return {
+        "folder": base.folder.name if base.folder is not None else None,
+        "corpus": m.get("corpus"),
+        "corpus_examples": m.get("corpus_examples"),
+        "pretrain": m.get("pretrain"),
+        "objective": m.get("objective"),
+        "init_seed": m.get("init_seed"),
+        "loss_first": m.get("loss_first"),
+        "loss_last_tenth": m.get("loss_last_tenth"),
+        "seconds": m.get("seconds"),
+        "layers_sha256": (base.identity or {}).get("layers_sha256"),
+    }
