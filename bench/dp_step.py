@@ -22,10 +22,15 @@ belongs to that variant alone:
   sites' own set-up, ``client/dp.py``'s ``private_training`` (a mode it cannot run
   is reported as failing); its patient-sampling loader is only needed by Opacus
   for the sample rate and is not iterated.
-* memory, CPU: ``ru_maxrss`` of the subprocess after the model, the batch and the
-  libraries (opacus included, for every variant) are loaded (*baseline*) and after
-  the timed steps (*peak*). CUDA: ``torch.cuda.max_memory_allocated`` after a reset
-  (baseline: ``memory_allocated`` before the steps).
+* memory: the goal is judged on *step memory*, what the steps add over a baseline
+  taken once the model, the batch and the libraries (opacus included, for every
+  variant) are loaded: about 450 MB of libraries would otherwise hide any difference
+  between the variants. CPU: the resident set before the steps (*baseline*) and its
+  high-water mark during warm-up and timed steps (*peak*; Linux's
+  ``/proc/self/clear_refs`` resets the mark at the baseline; where it cannot,
+  ``ru_maxrss`` stands in and the result says so). CUDA:
+  ``torch.cuda.max_memory_allocated`` after a reset (baseline: ``memory_allocated``
+  before the steps).
 * exactness (DP modes): on a batch of 4, with LoRA B factors set to non-zero values
   (at init they are zero, which makes every LoRA A gradient zero and the check
   vacuous), Opacus's per-sample gradients are compared with a loop of single-example
@@ -59,6 +64,41 @@ ALL_MODES = ("hooks", "ew", "functorch", "ghost")
 
 def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the resident set's high-water mark (Linux); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return _proc_status_mb("VmHWM") is not None
+
+
+def _cpu_memory_start() -> tuple[float, str]:
+    """Baseline MB and how the peak will be read (after gc, before the steps)."""
+    current = _proc_status_mb("VmRSS")
+    if current is not None and _reset_peak_rss():
+        return current, "rss-high-water-mark"
+    return _maxrss_mb(), "ru_maxrss"
+
+
+def _cpu_memory_peak(how: str) -> float:
+    if how == "rss-high-water-mark":
+        return _proc_status_mb("VmHWM") or _maxrss_mb()
+    return _maxrss_mb()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -200,8 +240,9 @@ def measure(mode: str, batch_size: int, steps: int, warmup: int) -> dict:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
+        memory_how = "cuda-allocator"
     else:
-        base = _maxrss_mb()
+        base, memory_how = _cpu_memory_start()
     private = ExitStack()  # unwraps the DP model after the timed steps
     try:
         if mode == "plain":
@@ -232,7 +273,7 @@ def measure(mode: str, batch_size: int, steps: int, warmup: int) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = _maxrss_mb()
+        peak = _cpu_memory_peak(memory_how)
     result.update(
         median_s=statistics.median(times),
         mean_s=statistics.fmean(times),
@@ -241,6 +282,7 @@ def measure(mode: str, batch_size: int, steps: int, warmup: int) -> dict:
         baseline_mb=base,
         peak_mb=peak,
         increment_mb=peak - base,
+        memory_measure=memory_how,
         loss=float(loss.detach()) if hasattr(loss, "detach") else float("nan"),
     )
     if mode != "plain":
@@ -477,7 +519,8 @@ def main() -> None:
     print()
     print(
         f"{'mode':10s} {'median s':>9s} {'mean s':>8s} {'x time':>7s} "
-        f"{'cpu s':>7s} {'x cpu':>6s} {'peak ' + mem:>13s} {'x mem':>6s} {'+MB':>7s} {'x +MB':>6s} "
+        f"{'cpu s':>7s} {'x cpu':>6s} {'peak ' + mem:>13s} {'x mem':>6s} "
+        f"{'step MB':>7s} {'x step':>6s} "
         f"{'exact':>6s}  goal"
     )
     for mode, r in results.items():
@@ -495,7 +538,8 @@ def main() -> None:
         )
         exact = "-" if mode == "plain" else ("yes" if r.get("exact") else "no")
         if mode != "plain":
-            ok = r["time_ratio"] <= GOAL_TIME and r["memory_ratio"] <= GOAL_MEMORY
+            # step memory, not the process's (its libraries are the same for all)
+            ok = r["time_ratio"] <= GOAL_TIME and r["increment_ratio"] <= GOAL_MEMORY
             r["goal"] = "PASS" if ok else "MISS"
         print(
             f"{mode:10s} {r['median_s']:9.4f} {r['mean_s']:8.4f} "
@@ -506,9 +550,10 @@ def main() -> None:
         )
     print()
     print(
-        f"goal: <= {GOAL_TIME}x time, <= {GOAL_MEMORY}x memory at batch "
-        f"{opts.batch_size} (ratios of the median step time and of the process "
-        f"peak to plain's)"
+        f"goal: <= {GOAL_TIME}x time, <= {GOAL_MEMORY}x step memory at batch "
+        f"{opts.batch_size} (ratios of the median step time and of the step "
+        f"memory, step MB: peak over the loaded baseline, to plain's; memory read by "
+        f"{plain.get('memory_measure', '?')})"
     )
     for mode in modes:
         r = results[mode]
@@ -524,7 +569,7 @@ def main() -> None:
             detail = r["exact_error"]
         print(
             f"  {mode}: {r['goal']} ({r['time_ratio']:.2f}x time, "
-            f"{r['memory_ratio']:.2f}x memory); per-sample grads exact: "
+            f"{r['increment_ratio']:.2f}x step memory); per-sample grads exact: "
             f"{'yes' if r.get('exact') else 'no'} ({detail})"
         )
         if r.get("keyword_call_error"):
@@ -534,7 +579,7 @@ def main() -> None:
         for m in modes
         if "error" not in results[m]
         and results[m].get("exact")
-        and results[m]["memory_ratio"] <= GOAL_MEMORY
+        and results[m]["increment_ratio"] <= GOAL_MEMORY
     ]
     best = min(candidates, key=lambda m: results[m]["median_s"], default=None)
     print(f"recommended grad_sample_mode: {best or 'none (no exact mode within goal)'}")

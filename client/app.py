@@ -36,9 +36,8 @@ from ..common.adapter import (
     to_record,
 )
 from ..common.aggregation import subtract
-from ..common.config import Accountant, RunConfig, Strategy
+from ..common.config import RunConfig
 from ..common.errors import AnswerRefused, FederationError, ModelMismatchError
-from ..common.privacy import Mechanism, check_round_budget, epsilon_spent
 from ..common.release import version_metrics
 from ..flower_compat.legacy import (
     Code,
@@ -53,9 +52,9 @@ from .answer_audit import make_answer_audit_mod
 from .answers import AnswerKind, coarsen_metrics
 from .egress import EgressAllowlist, check_legacy_fitres, check_reply
 from .egress_mods import site_mods
-from .ledger import project
 from .personal import load_personal, save_personal
 from .privacy_policy import DpPlan, plan_site_privacy
+from .round_budget import check_round_ahead, commit_round, reserve_round
 from .run_identity import run_identity
 from .runtime import SiteRuntime, get_runtime, resolve_site_toml, samples_folder
 from .secure_aggregation import (
@@ -212,33 +211,19 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
     from .trainer import LocalTrainSpec, train_local
 
     config, runtime = request.config, request.runtime
-    server_round, run = request.server_round, request.run
     plan = _dp_plan(request)
     _admit_answer(request, AnswerKind.TRAIN)
-    reservation = None
-    if plan is not None:
-        # Checked and made durable under one lock, before any noisy step: a crash
-        # from here on counts as spent.
-        reservation = runtime.ledger.reserve(
-            run,
-            server_round,
-            plan.per_round,
-            delta=plan.delta,
-            max_grad_norm=plan.training.max_grad_norm,
-            accountant=plan.accountant.value,
-            base_model=runtime.built.base_fingerprint,
-            admit=functools.partial(_admit_round, plan, runtime, run),
-        )
+    reservation = (
+        None
+        if plan is None
+        else reserve_round(runtime, plan, request.run, request.server_round)
+    )
     spec = LocalTrainSpec.from_config(
         config,
-        seed=_round_seed(config, runtime, server_round),
+        seed=_round_seed(config, runtime, request.server_round),
         patients=runtime.data.num_privacy_units,
-        # The approved config's, never the message's (which could send inf).
-        proximal_mu=(
-            config.federation.proximal_mu
-            if config.federation.strategy is Strategy.FEDPROX
-            else 0.0
-        ),
+        # The approved config's, never the message's (0 unless FedProx, by config).
+        proximal_mu=config.federation.proximal_mu,
     )
     outcome = train_local(
         runtime.built.model,
@@ -248,7 +233,7 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         objective=runtime.objective,
     )
     trained = adapter_state(runtime.built.model)
-    save_personal(runtime, run, trained)
+    save_personal(runtime, request.run, trained)
     full_delta = subtract(trained, request.global_state)
     payload = OrderedDict((k, full_delta[k]) for k in runtime.payload_keys)
     raw_l2 = l2_norm(payload)
@@ -264,33 +249,8 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         **version_metrics(__version__),
     }
     if plan is not None and reservation is not None:
-        ledger = runtime.ledger
-        # The reservation still counts its planned steps (>= those taken): the
-        # reported epsilon never understates what the commit below records.
-        run_history = ledger.history(run)
-        eps_run = epsilon_spent(run_history, plan.delta, plan.accountant)
-        eps_total = epsilon_spent(
-            ledger.history(), plan.lifetime_delta, plan.lifetime_accountant
-        )
-        # Written before the update leaves the site.
-        ledger.commit(
-            reservation, outcome.steps, epsilon_run=eps_run, epsilon_total=eps_total
-        )
         metrics.update(
-            {
-                wire.DP_EPSILON_RUN: eps_run,
-                # PRV falls back to the RDP bound where it cannot evaluate a history
-                wire.DP_EPSILON_RUN_PRV: epsilon_spent(
-                    run_history, plan.delta, Accountant.PRV
-                ),
-                wire.DP_EPSILON_TOTAL: eps_total,
-                wire.DP_EPSILON_BUDGET: runtime.site.privacy.budget_epsilon,
-                wire.DP_DELTA: plan.delta,
-                wire.DP_NOISE_MULTIPLIER: plan.per_round.noise_multiplier,
-                wire.DP_SAMPLE_RATE: plan.per_round.sample_rate,
-                wire.DP_STEPS: outcome.steps,
-                wire.DP_MAX_GRAD_NORM: plan.training.max_grad_norm,
-            }
+            commit_round(runtime, plan, request.run, reservation, outcome.steps)
         )
     metrics = coarsen_metrics(
         metrics,
@@ -312,39 +272,6 @@ def _admit_answer(request: _Request, kind: AnswerKind) -> None:
     request.runtime.answers.admit(
         kind, request.run, request.server_round, request.config.federation.rounds
     )
-
-
-def _admit_round(
-    plan: DpPlan,
-    runtime: SiteRuntime,
-    run: str | None,
-    recorded: list[tuple[str, Mechanism]],
-) -> None:
-    """Refuse (under the ledger's lock) a round past the run's or the site's limit."""
-    run_after, total_after = project(
-        recorded,
-        plan.per_round,
-        run,
-        run_delta=plan.delta,
-        lifetime_delta=plan.lifetime_delta,
-        accountant=plan.accountant,
-        lifetime_accountant=plan.lifetime_accountant,
-    )
-    check_round_budget(
-        run_after,
-        total_after,
-        max_epsilon_per_run=plan.run_epsilon_limit,
-        budget_epsilon=runtime.site.privacy.budget_epsilon,
-    )
-
-
-def _check_round_budget(runtime: SiteRuntime, plan: DpPlan, run_id: str | None) -> None:
-    """Refuse a round that would take the run or the site past its epsilon limit.
-
-    A check ahead of time (SecAgg+ setup); the binding one is made under the
-    ledger's lock with the reservation.
-    """
-    _admit_round(plan, runtime, run_id, runtime.ledger.recorded())
 
 
 def handle_train(
@@ -468,7 +395,7 @@ def precheck_secure_round(
         run = run_identity(
             config, simulation=simulation, flower_run=int(context.run_id), named_run=""
         )
-        _check_round_budget(runtime, plan, run)
+        check_round_ahead(runtime, plan, run)
 
 
 def build_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:

@@ -297,19 +297,17 @@ def run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
         os.environ.update(env_before)
         raise
     port = plan.site.deployment.runtime_port or free_loopback_port()
-    log_path = plan.state_dir / SUPERNODE_LOG
-    offset = log_path.stat().st_size if log_path.exists() else 0
     env = dict(os.environ)
     env[POLL_ENV] = str(plan.site.deployment.poll_interval_s)
-    node = start_child(supernode_command(plan, port), env, log_path)
+    node = _SuperNode(plan, port, env, audit)
     audit.record(
         "site_daemon_started",
         coordinator=plan.coordinator,
         pid=os.getpid(),
-        supernode_pid=node.pid,
+        supernode_pid=node.process.pid,
         dashboard=dashboard.exposure.url if dashboard else "off",
     )
-    _wait_for_port(port, node)
+    _wait_for_port(port, node.process)
     worker = SiteWorker(
         f"127.0.0.1:{port}",
         AppApprovals(plan.state_dir),
@@ -321,72 +319,11 @@ def run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
     )
     worker_thread.start()
     failure: FederationError | None = None
-    grace = plan.site.deployment.refusal_grace_s
-    first_refusal: float | None = None
-    quick_exits = 0
-    node_started = time.monotonic()
     try:
-        while not stop.wait(0.5):
-            if node.poll() is not None:
-                text = _read_from(log_path, offset)
-                refusal = refusal_in(text)
-                now = time.monotonic()
-                ran_s = now - node_started
-                if ran_s > _STABLE_S:
-                    first_refusal = None  # the last refusal was a passing one
-                    quick_exits = 0
-                delay: float | None = None
-                if refusal is not None and _KEY_REFUSED in text:
-                    first_refusal = first_refusal or now
-                    if now - first_refusal < grace:
-                        # A restarting coordinator registers its sites' keys again
-                        # within seconds: retry before calling the key refused.
-                        log.warning(
-                            "%s; retrying (%.0f s left)",
-                            refusal.message,
-                            grace - (now - first_refusal),
-                        )
-                        delay = min(5.0, grace)
-                elif refusal is None and quick_exits < _MAX_QUICK_EXITS:
-                    # Flower's SuperNode ends itself (exit 0) when a restarted
-                    # SuperLink no longer knows its node (heartbeat 401): a new one
-                    # registers again. Quick exits in a row back off, then give up.
-                    quick_exits += 1
-                    delay = min(_MAX_RESTART_DELAY_S, 2.0 ** (quick_exits - 1))
-                    log.warning(
-                        "the SuperNode exited with code %s after %.0f s; "
-                        "starting it again in %.0f s",
-                        node.returncode,
-                        ran_s,
-                        delay,
-                    )
-                    audit.record(
-                        "supernode_restarted",
-                        exit_code=node.returncode,
-                        ran_s=round(ran_s, 1),
-                    )
-                if delay is not None:
-                    if stop.wait(delay):
-                        break
-                    offset = log_path.stat().st_size if log_path.exists() else 0
-                    node = start_child(supernode_command(plan, port), env, log_path)
-                    node_started = time.monotonic()
-                    continue
-                failure = refusal or FederationError(
-                    f"the SuperNode exited with code {node.returncode}"
-                    + (f", {quick_exits} times in a row" if quick_exits else ""),
-                    hint=f"See {log_path}.",
-                )
-                break
-            if not worker_thread.is_alive():
-                failure = FederationError(
-                    "the site's worker stopped",
-                    hint=f"See {log_path} and the daemon's log.",
-                )
-                break
+        failure = _supervise(node, worker_thread, stop)
     finally:
         stop.set()
-        stop_child(node)
+        stop_child(node.process)
         worker_thread.join(timeout=30)
         if dashboard is not None:
             dashboard.stop()
@@ -399,6 +336,94 @@ def run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
         os.environ.update(env_before)
     if failure is not None:
         raise failure
+
+
+def _supervise(
+    node: _SuperNode, worker_thread: threading.Thread, stop: threading.Event
+) -> FederationError | None:
+    """Watch the SuperNode and the worker until ``stop``; why they ended, if they did."""
+    while not stop.wait(0.5):
+        if node.process.poll() is not None:
+            delay = node.restart_delay()
+            if isinstance(delay, FederationError):
+                return delay
+            if stop.wait(delay):
+                return None
+            node.start()
+            continue
+        if not worker_thread.is_alive():
+            return FederationError(
+                "the site's worker stopped",
+                hint=f"See {node.log_path} and the daemon's log.",
+            )
+    return None
+
+
+class _SuperNode:
+    """The site's SuperNode process, restarted when it ends in a way that passes."""
+
+    def __init__(
+        self, plan: SitePlan, port: int, env: dict[str, str], audit: AuditLog
+    ) -> None:
+        self.plan, self.port, self.env, self.audit = plan, port, env, audit
+        self.log_path = plan.state_dir / SUPERNODE_LOG
+        self.first_refusal: float | None = None
+        self.quick_exits = 0
+        self.start()
+
+    def start(self) -> None:
+        """Start the SuperNode; its log is read from here on."""
+        log_path = self.log_path
+        self.offset = log_path.stat().st_size if log_path.exists() else 0
+        self.process = start_child(
+            supernode_command(self.plan, self.port), self.env, log_path
+        )
+        self.started = time.monotonic()
+
+    def restart_delay(self) -> float | FederationError:
+        """After the SuperNode exited: seconds to wait before a restart, or why not."""
+        text = _read_from(self.log_path, self.offset)
+        refusal = refusal_in(text)
+        now = time.monotonic()
+        ran_s = now - self.started
+        if ran_s > _STABLE_S:
+            self.first_refusal = None  # the last refusal was a passing one
+            self.quick_exits = 0
+        grace = self.plan.site.deployment.refusal_grace_s
+        if refusal is not None and _KEY_REFUSED in text:
+            self.first_refusal = self.first_refusal or now
+            if now - self.first_refusal < grace:
+                # A restarting coordinator registers its sites' keys again
+                # within seconds: retry before calling the key refused.
+                log.warning(
+                    "%s; retrying (%.0f s left)",
+                    refusal.message,
+                    grace - (now - self.first_refusal),
+                )
+                return min(5.0, grace)
+        elif refusal is None and self.quick_exits < _MAX_QUICK_EXITS:
+            # Flower's SuperNode ends itself (exit 0) when a restarted SuperLink
+            # no longer knows its node (heartbeat 401): a new one registers again.
+            # Quick exits in a row back off, then give up.
+            self.quick_exits += 1
+            delay = min(_MAX_RESTART_DELAY_S, 2.0 ** (self.quick_exits - 1))
+            code = self.process.returncode
+            log.warning(
+                "the SuperNode exited with code %s after %.0f s; "
+                "starting it again in %.0f s",
+                code,
+                ran_s,
+                delay,
+            )
+            self.audit.record(
+                "supernode_restarted", exit_code=code, ran_s=round(ran_s, 1)
+            )
+            return delay
+        return refusal or FederationError(
+            f"the SuperNode exited with code {self.process.returncode}"
+            + (f", {self.quick_exits} times in a row" if self.quick_exits else ""),
+            hint=f"See {self.log_path}.",
+        )
 
 
 def _wait_for_port(port: int, node: object, limit_s: float = 60.0) -> None:

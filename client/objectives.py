@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -18,6 +18,10 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .data.transforms import drop_modalities
 from .metrics import auroc_per_label, macro_auroc
+
+if TYPE_CHECKING:
+    from ..common.config import RunConfig
+    from ..common.models import BuiltModel
 
 INPUT_KEYS = ("image", "ehr", "note_ids", "note_mask", "present", "note_ngrams")
 """The fusion model's inputs (``labels`` is the target)."""
@@ -80,6 +84,11 @@ class FusionObjective:
 
     modality_dropout: float = 0.0
     """Chance to hide each present modality of a training example."""
+
+    @classmethod
+    def for_run(cls, config: RunConfig, built: BuiltModel) -> FusionObjective:
+        """The run's objective (the family registry's entry)."""
+        return cls(modality_dropout=config.train.modality_dropout)
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """Stack the items' tensors."""

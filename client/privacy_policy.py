@@ -11,7 +11,7 @@ import functools
 import json
 from dataclasses import dataclass
 
-from ..common.config import Accountant, RunConfig, SecureMode
+from ..common.config import Accountant, PrivacyConfig, RunConfig, SecureMode
 from ..common.errors import PrivacyPolicyRefused
 from ..common.privacy import Mechanism, local_schedule, plan_noise_multiplier
 from ..common.recipe import training_recipe
@@ -56,6 +56,12 @@ def plan_site_privacy(
     )
 
 
+_HINT = (
+    "Ask the coordinator for a run within this site's floor, or change "
+    "[privacy] in site.toml if your governance allows it."
+)
+
+
 @functools.lru_cache(maxsize=32)
 def _plan(
     config_json: str, floor_json: str, num_train: int, simulation: bool
@@ -63,36 +69,13 @@ def _plan(
     config = RunConfig.model_validate(json.loads(config_json))
     floor = SitePrivacy.model_validate(json.loads(floor_json))
     privacy = config.privacy
-    hint = (
-        "Ask the coordinator for a run within this site's floor, or change "
-        "[privacy] in site.toml if your governance allows it."
-    )
     if not privacy.enabled:
         if floor.required:
             raise PrivacyPolicyRefused(
                 "this site requires DP-SGD and the run has privacy.enabled = false",
-                hint=hint,
+                hint=_HINT,
             )
         return None
-    reasons = []
-    if privacy.target_epsilon > floor.max_epsilon:
-        reasons.append(
-            f"the run targets epsilon {privacy.target_epsilon:g} and this site allows "
-            f"at most {floor.max_epsilon:g} per run (privacy.max-epsilon)"
-        )
-    max_delta = floor.max_delta if floor.max_delta is not None else 1.0 / num_train
-    if privacy.target_delta > max_delta:
-        # The refusal reaches the coordinator: the default limit (1 / patients)
-        # would tell it the site's patient count, so that one is not quoted.
-        reasons.append(
-            f"the run's delta {privacy.target_delta:g} is above this site's limit "
-            + (
-                f"{max_delta:g} (privacy.max-delta)"
-                if floor.max_delta is not None
-                else "(1 / its number of training patients; privacy.max-delta sets "
-                "another)"
-            )
-        )
     schedule = local_schedule(
         num_train,
         training_recipe(config).batch_for(num_train),
@@ -106,15 +89,10 @@ def _plan(
         schedule.steps_per_round * config.federation.rounds,
         privacy.accountant,
     )
-    if sigma < floor.min_noise_multiplier:
-        reasons.append(
-            f"the run's schedule gives noise multiplier {sigma:.3f}, below this "
-            f"site's minimum {floor.min_noise_multiplier:g} "
-            "(privacy.min-noise-multiplier)"
-        )
     secure = privacy.secure_mode is SecureMode.ON or (
         privacy.secure_mode is SecureMode.AUTO and not simulation
     )
+    reasons = _below_floor(privacy, floor, num_train, sigma)
     if not secure and not simulation:
         reasons.append(
             "the run turns secure noise off (privacy.secure-mode = 'off'); outside "
@@ -125,7 +103,7 @@ def _plan(
         raise PrivacyPolicyRefused(
             "the run asks for less privacy than this site allows: "
             + "; ".join(reasons),
-            hint=hint,
+            hint=_HINT,
         )
     return DpPlan(
         per_round=Mechanism(
@@ -149,3 +127,35 @@ def _plan(
             secure_mode=secure,
         ),
     )
+
+
+def _below_floor(
+    privacy: PrivacyConfig, floor: SitePrivacy, num_train: int, sigma: float
+) -> list[str]:
+    """Where the run's epsilon, delta or planned sigma falls short of the floor."""
+    reasons = []
+    if privacy.target_epsilon > floor.max_epsilon:
+        reasons.append(
+            f"the run targets epsilon {privacy.target_epsilon:g} and this site allows "
+            f"at most {floor.max_epsilon:g} per run (privacy.max-epsilon)"
+        )
+    max_delta = floor.max_delta if floor.max_delta is not None else 1.0 / num_train
+    if privacy.target_delta > max_delta:
+        # The refusal reaches the coordinator: the default limit (1 / patients)
+        # would tell it the site's patient count, so that one is not quoted.
+        reasons.append(
+            f"the run's delta {privacy.target_delta:g} is above this site's limit "
+            + (
+                f"{max_delta:g} (privacy.max-delta)"
+                if floor.max_delta is not None
+                else "(1 / its number of training patients; privacy.max-delta sets "
+                "another)"
+            )
+        )
+    if sigma < floor.min_noise_multiplier:
+        reasons.append(
+            f"the run's schedule gives noise multiplier {sigma:.3f}, below this "
+            f"site's minimum {floor.min_noise_multiplier:g} "
+            "(privacy.min-noise-multiplier)"
+        )
+    return reasons

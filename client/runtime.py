@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..common.adapter import adapter_state, payload_keys
 from ..common.config import LoraVariant, RunConfig
 from ..common.errors import ConfigError
-from ..common.models import BuiltModel, build_model
+from ..common.models import BuiltModel, family_of
 from ..common.recipe import training_recipe
 from .answers import ANSWER_LOG, AnswerLog
 from .egress import EgressAllowlist
@@ -76,19 +76,7 @@ class SiteRuntime:
     @functools.cached_property
     def objective(self) -> Objective:
         """What local training optimises and evaluation measures, for the family."""
-        from .objectives import FusionObjective
-
-        if self.config.model.family != "vlm":
-            return FusionObjective(modality_dropout=self.config.train.modality_dropout)
-        from .vlm_objective import VlmObjective
-
-        return VlmObjective.create(
-            self.built.processor,
-            self.config.task,
-            max_new_tokens=self.config.model.max_new_tokens,
-            generations=self.config.train.eval_generations,
-            pack=self.config.model.pack_sequences,
-        )
+        return family_of(self.config).make_objective(self.config, self.built)
 
     @functools.cached_property
     def ledger(self) -> PrivacyLedger:
@@ -156,12 +144,15 @@ def resolve_device(spec: str) -> str:
 
 
 def _config_key(config: RunConfig) -> str:
+    # Everything a SiteRuntime reads from its config: a long-lived worker given a
+    # changed setting must not answer with a runtime built for the old one.
     relevant = {
         "model": config.model.model_dump(mode="json"),
         # 'auto' keys resolve by privacy.enabled: the built model differs with them
         "recipe": training_recipe(config).trainable.value,
         "task": config.task.model_dump(mode="json"),
-        "device": config.train.device,
+        "train": config.train.model_dump(mode="json"),
+        "personal": list(config.federation.personal),
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -172,35 +163,14 @@ def get_runtime(site_toml: Path, site_index: int, config: RunConfig) -> SiteRunt
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    from ..common.text import get_tokenizer
-    from .data.dataset import load_site_data
     from .data.imaging import task_for_site
 
     site = SiteConfig.from_toml(site_toml)
     # a site without imaging refuses a run that requires images, saying why
     task = task_for_site(site, config.task, config.requires_images)
-    if config.model.family == "vlm":
-        from .data.vlm_dataset import load_vlm_site_data
-
-        built = build_model(config)  # its processor tokenises the site's examples
-        data = load_vlm_site_data(
-            site,
-            task,
-            built.processor,
-            image_size=config.model.image_size,
-            max_tokens=config.model.max_seq_tokens,
-        )
-    else:
-        data = load_site_data(
-            site,
-            task,
-            image_size=config.model.image_size,
-            max_note_tokens=config.model.max_note_tokens,
-            tokenizer=get_tokenizer(config.model.tokenizer),
-            note_ngram_buckets=config.model.note_ngram_buckets,
-            max_note_ngrams=config.model.max_note_ngrams,
-        )
-        built = build_model(config)
+    family = family_of(config)
+    built = family.build(config)  # a vlm's processor tokenises the site's examples
+    data = family.load_data(site, task, config, built)
     built.model.to(resolve_device(config.train.device))
     runtime = SiteRuntime(
         site=site, data=data, built=built, site_index=site_index, config=config

@@ -83,14 +83,7 @@ def check_site(
         prep = prepare_site(site, task, image_size=image_size)
     except WardroundError as exc:
         blocking.append(str(exc))
-        from .data.dicom_index import INDEX_SCHEMA, index_dicom
-
-        index = (
-            index_dicom(site.dicom_paths, site.cache_path)
-            if site.has_imaging
-            else INDEX_SCHEMA.empty_table()
-        )
-        report["dicom"] = _dicom_section(site, index, {}, {})
+        report["dicom"] = _dicom_section(site, _index_only(site), {}, {})
         return _finish(report)
     report["dicom"] = _dicom_section(site, prep.index, prep.images, prep.reasons)
     report["ehr"] = _ehr_section(prep)
@@ -99,48 +92,73 @@ def check_site(
     report["phi"] = _phi_findings(prep, site)
     if task.kind is not TaskKind.CLASSIFICATION:
         report["text"] = _text_section(site, task, prep, blocking)
+    blocking.extend(_join_blocking(report, site, task))
+    warnings.extend(_data_warnings(report))
+    return _finish(report)
+
+
+def _index_only(site: SiteConfig) -> Any:
+    """The DICOM index alone, for the report of a site whose data did not prepare."""
+    from .data.dicom_index import INDEX_SCHEMA, index_dicom
+
+    if site.has_imaging:
+        return index_dicom(site.dicom_paths, site.cache_path)
+    return INDEX_SCHEMA.empty_table()
+
+
+def _join_blocking(
+    report: dict[str, Any], site: SiteConfig, task: TaskConfig
+) -> list[str]:
+    """What in the join keeps the site from training: no items, one patient."""
+    found: list[str] = []
     items = report["join"]["items"]
     if items == 0 and not site.has_imaging:
-        blocking.append(
+        found.append(
             "no EHR row has both a patient id and a study uid: check `[ehr] "
             "patient-id` and `[ehr] study-uid` in site.toml"
         )
     elif items == 0:
-        blocking.append(
+        found.append(
             "no EHR row joins a usable DICOM study: check `[ehr] study-uid` (the column "
             "holding StudyInstanceUID) and `data.dicom-dirs`"
             + ("" if task.require_image else ", or EHR rows lack patient id/study uid")
         )
     elif report["join"]["patients"] < 2:
-        blocking.append("fewer than 2 patients: no validation split is possible")
+        found.append("fewer than 2 patients: no validation split is possible")
     if items and report["join"]["items_with_image"] == 0 and task.require_image:
-        blocking.append("no study image could be decoded (see dicom.decode_failures)")
+        found.append("no study image could be decoded (see dicom.decode_failures)")
+    return found
+
+
+def _data_warnings(report: dict[str, Any]) -> list[str]:
+    """What the site can train with but its operator should look at."""
+    found: list[str] = []
     for label, prevalence in report["ehr"]["label_prevalence"].items():
         if prevalence == 0.0:
-            warnings.append(f"label {label!r} has no positive example at this site")
+            found.append(f"label {label!r} has no positive example at this site")
     for feature, frac in report["ehr"]["missing_fraction"].items():
         if frac >= 0.5:
-            warnings.append(f"feature {feature!r} is missing in {frac:.0%} of rows")
+            found.append(f"feature {feature!r} is missing in {frac:.0%} of rows")
     duplicates = report["dicom"]["duplicate_instances"]
     if duplicates:
-        warnings.append(
+        found.append(
             f"{duplicates} usable file(s) repeat the SOPInstanceUID of another (a "
             "re-send, a copy in another transfer syntax): each instance is used "
             "once, the first file read without warning, in path order"
         )
     warned = sum(report["dicom"]["pydicom_warnings"].values())
     if warned:
-        warnings.append(
+        found.append(
             f"pydicom warned {warned} time(s) reading the headers (by kind in "
             "dicom.pydicom_warnings; each file in the log)"
         )
     failures = sum(report["dicom"]["decode_failures"].values())
     if failures:
-        warnings.append(
+        found.append(
             f"{failures} study image(s) could not be decoded; those "
             "studies train without image"
         )
-    return _finish(report)
+    return found
 
 
 def _no_imaging_notes(site: SiteConfig, images_required: bool | None) -> list[str]:

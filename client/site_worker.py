@@ -144,11 +144,7 @@ class SiteWorker:
 
         from ..common.wirebytes import content_bytes
         from ..flower_compat.constants import ErrorCode, SubStatus
-        from ..flower_compat.runtime import (
-            HeartbeatSender,
-            push_message,
-            push_task_output,
-        )
+        from ..flower_compat.runtime import HeartbeatSender
 
         cancelled = threading.Event()
         client = self._runtime_client(
@@ -201,31 +197,29 @@ class SiteWorker:
                     reply_to=message,
                 )
         finally:
-            if reply is not None and context is not None:
-                try:
-                    push_message(client, reply, context)
-                except Exception as exc:  # noqa: BLE001 - the SuperNode went away
-                    log.error("could not push the reply: %s", exc)
-            try:
-                push_task_output(client, context, sub_status, details)
-            except Exception as exc:  # noqa: BLE001 - the SuperNode dropped the task
-                log.warning("could not report the task's end: %s", exc)
+            _end_task(client, reply, context, sub_status, details)
             heartbeat.stop()
             client.close()
         self.tasks_run += 1
         if outcome is not None:
-            outcome.seconds = time.perf_counter() - started
-            outcome.ok = sub_status == SubStatus.COMPLETED and not (
-                reply is not None and reply.has_error()
-            )
-            if reply is not None and reply.has_error():
-                outcome.error = str(reply.error.reason)
-            elif reply is not None:
-                outcome.bytes_out = _safe_bytes(content_bytes, reply)
-                outcome.metrics = _numeric_metrics(reply)
-                outcome.tensors = _tensor_names(reply)
-            self.observer.on_task(outcome)
+            self._report(outcome, started, sub_status == SubStatus.COMPLETED, reply)
         return outcome
+
+    def _report(
+        self, outcome: TaskOutcome, started: float, completed: bool, reply: Any
+    ) -> None:
+        """Complete a task's outcome from its reply and hand it to the observer."""
+        from ..common.wirebytes import content_bytes
+
+        outcome.seconds = time.perf_counter() - started
+        outcome.ok = completed and not (reply is not None and reply.has_error())
+        if reply is not None and reply.has_error():
+            outcome.error = str(reply.error.reason)
+        elif reply is not None:
+            outcome.bytes_out = _safe_bytes(content_bytes, reply)
+            outcome.metrics = _numeric_metrics(reply)
+            outcome.tensors = _tensor_names(reply)
+        self.observer.on_task(outcome)
 
     def _runtime_client(
         self,
@@ -413,3 +407,20 @@ def _numeric_metrics(reply: Any) -> dict[str, float]:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics[key] = float(value)
     return metrics
+
+
+def _end_task(
+    client: Any, reply: Any, context: Any, sub_status: str, details: str
+) -> None:
+    """Push the reply (if any) and the task's end status to the SuperNode."""
+    from ..flower_compat.runtime import push_message, push_task_output
+
+    if reply is not None and context is not None:
+        try:
+            push_message(client, reply, context)
+        except Exception as exc:  # noqa: BLE001 - the SuperNode went away
+            log.error("could not push the reply: %s", exc)
+    try:
+        push_task_output(client, context, sub_status, details)
+    except Exception as exc:  # noqa: BLE001 - the SuperNode dropped the task
+        log.warning("could not report the task's end: %s", exc)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -102,12 +102,12 @@ def train_local(
     dataset's patients, one study per sampled patient); the FedProx gradient is
     data-independent and is added after the noise, at no privacy cost. ``steps``
     counts sampling steps, empty Poisson batches included (they are skipped, but
-    accounted). Without ``dp`` every study is used, shuffled. ``objective`` defaults to the fusion
-    classifier's (with ``spec.modality_dropout``).
+    accounted). Without ``dp`` every study is used, shuffled. ``objective`` defaults to
+    the fusion classifier's; a fusion objective drops modalities at
+    ``spec.modality_dropout``, whatever it was built with.
     """
     start = time.perf_counter()
-    if objective is None:
-        objective = FusionObjective(modality_dropout=spec.modality_dropout)
+    objective = _round_objective(objective, spec)
     generator = torch.Generator().manual_seed(spec.seed)
     loader = DataLoader(
         dataset,
@@ -142,6 +142,18 @@ def train_local(
         mean_loss=loss_sum / max(seen, 1),
         seconds=time.perf_counter() - start,
     )
+
+
+def _round_objective(objective: Objective | None, spec: LocalTrainSpec) -> Objective:
+    """The objective with the round's modality dropout.
+
+    Fusion only: the other families have no modalities to hide.
+    """
+    if objective is None:
+        return FusionObjective(modality_dropout=spec.modality_dropout)
+    if isinstance(objective, FusionObjective):
+        return replace(objective, modality_dropout=spec.modality_dropout)
+    return objective
 
 
 def param_groups(model: torch.nn.Module, spec: LocalTrainSpec) -> list[dict]:

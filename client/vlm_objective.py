@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..common import wire
-from ..common.config import TaskConfig, TaskKind
+from ..common.config import RunConfig, TaskConfig, TaskKind, VlmModelConfig
+from ..common.models import BuiltModel
 from ..common.vlm_prompts import (
     IGNORE_INDEX,
     SEQUENCE_KEYS,
@@ -97,6 +98,18 @@ class VlmObjective:
         if pad is None:
             pad = processor.tokenizer.eos_token_id or 0
         return cls(processor, task, max_new_tokens, generations, pack, int(pad))
+
+    @classmethod
+    def for_run(cls, config: RunConfig, built: BuiltModel) -> VlmObjective:
+        """The run's objective, with the built model's processor (family registry)."""
+        model = VlmModelConfig.of(config)
+        return cls.create(
+            built.processor,
+            config.task,
+            max_new_tokens=model.max_new_tokens,
+            generations=config.train.eval_generations,
+            pack=model.pack_sequences,
+        )
 
     # -- batches ----------------------------------------------------------------
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:

@@ -78,10 +78,10 @@ PRIVATE = TrainingRecipe(
 
 def training_recipe(config: RunConfig) -> TrainingRecipe:
     """The recipe of ``config``: the DP or plain defaults, overridden by set keys."""
-    private = config.privacy.enabled and config.model.family == "fusion"
+    private = config.privacy.enabled and config.model.dp_recipe
     defaults = PRIVATE if private else PLAIN
     train = config.train
-    trainable = config.model.trainable
+    trainable = config.model.trainable_scope
     optimizer = train.optimizer
     return TrainingRecipe(
         trainable=defaults.trainable if trainable is TrainableScope.AUTO else trainable,

@@ -7,7 +7,9 @@ state directories so runs do not share or leak state.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,7 +21,11 @@ _MAX_RAY_TMPDIR = 30
 def _short_ray_dir(preferred: Path) -> str:
     if len(str(preferred)) <= _MAX_RAY_TMPDIR:
         return str(preferred)
-    return tempfile.mkdtemp(prefix="wr-ray-")
+    made = tempfile.mkdtemp(prefix="wr-ray-")
+    # The command that made it removes it (Ray has stopped by then); a child that
+    # inherits RAY_TMPDIR makes none and removes none.
+    atexit.register(shutil.rmtree, made, ignore_errors=True)
+    return made
 
 
 _FIXED = {

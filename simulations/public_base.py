@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..common.config import Modality, RunConfig
+from ..common.config import FusionModelConfig, Modality, RunConfig
 from ..common.errors import ConfigError
 from ..common.models.base_folder import MANIFEST, base_shapes, save_base
 from ..common.models.pretraining import PretrainSettings, pretrain_encoders
@@ -71,7 +71,7 @@ def base_key(
     payload = {
         "generator": GENERATOR_VERSION,
         "shapes": base_shapes(config),
-        "modalities": [m.value for m in config.model.modalities],
+        "modalities": [m.value for m in FusionModelConfig.of(config).modalities],
         "corpus": corpus.as_dict(),
         "pretrain": settings.as_dict(),
     }
@@ -185,12 +185,12 @@ def pretrain_base(
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Pretrain ``config``'s random base on the corpus sites; write it to ``out``."""
-    from ..client.data.dataset import TensorDictDataset, load_site_data
+    from ..client.data.dataset import TensorDictDataset, load_site_data_for_run
     from ..client.site_config import SiteConfig
     from ..common.models.fusion import build_base
-    from ..common.text import get_tokenizer
 
-    modalities = set(config.model.modalities)
+    mc = FusionModelConfig.of(config)
+    modalities = set(mc.modalities)
     if len(modalities) < 2 and not (
         Modality.IMAGE in modalities and settings.image_views
     ):
@@ -206,15 +206,7 @@ def pretrain_base(
     random_config = config.with_overrides(model={"base": "random"})
     datasets = []
     for toml in site_tomls:
-        data = load_site_data(
-            SiteConfig.from_toml(toml),
-            config.task,
-            image_size=config.model.image_size,
-            max_note_tokens=config.model.max_note_tokens,
-            tokenizer=get_tokenizer(config.model.tokenizer),
-            note_ngram_buckets=config.model.note_ngram_buckets,
-            max_note_ngrams=config.model.max_note_ngrams,
-        )
+        data = load_site_data_for_run(SiteConfig.from_toml(toml), config.task, config)
         # Every corpus example is used: the split only matters for the task.
         parts = [data.train.tensors, data.validation.tensors]  # type: ignore[attr-defined]
         datasets.append(
@@ -229,8 +221,8 @@ def pretrain_base(
     tail = losses[-max(len(losses) // 10, 1) :]
     manifest = {
         "shapes": base_shapes(config),
-        "modalities": [m.value for m in config.model.modalities],
-        "init_seed": config.model.init_seed,
+        "modalities": [m.value for m in mc.modalities],
+        "init_seed": mc.init_seed,
         "corpus": source,
         "corpus_examples": [len(d) for d in datasets],
         "pretrain": settings.as_dict(),

@@ -165,7 +165,7 @@ def run_simulation_engine(
             "the simulation ended without finishing its rounds",
             hint="Run again with --verbose to see Flower's and Ray's logs.",
         )
-    if config.model.family == "vlm":
+    if config.model.generative:  # the texts each site generated, kept at the site
         from .samples import gather_samples
 
         gather_samples(

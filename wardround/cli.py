@@ -178,7 +178,7 @@ def _simulation_banner(run_config, n_sites: int) -> str:  # noqa: ANN001
     """One line saying what the simulation will run."""
     shape = (
         f"{run_config.model.family} ({run_config.task.kind.value}), "
-        if run_config.model.family != "fusion"
+        if run_config.model.generative
         else f"modalities {','.join(m.value for m in run_config.model.modalities)}, "
     )
     privacy = (
@@ -245,11 +245,13 @@ def _ensure_public_base(run_config) -> None:  # noqa: ANN001
     """Build the public pretrained base before the sites need it, where they can see why."""
     import time
 
+    from wardround.common.config import FusionModelConfig
     from wardround.common.models.base_folder import MANIFEST
     from wardround.common.models.fusion import resolve_base_folder
     from wardround.simulations.public_base import public_base_path
 
-    if run_config.model.family != "fusion" or run_config.model.base != "pretrained":
+    model = run_config.model
+    if not isinstance(model, FusionModelConfig) or model.base != "pretrained":
         return
     folder = public_base_path(run_config)
     if (folder / MANIFEST).is_file():
@@ -339,11 +341,12 @@ def pretrain(
     """
     from rich.progress import Progress
 
+    from wardround.common.config import FusionModelConfig
     from wardround.common.errors import ConfigError
     from wardround.common.models.pretraining import PretrainSettings
 
     run_config = _load_run_config(config)
-    if run_config.model.family != "fusion":
+    if not isinstance(run_config.model, FusionModelConfig):
         raise ConfigError(
             f"model.family {run_config.model.family!r} has no pretraining here",
             hint="Pretraining is for the fusion family; a vlm uses its checkpoint.",

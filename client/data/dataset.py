@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from ...common.config import TaskConfig
+from ...common.config import FusionModelConfig, RunConfig, TaskConfig
 from ...common.errors import DataError
 from ...common.text import hash_note_ngrams
 from ..site_config import SiteConfig
@@ -241,6 +241,24 @@ def decoded_images(
     return array, reasons
 
 
+def load_site_data_for_run(
+    site: SiteConfig, task: TaskConfig, config: RunConfig, built: Any = None
+) -> SiteData:
+    """The fusion family's data loader (the family registry's entry)."""
+    from ...common.text import get_tokenizer
+
+    model = FusionModelConfig.of(config)
+    return load_site_data(
+        site,
+        task,
+        image_size=model.image_size,
+        max_note_tokens=model.max_note_tokens,
+        tokenizer=get_tokenizer(model.tokenizer),
+        note_ngram_buckets=model.note_ngram_buckets,
+        max_note_ngrams=model.max_note_ngrams,
+    )
+
+
 def load_site_data(
     site: SiteConfig,
     task: TaskConfig,
@@ -256,34 +274,9 @@ def load_site_data(
     Raises :class:`DataError` when no EHR row can become an item.
     """
     prep = prepare_site(site, task, image_size=image_size)
-    images, ehr, join = prep.images, prep.ehr, prep.join
-    matched = join.rows
-    if not matched and not site.has_imaging:
-        raise DataError(
-            f"no EHR row has both a patient id and a study uid ({join.no_key} rows "
-            "without)",
-            hint="Check `[ehr] patient-id` and `[ehr] study-uid` in site.toml "
-            "(`wardround site check` shows the EHR section).",
-        )
-    if not matched:
-        raise DataError(
-            f"no EHR row matches a DICOM study ({join.ehr_studies} EHR studies, "
-            f"{join.dicom_studies} DICOM studies)",
-            hint="Check that `[ehr] study-uid` in site.toml names the column holding "
-            "the DICOM StudyInstanceUID, and that data.dicom-dirs is right "
-            "(`wardround site check` shows the join coverage).",
-        )
-    position = {study: j for j, study in enumerate(images)}
-    size, channels = image_size, task.image_channels
-    image = np.zeros((len(matched), channels, size, size), np.float32)
-    image_ok = np.zeros(len(matched), bool)
-    for k, i in enumerate(matched):
-        j = position.get(ehr.study_uids[i])
-        if j is not None and not np.isnan(prep.decoded[j]).any():
-            image[k] = prep.decoded[j]
-            image_ok[k] = True
-
-    notes = [ehr.notes[i] for i in matched]
+    _check_matched(site, prep.join)
+    image, image_ok = _matched_images(prep, task, image_size)
+    notes = [prep.ehr.notes[i] for i in prep.join.rows]
     encoded = tokenizer(
         notes,
         padding="max_length",
@@ -291,8 +284,7 @@ def load_site_data(
         max_length=max_note_tokens,
         return_tensors="np",
     )
-    ngrams = hash_note_ngrams(notes, note_ngram_buckets, max_note_ngrams)
-    features = ehr.features[matched]
+    features = prep.ehr.features[prep.join.rows]
     present = np.stack(
         [
             image_ok,
@@ -301,16 +293,66 @@ def load_site_data(
         ],
         axis=1,
     ).astype(np.float32)
-
     tensors = {
         "image": torch.from_numpy(image),
         "ehr": torch.from_numpy(features),
         "note_ids": torch.from_numpy(np.asarray(encoded["input_ids"], np.int64)),
         "note_mask": torch.from_numpy(np.asarray(encoded["attention_mask"], np.int64)),
-        "note_ngrams": torch.from_numpy(ngrams),
-        "labels": torch.from_numpy(ehr.labels[matched]),
+        "note_ngrams": torch.from_numpy(
+            hash_note_ngrams(notes, note_ngram_buckets, max_note_ngrams)
+        ),
+        "labels": torch.from_numpy(prep.ehr.labels[prep.join.rows]),
         "present": torch.from_numpy(present),
     }
+    return _split_site_data(site, prep, tensors, image_ok)
+
+
+def _check_matched(site: SiteConfig, join: Join) -> None:
+    """DataError saying what to check when no EHR row can become an item."""
+    if join.rows:
+        return
+    if not site.has_imaging:
+        raise DataError(
+            f"no EHR row has both a patient id and a study uid ({join.no_key} rows "
+            "without)",
+            hint="Check `[ehr] patient-id` and `[ehr] study-uid` in site.toml "
+            "(`wardround site check` shows the EHR section).",
+        )
+    raise DataError(
+        f"no EHR row matches a DICOM study ({join.ehr_studies} EHR studies, "
+        f"{join.dicom_studies} DICOM studies)",
+        hint="Check that `[ehr] study-uid` in site.toml names the column holding "
+        "the DICOM StudyInstanceUID, and that data.dicom-dirs is right "
+        "(`wardround site check` shows the join coverage).",
+    )
+
+
+def _matched_images(
+    prep: PreparedSite, task: TaskConfig, image_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each joined row's decoded image (zeros without one) and whether it has one."""
+    matched, ehr = prep.join.rows, prep.ehr
+    position = {study: j for j, study in enumerate(prep.images)}
+    size, channels = image_size, task.image_channels
+    image = np.zeros((len(matched), channels, size, size), np.float32)
+    image_ok = np.zeros(len(matched), bool)
+    for k, i in enumerate(matched):
+        j = position.get(ehr.study_uids[i])
+        if j is not None and not np.isnan(prep.decoded[j]).any():
+            image[k] = prep.decoded[j]
+            image_ok[k] = True
+    return image, image_ok
+
+
+def _split_site_data(
+    site: SiteConfig,
+    prep: PreparedSite,
+    tensors: dict[str, torch.Tensor],
+    image_ok: np.ndarray,
+) -> SiteData:
+    """Split the items per patient into train and validation, and count them."""
+    ehr, join = prep.ehr, prep.join
+    matched = join.rows
     patient_ids = [ehr.patient_ids[i] or "" for i in matched]
     in_val = split_patients(
         patient_ids, site.data.split_seed, site.data.validation_fraction

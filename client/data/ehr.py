@@ -29,7 +29,7 @@ import pyarrow.dataset as pads
 
 from ...common.config import TaskConfig
 from ...common.errors import DataError
-from ..site_config import ColumnType, EhrSchema
+from ..site_config import ColumnType, EhrSchema, FeatureSpec, LabelSpec
 from .units import conversion, known_units
 
 BATCH_ROWS = 65_536
@@ -71,103 +71,127 @@ def schema_problems(
 def _problems_and_missing(
     arrow_schema: pa.Schema, task: TaskConfig, schema: EhrSchema
 ) -> tuple[list[str], int]:
-    have = {f.name: f.type for f in arrow_schema}
-    problems: list[str] = []
-    absent: list[str] = []
+    check = _SchemaCheck({f.name: f.type for f in arrow_schema})
+    check.column(schema.patient_id, "patient id", "[ehr] patient-id")
+    check.column(
+        schema.study_uid, "study uid, joins DICOM StudyInstanceUID", "[ehr] study-uid"
+    )
+    if schema.note and "note" in schema.model_fields_set:
+        dtype = check.column(schema.note, "free-text note", "[ehr] note")
+        if dtype is not None and _kind(dtype) is not ColumnType.TEXT:
+            check.problems.append(
+                f"  - note column {schema.note!r} holds {dtype}, not text"
+            )
+    for name in task.numeric:
+        check.numeric_feature(name, schema.feature_spec(name), task.units.get(name))
+    for name, vocab in task.categorical.items():
+        check.categorical_feature(name, schema.feature_spec(name), vocab)
+    for name in task.labels:
+        check.label(name, schema.label_spec(name))
+    return check.problems, len(set(check.absent))
 
-    def column(name: str, what: str, key: str) -> pa.DataType | None:
-        if name not in have:
-            absent.append(name)
-            problems.append(
+
+class _SchemaCheck:
+    """The EHR table's columns against site.toml's schema and the run's task."""
+
+    def __init__(self, have: dict[str, pa.DataType]) -> None:
+        self.have = have
+        self.problems: list[str] = []
+        self.absent: list[str] = []
+
+    def column(self, name: str, what: str, key: str) -> pa.DataType | None:
+        """The column's type, or None (a problem) when the table lacks it."""
+        if name not in self.have:
+            self.absent.append(name)
+            self.problems.append(
                 f'  - {name!r} ({what}): set `{key} = "<column>"` in site.toml'
             )
             return None
-        return have[name]
+        return self.have[name]
 
-    def declared(name: str, dtype: pa.DataType, want: ColumnType | None) -> None:
+    def declared(self, name: str, dtype: pa.DataType, want: ColumnType | None) -> None:
+        """A problem when the column's type is not the one site.toml declares."""
         kind = _kind(dtype)
         if (
             want is not None
             and kind is not want
             and not (want is ColumnType.NUMBER and kind is ColumnType.INTEGER)
         ):
-            problems.append(
+            self.problems.append(
                 f"  - column {name!r} is declared {want.value} but holds {dtype}"
             )
 
-    column(schema.patient_id, "patient id", "[ehr] patient-id")
-    column(
-        schema.study_uid, "study uid, joins DICOM StudyInstanceUID", "[ehr] study-uid"
-    )
-    if schema.note and "note" in schema.model_fields_set:
-        dtype = column(schema.note, "free-text note", "[ehr] note")
-        if dtype is not None and _kind(dtype) is not ColumnType.TEXT:
-            problems.append(f"  - note column {schema.note!r} holds {dtype}, not text")
-    for name in task.numeric:
-        spec = schema.feature_spec(name)
-        dtype = column(spec.column, f"feature {name}", f"[ehr.features] {name}")
+    def numeric_feature(
+        self, name: str, spec: FeatureSpec, run_unit: str | None
+    ) -> None:
+        """A numeric feature: a numeric column, a convertible unit, no ``map``."""
+        dtype = self.column(spec.column, f"feature {name}", f"[ehr.features] {name}")
         if dtype is not None:
-            declared(spec.column, dtype, spec.type)
+            self.declared(spec.column, dtype, spec.type)
             if _kind(dtype) not in _NUMERIC:
-                problems.append(
+                self.problems.append(
                     f"  - column {spec.column!r} (feature {name}) holds {dtype}; "
                     "it must be numeric"
                 )
-        run_unit = task.units.get(name)
         if spec.unit is not None:
             if run_unit is None:
-                problems.append(
+                self.problems.append(
                     f"  - [ehr.features] {name}: unit {spec.unit!r} declared but the "
                     "run declares no unit for it (task.units)"
                 )
             elif conversion(spec.unit, run_unit) is None:
-                problems.append(
+                self.problems.append(
                     f"  - [ehr.features] {name}: unit {spec.unit!r} cannot be converted "
                     f"to the run's {run_unit!r}; known: {', '.join(known_units(run_unit))}"
                 )
         if spec.map:
-            problems.append(
+            self.problems.append(
                 f"  - [ehr.features] {name}: `map` is for categorical features"
             )
-    for name, vocab in task.categorical.items():
-        spec = schema.feature_spec(name)
-        dtype = column(spec.column, f"feature {name}", f"[ehr.features] {name}")
+
+    def categorical_feature(
+        self, name: str, spec: FeatureSpec, vocab: tuple[str, ...]
+    ) -> None:
+        """A categorical feature: text or integer codes mapped into the vocabulary."""
+        dtype = self.column(spec.column, f"feature {name}", f"[ehr.features] {name}")
         if dtype is not None:
-            declared(spec.column, dtype, spec.type)
+            self.declared(spec.column, dtype, spec.type)
             if _kind(dtype) not in (
                 ColumnType.TEXT,
                 ColumnType.INTEGER,
                 ColumnType.BOOLEAN,
             ):
-                problems.append(
+                self.problems.append(
                     f"  - column {spec.column!r} (feature {name}) holds {dtype}; "
                     "it must be text or integer codes"
                 )
         bad = sorted({v for v in spec.map.values() if v not in vocab})
         if bad:
-            problems.append(
+            self.problems.append(
                 f"  - [ehr.features] {name}: map targets {bad} are not in the run's "
                 f"vocabulary {list(vocab)}"
             )
         if spec.unit is not None or spec.range is not None:
-            problems.append(
+            self.problems.append(
                 f"  - [ehr.features] {name}: unit/range are for numeric features"
             )
-    for name in task.labels:
-        spec = schema.label_spec(name)
-        dtype = column(spec.column, f"label {name}", f"[ehr.labels] {name}")
+
+    def label(self, name: str, spec: LabelSpec) -> None:
+        """A label column: numeric or boolean, or text with its positive values."""
+        dtype = self.column(spec.column, f"label {name}", f"[ehr.labels] {name}")
         if dtype is None:
-            continue
-        declared(spec.column, dtype, spec.type)
+            return
+        self.declared(spec.column, dtype, spec.type)
         kind = _kind(dtype)
         if kind is ColumnType.TEXT and not spec.positive:
-            problems.append(
+            self.problems.append(
                 f"  - label column {spec.column!r} ({name}) holds text: declare "
                 f"`positive = [...]` (and `negative`) under [ehr.labels.{name}]"
             )
         elif kind is None:
-            problems.append(f"  - label column {spec.column!r} ({name}) holds {dtype}")
-    return problems, len(set(absent))
+            self.problems.append(
+                f"  - label column {spec.column!r} ({name}) holds {dtype}"
+            )
 
 
 def open_ehr(

@@ -24,15 +24,15 @@ prompt the answer. Items are dicts of tensors::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
-from ...common.config import TaskConfig, TaskKind
+from ...common.config import RunConfig, TaskConfig, TaskKind, VlmModelConfig
 from ...common.errors import DataError
 from ...common.vlm_prompts import (
     PromptFormat,
@@ -41,9 +41,12 @@ from ...common.vlm_prompts import (
     user_text,
 )
 from ..site_config import SiteConfig
-from .dataset import SiteData, prepare_site, split_patients
+from .dataset import PreparedSite, SiteData, prepare_site, split_patients
 from .ehr import open_dataset
 from .patients import count_patients, patient_ordinals, patients_of
+
+if TYPE_CHECKING:
+    from ...common.models import BuiltModel
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +149,33 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
+def load_vlm_site_data_for_run(
+    site: SiteConfig, task: TaskConfig, config: RunConfig, built: BuiltModel
+) -> SiteData:
+    """The vlm family's data loader: the built model's processor tokenises."""
+    model = VlmModelConfig.of(config)
+    return load_vlm_site_data(
+        site,
+        task,
+        built.processor,
+        image_size=model.image_size,
+        max_tokens=model.max_seq_tokens,
+    )
+
+
+@dataclass
+class _Examples:
+    """A site's encoded examples, and how many studies could not become one."""
+
+    items: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    patients: list[str] = field(default_factory=list)
+    without_image: int = 0
+    image_errors: int = 0
+    skipped_text: int = 0
+
+
 def load_vlm_site_data(
     site: SiteConfig,
     task: TaskConfig,
@@ -157,27 +187,73 @@ def load_vlm_site_data(
     """Index, read, join, split and tokenise a site's report or VQA examples."""
     prep = prepare_site(site, task, image_size=image_size)
     texts = read_text_columns(site, task.kind)
+    examples = _encode_examples(prep, texts, task, processor, max_tokens)
+    if not examples.items:
+        raise DataError(
+            f"no study has both a decodable image and a {task.kind.value} text "
+            f"({examples.without_image + examples.image_errors} without image, "
+            f"{examples.skipped_text} without text)",
+            hint="Check `[ehr]` report / question / answer in site.toml and the "
+            "DICOM folders (`wardround site check`).",
+        )
+    everything = VlmDataset(
+        examples.items,
+        examples.prompts,
+        examples.references,
+        patient_ordinals(examples.patients),
+    )
+    in_val = split_patients(
+        examples.patients, site.data.split_seed, site.data.validation_fraction
+    )
+    logger.info(
+        "vlm %s data: %d examples (%d validation); %d studies without image, "
+        "%d images not decoded, %d without text",
+        task.kind.value,
+        len(examples.items),
+        int(in_val.sum()),
+        examples.without_image,
+        examples.image_errors,
+        examples.skipped_text,
+    )
+    train = everything.subset(np.flatnonzero(~in_val))
+    return SiteData(
+        train=train,
+        validation=everything.subset(np.flatnonzero(in_val)),
+        fingerprint=prep.fingerprint,
+        num_studies=len(examples.items),
+        num_unmatched_ehr=prep.join.ehr_studies - prep.join.ehr_with_image,
+        num_unmatched_images=prep.join.dicom_studies - prep.join.dicom_with_ehr,
+        num_privacy_units=count_patients(patients_of(train)),
+        num_image_errors=examples.image_errors,
+        num_without_image=examples.without_image,
+    )
+
+
+def _encode_examples(
+    prep: PreparedSite,
+    texts: TextColumns,
+    task: TaskConfig,
+    processor: Any,
+    max_tokens: int,
+) -> _Examples:
+    """One example per joined study with a decoded image and its target text."""
     fmt = PromptFormat.of(processor)
     position = {study: j for j, study in enumerate(prep.images)}
     ehr = prep.ehr
-    items: list[dict[str, torch.Tensor]] = []
-    prompts: list[str] = []
-    references: list[str] = []
-    patients: list[str] = []
-    without_image = image_errors = skipped_text = 0
+    examples = _Examples()
     for i in prep.join.rows:
         study = ehr.study_uids[i]
         j = position.get(study)
         if j is None:  # an EHR row kept without image (task.require-image false)
-            without_image += 1
+            examples.without_image += 1
             continue
         if np.isnan(prep.decoded[j]).any():  # a prompt needs its image
-            image_errors += 1
+            examples.image_errors += 1
             continue
         target = texts.target.get(study, "")
         question = texts.question.get(study, "")
         if not target or (task.kind is TaskKind.VQA and not question):
-            skipped_text += 1
+            examples.skipped_text += 1
             continue
         text = user_text(
             task.kind, ehr_text=serialize_ehr(ehr.features[i], task), question=question
@@ -203,42 +279,9 @@ def load_vlm_site_data(
         }
         item["prompt_length"] = torch.tensor(encoded["prompt_length"])
         item["findings"] = torch.from_numpy(ehr.labels[i].copy())
-        item["index"] = torch.tensor(len(items))
-        items.append(item)
-        prompts.append(text)
-        references.append(target)
-        patients.append(ehr.patient_ids[i] or "")
-    if not items:
-        raise DataError(
-            f"no study has both a decodable image and a {task.kind.value} text "
-            f"({without_image + image_errors} without image, {skipped_text} without "
-            "text)",
-            hint="Check `[ehr]` report / question / answer in site.toml and the "
-            "DICOM folders (`wardround site check`).",
-        )
-    everything = VlmDataset(items, prompts, references, patient_ordinals(patients))
-    in_val = split_patients(
-        patients, site.data.split_seed, site.data.validation_fraction
-    )
-    logger.info(
-        "vlm %s data: %d examples (%d validation); %d studies without image, "
-        "%d images not decoded, %d without text",
-        task.kind.value,
-        len(items),
-        int(in_val.sum()),
-        without_image,
-        image_errors,
-        skipped_text,
-    )
-    train = everything.subset(np.flatnonzero(~in_val))
-    return SiteData(
-        train=train,
-        validation=everything.subset(np.flatnonzero(in_val)),
-        fingerprint=prep.fingerprint,
-        num_studies=len(items),
-        num_unmatched_ehr=prep.join.ehr_studies - prep.join.ehr_with_image,
-        num_unmatched_images=prep.join.dicom_studies - prep.join.dicom_with_ehr,
-        num_privacy_units=count_patients(patients_of(train)),
-        num_image_errors=image_errors,
-        num_without_image=without_image,
-    )
+        item["index"] = torch.tensor(len(examples.items))
+        examples.items.append(item)
+        examples.prompts.append(text)
+        examples.references.append(target)
+        examples.patients.append(ehr.patient_ids[i] or "")
+    return examples

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Modality, RunConfig, TrainableScope
+from ..config import FusionModelConfig, Modality, RunConfig, TrainableScope
 from ..errors import ConfigError
 from ..recipe import training_recipe
 from .base_folder import (
@@ -30,7 +30,8 @@ from .base_folder import (
     read_manifest,
 )
 from .fusion_layers import FUSIONS
-from .registry import BuiltModel, register_family
+from .lora import add_lora
+from .registry import BuiltModel
 from .wide import WideTerm
 
 # Attention projection names per architecture (transformers 5.x).
@@ -261,7 +262,7 @@ def build_base(config: RunConfig) -> tuple[FusionModel, str]:
     """Build the base fusion model (deterministic) and its fingerprint."""
     from ..text import get_tokenizer
 
-    mc, task = config.model, config.task
+    mc, task = FusionModelConfig.of(config), config.task
     pretrained = resolve_base_folder(config)
     vision_spec, text_spec = mc.vision, mc.text
     if pretrained is not None:
@@ -342,7 +343,8 @@ def resolve_base_folder(config: RunConfig) -> Path | None:
     None for ``model.base = 'random'``, and for 'pretrained' when every encoder
     the model has is a named checkpoint (already pretrained: nothing to build).
     """
-    spec, mc = config.model.base, config.model
+    mc = FusionModelConfig.of(config)
+    spec = mc.base
     if spec == "random":
         return None
     if spec == "pretrained":
@@ -370,11 +372,8 @@ def lora_targets(model: nn.Module) -> list[str]:
     )
 
 
-@register_family("fusion", base=build_base)
 def build_fusion(config: RunConfig) -> BuiltModel:
     """Build the LoRA-wrapped fusion model."""
-    from peft import LoraConfig, get_peft_model
-
     base, fingerprint = build_base(config)
     scope = training_recipe(config).trainable
     targets = lora_targets(base) if scope is TrainableScope.ALL else []
@@ -399,18 +398,5 @@ def build_fusion(config: RunConfig) -> BuiltModel:
                 if m != "fusion" and getattr(base, m) is not None
             ]
         )
-    lora = LoraConfig(
-        r=config.model.lora_rank,
-        lora_alpha=config.model.lora_alpha,
-        lora_dropout=config.model.lora_dropout,
-        target_modules=targets,
-        modules_to_save=trainable,
-        bias="none",
-    )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(config.model.init_seed + 1)
-    try:
-        peft_model = get_peft_model(base, lora)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    peft_model = add_lora(base, config.model, targets, modules_to_save=trainable)
     return BuiltModel(model=peft_model, base_fingerprint=fingerprint, family="fusion")

@@ -1,23 +1,31 @@
-"""A registry of model families.
+"""The model families: for each, its config class, model builder, objective and data loader.
 
 A family turns a :class:`~wardround.common.config.RunConfig` into a base model plus
-its LoRA adapters (a PEFT model) and names the tensors that train. New families
-(e.g. generative VLMs) register here without touching the federation code.
+its LoRA adapters (a PEFT model), says what local training optimises (its
+objective) and how a site's data becomes its examples (its data loader). Code that
+depends on the family asks :func:`family_of` instead of comparing
+``model.family`` as a string.
+
+Builders, objectives and data loaders are named as ``module:attribute`` and
+imported on first use, as Python's entry points are: the ``vlm`` family pulls in
+transformers' multimodal models, and the objective and data loader are site code
+(``wardround.client``) that the coordinator never asks for, so ``common``
+imports nothing from ``client``.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..config import FusionModelConfig, VlmModelConfig
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-    from ..config import RunConfig
+    from ..config import FamilyModelConfig, RunConfig
 
 
 @dataclass
@@ -34,40 +42,96 @@ class BuiltModel:
     the Hugging Face processor that tokenises prompts and prepares images)."""
 
 
-FamilyBuilder = Callable[["RunConfig"], BuiltModel]
-BaseBuilder = Callable[["RunConfig"], "tuple[torch.nn.Module, str]"]
-_FAMILIES: dict[str, FamilyBuilder] = {}
-_BASES: dict[str, BaseBuilder] = {}
-_BUILT_IN = {"fusion": "fusion", "vlm": "vlm"}
-"""Built-in family -> its module here (imported on first use: the ``vlm`` family
-pulls in transformers' multimodal models)."""
+@dataclass(frozen=True)
+class ModelFamily:
+    """One model family and where its parts live (``module:attribute``)."""
+
+    name: str
+    config: type[FamilyModelConfig]
+    """Its ``[model]`` section (a member of the discriminated union)."""
+    builder: str
+    """``(RunConfig) -> BuiltModel``: the LoRA-wrapped model."""
+    base_builder: str
+    """``(RunConfig) -> (base model, fingerprint)``: the bare base, no adapters."""
+    objective: str
+    """``(RunConfig, BuiltModel) -> Objective``: what local training optimises."""
+    data_loader: str
+    """``(SiteConfig, TaskConfig, RunConfig, BuiltModel) -> site data``."""
+
+    def build(self, config: RunConfig) -> BuiltModel:
+        """The family's PEFT model for ``config``."""
+        built: BuiltModel = _resolve(self.builder)(config)
+        return built
+
+    def build_base(self, config: RunConfig) -> tuple[torch.nn.Module, str]:
+        """The bare base model and its fingerprint."""
+        base: tuple[torch.nn.Module, str] = _resolve(self.base_builder)(config)
+        return base
+
+    def make_objective(self, config: RunConfig, built: BuiltModel) -> Any:
+        """The site's objective (``client.objectives.Objective``)."""
+        return _resolve(self.objective)(config, built)
+
+    def load_data(
+        self, site: Any, task: Any, config: RunConfig, built: BuiltModel
+    ) -> Any:
+        """A site's examples for this family (``site``: ``client.SiteConfig``)."""
+        return _resolve(self.data_loader)(site, task, config, built)
 
 
-def register_family(
-    name: str, *, base: BaseBuilder
-) -> Callable[[FamilyBuilder], FamilyBuilder]:
-    """Register a family (decorator on its PEFT builder); ``base`` builds the bare base model."""
-
-    def decorate(builder: FamilyBuilder) -> FamilyBuilder:
-        _FAMILIES[name] = builder
-        _BASES[name] = base
-        return builder
-
-    return decorate
+FAMILIES: dict[str, ModelFamily] = {}
 
 
-def get_family(name: str) -> FamilyBuilder:
-    """Return the builder of a family, importing the built-in ones lazily."""
-    if name not in _FAMILIES and name in _BUILT_IN:
-        importlib.import_module(f"{__package__}.{_BUILT_IN[name]}")  # registers itself
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add a family (its config class must be in ``common.config.ModelConfig``)."""
+    FAMILIES[family.name] = family
+    return family
+
+
+register_family(
+    ModelFamily(
+        name="fusion",
+        config=FusionModelConfig,
+        builder="wardround.common.models.fusion:build_fusion",
+        base_builder="wardround.common.models.fusion:build_base",
+        objective="wardround.client.objectives:FusionObjective.for_run",
+        data_loader="wardround.client.data.dataset:load_site_data_for_run",
+    )
+)
+register_family(
+    ModelFamily(
+        name="vlm",
+        config=VlmModelConfig,
+        builder="wardround.common.models.vlm:build_vlm",
+        base_builder="wardround.common.models.vlm:build_base",
+        objective="wardround.client.vlm_objective:VlmObjective.for_run",
+        data_loader="wardround.client.data.vlm_dataset:load_vlm_site_data_for_run",
+    )
+)
+
+
+def _resolve(reference: str) -> Any:
+    module, _, attributes = reference.partition(":")
+    target: Any = importlib.import_module(module)
+    for name in attributes.split("."):
+        target = getattr(target, name)
+    return target
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family called ``name``; ConfigError listing the known ones otherwise."""
     try:
-        return _FAMILIES[name]
+        return FAMILIES[name]
     except KeyError:
-        known = ", ".join(sorted(set(_FAMILIES) | set(_BUILT_IN)))
         raise ConfigError(
             f"unknown model family {name!r}",
-            hint=f"Set model.family to one of: {known}.",
+            hint=f"Set model.family to one of: {', '.join(sorted(FAMILIES))}.",
         ) from None
+
+
+def family_of(config: RunConfig) -> ModelFamily:
+    """The family of ``config``'s model."""
+    return get_family(config.model.family)
 
 
 def build_base_model(config: RunConfig) -> tuple[torch.nn.Module, str]:
@@ -75,24 +139,12 @@ def build_base_model(config: RunConfig) -> tuple[torch.nn.Module, str]:
 
     For ``PeftModel.from_pretrained(base, run_dir / "adapter")``.
     """
-    get_family(config.model.family)
-    return _BASES[config.model.family](config)
+    return family_of(config).build_base(config)
 
 
 def build_model(config: RunConfig) -> BuiltModel:
-    """Build the configured family's PEFT model (deterministic for a config).
-
-    FFA-LoRA freezes every LoRA A factor at its (seeded, shared) initial value, so
-    only B and the modules to save train.
-    """
-    from ..config import LoraVariant
-
-    built = get_family(config.model.family)(config)
-    if config.model.lora_variant is LoraVariant.FFA:
-        for name, param in built.model.named_parameters():
-            if ".lora_A." in name:
-                param.requires_grad_(False)
-    return built
+    """Build the configured family's PEFT model (deterministic for a config)."""
+    return family_of(config).build(config)
 
 
 def describe(built: BuiltModel) -> dict[str, Any]:

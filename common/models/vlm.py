@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ModelDtype, RunConfig, VlmTower
+from ..config import ModelDtype, RunConfig, VlmModelConfig, VlmTower
 from ..errors import ConfigError
-from .registry import BuiltModel, register_family
+from .lora import add_lora
+from .registry import BuiltModel
 
 _LLAVA_LIKE = {
     VlmTower.PROJECTOR: ("model.multi_modal_projector.",),
@@ -121,7 +122,7 @@ def resolve_dtype(choice: ModelDtype) -> torch.dtype:
 
 def load_vlm(config: RunConfig) -> tuple[nn.Module, Any]:
     """The base model (frozen, eval mode) and its processor."""
-    mc = config.model
+    mc = VlmModelConfig.of(config)
     dtype = resolve_dtype(mc.dtype)
     if mc.tiny_arch:
         from .vlm_tiny import build_tiny_vlm
@@ -191,12 +192,9 @@ def build_base(config: RunConfig) -> tuple[nn.Module, str]:
     return model, base_fingerprint(model, processor)
 
 
-@register_family("vlm", base=build_base)
 def build_vlm(config: RunConfig) -> BuiltModel:
     """The LoRA-wrapped vision-language model, with its processor."""
-    from peft import LoraConfig, get_peft_model
-
-    mc = config.model
+    mc = VlmModelConfig.of(config)
     base, processor = load_vlm(config)
     model_type = base.config.model_type
     if config.privacy.enabled:
@@ -215,19 +213,7 @@ def build_vlm(config: RunConfig) -> BuiltModel:
             f"{[t.value for t in mc.lora_towers]}",
             hint="Name other towers (vision, projector, text).",
         )
-    lora = LoraConfig(
-        r=mc.lora_rank,
-        lora_alpha=mc.lora_alpha,
-        lora_dropout=mc.lora_dropout,
-        target_modules=targets,
-        bias="none",
-    )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(mc.init_seed + 1)
-    try:
-        model = get_peft_model(base, lora, autocast_adapter_dtype=True)
-    finally:
-        torch.random.set_rng_state(state)
+    model = add_lora(base, mc, targets, autocast_adapter_dtype=True)
     if mc.gradient_checkpointing:
         base.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}

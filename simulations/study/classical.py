@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...common.config import RunConfig
+from ...common.config import FusionModelConfig, RunConfig
 from ...common.models.wide import WideTerm, bag_matrix
 from .arms import ArmOutcome, _Site, _sites, _spec, _use_threads
 from .catalog import ArmKind
@@ -72,7 +72,9 @@ def _arrays(dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
 
 def _features(dataset: Any, config: RunConfig) -> tuple[Any, np.ndarray]:
     ngrams, ehr, present, labels = _arrays(dataset)
-    return bag_matrix(ngrams, ehr, present, config.model.note_ngram_buckets), labels
+    return bag_matrix(
+        ngrams, ehr, present, FusionModelConfig.of(config).note_ngram_buckets
+    ), labels
 
 
 class _Fitted:
@@ -190,7 +192,9 @@ def _federated(
 
     torch.manual_seed(config.model.init_seed)
     model = LinearReference(
-        config.model.note_ngram_buckets, config.task.ehr_width, len(config.task.labels)
+        FusionModelConfig.of(config).note_ngram_buckets,
+        config.task.ehr_width,
+        len(config.task.labels),
     )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
 

@@ -13,6 +13,13 @@ pytestmark = pytest.mark.integration
 SITES = ["site-01", "site-02", "site-03"]
 
 
+def _weighted_auroc(evals: list[dict]) -> float:
+    """The sites' AUROCs weighted by their validation examples (the global one)."""
+    return sum(e["auroc_macro"] * e["num_examples"] for e in evals) / sum(
+        e["num_examples"] for e in evals
+    )
+
+
 def test_three_sites_two_rounds_write_a_complete_run_directory(
     three_sites, tiny_config, tmp_path
 ):
@@ -45,7 +52,8 @@ def test_three_sites_two_rounds_write_a_complete_run_directory(
     for r in lines[1:]:
         assert sorted(t["site"] for t in r["train"]) == SITES
         assert all(t["bytes_sent"] > 0 for t in r["train"])
-        assert 0.0 <= r["global_auroc"] <= 1.0
+        assert sorted(e["site"] for e in r["evaluate"]) == SITES
+        assert r["global_auroc"] == pytest.approx(_weighted_auroc(r["evaluate"]))
     summary = json.loads((run_dir / "run.json").read_text())
     assert summary["rounds_completed"] == 2
     assert set(summary["final"]["sites"]) == set(SITES)

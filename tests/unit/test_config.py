@@ -202,3 +202,18 @@ def test_an_out_of_bound_site_setting_is_a_config_error_naming_it(
     with pytest.raises(ConfigError) as info:
         SiteConfig.from_toml(path)
     assert f"{section}.{key}" in info.value.message
+
+
+def test_ghost_grad_sample_mode_is_refused_with_the_modes_that_run():
+    # client/dp.py cannot run it (Opacus's ghost mode wraps the loss): refused here.
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_mapping({"privacy": {"grad-sample-mode": "ghost"}})
+    text = str(info.value)
+    assert "'ghost' is not supported" in text
+    assert "'hooks'" in text and "'ew'" in text and "'functorch'" in text
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ew", "functorch"])
+def test_the_other_grad_sample_modes_are_accepted(mode):
+    config = RunConfig.from_mapping({"privacy": {"grad-sample-mode": mode}})
+    assert config.privacy.grad_sample_mode.value == mode

@@ -1,125 +1,23 @@
-"""The ``vlm`` family: tiny models of four architectures, prompts, LoRA targets,
-the answer-only per-example loss, DP compatibility, and loading from a folder."""
+"""The ``vlm`` family's models: tiny models of four architectures, LoRA targets,
+DP compatibility (exact per-example gradients), training and loading from a folder.
+
+Prompts, the answer-only loss and the family's config: test_vlm_prompts.py.
+"""
 
 import numpy as np
 import pytest
 import torch
+from vlm_cases import ARCHS, IMAGE, QUESTION, vlm_config
 
-from wardround.common.config import RunConfig, TaskConfig, TaskKind, VlmTower
+from wardround.common.config import RunConfig, TaskConfig, VlmTower
 from wardround.common.errors import ConfigError
 from wardround.common.models import build_base_model, build_model
 from wardround.common.models.vlm import lora_targets, tower_of
 from wardround.common.models.vlm_tiny import build_tiny_vlm, save_tiny_vlm
 from wardround.common.vlm_prompts import (
-    IGNORE_INDEX,
     PromptFormat,
     encode_example,
-    messages,
-    serialize_ehr,
-    stop_token_ids,
-    user_text,
 )
-
-ARCHS = ("llava", "paligemma", "idefics3", "qwen2-vl")
-QUESTION = "Is there a pleural effusion?"
-IMAGE = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
-
-
-def _config(arch, dp=True, **model):
-    towers = ["text"] if arch == "qwen2-vl" else ["vision", "projector", "text"]
-    return RunConfig().with_overrides(
-        model={"family": "vlm", "tiny_arch": arch, "lora_towers": towers, **model},
-        task={"kind": "vqa"},
-        privacy={"enabled": dp},
-    )
-
-
-@pytest.mark.parametrize(
-    ("arch", "prompt", "suffix"),
-    [
-        ("llava", f"USER: <image>\n{QUESTION} ASSISTANT:", " yes</s>"),
-        ("paligemma", f"<image>{QUESTION}", "yes</s>"),
-        (
-            "idefics3",
-            f"<|im_start|>User:<image>{QUESTION}<end_of_utterance>\nAssistant:",
-            " yes<end_of_utterance>\n",
-        ),
-        (
-            "qwen2-vl",
-            "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
-            f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n",
-            "yes<|im_end|>\n",
-        ),
-    ],
-)
-def test_each_family_prompts_through_its_chat_template(arch, prompt, suffix):
-    _, processor = build_tiny_vlm(arch)
-    fmt = PromptFormat.of(processor)
-
-    assert fmt.prompt(processor, QUESTION) == prompt
-    assert fmt.answer_suffix(processor, QUESTION, "yes") == suffix
-    # generation stops at EOS and at the template's end-of-turn token
-    tokenizer = processor.tokenizer
-    end = {"idefics3": "<end_of_utterance>", "qwen2-vl": "<|im_end|>"}.get(arch)
-    expected = [tokenizer.eos_token_id] + (
-        [tokenizer.convert_tokens_to_ids(end)] if end else []
-    )
-    assert stop_token_ids(processor, fmt) == expected
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_loss_is_on_the_answer_tokens_only(arch):
-    _, processor = build_tiny_vlm(arch)
-    fmt = PromptFormat.of(processor)
-    answer = "Findings: No pleural effusion. Impression: no acute findings."
-
-    example = encode_example(processor, fmt, IMAGE, QUESTION, answer, max_tokens=512)
-
-    prompt = example["prompt_length"]
-    labels, ids = example["labels"], example["input_ids"]
-    assert (labels[:prompt] == IGNORE_INDEX).all()
-    assert (labels[prompt:] == ids[prompt:]).all()
-    decoded = processor.tokenizer.decode(ids[prompt:], skip_special_tokens=True)
-    assert decoded.strip() == answer
-    # the image placeholder became the model's image tokens, all in the prompt
-    image_id = processor.tokenizer.convert_tokens_to_ids(fmt.image_token)
-    assert (ids[:prompt] == image_id).sum() >= 4 and (ids[prompt:] != image_id).all()
-    if arch == "paligemma":  # prefix LM: the answer is not prefix
-        assert (example["token_type_ids"][prompt:] == 1).all()
-        assert (example["token_type_ids"][:prompt] == 0).all()
-
-
-def test_a_long_answer_is_cut_but_never_the_prompt():
-    _, processor = build_tiny_vlm("llava")
-    fmt = PromptFormat.of(processor)
-    example = encode_example(
-        processor, fmt, IMAGE, QUESTION, "yes " * 200, max_tokens=64
-    )
-    assert len(example["input_ids"]) == 64
-    with pytest.raises(ValueError, match="max-seq-tokens"):
-        encode_example(processor, fmt, IMAGE, QUESTION, "yes", max_tokens=20)
-
-
-def test_ehr_serialisation_is_deterministic_and_readable():
-    task = TaskConfig()
-    n = len(task.numeric)
-    features = np.zeros(task.ehr_width, np.float32)
-    features[0] = (67.0 - 60.0) / 15.0  # age
-    features[1] = (38.2 - 37.2) / 0.8  # temperature
-    features[n + 2] = 1.0  # heart rate missing
-    features[2 * n + 1] = 1.0  # sex: M
-
-    text = serialize_ehr(features, task)
-
-    assert text.startswith(
-        "age 67 years; temperature 38.2 degC; heart rate not recorded"
-    )
-    assert text.endswith("; sex M")
-    assert serialize_ehr(features.copy(), task) == text
-    features[2 * n + 1] = 0.0  # no category at all
-    assert serialize_ehr(features, task).endswith("; sex unknown")
-    assert user_text(TaskKind.REPORT, ehr_text="x").startswith("Patient record: x.")
-    assert messages("q", "a")[1]["role"] == "assistant"
 
 
 @pytest.mark.parametrize(
@@ -159,7 +57,7 @@ def test_lora_targets_follow_the_chosen_towers(arch, vision, projector, text):
 
 
 def test_qwen2_vl_vision_lora_is_refused_under_dp_and_the_text_tower_offered():
-    config = _config("qwen2-vl", lora_towers=["vision", "text"])
+    config = vlm_config("qwen2-vl", lora_towers=["vision", "text"])
 
     with pytest.raises(ConfigError, match="packs all images") as refused:
         build_model(config)
@@ -167,17 +65,28 @@ def test_qwen2_vl_vision_lora_is_refused_under_dp_and_the_text_tower_offered():
     assert 'lora-towers = ["text"]' in refused.value.hint
     # the same towers train without DP, and the text tower alone with DP
     build_model(config.with_overrides(privacy={"enabled": False}))
-    assert build_model(_config("qwen2-vl")).family == "vlm"
+    assert build_model(vlm_config("qwen2-vl")).family == "vlm"
+
+
+def _perturb_lora_b(model, seed=0):
+    # At init every lora_B is zero, so every lora_A gradient is zero too and a
+    # comparison of per-example gradients passes whatever Opacus computes.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
 
 
 def test_qwen2_vl_text_tower_gets_exact_per_example_gradients_under_opacus():
     from opacus import GradSampleModule
 
-    built = build_model(_config("qwen2-vl"))
-    _, processor = build_tiny_vlm("qwen2-vl")
-    fmt = PromptFormat.of(processor)
     from wardround.client.vlm_objective import VlmObjective
 
+    built = build_model(vlm_config("qwen2-vl"))
+    _perturb_lora_b(built.model)
+    processor = built.processor
+    fmt = PromptFormat.of(processor)
     objective = VlmObjective.create(
         processor, TaskConfig(kind="vqa"), max_new_tokens=4, generations=0
     )
@@ -199,14 +108,13 @@ def test_qwen2_vl_text_tower_gets_exact_per_example_gradients_under_opacus():
                 "index": torch.tensor(k),
             }
         )
-    batch = objective.collate(items)
+    trainable = {n: p for n, p in built.model.named_parameters() if p.requires_grad}
     wrapped = GradSampleModule(built.model)
 
-    objective.loss(wrapped, batch, torch.Generator()).backward()
-
-    param = next(p for n, p in built.model.named_parameters() if p.requires_grad)
-    per_example = param.grad_sample.clone()
-    for k, item in enumerate(items):
+    objective.loss(wrapped, objective.collate(items), torch.Generator()).backward()
+    batched = {n: p.grad_sample.clone() for n, p in trainable.items()}
+    alone = []
+    for item in items:
         wrapped.zero_grad(set_to_none=True)
         for p in built.model.parameters():
             p.grad_sample = None
@@ -215,46 +123,22 @@ def test_qwen2_vl_text_tower_gets_exact_per_example_gradients_under_opacus():
             objective.collate([item | {"index": torch.tensor(0)}]),
             torch.Generator(),
         ).backward()
-        torch.testing.assert_close(
-            per_example[k] / 2, param.grad_sample[0] / 2, atol=1e-6, rtol=1e-4
-        )
+        alone.append({n: p.grad_sample[0].clone() for n, p in trainable.items()})
     wrapped._close()
 
-
-@pytest.mark.parametrize("arch", ["llava", "idefics3"])
-def test_an_examples_loss_does_not_depend_on_its_batch_padded_or_packed(arch):
-    from wardround.client.data.vlm_dataset import VlmDataset
-    from wardround.client.vlm_objective import VlmObjective
-
-    built = build_model(_config(arch, dp=False, pack_sequences=True))
-    processor = built.processor
-    fmt = PromptFormat.of(processor)
-    items = []
-    for k, answer in enumerate(("yes", "no", "Findings: Lungs are clear.")):
-        example = encode_example(
-            processor, fmt, IMAGE, QUESTION, answer, max_tokens=256
-        )
-        item = {key: torch.as_tensor(v) for key, v in example.items()}
-        items.append(item | {"findings": torch.zeros(4), "index": torch.tensor(k)})
-    dataset = VlmDataset(items, ["q"] * 3, ["a"] * 3)
-    padded = VlmObjective.create(
-        processor, TaskConfig(kind="vqa"), max_new_tokens=4, generations=0
-    )
-    packed = VlmObjective.create(
-        processor, TaskConfig(kind="vqa"), max_new_tokens=4, generations=0, pack=True
-    )
-    model = built.model.eval()
-
-    with torch.no_grad():
-        alone = [
-            padded._forward_nll(model, padded.collate([dataset[k]]))[0][0]
-            for k in range(3)
-        ]
-        sums_padded, _ = padded._forward_nll(model, padded.collate(list(dataset.items)))
-        sums_packed, _ = packed._forward_nll(model, packed.collate(list(dataset.items)))
-
-    torch.testing.assert_close(sums_padded, torch.stack(alone), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(sums_packed, torch.stack(alone), atol=1e-4, rtol=1e-4)
+    # every LoRA factor of the text tower (A and B, every layer), not only the first
+    assert len(trainable) >= 8
+    assert {n.rsplit(".lora_", 1)[1][0] for n in trainable} == {"A", "B"}
+    for k, expected in enumerate(alone):
+        for name, grad in expected.items():
+            assert grad.abs().max() > 0, f"{name}: zero gradient for example {k}"
+            torch.testing.assert_close(
+                batched[name][k],
+                grad,
+                atol=1e-6,
+                rtol=1e-4,
+                msg=lambda text, name=name: f"{name}: {text}",
+            )
 
 
 def test_a_tiny_model_saved_to_a_folder_loads_like_a_downloaded_one(tmp_path):
@@ -264,7 +148,7 @@ def test_a_tiny_model_saved_to_a_folder_loads_like_a_downloaded_one(tmp_path):
             model={"family": "vlm", "path": str(tmp_path / "pg")}, task={"kind": "vqa"}
         )
     )
-    in_memory = build_model(_config("paligemma"))
+    in_memory = build_model(vlm_config("paligemma"))
 
     # same weights, config and prompt format: the same base model to the federation
     assert from_folder.base_fingerprint == in_memory.base_fingerprint
@@ -300,7 +184,7 @@ def test_adapter_round_trip_through_peft_from_pretrained(tmp_path):
 
     from wardround.common.adapter import adapter_state, save_peft_adapter
 
-    config = _config("llava")
+    config = vlm_config("llava")
     built = build_model(config)
     rng = np.random.default_rng(0)
     changed = {
@@ -335,7 +219,7 @@ def test_adapter_round_trip_through_peft_from_pretrained(tmp_path):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_tiny_family_trains_and_generates_on_cpu(arch):
-    built = build_model(_config(arch, dp=False))
+    built = build_model(vlm_config(arch, dp=False))
     processor = built.processor
     fmt = PromptFormat.of(processor)
     example = encode_example(processor, fmt, IMAGE, QUESTION, "yes", max_tokens=256)
@@ -372,9 +256,9 @@ def test_every_tiny_family_trains_and_generates_on_cpu(arch):
 def test_bf16_base_and_gradient_checkpointing_train_on_cpu():
     from wardround.client.vlm_objective import VlmObjective
 
-    plain = _config("llava", dp=False)
+    plain = vlm_config("llava", dp=False)
     built = build_model(
-        _config("llava", dp=False, dtype="bfloat16", gradient_checkpointing=True)
+        vlm_config("llava", dp=False, dtype="bfloat16", gradient_checkpointing=True)
     )
     reference = build_model(plain)
     frozen = [p for p in built.model.parameters() if not p.requires_grad]
@@ -404,78 +288,6 @@ def test_bf16_base_and_gradient_checkpointing_train_on_cpu():
     assert built.base_fingerprint == reference.base_fingerprint  # bf16 and fp32 agree
 
 
-def test_vlm_config_errors_say_what_to_change():
-    with pytest.raises(ConfigError, match="exactly one of model.path"):
-        RunConfig.from_mapping({"model": {"family": "vlm"}, "task": {"kind": "vqa"}})
-    with pytest.raises(ConfigError, match="set task.kind to 'report' or 'vqa'"):
-        RunConfig.from_mapping({"model": {"family": "vlm", "tiny-arch": "llava"}})
-    with pytest.raises(ConfigError, match="needs model.family 'vlm'"):
-        RunConfig.from_mapping({"task": {"kind": "report"}})
-    with pytest.raises(ConfigError, match="tiny-arch 'gpt' is not one of"):
-        RunConfig.from_mapping(
-            {"model": {"family": "vlm", "tiny-arch": "gpt"}, "task": {"kind": "vqa"}}
-        )
-    base = {"family": "vlm", "tiny-arch": "llava"}
-    for key, message in (
-        ("gradient-checkpointing", "breaks Opacus"),
-        ("pack-sequences", "no longer one record"),
-    ):
-        with pytest.raises(ConfigError, match=message):
-            RunConfig.from_mapping(
-                {"model": {**base, key: True}, "task": {"kind": "vqa"}}
-            )
-    with pytest.raises(ConfigError, match="'hooks' or 'functorch'"):
-        RunConfig.from_mapping(
-            {
-                "model": base,
-                "task": {"kind": "vqa"},
-                "privacy": {"grad-sample-mode": "ew"},
-            }
-        )
-    with pytest.raises(ConfigError, match="not supported for paligemma"):
-        build_model(
-            RunConfig.from_mapping(
-                {
-                    "model": {
-                        "family": "vlm",
-                        "tiny-arch": "paligemma",
-                        "pack-sequences": True,
-                    },
-                    "task": {"kind": "vqa"},
-                    "privacy": {"enabled": False},
-                }
-            )
-        )
-
-
-def test_readme_vlm_config_parses(tmp_path):
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    block = next(
-        b
-        for b in re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
-        if 'family = "vlm"' in b
-    )
-    path = tmp_path / "run.toml"
-    path.write_text(block)
-    config = RunConfig.from_toml(path)
-    assert (
-        config.model.path == "/models/llava-med" and config.task.kind is TaskKind.REPORT
-    )
-
-
-def test_the_demo_config_is_a_valid_vlm_run():
-    from pathlib import Path
-
-    import wardround.simulations as simulations
-
-    config = RunConfig.from_toml(Path(simulations.__file__).parent / "vlm_report.toml")
-    assert config.model.family == "vlm" and config.model.tiny_arch == "llava"
-    assert config.privacy.enabled and config.secure_aggregation.enabled
-
-
 def test_dp_sgd_trains_lora_on_a_bfloat16_base():
     from wardround.client.data.vlm_dataset import VlmDataset
     from wardround.client.dp import DpTraining
@@ -484,7 +296,7 @@ def test_dp_sgd_trains_lora_on_a_bfloat16_base():
     from wardround.common.adapter import adapter_state
     from wardround.common.config import GradSampleMode
 
-    built = build_model(_config("llava", dtype="bfloat16"))
+    built = build_model(vlm_config("llava", dtype="bfloat16"))
     fmt = PromptFormat.of(built.processor)
     items = []
     for k, answer in enumerate(["yes", "no"] * 4):

@@ -1,0 +1,102 @@
+"""Reading config files and describing what is wrong with them, every problem at once."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from ..errors import ConfigError
+from .model import FAMILY_CONFIGS
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file or raise ConfigError saying what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", hint="Check the path.")
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc, family = _untagged(model, err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {where}: {_unknown_key(model, loc, family)}")
+        elif not loc:
+            # a check across sections: its input is the whole config, not worth echoing
+            lines.append(f"  - {where}: {err['msg']}")
+        else:
+            lines.append(f"  - {where}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _untagged(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[Any], str]:
+    """``loc`` without the model family's tag pydantic puts in it, and that family."""
+    parts, family = list(loc), ""
+    if len(parts) > 1 and parts[1] in FAMILY_CONFIGS:
+        union = _section(model, parts[:1])  # a union of family configs is no class
+        if union is not None and not isinstance(union, type):
+            family = parts.pop(1)
+    return parts, family
+
+
+def _section(model: type[BaseModel], loc: list[Any]) -> Any:
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", {})
+        match = next((f for name, f in fields.items() if part in (name, f.alias)), None)
+        if match is None:
+            return None
+        current = match.annotation
+    return current
+
+
+def _unknown_key(model: type[BaseModel], loc: list[Any], family: str) -> str:
+    """Say which family takes a key of the model section, or list the known keys."""
+    section: Any = FAMILY_CONFIGS[family] if family else _section(model, loc[:-1])
+    if family:
+        key = str(loc[-1])
+        owners = [
+            name
+            for name, other in FAMILY_CONFIGS.items()
+            if name != family and key in _keys(other) | set(other.model_fields)
+        ]
+        if owners:
+            takes = " or ".join(repr(name) for name in owners)
+            return (
+                f"a key of model.family {takes}, and this model's family is "
+                f"{family!r}: set model.family = {owners[0]!r}, or remove the key"
+            )
+    known = sorted(_keys(section)) if isinstance(section, type) else []
+    return f"unknown key; known keys here: {', '.join(known)}"
+
+
+def _keys(section: type[BaseModel]) -> set[str]:
+    return {f.alias or name for name, f in section.model_fields.items()}
+
+
+def flower_config_string(value: str) -> str:
+    """``value`` quoted for Flower's ``key=value`` arguments (``--node-config``, ``--run-config``).
+
+    Flower reads each value as TOML after splitting on a regular expression that
+    ends a quoted value at its first closing quote: single quotes (literal, no
+    escapes) unless the value holds one, else double quotes with escaped backslashes.
+    """
+    if "\n" in value or ("'" in value and '"' in value):
+        raise ConfigError(
+            f"the path {value!r} cannot be passed to Flower (it holds a newline, or "
+            "both ' and \")",
+            hint="Use a path without quote characters or newlines.",
+        )
+    if "'" not in value:
+        return f"'{value}'"
+    return '"' + value.replace("\\", "\\\\") + '"'

@@ -1,0 +1,141 @@
+"""The whole run config: its sections, the checks across them, and its forms.
+
+A run config is a nested TOML file (``wardround simulate --config run.toml``) or a
+Flower ``run_config`` (flat, dotted keys, scalar values). Both become one frozen
+:class:`RunConfig`; unknown keys are rejected with the list of known ones, and
+every problem is reported at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError, model_validator
+
+from ..errors import ConfigError
+from .model import FamilyModelConfig, FusionModelConfig, ModelConfig
+from .parsing import _describe, _keys, read_toml
+from .sections import (
+    DataConfig,
+    FederationConfig,
+    OutputConfig,
+    PrivacyConfig,
+    SecureAggregationConfig,
+    TaskConfig,
+    TrainConfig,
+    _dashed,
+    _Section,
+)
+
+
+class RunConfig(_Section):
+    """Everything a run needs, shared by the coordinator and all sites."""
+
+    federation: FederationConfig = FederationConfig()
+    train: TrainConfig = TrainConfig()
+    model: ModelConfig = FusionModelConfig()
+    task: TaskConfig = TaskConfig()
+    data: DataConfig = DataConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _task_fits_family(self) -> RunConfig:
+        self.model.check_run(self)
+        return self
+
+    @model_validator(mode="after")
+    def _secagg_needs_clip(self) -> RunConfig:
+        if self.secure_aggregation.enabled and self.federation.delta_clip_norm <= 0:
+            raise ValueError(
+                "secure-aggregation needs federation.delta-clip-norm > 0 (it sets the "
+                "quantization range)"
+            )
+        if self.secure_aggregation.enabled and self.federation.min_sites < 3:
+            # common.secagg_math.MIN_PARTICIPANTS: sites refuse SecAgg+ among fewer
+            raise ValueError(
+                "secure-aggregation needs federation.min-sites >= 3 (sites refuse "
+                "SecAgg+ among fewer: with 2, each site's one pairwise mask comes "
+                "from a 32-bit seed); disable it for a run of 1 or 2 sites "
+                "(secure-aggregation.enabled = false, or --no-secagg)"
+            )
+        return self
+
+    @property
+    def requires_images(self) -> bool:
+        """Whether every study must have an image (a site without imaging cannot train).
+
+        True for a vlm (its prompt holds the image) and for a fusion model that reads
+        images with ``task.require-image`` true. False when the model reads no image,
+        or when studies without image train on their EHR and note (the
+        missing-modality path, ``task.require-image`` false).
+        """
+        return self.model.requires_images(self.task)
+
+    # -- parsing ---------------------------------------------------------------
+    @classmethod
+    def from_mapping(
+        cls, raw: dict[str, Any], *, source: str = "run config"
+    ) -> RunConfig:
+        """Validate a nested mapping; raise ConfigError listing every problem."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(
+                f"{source} has {exc.error_count()} problem(s):\n" + _describe(exc, cls),
+                hint="Fix the keys above; `wardround simulate --help` shows the options.",
+            ) from None
+
+    @classmethod
+    def from_toml(cls, path: Path) -> RunConfig:
+        """Read a run config TOML file."""
+        return cls.from_mapping(read_toml(path), source=str(path))
+
+    @classmethod
+    def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
+        """Rebuild from a Flower ``run_config`` (flat dotted keys, JSON for lists)."""
+        nested: dict[str, Any] = {}
+        for key, value in run_config.items():
+            *parents, leaf = key.split(".")
+            node = nested
+            for part in parents:
+                node = node.setdefault(part, {})
+            if isinstance(value, str) and value[:1] in "[{":
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            node[leaf] = value
+        return cls.from_mapping(nested, source="Flower run_config")
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """Flatten to a Flower ``run_config``: dotted keys, scalars, JSON for the rest."""
+        flat: dict[str, bool | int | float | str] = {}
+        for section, values in self.model_dump(mode="json", by_alias=True).items():
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = (
+                    value
+                    if isinstance(value, (bool, int, float, str))
+                    else json.dumps(value)
+                )
+        return flat
+
+    def with_overrides(self, **sections: dict[str, Any]) -> RunConfig:
+        """Return a copy with some keys of some sections replaced (validated).
+
+        A new ``model.family`` keeps the keys every family has (the LoRA settings)
+        and takes the new family's defaults for the rest.
+        """
+        raw = self.model_dump(mode="json", by_alias=True)
+        for section, values in sections.items():
+            values = {_dashed(k): v for k, v in values.items()}
+            if section == "model" and values.get("family", self.model.family) != (
+                self.model.family
+            ):
+                shared = _keys(FamilyModelConfig)
+                raw["model"] = {k: v for k, v in raw["model"].items() if k in shared}
+            raw[_dashed(section)].update(values)
+        return RunConfig.from_mapping(raw)

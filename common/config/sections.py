@@ -1,0 +1,337 @@
+"""The run config's sections other than the model (one per TOML table).
+
+Every section is frozen, refuses unknown keys and takes dashed or underscored names.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .enums import (
+    MAX_TASK_ITEMS,
+    MAX_VOCABULARY,
+    Accountant,
+    GradSampleMode,
+    OptimizerKind,
+    SecureMode,
+    SliceMode,
+    Strategy,
+    TaskKind,
+)
+
+
+def _dashed(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", alias_generator=_dashed, populate_by_name=True
+    )
+
+
+class FederationConfig(_Section):
+    """How rounds run."""
+
+    strategy: Strategy = Strategy.FEDAVG
+    proximal_mu: float = Field(0.0, ge=0.0, le=100.0)
+    rounds: int = Field(5, ge=1, le=10_000)
+    min_sites: int = Field(
+        3,
+        ge=1,
+        le=10_000,
+        description="a round with fewer successful sites stops the run (at least 3 "
+        "under secure aggregation)",
+    )
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(1.0, gt=0.0, le=1.0)
+    round_timeout_s: float = Field(3600.0, gt=0.0, le=604_800.0)
+    seed: int = 0
+    delta_clip_norm: float = Field(
+        4.0,
+        ge=0.0,
+        le=10_000.0,
+        description="L2 bound every site clips its adapter delta to before it leaves "
+        "(a robustness bound; sets the secure-aggregation quantization). 0: no clip "
+        "(plain aggregation only)",
+    )
+    join_timeout_s: float = Field(
+        120.0,
+        gt=0.0,
+        le=86_400.0,
+        description="how long each round waits for the expected sites to connect "
+        "before it goes ahead with those present (at least min-sites)",
+    )
+    expected_sites: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="how many sites the run expects; 0: min-sites (on a coordinator: "
+        "the enrolled sites that are not revoked)",
+    )
+    personal: tuple[str, ...] = Field(
+        (),
+        max_length=16,
+        description="personalised sites: the model's trainable modules each site "
+        "keeps to itself (e.g. ['head', 'wide']); they never leave the site, are "
+        "not aggregated, and each site evaluates with its own",
+    )
+
+    @model_validator(mode="after")
+    def _mu_matches_strategy(self) -> FederationConfig:
+        if self.strategy is Strategy.FEDPROX and self.proximal_mu <= 0.0:
+            raise ValueError("strategy 'fedprox' needs proximal-mu > 0 (e.g. 0.01)")
+        if self.strategy is not Strategy.FEDPROX and self.proximal_mu > 0.0:
+            # FedAvg sends no mu: the sites would train without the term it names.
+            raise ValueError(
+                f"proximal-mu = {self.proximal_mu:g} needs strategy 'fedprox' "
+                f"(strategy '{self.strategy.value}' applies no proximal term): set "
+                "federation.strategy = 'fedprox' (--strategy fedprox), or drop "
+                "proximal-mu"
+            )
+        if len(set(self.personal)) != len(self.personal) or not all(
+            name.isidentifier() for name in self.personal
+        ):
+            raise ValueError(
+                "personal must list module names (e.g. 'head', 'wide'), each once"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    """Local training at each site, per round."""
+
+    local_epochs: int = Field(2, ge=1, le=1000)
+    max_steps: int = Field(0, ge=0, le=1_000_000, description="0: whole local epochs")
+    batch_size: int = Field(
+        0, ge=0, le=65_536, description="0: the recipe's (16; 64 under DP-SGD)"
+    )
+    learning_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description="0: the recipe's (AdamW 5e-3; SGD 0.1 under DP-SGD)",
+    )
+    optimizer: OptimizerKind = Field(
+        OptimizerKind.AUTO,
+        description="'auto': SGD with momentum under DP-SGD, else AdamW",
+    )
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD's momentum")
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    eval_batch_size: int = Field(64, ge=1, le=65_536)
+    eval_generations: int = Field(
+        8,
+        ge=0,
+        le=10_000,
+        description="vlm: validation examples each site generates text for per "
+        "evaluation (exact match, text overlap, label agreement; kept at the site)",
+    )
+    modality_dropout: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="chance to hide a present modality per training example",
+    )
+    torch_threads: int = Field(1, ge=0, le=1024, description="0: torch's default")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto: cuda if available",
+    )
+
+
+class NumericFeature(_Section):
+    """A numeric EHR feature with the federation-wide normalisation."""
+
+    mean: float
+    std: float = Field(gt=0.0)
+
+
+class TaskConfig(_Section):
+    """What is predicted from what. Shared by every site of a run.
+
+    Normalisation statistics and categorical vocabularies are declared here, never
+    derived from one site's data.
+    """
+
+    kind: TaskKind = Field(
+        TaskKind.CLASSIFICATION,
+        description="'classification' (fusion family), 'report' or 'vqa' (vlm family)",
+    )
+    labels: tuple[str, ...] = Field(
+        ("nodule", "effusion", "pneumonia", "cardiomegaly"), max_length=MAX_TASK_ITEMS
+    )
+    numeric: dict[str, NumericFeature] = Field(
+        default_factory=lambda: {
+            "age": NumericFeature(mean=60.0, std=15.0),
+            "temperature": NumericFeature(mean=37.2, std=0.8),
+            "heart_rate": NumericFeature(mean=85.0, std=15.0),
+            "spo2": NumericFeature(mean=95.0, std=3.0),
+            "wbc": NumericFeature(mean=9.0, std=3.5),
+            "crp": NumericFeature(mean=30.0, std=40.0),
+            "bnp": NumericFeature(mean=300.0, std=400.0),
+        },
+        max_length=MAX_TASK_ITEMS,
+    )
+    categorical: dict[str, tuple[str, ...]] = Field(
+        default_factory=lambda: {"sex": ("F", "M")}, max_length=MAX_TASK_ITEMS
+    )
+    units: dict[str, str] = Field(
+        default_factory=lambda: {
+            "age": "years",
+            "temperature": "degC",
+            "heart_rate": "bpm",
+            "spo2": "%",
+            "wbc": "10^9/L",
+            "crp": "mg/L",
+            "bnp": "pg/mL",
+        },
+        max_length=MAX_TASK_ITEMS,
+        description="numeric feature -> the run's unit; sites declare theirs in "
+        "site.toml and are converted to it",
+    )
+    ranges: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {
+            "age": (0.0, 120.0),
+            "temperature": (25.0, 45.0),
+            "heart_rate": (10.0, 300.0),
+            "spo2": (30.0, 100.0),
+            "wbc": (0.0, 500.0),
+            "crp": (0.0, 1000.0),
+            "bnp": (0.0, 100_000.0),
+        },
+        max_length=MAX_TASK_ITEMS,
+        description="numeric feature -> plausible [low, high] in the run's unit; "
+        "values outside become missing (and are counted by `site check`)",
+    )
+    require_image: bool = Field(
+        True,
+        description="false: EHR rows without a DICOM study train without image, "
+        "and sites without imaging (no data.dicom-dirs) can take part",
+    )
+    slice_mode: SliceMode = Field(
+        SliceMode.MIDDLE,
+        description="multi-frame images and multi-slice series: middle slice, "
+        "max-intensity projection, or `image-channels` slices as channels",
+    )
+    image_channels: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="channels of the image input (> 1 only with slice-mode 'channels')",
+    )
+
+    @model_validator(mode="after")
+    def _labels_present(self) -> TaskConfig:
+        if not self.labels:
+            raise ValueError("labels must name at least one label")
+        if (self.image_channels > 1) != (self.slice_mode is SliceMode.CHANNELS):
+            raise ValueError(
+                "image-channels > 1 goes with slice-mode 'channels' (and only with it)"
+            )
+        for name, (low, high) in self.ranges.items():
+            if not low < high:
+                raise ValueError(f"ranges.{name}: low must be below high")
+        for name, vocabulary in self.categorical.items():
+            if len(vocabulary) > MAX_VOCABULARY:
+                raise ValueError(f"categorical.{name}: at most {MAX_VOCABULARY} values")
+        return self
+
+    @property
+    def ehr_width(self) -> int:
+        """Width of the EHR vector: numeric values, their missingness, one-hots."""
+        onehot = sum(len(v) + 1 for v in self.categorical.values())  # +1: unknown
+        return 2 * len(self.numeric) + onehot
+
+
+class DataConfig(_Section):
+    """Where the sites' data is (simulation)."""
+
+    sites_dir: str = ""
+    synthesize_sites: int = Field(
+        0, ge=0, le=256, description="make N synthetic sites if sites-dir is empty"
+    )
+    patients_per_site: int = Field(300, ge=10, le=1_000_000)
+    synth_seed: int = 0
+
+
+class PrivacyConfig(_Section):
+    """Record-level DP-SGD at every site (Opacus). Each site's own floor still applies."""
+
+    enabled: bool = True
+    target_epsilon: float = Field(
+        8.0, gt=0.0, le=1000.0, description="epsilon this run may spend at a site"
+    )
+    target_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(
+        1.0, gt=0.0, le=1000.0, description="per-example clip (L2)"
+    )
+    accountant: Accountant = Accountant.RDP
+    grad_sample_mode: GradSampleMode = GradSampleMode.HOOKS
+    secure_mode: SecureMode = SecureMode.AUTO
+
+    @model_validator(mode="after")
+    def _mode_can_run(self) -> PrivacyConfig:
+        if self.grad_sample_mode is GradSampleMode.GHOST:
+            # Ghost clipping clips through Opacus's own criterion wrapper on
+            # per-example losses; the trainer's objectives return the batch's mean.
+            raise ValueError(
+                "privacy.grad-sample-mode 'ghost' is not supported: Opacus's ghost "
+                "clipping needs its own loss wrapper, which the local trainer does "
+                "not use; use 'hooks' (the default), 'ew' or 'functorch'"
+            )
+        return self
+
+
+class SecureAggregationConfig(_Section):
+    """Flower's SecAgg+: the coordinator only sees the masked sum of the deltas."""
+
+    enabled: bool = True
+    num_shares: float = Field(
+        1.0,
+        gt=0.0,
+        le=10_000.0,
+        description="key shares per site: a fraction of the sampled sites (<= 1.0) "
+        "or a count (> 2)",
+    )
+    reconstruction_threshold: float = Field(
+        0.67,
+        gt=0.0,
+        le=10_000.0,
+        description="shares needed to unmask: a fraction of num-shares (<= 1.0) or a "
+        "count; sites that may drop out = shares - threshold",
+    )
+    stage_timeout_s: float = Field(
+        600.0,
+        gt=0.0,
+        le=86_400.0,
+        description="how long each protocol stage waits for replies",
+    )
+
+    @model_validator(mode="after")
+    def _shares_valid(self) -> SecureAggregationConfig:
+        if self.num_shares > 1.0 and (
+            self.num_shares != int(self.num_shares) or self.num_shares <= 2
+        ):
+            raise ValueError("num-shares above 1.0 must be a whole number above 2")
+        if self.reconstruction_threshold > 1.0 and (
+            self.reconstruction_threshold != int(self.reconstruction_threshold)
+        ):
+            raise ValueError(
+                "reconstruction-threshold above 1.0 must be a whole number"
+            )
+        return self
+
+
+class OutputConfig(_Section):
+    """Where the run directory goes."""
+
+    dir: str = "runs/latest"
+    checkpoint_every: int = Field(
+        1, ge=0, le=10_000, description="0: no per-round checkpoints"
+    )
+    resume: bool = Field(
+        False,
+        description="continue the run in `dir` from its last intact checkpoint "
+        "(same run id; the config but for this section must be unchanged)",
+    )

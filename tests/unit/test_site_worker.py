@@ -1,0 +1,222 @@
+"""The site's warm worker: what its audit observer records, the numeric metrics it
+reads from a reply, and how a task its SuperNode dropped ends (not the daemon)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from wardround.client.daemon import AuditingObserver
+from wardround.client.site_worker import APP_NOT_APPROVED, TaskOutcome, _numeric_metrics
+from wardround.common import wire
+from wardround.ops.audit import AuditLog, read_audit, verify_audit
+
+# ------------------------------------------------------------------ the observer
+
+
+def _outcome(**changes) -> TaskOutcome:
+    values = {
+        "run_id": 5,
+        "fab_hash": "ab" * 32,
+        "message_type": "train",
+        "group": "1",
+        "approved": True,
+        "ok": True,
+        "bytes_in": 1000,
+        "bytes_out": 2000,
+        "seconds": 1.23456,
+        "app_seconds": 0.98765,
+    }
+    values.update(changes)
+    return TaskOutcome(**values)
+
+
+@pytest.fixture
+def audit_path(tmp_path) -> Path:
+    return tmp_path / "state" / "audit.jsonl"
+
+
+def _observer(audit_path: Path) -> AuditingObserver:
+    return AuditingObserver(AuditLog(audit_path, actor="site:site-01"))
+
+
+def test_observer_records_a_refused_app(audit_path):
+    observer = _observer(audit_path)
+    observer.on_task(_outcome(approved=False, ok=False, error="[AppNotApproved] ..."))
+    events = read_audit(audit_path)
+    assert [e["event"] for e in events] == ["app_refused"]
+    assert events[0]["run_id"] == "5"
+    assert events[0]["fab_hash"] == "ab" * 32
+    assert events[0]["reason"] == APP_NOT_APPROVED
+    assert events[0]["actor"] == "site:site-01"
+    assert observer.runs_seen == set()
+
+
+def test_observer_records_a_run_once_and_every_round(audit_path):
+    observer = _observer(audit_path)
+    observer.on_task(_outcome(group="1"))
+    observer.on_task(_outcome(group="1", message_type="evaluate"))
+    observer.on_task(_outcome(group="2"))
+    observer.on_task(_outcome(run_id=6, group="1"))
+    events = read_audit(audit_path)
+    assert [(e["event"], e["run_id"]) for e in events] == [
+        ("run_started", "5"),
+        ("round_finished", "5"),
+        ("round_finished", "5"),
+        ("round_finished", "5"),
+        ("run_started", "6"),
+        ("round_finished", "6"),
+    ]
+    first = events[1]
+    assert first["round"] == 1
+    assert first["message_type"] == "train"
+    assert first["bytes_in"] == 1000 and first["bytes_out"] == 2000
+    assert first["seconds"] == 1.235 and first["app_seconds"] == 0.988
+    assert first["ok"] is True
+    assert events[0]["fab_hash"] == "ab" * 32
+    rounds = [e["round"] for e in events if e["event"] == "round_finished"]
+    assert rounds == [1, 1, 2, 1]
+    assert verify_audit(audit_path).ok
+
+
+def test_observer_round_is_none_for_a_non_numeric_group(audit_path):
+    _observer(audit_path).on_task(_outcome(group="secagg-stage"))
+    assert read_audit(audit_path)[-1]["round"] is None
+
+
+def test_observer_records_privacy_spent(audit_path):
+    observer = _observer(audit_path)
+    observer.on_task(
+        _outcome(
+            group="3", metrics={wire.DP_EPSILON_RUN: 1.5, wire.DP_EPSILON_TOTAL: 4.0}
+        )
+    )
+    observer.on_task(_outcome(group="4", metrics={wire.DP_EPSILON_RUN: 2.0}))
+    observer.on_task(_outcome(group="5", metrics={"train-loss": 0.3}))
+    spent = [e for e in read_audit(audit_path) if e["event"] == "privacy_spent"]
+    assert [(e["round"], e["epsilon_run"], e["epsilon_total"]) for e in spent] == [
+        (3, 1.5, 4.0),
+        (4, 2.0, None),
+    ]
+
+
+def test_observer_records_a_failed_task_as_an_error(audit_path):
+    observer = _observer(audit_path)
+    observer.on_task(
+        _outcome(group="2", ok=False, error="ValueError: bad <value>\nline two")
+    )
+    events = read_audit(audit_path)
+    assert [e["event"] for e in events] == ["run_started", "round_finished", "error"]
+    assert events[1]["ok"] is False
+    error = events[2]
+    assert error["run_id"] == "5" and error["round"] == 2
+    assert error["reason"] == "ValueError: bad value line two"
+
+
+def test_observer_never_raises_on_an_unloggable_field(audit_path):
+    observer = _observer(audit_path)
+    # refused by the audit log (not its alphabet): logged, not raised
+    observer.on_task(_outcome(message_type="train\n{patient}"))
+    observer.on_task(_outcome(group="2"))
+    events = read_audit(audit_path)
+    assert [e["event"] for e in events] == ["run_started", "round_finished"]
+    assert events[-1]["round"] == 2
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def _content() -> RecordDict:
+    return RecordDict(
+        {
+            "metrics": MetricRecord(
+                {"train-loss": 0.5, "num-examples": 32, "hist": [1.0, 2.0]}
+            ),
+            "fitres.metrics": ConfigRecord(
+                {
+                    wire.DP_EPSILON_RUN: 1.25,
+                    "rounds": 3,
+                    "site": "site-01",
+                    "clipped": True,
+                    "blob": b"\x00",
+                }
+            ),
+            "arrays": ArrayRecord(),
+        }
+    )
+
+
+def test_numeric_metrics_reads_metric_and_config_records():
+    metrics = _numeric_metrics(SimpleNamespace(content=_content()))
+    assert metrics == {
+        "train-loss": 0.5,
+        "num-examples": 32.0,
+        wire.DP_EPSILON_RUN: 1.25,
+        "rounds": 3.0,
+    }
+    assert all(type(v) is float for v in metrics.values())
+
+
+def test_numeric_metrics_of_a_flower_message(task_identity):
+    message = Message(content=_content(), dst_node_id=1, message_type="train")
+    assert _numeric_metrics(message)[wire.DP_EPSILON_RUN] == 1.25
+    assert "clipped" not in _numeric_metrics(message)
+
+
+def test_numeric_metrics_of_empty_content():
+    assert _numeric_metrics(SimpleNamespace(content=RecordDict())) == {}
+
+
+# ------------------------------------------------------------------ task heartbeat
+
+
+def test_a_task_its_supernode_dropped_is_cancelled_not_the_daemon():
+    import threading
+
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse
+
+    from wardround.client.site_worker import task_heartbeat_fn
+
+    class Client:
+        success = True
+
+        def SendTaskHeartbeat(self, request):  # noqa: N802 - Flower's name
+            return SendTaskHeartbeatResponse(success=self.success)
+
+    client, cancelled = Client(), threading.Event()
+    beat = task_heartbeat_fn(client, cancelled)
+    assert beat() and not cancelled.is_set()
+    client.success = False  # Flower's own function would raise SIGINT here
+    assert beat() and cancelled.is_set()
+
+
+def test_a_cancelled_task_stops_retrying_its_calls():
+    import threading
+
+    from wardround.client.approvals import AppApprovals
+    from wardround.client.site_worker import SiteWorker
+
+    worker = SiteWorker("127.0.0.1:9", AppApprovals(Path("/nonexistent")))
+    cancelled = threading.Event()
+    client = worker._runtime_client("flwr-clientapp", token="t", cancelled=cancelled)
+    retry = client._retry_invoker if hasattr(client, "_retry_invoker") else None
+    invoker = retry or next(
+        v for v in vars(client).values() if hasattr(v, "should_giveup")
+    )
+    assert not invoker.should_giveup(ConnectionRefusedError())
+    # a SuperNode that restarted no longer knows the task's token: Flower's own
+    # invoker would SIGINT this process (the whole site daemon) here
+    import httpx
+
+    unauthorized = httpx.HTTPStatusError(
+        "401",
+        request=httpx.Request("POST", "http://127.0.0.1:9/x"),
+        response=httpx.Response(401),
+    )
+    assert invoker.should_giveup(unauthorized)
+    cancelled.set()
+    assert invoker.should_giveup(ConnectionRefusedError())
+    assert invoker.max_time is not None
