@@ -65,12 +65,12 @@ from typing import Any
 
 import psutil
 
-from wardround.common.flower_pacing import PACING_ENV
 from wardround.deploy.loopback import (
     LoopbackFederation,
     free_port,
     read_jsonl,
 )
+from wardround.flower_compat.pacing import PACING_ENV
 from wardround.ops.processes import start_child, stop_processes
 from wardround.simulations.synth import synthesize_federation
 

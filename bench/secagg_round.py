@@ -34,7 +34,7 @@ from wardround.common.adapter import clip_l2, from_record, to_record
 from wardround.common.aggregation import weighted_mean
 from wardround.common.config import SecureAggregationConfig
 from wardround.common.secagg_math import mean_error_bound, plan_quantization
-from wardround.server.secagg import run_secure_train
+from wardround.flower_compat.secagg_workflow import run_secure_train
 from wardround.simulations.local_grid import LocalGrid
 
 BOUND = 4.0

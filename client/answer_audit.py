@@ -16,14 +16,11 @@ from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common.secure_aggregation.secaggplus_constants import (
-    RECORD_KEY_CONFIGS,
-    Key,
-)
 
 from ..common import wire
 from ..common.errors import DataError
 from ..common.wirebytes import content_bytes
+from ..flower_compat.secagg_protocol import RECORD_KEY_CONFIGS, Key
 from ..ops.audit import AuditEvent, AuditLog, safe_reason
 
 log = logging.getLogger(__name__)

@@ -24,14 +24,6 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common import (
-    Code,
-    FitRes,
-    Status,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
-)
-from flwr.compat.common import recorddict_compat as compat
 
 from .. import __version__
 from ..common import wire
@@ -47,6 +39,14 @@ from ..common.aggregation import subtract
 from ..common.config import RunConfig
 from ..common.errors import AnswerRefused, FederationError, ModelMismatchError
 from ..common.release import version_metrics
+from ..flower_compat.legacy import (
+    Code,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from ..flower_compat.legacy import recorddict_compat as compat
 from ..ops.audit import AUDIT_FILENAME, AuditLog
 from .answer_audit import make_answer_audit_mod
 from .answers import AnswerKind, coarsen_metrics
@@ -124,6 +124,7 @@ def _parse(
             dict(msg.content[wire.CONFIG]) if wire.CONFIG in msg.content else {}
         )
     _require_finite(global_state)
+    _require_weights(round_config)
     expected = round_config.get(wire.BASE_FINGERPRINT)
     if expected != runtime.built.base_fingerprint:
         raise ModelMismatchError(
@@ -151,6 +152,21 @@ def _parse(
         server_round=_server_round(round_config),
         secure_aggregation=LEGACY_FITINS_ARRAYS in msg.content,
     )
+
+
+def _require_weights(round_config: dict[str, Any]) -> None:
+    """The global adapter must arrive as weights: the site trains from it.
+
+    A message that says it carries something else (a delta) is refused; one that
+    says nothing carries weights under Flower's default key, as Flower's own do.
+    """
+    kind = round_config.get(wire.PAYLOAD_KIND, wire.PayloadKind.WEIGHTS.value)
+    if kind != wire.PayloadKind.WEIGHTS.value:
+        raise FederationError(
+            f"the coordinator sent a {str(kind)[:20]!r} payload as the global "
+            f"adapter; a site trains from {wire.PayloadKind.WEIGHTS.value!r}",
+            hint="The coordinator and this site must run the same wardround release.",
+        )
 
 
 def _server_round(round_config: dict[str, Any]) -> int:

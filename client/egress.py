@@ -46,14 +46,12 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.app.message_type import MessageType
-from flwr.common import bytes_to_ndarray, ndarray_to_bytes
-from flwr.common.constant import SType
-from flwr.common.secure_aggregation.secaggplus_constants import (
-    RECORD_KEY_CONFIGS,
-)
 
 from ..common import wire
 from ..common.errors import EgressViolation
+from ..flower_compat.constants import SType
+from ..flower_compat.legacy import bytes_to_ndarray, ndarray_to_bytes
+from ..flower_compat.secagg_protocol import RECORD_KEY_CONFIGS
 
 log = logging.getLogger("wardround.egress")
 

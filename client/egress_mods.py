@@ -16,10 +16,10 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common.constant import ErrorCode
-from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
 from ..common.errors import EgressViolation, safe_error_reason
+from ..flower_compat.constants import ErrorCode
+from ..flower_compat.secagg_protocol import Key, Stage
 from .egress import (
     FITRES_PARAMETERS,
     SECAGG_CONFIGS,

@@ -10,13 +10,14 @@ from typing import cast
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
-from flwr.common import ndarray_to_bytes
-from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
-from flwr.supercore.primitives.asymmetric import (
+
+from ..flower_compat.legacy import ndarray_to_bytes
+from ..flower_compat.secagg_protocol import (
+    Key,
+    Stage,
     bytes_to_public_key,
     public_key_to_bytes,
 )
-
 from .egress import (
     _FITRES_LAYOUT,
     SECAGG_CONFIGS,

@@ -31,14 +31,7 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.app.message_type import MessageType
-from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.secure_aggregation.secaggplus_constants import (
-    RECORD_KEY_CONFIGS,
-    Key,
-    Stage,
-)
-from flwr.compat.common import recorddict_compat as compat
 
 from ..common import wire
 from ..common.config import RunConfig
@@ -49,7 +42,14 @@ from ..common.secagg_math import (
     plan_quantization,
     share_counts,
 )
-from ..common.secagg_wire import narrow_masked_vectors
+from ..flower_compat.legacy import recorddict_compat as compat
+from ..flower_compat.secagg_protocol import (
+    RECORD_KEY_CONFIGS,
+    Key,
+    Stage,
+    secaggplus_mod,
+)
+from ..flower_compat.secagg_wire import narrow_masked_vectors
 
 log = logging.getLogger(__name__)
 

@@ -108,9 +108,8 @@ class SiteWorker:
 
     def serve(self, stop: threading.Event) -> None:
         """Run tasks until ``stop`` is set."""
-        from flwr.common.constant import RUNTIME_DEPENDENCY_INSTALL  # noqa: F401
-        from flwr.proto.runtime_pb2 import AcquireTaskRequest
-        from flwr.supercore.constant import TaskType
+        from ..flower_compat.constants import RUNTIME_DEPENDENCY_INSTALL  # noqa: F401
+        from ..flower_compat.runtime import AcquireTaskRequest, TaskType
 
         self.warm_up()
         acquirer = self._runtime_client(component="SuperExec")
@@ -143,10 +142,10 @@ class SiteWorker:
         """Run one ClientApp task the way ``flwr-clientapp`` does, without exiting."""
         from flwr.app import Message
         from flwr.app.error import Error
-        from flwr.common.constant import ErrorCode, SubStatus
-        from flwr.supercore.heartbeat import HeartbeatSender
 
         from ..common.wirebytes import content_bytes
+        from ..flower_compat.constants import ErrorCode, SubStatus
+        from ..flower_compat.runtime import HeartbeatSender
 
         cancelled = threading.Event()
         client = self._runtime_client(
@@ -229,13 +228,13 @@ class SiteWorker:
         token: str | None = None,
         cancelled: threading.Event | None = None,
     ) -> Any:
-        from flwr.supercore.interceptors import (
+        from ..flower_compat.runtime import (
+            RuntimeHttpClient,
             RuntimeTokenHttpInterceptor,
             RuntimeVersionHttpInterceptor,
             SuperExecAuthHttpInterceptor,
+            make_simple_http_retry_invoker,
         )
-        from flwr.supercore.retry import make_simple_http_retry_invoker
-        from flwr.supercore.runtime import RuntimeHttpClient
 
         interceptors: list[Any] = [
             RuntimeVersionHttpInterceptor(component_name=component)
@@ -296,7 +295,8 @@ def task_heartbeat_fn(client: Any, cancelled: threading.Event) -> Any:
     it would stop the whole site daemon. Here the task is marked cancelled instead.
     """
     import httpx
-    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    from ..flower_compat.runtime import SendTaskHeartbeatRequest
 
     request = SendTaskHeartbeatRequest()
 
@@ -328,19 +328,20 @@ def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     waits 1 s, then 2 s, then 4 s, which cost up to 7 s per message on loopback.
     """
     from flwr.app import Message
-    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
-    from flwr.proto.node_pb2 import Node
-    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+
+    from ..flower_compat.pacing import OBJECT_POLL_CAP_S, OBJECT_POLL_S
+    from ..flower_compat.runtime import (
+        Node,
+        PullAppMessagesRequest,
+        PullTaskInputRequest,
+        TaskIdentity,
+        context_from_proto,
+        fab_from_proto,
         make_confirm_message_received_fn_protobuf,
         make_pull_object_fn_protobuf,
-    )
-    from flwr.supercore.inflatable.inflatable_utils import (
         pull_and_inflate_object_from_tree,
+        run_from_proto,
     )
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from ..common.flower_pacing import OBJECT_POLL_CAP_S, OBJECT_POLL_S
 
     res = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id = res.task_id
@@ -413,7 +414,7 @@ def _end_task(
     client: Any, reply: Any, context: Any, sub_status: str, details: str
 ) -> None:
     """Push the reply (if any) and the task's end status to the SuperNode."""
-    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+    from ..flower_compat.runtime import push_message, push_task_output
 
     if reply is not None and context is not None:
         try:

@@ -1,7 +1,7 @@
 """Run Flower's SuperNode, paced for short rounds (``python -m wardround.client.supernode_main``).
 
 The site daemon starts the SuperNode through this module rather than
-``flower-supernode``: it applies :func:`wardround.common.flower_pacing.pace_supernode`
+``flower-supernode``: it applies :func:`wardround.flower_compat.pacing.pace_supernode`
 with ``WARDROUND_SUPERNODE_POLL_S`` (from ``deployment.poll-interval-s``), then runs
 Flower's own SuperNode entry point, with the same arguments.
 """
@@ -16,9 +16,8 @@ POLL_ENV = "WARDROUND_SUPERNODE_POLL_S"
 
 def main() -> int:
     """Flower's ``flower-supernode``, with the pacing from the environment."""
-    from flwr.supernode.cli import flower_supernode
-
-    from ..common.flower_pacing import pace_supernode
+    from ..flower_compat.pacing import pace_supernode
+    from ..flower_compat.tools import flower_supernode
 
     poll = float(os.environ.get(POLL_ENV, "0") or 0)
     if poll > 0:

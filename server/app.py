@@ -13,11 +13,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..common.config import RunConfig
 from ..common.errors import ConfigError
-from ..common.flower_pacing import PACING_ENV, pace_serverapp_grid
+from ..flower_compat.pacing import PACING_ENV, pace_serverapp_grid
+from ..flower_compat.prompt_grid import PromptGrid
 from .deployment import deployment_from_env
 from .enrolled_grid import EnrolledGrid
-from .federation import ObserverGroup, RoundObserver, run_federation
-from .prompt_grid import PromptGrid
+from .federation import run_federation
+from .observers import ObserverGroup, RoundObserver
 
 log = logging.getLogger(__name__)
 

@@ -205,60 +205,14 @@ def run_coordinator(
 
     Unfinished runs are resumed once all three are up.
     """
-    check_tls(config)
-    if config.dashboard.enabled:
-        from .dashboard.app import coordinator_exposure
-
-        coordinator_exposure(config)  # a bad [dashboard] stops us before anything runs
-    nginx = find_nginx(config)
-    state = config.state_path
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _check_ports_free(config)
-    saved = dict(os.environ)
-    os.environ["FLWR_HOME"] = str(config.flwr_home)
-    apply_machine_hygiene(state)
-    os.environ[STATE_ENV] = str(state)
-    write_connection(config)
-    write_superexec_secret(config)
-    write_nginx_conf(config)
+    saved, nginx = _prepare(config)
     audit = AuditLog(config.audit_path, actor="coordinator")
     children: dict[str, subprocess.Popen[bytes]] = {}
     failure: FederationError | None = None
     dashboard = None
     try:
-        log_path = state / SUPERLINK_LOG
-        children["the SuperLink"] = start_child(
-            superlink_command(config), dict(os.environ), log_path
-        )
-        if not _wait_listening(
-            "the SuperLink",
-            config.coordinator.internal_port,
-            children["the SuperLink"],
-            stop,
-            f"See {log_path}.",
-        ):
+        if not _start_children(config, nginx, children, stop):
             return
-        children["the SuperExec"] = start_child(
-            superexec_command(config), dict(os.environ), state / SUPEREXEC_LOG
-        )
-        children["nginx"] = start_child(
-            nginx_command(config, nginx), dict(os.environ), state / NGINX_LOG
-        )
-        try:
-            if not _wait_listening(
-                "nginx",
-                config.coordinator.port,
-                children["nginx"],
-                stop,
-                f"See {config.nginx_path}.",
-                host=config.coordinator.host,
-            ):
-                return
-        except FederationError as exc:
-            tail = error_log_tail(config)
-            raise FederationError(
-                f"nginx did not start{': ' + tail if tail else ''}", hint=exc.hint
-            ) from None
         from .registry import reenrol_sites
 
         reenrolled = reenrol_sites(config)
@@ -281,14 +235,7 @@ def run_coordinator(
         threading.Thread(
             target=_resume_all, args=(config, audit), name="resume", daemon=True
         ).start()
-        while failure is None and not stop.wait(0.5):
-            for what, child in children.items():
-                if child.poll() is not None:
-                    failure = FederationError(
-                        f"{what} exited with code {child.returncode}",
-                        hint=f"See the logs in {state}.",
-                    )
-                    break
+        failure = _watch(children, stop, config.state_path)
     finally:
         if dashboard is not None:
             dashboard.stop()
@@ -305,6 +252,89 @@ def run_coordinator(
             os.environ.update(saved)
     if failure is not None:
         raise failure
+
+
+def _prepare(config: CoordinatorConfig) -> tuple[dict[str, str], str]:
+    """Check the settings, set the environment, write the children's files.
+
+    Returns the environment as it was (for the caller to put back) and nginx's path.
+    """
+    check_tls(config)
+    if config.dashboard.enabled:
+        from .dashboard.app import coordinator_exposure
+
+        coordinator_exposure(config)  # a bad [dashboard] stops us before anything runs
+    nginx = find_nginx(config)
+    state = config.state_path
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_ports_free(config)
+    saved = dict(os.environ)
+    os.environ["FLWR_HOME"] = str(config.flwr_home)
+    apply_machine_hygiene(state)
+    os.environ[STATE_ENV] = str(state)
+    write_connection(config)
+    write_superexec_secret(config)
+    write_nginx_conf(config)
+    return saved, nginx
+
+
+def _start_children(
+    config: CoordinatorConfig,
+    nginx: str,
+    children: dict[str, subprocess.Popen[bytes]],
+    stop: threading.Event,
+) -> bool:
+    """Start the SuperLink, the SuperExec and nginx into ``children``.
+
+    False when ``stop`` was set (or a child died) before they were listening.
+    """
+    state = config.state_path
+    log_path = state / SUPERLINK_LOG
+    children["the SuperLink"] = start_child(
+        superlink_command(config), dict(os.environ), log_path
+    )
+    if not _wait_listening(
+        "the SuperLink",
+        config.coordinator.internal_port,
+        children["the SuperLink"],
+        stop,
+        f"See {log_path}.",
+    ):
+        return False
+    children["the SuperExec"] = start_child(
+        superexec_command(config), dict(os.environ), state / SUPEREXEC_LOG
+    )
+    children["nginx"] = start_child(
+        nginx_command(config, nginx), dict(os.environ), state / NGINX_LOG
+    )
+    try:
+        return _wait_listening(
+            "nginx",
+            config.coordinator.port,
+            children["nginx"],
+            stop,
+            f"See {config.nginx_path}.",
+            host=config.coordinator.host,
+        )
+    except FederationError as exc:
+        tail = error_log_tail(config)
+        raise FederationError(
+            f"nginx did not start{': ' + tail if tail else ''}", hint=exc.hint
+        ) from None
+
+
+def _watch(
+    children: dict[str, subprocess.Popen[bytes]], stop: threading.Event, state: Path
+) -> FederationError | None:
+    """Wait until ``stop`` is set or a child exits (the error that says which)."""
+    while not stop.wait(0.5):
+        for what, child in children.items():
+            if child.poll() is not None:
+                return FederationError(
+                    f"{what} exited with code {child.returncode}",
+                    hint=f"See the logs in {state}.",
+                )
+    return None
 
 
 def _resume_all(config: CoordinatorConfig, audit: AuditLog) -> None:

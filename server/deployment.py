@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from ..common.config import RunConfig
 from ..ops.audit import AUDIT_FILENAME, AuditLog, safe_reason
 from .coordinator import STATE_ENV
-from .federation import RunInfo
+from .observers import RunInfo
 from .records import RoundRecord, SiteFailure
 from .registry import EnrolledSite, load_sites
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from flwr.serverapp import Grid
@@ -27,12 +27,11 @@ from ..common import wire
 from ..common.adapter import (
     adapter_sha256,
     adapter_state,
-    num_bytes,
     payload_keys,
     save_peft_adapter,
 )
-from ..common.aggregation import apply_delta, weighted_metric_mean
-from ..common.config import LoraVariant, RunConfig, Strategy
+from ..common.aggregation import apply_delta
+from ..common.config import LoraVariant, RunConfig
 from ..common.errors import (
     ConfigError,
     FederationError,
@@ -41,113 +40,25 @@ from ..common.errors import (
 )
 from ..common.models import build_model
 from ..common.models.registry import describe
-from .phases import RoundPhases, SiteWait
+from .observers import ObserverGroup, RoundObserver, RunInfo
+from .phases import RoundPhases
 from .plots import plot_privacy, plot_rounds
-from .records import RoundRecord, SiteEvalReport, SiteFailure, SiteTrainReport
-from .rundir import RunDirectory, RunStart, RunState, versions
-from .strategy import make_strategy
+from .records import RoundRecord
+from .run_report import manifest, round_record, summary
+from .rundir import RunDirectory, RunStart, RunState
+from .site_wait import SiteWait
+from .strategies import make_strategy
+
+__all__ = [
+    "FederationResult",
+    "ObserverGroup",
+    "RoundObserver",
+    "RunInfo",
+    "expected_site_count",
+    "run_federation",
+]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """Who a run is, as it starts (or resumes)."""
-
-    run_id: str
-    rounds: int
-    """``federation.rounds``: the last round of the run."""
-    expected_sites: int
-    """How many sites each round waits for (see :func:`expected_site_count`)."""
-    resumed_from_round: int | None
-    """The round this call continues after; None when it starts at round 0."""
-    config: RunConfig
-
-
-class RoundObserver(Protocol):
-    """Receives progress (the CLI's progress display, logs, the audit log).
-
-    Only ``on_start`` and ``on_round`` are required: the other hooks are skipped
-    for an observer that lacks them (their bodies here are the no-op defaults of
-    a class that subclasses this protocol).
-    """
-
-    def on_start(self, total_rounds: int) -> None:
-        """The run is about to start; ``total_rounds`` rounds are left to train."""
-
-    def on_round(self, record: RoundRecord) -> None:
-        """A round finished (its line and manifest are written)."""
-
-    def on_run_started(self, info: RunInfo) -> None:
-        """The run started or resumed; called before ``on_start``."""
-
-    def on_round_started(self, server_round: int, sampled: list[int]) -> None:
-        """The strategy sampled these node ids to train in ``server_round``."""
-
-    def on_round_incomplete(
-        self, server_round: int, failures: list[SiteFailure]
-    ) -> None:
-        """Too few sites trained in ``server_round``: these failed; the run stops."""
-
-    def on_paused(self, reason: str) -> None:
-        """Too few sites are connected: the run waits for them."""
-
-    def on_resumed(self) -> None:
-        """Enough sites are back: the run goes on."""
-
-    def on_finished(self, state: str, reason: str | None) -> None:
-        """The run ended: ``state`` is 'finished', 'stopped' or 'failed'."""
-
-
-class ObserverGroup:
-    """Several observers as one; an observer's missing hooks are skipped.
-
-    The CLI's progress display only has ``on_start`` and ``on_round``; the audit
-    observer has them all.
-    """
-
-    def __init__(self, *observers: RoundObserver | None) -> None:
-        self.observers = [o for o in observers if o is not None]
-
-    def _call(self, hook: str, *args: Any) -> None:
-        for observer in self.observers:
-            method = getattr(observer, hook, None)
-            if method is not None:
-                method(*args)
-
-    def on_start(self, total_rounds: int) -> None:
-        """See :meth:`RoundObserver.on_start`."""
-        self._call("on_start", total_rounds)
-
-    def on_round(self, record: RoundRecord) -> None:
-        """See :meth:`RoundObserver.on_round`."""
-        self._call("on_round", record)
-
-    def on_run_started(self, info: RunInfo) -> None:
-        """See :meth:`RoundObserver.on_run_started`."""
-        self._call("on_run_started", info)
-
-    def on_round_started(self, server_round: int, sampled: list[int]) -> None:
-        """See :meth:`RoundObserver.on_round_started`."""
-        self._call("on_round_started", server_round, sampled)
-
-    def on_round_incomplete(
-        self, server_round: int, failures: list[SiteFailure]
-    ) -> None:
-        """See :meth:`RoundObserver.on_round_incomplete`."""
-        self._call("on_round_incomplete", server_round, failures)
-
-    def on_paused(self, reason: str) -> None:
-        """See :meth:`RoundObserver.on_paused`."""
-        self._call("on_paused", reason)
-
-    def on_resumed(self) -> None:
-        """See :meth:`RoundObserver.on_resumed`."""
-        self._call("on_resumed")
-
-    def on_finished(self, state: str, reason: str | None) -> None:
-        """See :meth:`RoundObserver.on_finished`."""
-        self._call("on_finished", state, reason)
 
 
 @dataclass
@@ -280,8 +191,9 @@ class _Run:
             frozen_lora_a=config.model.lora_variant is LoraVariant.FFA,
             personal=config.federation.personal,
         )
+        self.strategy = make_strategy(config.federation, config.secure_aggregation)
         self.phases = RoundPhases(
-            strategy=make_strategy(config.federation),
+            strategy=self.strategy,
             grid=grid,
             config=config,
             fingerprint=built.base_fingerprint,
@@ -295,7 +207,7 @@ class _Run:
         # training-set sizes: its records tell the same.
         for record in self.records:
             for report in record.train:
-                self.phases.train_examples[report.node_id] = report.num_examples
+                self.strategy.note_train_examples(report.node_id, report.num_examples)
         self.wait = SiteWait(
             grid=grid,
             expected=expected_site_count(config, expected_nodes),
@@ -358,7 +270,7 @@ class _Run:
         self.wait.before_round(0)
         start = time.perf_counter()
         evals, failures = self.phases.evaluate(0, self.state)
-        record = _record(
+        record = round_record(
             0,
             [],
             evals,
@@ -384,7 +296,7 @@ class _Run:
         self.state = apply_delta(self.state, phase.mean_delta)
         self.wait.ensure_min()
         evals, eval_failures = self.phases.evaluate(server_round, self.state)
-        record = _record(
+        record = round_record(
             server_round,
             phase.reports,
             evals,
@@ -419,7 +331,13 @@ class _Run:
     def _write(self, record: RoundRecord) -> None:
         self.records.append(record)
         self.out.write_round(
-            record, _manifest(self.config, self.built.base_fingerprint, record)
+            record,
+            manifest(
+                self.config,
+                self.built.base_fingerprint,
+                record,
+                self.strategy.manifest_settings(),
+            ),
         )
 
     def _enough_evaluated(self, record: RoundRecord) -> WardroundError | None:
@@ -454,7 +372,7 @@ class _Run:
         save_peft_adapter(self.built.model, self.state, run_dir / "adapter")
         plot_rounds(self.records, run_dir / "plots")
         plot_privacy(self.records, run_dir / "plots")
-        summary = _summary(
+        report = summary(
             self.config,
             self.records,
             describe(self.built),
@@ -464,12 +382,12 @@ class _Run:
             payload=self.phases.payload_shapes,
             stopped=stopped,
         )
-        self.out.write_final(summary)
+        self.out.write_final(report)
         state = RunState.FINISHED if stopped is None else RunState.STOPPED
         reason = None if stopped is None else stopped.message
         self.status(state, reason)
         self.events.on_finished(state.value, reason)
-        return FederationResult(run_dir=run_dir, rounds=self.records, summary=summary)
+        return FederationResult(run_dir=run_dir, rounds=self.records, summary=report)
 
     def abort(self, exc: BaseException) -> None:
         """Record an unexpected end; never raises, so ``exc`` is what propagates."""
@@ -495,200 +413,3 @@ class _Run:
             self.events.on_finished(RunState.FAILED.value, reason)
         except Exception as during:  # the original error is the one to report
             log.error("could not record the failure of run %s: %s", self.run_id, during)
-
-
-def _record(
-    server_round: int,
-    train: list[SiteTrainReport],
-    evals: list[SiteEvalReport],
-    failures: list[SiteFailure],
-    sha: str,
-    seconds: float,
-    aggregation_seconds: float,
-    *,
-    aggregation: str = "none",
-    secure_aggregation: dict[str, Any] | None = None,
-) -> RoundRecord:
-    return RoundRecord(
-        round=server_round,
-        train=train,
-        evaluate=evals,
-        failures=failures,
-        global_auroc=weighted_metric_mean(
-            [e.auroc_macro for e in evals], [e.num_examples for e in evals]
-        ),
-        global_loss=weighted_metric_mean(
-            [e.loss for e in evals], [e.num_examples for e in evals]
-        ),
-        train_loss=weighted_metric_mean(
-            [t.loss for t in train], [t.num_examples for t in train]
-        ),
-        adapter_sha256=sha,
-        seconds=seconds,
-        aggregation_seconds=aggregation_seconds,
-        aggregation=aggregation,
-        secure_aggregation=secure_aggregation,
-        extra=_generative_extra(evals),
-    )
-
-
-def _generative_extra(evals: list[SiteEvalReport]) -> dict[str, Any]:
-    """Global generative scores (vlm family), or nothing for a classifier.
-
-    Perplexity is weighted by each site's validation examples; the generation
-    scores by the examples each site generated for.
-    """
-    if not any(e.metrics for e in evals):
-        return {}
-    generated = [e.metrics.get(wire.EVAL_GENERATED, 0.0) for e in evals]
-    scores: dict[str, float] = {}
-    for name in wire.GENERATIVE_METRICS:
-        if name == wire.EVAL_GENERATED:
-            scores[name] = float(sum(generated))
-            continue
-        weights = [
-            e.num_examples if name == wire.EVAL_PERPLEXITY else g
-            for e, g in zip(evals, generated, strict=True)
-        ]
-        values = [e.metrics.get(name, float("nan")) for e in evals]
-        scores[name] = weighted_metric_mean(values, weights)
-    return {"generative": scores}
-
-
-def _dp_settings(config: RunConfig) -> dict[str, Any] | None:
-    if not config.privacy.enabled:
-        return None
-    return config.privacy.model_dump(mode="json", by_alias=True)
-
-
-def privacy_by_site(records: list[RoundRecord]) -> dict[str, dict[str, Any]]:
-    """Each site's latest privacy accounting and its per-round history."""
-    out: dict[str, dict[str, Any]] = {}
-    for record in records:
-        for report in record.train:
-            if report.privacy is None:
-                continue
-            entry = out.setdefault(report.site, {"per_round": []})
-            entry.update(asdict(report.privacy))
-            entry["per_round"].append(
-                {
-                    "round": record.round,
-                    "epsilon_run": report.privacy.epsilon_run,
-                    "epsilon_run_prv": report.privacy.epsilon_run_prv,
-                    "epsilon_total": report.privacy.epsilon_total,
-                }
-            )
-    return out
-
-
-def bytes_by_site(records: Iterable[RoundRecord]) -> dict[str, int]:
-    """Bytes each site sent over these rounds (also those reloaded on resuming)."""
-    sent: dict[str, int] = {}
-    for record in records:
-        for report in record.train:
-            sent[report.site] = sent.get(report.site, 0) + report.bytes_sent
-    return sent
-
-
-def _manifest(
-    config: RunConfig, fingerprint: str, record: RoundRecord
-) -> dict[str, Any]:
-    return {
-        "round": record.round,
-        "participants": [
-            {"node_id": t.node_id, "site": t.site, "num_examples": t.num_examples}
-            for t in record.train
-        ],
-        "failures": [{"node_id": f.node_id, "phase": f.phase} for f in record.failures],
-        "strategy": config.federation.strategy.value,
-        # what the strategy sent: FedAvg sends no mu
-        "proximal_mu": (
-            config.federation.proximal_mu
-            if config.federation.strategy is Strategy.FEDPROX
-            else 0.0
-        ),
-        "lora_variant": config.model.lora_variant.value,
-        "delta_clip_norm": config.federation.delta_clip_norm,
-        "aggregation": record.aggregation,
-        "differential_privacy": _dp_settings(config),
-        "privacy_spent": {
-            t.site: asdict(t.privacy) for t in record.train if t.privacy is not None
-        },
-        "secure_aggregation": record.secure_aggregation,
-        "base_model_fingerprint": fingerprint,
-        "adapter_sha256": record.adapter_sha256,
-        "versions": versions(),
-    }
-
-
-def _summary(
-    config: RunConfig,
-    records: list[RoundRecord],
-    model_info: dict[str, Any],
-    start: RunStart,
-    fingerprint: str,
-    state: dict[str, np.ndarray],
-    *,
-    payload: Iterable[str],
-    stopped: WardroundError | None,
-) -> dict[str, Any]:
-    payload = list(payload)
-    last = records[-1]
-    trained = records[1:]
-    resumed = start.resumed_from
-    return {
-        "run_id": start.run_id,
-        "status": "completed" if stopped is None else f"stopped: {stopped.title}",
-        "stop_reason": None if stopped is None else stopped.message,
-        "resumed_from_round": (
-            None if not resumed else resumed[0] if len(resumed) == 1 else resumed
-        ),
-        "config": config.model_dump(mode="json", by_alias=True),
-        "model": {
-            **model_info,
-            "adapter_tensors": len(state),
-            "adapter_payload_tensors": len(payload),
-            "adapter_payload_bytes": num_bytes({k: state[k] for k in payload}),
-            "base_model_fingerprint": fingerprint,
-        },
-        "aggregation": sorted({r.aggregation for r in trained}) or ["none"],
-        "differential_privacy": _dp_settings(config),
-        "rounds_completed": len(records) - 1,
-        "final": {
-            "global": {
-                "auroc_macro": last.global_auroc,
-                "loss": last.global_loss,
-                **last.extra.get("generative", {}),
-            },
-            "sites": {
-                e.site: {
-                    "auroc_macro": e.auroc_macro,
-                    "loss": e.loss,
-                    "num_examples": e.num_examples,
-                    "auroc_per_label": e.auroc_per_label,
-                    **e.metrics,
-                }
-                for e in last.evaluate
-            },
-        },
-        "history": {
-            "global_auroc": [r.global_auroc for r in records],
-            "global_loss": [r.global_loss for r in records],
-            **(
-                {"global_generative": [r.extra.get("generative") for r in records]}
-                if "generative" in last.extra
-                else {}
-            ),
-        },
-        "bytes_sent_per_site": bytes_by_site(records),
-        "privacy_spent": privacy_by_site(records),
-        "timings": {
-            # since the run first started, downtime before a resumption included
-            "started": start.started,
-            "finished": time.time(),
-            "wall_seconds": time.time() - start.started,
-            "round_seconds": [r.seconds for r in records],
-            "aggregation_seconds": [r.aggregation_seconds for r in records],
-        },
-        "versions": versions(),
-    }

@@ -118,12 +118,39 @@ def _user_line() -> str:
     return f"user {user} {group};\n"
 
 
+def _fleet_location(config: CoordinatorConfig) -> str:
+    """The server's one location open from outside: the Fleet API, proxied."""
+    upstream_name = _upstream_name(config)
+    return f"""        # Fleet calls are POST /v1/fleet/<call>: nothing else, no encoded or
+        # relative forms, no query string.
+        location {FLEET_PREFIX} {{
+            if ($request_uri !~ "^/v1/fleet/[a-z0-9-]+$") {{
+                return 404;
+            }}
+            limit_except POST {{
+                deny all;
+            }}
+            proxy_pass https://superlink;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host "{upstream_name}";
+            proxy_ssl_server_name on;
+            proxy_ssl_name "{upstream_name}";
+            proxy_ssl_verify on;
+            proxy_ssl_verify_depth 2;
+            proxy_ssl_trusted_certificate {_quoted(config.ca_path)};
+            proxy_ssl_session_reuse on;
+            proxy_connect_timeout 10s;
+            proxy_send_timeout {PROXY_TIMEOUT_S}s;
+            proxy_read_timeout {PROXY_TIMEOUT_S}s;
+        }}"""
+
+
 def nginx_conf(config: CoordinatorConfig) -> str:
     """The whole nginx config for this coordinator (text)."""
     prefix = config.nginx_path
     section = config.coordinator
     temp = prefix / "temp"
-    upstream_name = _upstream_name(config)
     return f"""# Written by `wardround coordinator start`: edit coordinator.toml instead.
 {_user_line()}daemon off;
 master_process on;
@@ -172,29 +199,7 @@ http {{
         proxy_request_buffering off;
         proxy_buffering off;
 
-        # Fleet calls are POST /v1/fleet/<call>: nothing else, no encoded or
-        # relative forms, no query string.
-        location {FLEET_PREFIX} {{
-            if ($request_uri !~ "^/v1/fleet/[a-z0-9-]+$") {{
-                return 404;
-            }}
-            limit_except POST {{
-                deny all;
-            }}
-            proxy_pass https://superlink;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host "{upstream_name}";
-            proxy_ssl_server_name on;
-            proxy_ssl_name "{upstream_name}";
-            proxy_ssl_verify on;
-            proxy_ssl_verify_depth 2;
-            proxy_ssl_trusted_certificate {_quoted(config.ca_path)};
-            proxy_ssl_session_reuse on;
-            proxy_connect_timeout 10s;
-            proxy_send_timeout {PROXY_TIMEOUT_S}s;
-            proxy_read_timeout {PROXY_TIMEOUT_S}s;
-        }}
+{_fleet_location(config)}
 
         # The Control API, the Runtime API, health, docs: never from outside.
         location / {{

@@ -81,7 +81,7 @@ def _plain_version(version: str) -> str:
 
 def build_app(config: RunConfig, apps_dir: Path) -> AppBundle:
     """Write the app folder (keyed by its content) and compute the FAB's sha256."""
-    from flwr.cli.build import build_fab_from_disk
+    from ..flower_compat.tools import build_fab_from_disk
 
     check_deployable(config)
     text = app_pyproject(config)

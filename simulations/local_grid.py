@@ -16,13 +16,17 @@ from dataclasses import dataclass, field
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+
+from ..flower_compat.constants import SUPERLINK_NODE_ID
+from ..flower_compat.runtime import (
+    ProtoMessage,
+    Run,
+    TaskIdentity,
+    message_from_proto,
+    message_to_proto,
+)
+from ..flower_compat.secagg_protocol import RECORD_KEY_CONFIGS, Key
 
 VanishRule = Callable[[int, Message], bool]
 """(node id, incoming message) -> True if the site dies on receiving it."""

@@ -145,7 +145,10 @@ class _Pages:
         )
 
     def sites(self, request: Any) -> Any:
-        from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+        from ...flower_compat.constants import (
+            HEARTBEAT_DEFAULT_INTERVAL,
+            HEARTBEAT_PATIENCE,
+        )
 
         live = self.source.site_status is not None
         return self.renderer.page(

@@ -288,10 +288,9 @@ def run_quality(options: QualityOptions, shard: str | None = None) -> None:
     started, machine = time.time(), machine_info()
     apply_machine_hygiene(out_dir / ".state")
     # Flower logs every sampling and SecAgg+ stage; the study prints per arm.
-    # (Imported first: Flower sets its logger's level when it loads.)
-    import flwr.common.logger  # noqa: F401
+    from ...flower_compat.flower_logging import quiet_flower
 
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    quiet_flower()
     on_arm = _arm_printer(console, options.jobs)
     console.print(
         f"{command}: {len(settings.cells())} cells, arm runs per size: "

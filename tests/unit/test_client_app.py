@@ -15,7 +15,7 @@ from flwr.app.message_type import MessageType
 from wardround.client.app import handle_evaluate, handle_train
 from wardround.common import wire
 from wardround.common.adapter import adapter_state, to_record
-from wardround.common.errors import ModelMismatchError
+from wardround.common.errors import FederationError, ModelMismatchError
 from wardround.common.models import build_model
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -40,7 +40,8 @@ def site_setup(synthetic_sites, tiny_config):
     return config, built, context
 
 
-def _message(built, kind, fingerprint=None, run_id="test-run"):
+def _message(built, kind, fingerprint=None, run_id="test-run", payload_kind=None):
+    extra = {} if payload_kind is None else {wire.PAYLOAD_KIND: payload_kind}
     content = RecordDict(
         {
             wire.GLOBAL_ADAPTER: to_record(adapter_state(built.model)),
@@ -49,6 +50,7 @@ def _message(built, kind, fingerprint=None, run_id="test-run"):
                     wire.SERVER_ROUND: 1,
                     wire.BASE_FINGERPRINT: fingerprint or built.base_fingerprint,
                     wire.RUN_ID: run_id,
+                    **extra,
                 }
             ),
         }
@@ -118,3 +120,21 @@ def test_a_round_is_reproducible(site_setup):
     assert all(
         np.array_equal(first[k].numpy(), second[k].numpy()) for k in first.keys()
     )
+
+
+@pytest.mark.parametrize("kind", [MessageType.TRAIN, MessageType.EVALUATE])
+def test_site_refuses_a_global_adapter_that_says_it_is_a_delta(site_setup, kind):
+    _, built, context = site_setup
+    handler = handle_train if kind == MessageType.TRAIN else handle_evaluate
+    delta = wire.PayloadKind.DELTA.value
+    with pytest.raises(FederationError, match="'delta' payload as the global adapter"):
+        handler(_message(built, kind, payload_kind=delta), context)
+
+
+def test_site_trains_from_a_global_adapter_tagged_as_weights(site_setup):
+    _, built, context = site_setup
+    weights = wire.PayloadKind.WEIGHTS.value
+    reply = handle_train(
+        _message(built, MessageType.TRAIN, payload_kind=weights), context
+    )
+    assert reply.content[wire.METRICS][wire.NUM_EXAMPLES] > 0

@@ -19,9 +19,9 @@ from wardround.common.errors import FederationError
 from wardround.ops.audit import AuditLog, read_audit
 from wardround.server.deployment import SiteRoster
 from wardround.server.enrolled_grid import EnrolledGrid
-from wardround.server.phases import SiteWait
 from wardround.server.registry import EnrolledSite, save_sites
-from wardround.server.strategy import make_strategy
+from wardround.server.site_wait import SiteWait
+from wardround.server.strategies import make_strategy
 
 ENROLLED = {"site-01": 101, "site-02": 102, "site-03": 103}
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a run

@@ -37,7 +37,7 @@ from wardround.common.config import SecureAggregationConfig
 from wardround.common.errors import error_kind
 from wardround.common.models import build_model
 from wardround.common.secagg_math import plan_quantization
-from wardround.server.secagg import run_secure_train
+from wardround.flower_compat.secagg_workflow import run_secure_train
 from wardround.simulations.local_grid import LocalGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -1,27 +1,19 @@
-"""Sites that are late, never show up or go silent; and the coordinator's deployment
-mode (sites named from sites.json, the audit log). Real site ClientApps on an
-in-process grid, with tiny timeouts."""
+"""Sites that are late, never show up or go silent.
+
+Real site ClientApps on an in-process grid, with tiny timeouts; the coordinator's
+deployment mode is in test_site_wait_deployment.py.
+"""
 
 import json
 import time
 
 import pytest
+from site_wait_helpers import FAST
+from site_wait_helpers import late as _late
+from site_wait_helpers import local_grid as _grid
 
-from wardround.client.app import build_client_app
-from wardround.common import wire
-from wardround.common.errors import FederationError
-from wardround.ops.audit import read_audit, verify_audit
-from wardround.server.deployment import (
-    AuditObserver,
-    Deployment,
-    SiteRoster,
-    deployment_from_env,
-)
-from wardround.server.federation import ObserverGroup, run_federation
-from wardround.server.phases import SiteWait
-from wardround.simulations.local_grid import LocalGrid
-
-FAST = {"join_timeout_s": 0.2, "round_timeout_s": 30.0}
+from wardround.server.federation import run_federation
+from wardround.server.site_wait import SiteWait
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +25,6 @@ def config(synthetic_sites, tiny_config):
         privacy={"enabled": False},
         secure_aggregation={"enabled": False},
     )
-
-
-def _grid(config, sites=2, vanish=None):
-    nodes = {
-        1000 + i: {"partition-id": i, "num-partitions": sites} for i in range(sites)
-    }
-    run_config = config.to_flower()
-    apps = {node: build_client_app(run_config) for node in nodes}
-    return LocalGrid(apps, nodes, run_config, vanish=vanish)
 
 
 class Recorder:
@@ -70,20 +53,6 @@ class Recorder:
 
     def hooks(self):
         return [c[0] for c in self.calls]
-
-
-def _late(grid, present, calls):
-    """Make ``grid`` report only ``present`` nodes for its first ``calls`` asks."""
-    real = grid.get_node_ids
-    asked = {"n": 0}
-
-    def get_node_ids():
-        asked["n"] += 1
-        nodes = list(real())
-        return nodes[:present] if asked["n"] <= calls else nodes
-
-    grid.get_node_ids = get_node_ids
-    return asked
 
 
 # -- end to end: a run that waits ----------------------------------------------
@@ -152,43 +121,6 @@ def test_a_connected_site_that_never_replies_is_recorded_and_the_round_goes_on(
     [failure] = round_one.failures
     assert (failure.node_id, failure.phase, failure.kind) == (1002, "train", None)
     assert failure.reason.startswith("no reply within federation.round-timeout-s")
-
-
-def test_too_few_replies_stop_the_run_with_its_status_and_audit(config, tmp_path):
-    def silent(node, msg):
-        return node == 1001 and msg.metadata.message_type == "train"
-
-    run_dir = tmp_path / "run"
-    audit = FakeLog()
-    _write_sites(tmp_path, {"st-aurelia": _site(1000), "st-brendan": _site(1001)})
-    deployment = Deployment.open(tmp_path, recorder=audit)
-    with pytest.raises(FederationError, match="1 site\\(s\\) trained"):
-        run_federation(
-            _grid(config, vanish=silent),
-            config,
-            run_dir=run_dir,
-            site_names=deployment.roster.name,
-            observer=deployment.observer,
-        )
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "stopped" and "1 site(s) trained" in status["reason"]
-    assert json.loads((run_dir / "run.json").read_text())["rounds_completed"] == 0
-    # the round left no record, but the audit says who failed in it
-    events = [event for event, _ in audit.lines]
-    assert events[-2:] == ["site_left", "run_stopped"]
-    left, stopped = audit.lines[-2][1], audit.lines[-1][1]
-    assert (left["site"], left["round"], left["phase"]) == ("st-brendan", 1, "train")
-    assert stopped["state"] == "stopped" and "1 site(s) trained" in stopped["reason"]
-
-
-class FakeLog:
-    """Stands for the AuditLog: keeps (event, fields)."""
-
-    def __init__(self):
-        self.lines = []
-
-    def record(self, event, **fields):
-        self.lines.append((event, fields))
 
 
 # -- SiteWait alone, on a fake clock -------------------------------------------
@@ -273,235 +205,3 @@ def test_ensure_min_only_pauses_below_min_sites():
     wait, clock, events = _wait([[1], [1], [1, 2]])
     assert wait.ensure_min() == [1, 2]
     assert [e[0] for e in events] == ["paused", "resumed"]
-
-
-# -- deployment mode: sites.json names, the audit log --------------------------
-def _write_sites(state, rows):
-    (state / "sites.json").write_text(json.dumps({"sites": rows}))
-
-
-def _site(node_id, revoked=False):
-    return {
-        "node_id": node_id,
-        "public_key_sha256": "ab" * 32,
-        "enrolled_at": "2025-01-01T00:00:00+00:00",
-        "revoked_at": "2025-02-01T00:00:00+00:00" if revoked else None,
-    }
-
-
-def test_the_roster_names_enrolled_sites_and_expects_those_not_revoked(tmp_path):
-    _write_sites(
-        tmp_path,
-        {"st-aurelia": _site(1000), "st-brendan": _site(1001), "old": _site(7, True)},
-    )
-    roster = SiteRoster(tmp_path / "sites.json")
-    assert roster.name(1000, -1) == "st-aurelia"
-    assert roster.name(1001, 0) == "st-brendan"  # the index does not matter
-    assert roster.name(4242, 1) == "node-4242"
-    assert roster.expected_nodes() == [1000, 1001]
-    _write_sites(tmp_path, {"st-aurelia": _site(1000), "st-cuthbert": _site(4242)})
-    assert roster.name(4242, -1) == "st-cuthbert"  # re-read when the file changes
-    assert SiteRoster(tmp_path / "none.json").expected_nodes() == []
-
-
-def test_deployment_mode_needs_the_state_folder(tmp_path):
-    assert deployment_from_env({}) is None
-    assert (
-        deployment_from_env({"WARDROUND_COORDINATOR_STATE": str(tmp_path / "no")})
-        is None
-    )
-    found = deployment_from_env({"WARDROUND_COORDINATOR_STATE": str(tmp_path)})
-    assert isinstance(found, Deployment) and found.state_dir == tmp_path
-
-
-# Every field each event may carry: operational facts only, never patient data.
-ALLOWED_FIELDS = {
-    "run_started": {
-        "run_id",
-        "rounds",
-        "strategy",
-        "dp",
-        "target_epsilon",
-        "secagg",
-        "expected_sites",
-        "resumed_from_round",
-    },
-    "site_joined": {"run_id", "round", "site"},
-    "round_started": {"run_id", "round", "sites_sampled"},
-    "round_finished": {
-        "run_id",
-        "round",
-        "sites",
-        "bytes_by_site",
-        "epsilon_by_site",
-        "global_auroc",
-        "seconds",
-    },
-    "site_left": {"run_id", "round", "site", "phase", "kind", "reason"},
-    "site_refused": {"run_id", "round", "site", "phase", "kind", "reason"},
-    "run_paused": {"run_id", "round", "reason"},
-    "run_resumed": {"run_id", "round"},
-    "run_finished": {"run_id", "round"},
-    "run_stopped": {"run_id", "round", "state", "reason"},
-}
-LINE_FIELDS = {"seq", "time", "actor", "event", "prev", "hmac"}
-
-
-def test_a_deployed_run_names_sites_from_sites_json_and_audits_the_run(
-    three_sites, tiny_config, tmp_path, monkeypatch
-):
-    from flwr.app import Context, RecordDict
-
-    from wardround.server.app import build_server_app
-
-    state = tmp_path / "state"
-    state.mkdir()
-    _write_sites(
-        state,
-        {
-            "st-aurelia": _site(1000),
-            "st-brendan": _site(1001),
-            "st-cuthbert": _site(1002),
-            "st-dunstan": _site(1003, revoked=True),
-        },
-    )
-    monkeypatch.setenv("WARDROUND_COORDINATOR_STATE", str(state))
-    run_dir = tmp_path / "runs" / "20250101-abcdef"
-    config = tiny_config.with_overrides(
-        data={"sites_dir": str(three_sites)},
-        train={"max_steps": 1},
-        federation={"rounds": 2, "min_sites": 2, **FAST},
-        privacy={"enabled": False},
-        secure_aggregation={"enabled": False},
-        output={"dir": str(run_dir)},
-    )
-
-    def silent(node, msg):  # st-cuthbert goes silent in round 2's training
-        return (
-            node == 1002
-            and msg.metadata.message_type == "train"
-            and (msg.content[wire.CONFIG][wire.SERVER_ROUND] == 2)
-        )
-
-    grid = _grid(config, sites=3, vanish=silent)
-    _late(grid, present=1, calls=2)  # the run pauses once before round 0
-    results = []
-    app = build_server_app(config.to_flower(), results=results)
-    app(
-        grid,
-        Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-    )
-
-    [result] = results
-    assert result.summary["run_id"] == "20250101-abcdef"  # the launcher's run name
-    assert {t.site for t in result.rounds[1].train} == {
-        "st-aurelia",
-        "st-brendan",
-        "st-cuthbert",
-    }
-    audit = state / "audit.jsonl"
-    assert verify_audit(audit).ok
-    lines = read_audit(audit)
-    assert {line["actor"] for line in lines} == {"coordinator"}
-    for line in lines:
-        fields = set(line) - LINE_FIELDS
-        assert fields <= ALLOWED_FIELDS[line["event"]], line["event"]
-        assert line["run_id"] == "20250101-abcdef"
-    events = [line["event"] for line in lines]
-    assert events == [
-        "run_started",
-        "run_paused",
-        "run_resumed",
-        "site_joined",
-        "site_joined",
-        "site_joined",
-        "round_started",
-        "round_finished",
-        "round_started",
-        "site_left",
-        "round_finished",
-        "run_finished",
-    ]
-    started = lines[0]
-    assert started["expected_sites"] == 3  # enrolled and not revoked
-    assert (started["dp"], started["secagg"], started["target_epsilon"]) == (
-        False,
-        False,
-        None,
-    )
-    finished_1 = lines[7]
-    assert finished_1["sites"] == ["st-aurelia", "st-brendan", "st-cuthbert"]
-    assert set(finished_1["bytes_by_site"]) == set(finished_1["sites"])
-    assert all(b > 0 for b in finished_1["bytes_by_site"].values())
-    assert finished_1["epsilon_by_site"] == {}
-    left = lines[9]
-    assert (left["site"], left["round"], left["phase"], left["kind"]) == (
-        "st-cuthbert",
-        2,
-        "train",
-        None,
-    )
-    assert left["reason"].startswith("no reply within federation.round-timeout-s")
-    assert lines[10]["sites"] == ["st-aurelia", "st-brendan"]
-
-
-def test_the_audit_observer_records_refusals_privacy_and_stops():
-    from wardround.server.federation import RunInfo
-    from wardround.server.records import (
-        PrivacySpend,
-        RoundRecord,
-        SiteFailure,
-        SiteTrainReport,
-    )
-
-    fake = FakeLog()
-    observer = AuditObserver(fake, lambda node, index: f"site-{node}")
-    group = ObserverGroup(observer)
-    from wardround.common.config import RunConfig
-
-    group.on_run_started(RunInfo("run-1", 5, 2, 3, RunConfig()))
-    spend = PrivacySpend(1.5, 1.4, 2.0, 1e-5, 1.1, 0.1, 10, 1.0)
-    group.on_round(
-        RoundRecord(
-            round=4,
-            train=[
-                SiteTrainReport(1, "site-1", 10, 0.5, 10, 1.0, 0.2, 999, privacy=spend)
-            ],
-            evaluate=[],
-            failures=[
-                SiteFailure(
-                    2,
-                    "train",
-                    "[PrivacyBudgetExhausted] privacy budget exhausted: run 8.0 > 4.0\n"
-                    "with a {weird} second line",
-                    "PrivacyBudgetExhausted",
-                )
-            ],
-            global_auroc=float("nan"),
-            global_loss=0.5,
-            train_loss=0.5,
-            adapter_sha256="0" * 64,
-            seconds=1.23456,
-            aggregation_seconds=0.0,
-        )
-    )
-    group.on_finished("stopped", "round 5: 1 site(s) trained, the run needs 2")
-    [started, refused, finished, stopped] = fake.lines
-    assert started == (
-        "run_started",
-        {
-            "run_id": "run-1",
-            "rounds": 5,
-            "strategy": "fedavg",
-            "dp": True,
-            "target_epsilon": 8.0,
-            "secagg": True,
-            "expected_sites": 2,
-            "resumed_from_round": 3,
-        },
-    )
-    assert refused[0] == "site_refused" and refused[1]["site"] == "site-2"
-    assert "{" not in refused[1]["reason"] and "\n" not in refused[1]["reason"]
-    assert finished[1]["epsilon_by_site"] == {"site-1": 1.5}
-    assert finished[1]["global_auroc"] is None and finished[1]["seconds"] == 1.235
-    assert stopped[0] == "run_stopped" and stopped[1]["state"] == "stopped"

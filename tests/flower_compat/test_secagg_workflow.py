@@ -23,7 +23,7 @@ from wardround.common.secagg_math import (
     plan_quantization,
     quantized_weight,
 )
-from wardround.server.secagg import run_secure_train
+from wardround.flower_compat.secagg_workflow import run_secure_train
 from wardround.simulations.local_grid import LocalGrid, vanish_at_secagg_stage
 
 SHAPES = OrderedDict(

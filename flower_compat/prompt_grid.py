@@ -24,7 +24,7 @@ class PromptGrid(Grid):
         self.inner = grid
         self.poll_s = poll_s
 
-    def set_run(self, run_id: int) -> None:  # noqa: D102
+    def set_run(self, run_id: Any) -> None:  # noqa: D102
         self.inner.set_run(run_id)
 
     @property

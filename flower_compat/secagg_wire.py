@@ -9,6 +9,8 @@ the protocol changes.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 from flwr.app import Message
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
@@ -22,7 +24,8 @@ def _masked(msg: Message) -> list[bytes] | None:
         return None
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     value = configs.get(Key.MASKED_PARAMETERS)
-    return value if isinstance(value, list) else None
+    # Flower's mod puts the masked vectors there as a list of serialised arrays.
+    return cast(list[bytes], value) if isinstance(value, list) else None
 
 
 def narrow_masked_vectors(msg: Message) -> Message:

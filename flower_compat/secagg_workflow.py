@@ -48,8 +48,8 @@ from ..common.secagg_math import (
     count_or_fraction,
     quantized_weight,
 )
-from ..common.secagg_wire import widen_masked_vectors
 from ..common.wirebytes import content_bytes
+from .secagg_wire import widen_masked_vectors
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class _RecordingGrid:
             node = int(reply.metadata.src_node_id)
             answered.add(node)
             if reply.has_error():
-                self.errors.setdefault(node, reply.error.reason)
+                self.errors.setdefault(node, reply.error.reason or "")
             else:
                 self.bytes_up[node] = self.bytes_up.get(node, 0) + size
         for node in sent - answered:
@@ -187,19 +187,72 @@ def run_secure_train(
     """Run SecAgg+ over the train ``messages`` our strategy built for this round."""
     recording = _RecordingGrid(grid)
     run_id = int(messages[0].metadata.run_id) if messages else 0
-    instructions = []
-    for msg in messages:
-        arrays = msg.content[arrays_key]
-        config = dict(msg.content[config_key]) if config_key in msg.content else {}
-        fit_ins = FitIns(
-            parameters=ndarrays_to_parameters(
-                [np.asarray(arrays[k].numpy(), np.float32) for k in arrays.keys()]
-            ),
-            config=config,
+    bridge = _BridgeStrategy(
+        [
+            _fit_instruction(msg, grid, run_id, arrays_key, config_key)
+            for msg in messages
+        ]
+    )
+    workflow = _ObservedSecAggPlus(
+        num_shares=count_or_fraction(settings.num_shares),
+        reconstruction_threshold=count_or_fraction(settings.reconstruction_threshold),
+        max_weight=plan.max_weight,
+        clipping_range=plan.clipping_range,
+        quantization_range=plan.quantization_range,
+        modulus_range=plan.modulus_range,
+        timeout=settings.stage_timeout_s,
+    )
+    start = time.perf_counter()
+    workflow(recording, _legacy_context(bridge, run_id, server_round))  # type: ignore[arg-type]
+    observed: dict[str, Any] = {
+        "num_shares": workflow.num_shares_used,
+        "threshold": workflow.threshold_used,
+        "unmask_seconds": workflow.unmask_seconds,
+        "protocol_seconds": time.perf_counter() - start,
+    }
+    sampled = {int(m.metadata.dst_node_id) for m in messages}
+    results = bridge.results or []
+    failures = _failures(sampled, bridge, recording)
+    site_metrics = {
+        int(proxy.node_id): {**fit_res.metrics, wire.NUM_EXAMPLES: fit_res.num_examples}
+        for proxy, fit_res in results
+    }
+    if not results:  # the protocol halted, or nobody contributed
+        return SecureRoundResult(
+            None, site_metrics, failures, recording.bytes_up, 0.0, **observed
         )
-        node = int(msg.metadata.dst_node_id)
-        instructions.append((GridClientProxy(node, grid, run_id), fit_ins))
-    bridge = _BridgeStrategy(instructions)
+    return SecureRoundResult(
+        mean_delta=_named_mean(results[0][1].parameters, payload_shapes),
+        site_metrics=site_metrics,
+        failures=failures,
+        bytes_up=recording.bytes_up,
+        weight_sum=sum(quantized_weight(fr.num_examples, plan) for _, fr in results),
+        **observed,
+    )
+
+
+def _fit_instruction(
+    msg: Message, grid: Grid, run_id: int, arrays_key: str, config_key: str
+) -> tuple[ClientProxy, FitIns]:
+    """A Message-API train message as the legacy (proxy, FitIns) pair."""
+    arrays = msg.content.array_records[arrays_key]
+    config: dict[str, Any] = (
+        dict(msg.content[config_key]) if config_key in msg.content else {}
+    )
+    fit_ins = FitIns(
+        parameters=ndarrays_to_parameters(
+            [np.asarray(arrays[k].numpy(), np.float32) for k in arrays.keys()]
+        ),
+        config=config,
+    )
+    node = int(msg.metadata.dst_node_id)
+    return GridClientProxy(node, grid, run_id), fit_ins
+
+
+def _legacy_context(
+    bridge: _BridgeStrategy, run_id: int, server_round: int
+) -> LegacyContext:
+    """The legacy workflow's context for one round, with no global parameters."""
     context = LegacyContext(
         context=Context(
             run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
@@ -213,49 +266,33 @@ def run_secure_train(
     context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
         Parameters(tensors=[], tensor_type="numpy.ndarray"), keep_input=True
     )
-    workflow = _ObservedSecAggPlus(
-        num_shares=count_or_fraction(settings.num_shares),
-        reconstruction_threshold=count_or_fraction(settings.reconstruction_threshold),
-        max_weight=plan.max_weight,
-        clipping_range=plan.clipping_range,
-        quantization_range=plan.quantization_range,
-        modulus_range=plan.modulus_range,
-        timeout=settings.stage_timeout_s,
-    )
-    start = time.perf_counter()
-    workflow(recording, context)  # type: ignore[arg-type]
-    protocol_seconds = time.perf_counter() - start
-    observed = {
-        "num_shares": workflow.num_shares_used,
-        "threshold": workflow.threshold_used,
-        "unmask_seconds": workflow.unmask_seconds,
-        "protocol_seconds": protocol_seconds,
-    }
+    return context
 
-    sampled = {int(m.metadata.dst_node_id) for m in messages}
-    results = bridge.results or []
-    contributed = {int(proxy.node_id) for proxy, _ in results}
+
+def _failures(
+    sampled: set[int], bridge: _BridgeStrategy, recording: _RecordingGrid
+) -> dict[int, str]:
+    """Node id -> why a sampled site's update is not in the aggregate."""
     halted = bridge.results is None
+    contributed = (
+        set() if halted else {int(proxy.node_id) for proxy, _ in bridge.results or []}
+    )
     fallback = (
         "secure aggregation halted: fewer live sites than the reconstruction threshold"
         if halted
         else "left the secure-aggregation protocol"
     )
-    if halted:
-        contributed = set()
-    failures = {
+    return {
         node: recording.errors.get(node, fallback)
         for node in sorted(sampled - contributed)
     }
-    site_metrics = {
-        int(proxy.node_id): {**fit_res.metrics, wire.NUM_EXAMPLES: fit_res.num_examples}
-        for proxy, fit_res in results
-    }
-    if bridge.results is None or not results:
-        return SecureRoundResult(
-            None, site_metrics, failures, recording.bytes_up, 0.0, **observed
-        )
-    mean = parameters_to_ndarrays(results[0][1].parameters)
+
+
+def _named_mean(
+    parameters: Parameters, payload_shapes: Mapping[str, tuple[int, ...]]
+) -> OrderedDict[str, np.ndarray]:
+    """The unmasked mean's arrays under the payload's tensor names (sorted order)."""
+    mean = parameters_to_ndarrays(parameters)
     names = sorted(payload_shapes)
     if len(mean) != len(names) or any(
         tuple(a.shape) != tuple(payload_shapes[n])
@@ -265,15 +302,6 @@ def run_secure_train(
             "the secure aggregate does not match the adapter payload "
             f"({len(mean)} arrays for {len(names)} tensors)"
         )
-    weight_sum = sum(quantized_weight(fr.num_examples, plan) for _, fr in results)
-    return SecureRoundResult(
-        mean_delta=OrderedDict(
-            (n, np.asarray(a, dtype=np.float32))
-            for n, a in zip(names, mean, strict=True)
-        ),
-        site_metrics=site_metrics,
-        failures=failures,
-        bytes_up=recording.bytes_up,
-        weight_sum=weight_sum,
-        **observed,
+    return OrderedDict(
+        (n, np.asarray(a, dtype=np.float32)) for n, a in zip(names, mean, strict=True)
     )

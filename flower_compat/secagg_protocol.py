@@ -1,0 +1,28 @@
+"""Flower's SecAgg+ client side: its mod, its record keys and stages, its key encoding.
+
+The site runs Flower's ``secaggplus_mod`` and checks what each stage sends
+(:mod:`wardround.client.egress_secagg`); those checks need the protocol's own
+names, which live in Flower's private modules.
+"""
+
+from __future__ import annotations
+
+from flwr.client.mod import secaggplus_mod
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    Key,
+    Stage,
+)
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_public_key,
+    public_key_to_bytes,
+)
+
+__all__ = [
+    "RECORD_KEY_CONFIGS",
+    "Key",
+    "Stage",
+    "bytes_to_public_key",
+    "public_key_to_bytes",
+    "secaggplus_mod",
+]

@@ -1,0 +1,178 @@
+"""Sites' replies, checked and turned into typed reports.
+
+A reply that carries an error, lacks a record or holds the wrong kind of payload
+becomes a :class:`~wardround.server.records.SiteFailure`; a sound one a
+:class:`~wardround.server.records.SiteTrainReport` or ``SiteEvalReport``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+
+from ..common import wire
+from ..common.errors import error_kind
+from ..common.release import version_from_metrics
+from .records import PrivacySpend, SiteEvalReport, SiteFailure, SiteTrainReport
+
+log = logging.getLogger(__name__)
+
+NameOf = Callable[[int, int], str]
+"""``(node id, site index) -> site name``; index -1 when unknown."""
+
+
+def check_train_reply(msg: Message) -> str | None:
+    """Why a train reply's payload is not a delta, or None when it is one.
+
+    The coordinator adds the reply to the global weights: a site that sent its
+    trained *weights* (under the global adapter's key, or tagged as such) would
+    double the adapter.
+    """
+    content = msg.content
+    if not isinstance(content.get(wire.ADAPTER_DELTA), ArrayRecord):
+        return f"reply's {wire.ADAPTER_DELTA!r} record is not an ArrayRecord"
+    if wire.GLOBAL_ADAPTER in content:
+        return (
+            f"reply carries weights ({wire.GLOBAL_ADAPTER!r}); the round needs a delta"
+        )
+    config = content.get(wire.CONFIG)
+    kind = config.get(wire.PAYLOAD_KIND) if isinstance(config, ConfigRecord) else None
+    if kind is not None and kind != wire.PayloadKind.DELTA.value:
+        return (
+            f"reply's payload kind is {str(kind)[:20]!r}; the round needs "
+            f"{wire.PayloadKind.DELTA.value!r}"
+        )
+    return None
+
+
+def split_replies(
+    replies: Iterable[Message],
+    phase: str,
+    need: tuple[str, ...],
+    *,
+    sent_to: Iterable[int] = (),
+    timeout_s: float = 0.0,
+    check: Callable[[Message], str | None] | None = None,
+) -> tuple[list[Message], list[SiteFailure]]:
+    """The sound replies, and a failure for every other site that was sent to.
+
+    ``check`` says why an otherwise complete reply is unusable (None: usable).
+    """
+    ok, failed = [], []
+    replies = list(replies)
+    replied = {int(m.metadata.src_node_id) for m in replies}
+    # A site that is connected but silent (hung, killed, cut off) sends no error:
+    # name it here, so the round's record and the audit say who was missing.
+    for node in sorted(set(sent_to) - replied):
+        failed.append(
+            SiteFailure(
+                node,
+                phase,
+                f"no reply within federation.round-timeout-s ({timeout_s:g} s)",
+            )
+        )
+    for msg in replies:
+        node = int(msg.metadata.src_node_id)
+        problem = _problem(msg, need, check)
+        if problem is None:
+            ok.append(msg)
+        else:
+            failed.append(SiteFailure(node, phase, *problem))
+    for failure in failed:
+        log.warning(
+            "site %s failed in %s: %s",
+            failure.node_id,
+            phase,
+            failure.reason.splitlines()[0] if failure.reason else "",
+        )
+    return ok, failed
+
+
+def _problem(
+    msg: Message,
+    need: tuple[str, ...],
+    check: Callable[[Message], str | None] | None,
+) -> tuple[str] | tuple[str, str | None] | None:
+    """(reason,) or (reason, error kind) for an unusable reply; None for a sound one."""
+    if msg.has_error():
+        reason = (msg.error.reason or "")[:500]
+        return reason, error_kind(reason)
+    missing = [k for k in need if k not in msg.content]
+    if missing:
+        return (f"reply lacks {missing}",)
+    problem = check(msg) if check is not None else None
+    return None if problem is None else (problem,)
+
+
+def reasons(failures: list[SiteFailure]) -> str:
+    """One line naming each failed node and the first line of its reason."""
+    return "; ".join(
+        f"node {f.node_id}: {f.reason.splitlines()[0] if f.reason else '?'}"
+        for f in failures
+    )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _privacy(metrics: dict[str, Any]) -> PrivacySpend | None:
+    if wire.DP_EPSILON_RUN not in metrics:
+        return None
+    return PrivacySpend(
+        epsilon_run=float(metrics[wire.DP_EPSILON_RUN]),
+        epsilon_run_prv=float(metrics.get(wire.DP_EPSILON_RUN_PRV, -1.0)),
+        epsilon_total=float(metrics[wire.DP_EPSILON_TOTAL]),
+        delta=float(metrics[wire.DP_DELTA]),
+        noise_multiplier=float(metrics[wire.DP_NOISE_MULTIPLIER]),
+        sample_rate=float(metrics[wire.DP_SAMPLE_RATE]),
+        steps=int(metrics[wire.DP_STEPS]),
+        max_grad_norm=float(metrics[wire.DP_MAX_GRAD_NORM]),
+        epsilon_budget=_optional_float(metrics.get(wire.DP_EPSILON_BUDGET)),
+    )
+
+
+def train_report(
+    node: int, metrics: dict[str, Any], bytes_sent: int, name_of: NameOf
+) -> SiteTrainReport:
+    """A site's train reply metrics as its report."""
+    return SiteTrainReport(
+        node_id=node,
+        site=name_of(node, int(metrics.get(wire.SITE_INDEX, -1))),
+        num_examples=int(metrics[wire.NUM_EXAMPLES]),
+        # A site's answer policy may keep these home (always under SecAgg+).
+        loss=float(metrics.get(wire.TRAIN_LOSS, float("nan"))),
+        steps=int(metrics.get(wire.TRAIN_STEPS, 0)),
+        seconds=float(metrics.get(wire.TRAIN_SECONDS, float("nan"))),
+        delta_l2=float(metrics.get(wire.DELTA_L2, float("nan"))),
+        bytes_sent=bytes_sent,
+        delta_clipped=bool(metrics.get(wire.DELTA_CLIPPED, 0)),
+        privacy=_privacy(metrics),
+        software_version=version_from_metrics(metrics),
+    )
+
+
+def eval_report(
+    node: int, metrics: Any, name_of: NameOf, labels: Iterable[str]
+) -> SiteEvalReport:
+    """A site's evaluate reply metrics as its report."""
+    return SiteEvalReport(
+        node_id=node,
+        site=name_of(node, int(metrics.get(wire.SITE_INDEX, -1))),
+        num_examples=int(metrics[wire.NUM_EXAMPLES]),
+        loss=float(metrics.get(wire.EVAL_LOSS, float("nan"))),
+        auroc_macro=float(metrics.get(wire.AUROC_MACRO, float("nan"))),
+        auroc_per_label={
+            label: float(metrics.get(wire.AUROC_PREFIX + label, float("nan")))
+            for label in labels
+        },
+        metrics={
+            name: float(metrics[name])
+            for name in wire.GENERATIVE_METRICS
+            if name in metrics
+        },
+        software_version=version_from_metrics(metrics),
+    )

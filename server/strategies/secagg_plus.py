@@ -1,0 +1,158 @@
+"""SecAgg+ as a wrapper around any strategy.
+
+Bell et al., 2020, "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead".
+
+The wrapped strategy samples the sites and configures the train messages; the
+training phase then runs Flower's SecAgg+ workflow (bridged in
+:mod:`wardround.flower_compat.secagg_workflow`), so the coordinator only ever sees
+the unmasked example-weighted mean of the deltas. The quantization settings follow
+from the delta bound (:func:`~wardround.common.secagg_math.plan_quantization`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from ...common import wire
+from ...common.config import SecureAggregationConfig
+from ...common.errors import error_kind
+from ...common.secagg_math import (
+    QuantizationPlan,
+    mean_error_bound,
+    plan_quantization,
+)
+from ...flower_compat.secagg_workflow import SecureRoundResult, run_secure_train
+from ..records import SiteFailure
+from .base import Contribution, ExchangeLimits, RoundStrategy, TrainExchange
+
+UNKNOWN_MAX_WEIGHT = 100_000
+"""SecAgg+ max weight before any site has reported its training-set size."""
+
+log = logging.getLogger(__name__)
+
+
+class SecAggPlus:
+    """``inner``'s sampling and messages; its training phase under SecAgg+.
+
+    Parameters
+    ----------
+    inner
+        The strategy that samples sites and configures their messages.
+    settings
+        The run's ``secure-aggregation`` section (shares, threshold, timeouts).
+    delta_clip_norm
+        ``federation.delta-clip-norm``: the bound the quantization range covers.
+    """
+
+    def __init__(
+        self,
+        inner: RoundStrategy,
+        settings: SecureAggregationConfig,
+        delta_clip_norm: float,
+    ) -> None:
+        self.inner = inner
+        self.settings = settings
+        self.delta_clip_norm = delta_clip_norm
+        self.train_examples: dict[int, int] = {}
+        """node id -> training-set size (sets SecAgg+'s max weight); grows per round."""
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The inner strategy's train messages."""
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The inner strategy's evaluate messages (evaluation is not masked)."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def note_train_examples(self, node_id: int, num_examples: int) -> None:
+        """Remember a site's training-set size for the next rounds' max weight."""
+        self.train_examples[node_id] = num_examples
+
+    def manifest_settings(self) -> dict[str, Any]:
+        """The inner strategy's (SecAgg+'s own figures are in each round's record)."""
+        return self.inner.manifest_settings()
+
+    def exchange_train(
+        self, grid: Grid, messages: list[Message], limits: ExchangeLimits
+    ) -> TrainExchange:
+        """Run the four SecAgg+ stages over ``messages``; the unmasked mean comes back."""
+        sampled = [int(m.metadata.dst_node_id) for m in messages]
+        plan = self._plan(sampled)
+        for msg in messages:
+            msg.content.config_records[wire.CONFIG][wire.SECAGG_MAX_WEIGHT] = (
+                plan.max_weight
+            )
+        result = run_secure_train(
+            grid,
+            messages,
+            server_round=limits.server_round,
+            payload_shapes=limits.payload_shapes,
+            settings=self.settings,
+            plan=plan,
+            arrays_key=wire.GLOBAL_ADAPTER,
+            config_key=wire.CONFIG,
+        )
+        failures = [
+            SiteFailure(node, "train", reason, error_kind(reason))
+            for node, reason in result.failures.items()
+        ]
+        for failure in failures:
+            log.warning(
+                "site %s left secure aggregation: %s",
+                failure.node_id,
+                failure.reason.splitlines()[0] if failure.reason else "",
+            )
+        halted = result.mean_delta is None  # nobody's update counts
+        return TrainExchange(
+            contributions=[]
+            if halted
+            else [
+                Contribution(node, metrics, result.bytes_up.get(node, 0))
+                for node, metrics in result.site_metrics.items()
+            ],
+            failures=failures,
+            mean_delta=None if halted else dict(result.mean_delta or {}),
+            aggregation=wire.Aggregation.SECAGG_PLUS,
+            aggregation_seconds=result.unmask_seconds,
+            secure_aggregation=self._figures(plan, len(sampled), result),
+        )
+
+    def _plan(self, sampled: list[int]) -> QuantizationPlan:
+        known = [self.train_examples[n] for n in sampled if n in self.train_examples]
+        return plan_quantization(
+            self.delta_clip_norm,
+            len(sampled),
+            max(known) if known else UNKNOWN_MAX_WEIGHT,
+        )
+
+    def _figures(
+        self, plan: QuantizationPlan, sampled: int, result: SecureRoundResult
+    ) -> dict[str, Any]:
+        """The round's SecAgg+ settings and error bound, as its manifest records them."""
+        aggregated = len(result.site_metrics)
+        return {
+            "sites_sampled": sampled,
+            "sites_aggregated": aggregated,
+            "num_shares": result.num_shares,
+            "reconstruction_threshold": result.threshold,
+            "clipping_range": plan.clipping_range,
+            "quantization_range": plan.quantization_range,
+            "modulus_range": plan.modulus_range,
+            "max_weight": plan.max_weight,
+            "weight_sum": result.weight_sum,
+            "max_abs_error_per_coordinate": mean_error_bound(
+                plan, aggregated, self.delta_clip_norm, result.weight_sum
+            )
+            if aggregated
+            else None,
+            "protocol_seconds": result.protocol_seconds,
+        }

@@ -1,0 +1,105 @@
+"""Flower pacing: the patch points in the installed Flower."""
+
+from __future__ import annotations
+
+import functools
+import time
+import types
+
+import pytest
+from flwr.supercore.inflatable.inflatable_utils import pull_objects
+from flwr.superlink.grid import http_grid
+from flwr.supernode import start_client_internal
+
+from wardround.flower_compat.pacing import (
+    OBJECT_POLL_CAP_S,
+    OBJECT_POLL_S,
+    pace_serverapp_grid,
+    pace_supernode,
+    prompt_object_pulls,
+)
+
+
+@pytest.fixture
+def restore_flower(monkeypatch):
+    """Whatever the tests patch in Flower's modules is put back afterwards."""
+    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)
+    monkeypatch.setattr(
+        start_client_internal, "pull_objects", start_client_internal.pull_objects
+    )
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
+
+
+def _is_prompt(value) -> bool:
+    return (
+        isinstance(value, functools.partial)
+        and value.func is pull_objects
+        and value.keywords
+        == {"initial_backoff": OBJECT_POLL_S, "backoff_cap": OBJECT_POLL_CAP_S}
+    )
+
+
+def test_the_patch_points_exist_in_the_installed_flower():
+    # checked before any patching: a Flower upgrade that moves them fails here
+    assert start_client_internal.time is time
+    assert start_client_internal.pull_objects is pull_objects
+    assert http_grid.pull_objects is pull_objects
+
+
+def test_pace_supernode_caps_its_sleeps_and_prompts_its_pulls(restore_flower):
+    assert pace_supernode(0.2) is True
+    paced = start_client_internal.time
+    assert paced is not time
+    started = time.perf_counter()
+    paced.sleep(3)
+    assert time.perf_counter() - started < 0.5
+    # everything else of ``time`` still works
+    assert abs(paced.monotonic() - time.monotonic()) < 1.0
+    assert paced.time() > 0
+    assert _is_prompt(start_client_internal.pull_objects)
+    assert (
+        start_client_internal.pull_objects.keywords["initial_backoff"] == OBJECT_POLL_S
+    )
+
+
+def test_pace_supernode_short_sleeps_are_not_lengthened(restore_flower):
+    pace_supernode(0.5)
+    started = time.perf_counter()
+    start_client_internal.time.sleep(0.01)
+    assert time.perf_counter() - started < 0.3
+
+
+def test_pace_supernode_twice_changes_nothing_more(restore_flower):
+    assert pace_supernode(0.2) is True
+    paced, pulls = start_client_internal.time, start_client_internal.pull_objects
+    assert pace_supernode(0.05) is False
+    assert start_client_internal.time is paced
+    assert start_client_internal.pull_objects is pulls
+
+
+def test_pace_serverapp_grid_prompts_the_grids_pulls(restore_flower):
+    assert pace_serverapp_grid() is True
+    assert _is_prompt(http_grid.pull_objects)
+    assert pace_serverapp_grid() is False  # already paced: left as it is
+    assert _is_prompt(http_grid.pull_objects)
+
+
+def test_prompt_object_pulls_leaves_another_pull_objects_alone():
+    def other(*args, **kwargs):
+        return None
+
+    module = types.ModuleType("fake_flower_module")
+    module.pull_objects = other
+    assert prompt_object_pulls(module) is False
+    assert module.pull_objects is other
+
+    empty = types.ModuleType("fake_flower_module_without")
+    assert prompt_object_pulls(empty) is False
+    assert not hasattr(empty, "pull_objects")
+
+
+def test_prompt_object_pulls_patches_the_real_one():
+    module = types.ModuleType("fake_flower_module")
+    module.pull_objects = pull_objects
+    assert prompt_object_pulls(module) is True
+    assert _is_prompt(module.pull_objects)

@@ -1,0 +1,208 @@
+"""Strategies as objects: what each puts in its messages, records and aggregates."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from wardround.common import wire
+from wardround.common.adapter import to_record
+from wardround.common.config import FederationConfig, SecureAggregationConfig
+from wardround.common.secagg_math import plan_quantization
+from wardround.server.replies import check_train_reply, split_replies
+from wardround.server.strategies import (
+    ExchangeLimits,
+    FedAvg,
+    FedProx,
+    SecAggPlus,
+    make_strategy,
+)
+from wardround.server.strategies.secagg_plus import UNKNOWN_MAX_WEIGHT
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a run
+
+NODES = [101, 102, 103]
+FEDERATION = {"min_sites": 3, "fraction_train": 1.0}
+
+
+class ReplyingGrid(Grid):
+    """Flower's Grid interface: each node replies with what ``reply`` builds for it."""
+
+    def __init__(self, reply) -> None:
+        self.reply = reply
+
+    def set_run(self, run_id: int) -> None:
+        """Not needed here."""
+
+    @property
+    def run(self) -> Any:
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(NODES)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return []
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return []
+
+    def send_and_receive(self, messages, *, timeout=None) -> Iterable[Message]:
+        return [self.reply(msg) for msg in messages]
+
+
+def _delta(value: float) -> OrderedDict:
+    return OrderedDict(w=np.full((2, 2), value, np.float32))
+
+
+def _reply(msg: Message, content: dict) -> Message:
+    return Message(RecordDict(content), reply_to=msg)
+
+
+def _train_reply(msg: Message, value: float, examples: int = 10) -> Message:
+    node = int(msg.metadata.dst_node_id)
+    return _reply(
+        msg,
+        {
+            wire.ADAPTER_DELTA: to_record(_delta(value)),
+            wire.METRICS: MetricRecord(
+                {wire.NUM_EXAMPLES: examples, wire.SITE_INDEX: NODES.index(node)}
+            ),
+        },
+    )
+
+
+def _train_messages(strategy, grid) -> list[Message]:
+    return list(
+        strategy.configure_train(
+            1, to_record(_delta(0.0)), ConfigRecord({wire.RUN_ID: "r"}), grid
+        )
+    )
+
+
+def test_fedavg_sends_no_proximal_term_and_records_none():
+    strategy = make_strategy(FederationConfig(**FEDERATION))
+    messages = _train_messages(strategy, ReplyingGrid(None))
+
+    assert isinstance(strategy, FedAvg) and not isinstance(strategy, FedProx)
+    assert sorted(int(m.metadata.dst_node_id) for m in messages) == NODES
+    assert all(wire.PROXIMAL_MU not in m.content[wire.CONFIG] for m in messages)
+    assert strategy.manifest_settings() == {"strategy": "fedavg", "proximal_mu": 0.0}
+
+
+def test_fedprox_sends_its_proximal_term_and_records_what_it_sent():
+    federation = FederationConfig(strategy="fedprox", proximal_mu=0.25, **FEDERATION)
+    strategy = make_strategy(federation)
+    messages = _train_messages(strategy, ReplyingGrid(None))
+
+    assert isinstance(strategy, FedProx)
+    assert [m.content[wire.CONFIG][wire.PROXIMAL_MU] for m in messages] == [0.25] * 3
+    assert strategy.manifest_settings() == {"strategy": "fedprox", "proximal_mu": 0.25}
+
+
+def test_secagg_plus_wraps_the_configured_strategy():
+    federation = FederationConfig(strategy="fedprox", proximal_mu=0.5, **FEDERATION)
+    strategy = make_strategy(federation, SecureAggregationConfig(enabled=True))
+    messages = _train_messages(strategy, ReplyingGrid(None))
+
+    assert isinstance(strategy, SecAggPlus) and isinstance(strategy.inner, FedProx)
+    assert [m.content[wire.CONFIG][wire.PROXIMAL_MU] for m in messages] == [0.5] * 3
+    assert strategy.manifest_settings()["proximal_mu"] == 0.5
+    plain = make_strategy(federation, SecureAggregationConfig(enabled=False))
+    assert isinstance(plain, FedProx)
+
+
+def test_secagg_plus_sizes_its_max_weight_from_the_sites_it_was_told_of():
+    strategy = SecAggPlus(
+        FedAvg(FederationConfig(**FEDERATION)), SecureAggregationConfig(), 1.0
+    )
+    unknown = strategy._plan([101, 102, 103])
+    strategy.note_train_examples(101, 500)
+    strategy.note_train_examples(102, 80)
+
+    assert (
+        unknown.max_weight == plan_quantization(1.0, 3, UNKNOWN_MAX_WEIGHT).max_weight
+    )
+    assert strategy._plan([101, 102, 103]).max_weight == (
+        plan_quantization(1.0, 3, 500).max_weight
+    )
+
+
+def _limits() -> ExchangeLimits:
+    return ExchangeLimits(server_round=1, timeout_s=5.0, payload_shapes={"w": (2, 2)})
+
+
+def test_fedavg_aggregates_the_example_weighted_mean_of_the_deltas():
+    values = {101: 1.0, 102: 2.0, 103: 4.0}
+    examples = {101: 10, 102: 30, 103: 60}
+
+    def reply(msg):
+        node = int(msg.metadata.dst_node_id)
+        return _train_reply(msg, values[node], examples[node])
+
+    strategy = FedAvg(FederationConfig(**FEDERATION))
+    grid = ReplyingGrid(reply)
+    exchange = strategy.exchange_train(grid, _train_messages(strategy, grid), _limits())
+
+    assert exchange.failures == []
+    assert [c.node_id for c in exchange.contributions] == NODES
+    expected = (1.0 * 10 + 2.0 * 30 + 4.0 * 60) / 100
+    np.testing.assert_allclose(exchange.mean_delta["w"], expected, rtol=1e-6)
+
+
+def test_a_site_that_replies_weights_is_a_failure_and_left_out_of_the_mean():
+    def reply(msg):
+        good = _train_reply(msg, 1.0)
+        if int(msg.metadata.dst_node_id) != 103:
+            return good
+        # trained weights where the delta belongs: adding them would double the adapter
+        content = dict(good.content)
+        content[wire.GLOBAL_ADAPTER] = to_record(_delta(50.0))
+        return _reply(msg, content)
+
+    strategy = FedAvg(FederationConfig(**FEDERATION))
+    grid = ReplyingGrid(reply)
+    exchange = strategy.exchange_train(grid, _train_messages(strategy, grid), _limits())
+
+    assert [f.node_id for f in exchange.failures] == [103]
+    assert "the round needs a delta" in exchange.failures[0].reason
+    assert [c.node_id for c in exchange.contributions] == [101, 102]
+    np.testing.assert_allclose(exchange.mean_delta["w"], 1.0)
+
+
+def test_a_reply_checks_its_payload_kind_when_it_states_one():
+    grid = ReplyingGrid(None)
+    msg = _train_messages(FedAvg(FederationConfig(**FEDERATION)), grid)[0]
+    plain = _train_reply(msg, 1.0)
+    tagged = {
+        kind: _reply(
+            msg,
+            {
+                **dict(plain.content),
+                wire.CONFIG: ConfigRecord({wire.PAYLOAD_KIND: kind}),
+            },
+        )
+        for kind in (wire.PayloadKind.DELTA.value, wire.PayloadKind.WEIGHTS.value)
+    }
+    no_array = _reply(msg, {**dict(plain.content), wire.ADAPTER_DELTA: ConfigRecord()})
+
+    assert check_train_reply(plain) is None
+    assert check_train_reply(tagged["delta"]) is None
+    assert "payload kind is 'weights'" in check_train_reply(tagged["weights"])
+    assert "not an ArrayRecord" in check_train_reply(no_array)
+    ok, failed = split_replies(
+        [plain, tagged["weights"]],
+        "train",
+        (wire.ADAPTER_DELTA, wire.METRICS),
+        check=check_train_reply,
+    )
+    assert ok == [plain] and [f.phase for f in failed] == ["train"]
