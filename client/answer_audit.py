@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from ..common import wire
@@ -43,7 +43,11 @@ def _stage_of(msg: Message) -> str | None:
 def _numbers_sent(reply: Message) -> dict[str, float | int]:
     numbers: dict[str, float | int] = {}
     content = reply.content
-    for record in (*content.metric_records.values(), *content.config_records.values()):
+    records: list[MetricRecord | ConfigRecord] = [
+        *content.metric_records.values(),
+        *content.config_records.values(),
+    ]
+    for record in records:
         for key, value in record.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 numbers[key] = value

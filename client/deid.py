@@ -194,7 +194,11 @@ def load_salt(salt: str | None, salt_file: Path | None) -> bytes:
             "give exactly one of --salt and --salt-file",
             hint="Keep the salt secret and the same for every export.",
         )
-    value = salt.encode() if salt is not None else Path(salt_file).read_bytes().strip()
+    if salt is not None:
+        value = salt.encode()
+    else:
+        assert salt_file is not None  # exactly one of the two was given (checked above)
+        value = Path(salt_file).read_bytes().strip()
     if len(value) < 16:
         raise ConfigError(
             "the salt is shorter than 16 bytes",

@@ -9,8 +9,9 @@ an example's loss must not depend on the other examples of its batch.
 from __future__ import annotations
 
 import time
+from collections.abc import Sized
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -133,7 +134,7 @@ class FusionObjective:
             loss_sum += float(loss_fn(logits, batch["labels"]))
             all_scores.append(torch.sigmoid(logits).float().cpu().numpy())
             all_labels.append(batch["labels"].cpu().numpy())
-        n = len(dataset)
+        n = len(cast(Sized, dataset))  # map-style datasets here all define __len__
         if n == 0:
             return EvalOutcome(
                 0, float("nan"), float("nan"), np.array([]), time.perf_counter() - start

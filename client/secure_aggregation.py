@@ -28,6 +28,7 @@ import math
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import cast
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.app.message_type import MessageType
@@ -300,8 +301,11 @@ def make_secure_aggregation_mod(precheck: Callable[[Message, Context], None]) ->
                 masking = _MaskingStage(max_weight)
         elif stage == Stage.UNMASK:
             partners = accepted.get(Key.SOURCE_LIST)
+            # Only this mod writes SOURCE_LIST (check_mask_partners' list[int] above).
             check_unmask_request(
-                configs, node_id, partners if isinstance(partners, list) else None
+                configs,
+                node_id,
+                cast(list[int], partners) if isinstance(partners, list) else None,
             )
         reply = _flower_secaggplus(msg, context, call_next, masking)
         context.state.config_records[SETUP_RECORD] = accepted

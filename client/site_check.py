@@ -272,7 +272,9 @@ def _join_section(prep, task: TaskConfig) -> dict[str, Any]:
         j = position.get(ehr.study_uids[i])
         if j is not None and not np.isnan(prep.decoded[j]).any():
             with_image += 1
-    present_ehr = ehr_present(ehr.features[join.rows], task) if join.rows else []
+    present_ehr: np.ndarray | list[bool] = (
+        ehr_present(ehr.features[join.rows], task) if join.rows else []
+    )
     studies_per_patient = Counter(ehr.patient_ids[i] for i in join.rows)
     return {
         "ehr_studies_with_image": join.ehr_with_image,

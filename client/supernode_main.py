@@ -23,7 +23,8 @@ def main() -> int:
     if poll > 0:
         pace_supernode(poll)
     sys.argv[0] = "flower-supernode"
-    return flower_supernode() or 0
+    flower_supernode()  # never returns a value (-> None), so the status was always 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -263,7 +264,9 @@ class VlmObjective:
             inputs = tensors_to(inputs, device)
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(_float_dtype(model))
-            output = model.generate(
+            # a Hugging Face model's generate (Module.__getattr__ types it Tensor | Module)
+            generate = cast(Callable[..., torch.Tensor], model.generate)
+            output = generate(
                 **inputs,
                 max_new_tokens=self.max_new_tokens,
                 do_sample=False,

@@ -9,10 +9,13 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from wardround.server.federation import RoundObserver
 
 from wardround.cli_support import (
     RunConfigOption,
@@ -216,8 +219,13 @@ def _run_simulation(
     observer = ProgressObserver(console)
     interrupt_on_sigterm()  # processes are stopped first, as on Ctrl-C
     try:
+        # RoundObserver's optional hooks are skipped for an observer that lacks
+        # them (see its docstring); ProgressObserver has the two required ones.
         result = run_simulation_engine(
-            run_config, n_sites, observer=observer, verbose=cli_flags["verbose"]
+            run_config,
+            n_sites,
+            observer=cast("RoundObserver", observer),
+            verbose=cli_flags["verbose"],
         )
     finally:
         observer.close()

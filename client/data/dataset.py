@@ -30,7 +30,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -198,7 +198,7 @@ def decoded_images(
                 logger.info(
                     "decoded images loaded from cache (%d studies)", len(images)
                 )
-                reasons = dict(
+                reasons: dict[str, str] = dict(
                     zip(
                         table.column("study_uid").to_pylist(),
                         table.column("reason").to_pylist(),
@@ -211,7 +211,7 @@ def decoded_images(
                 "image cache unreadable (%s); decoding again", type(exc).__name__
             )
     array = np.full(shape, np.nan, np.float32)
-    reasons: dict[str, str] = {}
+    reasons = {}
     for i, (study, rows) in enumerate(images.items()):
         # pydicom's warnings go to the log, by kind (the index counts them per file)
         with dicom_warnings.capture() as kinds:
@@ -337,7 +337,8 @@ def _matched_images(
     image = np.zeros((len(matched), channels, size, size), np.float32)
     image_ok = np.zeros(len(matched), bool)
     for k, i in enumerate(matched):
-        j = position.get(ehr.study_uids[i])
+        uid = ehr.study_uids[i]
+        j = position.get(uid) if uid is not None else None
         if j is not None and not np.isnan(prep.decoded[j]).any():
             image[k] = prep.decoded[j]
             image_ok[k] = True
@@ -405,10 +406,12 @@ def _split_site_data(
 def ehr_present(features: np.ndarray, task: TaskConfig) -> np.ndarray:
     """Per row: whether any EHR feature is known (a numeric value or a category)."""
     n_numeric = len(task.numeric)
-    present = (
+    # any(axis=1) of a 2-D array is an array; numpy's stubs also allow a scalar
+    present = cast(
+        np.ndarray,
         (features[:, n_numeric : 2 * n_numeric] < 0.5).any(axis=1)
         if n_numeric
-        else np.zeros(len(features), bool)
+        else np.zeros(len(features), bool),
     )
     start = 2 * n_numeric
     for vocab in task.categorical.values():

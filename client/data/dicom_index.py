@@ -276,6 +276,7 @@ def _header_row(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:
     row: dict[str, Any] = {name: None for name in INDEX_SCHEMA.names}
     row.update(path=str(path), size=size, mtime_ns=mtime_ns)
     pixel_offset: int | None = None
+    ds: pydicom.Dataset  # a FileDataset from dcmread, a plain Dataset from the fallback
     try:
         with path.open("rb") as handle:
             ds = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=_TAGS)

@@ -342,10 +342,12 @@ def encode_batch(
     labels = np.zeros((n, len(task.labels)), np.float32)
     label_null = np.zeros((n, len(task.labels)), bool)
     for k, name in enumerate(task.labels):
-        spec = schema.label_spec(name)
-        values = _label_values(table.column(spec.column), spec.positive, spec.negative)
+        label_spec = schema.label_spec(name)
+        values = _label_values(
+            table.column(label_spec.column), label_spec.positive, label_spec.negative
+        )
         null = np.isnan(values)
-        unmapped = int(null.sum()) - table.column(spec.column).null_count
+        unmapped = int(null.sum()) - table.column(label_spec.column).null_count
         label_null[:, k] = null
         labels[:, k] = np.where(null, 0.0, values != 0)
         stats.add(stats.label_null, name, null.sum())

@@ -243,8 +243,9 @@ def _encode_examples(
     examples = _Examples()
     for i in prep.join.rows:
         study = ehr.study_uids[i]
-        j = position.get(study)
-        if j is None:  # an EHR row kept without image (task.require-image false)
+        j = position.get(study) if study is not None else None
+        # an EHR row kept without image (task.require-image false)
+        if study is None or j is None:
             examples.without_image += 1
             continue
         if np.isnan(prep.decoded[j]).any():  # a prompt needs its image

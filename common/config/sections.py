@@ -147,6 +147,11 @@ class NumericFeature(_Section):
     std: float = Field(gt=0.0)
 
 
+def _default_categorical() -> dict[str, tuple[str, ...]]:
+    # A typed factory: the lambda's inferred ``tuple[str, str]`` does not match the field.
+    return {"sex": ("F", "M")}
+
+
 class TaskConfig(_Section):
     """What is predicted from what. Shared by every site of a run.
 
@@ -174,7 +179,7 @@ class TaskConfig(_Section):
         max_length=MAX_TASK_ITEMS,
     )
     categorical: dict[str, tuple[str, ...]] = Field(
-        default_factory=lambda: {"sex": ("F", "M")}, max_length=MAX_TASK_ITEMS
+        default_factory=_default_categorical, max_length=MAX_TASK_ITEMS
     )
     units: dict[str, str] = Field(
         default_factory=lambda: {

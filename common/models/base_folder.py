@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 MANIFEST = "wardround-base.json"
 LAYERS_FILE = "encoders.safetensors"
@@ -31,6 +34,11 @@ PRETRAINED_LAYERS = ("vision_proj", "text_proj", "ehr_encoder")
 """Fusion-model layers a base carries besides the encoders (the fusion module and
 the head are always fresh: they are the task's)."""
 FORMAT_VERSION = 1
+
+
+def hf_config(model: nn.Module) -> PretrainedConfig:
+    """A Hugging Face model's ``config`` (``Module.__getattr__`` types it Tensor | Module)."""
+    return cast("PretrainedConfig", model.config)
 
 
 def base_shapes(config: Any) -> dict[str, Any]:
@@ -52,12 +60,16 @@ def save_base(model: nn.Module, folder: Path, manifest: dict[str, Any]) -> None:
     from safetensors.torch import save_file
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
     folder.mkdir(parents=True, exist_ok=True)
+    # The fusion model's encoders are Hugging Face models (Module.__getattr__ types
+    # them Tensor | Module).
     if model.vision_encoder is not None:
-        model.vision_encoder.save_pretrained(folder / VISION_DIR)
+        cast("PreTrainedModel", model.vision_encoder).save_pretrained(
+            folder / VISION_DIR
+        )
     if model.text_encoder is not None:
-        model.text_encoder.save_pretrained(folder / TEXT_DIR)
+        cast("PreTrainedModel", model.text_encoder).save_pretrained(folder / TEXT_DIR)
     layers = {k: t.detach().cpu().contiguous() for k, t in layer_tensors(model).items()}
     save_file(layers, str(folder / LAYERS_FILE))
     body = {"format": FORMAT_VERSION, **manifest}

@@ -25,6 +25,7 @@ from ..recipe import training_recipe
 from .base_folder import (
     check_fits,
     encoder_folder,
+    hf_config,
     layers_sha256,
     load_pretrained_layers,
     read_manifest,
@@ -88,11 +89,15 @@ def _load_encoder(spec: str, tiny_config: Any) -> nn.Module:
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # one bar per encoder per site per run: noise
+    # one bar per encoder per site per run: noise
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
+    encoder: nn.Module
     if spec == "tiny":
-        return AutoModel.from_config(tiny_config)
+        encoder = AutoModel.from_config(tiny_config)  # type: ignore[no-untyped-call]  # unannotated in transformers
+        return encoder
     try:
-        return AutoModel.from_pretrained(spec)
+        encoder = AutoModel.from_pretrained(spec)
+        return encoder
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"cannot load encoder {spec!r}: {exc}",
@@ -108,6 +113,9 @@ def pool_image_tokens(seq: torch.Tensor) -> torch.Tensor:
 
 class FusionModel(nn.Module):
     """Encoders per modality, a fusion module and a multi-label head."""
+
+    pixel_mean: torch.Tensor  # buffers (register_buffer below)
+    pixel_std: torch.Tensor
 
     def __init__(
         self,
@@ -131,9 +139,11 @@ class FusionModel(nn.Module):
         self.text_encoder = text
         self.image_size = image_size
         self.vision_proj = (
-            nn.Linear(vision.config.hidden_size, hidden) if vision else None
+            nn.Linear(hf_config(vision).hidden_size, hidden) if vision else None
         )
-        self.text_proj = nn.Linear(text.config.hidden_size, hidden) if text else None
+        self.text_proj = (
+            nn.Linear(hf_config(text).hidden_size, hidden) if text else None
+        )
         self.ehr_encoder = (
             nn.Sequential(
                 nn.Linear(ehr_width, hidden),
@@ -154,7 +164,9 @@ class FusionModel(nn.Module):
 
     def vision_tokens(self, image: torch.Tensor) -> torch.Tensor:
         """Image [B, C, H, W] in [0, 1] -> projected patch tokens [B, T, hidden]."""
-        cfg = self.vision_encoder.config
+        # only called for a model built with a vision encoder (and its projection)
+        assert self.vision_encoder is not None and self.vision_proj is not None
+        cfg = hf_config(self.vision_encoder)
         if image.shape[1] != cfg.num_channels:
             image = image.expand(-1, cfg.num_channels, -1, -1)
         if image.shape[-1] != cfg.image_size:
@@ -164,9 +176,10 @@ class FusionModel(nn.Module):
         # The image processor's normalisation: [0, 1] → about [-1, 1]. Without it the
         # encoder's LayerNorms map bright and dark uniform patches to the same vector.
         image = (image - self.pixel_mean) / self.pixel_std
-        return self.vision_proj(
+        tokens: torch.Tensor = self.vision_proj(
             self.vision_encoder(pixel_values=image).last_hidden_state
         )
+        return tokens
 
     def encode(
         self,
@@ -204,6 +217,7 @@ class FusionModel(nn.Module):
             tokens.append((zeros_tok, zeros_mask))
             pooled.append(zeros_tok[:, 0])
         if self.text_encoder is not None:
+            assert self.text_proj is not None  # built together with the text encoder
             out = self.text_encoder(
                 input_ids=note_ids, attention_mask=note_mask
             ).last_hidden_state
@@ -240,10 +254,11 @@ class FusionModel(nn.Module):
         wide term; None leaves the note out of it.
         """
         tokens, pooled, present = self.encode(image, ehr, note_ids, note_mask, present)
-        logits = self.head(self.fusion(tokens, pooled, present))
+        logits: torch.Tensor = self.head(self.fusion(tokens, pooled, present))
         if self.wide is None:
             return logits
-        return logits + self.wide(ehr, note_ngrams, present)
+        wide: torch.Tensor = self.wide(ehr, note_ngrams, present)
+        return logits + wide
 
 
 def base_fingerprint(model: nn.Module, config_json: str) -> str:

@@ -38,7 +38,8 @@ class ConcatFusion(nn.Module):
         present: torch.Tensor,
     ) -> torch.Tensor:
         """Fuse ``pooled`` [B, M, H] given ``present`` [B, M]."""
-        return self.project(masked_summary(pooled, present))
+        fused: torch.Tensor = self.project(masked_summary(pooled, present))
+        return fused
 
 
 class GatedFusion(nn.Module):
@@ -61,7 +62,8 @@ class GatedFusion(nn.Module):
         fused = (weights.unsqueeze(-1) * pooled).sum(1) / weights.sum(
             1, keepdim=True
         ).clamp_min(1e-6)
-        return self.out(fused)
+        out: torch.Tensor = self.out(fused)
+        return out
 
 
 class CrossAttentionFusion(nn.Module):
@@ -99,10 +101,12 @@ class CrossAttentionFusion(nn.Module):
             weights = torch.softmax(scores, dim=-1) * (mask.sum(-1, keepdim=True) > 0)
             attended.append((weights.unsqueeze(-1) * self.value(seq)).sum(1))
         stacked = torch.stack(attended, dim=1)
-        return self.out(masked_summary(stacked, present))
+        out: torch.Tensor = self.out(masked_summary(stacked, present))
+        return out
 
 
-FUSIONS: dict[Fusion, type[nn.Module]] = {
+# Keyed by str: Fusion is a StrEnum, so a plain string finds the same entry.
+FUSIONS: dict[str, type[nn.Module]] = {
     Fusion.CONCAT: ConcatFusion,
     Fusion.GATED: GatedFusion,
     Fusion.CROSS_ATTENTION: CrossAttentionFusion,

@@ -9,15 +9,18 @@ are never read. Deterministic for a seed and a thread count.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.utils.data import Dataset
 
 from .alignment import AlignmentHeads, alignment_loss, augment_images, info_nce
 from .base_folder import PRETRAINED_LAYERS
+
+if TYPE_CHECKING:
+    from .fusion import FusionModel
 
 INPUTS = ("image", "ehr", "note_ids", "note_mask", "present")
 
@@ -61,44 +64,49 @@ def _lr_factor(step: int, settings: PretrainSettings) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - settings.warmup_steps) / span))
 
 
+def _size(site: Dataset[Any]) -> int:
+    return len(cast(Sized, site))  # corpus sites are map-style datasets with a length
+
+
 def pretrain_encoders(
     model: torch.nn.Module,
-    corpus: Sequence[Dataset],
+    corpus: Sequence[Dataset[Any]],
     settings: PretrainSettings,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Align ``model``'s encoders on the ``corpus`` sites; return the loss per step."""
-    if not corpus or any(len(site) < 2 for site in corpus):
+    if not corpus or any(_size(site) < 2 for site in corpus):
         raise ValueError("every corpus site needs at least 2 examples")
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(settings.seed)
     try:
-        heads = AlignmentHeads(model.head.in_features)
+        fusion = cast("FusionModel", model)  # pretraining is for fusion models
+        heads = AlignmentHeads(fusion.head.in_features)
         params = trainable_for_pretraining(model) + list(heads.parameters())
         optimizer = torch.optim.AdamW(
             params, lr=settings.learning_rate, weight_decay=settings.weight_decay
         )
         generator = torch.Generator().manual_seed(settings.seed)
-        orders = [torch.randperm(len(site), generator=generator) for site in corpus]
+        orders = [torch.randperm(_size(site), generator=generator) for site in corpus]
         cursors = [0] * len(corpus)
         model.train()
         losses: list[float] = []
         for step in range(settings.steps):
             which = step % len(corpus)
             site, order = corpus[which], orders[which]
-            size = min(settings.batch_size, len(site))
-            if cursors[which] + size > len(site):
-                orders[which] = order = torch.randperm(len(site), generator=generator)
+            size = min(settings.batch_size, _size(site))
+            if cursors[which] + size > _size(site):
+                orders[which] = order = torch.randperm(_size(site), generator=generator)
                 cursors[which] = 0
             index = order[cursors[which] : cursors[which] + size]
             cursors[which] += size
             batch = _gather(site, index)
-            _, pooled, present = model.encode(**{k: batch[k] for k in INPUTS})
+            _, pooled, present = fusion.encode(**{k: batch[k] for k in INPUTS})
             loss = alignment_loss(heads(pooled), present, settings.temperature)
-            if settings.image_views and model.vision_encoder is not None:
-                views = _image_view_loss(model, heads, batch, settings, generator)
+            if settings.image_views and fusion.vision_encoder is not None:
+                views = _image_view_loss(fusion, heads, batch, settings, generator)
                 if views is not None:
                     loss = views if loss is None else loss + views
             if loss is None:
@@ -106,7 +114,7 @@ def pretrain_encoders(
             for group in optimizer.param_groups:
                 group["lr"] = settings.learning_rate * _lr_factor(step, settings)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             losses.append(float(loss.detach()))
@@ -122,7 +130,7 @@ def pretrain_encoders(
 
 
 def _image_view_loss(
-    model: torch.nn.Module,
+    model: FusionModel,
     heads: AlignmentHeads,
     batch: dict[str, torch.Tensor],
     settings: PretrainSettings,
@@ -145,7 +153,7 @@ def _image_view_loss(
     return info_nce(embeddings[0], embeddings[1], settings.temperature)
 
 
-def _gather(site: Dataset, index: torch.Tensor) -> dict[str, torch.Tensor]:
+def _gather(site: Dataset[Any], index: torch.Tensor) -> dict[str, torch.Tensor]:
     tensors = getattr(site, "tensors", None)
     if tensors is not None:  # TensorDictDataset: slice, do not collate item by item
         return {k: tensors[k][index] for k in INPUTS}

@@ -21,27 +21,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from ..config import ModelDtype, RunConfig, VlmModelConfig, VlmTower
 from ..errors import ConfigError
+from .base_folder import hf_config
 from .lora import add_lora
 from .registry import BuiltModel
 
-_LLAVA_LIKE = {
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+_LLAVA_LIKE: dict[VlmTower, tuple[str, ...]] = {
     VlmTower.PROJECTOR: ("model.multi_modal_projector.",),
     VlmTower.VISION: ("model.vision_tower.",),
     VlmTower.TEXT: ("model.language_model.",),
 }
-_IDEFICS_LIKE = {
+_IDEFICS_LIKE: dict[VlmTower, tuple[str, ...]] = {
     VlmTower.PROJECTOR: ("model.connector.",),
     VlmTower.VISION: ("model.vision_model.",),
     VlmTower.TEXT: ("model.text_model.",),
 }
-_QWEN_VL = {
+_QWEN_VL: dict[VlmTower, tuple[str, ...]] = {
     VlmTower.PROJECTOR: ("model.visual.merger.",),
     VlmTower.VISION: ("model.visual.",),
     VlmTower.TEXT: ("model.language_model.",),
@@ -89,11 +93,12 @@ def tower_of(module_name: str, model_type: str) -> VlmTower | None:
 
 def lora_targets(model: nn.Module, towers: tuple[VlmTower, ...]) -> list[str]:
     """Every linear layer of the chosen towers (full module names, sorted)."""
-    model_type = model.config.model_type
+    model_type = hf_config(model).model_type
+    wanted: tuple[VlmTower | None, ...] = towers  # tower_of may answer None
     return sorted(
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and tower_of(name, model_type) in towers
+        if isinstance(module, nn.Linear) and tower_of(name, model_type) in wanted
     )
 
 
@@ -154,7 +159,7 @@ def base_fingerprint(model: nn.Module, processor: Any) -> str:
     bfloat16 and a coordinator that loads it in float32 agree. The chat template
     and vocabulary count too: sites that prompt differently train different tasks.
     """
-    settings = model.config.to_dict()
+    settings = hf_config(model).to_dict()
     for volatile in (
         "_name_or_path",
         "architectures",
@@ -196,7 +201,7 @@ def build_vlm(config: RunConfig) -> BuiltModel:
     """The LoRA-wrapped vision-language model, with its processor."""
     mc = VlmModelConfig.of(config)
     base, processor = load_vlm(config)
-    model_type = base.config.model_type
+    model_type = hf_config(base).model_type
     if config.privacy.enabled:
         check_dp_targets(model_type, mc.lora_towers)
     if mc.pack_sequences and model_type not in PACKABLE_TEXT:
@@ -215,7 +220,8 @@ def build_vlm(config: RunConfig) -> BuiltModel:
         )
     model = add_lora(base, mc, targets, autocast_adapter_dtype=True)
     if mc.gradient_checkpointing:
-        base.activation_checkpointing_enable(
+        # a Hugging Face model (Module.__getattr__ types the method Tensor | Module)
+        cast("PreTrainedModel", base).activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
         )
     return BuiltModel(

@@ -12,9 +12,12 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +25,15 @@ _VIDEO = "video_processor"
 
 
 @functools.cache
-def image_only(cls: type) -> type:
+def image_only(cls: type[ProcessorMixin]) -> type:
     """``cls`` (a processor class) without its video processor attribute.
 
     The subclass keeps the class's name, so ``save_pretrained`` records the real
     processor class and a machine with torchvision loads the full one.
     """
-    attributes = [a for a in cls.get_attributes() if a != _VIDEO]
-    if len(attributes) == len(cls.get_attributes()):
+    # get_attributes is unannotated in transformers
+    attributes = [a for a in cls.get_attributes() if a != _VIDEO]  # type: ignore[no-untyped-call]
+    if len(attributes) == len(cls.get_attributes()):  # type: ignore[no-untyped-call]
         return cls
     return type(
         cls.__name__,
@@ -47,7 +51,7 @@ def load_processor(path: str) -> Any:
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(path)
+        return AutoProcessor.from_pretrained(path)  # type: ignore[no-untyped-call]  # unannotated in transformers
     except (ImportError, OSError, ValueError, AttributeError, TypeError) as exc:
         first = exc
     try:

@@ -104,7 +104,7 @@ def tiny_tokenizer() -> Any:
     model.decoder = decoders.Metaspace(
         replacement="▁", prepend_scheme="first", split=True
     )
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]  # unannotated in transformers
         tokenizer_object=model,
         pad_token="<pad>",
         unk_token="<unk>",
@@ -159,7 +159,7 @@ def _llava(tokenizer: Any) -> tuple[Any, Any]:
         image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
         vision_feature_layer=-1,
     )
-    processor = LlavaProcessor(
+    processor = LlavaProcessor(  # type: ignore[no-untyped-call]  # unannotated in transformers
         image_processor=CLIPImageProcessorPil(
             size={"shortest_edge": IMAGE_SIZE},
             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -187,9 +187,11 @@ def _paligemma(tokenizer: Any) -> tuple[Any, Any]:
     image_processor = SiglipImageProcessorPil(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
-    image_processor.image_seq_length = (IMAGE_SIZE // PATCH) ** 2
+    # PaliGemmaProcessor reads this attribute, which the image processor class does
+    # not declare
+    image_processor.image_seq_length = (IMAGE_SIZE // PATCH) ** 2  # type: ignore[attr-defined]
     # The processor adds PaliGemma's <loc>/<seg> tokens: size the vocabulary after.
-    processor = PaliGemmaProcessor(
+    processor = PaliGemmaProcessor(  # type: ignore[no-untyped-call]  # unannotated in transformers
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=_CHAT_TEMPLATES["paligemma"],
@@ -223,7 +225,8 @@ def _idefics3(tokenizer: Any) -> tuple[Any, Any]:
         text_config=LlamaConfig(**_text_kwargs(tokenizer, len(tokenizer))),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=scale,
-        pad_token_id=tokenizer.pad_token_id,
+        # accepted and kept at run time; the config's typed signature omits it
+        pad_token_id=tokenizer.pad_token_id,  # type: ignore[call-arg]
     )
     image_processor = ImageProcessor(
         do_image_splitting=False,
@@ -310,7 +313,9 @@ def build_tiny_vlm(arch: str, seed: int = 0) -> tuple[Any, Any]:
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        model = AutoModelForImageTextToText.from_config(  # type: ignore[no-untyped-call]  # unannotated in transformers
+            config, dtype=torch.float32
+        )
     finally:
         torch.random.set_rng_state(state)
     return model.eval(), processor

@@ -44,7 +44,7 @@ class WideTerm(nn.Module):
         present: torch.Tensor,
     ) -> torch.Tensor:
         """``present`` [B, 3] as the fusion model's (image, EHR, note)."""
-        out = self.bias(present.new_ones(present.shape[0], 1))
+        out: torch.Tensor = self.bias(present.new_ones(present.shape[0], 1))
         if self.ehr is not None:
             out = out + self.ehr(ehr) * present[:, 1:2]
         if self.note is not None and note_ngrams is not None:

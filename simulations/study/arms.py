@@ -218,7 +218,7 @@ def run_pooled(
     start, cpu_start = time.perf_counter(), time.process_time()
     sites = _sites(config, site_tomls)
     model = _fresh_model(config)
-    union = ConcatDataset([s.data.train for s in sites])
+    union: ConcatDataset[Any] = ConcatDataset([s.data.train for s in sites])
     evaluations = [{s.name: _scores(model, s, config) for s in sites}]
     for server_round in range(1, config.federation.rounds + 1):
         patients = sum(s.data.num_privacy_units for s in sites)

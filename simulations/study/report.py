@@ -115,10 +115,10 @@ def _dp_worth(data: Mapping[str, Any]) -> list[str]:
         )
         if words:
             first, *rest = words
-            eps, ratio_text = first.split(" ", 1)
+            eps_text, ratio_text = first.split(" ", 1)
             sentences.append(
                 f"- With {size_text(r['patients'])} patients per site ({r['sites']} sites, "
-                f"{r['base']} base), {eps} keeps {ratio_text} of pooled"
+                f"{r['base']} base), {eps_text} keeps {ratio_text} of pooled"
                 + (", " + ", ".join(rest) if rest else "")
                 + f"; FedAvg without DP {_num(r['fedavg_ratio_to_pooled'], 2)}×."
             )
@@ -134,7 +134,7 @@ def _findings(arms: Mapping[str, Any]) -> list[str]:
     """What the figures of one cell say, in numbers."""
     lines = []
     pooled, local, fedavg = (_mean(arms, k) for k in ("pooled", "local", "fedavg"))
-    if None not in (pooled, local, fedavg):
+    if pooled is not None and local is not None and fedavg is not None:
         lines.append(
             f"- **Federated vs pooled**: FedAvg {fedavg:.3f} = {fedavg / pooled:.3f}× "
             f"pooled ({pooled:.3f}); local-only {local:.3f} = {local / pooled:.3f}×."
@@ -143,10 +143,12 @@ def _findings(arms: Mapping[str, Any]) -> list[str]:
         k: _mean(arms, f"classical-{k}") for k in ("pooled", "local", "fedavg")
     }
     if None not in classical.values() and fedavg is not None:
+        classical_pooled = classical["pooled"]
+        assert classical_pooled is not None  # no value is None (checked above)
         lines.append(
             f"- **Classical reference**: pooled {classical['pooled']:.3f}, local-only "
             f"{classical['local']:.3f}, FedAvg {classical['fedavg']:.3f}; the fusion "
-            f"model's FedAvg {fedavg - classical['pooled']:+.3f} against the pooled "
+            f"model's FedAvg {fedavg - classical_pooled:+.3f} against the pooled "
             "classical model."
         )
     prox = sorted(
