@@ -19,10 +19,17 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from .. import __version__
@@ -117,11 +124,13 @@ def _parse(
                 hint="The coordinator and this site must use the same model section.",
             )
         global_state = OrderedDict(zip(keys, arrays, strict=True))
-        round_config = dict(fit_ins.config)
+        round_config: dict[str, Any] = dict(fit_ins.config)
     else:
-        global_state = from_record(msg.content[wire.GLOBAL_ADAPTER])
+        global_state = from_record(cast(ArrayRecord, msg.content[wire.GLOBAL_ADAPTER]))
         round_config = (
-            dict(msg.content[wire.CONFIG]) if wire.CONFIG in msg.content else {}
+            dict(cast(ConfigRecord, msg.content[wire.CONFIG]))
+            if wire.CONFIG in msg.content
+            else {}
         )
     _require_finite(global_state)
     _require_weights(round_config)

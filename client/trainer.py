@@ -217,10 +217,12 @@ def _run_epochs(
                         category=UserWarning,
                     )
                     loss.backward()
-                if optimizer.pre_step():  # clip per example, add noise, average
+                # Opacus's DPOptimizer: torch's Optimizer type does not know it.
+                dp_optimizer: Any = optimizer
+                if dp_optimizer.pre_step():  # clip per example, add noise, average
                     if spec.proximal_mu > 0:
                         add_proximal_gradient(model, anchor, spec.proximal_mu)
-                    optimizer.original_optimizer.step()
+                    dp_optimizer.original_optimizer.step()
             else:
                 total = loss
                 if spec.proximal_mu > 0:

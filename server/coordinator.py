@@ -28,6 +28,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..common.errors import ConfigError, FederationError
@@ -199,7 +200,7 @@ def run_coordinator(
     config: CoordinatorConfig,
     stop: threading.Event,
     *,
-    on_ready: callable | None = None,  # type: ignore[valid-type]
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Run the SuperLink, SuperExec and nginx until ``stop`` is set.
 

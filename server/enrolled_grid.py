@@ -62,8 +62,8 @@ class EnrolledGrid(Grid):
         self.run_id = run_id
         self.ignored: set[int] = set()
 
-    def set_run(self, run_id: int) -> None:  # noqa: D102
-        self.inner.set_run(run_id)
+    def set_run(self, run: Any) -> None:  # noqa: D102
+        self.inner.set_run(run)
 
     @property
     def run(self) -> Any:  # noqa: D102

@@ -179,7 +179,7 @@ class RoundPhases:
             node = int(msg.metadata.src_node_id)
             if wire.TRAIN_EXAMPLES in metrics:
                 self.strategy.note_train_examples(
-                    node, int(metrics[wire.TRAIN_EXAMPLES])
+                    node, int(cast(float, metrics[wire.TRAIN_EXAMPLES]))
                 )
             reports.append(
                 eval_report(node, metrics, self.name_of, self.config.task.labels)
