@@ -341,7 +341,7 @@ def _run_hash_and_settings(run_config: Path):  # noqa: ANN202 - (str, RunConfig)
     import tempfile
 
     from wardround.common.config import RunConfig
-    from wardround.server.launcher import build_app
+    from wardround.flower_compat.app_bundle import build_app
 
     run = RunConfig.from_toml(run_config)
     with tempfile.TemporaryDirectory(prefix="wardround-approve-") as apps:

@@ -10,7 +10,6 @@ it round by round and copies it out when the run ends.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -20,87 +19,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from ..common.config import RunConfig, flower_config_string
 from ..common.errors import ConfigError, FederationError
+from ..flower_compat.app_bundle import (  # noqa: F401 - launch and tests use them here
+    APP_NAME,
+    AppBundle,
+    app_pyproject,
+    build_app,
+    check_deployable,
+)
 from ..ops.audit import AuditLog, safe_reason
 from .coordinator_config import CoordinatorConfig
 from .flwr_control import flwr_json
 
-APP_NAME = "wardround-run"
 LAUNCH_FILE = "launch.json"
 STATUS_FILE = "status.json"
 TERMINAL_STATES = ("finished", "stopped", "failed")
-
-
-@dataclass(frozen=True)
-class AppBundle:
-    """The folder ``flwr run`` bundles, and the FAB hash sites approve."""
-
-    folder: Path
-    fab_hash: str
-
-
-def app_pyproject(config: RunConfig) -> str:
-    """The FAB's only file: wardround's components and the whole run config."""
-    from wardround import __version__
-
-    document = {
-        "build-system": {
-            "requires": ["setuptools>=69"],
-            "build-backend": "setuptools.build_meta",
-        },
-        "project": {
-            "name": APP_NAME,
-            "version": _plain_version(__version__),
-            "description": "A wardround run: settings only; sites run their installed wardround.",
-            "dependencies": [f"wardround=={__version__}"],
-        },
-        "tool": {
-            "flwr": {
-                "app": {
-                    "publisher": "wardround",
-                    "components": {
-                        "serverapp": "wardround.server.app:app",
-                        "clientapp": "wardround.client.app:app",
-                    },
-                    "config": config.to_flower(),
-                }
-            }
-        },
-    }
-    return tomli_w.dumps(document)
-
-
-def _plain_version(version: str) -> str:
-    # Flower wants MAJOR.MINOR.PATCH in [project].version
-    parts = [p for p in version.split("+")[0].split(".")[:3] if p.isdigit()]
-    return ".".join((parts + ["0", "0", "0"])[:3])
-
-
-def build_app(config: RunConfig, apps_dir: Path) -> AppBundle:
-    """Write the app folder (keyed by its content) and compute the FAB's sha256."""
-    from ..flower_compat.tools import build_fab_from_disk
-
-    check_deployable(config)
-    text = app_pyproject(config)
-    key = hashlib.sha256(text.encode()).hexdigest()[:16]
-    folder = Path(apps_dir) / key / APP_NAME
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(text)
-    fab = build_fab_from_disk(folder)
-    return AppBundle(folder=folder, fab_hash=hashlib.sha256(fab).hexdigest())
-
-
-def check_deployable(config: RunConfig) -> None:
-    """Refuse simulation-only settings in a deployed run."""
-    if config.data.synthesize_sites or config.data.sites_dir:
-        raise ConfigError(
-            "data.sites-dir / data.synthesize-sites are simulation settings; on the "
-            "deployed federation every site reads its own site.toml",
-            hint="Remove the [data] section from the run config.",
-        )
 
 
 def new_run_name(fab_hash: str, now: datetime | None = None) -> str:
@@ -257,7 +191,7 @@ def copy_run(run_dir: Path, out: Path) -> Path:
 
 def list_runs(coordinator: CoordinatorConfig) -> list[dict[str, Any]]:
     """Every run the coordinator has, newest first."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not coordinator.runs_path.is_dir():
         return rows
     for run_dir in sorted(coordinator.runs_path.iterdir(), reverse=True):
