@@ -13,8 +13,9 @@ from wardround.common.adapter import adapter_state, to_record
 from wardround.common.config import RunConfig, Strategy
 from wardround.common.errors import ConfigError
 from wardround.common.models import build_model
-from wardround.server.federation import _manifest
 from wardround.server.records import RoundRecord
+from wardround.server.run_report import manifest
+from wardround.server.strategies import make_strategy
 
 
 def test_mu_with_fedavg_is_refused_saying_what_to_fix():
@@ -68,11 +69,17 @@ def _record() -> RoundRecord:
     return RoundRecord(1, [], [], [], 0.5, 0.7, 0.7, "sha", 1.0, 0.0)
 
 
+def _manifest(config: RunConfig) -> dict:
+    """The round manifest the round loop writes: what the run's strategy sent."""
+    strategy = make_strategy(config.federation, config.secure_aggregation)
+    return manifest(config, "fp", _record(), strategy.manifest_settings())
+
+
 def test_manifest_records_the_mu_fedprox_sends():
     config = RunConfig.from_mapping(
         {"federation": {"strategy": "fedprox", "proximal-mu": 0.25}}
     )
-    assert _manifest(config, "fp", _record())["proximal_mu"] == 0.25
+    assert _manifest(config)["proximal_mu"] == 0.25
 
 
 def test_manifest_records_zero_for_fedavg_whatever_the_config_holds():
@@ -82,7 +89,7 @@ def test_manifest_records_zero_for_fedavg_whatever_the_config_holds():
     federation = config.federation.model_copy(update={"proximal_mu": 0.3})
     config = config.model_copy(update={"federation": federation})
     assert config.federation.strategy is Strategy.FEDAVG
-    assert _manifest(config, "fp", _record())["proximal_mu"] == 0.0
+    assert _manifest(config)["proximal_mu"] == 0.0
 
 
 class _Stop(Exception):
