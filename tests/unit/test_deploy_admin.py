@@ -7,10 +7,12 @@ test_deploy_registry.py.
 from __future__ import annotations
 
 import datetime as dt
-import stat
 from pathlib import Path
 
 import pytest
+from coordinator_files import TLS_TABLE
+from coordinator_files import coordinator_config as _coordinator
+from coordinator_files import file_mode as _mode
 
 from wardround.common.errors import ConfigError
 from wardround.pki import (
@@ -24,25 +26,6 @@ from wardround.server.coordinator import (
     write_superexec_secret,
 )
 from wardround.server.coordinator_config import CoordinatorConfig
-
-TLS_TABLE = """
-[tls]
-ca-certificate = "tls/ca.pem"
-certificate = "tls/coordinator.pem"
-private-key = "tls/coordinator.key"
-"""
-
-
-def _coordinator(folder: Path, extra: str = "") -> CoordinatorConfig:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "coordinator.toml"
-    path.write_text(f'[coordinator]\nstate-dir = "state"\n{extra}\n{TLS_TABLE}')
-    return CoordinatorConfig.from_toml(path)
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
 
 # ------------------------------------------------------------- coordinator.toml
 

@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from coordinator_files import coordinator_config as _coordinator
 
 from wardround.common.config import RunConfig
 from wardround.common.errors import ConfigError, FederationError
@@ -29,21 +30,6 @@ from wardround.server.launcher import (
     run_status,
     unfinished_runs,
 )
-
-TLS_TABLE = """
-[tls]
-ca-certificate = "tls/ca.pem"
-certificate = "tls/coordinator.pem"
-private-key = "tls/coordinator.key"
-"""
-
-
-def _coordinator(folder: Path, extra: str = "") -> CoordinatorConfig:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "coordinator.toml"
-    path.write_text(f'[coordinator]\nstate-dir = "state"\n{extra}\n{TLS_TABLE}')
-    return CoordinatorConfig.from_toml(path)
-
 
 # ------------------------------------------------------------------- launcher
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import stat
 from pathlib import Path
 
 import pytest
+from coordinator_files import coordinator_config as _coordinator
+from coordinator_files import file_mode as _mode
 
 from wardround.common.errors import ConfigError, FederationError
 from wardround.ops.audit import read_audit
@@ -19,25 +20,6 @@ from wardround.pki import (
 from wardround.server import registry
 from wardround.server.coordinator_config import CoordinatorConfig
 from wardround.server.registry import add_site, list_sites, load_sites, revoke_site
-
-TLS_TABLE = """
-[tls]
-ca-certificate = "tls/ca.pem"
-certificate = "tls/coordinator.pem"
-private-key = "tls/coordinator.key"
-"""
-
-
-def _coordinator(folder: Path, extra: str = "") -> CoordinatorConfig:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "coordinator.toml"
-    path.write_text(f'[coordinator]\nstate-dir = "state"\n{extra}\n{TLS_TABLE}')
-    return CoordinatorConfig.from_toml(path)
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
 
 # ------------------------------------------------------------------ registry
 
