@@ -49,6 +49,7 @@ from ..common.secagg_math import (
     quantized_weight,
 )
 from ..common.wirebytes import content_bytes
+from .replies import addressee_of
 from .secagg_wire import widen_masked_vectors
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,12 @@ class _RecordingGrid:
     ) -> list[Message]:
         sent = {int(m.metadata.dst_node_id) for m in messages}
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        node_of = addressee_of(messages)
         answered = set()
         for reply in replies:
             size = 0 if reply.has_error() else content_bytes(reply.content)
             widen_masked_vectors(reply)
-            node = int(reply.metadata.src_node_id)
+            node = node_of(reply)
             answered.add(node)
             if reply.has_error():
                 self.errors.setdefault(node, reply.error.reason or "")

@@ -168,10 +168,9 @@ class RoundPhases:
             )
         )
         timeout = self.config.federation.round_timeout_s
-        sampled = [int(m.metadata.dst_node_id) for m in messages]
         replies = self.grid.send_and_receive(messages, timeout=timeout)
         ok, failures = split_replies(
-            replies, "evaluate", (wire.METRICS,), sent_to=sampled, timeout_s=timeout
+            replies, "evaluate", (wire.METRICS,), sent=messages, timeout_s=timeout
         )
         reports = []
         for msg in ok:

@@ -14,6 +14,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from ..common import wire
+from ..flower_compat.replies import addressee_of
 from ..common.errors import error_kind
 from ..common.release import version_from_metrics
 from .records import PrivacySpend, SiteEvalReport, SiteFailure, SiteTrainReport
@@ -53,20 +54,23 @@ def split_replies(
     phase: str,
     need: tuple[str, ...],
     *,
-    sent_to: Iterable[int] = (),
+    sent: Iterable[Message] = (),
     timeout_s: float = 0.0,
     check: Callable[[Message], str | None] | None = None,
 ) -> tuple[list[Message], list[SiteFailure]]:
     """The sound replies, and a failure for every other site that was sent to.
 
+    ``sent`` are the messages the grid pushed (it gave each its message id).
     ``check`` says why an otherwise complete reply is unusable (None: usable).
     """
     ok, failed = [], []
     replies = list(replies)
-    replied = {int(m.metadata.src_node_id) for m in replies}
+    node_of = addressee_of(sent)
+    replied = {node_of(m) for m in replies}
     # A site that is connected but silent (hung, killed, cut off) sends no error:
     # name it here, so the round's record and the audit say who was missing.
-    for node in sorted(set(sent_to) - replied):
+    sent_to = {int(m.metadata.dst_node_id) for m in sent}
+    for node in sorted(sent_to - replied):
         failed.append(
             SiteFailure(
                 node,
@@ -75,7 +79,7 @@ def split_replies(
             )
         )
     for msg in replies:
-        node = int(msg.metadata.src_node_id)
+        node = node_of(msg)
         problem = _problem(msg, need, check)
         if problem is None:
             ok.append(msg)

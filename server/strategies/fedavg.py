@@ -72,13 +72,12 @@ class FedAvg:
         self, grid: Grid, messages: list[Message], limits: ExchangeLimits
     ) -> TrainExchange:
         """Send, collect the deltas within the timeout, and average them."""
-        sampled = [int(m.metadata.dst_node_id) for m in messages]
         replies = grid.send_and_receive(messages, timeout=limits.timeout_s)
         ok, failures = split_replies(
             replies,
             "train",
             (wire.ADAPTER_DELTA, wire.METRICS),
-            sent_to=sampled,
+            sent=messages,
             timeout_s=limits.timeout_s,
             check=check_train_reply,
         )

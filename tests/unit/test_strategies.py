@@ -9,6 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import (
+    create_message_error_unavailable_res_message,
+)
 from flwr.serverapp import Grid
 
 from wardround.common import wire
@@ -206,3 +209,28 @@ def test_a_reply_checks_its_payload_kind_when_it_states_one():
         check=check_train_reply,
     )
     assert ok == [plain] and [f.phase for f in failed] == ["train"]
+
+
+class OfflineNodeGrid(ReplyingGrid):
+    """Pushes as Flower's grids do (each message gets its id); the SuperLink answers
+    for node 103, which missed its heartbeats, with its own node id as the sender."""
+
+    def send_and_receive(self, messages, *, timeout=None) -> Iterable[Message]:
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+        return [
+            create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+            if msg.metadata.dst_node_id == 103
+            else self.reply(msg)
+            for msg in messages
+        ]
+
+
+def test_a_site_the_superlink_declared_offline_is_named_once_by_its_own_node_id():
+    strategy = FedAvg(FederationConfig(**{**FEDERATION, "min_sites": 2}))
+    grid = OfflineNodeGrid(lambda msg: _train_reply(msg, 1.0))
+    exchange = strategy.exchange_train(grid, _train_messages(strategy, grid), _limits())
+
+    assert [c.node_id for c in exchange.contributions] == [101, 102]
+    assert [(f.node_id, f.phase) for f in exchange.failures] == [(103, "train")]
+    assert "heartbeat" in exchange.failures[0].reason
