@@ -11,12 +11,23 @@ These functions shorten them in the process that runs that Flower code (the site
 SuperNode via :mod:`wardround.client.supernode_main`, the coordinator's ServerApp).
 Each checks that its patch point still looks as expected and otherwise leaves
 Flower as it is: a Flower upgrade can only make a round slower, never wrong.
+
+One wait is not about pace: the ServerApp's Grid fetches a reply's arrays once the
+reply is announced, retrying up to 500 times. A site that dies (or loses its
+network) between announcing its reply and uploading the arrays stalls that fetch,
+and with it every other site's reply, for minutes: past the round's timeout, so
+the round loses the sites that did reply. :func:`bound_serverapp_pulls` makes
+those fetches give up at the deadline of the exchange they belong to
+(:func:`pulls_end_by`, which :class:`~.prompt_grid.PromptGrid` sets).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import time
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -27,6 +38,12 @@ OBJECT_POLL_S = 0.02
 """First retry of an announced-but-not-uploaded array (Flower: 1 s)."""
 OBJECT_POLL_CAP_S = 0.25
 """Longest retry interval for such an array (Flower: 10 s)."""
+LATE_PULL_GRACE_S = 2.0
+"""How long a reply announced at (or after) its exchange's deadline may still take
+to deliver its arrays."""
+
+_exchange = threading.local()
+"""The deadline (``time.monotonic``) of the exchange the current thread runs."""
 
 
 class _CappedSleep:
@@ -64,8 +81,47 @@ def pace_supernode(poll_s: float) -> bool:
     return prompt_object_pulls(start_client_internal)
 
 
-def pace_serverapp_grid() -> bool:
-    """Make the ServerApp's deployment Grid fetch reply arrays promptly."""
+@contextlib.contextmanager
+def pulls_end_by(deadline: float | None) -> Iterator[None]:
+    """Within the block, this thread's reply-array fetches give up at ``deadline``.
+
+    ``deadline`` is a ``time.monotonic()`` value (None: no deadline). Takes effect
+    where :func:`bound_serverapp_pulls` has patched the Grid.
+    """
+    saved = getattr(_exchange, "deadline", None)
+    _exchange.deadline = deadline
+    try:
+        yield
+    finally:
+        _exchange.deadline = saved
+
+
+def _pull_until_deadline(
+    pull: Callable[..., dict[str, bytes]], *args: Any, **kwargs: Any
+) -> dict[str, bytes]:
+    deadline = getattr(_exchange, "deadline", None)
+    if deadline is not None:
+        kwargs["max_time"] = max(deadline - time.monotonic(), LATE_PULL_GRACE_S)
+    return pull(*args, **kwargs)
+
+
+def bound_serverapp_pulls(*, prompt: bool = True) -> bool:
+    """Make the ServerApp's Grid stop fetching reply arrays at the exchange's deadline.
+
+    With ``prompt`` the fetches also retry after milliseconds, not seconds. False
+    (nothing changed) when the Grid's ``pull_objects`` is not Flower's own.
+    """
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
     from flwr.superlink.grid import http_grid
 
-    return prompt_object_pulls(http_grid)
+    if getattr(http_grid, "pull_objects", None) is not pull_objects:
+        return False
+    paced: Callable[..., dict[str, bytes]] = (
+        functools.partial(
+            pull_objects, initial_backoff=OBJECT_POLL_S, backoff_cap=OBJECT_POLL_CAP_S
+        )
+        if prompt
+        else pull_objects
+    )
+    http_grid.pull_objects = functools.partial(_pull_until_deadline, paced)
+    return True

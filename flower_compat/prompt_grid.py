@@ -5,6 +5,10 @@ Flower 1.41's deployment Grid checks for replies every 3 s inside
 wait alone adds up to 15 s per round. :class:`PromptGrid` wraps any Grid and
 implements ``send_and_receive`` with the Grid's own ``push_messages`` and
 ``pull_messages``, checking every ``poll_s``; everything else is delegated.
+
+Its ``send_and_receive`` also keeps the exchange's deadline: reply arrays are not
+fetched past it (:func:`~.pacing.pulls_end_by`), and a fetch that ran into the
+deadline is followed by one last check, so replies that came in meanwhile count.
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from .pacing import pulls_end_by
+
+FLOWER_REPLY_POLL_S = 3.0
+"""How often Flower's own ``send_and_receive`` checks for replies."""
 
 
 class PromptGrid(Grid):
@@ -48,15 +57,21 @@ class PromptGrid(Grid):
     ) -> Iterable[Message]:
         """Push ``messages``; collect replies until all are in or ``timeout`` passes."""
         waiting = set(self.inner.push_messages(messages))
+        waiting.discard("")  # a message the SuperLink did not store has no reply
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        while waiting:
-            pulled = list(self.inner.pull_messages(waiting))
-            replies.extend(pulled)
-            waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
-            if not waiting or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(self.poll_s)
+        with pulls_end_by(deadline):
+            while waiting:
+                checked_at = time.monotonic()
+                pulled = list(self.inner.pull_messages(waiting))
+                replies.extend(pulled)
+                waiting.difference_update(
+                    m.metadata.reply_to_message_id for m in pulled
+                )
+                if not waiting or (deadline is not None and checked_at >= deadline):
+                    break
+                if deadline is None or time.monotonic() < deadline:
+                    time.sleep(self.poll_s)
         return replies
 
     def __getattr__(self, name: str) -> Any:

@@ -13,8 +13,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..common.config import RunConfig
 from ..common.errors import ConfigError
-from ..flower_compat.pacing import PACING_ENV, pace_serverapp_grid
-from ..flower_compat.prompt_grid import PromptGrid
+from ..flower_compat.pacing import PACING_ENV, bound_serverapp_pulls
+from ..flower_compat.prompt_grid import FLOWER_REPLY_POLL_S, PromptGrid
 from .deployment import deployment_from_env
 from .enrolled_grid import EnrolledGrid
 from .federation import run_federation
@@ -99,9 +99,11 @@ def build_server_app(
                 deployment.observer.recorder,
                 deployment.run_id(config),
             )
-            if os.environ.get(PACING_ENV, "1") != "0":
-                pace_serverapp_grid()
-                grid = PromptGrid(grid)  # Flower's Grid polls for replies every 3 s
+            # Flower's Grid polls for replies every 3 s and may fetch a dead site's
+            # arrays past the round's timeout: PromptGrid keeps the deadline.
+            paced = os.environ.get(PACING_ENV, "1") != "0"
+            bound_serverapp_pulls(prompt=paced)
+            grid = PromptGrid(grid, poll_s=0.1 if paced else FLOWER_REPLY_POLL_S)
             options = {
                 "site_names": deployment.roster.name,
                 "run_id": deployment.run_id(config),

@@ -218,7 +218,19 @@ def test_the_site_dashboard_shows_the_ledger_as_site_privacy_json(fed, browser):
         lambda: json.loads((run_dir / "status.json").read_text()).get("state") in ("finished", "failed", "stopped"),
         600, "the run to end", poll_s=2,
     )  # fmt: skip
-    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    status = json.loads((run_dir / "status.json").read_text())
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    failures = [f for r in rounds for f in r["failures"]]
+    assert status["state"] == "finished", (status, failures)
+    # Every failure names a site's own node, once per phase: the SuperLink's reply
+    # for the killed site (sent from its own node id) is the site's failure.
+    nodes = {t["node_id"] for t in rounds[1]["train"]}
+    assert len(nodes) == len(fed.site_names)
+    assert {f["node_id"] for f in failures} <= nodes, failures
+    phases = [
+        (f["node_id"], f["phase"], r["round"]) for r in rounds for f in r["failures"]
+    ]
+    assert len(phases) == len(set(phases)), failures
     pages = {
         "runs-finished": "/runs",
         "run": f"/runs/{fed.run_name}",

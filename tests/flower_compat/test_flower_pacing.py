@@ -12,11 +12,13 @@ from flwr.superlink.grid import http_grid
 from flwr.supernode import start_client_internal
 
 from wardround.flower_compat.pacing import (
+    LATE_PULL_GRACE_S,
     OBJECT_POLL_CAP_S,
     OBJECT_POLL_S,
-    pace_serverapp_grid,
+    bound_serverapp_pulls,
     pace_supernode,
     prompt_object_pulls,
+    pulls_end_by,
 )
 
 
@@ -77,11 +79,37 @@ def test_pace_supernode_twice_changes_nothing_more(restore_flower):
     assert start_client_internal.pull_objects is pulls
 
 
-def test_pace_serverapp_grid_prompts_the_grids_pulls(restore_flower):
-    assert pace_serverapp_grid() is True
-    assert _is_prompt(http_grid.pull_objects)
-    assert pace_serverapp_grid() is False  # already paced: left as it is
-    assert _is_prompt(http_grid.pull_objects)
+def _never_uploaded(object_id: str) -> bytes:
+    """A reply's array its site announced and never uploaded (it died meanwhile)."""
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    raise ObjectUnavailableError(object_id)
+
+
+def test_the_serverapps_array_fetch_gives_up_at_the_exchanges_deadline(
+    restore_flower,
+):
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
+
+    assert bound_serverapp_pulls(prompt=True) is True
+    started = time.monotonic()
+    with pulls_end_by(started + 0.2), pytest.raises(ObjectPullError):
+        http_grid.pull_objects(["ab" * 32], _never_uploaded)
+    took = time.monotonic() - started
+    # Flower's own retries (500 tries) would wait minutes; the grace is the floor.
+    assert LATE_PULL_GRACE_S <= took < LATE_PULL_GRACE_S + 3, took
+
+
+def test_bounded_pulls_are_prompt_or_flowers_own_and_patched_once(restore_flower):
+    assert bound_serverapp_pulls(prompt=True) is True
+    bounded = http_grid.pull_objects
+    assert _is_prompt(bounded.args[0])
+    assert bound_serverapp_pulls(prompt=True) is False  # already bound: left alone
+    assert http_grid.pull_objects is bounded
+
+    http_grid.pull_objects = pull_objects
+    assert bound_serverapp_pulls(prompt=False) is True
+    assert http_grid.pull_objects.args == (pull_objects,)
 
 
 def test_prompt_object_pulls_leaves_another_pull_objects_alone():

@@ -31,6 +31,7 @@ COMPAT_MODULES = (
     "legacy",
     "pacing",
     "prompt_grid",
+    "replies",
     "runtime",
     "secagg_protocol",
     "secagg_wire",

@@ -129,3 +129,40 @@ def test_prompt_grid_delegates_the_rest():
     assert inner.closed
     with pytest.raises(AttributeError):
         grid.no_such_method  # noqa: B018
+
+
+def test_replies_that_came_in_while_a_fetch_ran_past_the_deadline_count():
+    """A dead site's reply stalls one fetch past the deadline; the others still count."""
+    inner = FakeGrid(["dead", "live"], ready=[], after=1)
+
+    def pull(message_ids):
+        inner.pulls.append(set(message_ids))
+        if len(inner.pulls) == 1:
+            time.sleep(0.3)  # fetching the dead site's arrays, past the deadline
+            return [_reply("dead")]  # as Flower's error reply for it
+        return [_reply("live")] if "live" in message_ids else []
+
+    inner.pull_messages = pull
+    replies = list(
+        PromptGrid(inner, poll_s=0.001).send_and_receive(["a", "b"], timeout=0.1)
+    )
+    assert [r.metadata.reply_to_message_id for r in replies] == ["dead", "live"]
+    assert len(inner.pulls) == 2
+
+
+def test_the_exchanges_deadline_is_set_while_it_fetches():
+    from wardround.flower_compat import pacing
+
+    inner = FakeGrid(["m1"], ready=["m1"], after=1)
+    seen = []
+    original = inner.pull_messages
+
+    def pull(message_ids):
+        seen.append(getattr(pacing._exchange, "deadline", None))
+        return original(message_ids)
+
+    inner.pull_messages = pull
+    before = time.monotonic()
+    PromptGrid(inner, poll_s=0.001).send_and_receive(["a"], timeout=5)
+    assert len(seen) == 1 and before + 5 <= seen[0] <= time.monotonic() + 5
+    assert getattr(pacing._exchange, "deadline", None) is None  # unset afterwards
