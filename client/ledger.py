@@ -12,11 +12,14 @@ a committed one with the steps it took.
 The ``run`` of a line is the site's own identity of the run (the settings it
 approved, see :mod:`wardround.client.run_identity`), never an id a message names.
 
-The file is a :mod:`wardround.ops.jsonl_log` whose lines are sealed one by one:
-each carries a sha256 of its canonical JSON, so a torn or edited line is
-detected. Only a torn *last* line is tolerated (a crash during the append: the
-reservation never became durable, so training never started); any other damage
-stops the site from training until an operator restores the file.
+The file is a :mod:`wardround.ops.jsonl_log` hash chain: each line carries a
+sha256 of its canonical JSON and repeats the seal of the line before it
+(``prev``), so a torn, edited, deleted, inserted or reordered line is detected.
+Only a torn *last* line is tolerated (a crash during the append: the reservation
+never became durable, so training never started); any other damage stops the
+site from training until an operator restores the file. Lines of version 1 (sealed
+one by one, before the chain) are read as they are; the first version-2 line
+chains on from the last of them.
 
 Ledgers of earlier versions (one file per base model, ``<fingerprint>.jsonl``)
 in the same folder are read and counted, never written.
@@ -37,11 +40,22 @@ from typing import Any
 from ..common.config import Accountant
 from ..common.errors import DataError
 from ..common.privacy import Mechanism, epsilon_spent
-from ..ops.jsonl_log import locked_for_append, parse_object, read_locked, sha256_seal
+from ..ops.jsonl_log import (
+    chain_prev,
+    chain_problem,
+    locked_for_append,
+    parse_object,
+    read_locked,
+    sha256_seal,
+)
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
+"""The version new lines are written in: 2 chains each line to the one before it."""
+_UNCHAINED = 1
+"""Lines sealed one by one (written before the chain); read, never written."""
+_SEALS = ("sha256", "prev")
 _RESTORE_HINT = (
     "This site must not train until an operator restores the ledger from a backup "
     "(or repairs the line after checking what it recorded). Do not delete it: it is "
@@ -219,13 +233,15 @@ class PrivacyLedger:
         A torn tail left by an earlier crash is cut off first, so it cannot end up
         glued to this line in the middle of the file.
         """
-        line = _encode(body)
         try:  # a reservation may start the file; a commit may not
             with locked_for_append(self.path, create=create) as ledger_file:
                 raw = ledger_file.read_all()
                 entries, torn_at = self._parse(raw)
                 if check is not None:
                     check(entries)
+                line = _encode(
+                    {**body, "prev": chain_prev(entries[-1] if entries else None)}
+                )
                 # complete a last line that verified but lacks its newline
                 partial = torn_at is None and bool(raw) and not raw.endswith(b"\n")
                 ledger_file.append(line, cut_at=torn_at, after_partial=partial)
@@ -238,8 +254,10 @@ class PrivacyLedger:
 
     # -- reading ----------------------------------------------------------------
     def entries(self) -> list[dict[str, Any]]:
-        """Every line in file order, without its checksum (raises DataError on damage)."""
-        return [{k: v for k, v in e.items() if k != "sha256"} for e in self._read()[0]]
+        """Every line in file order, without its seals (raises DataError on damage)."""
+        return [
+            {k: v for k, v in e.items() if k not in _SEALS} for e in self._read()[0]
+        ]
 
     def history(self, run_id: str | None = None) -> list[Mechanism]:
         """The mechanisms that count, in order, for one run or (None) every run.
@@ -314,7 +332,7 @@ class PrivacyLedger:
         for number, line in enumerate(lines, start=1):
             entry, problem = _decode(line)
             if problem is None:
-                problem = _check_entry(entry, seen)
+                problem = _check_entry(entry, seen) or _link_problem(entry, entries)
             if problem is not None:
                 raise DataError(
                     f"privacy ledger {self.path} is damaged at line {number}: "
@@ -327,7 +345,7 @@ class PrivacyLedger:
         if tail:
             entry, problem = _decode(tail)
             if problem is None:
-                problem = _check_entry(entry, seen)
+                problem = _check_entry(entry, seen) or _link_problem(entry, entries)
             if problem is None:
                 entries.append(entry)
                 log.warning(
@@ -403,10 +421,24 @@ def _decode(line: bytes) -> tuple[dict[str, Any], str | None]:
     return entry, None
 
 
+def _link_problem(entry: dict[str, Any], before: list[dict[str, Any]]) -> str | None:
+    """Why ``entry`` does not follow the checked lines ``before`` it, or None.
+
+    Version-1 lines are not chained: they may only come before the first chained
+    line, which repeats the seal of the line before it (the genesis seal first).
+    """
+    chained_before = any(e["v"] != _UNCHAINED for e in before)
+    if entry["v"] == _UNCHAINED:
+        if chained_before:
+            return "an unchained (version 1) line after the chain began"
+        return None
+    return chain_problem(entry, chain_prev(before[-1] if before else None))
+
+
 def _check_entry(entry: dict[str, Any], seen: Mapping[str, list[str]]) -> str | None:
     """What is wrong with a checksummed entry, given the kinds of earlier lines by id."""
     kind = entry.get("kind")
-    if kind not in ("reserve", "commit") or entry.get("v") != VERSION:
+    if kind not in ("reserve", "commit") or entry.get("v") not in (_UNCHAINED, VERSION):
         return (
             f"unknown entry kind {kind!r} / version {entry.get('v')!r} (written by "
             "a newer wardround?)"

@@ -46,6 +46,8 @@ from .audit_query import as_utc, event_names, event_time, filter_events, merge_b
 from .jsonl_log import (
     GENESIS,
     AppendHandle,
+    chain_prev,
+    chain_problem,
     hmac_seal,
     locked_for_append,
     parse_object,
@@ -178,12 +180,7 @@ def _line_problem(
             f"seq is {got!r} where {seq} was expected (a line was deleted, inserted "
             "or moved)"
         )
-    if entry["prev"] != prev:
-        return (
-            "prev does not match the seal of the line before it (a line was "
-            "deleted, inserted, moved or edited)"
-        )
-    return None
+    return chain_problem(entry, prev)
 
 
 # -- writing ---------------------------------------------------------------------
@@ -247,7 +244,7 @@ class AuditLog:
                 "actor": self.actor,
                 "event": kind.value,
                 **checked,
-                "prev": GENESIS if last is None else seal_of(last),
+                "prev": chain_prev(last),
             }
             entry = {**body, "hmac": hmac_seal(self._key, body)}
             log_file.append(_encode(entry), cut_at=torn_at, after_partial=glue)

@@ -4,8 +4,9 @@ Each line is one JSON object sealed by a hash of its canonical form (sorted keys
 no spaces, no NaN): a plain ``sha256``, or an ``hmac`` under the owner's key. In a
 hash chain each line also repeats the seal of the line before it (``prev``; the
 first repeats :data:`GENESIS`), so a deleted, inserted or reordered line breaks the
-chain. The audit log is such a chain (:mod:`wardround.ops.audit`); the privacy
-ledger seals each line alone (:mod:`wardround.client.ledger`, its format since v1).
+chain (:func:`chain_prev`, :func:`chain_problem`). The audit log
+(:mod:`wardround.ops.audit`) and the privacy ledger (:mod:`wardround.client.ledger`,
+from its version 2) are such chains.
 
 Several processes may append to one file, so :func:`locked_for_append` holds an
 exclusive ``flock`` while the writer reads what it needs and appends; the line is
@@ -52,6 +53,23 @@ def hmac_seal(key: bytes, body: Mapping[str, Any]) -> str:
 def seal_of(entry: Mapping[str, Any]) -> Any:
     """A chained line's own seal, which the next line's ``prev`` repeats."""
     return entry["hmac"] if "hmac" in entry else entry.get("sha256")
+
+
+def chain_prev(last: Mapping[str, Any] | None) -> str:
+    """The ``prev`` of the line appended after ``last`` (None: the first line)."""
+    return GENESIS if last is None else str(seal_of(last))
+
+
+def chain_problem(entry: Mapping[str, Any], prev: str) -> str | None:
+    """Why ``entry`` breaks the chain after a line sealed ``prev``, or None."""
+    if not isinstance(entry.get("prev"), str):
+        return "field 'prev' is missing or has the wrong type"
+    if entry["prev"] != prev:
+        return (
+            "prev does not match the seal of the line before it (a line was "
+            "deleted, inserted, moved or edited)"
+        )
+    return None
 
 
 def parse_object(line: bytes) -> tuple[dict[str, Any] | None, str | None]:

@@ -247,3 +247,93 @@ def test_commit_to_a_missing_ledger_does_not_create_one(ledger):
         ledger.commit("0" * 32, 1, epsilon_run=0.0, epsilon_total=0.0)
 
     assert not ledger.path.exists()
+
+
+def _resealed(line: str) -> str:
+    """``line`` with its own sha256 recomputed, as someone who edits it would."""
+    from wardround.ops.jsonl_log import sha256_seal
+
+    entry = json.loads(line)
+    body = {k: v for k, v in entry.items() if k != "sha256"}
+    return json.dumps({**body, "sha256": sha256_seal(body)}, sort_keys=True) + "\n"
+
+
+def test_every_line_repeats_the_seal_of_the_line_before_it(ledger):
+    from wardround.ops.jsonl_log import GENESIS
+
+    _train_round(ledger, "run-a", 1)
+    _train_round(ledger, "run-a", 2)
+    lines = _lines(ledger.path)
+
+    assert [e["v"] for e in lines] == [2] * 4
+    assert lines[0]["prev"] == GENESIS
+    assert [e["prev"] for e in lines[1:]] == [e["sha256"] for e in lines[:-1]]
+    assert all("prev" not in e and "sha256" not in e for e in ledger.entries())
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(lambda lines: [lines[0], *lines[2:]], id="a round deleted"),
+        pytest.param(
+            lambda lines: [lines[0], lines[2], lines[1], lines[3]], id="reordered"
+        ),
+        pytest.param(
+            lambda lines: [
+                lines[0],
+                _resealed(lines[1].replace('"steps": 5', '"steps": 1')),
+                *lines[2:],
+            ],
+            id="edited and resealed",
+        ),  # fmt: skip
+    ],
+)
+def test_a_line_deleted_moved_or_resealed_breaks_the_chain(ledger, tamper):
+    _train_round(ledger, "run-a", 1)
+    _train_round(ledger, "run-a", 2)
+    lines = ledger.path.read_text().splitlines(keepends=True)
+    ledger.path.write_text("".join(tamper(lines)))
+
+    with pytest.raises(DataError, match="prev does not match") as err:
+        ledger.history()
+    assert "must not train" in err.value.hint
+
+
+def _unchained_line(**body) -> str:
+    """A version-1 line: sealed alone, no ``prev`` (as ledgers were first written)."""
+    from wardround.ops.jsonl_log import sha256_seal
+
+    body = {"v": 1, **body}
+    return json.dumps({**body, "sha256": sha256_seal(body)}, sort_keys=True) + "\n"
+
+
+V1_RESERVE = {
+    "kind": "reserve", "id": "a" * 32, "run": "old-run", "round": 1, "time": 1.0,
+    "noise_multiplier": 2.0, "sample_rate": 0.02, "steps": 5, "delta": DELTA,
+    "max_grad_norm": 1.0, "accountant": "rdp", "base_model": FINGERPRINT,
+}  # fmt: skip
+V1_COMMIT = {
+    "kind": "commit", "id": "a" * 32, "steps": 5, "time": 2.0,
+    "epsilon_run": None, "epsilon_total": None,
+}  # fmt: skip
+
+
+def test_a_version_1_ledger_counts_and_the_chain_goes_on_from_its_last_line(ledger):
+    ledger.path.write_text(_unchained_line(**V1_RESERVE) + _unchained_line(**V1_COMMIT))
+    assert ledger.history() == [ROUND]
+
+    _train_round(ledger, "run-b", 1)
+
+    lines = _lines(ledger.path)
+    assert [e["v"] for e in lines] == [1, 1, 2, 2]
+    assert lines[2]["prev"] == lines[1]["sha256"]
+    assert ledger.history() == [ROUND, ROUND]
+
+
+def test_a_version_1_line_after_the_chain_began_is_damage(ledger):
+    _train_round(ledger, "run-a", 1)
+    with ledger.path.open("a") as handle:
+        handle.write(_unchained_line(**V1_RESERVE))
+
+    with pytest.raises(DataError, match="line 3: an unchained"):
+        ledger.history()
