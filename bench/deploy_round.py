@@ -72,7 +72,7 @@ from wardround.deploy.loopback import (
 )
 from wardround.flower_compat.pacing import PACING_ENV
 from wardround.ops.processes import start_child, stop_processes
-from wardround.simulations.synth import synthesize_federation
+from wardround.synthetic.hospitals import synthesize_federation
 
 ALL_MODES = ("before", "after")
 LOOPBACK_PATIENTS = 40  # what LoopbackFederation.create synthesizes per site

@@ -78,8 +78,8 @@ VARIANTS: list[tuple[str, str, dict[str, dict[str, Any]]]] = [
 
 def _sites(root: Path, patients: int, seed: int) -> list[Path]:
     from wardround.simulations.study.runner import raise_lifetime_budget
-    from wardround.simulations.synth import synthesize_federation
-    from wardround.simulations.synth_shift import STUDY_HETEROGENEITY
+    from wardround.synthetic.hospitals import synthesize_federation
+    from wardround.synthetic.shift import STUDY_HETEROGENEITY
 
     paths = synthesize_federation(
         root,
@@ -108,8 +108,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from wardround.common.config import RunConfig
-    from wardround.common.models import build_model
-    from wardround.common.models.registry import describe
+    from wardround.models import build_model
+    from wardround.models.registry import describe
     from wardround.simulations.study.arms import run_federated, run_pooled
 
     chosen = set(filter(None, args.only.split(",")))

@@ -114,7 +114,7 @@ def _config():
 
 def _fresh_model(device):
     """A fresh (deterministic) default model on ``device``."""
-    from wardround.common.models import build_model
+    from wardround.models import build_model
 
     return build_model(_config()).model.to(device)
 

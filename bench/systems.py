@@ -84,7 +84,7 @@ def _base_size_encoders(folder: Path) -> tuple[str, str]:
 def measure_upload(work: Path, *, quick: bool, base_size: bool) -> dict[str, Any]:
     """Bytes per site per round, adapter and base sizes, in the clear and under SecAgg+."""
     from wardround.common.config import RunConfig
-    from wardround.simulations.synth import synthesize_federation
+    from wardround.synthetic.hospitals import synthesize_federation
 
     sites_dir = work / "upload-sites"
     synthesize_federation(sites_dir, 3, patients_per_site=40, seed=0)

@@ -209,7 +209,7 @@ def main() -> None:
 
     from wardround.ops.env import apply_machine_hygiene
     from wardround.simulations.reporting import machine_info
-    from wardround.simulations.synth import synthesize_federation
+    from wardround.synthetic.hospitals import synthesize_federation
 
     args.machine = machine_info()
 

@@ -20,6 +20,8 @@ from wardround.cli_support import (
     user_errors,
 )
 
+from ..ops.config_file import load_run_config
+
 site_app = command_group(
     "site",
     help="Check a site's data and settings; export de-identified copies.",
@@ -56,7 +58,7 @@ def check(
 
     from .site_check import check_site, format_report
 
-    run = RunConfig.from_toml(run_config) if run_config else RunConfig()
+    run = load_run_config(run_config) if run_config else RunConfig()
     from .data.dicom_warnings import log_to_file
 
     log_path = _check_log_path(config)
@@ -340,10 +342,9 @@ def _run_hash_and_settings(run_config: Path):  # noqa: ANN202 - (str, RunConfig)
     """The app hash of a run.toml, built the way `wardround launch` builds it."""
     import tempfile
 
-    from wardround.common.config import RunConfig
     from wardround.flower_compat.app_bundle import build_app
 
-    run = RunConfig.from_toml(run_config)
+    run = load_run_config(run_config)
     with tempfile.TemporaryDirectory(prefix="wardround-approve-") as apps:
         return build_app(run, Path(apps)).fab_hash, run
 

@@ -22,7 +22,7 @@ from .metrics import auroc_per_label, macro_auroc
 
 if TYPE_CHECKING:
     from ..common.config import RunConfig
-    from ..common.models import BuiltModel
+    from ..models import BuiltModel
 
 INPUT_KEYS = ("image", "ehr", "note_ids", "note_mask", "present", "note_ngrams")
 """The fusion model's inputs (``labels`` is the target)."""

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from ..common.adapter import adapter_state, payload_keys
 from ..common.config import LoraVariant, RunConfig
 from ..common.errors import ConfigError
-from ..common.models import BuiltModel, family_of
 from ..common.recipe import training_recipe
+from ..models import BuiltModel, family_of
 from .answers import ANSWER_LOG, AnswerLog
 from .egress import EgressAllowlist
 from .ledger import PrivacyLedger, site_ledger

@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader
 
 from ..common import wire
 from ..common.config import RunConfig, TaskConfig, TaskKind, VlmModelConfig
-from ..common.models import BuiltModel
 from ..common.vlm_prompts import (
     IGNORE_INDEX,
     SEQUENCE_KEYS,
@@ -39,6 +38,7 @@ from ..common.vlm_prompts import (
     decode_answers,
     stop_token_ids,
 )
+from ..models import BuiltModel
 from .data.vlm_dataset import VlmDataset
 from .objectives import EvalOutcome, tensors_to
 from .vlm_metrics import exact_match, report_label_agreement, text_overlap

@@ -1,4 +1,4 @@
-"""Adapter state: get/set the trainable tensors, Flower records, PEFT directories.
+"""Adapter state: get/set the trainable tensors, Flower records, norms and hashes.
 
 The adapter is exactly what ``peft.get_peft_model_state_dict`` returns for the
 model: the LoRA factors and the declared trainable modules. Nothing else is ever
@@ -10,8 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -175,20 +174,3 @@ def adapter_sha256(state: Mapping[str, np.ndarray]) -> str:
 def num_bytes(state: Mapping[str, np.ndarray]) -> int:
     """Bytes of the tensors as float32."""
     return int(sum(v.size for v in state.values()) * 4)
-
-
-def save_peft_adapter(
-    model: torch.nn.Module, state: Mapping[str, np.ndarray], out_dir: Path
-) -> Path:
-    """Write ``state`` as a PEFT adapter directory (``adapter_config.json`` + safetensors).
-
-    Loadable with ``PeftModel.from_pretrained(base_model, out_dir)`` onto the base
-    model that :func:`wardround.common.models.build_model` makes from the run config.
-    """
-    load_adapter_state(model, state)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # A PeftModel: torch's Module typing does not know its save_pretrained.
-    peft_model: Any = model
-    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
-    return out_dir

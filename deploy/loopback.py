@@ -127,8 +127,8 @@ class LoopbackFederation:
             f"port = {dashboard_port}\n"
             "refresh-s = 2\n"
         )
-        # the synthetic hospitals are the one use of simulations here: import it late
-        from wardround.simulations.synth import synthesize_federation
+        # imported where the hospitals are written: the generator is not needed else
+        from wardround.synthetic.hospitals import synthesize_federation
 
         synthesize_federation(root / "sites", sites, patients_per_site=40, seed=5)
         names = sorted(p.parent.name for p in (root / "sites").glob("*/site.toml"))

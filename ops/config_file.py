@@ -1,19 +1,39 @@
-"""Configs read from one TOML file: ``site.toml`` and ``coordinator.toml``.
+"""Configs read from TOML files: ``site.toml``, ``coordinator.toml`` and run configs.
 
-Both are parsed once, at the edge, the same way: the file is read, its folder
-becomes ``base_dir`` (relative paths in the file resolve against it), and every
-problem is reported at once as one ConfigError with the class's hint.
+Each is parsed once, at the edge, the same way: the file is read and every problem
+is reported at once as one ConfigError with a hint. For ``site.toml`` and
+``coordinator.toml`` the file's folder becomes ``base_dir`` (relative paths in the
+file resolve against it). The config classes themselves (``wardround.common.config``)
+never touch a file.
 """
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from pydantic import Field, ValidationError
 
-from ..common.config import _describe, _Section, read_toml
+from ..common.config import RunConfig, _describe, _Section
 from ..common.errors import ConfigError
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file or raise ConfigError saying what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", hint="Check the path.")
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """Read and validate a run config TOML file; ConfigError lists every problem."""
+    return RunConfig.from_mapping(read_toml(path), source=str(path))
 
 
 class TomlFileConfig(_Section):

@@ -21,6 +21,8 @@ from wardround.cli_support import (
     user_errors,
 )
 
+from ..ops.config_file import load_run_config
+
 coordinator_app = command_group(
     "coordinator",
     help="Run the coordinator (a Flower SuperLink with TLS and site authentication).",
@@ -152,11 +154,9 @@ def launch(
     ] = False,
 ) -> None:
     """Start a run on the deployed federation and follow it round by round."""
-    from wardround.common.config import RunConfig
-
     from .launcher import build_app, launch_run
 
-    run = RunConfig.from_toml(config)
+    run = load_run_config(config)
     coord = _load(coordinator)
     if print_hash:
         typer.echo(build_app(run, coord.state_path / "apps").fab_hash)

@@ -46,9 +46,9 @@ def prepare_sites(config: RunConfig) -> None:
     root = Path(config.data.sites_dir)
     if any(root.glob("*/site.toml")):
         return
-    # `flwr run .` on synthetic hospitals is a simulation: only this path imports
-    # simulations, so a deployed ServerApp never loads it.
-    from ..simulations.synth import synthesize_federation
+    # `flwr run .` on synthetic hospitals: only this path imports the generator, so
+    # a deployed ServerApp never loads it.
+    from ..synthetic.hospitals import synthesize_federation
 
     log.info("writing %d synthetic sites to %s", config.data.synthesize_sites, root)
     synthesize_federation(

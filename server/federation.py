@@ -28,7 +28,6 @@ from ..common.adapter import (
     adapter_sha256,
     adapter_state,
     payload_keys,
-    save_peft_adapter,
 )
 from ..common.aggregation import apply_delta
 from ..common.config import LoraVariant, RunConfig
@@ -38,8 +37,9 @@ from ..common.errors import (
     PrivacyBudgetExhausted,
     WardroundError,
 )
-from ..common.models import build_model
-from ..common.models.registry import describe
+from ..models import build_model
+from ..models.adapter_files import save_peft_adapter
+from ..models.registry import describe
 from .observers import ObserverGroup, RoundObserver, RunInfo
 from .phases import RoundPhases
 from .plots import plot_privacy, plot_rounds

@@ -14,9 +14,9 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from ..common import wire
-from ..flower_compat.replies import addressee_of
 from ..common.errors import error_kind
 from ..common.release import version_from_metrics
+from ..flower_compat.replies import addressee_of
 from .records import PrivacySpend, SiteEvalReport, SiteFailure, SiteTrainReport
 
 log = logging.getLogger(__name__)

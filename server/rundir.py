@@ -30,6 +30,7 @@ import numpy as np
 from ..common.adapter import adapter_sha256
 from ..common.config import RunConfig
 from ..common.errors import ConfigError
+from ..ops.config_file import load_run_config
 from .records import RoundRecord
 
 log = logging.getLogger(__name__)
@@ -327,7 +328,7 @@ class RunDirectory:
         recorded = (prior or {}).get("config_sections")
         if recorded is None and (self.root / CONFIG_FILE).is_file():
             # A run from before run-state.json: its saved config says the same.
-            recorded = _config_sections(RunConfig.from_toml(self.root / CONFIG_FILE))
+            recorded = _config_sections(load_run_config(self.root / CONFIG_FILE))
         if recorded is None:
             return  # nothing ran here: nothing to differ from
         now = _config_sections(self.config)

@@ -1,7 +1,5 @@
-"""Synthetic hospitals and the one-machine simulation runner.
+"""The one-machine simulation: a whole federation on Flower's simulation engine.
 
-:func:`wardround.simulations.synth.synthesize_federation` writes sites made of real
-DICOM files, an EHR Parquet table and a ``site.toml`` each. The findings to predict
-are latent per patient; the image, the EHR values and the free-text note each show a
-partial, noisy view of them, so a model that fuses the three beats any one alone.
+The hospitals it runs on come from :mod:`wardround.synthetic` (or a folder of site
+folders); the study (:mod:`.study`) compares methods over such federations.
 """

@@ -28,9 +28,9 @@ from typing import Any
 
 from ..common.config import FusionModelConfig, Modality, RunConfig
 from ..common.errors import ConfigError
-from ..common.models.base_folder import MANIFEST, base_shapes, save_base
-from ..common.models.pretraining import PretrainSettings, pretrain_encoders
-from .synth_shift import Heterogeneity
+from ..models.base_folder import MANIFEST, base_shapes, save_base
+from ..models.pretraining import PretrainSettings, pretrain_encoders
+from ..synthetic.shift import Heterogeneity
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def base_key(
     config: RunConfig, corpus: PublicCorpus, settings: PretrainSettings
 ) -> str:
     """What decides the public base's bytes: shapes, corpus, pretraining, init."""
-    from .synth import GENERATOR_VERSION
+    from ..synthetic.hospitals import GENERATOR_VERSION
 
     payload = {
         "generator": GENERATOR_VERSION,
@@ -158,7 +158,7 @@ def build_public_base(
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Synthesize the public corpus into ``corpus_dir``, pretrain, write ``out``."""
-    from .synth import synthesize_federation
+    from ..synthetic.hospitals import synthesize_federation
 
     check_public_corpus_fits(config)
     start = time.perf_counter()
@@ -187,7 +187,7 @@ def pretrain_base(
     """Pretrain ``config``'s random base on the corpus sites; write it to ``out``."""
     from ..client.data.dataset import TensorDictDataset, load_site_data_for_run
     from ..client.site_config import SiteConfig
-    from ..common.models.fusion import build_base
+    from ..models.fusion import build_base
 
     mc = FusionModelConfig.of(config)
     modalities = set(mc.modalities)

@@ -83,7 +83,7 @@ def synthetic_sites(sites_dir: Path, n_sites: int, patients: int, seed: int) -> 
     ``sites_dir/synth.json`` records what was written; sites written with other
     settings (another ``--sites`` or ``--patients``) are written again, never reused.
     """
-    from .synth import MARKER, synthesize_federation
+    from ..synthetic.hospitals import MARKER, synthesize_federation
 
     wanted = {"sites": n_sites, "patients_per_site": patients, "seed": seed}
     record = sites_dir / SYNTH_RECORD

@@ -52,7 +52,7 @@ def _unreachable_budget(root: Path) -> None:
 def synthetic_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two small synthetic hospitals, written once per test session (no SecAgg+:
     sites refuse it among fewer than 3)."""
-    from wardround.simulations.synth import synthesize_federation
+    from wardround.synthetic.hospitals import synthesize_federation
 
     root = tmp_path_factory.mktemp("sites")
     synthesize_federation(root, 2, patients_per_site=40, seed=7)
@@ -63,7 +63,7 @@ def synthetic_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def three_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three small synthetic hospitals: the fewest SecAgg+ runs with."""
-    from wardround.simulations.synth import synthesize_federation
+    from wardround.synthetic.hospitals import synthesize_federation
 
     root = tmp_path_factory.mktemp("three-sites")
     synthesize_federation(root, 3, patients_per_site=40, seed=11)

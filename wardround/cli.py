@@ -144,8 +144,9 @@ def simulate(
 
 def _load_run_config(path: Path | None):  # noqa: ANN202 - RunConfig, imported late
     from wardround.common.config import RunConfig
+    from wardround.ops.config_file import load_run_config
 
-    return RunConfig.from_toml(path) if path else RunConfig()
+    return load_run_config(path) if path else RunConfig()
 
 
 def _with_synthetic_patients(run_config, patients: int):  # noqa: ANN001, ANN202
@@ -254,8 +255,8 @@ def _ensure_public_base(run_config) -> None:  # noqa: ANN001
     import time
 
     from wardround.common.config import FusionModelConfig
-    from wardround.common.models.base_folder import MANIFEST
-    from wardround.common.models.fusion import resolve_base_folder
+    from wardround.models.base_folder import MANIFEST
+    from wardround.models.fusion import resolve_base_folder
     from wardround.simulations.public_base import public_base_path
 
     model = run_config.model
@@ -300,7 +301,7 @@ def synth(
     ] = 0,
 ) -> None:
     """Write synthetic hospitals: DICOM files, an EHR Parquet table and a site.toml each."""
-    from wardround.simulations.synth import synthesize_federation
+    from wardround.synthetic.hospitals import synthesize_federation
 
     paths = synthesize_federation(
         out,
@@ -351,7 +352,7 @@ def pretrain(
 
     from wardround.common.config import FusionModelConfig
     from wardround.common.errors import ConfigError
-    from wardround.common.models.pretraining import PretrainSettings
+    from wardround.models.pretraining import PretrainSettings
 
     run_config = _load_run_config(config)
     if not isinstance(run_config.model, FusionModelConfig):

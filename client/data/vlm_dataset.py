@@ -46,7 +46,7 @@ from .ehr import open_dataset
 from .patients import count_patients, patient_ordinals, patients_of
 
 if TYPE_CHECKING:
-    from ...common.models import BuiltModel
+    from ...models import BuiltModel
 
 logger = logging.getLogger(__name__)
 

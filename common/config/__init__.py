@@ -35,7 +35,7 @@ from .model import (
     ModelConfig,
     VlmModelConfig,
 )
-from .parsing import _describe, flower_config_string, read_toml
+from .parsing import _describe, flower_config_string
 from .run import RunConfig
 from .sections import (
     DataConfig,
@@ -87,5 +87,4 @@ __all__ = [
     "_dashed",
     "_describe",
     "flower_config_string",
-    "read_toml",
 ]

@@ -1,27 +1,13 @@
-"""Reading config files and describing what is wrong with them, every problem at once."""
+"""Describing what is wrong with a config, every problem at once."""
 
 from __future__ import annotations
 
-import tomllib
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError
 from .model import FAMILY_CONFIGS
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    """Read a TOML file or raise ConfigError saying what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist", hint="Check the path.")
-    try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
 
 
 def _describe(exc: ValidationError, model: type[BaseModel]) -> str:

@@ -9,14 +9,13 @@ every problem is reported at once.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError, model_validator
 
 from ..errors import ConfigError
 from .model import FamilyModelConfig, FusionModelConfig, ModelConfig
-from .parsing import _describe, _keys, read_toml
+from .parsing import _describe, _keys
 from .sections import (
     DataConfig,
     FederationConfig,
@@ -88,11 +87,6 @@ class RunConfig(_Section):
                 f"{source} has {exc.error_count()} problem(s):\n" + _describe(exc, cls),
                 hint="Fix the keys above; `wardround simulate --help` shows the options.",
             ) from None
-
-    @classmethod
-    def from_toml(cls, path: Path) -> RunConfig:
-        """Read a run config TOML file."""
-        return cls.from_mapping(read_toml(path), source=str(path))
 
     @classmethod
     def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:

@@ -121,7 +121,7 @@ def _use_threads(config: RunConfig) -> None:
 
 def _fresh_model(config: RunConfig) -> Any:
     from ...client.runtime import resolve_device
-    from ...common.models import build_model
+    from ...models import build_model
 
     return build_model(config).model.to(resolve_device(config.train.device))
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ...common.config import FusionModelConfig, RunConfig
-from ...common.models.wide import WideTerm, bag_matrix
+from ...models.wide import WideTerm, bag_matrix
 from .arms import ArmOutcome, _Site, _sites, _spec, _use_threads
 from .catalog import ArmKind
 

@@ -25,7 +25,8 @@ from ...common.config import RunConfig
 from ...common.errors import ConfigError
 from ...common.recipe import training_recipe
 from ...common.secagg_math import MIN_PARTICIPANTS
-from ..synth_shift import STUDY_HETEROGENEITY, Heterogeneity
+from ...ops.config_file import load_run_config
+from ...synthetic.shift import STUDY_HETEROGENEITY, Heterogeneity
 from .catalog import (
     PERSONAL_MODULES,
     Arm,
@@ -294,9 +295,7 @@ class StudySettings:
         if self.batch_size:
             train["batch_size"] = self.batch_size
         start = (
-            RunConfig.from_toml(Path(self.run_config))
-            if self.run_config
-            else RunConfig()
+            load_run_config(Path(self.run_config)) if self.run_config else RunConfig()
         )
         if self.sites_dir is not None:
             # a real site may have no imaging, or studies without an image: they
@@ -363,7 +362,7 @@ class StudySettings:
                 "sites": self.data_identity,
                 "run_config": hashlib.sha256(config_text.encode()).hexdigest(),
             }
-        from ..synth import GENERATOR_VERSION
+        from ...synthetic.hospitals import GENERATOR_VERSION
 
         return {
             "generator": GENERATOR_VERSION,

@@ -163,7 +163,7 @@ def _own_data_notes(s: Mapping[str, Any]) -> list[str]:
 def _generator_text(h: Mapping[str, Any], noise: Any) -> str:
     return (
         "- **Generator difficulty, fixed before the study ran** "
-        "(`simulations/synth_shift.py`, `STUDY_HETEROGENEITY`): label skew "
+        "(`synthetic/shift.py`, `STUDY_HETEROGENEITY`): label skew "
         f"{h['label_skew']:g} (sd of each site's shift of each finding's "
         f"prevalence log-odds), scanner shift {h['scanner_shift']:g} (sd of the "
         "log intensity scale; offset sd half of it), scanner noise sd "

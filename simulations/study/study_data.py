@@ -48,7 +48,7 @@ def resolve_bases(settings: StudySettings) -> dict[str, ResolvedBase]:
     modality and init seed 0, so its bytes do not depend on which seed (or which
     ``--jobs`` worker) needs it first; concurrent workers wait on its lock.
     """
-    from ...common.models.base_folder import check_fits, layers_sha256, read_manifest
+    from ...models.base_folder import check_fits, layers_sha256, read_manifest
     from ..public_base import public_base_folder
 
     out = {}
@@ -81,7 +81,7 @@ def prepare_federation(
 
     Every base's cells of that size, site count and seed train on them.
     """
-    from ..synth import synthesize_federation
+    from ...synthetic.hospitals import synthesize_federation
 
     if settings.sites_dir is not None:
         return stage_sites(settings, out_dir)

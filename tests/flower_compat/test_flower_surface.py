@@ -18,8 +18,12 @@ PRODUCT = (
     "common",
     "dashboard",
     "deploy",
+    "models",
+    "ops",
+    "pki",
     "server",
     "simulations",
+    "synthetic",
     "wardround",
 )
 PUBLIC = {"flwr.app", "flwr.serverapp", "flwr.clientapp", "flwr.simulation"}

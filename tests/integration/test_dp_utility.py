@@ -22,7 +22,7 @@ def test_a_default_dp_run_raises_global_auroc_by_the_margin(tmp_path):
     from wardround.server.federation import run_federation
     from wardround.simulations.local_grid import LocalGrid
     from wardround.simulations.study.runner import raise_lifetime_budget
-    from wardround.simulations.synth import synthesize_federation
+    from wardround.synthetic.hospitals import synthesize_federation
 
     defaults = RunConfig()
     tomls = synthesize_federation(

@@ -29,7 +29,7 @@ from wardround.common import wire
 from wardround.common.adapter import adapter_state, to_record
 from wardround.common.config import Accountant
 from wardround.common.errors import error_kind
-from wardround.common.models import build_model
+from wardround.models import build_model
 from wardround.ops.audit import AUDIT_FILENAME, read_audit
 from wardround.simulations.local_grid import LocalGrid
 

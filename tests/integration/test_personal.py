@@ -7,10 +7,10 @@ from safetensors.numpy import load_file
 
 from wardround.common.adapter import adapter_state, payload_keys
 from wardround.common.errors import ConfigError
-from wardround.common.models import build_model
+from wardround.models import build_model
 from wardround.simulations.study.arms import run_federated
 from wardround.simulations.study.plan import Cell, StudySettings, StudySize
-from wardround.simulations.synth import synthesize_federation
+from wardround.synthetic.hospitals import synthesize_federation
 
 pytestmark = pytest.mark.integration
 

@@ -48,7 +48,7 @@ def test_ffa_lora_under_dp_and_secagg_trains_and_reports(
 @pytest.fixture(scope="module")
 def four_sites(tmp_path_factory):
     """Four small hospitals: one can drop and still leave 3 to aggregate."""
-    from wardround.simulations.synth import synthesize_federation
+    from wardround.synthetic.hospitals import synthesize_federation
 
     root = tmp_path_factory.mktemp("four-sites")
     synthesize_federation(root, 4, patients_per_site=40, seed=13)

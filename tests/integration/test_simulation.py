@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from wardround.ops.config_file import load_run_config
 from wardround.ops.processes import descendants
 
 pytestmark = pytest.mark.integration
@@ -28,9 +29,8 @@ def test_three_sites_two_rounds_write_a_complete_run_directory(
     from wardround import __version__
     from wardround.client.site_config import SiteConfig
     from wardround.common.adapter import adapter_state
-    from wardround.common.config import RunConfig
-    from wardround.common.models import build_base_model
     from wardround.common.release import version_from_metrics, version_metrics
+    from wardround.models import build_base_model
     from wardround.simulations.runner import prepare_simulation, run_simulation_engine
 
     before = set(descendants())
@@ -65,7 +65,7 @@ def test_three_sites_two_rounds_write_a_complete_run_directory(
     assert len(manifest["participants"]) == 3
 
     # the final adapter loads onto a freshly built base model and is the trained one
-    saved_config = RunConfig.from_toml(run_dir / "run-config.toml")
+    saved_config = load_run_config(run_dir / "run-config.toml")
     base, fingerprint = build_base_model(saved_config)
     assert fingerprint == summary["model"]["base_model_fingerprint"]
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))

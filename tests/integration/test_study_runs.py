@@ -16,11 +16,11 @@ import pytest
 from typer.testing import CliRunner
 
 from wardround.cli import app
-from wardround.common.models.pretraining import PretrainSettings
+from wardround.models.pretraining import PretrainSettings
 from wardround.simulations.public_base import pretrain_base
 from wardround.simulations.study.plan import Cell, StudySettings, StudySize
 from wardround.simulations.study.runner import run_study, write_docs
-from wardround.simulations.synth import synthesize_federation
+from wardround.synthetic.hospitals import synthesize_federation
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from wardround.cli import app
 from wardround.simulations.study.plan import StudySettings, StudySize
 from wardround.simulations.study.runner import run_study
-from wardround.simulations.synth import synthesize_federation
+from wardround.synthetic.hospitals import synthesize_federation
 
 pytestmark = pytest.mark.integration
 

@@ -11,6 +11,7 @@ import pytest
 
 from wardround.client.app import build_client_app
 from wardround.common.config import RunConfig
+from wardround.ops.config_file import load_run_config
 from wardround.server.federation import run_federation
 from wardround.simulations.local_grid import LocalGrid
 from wardround.simulations.samples import gather_samples
@@ -59,7 +60,7 @@ def test_two_sites_two_rounds_train_a_vlm_adapter(
     from peft import PeftModel
 
     from wardround.common.adapter import adapter_state
-    from wardround.common.models import build_base_model
+    from wardround.models import build_base_model
 
     config = _config(synthetic_sites, arch, kind, dp=dp)
     run_dir = tmp_path / "run"
@@ -107,7 +108,7 @@ def test_two_sites_two_rounds_train_a_vlm_adapter(
     assert set(sample) == {"example", "prompt", "reference", "generated"}
 
     # the final adapter loads onto the base model rebuilt from the saved config
-    saved = RunConfig.from_toml(run_dir / "run-config.toml")
+    saved = load_run_config(run_dir / "run-config.toml")
     base, fingerprint = build_base_model(saved)
     assert fingerprint == summary["model"]["base_model_fingerprint"]
     loaded = adapter_state(PeftModel.from_pretrained(base, str(run_dir / "adapter")))

@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
 from wardround.cli import app
+from wardround.ops.config_file import load_run_config
 
 runner = CliRunner()
 
@@ -160,4 +161,4 @@ def test_config_prints_a_toml_that_parses_back(tmp_path):
     assert code == 0
     path = tmp_path / "printed.toml"
     path.write_text(out)
-    assert RunConfig.from_toml(path) == RunConfig()
+    assert load_run_config(path) == RunConfig()

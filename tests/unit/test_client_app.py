@@ -16,7 +16,7 @@ from wardround.client.app import handle_evaluate, handle_train
 from wardround.common import wire
 from wardround.common.adapter import adapter_state, to_record
 from wardround.common.errors import FederationError, ModelMismatchError
-from wardround.common.models import build_model
+from wardround.models import build_model
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -2,6 +2,7 @@ import pytest
 
 from wardround.common.config import Fusion, RunConfig, Strategy
 from wardround.common.errors import ConfigError
+from wardround.ops.config_file import load_run_config
 
 
 def test_defaults_round_trip_through_flower_run_config():
@@ -17,7 +18,7 @@ def test_toml_file_with_dashed_keys(tmp_path):
         '[federation]\nstrategy = "fedprox"\nproximal-mu = 0.1\nrounds = 2\n'
         '[model]\nfusion = "cross-attention"\nmodalities = ["image", "note"]\n'
     )
-    config = RunConfig.from_toml(path)
+    config = load_run_config(path)
     assert config.federation.strategy is Strategy.FEDPROX
     assert config.federation.proximal_mu == 0.1
     assert config.model.fusion is Fusion.CROSS_ATTENTION
@@ -51,11 +52,11 @@ def test_fedprox_needs_positive_mu():
 
 def test_bad_toml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        RunConfig.from_toml(tmp_path / "nope.toml")
+        load_run_config(tmp_path / "nope.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[federation\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        RunConfig.from_toml(bad)
+        load_run_config(bad)
 
 
 def test_ehr_width_counts_values_flags_and_onehots():

@@ -14,9 +14,10 @@ from wardround.common.config import (
     VlmModelConfig,
 )
 from wardround.common.errors import ConfigError
-from wardround.common.models import FAMILIES, family_of, get_family
-from wardround.common.models.lora import lora_config
-from wardround.common.models.registry import _resolve
+from wardround.models import FAMILIES, family_of, get_family
+from wardround.models.lora import lora_config
+from wardround.models.registry import _resolve
+from wardround.ops.config_file import load_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 VLM = {"family": "vlm", "tiny-arch": "llava"}
@@ -96,7 +97,7 @@ def test_every_run_config_file_and_doc_example_parses(tmp_path):
     for n, block in enumerate(blocks):
         path = tmp_path / f"run-{n}.toml"
         path.write_text(block)
-        families.add(RunConfig.from_toml(path).model.family)
+        families.add(load_run_config(path).model.family)
     assert families == {"fusion", "vlm"}
 
 

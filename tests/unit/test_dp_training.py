@@ -17,7 +17,7 @@ from wardround.common.config import GradSampleMode, RunConfig
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from wardround.simulations.synth import synthesize_federation
+    from wardround.synthetic.hospitals import synthesize_federation
 
     root = tmp_path_factory.mktemp("dp-site")
     synthesize_federation(root, 1, patients_per_site=300, seed=0)

@@ -18,7 +18,7 @@ from wardround.client.site_config import EhrSchema, SiteConfig
 from wardround.common.config import TaskConfig
 from wardround.common.errors import DataError
 from wardround.common.text import get_tokenizer
-from wardround.simulations.synth import synthesize_federation
+from wardround.synthetic.hospitals import synthesize_federation
 
 TASK = TaskConfig()
 

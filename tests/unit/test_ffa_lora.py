@@ -4,7 +4,7 @@ import numpy as np
 
 from wardround.common.adapter import adapter_state, payload_keys
 from wardround.common.config import RunConfig
-from wardround.common.models import build_model
+from wardround.models import build_model
 
 # LoRA on the encoders' square attention projections, where A and B are equal in size.
 ENCODER_LORA = {"trainable": "all", "base": "random"}

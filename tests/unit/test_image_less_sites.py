@@ -21,7 +21,8 @@ from wardround.client.site_config import SiteConfig
 from wardround.common.config import RunConfig, TaskConfig
 from wardround.common.errors import DataError
 from wardround.common.text import get_tokenizer
-from wardround.simulations.synth import synthesize_federation
+from wardround.ops.config_file import load_run_config
+from wardround.synthetic.hospitals import synthesize_federation
 
 runner = CliRunner()
 
@@ -110,7 +111,7 @@ def test_site_check_blocks_a_run_that_requires_images_and_says_what_to_change(
     ["[task]\nrequire-image = false\n", '[model]\nmodalities = ["ehr", "note"]\n'],
 )
 def test_site_check_passes_runs_that_do_not_require_images(mixed, tmp_path, run_toml):
-    config = RunConfig.from_toml(_run_toml(tmp_path, run_toml))
+    config = load_run_config(_run_toml(tmp_path, run_toml))
     assert not config.requires_images
 
     report = check_site(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PRODUCT = ("common", "ops", "pki", "flower_compat", "dashboard", "client", "server", "deploy", "simulations", "wardround")  # fmt: skip
+PRODUCT = ("common", "models", "synthetic", "ops", "pki", "flower_compat", "dashboard", "client", "server", "deploy", "simulations", "wardround")  # fmt: skip
 """Top-level folders of the package (``wardround/`` holds the root: CLI, console)."""
 CLI_SUPPORT = "wardround.cli_support"
 """The one error path and option types every command line shares: its own layer."""
@@ -22,6 +22,10 @@ CLI_SUPPORT = "wardround.cli_support"
 ALLOWED: dict[str, frozenset[str]] = {
     # The pure core: math, config schema, errors, wire names.
     "common": frozenset(),
+    # The model families: builders, LoRA, base folders (torch, PEFT, transformers).
+    "models": frozenset({"common"}),
+    # Synthetic hospitals: a data source built on the pure core alone.
+    "synthetic": frozenset({"common"}),
     # Shared by every command line (sub-CLIs import it, never the root CLI).
     "cli_support": frozenset({"common"}),
     # Operations (audit, processes, environment, secret files) and the PKI library.
@@ -33,19 +37,40 @@ ALLOWED: dict[str, frozenset[str]] = {
     "dashboard": frozenset({"common", "ops"}),
     # The two sides never import each other.
     "client": frozenset(
-        {"common", "cli_support", "ops", "pki", "flower_compat", "dashboard"}
+        {"common", "models", "cli_support", "ops", "pki", "flower_compat", "dashboard"}
     ),
     "server": frozenset(
-        {"common", "cli_support", "ops", "pki", "flower_compat", "dashboard"}
+        {
+            "common",
+            "models",
+            "synthetic",
+            "cli_support",
+            "ops",
+            "pki",
+            "flower_compat",
+            "dashboard",
+        }
     ),
     # Deployment tooling drives both sides.
     "deploy": frozenset(
-        {"common", "cli_support", "ops", "pki", "flower_compat", "client", "server"}
+        {
+            "common",
+            "models",
+            "synthetic",
+            "cli_support",
+            "ops",
+            "pki",
+            "flower_compat",
+            "client",
+            "server",
+        }
     ),
     # The simulation command runs both sides on one machine.
     "simulations": frozenset(
         {
             "common",
+            "models",
+            "synthetic",
             "cli_support",
             "ops",
             "pki",
@@ -61,11 +86,7 @@ ALLOWED: dict[str, frozenset[str]] = {
 
 SIMULATION_IMPORTERS = {
     "wardround/cli.py": "simulate, synth, study: the simulation commands",
-    "server/app.py": "`flwr run .` on synthetic hospitals (data.synthesize-sites) is a "
-    "simulation; imported at that one call site, so a deployed ServerApp never loads it",
-    "deploy/loopback.py": "the loopback federation runs on synthetic hospitals; "
-    "imported where it writes them",
-    "common/models/fusion.py": "base = 'pretrained' with the tiny encoders is the "
+    "models/fusion.py": "base = 'pretrained' with the tiny encoders is the "
     "demo's base, built from the synthetic public corpus at that one call site",
 }
 """Outside ``simulations/``, only the simulation paths import it, each for a reason."""
@@ -166,3 +187,68 @@ def test_allowed_imports_pass():
         ("simulations/x.py", "from ..server import app\nimport numpy\n"),
     ]
     assert violations(sources) == []
+
+
+IO_MODULES = frozenset(
+    {"os", "shutil", "subprocess", "tempfile", "tomllib", "fcntl", "socket", "signal"}
+)
+"""Modules for files, processes and the machine: none of them in the pure core."""
+IO_CALLS = frozenset(
+    {"open", "read_text", "write_text", "read_bytes", "write_bytes", "mkdir", "unlink",
+     "rename", "touch", "rmdir", "save_pretrained", "save_file"}
+)  # fmt: skip
+"""Calls that read or write files (builtin ``open``, ``Path`` and library savers;
+not ``replace``, which strings have too)."""
+
+
+def io_in(relative: str, source: str) -> list[str]:
+    """``file:line: what`` for each file, process or machine access in ``source``."""
+    found = []
+    for node in ast.walk(ast.parse(source, relative)):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if not node.level
+                else []
+            )
+            found += [
+                f"{relative}:{node.lineno}: import {n}"
+                for n in names
+                if n.split(".")[0] in IO_MODULES
+            ]
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = (
+                func.attr
+                if isinstance(func, ast.Attribute)
+                else getattr(func, "id", "")
+            )
+            if name in IO_CALLS:
+                found.append(f"{relative}:{node.lineno}: {name}()")
+    return found
+
+
+def test_the_pure_core_does_no_io():
+    found = [
+        hit
+        for relative, source in product_sources()
+        if layer_of_file(relative) == "common"
+        for hit in io_in(relative, source)
+    ]
+    assert found == [], "move these out of common/ (ops/, models/):\n" + "\n".join(
+        found
+    )
+
+
+def test_the_io_scan_sees_files_and_processes():
+    source = (
+        "import os\nfrom pathlib import Path\n"
+        "def f(p):\n    Path(p).write_text('x')\n    return open(p).read()\n"
+    )
+    assert io_in("common/x.py", source) == [
+        "common/x.py:1: import os",
+        "common/x.py:4: write_text()",
+        "common/x.py:5: open()",
+    ]

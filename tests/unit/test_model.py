@@ -6,12 +6,12 @@ from wardround.common.adapter import (
     adapter_state,
     from_record,
     load_adapter_state,
-    save_peft_adapter,
     to_record,
 )
 from wardround.common.errors import ConfigError, FederationError
-from wardround.common.models import build_base_model, build_model
-from wardround.common.models.fusion import lora_targets
+from wardround.models import build_base_model, build_model
+from wardround.models.adapter_files import save_peft_adapter
+from wardround.models.fusion import lora_targets
 
 
 def _batch(config, n=3, seed=0):
@@ -123,7 +123,7 @@ def test_loading_a_foreign_adapter_is_refused(tiny_config):
 def test_from_pretrained_path_loads_a_locally_saved_encoder(tiny_config, tmp_path):
     from transformers import AutoModel
 
-    from wardround.common.models.fusion import tiny_vision_config
+    from wardround.models.fusion import tiny_vision_config
 
     torch.manual_seed(3)
     AutoModel.from_config(tiny_vision_config(32)).save_pretrained(tmp_path / "vit")

@@ -72,7 +72,7 @@ def _merge_patients(site_dir: Path) -> Counter:
 @pytest.fixture(scope="module")
 def multi_study_site(tmp_path_factory) -> Path:
     """A synthetic site whose patients have 1 to 4 studies each."""
-    from wardround.simulations.synth import synthesize_federation
+    from wardround.synthetic.hospitals import synthesize_federation
 
     root = tmp_path_factory.mktemp("multi-study")
     synthesize_federation(root, 1, patients_per_site=120, seed=4)
@@ -188,7 +188,7 @@ def test_site_check_reports_patients_and_the_most_studies_of_one(multi_study_sit
 
 
 def _train_message(config: RunConfig, site_toml: Path) -> tuple[Message, Context]:
-    from wardround.common.models import build_model
+    from wardround.models import build_model
 
     # A plain train message, which a run under SecAgg+ would refuse.
     config = config.with_overrides(secure_aggregation={"enabled": False})
@@ -265,7 +265,7 @@ def test_the_default_delta_limit_is_one_over_the_training_patients(
 
 def test_vlm_site_data_is_split_and_counted_by_patient(multi_study_site):
     from wardround.client.data.vlm_dataset import load_vlm_site_data
-    from wardround.common.models.vlm_tiny import build_tiny_vlm
+    from wardround.models.vlm_tiny import build_tiny_vlm
 
     _, processor = build_tiny_vlm("llava")
     site = SiteConfig.from_toml(multi_study_site / "site.toml")

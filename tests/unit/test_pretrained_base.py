@@ -9,10 +9,10 @@ import torch
 
 from wardround.common.config import RunConfig
 from wardround.common.errors import ConfigError
-from wardround.common.models import build_model
-from wardround.common.models.alignment import alignment_loss
-from wardround.common.models.base_folder import MANIFEST, read_manifest
-from wardround.common.models.pretraining import PretrainSettings
+from wardround.models import build_model
+from wardround.models.alignment import alignment_loss
+from wardround.models.base_folder import MANIFEST, read_manifest
+from wardround.models.pretraining import PretrainSettings
 from wardround.simulations import public_base
 from wardround.simulations.public_base import PublicCorpus, pretrain_base
 
@@ -159,7 +159,7 @@ def test_the_public_corpus_seed_is_not_one_a_study_or_simulation_uses():
 
 
 def test_image_views_differ_stay_in_range_and_repeat_for_a_seed():
-    from wardround.common.models.alignment import augment_images
+    from wardround.models.alignment import augment_images
 
     images = torch.rand(6, 1, 32, 32)
     first = augment_images(images, torch.Generator().manual_seed(3))
@@ -177,8 +177,8 @@ def test_named_checkpoints_are_the_base_and_nothing_is_built(
 ):
     from transformers import AutoModel
 
-    from wardround.common.models.fusion import tiny_text_config, tiny_vision_config
     from wardround.common.text import get_tokenizer
+    from wardround.models.fusion import tiny_text_config, tiny_vision_config
 
     AutoModel.from_config(tiny_vision_config(32)).save_pretrained(tmp_path / "vit")
     AutoModel.from_config(

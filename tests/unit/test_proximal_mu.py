@@ -12,7 +12,8 @@ from wardround.common import wire
 from wardround.common.adapter import adapter_state, to_record
 from wardround.common.config import RunConfig, Strategy
 from wardround.common.errors import ConfigError
-from wardround.common.models import build_model
+from wardround.models import build_model
+from wardround.ops.config_file import load_run_config
 from wardround.server.records import RoundRecord
 from wardround.server.run_report import manifest
 from wardround.server.strategies import make_strategy
@@ -37,7 +38,7 @@ def test_mu_with_fedavg_is_refused_from_run_toml(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('[federation]\nstrategy = "fedavg"\nproximal-mu = 0.5\n')
     with pytest.raises(ConfigError, match="needs strategy 'fedprox'"):
-        RunConfig.from_toml(path)
+        load_run_config(path)
 
 
 def test_simulate_refuses_mu_without_fedprox_before_any_work(tmp_path):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from wardround.client.site_config import SiteConfig
 from wardround.common.config import RunConfig
+from wardround.ops.config_file import load_run_config
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 TOML_BLOCKS = re.findall(r"```toml\n(.*?)```", README, flags=re.S)
@@ -14,7 +15,7 @@ def test_readme_run_config_parses_and_matches_the_defaults(tmp_path):
     block = next(b for b in TOML_BLOCKS if "[federation]" in b)
     path = tmp_path / "run.toml"
     path.write_text(block)
-    config = RunConfig.from_toml(path)
+    config = load_run_config(path)
     defaults = RunConfig()
     for section in (
         "federation",

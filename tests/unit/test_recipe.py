@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from wardround.client.trainer import LocalTrainSpec, make_optimizer
 from wardround.common.config import OptimizerKind, RunConfig, TrainableScope
-from wardround.common.models import build_model
 from wardround.common.recipe import PLAIN, PRIVATE, training_recipe
+from wardround.models import build_model
 
 
 def test_dp_on_takes_the_private_recipe_and_dp_off_the_plain_one():

@@ -35,9 +35,9 @@ from wardround.common import wire
 from wardround.common.adapter import adapter_state, to_record
 from wardround.common.config import SecureAggregationConfig
 from wardround.common.errors import error_kind
-from wardround.common.models import build_model
 from wardround.common.secagg_math import plan_quantization
 from wardround.flower_compat.secagg_workflow import run_secure_train
+from wardround.models import build_model
 from wardround.simulations.local_grid import LocalGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")

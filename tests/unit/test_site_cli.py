@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from wardround.client.cli import site_app
 from wardround.client.data.transforms import drop_modalities
 from wardround.client.deid import PROFILE, uid_pseudonym
-from wardround.simulations.synth import synthesize_federation
+from wardround.ops.config_file import load_run_config
+from wardround.synthetic.hospitals import synthesize_federation
 
 runner = CliRunner()
 SALT = "a-long-test-salt-0123456789"
@@ -295,12 +296,9 @@ def approving_site(tmp_path) -> tuple[Path, Path]:
 
 def _launch_hash(run_toml: Path, tmp_path: Path) -> str:
     """The hash `wardround launch --print-hash` prints (its own FAB builder)."""
-    from wardround.common.config import RunConfig
     from wardround.server.launcher import build_app
 
-    return build_app(
-        RunConfig.from_toml(run_toml), tmp_path / "coordinator-apps"
-    ).fab_hash
+    return build_app(load_run_config(run_toml), tmp_path / "coordinator-apps").fab_hash
 
 
 def _approved(site_toml: Path) -> dict:

@@ -31,8 +31,8 @@ from wardround.client.site_config import EhrSchema, SiteConfig
 from wardround.common.config import TaskConfig
 from wardround.common.errors import DataError
 from wardround.common.text import get_tokenizer
-from wardround.simulations.synth import synthesize_federation
-from wardround.simulations.synth_dicom import Encoded, Study, build_dataset, make_uid
+from wardround.synthetic.dicom import Encoded, Study, build_dataset, make_uid
+from wardround.synthetic.hospitals import synthesize_federation
 
 TASK = TaskConfig()
 

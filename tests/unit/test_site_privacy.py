@@ -20,8 +20,8 @@ from wardround.common.errors import (
     PrivacyPolicyRefused,
     error_kind,
 )
-from wardround.common.models import build_model
 from wardround.common.privacy import Mechanism
+from wardround.models import build_model
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

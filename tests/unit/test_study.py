@@ -26,9 +26,9 @@ from wardround.simulations.study.stats import (
     subgroup_auroc,
 )
 from wardround.simulations.study.summary import fmt
-from wardround.simulations.synth import site_profile
-from wardround.simulations.synth_notes import NoteStyle, site_cues, write_note
-from wardround.simulations.synth_shift import (
+from wardround.synthetic.hospitals import site_profile
+from wardround.synthetic.notes import NoteStyle, site_cues, write_note
+from wardround.synthetic.shift import (
     STUDY_HETEROGENEITY,
     Heterogeneity,
     apply_heterogeneity,

@@ -15,8 +15,8 @@ from wardround.client.data.ehr import read_ehr
 from wardround.client.site_config import SiteConfig
 from wardround.common.config import TaskConfig
 from wardround.common.errors import ConfigError
-from wardround.simulations.synth import synthesize_federation
-from wardround.simulations.synth_dicom import SOP_CLASS
+from wardround.synthetic.dicom import SOP_CLASS
+from wardround.synthetic.hospitals import synthesize_federation
 
 
 def _files(site_dir: Path) -> list[Path]:

@@ -11,13 +11,13 @@ from vlm_cases import ARCHS, IMAGE, QUESTION, vlm_config
 
 from wardround.common.config import RunConfig, TaskConfig, VlmTower
 from wardround.common.errors import ConfigError
-from wardround.common.models import build_base_model, build_model
-from wardround.common.models.vlm import lora_targets, tower_of
-from wardround.common.models.vlm_tiny import build_tiny_vlm, save_tiny_vlm
 from wardround.common.vlm_prompts import (
     PromptFormat,
     encode_example,
 )
+from wardround.models import build_base_model, build_model
+from wardround.models.vlm import lora_targets, tower_of
+from wardround.models.vlm_tiny import build_tiny_vlm, save_tiny_vlm
 
 
 @pytest.mark.parametrize(
@@ -163,7 +163,7 @@ def test_a_tiny_model_saved_to_a_folder_loads_like_a_downloaded_one(tmp_path):
 
 
 def test_qwen2_vl_processor_loads_from_a_folder_without_torchvision(tmp_path):
-    from wardround.common.models.vlm_processor import load_processor
+    from wardround.models.vlm_processor import load_processor
 
     save_tiny_vlm("qwen2-vl", tmp_path / "qwen")
     processor = load_processor(str(tmp_path / "qwen"))
@@ -182,7 +182,8 @@ def test_qwen2_vl_processor_loads_from_a_folder_without_torchvision(tmp_path):
 def test_adapter_round_trip_through_peft_from_pretrained(tmp_path):
     from peft import PeftModel
 
-    from wardround.common.adapter import adapter_state, save_peft_adapter
+    from wardround.common.adapter import adapter_state
+    from wardround.models.adapter_files import save_peft_adapter
 
     config = vlm_config("llava")
     built = build_model(config)

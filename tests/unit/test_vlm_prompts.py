@@ -8,8 +8,6 @@ from vlm_cases import ARCHS, IMAGE, QUESTION, vlm_config
 
 from wardround.common.config import RunConfig, TaskConfig, TaskKind
 from wardround.common.errors import ConfigError
-from wardround.common.models import build_model
-from wardround.common.models.vlm_tiny import build_tiny_vlm
 from wardround.common.vlm_prompts import (
     IGNORE_INDEX,
     PromptFormat,
@@ -19,6 +17,9 @@ from wardround.common.vlm_prompts import (
     stop_token_ids,
     user_text,
 )
+from wardround.models import build_model
+from wardround.models.vlm_tiny import build_tiny_vlm
+from wardround.ops.config_file import load_run_config
 
 
 @pytest.mark.parametrize(
@@ -201,7 +202,7 @@ def test_readme_vlm_config_parses(tmp_path):
     )
     path = tmp_path / "run.toml"
     path.write_text(block)
-    config = RunConfig.from_toml(path)
+    config = load_run_config(path)
     assert (
         config.model.path == "/models/llava-med" and config.task.kind is TaskKind.REPORT
     )
@@ -212,6 +213,6 @@ def test_the_demo_config_is_a_valid_vlm_run():
 
     import wardround.simulations as simulations
 
-    config = RunConfig.from_toml(Path(simulations.__file__).parent / "vlm_report.toml")
+    config = load_run_config(Path(simulations.__file__).parent / "vlm_report.toml")
     assert config.model.family == "vlm" and config.model.tiny_arch == "llava"
     assert config.privacy.enabled and config.secure_aggregation.enabled

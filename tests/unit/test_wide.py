@@ -4,9 +4,9 @@ sparse matrix for the classical reference."""
 import numpy as np
 import torch
 
-from wardround.common.models import build_model
-from wardround.common.models.wide import WideTerm, bag_matrix
 from wardround.common.text import hash_note_ngrams
+from wardround.models import build_model
+from wardround.models.wide import WideTerm, bag_matrix
 
 
 def test_an_ngram_hashes_to_the_same_bucket_in_every_note():

@@ -17,8 +17,8 @@ so no single modality predicts all four and a fused model beats each one alone.
 Sites differ like hospitals: prevalence, age mix, scanner intensity scale, offset
 and noise, modality mix, note style, folder layout and (for some) EHR column names.
 Each EHR row also carries a report and a question-answer pair written from the
-patient's findings (:mod:`.synth_reports`), for generative models.
-A :class:`~.synth_shift.Heterogeneity` makes them differ more, by stated amounts
+patient's findings (:mod:`.reports`), for generative models.
+A :class:`~.shift.Heterogeneity` makes them differ more, by stated amounts
 (label skew, scanner shift, note dialect), for studies of non-IID federations.
 Everything is drawn from ``numpy.random.Generator`` streams seeded by
 ``(seed, site index)``: the same seed gives byte-identical EHR files and identical
@@ -39,16 +39,16 @@ import pyarrow.parquet as pq
 import tomli_w
 
 from ..common.errors import ConfigError
-from .synth_dicom import Scanner, Study, encode_pixels, make_uid, write_study
-from .synth_image import chest_phantom
-from .synth_notes import FINDINGS, NoteStyle, write_note
-from .synth_reports import (
+from .dicom import Scanner, Study, encode_pixels, make_uid, write_study
+from .image import chest_phantom
+from .notes import FINDINGS, NoteStyle, write_note
+from .reports import (
     RENAMED_TEXT_COLUMNS,
     TEXT_COLUMNS,
     add_text_columns,
     text_stream,
 )
-from .synth_shift import Heterogeneity, apply_heterogeneity
+from .shift import Heterogeneity, apply_heterogeneity
 
 logger = logging.getLogger(__name__)
 

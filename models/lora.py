@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import FamilyModelConfig, LoraVariant
+from ..common.config import FamilyModelConfig, LoraVariant
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel

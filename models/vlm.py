@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from ..config import ModelDtype, RunConfig, VlmModelConfig, VlmTower
-from ..errors import ConfigError
+from ..common.config import ModelDtype, RunConfig, VlmModelConfig, VlmTower
+from ..common.errors import ConfigError
 from .base_folder import hf_config
 from .lora import add_lora
 from .registry import BuiltModel

@@ -19,10 +19,10 @@ import string
 from pathlib import Path
 from typing import Any
 
-from ..config import TINY_VLM_ARCHS
-from ..errors import ConfigError
-from ..report_text import vocabulary
-from ..vlm_prompts import prompt_vocabulary
+from ..common.config import TINY_VLM_ARCHS
+from ..common.errors import ConfigError
+from ..common.report_text import vocabulary
+from ..common.vlm_prompts import prompt_vocabulary
 from .vlm_processor import image_only
 
 IMAGE_SIZE = 32

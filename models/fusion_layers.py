@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import Fusion
+from ..common.config import Fusion
 
 
 def masked_summary(per_modality: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

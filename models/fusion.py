@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import FusionModelConfig, Modality, RunConfig, TrainableScope
-from ..errors import ConfigError
-from ..recipe import training_recipe
+from ..common.config import FusionModelConfig, Modality, RunConfig, TrainableScope
+from ..common.errors import ConfigError
+from ..common.recipe import training_recipe
 from .base_folder import (
     check_fits,
     encoder_folder,
@@ -275,7 +275,7 @@ def base_fingerprint(model: nn.Module, config_json: str) -> str:
 
 def build_base(config: RunConfig) -> tuple[FusionModel, str]:
     """Build the base fusion model (deterministic) and its fingerprint."""
-    from ..text import get_tokenizer
+    from ..common.text import get_tokenizer
 
     mc, task = FusionModelConfig.of(config), config.task
     pretrained = resolve_base_folder(config)
@@ -368,7 +368,7 @@ def resolve_base_folder(config: RunConfig) -> Path | None:
         )
         if not tiny:  # the named checkpoints are the pretrained base
             return None
-        from ...simulations.public_base import public_base_folder
+        from ..simulations.public_base import public_base_folder
 
         return public_base_folder(config)
     folder = Path(spec).expanduser()

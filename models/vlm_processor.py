@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
+from ..common.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import ProcessorMixin

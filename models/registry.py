@@ -19,13 +19,13 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..config import FusionModelConfig, VlmModelConfig
-from ..errors import ConfigError
+from ..common.config import FusionModelConfig, VlmModelConfig
+from ..common.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-    from ..config import FamilyModelConfig, RunConfig
+    from ..common.config import FamilyModelConfig, RunConfig
 
 
 @dataclass
@@ -92,8 +92,8 @@ register_family(
     ModelFamily(
         name="fusion",
         config=FusionModelConfig,
-        builder="wardround.common.models.fusion:build_fusion",
-        base_builder="wardround.common.models.fusion:build_base",
+        builder="wardround.models.fusion:build_fusion",
+        base_builder="wardround.models.fusion:build_base",
         objective="wardround.client.objectives:FusionObjective.for_run",
         data_loader="wardround.client.data.dataset:load_site_data_for_run",
     )
@@ -102,8 +102,8 @@ register_family(
     ModelFamily(
         name="vlm",
         config=VlmModelConfig,
-        builder="wardround.common.models.vlm:build_vlm",
-        base_builder="wardround.common.models.vlm:build_base",
+        builder="wardround.models.vlm:build_vlm",
+        base_builder="wardround.models.vlm:build_base",
         objective="wardround.client.vlm_objective:VlmObjective.for_run",
         data_loader="wardround.client.data.vlm_dataset:load_vlm_site_data_for_run",
     )

@@ -15,7 +15,7 @@ on a stream of its own, so turning one knob does not move what the others draw:
   ``exp(N(0, scanner_shift))``, its offset moves by ``N(0, scanner_shift / 2)``,
   and its noise sd is drawn from ``scanner_noise``;
 - **note dialect**: each site drops ``note_dialect`` of every finding's cue phrases
-  (:func:`~.synth_notes.site_cues`), on top of its note style.
+  (:func:`~.notes.site_cues`), on top of its note style.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .synth_dicom import Scanner
-from .synth_notes import site_cues
+from .dicom import Scanner
+from .notes import site_cues
 
 if TYPE_CHECKING:
-    from .synth import SiteProfile
+    from .hospitals import SiteProfile
 
 _LABEL_STREAM, _SCANNER_STREAM, _NOTE_STREAM = 101, 102, 103
 _PREVALENCE_RANGE = (0.03, 0.7)
