@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 from ..common.config import Accountant, PrivacyConfig, RunConfig, SecureMode
 from ..common.errors import PrivacyPolicyRefused
-from ..common.privacy import Mechanism, local_schedule, plan_noise_multiplier
+from ..common.privacy import Mechanism, local_schedule
 from ..common.recipe import training_recipe
+from ..ops.cache_dir import cache_root
 from .dp import DpTraining
+from .sigma_cache import planned_sigma
 from .site_config import SitePrivacy
 
 DEFAULT_LIFETIME_DELTA = 1e-5
@@ -82,12 +84,14 @@ def _plan(
         config.train.local_epochs,
         config.train.max_steps,
     )
-    sigma = plan_noise_multiplier(
+    # The machine's cache: the sites of a simulation plan each schedule once.
+    sigma = planned_sigma(
         privacy.target_epsilon,
         privacy.target_delta,
         schedule.sample_rate,
         schedule.steps_per_round * config.federation.rounds,
         privacy.accountant,
+        cache_root() / "sigma",
     )
     secure = privacy.secure_mode is SecureMode.ON or (
         privacy.secure_mode is SecureMode.AUTO and not simulation

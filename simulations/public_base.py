@@ -30,6 +30,7 @@ from ..common.config import FusionModelConfig, Modality, RunConfig
 from ..common.errors import ConfigError
 from ..models.base_folder import MANIFEST, base_shapes, save_base
 from ..models.pretraining import PretrainSettings, pretrain_encoders
+from ..ops.cache_dir import cache_root
 from ..synthetic.shift import Heterogeneity
 
 logger = logging.getLogger(__name__)
@@ -52,14 +53,6 @@ class PublicCorpus:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready values (manifests, cache keys)."""
         return {**asdict(self), "heterogeneity": self.heterogeneity.as_dict()}
-
-
-def cache_root() -> Path:
-    """Where built bases are kept."""
-    if os.environ.get("WARDROUND_CACHE"):
-        return Path(os.environ["WARDROUND_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "wardround"
 
 
 def base_key(
