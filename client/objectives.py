@@ -25,7 +25,18 @@ if TYPE_CHECKING:
     from ..models import BuiltModel
 
 INPUT_KEYS = ("image", "ehr", "note_ids", "note_mask", "present", "note_ngrams")
-"""The fusion model's inputs (``labels`` is the target)."""
+"""The fusion model's inputs (``labels`` is the target), in the order of its
+``forward`` parameters."""
+
+
+def forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The fusion model's logits for ``batch``, its inputs passed positionally.
+
+    Positional because Opacus's ``ew`` wrapper (``grad-sample-mode = 'ew'``) has
+    ``forward(x, *args, **kwargs)`` and takes the batch size from ``x``: a keyword
+    call fails there, and every other wrapper passes positions through as well.
+    """
+    return cast(torch.Tensor, model(*(batch[k] for k in INPUT_KEYS)))
 
 
 @dataclass(frozen=True)
@@ -108,7 +119,7 @@ class FusionObjective:
         """BCE over every (example, label) pair: a mean of per-example means."""
         if self.modality_dropout > 0:
             batch = drop_modalities(batch, self.modality_dropout, generator)
-        logits = model(**{k: batch[k] for k in INPUT_KEYS})
+        logits = forward(model, batch)
         return torch.nn.functional.binary_cross_entropy_with_logits(
             logits, batch["labels"]
         )
@@ -130,7 +141,7 @@ class FusionObjective:
         all_scores, all_labels, loss_sum = [], [], 0.0
         for batch in loader:
             batch = tensors_to(batch, device)
-            logits = model(**{k: batch[k] for k in INPUT_KEYS})
+            logits = forward(model, batch)
             loss_sum += float(loss_fn(logits, batch["labels"]))
             all_scores.append(torch.sigmoid(logits).float().cpu().numpy())
             all_labels.append(batch["labels"].cpu().numpy())

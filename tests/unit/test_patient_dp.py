@@ -284,14 +284,16 @@ def runtime(multi_study_site):
     return get_runtime(multi_study_site / "site.toml", 0, RunConfig())
 
 
-def test_a_dp_round_over_multi_study_patients_trains_the_adapter(runtime):
+# Every mode the config accepts trains: 'ew' needs the model's inputs positionally.
+@pytest.mark.parametrize("mode", ["hooks", "ew", "functorch"])
+def test_a_dp_round_over_multi_study_patients_trains_the_adapter(runtime, mode):
     model = runtime.built.model
     initial = adapter_state(model)
     spec = LocalTrainSpec(
         epochs=2, max_steps=0, batch_size=8, learning_rate=5e-3, weight_decay=0.0,
         proximal_mu=0.0, seed=0, modality_dropout=0.1,
     )  # fmt: skip
-    dp = DpTraining(0.2, 1.0, GradSampleMode.HOOKS, secure_mode=False)
+    dp = DpTraining(0.2, 1.0, GradSampleMode(mode), secure_mode=False)
     try:
         before = evaluate(model, runtime.data.train, 64).loss
         outcome = train_local(model, runtime.data.train, spec, dp)
