@@ -31,7 +31,7 @@ class TrainingRecipe:
     """The wide term's learning rate over ``learning_rate``: its features are
     sparse (each n-gram is in few notes), so at the deep part's rate its weights
     barely move in a run's steps. The DP recipe's fusion model has no wide term
-    (``common.models.fusion``); the classical reference, which is only that
+    (``models.fusion``); the classical reference, which is only that
     term, trains it under DP-SGD too."""
 
     def batch_for(self, patients: int) -> int:
