@@ -440,8 +440,9 @@ def _check_entry(entry: dict[str, Any], seen: Mapping[str, list[str]]) -> str | 
     kind = entry.get("kind")
     if kind not in ("reserve", "commit") or entry.get("v") not in (_UNCHAINED, VERSION):
         return (
-            f"unknown entry kind {kind!r} / version {entry.get('v')!r} (written by "
-            "a newer wardround?)"
+            f"unknown entry kind {kind!r} / version {entry.get('v')!r}: if a newer "
+            "wardround wrote it, upgrade this site's wardround; never replace the "
+            "ledger with an older copy, which would forget privacy already spent"
         )
     fields = _RESERVE_FIELDS if kind == "reserve" else _COMMIT_FIELDS
     for name, types in fields.items():

@@ -9,22 +9,28 @@ question. Sites that ask the same question at once wait for the first to answer
 (an exclusive ``flock`` per question) instead of all searching.
 
 A remembered sigma is never trusted: before it is used, the accountant checks that
-it spends at most the target over the planned steps (one accountant evaluation, not
-a search). A file that is damaged, or that anyone with write access to the cache
-edited to a smaller sigma, is planned again and rewritten; the worst a wrong file
-can do is cost that time.
+it spends the target over the planned steps, at most and within the search's
+tolerance of it (one accountant evaluation, not a search). A sigma too small would
+spend more privacy than agreed; one too large would drown the site's update in
+noise. A file that is damaged, that is not a plain small file, or that anyone with
+write access to the cache edited, is planned again and rewritten; the worst a wrong
+file can do is cost that time. A lock held too long is waited for at most
+``LOCK_WAIT_S``, then the site plans without the cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +47,13 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 """The cache file's format: a new one never reads an old one's files."""
+TIGHTNESS = 0.05
+"""A remembered sigma must spend at least ``target - TIGHTNESS``: Opacus's search
+stops within 0.01 below the target, so anything looser was not its answer."""
+LOCK_WAIT_S = 300.0
+"""How long a site waits for another's search (the slowest, PRV at epsilon 100,
+took 86 s) before it plans without the cache."""
+_MAX_FILE_BYTES = 4096
 
 
 def planned_sigma(
@@ -80,7 +93,7 @@ def planned_sigma(
                 sigma = plan()
                 _remember(path, question, sigma)
             return sigma
-    except OSError as err:
+    except (OSError, TimeoutError) as err:
         log.warning("sigma cache %s not usable (%s); planning without it", path, err)
         return plan()
 
@@ -94,40 +107,78 @@ def _digest(question: dict[str, Any]) -> str:
 def _locked(lock_path: Path) -> Iterator[None]:
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"{lock_path} stayed locked for {LOCK_WAIT_S:g} s"
+                    ) from None
+                time.sleep(0.05)
         yield
+
+
+def _read_small_file(path: Path) -> str:
+    """The text of ``path`` if it is a plain file of at most a few KiB.
+
+    Never follows a link and never blocks on a FIFO or device someone put there.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_FILE_BYTES:
+            raise ValueError("not a plain file of a few KiB")
+        return os.read(fd, _MAX_FILE_BYTES).decode()
+    finally:
+        os.close(fd)
 
 
 def _remembered(path: Path, question: dict[str, Any]) -> float | None:
     """The sigma in ``path`` if it answers ``question`` and meets its target."""
     try:
-        entry = json.loads(path.read_text())
+        entry = json.loads(_read_small_file(path))
         sigma = float(entry["sigma"])
         asked = entry["question"]
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except OSError as err:
+        if err.errno != errno.ELOOP:  # ELOOP: a link where the file should be
+            raise
+        log.warning("sigma cache file %s is a link; planning again", path)
+        return None
+    except (ValueError, KeyError, TypeError):
         log.warning("sigma cache file %s is damaged; planning again", path)
         return None
     if asked != question or not math.isfinite(sigma) or sigma <= 0:
         log.warning("sigma cache file %s does not answer this question", path)
         return None
-    if not _meets_target(sigma, question):
+    try:
+        spent = _spent(sigma, question)
+    except Exception:  # an absurd sigma can break the accountant itself
+        log.warning("sigma cache file %s holds an unusable sigma; planning again", path)
+        return None
+    target = question["target_epsilon"]
+    if not target - TIGHTNESS <= spent <= target:
         log.warning(
-            "sigma cache file %s holds sigma %g, which spends more than epsilon %g: "
-            "planning again",
+            "sigma cache file %s holds sigma %g, which spends epsilon %g where the "
+            "plan needs %g (at most, within %g): planning again",
             path,
             sigma,
-            question["target_epsilon"],
+            spent,
+            target,
+            TIGHTNESS,
         )
         return None
     return sigma
 
 
-def _meets_target(sigma: float, question: dict[str, Any]) -> bool:
-    """Whether ``sigma`` spends at most the target over the planned steps.
+def _spent(sigma: float, question: dict[str, Any]) -> float:
+    """Epsilon ``sigma`` spends over the planned steps.
 
-    Checked with the accountant the planner searched with (RDP for PRV targets
+    Computed with the accountant the planner searched with (RDP for PRV targets
     above ``PRV_MAX_EPSILON``, as :func:`plan_noise_multiplier` does).
     """
     accountant = Accountant(question["accountant"])
@@ -138,8 +189,7 @@ def _meets_target(sigma: float, question: dict[str, Any]) -> bool:
         sample_rate=question["sample_rate"],
         steps=question["total_steps"],
     )
-    spent = epsilon_spent([mechanism], question["target_delta"], accountant)
-    return spent <= question["target_epsilon"]
+    return epsilon_spent([mechanism], question["target_delta"], accountant)
 
 
 def _remember(path: Path, question: dict[str, Any], sigma: float) -> None:

@@ -11,8 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 
-__all__ = ["addressee_of"]
+__all__ = ["addressee_of", "error_reason"]
+
+_LATE_ARRAYS = (
+    "its reply was announced but its arrays did not arrive within "
+    "federation.round-timeout-s (the site died mid-upload, or its link is too slow "
+    "for the adapter's size: raise round-timeout-s for large adapters)"
+)
 
 
 def addressee_of(sent: Iterable[Message]) -> Callable[[Message], int]:
@@ -33,3 +40,15 @@ def addressee_of(sent: Iterable[Message]) -> Callable[[Message], int]:
         )
 
     return node_of
+
+
+def error_reason(reply: Message) -> str:
+    """Why an error reply failed, in words that say what to do.
+
+    Flower's own message for arrays it gave up fetching speaks of an "object-push
+    session"; the coordinator gives up on them at the round's deadline.
+    """
+    reason = reply.error.reason or ""
+    if reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE:
+        return f"{_LATE_ARRAYS}. Flower: {reason}"
+    return reason

@@ -102,7 +102,12 @@ def build_server_app(
             # Flower's Grid polls for replies every 3 s and may fetch a dead site's
             # arrays past the round's timeout: PromptGrid keeps the deadline.
             paced = os.environ.get(PACING_ENV, "1") != "0"
-            bound_serverapp_pulls(prompt=paced)
+            if not bound_serverapp_pulls(prompt=paced):
+                log.warning(
+                    "this Flower's Grid does not fetch reply arrays as Flower 1.41 "
+                    "did: a site that dies mid-upload may stall its round past "
+                    "federation.round-timeout-s (flower_compat/pacing.py)"
+                )
             grid = PromptGrid(grid, poll_s=0.1 if paced else FLOWER_REPLY_POLL_S)
             options = {
                 "site_names": deployment.roster.name,

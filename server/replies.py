@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from ..common import wire
 from ..common.errors import error_kind
 from ..common.release import version_from_metrics
-from ..flower_compat.replies import addressee_of
+from ..flower_compat.replies import addressee_of, error_reason
 from .records import PrivacySpend, SiteEvalReport, SiteFailure, SiteTrainReport
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def split_replies(
     ``check`` says why an otherwise complete reply is unusable (None: usable).
     """
     ok, failed = [], []
-    replies = list(replies)
+    replies, sent = list(replies), list(sent)  # each is read twice
     node_of = addressee_of(sent)
     replied = {node_of(m) for m in replies}
     # A site that is connected but silent (hung, killed, cut off) sends no error:
@@ -102,7 +102,7 @@ def _problem(
 ) -> tuple[str] | tuple[str, str | None] | None:
     """(reason,) or (reason, error kind) for an unusable reply; None for a sound one."""
     if msg.has_error():
-        reason = (msg.error.reason or "")[:500]
+        reason = error_reason(msg)[:500]
         return reason, error_kind(reason)
     missing = [k for k in need if k not in msg.content]
     if missing:

@@ -41,3 +41,21 @@ def test_a_reply_to_no_message_sent_is_its_senders():
     reply = Message(RecordDict(), reply_to=unrelated)
 
     assert addressee_of([_pushed(101)])(reply) == int(reply.metadata.src_node_id)
+
+
+def test_arrays_given_up_at_the_deadline_are_explained_with_the_setting_to_change():
+    from flwr.common import Error
+    from flwr.common.constant import ErrorCode
+
+    from wardround.flower_compat.replies import error_reason
+
+    sent = _pushed(101)
+    late = Message(
+        error=Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason="object-push session"),
+        reply_to=sent,
+    )
+    other = Message(error=Error(code=ErrorCode.UNKNOWN, reason="boom"), reply_to=sent)
+
+    assert "federation.round-timeout-s" in error_reason(late)
+    assert error_reason(late).endswith("Flower: object-push session")
+    assert error_reason(other) == "boom"

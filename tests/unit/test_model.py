@@ -158,3 +158,14 @@ def test_slices_as_channels_reach_the_vision_encoder(tiny_config):
     batch = _batch(config)
     batch["image"] = torch.rand(3, 3, 32, 32)
     assert model(**batch).shape == (3, len(config.task.labels))
+
+
+def test_the_trainers_positional_inputs_follow_the_fusion_models_forward():
+    """The objective passes INPUT_KEYS by position (for Opacus's ew): same order."""
+    import inspect
+
+    from wardround.client.objectives import INPUT_KEYS
+    from wardround.models.fusion import FusionModel
+
+    parameters = list(inspect.signature(FusionModel.forward).parameters)
+    assert parameters[1:] == list(INPUT_KEYS)

@@ -54,7 +54,20 @@ def test_a_sigma_edited_smaller_is_planned_again_and_rewritten(tmp_path, caplog)
     assert spent > 8.0
 
     assert planned_sigma(*QUESTION, tmp_path) == honest
-    assert "spends more than epsilon" in caplog.text
+    assert "which spends epsilon 43" in caplog.text
+    assert json.loads(path.read_text())["sigma"] == honest
+
+
+@pytest.mark.parametrize("factor", [1.5, 1e6, 1e-300, 1e300])
+def test_a_sigma_edited_larger_or_absurd_is_planned_again(tmp_path, factor):
+    """Too much noise ruins the site's update; an absurd one breaks the accountant."""
+    honest = planned_sigma(*QUESTION, tmp_path)
+    (path,) = tmp_path.glob("*.json")
+    entry = json.loads(path.read_text())
+    entry["sigma"] = honest * factor if factor > 1e-300 else factor
+    path.write_text(json.dumps(entry))
+
+    assert planned_sigma(*QUESTION, tmp_path) == honest
     assert json.loads(path.read_text())["sigma"] == honest
 
 
@@ -74,6 +87,39 @@ def test_a_damaged_or_foreign_file_is_planned_again(tmp_path, content):
 
     assert planned_sigma(*QUESTION, tmp_path) == honest
     assert json.loads(path.read_text())["sigma"] == honest
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+def test_a_fifo_or_a_link_in_place_of_the_file_neither_blocks_nor_is_followed(
+    tmp_path, kind
+):
+    import os
+
+    honest = planned_sigma(*QUESTION, tmp_path)
+    (path,) = tmp_path.glob("*.json")
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)  # reading it would block for ever
+    else:
+        target = tmp_path / "elsewhere.txt"
+        target.write_text(json.dumps({"sigma": honest * 3}))
+        path.symlink_to(target)
+
+    assert planned_sigma(*QUESTION, tmp_path) == honest
+    assert path.is_file() and not path.is_symlink()  # rewritten as a plain file
+
+
+def test_a_lock_held_too_long_is_planned_around(tmp_path, monkeypatch):
+    import fcntl
+
+    monkeypatch.setattr(sigma_cache, "LOCK_WAIT_S", 0.3)
+    planned_sigma(*QUESTION, tmp_path)
+    (lock,) = tmp_path.glob("*.lock")
+    with lock.open("a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another process that never lets go
+        started = time.monotonic()
+        assert planned_sigma(*QUESTION, tmp_path) == plan_noise_multiplier(*QUESTION)
+        assert time.monotonic() - started < 5
 
 
 def test_an_unusable_cache_plans_without_it(tmp_path):
