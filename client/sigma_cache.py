@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -30,8 +29,6 @@ import math
 import os
 import stat
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +39,7 @@ from ..common.privacy import (
     epsilon_spent,
     plan_noise_multiplier,
 )
+from ..ops.file_lock import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +85,7 @@ def planned_sigma(
     }
     path = Path(cache_dir) / f"{_digest(question)}.json"
     try:
-        with _locked(path.with_suffix(".lock")):
+        with exclusive_lock(path.with_suffix(".lock"), LOCK_WAIT_S):
             sigma = _remembered(path, question)
             if sigma is None:
                 sigma = plan()
@@ -101,24 +99,6 @@ def planned_sigma(
 def _digest(question: dict[str, Any]) -> str:
     text = json.dumps(question, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as handle:
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(
-                        f"{lock_path} stayed locked for {LOCK_WAIT_S:g} s"
-                    ) from None
-                time.sleep(0.05)
-        yield
 
 
 def _read_small_file(path: Path) -> str:

@@ -12,8 +12,6 @@ federations name a base folder built from public data (``wardround pretrain
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -21,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from ..common.errors import ConfigError
 from ..models.base_folder import MANIFEST, base_shapes, save_base
 from ..models.pretraining import PretrainSettings, pretrain_encoders
 from ..ops.cache_dir import cache_root
+from ..ops.file_lock import exclusive_lock
 from ..synthetic.shift import Heterogeneity
 
 logger = logging.getLogger(__name__)
@@ -102,7 +101,7 @@ def public_base_folder(
     if (folder / MANIFEST).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(folder.with_suffix(".lock")):
+    with exclusive_lock(folder.with_suffix(".lock")):
         if (folder / MANIFEST).is_file():
             return folder
         logger.info("building the public pretrained base in %s (first use)", folder)
@@ -113,16 +112,6 @@ def public_base_folder(
             )
             os.replace(staging, folder)
     return folder
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def check_public_corpus_fits(config: RunConfig) -> None:

@@ -249,13 +249,16 @@ def test_commit_to_a_missing_ledger_does_not_create_one(ledger):
     assert not ledger.path.exists()
 
 
-def _resealed(line: str) -> str:
-    """``line`` with its own sha256 recomputed, as someone who edits it would."""
+def _sealed_line(body: dict) -> str:
+    """``body`` with its own sha256, as a ledger line (no chaining)."""
     from wardround.ops.jsonl_log import sha256_seal
 
-    entry = json.loads(line)
-    body = {k: v for k, v in entry.items() if k != "sha256"}
     return json.dumps({**body, "sha256": sha256_seal(body)}, sort_keys=True) + "\n"
+
+
+def _resealed(line: str) -> str:
+    """``line`` with its own sha256 recomputed, as someone who edits it would."""
+    return _sealed_line({k: v for k, v in json.loads(line).items() if k != "sha256"})
 
 
 def test_every_line_repeats_the_seal_of_the_line_before_it(ledger):
@@ -301,10 +304,7 @@ def test_a_line_deleted_moved_or_resealed_breaks_the_chain(ledger, tamper):
 
 def _unchained_line(**body) -> str:
     """A version-1 line: sealed alone, no ``prev`` (as ledgers were first written)."""
-    from wardround.ops.jsonl_log import sha256_seal
-
-    body = {"v": 1, **body}
-    return json.dumps({**body, "sha256": sha256_seal(body)}, sort_keys=True) + "\n"
+    return _sealed_line({"v": 1, **body})
 
 
 V1_RESERVE = {

@@ -1,0 +1,46 @@
+"""An exclusive lock on a lock file, shared by processes that build the same thing.
+
+The first process to ask builds (a public base, a sigma); the others wait on the
+lock and then find the result. ``flock`` locks go with the open file, so the lock
+is released when the holder exits, however it exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+_POLL_S = 0.05
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: Path, wait_s: float | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created, with its folder).
+
+    ``wait_s`` None waits as long as the holder takes; otherwise TimeoutError once
+    the lock has stayed taken for ``wait_s`` seconds.
+    """
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        if wait_s is None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(
+                            f"{lock_path} stayed locked for {wait_s:g} s"
+                        ) from None
+                    time.sleep(_POLL_S)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
