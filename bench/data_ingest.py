@@ -90,7 +90,7 @@ def _peak_mb() -> float:
 
 def step_index(folder: str, cache: str, workers: int) -> dict:
     """One indexing run (in this process); returns timing and peak memory."""
-    from wardround.client.data.dicom_index import index_dicom
+    from wardround.sitedata.dicom_index import index_dicom
 
     base = _peak_mb()
     start = time.perf_counter()
@@ -107,9 +107,9 @@ def step_index(folder: str, cache: str, workers: int) -> dict:
 
 def step_ehr(path: str) -> dict:
     """Stream and encode the EHR table (in this process)."""
-    from wardround.client.data.ehr import read_encoded_ehr
-    from wardround.client.site_config import EhrSchema
     from wardround.common.config import TaskConfig
+    from wardround.sitedata.ehr import read_encoded_ehr
+    from wardround.sitedata.site_config import EhrSchema
 
     base = _peak_mb()
     start = time.perf_counter()

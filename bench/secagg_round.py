@@ -24,8 +24,6 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.clientapp import ClientApp
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-from flwr.compat.common import recorddict_compat as compat
 
 from wardround.client.egress import EgressAllowlist
 from wardround.client.egress_mods import site_mods
@@ -34,6 +32,13 @@ from wardround.common.adapter import clip_l2, from_record, to_record
 from wardround.common.aggregation import weighted_mean
 from wardround.common.config import SecureAggregationConfig
 from wardround.common.secagg_math import mean_error_bound, plan_quantization
+from wardround.flower_compat.legacy import (
+    Code,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+)
+from wardround.flower_compat.legacy import recorddict_compat as compat
 from wardround.flower_compat.secagg_workflow import run_secure_train
 from wardround.simulations.local_grid import LocalGrid
 

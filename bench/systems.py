@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import statistics
 import subprocess
@@ -476,14 +475,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_docs(figures, args.docs)
         return figures
 
-    import flwr.common.logger  # noqa: F401  (sets Flower's log level; then ours)
     import torch
 
+    from wardround.flower_compat.flower_logging import quiet_flower
     from wardround.ops.env import apply_machine_hygiene
     from wardround.server.rundir import versions
     from wardround.simulations.reporting import machine_info
 
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    quiet_flower()
     torch.set_num_threads(1)
     started, machine = time.time(), machine_info()
     counts = [int(x) for x in args.sites.split(",")]

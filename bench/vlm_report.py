@@ -96,8 +96,8 @@ def _label_rows(sites: Path) -> list[list[int]]:
     """Every study's report findings (0/1), read from the sites' EHR tables."""
     import pyarrow.parquet as pq
 
-    from wardround.client.site_config import SiteConfig
     from wardround.common.report_text import REPORT_FINDINGS
+    from wardround.sitedata.site_config import SiteConfig
 
     rows = []
     for site_toml in sorted(sites.glob("*/site.toml")):

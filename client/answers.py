@@ -30,7 +30,7 @@ from typing import Any
 
 from ..common import wire
 from ..common.errors import AnswerRefused, DataError
-from .site_config import SiteAnswers
+from ..sitedata.site_config import SiteAnswers
 
 ANSWER_LOG = "answers.jsonl"
 

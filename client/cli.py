@@ -35,7 +35,7 @@ def _check_log_path(site_toml: Path) -> Path | None:
     """``<cache-dir>/site-check.log`` of a site with imaging (None: nothing to log)."""
     from wardround.common.errors import WardroundError
 
-    from .site_config import SiteConfig
+    from ..sitedata.site_config import SiteConfig
 
     try:
         site = SiteConfig.from_toml(site_toml)
@@ -59,7 +59,7 @@ def check(
     from .site_check import check_site, format_report
 
     run = load_run_config(run_config) if run_config else RunConfig()
-    from .data.dicom_warnings import log_to_file
+    from ..sitedata.dicom_warnings import log_to_file
 
     log_path = _check_log_path(config)
     with log_to_file(log_path):
@@ -167,8 +167,8 @@ def privacy(
     as_json: JsonOption = False,
 ) -> None:
     """The site's privacy ledger: epsilon spent per run and over every run."""
+    from ..sitedata.site_config import SiteConfig
     from .dashboard.state import privacy_report
-    from .site_config import SiteConfig
 
     report = privacy_report(SiteConfig.from_toml(config), delta)
     rounds = report["rounds"]
@@ -197,8 +197,8 @@ def start(
     import signal
     import threading
 
+    from ..sitedata.dicom_warnings import log_to_file
     from .daemon import plan_site, run_site_daemon
-    from .data.dicom_warnings import log_to_file
 
     with log_to_file(_check_log_path(config)):
         plan = plan_site(config)
@@ -258,9 +258,9 @@ def approve(
     """
     from wardround.ops.audit import AuditLog, safe_reason
 
+    from ..sitedata.site_config import SiteConfig
     from .approvals import AppApprovals, describe_run
     from .daemon import AUDIT_FILE
-    from .site_config import SiteConfig
 
     site = SiteConfig.from_toml(config)
     value, settings = _app_to_approve(app_hash, run_config)
@@ -325,7 +325,7 @@ def _shown_and_confirmed(site, value: str, run_config, settings, yes: bool) -> b
     typer.echo(f"app hash {value} ({run_config})")
     typer.echo("\n".join(describe_run(settings)))
     if not site.has_imaging and settings.requires_images:
-        from .data.imaging import no_imaging_error
+        from ..sitedata.imaging import no_imaging_error
 
         refusal = no_imaging_error(site)
         typer.echo(
@@ -355,8 +355,8 @@ def approvals_list(
     config: SiteConfigOption,
 ) -> None:
     """The app hashes this site has approved."""
+    from ..sitedata.site_config import SiteConfig
     from .approvals import AppApprovals
-    from .site_config import SiteConfig
 
     site = SiteConfig.from_toml(config)
     approved = AppApprovals(site.state_path).load()

@@ -35,9 +35,9 @@ from ..ops.audit import AuditLog, safe_reason
 from ..ops.env import apply_machine_hygiene
 from ..ops.processes import start_child, stop_child
 from ..ops.secret_file import load_or_create_secret
+from ..sitedata.site_config import SiteConfig
 from .approvals import AppApprovals
 from .egress_log import EGRESS_FILE
-from .site_config import SiteConfig
 from .site_worker import APP_NOT_APPROVED, SiteWorker, TaskObserver, TaskOutcome
 from .supernode_main import POLL_ENV
 

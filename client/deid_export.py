@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..common.errors import ConfigError, DataError
-from .data import dicom_warnings
-from .data.decode import OK, DecodeFailure, read_dataset
-from .data.dicom_index import read_header
+from ..sitedata import dicom_warnings
+from ..sitedata.decode import OK, DecodeFailure, read_dataset
+from ..sitedata.dicom_index import read_header
 from .deid import deidentify
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..common.config import GradSampleMode
-from .data.patients import OneStudyPerPatient, patients_of
+from ..sitedata.patients import OneStudyPerPatient, patients_of
 
 
 @dataclass(frozen=True)

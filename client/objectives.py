@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from .data.transforms import drop_modalities
+from ..sitedata.transforms import drop_modalities
 from .metrics import auroc_per_label, macro_auroc
 
 if TYPE_CHECKING:

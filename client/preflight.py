@@ -10,9 +10,9 @@ from pathlib import Path
 
 from ..common.config import TaskConfig
 from ..common.errors import DataError
-from .data.ehr import open_ehr
-from .data.imaging import task_for_site
-from .site_config import SiteConfig
+from ..sitedata.ehr import open_ehr
+from ..sitedata.imaging import task_for_site
+from ..sitedata.site_config import SiteConfig
 
 
 def preflight_site(

@@ -16,9 +16,9 @@ from ..common.errors import PrivacyPolicyRefused
 from ..common.privacy import Mechanism, local_schedule
 from ..common.recipe import training_recipe
 from ..ops.cache_dir import cache_root
+from ..sitedata.site_config import SitePrivacy
 from .dp import DpTraining
 from .sigma_cache import planned_sigma
-from .site_config import SitePrivacy
 
 DEFAULT_LIFETIME_DELTA = 1e-5
 """The lifetime budget's delta when ``[privacy] max-delta`` is not set (or 1 / the

@@ -21,10 +21,10 @@ from ..common.config import LoraVariant, RunConfig
 from ..common.errors import ConfigError
 from ..common.recipe import training_recipe
 from ..models import BuiltModel, family_of
+from ..sitedata.site_config import SiteConfig
 from .answers import ANSWER_LOG, AnswerLog
 from .egress import EgressAllowlist
 from .ledger import PrivacyLedger, site_ledger
-from .site_config import SiteConfig
 
 if TYPE_CHECKING:
     from .objectives import Objective
@@ -41,7 +41,7 @@ class SiteRuntime:
     """What a site needs to answer train and evaluate messages."""
 
     site: SiteConfig
-    data: Any  # client.data.dataset.SiteData
+    data: Any  # sitedata.dataset.SiteData
     built: BuiltModel
     site_index: int
     config: RunConfig
@@ -163,7 +163,7 @@ def get_runtime(site_toml: Path, site_index: int, config: RunConfig) -> SiteRunt
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    from .data.imaging import task_for_site
+    from ..sitedata.imaging import task_for_site
 
     site = SiteConfig.from_toml(site_toml)
     # a site without imaging refuses a run that requires images, saying why

@@ -19,13 +19,13 @@ import pyarrow.compute as pc
 
 from ..common.config import TaskConfig, TaskKind
 from ..common.errors import WardroundError
-from .data.dataset import ehr_present, prepare_site
-from .data.decode import OK, transfer_syntax_name
-from .data.dicom_warnings import count_kinds, log_kinds
-from .data.ehr import open_dataset
-from .data.imaging import task_for_site
-from .data.join import duplicate_instances
-from .site_config import SiteConfig
+from ..sitedata.dataset import ehr_present, prepare_site
+from ..sitedata.decode import OK, transfer_syntax_name
+from ..sitedata.dicom_warnings import count_kinds, log_kinds
+from ..sitedata.ehr import open_dataset
+from ..sitedata.imaging import task_for_site
+from ..sitedata.join import duplicate_instances
+from ..sitedata.site_config import SiteConfig
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def check_site(
 
 def _index_only(site: SiteConfig) -> Any:
     """The DICOM index alone, for the report of a site whose data did not prepare."""
-    from .data.dicom_index import INDEX_SCHEMA, index_dicom
+    from ..sitedata.dicom_index import INDEX_SCHEMA, index_dicom
 
     if site.has_imaging:
         return index_dicom(site.dicom_paths, site.cache_path)
@@ -183,7 +183,7 @@ def _no_imaging_notes(site: SiteConfig, images_required: bool | None) -> list[st
 
 def _text_section(site: SiteConfig, task: TaskConfig, prep, blocking: list[str]):
     """The report / question / answer columns a generative (vlm) task trains on."""
-    from .data.vlm_dataset import read_text_columns
+    from ..sitedata.vlm_dataset import read_text_columns
 
     try:
         texts = read_text_columns(site, task.kind)

@@ -39,7 +39,7 @@ from ..common.vlm_prompts import (
     stop_token_ids,
 )
 from ..models import BuiltModel
-from .data.vlm_dataset import VlmDataset
+from ..sitedata.vlm_dataset import VlmDataset
 from .objectives import EvalOutcome, tensors_to
 from .vlm_metrics import exact_match, report_label_agreement, text_overlap
 

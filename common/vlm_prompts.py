@@ -64,7 +64,7 @@ def serialize_ehr(features: np.ndarray, task: TaskConfig) -> str:
     """The EHR vector of one study (``TaskConfig.ehr_width`` layout) as text.
 
     The vector holds normalised values, missingness flags and one-hots (see
-    ``client/data/ehr.py``); this undoes the normalisation with the run's
+    ``sitedata/ehr.py``); this undoes the normalisation with the run's
     statistics, so every site writes the same text for the same values.
     """
     n = len(task.numeric)

@@ -105,6 +105,16 @@ def _pull_until_deadline(
     return pull(*args, **kwargs)
 
 
+def serverapp_grid_module() -> ModuleType:
+    """Flower's module whose ``pull_objects`` :func:`bound_serverapp_pulls` replaces.
+
+    A test that runs a deployed ServerApp in its own process saves and restores it.
+    """
+    from flwr.superlink.grid import http_grid
+
+    return http_grid
+
+
 def bound_serverapp_pulls(*, prompt: bool = True) -> bool:
     """Make the ServerApp's Grid stop fetching reply arrays at the exchange's deadline.
 

@@ -3,7 +3,8 @@
 A reply normally comes from the site it answers for. The SuperLink itself answers
 for a site it has declared offline (``NODE_UNAVAILABLE``) or whose reply expired:
 such a reply's sender is the SuperLink's own node id, and only the message it
-replies to names the site.
+replies to names the site. ``superlink_offline_reply`` is the SuperLink's own
+function that makes such a reply (tests reproduce the offline answer with it).
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from collections.abc import Callable, Iterable
 
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
+from flwr.server.superlink.linkstate.utils import (
+    create_message_error_unavailable_res_message as superlink_offline_reply,
+)
 
-__all__ = ["addressee_of", "error_reason"]
+__all__ = ["addressee_of", "error_reason", "superlink_offline_reply"]
 
 _LATE_ARRAYS = (
     "its reply was announced but its arrays did not arrive within "

@@ -23,6 +23,7 @@ from flwr.proto.runtime_pb2 import (
     PullAppMessagesRequest,
     PullTaskInputRequest,
     SendTaskHeartbeatRequest,
+    SendTaskHeartbeatResponse,
 )
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender
@@ -56,6 +57,7 @@ __all__ = [
     "RuntimeTokenHttpInterceptor",
     "RuntimeVersionHttpInterceptor",
     "SendTaskHeartbeatRequest",
+    "SendTaskHeartbeatResponse",
     "SuperExecAuthHttpInterceptor",
     "TaskIdentity",
     "TaskType",

@@ -368,7 +368,7 @@ def resolve_base_folder(config: RunConfig) -> Path | None:
         )
         if not tiny:  # the named checkpoints are the pretrained base
             return None
-        from ..simulations.public_base import public_base_folder
+        from .public_base import public_base_folder
 
         return public_base_folder(config)
     folder = Path(spec).expanduser()

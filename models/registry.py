@@ -95,7 +95,7 @@ register_family(
         builder="wardround.models.fusion:build_fusion",
         base_builder="wardround.models.fusion:build_base",
         objective="wardround.client.objectives:FusionObjective.for_run",
-        data_loader="wardround.client.data.dataset:load_site_data_for_run",
+        data_loader="wardround.sitedata.dataset:load_site_data_for_run",
     )
 )
 register_family(
@@ -105,7 +105,7 @@ register_family(
         builder="wardround.models.vlm:build_vlm",
         base_builder="wardround.models.vlm:build_base",
         objective="wardround.client.vlm_objective:VlmObjective.for_run",
-        data_loader="wardround.client.data.vlm_dataset:load_vlm_site_data_for_run",
+        data_loader="wardround.sitedata.vlm_dataset:load_vlm_site_data_for_run",
     )
 )
 

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from ..client.runtime import samples_folder
-from ..client.site_config import SiteConfig
+from ..sitedata.site_config import SiteConfig
 
 
 def gather_samples(sites_dir: Path, run_id: str, run_dir: Path) -> list[Path]:

@@ -74,7 +74,7 @@ def three_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def task_identity():
     """Flower stamps messages with the process's task identity, as a SuperLink sets it."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from wardround.flower_compat.runtime import TaskIdentity
 
     saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0

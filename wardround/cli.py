@@ -257,7 +257,7 @@ def _ensure_public_base(run_config) -> None:  # noqa: ANN001
     from wardround.common.config import FusionModelConfig
     from wardround.models.base_folder import MANIFEST
     from wardround.models.fusion import resolve_base_folder
-    from wardround.simulations.public_base import public_base_path
+    from wardround.models.public_base import public_base_path
 
     model = run_config.model
     if not isinstance(model, FusionModelConfig) or model.base != "pretrained":
@@ -383,7 +383,7 @@ def _pretrain(run_config, out: Path, corpus: Path | None, settings, on_step) -> 
     import tempfile
 
     from wardround.common.errors import ConfigError
-    from wardround.simulations.public_base import build_public_base, pretrain_base
+    from wardround.models.public_base import build_public_base, pretrain_base
 
     if corpus is None:
         with tempfile.TemporaryDirectory() as scratch:

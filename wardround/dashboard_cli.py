@@ -103,7 +103,7 @@ def _app(
     if site is not None:
         from wardround.client.dashboard.app import build_app as site_app
         from wardround.client.dashboard.state import SiteSource
-        from wardround.client.site_config import SiteConfig
+        from wardround.sitedata.site_config import SiteConfig
 
         config = SiteConfig.from_toml(site)
         report: dict[str, Any] = {}

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..site_config import SiteConfig
+from ...sitedata.site_config import SiteConfig
 
 DEFAULT_DELTA = 1e-5
 

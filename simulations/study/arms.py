@@ -92,7 +92,7 @@ class ArmOutcome:
 @dataclass(frozen=True)
 class _Site:
     name: str
-    data: Any  # client.data.dataset.SiteData
+    data: Any  # sitedata.dataset.SiteData
     privacy: Any = None  # common.config.SitePrivacy: the site's floor
 
 

@@ -69,7 +69,7 @@ def ratio(numerator: float, denominator: float) -> float:
 def demographics(ehr: np.ndarray, task: TaskConfig) -> tuple[list[str], list[str]]:
     """Sex and age band of each row of encoded EHR vectors (the site dataset's layout).
 
-    The layout is that of :mod:`wardround.client.data.ehr`: normalised numeric
+    The layout is that of :mod:`wardround.sitedata.ehr`: normalised numeric
     values, one missingness flag per numeric feature, then per categorical feature
     a one-hot over its vocabulary plus an 'unknown' slot. Rows whose age is
     missing, or whose sex is outside the vocabulary, are 'unknown'.

@@ -5,7 +5,7 @@ Synthetic hospitals are written once per size, site count and seed
 sites are staged as copies of their site.toml under the output folder. The
 pretrained base is resolved once, before any arm: ``pretrained`` is the public
 synthetic base for the study's shapes (built on first use with init seed 0 and
-cached, see :mod:`~wardround.simulations.public_base`), and every arm of a
+cached, see :mod:`~wardround.models.public_base`), and every arm of a
 pretrained cell, the single-modality ablations included, loads that folder.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 
 import tomli_w
 
-from ...client.site_config import SiteConfig
 from ...server.rundir import write_json
+from ...sitedata.site_config import SiteConfig
 from .cells import OWN_DATA, RANDOM_BASE, Cell, site_tomls_in
 from .plan import StudySettings
 
@@ -49,7 +49,7 @@ def resolve_bases(settings: StudySettings) -> dict[str, ResolvedBase]:
     ``--jobs`` worker) needs it first; concurrent workers wait on its lock.
     """
     from ...models.base_folder import check_fits, layers_sha256, read_manifest
-    from ..public_base import public_base_folder
+    from ...models.public_base import public_base_folder
 
     out = {}
     for base in settings.bases:

@@ -188,7 +188,10 @@ def test_the_runs_sites_and_privacy_pages_follow_a_live_run(fed, browser):
 def test_a_site_killed_mid_run_shows_offline_within_the_heartbeat_tolerance(
     fed, browser
 ):
-    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+    from wardround.flower_compat.constants import (
+        HEARTBEAT_DEFAULT_INTERVAL,
+        HEARTBEAT_PATIENCE,
+    )
 
     run_dir = fed.state / "runs" / fed.run_name
     assert len(read_jsonl(run_dir / "rounds.jsonl")) - 1 < ROUNDS, (

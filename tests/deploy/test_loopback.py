@@ -17,7 +17,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from wardround.client.site_config import SiteConfig
 from wardround.deploy.loopback import (
     WARDROUND,
     LoopbackFederation,
@@ -26,6 +25,7 @@ from wardround.deploy.loopback import (
 )
 from wardround.ops.audit import read_audit, verify_audit
 from wardround.pki import generate_site_keypair, init_ca
+from wardround.sitedata.site_config import SiteConfig
 
 pytestmark = pytest.mark.deploy
 

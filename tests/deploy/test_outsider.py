@@ -22,14 +22,14 @@ import httpx
 import psutil
 import pytest
 import tomli_w
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-from flwr.supercore.interceptors.http.superexec_auth import (
-    SuperExecAuthHttpInterceptor,
-)
-from flwr.supercore.runtime.runtime_http_client import RuntimeHttpClient
 
 from wardround.common.config import RunConfig
 from wardround.deploy.loopback import LoopbackFederation
+from wardround.flower_compat.runtime import (
+    AcquireTaskRequest,
+    RuntimeHttpClient,
+    SuperExecAuthHttpInterceptor,
+)
 from wardround.ops.audit import read_audit
 from wardround.ops.env import apply_machine_hygiene
 from wardround.ops.processes import flower_binary

@@ -23,6 +23,7 @@ PRODUCT = (
     "pki",
     "server",
     "simulations",
+    "sitedata",
     "synthetic",
     "wardround",
 )
@@ -69,6 +70,21 @@ def test_no_product_module_imports_flowers_internals():
         hit
         for package in PRODUCT
         for path in sorted((ROOT / package).rglob("*.py"))
+        for hit in private_flower_imports(path)
+    ]
+    assert found == [], "route these through wardround.flower_compat:\n" + "\n".join(
+        found
+    )
+
+
+def test_tests_and_benchmarks_reach_flowers_internals_only_through_the_package():
+    """A Flower upgrade touches ``flower_compat/`` and ``tests/flower_compat/`` alone."""
+    own_tests = ROOT / "tests" / "flower_compat"
+    found = [
+        hit
+        for folder in ("tests", "bench")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if own_tests not in path.parents
         for hit in private_flower_imports(path)
     ]
     assert found == [], "route these through wardround.flower_compat:\n" + "\n".join(

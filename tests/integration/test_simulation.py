@@ -27,11 +27,11 @@ def test_three_sites_two_rounds_write_a_complete_run_directory(
     from peft import PeftModel
 
     from wardround import __version__
-    from wardround.client.site_config import SiteConfig
     from wardround.common.adapter import adapter_state
     from wardround.common.release import version_from_metrics, version_metrics
     from wardround.models import build_base_model
     from wardround.simulations.runner import prepare_simulation, run_simulation_engine
+    from wardround.sitedata.site_config import SiteConfig
 
     before = set(descendants())
     config = tiny_config.with_overrides(data={"sites_dir": str(three_sites)})

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from wardround.cli import app
 from wardround.models.pretraining import PretrainSettings
-from wardround.simulations.public_base import pretrain_base
+from wardround.models.public_base import pretrain_base
 from wardround.simulations.study.plan import Cell, StudySettings, StudySize
 from wardround.simulations.study.runner import run_study, write_docs
 from wardround.synthetic.hospitals import synthesize_federation

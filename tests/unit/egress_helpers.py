@@ -12,12 +12,16 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.common import ndarrays_to_parameters
-from flwr.compat.common import recorddict_compat as compat
-from flwr.compat.common.typing import Code, FitRes, Status
 
 from wardround.common import wire
 from wardround.common.errors import EgressViolation
+from wardround.flower_compat.legacy import (
+    Code,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+)
+from wardround.flower_compat.legacy import recorddict_compat as compat
 
 SHAPES = {"lora_A.weight": (2, 3), "lora_B.weight": (3, 2), "head.bias": (4,)}
 LABELS = ("pneumonia", "edema")

@@ -10,7 +10,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from flwr.cli.build import build_fab_from_disk
 
 from wardround.client.approvals import (
     APPROVALS_FILE,
@@ -22,6 +21,7 @@ from wardround.client.approvals import (
 )
 from wardround.common.config import RunConfig
 from wardround.common.errors import ConfigError
+from wardround.flower_compat.tools import build_fab_from_disk
 from wardround.server.launcher import APP_NAME, app_pyproject
 
 HASH_A = "a" * 64

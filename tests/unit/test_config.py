@@ -193,7 +193,7 @@ def test_an_out_of_bound_site_setting_is_a_config_error_naming_it(
 ):
     import tomli_w
 
-    from wardround.client.site_config import SiteConfig
+    from wardround.sitedata.site_config import SiteConfig
 
     path = tmp_path / "site.toml"
     table = {section: {key: value}}

@@ -2,10 +2,10 @@
 
 import pytest
 
-from wardround.client.site_config import SiteConfig
 from wardround.common.errors import ConfigError
 from wardround.ops.config_file import TomlFileConfig
 from wardround.server.coordinator_config import CoordinatorConfig
+from wardround.sitedata.site_config import SiteConfig
 
 # the one table coordinator.toml must have
 MINIMAL = {

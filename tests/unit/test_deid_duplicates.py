@@ -15,11 +15,11 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from wardround.client.cli import site_app
-from wardround.client.data import dicom_warnings
-from wardround.client.data.dicom_index import index_dicom
-from wardround.client.data.join import duplicate_instances, study_series
 from wardround.client.deid_export import deid_folder
 from wardround.common.errors import ConfigError
+from wardround.sitedata import dicom_warnings
+from wardround.sitedata.dicom_index import index_dicom
+from wardround.sitedata.join import duplicate_instances, study_series
 
 runner = CliRunner()
 SALT = b"a-long-test-salt-0123456789"

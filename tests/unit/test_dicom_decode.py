@@ -14,10 +14,11 @@ from pydicom.data.data_manager import DATA_ROOT, online_test_file_dummy_paths
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
-from wardround.client.data import decode
-from wardround.client.data.decode import DecodeFailure
-from wardround.client.data.dicom_index import index_dicom
-from wardround.client.data.image import (
+from wardround.common.config import SliceMode
+from wardround.sitedata import decode
+from wardround.sitedata.decode import DecodeFailure
+from wardround.sitedata.dicom_index import index_dicom
+from wardround.sitedata.image import (
     WINDOW_PRESETS,
     combine_slices,
     load_study_image,
@@ -26,7 +27,6 @@ from wardround.client.data.image import (
     resize_to_square,
     to_unit,
 )
-from wardround.common.config import SliceMode
 
 TEST_ROOT = Path(DATA_ROOT) / "test_files"
 #: files that pydicom ships broken on purpose, with the reason we must give
@@ -239,7 +239,7 @@ def _palette(tmp_path: Path) -> Path:
 
 
 def test_monochrome1_palette_and_ybr(tmp_path):
-    from wardround.client.data.image import frames_to_unit
+    from wardround.sitedata.image import frames_to_unit
 
     mono1 = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     ref = load_study_image([Path(get_testdata_file("MR_small.dcm"))], 16)
@@ -278,7 +278,7 @@ def test_spacing_aware_resize_keeps_aspect_and_pads():
 
 
 def test_parallel_index_matches_serial(tmp_path, monkeypatch):
-    from wardround.client.data import dicom_index
+    from wardround.sitedata import dicom_index
 
     folder = tmp_path / "pacs"
     folder.mkdir()

@@ -26,8 +26,6 @@ from flwr.app import (
     Message,
     RecordDict,
 )
-from flwr.common import ndarray_to_bytes
-from flwr.common.constant import ErrorCode
 
 from wardround.client.egress import (
     WIRE_METRIC_NAMES,
@@ -47,6 +45,8 @@ from wardround.common.errors import (
     error_kind,
     safe_error_reason,
 )
+from wardround.flower_compat.constants import ErrorCode
+from wardround.flower_compat.legacy import ndarray_to_bytes
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

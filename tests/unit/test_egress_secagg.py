@@ -19,8 +19,6 @@ from flwr.app import (
     Message,
     RecordDict,
 )
-from flwr.client.mod import secaggplus_mod
-from flwr.client.mod.utils import make_ffn
 
 from wardround.client.egress import (
     EgressAllowlist,
@@ -33,6 +31,7 @@ from wardround.client.egress_mods import (
 from wardround.common.errors import (
     error_kind,
 )
+from wardround.flower_compat.secagg_protocol import make_ffn, secaggplus_mod
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import tomli_w
 
-from wardround.client.data.dataset import load_site_data
-from wardround.client.data.ehr import EhrStats, encode_batch, open_ehr, schema_problems
-from wardround.client.site_config import EhrSchema, SiteConfig
 from wardround.common.config import TaskConfig
 from wardround.common.errors import DataError
 from wardround.common.text import get_tokenizer
+from wardround.sitedata.dataset import load_site_data
+from wardround.sitedata.ehr import EhrStats, encode_batch, open_ehr, schema_problems
+from wardround.sitedata.site_config import EhrSchema, SiteConfig
 from wardround.synthetic.hospitals import synthesize_federation
 
 TASK = TaskConfig()

@@ -13,15 +13,15 @@ import typer
 from typer.testing import CliRunner
 
 from wardround.client.cli import site_app
-from wardround.client.data.dataset import load_site_data
-from wardround.client.data.imaging import task_for_site
 from wardround.client.preflight import preflight_site
 from wardround.client.site_check import check_site
-from wardround.client.site_config import SiteConfig
 from wardround.common.config import RunConfig, TaskConfig
 from wardround.common.errors import DataError
 from wardround.common.text import get_tokenizer
 from wardround.ops.config_file import load_run_config
+from wardround.sitedata.dataset import load_site_data
+from wardround.sitedata.imaging import task_for_site
+from wardround.sitedata.site_config import SiteConfig
 from wardround.synthetic.hospitals import synthesize_federation
 
 runner = CliRunner()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PRODUCT = ("common", "models", "synthetic", "ops", "pki", "flower_compat", "dashboard", "client", "server", "deploy", "simulations", "wardround")  # fmt: skip
+PRODUCT = ("common", "sitedata", "models", "synthetic", "ops", "pki", "flower_compat", "dashboard", "client", "server", "deploy", "simulations", "wardround")  # fmt: skip
 """Top-level folders of the package (``wardround/`` holds the root: CLI, console)."""
 CLI_SUPPORT = "wardround.cli_support"
 """The one error path and option types every command line shares: its own layer."""
@@ -22,8 +22,11 @@ CLI_SUPPORT = "wardround.cli_support"
 ALLOWED: dict[str, frozenset[str]] = {
     # The pure core: math, config schema, errors, wire names.
     "common": frozenset(),
-    # The model families: builders, LoRA, base folders (torch, PEFT, transformers).
-    "models": frozenset({"common"}),
+    # A site's data: site.toml, DICOM index, EHR, the study join, the datasets.
+    "sitedata": frozenset({"common", "ops", "dashboard"}),
+    # The model families: builders, LoRA, base folders (torch, PEFT, transformers),
+    # and the demo's public base, pretrained on synthetic sites read as a site reads.
+    "models": frozenset({"common", "synthetic", "sitedata", "ops"}),
     # Synthetic hospitals: a data source built on the pure core alone.
     "synthetic": frozenset({"common"}),
     # Shared by every command line (sub-CLIs import it, never the root CLI).
@@ -37,7 +40,16 @@ ALLOWED: dict[str, frozenset[str]] = {
     "dashboard": frozenset({"common", "ops"}),
     # The two sides never import each other.
     "client": frozenset(
-        {"common", "models", "cli_support", "ops", "pki", "flower_compat", "dashboard"}
+        {
+            "common",
+            "sitedata",
+            "models",
+            "cli_support",
+            "ops",
+            "pki",
+            "flower_compat",
+            "dashboard",
+        }
     ),
     "server": frozenset(
         {
@@ -55,6 +67,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "deploy": frozenset(
         {
             "common",
+            "sitedata",
             "models",
             "synthetic",
             "cli_support",
@@ -69,6 +82,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "simulations": frozenset(
         {
             "common",
+            "sitedata",
             "models",
             "synthetic",
             "cli_support",
@@ -86,8 +100,6 @@ ALLOWED: dict[str, frozenset[str]] = {
 
 SIMULATION_IMPORTERS = {
     "wardround/cli.py": "simulate, synth, study: the simulation commands",
-    "models/fusion.py": "base = 'pretrained' with the tiny encoders is the "
-    "demo's base, built from the synthetic public corpus at that one call site",
 }
 """Outside ``simulations/``, only the simulation paths import it, each for a reason."""
 
@@ -172,6 +184,10 @@ def test_every_package_imports_only_what_its_layer_allows():
         ("server/x.py", "import wardround.client.trainer\n", "server -> wardround.client.trainer"),
         # a product module importing the simulations
         ("server/x.py", "from ..simulations import synth\n", "server -> wardround.simulations"),
+        # the model families reaching up for the simulation runner, lazily
+        ("models/fusion.py", "def f():\n    from ..simulations import runner\n", "models -> wardround.simulations"),
+        # a site's data reaching up into the site
+        ("sitedata/x.py", "from ..client import trainer\n", "sitedata -> wardround.client"),
         # a sub-CLI importing the root CLI (a cycle)
         ("client/cli.py", "from ..cli import main\n", "client -> wardround.cli"),
     ],

@@ -22,12 +22,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 
 from wardround.client.app import handle_train
-from wardround.client.data.dataset import TensorDictDataset, load_site_data
-from wardround.client.data.vlm_dataset import VlmDataset
 from wardround.client.dp import DpTraining, is_empty_batch, private_training
 from wardround.client.runtime import get_runtime
 from wardround.client.site_check import check_site
-from wardround.client.site_config import SiteConfig
 from wardround.client.trainer import LocalTrainSpec, evaluate, train_local
 from wardround.common import wire
 from wardround.common.adapter import (
@@ -40,6 +37,9 @@ from wardround.common.config import GradSampleMode, RunConfig, TaskConfig
 from wardround.common.errors import DataError, PrivacyPolicyRefused
 from wardround.common.privacy import local_schedule
 from wardround.common.text import get_tokenizer
+from wardround.sitedata.dataset import TensorDictDataset, load_site_data
+from wardround.sitedata.site_config import SiteConfig
+from wardround.sitedata.vlm_dataset import VlmDataset
 
 SEEDED = DpTraining(1.0, 1.0, GradSampleMode.HOOKS, secure_mode=False)
 GROUP_SIZES = (1, 2, 3, 4)  # studies per patient, cycled
@@ -264,8 +264,8 @@ def test_the_default_delta_limit_is_one_over_the_training_patients(
 
 
 def test_vlm_site_data_is_split_and_counted_by_patient(multi_study_site):
-    from wardround.client.data.vlm_dataset import load_vlm_site_data
     from wardround.models.vlm_tiny import build_tiny_vlm
+    from wardround.sitedata.vlm_dataset import load_vlm_site_data
 
     _, processor = build_tiny_vlm("llava")
     site = SiteConfig.from_toml(multi_study_site / "site.toml")

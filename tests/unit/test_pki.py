@@ -334,8 +334,9 @@ def test_site_keys_are_a_matching_openssh_pair(tmp_path):
 
 
 def test_flower_accepts_the_site_keys(tmp_path):
-    from flwr.cli.supernode.register import try_load_public_key
-    from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
+    from wardround.flower_compat.tools import flower_supernode, try_load_public_key
+
+    _try_setup_client_authentication = flower_supernode._try_setup_client_authentication
 
     files = generate_site_keypair("site-a", tmp_path)
     assert try_load_public_key(files.public_key)

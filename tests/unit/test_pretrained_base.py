@@ -9,12 +9,11 @@ import torch
 
 from wardround.common.config import RunConfig
 from wardround.common.errors import ConfigError
-from wardround.models import build_model
+from wardround.models import build_model, public_base
 from wardround.models.alignment import alignment_loss
 from wardround.models.base_folder import MANIFEST, read_manifest
 from wardround.models.pretraining import PretrainSettings
-from wardround.simulations import public_base
-from wardround.simulations.public_base import PublicCorpus, pretrain_base
+from wardround.models.public_base import PublicCorpus, pretrain_base
 
 FEW_STEPS = PretrainSettings(steps=4, batch_size=16, warmup_steps=1, threads=1)
 

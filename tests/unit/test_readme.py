@@ -3,9 +3,9 @@
 import re
 from pathlib import Path
 
-from wardround.client.site_config import SiteConfig
 from wardround.common.config import RunConfig
 from wardround.ops.config_file import load_run_config
+from wardround.sitedata.site_config import SiteConfig
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 TOML_BLOCKS = re.findall(r"```toml\n(.*?)```", README, flags=re.S)

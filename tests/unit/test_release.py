@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from wardround.client.answers import coarsen_metrics
 from wardround.client.egress import WIRE_METRIC_NAMES
-from wardround.client.site_config import SiteAnswers
 from wardround.common import wire
 from wardround.common.release import version_from_metrics, version_metrics
+from wardround.sitedata.site_config import SiteAnswers
 
 
 @given(st.tuples(*[st.integers(0, 999_999)] * 3))

@@ -84,7 +84,7 @@ def test_exact_match_scores_closed_questions_only_and_overlap_is_chrf():
 def test_synthetic_sites_write_reports_and_answers_that_agree_with_their_labels(
     synthetic_sites,
 ):
-    from wardround.client.site_config import SiteConfig
+    from wardround.sitedata.site_config import SiteConfig
 
     for site_toml in sorted(synthetic_sites.glob("*/site.toml")):
         site = SiteConfig.from_toml(site_toml)

@@ -20,13 +20,6 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.clientapp import ClientApp
-from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import (
-    RECORD_KEY_CONFIGS,
-    Key,
-    Stage,
-)
-from flwr.compat.common import recorddict_compat as compat
 
 from wardround.client.app import build_client_app
 from wardround.client.egress_mods import error_sanitizing_mod
@@ -36,6 +29,15 @@ from wardround.common.adapter import adapter_state, to_record
 from wardround.common.config import SecureAggregationConfig
 from wardround.common.errors import error_kind
 from wardround.common.secagg_math import plan_quantization
+from wardround.flower_compat.legacy import (
+    Code,
+    FitIns,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+)
+from wardround.flower_compat.legacy import recorddict_compat as compat
+from wardround.flower_compat.secagg_protocol import RECORD_KEY_CONFIGS, Key, Stage
 from wardround.flower_compat.secagg_workflow import run_secure_train
 from wardround.models import build_model
 from wardround.simulations.local_grid import LocalGrid

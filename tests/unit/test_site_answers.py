@@ -14,11 +14,11 @@ from wardround.client.answers import (
 )
 from wardround.client.ledger import project, site_ledger
 from wardround.client.run_identity import approved_run_key, run_identity
-from wardround.client.site_config import SiteAnswers
 from wardround.common import wire
 from wardround.common.config import Accountant, RunConfig
 from wardround.common.errors import AnswerRefused, ConfigError, PrivacyBudgetExhausted
 from wardround.common.privacy import Mechanism, check_round_budget, epsilon_spent
+from wardround.sitedata.site_config import SiteAnswers
 
 TRAIN_METRICS = {
     wire.NUM_EXAMPLES: 123,
@@ -64,7 +64,7 @@ def test_only_listed_metrics_leave():
 
 
 def test_an_unknown_metric_in_the_policy_is_a_config_error(tmp_path):
-    from wardround.client.site_config import SiteConfig
+    from wardround.sitedata.site_config import SiteConfig
 
     toml = tmp_path / "site.toml"
     toml.write_text('[answers]\nmetrics = ["auroc-macro", "patient-names"]\n')

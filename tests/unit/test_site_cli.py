@@ -17,9 +17,9 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from wardround.client.cli import site_app
-from wardround.client.data.transforms import drop_modalities
 from wardround.client.deid import PROFILE, uid_pseudonym
 from wardround.ops.config_file import load_run_config
+from wardround.sitedata.transforms import drop_modalities
 from wardround.synthetic.hospitals import synthesize_federation
 
 runner = CliRunner()

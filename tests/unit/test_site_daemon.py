@@ -19,10 +19,10 @@ from wardround.client.daemon import (
     refusal_in,
     supernode_command,
 )
-from wardround.client.site_config import SiteConfig
 from wardround.common.errors import ConfigError, FederationError
 from wardround.ops.audit import read_audit
 from wardround.pki import generate_site_keypair, init_ca
+from wardround.sitedata.site_config import SiteConfig
 
 # ------------------------------------------------------------------ refusals
 
@@ -171,7 +171,7 @@ def test_plan_site_passes_and_resolves_absolute_paths(
 
 def test_plan_site_accepts_a_site_without_imaging(site, credentials):
     # the daemon does not know its runs yet: a run that requires images is
-    # refused when it comes (client.data.imaging), not the site
+    # refused when it comes (sitedata.imaging), not the site
     import tomllib
 
     import tomli_w
@@ -219,9 +219,8 @@ def test_supernode_command_runs_the_paced_supernode(site):
 
 
 def test_supernode_node_config_parses_back_to_site_toml(site):
-    from flwr.common.config import parse_config_args
-
     from wardround.client.runtime import SITE_CONFIG_KEY
+    from wardround.flower_compat.tools import parse_config_args
 
     plan = SitePlan(
         site=SiteConfig.from_toml(site),
@@ -401,10 +400,12 @@ def secured_supernode(site, credentials, monkeypatch, tmp_path):
 
 def _acquire_task(address: str, *interceptors: object):  # noqa: ANN202
     """One AcquireTask call, the way any local process could make it (no retries)."""
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.runtime import RuntimeHttpClient
+    from wardround.flower_compat.runtime import (
+        AcquireTaskRequest,
+        RuntimeHttpClient,
+        RuntimeVersionHttpInterceptor,
+        TaskType,
+    )
 
     client = RuntimeHttpClient.from_server_address(
         server_address=address,
@@ -421,9 +422,9 @@ def _acquire_task(address: str, *interceptors: object):  # noqa: ANN202
 
 def test_acquire_task_without_the_site_secret_is_refused(secured_supernode):
     import httpx
-    from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
 
     from wardround.client.site_worker import SUPEREXEC_AUTH_METHODS
+    from wardround.flower_compat.runtime import SuperExecAuthHttpInterceptor
 
     address, secret = secured_supernode
     wrong = SuperExecAuthHttpInterceptor(
@@ -442,10 +443,9 @@ def test_acquire_task_without_the_site_secret_is_refused(secured_supernode):
 def test_the_worker_signs_its_acquire_task_with_the_site_secret(secured_supernode):
     import threading
 
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest
-
     from wardround.client.approvals import AppApprovals
     from wardround.client.site_worker import SiteWorker
+    from wardround.flower_compat.runtime import AcquireTaskRequest
 
     address, secret = secured_supernode
     worker = SiteWorker(

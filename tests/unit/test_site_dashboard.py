@@ -16,10 +16,10 @@ from wardround.client.dashboard.app import build_app as site_app
 from wardround.client.dashboard.state import SiteSource, privacy_report
 from wardround.client.egress_log import record_egress
 from wardround.client.ledger import PrivacyLedger, ledger_file
-from wardround.client.site_config import SiteConfig
 from wardround.common.privacy import Mechanism
 from wardround.dashboard.web import Exposure
 from wardround.ops.audit import AuditLog
+from wardround.sitedata.site_config import SiteConfig
 
 LOOPBACK = Exposure(host="127.0.0.1", port=9101)
 

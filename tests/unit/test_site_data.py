@@ -14,12 +14,15 @@ import pydicom
 import pytest
 import tomli_w
 
-from wardround.client.data import dataset as dataset_mod
-from wardround.client.data import dicom_index
-from wardround.client.data.dataset import load_site_data, split_patients
-from wardround.client.data.dicom_index import index_dicom
-from wardround.client.data.ehr import encode_ehr, read_ehr
-from wardround.client.data.image import (
+from wardround.common.config import TaskConfig
+from wardround.common.errors import DataError
+from wardround.common.text import get_tokenizer
+from wardround.sitedata import dataset as dataset_mod
+from wardround.sitedata import dicom_index
+from wardround.sitedata.dataset import load_site_data, split_patients
+from wardround.sitedata.dicom_index import index_dicom
+from wardround.sitedata.ehr import encode_ehr, read_ehr
+from wardround.sitedata.image import (
     CT_DEFAULT_WINDOW,
     dataset_to_image,
     declared_window,
@@ -27,10 +30,7 @@ from wardround.client.data.image import (
     to_unit,
     window,
 )
-from wardround.client.site_config import EhrSchema, SiteConfig
-from wardround.common.config import TaskConfig
-from wardround.common.errors import DataError
-from wardround.common.text import get_tokenizer
+from wardround.sitedata.site_config import EhrSchema, SiteConfig
 from wardround.synthetic.dicom import Encoded, Study, build_dataset, make_uid
 from wardround.synthetic.hospitals import synthesize_federation
 

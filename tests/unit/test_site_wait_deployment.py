@@ -111,11 +111,12 @@ def _deployed_run(three_sites, tiny_config, tmp_path, monkeypatch):
     result and the coordinator's state folder. One site is late before round 0,
     st-cuthbert goes silent in round 2's training."""
     from flwr.app import Context, RecordDict
-    from flwr.superlink.grid import http_grid
 
+    from wardround.flower_compat.pacing import serverapp_grid_module
     from wardround.server.app import build_server_app
 
     # The deployed ServerApp paces Flower's Grid for good; this test puts it back.
+    http_grid = serverapp_grid_module()
     monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
     state = tmp_path / "state"
     state.mkdir()

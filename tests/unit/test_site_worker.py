@@ -176,9 +176,8 @@ def test_numeric_metrics_of_empty_content():
 def test_a_task_its_supernode_dropped_is_cancelled_not_the_daemon():
     import threading
 
-    from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse
-
     from wardround.client.site_worker import task_heartbeat_fn
+    from wardround.flower_compat.runtime import SendTaskHeartbeatResponse
 
     class Client:
         success = True

@@ -9,15 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.server.superlink.linkstate.utils import (
-    create_message_error_unavailable_res_message,
-)
 from flwr.serverapp import Grid
 
 from wardround.common import wire
 from wardround.common.adapter import to_record
 from wardround.common.config import FederationConfig, SecureAggregationConfig
 from wardround.common.secagg_math import plan_quantization
+from wardround.flower_compat.replies import superlink_offline_reply
 from wardround.server.replies import check_train_reply, split_replies
 from wardround.server.strategies import (
     ExchangeLimits,
@@ -219,7 +217,7 @@ class OfflineNodeGrid(ReplyingGrid):
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = msg.object_id
         return [
-            create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+            superlink_offline_reply(msg.metadata, "node_unavail")
             if msg.metadata.dst_node_id == 103
             else self.reply(msg)
             for msg in messages

@@ -11,8 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from wardround.client.data.ehr import encode_ehr
-from wardround.client.site_config import EhrSchema
 from wardround.common.config import TaskConfig
 from wardround.common.errors import ConfigError
 from wardround.simulations.study.plan import ArmGroup, Cell, StudySettings, StudySize
@@ -26,6 +24,8 @@ from wardround.simulations.study.stats import (
     subgroup_auroc,
 )
 from wardround.simulations.study.summary import fmt
+from wardround.sitedata.ehr import encode_ehr
+from wardround.sitedata.site_config import EhrSchema
 from wardround.synthetic.hospitals import site_profile
 from wardround.synthetic.notes import NoteStyle, site_cues, write_note
 from wardround.synthetic.shift import (

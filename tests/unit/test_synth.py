@@ -11,10 +11,10 @@ import pytest
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import ExplicitVRLittleEndian
 
-from wardround.client.data.ehr import read_ehr
-from wardround.client.site_config import SiteConfig
 from wardround.common.config import TaskConfig
 from wardround.common.errors import ConfigError
+from wardround.sitedata.ehr import read_ehr
+from wardround.sitedata.site_config import SiteConfig
 from wardround.synthetic.dicom import SOP_CLASS
 from wardround.synthetic.hospitals import synthesize_federation
 

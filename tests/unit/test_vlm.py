@@ -246,7 +246,7 @@ def test_every_tiny_family_trains_and_generates_on_cpu(arch):
         losses.append(float(loss))
 
     assert losses[-1] < losses[0]
-    from wardround.client.data.vlm_dataset import VlmDataset
+    from wardround.sitedata.vlm_dataset import VlmDataset
 
     samples = objective.generate_samples(
         built.model.eval(), VlmDataset([item], ["q"], ["yes"]), torch.device("cpu")
@@ -290,12 +290,12 @@ def test_bf16_base_and_gradient_checkpointing_train_on_cpu():
 
 
 def test_dp_sgd_trains_lora_on_a_bfloat16_base():
-    from wardround.client.data.vlm_dataset import VlmDataset
     from wardround.client.dp import DpTraining
     from wardround.client.trainer import LocalTrainSpec, train_local
     from wardround.client.vlm_objective import VlmObjective
     from wardround.common.adapter import adapter_state
     from wardround.common.config import GradSampleMode
+    from wardround.sitedata.vlm_dataset import VlmDataset
 
     built = build_model(vlm_config("llava", dtype="bfloat16"))
     fmt = PromptFormat.of(built.processor)

@@ -112,8 +112,8 @@ def test_ehr_serialisation_is_deterministic_and_readable():
 
 @pytest.mark.parametrize("arch", ["llava", "idefics3"])
 def test_an_examples_loss_does_not_depend_on_its_batch_padded_or_packed(arch):
-    from wardround.client.data.vlm_dataset import VlmDataset
     from wardround.client.vlm_objective import VlmObjective
+    from wardround.sitedata.vlm_dataset import VlmDataset
 
     built = build_model(vlm_config(arch, dp=False, pack_sequences=True))
     processor = built.processor

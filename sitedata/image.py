@@ -20,8 +20,8 @@ import pydicom
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-from ...common.config import SliceMode
-from ...common.errors import DataError
+from ..common.config import SliceMode
+from ..common.errors import DataError
 from .decode import SERIES_SHAPES, DecodeFailure, decode_pixels, read_dataset
 
 #: (center, width) for CT when the file declares no window and no preset fits

@@ -38,10 +38,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from ...common.config import FusionModelConfig, RunConfig, TaskConfig
-from ...common.errors import DataError
-from ...common.text import hash_note_ngrams
-from ..site_config import SiteConfig
+from ..common.config import FusionModelConfig, RunConfig, TaskConfig
+from ..common.errors import DataError
+from ..common.text import hash_note_ngrams
 from . import dicom_warnings
 from .decode import DecodeFailure
 from .dicom_index import INDEX_SCHEMA, index_dicom
@@ -50,6 +49,7 @@ from .image import load_study_image
 from .imaging import no_imaging_error
 from .join import Join, index_fingerprint, join_ehr_images, study_series
 from .patients import count_patients, patient_ordinals
+from .site_config import SiteConfig
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def load_site_data_for_run(
     site: SiteConfig, task: TaskConfig, config: RunConfig, built: Any = None
 ) -> SiteData:
     """The fusion family's data loader (the family registry's entry)."""
-    from ...common.text import get_tokenizer
+    from ..common.text import get_tokenizer
 
     model = FusionModelConfig.of(config)
     return load_site_data(

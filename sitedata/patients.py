@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ...common.errors import DataError
+from ..common.errors import DataError
 
 
 def patient_ordinals(patient_ids: Sequence[str]) -> np.ndarray:

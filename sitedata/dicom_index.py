@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pydicom
 
-from ...common.errors import DataError
+from ..common.errors import DataError
 from . import decode, dicom_warnings
 from .decode import OK, DecodeFailure
 

@@ -10,9 +10,9 @@ not require an image per study (:attr:`RunConfig.requires_images
 
 from __future__ import annotations
 
-from ...common.config import TaskConfig
-from ...common.errors import DataError
-from ..site_config import SiteConfig
+from ..common.config import TaskConfig
+from ..common.errors import DataError
+from .site_config import SiteConfig
 
 NO_IMAGING_HINT = (
     "Run it with task.require-image = false (studies without image then train on "

@@ -25,28 +25,32 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
-from ...common.config import RunConfig, TaskConfig, TaskKind, VlmModelConfig
-from ...common.errors import DataError
-from ...common.vlm_prompts import (
+from ..common.config import RunConfig, TaskConfig, TaskKind, VlmModelConfig
+from ..common.errors import DataError
+from ..common.vlm_prompts import (
     PromptFormat,
     encode_example,
     serialize_ehr,
     user_text,
 )
-from ..site_config import SiteConfig
 from .dataset import PreparedSite, SiteData, prepare_site, split_patients
 from .ehr import open_dataset
 from .patients import count_patients, patient_ordinals, patients_of
+from .site_config import SiteConfig
 
-if TYPE_CHECKING:
-    from ...models import BuiltModel
+
+class WithProcessor(Protocol):
+    """A built vlm model (``wardround.models.BuiltModel``): its processor tokenises."""
+
+    processor: Any
+
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +154,7 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def load_vlm_site_data_for_run(
-    site: SiteConfig, task: TaskConfig, config: RunConfig, built: BuiltModel
+    site: SiteConfig, task: TaskConfig, config: RunConfig, built: WithProcessor
 ) -> SiteData:
     """The vlm family's data loader: the built model's processor tokenises."""
     model = VlmModelConfig.of(config)

@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from ...common.config import TaskConfig
-from ...common.errors import DataError
-from ..site_config import ColumnType, EhrSchema, FeatureSpec, LabelSpec
+from ..common.config import TaskConfig
+from ..common.errors import DataError
+from .site_config import ColumnType, EhrSchema, FeatureSpec, LabelSpec
 from .units import conversion, known_units
 
 BATCH_ROWS = 65_536

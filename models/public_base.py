@@ -26,11 +26,11 @@ from typing import Any
 
 from ..common.config import FusionModelConfig, Modality, RunConfig
 from ..common.errors import ConfigError
-from ..models.base_folder import MANIFEST, base_shapes, save_base
-from ..models.pretraining import PretrainSettings, pretrain_encoders
 from ..ops.cache_dir import cache_root
 from ..ops.file_lock import exclusive_lock
 from ..synthetic.shift import Heterogeneity
+from .base_folder import MANIFEST, base_shapes, save_base
+from .pretraining import PretrainSettings, pretrain_encoders
 
 logger = logging.getLogger(__name__)
 
@@ -167,9 +167,9 @@ def pretrain_base(
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Pretrain ``config``'s random base on the corpus sites; write it to ``out``."""
-    from ..client.data.dataset import TensorDictDataset, load_site_data_for_run
-    from ..client.site_config import SiteConfig
-    from ..models.fusion import build_base
+    from ..sitedata.dataset import TensorDictDataset, load_site_data_for_run
+    from ..sitedata.site_config import SiteConfig
+    from .fusion import build_base
 
     mc = FusionModelConfig.of(config)
     modalities = set(mc.modalities)
