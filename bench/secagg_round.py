@@ -28,7 +28,7 @@ from flwr.clientapp import ClientApp
 from wardround.client.egress import EgressAllowlist
 from wardround.client.egress_mods import site_mods
 from wardround.common import wire
-from wardround.common.adapter import clip_l2, from_record, to_record
+from wardround.common.adapter import clip_l2, from_record, to_record, wire_header
 from wardround.common.aggregation import weighted_mean
 from wardround.common.config import SecureAggregationConfig
 from wardround.common.secagg_math import mean_error_bound, plan_quantization
@@ -60,12 +60,16 @@ def _site_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        metrics = {wire.NUM_EXAMPLES: num_examples, wire.TRAIN_LOSS: 0.5}
+        metrics = {
+            wire.NUM_EXAMPLES: num_examples,
+            wire.TRAIN_LOSS: 0.5,
+            wire.WIRE_VERSION_KEY: wire.WIRE_VERSION,
+        }
         if "fitins.parameters" in msg.content:
             content = compat.fitres_to_recorddict(
                 FitRes(
                     Status(Code.OK, "Success"),
-                    ndarrays_to_parameters(list(delta.values())),
+                    ndarrays_to_parameters([allowlist.layout.pack(delta)]),
                     num_examples,
                     metrics,
                 ),
@@ -84,15 +88,16 @@ def _site_app(
 
 
 def _messages(nodes: list[int], shapes: OrderedDict) -> list[Message]:
-    weights = to_record(
-        OrderedDict((k, np.zeros(s, np.float32)) for k, s in shapes.items())
-    )
+    zeros = OrderedDict((k, np.zeros(s, np.float32)) for k, s in shapes.items())
+    weights = to_record(zeros)
     return [
         Message(
             RecordDict(
                 {
                     wire.GLOBAL_ADAPTER: weights,
-                    wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 1}),
+                    wire.CONFIG: ConfigRecord(
+                        {wire.SERVER_ROUND: 1, **wire_header(zeros)}
+                    ),
                 }
             ),
             dst_node_id=node,
@@ -142,7 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         replies = grid.send_and_receive(_messages(nodes, shapes))
         mean = weighted_mean(
-            [from_record(r.content[wire.ADAPTER_DELTA]) for r in replies],
+            [
+                from_record(r.content[wire.ADAPTER_DELTA], allowlist.layout)
+                for r in replies
+            ],
             [float(r.content[wire.METRICS][wire.NUM_EXAMPLES]) for r in replies],
         )
         plain_times.append(time.perf_counter() - start)

@@ -63,7 +63,11 @@ def coarsen_metrics(
     per_label = wire.AUROC_PER_LABEL in allowed
     out: dict[str, float | int] = {}
     for name, value in metrics.items():
-        if name in wire.ACCOUNTING_METRICS or name == wire.SITE_INDEX:
+        if (
+            name in wire.ACCOUNTING_METRICS
+            or name in wire.PROTOCOL_METRICS
+            or name == wire.SITE_INDEX
+        ):
             out[name] = value
             continue
         listed = name in allowed or (per_label and name.startswith(wire.AUROC_PREFIX))

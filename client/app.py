@@ -115,22 +115,25 @@ def _parse(
     if LEGACY_FITINS_ARRAYS in msg.content:
         # Secure aggregation: Flower's legacy FitIns (unnamed arrays, in key order).
         fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-        arrays = parameters_to_ndarrays(fit_ins.parameters)
-        keys = runtime.adapter_keys
-        if len(arrays) != len(keys):
-            raise FederationError(
-                f"the coordinator sent {len(arrays)} adapter tensors, this site's "
-                f"model has {len(keys)}",
-                hint="The coordinator and this site must use the same model section.",
-            )
-        global_state = OrderedDict(zip(keys, arrays, strict=True))
         round_config: dict[str, Any] = dict(fit_ins.config)
+        _require_wire(round_config, runtime)
+        arrays = parameters_to_ndarrays(fit_ins.parameters)
+        if len(arrays) != 1:
+            raise FederationError(
+                f"the coordinator sent {len(arrays)} arrays; wire version "
+                f"{wire.WIRE_VERSION} sends the adapter packed into one",
+                hint="The coordinator and this site must run the same wire version.",
+            )
+        global_state = runtime.adapter_layout.unpack(arrays[0])
     else:
-        global_state = from_record(cast(ArrayRecord, msg.content[wire.GLOBAL_ADAPTER]))
         round_config = (
             dict(cast(ConfigRecord, msg.content[wire.CONFIG]))
             if wire.CONFIG in msg.content
             else {}
+        )
+        _require_wire(round_config, runtime)
+        global_state = from_record(
+            cast(ArrayRecord, msg.content[wire.GLOBAL_ADAPTER]), runtime.adapter_layout
         )
     _require_finite(global_state)
     _require_weights(round_config)
@@ -161,6 +164,26 @@ def _parse(
         server_round=_server_round(round_config),
         secure_aggregation=LEGACY_FITINS_ARRAYS in msg.content,
     )
+
+
+def _require_wire(round_config: dict[str, Any], runtime: SiteRuntime) -> None:
+    """The message speaks this site's wire version and packs this site's layout."""
+    version = round_config.get(wire.WIRE_VERSION_KEY)
+    if version != wire.WIRE_VERSION:
+        said = "no wire version (1)" if version is None else f"{str(version)[:8]!r}"
+        raise FederationError(
+            f"the coordinator's message states {said}; this site speaks wire version "
+            f"{wire.WIRE_VERSION}",
+            hint="The coordinator and every site must run wardround releases that "
+            "speak the same wire version; upgrade the older side.",
+        )
+    layout = round_config.get(wire.ADAPTER_LAYOUT)
+    if layout != runtime.adapter_layout.digest:
+        raise ModelMismatchError(
+            f"the coordinator packs the adapter in layout {str(layout)[:16]!r}, this "
+            f"site's model lays it out as {runtime.adapter_layout.digest!r}",
+            hint="Use the same model section of the run config at every site.",
+        )
 
 
 def _require_weights(round_config: dict[str, Any]) -> None:
@@ -255,6 +278,7 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         wire.TRAIN_SECONDS: outcome.seconds,
         wire.DELTA_L2: raw_l2,
         wire.DELTA_CLIPPED: int(clipped),
+        wire.WIRE_VERSION_KEY: wire.WIRE_VERSION,
         **version_metrics(__version__),
     }
     if plan is not None and reservation is not None:
@@ -303,7 +327,9 @@ def handle_train(
         content = compat.fitres_to_recorddict(
             FitRes(
                 status=Status(code=Code.OK, message="Success"),
-                parameters=ndarrays_to_parameters(list(payload.values())),
+                parameters=ndarrays_to_parameters(
+                    [request.runtime.payload_layout.pack(payload)]
+                ),
                 num_examples=num_examples,
                 metrics=metrics,
             ),
@@ -350,6 +376,7 @@ def handle_evaluate(
         wire.EVAL_LOSS: outcome.loss,
         wire.AUROC_MACRO: outcome.auroc_macro,
         wire.EVAL_SECONDS: outcome.seconds,
+        wire.WIRE_VERSION_KEY: wire.WIRE_VERSION,
         **version_metrics(__version__),
     }
     for label, value in zip(

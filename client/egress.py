@@ -1,8 +1,11 @@
 """The egress guard: nothing but the declared adapter tensors and numbers leaves a site.
 
 Every outgoing reply is checked against an :class:`EgressAllowlist` built from the
-adapter (tensor names, shapes, float32, count) and the numeric metrics schema of
-:mod:`wardround.common.wire`. A reply that holds anything else is refused: it is not
+adapter (tensor names and shapes, which fix the packed vector's length; float32) and
+the numeric metrics schema of :mod:`wardround.common.wire`. The adapter leaves as one
+packed array (wire version 2, :mod:`wardround.common.packing`): exactly one array,
+under its one name, of exactly the payload's length, float32, finite, and nothing in
+its bytes beyond the array. A reply that holds anything else is refused: it is not
 sent, the coordinator gets an error reply that says what is wrong and where (never the
 offending value), and the violation is logged locally.
 
@@ -49,6 +52,7 @@ from flwr.app.message_type import MessageType
 
 from ..common import wire
 from ..common.errors import EgressViolation
+from ..common.packing import AdapterLayout
 from ..flower_compat.constants import SType
 from ..flower_compat.legacy import bytes_to_ndarray, ndarray_to_bytes
 from ..flower_compat.secagg_protocol import RECORD_KEY_CONFIGS
@@ -138,6 +142,16 @@ class EgressAllowlist:
     def tensor_names(self) -> tuple[str, ...]:
         """The tensor names in payload order."""
         return tuple(name for name, _ in self.tensors)
+
+    @property
+    def layout(self) -> AdapterLayout:
+        """The payload's packed layout."""
+        return AdapterLayout.of_shapes(dict(self.tensors))
+
+    @property
+    def packed_size(self) -> int:
+        """The one packed array's length: every payload tensor's values."""
+        return self.layout.size
 
     def allows_metric(self, name: str) -> bool:
         """Whether ``name`` is a fixed metric name or a prefix + a run label."""
@@ -237,51 +251,42 @@ def _float_array(
     return problems
 
 
-def _named_tensors(
+def _packed_tensor(
     record: ArrayRecord, allowlist: EgressAllowlist, where: str
 ) -> list[str]:
-    expected = dict(allowlist.tensors)
-    extra = [name for name in record.keys() if name not in expected]
-    missing = [name for name in expected if name not in record]
-    problems = []
-    if extra:
-        problems.append(
-            f"{where}: {len(extra)} tensor(s) not in the adapter allowlist: "
-            + ", ".join(_unlisted(name) for name in extra)
-        )
-    if missing:
-        problems.append(
-            f"{where}: {len(missing)} declared tensor(s) missing: {missing[:5]}"
-        )
-    for name in record.keys():
-        if name in expected:
-            problems += _float_array(
-                record[name], expected[name], f"{where} tensor {name!r}"
-            )
-    return problems
+    """The adapter as one packed array named ``wire.PACKED_ADAPTER``."""
+    return _one_array(record, allowlist, where, (wire.PACKED_ADAPTER,), legacy=False)
 
 
 def _ordered_tensors(
     record: ArrayRecord, allowlist: EgressAllowlist, where: str
 ) -> list[str]:
-    """Legacy Parameters: unnamed arrays ("0", "1", ...) or the names, in payload order."""
+    """Legacy Parameters: the packed adapter as the one unnamed array ("0")."""
+    return _one_array(record, allowlist, where, ("0",), legacy=True)
+
+
+def _one_array(
+    record: ArrayRecord,
+    allowlist: EgressAllowlist,
+    where: str,
+    names: tuple[str],
+    *,
+    legacy: bool,
+) -> list[str]:
     keys = list(record.keys())
-    names = list(allowlist.tensor_names)
-    indices = [str(i) for i in range(len(names))]
     problems = []
-    if len(keys) != len(names):
-        problems.append(f"{where}: {len(keys)} array(s), expected {len(names)}")
-    if keys[: len(names)] not in (indices[: len(keys)], names[: len(keys)]):
-        shown = ", ".join(_shown(key, indices + names) for key in keys[:5])
+    if keys != list(names):
+        shown = ", ".join(_shown(key, names) for key in keys[:5])
         problems.append(
-            f"{where}: array keys [{shown}] are neither '0', '1', ... nor the adapter "
-            "tensor names in payload order"
+            f"{where}: {len(keys)} array(s) [{shown}]; wire version "
+            f"{wire.WIRE_VERSION} sends one, the packed adapter, as {names[0]!r}"
         )
-    for i, (key, (name, shape)) in enumerate(
-        zip(keys, allowlist.tensors, strict=False)
-    ):
+    if names[0] in record:
         problems += _float_array(
-            record[key], shape, f"{where} array {i} ({name!r})", legacy=True
+            record[names[0]],
+            (allowlist.packed_size,),
+            f"{where} array {names[0]!r} (the packed adapter)",
+            legacy=legacy,
         )
     return problems
 
@@ -361,7 +366,7 @@ def check_reply(content: RecordDict, allowlist: EgressAllowlist, *, kind: str) -
     problems = _layout(content, layouts[kind])
     delta = content.get(wire.ADAPTER_DELTA)
     if kind == MessageType.TRAIN and isinstance(delta, ArrayRecord):
-        problems += _named_tensors(delta, allowlist, f"record {wire.ADAPTER_DELTA!r}")
+        problems += _packed_tensor(delta, allowlist, f"record {wire.ADAPTER_DELTA!r}")
     metrics = content.get(wire.METRICS)
     if isinstance(metrics, MetricRecord):
         problems += _metric_values(metrics, allowlist, f"record {wire.METRICS!r}")

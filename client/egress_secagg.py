@@ -61,14 +61,14 @@ def _public_key(value: object) -> bool:
 def _masked_vectors(
     blobs: list[bytes], allowlist: EgressAllowlist, where: str
 ) -> list[str]:
-    """SecAgg+'s masked vector: the weight factor (1,), then one per adapter tensor."""
-    shapes = [(1,), *(shape for _, shape in allowlist.tensors)]
-    labels = ["the weight factor", *(repr(name) for name in allowlist.tensor_names)]
+    """SecAgg+'s masked vectors: the weight factor (1,), then the packed adapter."""
+    shapes = [(1,), (allowlist.packed_size,)]
+    labels = ["the weight factor", "the packed adapter"]
     problems = []
     if len(blobs) != len(shapes):
         problems.append(
             f"{where}: {len(blobs)} masked array(s), expected {len(shapes)} "
-            "(the weight factor, then one per adapter tensor)"
+            "(the weight factor, then the packed adapter)"
         )
     for i, (blob, shape, label) in enumerate(zip(blobs, shapes, labels, strict=False)):
         at = f"{where} masked array {i} ({label})"

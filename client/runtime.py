@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..common.adapter import adapter_state, payload_keys
 from ..common.config import LoraVariant, RunConfig
 from ..common.errors import ConfigError
+from ..common.packing import AdapterLayout
 from ..common.recipe import training_recipe
 from ..models import BuiltModel, family_of
 from ..sitedata.site_config import SiteConfig
@@ -50,6 +51,16 @@ class SiteRuntime:
     def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every adapter tensor's shape, in sorted key order."""
         return {k: tuple(v.shape) for k, v in adapter_state(self.built.model).items()}
+
+    @functools.cached_property
+    def adapter_layout(self) -> AdapterLayout:
+        """The global adapter's packed layout (what the coordinator sends)."""
+        return AdapterLayout.of_shapes(self.adapter_shapes)
+
+    @functools.cached_property
+    def payload_layout(self) -> AdapterLayout:
+        """The packed layout of what this site sends back (its payload tensors)."""
+        return self.adapter_layout.subset(self.payload_keys)
 
     @property
     def adapter_keys(self) -> list[str]:

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import wire
 from .errors import ConfigError, FederationError
+from .packing import AdapterLayout
 
 if TYPE_CHECKING:
     import torch
@@ -112,20 +114,49 @@ def load_adapter_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) 
 
 
 def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Wrap float32 tensors in a Flower ArrayRecord (serialised without pickle)."""
+    """The tensors packed into one float32 array of a Flower ArrayRecord.
+
+    Wire version 2: one array per adapter, in :class:`.packing.AdapterLayout` order
+    (serialised without pickle).
+    """
     from flwr.app import Array, ArrayRecord
 
-    return ArrayRecord(
-        OrderedDict(
-            (k, Array(np.ascontiguousarray(v, dtype=np.float32)))
-            for k, v in state.items()
+    packed = AdapterLayout.of_state(state).pack(state)
+    return ArrayRecord(OrderedDict([(wire.PACKED_ADAPTER, Array(packed))]))
+
+
+def wire_header(state: Mapping[str, np.ndarray]) -> dict[str, str | int]:
+    """What a message carrying ``state`` states in its config.
+
+    The wire version and the digest of the adapter's packed layout: the site checks
+    both before it reads the adapter.
+    """
+    return {
+        wire.WIRE_VERSION_KEY: wire.WIRE_VERSION,
+        wire.ADAPTER_LAYOUT: AdapterLayout.of_state(state).digest,
+    }
+
+
+def from_record(
+    record: ArrayRecord, layout: AdapterLayout
+) -> OrderedDict[str, np.ndarray]:
+    """The named tensors of a packed ArrayRecord laid out as ``layout``.
+
+    Raises
+    ------
+    FederationError
+        The record is not one packed array of ``layout``'s size (another wire
+        version, or another model).
+    """
+    keys = list(record.keys())
+    if keys != [wire.PACKED_ADAPTER]:
+        raise FederationError(
+            f"the adapter record holds {len(keys)} array(s); wire version "
+            f"{wire.WIRE_VERSION} sends one, named {wire.PACKED_ADAPTER!r}",
+            hint="The coordinator and every site must run a wardround release that "
+            f"speaks wire version {wire.WIRE_VERSION}.",
         )
-    )
-
-
-def from_record(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
-    """Unwrap a Flower ArrayRecord into numpy arrays."""
-    return OrderedDict((k, record[k].numpy()) for k in record.keys())
+    return layout.unpack(record[wire.PACKED_ADAPTER].numpy())
 
 
 def l2_norm(state: Mapping[str, np.ndarray]) -> float:

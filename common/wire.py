@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+WIRE_VERSION = 2
+"""The wire contract's version. 2: each adapter travels as one packed float32 array
+(:mod:`wardround.common.packing`); 1 (unversioned) sent one array per tensor."""
+
 # Record keys (RecordDict entries)
 GLOBAL_ADAPTER = "arrays"
 """ArrayRecord: the global adapter *weights* sent to sites (Flower's default key)."""
 ADAPTER_DELTA = "delta"
 """ArrayRecord: a site's adapter *delta* (trained - global), float32."""
+PACKED_ADAPTER = "adapter"
+"""The one array of an adapter ArrayRecord: the tensors packed in layout order."""
 CONFIG = "config"
 METRICS = "metrics"
 
@@ -33,6 +39,8 @@ PAYLOAD_KIND = "payload-kind"
 RUN_ID = "run-id"  # the coordinator's run id, for the site's privacy ledger
 AGGREGATION = "aggregation"  # an Aggregation value
 SECAGG_MAX_WEIGHT = "secagg-max-weight"  # sites cap their example count at this
+WIRE_VERSION_KEY = "wire-version"  # WIRE_VERSION, in every message and every reply
+ADAPTER_LAYOUT = "adapter-layout"  # AdapterLayout.digest of the global adapter sent
 
 
 class Aggregation(StrEnum):
@@ -105,6 +113,10 @@ VERSION_METRICS = (VERSION_MAJOR, VERSION_MINOR, VERSION_PATCH)
 """Sent with every reply so the coordinator can tell which release each site runs; a
 site's answer policy may leave them out."""
 
+PROTOCOL_METRICS = (WIRE_VERSION_KEY,)
+"""Sent with every reply whatever the site's answer policy: the coordinator reads a
+delta only in the wire version it speaks."""
+
 METRIC_NAMES = (
     NUM_EXAMPLES,
     SITE_INDEX,
@@ -120,6 +132,7 @@ METRIC_NAMES = (
     *ACCOUNTING_METRICS,
     *GENERATIVE_METRICS,
     *VERSION_METRICS,
+    *PROTOCOL_METRICS,
 )
 """Every metric name a site may send (plus ``AUROC_PREFIX`` + a run label)."""
 
@@ -134,9 +147,9 @@ PER_SITE_TRAINING_METRICS = (TRAIN_LOSS, TRAIN_SECONDS, DELTA_L2, DELTA_CLIPPED)
 SecAgg+ the coordinator sees only the sum of the updates, so these stay home
 (aggregate-only); in plain rounds they leave if the site's policy lists them."""
 
-ANSWERABLE_METRICS = tuple(m for m in METRIC_NAMES if m not in ACCOUNTING_METRICS) + (
-    AUROC_PER_LABEL,
-)
+ANSWERABLE_METRICS = tuple(
+    m for m in METRIC_NAMES if m not in ACCOUNTING_METRICS + PROTOCOL_METRICS
+) + (AUROC_PER_LABEL,)
 """Names a site's answer policy (``[answers] metrics``) may list."""
 
 DEFAULT_ANSWER_METRICS = ANSWERABLE_METRICS

@@ -43,6 +43,7 @@ from flwr.serverapp import Grid
 
 from ..common import wire
 from ..common.config import SecureAggregationConfig
+from ..common.packing import AdapterLayout
 from ..common.secagg_math import (
     QuantizationPlan,
     count_or_fraction,
@@ -242,6 +243,7 @@ def _fit_instruction(
         dict(msg.content[config_key]) if config_key in msg.content else {}
     )
     fit_ins = FitIns(
+        # The packed adapter (wire version 2): one array.
         parameters=ndarrays_to_parameters(
             [np.asarray(arrays[k].numpy(), np.float32) for k in arrays.keys()]
         ),
@@ -293,17 +295,12 @@ def _failures(
 def _named_mean(
     parameters: Parameters, payload_shapes: Mapping[str, tuple[int, ...]]
 ) -> OrderedDict[str, np.ndarray]:
-    """The unmasked mean's arrays under the payload's tensor names (sorted order)."""
+    """The unmasked mean, one packed vector, as the payload's named tensors."""
     mean = parameters_to_ndarrays(parameters)
-    names = sorted(payload_shapes)
-    if len(mean) != len(names) or any(
-        tuple(a.shape) != tuple(payload_shapes[n])
-        for a, n in zip(mean, names, strict=False)
-    ):
+    layout = AdapterLayout.of_shapes(payload_shapes)
+    if len(mean) != 1 or tuple(mean[0].shape) != (layout.size,):
         raise ValueError(
-            "the secure aggregate does not match the adapter payload "
-            f"({len(mean)} arrays for {len(names)} tensors)"
+            "the secure aggregate does not match the packed adapter payload "
+            f"({len(mean)} array(s) for one of {layout.size} values)"
         )
-    return OrderedDict(
-        (n, np.asarray(a, dtype=np.float32)) for n, a in zip(names, mean, strict=True)
-    )
+    return layout.unpack(np.asarray(mean[0], dtype=np.float32))

@@ -12,10 +12,14 @@ from flwr.cli.build import build_fab_from_disk
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.common.config import parse_config_args
 from flwr.supernode.cli import flower_supernode
+from flwr.supernode.cli.flower_supernode import (
+    _try_setup_client_authentication as try_setup_client_authentication,
+)
 
 __all__ = [
     "build_fab_from_disk",
     "flower_supernode",
     "parse_config_args",
     "try_load_public_key",
+    "try_setup_client_authentication",
 ]

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from ..common import wire
-from ..common.adapter import to_record
+from ..common.adapter import to_record, wire_header
 from ..common.config import RunConfig
 from ..common.errors import FederationError, PrivacyBudgetExhausted
 from .records import SiteEvalReport, SiteFailure, SiteTrainReport
@@ -59,12 +59,15 @@ class RoundPhases:
     on_incomplete: Callable[[int, list[SiteFailure]], None] | None = None
     """Called with a round's failures when too few sites trained for it to count."""
 
-    def _round_config(self, server_round: int | None = None) -> ConfigRecord:
+    def _round_config(
+        self, global_state: dict[str, np.ndarray], server_round: int | None = None
+    ) -> ConfigRecord:
         """What every message of a round says besides the strategy's own settings."""
         config: dict[str, Any] = {
             wire.BASE_FINGERPRINT: self.fingerprint,
             wire.PAYLOAD_KIND: wire.PayloadKind.WEIGHTS.value,
             wire.RUN_ID: self.run_id,
+            **wire_header(global_state),
         }
         if server_round is not None:
             config[wire.SERVER_ROUND] = server_round
@@ -76,7 +79,10 @@ class RoundPhases:
         """Sampled sites train the global adapter; return the aggregate and reports."""
         messages = list(
             self.strategy.configure_train(
-                server_round, to_record(global_state), self._round_config(), self.grid
+                server_round,
+                to_record(global_state),
+                self._round_config(global_state),
+                self.grid,
             )
         )
         if self.on_sampled is not None:
@@ -163,7 +169,7 @@ class RoundPhases:
             self.strategy.configure_evaluate(
                 server_round,
                 to_record(global_state),
-                self._round_config(server_round),
+                self._round_config(global_state, server_round),
                 self.grid,
             )
         )

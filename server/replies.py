@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from ..common import wire
 from ..common.errors import error_kind
+from ..common.packing import AdapterLayout
 from ..common.release import version_from_metrics
 from ..flower_compat.replies import addressee_of, error_reason
 from .records import PrivacySpend, SiteEvalReport, SiteFailure, SiteTrainReport
@@ -25,16 +26,34 @@ NameOf = Callable[[int, int], str]
 """``(node id, site index) -> site name``; index -1 when unknown."""
 
 
-def check_train_reply(msg: Message) -> str | None:
-    """Why a train reply's payload is not a delta, or None when it is one.
+def check_train_reply(msg: Message, payload: AdapterLayout) -> str | None:
+    """Why a train reply's payload is not a delta of ``payload``'s layout, or None.
 
     The coordinator adds the reply to the global weights: a site that sent its
     trained *weights* (under the global adapter's key, or tagged as such) would
-    double the adapter.
+    double the adapter. A reply in another wire version, or packed for another
+    layout, cannot be read.
     """
     content = msg.content
-    if not isinstance(content.get(wire.ADAPTER_DELTA), ArrayRecord):
+    delta = content.get(wire.ADAPTER_DELTA)
+    if not isinstance(delta, ArrayRecord):
         return f"reply's {wire.ADAPTER_DELTA!r} record is not an ArrayRecord"
+    metrics = content.get(wire.METRICS)
+    version = metrics.get(wire.WIRE_VERSION_KEY) if metrics is not None else None
+    if version != wire.WIRE_VERSION:
+        said = "no wire version (1)" if version is None else f"wire version {version!r}"
+        return (
+            f"the site speaks {said}; this coordinator reads wire version "
+            f"{wire.WIRE_VERSION} (upgrade the older side)"
+        )
+    if list(delta.keys()) != [wire.PACKED_ADAPTER]:
+        return f"reply's delta holds {len(delta)} array(s), not the one packed adapter"
+    shape = tuple(delta[wire.PACKED_ADAPTER].shape)
+    if shape != (payload.size,):
+        return (
+            f"reply's packed delta has shape {shape}; the payload's layout needs "
+            f"({payload.size},)"
+        )
     if wire.GLOBAL_ADAPTER in content:
         return (
             f"reply carries weights ({wire.GLOBAL_ADAPTER!r}); the round needs a delta"

@@ -10,6 +10,7 @@ with *deltas* (trained - global), which this strategy averages with the pure
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 from typing import Any, cast
@@ -22,6 +23,7 @@ from ...common import wire
 from ...common.adapter import from_record
 from ...common.aggregation import weighted_mean
 from ...common.config import FederationConfig, Strategy
+from ...common.packing import AdapterLayout
 from ...common.wirebytes import content_bytes
 from ..replies import check_train_reply, split_replies
 from .base import Contribution, ExchangeLimits, TrainExchange
@@ -73,13 +75,14 @@ class FedAvg:
     ) -> TrainExchange:
         """Send, collect the deltas within the timeout, and average them."""
         replies = grid.send_and_receive(messages, timeout=limits.timeout_s)
+        payload = AdapterLayout.of_shapes(limits.payload_shapes)
         ok, failures = split_replies(
             replies,
             "train",
             (wire.ADAPTER_DELTA, wire.METRICS),
             sent=messages,
             timeout_s=limits.timeout_s,
-            check=check_train_reply,
+            check=functools.partial(check_train_reply, payload=payload),
         )
         # Site order fixes the float sum's order: the same seed, the same mean.
         ok.sort(key=lambda m: int(_metrics(m).get(wire.SITE_INDEX, -1)))
@@ -95,7 +98,7 @@ class FedAvg:
         mean = (
             weighted_mean(
                 [
-                    from_record(msg.content.array_records[wire.ADAPTER_DELTA])
+                    from_record(msg.content.array_records[wire.ADAPTER_DELTA], payload)
                     for msg in ok
                 ],
                 [float(int(c.metrics[wire.NUM_EXAMPLES])) for c in contributions],

@@ -18,6 +18,7 @@ from wardround.client.secure_aggregation import make_secure_aggregation_mod
 from wardround.common.adapter import clip_l2, to_record
 from wardround.common.aggregation import weighted_mean
 from wardround.common.config import SecureAggregationConfig
+from wardround.common.packing import AdapterLayout
 from wardround.common.secagg_math import (
     mean_error_bound,
     plan_quantization,
@@ -30,6 +31,7 @@ SHAPES = OrderedDict(
     [("a.lora_A.weight", (4, 16)), ("b.lora_B.weight", (16, 4)), ("head.weight", (3,))]
 )
 BOUND = 2.0
+LAYOUT = AdapterLayout.of_shapes(SHAPES)
 
 
 def _deltas(n_sites: int, seed: int = 0) -> list[OrderedDict]:
@@ -51,10 +53,12 @@ def _site_app(delta: OrderedDict, num_examples: int) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         assert fit_ins.config["base-model-fingerprint"] == "fp"
+        # wire version 2: the global adapter arrives as one packed array
+        assert len(fit_ins.parameters.tensors) == 1
         content = compat.fitres_to_recorddict(
             FitRes(
                 status=Status(Code.OK, "Success"),
-                parameters=ndarrays_to_parameters(list(delta.values())),
+                parameters=ndarrays_to_parameters([LAYOUT.pack(delta)]),
                 num_examples=min(
                     num_examples, int(fit_ins.config["secagg-max-weight"])
                 ),

@@ -26,7 +26,7 @@ from wardround.client.app import build_client_app
 from wardround.client.ledger import site_ledger
 from wardround.client.run_identity import approved_run_key
 from wardround.common import wire
-from wardround.common.adapter import adapter_state, to_record
+from wardround.common.adapter import adapter_state, to_record, wire_header
 from wardround.common.config import Accountant
 from wardround.common.errors import error_kind
 from wardround.models import build_model
@@ -85,6 +85,7 @@ class HostileServerApp:
                     {
                         wire.SERVER_ROUND: server_round,
                         wire.BASE_FINGERPRINT: self.built.base_fingerprint,
+                        **wire_header(self.adapter),
                         wire.RUN_ID: run_id,
                     }
                 ),

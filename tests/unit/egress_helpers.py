@@ -23,7 +23,9 @@ from wardround.flower_compat.legacy import (
 )
 from wardround.flower_compat.legacy import recorddict_compat as compat
 
-SHAPES = {"lora_A.weight": (2, 3), "lora_B.weight": (3, 2), "head.bias": (4,)}
+SHAPES = {"head.bias": (4,), "lora_A.weight": (2, 3), "lora_B.weight": (3, 2)}
+"""Sorted by name, as a payload is; packed, 16 values."""
+PACKED_SIZE = 16
 LABELS = ("pneumonia", "edema")
 SECRET = "Jane Doe, MRN 0042"
 
@@ -33,9 +35,20 @@ def _delta(shapes=SHAPES, dtype=np.float32) -> dict[str, np.ndarray]:
     return {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
 
 
+def _packed(delta: dict[str, np.ndarray]) -> np.ndarray:
+    """The tensors concatenated in name order, as they are: no layout checks, so a
+    test can pack a wrong one (a mixed dtype upcasts, as numpy does)."""
+    return np.concatenate([delta[k].reshape(-1) for k in sorted(delta)])
+
+
 def _train_content(delta=None, **metrics) -> RecordDict:
-    arrays = ArrayRecord({k: Array(v) for k, v in (delta or _delta()).items()})
-    values = {wire.NUM_EXAMPLES: 12, wire.TRAIN_LOSS: 0.5, **metrics}
+    arrays = ArrayRecord({wire.PACKED_ADAPTER: Array(_packed(delta or _delta()))})
+    values = {
+        wire.NUM_EXAMPLES: 12,
+        wire.TRAIN_LOSS: 0.5,
+        wire.WIRE_VERSION_KEY: wire.WIRE_VERSION,
+        **metrics,
+    }
     return RecordDict({wire.ADAPTER_DELTA: arrays, wire.METRICS: MetricRecord(values)})
 
 
@@ -45,7 +58,7 @@ def _eval_content(**metrics) -> RecordDict:
 
 
 def _fitres_content(arrays=None, metrics=None, num_examples=12) -> RecordDict:
-    ndarrays = list((arrays or _delta()).values())
+    ndarrays = [_packed(arrays or _delta())]
     fitres = FitRes(
         status=Status(code=Code.OK, message="Success"),
         parameters=ndarrays_to_parameters(ndarrays),

@@ -14,8 +14,9 @@ from flwr.app.message_type import MessageType
 
 from wardround.client.app import handle_evaluate, handle_train
 from wardround.common import wire
-from wardround.common.adapter import adapter_state, to_record
+from wardround.common.adapter import adapter_state, from_record, to_record, wire_header
 from wardround.common.errors import FederationError, ModelMismatchError
+from wardround.common.packing import AdapterLayout
 from wardround.models import build_model
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -49,6 +50,7 @@ def _message(built, kind, fingerprint=None, run_id="test-run", payload_kind=None
                 {
                     wire.SERVER_ROUND: 1,
                     wire.BASE_FINGERPRINT: fingerprint or built.base_fingerprint,
+                    **wire_header(adapter_state(built.model)),
                     wire.RUN_ID: run_id,
                     **extra,
                 }
@@ -68,15 +70,15 @@ def test_train_reply_holds_only_the_adapter_delta_and_numbers(site_setup):
     from peft import get_peft_model_state_dict
 
     declared = get_peft_model_state_dict(built.model)
-    assert set(delta.keys()) == set(declared)
-    for key in delta.keys():
-        array = delta[key].numpy()
-        assert array.dtype == np.float32
-        assert array.shape == tuple(declared[key].shape)
+    # wire version 2: the declared tensors packed into one float32 array
+    assert list(delta.keys()) == [wire.PACKED_ADAPTER]
+    layout = AdapterLayout.of_shapes({k: v.shape for k, v in declared.items()})
+    unpacked = from_record(delta, layout)
+    assert list(unpacked) == sorted(declared)
+    assert all(a.dtype == np.float32 for a in unpacked.values())
     # frozen encoder weights never travel
     assert not any(
-        "lora_" not in k and "encoder" in k and "ehr_encoder" not in k
-        for k in delta.keys()
+        "lora_" not in k and "encoder" in k and "ehr_encoder" not in k for k in unpacked
     )
     metrics = reply.content[wire.METRICS]
     assert isinstance(metrics, MetricRecord)
@@ -99,6 +101,7 @@ def test_evaluate_reply_is_numbers_with_fixed_names(site_setup):
         wire.AUROC_MACRO,
         wire.EVAL_SECONDS,
         *wire.VERSION_METRICS,
+        *wire.PROTOCOL_METRICS,
     }
     per_label = {wire.AUROC_PREFIX + label for label in config.task.labels}
     # a label with one class at this site has no AUROC: it is left out, not NaN
@@ -110,6 +113,19 @@ def test_site_refuses_another_base_model(site_setup):
     _, built, context = site_setup
     with pytest.raises(ModelMismatchError, match="base model"):
         handle_train(_message(built, MessageType.TRAIN, fingerprint="0" * 64), context)
+
+
+@pytest.mark.parametrize("kind", [MessageType.TRAIN, MessageType.EVALUATE])
+def test_site_refuses_another_wire_version_or_layout_before_any_work(site_setup, kind):
+    _, built, context = site_setup
+    old = _message(built, kind)
+    del old.content[wire.CONFIG][wire.WIRE_VERSION_KEY]
+    with pytest.raises(FederationError, match=r"no wire version \(1\)"):
+        (handle_train if kind == MessageType.TRAIN else handle_evaluate)(old, context)
+    other = _message(built, kind)
+    other.content[wire.CONFIG][wire.ADAPTER_LAYOUT] = "0" * 16
+    with pytest.raises(ModelMismatchError, match="packs the adapter in layout"):
+        (handle_train if kind == MessageType.TRAIN else handle_evaluate)(other, context)
 
 
 def test_a_round_is_reproducible(site_setup):

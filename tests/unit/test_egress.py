@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from egress_helpers import (
     LABELS,
+    PACKED_SIZE,
     SECRET,
     SHAPES,
     _context,
@@ -88,30 +89,53 @@ def test_a_correct_train_and_evaluate_reply_pass(allowlist):
     check_reply(_eval_content(), allowlist, kind="evaluate")
 
 
-def test_an_extra_tensor_is_refused_without_echoing_its_name(allowlist):
-    delta = {**_delta(), "encoder.patient_jane.weight": np.zeros(2, np.float32)}
+def test_the_allowlist_packs_its_tensors_into_one_array(allowlist):
+    assert allowlist.packed_size == PACKED_SIZE
+    assert allowlist.layout.names == tuple(sorted(SHAPES))
 
-    text = _refusal(check_reply, _train_content(delta), allowlist, kind="train")
 
-    assert "not in the adapter allowlist" in text
+def test_an_array_beside_the_packed_adapter_is_refused_without_echoing_its_name(
+    allowlist,
+):
+    content = _train_content()
+    content[wire.ADAPTER_DELTA]["encoder.patient_jane.weight"] = Array(
+        np.zeros(2, np.float32)
+    )
+
+    text = _refusal(check_reply, content, allowlist, kind="train")
+
+    assert "2 array(s)" in text and "wire version 2 sends one" in text
     assert "patient_jane" not in text
 
 
-def test_a_missing_tensor_is_refused(allowlist):
+def test_a_per_tensor_record_of_wire_version_1_is_refused(allowlist):
+    content = _train_content()
+    content[wire.ADAPTER_DELTA] = ArrayRecord(
+        {k: Array(v) for k, v in _delta().items()}
+    )
+
+    text = _refusal(check_reply, content, allowlist, kind="train")
+
+    assert "3 array(s)" in text and "wire version 2 sends one" in text
+
+
+def test_a_missing_tensor_shortens_the_packed_array_and_is_refused(allowlist):
     delta = _delta()
     del delta["head.bias"]
 
     text = _refusal(check_reply, _train_content(delta), allowlist, kind="train")
 
-    assert "missing" in text and "'head.bias'" in text
+    assert f"shape (12,), expected ({PACKED_SIZE},)" in text
 
 
-def test_a_wrong_shape_is_refused(allowlist):
-    delta = {**_delta(), "lora_A.weight": np.zeros((3, 3), np.float32)}
+def test_an_extra_or_larger_tensor_lengthens_it_and_is_refused(allowlist):
+    extra = {**_delta(), "encoder.patient_jane.weight": np.zeros(2, np.float32)}
+    larger = {**_delta(), "lora_A.weight": np.zeros((3, 3), np.float32)}
 
-    text = _refusal(check_reply, _train_content(delta), allowlist, kind="train")
-
-    assert "'lora_A.weight'" in text and "(3, 3)" in text and "(2, 3)" in text
+    for delta, length in ((extra, 18), (larger, 19)):
+        text = _refusal(check_reply, _train_content(delta), allowlist, kind="train")
+        assert f"shape ({length},), expected ({PACKED_SIZE},)" in text
+        assert "patient_jane" not in text
 
 
 def test_a_float64_tensor_is_refused(allowlist):
@@ -119,7 +143,7 @@ def test_a_float64_tensor_is_refused(allowlist):
 
     text = _refusal(check_reply, _train_content(delta), allowlist, kind="train")
 
-    assert "'head.bias'" in text and "float64" in text
+    assert "the packed adapter" in text and "float64" in text
 
 
 def test_a_nan_in_a_tensor_is_refused(allowlist):
@@ -128,14 +152,14 @@ def test_a_nan_in_a_tensor_is_refused(allowlist):
 
     text = _refusal(check_reply, _train_content(delta), allowlist, kind="train")
 
-    assert "'lora_B.weight'" in text and "non-finite" in text
+    assert "1 non-finite value(s)" in text
 
 
 def test_trailing_bytes_after_an_array_are_refused(allowlist):
     content = _train_content()
     record = content[wire.ADAPTER_DELTA]
-    good = record["head.bias"]
-    record["head.bias"] = Array(
+    good = record[wire.PACKED_ADAPTER]
+    record[wire.PACKED_ADAPTER] = Array(
         dtype=good.dtype,
         shape=good.shape,
         stype=good.stype,
@@ -224,12 +248,15 @@ def test_a_correct_legacy_fitres_passes(allowlist):
     check_legacy_fitres(_fitres_content(), allowlist)
 
 
-def test_legacy_fitres_with_arrays_out_of_order_is_refused(allowlist):
-    arrays = dict(reversed(list(_delta().items())))
+def test_legacy_fitres_with_unpacked_arrays_is_refused(allowlist):
+    content = _fitres_content()
+    content["fitres.parameters"] = ArrayRecord(
+        {str(i): Array(v) for i, v in enumerate(_delta().values())}
+    )
 
-    text = _refusal(check_legacy_fitres, _fitres_content(arrays), allowlist)
+    text = _refusal(check_legacy_fitres, content, allowlist)
 
-    assert "array 0 ('lora_A.weight')" in text and "shape" in text
+    assert "3 array(s)" in text and f"expected ({PACKED_SIZE},)" in text
 
 
 def test_legacy_fitres_with_a_nan_is_refused(allowlist):
@@ -251,11 +278,12 @@ def test_legacy_fitres_status_message_must_be_fixed(allowlist):
 
 
 def test_legacy_fitres_with_an_extra_array_is_refused(allowlist):
-    arrays = {**_delta(), "extra": np.zeros(2, np.float32)}
+    content = _fitres_content()
+    content["fitres.parameters"]["1"] = Array(np.zeros(2, np.float32))
 
-    text = _refusal(check_legacy_fitres, _fitres_content(arrays), allowlist)
+    text = _refusal(check_legacy_fitres, content, allowlist)
 
-    assert "4 array(s), expected 3" in text
+    assert "2 array(s)" in text and "wire version 2 sends one" in text
 
 
 # --- SecAgg+ replies --------------------------------------------------------------------
@@ -271,7 +299,7 @@ def _collect_content(blobs: list[bytes]) -> RecordDict:
 
 def _masked_blobs(count_extra: int = 0) -> list[bytes]:
     rng = np.random.default_rng(1)
-    arrays = [np.array([7]), *(rng.integers(0, 2**20, s) for s in SHAPES.values())]
+    arrays = [np.array([7]), rng.integers(0, 2**20, PACKED_SIZE)]
     arrays += [np.zeros(3, np.int64)] * count_extra
     return [ndarray_to_bytes(a) for a in arrays]
 
@@ -287,18 +315,18 @@ def test_a_masked_vectors_reply_with_an_extra_array_is_refused(allowlist):
 
     text = _refusal(check_secagg_reply, content, allowlist, "collect_masked_vectors")
 
-    assert "5 masked array(s), expected 4" in text
+    assert "3 masked array(s), expected 2" in text
 
 
 def test_a_masked_vectors_reply_with_float_arrays_is_refused(allowlist):
     blobs = _masked_blobs()
-    blobs[2] = ndarray_to_bytes(np.zeros((3, 2), np.float32))
+    blobs[1] = ndarray_to_bytes(np.zeros(PACKED_SIZE, np.float32))
 
     text = _refusal(
         check_secagg_reply, _collect_content(blobs), allowlist, "collect_masked_vectors"
     )
 
-    assert "masked array 2 ('lora_B.weight')" in text and "integers" in text
+    assert "masked array 1 (the packed adapter)" in text and "integers" in text
 
 
 def test_secagg_keys_of_another_stage_are_refused():

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from wardround.common import wire
 from wardround.common.adapter import (
     adapter_state,
     from_record,
@@ -9,6 +10,7 @@ from wardround.common.adapter import (
     to_record,
 )
 from wardround.common.errors import ConfigError, FederationError
+from wardround.common.packing import AdapterLayout
 from wardround.models import build_base_model, build_model
 from wardround.models.adapter_files import save_peft_adapter
 from wardround.models.fusion import lora_targets
@@ -101,11 +103,27 @@ def test_adapter_round_trip_through_peft_from_pretrained(tiny_config, tmp_path):
 
 def test_adapter_travels_through_a_flower_record_without_change(tiny_config):
     state = adapter_state(build_model(tiny_config).model)
-    back = from_record(to_record(state))
+    record = to_record(state)
+    # wire version 2: one packed array, however many tensors the adapter has
+    assert len(state) > 1 and list(record.keys()) == [wire.PACKED_ADAPTER]
+    back = from_record(record, AdapterLayout.of_state(state))
     assert list(back) == list(state)
     assert all(
         np.array_equal(back[k], state[k]) and back[k].dtype == np.float32 for k in state
     )
+
+
+def test_a_record_of_another_wire_version_or_layout_is_refused(tiny_config):
+    from flwr.app import Array, ArrayRecord
+
+    state = adapter_state(build_model(tiny_config).model)
+    layout = AdapterLayout.of_state(state)
+    per_tensor = ArrayRecord({k: Array(v) for k, v in state.items()})  # version 1
+    with pytest.raises(FederationError, match="wire version 2 sends one"):
+        from_record(per_tensor, layout)
+    smaller = layout.subset(layout.names[1:])
+    with pytest.raises(FederationError, match="needs a vector of"):
+        from_record(to_record(state), smaller)
 
 
 def test_loading_a_foreign_adapter_is_refused(tiny_config):

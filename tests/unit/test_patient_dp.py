@@ -32,6 +32,7 @@ from wardround.common.adapter import (
     adapter_state,
     load_adapter_state,
     to_record,
+    wire_header,
 )
 from wardround.common.config import GradSampleMode, RunConfig, TaskConfig
 from wardround.common.errors import DataError, PrivacyPolicyRefused
@@ -207,6 +208,7 @@ def _train_message(config: RunConfig, site_toml: Path) -> tuple[Message, Context
                 {
                     wire.SERVER_ROUND: 1,
                     wire.BASE_FINGERPRINT: built.base_fingerprint,
+                    **wire_header(adapter_state(built.model)),
                     wire.RUN_ID: "run-1",
                 }
             ),

@@ -334,9 +334,10 @@ def test_site_keys_are_a_matching_openssh_pair(tmp_path):
 
 
 def test_flower_accepts_the_site_keys(tmp_path):
-    from wardround.flower_compat.tools import flower_supernode, try_load_public_key
-
-    _try_setup_client_authentication = flower_supernode._try_setup_client_authentication
+    from wardround.flower_compat.tools import (
+        try_load_public_key,
+        try_setup_client_authentication,
+    )
 
     files = generate_site_keypair("site-a", tmp_path)
     assert try_load_public_key(files.public_key)
@@ -344,7 +345,7 @@ def test_flower_accepts_the_site_keys(tmp_path):
         auth_supernode_private_key=str(files.private_key),
         auth_supernode_public_key=None,
     )
-    private, public = _try_setup_client_authentication(args)
+    private, public = try_setup_client_authentication(args)
     assert public == load_ssh_public_key(files.public_key.read_bytes())
 
 

@@ -9,7 +9,7 @@ from wardround.cli import app as cli_app
 from wardround.client import trainer
 from wardround.client.app import handle_train
 from wardround.common import wire
-from wardround.common.adapter import adapter_state, to_record
+from wardround.common.adapter import adapter_state, to_record, wire_header
 from wardround.common.config import RunConfig, Strategy
 from wardround.common.errors import ConfigError
 from wardround.models import build_model
@@ -127,6 +127,7 @@ def test_site_trains_with_its_approved_mu_not_the_messages(
                     {
                         wire.SERVER_ROUND: 1,
                         wire.BASE_FINGERPRINT: built.base_fingerprint,
+                        **wire_header(adapter_state(built.model)),
                         wire.RUN_ID: "mu-run",
                         wire.PROXIMAL_MU: 9.0,  # the coordinator's claim
                     }

@@ -25,7 +25,7 @@ from wardround.client.app import build_client_app
 from wardround.client.egress_mods import error_sanitizing_mod
 from wardround.client.secure_aggregation import make_secure_aggregation_mod
 from wardround.common import wire
-from wardround.common.adapter import adapter_state, to_record
+from wardround.common.adapter import adapter_state, to_record, wire_header
 from wardround.common.config import SecureAggregationConfig
 from wardround.common.errors import error_kind
 from wardround.common.secagg_math import plan_quantization
@@ -109,6 +109,8 @@ def _train_messages(built, server_round: int = 1) -> list[Message]:
                         {
                             wire.SERVER_ROUND: server_round,
                             wire.BASE_FINGERPRINT: built.base_fingerprint,
+                            **wire_header(adapter_state(built.model)),
+                            **wire_header(adapter_state(built.model)),
                             wire.RUN_ID: "hostile-run",
                         }
                     ),

@@ -13,7 +13,7 @@ from wardround.client.app import build_client_app, handle_train
 from wardround.client.ledger import PrivacyLedger, ledger_file
 from wardround.client.run_identity import approved_run_key
 from wardround.common import wire
-from wardround.common.adapter import adapter_state, to_record
+from wardround.common.adapter import adapter_state, to_record, wire_header
 from wardround.common.config import Accountant, RunConfig
 from wardround.common.errors import (
     PrivacyBudgetExhausted,
@@ -54,6 +54,7 @@ def _call(config, site_toml, run_id="run-1", server_round=1):
                 {
                     wire.SERVER_ROUND: server_round,
                     wire.BASE_FINGERPRINT: built.base_fingerprint,
+                    **wire_header(adapter_state(built.model)),
                     wire.RUN_ID: run_id,
                 }
             ),

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from wardround.common import wire
 from wardround.common.adapter import to_record
 from wardround.common.config import FederationConfig, SecureAggregationConfig
+from wardround.common.packing import AdapterLayout
 from wardround.common.secagg_math import plan_quantization
 from wardround.flower_compat.replies import superlink_offline_reply
 from wardround.server.replies import check_train_reply, split_replies
@@ -76,7 +78,11 @@ def _train_reply(msg: Message, value: float, examples: int = 10) -> Message:
         {
             wire.ADAPTER_DELTA: to_record(_delta(value)),
             wire.METRICS: MetricRecord(
-                {wire.NUM_EXAMPLES: examples, wire.SITE_INDEX: NODES.index(node)}
+                {
+                    wire.NUM_EXAMPLES: examples,
+                    wire.SITE_INDEX: NODES.index(node),
+                    wire.WIRE_VERSION_KEY: wire.WIRE_VERSION,
+                }
             ),
         },
     )
@@ -138,6 +144,9 @@ def test_secagg_plus_sizes_its_max_weight_from_the_sites_it_was_told_of():
     )
 
 
+PAYLOAD = AdapterLayout.of_shapes({"w": (2, 2)})
+
+
 def _limits() -> ExchangeLimits:
     return ExchangeLimits(server_round=1, timeout_s=5.0, payload_shapes={"w": (2, 2)})
 
@@ -196,17 +205,45 @@ def test_a_reply_checks_its_payload_kind_when_it_states_one():
     }
     no_array = _reply(msg, {**dict(plain.content), wire.ADAPTER_DELTA: ConfigRecord()})
 
-    assert check_train_reply(plain) is None
-    assert check_train_reply(tagged["delta"]) is None
-    assert "payload kind is 'weights'" in check_train_reply(tagged["weights"])
-    assert "not an ArrayRecord" in check_train_reply(no_array)
+    check = functools.partial(check_train_reply, payload=PAYLOAD)
+    assert check(plain) is None
+    assert check(tagged["delta"]) is None
+    assert "payload kind is 'weights'" in check(tagged["weights"])
+    assert "not an ArrayRecord" in check(no_array)
     ok, failed = split_replies(
         [plain, tagged["weights"]],
         "train",
         (wire.ADAPTER_DELTA, wire.METRICS),
-        check=check_train_reply,
+        check=check,
     )
     assert ok == [plain] and [f.phase for f in failed] == ["train"]
+
+
+def test_a_reply_of_another_wire_version_or_layout_is_a_failure():
+    grid = ReplyingGrid(None)
+    msg = _train_messages(FedAvg(FederationConfig(**FEDERATION)), grid)[0]
+    plain = _train_reply(msg, 1.0)
+    metrics = dict(plain.content[wire.METRICS])
+    old = _reply(
+        msg,
+        {
+            wire.ADAPTER_DELTA: ArrayRecord({"w": Array(_delta(1.0)["w"])}),
+            wire.METRICS: MetricRecord(
+                {k: v for k, v in metrics.items() if k != wire.WIRE_VERSION_KEY}
+            ),
+        },
+    )
+    other_layout = _reply(
+        msg,
+        {
+            wire.ADAPTER_DELTA: to_record(OrderedDict(w=np.zeros(5, np.float32))),
+            wire.METRICS: plain.content[wire.METRICS],
+        },
+    )
+    check = functools.partial(check_train_reply, payload=PAYLOAD)
+
+    assert "speaks no wire version (1)" in check(old)
+    assert "needs (4,)" in check(other_layout)
 
 
 class OfflineNodeGrid(ReplyingGrid):
