@@ -339,7 +339,9 @@ def handle_train(
     else:
         content = RecordDict(
             {
-                wire.ADAPTER_DELTA: to_record(payload),
+                wire.ADAPTER_DELTA: to_record(
+                    payload, request.config.federation.transport_dtype
+                ),
                 wire.METRICS: MetricRecord(metrics),
             }
         )

@@ -51,8 +51,10 @@ from flwr.app import (
 from flwr.app.message_type import MessageType
 
 from ..common import wire
+from ..common.config.enums import TransportDtype
 from ..common.errors import EgressViolation
 from ..common.packing import AdapterLayout
+from ..common.transport import WIRE_DTYPES, decode
 from ..flower_compat.constants import SType
 from ..flower_compat.legacy import bytes_to_ndarray, ndarray_to_bytes
 from ..flower_compat.secagg_protocol import RECORD_KEY_CONFIGS
@@ -97,12 +99,15 @@ class EgressAllowlist:
         Prefixes that, followed by one of ``labels``, name a metric (``auroc.<label>``).
     labels : frozenset of str
         The run's label names (from the run config, never from data).
+    transport : TransportDtype
+        How the packed delta travels in a plain round (``federation.transport-dtype``).
     """
 
     tensors: tuple[tuple[str, tuple[int, ...]], ...]
     metric_names: frozenset[str]
     metric_prefixes: tuple[str, ...] = (wire.AUROC_PREFIX,)
     labels: frozenset[str] = frozenset()
+    transport: TransportDtype = TransportDtype.FLOAT32
 
     def __post_init__(self) -> None:
         names = [name for name, _ in self.tensors]
@@ -126,9 +131,11 @@ class EgressAllowlist:
         labels: Iterable[str],
         *,
         extra_metric_names: Iterable[str] = (),
+        transport: TransportDtype = TransportDtype.FLOAT32,
     ) -> EgressAllowlist:
         """The allowlist for a payload (name -> shape, in payload order) and run labels."""
         return cls(
+            transport=transport,
             tensors=tuple(
                 (str(name), tuple(int(d) for d in shape))
                 for name, shape in payload_shapes.items()
@@ -223,19 +230,28 @@ def _decode(data: bytes) -> np.ndarray | None:
 
 
 def _float_array(
-    array: Array, shape: tuple[int, ...], where: str, *, legacy: bool = False
+    array: Array,
+    shape: tuple[int, ...],
+    where: str,
+    *,
+    legacy: bool = False,
+    transport: TransportDtype = TransportDtype.FLOAT32,
 ) -> list[str]:
-    """Problems of one adapter tensor: float32, the declared shape, finite."""
+    """Problems of one adapter array: the transport's dtype, the shape, finite."""
     if array.stype != SType.NUMPY:
         return [f"{where}: not serialised as {SType.NUMPY}"]
     value = _decode(array.data)
     if value is None:
         return [f"{where}: the bytes are not a pickle-free .npy array"]
     problems = []
-    if value.dtype != np.float32:
-        problems.append(f"{where}: dtype {_dtype_text(value.dtype)}, expected float32")
-    elif not np.isfinite(value).all():
-        count = int(value.size - np.isfinite(value).sum())
+    expected = WIRE_DTYPES[transport]
+    if value.dtype != expected:
+        problems.append(
+            f"{where}: dtype {_dtype_text(value.dtype)}, expected {expected.name}"
+            + ("" if transport is TransportDtype.FLOAT32 else f" ({transport.value})")
+        )
+    elif not np.isfinite(decode(value, transport)).all():
+        count = int(value.size - np.isfinite(decode(value, transport)).sum())
         problems.append(f"{where}: {count} non-finite value(s) (NaN or inf)")
     if value.shape != shape:
         problems.append(f"{where}: shape {value.shape}, expected {shape}")
@@ -287,6 +303,8 @@ def _one_array(
             (allowlist.packed_size,),
             f"{where} array {names[0]!r} (the packed adapter)",
             legacy=legacy,
+            # SecAgg+ (the legacy FitRes) takes float32 only: the config refuses both
+            transport=TransportDtype.FLOAT32 if legacy else allowlist.transport,
         )
     return problems
 

@@ -82,6 +82,7 @@ class SiteRuntime:
         return EgressAllowlist.for_payload(
             {k: self.adapter_shapes[k] for k in self.payload_keys},
             self.config.task.labels,
+            transport=self.config.federation.transport_dtype,
         )
 
     @functools.cached_property

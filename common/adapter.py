@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import wire
+from .config.enums import TransportDtype
 from .errors import ConfigError, FederationError
 from .packing import AdapterLayout
+from .transport import WIRE_DTYPES, decode, encode
 
 if TYPE_CHECKING:
     import torch
@@ -113,15 +115,19 @@ def load_adapter_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) 
         )
 
 
-def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """The tensors packed into one float32 array of a Flower ArrayRecord.
+def to_record(
+    state: Mapping[str, np.ndarray],
+    transport: TransportDtype = TransportDtype.FLOAT32,
+) -> ArrayRecord:
+    """The tensors packed into one array of a Flower ArrayRecord.
 
     Wire version 2: one array per adapter, in :class:`.packing.AdapterLayout` order
-    (serialised without pickle).
+    (serialised without pickle); float32, or a plain round's half-precision
+    ``transport`` (:mod:`.transport`).
     """
     from flwr.app import Array, ArrayRecord
 
-    packed = AdapterLayout.of_state(state).pack(state)
+    packed = encode(AdapterLayout.of_state(state).pack(state), transport)
     return ArrayRecord(OrderedDict([(wire.PACKED_ADAPTER, Array(packed))]))
 
 
@@ -138,15 +144,17 @@ def wire_header(state: Mapping[str, np.ndarray]) -> dict[str, str | int]:
 
 
 def from_record(
-    record: ArrayRecord, layout: AdapterLayout
+    record: ArrayRecord,
+    layout: AdapterLayout,
+    transport: TransportDtype = TransportDtype.FLOAT32,
 ) -> OrderedDict[str, np.ndarray]:
-    """The named tensors of a packed ArrayRecord laid out as ``layout``.
+    """The named float32 tensors of a packed ArrayRecord laid out as ``layout``.
 
     Raises
     ------
     FederationError
-        The record is not one packed array of ``layout``'s size (another wire
-        version, or another model).
+        The record is not one packed array of ``layout``'s size in ``transport``'s
+        wire dtype (another wire version, model or transport).
     """
     keys = list(record.keys())
     if keys != [wire.PACKED_ADAPTER]:
@@ -156,7 +164,14 @@ def from_record(
             hint="The coordinator and every site must run a wardround release that "
             f"speaks wire version {wire.WIRE_VERSION}.",
         )
-    return layout.unpack(record[wire.PACKED_ADAPTER].numpy())
+    packed = record[wire.PACKED_ADAPTER].numpy()
+    if packed.dtype != WIRE_DTYPES[transport]:
+        raise FederationError(
+            f"the packed adapter is {packed.dtype.name}; federation.transport-dtype "
+            f"'{transport.value}' travels as {WIRE_DTYPES[transport].name}",
+            hint="The coordinator and every site must run the same run config.",
+        )
+    return layout.unpack(decode(packed, transport))
 
 
 def l2_norm(state: Mapping[str, np.ndarray]) -> float:

@@ -14,9 +14,11 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from ..common import wire
+from ..common.config.enums import TransportDtype
 from ..common.errors import error_kind
 from ..common.packing import AdapterLayout
 from ..common.release import version_from_metrics
+from ..common.transport import WIRE_DTYPES
 from ..flower_compat.replies import addressee_of, error_reason
 from .records import PrivacySpend, SiteEvalReport, SiteFailure, SiteTrainReport
 
@@ -26,7 +28,11 @@ NameOf = Callable[[int, int], str]
 """``(node id, site index) -> site name``; index -1 when unknown."""
 
 
-def check_train_reply(msg: Message, payload: AdapterLayout) -> str | None:
+def check_train_reply(
+    msg: Message,
+    payload: AdapterLayout,
+    transport: TransportDtype = TransportDtype.FLOAT32,
+) -> str | None:
     """Why a train reply's payload is not a delta of ``payload``'s layout, or None.
 
     The coordinator adds the reply to the global weights: a site that sent its
@@ -53,6 +59,12 @@ def check_train_reply(msg: Message, payload: AdapterLayout) -> str | None:
         return (
             f"reply's packed delta has shape {shape}; the payload's layout needs "
             f"({payload.size},)"
+        )
+    dtype = delta[wire.PACKED_ADAPTER].dtype
+    if dtype != WIRE_DTYPES[transport].name:
+        return (
+            f"reply's packed delta is {str(dtype)[:16]!r}; transport-dtype "
+            f"'{transport.value}' travels as {WIRE_DTYPES[transport].name}"
         )
     if wire.GLOBAL_ADAPTER in content:
         return (

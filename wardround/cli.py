@@ -96,6 +96,14 @@ SecaggOption = Annotated[
         "(debugging).",
     ),
 ]
+TransportDtypeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--transport-dtype",
+        help="How a plain round's delta travels: float32 (default), float16 or "
+        "bfloat16 (half the bytes; needs --no-secagg).",
+    ),
+]
 LoraVariantOption = Annotated[
     str | None,
     typer.Option(help="lora (A and B train) or ffa (FFA-LoRA: B only)."),
@@ -120,6 +128,7 @@ def simulate(
     epsilon: EpsilonOption = None,
     secure_aggregation: SecaggOption = None,
     lora_variant: LoraVariantOption = None,
+    transport_dtype: TransportDtypeOption = None,
 ) -> None:
     """Run a whole federation on this machine (synthetic hospitals unless given data)."""
     try:
@@ -128,7 +137,11 @@ def simulate(
             run_config = _with_synthetic_patients(run_config, patients)
         run_config = _with_overrides(
             run_config,
-            federation={"strategy": strategy, "proximal_mu": proximal_mu},
+            federation={
+                "strategy": strategy,
+                "proximal_mu": proximal_mu,
+                "transport_dtype": transport_dtype,
+            },
             model={
                 "modalities": _comma_list(modalities),
                 "fusion": fusion,

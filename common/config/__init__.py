@@ -25,6 +25,7 @@ from .enums import (
     Strategy,
     TaskKind,
     TrainableScope,
+    TransportDtype,
     VlmTower,
 )
 from .model import (
@@ -76,6 +77,7 @@ __all__ = [
     "SecureAggregationConfig",
     "SecureMode",
     "SliceMode",
+    "TransportDtype",
     "Strategy",
     "TaskConfig",
     "TaskKind",

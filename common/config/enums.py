@@ -87,6 +87,14 @@ class SecureMode(StrEnum):
     OFF = "off"
 
 
+class TransportDtype(StrEnum):
+    """How a plain round's delta travels: float32, or half the bytes."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
 class SliceMode(StrEnum):
     """How a multi-frame image or a multi-slice series becomes one image input."""
 

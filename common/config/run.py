@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError, model_validator
 
 from ..errors import ConfigError
+from .enums import TransportDtype
 from .model import FamilyModelConfig, FusionModelConfig, ModelConfig
 from .parsing import _describe, _keys
 from .sections import (
@@ -52,6 +53,17 @@ class RunConfig(_Section):
             raise ValueError(
                 "secure-aggregation needs federation.delta-clip-norm > 0 (it sets the "
                 "quantization range)"
+            )
+        if (
+            self.secure_aggregation.enabled
+            and self.federation.transport_dtype is not TransportDtype.FLOAT32
+        ):
+            raise ValueError(
+                f"federation.transport-dtype = "
+                f"'{self.federation.transport_dtype.value}' applies to plain rounds; "
+                "SecAgg+ quantizes the float32 delta itself: set "
+                "secure-aggregation.enabled = false (--no-secagg), or drop "
+                "transport-dtype"
             )
         if self.secure_aggregation.enabled and self.federation.min_sites < 3:
             # common.secagg_math.MIN_PARTICIPANTS: sites refuse SecAgg+ among fewer

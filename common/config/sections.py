@@ -17,6 +17,7 @@ from .enums import (
     SliceMode,
     Strategy,
     TaskKind,
+    TransportDtype,
 )
 
 
@@ -68,6 +69,12 @@ class FederationConfig(_Section):
         le=10_000,
         description="how many sites the run expects; 0: min-sites (on a coordinator: "
         "the enrolled sites that are not revoked)",
+    )
+    transport_dtype: TransportDtype = Field(
+        TransportDtype.FLOAT32,
+        description="how a plain round's delta travels to the coordinator: float32, "
+        "or float16 / bfloat16 for half the bytes (not under SecAgg+, which "
+        "quantizes the delta itself)",
     )
     personal: tuple[str, ...] = Field(
         (),

@@ -40,6 +40,7 @@ class FedAvg:
     kind = Strategy.FEDAVG
 
     def __init__(self, federation: FederationConfig) -> None:
+        self.transport = federation.transport_dtype
         # Flower's FedAvg: the sampling (min sites, fractions) and message building.
         self.sampler = flower_strategy.FedAvg(
             fraction_train=federation.fraction_train,
@@ -82,7 +83,9 @@ class FedAvg:
             (wire.ADAPTER_DELTA, wire.METRICS),
             sent=messages,
             timeout_s=limits.timeout_s,
-            check=functools.partial(check_train_reply, payload=payload),
+            check=functools.partial(
+                check_train_reply, payload=payload, transport=self.transport
+            ),
         )
         # Site order fixes the float sum's order: the same seed, the same mean.
         ok.sort(key=lambda m: int(_metrics(m).get(wire.SITE_INDEX, -1)))
@@ -98,7 +101,11 @@ class FedAvg:
         mean = (
             weighted_mean(
                 [
-                    from_record(msg.content.array_records[wire.ADAPTER_DELTA], payload)
+                    from_record(
+                        msg.content.array_records[wire.ADAPTER_DELTA],
+                        payload,
+                        self.transport,
+                    )
                     for msg in ok
                 ],
                 [float(int(c.metrics[wire.NUM_EXAMPLES])) for c in contributions],

@@ -95,6 +95,25 @@ def test_secure_aggregation_settings_are_checked_together():
         RunConfig().with_overrides(secure_aggregation={"num_shares": 2.5})
 
 
+def test_half_precision_transport_is_for_plain_rounds_only():
+    from wardround.common.config import TransportDtype
+    from wardround.common.errors import ConfigError
+
+    assert RunConfig().federation.transport_dtype is TransportDtype.FLOAT32
+    with pytest.raises(ConfigError, match="applies to plain rounds"):
+        RunConfig().with_overrides(federation={"transport_dtype": "float16"})
+    plain = RunConfig().with_overrides(
+        federation={"transport_dtype": "bfloat16"},
+        secure_aggregation={"enabled": False},
+    )
+    assert plain.federation.transport_dtype is TransportDtype.BFLOAT16
+    with pytest.raises(ConfigError, match="transport"):
+        RunConfig().with_overrides(
+            federation={"transport_dtype": "int8"},
+            secure_aggregation={"enabled": False},
+        )
+
+
 # Every size, count, time and privacy setting has an upper bound: a hostile or
 # mistaken run config cannot ask a site for a 10^9-wide layer or a week per step.
 OUT_OF_BOUNDS = [

@@ -40,12 +40,14 @@ from wardround.client.egress_mods import (
 )
 from wardround.client.egress_secagg import check_secagg_reply
 from wardround.common import wire
+from wardround.common.config import TransportDtype
 from wardround.common.errors import (
     DataError,
     PrivacyBudgetExhausted,
     error_kind,
     safe_error_reason,
 )
+from wardround.common.transport import WIRE_DTYPES, encode
 from wardround.flower_compat.constants import ErrorCode
 from wardround.flower_compat.legacy import ndarray_to_bytes
 
@@ -151,6 +153,42 @@ def test_a_nan_in_a_tensor_is_refused(allowlist):
     delta["lora_B.weight"][1, 1] = np.nan
 
     text = _refusal(check_reply, _train_content(delta), allowlist, kind="train")
+
+    assert "1 non-finite value(s)" in text
+
+
+@pytest.mark.parametrize("transport", ["float16", "bfloat16"])
+def test_a_half_precision_delta_passes_only_where_the_run_says_so(allowlist, transport):
+    half = EgressAllowlist.for_payload(
+        SHAPES, LABELS, transport=TransportDtype(transport)
+    )
+    content = _train_content()
+    vector = content[wire.ADAPTER_DELTA][wire.PACKED_ADAPTER].numpy()
+    content[wire.ADAPTER_DELTA][wire.PACKED_ADAPTER] = Array(
+        encode(vector, TransportDtype(transport))
+    )
+
+    check_reply(content, half, kind="train")
+    text = _refusal(check_reply, content, allowlist, kind="train")
+    assert "expected float32" in text
+    text = _refusal(check_reply, _train_content(), half, kind="train")
+    assert (
+        f"expected {WIRE_DTYPES[TransportDtype(transport)].name} ({transport})" in text
+    )
+
+
+def test_a_nan_in_a_bfloat16_delta_is_refused():
+    half = EgressAllowlist.for_payload(
+        SHAPES, LABELS, transport=TransportDtype.BFLOAT16
+    )
+    vector = np.zeros(PACKED_SIZE, np.float32)
+    vector[3] = np.nan
+    content = _train_content()
+    content[wire.ADAPTER_DELTA][wire.PACKED_ADAPTER] = Array(
+        encode(vector, TransportDtype.BFLOAT16)
+    )
+
+    text = _refusal(check_reply, content, half, kind="train")
 
     assert "1 non-finite value(s)" in text
 

@@ -14,7 +14,11 @@ from flwr.serverapp import Grid
 
 from wardround.common import wire
 from wardround.common.adapter import to_record
-from wardround.common.config import FederationConfig, SecureAggregationConfig
+from wardround.common.config import (
+    FederationConfig,
+    SecureAggregationConfig,
+    TransportDtype,
+)
 from wardround.common.packing import AdapterLayout
 from wardround.common.secagg_math import plan_quantization
 from wardround.flower_compat.replies import superlink_offline_reply
@@ -244,6 +248,29 @@ def test_a_reply_of_another_wire_version_or_layout_is_a_failure():
 
     assert "speaks no wire version (1)" in check(old)
     assert "needs (4,)" in check(other_layout)
+
+
+def test_fedavg_reads_the_runs_half_precision_deltas_and_refuses_float32_ones():
+    federation = FederationConfig(**FEDERATION, transport_dtype="bfloat16")
+
+    def reply(msg):
+        node = int(msg.metadata.dst_node_id)
+        value = {101: 1.0, 102: 3.0, 103: 5.0}[node]
+        transport = "float32" if node == 103 else "bfloat16"
+        good = _train_reply(msg, value)
+        content = dict(good.content)
+        content[wire.ADAPTER_DELTA] = to_record(
+            _delta(value), TransportDtype(transport)
+        )
+        return _reply(msg, content)
+
+    strategy = FedAvg(federation)
+    grid = ReplyingGrid(reply)
+    exchange = strategy.exchange_train(grid, _train_messages(strategy, grid), _limits())
+
+    assert [f.node_id for f in exchange.failures] == [103]
+    assert "travels as uint16" in exchange.failures[0].reason
+    np.testing.assert_allclose(exchange.mean_delta["w"], 2.0)
 
 
 class OfflineNodeGrid(ReplyingGrid):
