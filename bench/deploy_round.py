@@ -671,7 +671,9 @@ def docs_section(
         "*before* = Flower's default: a plain `flower-supernode` per site with "
         "`--isolation subprocess` (a fresh ClientApp process per message) and "
         "Flower's own polling; *after* = `wardround site start` (warm worker, "
-        "paced polling).",
+        "paced polling). Under SecAgg+ a site keeps its training time home; the "
+        "*after* sites' audit logs give it, Flower's plain SuperNodes keep none "
+        "(—).",
         "",
         "| mode | round | wall (s) | slowest train (s) | overhead (s) | sites |",
         "|---|---:|---:|---:|---:|---:|",
@@ -680,7 +682,7 @@ def docs_section(
         for row in fig["per_round"]:
             lines.append(
                 f"| {mode} | {row['round']} | {row['wall_s']:.2f} | "
-                f"{row['slowest_train_s']:.2f} | {row['overhead_s']:.2f} | "
+                f"{_cell(row['slowest_train_s'])} | {_cell(row['overhead_s'])} | "
                 f"{row['sites_trained']} |"
             )
     lines += ["", "| | before | after | before / after |", "|---|---:|---:|---:|"]
@@ -708,7 +710,8 @@ def docs_section(
 
 
 def _cell(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
+    """Two decimals, or a dash where the figure is unknown (None or NaN)."""
+    return "—" if value is None or not math.isfinite(value) else f"{value:.2f}"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from ..common import wire
@@ -18,7 +19,7 @@ from ..common.config.enums import TransportDtype
 from ..common.errors import error_kind
 from ..common.packing import AdapterLayout
 from ..common.release import version_from_metrics
-from ..common.transport import WIRE_DTYPES
+from ..common.transport import WIRE_DTYPES, decode
 from ..flower_compat.replies import addressee_of, error_reason
 from .records import PrivacySpend, SiteEvalReport, SiteFailure, SiteTrainReport
 
@@ -28,17 +29,25 @@ NameOf = Callable[[int, int], str]
 """``(node id, site index) -> site name``; index -1 when unknown."""
 
 
+CLIP_SLACK = 0.01
+"""A delta may exceed ``federation.delta-clip-norm`` by this share: float32 sums and
+bfloat16 rounding (at most 2^-8 per value) move an honest site's norm a little."""
+
+
 def check_train_reply(
     msg: Message,
     payload: AdapterLayout,
     transport: TransportDtype = TransportDtype.FLOAT32,
+    clip_norm: float = 0.0,
 ) -> str | None:
     """Why a train reply's payload is not a delta of ``payload``'s layout, or None.
 
     The coordinator adds the reply to the global weights: a site that sent its
     trained *weights* (under the global adapter's key, or tagged as such) would
     double the adapter. A reply in another wire version, or packed for another
-    layout, cannot be read.
+    layout, cannot be read. A delta with NaN or infinity, or longer than the clip
+    norm every site applies (``clip_norm`` > 0), would spoil the global adapter for
+    every site: it is left out, whoever sent it.
     """
     content = msg.content
     delta = content.get(wire.ADAPTER_DELTA)
@@ -65,6 +74,15 @@ def check_train_reply(
         return (
             f"reply's packed delta is {str(dtype)[:16]!r}; transport-dtype "
             f"'{transport.value}' travels as {WIRE_DTYPES[transport].name}"
+        )
+    values = decode(delta[wire.PACKED_ADAPTER].numpy(), transport)
+    if not np.isfinite(values).all():
+        return "reply's delta holds NaN or infinity"
+    norm = float(np.linalg.norm(values.astype(np.float64)))
+    if clip_norm > 0 and norm > clip_norm * (1 + CLIP_SLACK):
+        return (
+            f"reply's delta has L2 norm {norm:.4g}, above "
+            f"federation.delta-clip-norm = {clip_norm:g} that every site applies"
         )
     if wire.GLOBAL_ADAPTER in content:
         return (

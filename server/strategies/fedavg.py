@@ -41,6 +41,7 @@ class FedAvg:
 
     def __init__(self, federation: FederationConfig) -> None:
         self.transport = federation.transport_dtype
+        self.clip_norm = federation.delta_clip_norm
         # Flower's FedAvg: the sampling (min sites, fractions) and message building.
         self.sampler = flower_strategy.FedAvg(
             fraction_train=federation.fraction_train,
@@ -84,7 +85,10 @@ class FedAvg:
             sent=messages,
             timeout_s=limits.timeout_s,
             check=functools.partial(
-                check_train_reply, payload=payload, transport=self.transport
+                check_train_reply,
+                payload=payload,
+                transport=self.transport,
+                clip_norm=self.clip_norm,
             ),
         )
         # Site order fixes the float sum's order: the same seed, the same mean.

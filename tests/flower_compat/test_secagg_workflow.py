@@ -208,3 +208,38 @@ def test_plan_never_overflows_the_modulus(sites):
     plan = plan_quantization(1.0, sites, 1000)
     assert (sites + 1) * plan.quantization_range <= plan.modulus_range
     assert plan.quantization_range <= 2**30
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_recording_grid_names_a_site_the_superlink_answered_for():
+    """The SuperLink answers for an offline site with its own node id as the sender:
+    the failure belongs to the site the message went to, never to the SuperLink."""
+    from wardround.flower_compat.constants import SUPERLINK_NODE_ID
+    from wardround.flower_compat.replies import superlink_offline_reply
+    from wardround.flower_compat.secagg_workflow import _RecordingGrid
+
+    class PushingGrid:
+        def send_and_receive(self, messages, *, timeout=None):
+            for msg in messages:  # pushing gives each message its id
+                msg.metadata.__dict__["_message_id"] = msg.object_id
+            return [
+                superlink_offline_reply(msg.metadata, "node_unavail")
+                if msg.metadata.dst_node_id == 103
+                else Message(
+                    RecordDict({"config": ConfigRecord({"x": 1})}), reply_to=msg
+                )
+                for msg in messages
+            ]
+
+    messages = [
+        Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+        for node in (101, 102, 103)
+    ]
+    recording = _RecordingGrid(PushingGrid())
+
+    replies = recording.send_and_receive(messages)
+
+    assert len(replies) == 3
+    assert set(recording.errors) == {103} and SUPERLINK_NODE_ID not in recording.errors
+    assert "heartbeat" in recording.errors[103]
+    assert set(recording.bytes_up) == {101, 102}

@@ -35,7 +35,7 @@ from wardround.server.strategies.secagg_plus import UNKNOWN_MAX_WEIGHT
 pytestmark = pytest.mark.usefixtures("task_identity")  # Flower messages need a run
 
 NODES = [101, 102, 103]
-FEDERATION = {"min_sites": 3, "fraction_train": 1.0}
+FEDERATION = {"min_sites": 3, "fraction_train": 1.0, "delta_clip_norm": 100.0}
 
 
 class ReplyingGrid(Grid):
@@ -271,6 +271,32 @@ def test_fedavg_reads_the_runs_half_precision_deltas_and_refuses_float32_ones():
     assert [f.node_id for f in exchange.failures] == [103]
     assert "travels as uint16" in exchange.failures[0].reason
     np.testing.assert_allclose(exchange.mean_delta["w"], 2.0)
+
+
+def test_a_delta_with_nan_or_beyond_the_clip_norm_is_left_out():
+    """Every honest site clips its delta; one that does not would move the global
+    adapter for all (and NaN would stop every site at the next round)."""
+
+    def reply(msg):
+        node = int(msg.metadata.dst_node_id)
+        delta = _delta({101: 1.0, 102: 3.0, 103: 1.0}[node])  # norms 2, 6, 2
+        if node == 103:
+            delta["w"][0, 0] = np.nan
+        content = dict(_train_reply(msg, 0.0).content)
+        content[wire.ADAPTER_DELTA] = to_record(delta)
+        return _reply(msg, content)
+
+    strategy = FedAvg(
+        FederationConfig(**{**FEDERATION, "min_sites": 1, "delta_clip_norm": 4.0})
+    )
+    grid = ReplyingGrid(reply)
+    exchange = strategy.exchange_train(grid, _train_messages(strategy, grid), _limits())
+
+    reasons = {f.node_id: f.reason for f in exchange.failures}
+    assert set(reasons) == {102, 103}
+    assert "L2 norm 6, above federation.delta-clip-norm = 4" in reasons[102]
+    assert "NaN or infinity" in reasons[103]
+    np.testing.assert_allclose(exchange.mean_delta["w"], 1.0)
 
 
 class OfflineNodeGrid(ReplyingGrid):
