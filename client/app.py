@@ -1,7 +1,8 @@
 """The site's Flower ``ClientApp``: train and evaluate the global adapter locally.
 
-What leaves the site: the adapter *delta* (float32, the declared payload tensors,
-clipped to the run's L2 bound) and numeric metrics keyed by fixed names (see
+What leaves the site: the adapter *delta* (the declared payload tensors, clipped to
+the run's L2 bound, packed into one array: float32, or the run's half-precision
+transport in a plain round) and numeric metrics keyed by fixed names (see
 ``common/wire.py``). Under secure aggregation the delta goes to Flower's SecAgg+
 mod, which quantizes and masks it. Every reply passes the egress guard; every
 exception leaves as a sanitized reason.
@@ -40,7 +41,7 @@ from ..common.adapter import (
     from_record,
     l2_norm,
     load_adapter_state,
-    to_record,
+    packed_record,
 )
 from ..common.aggregation import subtract
 from ..common.config import RunConfig
@@ -57,7 +58,7 @@ from ..flower_compat.legacy import recorddict_compat as compat
 from ..ops.audit import AUDIT_FILENAME, AuditLog
 from .answer_audit import make_answer_audit_mod
 from .answers import AnswerKind, coarsen_metrics
-from .egress import EgressAllowlist, check_legacy_fitres, check_reply
+from .egress import EgressAllowlist, check_legacy_fitres, check_reply, pack_payload
 from .egress_mods import site_mods
 from .personal import load_personal, save_personal
 from .privacy_policy import DpPlan, plan_site_privacy
@@ -118,10 +119,10 @@ def _parse(
         round_config: dict[str, Any] = dict(fit_ins.config)
         _require_wire(round_config, runtime)
         arrays = parameters_to_ndarrays(fit_ins.parameters)
-        if len(arrays) != 1:
+        if len(arrays) != 1 or arrays[0].dtype != np.float32:
             raise FederationError(
-                f"the coordinator sent {len(arrays)} arrays; wire version "
-                f"{wire.WIRE_VERSION} sends the adapter packed into one",
+                f"the coordinator sent {len(arrays)} array(s); wire version "
+                f"{wire.WIRE_VERSION} sends the adapter packed into one float32 array",
                 hint="The coordinator and this site must run the same wire version.",
             )
         global_state = runtime.adapter_layout.unpack(arrays[0])
@@ -327,9 +328,7 @@ def handle_train(
         content = compat.fitres_to_recorddict(
             FitRes(
                 status=Status(code=Code.OK, message="Success"),
-                parameters=ndarrays_to_parameters(
-                    [request.runtime.payload_layout.pack(payload)]
-                ),
+                parameters=ndarrays_to_parameters([pack_payload(payload, allowlist)]),
                 num_examples=num_examples,
                 metrics=metrics,
             ),
@@ -339,8 +338,9 @@ def handle_train(
     else:
         content = RecordDict(
             {
-                wire.ADAPTER_DELTA: to_record(
-                    payload, request.config.federation.transport_dtype
+                wire.ADAPTER_DELTA: packed_record(
+                    pack_payload(payload, allowlist),
+                    request.config.federation.transport_dtype,
                 ),
                 wire.METRICS: MetricRecord(metrics),
             }

@@ -80,8 +80,9 @@ _STATUS_MESSAGES = ("Success", "")  # what NumPyClient writes, or nothing
 
 SECAGG_CONFIGS = RECORD_KEY_CONFIGS
 _HINT = (
-    "Nothing was sent. Only the declared adapter tensors (float32, finite) and numeric "
-    "metrics named in the wire schema may leave the site."
+    "Nothing was sent. Only the declared adapter tensors (packed into one finite "
+    "array of the run's transport dtype) and numeric metrics named in the wire "
+    "schema may leave the site."
 )
 
 
@@ -92,7 +93,7 @@ class EgressAllowlist:
     Attributes
     ----------
     tensors : tuple of (str, tuple of int)
-        The adapter tensors as (name, shape), in payload order; all float32.
+        The adapter tensors as (name, shape), in payload order: the packed layout.
     metric_names : frozenset of str
         The fixed metric names.
     metric_prefixes : tuple of str
@@ -199,6 +200,44 @@ def _refuse(what: str, problems: Sequence[str]) -> NoReturn:
 def _raise_if(what: str, problems: Sequence[str]) -> None:
     if problems:
         _refuse(what, problems)
+
+
+# --- packing what leaves -------------------------------------------------------------
+
+
+def pack_payload(
+    payload: Mapping[str, np.ndarray], allowlist: EgressAllowlist
+) -> np.ndarray:
+    """The payload packed in the allowlist's layout: its tensors, by name and shape.
+
+    The packed array carries no names, so this is where they are checked: a payload
+    of the right total length with another tensor in it is refused here.
+
+    Raises
+    ------
+    EgressViolation
+        A tensor not in the allowlist (shown only as length and hash), a declared
+        one missing, or a shape other than the declared one.
+    """
+    expected = dict(allowlist.tensors)
+    extra = [name for name in payload if name not in expected]
+    missing = [name for name in expected if name not in payload]
+    problems = []
+    if extra:
+        problems.append(
+            f"{len(extra)} tensor(s) not in the adapter allowlist: "
+            + ", ".join(_unlisted(name) for name in extra)
+        )
+    if missing:
+        problems.append(f"{len(missing)} declared tensor(s) missing: {missing[:5]}")
+    for name, value in payload.items():
+        shape = tuple(np.shape(value))
+        if name in expected and shape != expected[name]:
+            problems.append(
+                f"tensor {name!r}: shape {shape}, expected {expected[name]}"
+            )
+    _raise_if("train reply (packing)", problems)
+    return allowlist.layout.pack(payload)
 
 
 # --- checks of the parts ------------------------------------------------------------

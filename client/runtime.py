@@ -57,14 +57,9 @@ class SiteRuntime:
         """The global adapter's packed layout (what the coordinator sends)."""
         return AdapterLayout.of_shapes(self.adapter_shapes)
 
-    @functools.cached_property
-    def payload_layout(self) -> AdapterLayout:
-        """The packed layout of what this site sends back (its payload tensors)."""
-        return self.adapter_layout.subset(self.payload_keys)
-
     @property
     def adapter_keys(self) -> list[str]:
-        """Every adapter tensor, sorted (the order of unnamed arrays on the wire)."""
+        """Every adapter tensor, sorted (their order in the packed array)."""
         return list(self.adapter_shapes)
 
     @functools.cached_property

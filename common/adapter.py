@@ -47,7 +47,7 @@ def payload_keys(
     All of them, but not LoRA A (FFA-LoRA) nor those of the ``personal`` modules
     (each site keeps its own).
 
-    Sorted: the order of the unnamed arrays in the secure-aggregation vector.
+    Sorted: the order of the tensors in the packed array.
     """
     keys = list(state_keys)
     personal = tuple(personal)
@@ -125,10 +125,18 @@ def to_record(
     (serialised without pickle); float32, or a plain round's half-precision
     ``transport`` (:mod:`.transport`).
     """
+    return packed_record(AdapterLayout.of_state(state).pack(state), transport)
+
+
+def packed_record(
+    packed: np.ndarray, transport: TransportDtype = TransportDtype.FLOAT32
+) -> ArrayRecord:
+    """An ArrayRecord of one already packed float32 vector, in ``transport``."""
     from flwr.app import Array, ArrayRecord
 
-    packed = encode(AdapterLayout.of_state(state).pack(state), transport)
-    return ArrayRecord(OrderedDict([(wire.PACKED_ADAPTER, Array(packed))]))
+    return ArrayRecord(
+        OrderedDict([(wire.PACKED_ADAPTER, Array(encode(packed, transport)))])
+    )
 
 
 def wire_header(state: Mapping[str, np.ndarray]) -> dict[str, str | int]:

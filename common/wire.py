@@ -1,7 +1,8 @@
 """The wire contract: record keys and metric names that cross between site and coordinator.
 
-Only the adapter delta (float32 tensors of the declared trainable modules), numeric
-metrics and a few fixed configuration values cross. Never raw data, strings taken
+Only the adapter delta (the declared trainable modules' tensors, packed into one
+array: :mod:`wardround.common.packing`), numeric metrics and a few fixed
+configuration values cross. Never raw data, strings taken
 from data, or pickles (Flower serialises arrays with ``allow_pickle=False``).
 """
 
@@ -17,7 +18,7 @@ WIRE_VERSION = 2
 GLOBAL_ADAPTER = "arrays"
 """ArrayRecord: the global adapter *weights* sent to sites (Flower's default key)."""
 ADAPTER_DELTA = "delta"
-"""ArrayRecord: a site's adapter *delta* (trained - global), float32."""
+"""ArrayRecord: a site's adapter *delta* (trained - global), packed."""
 PACKED_ADAPTER = "adapter"
 """The one array of an adapter ArrayRecord: the tensors packed in layout order."""
 CONFIG = "config"
@@ -39,7 +40,8 @@ PAYLOAD_KIND = "payload-kind"
 RUN_ID = "run-id"  # the coordinator's run id, for the site's privacy ledger
 AGGREGATION = "aggregation"  # an Aggregation value
 SECAGG_MAX_WEIGHT = "secagg-max-weight"  # sites cap their example count at this
-WIRE_VERSION_KEY = "wire-version"  # WIRE_VERSION, in every message and every reply
+WIRE_VERSION_KEY = "wire-version"  # in every message (the site checks it) and every
+# reply's metrics (the coordinator reads it on plain train replies)
 ADAPTER_LAYOUT = "adapter-layout"  # AdapterLayout.digest of the global adapter sent
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from ..common import wire
 from ..common.config.enums import TransportDtype
@@ -46,44 +46,20 @@ def check_train_reply(
     trained *weights* (under the global adapter's key, or tagged as such) would
     double the adapter. A reply in another wire version, or packed for another
     layout, cannot be read. A delta with NaN or infinity, or longer than the clip
-    norm every site applies (``clip_norm`` > 0), would spoil the global adapter for
-    every site: it is left out, whoever sent it.
+    norm every site applies (``clip_norm`` > 0), or a count that is not one, would
+    spoil the round for every site: the reply is left out, whoever sent it. Only
+    the decoded bytes are trusted, never the shape and dtype a reply declares.
     """
     content = msg.content
     delta = content.get(wire.ADAPTER_DELTA)
     if not isinstance(delta, ArrayRecord):
         return f"reply's {wire.ADAPTER_DELTA!r} record is not an ArrayRecord"
     metrics = content.get(wire.METRICS)
-    version = metrics.get(wire.WIRE_VERSION_KEY) if metrics is not None else None
-    if version != wire.WIRE_VERSION:
-        said = "no wire version (1)" if version is None else f"wire version {version!r}"
-        return (
-            f"the site speaks {said}; this coordinator reads wire version "
-            f"{wire.WIRE_VERSION} (upgrade the older side)"
-        )
-    if list(delta.keys()) != [wire.PACKED_ADAPTER]:
-        return f"reply's delta holds {len(delta)} array(s), not the one packed adapter"
-    shape = tuple(delta[wire.PACKED_ADAPTER].shape)
-    if shape != (payload.size,):
-        return (
-            f"reply's packed delta has shape {shape}; the payload's layout needs "
-            f"({payload.size},)"
-        )
-    dtype = delta[wire.PACKED_ADAPTER].dtype
-    if dtype != WIRE_DTYPES[transport].name:
-        return (
-            f"reply's packed delta is {str(dtype)[:16]!r}; transport-dtype "
-            f"'{transport.value}' travels as {WIRE_DTYPES[transport].name}"
-        )
-    values = decode(delta[wire.PACKED_ADAPTER].numpy(), transport)
-    if not np.isfinite(values).all():
-        return "reply's delta holds NaN or infinity"
-    norm = float(np.linalg.norm(values.astype(np.float64)))
-    if clip_norm > 0 and norm > clip_norm * (1 + CLIP_SLACK):
-        return (
-            f"reply's delta has L2 norm {norm:.4g}, above "
-            f"federation.delta-clip-norm = {clip_norm:g} that every site applies"
-        )
+    problem = _metrics_problem(metrics if isinstance(metrics, MetricRecord) else None)
+    if problem is None:
+        problem = _packed_problem(delta, payload, transport, clip_norm)
+    if problem is not None:
+        return problem
     if wire.GLOBAL_ADAPTER in content:
         return (
             f"reply carries weights ({wire.GLOBAL_ADAPTER!r}); the round needs a delta"
@@ -96,6 +72,73 @@ def check_train_reply(
             f"{wire.PayloadKind.DELTA.value!r}"
         )
     return None
+
+
+MAX_EXAMPLES = 10**9
+"""More examples than any site holds: a larger count would make one site the mean."""
+
+
+def _metrics_problem(metrics: MetricRecord | None) -> str | None:
+    """The wire version, the example count and the site index a mean relies on."""
+    if metrics is None:
+        return f"reply's {wire.METRICS!r} record is not a MetricRecord"
+    version = metrics.get(wire.WIRE_VERSION_KEY)
+    if version != wire.WIRE_VERSION:
+        said = (
+            "no wire version (1)"
+            if version is None
+            else f"wire version {str(version)[:8]!r}"
+        )
+        return (
+            f"the site speaks {said}; this coordinator reads wire version "
+            f"{wire.WIRE_VERSION} (upgrade the older side)"
+        )
+    count = metrics.get(wire.NUM_EXAMPLES)
+    if type(count) is not int or not 1 <= count <= MAX_EXAMPLES:
+        return f"reply's {wire.NUM_EXAMPLES!r} is not a whole number from 1 to 10^9"
+    index = metrics.get(wire.SITE_INDEX, -1)
+    if type(index) is not int:
+        return f"reply's {wire.SITE_INDEX!r} is not a whole number"
+    return None
+
+
+def _packed_problem(
+    delta: ArrayRecord,
+    payload: AdapterLayout,
+    transport: TransportDtype,
+    clip_norm: float,
+) -> str | None:
+    """The one packed array: decodable, the layout's length, the run's dtype, sane."""
+    if list(delta.keys()) != [wire.PACKED_ADAPTER]:
+        return f"reply's delta holds {len(delta)} array(s), not the one packed adapter"
+    try:
+        packed = delta[wire.PACKED_ADAPTER].numpy()  # allow_pickle=False
+    except Exception:  # noqa: BLE001 - any undecodable bytes are the site's failure
+        return "reply's packed delta does not decode as a pickle-free .npy array"
+    if packed.shape != (payload.size,):
+        return (
+            f"reply's packed delta has shape {packed.shape}; the payload's layout "
+            f"needs ({payload.size},)"
+        )
+    if packed.dtype != WIRE_DTYPES[transport]:
+        return (
+            f"reply's packed delta is {_dtype_name(packed.dtype)}; transport-dtype "
+            f"'{transport.value}' travels as {WIRE_DTYPES[transport].name}"
+        )
+    values = decode(packed, transport)
+    if not np.isfinite(values).all():
+        return "reply's delta holds NaN or infinity"
+    norm = float(np.linalg.norm(values.astype(np.float64)))
+    if clip_norm > 0 and norm > clip_norm * (1 + CLIP_SLACK):
+        return (
+            f"reply's delta has L2 norm {norm:.4g}, above "
+            f"federation.delta-clip-norm = {clip_norm:g} that every site applies"
+        )
+    return None
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    return "a structured dtype" if dtype.fields else dtype.name
 
 
 def split_replies(
@@ -156,7 +199,10 @@ def _problem(
     missing = [k for k in need if k not in msg.content]
     if missing:
         return (f"reply lacks {missing}",)
-    problem = check(msg) if check is not None else None
+    try:
+        problem = check(msg) if check is not None else None
+    except Exception as error:  # noqa: BLE001 - a reply must never stop the round
+        problem = f"reply could not be read ({type(error).__name__})"
     return None if problem is None else (problem,)
 
 

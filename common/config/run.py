@@ -65,6 +65,17 @@ class RunConfig(_Section):
                 "secure-aggregation.enabled = false (--no-secagg), or drop "
                 "transport-dtype"
             )
+        if (
+            self.federation.transport_dtype is not TransportDtype.FLOAT32
+            and self.federation.delta_clip_norm <= 0
+        ):
+            # Unclipped, a float16 delta can overflow (65,504) and the coordinator
+            # has no bound to check a site's delta against.
+            raise ValueError(
+                "federation.transport-dtype = "
+                f"'{self.federation.transport_dtype.value}' needs "
+                "federation.delta-clip-norm > 0 (e.g. 4.0)"
+            )
         if self.secure_aggregation.enabled and self.federation.min_sites < 3:
             # common.secagg_math.MIN_PARTICIPANTS: sites refuse SecAgg+ among fewer
             raise ValueError(

@@ -107,6 +107,11 @@ def test_half_precision_transport_is_for_plain_rounds_only():
         secure_aggregation={"enabled": False},
     )
     assert plain.federation.transport_dtype is TransportDtype.BFLOAT16
+    with pytest.raises(ConfigError, match="needs federation.delta-clip-norm > 0"):
+        RunConfig().with_overrides(
+            federation={"transport_dtype": "float16", "delta_clip_norm": 0.0},
+            secure_aggregation={"enabled": False},
+        )
     with pytest.raises(ConfigError, match="transport"):
         RunConfig().with_overrides(
             federation={"transport_dtype": "int8"},

@@ -33,6 +33,7 @@ from wardround.client.egress import (
     EgressAllowlist,
     check_legacy_fitres,
     check_reply,
+    pack_payload,
 )
 from wardround.client.egress_mods import (
     error_sanitizing_mod,
@@ -94,6 +95,21 @@ def test_a_correct_train_and_evaluate_reply_pass(allowlist):
 def test_the_allowlist_packs_its_tensors_into_one_array(allowlist):
     assert allowlist.packed_size == PACKED_SIZE
     assert allowlist.layout.names == tuple(sorted(SHAPES))
+
+
+def test_the_payload_is_packed_by_name_and_shape_not_only_by_length(allowlist):
+    packed = pack_payload(_delta(), allowlist)
+    assert packed.shape == (PACKED_SIZE,)
+    # the same 16 values under another name: the packed length alone would pass
+    swapped = _delta()
+    swapped["encoder.patient_jane.weight"] = swapped.pop("lora_B.weight")
+    reshaped = {**_delta(), "lora_A.weight": np.zeros((3, 2), np.float32)}
+
+    text = _refusal(pack_payload, swapped, allowlist)
+    assert "1 tensor(s) not in the adapter allowlist" in text
+    assert "missing: ['lora_B.weight']" in text and "patient_jane" not in text
+    text = _refusal(pack_payload, reshaped, allowlist)
+    assert "'lora_A.weight': shape (3, 2), expected (2, 3)" in text
 
 
 def test_an_array_beside_the_packed_adapter_is_refused_without_echoing_its_name(

@@ -21,6 +21,7 @@ from wardround.common.config import (
 )
 from wardround.common.packing import AdapterLayout
 from wardround.common.secagg_math import plan_quantization
+from wardround.flower_compat.legacy import ndarray_to_bytes
 from wardround.flower_compat.replies import superlink_offline_reply
 from wardround.server.replies import check_train_reply, split_replies
 from wardround.server.strategies import (
@@ -297,6 +298,52 @@ def test_a_delta_with_nan_or_beyond_the_clip_norm_is_left_out():
     assert "L2 norm 6, above federation.delta-clip-norm = 4" in reasons[102]
     assert "NaN or infinity" in reasons[103]
     np.testing.assert_allclose(exchange.mean_delta["w"], 1.0)
+
+
+def test_a_reply_that_lies_about_its_array_or_counts_is_its_own_failure():
+    """Declared shape and dtype are the site's words: only the bytes are read, and
+    nothing a site sends can stop the round for the others."""
+
+    def lying(shape, dtype, data):
+        return ArrayRecord(
+            {
+                wire.PACKED_ADAPTER: Array(
+                    dtype=dtype, shape=shape, stype="numpy.ndarray", data=data
+                )
+            }
+        )
+
+    def reply(msg):
+        node = int(msg.metadata.dst_node_id)
+        content = dict(_train_reply(msg, 1.0).content)
+        if node == 102:  # says (4,) float32, holds one float64
+            content[wire.ADAPTER_DELTA] = lying(
+                (4,), "float32", ndarray_to_bytes(np.zeros(1))
+            )
+        elif node == 103:  # bytes that are no .npy at all
+            content[wire.ADAPTER_DELTA] = lying((4,), "float32", b"\x93NUMPY garbage")
+        return _reply(msg, content)
+
+    strategy = FedAvg(FederationConfig(**{**FEDERATION, "min_sites": 1}))
+    grid = ReplyingGrid(reply)
+    messages = _train_messages(strategy, grid)
+    exchange = strategy.exchange_train(grid, messages, _limits())
+
+    reasons = {f.node_id: f.reason for f in exchange.failures}
+    assert set(reasons) == {102, 103}
+    assert "shape (1,)" in reasons[102]
+    assert "does not decode" in reasons[103]
+    assert [c.node_id for c in exchange.contributions] == [101]
+    check = functools.partial(check_train_reply, payload=PAYLOAD)
+    plain = _train_reply(messages[0], 1.0)
+    for count in (-1, 0, [5, 5], 10**12, 2.5):
+        metrics = MetricRecord(
+            {**dict(plain.content[wire.METRICS]), wire.NUM_EXAMPLES: count}
+        )
+        lying_count = _reply(
+            messages[0], {**dict(plain.content), wire.METRICS: metrics}
+        )
+        assert "'num-examples' is not a whole number" in check(lying_count)
 
 
 class OfflineNodeGrid(ReplyingGrid):
