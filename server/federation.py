@@ -293,9 +293,15 @@ class _Run:
             # Keep every completed round: the run directory is written, then reported.
             log.error("run stopped in round %d: %s", server_round, exc.message)
             return exc
+        trained_at = time.perf_counter()
         self.state = apply_delta(self.state, phase.mean_delta)
         self.wait.ensure_min()
+        evaluate_start = time.perf_counter()
         evals, eval_failures = self.phases.evaluate(server_round, self.state)
+        phase_seconds = {
+            "train": trained_at - round_start,
+            "evaluate": time.perf_counter() - evaluate_start,
+        }
         record = round_record(
             server_round,
             phase.reports,
@@ -306,6 +312,7 @@ class _Run:
             phase.aggregation_seconds,
             aggregation=phase.aggregation.value,
             secure_aggregation=phase.secure_aggregation,
+            phase_seconds=phase_seconds,
         )
         self._write(record)
         if self._checkpoint_due(server_round):

@@ -65,6 +65,8 @@ class SiteEvalReport:
     """Generative scores under their wire names (vlm family: perplexity, ...)."""
     software_version: str | None = None
     """The wardround release the site runs, as it reported it."""
+    seconds: float | None = None
+    """The site's evaluation time, as it reported it (None where it kept it home)."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,7 @@ def _eval_report(data: Mapping[str, Any]) -> SiteEvalReport:
         auroc_per_label={k: _float(v) for k, v in data["auroc_per_label"].items()},
         metrics={k: _float(v) for k, v in (data.get("metrics") or {}).items()},
         software_version=_optional_text(data.get("software_version")),
+        seconds=None if data.get("seconds") is None else float(data["seconds"]),
     )
 
 

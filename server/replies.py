@@ -274,4 +274,7 @@ def eval_report(
             if name in metrics
         },
         software_version=version_from_metrics(metrics),
+        seconds=(
+            float(metrics[wire.EVAL_SECONDS]) if wire.EVAL_SECONDS in metrics else None
+        ),
     )

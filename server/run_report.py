@@ -33,8 +33,13 @@ def round_record(
     *,
     aggregation: str = "none",
     secure_aggregation: dict[str, Any] | None = None,
+    phase_seconds: dict[str, float] | None = None,
 ) -> RoundRecord:
-    """A round's record: its reports, failures and example-weighted global metrics."""
+    """A round's record: its reports, failures and example-weighted global metrics.
+
+    ``phase_seconds``: how long the training phase (sending, the sites' training,
+    aggregation) and the evaluation phase took at the coordinator.
+    """
     return RoundRecord(
         round=server_round,
         train=train,
@@ -54,7 +59,10 @@ def round_record(
         aggregation_seconds=aggregation_seconds,
         aggregation=aggregation,
         secure_aggregation=secure_aggregation,
-        extra=_generative_extra(evals),
+        extra={
+            **_generative_extra(evals),
+            **({"phase_seconds": phase_seconds} if phase_seconds else {}),
+        },
     )
 
 

@@ -28,8 +28,10 @@ pytestmark = pytest.mark.deploy
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-ROUNDS = 4
+ROUNDS = 12
 # Killing a site costs the round it was in: its reply never comes (round-timeout-s).
+# Enough rounds that the run is still going when the second test kills a site: a
+# plain loopback round takes a few seconds, and the first test watches two of them.
 RUN = f"""
 [federation]
 rounds = {ROUNDS}

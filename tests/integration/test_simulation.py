@@ -54,6 +54,11 @@ def test_three_sites_two_rounds_write_a_complete_run_directory(
         assert all(t["bytes_sent"] > 0 for t in r["train"])
         assert sorted(e["site"] for e in r["evaluate"]) == SITES
         assert r["global_auroc"] == pytest.approx(_weighted_auroc(r["evaluate"]))
+        # where the round's time went: each phase, and each site's evaluation
+        phases = r["extra"]["phase_seconds"]
+        assert 0 < phases["train"] and 0 < phases["evaluate"]
+        assert phases["train"] + phases["evaluate"] <= r["seconds"]
+        assert all(e["seconds"] > 0 for e in r["evaluate"])
     summary = json.loads((run_dir / "run.json").read_text())
     assert summary["rounds_completed"] == 2
     assert set(summary["final"]["sites"]) == set(SITES)
