@@ -189,3 +189,26 @@ def test_rdp_epsilon_grows_with_steps_and_shrinks_with_sigma(sigma, q, steps, ex
 
     assert longer >= base
     assert noisier <= base
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0.4, 3.0), st.floats(0.001, 1.0), st.integers(1, 5000)),
+        min_size=1,
+        max_size=3,
+    ),
+    st.floats(1e-8, 1e-3),
+)
+def test_the_kept_one_step_rdp_gives_opacus_epsilon_to_the_bit(entries, delta):
+    """A run's RDP epsilon is recomputed every round; the one-step RDP per (q, σ) is
+    kept, and the answer must be exactly Opacus's."""
+    from wardround.common.privacy import _rdp_epsilon
+
+    opacus = RDPAccountant()
+    opacus.history = list(entries)
+    expected = float(opacus.get_epsilon(delta))
+
+    got = _rdp_epsilon(tuple(entries), delta)
+
+    assert got == expected or (math.isinf(got) and math.isinf(expected))
