@@ -22,11 +22,19 @@ log = logging.getLogger(__name__)
 
 
 def descendants() -> dict[int, psutil.Process]:
-    """This process's live descendants by PID."""
+    """This process's live descendants by PID (a zombie awaiting its reaping is not)."""
     try:
-        return {p.pid: p for p in psutil.Process().children(recursive=True)}
+        children = psutil.Process().children(recursive=True)
     except psutil.Error:
         return {}
+    return {p.pid: p for p in children if _alive(p)}
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:  # gone meanwhile
+        return False
 
 
 def stop_processes(processes: list[psutil.Process], grace_s: float = 5.0) -> list[int]:
@@ -83,12 +91,16 @@ class ChildProcessGuard:
                     ray.shutdown()
             except Exception as err:  # a failed shutdown must not hide the real error
                 log.debug("ray.shutdown failed: %s", err)
-        leftovers = [p for pid, p in descendants().items() if pid not in self.before]
-        if leftovers:
-            self.stopped = stop_processes(leftovers)
-            log.debug(
-                "stopped %d leftover process(es): %s", len(self.stopped), self.stopped
-            )
+        # A few passes: a process may start while the previous ones are stopped
+        # (Ray's raylet launching a worker as it shuts down).
+        for _ in range(3):
+            leftovers = [
+                p for pid, p in descendants().items() if pid not in self.before
+            ]
+            if not leftovers:
+                break
+            self.stopped += stop_processes(leftovers)
+            log.debug("stopped %d leftover process(es): %s", len(leftovers), leftovers)
 
 
 _frozen: list[psutil.Process] = []
