@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,14 +71,6 @@ class AdapterLayout:
         """A short SHA-256 of the names and shapes: what both sides compare."""
         text = json.dumps([[name, list(shape)] for name, shape in self.tensors])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def subset(self, names: Iterable[str]) -> AdapterLayout:
-        """The layout of the named tensors only (a site's payload of the global adapter)."""
-        kept = set(names)
-        missing = kept - set(self.names)
-        if missing:
-            raise ValueError(f"not in the layout: {sorted(missing)[:3]}")
-        return AdapterLayout(tuple(t for t in self.tensors if t[0] in kept))
 
     def pack(self, state: Mapping[str, np.ndarray]) -> np.ndarray:
         """The tensors as one contiguous float32 vector, in layout order."""

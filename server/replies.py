@@ -39,8 +39,12 @@ def check_train_reply(
     payload: AdapterLayout,
     transport: TransportDtype = TransportDtype.FLOAT32,
     clip_norm: float = 0.0,
+    decoded: dict[int, np.ndarray] | None = None,
 ) -> str | None:
     """Why a train reply's payload is not a delta of ``payload``'s layout, or None.
+
+    ``decoded``, where given, receives a sound reply's float32 delta under
+    ``id(msg)``: the caller averages it without decoding the bytes again.
 
     The coordinator adds the reply to the global weights: a site that sent its
     trained *weights* (under the global adapter's key, or tagged as such) would
@@ -56,10 +60,11 @@ def check_train_reply(
         return f"reply's {wire.ADAPTER_DELTA!r} record is not an ArrayRecord"
     metrics = content.get(wire.METRICS)
     problem = _metrics_problem(metrics if isinstance(metrics, MetricRecord) else None)
-    if problem is None:
-        problem = _packed_problem(delta, payload, transport, clip_norm)
     if problem is not None:
         return problem
+    values = _packed_delta(delta, payload, transport, clip_norm)
+    if isinstance(values, str):
+        return values
     if wire.GLOBAL_ADAPTER in content:
         return (
             f"reply carries weights ({wire.GLOBAL_ADAPTER!r}); the round needs a delta"
@@ -71,6 +76,8 @@ def check_train_reply(
             f"reply's payload kind is {str(kind)[:20]!r}; the round needs "
             f"{wire.PayloadKind.DELTA.value!r}"
         )
+    if decoded is not None:
+        decoded[id(msg)] = values
     return None
 
 
@@ -102,13 +109,17 @@ def _metrics_problem(metrics: MetricRecord | None) -> str | None:
     return None
 
 
-def _packed_problem(
+def _packed_delta(
     delta: ArrayRecord,
     payload: AdapterLayout,
     transport: TransportDtype,
     clip_norm: float,
-) -> str | None:
-    """The one packed array: decodable, the layout's length, the run's dtype, sane."""
+) -> np.ndarray | str:
+    """The one packed array as float32 values, or why it is not usable.
+
+    It must decode, have the layout's length and the run's dtype, be finite and
+    stay within the clip norm.
+    """
     if list(delta.keys()) != [wire.PACKED_ADAPTER]:
         return f"reply's delta holds {len(delta)} array(s), not the one packed adapter"
     try:
@@ -134,7 +145,7 @@ def _packed_problem(
             f"reply's delta has L2 norm {norm:.4g}, above "
             f"federation.delta-clip-norm = {clip_norm:g} that every site applies"
         )
-    return None
+    return values
 
 
 def _dtype_name(dtype: np.dtype) -> str:

@@ -15,12 +15,12 @@ import time
 from collections.abc import Iterable
 from typing import Any, cast
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flower_strategy
 
 from ...common import wire
-from ...common.adapter import from_record
 from ...common.aggregation import weighted_mean
 from ...common.config import FederationConfig, Strategy
 from ...common.packing import AdapterLayout
@@ -78,6 +78,7 @@ class FedAvg:
         """Send, collect the deltas within the timeout, and average them."""
         replies = grid.send_and_receive(messages, timeout=limits.timeout_s)
         payload = AdapterLayout.of_shapes(limits.payload_shapes)
+        decoded: dict[int, np.ndarray] = {}  # id(reply) -> its checked delta
         ok, failures = split_replies(
             replies,
             "train",
@@ -89,6 +90,7 @@ class FedAvg:
                 payload=payload,
                 transport=self.transport,
                 clip_norm=self.clip_norm,
+                decoded=decoded,
             ),
         )
         # Site order fixes the float sum's order: the same seed, the same mean.
@@ -104,14 +106,7 @@ class FedAvg:
         start = time.perf_counter()
         mean = (
             weighted_mean(
-                [
-                    from_record(
-                        msg.content.array_records[wire.ADAPTER_DELTA],
-                        payload,
-                        self.transport,
-                    )
-                    for msg in ok
-                ],
+                [payload.unpack(decoded[id(msg)]) for msg in ok],
                 [float(int(c.metrics[wire.NUM_EXAMPLES])) for c in contributions],
             )
             if ok
