@@ -271,6 +271,16 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
     payload = OrderedDict((k, full_delta[k]) for k in runtime.payload_keys)
     raw_l2 = l2_norm(payload)
     payload, clipped = clip_l2(payload, config.federation.delta_clip_norm)
+    if clipped:
+        # Under SecAgg+ the coordinator never learns this: say it where it happens.
+        log.warning(
+            "round %d: the adapter delta's L2 norm %.3g was scaled down to "
+            "federation.delta-clip-norm = %g; a bound that honest training reaches "
+            "slows the federation (ask the coordinator to raise it above this norm)",
+            request.server_round,
+            raw_l2,
+            config.federation.delta_clip_norm,
+        )
     metrics: dict[str, Any] = {
         wire.NUM_EXAMPLES: outcome.num_examples,
         wire.SITE_INDEX: runtime.site_index,

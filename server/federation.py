@@ -44,7 +44,7 @@ from .observers import ObserverGroup, RoundObserver, RunInfo
 from .phases import RoundPhases
 from .plots import plot_privacy, plot_rounds
 from .records import RoundRecord
-from .run_report import manifest, round_record, summary
+from .run_report import clip_advice, manifest, round_record, summary
 from .rundir import RunDirectory, RunStart, RunState
 from .site_wait import SiteWait
 from .strategies import make_strategy
@@ -186,6 +186,7 @@ class _Run:
             list(start.point.records) if start.point else []
         )
         self.current_round = start.point.round if start.point else 0
+        self._clip_advised = False
         keys = payload_keys(
             self.state,
             frozen_lora_a=config.model.lora_variant is LoraVariant.FFA,
@@ -315,6 +316,10 @@ class _Run:
             phase_seconds=phase_seconds,
         )
         self._write(record)
+        advice = clip_advice(record, self.config.federation.delta_clip_norm)
+        if advice and not self._clip_advised:
+            self._clip_advised = True  # once a run: it says what to change
+            log.warning("%s", advice)
         if self._checkpoint_due(server_round):
             self.out.write_checkpoint(server_round, self.state, record.adapter_sha256)
         self.status(RunState.RUNNING)

@@ -66,6 +66,27 @@ def round_record(
     )
 
 
+def clip_advice(record: RoundRecord, bound: float) -> str | None:
+    """What to fix when every site of a plain round had to clip its delta, else None.
+
+    A robustness bound that every honest site reaches scales every update down:
+    the federation then learns slower than its sites, without failing. Under
+    SecAgg+ sites keep ``delta-clipped`` home, so this says nothing there (each
+    site logs its own clipping).
+    """
+    if bound <= 0 or not record.train:
+        return None
+    if not all(t.delta_clipped for t in record.train):
+        return None
+    norms = [t.delta_l2 for t in record.train if np.isfinite(t.delta_l2)]
+    spread = f" (L2 norms {min(norms):.3g} to {max(norms):.3g})" if norms else ""
+    return (
+        f"round {record.round}: every site clipped its adapter delta{spread} to "
+        f"federation.delta-clip-norm = {bound:g}, so each update was scaled down; "
+        "set federation.delta-clip-norm above the sites' norms"
+    )
+
+
 def _generative_extra(evals: list[SiteEvalReport]) -> dict[str, Any]:
     """Global generative scores (vlm family), or nothing for a classifier.
 

@@ -74,7 +74,7 @@ class RunConfig(_Section):
             raise ValueError(
                 "federation.transport-dtype = "
                 f"'{self.federation.transport_dtype.value}' needs "
-                "federation.delta-clip-norm > 0 (e.g. 4.0)"
+                "federation.delta-clip-norm > 0 (e.g. 64)"
             )
         if self.secure_aggregation.enabled and self.federation.min_sites < 3:
             # common.secagg_math.MIN_PARTICIPANTS: sites refuse SecAgg+ among fewer

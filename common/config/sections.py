@@ -31,6 +31,12 @@ class _Section(BaseModel):
     )
 
 
+DEFAULT_DELTA_CLIP_NORM = 64.0
+"""Above the honest delta norms measured with the default model and recipes
+(docs/privacy.md, "The delta bound"): a bound honest sites reach scales every
+update down, and the federation learns slower than its sites."""
+
+
 class FederationConfig(_Section):
     """How rounds run."""
 
@@ -49,12 +55,13 @@ class FederationConfig(_Section):
     round_timeout_s: float = Field(3600.0, gt=0.0, le=604_800.0)
     seed: int = 0
     delta_clip_norm: float = Field(
-        4.0,
+        DEFAULT_DELTA_CLIP_NORM,
         ge=0.0,
         le=10_000.0,
         description="L2 bound every site clips its adapter delta to before it leaves "
-        "(a robustness bound; sets the secure-aggregation quantization). 0: no clip "
-        "(plain aggregation only)",
+        "(a robustness bound against an outsized update; sets the secure-aggregation "
+        "quantization). Set it above honest sites' delta norms: a bound they reach "
+        "shrinks every update. 0: no clip (plain aggregation only)",
     )
     join_timeout_s: float = Field(
         120.0,

@@ -14,7 +14,8 @@ no vocabulary is learned from any site's text), and the site's encoded EHR vecto
   DP-SGD through Opacus when the arm asks for it, with sigma planned as a site plans
   it) from the global weights; the new global weights are the example-weighted mean
   (:func:`~wardround.common.aggregation.weighted_mean`). It runs in-process: the
-  model is the baseline, not a product path, so its rounds skip Flower's wire.
+  model is the baseline, not a product path, so its rounds skip Flower's wire and
+  the sites' delta bound (``federation.delta-clip-norm``).
 
 Every arm is scored on each site's own validation split, like the neural arms.
 """

@@ -387,6 +387,10 @@ class StudySettings:
         arm_fields = asdict(arm)
         if not arm.personal:
             del arm_fields["personal"]  # absent when off: earlier results stay valid
+        federation: dict[str, Any] = {}
+        if arm.kind is ArmKind.FEDERATED and not arm.classical:
+            # the sites clip their deltas to it (the classical arm does not)
+            federation["delta_clip_norm"] = config.federation.delta_clip_norm
         payload = {
             "arm": arm_fields,
             "data": self.data_key(cell.patients),
@@ -405,6 +409,7 @@ class StudySettings:
                 )
             },
             "recipe": asdict(training_recipe(config)),
+            **({"federation": federation} if federation else {}),
             # the model as configured (the base is keyed above, by its identity)
             "model": config.model.model_dump(mode="json", exclude={"base"}),
         }

@@ -27,6 +27,7 @@ from wardround.client.secure_aggregation import make_secure_aggregation_mod
 from wardround.common import wire
 from wardround.common.adapter import adapter_state, to_record, wire_header
 from wardround.common.config import SecureAggregationConfig
+from wardround.common.config.sections import DEFAULT_DELTA_CLIP_NORM
 from wardround.common.errors import error_kind
 from wardround.common.secagg_math import plan_quantization
 from wardround.flower_compat.legacy import (
@@ -224,7 +225,12 @@ def _set(key: str, value) -> Tamper:
     [
         (Key.THRESHOLD, 1, "threshold 1 (approved: 2)"),
         (Key.SHARE_NUMBER, 5, "share_num 5 (approved: 3)"),
-        (Key.CLIPPING_RANGE, 8.0, "clipping_range 8.0 (approved: 4.0)"),
+        (
+            Key.CLIPPING_RANGE,
+            2 * DEFAULT_DELTA_CLIP_NORM,
+            f"clipping_range {2 * DEFAULT_DELTA_CLIP_NORM} "
+            f"(approved: {DEFAULT_DELTA_CLIP_NORM})",
+        ),
         (Key.TARGET_RANGE, 2**22, "target_range 4194304"),
         (Key.MOD_RANGE, 2**31, "mod_range 2147483648"),
         (Key.MAX_WEIGHT, math.nan, "max_weight nan"),

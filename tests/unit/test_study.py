@@ -263,6 +263,27 @@ def test_arm_key_changes_with_anything_that_decides_the_result():
     )
 
 
+def test_the_delta_bound_keys_the_federated_arms_that_clip(monkeypatch):
+    smoke = StudySettings.for_size(StudySize.SMOKE)
+    cell = Cell(40, 3, "random")
+    arms = {a.name: a for a in smoke.arms}
+    names = ("fedavg", "fedavg-dp-eps8", "pooled", "classical-fedavg")
+    before = {n: smoke.arm_key(arms[n], cell, 0) for n in names}
+    arm_config = StudySettings.arm_config
+
+    def other_bound(self, *args, **kwargs):
+        config = arm_config(self, *args, **kwargs)
+        return config.with_overrides(federation={"delta_clip_norm": 4.0})
+
+    monkeypatch.setattr(StudySettings, "arm_config", other_bound)
+    after = {n: smoke.arm_key(arms[n], cell, 0) for n in names}
+    # the sites clip to it; pooled training and the classical FedAvg do not
+    assert after["fedavg"] != before["fedavg"]
+    assert after["fedavg-dp-eps8"] != before["fedavg-dp-eps8"]
+    assert after["pooled"] == before["pooled"]
+    assert after["classical-fedavg"] == before["classical-fedavg"]
+
+
 def test_workers_share_every_federation_once_largest_first():
     from wardround.simulations.study.runner import federation_units, shard_units
 

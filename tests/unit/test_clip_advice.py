@@ -1,0 +1,52 @@
+"""The coordinator says what to fix when every site clips its delta."""
+
+from __future__ import annotations
+
+import math
+
+from wardround.server.records import SiteTrainReport
+from wardround.server.run_report import clip_advice, round_record
+
+
+def _report(node: int, clipped: bool, norm: float = math.nan) -> SiteTrainReport:
+    return SiteTrainReport(
+        node_id=node,
+        site=f"site-{node}",
+        num_examples=100,
+        loss=0.5,
+        steps=10,
+        seconds=1.0,
+        delta_l2=norm,
+        bytes_sent=1000,
+        delta_clipped=clipped,
+    )
+
+
+def _record(*train: SiteTrainReport):
+    return round_record(3, list(train), [], [], "sha", 1.0, 0.1)
+
+
+def test_every_site_clipped_names_the_round_the_norms_and_the_setting():
+    advice = clip_advice(_record(_report(1, True, 17.7), _report(2, True, 14.2)), 4.0)
+    assert advice is not None
+    assert "round 3" in advice
+    assert "14.2 to 17.7" in advice
+    assert "federation.delta-clip-norm = 4" in advice
+
+
+def test_norms_kept_home_still_give_the_advice_without_them():
+    advice = clip_advice(_record(_report(1, True), _report(2, True)), 4.0)
+    assert advice is not None and "L2 norms" not in advice
+
+
+def test_no_advice_when_a_site_stayed_inside_the_bound_or_there_is_no_bound():
+    assert (
+        clip_advice(_record(_report(1, True, 9.0), _report(2, False, 3.0)), 4.0) is None
+    )
+    assert clip_advice(_record(_report(1, True, 9.0)), 0.0) is None
+    assert clip_advice(_record(), 4.0) is None
+
+
+def test_under_secagg_nothing_is_reported_so_nothing_is_advised():
+    # Sites keep delta-clipped home under SecAgg+: the reports read "not clipped".
+    assert clip_advice(_record(_report(1, False), _report(2, False)), 4.0) is None
