@@ -95,6 +95,7 @@ def test_smoke_study_runs_every_arm_and_pooled_beats_chance(smoke_study):
         "dp_above_local",
         "pretrained_vs_random",
         "above_classical",
+        "above_classical_dp",
         "personal_above_global_and_local",
     }
     # the classical reference beats chance pooled, and its DP FedAvg spends its ε

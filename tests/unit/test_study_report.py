@@ -190,6 +190,37 @@ def test_goals_are_checked_against_their_thresholds():
     assert concat.met and not next(g for g in fused if "(gated)" in g.goal).met
 
 
+def test_dp_fedavg_is_judged_against_the_classical_model_trained_the_same_way():
+    settings = _two_sizes()
+    values = _two_size_values()
+    cells = {"40x3-pretrained": 0.70, "80x3-pretrained": 0.80}  # classical DP ε=8
+    for key, classical_dp in cells.items():
+        values[key] = {
+            **values[key],
+            "classical-pooled": 0.85,
+            "classical-fedavg-dp-eps8": classical_dp,
+        }
+    summary = summarise(settings, _results(settings, values), LABELS)
+
+    goals = {
+        g.cell: g
+        for g in evaluate_goals(settings, summary)
+        if g.key == "above_classical_dp"
+    }
+
+    assert set(goals) == set(cells)
+    for key, g in goals.items():
+        diff = _site_mean(values[key]["fedavg-dp-eps8"]) - _site_mean(cells[key])
+        assert g.value == pytest.approx(diff) and g.met == (diff >= 0)
+        assert "classical FedAvg + DP ε=8" in g.goal
+    assert {g.met for g in goals.values()} == {True, False}
+    # the pooled bar stays beside it
+    pooled_bar = [
+        g for g in evaluate_goals(settings, summary) if g.key == "above_classical"
+    ]
+    assert any("FedAvg + DP ε=8" in g.goal and not g.met for g in pooled_bar)
+
+
 def test_a_goal_whose_size_did_not_run_is_reported_not_judged():
     settings = replace(StudySettings.for_size(StudySize.SMOKE), dp_goal_patients=1000)
     values = {
