@@ -23,6 +23,7 @@ two with ``(k + 1) * T <= 2**32`` (no overflow of the masked sums) and at most
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MODULUS_RANGE = 2**32
@@ -77,6 +78,26 @@ def mean_error_bound(
         return float("inf")
     k, c, t = num_sites, plan.clipping_range, plan.quantization_range
     return (2 * k * c + k * delta_bound) / (t * weight_sum) + delta_bound * 2.0**-23
+
+
+def largest_honest_mean_norm(
+    plan: QuantizationPlan,
+    num_sites: int,
+    delta_bound: float,
+    weight_sum: float,
+    coordinates: int,
+    slack: float,
+) -> float:
+    """The largest L2 norm the secure mean can have when every site clipped.
+
+    The mean is a weighted average of deltas of norm at most ``delta_bound``
+    (``slack``: float32 rounding of an honest clip), so its norm is at most that
+    too, plus the quantization error on each of ``coordinates``. SecAgg+ itself
+    bounds each coordinate only (the clipping range): a site that skipped the
+    clip shows here.
+    """
+    error = mean_error_bound(plan, num_sites, delta_bound, weight_sum)
+    return delta_bound * (1.0 + slack) + math.sqrt(coordinates) * error
 
 
 def count_or_fraction(value: float) -> int | float:

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
@@ -23,11 +24,13 @@ from ...common.config import SecureAggregationConfig
 from ...common.errors import error_kind
 from ...common.secagg_math import (
     QuantizationPlan,
+    largest_honest_mean_norm,
     mean_error_bound,
     plan_quantization,
 )
 from ...flower_compat.secagg_workflow import SecureRoundResult, run_secure_train
 from ..records import SiteFailure
+from ..replies import CLIP_SLACK
 from .base import Contribution, ExchangeLimits, RoundStrategy, TrainExchange
 
 UNKNOWN_MAX_WEIGHT = 100_000
@@ -112,6 +115,15 @@ class SecAggPlus:
                 failure.reason.splitlines()[0] if failure.reason else "",
             )
         halted = result.mean_delta is None  # nobody's update counts
+        beyond = None if halted else self._beyond_the_bound(plan, result)
+        if beyond is not None:
+            # Some site skipped the clip; SecAgg+ hides which: no update counts.
+            log.error("secure aggregation: %s", beyond)
+            failures = [
+                SiteFailure(node, "train", beyond, "SecureMeanOutOfBound")
+                for node in result.site_metrics
+            ] + failures
+            halted = True
         return TrainExchange(
             contributions=[]
             if halted
@@ -124,6 +136,35 @@ class SecAggPlus:
             aggregation=wire.Aggregation.SECAGG_PLUS,
             aggregation_seconds=result.unmask_seconds,
             secure_aggregation=self._figures(plan, len(sampled), result),
+        )
+
+    def _beyond_the_bound(
+        self, plan: QuantizationPlan, result: SecureRoundResult
+    ) -> str | None:
+        """Why the unmasked mean cannot be the mean of clipped deltas, or None."""
+        mean = result.mean_delta or {}
+        norm = float(
+            np.sqrt(
+                sum(
+                    float(np.sum(np.square(v, dtype=np.float64))) for v in mean.values()
+                )
+            )
+        )
+        limit = largest_honest_mean_norm(
+            plan,
+            len(result.site_metrics),
+            self.delta_clip_norm,
+            result.weight_sum,
+            sum(int(np.size(v)) for v in mean.values()),
+            CLIP_SLACK,
+        )
+        if norm <= limit:
+            return None
+        return (
+            f"the unmasked mean delta has L2 norm {norm:.4g}, above the "
+            f"{limit:.4g} that deltas clipped to federation.delta-clip-norm = "
+            f"{self.delta_clip_norm:g} allow: a site sent an unclipped update, so "
+            "this round's update is discarded"
         )
 
     def _plan(self, sampled: list[int]) -> QuantizationPlan:

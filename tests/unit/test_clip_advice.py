@@ -47,6 +47,21 @@ def test_no_advice_when_a_site_stayed_inside_the_bound_or_there_is_no_bound():
     assert clip_advice(_record(), 4.0) is None
 
 
-def test_under_secagg_nothing_is_reported_so_nothing_is_advised():
-    # Sites keep delta-clipped home under SecAgg+: the reports read "not clipped".
-    assert clip_advice(_record(_report(1, False), _report(2, False)), 4.0) is None
+def test_a_site_that_keeps_delta_clipped_home_reads_as_not_clipped():
+    # Under SecAgg+ (and where a site's answer policy withholds it) the reply has
+    # no delta-clipped metric: the coordinator cannot tell, so it says nothing.
+    from wardround.common import wire
+    from wardround.server.replies import train_report
+
+    def name_of(node: int, index: int) -> str:
+        return f"site-{node}"
+
+    clipped = {wire.NUM_EXAMPLES: 100, wire.DELTA_CLIPPED: 1, wire.DELTA_L2: 9.0}
+    withheld = {wire.NUM_EXAMPLES: 100}
+    reports = [
+        train_report(1, clipped, 1000, name_of),
+        train_report(2, withheld, 1000, name_of),
+    ]
+    assert reports[1].delta_clipped is False
+    assert clip_advice(_record(*reports), 4.0) is None
+    assert clip_advice(_record(reports[0]), 4.0) is not None

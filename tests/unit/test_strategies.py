@@ -369,3 +369,41 @@ def test_a_site_the_superlink_declared_offline_is_named_once_by_its_own_node_id(
     assert [c.node_id for c in exchange.contributions] == [101, 102]
     assert [(f.node_id, f.phase) for f in exchange.failures] == [(103, "train")]
     assert "heartbeat" in exchange.failures[0].reason
+
+
+@pytest.mark.parametrize(("norm", "discarded"), [(3.9, False), (4.5, True)])
+def test_a_secure_mean_beyond_what_clipped_deltas_allow_is_discarded(
+    monkeypatch, norm, discarded
+):
+    # SecAgg+ bounds each coordinate only; the mean of deltas clipped to B has an
+    # L2 norm of at most B, so a larger one means some site skipped the clip.
+    import wardround.server.strategies.secagg_plus as secagg_plus
+    from wardround.flower_compat.secagg_workflow import SecureRoundResult
+
+    mean = OrderedDict(w=np.full((2, 2), norm / 2, np.float32))  # L2 norm: norm
+    result = SecureRoundResult(
+        mean_delta=mean,
+        site_metrics={n: {wire.NUM_EXAMPLES: 10} for n in NODES},
+        failures={},
+        bytes_up=dict.fromkeys(NODES, 100),
+        weight_sum=3.0,
+        num_shares=3,
+        threshold=2,
+        unmask_seconds=0.1,
+        protocol_seconds=1.0,
+    )
+    monkeypatch.setattr(secagg_plus, "run_secure_train", lambda *a, **k: result)
+    federation = FederationConfig(**{**FEDERATION, "delta_clip_norm": 4.0})
+    strategy = SecAggPlus(FedAvg(federation), SecureAggregationConfig(), 4.0)
+    grid = ReplyingGrid(None)
+
+    exchange = strategy.exchange_train(grid, _train_messages(strategy, grid), _limits())
+
+    if discarded:
+        assert exchange.mean_delta is None and exchange.contributions == []
+        assert {f.node_id for f in exchange.failures} == set(NODES)
+        assert all(f.kind == "SecureMeanOutOfBound" for f in exchange.failures)
+        assert "L2 norm 4.5, above the 4.04" in exchange.failures[0].reason
+    else:
+        assert exchange.failures == []
+        np.testing.assert_allclose(exchange.mean_delta["w"], norm / 2)
