@@ -272,15 +272,7 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
     raw_l2 = l2_norm(payload)
     payload, clipped = clip_l2(payload, config.federation.delta_clip_norm)
     if clipped:
-        # Under SecAgg+ the coordinator never learns this: say it where it happens.
-        log.warning(
-            "round %d: the adapter delta's L2 norm %.3g was scaled down to "
-            "federation.delta-clip-norm = %g; a bound that honest training reaches "
-            "slows the federation (ask the coordinator to raise it above this norm)",
-            request.server_round,
-            raw_l2,
-            config.federation.delta_clip_norm,
-        )
+        _log_clipping(request.server_round, raw_l2, config, private=plan is not None)
     metrics: dict[str, Any] = {
         wire.NUM_EXAMPLES: outcome.num_examples,
         wire.SITE_INDEX: runtime.site_index,
@@ -302,6 +294,32 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         secure_aggregation=request.secure_aggregation,
     )
     return payload, metrics
+
+
+def _log_clipping(
+    server_round: int, norm: float, config: RunConfig, *, private: bool
+) -> None:
+    """Say that the delta was scaled down to the bound (under SecAgg+ only here)."""
+    bound = config.federation.delta_clip_norm
+    if private:
+        # Under DP-SGD the delta is mostly the steps' noise: the bound then limits
+        # the noisy step, which is expected (docs/privacy.md, "The delta bound").
+        log.info(
+            "round %d: the DP-SGD delta's L2 norm %.3g was scaled down to "
+            "federation.delta-clip-norm = %g",
+            server_round,
+            norm,
+            bound,
+        )
+        return
+    log.warning(
+        "round %d: the adapter delta's L2 norm %.3g was scaled down to "
+        "federation.delta-clip-norm = %g; a bound that honest training reaches "
+        "slows the federation (ask the coordinator to raise it above this norm)",
+        server_round,
+        norm,
+        bound,
+    )
 
 
 def _admit_answer(request: _Request, kind: AnswerKind) -> None:

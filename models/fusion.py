@@ -286,10 +286,10 @@ def build_base(config: RunConfig) -> tuple[FusionModel, str]:
             vision_spec = str(encoder_folder(pretrained, "vision"))
         if text_spec == "tiny":
             text_spec = str(encoder_folder(pretrained, "text"))
-    # Under the 'fusion' scope (the DP recipe) the model has no wide term: trained,
-    # it took the per-example clip budget from the rest (measured, default
-    # simulation with DP: AUROC 0.603 with it, 0.729 without).
-    wide = mc.wide and training_recipe(config).trainable is not TrainableScope.FUSION
+    # The wide term trains under every scope, the DP recipe's included: under
+    # DP-SGD it carries most of what the model learns beyond the frozen base's
+    # features (docs/privacy.md, "Why this recipe").
+    wide = mc.wide
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(mc.init_seed)
     try:
@@ -397,7 +397,7 @@ def build_fusion(config: RunConfig) -> BuiltModel:
     else:
         # 'fusion' (and an EHR-only model, with no encoder attention to adapt):
         # PEFT needs a LoRA target, so the fusion module's linear layers take
-        # LoRA and the head trains in full; encoders, projections and the EHR
+        # LoRA and the head and wide term train in full; encoders, projections and the EHR
         # encoder stay the base's.
         targets = sorted(
             n
@@ -405,7 +405,7 @@ def build_fusion(config: RunConfig) -> BuiltModel:
             if n.startswith("fusion.") and isinstance(m, nn.Linear)
         )
         trainable = (
-            ["head"]
+            ["head"] + (["wide"] if base.wide is not None else [])
             if scope is TrainableScope.FUSION
             else [
                 m

@@ -316,7 +316,12 @@ class _Run:
             phase_seconds=phase_seconds,
         )
         self._write(record)
-        advice = clip_advice(record, self.config.federation.delta_clip_norm)
+        # Under DP-SGD a delta is mostly noise, and a bound that limits it is expected.
+        advice = (
+            None
+            if self.config.privacy.enabled
+            else clip_advice(record, self.config.federation.delta_clip_norm)
+        )
         if advice and not self._clip_advised:
             self._clip_advised = True  # once a run: it says what to change
             log.warning("%s", advice)

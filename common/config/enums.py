@@ -48,8 +48,8 @@ class TrainableScope(StrEnum):
     ALL = "all"
     """LoRA on the encoders' attention; projections, EHR encoder, fusion and head in full."""
     FUSION = "fusion"
-    """Encoders, projections and EHR encoder frozen (the base's features); the fusion
-    module and the head train in full."""
+    """Encoders, projections and EHR encoder frozen (the base's features); LoRA on the
+    fusion module, and the head and the wide term in full."""
 
 
 class OptimizerKind(StrEnum):

@@ -35,7 +35,7 @@ def _sharing(data: Mapping[str, Any]) -> str:
 
 _SCOPES = {
     "all": "LoRA on the encoders and every fusion layer",
-    "fusion": "the fusion module and head only (the base frozen)",
+    "fusion": "the fusion module, the head and the wide term only (the base frozen)",
 }
 
 

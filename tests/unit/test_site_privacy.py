@@ -146,23 +146,26 @@ def test_a_dp_round_is_ledgered_before_its_delta_leaves(
     assert norm <= config.federation.delta_clip_norm + 1e-6
 
 
+@pytest.mark.parametrize("private", [False, True])
 def test_a_site_that_clips_its_delta_says_so_and_sends_the_bound(
-    synthetic_sites, tiny_config, tmp_path, caplog
+    synthetic_sites, tiny_config, tmp_path, caplog, private
 ):
     site_toml = _site(synthetic_sites, tmp_path)
     bound = 1e-4  # below any trained delta's norm
     config = tiny_config.with_overrides(
-        train={"max_steps": 3}, federation={"delta_clip_norm": bound}
+        train={"max_steps": 3},
+        federation={"delta_clip_norm": bound},
+        privacy={"enabled": private},
     )
     msg, context, _ = _call(config, site_toml)
-    with caplog.at_level("WARNING", logger="wardround.client.app"):
+    with caplog.at_level("INFO", logger="wardround.client.app"):
         reply = handle_train(msg, context)
     metrics = reply.content[wire.METRICS]
     assert metrics[wire.DELTA_CLIPPED] == 1
     assert metrics[wire.DELTA_L2] > bound
     (array,) = (v.numpy() for v in reply.content[wire.ADAPTER_DELTA].values())
     assert float(np.linalg.norm(array.astype(np.float64))) <= bound * (1 + 1e-5)
-    (warning,) = [
-        r.getMessage() for r in caplog.records if "delta-clip-norm" in r.getMessage()
-    ]
-    assert "round 1" in warning and f"= {bound:g}" in warning
+    (record,) = [r for r in caplog.records if "delta-clip-norm" in r.getMessage()]
+    assert "round 1" in record.getMessage() and f"= {bound:g}" in record.getMessage()
+    # a DP-SGD delta is mostly noise: the bound limiting it is expected, not a fault
+    assert record.levelname == ("INFO" if private else "WARNING")
