@@ -6,7 +6,8 @@ or random from ``model.init-seed``), others load with ``from_pretrained`` from a
 local path or hub id. What trains is the recipe's (``model.trainable``): PEFT LoRA
 on the encoders' attention projections plus the projections into the shared width,
 the EHR encoder, the fusion module and the head (``all``); or LoRA on the fusion
-module plus the head on the base's frozen features (``fusion``, the DP recipe).
+module plus the head on the base's frozen features (``fusion``, the DP recipe). The
+wide term, where the model has one, trains in full under both.
 """
 
 from __future__ import annotations

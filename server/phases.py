@@ -24,6 +24,7 @@ from ..common.errors import FederationError, PrivacyBudgetExhausted
 from .records import SiteEvalReport, SiteFailure, SiteTrainReport
 from .replies import NameOf, eval_report, reasons, split_replies, train_report
 from .strategies import ExchangeLimits, RoundStrategy
+from .strategies.secagg_plus import SECURE_MEAN_OUT_OF_BOUND
 
 _PRIVACY_REFUSALS = frozenset({"PrivacyBudgetExhausted", "PrivacyPolicyRefused"})
 
@@ -129,6 +130,15 @@ class RoundPhases:
             f"federation.min-sites={self.config.federation.min_sites}. "
             f"{reasons(failures)}"
         )
+        discarded = [f for f in failures if f.kind == SECURE_MEAN_OUT_OF_BOUND]
+        if discarded:
+            raise FederationError(
+                f"round {server_round}: {discarded[0].reason}",
+                hint="SecAgg+ hides which site sent it. Each site's log states its "
+                "delta's norm when it clipped; revoke a site you do not trust. The "
+                "run directory holds every completed round; a resume reruns this "
+                "round, and each site spends its privacy budget for it again.",
+            )
         if failures and all(f.kind in _PRIVACY_REFUSALS for f in failures):
             raise PrivacyBudgetExhausted(
                 message,

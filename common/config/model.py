@@ -132,7 +132,8 @@ class FusionModelConfig(FamilyModelConfig):
     trainable: TrainableScope = Field(
         TrainableScope.AUTO,
         description="'all' (LoRA on the encoders + every fusion layer), "
-        "'fusion' (only the fusion module and head), 'auto' (fusion under DP-SGD)",
+        "'fusion' (the fusion module, the head and the wide term, on the base's frozen "
+        "features), 'auto' (fusion under DP-SGD)",
     )
 
     dp_recipe: ClassVar[bool] = True

@@ -33,6 +33,9 @@ from ..records import SiteFailure
 from ..replies import CLIP_SLACK
 from .base import Contribution, ExchangeLimits, RoundStrategy, TrainExchange
 
+SECURE_MEAN_OUT_OF_BOUND = "SecureMeanOutOfBound"
+"""The failure kind of every participant of a round whose secure mean was discarded."""
+
 UNKNOWN_MAX_WEIGHT = 100_000
 """SecAgg+ max weight before any site has reported its training-set size."""
 
@@ -120,7 +123,7 @@ class SecAggPlus:
             # Some site skipped the clip; SecAgg+ hides which: no update counts.
             log.error("secure aggregation: %s", beyond)
             failures = [
-                SiteFailure(node, "train", beyond, "SecureMeanOutOfBound")
+                SiteFailure(node, "train", beyond, SECURE_MEAN_OUT_OF_BOUND)
                 for node in result.site_metrics
             ] + failures
             halted = True

@@ -407,3 +407,32 @@ def test_a_secure_mean_beyond_what_clipped_deltas_allow_is_discarded(
     else:
         assert exchange.failures == []
         np.testing.assert_allclose(exchange.mean_delta["w"], norm / 2)
+
+
+def test_a_discarded_secure_mean_stops_the_run_saying_so_once():
+    from wardround.common.config import RunConfig
+    from wardround.common.errors import FederationError
+    from wardround.server.phases import RoundPhases
+    from wardround.server.records import SiteFailure
+    from wardround.server.strategies.secagg_plus import SECURE_MEAN_OUT_OF_BOUND
+
+    phases = RoundPhases(
+        strategy=None,
+        grid=None,
+        config=RunConfig(),
+        fingerprint="f",
+        name_of=lambda node, index: f"site-{node}",
+        run_id="run",
+        payload_shapes={},
+    )
+    reason = "the unmasked mean delta has L2 norm 99, above the 64.6 that ..."
+    failures = [
+        SiteFailure(n, "train", reason, SECURE_MEAN_OUT_OF_BOUND) for n in NODES
+    ]
+
+    with pytest.raises(FederationError) as raised:
+        phases._require_enough(4, 0, failures)
+
+    assert raised.value.message == f"round 4: {reason}"
+    assert "min-sites" not in raised.value.hint
+    assert "SecAgg+ hides which site" in raised.value.hint
