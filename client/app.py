@@ -299,7 +299,7 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
 def _log_clipping(
     server_round: int, norm: float, config: RunConfig, *, private: bool
 ) -> None:
-    """Say that the delta was scaled down to the bound (under SecAgg+ only here)."""
+    """Log that the delta was scaled down (under SecAgg+ the only record of it)."""
     bound = config.federation.delta_clip_norm
     if private:
         # Under DP-SGD the delta is mostly the steps' noise: the bound then limits

@@ -287,10 +287,6 @@ def build_base(config: RunConfig) -> tuple[FusionModel, str]:
             vision_spec = str(encoder_folder(pretrained, "vision"))
         if text_spec == "tiny":
             text_spec = str(encoder_folder(pretrained, "text"))
-    # The wide term trains under every scope, the DP recipe's included: under
-    # DP-SGD it carries most of what the model learns beyond the frozen base's
-    # features (docs/privacy.md, "Why this recipe").
-    wide = mc.wide
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(mc.init_seed)
     try:
@@ -318,9 +314,11 @@ def build_base(config: RunConfig) -> tuple[FusionModel, str]:
             n_labels=len(task.labels),
             image_size=mc.image_size,
             note_ngram_buckets=(
-                mc.note_ngram_buckets if wide and Modality.NOTE in mc.modalities else 0
+                mc.note_ngram_buckets
+                if mc.wide and Modality.NOTE in mc.modalities
+                else 0
             ),
-            wide_ehr=wide and Modality.EHR in mc.modalities and task.ehr_width > 0,
+            wide_ehr=mc.wide and Modality.EHR in mc.modalities and task.ehr_width > 0,
         )
     finally:
         torch.random.set_rng_state(generator_state)
@@ -398,7 +396,9 @@ def build_fusion(config: RunConfig) -> BuiltModel:
     else:
         # 'fusion' (and an EHR-only model, with no encoder attention to adapt):
         # PEFT needs a LoRA target, so the fusion module's linear layers take
-        # LoRA and the head and wide term train in full; encoders, projections and the EHR
+        # LoRA and the head and the wide term train in full (under DP-SGD the wide
+        # term carries most of what the model learns beyond the base's features:
+        # docs/privacy.md, "Why this recipe"); encoders, projections and the EHR
         # encoder stay the base's.
         targets = sorted(
             n

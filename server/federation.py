@@ -316,15 +316,13 @@ class _Run:
             phase_seconds=phase_seconds,
         )
         self._write(record)
-        # Under DP-SGD a delta is mostly noise, and a bound that limits it is expected.
-        advice = (
-            None
-            if self.config.privacy.enabled
-            else clip_advice(record, self.config.federation.delta_clip_norm)
-        )
-        if advice and not self._clip_advised:
-            self._clip_advised = True  # once a run: it says what to change
-            log.warning("%s", advice)
+        # Once a run, and not under DP-SGD, where a delta is mostly noise and a
+        # bound that limits it is expected.
+        if not self._clip_advised and not self.config.privacy.enabled:
+            advice = clip_advice(record, self.config.federation.delta_clip_norm)
+            if advice:
+                self._clip_advised = True
+                log.warning("%s", advice)
         if self._checkpoint_due(server_round):
             self.out.write_checkpoint(server_round, self.state, record.adapter_sha256)
         self.status(RunState.RUNNING)

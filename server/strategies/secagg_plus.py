@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from ...common import wire
+from ...common.adapter import l2_norm
 from ...common.config import SecureAggregationConfig
 from ...common.errors import error_kind
 from ...common.secagg_math import (
@@ -146,13 +147,7 @@ class SecAggPlus:
     ) -> str | None:
         """Why the unmasked mean cannot be the mean of clipped deltas, or None."""
         mean = result.mean_delta or {}
-        norm = float(
-            np.sqrt(
-                sum(
-                    float(np.sum(np.square(v, dtype=np.float64))) for v in mean.values()
-                )
-            )
-        )
+        norm = l2_norm(mean)
         limit = largest_honest_mean_norm(
             plan,
             len(result.site_metrics),
