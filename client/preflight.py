@@ -11,6 +11,7 @@ from pathlib import Path
 from ..common.config import TaskConfig
 from ..common.errors import DataError
 from ..sitedata.ehr import open_ehr
+from ..sitedata.ehr_source import ehr_source
 from ..sitedata.imaging import task_for_site
 from ..sitedata.site_config import SiteConfig
 
@@ -32,5 +33,5 @@ def preflight_site(
             hint="Fix `data.dicom-dirs` in site.toml (paths are relative to site.toml); "
             "a site without imaging names none.",
         )
-    open_ehr(site.ehr_path, task, site.ehr)
+    open_ehr(ehr_source(site), task, site.ehr)
     return site

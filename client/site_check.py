@@ -22,7 +22,7 @@ from ..common.errors import WardroundError
 from ..sitedata.dataset import ehr_present, prepare_site
 from ..sitedata.decode import OK, transfer_syntax_name
 from ..sitedata.dicom_warnings import count_kinds, log_kinds
-from ..sitedata.ehr import open_dataset
+from ..sitedata.ehr_source import ehr_source
 from ..sitedata.imaging import task_for_site
 from ..sitedata.join import duplicate_instances
 from ..sitedata.site_config import SiteConfig
@@ -325,7 +325,7 @@ def _phi_findings(prep, site: SiteConfig) -> list[str]:
             f"{prone} image file(s) of modalities that often carry burned-in "
             "text do not declare BurnedInAnnotation."
         )
-    columns = open_dataset(site.ehr_path).schema.names
+    columns = ehr_source(site).arrow_schema().names
     risky = [c for c in columns if _IDENTIFYING.search(c)]
     if risky:
         found.append(

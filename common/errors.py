@@ -38,6 +38,15 @@ class DataError(WardroundError):
     title = "data error"
 
 
+class SourceUnreachable(DataError):
+    """A site's database or PACS cannot be reached, or refuses its credentials.
+
+    The message names the source and the reason; it never holds a secret.
+    """
+
+    title = "data source unreachable"
+
+
 class ModelMismatchError(WardroundError):
     """A site was asked to train against a base model other than its own."""
 

@@ -45,6 +45,7 @@ from . import dicom_warnings
 from .decode import DecodeFailure
 from .dicom_index import INDEX_SCHEMA, index_dicom
 from .ehr import EncodedEhr, read_encoded_ehr
+from .ehr_source import ehr_source
 from .image import load_study_image
 from .imaging import no_imaging_error
 from .join import Join, index_fingerprint, join_ehr_images, study_series
@@ -157,7 +158,7 @@ def prepare_site(
     else:
         index = INDEX_SCHEMA.empty_table()
     images = study_series(index)
-    ehr = read_encoded_ehr(site.ehr_path, task, site.ehr)
+    ehr = read_encoded_ehr(ehr_source(site), task, site.ehr)
     join = join_ehr_images(ehr, images, require_image=task.require_image)
     decoded, reasons = decoded_images(images, image_size, task, site.cache_path)
     return PreparedSite(

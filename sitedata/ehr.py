@@ -5,7 +5,8 @@ plausible ranges, categorical vocabularies and normalisation. ``[ehr]``,
 ``[ehr.features]`` and ``[ehr.labels]`` in ``site.toml`` say which of the site's
 columns hold them, with the site's types, units, allowed ranges and value
 mappings. Every schema problem is reported at once, before a row is read. The
-table is read in record batches (``pyarrow.dataset``), only declared columns.
+rows are read in record batches from the site's source (a Parquet table or its
+database, :mod:`.ehr_source`), only declared columns.
 The encoded EHR vector has the layout of ``TaskConfig.ehr_width``::
 
     [numeric values in the run's unit, normalised with the run's mean/std;
@@ -25,10 +26,10 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
-from ..common.config import TaskConfig
+from ..common.config import TaskConfig, TaskKind
 from ..common.errors import DataError
+from .ehr_source import EhrSource, as_source
 from .site_config import ColumnType, EhrSchema, FeatureSpec, LabelSpec
 from .units import conversion, known_units
 
@@ -194,59 +195,76 @@ class _SchemaCheck:
             )
 
 
-def open_ehr(
-    path: Path, task: TaskConfig, schema: EhrSchema
-) -> tuple[pads.Dataset, list[str]]:
-    """Open the EHR dataset and check its schema; return it and the columns to read.
+def declared_columns(task: TaskConfig, schema: EhrSchema) -> list[str]:
+    """Every column a run of ``task`` may read (a query may return only these)."""
+    names = _columns(task, schema)
+    if task.kind is TaskKind.REPORT:
+        names.append(schema.report)
+    elif task.kind is TaskKind.VQA:
+        names += [schema.question, schema.answer]
+    return list(dict.fromkeys(names))
 
-    Reads no rows. Raises :class:`DataError` listing every problem at once.
+
+def open_ehr(
+    source: EhrSource | Path, task: TaskConfig, schema: EhrSchema
+) -> tuple[EhrSource, list[str]]:
+    """Check the EHR source's schema; return the source and the columns to read.
+
+    Reads no rows. Raises :class:`DataError` listing every problem at once (and
+    :class:`SourceUnreachable` when a database cannot be reached).
     """
-    dataset = open_dataset(path)
-    problems, n_missing = _problems_and_missing(dataset.schema, task, schema)
+    source = as_source(source)
+    arrow_schema = source.arrow_schema()
+    problems, n_missing = _problems_and_missing(arrow_schema, task, schema)
+    if source.only_declared:
+        allowed = set(declared_columns(task, schema))
+        extra = [n for n in arrow_schema.names if n not in allowed]
+        repeated = sorted(
+            {n for n in arrow_schema.names if arrow_schema.names.count(n) > 1}
+        )
+        if extra:
+            problems.append(
+                f"  - the query returns {len(extra)} undeclared column(s): "
+                + ", ".join(repr(n) for n in extra)
+                + "; select only the columns declared under [ehr]"
+            )
+        if repeated:
+            problems.append(
+                f"  - the query returns column(s) {repeated} more than once"
+            )
     if problems:
         raise DataError(
-            f"EHR table {path} has {len(problems)} schema problem(s) "
+            f"{source.label} has {len(problems)} schema problem(s) "
             f"({n_missing} declared column(s) missing):\n"
             + "\n".join(problems)
             + "\nThe table has columns: "
-            + ", ".join(sorted(dataset.schema.names)),
+            + ", ".join(sorted(arrow_schema.names)),
             hint="Map the run's names to your columns in site.toml under [ehr], "
             "[ehr.features] and [ehr.labels] (with type, unit, range, map, positive).",
         )
-    have = set(dataset.schema.names)
-    return dataset, [c for c in _columns(task, schema) if c in have]
+    have = set(arrow_schema.names)
+    return source, [c for c in _columns(task, schema) if c in have]
 
 
-def open_dataset(path: Path) -> pads.Dataset:
-    """Open a Parquet file or partitioned folder, or raise a DataError saying why."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(
-            f"EHR table {path} not found",
-            hint="Fix `data.ehr` in site.toml (a Parquet file or a folder of them, "
-            "relative to site.toml).",
-        )
-    try:
-        return pads.dataset(path, format="parquet", partitioning="hive")
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(
-            f"EHR table {path} is not readable Parquet ({type(exc).__name__})",
-            hint="Point `data.ehr` in site.toml at a Parquet file or folder.",
-        ) from None
-
-
-def read_ehr(path: Path, task: TaskConfig, schema: EhrSchema) -> pa.Table:
+def read_ehr(source: EhrSource | Path, task: TaskConfig, schema: EhrSchema) -> pa.Table:
     """Read only the declared columns (whole table; see :func:`iter_ehr` to stream)."""
-    dataset, wanted = open_ehr(path, task, schema)
-    return dataset.to_table(columns=wanted)
+    opened, wanted = open_ehr(source, task, schema)
+    arrow_schema = opened.arrow_schema()
+    batches = list(opened.batches(wanted, BATCH_ROWS))
+    if not batches:
+        return pa.schema([arrow_schema.field(c) for c in wanted]).empty_table()
+    return pa.Table.from_batches(batches)
 
 
 def iter_ehr(
-    path: Path, task: TaskConfig, schema: EhrSchema, batch_rows: int = BATCH_ROWS
+    source: EhrSource | Path,
+    task: TaskConfig,
+    schema: EhrSchema,
+    batch_rows: int = BATCH_ROWS,
 ) -> Iterator[pa.RecordBatch]:
     """Stream the declared columns in record batches."""
-    dataset, wanted = open_ehr(path, task, schema)
-    yield from dataset.to_batches(columns=wanted, batch_size=batch_rows)
+    opened, wanted = open_ehr(source, task, schema)
+    yield from opened.batches(wanted, batch_rows)
 
 
 @dataclass
@@ -404,13 +422,16 @@ def encode_ehr(table: pa.Table, task: TaskConfig, schema: EhrSchema) -> EncodedE
 
 
 def read_encoded_ehr(
-    path: Path, task: TaskConfig, schema: EhrSchema, batch_rows: int = BATCH_ROWS
+    source: EhrSource | Path,
+    task: TaskConfig,
+    schema: EhrSchema,
+    batch_rows: int = BATCH_ROWS,
 ) -> EncodedEhr:
     """Stream, check and encode the EHR table; counts in ``.stats``."""
     stats = EhrStats()
     parts = [
         encode_batch(b, task, schema, stats)
-        for b in iter_ehr(path, task, schema, batch_rows)
+        for b in iter_ehr(source, task, schema, batch_rows)
     ]
     if not parts:
         width, n_labels = task.ehr_width, len(task.labels)

@@ -17,6 +17,7 @@ from ..common.config import Accountant, _Section
 from ..common.wire import ANSWERABLE_METRICS, DEFAULT_ANSWER_METRICS
 from ..dashboard.settings import SiteDashboardSection
 from ..ops.config_file import TomlFileConfig
+from .ehr_database_config import EhrDatabaseSection
 
 
 class SiteSection(_Section):
@@ -34,10 +35,23 @@ class SiteDataSection(_Section):
         description="the site's DICOM folders; none: a site without imaging (EHR "
         "and notes only), which trains in runs that do not require images",
     )
-    ehr: str = "ehr.parquet"
+    ehr: str = Field(
+        "ehr.parquet", description="the EHR table: a Parquet file or folder of them"
+    )
+    ehr_database: EhrDatabaseSection | None = Field(
+        None, description="the EHR read from the site's PostgreSQL instead of `ehr`"
+    )
     cache_dir: str = ".wardround-cache"
     validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_ehr_source(self) -> SiteDataSection:
+        if self.ehr_database is not None and "ehr" in self.model_fields_set:
+            raise ValueError(
+                "set data.ehr (a Parquet table) or [data.ehr-database], not both"
+            )
+        return self
 
 
 class ColumnType(StrEnum):

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
@@ -41,7 +42,7 @@ from ..common.vlm_prompts import (
     user_text,
 )
 from .dataset import PreparedSite, SiteData, prepare_site, split_patients
-from .ehr import open_dataset
+from .ehr_source import ehr_source
 from .patients import count_patients, patient_ordinals, patients_of
 from .site_config import SiteConfig
 
@@ -115,18 +116,23 @@ def read_text_columns(site: SiteConfig, kind: TaskKind) -> TextColumns:
         if kind is TaskKind.REPORT
         else {"question": schema.question, "answer": schema.answer}
     )
-    dataset = open_dataset(site.ehr_path)
-    have = set(dataset.schema.names)
+    source = ehr_source(site)
+    arrow_schema = source.arrow_schema()
+    have = set(arrow_schema.names)
     missing = [(key, col) for key, col in wanted.items() if col not in have]
     if missing:
         raise DataError(
-            f"EHR table {site.ehr_path} lacks the {kind.value} column(s) "
+            f"{source.label} lacks the {kind.value} column(s) "
             + ", ".join(f"{col!r} ({key})" for key, col in missing),
             hint="Name your columns in site.toml: "
             + ", ".join(f'`[ehr] {key} = "<column>"`' for key, _ in missing)
             + ".",
         )
-    table = dataset.to_table(columns=[schema.study_uid, *wanted.values()])
+    columns_read = list(dict.fromkeys([schema.study_uid, *wanted.values()]))
+    table = pa.Table.from_batches(
+        list(source.batches(columns_read, 65_536)),
+        schema=pa.schema([arrow_schema.field(c) for c in columns_read]),
+    )
     studies = pc.cast(table.column(schema.study_uid), "string").to_pylist()
     columns = {
         key: pc.cast(table.column(col), "string").to_pylist()

@@ -1,0 +1,97 @@
+"""``[data.ehr-database]``: the site's EHR read straight from its PostgreSQL database.
+
+The connection URL names the host, port, database and read-only account; the
+password is in a 0600 file or an environment variable (:mod:`.secrets`), never
+in ``site.toml``. The rows come from one table or view (only the declared
+columns are selected) or from one query (whose result may hold only declared
+columns).
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from .secrets import SecretSource
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+
+
+def quote_identifier(name: str) -> str:
+    """``name`` as a quoted SQL identifier (case kept, quotes doubled)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_table(name: str) -> str:
+    """``table`` or ``schema.table``, each part quoted."""
+    return ".".join(quote_identifier(part) for part in name.split("."))
+
+
+class EhrDatabaseSection(SecretSource):
+    """Where the EHR rows are: a PostgreSQL table, view or query."""
+
+    url: str = Field(
+        description="postgresql://<read-only user>@<host>:<port>/<database>"
+        "[?sslmode=verify-full&sslrootcert=...]; no password here"
+    )
+    table: str | None = Field(
+        None, description="table or view (`schema.table`); declared columns only"
+    )
+    query: str | None = Field(
+        None,
+        description="one SELECT; every column it returns must be declared under [ehr]",
+    )
+    connect_timeout_s: int = Field(10, ge=1, le=600)
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_without_password(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError(
+                "url must start with postgresql:// (PostgreSQL is the database "
+                "wardround reads)"
+            )
+        if parts.password is not None:
+            raise ValueError(
+                "url holds a password: remove it and set password-file (mode 0600) "
+                "or password-env"
+            )
+        if not parts.hostname or not parts.path.strip("/"):
+            raise ValueError(
+                "url must name a host and a database: postgresql://user@host:5432/db"
+            )
+        return url
+
+    @field_validator("table")
+    @classmethod
+    def _plain_table_name(cls, table: str | None) -> str | None:
+        if table is not None and not all(
+            _IDENTIFIER.fullmatch(part) for part in table.split(".")
+        ):
+            raise ValueError(
+                f"table {table!r} is not a plain name (letters, digits, _; "
+                "optionally schema.table); use query for anything else"
+            )
+        return table
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EhrDatabaseSection:
+        if (self.table is None) == (self.query is None):
+            raise ValueError("set exactly one of table or query")
+        return self
+
+    @property
+    def where(self) -> str:
+        """The database as messages name it: no password, no query parameters."""
+        parts = urlsplit(self.url)
+        user = f"{parts.username}@" if parts.username else ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"postgresql://{user}{parts.hostname}{port}{parts.path}"
+
+    @property
+    def what(self) -> str:
+        """The rows as messages name them."""
+        return f"table {self.table}" if self.table else "the query"

@@ -1,0 +1,116 @@
+"""Where a site's EHR rows come from: a Parquet file or folder, or its database.
+
+Both sources give the same two things: the Arrow schema of the rows (read
+without reading a row, so every schema problem is reported before any value is
+used) and the rows as Arrow record batches of the requested columns (streamed:
+never the whole table in memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from ..common.errors import DataError
+
+if TYPE_CHECKING:
+    from .site_config import SiteConfig
+
+
+class EhrSource(Protocol):
+    """The EHR rows of a site, wherever they live."""
+
+    @property
+    def label(self) -> str:
+        """How messages name the rows (never with a secret)."""
+        ...
+
+    @property
+    def fix_hint(self) -> str:
+        """What to change in site.toml when the source cannot be opened."""
+        ...
+
+    @property
+    def only_declared(self) -> bool:
+        """True: every column the source returns must be declared (a query)."""
+        ...
+
+    def arrow_schema(self) -> pa.Schema:
+        """The columns and their types; reads no row."""
+        ...
+
+    def batches(self, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """The rows, only ``columns``, in record batches of at most ``batch_rows``."""
+        ...
+
+
+class ParquetEhr:
+    """A Parquet file, or a folder of them (hive partitions allowed)."""
+
+    only_declared = False
+    fix_hint = (
+        "Point `data.ehr` in site.toml at a Parquet file or folder (relative to "
+        "site.toml), or name the database under [data.ehr-database]."
+    )
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._dataset: pads.Dataset | None = None
+
+    @property
+    def label(self) -> str:
+        """``EHR table <path>``."""
+        return f"EHR table {self.path}"
+
+    def dataset(self) -> pads.Dataset:
+        """The opened dataset, or a DataError saying why it cannot be opened."""
+        if self._dataset is None:
+            self._dataset = open_dataset(self.path)
+        return self._dataset
+
+    def arrow_schema(self) -> pa.Schema:
+        """The dataset's schema (reads only the Parquet footers)."""
+        return self.dataset().schema
+
+    def batches(self, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """The declared columns, in file order."""
+        yield from self.dataset().to_batches(columns=columns, batch_size=batch_rows)
+
+
+def open_dataset(path: Path) -> pads.Dataset:
+    """Open a Parquet file or partitioned folder, or raise a DataError saying why."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(
+            f"EHR table {path} not found",
+            hint="Fix `data.ehr` in site.toml (a Parquet file or a folder of them, "
+            "relative to site.toml).",
+        )
+    try:
+        return pads.dataset(path, format="parquet", partitioning="hive")
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(
+            f"EHR table {path} is not readable Parquet ({type(exc).__name__})",
+            hint="Point `data.ehr` in site.toml at a Parquet file or folder.",
+        ) from None
+
+
+def as_source(source: EhrSource | Path | str) -> EhrSource:
+    """A path is a Parquet source; a source is itself."""
+    if isinstance(source, (str, Path)):
+        return ParquetEhr(Path(source))
+    return source
+
+
+def ehr_source(site: SiteConfig) -> EhrSource:
+    """The site's EHR source: ``[data.ehr-database]`` when set, else ``data.ehr``."""
+    database = site.data.ehr_database
+    if database is None:
+        return ParquetEhr(site.ehr_path)
+    from .ehr_sql import DatabaseEhr  # the database driver loads only when named
+
+    return DatabaseEhr(database, site.base_dir, site.ehr)

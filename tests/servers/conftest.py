@@ -1,0 +1,3 @@
+"""Real servers on 127.0.0.1 (PostgreSQL, Orthanc), started by fixtures, stopped by PID."""
+
+from postgres_server import postgres  # noqa: F401
