@@ -10,10 +10,12 @@ columns).
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
+from ..common.errors import ConfigError
 from .secrets import SecretSource
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
@@ -45,25 +47,32 @@ class EhrDatabaseSection(SecretSource):
     )
     connect_timeout_s: int = Field(10, ge=1, le=600)
 
-    @field_validator("url")
+    @model_validator(mode="before")
     @classmethod
-    def _postgres_without_password(cls, url: str) -> str:
+    def _postgres_without_password(cls, data: Any) -> Any:
+        # A ConfigError, not a ValueError: pydantic would quote the input, and the
+        # password with it, in its message.
+        url = data.get("url") if isinstance(data, dict) else None
+        if not isinstance(url, str):
+            return data
         parts = urlsplit(url)
         if parts.scheme not in ("postgresql", "postgres"):
-            raise ValueError(
-                "url must start with postgresql:// (PostgreSQL is the database "
-                "wardround reads)"
+            raise ConfigError(
+                "[data.ehr-database] url must start with postgresql:// "
+                "(PostgreSQL is the database wardround reads)"
             )
         if parts.password is not None:
-            raise ValueError(
-                "url holds a password: remove it and set password-file (mode 0600) "
-                "or password-env"
+            raise ConfigError(
+                "[data.ehr-database] url holds a password",
+                hint="Remove it from url; put it in a 0600 file named by "
+                "password-file, or in the variable named by password-env.",
             )
         if not parts.hostname or not parts.path.strip("/"):
-            raise ValueError(
-                "url must name a host and a database: postgresql://user@host:5432/db"
+            raise ConfigError(
+                "[data.ehr-database] url must name a host and a database: "
+                "postgresql://user@host:5432/db"
             )
-        return url
+        return data
 
     @field_validator("table")
     @classmethod
