@@ -312,6 +312,21 @@ def synth(
             "only, no data.dicom-dirs. Equal to --sites: a folder of image-less sites.",
         ),
     ] = 0,
+    postgres: Annotated[
+        str | None,
+        typer.Option(
+            help="Also load each site's EHR into this PostgreSQL "
+            "(postgresql://user@host:port/db; the password from $PGPASSWORD), one "
+            "table per site, and write site-servers.toml beside site.toml.",
+        ),
+    ] = None,
+    postgres_reader: Annotated[
+        str | None,
+        typer.Option(
+            help="The read-only role site-servers.toml connects as (granted SELECT "
+            "on the tables; its password from $WARDROUND_EHR_PASSWORD at run time).",
+        ),
+    ] = None,
 ) -> None:
     """Write synthetic hospitals: DICOM files, an EHR Parquet table and a site.toml each."""
     from wardround.synthetic.hospitals import synthesize_federation
@@ -325,6 +340,38 @@ def synth(
     )
     for path in paths:
         console.print(f"wrote {path}")
+    if postgres is not None:
+        _load_servers(paths, postgres, postgres_reader)
+
+
+def _load_servers(paths: list[Path], postgres: str, reader: str | None) -> None:
+    """``synth --postgres``: each site's EHR into a table, and site-servers.toml."""
+    import os
+    from urllib.parse import urlsplit, urlunsplit
+
+    from wardround.synthetic.servers import (
+        load_ehr_into_postgres,
+        write_server_site_toml,
+    )
+
+    parts = urlsplit(postgres)
+    site_url = postgres
+    if reader is not None:
+        host = parts.netloc.rpartition("@")[2]
+        site_url = urlunsplit((parts.scheme, f"{reader}@{host}", parts.path, "", ""))
+    for path in paths:
+        table, rows = load_ehr_into_postgres(
+            path, postgres, os.environ.get("PGPASSWORD"), grant_to=reader
+        )
+        servers = write_server_site_toml(
+            path,
+            database={
+                "url": site_url,
+                "table": table,
+                "password-env": "WARDROUND_EHR_PASSWORD",
+            },
+        )
+        console.print(f"loaded {rows} EHR rows into {table}; wrote {servers}")
 
 
 @app.command()
