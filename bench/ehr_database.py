@@ -92,7 +92,7 @@ def main() -> None:
     from data_ingest import write_ehr
     from postgres_server import READER, start_postgres, stop_postgres
 
-    from wardround.synthetic.servers import with_password
+    from wardround.simulations.hospital_servers import with_password
 
     args.dir.mkdir(parents=True, exist_ok=True)
     parquet = args.dir / f"ehr-{args.rows}.parquet"

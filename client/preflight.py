@@ -19,7 +19,7 @@ from ..sitedata.site_config import SiteConfig
 def preflight_site(
     site_toml: Path, task: TaskConfig, *, images_required: bool | None = None
 ) -> SiteConfig:
-    """Parse ``site.toml`` and check that its folders and EHR columns exist.
+    """Parse ``site.toml``; check its folders, EHR columns and that its servers answer.
 
     ``images_required`` (:attr:`RunConfig.requires_images`): a site without
     imaging is refused when the run requires images (None: not known here).
@@ -34,4 +34,8 @@ def preflight_site(
             "a site without imaging names none.",
         )
     open_ehr(ehr_source(site), task, site.ehr)
+    if site.data.pacs is not None:
+        from ..sitedata.pacs import check_pacs_reachable
+
+        check_pacs_reachable(site.data.pacs, site.base_dir)
     return site

@@ -25,6 +25,7 @@ from ..sitedata.dicom_warnings import count_kinds, log_kinds
 from ..sitedata.ehr_source import ehr_source
 from ..sitedata.imaging import task_for_site
 from ..sitedata.join import duplicate_instances
+from ..sitedata.pacs import PacsSyncReport
 from ..sitedata.site_config import SiteConfig
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def check_site(
     except WardroundError as exc:
         blocking.append(str(exc))
         return _finish(report)
+    report["sources"] = _sources(site)
     if not site.has_imaging:
         warnings.extend(_no_imaging_notes(site, images_required))
     missing = [str(p) for p in site.dicom_paths if not p.is_dir()]
@@ -85,6 +87,9 @@ def check_site(
         blocking.append(str(exc))
         report["dicom"] = _dicom_section(site, _index_only(site), {}, {})
         return _finish(report)
+    if prep.pacs is not None:
+        report["pacs"] = _pacs_section(prep.pacs)
+        warnings.extend(_pacs_warnings(prep.pacs))
     report["dicom"] = _dicom_section(site, prep.index, prep.images, prep.reasons)
     report["ehr"] = _ehr_section(prep)
     report["join"] = _join_section(prep, task)
@@ -95,6 +100,44 @@ def check_site(
     blocking.extend(_join_blocking(report, site, task))
     warnings.extend(_data_warnings(report))
     return _finish(report)
+
+
+def _sources(site: SiteConfig) -> dict[str, str]:
+    """Where the EHR and the images come from, as messages name them."""
+    images = [str(p) for p in site.dicom_paths]
+    if site.data.pacs is not None:
+        images.append(site.data.pacs.describe())
+    return {
+        "ehr": ehr_source(site).label,
+        "images": ", ".join(images) or "none (a site without imaging)",
+    }
+
+
+def _pacs_section(sync: PacsSyncReport) -> dict[str, Any]:
+    """The PACS sync's counts, and the studies not complete counted by reason."""
+    incomplete = [s for s in sync.studies if s.reason]
+    return {
+        **sync.totals(),
+        "not_complete": dict(Counter(s.reason_kind for s in incomplete).most_common()),
+        "seconds": round(sync.seconds, 1),
+    }
+
+
+def _pacs_warnings(sync: PacsSyncReport) -> list[str]:
+    incomplete = [s for s in sync.studies if s.reason]
+    if not incomplete:
+        return []
+    for outcome in incomplete:
+        logger.warning("PACS study %s: %s", outcome.study_uid, outcome.reason)
+    shown = "; ".join(f"{s.study_uid}: {s.reason}" for s in incomplete[:3])
+    more = (
+        f" (and {len(incomplete) - 3} more in the log)" if len(incomplete) > 3 else ""
+    )
+    return [
+        f"{len(incomplete)} of {sync.requested} studies are not complete from "
+        f"{sync.pacs}: {shown}{more}. What was fetched is kept; the next run "
+        "fetches only the rest."
+    ]
 
 
 def _index_only(site: SiteConfig) -> Any:
@@ -261,6 +304,8 @@ def _ehr_section(prep) -> dict[str, Any]:
         },
         "label_null": dict(stats.label_null),
         "label_unmapped": dict(stats.label_unmapped),
+        # only where a unit column gives each row's unit (e.g. OMOP)
+        **({"unit_unknown": dict(stats.unit_unknown)} if stats.unit_unknown else {}),
     }
 
 
@@ -343,7 +388,9 @@ def _phi_findings(prep, site: SiteConfig) -> list[str]:
 def format_report(report: dict[str, Any]) -> str:
     """Plain-text rendering of a report, for a terminal."""
     lines = [f"site check: {report['config']}"]
-    for section in ("dicom", "ehr", "join", "text"):
+    for key, value in report.get("sources", {}).items():
+        lines.append(f"{key} from: {value}")
+    for section in ("pacs", "dicom", "ehr", "join", "text"):
         if section not in report:
             continue
         lines.append(f"[{section}]")

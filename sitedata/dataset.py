@@ -49,6 +49,7 @@ from .ehr_source import ehr_source
 from .image import load_study_image
 from .imaging import no_imaging_error
 from .join import Join, index_fingerprint, join_ehr_images, study_series
+from .pacs import PacsSyncReport, sync_pacs
 from .patients import count_patients, patient_ordinals
 from .site_config import SiteConfig
 
@@ -97,7 +98,7 @@ class SiteData:
 
     train: Dataset
     validation: Dataset
-    fingerprint: str  # sha256 hex over the index (UIDs + sizes) and the EHR rows used
+    fingerprint: str  # sha256 hex over the EHR rows used and their studies' images
     num_studies: int
     num_unmatched_ehr: int
     num_unmatched_images: int
@@ -145,24 +146,36 @@ class PreparedSite:
     decoded: np.ndarray  # float32 [n_studies, C, S, S] aligned with images; NaN: failed
     reasons: dict[str, str]  # study UID -> why its image failed
     fingerprint: str
+    pacs: PacsSyncReport | None = None  # the sync from [data.pacs], when named
 
 
 def prepare_site(
     site: SiteConfig, task: TaskConfig, *, image_size: int
 ) -> PreparedSite:
-    """Index, read, check, join and decode a site's data (no tensors, no split)."""
-    if site.has_imaging:
-        index = index_dicom(site.dicom_paths, site.cache_path)
-    elif task.require_image:
+    """Read, check, fetch, index, join and decode a site's data (no tensors, no split).
+
+    With ``[data.pacs]`` the EHR's studies are first fetched into the cache
+    (only what is not there yet) and indexed with the DICOM folders.
+    """
+    if not site.has_imaging and task.require_image:
         raise no_imaging_error(site)
+    ehr = read_encoded_ehr(ehr_source(site), task, site.ehr)
+    pacs = None
+    if site.has_imaging:
+        folders = site.dicom_paths
+        if site.data.pacs is not None:
+            wanted = [uid for uid in ehr.study_uids if uid]
+            pacs = sync_pacs(site.data.pacs, site.base_dir, wanted, site.cache_path)
+            folders = [*folders, pacs.folder]
+        index = index_dicom(folders, site.cache_path)
     else:
         index = INDEX_SCHEMA.empty_table()
     images = study_series(index)
-    ehr = read_encoded_ehr(ehr_source(site), task, site.ehr)
     join = join_ehr_images(ehr, images, require_image=task.require_image)
     decoded, reasons = decoded_images(images, image_size, task, site.cache_path)
+    fingerprint = _fingerprint(images, ehr, join.rows)
     return PreparedSite(
-        index, images, ehr, join, decoded, reasons, _fingerprint(images, ehr, join.rows)
+        index, images, ehr, join, decoded, reasons, fingerprint, pacs=pacs
     )
 
 
@@ -424,7 +437,15 @@ def ehr_present(features: np.ndarray, task: TaskConfig) -> np.ndarray:
 def _fingerprint(
     images: dict[str, list[dict[str, Any]]], ehr: EncodedEhr, matched: list[int]
 ) -> str:
-    h = hashlib.sha256(index_fingerprint(images).encode())
+    """sha256 over the data a run uses: the joined rows and their studies' images.
+
+    Studies no EHR row joins are left out, so a site that fetches only its EHR's
+    studies from a PACS has the fingerprint of the same data read from a folder.
+    """
+    used = {ehr.study_uids[i] for i in matched}
+    h = hashlib.sha256(
+        index_fingerprint({k: v for k, v in images.items() if k in used}).encode()
+    )
     for i in matched:
         h.update((ehr.patient_ids[i] or "").encode() + b"\x1f")
         h.update((ehr.study_uids[i] or "").encode() + b"\x1f")

@@ -41,6 +41,11 @@ def _columns(task: TaskConfig, schema: EhrSchema) -> list[str]:
     if schema.note:
         names.append(schema.note)
     names += [schema.feature_column(f) for f in (*task.numeric, *task.categorical)]
+    names += [
+        unit
+        for f in task.numeric
+        if (unit := schema.feature_spec(f).unit_column) is not None
+    ]
     names += [schema.label_column(label) for label in task.labels]
     return list(dict.fromkeys(names))
 
@@ -133,6 +138,22 @@ class _SchemaCheck:
                 self.problems.append(
                     f"  - column {spec.column!r} (feature {name}) holds {dtype}; "
                     "it must be numeric"
+                )
+        if spec.unit_column is not None:
+            unit_type = self.column(
+                spec.unit_column,
+                f"unit of feature {name}",
+                f"[ehr.features] {name} unit-column",
+            )
+            if unit_type is not None and _kind(unit_type) is not ColumnType.TEXT:
+                self.problems.append(
+                    f"  - unit column {spec.unit_column!r} (feature {name}) holds "
+                    f"{unit_type}, not text"
+                )
+            if run_unit is None:
+                self.problems.append(
+                    f"  - [ehr.features] {name}: unit-column declared but the run "
+                    "declares no unit for it (task.units)"
                 )
         if spec.unit is not None:
             if run_unit is None:
@@ -278,6 +299,8 @@ class EhrStats:
     label_null: dict[str, int] = field(default_factory=dict)
     label_positive: dict[str, int] = field(default_factory=dict)
     label_unmapped: dict[str, int] = field(default_factory=dict)
+    unit_unknown: dict[str, int] = field(default_factory=dict)
+    """Per feature with a unit column: values whose unit cannot be converted."""
 
     def add(self, counts: dict[str, int], key: str, n: int) -> None:
         """Add ``n`` to ``counts[key]``."""
@@ -331,9 +354,15 @@ def encode_batch(
         if spec.range is not None:
             outside |= ~absent & ((values < spec.range[0]) | (values > spec.range[1]))
         run_unit = task.units.get(name)
-        if spec.unit is not None and run_unit is not None:
-            scale, offset = conversion(spec.unit, run_unit) or (1.0, 0.0)
+        if spec.unit_column is not None and run_unit is not None:
+            scale, offset = _row_conversions(table.column(spec.unit_column), run_unit)
+            unknown = ~absent & np.isnan(scale)
+            stats.add(stats.unit_unknown, name, unknown.sum())
+            absent |= unknown
             values = values * scale + offset
+        elif spec.unit is not None and run_unit is not None:
+            scale_1, offset_1 = conversion(spec.unit, run_unit) or (1.0, 0.0)
+            values = values * scale_1 + offset_1
         if name in task.ranges:
             low, high = task.ranges[name]
             outside |= ~absent & ((values < low) | (values > high))
@@ -386,6 +415,21 @@ def encode_batch(
         label_null=label_null,
         stats=stats,
     )
+
+
+def _row_conversions(
+    units: pa.ChunkedArray | pa.Array, run_unit: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row ``(scale, offset)`` to the run's unit; NaN where the unit is unknown."""
+    coded = pc.dictionary_encode(pc.cast(units, pa.string()))
+    if isinstance(coded, pa.ChunkedArray):
+        coded = coded.combine_chunks()
+    table = [conversion(u, run_unit) for u in coded.dictionary.to_pylist()]
+    scales = np.array([c[0] if c else np.nan for c in table] + [np.nan])
+    offsets = np.array([c[1] if c else np.nan for c in table] + [np.nan])
+    # null units index the extra NaN slot
+    index = pc.fill_null(coded.indices, len(table)).to_numpy(zero_copy_only=False)
+    return scales[index], offsets[index]
 
 
 def _label_values(

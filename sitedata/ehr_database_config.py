@@ -3,8 +3,8 @@
 The connection URL names the host, port, database and read-only account; the
 password is in a 0600 file or an environment variable (:mod:`.secrets`), never
 in ``site.toml``. The rows come from one table or view (only the declared
-columns are selected) or from one query (whose result may hold only declared
-columns).
+columns are selected), from one query (whose result may hold only declared
+columns), or from the OMOP CDM tables (:mod:`.omop`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from ..common.errors import ConfigError
+from .omop import OmopPreset
 from .secrets import SecretSource
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
@@ -44,6 +45,11 @@ class EhrDatabaseSection(SecretSource):
     query: str | None = Field(
         None,
         description="one SELECT; every column it returns must be declared under [ehr]",
+    )
+    omop: OmopPreset | None = Field(
+        None,
+        description="the OMOP CDM preset: one row per visit from person, "
+        "visit_occurrence, measurement, observation and note",
     )
     connect_timeout_s: int = Field(10, ge=1, le=600)
 
@@ -88,8 +94,12 @@ class EhrDatabaseSection(SecretSource):
 
     @model_validator(mode="after")
     def _one_source(self) -> EhrDatabaseSection:
-        if (self.table is None) == (self.query is None):
-            raise ValueError("set exactly one of table or query")
+        named = [k for k in ("table", "query", "omop") if getattr(self, k) is not None]
+        if len(named) != 1:
+            raise ValueError(
+                "set exactly one of table, query or [data.ehr-database.omop]"
+                + (f" (set: {', '.join(named)})" if named else "")
+            )
         return self
 
     @property
@@ -103,4 +113,6 @@ class EhrDatabaseSection(SecretSource):
     @property
     def what(self) -> str:
         """The rows as messages name them."""
-        return f"table {self.table}" if self.table else "the query"
+        if self.table:
+            return f"table {self.table}"
+        return "the OMOP CDM preset" if self.omop else "the query"

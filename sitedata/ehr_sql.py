@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 
 from ..common.errors import DataError, SourceUnreachable
 from .ehr_database_config import EhrDatabaseSection, quote_identifier, quote_table
+from .omop import omop_query
 from .secrets import read_secret
 from .site_config import EhrSchema
 
@@ -53,7 +54,7 @@ class DatabaseEhr:
     @property
     def only_declared(self) -> bool:
         """A query's columns must all be declared; a table's are selected by name."""
-        return self.section.table is None
+        return self.section.query is not None
 
     @property
     def fix_hint(self) -> str:
@@ -66,6 +67,8 @@ class DatabaseEhr:
     def _rows_sql(self) -> str:
         if self.section.table:
             return f"SELECT * FROM {quote_table(self.section.table)}"
+        if self.section.omop is not None:
+            return omop_query(self.section.omop)
         query = (self.section.query or "").strip().rstrip(";")
         return f"SELECT * FROM ({query}) AS wardround_rows"
 
@@ -206,8 +209,8 @@ def _last_line(text: str) -> str:
 
 
 def _is_numeric(dtype: pa.DataType) -> bool:
-    # ADBC returns PostgreSQL numeric as an opaque extension over its text
-    return isinstance(dtype, pa.ExtensionType) and "numeric" in str(dtype)
+    # ADBC returns PostgreSQL numeric as an opaque extension type over its text
+    return isinstance(dtype, pa.OpaqueType) and dtype.type_name == "numeric"
 
 
 def _plain_field(field: pa.Field) -> pa.Field:

@@ -18,6 +18,8 @@ from ..common.wire import ANSWERABLE_METRICS, DEFAULT_ANSWER_METRICS
 from ..dashboard.settings import SiteDashboardSection
 from ..ops.config_file import TomlFileConfig
 from .ehr_database_config import EhrDatabaseSection
+from .omop import omop_ehr_schema
+from .pacs_config import PacsSection
 
 
 class SiteSection(_Section):
@@ -32,14 +34,20 @@ class SiteDataSection(_Section):
     dicom_dirs: tuple[str, ...] = Field(
         (),
         max_length=1024,
-        description="the site's DICOM folders; none: a site without imaging (EHR "
-        "and notes only), which trains in runs that do not require images",
+        description="the site's DICOM folders; none (and no [data.pacs]): a site "
+        "without imaging (EHR and notes only), which trains in runs that do not "
+        "require images",
     )
     ehr: str = Field(
         "ehr.parquet", description="the EHR table: a Parquet file or folder of them"
     )
     ehr_database: EhrDatabaseSection | None = Field(
         None, description="the EHR read from the site's PostgreSQL instead of `ehr`"
+    )
+    pacs: PacsSection | None = Field(
+        None,
+        description="the site's PACS: the EHR's studies are fetched (read-only) "
+        "into the cache folder and indexed with any dicom-dirs",
     )
     cache_dir: str = ".wardround-cache"
     validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
@@ -71,6 +79,11 @@ class FeatureSpec(_Section):
     unit: str | None = Field(
         None, description="this site's unit, converted to the run's"
     )
+    unit_column: str | None = Field(
+        None,
+        description="a text column naming each row's unit (long-format tables, "
+        "OMOP); converted row by row, an unknown unit counts as missing",
+    )
     range: tuple[float, float] | None = Field(
         None, description="allowed [low, high] in this site's unit; outside -> missing"
     )
@@ -84,6 +97,13 @@ class FeatureSpec(_Section):
     def _range_ordered(self) -> FeatureSpec:
         if self.range is not None and not self.range[0] < self.range[1]:
             raise ValueError("range must be [low, high] with low < high")
+        if self.unit_column is not None and (
+            self.unit is not None or self.range is not None
+        ):
+            raise ValueError(
+                "unit-column gives each row's unit: leave out unit and range (the "
+                "run's ranges apply after conversion)"
+            )
         return self
 
 
@@ -270,6 +290,22 @@ class SiteConfig(TomlFileConfig):
         "Fix site.toml; see the example that `wardround synth` writes."
     )
 
+    @model_validator(mode="after")
+    def _omop_schema(self) -> SiteConfig:
+        # The OMOP preset's query has the run's names: its mapping is the schema.
+        database = self.data.ehr_database
+        if database is None or database.omop is None:
+            return self
+        if "ehr" in self.model_fields_set:
+            raise ValueError(
+                "the OMOP preset maps the run's names under "
+                "[data.ehr-database.omop]: leave out [ehr]"
+            )
+        object.__setattr__(
+            self, "ehr", EhrSchema.model_validate(omop_ehr_schema(database.omop))
+        )
+        return self
+
     def resolve(self, relative: str) -> Path:
         """Resolve a path from site.toml against its folder."""
         p = Path(relative).expanduser()
@@ -282,8 +318,8 @@ class SiteConfig(TomlFileConfig):
 
     @property
     def has_imaging(self) -> bool:
-        """Whether the site names DICOM folders (``data.dicom-dirs``)."""
-        return bool(self.data.dicom_dirs)
+        """Whether the site names DICOM folders (``data.dicom-dirs``) or a PACS."""
+        return bool(self.data.dicom_dirs) or self.data.pacs is not None
 
     @property
     def ehr_path(self) -> Path:

@@ -1,7 +1,8 @@
 """Unit conversions for EHR features: a site's unit → the run's unit, affine.
 
 A conversion is ``run_value = site_value * scale + offset``. Unit names are
-compared after normalising case, spaces and a few spellings (``°C`` → ``degc``).
+compared after normalising case, spaces and a few spellings (``°C`` → ``degc``),
+UCUM's codes among them (``Cel``, ``10*9/L``: OMOP's unit concepts).
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ _SPELLINGS = {
     "g/l": "g/l",
     "k/ul": "10^3/ul",
     "x10^3/ul": "10^3/ul",
+    # UCUM codes, as OMOP's unit concepts spell them (concept_code)
+    "cel": "degc",
+    "[degf]": "degf",
+    "a": "years",
+    "wk": "weeks",
+    "{beats}/min": "bpm",
+    "10*9/l": "10^9/l",
+    "10*3/ul": "10^3/ul",
+    "10*6/l": "10^6/l",
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 from rich.console import Console
@@ -320,6 +320,24 @@ def synth(
             "table per site, and write site-servers.toml beside site.toml.",
         ),
     ] = None,
+    omop: Annotated[
+        bool,
+        typer.Option(
+            help="With --postgres: load each site as OMOP CDM tables (one schema "
+            "per site) read through the OMOP preset, instead of one flat table.",
+        ),
+    ] = False,
+    pacs: Annotated[
+        str | None,
+        typer.Option(
+            help="Also store each site's DICOM in this PACS over DICOMweb (STOW-RS; "
+            "the DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web) and name it "
+            "in site-servers.toml; the password from $WARDROUND_PACS_PASSWORD.",
+        ),
+    ] = None,
+    pacs_user: Annotated[
+        str | None, typer.Option(help="The PACS's HTTP user (with --pacs).")
+    ] = None,
     postgres_reader: Annotated[
         str | None,
         typer.Option(
@@ -340,38 +358,76 @@ def synth(
     )
     for path in paths:
         console.print(f"wrote {path}")
-    if postgres is not None:
-        _load_servers(paths, postgres, postgres_reader)
+    if postgres is not None or pacs is not None:
+        _load_servers(paths, postgres, postgres_reader, pacs, pacs_user, omop=omop)
 
 
-def _load_servers(paths: list[Path], postgres: str, reader: str | None) -> None:
-    """``synth --postgres``: each site's EHR into a table, and site-servers.toml."""
+def _load_servers(
+    paths: list[Path],
+    postgres: str | None,
+    reader: str | None,
+    pacs: str | None,
+    pacs_user: str | None,
+    *,
+    omop: bool = False,
+) -> None:
+    """``synth --postgres/--pacs``: each site into the servers, and site-servers.toml."""
     import os
+    import tomllib
     from urllib.parse import urlsplit, urlunsplit
 
-    from wardround.synthetic.servers import (
+    from wardround.simulations.hospital_servers import (
+        load_ehr_into_omop,
         load_ehr_into_postgres,
+        store_folder_in_pacs,
         write_server_site_toml,
     )
 
-    parts = urlsplit(postgres)
-    site_url = postgres
-    if reader is not None:
-        host = parts.netloc.rpartition("@")[2]
-        site_url = urlunsplit((parts.scheme, f"{reader}@{host}", parts.path, "", ""))
     for path in paths:
-        table, rows = load_ehr_into_postgres(
-            path, postgres, os.environ.get("PGPASSWORD"), grant_to=reader
-        )
-        servers = write_server_site_toml(
-            path,
-            database={
+        database: dict[str, Any] | None = None
+        pacs_table: dict[str, Any] | None = None
+        if postgres is not None:
+            parts = urlsplit(postgres)
+            site_url = postgres
+            if reader is not None:
+                host = parts.netloc.rpartition("@")[2]
+                site_url = urlunsplit(
+                    (parts.scheme, f"{reader}@{host}", parts.path, "", "")
+                )
+            password = os.environ.get("PGPASSWORD")
+            database = {
                 "url": site_url,
-                "table": table,
                 "password-env": "WARDROUND_EHR_PASSWORD",
-            },
-        )
-        console.print(f"loaded {rows} EHR rows into {table}; wrote {servers}")
+            }
+            if omop:
+                preset, rows = load_ehr_into_omop(
+                    path, postgres, password, grant_to=reader
+                )
+                database["omop"] = preset
+                where = f"OMOP CDM schema {preset['cdm-schema']}"
+            else:
+                table, rows = load_ehr_into_postgres(
+                    path, postgres, password, grant_to=reader
+                )
+                database["table"] = table
+                where = table
+            console.print(f"loaded {rows} EHR rows into {where}")
+        dicom_dirs = tomllib.loads(path.read_text())["data"].get("dicom-dirs", [])
+        if pacs is not None and dicom_dirs:
+            password = os.environ.get("WARDROUND_PACS_PASSWORD")
+            stored = sum(
+                store_folder_in_pacs(path.parent / d, pacs, pacs_user, password)
+                for d in dicom_dirs
+            )
+            console.print(f"stored {stored} DICOM files in the PACS at {pacs}")
+            pacs_table = {"protocol": "dicomweb", "url": pacs}
+            if pacs_user is not None:
+                pacs_table |= {
+                    "username": pacs_user,
+                    "password-env": "WARDROUND_PACS_PASSWORD",
+                }
+        servers = write_server_site_toml(path, database=database, pacs=pacs_table)
+        console.print(f"wrote {servers}")
 
 
 @app.command()

@@ -13,14 +13,14 @@ from wardround.client.preflight import preflight_site
 from wardround.client.site_check import check_site
 from wardround.common.config import RunConfig
 from wardround.common.errors import ConfigError, DataError, SourceUnreachable
+from wardround.simulations.hospital_servers import (
+    load_ehr_into_postgres,
+    write_server_site_toml,
+)
 from wardround.sitedata.ehr import iter_ehr, open_ehr, read_ehr
 from wardround.sitedata.ehr_source import ParquetEhr, ehr_source
 from wardround.sitedata.site_config import SiteConfig
 from wardround.synthetic.hospitals import synthesize_federation
-from wardround.synthetic.servers import (
-    load_ehr_into_postgres,
-    write_server_site_toml,
-)
 
 TASK = RunConfig().task
 

@@ -9,7 +9,10 @@ import pytest
 from postgres_server import READER, Postgres
 
 from wardround.client.site_check import check_site
-from wardround.synthetic.servers import load_ehr_into_postgres, write_server_site_toml
+from wardround.simulations.hospital_servers import (
+    load_ehr_into_postgres,
+    write_server_site_toml,
+)
 
 pytestmark = pytest.mark.integration
 

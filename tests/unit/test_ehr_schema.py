@@ -194,3 +194,42 @@ def test_declared_schema_in_site_toml_loads(template, tmp_path):
     np.testing.assert_allclose(
         after.train.tensors["ehr"], before.train.tensors["ehr"], atol=1e-4
     )
+
+
+def test_a_unit_column_converts_each_row_and_counts_unknown_units():
+    raw = {
+        **RAW,
+        "features": {
+            **RAW["features"],
+            "crp": {"column": "crp", "unit-column": "crp_unit"},
+        },
+    }
+    schema = EhrSchema.model_validate(raw)
+    table = _table(crp=[3.0, 7.0, 5.0], crp_unit=["mg/dL", "mg/L", "furlong"])
+    assert schema_problems(table.schema, TASK, schema) == []
+    stats = EhrStats()
+    enc = encode_batch(table, TASK, schema, stats)
+    j = list(TASK.numeric).index("crp")
+    norm = TASK.numeric["crp"]
+    expected = [(30.0 - norm.mean) / norm.std, (7.0 - norm.mean) / norm.std]
+    assert np.allclose(enc.features[:2, j], expected, atol=1e-5)
+    n = len(TASK.numeric)
+    assert enc.features[2, j] == 0.0 and enc.features[2, n + j] == 1.0  # missing
+    assert stats.unit_unknown == {"crp": 1}
+    null_unit = _table(crp=[3.0, None, 1.0], crp_unit=[None, None, "Cel"])
+    stats = EhrStats()
+    encode_batch(null_unit, TASK, schema, stats)
+    assert stats.unit_unknown == {"crp": 2}  # a null unit and a temperature's unit
+
+
+def test_a_unit_column_is_checked_and_excludes_a_fixed_unit():
+    raw = {**RAW, "features": {"crp": {"column": "crp", "unit-column": "crp_unit"}}}
+    schema = EhrSchema.model_validate(raw)
+    problems = schema_problems(_table().schema, TASK, schema)
+    assert any("'crp_unit'" in p and "unit-column" in p for p in problems)
+    problems = schema_problems(_table(crp_unit=[1, 2, 3]).schema, TASK, schema)
+    assert any("not text" in p for p in problems)
+    with pytest.raises(ValueError, match="unit-column"):
+        EhrSchema.model_validate(
+            {"features": {"crp": {"column": "c", "unit-column": "u", "unit": "mg/L"}}}
+        )

@@ -359,6 +359,24 @@ def test_fingerprint_changes_with_the_ehr(site_dir):
     assert _load(site_dir).fingerprint != before
 
 
+def test_fingerprint_covers_the_studies_used_not_the_rest_of_the_folder(site_dir):
+    import pydicom
+
+    before = _load(site_dir).fingerprint
+    # a study no EHR row names (a PACS is never asked for it): same data, same print
+    source = _files(site_dir / "dicom")[0]
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID = ds.SeriesInstanceUID = "2.25.1234567"
+    ds.SOPInstanceUID = "2.25.1234568"
+    (site_dir / "dicom" / "unrelated").mkdir()
+    ds.save_as(site_dir / "dicom" / "unrelated" / "1.dcm")
+    assert _load(site_dir).fingerprint == before
+    # an image of a study that trains: another print
+    with source.open("ab") as handle:
+        handle.write(b"\0\0")
+    assert _load(site_dir).fingerprint != before
+
+
 def test_renamed_site_loads_through_its_mapping(template):
     data = _load(template / "site-02")
     assert data.num_studies > 25
