@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from orthanc_server import OrthancServer
 from postgres_server import READER, Postgres
 
 from wardround.client.site_check import check_site
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_a_site_on_its_servers_trains_beside_a_site_on_files(
-    synthetic_sites, postgres: Postgres, tiny_config, tmp_path
+    synthetic_sites, postgres: Postgres, orthanc: OrthancServer, tiny_config, tmp_path
 ):
     from wardround.simulations.runner import prepare_simulation, run_simulation_engine
 
