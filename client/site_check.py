@@ -26,6 +26,7 @@ from ..sitedata.ehr_source import ehr_source
 from ..sitedata.imaging import task_for_site
 from ..sitedata.join import duplicate_instances
 from ..sitedata.pacs import PacsSyncReport
+from ..sitedata.pacs_backend import is_dicom_uid
 from ..sitedata.site_config import SiteConfig
 
 logger = logging.getLogger(__name__)
@@ -128,8 +129,10 @@ def _pacs_warnings(sync: PacsSyncReport) -> list[str]:
     if not incomplete:
         return []
     for outcome in incomplete:
-        logger.warning("PACS study %s: %s", outcome.study_uid, outcome.reason)
-    shown = "; ".join(f"{s.study_uid}: {s.reason}" for s in incomplete[:3])
+        logger.warning(
+            "PACS study %s: %s", _uid_shown(outcome.study_uid), outcome.reason
+        )
+    shown = "; ".join(f"{_uid_shown(s.study_uid)}: {s.reason}" for s in incomplete[:3])
     more = (
         f" (and {len(incomplete) - 3} more in the log)" if len(incomplete) > 3 else ""
     )
@@ -138,6 +141,11 @@ def _pacs_warnings(sync: PacsSyncReport) -> list[str]:
         f"{sync.pacs}: {shown}{more}. What was fetched is kept; the next run "
         "fetches only the rest."
     ]
+
+
+def _uid_shown(uid: str) -> str:
+    # an EHR value that is not a UID may be anything (a name typed in the wrong column)
+    return uid if is_dicom_uid(uid) else "(not a UID)"
 
 
 def _index_only(site: SiteConfig) -> Any:

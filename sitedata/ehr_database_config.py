@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -20,6 +20,10 @@ from .omop import OmopPreset
 from .secrets import SecretSource
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+# libpq query keys that would move the connection away from the url's visible parts
+_WHERE_KEYS = frozenset(
+    {"host", "hostaddr", "port", "dbname", "user", "passfile", "service"}
+)
 
 
 def quote_identifier(name: str) -> str:
@@ -67,11 +71,25 @@ class EhrDatabaseSection(SecretSource):
                 "[data.ehr-database] url must start with postgresql:// "
                 "(PostgreSQL is the database wardround reads)"
             )
-        if parts.password is not None:
+        keys = [key for key, _ in parse_qsl(parts.query, keep_blank_values=True)]
+        if parts.password is not None or "password" in keys:
             raise ConfigError(
                 "[data.ehr-database] url holds a password",
                 hint="Remove it from url; put it in a 0600 file named by "
                 "password-file, or in the variable named by password-env.",
+            )
+        overriding = sorted(set(keys) & _WHERE_KEYS)
+        if overriding:
+            raise ConfigError(
+                f"[data.ehr-database] url sets {', '.join(overriding)} in its query",
+                hint="Name the host, port, database and user in the url itself "
+                "(postgresql://user@host:5432/db), so that messages name the server "
+                "the site really connects to.",
+            )
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ConfigError(
+                f"[data.ehr-database] url repeats {', '.join(repeated)} in its query"
             )
         if not parts.hostname or not parts.path.strip("/"):
             raise ConfigError(

@@ -116,6 +116,17 @@ class DatabaseEhr:
         query = dict(parse_qsl(parts.query))
         query.setdefault("connect_timeout", str(self.section.connect_timeout_s))
         query.setdefault("application_name", "wardround")
+        # Never send the password in clear, whatever a server (or an impostor) asks.
+        query.setdefault("require_auth", "!password")
+        if not _is_loopback(parts.hostname) and query.get("sslmode") not in (
+            "verify-full",
+            "verify-ca",
+        ):
+            logger.warning(
+                "%s: the connection is not verified TLS; add "
+                "?sslmode=verify-full&sslrootcert=<the database's CA> to the url",
+                self.section.where,
+            )
         # Every transaction of the session read-only from its first statement,
         # whatever the account may do.
         options = query.get("options", "")
@@ -143,6 +154,10 @@ class DatabaseEhr:
                 cursor.close()
         finally:
             connection.close()
+
+
+def _is_loopback(host: str | None) -> bool:
+    return host in ("localhost", "127.0.0.1", "::1") or (host or "").startswith("/")
 
 
 def check_database_reachable(source: DatabaseEhr) -> None:

@@ -51,6 +51,7 @@ REASONS = (
     "partial",  # fewer instances cached than the PACS listed; the cause follows
     "refused",  # the PACS answered with an error (HTTP status, DIMSE status, AE)
     "timeout",  # the PACS did not answer within timeout-s
+    "interrupted",  # an answer broke off midway
     "unreachable",  # no connection to the PACS
     "invalid-uid",  # a UID (asked for, or from the PACS) that is not a DICOM UID
     "invalid-instance",  # the PACS sent something other than the instance asked
@@ -170,8 +171,12 @@ def sync_pacs(
             outcome, error = _sync_study(backend, root, incoming, study_uid)
             outcomes.append(outcome)
             _log_study(outcome)
+            # transient failures: the PACS is taken to be gone after a few in a row
             timeouts = (
-                timeouts + 1 if error and error.kind is FailureKind.TIMEOUT else 0
+                timeouts + 1
+                if error
+                and error.kind in (FailureKind.TIMEOUT, FailureKind.INTERRUPTED)
+                else 0
             )
             skip_reason = _give_up(error, timeouts)
     finally:
@@ -391,7 +396,10 @@ def _give_up(error: PacsRequestError | None, timeouts: int) -> str | None:
     if error.kind is FailureKind.CREDENTIALS:
         return "refused: not tried, the PACS refused the credentials during the sync"
     if timeouts >= TIMEOUTS_IN_A_ROW:
-        return f"timeout: not tried after {timeouts} studies in a row timed out"
+        return (
+            f"timeout: not tried after {timeouts} studies in a row timed out or "
+            "broke off"
+        )
     return None
 
 

@@ -45,6 +45,7 @@ class FailureKind(StrEnum):
 
     UNREACHABLE = "unreachable"  # no connection: refused, reset, no route, no name
     TIMEOUT = "timeout"  # no answer within timeout-s
+    INTERRUPTED = "interrupted"  # the answer broke off midway (a dropped stream)
     REFUSED = "refused"  # the PACS answered with an error status
     CREDENTIALS = "credentials"  # HTTP 401/403: the PACS refused the credentials
 

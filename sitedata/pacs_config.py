@@ -137,6 +137,12 @@ class PacsSection(SecretSource):
                 "named by `password-file` (or in `password-env`), and remove them "
                 "from url.",
             )
+        if isinstance(url, str) and (urlsplit(url).query or urlsplit(url).fragment):
+            # a ?query may hold a token: refused here, before any message quotes it
+            raise ConfigError(
+                "[data.pacs] url must be the DICOMweb root, without ?query or #part",
+                hint="Put credentials in username and password-file, never in url.",
+            )
         return data
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import requests
 from dicomweb_client.api import DICOMwebClient
@@ -28,6 +29,8 @@ from .pacs_config import PacsSection
 if logging.getLogger("dicomweb_client").level == logging.NOTSET:
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
 
+_logger = logging.getLogger(__name__)
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
 _AS_STORED = (("application/dicom", "*"),)  # the stored transfer syntax, untouched
 _SERIES_UID = "0020000E"
 _SOP_UID = "00080018"
@@ -47,6 +50,12 @@ class DicomWebBackend:
         session = requests.Session()
         if section.username:
             session.auth = requests.auth.HTTPBasicAuth(section.username, password or "")
+            host = urlsplit(section.url).hostname or ""
+            if urlsplit(section.url).scheme != "https" and host not in _LOOPBACK:
+                _logger.warning(
+                    "%s: the password goes in clear over http; use https",
+                    section.describe(),
+                )
         if section.ca_file:
             ca_file = Path(section.ca_file).expanduser()
             session.verify = str(
@@ -85,6 +94,10 @@ class DicomWebBackend:
                 if err.http_status == 404 and not refs:
                     return []
                 raise
+            if not isinstance(page, list):
+                raise PacsRequestError(
+                    FailureKind.REFUSED, "a study listing that is not a JSON list"
+                )
             new = 0
             for item in page:
                 ref = InstanceRef(_text(item, _SERIES_UID), _text(item, _SOP_UID))
@@ -172,8 +185,20 @@ class DicomWebBackend:
             raise PacsRequestError(
                 FailureKind.REFUSED, f"HTTP {status}", http_status=status
             ) from None
-        except (InvalidDicomError, ValueError) as exc:
-            # dicomweb-client's multipart checks and pydicom's reads raise these
+        except requests.RequestException as exc:
+            # a stream cut midway (ChunkedEncodingError) and the like
+            raise PacsRequestError(
+                FailureKind.INTERRUPTED, f"the answer broke off ({type(exc).__name__})"
+            ) from None
+        except (
+            InvalidDicomError,
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+        ) as exc:
+            # dicomweb-client's multipart checks and pydicom's reads raise these, and
+            # so does an answer of the wrong shape (no Content-Type, JSON not a list)
             raise PacsRequestError(
                 FailureKind.REFUSED,
                 f"an answer that is not DICOMweb ({type(exc).__name__})",

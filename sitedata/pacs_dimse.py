@@ -73,9 +73,11 @@ GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Query/Retrieve - GET
 if logging.getLogger("pynetdicom").level == logging.NOTSET:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
+logger = logging.getLogger(__name__)
 _PENDING = (0xFF00, 0xFF01)
 _SUCCESS = 0x0000
 _WARNING = 0xB000  # some sub-operations failed: the missing ones are counted
+_REFUSED = 0xC000  # a C-STORE we do not take (PS3.4 GG.4: "cannot understand")
 _MAX_CONTEXTS = 128  # an association request holds at most 128 presentation contexts
 # Transfer syntaxes proposed first when a study's SOP classes leave little room.
 _FIRST = [
@@ -118,6 +120,7 @@ class DimseBackend:
             queue.SimpleQueue()
         )
         self._server: ThreadedAssociationServer | None = None
+        self._addresses: frozenset[str] | None = None  # the PACS host's, resolved
         self._finder: Association | None = None  # C-FIND, kept for the sync
 
     def echo(self) -> None:
@@ -211,6 +214,10 @@ class DimseBackend:
 
     def _on_store(self, event: Event) -> int:
         """A C-STORE sub-operation of our C-GET or C-MOVE: keep it if asked for."""
+        if event.assoc.is_acceptor and not self._from_the_pacs(event):
+            # C-MOVE's Storage SCP listens on the network: an AE title is a name
+            # any caller may choose, so only the PACS's own addresses may store.
+            return _REFUSED
         sop_uid = getattr(event.request, "AffectedSOPInstanceUID", None)
         ref = self._wanted.get(str(sop_uid or ""))
         if ref is None or self._incoming is None:
@@ -219,6 +226,29 @@ class DimseBackend:
         part.write_bytes(event.encoded_dataset())
         self._received.put((ref, part))
         return _SUCCESS
+
+    def _from_the_pacs(self, event: Event) -> bool:
+        address = str(event.assoc.requestor.address)
+        if address in self._pacs_addresses():
+            return True
+        logger.warning(
+            "C-MOVE store from %s refused: not an address of %s",
+            address,
+            self._section.describe(),
+        )
+        return False
+
+    def _pacs_addresses(self) -> frozenset[str]:
+        if self._addresses is None:
+            try:
+                infos = socket.getaddrinfo(self._section.host, None)
+            except OSError:
+                infos = []
+            found = {str(info[4][0]) for info in infos}
+            # an IPv4 peer may appear as ::ffff:a.b.c.d on a dual-stack socket
+            found |= {f"::ffff:{a}" for a in found if ":" not in a}
+            self._addresses = frozenset(found)
+        return self._addresses
 
     def _get(
         self, queries: list[Dataset], missing: list[InstanceRef]

@@ -21,7 +21,8 @@ class SecretSource(_Section):
     """Where a password is: a file (mode 0600) or an environment variable."""
 
     password_file: str | None = Field(
-        None, description="file holding the password (mode 0600, owned by the site)"
+        None,
+        description="file holding the password (mode 0600: readable by its owner only)",
     )
     password_env: str | None = Field(
         None, description="environment variable holding the password"
@@ -49,6 +50,7 @@ def read_secret(source: SecretSource, base_dir: Path, what: str) -> str | None:
                 hint=f"Export {source.password_env} in the site daemon's environment "
                 "(e.g. its service unit), or use password-file.",
             )
+        _printable(value, what, f"password-env {source.password_env}")
         return value
     if not source.password_file:
         return None
@@ -75,4 +77,15 @@ def read_secret(source: SecretSource, base_dir: Path, what: str) -> str | None:
             hint="The file must hold the password as UTF-8 text.",
         ) from None
     # One trailing newline is what `echo secret > file` leaves; it is not part of it.
-    return text[:-1] if text.endswith("\n") else text
+    value = text[:-1] if text.endswith("\n") else text
+    _printable(value, what, f"password-file {path}")
+    return value
+
+
+def _printable(value: str, what: str, where: str) -> None:
+    # A control character would be percent-encoded into a URL a server may echo.
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ConfigError(
+            f"{what} {where} holds a control character",
+            hint="Write the password alone, on one line, without NUL or tabs.",
+        )

@@ -347,7 +347,16 @@ def synth(
     ] = None,
 ) -> None:
     """Write synthetic hospitals: DICOM files, an EHR Parquet table and a site.toml each."""
+    from urllib.parse import urlsplit
+
+    from wardround.common.errors import ConfigError
     from wardround.synthetic.hospitals import synthesize_federation
+
+    if postgres is not None and urlsplit(postgres).password is not None:
+        raise ConfigError(
+            "--postgres holds a password; it would be written into site-servers.toml",
+            hint="Remove it from the url and export PGPASSWORD instead.",
+        )
 
     paths = synthesize_federation(
         out,

@@ -20,6 +20,9 @@ def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
         elif not loc:
             # a check across sections: its input is the whole config, not worth echoing
             lines.append(f"  - {where}: {err['msg']}")
+        elif isinstance(err.get("input"), dict):
+            # a whole section: it may hold a url with a token; the keys say enough
+            lines.append(f"  - {where}: {err['msg']}")
         else:
             lines.append(f"  - {where}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

@@ -544,3 +544,42 @@ def test_a_dicom_uid_names_its_cache_file(tmp_path):
     assert is_dicom_uid(uid) and is_dicom_uid("2.25.0123")
     path = cached_path(tmp_path, "1.2", InstanceRef("1.2.3", uid))
     assert path == tmp_path / "1.2" / "1.2.3" / f"{uid}.dcm"
+
+
+def test_malformed_or_broken_answers_fail_the_study_not_the_sync(
+    orthanc, hospital, tmp_path, monkeypatch
+):
+    section = _dicomweb(orthanc, tmp_path)
+    listing_of = hospital.study_uids[0]  # its listing is not a JSON list
+    cut_off = hospital.study_uids[1]  # its instances break off mid-stream
+    untyped = hospital.study_uids[2]  # its answer has no Content-Type
+    search = pacs_dicomweb.DICOMwebClient.search_for_instances
+    retrieve = pacs_dicomweb.DICOMwebClient.iter_study
+
+    def odd_search(self, *args, **kwargs):
+        if kwargs.get("study_instance_uid") == listing_of:
+            return 5
+        return search(self, *args, **kwargs)
+
+    def odd_retrieve(self, study_instance_uid, *args, **kwargs):
+        if study_instance_uid == cut_off:
+            raise requests.exceptions.ChunkedEncodingError("connection broken")
+        if study_instance_uid == untyped:
+            raise KeyError("content-type")
+        return retrieve(self, study_instance_uid, *args, **kwargs)
+
+    monkeypatch.setattr(
+        pacs_dicomweb.DICOMwebClient, "search_for_instances", odd_search
+    )
+    monkeypatch.setattr(pacs_dicomweb.DICOMwebClient, "iter_study", odd_retrieve)
+
+    report = sync_pacs(section, tmp_path, hospital.study_uids[:4], tmp_path / "cache")
+
+    _consistent(report)
+    reasons = {s.study_uid: s.reason or "" for s in report.studies}
+    assert (
+        reasons[listing_of].startswith("refused") and "JSON list" in reasons[listing_of]
+    )
+    assert "broke off" in reasons[cut_off]
+    assert "not DICOMweb (KeyError)" in reasons[untyped]
+    assert reasons[hospital.study_uids[3]] == ""  # the others are complete
