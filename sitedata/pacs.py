@@ -168,7 +168,7 @@ def sync_pacs(
             if skip_reason is not None:
                 outcomes.append(_failed(study_uid, skip_reason))
                 continue
-            outcome, error = _sync_study(backend, root, incoming, study_uid)
+            outcome, error = _sync_study(backend, section, root, incoming, study_uid)
             outcomes.append(outcome)
             _log_study(outcome)
             # transient failures: the PACS is taken to be gone after a few in a row
@@ -252,7 +252,11 @@ def cached_path(root: Path, study_uid: str, ref: InstanceRef) -> Path:
 
 
 def _sync_study(
-    backend: PacsBackend, root: Path, incoming: Path, study_uid: str
+    backend: PacsBackend,
+    section: PacsSection,
+    root: Path,
+    incoming: Path,
+    study_uid: str,
 ) -> tuple[PacsStudyOutcome, PacsRequestError | None]:
     if not is_dicom_uid(study_uid):
         reason = "invalid-uid: the study UID asked for is not a DICOM UID"
@@ -263,6 +267,12 @@ def _sync_study(
         return _failed(study_uid, _reason(err)), err
     if not listed:
         return _failed(study_uid, "not-found: the PACS lists no instance of it"), None
+    if len(listed) > section.max_instances_per_study:
+        reason = (
+            f"refused: the PACS lists {len(listed)} instances, more than "
+            f"max-instances-per-study ({section.max_instances_per_study})"
+        )
+        return _failed(study_uid, reason), None
     usable: dict[str, InstanceRef] = {}
     invalid = 0
     for ref in listed:
@@ -278,8 +288,22 @@ def _sync_study(
     error: PacsRequestError | None = None
     if missing:
         pending = {ref.sop_uid for ref in missing}
+        deadline = time.monotonic() + section.study_timeout_s
+        arriving = backend.fetch(study_uid, missing, refs)
         try:
-            for ref, payload in backend.fetch(study_uid, missing, refs):
+            for ref, payload in arriving:
+                if time.monotonic() > deadline:
+                    if isinstance(payload, Path):
+                        payload.unlink(missing_ok=True)
+                    # a generator: closing it releases the request or association
+                    close = getattr(arriving, "close", None)
+                    if close is not None:
+                        close()
+                    raise PacsRequestError(
+                        FailureKind.TIMEOUT,
+                        f"the study took over {section.study_timeout_s:g} s "
+                        "(study-timeout-s)",
+                    )
                 if ref.sop_uid not in pending:  # sent twice: the first is kept
                     if isinstance(payload, Path):
                         payload.unlink(missing_ok=True)

@@ -115,13 +115,27 @@ class PacsSection(SecretSource):
         "0.0.0.0",
         description="C-MOVE: the address our Storage SCP listens on while a sync "
         "runs (default: every interface, since the PACS is another host; it accepts "
-        "only the called-ae's associations and only the instances asked for)",
+        "stores only from the PACS host's addresses and only the instances asked for)",
     )
     timeout_s: float = Field(
         30.0,
         gt=0.0,
         le=3600.0,
         description="seconds to wait for the PACS to connect or to answer a request",
+    )
+    study_timeout_s: float = Field(
+        1800.0,
+        gt=0.0,
+        le=86_400.0,
+        description="the most one study's fetch may take, however the PACS paces "
+        "it; what arrived is kept and the rest is fetched at the next sync",
+    )
+    max_instances_per_study: int = Field(
+        100_000,
+        ge=1,
+        le=10_000_000,
+        description="a study listed with more instances is refused (a PACS that "
+        "lists without end)",
     )
 
     @model_validator(mode="before")

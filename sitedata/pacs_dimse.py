@@ -318,6 +318,9 @@ class DimseBackend:
         move_aet: str | None,
     ) -> Iterator[tuple[InstanceRef, Payload]]:
         failed: int | None = None
+        # Each pending status restarts the answer timer, so a PACS could keep a
+        # retrieve pending for ever: the whole study has its own limit.
+        deadline = time.monotonic() + self._section.study_timeout_s
         for query in queries:
             started = time.monotonic()
             responses = (
@@ -332,6 +335,12 @@ class DimseBackend:
                 code = int(status.Status)
                 if code in _PENDING:
                     started = time.monotonic()
+                    if started > deadline:
+                        raise PacsRequestError(
+                            FailureKind.TIMEOUT,
+                            f"{what} still pending after "
+                            f"{self._section.study_timeout_s:g} s (study-timeout-s)",
+                        )
                     continue
                 if code not in (_SUCCESS, _WARNING):
                     failed = code

@@ -583,3 +583,38 @@ def test_malformed_or_broken_answers_fail_the_study_not_the_sync(
     assert "broke off" in reasons[cut_off]
     assert "not DICOMweb (KeyError)" in reasons[untyped]
     assert reasons[hospital.study_uids[3]] == ""  # the others are complete
+
+
+def test_a_study_that_takes_too_long_or_lists_too_much_is_cut_off(
+    orthanc, hospital, tmp_path, monkeypatch
+):
+    import time as time_module
+
+    slow_study, huge_study = hospital.study_uids[0], hospital.study_uids[1]
+    fetch = pacs_dicomweb.DicomWebBackend.fetch
+    listing = pacs_dicomweb.DicomWebBackend.find_instances
+
+    def slow_fetch(self, study_uid, missing, listed):
+        for item in fetch(self, study_uid, missing, listed):
+            if study_uid == slow_study:
+                time_module.sleep(0.3)  # a PACS that paces its answer
+            yield item
+
+    def long_listing(self, study_uid):
+        refs = listing(self, study_uid)
+        if study_uid == huge_study:
+            refs += [InstanceRef("1.2.3", f"1.2.3.{i}") for i in range(5)]
+        return refs
+
+    monkeypatch.setattr(pacs_dicomweb.DicomWebBackend, "fetch", slow_fetch)
+    monkeypatch.setattr(pacs_dicomweb.DicomWebBackend, "find_instances", long_listing)
+    section = _dicomweb(orthanc, tmp_path).model_copy(
+        update={"study_timeout_s": 0.1, "max_instances_per_study": 3}
+    )
+
+    report = sync_pacs(section, tmp_path, [slow_study, huge_study], tmp_path / "c")
+
+    _consistent(report)
+    reasons = {s.study_uid: s.reason or "" for s in report.studies}
+    assert "study-timeout-s" in reasons[slow_study]
+    assert "max-instances-per-study (3)" in reasons[huge_study]
