@@ -53,20 +53,11 @@ def load_ehr_into_postgres(
     Returns the table name and the rows loaded. ``grant_to``: a role given
     SELECT on the table (the site's read-only account).
     """
-    import adbc_driver_postgresql.dbapi as postgresql
-
     with site_toml.open("rb") as handle:
         doc = tomllib.load(handle)
     name = table or ehr_table_name(doc.get("site", {}).get("name", "site"))
     ehr = pq.read_table(site_toml.parent / doc["data"].get("ehr", "ehr.parquet"))
-    try:
-        connection = postgresql.connect(with_password(url, password))
-    except Exception as exc:
-        text = str(exc).replace(password or "\0", "***")
-        raise SourceUnreachable(
-            f"PostgreSQL at {_where(url)} cannot be reached: {text.splitlines()[0]}",
-            hint="Check the url, that the server runs and the password.",
-        ) from None
+    connection = _connect(url, password)
     with connection, connection.cursor() as cursor:
         cursor.execute(f'DROP TABLE IF EXISTS "{name}"')
         cursor.adbc_ingest(name, ehr, mode="create")
@@ -144,6 +135,20 @@ def write_server_site_toml(
     return path
 
 
+def _connect(url: str, password: str | None) -> Any:
+    """An ADBC connection as the loading account, or SourceUnreachable (no secret)."""
+    import adbc_driver_postgresql.dbapi as postgresql
+
+    try:
+        return postgresql.connect(with_password(url, password))
+    except Exception as exc:
+        text = str(exc).replace(password or "\0", "***")
+        raise SourceUnreachable(
+            f"PostgreSQL at {_where(url)} cannot be reached: {text.splitlines()[0]}",
+            hint="Check the url, that the server runs and the password.",
+        ) from None
+
+
 def _where(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port or 5432}{parts.path}"
@@ -200,7 +205,6 @@ def load_ehr_into_omop(
     finding, a note per note. Returns the ``[data.ehr-database.omop]`` table
     that reads it back, and the visits written.
     """
-    import adbc_driver_postgresql.dbapi as postgresql
     import pyarrow as pa
 
     from ..common.config import TaskConfig
@@ -282,14 +286,7 @@ def load_ehr_into_omop(
         *((UCUM.get(unit, unit), unit_id) for unit, unit_id in units.items()),
     ]:
         add("concept", concept_id=concept_id, concept_code=code)
-    try:
-        connection = postgresql.connect(with_password(url, password))
-    except Exception as exc:
-        text = str(exc).replace(password or "\0", "***")
-        raise SourceUnreachable(
-            f"PostgreSQL at {_where(url)} cannot be reached: {text.splitlines()[0]}",
-            hint="Check the url, that the server runs and the password.",
-        ) from None
+    connection = _connect(url, password)
     with connection, connection.cursor() as cursor:
         cursor.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         cursor.execute(f'CREATE SCHEMA "{schema}"')
