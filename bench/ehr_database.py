@@ -92,7 +92,7 @@ def main() -> None:
     from data_ingest import write_ehr
     from postgres_server import READER, start_postgres, stop_postgres
 
-    from wardround.simulations.hospital_servers import with_password
+    from wardround.sitedata.secrets import url_with_password
 
     args.dir.mkdir(parents=True, exist_ok=True)
     parquet = args.dir / f"ehr-{args.rows}.parquet"
@@ -103,7 +103,7 @@ def main() -> None:
         start = time.perf_counter()
         with (
             postgresql.connect(
-                with_password(server.url("admin"), server.admin_password)
+                url_with_password(server.url("admin"), server.admin_password)
             ) as connection,
             connection.cursor() as cursor,
         ):

@@ -15,12 +15,13 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pyarrow.parquet as pq
 import tomli_w
 
 from ..common.errors import SourceUnreachable
+from ..sitedata.secrets import url_with_password
 
 SERVER_SITE_TOML = "site-servers.toml"
 
@@ -28,16 +29,6 @@ SERVER_SITE_TOML = "site-servers.toml"
 def ehr_table_name(site_name: str) -> str:
     """A plain SQL table name for a site's EHR (``site-01`` -> ``site_01_ehr``)."""
     return re.sub(r"[^a-z0-9_]", "_", site_name.lower()) + "_ehr"
-
-
-def with_password(url: str, password: str | None) -> str:
-    """``url`` with the password put in (for the driver only; never printed)."""
-    if password is None:
-        return url
-    parts = urlsplit(url)
-    user, _, host = parts.netloc.rpartition("@")
-    netloc = f"{user}:{quote(password, safe='')}@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
 
 
 def load_ehr_into_postgres(
@@ -140,7 +131,7 @@ def _connect(url: str, password: str | None) -> Any:
     import adbc_driver_postgresql.dbapi as postgresql
 
     try:
-        return postgresql.connect(with_password(url, password))
+        return postgresql.connect(url_with_password(url, password))
     except Exception as exc:
         text = str(exc).replace(password or "\0", "***")
         raise SourceUnreachable(

@@ -270,9 +270,9 @@ def open_ehr(
 def read_ehr(source: EhrSource | Path, task: TaskConfig, schema: EhrSchema) -> pa.Table:
     """Read only the declared columns (whole table; see :func:`iter_ehr` to stream)."""
     opened, wanted = open_ehr(source, task, schema)
-    arrow_schema = opened.arrow_schema()
     batches = list(opened.batches(wanted, BATCH_ROWS))
     if not batches:
+        arrow_schema = opened.arrow_schema()
         return pa.schema([arrow_schema.field(c) for c in wanted]).empty_table()
     return pa.Table.from_batches(batches)
 

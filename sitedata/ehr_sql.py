@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from ..common.errors import DataError, SourceUnreachable
 from .ehr_database_config import EhrDatabaseSection, quote_identifier, quote_table
 from .omop import omop_query
-from .secrets import read_secret
+from .secrets import LOOPBACK_HOSTS, read_secret, url_with_password
 from .site_config import EhrSchema
 
 logger = logging.getLogger(__name__)
@@ -108,20 +108,14 @@ class DatabaseEhr:
 
     def _uri(self) -> tuple[str, str | None]:
         password = read_secret(self.section, self.base_dir, _SETTING)
-        parts = urlsplit(self.section.url)
-        netloc = parts.netloc
-        if password is not None:
-            user, _, host = netloc.rpartition("@")
-            netloc = f"{user}:{quote(password, safe='')}@{host}"
+        parts = urlsplit(url_with_password(self.section.url, password))
         query = dict(parse_qsl(parts.query))
         query.setdefault("connect_timeout", str(self.section.connect_timeout_s))
         query.setdefault("application_name", "wardround")
         # Never send the password in clear, whatever a server (or an impostor) asks.
         query.setdefault("require_auth", "!password")
-        if not _is_loopback(parts.hostname) and query.get("sslmode") not in (
-            "verify-full",
-            "verify-ca",
-        ):
+        verified = query.get("sslmode") in ("verify-full", "verify-ca")
+        if (parts.hostname or "") not in LOOPBACK_HOSTS and not verified:
             logger.warning(
                 "%s: the connection is not verified TLS; add "
                 "?sslmode=verify-full&sslrootcert=<the database's CA> to the url",
@@ -132,7 +126,13 @@ class DatabaseEhr:
         options = query.get("options", "")
         query["options"] = (options + " -c default_transaction_read_only=on").strip()
         uri = urlunsplit(
-            (parts.scheme, netloc, parts.path, urlencode(query, quote_via=quote), "")
+            (
+                parts.scheme,
+                parts.netloc,
+                parts.path,
+                urlencode(query, quote_via=quote),
+                "",
+            )
         )
         return uri, password
 
@@ -154,10 +154,6 @@ class DatabaseEhr:
                 cursor.close()
         finally:
             connection.close()
-
-
-def _is_loopback(host: str | None) -> bool:
-    return host in ("localhost", "127.0.0.1", "::1") or (host or "").startswith("/")
 
 
 def check_database_reachable(source: DatabaseEhr) -> None:

@@ -24,13 +24,13 @@ from pydicom.errors import InvalidDicomError
 
 from .pacs_backend import FailureKind, InstanceRef, PacsRequestError, Payload
 from .pacs_config import PacsSection
+from .secrets import LOOPBACK_HOSTS
 
 # The library logs every request at INFO; a site's log keeps our one line per sync.
 if logging.getLogger("dicomweb_client").level == logging.NOTSET:
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
 
 _logger = logging.getLogger(__name__)
-_LOOPBACK = ("localhost", "127.0.0.1", "::1")
 _AS_STORED = (("application/dicom", "*"),)  # the stored transfer syntax, untouched
 _SERIES_UID = "0020000E"
 _SOP_UID = "00080018"
@@ -51,7 +51,7 @@ class DicomWebBackend:
         if section.username:
             session.auth = requests.auth.HTTPBasicAuth(section.username, password or "")
             host = urlsplit(section.url).hostname or ""
-            if urlsplit(section.url).scheme != "https" and host not in _LOOPBACK:
+            if urlsplit(section.url).scheme != "https" and host not in LOOPBACK_HOSTS:
                 _logger.warning(
                     "%s: the password goes in clear over http; use https",
                     section.describe(),

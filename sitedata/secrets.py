@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import Field, model_validator
 
@@ -89,3 +90,17 @@ def _printable(value: str, what: str, where: str) -> None:
             f"{what} {where} holds a control character",
             hint="Write the password alone, on one line, without NUL or tabs.",
         )
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+"""Hosts where a password never crosses a network."""
+
+
+def url_with_password(url: str, password: str | None) -> str:
+    """``url`` with ``password`` put after its user (for a driver only; never shown)."""
+    if password is None:
+        return url
+    parts = urlsplit(url)
+    user, _, host = parts.netloc.rpartition("@")
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -42,6 +42,7 @@ from ..common.vlm_prompts import (
     user_text,
 )
 from .dataset import PreparedSite, SiteData, prepare_site, split_patients
+from .ehr import BATCH_ROWS
 from .ehr_source import ehr_source
 from .patients import count_patients, patient_ordinals, patients_of
 from .site_config import SiteConfig
@@ -130,7 +131,7 @@ def read_text_columns(site: SiteConfig, kind: TaskKind) -> TextColumns:
         )
     columns_read = list(dict.fromkeys([schema.study_uid, *wanted.values()]))
     table = pa.Table.from_batches(
-        list(source.batches(columns_read, 65_536)),
+        list(source.batches(columns_read, BATCH_ROWS)),
         schema=pa.schema([arrow_schema.field(c) for c in columns_read]),
     )
     studies = pc.cast(table.column(schema.study_uid), "string").to_pylist()

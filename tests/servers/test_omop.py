@@ -14,8 +14,9 @@ from wardround.cli import app
 from wardround.client.site_check import check_site
 from wardround.common.config import RunConfig
 from wardround.common.errors import ConfigError
-from wardround.simulations.hospital_servers import SERVER_SITE_TOML, with_password
+from wardround.simulations.hospital_servers import SERVER_SITE_TOML
 from wardround.sitedata.omop import OmopPreset, omop_query
+from wardround.sitedata.secrets import url_with_password
 from wardround.sitedata.site_config import SiteConfig
 
 TASK = RunConfig().task
@@ -80,7 +81,7 @@ def test_a_unit_the_run_cannot_convert_counts_as_missing(omop_sites, postgres):
     before = check_site(site / SERVER_SITE_TOML, TASK)["ehr"]
     with (
         postgresql.connect(
-            with_password(postgres.url("admin"), postgres.admin_password)
+            url_with_password(postgres.url("admin"), postgres.admin_password)
         ) as connection,
         connection.cursor() as cursor,
     ):

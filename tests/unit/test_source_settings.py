@@ -126,7 +126,7 @@ def test_c_move_stores_are_taken_only_from_the_pacs_addresses(tmp_path):
         )
         return backend._on_store(event)
 
-    assert store_from("10.9.8.7") == 0xC000
+    assert store_from("::1") == 0xC000  # loopback, but not an address of 127.0.0.1
     assert backend._received.empty()
     assert store_from("127.0.0.1") == 0x0000
     assert not backend._received.empty()
