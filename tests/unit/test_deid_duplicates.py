@@ -157,3 +157,28 @@ def test_capture_counts_a_logged_and_warned_message_once_and_masks_values():
 
     assert kinds == ["Invalid value for VR UI: '…'."]
     assert none == [] and [str(w.message) for w in others] == ["not pydicom's"]
+
+
+def test_the_garbage_collectors_warnings_are_not_counted_as_a_files():
+    import warnings
+
+    from wardround.sitedata import dicom_warnings
+
+    with warnings.catch_warnings(record=True) as passed_on:
+        warnings.simplefilter("always")
+        with dicom_warnings.capture() as kinds:
+            # an unclosed socket collected while pydicom's code runs
+            warnings.warn_explicit(
+                ResourceWarning("unclosed <ssl.SSLSocket fd=3>"),
+                ResourceWarning,
+                "/venv/site-packages/pydicom/filereader.py",
+                1,
+            )
+            warnings.warn_explicit(
+                UserWarning("Invalid value for VR UI"),
+                UserWarning,
+                "/venv/site-packages/pydicom/valuerep.py",
+                1,
+            )
+    assert kinds == [dicom_warnings.warning_kind("Invalid value for VR UI")]
+    assert [w.category for w in passed_on] == [ResourceWarning]
