@@ -70,6 +70,8 @@ def private_training(
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
 
+    from . import dp_rows  # noqa: F401  (registers the n-gram table's sampler)
+
     device = next(model.parameters()).device
     with warnings.catch_warnings():
         # Opacus warns when its torchcsprng-based secure RNG is off; secure mode is
@@ -104,6 +106,7 @@ def private_training(
             grad_sample_mode=dp.grad_sample_mode.value,
             noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
         )
+    dp_optimizer = _reading_rows(dp_optimizer, optimizer)
     if dp.secure_mode:
         # Opacus's own secure_mode needs torchcsprng, which has no release for
         # current torch. Use its secure noise path (four Gaussians per draw, against
@@ -115,6 +118,33 @@ def private_training(
     finally:
         dp_optimizer.zero_grad(set_to_none=True)
         dp_model._close()  # removes Opacus's hooks and per-sample gradients
+
+
+def _reading_rows(made: Any, optimizer: torch.optim.Optimizer) -> Any:
+    """``make_private``'s DPOptimizer as one that also reads per-example row gradients.
+
+    Opacus picks its optimizer class itself; the n-gram table's sampler
+    (:mod:`.dp_rows`) keeps per-example gradients as rows, which only
+    :class:`~.dp_rows.RowSparseDPOptimizer` reads. Every setting carries over,
+    the accountant's step hook included. Ghost clipping's optimizer is kept as is.
+    """
+    from opacus.optimizers import DPOptimizer
+
+    from .dp_rows import RowSparseDPOptimizer
+
+    if type(made) is not DPOptimizer:
+        return made  # ghost clipping: no per-example gradients, norms only
+    wrapped = RowSparseDPOptimizer(
+        optimizer,
+        noise_multiplier=made.noise_multiplier,
+        max_grad_norm=made.max_grad_norm,
+        expected_batch_size=made.expected_batch_size,
+        loss_reduction=made.loss_reduction,
+        generator=made.generator,
+        secure_mode=made.secure_mode,
+    )
+    wrapped.attach_step_hook(made.step_hook)
+    return wrapped
 
 
 def is_empty_batch(batch: Any) -> bool:

@@ -22,6 +22,16 @@ def bag_weights(note_ngrams: torch.Tensor, note_present: torch.Tensor) -> torch.
     return mask / mask.sum(1, keepdim=True).clamp_min(1).sqrt()
 
 
+class NgramTable(nn.Embedding):
+    """The weights of a note's hashed n-grams: one row per bucket, one column per label.
+
+    An ``nn.Embedding`` in all but its type. The type is what lets DP training
+    (``client/dp_rows.py``) keep each example's gradient as the few rows its note
+    touched, where Opacus's ``nn.Embedding`` sampler builds a dense copy of the
+    whole table per example.
+    """
+
+
 class WideTerm(nn.Module):
     """Linear logits [B, labels] from hashed note n-grams and EHR features.
 
@@ -30,7 +40,7 @@ class WideTerm(nn.Module):
 
     def __init__(self, buckets: int, ehr_width: int, n_labels: int) -> None:
         super().__init__()
-        self.note = nn.Embedding(buckets, n_labels) if buckets else None
+        self.note = NgramTable(buckets, n_labels) if buckets else None
         self.ehr = nn.Linear(ehr_width, n_labels, bias=False) if ehr_width else None
         self.bias = nn.Linear(1, n_labels, bias=False)  # the intercept, per label
         for layer in (self.note, self.ehr, self.bias):
