@@ -92,7 +92,8 @@ def private_training(
     poisson = DPDataLoader.from_data_loader(per_patient, generator=sampling)
     # When the very first Poisson batch is empty, Opacus builds a stand-in from the
     # first item's fields (dict keys, for our items) and fails; an empty list is
-    # skipped by is_empty_batch like any other empty batch.
+    # recognised by is_empty_batch like any other empty batch, and the trainer takes
+    # a noise-only step for it.
     poisson.collate_fn.sample_empty_shapes = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -148,7 +149,7 @@ def _reading_rows(made: Any, optimizer: torch.optim.Optimizer) -> Any:
 
 
 def is_empty_batch(batch: Any) -> bool:
-    """Poisson sampling can draw no example at all: such a batch is skipped."""
+    """Poisson sampling can draw no example at all: under DP, a noise-only step."""
     if isinstance(batch, dict):
         labels = batch.get("labels")
         return labels is None or labels.shape[0] == 0

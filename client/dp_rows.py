@@ -80,9 +80,12 @@ class RowGrads:
         return self.batch_size
 
     def plus(self, other: RowGrads) -> RowGrads:
-        """The same examples' gradients summed (a table used twice in one pass)."""
+        """The same examples' gradients summed (a table used twice in one pass).
+
+        Lookups of different batch sizes pad to the larger, as Opacus does.
+        """
         return RowGrads.coalesced(
-            self.batch_size,
+            max(self.batch_size, other.batch_size),
             self.rows,
             torch.cat([self.example, other.example]),
             torch.cat([self.row, other.row]),
@@ -106,8 +109,10 @@ class RowGrads:
 
     def norms(self) -> torch.Tensor:
         """Each example's L2 norm [B] of its gradient of the whole table."""
-        squares = self.value.new_zeros(self.batch_size)
-        squares.index_add_(0, self.example, self.value.pow(2).sum(-1))
+        # squares in at least float32: a float16 square overflows at 256
+        value = self.value.to(torch.promote_types(self.value.dtype, torch.float32))
+        squares = value.new_zeros(self.batch_size)
+        squares.index_add_(0, self.example, value.pow(2).sum(-1))
         return squares.sqrt()
 
     def weighted_sum(self, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -154,7 +159,13 @@ _NOT_CLEARED = (
 
 
 class RowSparseDPOptimizer(DPOptimizer):
-    """Opacus's DPOptimizer, which also reads per-example gradients kept as rows."""
+    """Opacus's DPOptimizer, which also reads per-example gradients kept as rows.
+
+    Two departures from Opacus, both stricter: autograd's (non-private) batch
+    gradient is dropped once the clipped sum is taken, and ``p.grad`` is a view of
+    ``p.summed_grad`` with the noise added in place, so after a step
+    ``summed_grad`` holds the noised gradient, never the clipped sum alone.
+    """
 
     def _get_flat_grad_sample(self, p: torch.Tensor) -> Any:
         grad_sample = getattr(p, "grad_sample", None)

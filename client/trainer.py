@@ -203,6 +203,12 @@ def _run_epochs(
         for batch in loader:
             steps += 1
             if is_empty_batch(batch):
+                if private:
+                    # The analysed mechanism releases noise on an empty draw too;
+                    # skipping would make the step's outcome depend on who is in
+                    # the data beyond what the accountant counts.
+                    optimizer.zero_grad(set_to_none=True)
+                    _private_step(model, optimizer, spec, anchor, empty=True)
                 continue
             batch = objective.to_device(batch, device)
             optimizer.zero_grad(set_to_none=True)
@@ -217,12 +223,7 @@ def _run_epochs(
                         category=UserWarning,
                     )
                     loss.backward()
-                # Opacus's DPOptimizer: torch's Optimizer type does not know it.
-                dp_optimizer: Any = optimizer
-                if dp_optimizer.pre_step():  # clip per example, add noise, average
-                    if spec.proximal_mu > 0:
-                        add_proximal_gradient(model, anchor, spec.proximal_mu)
-                    dp_optimizer.original_optimizer.step()
+                _private_step(model, optimizer, spec, anchor)
             else:
                 total = loss
                 if spec.proximal_mu > 0:
@@ -238,6 +239,30 @@ def _run_epochs(
             if spec.max_steps and steps >= spec.max_steps:
                 return steps, loss_sum, seen
     return steps, loss_sum, seen
+
+
+def _private_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    spec: LocalTrainSpec,
+    anchor: dict[str, torch.Tensor],
+    *,
+    empty: bool = False,
+) -> None:
+    """Opacus's step: clip per example, add noise, average; then FedProx's term.
+
+    ``empty``: a Poisson draw of no patient, whose step is noise alone (per-example
+    gradients of zero examples, as Opacus's own empty batches give).
+    """
+    # Opacus's DPOptimizer: torch's Optimizer type does not know it.
+    dp_optimizer: Any = optimizer
+    if empty:
+        for param in dp_optimizer.params:
+            param.grad_sample = param.new_zeros((0, *param.shape))
+    if dp_optimizer.pre_step():
+        if spec.proximal_mu > 0:
+            add_proximal_gradient(model, anchor, spec.proximal_mu)
+        dp_optimizer.original_optimizer.step()
 
 
 def evaluate(

@@ -263,3 +263,54 @@ def test_the_noise_is_opacus_own_draw(secure: bool) -> None:
         grads[RowSparseDPOptimizer], grads[DPOptimizer], strict=True
     ):
         assert torch.equal(ours, theirs)
+
+
+def test_an_empty_poisson_draw_is_a_noise_only_step() -> None:
+    """No patient drawn: the step still adds the noise, to every tensor, and moves."""
+    from types import SimpleNamespace
+
+    from wardround.client.trainer import _private_step
+
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    studies = TensorDictDataset(
+        {"study": torch.arange(BATCH), "labels": torch.zeros(BATCH, LABELS)},
+        np.arange(BATCH),
+    )
+    loader = torch.utils.data.DataLoader(studies, batch_size=BATCH)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    dp = DpTraining(1.0, MAX_NORM, GradSampleMode.HOOKS, secure_mode=False)
+    spec = SimpleNamespace(proximal_mu=0.0)
+    with private_training(model, optimizer, loader, dp, seed=0) as parts:
+        parts.optimizer.zero_grad(set_to_none=True)
+        _private_step(model, parts.optimizer, spec, {}, empty=True)
+        expected = parts.optimizer.expected_batch_size
+    moves = torch.cat(
+        [
+            (p.detach() - b).flatten()
+            for p, b in zip(model.parameters(), before, strict=True)
+        ]
+    )
+    assert (moves != 0).all()
+    # pure noise: std σ · C / expected batch size, mean about 0
+    std = float(moves.std())
+    assert 0.8 * MAX_NORM / expected < std < 1.2 * MAX_NORM / expected
+    assert abs(float(moves.mean())) < 0.1 * std
+
+
+def test_lookups_of_different_batch_sizes_pad_to_the_larger() -> None:
+    big = RowGrads.of_lookup(
+        torch.arange(1, 9).view(4, 2), torch.ones(4, 2, LABELS), 10
+    )
+    small = RowGrads.of_lookup(torch.tensor([[1, 1]]), torch.ones(1, 2, LABELS), 10)
+    for summed in (small.plus(big), big.plus(small)):
+        assert len(summed) == 4
+        assert summed.norms().shape == (4,)
+        # example 0: row 1 gets 1 + 2 per label, row 2 gets 1: 4 × 3² + 4 × 1²
+        assert float(summed.norms()[0]) == pytest.approx(40**0.5)
+
+
+def test_half_precision_norms_do_not_overflow() -> None:
+    grads = torch.full((1, 1, 1), 300.0, dtype=torch.float16)
+    rows = RowGrads.of_lookup(torch.tensor([[1]]), grads, 4)
+    assert float(rows.norms()[0]) == pytest.approx(300.0)
