@@ -76,14 +76,20 @@ def _reference(model: WideTerm, inputs) -> tuple[list[torch.Tensor], torch.Tenso
     return clipped, norms
 
 
-def _private(model: torch.nn.Module, mode: GradSampleMode):
+def _private(
+    model: torch.nn.Module,
+    mode: GradSampleMode,
+    *,
+    noise_multiplier: float = 0.0,
+    lr: float = 0.1,
+):
     studies = TensorDictDataset(
         {"study": torch.arange(BATCH), "labels": torch.zeros(BATCH, LABELS)},
         np.arange(BATCH),
     )
     loader = torch.utils.data.DataLoader(studies, batch_size=BATCH)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    dp = DpTraining(0.0, MAX_NORM, mode, secure_mode=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    dp = DpTraining(noise_multiplier, MAX_NORM, mode, secure_mode=False)
     return private_training(model, optimizer, loader, dp, seed=0)
 
 
@@ -138,14 +144,7 @@ def test_the_noise_reaches_every_row_of_the_table() -> None:
     """Rows no note touched still get noise: the release is the whole table."""
     inputs = _inputs(4)
     model = _model()
-    studies = TensorDictDataset(
-        {"study": torch.arange(BATCH), "labels": torch.zeros(BATCH, LABELS)},
-        np.arange(BATCH),
-    )
-    loader = torch.utils.data.DataLoader(studies, batch_size=BATCH)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    dp = DpTraining(1.0, MAX_NORM, GradSampleMode.HOOKS, secure_mode=False)
-    with private_training(model, optimizer, loader, dp, seed=0) as parts:
+    with _private(model, GradSampleMode.HOOKS, noise_multiplier=1.0) as parts:
         parts.optimizer.zero_grad(set_to_none=True)
         _loss(parts.model, *inputs).backward()
         assert parts.optimizer.pre_step()
@@ -273,15 +272,8 @@ def test_an_empty_poisson_draw_is_a_noise_only_step() -> None:
 
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]
-    studies = TensorDictDataset(
-        {"study": torch.arange(BATCH), "labels": torch.zeros(BATCH, LABELS)},
-        np.arange(BATCH),
-    )
-    loader = torch.utils.data.DataLoader(studies, batch_size=BATCH)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    dp = DpTraining(1.0, MAX_NORM, GradSampleMode.HOOKS, secure_mode=False)
     spec = SimpleNamespace(proximal_mu=0.0)
-    with private_training(model, optimizer, loader, dp, seed=0) as parts:
+    with _private(model, GradSampleMode.HOOKS, noise_multiplier=1.0, lr=1.0) as parts:
         parts.optimizer.zero_grad(set_to_none=True)
         _private_step(model, parts.optimizer, spec, {}, empty=True)
         expected = parts.optimizer.expected_batch_size
