@@ -8,6 +8,7 @@ becomes a :class:`~wardround.server.records.SiteFailure`; a sound one a
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from ..common import wire
+from ..common.adapter import vector_l2_norm
 from ..common.config.enums import TransportDtype
 from ..common.errors import error_kind
 from ..common.packing import AdapterLayout
@@ -137,9 +139,9 @@ def _packed_delta(
             f"'{transport.value}' travels as {WIRE_DTYPES[transport].name}"
         )
     values = decode(packed, transport)
-    if not np.isfinite(values).all():
+    norm = vector_l2_norm(values)
+    if not math.isfinite(norm):
         return "reply's delta holds NaN or infinity"
-    norm = float(np.linalg.norm(values.astype(np.float64)))
     if clip_norm > 0 and norm > clip_norm * (1 + CLIP_SLACK):
         return (
             f"reply's delta has L2 norm {norm:.4g}, above "
