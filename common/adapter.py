@@ -191,9 +191,12 @@ whatever the adapter's size (a 40 M-value delta copied to float64 whole is 320 M
 def _sum_of_squares(values: np.ndarray) -> float:
     flat = np.ravel(values)
     total = 0.0
-    for start in range(0, flat.size, NORM_BLOCK):
-        block = flat[start : start + NORM_BLOCK].astype(np.float64)
-        total += float(np.dot(block, block))
+    # A signalling NaN sets the "invalid" flag when widened: the NaN is the answer
+    # (the caller refuses it), not a floating-point warning a site can trigger.
+    with np.errstate(invalid="ignore", over="ignore"):
+        for start in range(0, flat.size, NORM_BLOCK):
+            block = flat[start : start + NORM_BLOCK].astype(np.float64)
+            total += float(np.dot(block, block))
     return total
 
 

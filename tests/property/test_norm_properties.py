@@ -2,6 +2,7 @@
 
 import math
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from hypothesis.extra.numpy import arrays
 
 from wardround.common import adapter
 from wardround.common.adapter import l2_norm, vector_l2_norm
+from wardround.common.config.enums import TransportDtype
+from wardround.common.transport import decode
 
 any_float32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
 
@@ -68,3 +71,27 @@ def test_the_norm_of_a_large_delta_needs_no_float64_copy():
         tracemalloc.stop()
     assert norm == pytest.approx(math.sqrt(values.size))
     assert peak <= 2 * 8 * adapter.NORM_BLOCK + 65_536
+
+
+@pytest.mark.parametrize(
+    ("bits", "dtype", "transport"),
+    [
+        (0x7F800001, np.uint32, TransportDtype.FLOAT32),  # float32 signalling NaN
+        (0x7F81, np.uint16, TransportDtype.BFLOAT16),
+        (0x7C01, np.uint16, TransportDtype.FLOAT16),
+    ],
+)
+def test_a_signalling_nan_is_refused_without_a_floating_point_warning(
+    bits, dtype, transport
+):
+    """A site cannot make the coordinator's check warn (or raise under -W error)."""
+    wire = np.array([0, bits, 0], dtype=dtype)
+    if transport is TransportDtype.FLOAT32:
+        values = wire.view(np.float32)
+    elif transport is TransportDtype.FLOAT16:
+        values = decode(wire.view(np.float16), transport)
+    else:
+        values = decode(wire, transport)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not math.isfinite(vector_l2_norm(values))
