@@ -338,18 +338,7 @@ def run_mode(mode: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
             coordinator = fed.start_coordinator()
         _track(coordinator.family())
         for name in fed.site_names:
-            _check(
-                fed.cli(
-                    "sites",
-                    "add",
-                    name,
-                    "--key",
-                    str(fed.root / "keys" / f"{name}.pub"),
-                    "--config",
-                    str(fed.coordinator_toml),
-                ),
-                f"wardround sites add {name}",
-            )
+            _check(fed.enrol(name), f"wardround sites add {name}")
         for name in fed.site_names:
             if mode == "before":
                 node = _plain_supernode(fed, name)

@@ -269,18 +269,7 @@ def run_once(root: Path, run_text: str, timeout_s: float) -> dict[str, Any]:
         fed = deploy_round._federation(root, 3, deploy_round.LOOPBACK_PATIENTS)
         deploy_round._track(fed.start_coordinator().family())
         for name in fed.site_names:
-            deploy_round._check(
-                fed.cli(
-                    "sites",
-                    "add",
-                    name,
-                    "--key",
-                    str(fed.root / "keys" / f"{name}.pub"),
-                    "--config",
-                    str(fed.coordinator_toml),
-                ),
-                f"wardround sites add {name}",
-            )
+            deploy_round._check(fed.enrol(name), f"wardround sites add {name}")
         for name in fed.site_names:
             deploy_round._track(fed.start_site(name).family())
         fed.wait_online(fed.site_names, timeout_s=300)

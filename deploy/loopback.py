@@ -251,6 +251,20 @@ class LoopbackFederation:
             env=dict(os.environ),
         )
 
+    def enrol(
+        self, name: str, key: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``wardround sites add`` a site with its public key (default: the one create() made)."""
+        return self.cli(
+            "sites",
+            "add",
+            name,
+            "--key",
+            str(key or self.root / "keys" / f"{name}.pub"),
+            "--config",
+            str(self.coordinator_toml),
+        )
+
     def sites_online(self) -> dict[str, str]:
         """Each enrolled site's state as ``wardround sites list`` reports it."""
         result = self.cli(

@@ -62,15 +62,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
     try:
         fed.start_coordinator()
         for name in fed.site_names:
-            result = fed.cli(
-                "sites",
-                "add",
-                name,
-                "--key",
-                str(fed.root / "keys" / f"{name}.pub"),
-                "--config",
-                str(fed.coordinator_toml),
-            )
+            result = fed.enrol(name)
             assert result.returncode == 0, result.stderr
         for name in fed.site_names:
             fed.start_site(name)
@@ -228,15 +220,7 @@ def test_unenrolled_and_revoked_keys_and_a_foreign_ca_are_refused(federation):
         keys[name] = generate_site_keypair(name, fed.root / "keys")
         _clone_site(fed, name, keys[name].private_key)
     revoked_key = keys["site-revoked"].public_key
-    added = fed.cli(
-        "sites",
-        "add",
-        "site-revoked",
-        "--key",
-        str(revoked_key),
-        "--config",
-        coordinator,
-    )
+    added = fed.enrol("site-revoked", key=revoked_key)
     assert added.returncode == 0, added.stderr
     revoked = fed.cli("sites", "revoke", "site-revoked", "--config", coordinator)
     assert revoked.returncode == 0, revoked.stderr

@@ -89,15 +89,7 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory):
     try:
         fed.start_coordinator()
         site = fed.site_names[0]
-        added = fed.cli(
-            "sites",
-            "add",
-            site,
-            "--key",
-            str(fed.root / "keys" / f"{site}.pub"),
-            "--config",
-            str(fed.coordinator_toml),
-        )
+        added = fed.enrol(site)
         assert added.returncode == 0, added.stderr
         yield fed
     finally:
