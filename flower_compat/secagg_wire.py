@@ -9,12 +9,15 @@ the protocol changes.
 
 from __future__ import annotations
 
+import io
 from typing import cast
 
 import numpy as np
 from flwr.app import Message
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+from .payloads import npy_view
 
 _LIMIT = 2**32
 
@@ -48,7 +51,31 @@ def widen_masked_vectors(msg: Message) -> Message:
     arrays = _masked(msg)
     if arrays is None:
         return msg
-    msg.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS] = [
-        ndarray_to_bytes(bytes_to_ndarray(data).astype(np.int64)) for data in arrays
-    ]
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    widened = []
+    for index, data in enumerate(arrays):
+        widened.append(_widened_npy(data))
+        arrays[index] = b""  # the narrow bytes go as soon as their wide copy exists
+    configs[Key.MASKED_PARAMETERS] = widened
     return msg
+
+
+def _widened_npy(data: bytes) -> bytes:
+    """The .npy bytes of a serialised array as int64, written in place.
+
+    ``ndarray_to_bytes(bytes_to_ndarray(data).astype(np.int64))`` holds five copies
+    of a vector at once (the read, the widened array, numpy's buffer and the bytes
+    it returns); this holds the widened bytes and one buffer for them.
+    """
+    narrow = npy_view(data)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<i8", "fortran_order": False, "shape": narrow.shape}
+    )
+    head = header.getvalue()
+    buffer = bytearray(len(head) + narrow.size * 8)
+    buffer[: len(head)] = head
+    np.frombuffer(buffer, dtype="<i8", offset=len(head)).reshape(narrow.shape)[...] = (
+        narrow
+    )
+    return bytes(buffer)

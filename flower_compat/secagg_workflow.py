@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import (
     FitIns,
     FitRes,
     Parameters,
-    ndarrays_to_parameters,
+    ndarray_to_bytes,
     parameters_to_ndarrays,
 )
 from flwr.compat.common import recorddict_compat as compat
@@ -50,6 +50,7 @@ from ..common.secagg_math import (
     quantized_weight,
 )
 from ..common.wirebytes import content_bytes
+from .payloads import array_view
 from .replies import addressee_of
 from .secagg_wire import widen_masked_vectors
 
@@ -242,15 +243,27 @@ def _fit_instruction(
     config: dict[str, Any] = (
         dict(msg.content[config_key]) if config_key in msg.content else {}
     )
-    fit_ins = FitIns(
-        # The packed adapter (wire version 2): one array.
-        parameters=ndarrays_to_parameters(
-            [np.asarray(arrays[k].numpy(), np.float32) for k in arrays.keys()]
-        ),
-        config=config,
-    )
+    fit_ins = FitIns(parameters=_legacy_parameters(arrays), config=config)
     node = int(msg.metadata.dst_node_id)
     return GridClientProxy(node, grid, run_id), fit_ins
+
+
+def _legacy_parameters(arrays: ArrayRecord) -> Parameters:
+    """The packed adapter (wire version 2, one float32 array) as legacy Parameters.
+
+    Legacy tensors are the arrays' .npy bytes as ``ndarray_to_bytes`` writes them,
+    which is what an ``Array`` made from a numpy array holds: float32 arrays are
+    passed on as they are, not decoded and encoded again once per site. The train
+    messages share one record, so every site's instruction shares its bytes.
+    """
+    tensors = []
+    for key in arrays.keys():
+        array = arrays[key]
+        if array.stype == "numpy.ndarray" and array_view(array).dtype == np.float32:
+            tensors.append(array.data)
+        else:
+            tensors.append(ndarray_to_bytes(np.asarray(array.numpy(), np.float32)))
+    return Parameters(tensors=tensors, tensor_type="numpy.ndarray")
 
 
 def _legacy_context(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +296,8 @@ class _Run:
             return exc
         trained_at = time.perf_counter()
         self.state = apply_delta(self.state, phase.mean_delta)
+        # The mean is in the state now: a large adapter's copy goes before evaluation.
+        phase = replace(phase, mean_delta={})
         self.wait.ensure_min()
         evaluate_start = time.perf_counter()
         evals, eval_failures = self.phases.evaluate(server_round, self.state)

@@ -22,7 +22,14 @@ from ..common.adapter import to_record, wire_header
 from ..common.config import RunConfig
 from ..common.errors import FederationError, PrivacyBudgetExhausted
 from .records import SiteEvalReport, SiteFailure, SiteTrainReport
-from .replies import NameOf, eval_report, reasons, split_replies, train_report
+from .replies import (
+    NameOf,
+    eval_report,
+    reasons,
+    release_round_arrays,
+    split_replies,
+    train_report,
+)
 from .strategies import ExchangeLimits, RoundStrategy
 from .strategies.secagg_plus import SECURE_MEAN_OUT_OF_BOUND
 
@@ -184,7 +191,8 @@ class RoundPhases:
             )
         )
         timeout = self.config.federation.round_timeout_s
-        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        release_round_arrays(messages, replies)
         ok, failures = split_replies(
             replies, "evaluate", (wire.METRICS,), sent=messages, timeout_s=timeout
         )

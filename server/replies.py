@@ -22,6 +22,7 @@ from ..common.errors import error_kind
 from ..common.packing import AdapterLayout
 from ..common.release import version_from_metrics
 from ..common.transport import WIRE_DTYPES, decode
+from ..flower_compat.payloads import array_view, release_arrays
 from ..flower_compat.replies import addressee_of, error_reason
 from .records import PrivacySpend, SiteEvalReport, SiteFailure, SiteTrainReport
 
@@ -125,7 +126,7 @@ def _packed_delta(
     if list(delta.keys()) != [wire.PACKED_ADAPTER]:
         return f"reply's delta holds {len(delta)} array(s), not the one packed adapter"
     try:
-        packed = delta[wire.PACKED_ADAPTER].numpy()  # allow_pickle=False
+        packed = array_view(delta[wire.PACKED_ADAPTER])  # no pickle, no copy
     except Exception:  # noqa: BLE001 - any undecodable bytes are the site's failure
         return "reply's packed delta does not decode as a pickle-free .npy array"
     if packed.shape != (payload.size,):
@@ -217,6 +218,19 @@ def _problem(
     except Exception as error:  # noqa: BLE001 - a reply must never stop the round
         problem = f"reply could not be read ({type(error).__name__})"
     return None if problem is None else (problem,)
+
+
+def release_round_arrays(sent: list[Message], replies: list[Message]) -> None:
+    """Free the arrays of an exchange's replies, and of its messages once all replied.
+
+    Call it once the replies have been read (:mod:`wardround.flower_compat.payloads`
+    says why it matters). The messages sent share one global adapter, which an
+    in-process grid may still hand to a site that has not answered: those keep it.
+    """
+    release_arrays(replies)
+    answered = {m.metadata.reply_to_message_id for m in replies}
+    if all(m.metadata.message_id in answered for m in sent):
+        release_arrays(sent)
 
 
 def reasons(failures: list[SiteFailure]) -> str:

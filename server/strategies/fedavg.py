@@ -5,7 +5,7 @@ Decentralized Data".
 
 Flower's own ``FedAvg`` samples the sites and builds the messages; the sites reply
 with *deltas* (trained - global), which this strategy averages with the pure
-:func:`~wardround.common.aggregation.weighted_mean`.
+:func:`~wardround.common.aggregation.weighted_mean_vector` of the packed deltas.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flower_strategy
 
 from ...common import wire
-from ...common.aggregation import weighted_mean
+from ...common.aggregation import weighted_mean_vector
 from ...common.config import FederationConfig, Strategy
 from ...common.packing import AdapterLayout
 from ...common.wirebytes import content_bytes
-from ..replies import check_train_reply, split_replies
+from ..replies import check_train_reply, release_round_arrays, split_replies
 from .base import Contribution, ExchangeLimits, TrainExchange
 
 
@@ -76,7 +76,7 @@ class FedAvg:
         self, grid: Grid, messages: list[Message], limits: ExchangeLimits
     ) -> TrainExchange:
         """Send, collect the deltas within the timeout, and average them."""
-        replies = grid.send_and_receive(messages, timeout=limits.timeout_s)
+        replies = list(grid.send_and_receive(messages, timeout=limits.timeout_s))
         payload = AdapterLayout.of_shapes(limits.payload_shapes)
         decoded: dict[int, np.ndarray] = {}  # id(reply) -> its checked delta
         ok, failures = split_replies(
@@ -103,11 +103,14 @@ class FedAvg:
             )
             for msg in ok
         ]
+        release_round_arrays(messages, replies)
         start = time.perf_counter()
         mean = (
-            weighted_mean(
-                [payload.unpack(decoded[id(msg)]) for msg in ok],
-                [float(int(c.metrics[wire.NUM_EXAMPLES])) for c in contributions],
+            payload.unpack(
+                weighted_mean_vector(
+                    [decoded.pop(id(msg)) for msg in ok],
+                    [float(int(c.metrics[wire.NUM_EXAMPLES])) for c in contributions],
+                )
             )
             if ok
             else None
