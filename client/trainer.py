@@ -209,6 +209,10 @@ def _run_epochs(
                     # the data beyond what the accountant counts.
                     optimizer.zero_grad(set_to_none=True)
                     _private_step(model, optimizer, spec, anchor, empty=True)
+                # An empty draw is a step all the same: the budget was checked
+                # for max-steps of them, so the limit stops here too.
+                if spec.max_steps and steps >= spec.max_steps:
+                    return steps, loss_sum, seen
                 continue
             batch = objective.to_device(batch, device)
             optimizer.zero_grad(set_to_none=True)

@@ -92,3 +92,41 @@ def test_secure_mode_noise_is_not_reproducible_and_seeded_noise_is(site):
         load_adapter_state(model, initial)
     assert shas["a"] == shas["b"]  # simulation: seeded, reproducible
     assert shas["c"] != shas["d"]  # deployment: OS-seeded generators
+
+
+class _NoiseCountingOptimizer:
+    """What the training loop uses of Opacus's DPOptimizer on empty draws."""
+
+    def __init__(self, params) -> None:
+        self.params = list(params)
+        self.noise_steps = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to clear."""
+
+    def pre_step(self) -> bool:
+        self.noise_steps += 1
+        return False  # no parameter update is needed to count the step
+
+
+@pytest.mark.parametrize("max_steps", [1, 2, 3])
+def test_empty_poisson_draws_count_against_max_steps(max_steps):
+    """The budget was checked for max-steps steps: an empty draw must not add one."""
+    import torch
+
+    from wardround.client.trainer import _run_epochs
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = _NoiseCountingOptimizer(model.parameters())
+    empty_draws = [{"labels": torch.zeros(0, 2)}] * 6
+    spec = LocalTrainSpec(
+        epochs=1, max_steps=max_steps, batch_size=4, learning_rate=1e-3,
+        weight_decay=0.0, proximal_mu=0.0, seed=0,
+    )  # fmt: skip
+
+    steps, _, seen = _run_epochs(
+        model, model, optimizer, empty_draws, spec, {}, torch.Generator(), None
+    )
+
+    assert steps == optimizer.noise_steps == max_steps
+    assert seen == 0
