@@ -46,13 +46,13 @@ from ..common.adapter import (
 from ..common.aggregation import subtract
 from ..common.config import RunConfig
 from ..common.errors import AnswerRefused, FederationError, ModelMismatchError
+from ..common.npy import npy_bytes, npy_view
 from ..common.release import version_metrics
 from ..flower_compat.legacy import (
     Code,
     FitRes,
+    Parameters,
     Status,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
 )
 from ..flower_compat.legacy import recorddict_compat as compat
 from ..ops.audit import AUDIT_FILENAME, AuditLog
@@ -118,7 +118,13 @@ def _parse(
         fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         round_config: dict[str, Any] = dict(fit_ins.config)
         _require_wire(round_config, runtime)
-        arrays = parameters_to_ndarrays(fit_ins.parameters)
+        try:
+            arrays = [npy_view(tensor) for tensor in fit_ins.parameters.tensors]
+        except ValueError as error:
+            raise FederationError(
+                f"the coordinator's adapter is not a pickle-free .npy array: {error}",
+                hint="The coordinator and this site must run the same wire version.",
+            ) from error
         if len(arrays) != 1 or arrays[0].dtype != np.float32:
             raise FederationError(
                 f"the coordinator sent {len(arrays)} array(s); wire version "
@@ -356,7 +362,10 @@ def handle_train(
         content = compat.fitres_to_recorddict(
             FitRes(
                 status=Status(code=Code.OK, message="Success"),
-                parameters=ndarrays_to_parameters([pack_payload(payload, allowlist)]),
+                parameters=Parameters(
+                    tensors=[npy_bytes(pack_payload(payload, allowlist))],
+                    tensor_type="numpy.ndarray",
+                ),
                 num_examples=num_examples,
                 metrics=metrics,
             ),

@@ -53,10 +53,10 @@ from flwr.app.message_type import MessageType
 from ..common import wire
 from ..common.config.enums import TransportDtype
 from ..common.errors import EgressViolation
+from ..common.npy import npy_header, read_npy
 from ..common.packing import AdapterLayout
 from ..common.transport import WIRE_DTYPES, decode
 from ..flower_compat.constants import SType
-from ..flower_compat.legacy import bytes_to_ndarray, ndarray_to_bytes
 from ..flower_compat.secagg_protocol import RECORD_KEY_CONFIGS
 
 log = logging.getLogger("wardround.egress")
@@ -260,12 +260,29 @@ def _layout(content: RecordDict, expected: Mapping[str, type]) -> list[str]:
     return problems
 
 
-def _decode(data: bytes) -> np.ndarray | None:
+def _decode(data: bytes) -> tuple[np.ndarray, bool] | None:
+    """The array in ``data`` (a view) and whether ``data`` is exactly its encoding.
+
+    None when ``data`` is not a pickle-free .npy array. Exactly: the header
+    ``np.save`` writes for that array, then its values and nothing after them. The
+    values are ``data``'s own bytes, so comparing the header and the length is
+    comparing the whole encoding, without a second copy of the adapter. A
+    structured dtype is never exact: its padding bytes are nobody's values.
+    """
     try:
-        value = bytes_to_ndarray(data)  # allow_pickle=False
+        value, offset = read_npy(data, trailing=True)
     except Exception:  # noqa: BLE001 - anything that does not decode is refused
         return None
-    return value if isinstance(value, np.ndarray) else None
+    try:
+        header = npy_header(value)
+    except Exception:  # noqa: BLE001 - a header numpy would not write is not exact
+        return value, False
+    exact = (
+        value.dtype.fields is None
+        and len(data) == offset + value.nbytes
+        and data[:offset] == header
+    )
+    return value, exact
 
 
 def _float_array(
@@ -279,9 +296,10 @@ def _float_array(
     """Problems of one adapter array: the transport's dtype, the shape, finite."""
     if array.stype != SType.NUMPY:
         return [f"{where}: not serialised as {SType.NUMPY}"]
-    value = _decode(array.data)
-    if value is None:
+    decoded = _decode(array.data)
+    if decoded is None:
         return [f"{where}: the bytes are not a pickle-free .npy array"]
+    value, exact = decoded
     problems = []
     expected = WIRE_DTYPES[transport]
     if value.dtype != expected:
@@ -301,7 +319,7 @@ def _float_array(
         value.shape,
     ):
         problems.append(f"{where}: the declared dtype or shape differs from the bytes")
-    if ndarray_to_bytes(value) != array.data:
+    if not exact:
         problems.append(f"{where}: the bytes hold more than the array's .npy encoding")
     return problems
 

@@ -11,7 +11,6 @@ from typing import cast
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from ..flower_compat.legacy import ndarray_to_bytes
 from ..flower_compat.secagg_protocol import (
     Key,
     Stage,
@@ -72,10 +71,11 @@ def _masked_vectors(
         )
     for i, (blob, shape, label) in enumerate(zip(blobs, shapes, labels, strict=False)):
         at = f"{where} masked array {i} ({label})"
-        value = _decode(blob)
-        if value is None:
+        decoded = _decode(blob)
+        if decoded is None:
             problems.append(f"{at}: the bytes are not a pickle-free .npy array")
             continue
+        value, exact = decoded
         if not np.issubdtype(value.dtype, np.integer):
             problems.append(
                 f"{at}: dtype {_dtype_text(value.dtype)}, expected integers"
@@ -84,7 +84,7 @@ def _masked_vectors(
             problems.append(f"{at}: negative entries (masked values are mod-reduced)")
         if value.shape != shape:
             problems.append(f"{at}: shape {value.shape}, expected {shape}")
-        if ndarray_to_bytes(value) != blob:
+        if not exact:
             problems.append(f"{at}: the bytes hold more than the array's .npy encoding")
     return problems
 

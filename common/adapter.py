@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
@@ -18,6 +19,7 @@ import numpy as np
 from . import wire
 from .config.enums import TransportDtype
 from .errors import ConfigError, FederationError
+from .npy import npy_bytes, npy_view
 from .packing import AdapterLayout
 from .transport import WIRE_DTYPES, decode, encode
 
@@ -104,10 +106,14 @@ def load_adapter_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) 
                 f"adapter tensor {key} has shape {tuple(value.shape)}, "
                 f"the model expects {tuple(expected[key].shape)}"
             )
-    tensors = {
-        k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
-        for k, v in state.items()
-    }
+    with warnings.catch_warnings():
+        # A read-only view of a message's bytes is only read here (PEFT copies it
+        # into the parameters): no copy of its own for torch to write into.
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        tensors = {
+            k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+            for k, v in state.items()
+        }
     result = set_peft_model_state_dict(model, tensors)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
@@ -135,9 +141,15 @@ def packed_record(
     """An ArrayRecord of one already packed float32 vector, in ``transport``."""
     from flwr.app import Array, ArrayRecord
 
-    return ArrayRecord(
-        OrderedDict([(wire.PACKED_ADAPTER, Array(encode(packed, transport)))])
+    values = encode(packed, transport)
+    # The fields Array(values) sets, with the .npy bytes written in one copy.
+    array = Array(
+        dtype=str(values.dtype),
+        shape=tuple(int(d) for d in values.shape),
+        stype="numpy.ndarray",
+        data=npy_bytes(values),
     )
+    return ArrayRecord(OrderedDict([(wire.PACKED_ADAPTER, array)]))
 
 
 def wire_header(state: Mapping[str, np.ndarray]) -> dict[str, str | int]:
@@ -159,6 +171,9 @@ def from_record(
 ) -> OrderedDict[str, np.ndarray]:
     """The named float32 tensors of a packed ArrayRecord laid out as ``layout``.
 
+    In float32 transport they are read-only views of the record's bytes: a large
+    adapter is held once.
+
     Raises
     ------
     FederationError
@@ -173,7 +188,14 @@ def from_record(
             hint="The coordinator and every site must run a wardround release that "
             f"speaks wire version {wire.WIRE_VERSION}.",
         )
-    packed = record[wire.PACKED_ADAPTER].numpy()
+    try:
+        packed = npy_view(record[wire.PACKED_ADAPTER].data)  # read-only, no copy
+    except ValueError as error:
+        raise FederationError(
+            f"the packed adapter is not a pickle-free .npy array: {error}",
+            hint="The coordinator and every site must run a wardround release that "
+            f"speaks wire version {wire.WIRE_VERSION}.",
+        ) from error
     if packed.dtype != WIRE_DTYPES[transport]:
         raise FederationError(
             f"the packed adapter is {packed.dtype.name}; federation.transport-dtype "

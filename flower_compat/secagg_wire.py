@@ -9,7 +9,6 @@ the protocol changes.
 
 from __future__ import annotations
 
-import io
 from typing import cast
 
 import numpy as np
@@ -17,7 +16,7 @@ from flwr.app import Message
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from .payloads import npy_view
+from ..common.npy import npy_header, npy_view
 
 _LIMIT = 2**32
 
@@ -61,21 +60,16 @@ def widen_masked_vectors(msg: Message) -> Message:
 
 
 def _widened_npy(data: bytes) -> bytes:
-    """The .npy bytes of a serialised array as int64, written in place.
+    """The .npy bytes of a serialised array as int64, widened in place.
 
     ``ndarray_to_bytes(bytes_to_ndarray(data).astype(np.int64))`` holds five copies
     of a vector at once (the read, the widened array, numpy's buffer and the bytes
     it returns); this holds the widened bytes and one buffer for them.
     """
     narrow = npy_view(data)
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header, {"descr": "<i8", "fortran_order": False, "shape": narrow.shape}
-    )
-    head = header.getvalue()
+    head = npy_header(np.empty(narrow.shape, dtype="<i8"))
     buffer = bytearray(len(head) + narrow.size * 8)
     buffer[: len(head)] = head
-    np.frombuffer(buffer, dtype="<i8", offset=len(head)).reshape(narrow.shape)[...] = (
-        narrow
-    )
+    wide = np.frombuffer(buffer, dtype="<i8", offset=len(head))
+    wide.reshape(narrow.shape)[...] = narrow
     return bytes(buffer)

@@ -138,18 +138,25 @@ class _RecordingGrid:
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         node_of = addressee_of(messages)
         answered = set()
+        readable = []
         for reply in replies:
             size = 0 if reply.has_error() else content_bytes(reply.content)
-            widen_masked_vectors(reply)
             node = node_of(reply)
             answered.add(node)
+            try:
+                widen_masked_vectors(reply)
+            except ValueError as error:
+                # One site's unreadable vector drops that site, not the round.
+                self.errors.setdefault(node, f"unreadable masked vector: {error}")
+                continue
+            readable.append(reply)
             if reply.has_error():
                 self.errors.setdefault(node, reply.error.reason or "")
             else:
                 self.bytes_up[node] = self.bytes_up.get(node, 0) + size
         for node in sent - answered:
             self.errors.setdefault(node, "no reply before the stage timed out")
-        return replies
+        return readable
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)

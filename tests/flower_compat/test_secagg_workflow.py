@@ -243,3 +243,43 @@ def test_the_recording_grid_names_a_site_the_superlink_answered_for():
     assert set(recording.errors) == {103} and SUPERLINK_NODE_ID not in recording.errors
     assert "heartbeat" in recording.errors[103]
     assert set(recording.bytes_up) == {101, 102}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_an_unreadable_masked_vector_drops_its_site_not_the_round():
+    from wardround.common.npy import npy_bytes
+    from wardround.flower_compat.secagg_protocol import RECORD_KEY_CONFIGS, Key
+    from wardround.flower_compat.secagg_workflow import _RecordingGrid
+
+    good = [npy_bytes(np.arange(4, dtype=np.uint32))]
+    vectors = {1: good, 2: [npy_bytes(np.arange(4, dtype=np.uint32)) + b"hidden"]}
+    sent = []
+    for node in vectors:
+        msg = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+        msg.metadata.__dict__["_message_id"] = f"m{node}"
+        sent.append(msg)
+
+    class _Grid:
+        def send_and_receive(self, messages, *, timeout=None):
+            return [
+                Message(
+                    RecordDict(
+                        {
+                            RECORD_KEY_CONFIGS: ConfigRecord(
+                                {Key.MASKED_PARAMETERS: list(vectors[node])}
+                            )
+                        }
+                    ),
+                    reply_to=msg,
+                )
+                for msg, node in zip(messages, vectors, strict=True)
+            ]
+
+    recording = _RecordingGrid(_Grid())  # type: ignore[arg-type]
+    replies = recording.send_and_receive(sent)
+
+    assert [int(r.metadata.reply_to_message_id[1:]) for r in replies] == [1]
+    widened = replies[0].content.config_records[RECORD_KEY_CONFIGS]
+    assert widened[Key.MASKED_PARAMETERS] == [npy_bytes(np.arange(4, dtype=np.int64))]
+    assert "unreadable masked vector" in recording.errors[2]
+    assert 1 not in recording.errors

@@ -225,6 +225,26 @@ def test_trailing_bytes_after_an_array_are_refused(allowlist):
     assert "more than the array's .npy encoding" in text
 
 
+def test_bytes_hidden_in_the_npy_header_are_refused(allowlist):
+    """A header numpy reads but would not write (same length, other spacing)."""
+    content = _train_content()
+    record = content[wire.ADAPTER_DELTA]
+    good = record[wire.PACKED_ADAPTER]
+    end = good.data.index(b"\n") + 1
+    respaced = good.data[:end].replace(b"{'descr'", b"{ 'descr'").replace(b" \n", b"\n")
+    assert len(respaced) == end and respaced != good.data[:end]
+    record[wire.PACKED_ADAPTER] = Array(
+        dtype=good.dtype,
+        shape=good.shape,
+        stype=good.stype,
+        data=respaced + good.data[end:],
+    )
+
+    text = _refusal(check_reply, content, allowlist, kind="train")
+
+    assert "more than the array's .npy encoding" in text
+
+
 def test_a_string_metric_is_refused_without_its_value(allowlist):
     content = _eval_content()
     content[wire.CONFIG] = ConfigRecord({wire.EVAL_LOSS: SECRET})
@@ -487,3 +507,19 @@ def test_the_error_sanitizing_mod_replies_with_the_safe_reason(caplog):
     )
     assert SECRET in caplog.text  # the full exception stays in the local log
     assert data_reply.error.reason == "[DataError] data error: no rows"
+
+
+def test_a_structured_array_is_never_the_exact_encoding_of_its_bytes():
+    """Its padding bytes are in the data but in no field: they could carry anything."""
+    from wardround.client.egress import _decode
+    from wardround.common.npy import npy_bytes
+
+    padded = np.dtype(
+        {"names": ["a"], "formats": ["<u4"], "offsets": [0], "itemsize": 8}
+    )
+    data = bytearray(npy_bytes(np.zeros(2, dtype=padded)))
+    data[-4:] = SECRET.encode()[:4]
+
+    decoded = _decode(bytes(data))
+
+    assert decoded is not None and decoded[1] is False
