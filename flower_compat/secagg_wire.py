@@ -16,7 +16,7 @@ from flwr.app import Message
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from ..common.npy import npy_header, npy_view
+from ..common.npy import npy_bytes, npy_view
 
 _LIMIT = 2**32
 
@@ -60,16 +60,10 @@ def widen_masked_vectors(msg: Message) -> Message:
 
 
 def _widened_npy(data: bytes) -> bytes:
-    """The .npy bytes of a serialised array as int64, widened in place.
+    """The .npy bytes of a serialised array as int64.
 
-    ``ndarray_to_bytes(bytes_to_ndarray(data).astype(np.int64))`` holds five copies
-    of a vector at once (the read, the widened array, numpy's buffer and the bytes
-    it returns); this holds the widened bytes and one buffer for them.
+    Read in place and written with one copy (:mod:`wardround.common.npy`):
+    ``ndarray_to_bytes(bytes_to_ndarray(data).astype(np.int64))`` held five copies
+    of a vector at once, this holds the widened array and its bytes.
     """
-    narrow = npy_view(data)
-    head = npy_header(np.empty(narrow.shape, dtype="<i8"))
-    buffer = bytearray(len(head) + narrow.size * 8)
-    buffer[: len(head)] = head
-    wide = np.frombuffer(buffer, dtype="<i8", offset=len(head))
-    wide.reshape(narrow.shape)[...] = narrow
-    return bytes(buffer)
+    return npy_bytes(npy_view(data).astype("<i8"))

@@ -8,16 +8,14 @@ in a ServerApp where the collector may not run for rounds.
 from __future__ import annotations
 
 import gc
-import io
 import tracemalloc
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from grid_helpers import StubGrid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -28,7 +26,6 @@ from wardround.common.aggregation import weighted_mean, weighted_mean_vector
 from wardround.common.config import FederationConfig
 from wardround.common.packing import AdapterLayout
 from wardround.flower_compat.legacy import ndarray_to_bytes
-from wardround.flower_compat.payloads import npy_view
 from wardround.flower_compat.secagg_protocol import RECORD_KEY_CONFIGS, Key
 from wardround.flower_compat.secagg_wire import widen_masked_vectors
 from wardround.flower_compat.secagg_workflow import _legacy_parameters
@@ -48,43 +45,6 @@ def no_cyclic_gc() -> Iterator[None]:
         yield
     finally:
         gc.enable()
-
-
-@pytest.mark.parametrize(
-    "array",
-    [
-        np.arange(12, dtype=np.float32).reshape(3, 4),
-        np.asfortranarray(np.arange(12.0).reshape(3, 4)),
-        np.ones((), dtype=np.float32),
-        np.zeros(0, dtype=np.float32),
-        np.arange(7, dtype=np.uint16),
-        np.arange(5, dtype=np.int64) - 2,
-    ],
-    ids=["c-order", "fortran", "0-d", "empty", "uint16", "int64"],
-)
-def test_npy_view_reads_what_numpy_writes_without_a_copy(array):
-    data = ndarray_to_bytes(array)
-
-    view = npy_view(data)
-
-    expected = np.load(io.BytesIO(data), allow_pickle=False)
-    assert view.dtype == expected.dtype and view.shape == expected.shape
-    assert np.array_equal(view, expected)
-    assert not view.flags.writeable  # a view of immutable bytes
-    assert not view.flags.owndata
-
-
-def test_npy_view_refuses_pickled_objects_and_wrong_lengths():
-    buffer = io.BytesIO()
-    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(ValueError, match="pickle"):
-        npy_view(buffer.getvalue())
-    data = ndarray_to_bytes(np.arange(4, dtype=np.float32))
-    for wrong in (data[:-1], data + b"\0\0\0\0"):
-        with pytest.raises(ValueError, match="header states 4 values"):
-            npy_view(wrong)
-    with pytest.raises(ValueError):
-        npy_view(b"not an array at all")
 
 
 @settings(max_examples=60, deadline=None)
@@ -143,32 +103,13 @@ def test_every_site_instruction_shares_the_global_adapter_bytes():
     assert parameters.tensors[0] is record[wire.PACKED_ADAPTER].data
 
 
-class _ReplyingGrid(Grid):
+class _ReplyingGrid(StubGrid):
     """Each node replies with a delta of ``values`` float32 values (``reply_to``)."""
 
     def __init__(self, values: int, answer: Iterable[int] = NODES) -> None:
+        super().__init__(NODES)
         self.values = values
         self.answer = set(answer)
-        self.peak_from_replies = 0
-
-    def set_run(self, run_id: int) -> None:
-        """Not needed here."""
-
-    @property
-    def run(self) -> Any:
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(NODES)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return []
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return []
 
     def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
         replies = []

@@ -8,11 +8,10 @@ samples it, never sends it a message, and the coordinator's audit log records it
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
+from grid_helpers import StubGrid
 
 from wardround.common.config import FederationConfig
 from wardround.common.errors import FederationError
@@ -30,33 +29,17 @@ INTRUDER = 666  # registered at the SuperLink behind the registry's back
 REVOKED = 104
 
 
-class ConnectedGrid(Grid):
-    """Flower's Grid interface over a fixed set of connected nodes."""
+class ConnectedGrid(StubGrid):
+    """A fixed set of connected nodes; records what is pushed to them."""
 
     def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
+        super().__init__(nodes)
         self.pushed: list[Message] = []
-
-    def set_run(self, run_id: int) -> None:
-        """Not needed here."""
-
-    @property
-    def run(self) -> Any:
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         self.pushed.extend(messages)
         return [str(i) for i, _ in enumerate(messages)]
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return []
 
     def send_and_receive(self, messages, *, timeout=None) -> Iterable[Message]:
         self.push_messages(messages)

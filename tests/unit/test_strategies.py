@@ -5,12 +5,11 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from grid_helpers import StubGrid
 
 from wardround.common import wire
 from wardround.common.adapter import to_record
@@ -39,30 +38,12 @@ NODES = [101, 102, 103]
 FEDERATION = {"min_sites": 3, "fraction_train": 1.0, "delta_clip_norm": 100.0}
 
 
-class ReplyingGrid(Grid):
-    """Flower's Grid interface: each node replies with what ``reply`` builds for it."""
+class ReplyingGrid(StubGrid):
+    """Each node replies with what ``reply`` builds for it."""
 
     def __init__(self, reply) -> None:
+        super().__init__(NODES)
         self.reply = reply
-
-    def set_run(self, run_id: int) -> None:
-        """Not needed here."""
-
-    @property
-    def run(self) -> Any:
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(NODES)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return []
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return []
 
     def send_and_receive(self, messages, *, timeout=None) -> Iterable[Message]:
         return [self.reply(msg) for msg in messages]
