@@ -212,3 +212,22 @@ def test_the_kept_one_step_rdp_gives_opacus_epsilon_to_the_bit(entries, delta):
     got = _rdp_epsilon(tuple(entries), delta)
 
     assert got == expected or (math.isinf(got) and math.isinf(expected))
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [Mechanism(0.9729, 1 / 7, 14)],  # a simulated site's first round
+        [Mechanism(0.9729, 1 / 7, 42)],
+        [Mechanism(3.0, 0.05, 6), Mechanism(2.0, 0.1, 3)],
+        [Mechanism(0.6, 0.5, 2), Mechanism(1.5, 0.01, 400), Mechanism(1.1, 1.0, 1)],
+    ],
+)
+def test_prv_epsilon_is_opacus_prv_accountants_to_the_bit(history):
+    # The domain is sized from kept RDP vectors instead of fresh RDP accountants.
+    opacus = PRVAccountant()
+    opacus.history = merge_history(history)
+
+    expected = opacus.get_epsilon(DELTA)
+
+    assert epsilon_spent(history, DELTA, Accountant.PRV) == expected
