@@ -1,8 +1,12 @@
 """A site's loaded state: its config, data and model, kept warm between messages.
 
 Cached per (site.toml, run config) so a simulated worker that serves several
-sites never mixes them: each site has its own entry, and every train/evaluate
-message loads the global adapter into the model in full before use.
+sites never mixes their data: each site has its own entry. The sites of one run
+config share its model, since every train/evaluate message loads the whole adapter
+into it before use (:func:`_model_for`). A simulated worker serves every site in
+turn, so the cache is bounded by memory, not by a count of sites: a count below the
+number of sites evicted, round after round, each site just before the worker served
+it again (a data load, and a model build, per message).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +39,9 @@ log = logging.getLogger(__name__)
 
 SITE_CONFIG_KEY = "site-config"
 """SuperNode ``--node-config`` key naming the site's ``site.toml`` (deployment)."""
-_MAX_CACHED_SITES = 8
+CACHE_SHARE_OF_MEMORY = 1 / 8
+"""The share of the machine's memory (of the GPU's, for models on a GPU) the sites
+kept by one process may hold; the most recently used site is always kept."""
 
 
 @dataclass
@@ -97,6 +104,8 @@ class SiteRuntime:
 
 
 _CACHE: OrderedDict[tuple[str, str], SiteRuntime] = OrderedDict()
+_SHARED: dict[str, BuiltModel] = {}
+"""The model of each run config the cached sites use (see :func:`_model_for`)."""
 
 
 def samples_folder(cache_path: Path, run_id: str) -> Path:
@@ -175,15 +184,76 @@ def get_runtime(site_toml: Path, site_index: int, config: RunConfig) -> SiteRunt
     site = SiteConfig.from_toml(site_toml)
     # a site without imaging refuses a run that requires images, saying why
     task = task_for_site(site, config.task, config.requires_images)
-    family = family_of(config)
-    built = family.build(config)  # a vlm's processor tokenises the site's examples
-    data = family.load_data(site, task, config, built)
-    built.model.to(resolve_device(config.train.device))
+    built = _model_for(config, key[1])
+    # a vlm's processor tokenises the site's examples
+    data = family_of(config).load_data(site, task, config, built)
     runtime = SiteRuntime(
         site=site, data=data, built=built, site_index=site_index, config=config
     )
     log.info("site %d loaded: %d studies", site_index, data.num_studies)
     _CACHE[key] = runtime
-    while len(_CACHE) > _MAX_CACHED_SITES:
+    while len(_CACHE) > 1 and _over_budget(list(_CACHE.values())):
         _CACHE.popitem(last=False)
+    for config_key in [k for k in _SHARED if k not in {k for _, k in _CACHE}]:
+        del _SHARED[config_key]
     return runtime
+
+
+def _model_for(config: RunConfig, config_key: str) -> BuiltModel:
+    """The run config's model: one per config for every site this process serves.
+
+    A model is built from the run config alone, and every message loads the whole
+    adapter (the global one and the site's personal modules) before it trains or
+    evaluates, so nothing of one site's use stays in it for the next site, unless
+    the model keeps state that training changes outside the adapter (running
+    statistics): such a model is built for each site.
+    """
+    if config_key in _SHARED:
+        return _SHARED[config_key]
+    built = family_of(config).build(config)
+    built.model.to(resolve_device(config.train.device))
+    if shareable(built.model):
+        _SHARED[config_key] = built
+    return built
+
+
+def shareable(model: Any) -> bool:
+    """Whether training changes nothing in ``model`` but its trainable tensors."""
+    return not any(
+        getattr(module, "track_running_stats", False) for module in model.modules()
+    )
+
+
+def _over_budget(runtimes: list[SiteRuntime]) -> bool:
+    held: dict[str, int] = {}
+    models = {id(r.built.model): r.built.model for r in runtimes}
+    for model in models.values():
+        for device, size in model_bytes(model).items():
+            held[device] = held.get(device, 0) + size
+    held["cpu"] = held.get("cpu", 0) + sum(r.data.nbytes for r in runtimes)
+    return any(size > memory_budget(device) for device, size in held.items())
+
+
+def model_bytes(model: Any) -> dict[str, int]:
+    """Bytes ``model``'s parameters and buffers hold, per device type."""
+    held: dict[str, int] = {}
+    seen: set[tuple[str, int]] = set()
+    for tensor in (*model.parameters(), *model.buffers()):
+        storage = tensor.untyped_storage()
+        where = (tensor.device.type, storage.data_ptr())
+        if where not in seen:
+            seen.add(where)
+            held[where[0]] = held.get(where[0], 0) + storage.nbytes()
+    return held
+
+
+@functools.cache
+def memory_budget(device_type: str) -> int:
+    """What cached sites may hold on ``device_type``: a share of its memory."""
+    if device_type == "cuda":
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * CACHE_SHARE_OF_MEMORY)

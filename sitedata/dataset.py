@@ -91,6 +91,11 @@ class TensorDictDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {key: tensor[index] for key, tensor in self.tensors.items()}
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the items' tensors hold."""
+        return sum(t.nbytes for t in self.tensors.values())
+
 
 @dataclass(frozen=True)
 class SiteData:
@@ -108,6 +113,11 @@ class SiteData:
     num_image_errors: int = 0
     num_duplicate_ehr: int = 0
     num_without_image: int = 0  # items kept without image (require_image false)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes both splits hold in memory (their datasets' ``nbytes``)."""
+        return sum(int(getattr(d, "nbytes", 0)) for d in (self.train, self.validation))
 
 
 def validation_side(patient_id: str, split_seed: int, fraction: float) -> bool:

@@ -88,6 +88,13 @@ class VlmDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.items[index]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the examples' tensors and texts hold."""
+        tensors = sum(t.nbytes for item in self.items for t in item.values())
+        texts = sum(len(t) for t in (*self.prompts, *self.references))
+        return tensors + texts
+
     def subset(self, indices: np.ndarray) -> VlmDataset:
         """The examples at ``indices``, renumbered."""
         picked = [dict(self.items[i]) for i in indices]

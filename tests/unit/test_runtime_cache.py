@@ -5,11 +5,14 @@ setting must give a fresh runtime, and the round's modality dropout is the one i
 LocalTrainSpec carries.
 """
 
+from pathlib import Path
+
 import pytest
 
 from wardround.client import objectives
+from wardround.client import runtime as runtime_module
 from wardround.client.objectives import FusionObjective
-from wardround.client.runtime import get_runtime
+from wardround.client.runtime import get_runtime, model_bytes, shareable
 from wardround.client.trainer import LocalTrainSpec, train_local
 from wardround.common.adapter import adapter_state, load_adapter_state
 
@@ -75,3 +78,43 @@ def test_training_drops_modalities_at_the_specs_rate(
         load_adapter_state(runtime.built.model, initial)
     assert outcome.steps == 2
     assert rates == ([dropout] * 2 if dropout > 0 else [])
+
+
+def test_the_sites_of_one_run_config_share_its_model(synthetic_sites, tiny_config):
+    first, second = sorted(synthetic_sites.glob("*/site.toml"))[:2]
+
+    a = get_runtime(first, 0, tiny_config)
+    b = get_runtime(second, 1, tiny_config)
+
+    assert a is not b and a.data is not b.data
+    assert a.built is b.built
+    other = get_runtime(
+        first, 0, tiny_config.with_overrides(train={"eval_batch_size": 5})
+    )
+    assert other.built is not a.built  # another config, another model
+
+
+def test_a_model_with_running_statistics_is_not_shared():
+    import torch
+
+    assert shareable(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)))
+    assert not shareable(
+        torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    )
+
+
+def test_the_cache_keeps_sites_while_they_fit_in_memory(
+    synthetic_sites, tiny_config, monkeypatch
+):
+    tomls = sorted(synthetic_sites.glob("*/site.toml"))[:3]
+    runtimes = [get_runtime(t, i, tiny_config) for i, t in enumerate(tomls)]
+    again = [get_runtime(t, i, tiny_config) for i, t in enumerate(tomls)]
+    assert all(x is y for x, y in zip(again, runtimes, strict=True))
+
+    # room for the model and one site's data: the least recently used are dropped
+    room = sum(model_bytes(runtimes[0].built.model).values()) + runtimes[0].data.nbytes
+    monkeypatch.setattr(runtime_module, "memory_budget", lambda device: room)
+    monkeypatch.setattr(runtime_module, "_CACHE", runtime_module.OrderedDict())
+    for i, t in enumerate(tomls):
+        get_runtime(t, i, tiny_config)
+    assert [Path(k[0]) for k in runtime_module._CACHE] == [tomls[-1].resolve()]
