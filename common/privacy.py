@@ -264,7 +264,7 @@ def _prv_accountant_class() -> Any:
     from opacus.accountants import PRVAccountant
     from opacus.accountants.analysis.prv import Domain
 
-    class KeptRdpPRVAccountant(PRVAccountant):
+    class KeptRdpPRVAccountant(PRVAccountant):  # type: ignore[misc]  # untyped Opacus
         def _get_domain(
             self,
             prvs: list[Any],
