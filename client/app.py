@@ -64,7 +64,13 @@ from .personal import load_personal, save_personal
 from .privacy_policy import DpPlan, plan_site_privacy
 from .round_budget import check_round_ahead, commit_round, reserve_round
 from .run_identity import run_identity
-from .runtime import SiteRuntime, get_runtime, resolve_site_toml, samples_folder
+from .runtime import (
+    SiteRuntime,
+    forget_model,
+    get_runtime,
+    resolve_site_toml,
+    samples_folder,
+)
 from .secure_aggregation import (
     LEGACY_FITINS_ARRAYS,
     check_setup,
@@ -264,13 +270,17 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         # The approved config's, never the message's (0 unless FedProx, by config).
         proximal_mu=config.federation.proximal_mu,
     )
-    outcome = train_local(
-        runtime.built.model,
-        runtime.data.train,
-        spec,
-        plan.training if plan is not None else None,
-        objective=runtime.objective,
-    )
+    try:
+        outcome = train_local(
+            runtime.built.model,
+            runtime.data.train,
+            spec,
+            plan.training if plan is not None else None,
+            objective=runtime.objective,
+        )
+    except BaseException:
+        forget_model(runtime)  # it may keep Opacus's hooks: the next message rebuilds
+        raise
     trained = adapter_state(runtime.built.model)
     save_personal(runtime, request.run, trained)
     full_delta = subtract(trained, request.global_state)

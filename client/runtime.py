@@ -3,7 +3,7 @@
 Cached per (site.toml, run config) so a simulated worker that serves several
 sites never mixes their data: each site has its own entry. The sites of one run
 config share its model, since every train/evaluate message loads the whole adapter
-into it before use (:func:`_model_for`). A simulated worker serves every site in
+into it before use (``_SHARED``). A simulated worker serves every site in
 turn, so the cache is bounded by memory, not by a count of sites: a count below the
 number of sites evicted, round after round, each site just before the worker served
 it again (a data load, and a model build, per message).
@@ -105,7 +105,15 @@ class SiteRuntime:
 
 _CACHE: OrderedDict[tuple[str, str], SiteRuntime] = OrderedDict()
 _SHARED: dict[str, BuiltModel] = {}
-"""The model of each run config the cached sites use (see :func:`_model_for`)."""
+"""The model of each run config, shared by the cached sites of that config.
+
+A model is built from the run config alone, and every message loads the whole
+adapter (the global one, then the site's personal modules) before it trains or
+evaluates, so nothing of one site's use stays in it for the next site, unless the
+model keeps state that training changes outside the adapter (running statistics):
+such a model is built for each site (:func:`shareable`). A message that fails
+part-way drops the model (:func:`forget_model`).
+"""
 
 
 def samples_folder(cache_path: Path, run_id: str) -> Path:
@@ -184,9 +192,11 @@ def get_runtime(site_toml: Path, site_index: int, config: RunConfig) -> SiteRunt
     site = SiteConfig.from_toml(site_toml)
     # a site without imaging refuses a run that requires images, saying why
     task = task_for_site(site, config.task, config.requires_images)
-    built = _model_for(config, key[1])
+    built = _SHARED.get(key[1]) or _build(config)
     # a vlm's processor tokenises the site's examples
     data = family_of(config).load_data(site, task, config, built)
+    if shareable(built.model):
+        _SHARED[key[1]] = built  # once a site has loaded: see _SHARED
     runtime = SiteRuntime(
         site=site, data=data, built=built, site_index=site_index, config=config
     )
@@ -199,21 +209,21 @@ def get_runtime(site_toml: Path, site_index: int, config: RunConfig) -> SiteRunt
     return runtime
 
 
-def _model_for(config: RunConfig, config_key: str) -> BuiltModel:
-    """The run config's model: one per config for every site this process serves.
+def forget_model(runtime: SiteRuntime) -> None:
+    """Drop ``runtime``'s model and every cached site that uses it.
 
-    A model is built from the run config alone, and every message loads the whole
-    adapter (the global one and the site's personal modules) before it trains or
-    evaluates, so nothing of one site's use stays in it for the next site, unless
-    the model keeps state that training changes outside the adapter (running
-    statistics): such a model is built for each site.
+    For a message that failed part-way through training: the model may still carry
+    Opacus's hooks or other half-made state, so the next message builds it anew.
     """
-    if config_key in _SHARED:
-        return _SHARED[config_key]
+    for key in [k for k, r in _CACHE.items() if r.built is runtime.built]:
+        del _CACHE[key]
+    for config_key in [k for k, b in _SHARED.items() if b is runtime.built]:
+        del _SHARED[config_key]
+
+
+def _build(config: RunConfig) -> BuiltModel:
     built = family_of(config).build(config)
     built.model.to(resolve_device(config.train.device))
-    if shareable(built.model):
-        _SHARED[config_key] = built
     return built
 
 
@@ -225,11 +235,15 @@ def shareable(model: Any) -> bool:
 
 
 def _over_budget(runtimes: list[SiteRuntime]) -> bool:
+    # A shared model is a fixed cost: evicting sites cannot free it while the newest
+    # site uses it. What the budget bounds is what each site holds of its own.
+    shared = {id(b.model) for b in _SHARED.values()}
     held: dict[str, int] = {}
-    models = {id(r.built.model): r.built.model for r in runtimes}
-    for model in models.values():
-        for device, size in model_bytes(model).items():
-            held[device] = held.get(device, 0) + size
+    own_models = {id(r.built.model): r.built.model for r in runtimes}
+    for model_id, model in own_models.items():
+        if model_id not in shared:
+            for device, size in model_bytes(model).items():
+                held[device] = held.get(device, 0) + size
     held["cpu"] = held.get("cpu", 0) + sum(r.data.nbytes for r in runtimes)
     return any(size > memory_budget(device) for device, size in held.items())
 
@@ -249,11 +263,25 @@ def model_bytes(model: Any) -> dict[str, int]:
 
 @functools.cache
 def memory_budget(device_type: str) -> int:
-    """What cached sites may hold on ``device_type``: a share of its memory."""
+    """What cached sites may hold of their own on ``device_type``.
+
+    A share of its memory; for the host, of the container's limit where lower.
+    """
     if device_type == "cuda":
         import torch
 
-        total = torch.cuda.get_device_properties(0).total_memory
+        total = torch.cuda.get_device_properties(
+            torch.cuda.current_device()
+        ).total_memory
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = min(total, _cgroup_memory_limit() or total)
     return int(total * CACHE_SHARE_OF_MEMORY)
+
+
+def _cgroup_memory_limit() -> int | None:
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit

@@ -33,6 +33,9 @@ count. Measured (Opacus 1.6, one CPU, ε≈1.5–2): 8 distinct mechanisms 2.8 s
 5.6 s, 50 → 19 s; at ε≈36–95, 10 → 9 s, 20 → 53 s, 50 → 347 s. Beyond this count
 the RDP bound is used."""
 
+DOMAIN_FORMULA_OF_OPACUS = "1.6."
+"""The Opacus release whose PRV domain bound ``_prv_accountant_class`` reproduces."""
+
 PRV_MAX_EPSILON = 100.0
 """PRV's grid grows with ε (its domain is bounded by RDP's ε at δ/4000): planning
 to ε=200 took 118 s and ε=1000 ran out of memory (343M-point grid). Beyond this
@@ -259,10 +262,16 @@ def _prv_accountant_class() -> Any:
     (σ 0.97, q 1/7), paid again by every site of a simulation. The bound below is
     Opacus 1.6's formula on the same RDP epsilons, so the same bits;
     ``tests/unit/test_privacy_math.py`` compares the result with Opacus's own.
+    Another Opacus release may size the domain otherwise: it gets its own accountant.
     """
+    from importlib.metadata import version
+
     import numpy as np
     from opacus.accountants import PRVAccountant
     from opacus.accountants.analysis.prv import Domain
+
+    if not version("opacus").startswith(DOMAIN_FORMULA_OF_OPACUS):
+        return PRVAccountant
 
     class KeptRdpPRVAccountant(PRVAccountant):  # type: ignore[misc]  # untyped Opacus
         def _get_domain(

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from wardround.common import privacy
 from wardround.common.config import Accountant
 from wardround.common.errors import ConfigError, PrivacyBudgetExhausted
 from wardround.common.privacy import (
@@ -225,9 +226,22 @@ def test_the_kept_one_step_rdp_gives_opacus_epsilon_to_the_bit(entries, delta):
 )
 def test_prv_epsilon_is_opacus_prv_accountants_to_the_bit(history):
     # The domain is sized from kept RDP vectors instead of fresh RDP accountants.
+    assert privacy._prv_accountant_class() is not PRVAccountant
     opacus = PRVAccountant()
     opacus.history = merge_history(history)
 
     expected = opacus.get_epsilon(DELTA)
 
     assert epsilon_spent(history, DELTA, Accountant.PRV) == expected
+
+
+def test_another_opacus_release_keeps_opacus_own_prv_accountant(monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.7.0")
+    privacy._prv_accountant_class.cache_clear()
+    try:
+        assert privacy._prv_accountant_class() is PRVAccountant
+    finally:
+        monkeypatch.undo()
+        privacy._prv_accountant_class.cache_clear()

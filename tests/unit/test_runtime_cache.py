@@ -12,7 +12,7 @@ import pytest
 from wardround.client import objectives
 from wardround.client import runtime as runtime_module
 from wardround.client.objectives import FusionObjective
-from wardround.client.runtime import get_runtime, model_bytes, shareable
+from wardround.client.runtime import forget_model, get_runtime, shareable
 from wardround.client.trainer import LocalTrainSpec, train_local
 from wardround.common.adapter import adapter_state, load_adapter_state
 
@@ -103,18 +103,80 @@ def test_a_model_with_running_statistics_is_not_shared():
     )
 
 
-def test_the_cache_keeps_sites_while_they_fit_in_memory(
-    synthetic_sites, tiny_config, monkeypatch
+@pytest.fixture
+def fresh_cache(monkeypatch):
+    """An empty cache for the test, the process's own cache kept as it was."""
+    monkeypatch.setattr(runtime_module, "_CACHE", runtime_module.OrderedDict())
+    monkeypatch.setattr(runtime_module, "_SHARED", {})
+
+
+def test_the_cache_keeps_sites_while_their_data_fits_in_memory(
+    three_sites, tiny_config, monkeypatch, fresh_cache
 ):
-    tomls = sorted(synthetic_sites.glob("*/site.toml"))[:3]
-    runtimes = [get_runtime(t, i, tiny_config) for i, t in enumerate(tomls)]
-    again = [get_runtime(t, i, tiny_config) for i, t in enumerate(tomls)]
+    config = tiny_config.with_overrides(train={"device": "cpu"})
+    tomls = sorted(three_sites.glob("*/site.toml"))
+    runtimes = [get_runtime(t, i, config) for i, t in enumerate(tomls)]
+    again = [get_runtime(t, i, config) for i, t in enumerate(tomls)]
     assert all(x is y for x, y in zip(again, runtimes, strict=True))
 
-    # room for the model and one site's data: the least recently used are dropped
-    room = sum(model_bytes(runtimes[0].built.model).values()) + runtimes[0].data.nbytes
+    # Room for one site's data (the shared model is a fixed cost): the least
+    # recently used sites are dropped, the model stays.
+    room = max(r.data.nbytes for r in runtimes)
     monkeypatch.setattr(runtime_module, "memory_budget", lambda device: room)
-    monkeypatch.setattr(runtime_module, "_CACHE", runtime_module.OrderedDict())
     for i, t in enumerate(tomls):
-        get_runtime(t, i, tiny_config)
+        get_runtime(t, i, config)
     assert [Path(k[0]) for k in runtime_module._CACHE] == [tomls[-1].resolve()]
+    assert get_runtime(tomls[-1], 2, config).built is runtimes[0].built
+
+
+def test_a_failed_training_drops_the_shared_model(
+    synthetic_sites, tiny_config, fresh_cache
+):
+    first, second = sorted(synthetic_sites.glob("*/site.toml"))[:2]
+    a = get_runtime(first, 0, tiny_config)
+    get_runtime(second, 1, tiny_config)
+
+    forget_model(a)
+
+    assert not runtime_module._CACHE and not runtime_module._SHARED
+    assert get_runtime(first, 0, tiny_config).built is not a.built
+
+
+def _frozen_fingerprint(model):
+    frozen = [t for t in model.parameters() if not t.requires_grad]
+    return [t.detach().clone() for t in (*frozen, *model.buffers())]
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["plain", "dp-sgd"])
+def test_a_site_sees_the_shared_model_as_a_fresh_one_after_another_trained_it(
+    synthetic_sites, tiny_config, fresh_cache, private
+):
+    from wardround.client.dp import DpTraining
+    from wardround.client.trainer import evaluate
+    from wardround.common.config import GradSampleMode
+    from wardround.models import build_model
+
+    first, second = sorted(synthetic_sites.glob("*/site.toml"))[:2]
+    a = get_runtime(first, 0, tiny_config)
+    b = get_runtime(second, 1, tiny_config)
+    model = a.built.model
+    global_state = adapter_state(model)
+    frozen = _frozen_fingerprint(model)
+    spec = LocalTrainSpec(
+        epochs=1, max_steps=3, batch_size=8, learning_rate=1e-2, weight_decay=0.0,
+        proximal_mu=0.0, seed=0, modality_dropout=0.0,
+    )  # fmt: skip
+    dp = DpTraining(1.0, 1.0, GradSampleMode.HOOKS, False) if private else None
+
+    train_local(model, a.data.train, spec, dp, objective=a.objective)
+    assert adapter_state(model).keys() == global_state.keys()
+    load_adapter_state(b.built.model, global_state)  # what each message does first
+    seen_by_b = evaluate(b.built.model, b.data.validation, 16)
+
+    fresh = build_model(tiny_config).model
+    load_adapter_state(fresh, global_state)
+    assert all(
+        (x == y).all() for x, y in zip(_frozen_fingerprint(model), frozen, strict=True)
+    )
+    assert seen_by_b.loss == evaluate(fresh, b.data.validation, 16).loss
+    assert seen_by_b.auroc_macro == evaluate(fresh, b.data.validation, 16).auroc_macro
