@@ -123,6 +123,7 @@ def test_the_cache_keeps_sites_while_their_data_fits_in_memory(
     # recently used sites are dropped, the model stays.
     room = max(r.data.nbytes for r in runtimes)
     monkeypatch.setattr(runtime_module, "memory_budget", lambda device: room)
+    runtime_module._CACHE.clear()
     for i, t in enumerate(tomls):
         get_runtime(t, i, config)
     assert [Path(k[0]) for k in runtime_module._CACHE] == [tomls[-1].resolve()]
