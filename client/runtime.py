@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 SITE_CONFIG_KEY = "site-config"
 """SuperNode ``--node-config`` key naming the site's ``site.toml`` (deployment)."""
 CACHE_SHARE_OF_MEMORY = 1 / 8
-"""The share of the machine's memory (of the GPU's, for models on a GPU) the sites
-kept by one process may hold; the most recently used site is always kept."""
+"""The share of the machine's memory (of the GPU's, for models on a GPU) that the
+sites kept by one process may hold of their own: their data, and models they do not
+share (a shared model is a fixed cost). The most recently used site is always kept."""
 
 
 @dataclass

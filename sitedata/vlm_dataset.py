@@ -90,9 +90,9 @@ class VlmDataset(Dataset):
 
     @property
     def nbytes(self) -> int:
-        """Bytes the examples' tensors and texts hold."""
+        """Bytes the examples' tensors and their texts (UTF-8) hold."""
         tensors = sum(t.nbytes for item in self.items for t in item.values())
-        texts = sum(len(t) for t in (*self.prompts, *self.references))
+        texts = sum(len(t.encode()) for t in (*self.prompts, *self.references))
         return tensors + texts
 
     def subset(self, indices: np.ndarray) -> VlmDataset:
