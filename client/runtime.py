@@ -205,7 +205,8 @@ def get_runtime(site_toml: Path, site_index: int, config: RunConfig) -> SiteRunt
     _CACHE[key] = runtime
     while len(_CACHE) > 1 and _over_budget(list(_CACHE.values())):
         _CACHE.popitem(last=False)
-    for config_key in [k for k in _SHARED if k not in {k for _, k in _CACHE}]:
+    in_use = {config_key for _, config_key in _CACHE}
+    for config_key in [k for k in _SHARED if k not in in_use]:
         del _SHARED[config_key]
     return runtime
 
