@@ -43,6 +43,9 @@ class PrivateParts:
     model: torch.nn.Module
     optimizer: Any  # opacus.optimizers.DPOptimizer
     loader: DataLoader
+    ghost: bool = False
+    """Ghost clipping: the step's backward is :func:`clipped_backward` of the
+    per-example losses, and no per-example gradient exists."""
 
 
 def _urandom_generator(device: torch.device) -> torch.Generator:
@@ -97,7 +100,7 @@ def private_training(
     poisson.collate_fn.sample_empty_shapes = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dp_model, dp_optimizer, dp_loader = engine.make_private(
+        made = engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=poisson,
@@ -107,6 +110,12 @@ def private_training(
             grad_sample_mode=dp.grad_sample_mode.value,
             noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
         )
+    if dp.grad_sample_mode is GradSampleMode.GHOST:
+        # Opacus also returns its criterion wrapper, which takes (logits, targets);
+        # the objectives give per-example losses instead (clipped_backward).
+        dp_model, dp_optimizer, _criterion, dp_loader = made
+    else:
+        dp_model, dp_optimizer, dp_loader = made
     dp_optimizer = _reading_rows(dp_optimizer, optimizer)
     if dp.secure_mode:
         # Opacus's own secure_mode needs torchcsprng, which has no release for
@@ -115,7 +124,12 @@ def private_training(
         dp_optimizer.secure_mode = True
         dp_optimizer.generator = _urandom_generator(device)
     try:
-        yield PrivateParts(model=dp_model, optimizer=dp_optimizer, loader=dp_loader)
+        yield PrivateParts(
+            model=dp_model,
+            optimizer=dp_optimizer,
+            loader=dp_loader,
+            ghost=dp.grad_sample_mode is GradSampleMode.GHOST,
+        )
     finally:
         dp_optimizer.zero_grad(set_to_none=True)
         dp_model._close()  # removes Opacus's hooks and per-sample gradients
@@ -146,6 +160,24 @@ def _reading_rows(made: Any, optimizer: torch.optim.Optimizer) -> Any:
     )
     wrapped.attach_step_hook(made.step_hook)
     return wrapped
+
+
+def clipped_backward(
+    model: torch.nn.Module, optimizer: Any, example_losses: torch.Tensor
+) -> None:
+    """Ghost clipping's backward: each example's gradient clipped, then summed.
+
+    Opacus's two passes (``DPTensorFastGradientClipping``): the first measures
+    every example's gradient norm without keeping the gradient (ghost norms for
+    linear and embedding layers), the second backpropagates the losses weighted by
+    their clip factors, which leaves the clipped sum in ``p.grad``. Noise and
+    averaging follow in the optimizer's step, as in the other modes.
+    """
+    from opacus.utils.fast_gradient_clipping_utils import (
+        DPTensorFastGradientClipping,
+    )
+
+    DPTensorFastGradientClipping(model, optimizer, example_losses, "mean").backward()
 
 
 def is_empty_batch(batch: Any) -> bool:

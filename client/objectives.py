@@ -71,6 +71,14 @@ class Objective(Protocol):
     ) -> torch.Tensor:
         """Mean over the batch's examples of each example's own loss."""
 
+    def example_losses(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, Any],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Each example's own loss, ``[batch]`` (ghost clipping clips by them)."""
+
     def num_examples(self, batch: dict[str, Any]) -> int:
         """How many examples (records) the batch holds."""
 
@@ -123,6 +131,20 @@ class FusionObjective:
         return torch.nn.functional.binary_cross_entropy_with_logits(
             logits, batch["labels"]
         )
+
+    def example_losses(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, Any],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Each example's BCE, the mean over its labels; the same dropout draws."""
+        if self.modality_dropout > 0:
+            batch = drop_modalities(batch, self.modality_dropout, generator)
+        logits = forward(model, batch)
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, batch["labels"], reduction="none"
+        ).mean(dim=1)
 
     def num_examples(self, batch: dict[str, Any]) -> int:
         """See :class:`Objective`."""

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..common.config import OptimizerKind, RunConfig
 from ..common.recipe import training_recipe
-from .dp import DpTraining, is_empty_batch, private_training
+from .dp import DpTraining, clipped_backward, is_empty_batch, private_training
 from .objectives import INPUT_KEYS, EvalOutcome, FusionObjective, Objective
 from .proximal import add_proximal_gradient, proximal_term, snapshot_trainable
 
@@ -135,6 +135,7 @@ def train_local(
                 anchor,
                 generator,
                 objective,
+                ghost=parts.ghost,
             )
     steps, loss_sum, seen = counts
     return TrainOutcome(
@@ -195,6 +196,8 @@ def _run_epochs(
     anchor: dict[str, torch.Tensor],
     generator: torch.Generator,
     objective: Objective,
+    *,
+    ghost: bool = False,
 ) -> tuple[int, float, int]:
     private = hasattr(optimizer, "pre_step")  # an Opacus DPOptimizer
     device = _model_device(model)
@@ -208,7 +211,9 @@ def _run_epochs(
                     # skipping would make the step's outcome depend on who is in
                     # the data beyond what the accountant counts.
                     optimizer.zero_grad(set_to_none=True)
-                    _private_step(model, optimizer, spec, anchor, empty=True)
+                    _private_step(
+                        model, optimizer, spec, anchor, empty=True, ghost=ghost
+                    )
                 # An empty draw is a step all the same: the budget was checked
                 # for max-steps of them, so the limit stops here too.
                 if spec.max_steps and steps >= spec.max_steps:
@@ -216,7 +221,13 @@ def _run_epochs(
                 continue
             batch = objective.to_device(batch, device)
             optimizer.zero_grad(set_to_none=True)
-            loss = objective.loss(forward_model, batch, generator)
+            if ghost:
+                example_losses = objective.example_losses(
+                    forward_model, batch, generator
+                )
+                loss = example_losses.detach().mean()
+            else:
+                loss = objective.loss(forward_model, batch, generator)
             if private:
                 with warnings.catch_warnings():
                     # Opacus's hooks on a fusion module whose inputs (frozen
@@ -226,7 +237,10 @@ def _run_epochs(
                         message="Full backward hook is firing",
                         category=UserWarning,
                     )
-                    loss.backward()
+                    if ghost:
+                        clipped_backward(forward_model, optimizer, example_losses)
+                    else:
+                        loss.backward()
                 _private_step(model, optimizer, spec, anchor)
             else:
                 total = loss
@@ -252,17 +266,22 @@ def _private_step(
     anchor: dict[str, torch.Tensor],
     *,
     empty: bool = False,
+    ghost: bool = False,
 ) -> None:
     """Opacus's step: clip per example, add noise, average; then FedProx's term.
 
     ``empty``: a Poisson draw of no patient, whose step is noise alone (per-example
-    gradients of zero examples, as Opacus's own empty batches give).
+    gradients of zero examples, as Opacus's own empty batches give; under ghost
+    clipping, a clipped sum of zero).
     """
     # Opacus's DPOptimizer: torch's Optimizer type does not know it.
     dp_optimizer: Any = optimizer
     if empty:
         for param in dp_optimizer.params:
-            param.grad_sample = param.new_zeros((0, *param.shape))
+            if ghost:
+                param.grad = torch.zeros_like(param)
+            else:
+                param.grad_sample = param.new_zeros((0, *param.shape))
     if dp_optimizer.pre_step():
         if spec.proximal_mu > 0:
             add_proximal_gradient(model, anchor, spec.proximal_mu)

@@ -208,8 +208,17 @@ class VlmObjective:
         generator: torch.Generator,
     ) -> torch.Tensor:
         """Mean over examples of each example's mean answer-token NLL."""
+        return self.example_losses(model, batch, generator).mean()
+
+    def example_losses(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, Any],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Each example's mean answer-token NLL, ``[batch]``."""
         sums, counts = self._forward_nll(model, batch)
-        return (sums / counts.clamp_min(1.0)).mean()
+        return sums / counts.clamp_min(1.0)
 
     # -- evaluation -------------------------------------------------------------
     @torch.no_grad()

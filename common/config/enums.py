@@ -76,7 +76,8 @@ class GradSampleMode(StrEnum):
     EW = "ew"
     FUNCTORCH = "functorch"
     GHOST = "ghost"
-    """Refused by :class:`PrivacyConfig`: the trainer has no per-example loss for it."""
+    """Ghost clipping: per-example gradient norms without per-example gradients,
+    two backward passes a step (less memory for wide layers and large batches)."""
 
 
 class SecureMode(StrEnum):

@@ -224,7 +224,23 @@ class VlmModelConfig(FamilyModelConfig):
             raise ValueError(
                 "privacy.grad-sample-mode 'ew' passes the model's input "
                 "positionally, and vision-language models take keyword inputs: "
-                "use 'hooks' or 'functorch' with model.family 'vlm'"
+                "use 'hooks', 'functorch' or 'ghost' with model.family 'vlm'"
+            )
+        if (
+            run.privacy.grad_sample_mode is GradSampleMode.GHOST
+            and self.dtype is not ModelDtype.FLOAT32
+        ):
+            # Ghost clipping clips by norms measured in one backward pass and sums
+            # the gradients of a second. Through a float32 base the passes agree to
+            # float rounding; through a bfloat16 base they differ by bfloat16's, so
+            # an example's clipped gradient could exceed max-grad-norm. hooks clips
+            # the very per-example gradients it sums.
+            raise ValueError(
+                f"privacy.grad-sample-mode 'ghost' needs model.dtype = 'float32' "
+                f"(got '{self.dtype.value}'): its two backward passes through a "
+                "bfloat16 base round differently, and an example's clipped gradient "
+                "could exceed privacy.max-grad-norm; use grad-sample-mode 'hooks' "
+                "with a bfloat16 base"
             )
         if self.gradient_checkpointing:
             raise ValueError(

@@ -289,18 +289,6 @@ class PrivacyConfig(_Section):
     grad_sample_mode: GradSampleMode = GradSampleMode.HOOKS
     secure_mode: SecureMode = SecureMode.AUTO
 
-    @model_validator(mode="after")
-    def _mode_can_run(self) -> PrivacyConfig:
-        if self.grad_sample_mode is GradSampleMode.GHOST:
-            # Ghost clipping clips through Opacus's own criterion wrapper on
-            # per-example losses; the trainer's objectives return the batch's mean.
-            raise ValueError(
-                "privacy.grad-sample-mode 'ghost' is not supported: Opacus's ghost "
-                "clipping needs its own loss wrapper, which the local trainer does "
-                "not use; use 'hooks' (the default), 'ew' or 'functorch'"
-            )
-        return self
-
 
 class SecureAggregationConfig(_Section):
     """Flower's SecAgg+: the coordinator only sees the masked sum of the deltas."""

@@ -1,6 +1,6 @@
 import pytest
 
-from wardround.common.config import Fusion, RunConfig, Strategy
+from wardround.common.config import Fusion, GradSampleMode, RunConfig, Strategy
 from wardround.common.errors import ConfigError
 from wardround.ops.config_file import load_run_config
 
@@ -229,13 +229,32 @@ def test_an_out_of_bound_site_setting_is_a_config_error_naming_it(
     assert f"{section}.{key}" in info.value.message
 
 
-def test_ghost_grad_sample_mode_is_refused_with_the_modes_that_run():
-    # client/dp.py cannot run it (Opacus's ghost mode wraps the loss): refused here.
+@pytest.mark.parametrize("dtype", ["bfloat16", "auto"])
+def test_ghost_clipping_is_refused_on_a_base_that_may_be_bfloat16(dtype):
     with pytest.raises(ConfigError) as info:
-        RunConfig.from_mapping({"privacy": {"grad-sample-mode": "ghost"}})
-    text = str(info.value)
-    assert "'ghost' is not supported" in text
-    assert "'hooks'" in text and "'ew'" in text and "'functorch'" in text
+        RunConfig.from_mapping(
+            {
+                "model": {"family": "vlm", "tiny-arch": "llava", "dtype": dtype},
+                "task": {"kind": "vqa"},
+                "privacy": {"grad-sample-mode": "ghost"},
+            }
+        )
+    assert "needs model.dtype = 'float32'" in str(info.value)
+    plain = RunConfig.from_mapping(
+        {
+            "model": {"family": "vlm", "tiny-arch": "llava", "dtype": dtype},
+            "task": {"kind": "vqa"},
+            "privacy": {"grad-sample-mode": "hooks"},
+        }
+    )
+    assert plain.privacy.grad_sample_mode is GradSampleMode.HOOKS
+
+
+def test_every_grad_sample_mode_is_accepted():
+    # client/dp.py runs each of them (ghost through per-example losses)
+    for mode in GradSampleMode:
+        config = RunConfig.from_mapping({"privacy": {"grad-sample-mode": mode.value}})
+        assert config.privacy.grad_sample_mode is mode
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ew", "functorch"])

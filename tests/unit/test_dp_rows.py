@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wardround.client.dp import DpTraining, private_training
+from wardround.client.dp import DpTraining, clipped_backward, private_training
 from wardround.client.dp_rows import RowGrads, RowSparseDPOptimizer
 from wardround.common.config import GradSampleMode
 from wardround.models.wide import NgramTable, WideTerm
@@ -112,6 +112,28 @@ def test_the_clipped_sum_equals_a_per_example_loop(mode: GradSampleMode) -> None
         for got, want in zip(model.parameters(), expected, strict=True):
             # Opacus averages the loss over the batch: its sum is BATCH × the mean's
             torch.testing.assert_close(got.summed_grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_clipping_gives_the_per_example_loops_clipped_sum() -> None:
+    """Ghost clipping measures the table's per-example norms without its gradients
+    (the norm sampler registered for NgramTable); the clipped sum is the loop's."""
+    inputs = _inputs(4)
+    expected, norms = _reference(_model(), inputs)
+    model = _model()
+    with _private(model, GradSampleMode.GHOST) as parts:
+        assert parts.ghost
+        parts.optimizer.zero_grad(set_to_none=True)
+        ehr, ids, present, labels = inputs
+        losses = torch.nn.functional.binary_cross_entropy_with_logits(
+            parts.model(ehr, ids, present), labels, reduction="none"
+        ).mean(dim=1)
+        clipped_backward(parts.model, parts.optimizer, losses)
+        torch.testing.assert_close(
+            parts.model.get_norm_sample(), norms, rtol=1e-5, atol=1e-6
+        )
+        assert getattr(model.note.weight, "grad_sample", None) is None
+        for got, want in zip(model.parameters(), expected, strict=True):
+            torch.testing.assert_close(got.grad, want, rtol=1e-5, atol=1e-6)
 
 
 def test_rows_hold_the_same_gradients_as_opacus_dense_sampler() -> None:

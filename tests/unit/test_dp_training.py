@@ -50,7 +50,8 @@ def test_a_dp_trained_adapter_changed_and_still_beats_chance(site):
     assert after > 0.55 and after > before
 
 
-def test_opacus_leaves_no_hooks_on_the_cached_model(site):
+@pytest.mark.parametrize("mode", [GradSampleMode.HOOKS, GradSampleMode.GHOST])
+def test_opacus_leaves_no_hooks_on_the_cached_model(site, mode):
     model = site.built.model
     initial = adapter_state(model)
     hooks = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
@@ -59,7 +60,7 @@ def test_opacus_leaves_no_hooks_on_the_cached_model(site):
             model,
             site.data.train,
             _spec(0),
-            DpTraining(1.0, 1.0, GradSampleMode.HOOKS, False),
+            DpTraining(1.0, 1.0, mode, False),
         )
     finally:
         load_adapter_state(model, initial)
@@ -67,7 +68,37 @@ def test_opacus_leaves_no_hooks_on_the_cached_model(site):
         sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
         == hooks
     )
-    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+    for p in model.parameters():
+        assert getattr(p, "grad_sample", None) is None
+        assert getattr(p, "_norm_sample", None) is None
+
+
+@pytest.mark.parametrize("proximal_mu", [0.0, 0.05])
+def test_ghost_clipping_trains_the_adapter_hooks_trains(site, proximal_mu):
+    """The same round (patients drawn, dropout, noise) in both modes: ghost
+    clipping clips each example's gradient by its norm as hooks does, without
+    keeping the gradients, so the trained adapters agree to float rounding."""
+    model = site.built.model
+    initial = adapter_state(model)
+    spec = LocalTrainSpec(
+        epochs=1, max_steps=0, batch_size=16, learning_rate=5e-2, weight_decay=0.0,
+        proximal_mu=proximal_mu, seed=5, modality_dropout=0.2,
+    )  # fmt: skip
+    trained = {}
+    try:
+        for mode in (GradSampleMode.HOOKS, GradSampleMode.GHOST):
+            # a clip well below the gradients' norms: every example is clipped
+            dp = DpTraining(0.5, 0.05, mode, secure_mode=False)
+            outcome = train_local(model, site.data.train, spec, dp)
+            trained[mode] = adapter_state(model)
+            load_adapter_state(model, initial)
+    finally:
+        load_adapter_state(model, initial)
+    assert outcome.steps > 10
+    hooks, ghost = trained[GradSampleMode.HOOKS], trained[GradSampleMode.GHOST]
+    assert adapter_sha256(ghost) != adapter_sha256(initial)
+    for name in hooks:
+        np.testing.assert_allclose(ghost[name], hooks[name], rtol=1e-4, atol=2e-5)
 
 
 def test_secure_mode_noise_is_not_reproducible_and_seeded_noise_is(site):

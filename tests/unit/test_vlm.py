@@ -326,3 +326,46 @@ def test_dp_sgd_trains_lora_on_a_bfloat16_base():
     assert outcome.steps == 2 and np.isfinite(outcome.mean_loss)
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in after.values())
     assert any(not np.array_equal(after[k], before[k]) for k in after)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ghost_clipping_trains_every_family_as_hooks_does(arch):
+    """Per-example answer losses clip like per-example gradients do (float32 base)."""
+    from wardround.client.dp import DpTraining
+    from wardround.client.trainer import LocalTrainSpec, train_local
+    from wardround.client.vlm_objective import VlmObjective
+    from wardround.common.adapter import adapter_state, load_adapter_state
+    from wardround.common.config import GradSampleMode
+    from wardround.sitedata.vlm_dataset import VlmDataset
+
+    built = build_model(vlm_config(arch))
+    fmt = PromptFormat.of(built.processor)
+    items = []
+    for k, answer in enumerate(["yes", "no", "no", "yes"] * 2):
+        example = encode_example(
+            built.processor, fmt, IMAGE, QUESTION, answer, max_tokens=128
+        )
+        items.append(
+            {key: torch.as_tensor(v) for key, v in example.items()}
+            | {"findings": torch.zeros(4), "index": torch.tensor(k)}
+        )
+    objective = VlmObjective.create(
+        built.processor, TaskConfig(kind="vqa"), max_new_tokens=3, generations=0
+    )
+    initial = adapter_state(built.model)
+    trained = {}
+    for mode in (GradSampleMode.HOOKS, GradSampleMode.GHOST):
+        train_local(
+            built.model,
+            VlmDataset(items, ["q"] * 8, ["a"] * 8, np.arange(8) // 2),
+            LocalTrainSpec(1, 0, 2, 0.01, 0.0, 0.0, seed=1),
+            # a clip below the gradients' norms: every example is clipped
+            DpTraining(1.0, 0.01, mode, secure_mode=False),
+            objective,
+        )
+        trained[mode] = adapter_state(built.model)
+        load_adapter_state(built.model, initial)
+    hooks, ghost = trained[GradSampleMode.HOOKS], trained[GradSampleMode.GHOST]
+    assert any(not np.array_equal(ghost[k], initial[k]) for k in initial)
+    for name in hooks:
+        np.testing.assert_allclose(ghost[name], hooks[name], rtol=1e-4, atol=1e-6)
