@@ -37,9 +37,13 @@ belongs to that variant alone:
   (at init they are zero, which makes every LoRA A gradient zero and the check
   vacuous), Opacus's per-sample gradients are compared with a loop of single-example
   backward passes on a plain copy of the model, and their sum with the gradient of
-  the summed per-example loss (relative L2 error per tensor, tolerance 1e-5).
+  the summed per-example loss (relative L2 error per tensor, tolerance 1e-5), in
+  float64 and with dropout off (see ``check_exact``).
   ``ghost`` keeps no per-sample gradients: its per-sample norms and its clipped sum
   (``max_grad_norm`` 1.0) are compared with the ones computed from the loop instead.
+
+``--config PATH`` measures the model of a run config TOML instead of the default
+one (e.g. a large adapter on large encoders).
 """
 
 from __future__ import annotations
@@ -118,10 +122,15 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+_CONFIG_PATH: Path | None = None
+"""``--config``: a run config TOML whose model is measured (default: RunConfig())."""
+
+
 def _config():
     from wardround.common.config import RunConfig
+    from wardround.ops.config_file import load_run_config
 
-    return RunConfig()
+    return RunConfig() if _CONFIG_PATH is None else load_run_config(_CONFIG_PATH)
 
 
 def _fresh_model(device):
@@ -203,9 +212,21 @@ def _loader(size: int, batch_size: int):
     return DataLoader(Synthetic(), batch_size=batch_size, generator=torch.Generator())
 
 
+def _plain_backward(logits, labels):
+    """The batch's mean BCE, backpropagated; returns it."""
+    import torch
+
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    loss.backward()
+    return loss
+
+
 @contextmanager
 def _make_private(model, mode: str, batch_size: int, max_grad_norm: float):
-    """``model`` privatised as a site's round does it; yields (model, optimizer, loss).
+    """``model`` privatised as a site's round does it; yields (model, optimizer, backward).
+
+    ``backward(logits, labels)`` backpropagates the batch's loss as the trainer does
+    in that mode and returns the mean loss.
 
     Through the product's own set-up (:func:`wardround.client.dp.private_training`:
     the patient-sampling loader, Opacus's ``make_private`` with the site's options,
@@ -214,7 +235,7 @@ def _make_private(model, mode: str, batch_size: int, max_grad_norm: float):
     """
     import torch
 
-    from wardround.client.dp import DpTraining, private_training
+    from wardround.client.dp import DpTraining, clipped_backward, private_training
     from wardround.common.config import GradSampleMode
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -227,7 +248,19 @@ def _make_private(model, mode: str, batch_size: int, max_grad_norm: float):
     )
     loader = _loader(4 * batch_size, batch_size)
     with private_training(model, optimizer, loader, dp, seed=0) as parts:
-        yield parts.model, parts.optimizer, torch.nn.BCEWithLogitsLoss()
+        if not parts.ghost:
+            yield parts.model, parts.optimizer, _plain_backward
+            return
+
+        def ghost_backward(logits, labels):
+            # the trainer's ghost path: per-example losses, Opacus's two passes
+            losses = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, labels, reduction="none"
+            ).mean(dim=1)
+            clipped_backward(parts.model, parts.optimizer, losses)
+            return losses.detach().mean()
+
+        yield parts.model, parts.optimizer, ghost_backward
 
 
 def _sync(device) -> None:
@@ -255,9 +288,9 @@ def measure(mode: str, batch_size: int, steps: int, warmup: int) -> dict:
         if mode == "plain":
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-            loss_fn = torch.nn.BCEWithLogitsLoss()
+            backward = _plain_backward
         else:
-            model, optimizer, loss_fn = private.enter_context(
+            model, optimizer, backward = private.enter_context(
                 _make_private(model, mode, batch_size, 1.0)
             )
         # the set-up (Opacus's wrappers and loader, once a round) is reported apart
@@ -274,8 +307,7 @@ def measure(mode: str, batch_size: int, steps: int, warmup: int) -> dict:
             _sync(device)
             start, cpu_start = time.perf_counter(), time.process_time()
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(*inputs), labels)
-            loss.backward()
+            loss = backward(model(*inputs), labels)
             optimizer.step()
             _sync(device)
             if i >= warmup:
@@ -323,6 +355,20 @@ def _perturb_lora_b(model) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen).to(p))
 
 
+def _without_dropout(model) -> None:
+    """Dropout off, Opacus's hooks on.
+
+    Training mode for the modules with trainable tensors of their own (Opacus hooks
+    only those in training mode), evaluation mode elsewhere: a real encoder's config
+    has dropout, and the per-example loop and the batched pass must compute the same
+    function.
+    """
+    model.train()
+    for module in model.modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            module.training = False
+
+
 def _rel(a, b) -> float:
     scale = float(b.norm())
     diff = float((a - b).norm())
@@ -336,17 +382,29 @@ def _dense_sample(grad_sample):
     return grad_sample.dense() if isinstance(grad_sample, RowGrads) else grad_sample
 
 
+def _float64(batch: dict, labels) -> tuple[dict, object]:
+    return {
+        k: v.double() if v.is_floating_point() else v for k, v in batch.items()
+    }, labels.double()
+
+
 def check_exact(mode: str, device) -> dict:
-    """Compare Opacus's per-sample gradients of ``mode`` with a per-example loop."""
+    """Compare Opacus's per-sample gradients of ``mode`` with a per-example loop.
+
+    In float64: the loop's single-example passes and the batched pass round
+    differently, and a deep encoder's near-zero gradients (late attention layers of
+    a random BERT-Large) turn float32's rounding into relative errors of 0.5, which
+    float64 brings to 1e-8. What is checked is Opacus's arithmetic, not rounding.
+    """
     import torch
 
-    batch, labels = _batch(CHECK_BATCH, 7, device)
+    batch, labels = _float64(*_batch(CHECK_BATCH, 7, device))
     inputs = _inputs(batch)
     bce = torch.nn.BCEWithLogitsLoss(reduction="none")
 
-    ref = _fresh_model(device)
+    ref = _fresh_model(device).double()
     _perturb_lora_b(ref)
-    ref.train()
+    _without_dropout(ref)
     trainable = {n: p for n, p in ref.named_parameters() if p.requires_grad}
     names, tensors = list(trainable), list(trainable.values())
     per_sample = {n: [] for n in names}
@@ -368,14 +426,14 @@ def check_exact(mode: str, device) -> dict:
         for n, g in per_sample.items()
     }
 
-    model = _fresh_model(device)
+    model = _fresh_model(device).double()
     _perturb_lora_b(model)
-    model.train()
+    model.train()  # Opacus refuses to privatise a model in evaluation mode
     with _make_private(model, mode, CHECK_BATCH, max_norm) as private:
-        model, optimizer, loss_fn = private
+        model, optimizer, backward = private
+        _without_dropout(model)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(*inputs), labels)
-        loss.backward()
+        backward(model(*inputs), labels)
         dp_params = {
             n.removeprefix("_module."): p
             for n, p in model.named_parameters()
@@ -436,6 +494,7 @@ def _run(mode: str, opts: argparse.Namespace) -> dict:
         str(opts.warmup),
         "--threads",
         str(opts.threads),
+        *(["--config", str(opts.config)] if opts.config else []),
     ]
     proc = subprocess.run(args, capture_output=True, text=True, check=False)
     lines = proc.stdout.strip().splitlines()
@@ -495,6 +554,12 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(ALL_MODES))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="a run config TOML: measure its model (default: the default model)",
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
         default=1,
@@ -506,6 +571,8 @@ def main() -> None:
 
     import torch
 
+    global _CONFIG_PATH
+    _CONFIG_PATH = opts.config
     torch.set_num_threads(opts.threads)
     if opts.single:
         result = measure(opts.single, opts.batch_size, opts.steps, opts.warmup)

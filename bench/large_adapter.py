@@ -80,6 +80,7 @@ enabled = {secagg}
 stage-timeout-s = 3600
 [privacy]
 enabled = true
+grad-sample-mode = "{grad_sample_mode}"
 [model]
 vision = "{vision}"
 text = "{text}"
@@ -370,6 +371,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--transports", default="secagg,plain")
+    parser.add_argument(
+        "--grad-sample-mode",
+        default="hooks",
+        choices=("hooks", "ew", "functorch", "ghost"),
+        help="the sites' privacy.grad-sample-mode (ghost: no per-example gradients)",
+    )
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--timeout-s", type=float, default=3600)
     parser.add_argument("--json", type=Path, default=None)
@@ -421,6 +428,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "rank": args.rank,
         "small_rank": args.small_rank,
+        "grad_sample_mode": args.grad_sample_mode,
         "runs": {},
     }
     sizes: dict[int, dict[str, int]] = {}
@@ -435,6 +443,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 text=text,
                 rank=rank,
                 alpha=2 * rank,
+                grad_sample_mode=args.grad_sample_mode,
             )
         )
         sizes[rank] = adapter_size(probe)
@@ -458,6 +467,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 text=text,
                 rank=rank,
                 alpha=2 * rank,
+                grad_sample_mode=args.grad_sample_mode,
             )
             print(f"[{name}] starting", flush=True)
             result = run_once(work / name, text_, args.timeout_s)
@@ -576,8 +586,9 @@ def docs_section(figures: dict[str, Any]) -> str:
         f"{figures['load_average_end']:.2f} at the end.",
         "",
         "3 sites on 127.0.0.1 (`wardround coordinator start`, `wardround site "
-        "start`, `wardround launch`), 40 patients per site, DP-SGD on, 2 steps of "
-        f"batch 4 per round. Base: ViT-Large/16 at 64 px and BERT-Large "
+        "start`, `wardround launch`), 40 patients per site, DP-SGD on "
+        f"(grad-sample-mode `{figures.get('grad_sample_mode', 'hooks')}`), 2 steps "
+        f"of batch 4 per round. Base: ViT-Large/16 at 64 px and BERT-Large "
         f"(standard configs, random weights), {large['base_parameters']:,} "
         f"parameters. Adapter: LoRA of rank {figures['rank']} on both encoders' "
         f"attention projections and the fusion layers, "
