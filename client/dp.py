@@ -21,7 +21,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..common.config import GradSampleMode
+from ..common.errors import ConfigError
 from ..sitedata.patients import OneStudyPerPatient, patients_of
+
+GHOST_CLIP_MARGIN = 1e-3
+"""Ghost clipping clips at ``max_grad_norm × (1 - margin)``; the noise stays scaled to
+``max_grad_norm``. Its clip factors come from norms measured in the first backward
+pass and multiply the gradients of the second, which round differently (float32:
+about 1e-6 relative): the margin keeps every example's contribution within the
+clip the accountant assumes."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,9 @@ def private_training(
     from . import dp_rows  # noqa: F401  (registers the n-gram table's sampler)
 
     device = next(model.parameters()).device
+    ghost = dp.grad_sample_mode is GradSampleMode.GHOST
+    if ghost:
+        _check_float32(model)
     with warnings.catch_warnings():
         # Opacus warns when its torchcsprng-based secure RNG is off; secure mode is
         # handled below, and the warning would repeat every round.
@@ -110,10 +121,11 @@ def private_training(
             grad_sample_mode=dp.grad_sample_mode.value,
             noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
         )
-    if dp.grad_sample_mode is GradSampleMode.GHOST:
+    if ghost:
         # Opacus also returns its criterion wrapper, which takes (logits, targets);
         # the objectives give per-example losses instead (clipped_backward).
         dp_model, dp_optimizer, _criterion, dp_loader = made
+        dp_model.max_grad_norm = dp.max_grad_norm * (1.0 - GHOST_CLIP_MARGIN)
     else:
         dp_model, dp_optimizer, dp_loader = made
     dp_optimizer = _reading_rows(dp_optimizer, optimizer)
@@ -124,15 +136,87 @@ def private_training(
         dp_optimizer.secure_mode = True
         dp_optimizer.generator = _urandom_generator(device)
     try:
-        yield PrivateParts(
-            model=dp_model,
-            optimizer=dp_optimizer,
-            loader=dp_loader,
-            ghost=dp.grad_sample_mode is GradSampleMode.GHOST,
-        )
+        with _full_float32_precision() if ghost else _nothing():
+            yield PrivateParts(
+                model=dp_model, optimizer=dp_optimizer, loader=dp_loader, ghost=ghost
+            )
     finally:
         dp_optimizer.zero_grad(set_to_none=True)
         dp_model._close()  # removes Opacus's hooks and per-sample gradients
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def _full_float32_precision() -> Iterator[None]:
+    """No TF32 (10-bit mantissa) in matmuls and convolutions for the round.
+
+    Ghost clipping's two backward passes must round alike (GHOST_CLIP_MARGIN);
+    cuDNN allows TF32 convolutions by default on GPUs that have them.
+    """
+    matmul = torch.get_float32_matmul_precision()
+    cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+def _check_float32(model: torch.nn.Module) -> None:
+    """Ghost clipping only through float32 (or wider) weights (GHOST_CLIP_MARGIN)."""
+    float32_eps = torch.finfo(torch.float32).eps
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and torch.finfo(param.dtype).eps > float32_eps:
+            raise ConfigError(
+                f"privacy.grad-sample-mode 'ghost' needs float32 weights, and "
+                f"{name} is {param.dtype}: its two backward passes round "
+                "differently in lower precision, and an example's clipped gradient "
+                "could exceed privacy.max-grad-norm; use grad-sample-mode 'hooks'"
+            )
+
+
+def check_rows_per_example(
+    model: torch.nn.Module, optimizer: Any, examples: int, *, ghost: bool
+) -> None:
+    """Refuse a step whose per-example gradients are not one row per example.
+
+    Opacus takes a layer's batch dimension for the examples. A model that folds
+    several rows per example into it (image tiles flattened into a vision tower's
+    batch) would clip each row, not each patient, to the clip: a patient would
+    weigh up to tiles × max-grad-norm. Checked after the backward pass and before
+    the step, so nothing of such a step is released.
+    """
+    from .dp_rows import RowGrads
+
+    if ghost:
+        norms = getattr(model, "per_sample_gradient_norms", None)
+        rows = {int(norms.shape[0])} if norms is not None else set()
+    else:
+        rows = set()
+        for param in optimizer.params:
+            sample = getattr(param, "grad_sample", None)
+            for part in sample if isinstance(sample, list) else [sample]:
+                if isinstance(part, RowGrads):
+                    rows.add(part.batch_size)
+                elif part is not None:
+                    rows.add(int(part.shape[0]))
+    if rows != {examples}:
+        raise ConfigError(
+            f"DP-SGD needs one gradient row per example: this batch of {examples} "
+            f"examples gave {sorted(rows)} rows. A layer sees several rows per "
+            "example (image tiles in the vision tower?): train the text tower only "
+            "(model.lora-towers = ['text']) or turn the processor's image "
+            "splitting off"
+        )
 
 
 def _reading_rows(made: Any, optimizer: torch.optim.Optimizer) -> Any:

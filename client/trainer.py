@@ -19,7 +19,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..common.config import OptimizerKind, RunConfig
 from ..common.recipe import training_recipe
-from .dp import DpTraining, clipped_backward, is_empty_batch, private_training
+from .dp import (
+    DpTraining,
+    check_rows_per_example,
+    clipped_backward,
+    is_empty_batch,
+    private_training,
+)
 from .objectives import INPUT_KEYS, EvalOutcome, FusionObjective, Objective
 from .proximal import add_proximal_gradient, proximal_term, snapshot_trainable
 
@@ -241,6 +247,12 @@ def _run_epochs(
                         clipped_backward(forward_model, optimizer, example_losses)
                     else:
                         loss.backward()
+                check_rows_per_example(
+                    forward_model,
+                    optimizer,
+                    objective.num_examples(batch),
+                    ghost=ghost,
+                )
                 _private_step(model, optimizer, spec, anchor)
             else:
                 total = loss

@@ -97,7 +97,9 @@ def _load_encoder(spec: str, tiny_config: Any) -> nn.Module:
         encoder = AutoModel.from_config(tiny_config)  # type: ignore[no-untyped-call]  # unannotated in transformers
         return encoder
     try:
-        encoder = AutoModel.from_pretrained(spec)
+        # float32 whatever dtype the checkpoint was saved in: the fusion layers,
+        # the LoRA factors and DP-SGD's clipping all work in float32
+        encoder = AutoModel.from_pretrained(spec, dtype=torch.float32)
         return encoder
     except (OSError, ValueError) as exc:
         raise ConfigError(

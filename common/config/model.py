@@ -151,6 +151,23 @@ class FusionModelConfig(FamilyModelConfig):
         """Which tensors train, before the recipe resolves 'auto'."""
         return self.trainable
 
+    def check_run(self, run: RunConfig) -> None:
+        """Also refuse a fusion layer that ghost clipping cannot measure."""
+        super().check_run(run)
+        if (
+            run.privacy.enabled
+            and run.privacy.grad_sample_mode is GradSampleMode.GHOST
+            and self.fusion is Fusion.CROSS_ATTENTION
+        ):
+            # Its key and value projections run once per modality, and Opacus's
+            # ghost norms take one call per layer and step ("parameter tying").
+            raise ValueError(
+                "privacy.grad-sample-mode 'ghost' cannot measure model.fusion "
+                "'cross-attention' (its key and value layers run once per "
+                "modality): use grad-sample-mode 'hooks', or fusion 'concat' or "
+                "'gated'"
+            )
+
     def requires_images(self, task: TaskConfig) -> bool:
         """Only with images among the modalities and ``task.require-image`` true."""
         return task.require_image and Modality.IMAGE in self.modalities

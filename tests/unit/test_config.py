@@ -250,6 +250,26 @@ def test_ghost_clipping_is_refused_on_a_base_that_may_be_bfloat16(dtype):
     assert plain.privacy.grad_sample_mode is GradSampleMode.HOOKS
 
 
+def test_ghost_clipping_is_refused_with_cross_attention_fusion():
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_mapping(
+            {
+                "model": {"fusion": "cross-attention"},
+                "privacy": {"grad-sample-mode": "ghost"},
+            }
+        )
+    assert "cannot measure model.fusion 'cross-attention'" in str(info.value)
+    RunConfig.from_mapping(
+        {"model": {"fusion": "gated"}, "privacy": {"grad-sample-mode": "ghost"}}
+    )
+    RunConfig.from_mapping(
+        {
+            "model": {"fusion": "cross-attention"},
+            "privacy": {"enabled": False, "grad-sample-mode": "ghost"},
+        }
+    )
+
+
 def test_every_grad_sample_mode_is_accepted():
     # client/dp.py runs each of them (ghost through per-example losses)
     for mode in GradSampleMode:

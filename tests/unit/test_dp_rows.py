@@ -14,9 +14,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wardround.client.dp import DpTraining, clipped_backward, private_training
+from wardround.client.dp import (
+    GHOST_CLIP_MARGIN,
+    DpTraining,
+    check_rows_per_example,
+    clipped_backward,
+    private_training,
+)
 from wardround.client.dp_rows import RowGrads, RowSparseDPOptimizer
 from wardround.common.config import GradSampleMode
+from wardround.common.errors import ConfigError
 from wardround.models.wide import NgramTable, WideTerm
 from wardround.sitedata.dataset import TensorDictDataset
 
@@ -58,7 +65,9 @@ def _loss(model: torch.nn.Module, ehr, ids, present, labels) -> torch.Tensor:
     )
 
 
-def _reference(model: WideTerm, inputs) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _reference(
+    model: WideTerm, inputs, max_norm: float = MAX_NORM
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-example loop: each tensor's clipped sum, and the per-example norms."""
     params = list(model.parameters())
     per_example = [
@@ -68,7 +77,7 @@ def _reference(model: WideTerm, inputs) -> tuple[list[torch.Tensor], torch.Tenso
     norms = torch.stack(
         [torch.sqrt(sum(g.pow(2).sum() for g in grads)) for grads in per_example]
     )
-    factor = (MAX_NORM / (norms + 1e-6)).clamp(max=1.0)
+    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     clipped = [
         sum(factor[i] * per_example[i][j] for i in range(BATCH))
         for j in range(len(params))
@@ -118,10 +127,12 @@ def test_ghost_clipping_gives_the_per_example_loops_clipped_sum() -> None:
     """Ghost clipping measures the table's per-example norms without its gradients
     (the norm sampler registered for NgramTable); the clipped sum is the loop's."""
     inputs = _inputs(4)
-    expected, norms = _reference(_model(), inputs)
+    # ghost clips a margin below the clip; the noise stays scaled to the clip
+    expected, norms = _reference(_model(), inputs, MAX_NORM * (1 - GHOST_CLIP_MARGIN))
     model = _model()
     with _private(model, GradSampleMode.GHOST) as parts:
         assert parts.ghost
+        assert parts.optimizer.max_grad_norm == MAX_NORM
         parts.optimizer.zero_grad(set_to_none=True)
         ehr, ids, present, labels = inputs
         losses = torch.nn.functional.binary_cross_entropy_with_logits(
@@ -328,3 +339,68 @@ def test_half_precision_norms_do_not_overflow() -> None:
     grads = torch.full((1, 1, 1), 300.0, dtype=torch.float16)
     rows = RowGrads.of_lookup(torch.tensor([[1]]), grads, 4)
     assert float(rows.norms()[0]) == pytest.approx(300.0)
+
+
+class _Tiled(torch.nn.Module):
+    """Two rows per example through its layer, as image tiles in a vision tower."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(EHR, LABELS)
+
+    def forward(self, ehr: torch.Tensor) -> torch.Tensor:
+        tiles = torch.cat([ehr, 2 * ehr])  # [2B, EHR]: the tiles of every example
+        return self.layer(tiles).view(2, len(ehr), LABELS).sum(0)
+
+
+def _per_example_backward(parts, logits, labels) -> None:
+    losses = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, labels, reduction="none"
+    ).mean(dim=1)
+    if parts.ghost:
+        clipped_backward(parts.model, parts.optimizer, losses)
+    else:
+        losses.mean().backward()
+
+
+@pytest.mark.parametrize(
+    ("mode", "batch"), [(GradSampleMode.HOOKS, BATCH), (GradSampleMode.GHOST, 1)]
+)
+def test_a_step_with_several_rows_per_example_is_refused(mode, batch) -> None:
+    """Opacus would clip each tile, not each patient (ghost: one patient's tiles'
+    clip factors broadcast silently; with more patients Opacus fails itself)."""
+    ehr, ids, present, labels = _inputs(6)
+    with _private(_Tiled(), mode) as parts:
+        parts.optimizer.zero_grad(set_to_none=True)
+        _per_example_backward(parts, parts.model(ehr[:batch]), labels[:batch])
+        with pytest.raises(ConfigError, match="one gradient row per example"):
+            check_rows_per_example(
+                parts.model, parts.optimizer, batch, ghost=parts.ghost
+            )
+    with _private(_model(), mode) as parts:  # one row per example passes
+        parts.optimizer.zero_grad(set_to_none=True)
+        _per_example_backward(parts, parts.model(ehr, ids, present), labels)
+        check_rows_per_example(parts.model, parts.optimizer, BATCH, ghost=parts.ghost)
+
+
+def test_ghost_clipping_refuses_weights_below_float32() -> None:
+    model = _model()
+    model.register_parameter(
+        "frozen", torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16), False)
+    )
+    with pytest.raises(ConfigError, match="needs float32 weights"):
+        with _private(model, GradSampleMode.GHOST):
+            pass
+
+
+def test_ghost_rounds_run_without_tf32_and_restore_the_settings() -> None:
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with _private(_model(), GradSampleMode.GHOST):
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cudnn.allow_tf32  # torch's default, restored
+    finally:
+        torch.set_float32_matmul_precision(before)

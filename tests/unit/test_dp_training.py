@@ -8,7 +8,7 @@ upstream report: loss and epsilon look normal while the adapter is wrong).
 import numpy as np
 import pytest
 
-from wardround.client.dp import DpTraining
+from wardround.client.dp import GHOST_CLIP_MARGIN, DpTraining
 from wardround.client.runtime import get_runtime
 from wardround.client.trainer import LocalTrainSpec, evaluate, train_local
 from wardround.common.adapter import adapter_sha256, adapter_state, load_adapter_state
@@ -84,11 +84,18 @@ def test_ghost_clipping_trains_the_adapter_hooks_trains(site, proximal_mu):
         epochs=1, max_steps=0, batch_size=16, learning_rate=5e-2, weight_decay=0.0,
         proximal_mu=proximal_mu, seed=5, modality_dropout=0.2,
     )  # fmt: skip
+    # a clip well below the gradients' norms: every example is clipped. Ghost clips
+    # at clip × (1 - margin) with noise of std sigma × clip; hooks is given that clip
+    # and the sigma that keeps the noise's std, so both take the same steps.
+    sigma, clip = 0.5, 0.05
+    inner = clip * (1 - GHOST_CLIP_MARGIN)
+    modes = {
+        GradSampleMode.HOOKS: DpTraining(sigma * clip / inner, inner, GradSampleMode.HOOKS, False),
+        GradSampleMode.GHOST: DpTraining(sigma, clip, GradSampleMode.GHOST, False),
+    }  # fmt: skip
     trained = {}
     try:
-        for mode in (GradSampleMode.HOOKS, GradSampleMode.GHOST):
-            # a clip well below the gradients' norms: every example is clipped
-            dp = DpTraining(0.5, 0.05, mode, secure_mode=False)
+        for mode, dp in modes.items():
             outcome = train_local(model, site.data.train, spec, dp)
             trained[mode] = adapter_state(model)
             load_adapter_state(model, initial)

@@ -331,7 +331,7 @@ def test_dp_sgd_trains_lora_on_a_bfloat16_base():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_ghost_clipping_trains_every_family_as_hooks_does(arch):
     """Per-example answer losses clip like per-example gradients do (float32 base)."""
-    from wardround.client.dp import DpTraining
+    from wardround.client.dp import GHOST_CLIP_MARGIN, DpTraining
     from wardround.client.trainer import LocalTrainSpec, train_local
     from wardround.client.vlm_objective import VlmObjective
     from wardround.common.adapter import adapter_state, load_adapter_state
@@ -353,14 +353,20 @@ def test_ghost_clipping_trains_every_family_as_hooks_does(arch):
         built.processor, TaskConfig(kind="vqa"), max_new_tokens=3, generations=0
     )
     initial = adapter_state(built.model)
+    # a clip below the gradients' norms: every example is clipped; hooks at ghost's
+    # effective clip, with the noise's std kept (see test_dp_training)
+    inner = 0.01 * (1 - GHOST_CLIP_MARGIN)
+    modes = {
+        GradSampleMode.HOOKS: DpTraining(0.01 / inner, inner, GradSampleMode.HOOKS, False),
+        GradSampleMode.GHOST: DpTraining(1.0, 0.01, GradSampleMode.GHOST, False),
+    }  # fmt: skip
     trained = {}
-    for mode in (GradSampleMode.HOOKS, GradSampleMode.GHOST):
+    for mode, dp in modes.items():
         train_local(
             built.model,
             VlmDataset(items, ["q"] * 8, ["a"] * 8, np.arange(8) // 2),
             LocalTrainSpec(1, 0, 2, 0.01, 0.0, 0.0, seed=1),
-            # a clip below the gradients' norms: every example is clipped
-            DpTraining(1.0, 0.01, mode, secure_mode=False),
+            dp,
             objective,
         )
         trained[mode] = adapter_state(built.model)
@@ -368,4 +374,5 @@ def test_ghost_clipping_trains_every_family_as_hooks_does(arch):
     hooks, ghost = trained[GradSampleMode.HOOKS], trained[GradSampleMode.GHOST]
     assert any(not np.array_equal(ghost[k], initial[k]) for k in initial)
     for name in hooks:
-        np.testing.assert_allclose(ghost[name], hooks[name], rtol=1e-4, atol=1e-6)
+        # updates are 0.02 (AdamW, lr 0.01, 2 steps); unclipped they differ wholly
+        np.testing.assert_allclose(ghost[name], hooks[name], rtol=1e-4, atol=1e-5)
