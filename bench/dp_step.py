@@ -398,6 +398,8 @@ def check_exact(mode: str, device) -> dict:
     """
     import torch
 
+    from wardround.client.dp import GHOST_CLIP_MARGIN
+
     batch, labels = _float64(*_batch(CHECK_BATCH, 7, device))
     inputs = _inputs(batch)
     bce = torch.nn.BCEWithLogitsLoss(reduction="none")
@@ -420,7 +422,9 @@ def check_exact(mode: str, device) -> dict:
         sum(g.flatten(1).pow(2).sum(1) for g in per_sample.values())
     )  # [B]
     max_norm = 1.0
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    # ghost clips a margin below max_norm (client/dp.py's GHOST_CLIP_MARGIN)
+    clip = max_norm * (1 - GHOST_CLIP_MARGIN) if mode == "ghost" else max_norm
+    coef = (clip / (norms + 1e-6)).clamp(max=1.0)
     ref_clipped = {
         n: (g * coef.view(-1, *[1] * (g.dim() - 1))).sum(0)
         for n, g in per_sample.items()
