@@ -166,7 +166,7 @@ def test_vlm_config_errors_say_what_to_change():
             RunConfig.from_mapping(
                 {"model": {**base, key: True}, "task": {"kind": "vqa"}}
             )
-    with pytest.raises(ConfigError, match="'hooks' or 'functorch'"):
+    with pytest.raises(ConfigError, match="'hooks', 'functorch' or 'ghost'"):
         RunConfig.from_mapping(
             {
                 "model": base,
