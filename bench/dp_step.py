@@ -183,7 +183,7 @@ def _inputs(batch: dict) -> tuple:
     """
     from wardround.client.trainer import INPUT_KEYS
 
-    return tuple(batch[k] for k in INPUT_KEYS)
+    return tuple(batch.get(k) for k in INPUT_KEYS)
 
 
 def _loader(size: int, batch_size: int):
@@ -478,7 +478,7 @@ def keyword_call_error(mode: str) -> str | None:
 
     with _make_private(model, mode, CHECK_BATCH, 1.0) as (private, _, _):
         try:
-            private(**{k: batch[k] for k in INPUT_KEYS})
+            private(**{k: batch[k] for k in INPUT_KEYS if k in batch})
         except Exception as exc:  # noqa: BLE001
             return _first_line(exc)
     return None

@@ -24,9 +24,18 @@ if TYPE_CHECKING:
     from ..common.config import RunConfig
     from ..models import BuiltModel
 
-INPUT_KEYS = ("image", "ehr", "note_ids", "note_mask", "present", "note_ngrams")
+INPUT_KEYS = (
+    "image",
+    "ehr",
+    "note_ids",
+    "note_mask",
+    "present",
+    "note_ngrams",
+    "features",
+)
 """The fusion model's inputs (``labels`` is the target), in the order of its
-``forward`` parameters."""
+``forward`` parameters. ``features`` (the frozen part's embeddings) is in a batch
+only when the trainer cached them (:mod:`.frozen_features`)."""
 
 
 def forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -36,7 +45,7 @@ def forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     ``forward(x, *args, **kwargs)`` and takes the batch size from ``x``: a keyword
     call fails there, and every other wrapper passes positions through as well.
     """
-    return cast(torch.Tensor, model(*(batch[k] for k in INPUT_KEYS)))
+    return cast(torch.Tensor, model(*(batch.get(k) for k in INPUT_KEYS)))
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,9 @@ class Objective(Protocol):
     def num_examples(self, batch: dict[str, Any]) -> int:
         """How many examples (records) the batch holds."""
 
+    def prepare(self, model: torch.nn.Module, dataset: Dataset) -> Dataset:
+        """The dataset training and evaluation read (a cache of what never changes)."""
+
     def evaluate(
         self, model: torch.nn.Module, dataset: Dataset, batch_size: int
     ) -> EvalOutcome:
@@ -104,11 +116,25 @@ class FusionObjective:
 
     modality_dropout: float = 0.0
     """Chance to hide each present modality of a training example."""
+    frozen_features: bool = True
+    """Read a frozen encoder part's embeddings from a per-run cache where the model
+    allows it (:mod:`.frozen_features`)."""
 
     @classmethod
     def for_run(cls, config: RunConfig, built: BuiltModel) -> FusionObjective:
         """The run's objective (the family registry's entry)."""
-        return cls(modality_dropout=config.train.modality_dropout)
+        return cls(
+            modality_dropout=config.train.modality_dropout,
+            frozen_features=config.train.cache_frozen_features,
+        )
+
+    def prepare(self, model: torch.nn.Module, dataset: Dataset) -> Dataset:
+        """``dataset`` with the frozen part's embeddings, where they can be cached."""
+        if not self.frozen_features:
+            return dataset
+        from .frozen_features import with_frozen_features
+
+        return with_frozen_features(model, dataset)
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """Stack the items' tensors."""
@@ -158,6 +184,7 @@ class FusionObjective:
         start = time.perf_counter()
         model.eval()
         device = next(model.parameters()).device
+        dataset = self.prepare(model, dataset)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
         loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
         all_scores, all_labels, loss_sum = [], [], 0.0

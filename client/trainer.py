@@ -115,6 +115,7 @@ def train_local(
     """
     start = time.perf_counter()
     objective = _round_objective(objective, spec)
+    dataset = objective.prepare(model, dataset)
     generator = torch.Generator().manual_seed(spec.seed)
     loader = DataLoader(
         dataset,

@@ -27,7 +27,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ..common import wire
 from ..common.config import RunConfig, TaskConfig, TaskKind, VlmModelConfig
@@ -111,6 +111,10 @@ class VlmObjective:
             generations=config.train.eval_generations,
             pack=model.pack_sequences,
         )
+
+    def prepare(self, model: torch.nn.Module, dataset: Dataset) -> Dataset:
+        """The dataset as it is: every part of a VLM's forward pass may train."""
+        return dataset
 
     # -- batches ----------------------------------------------------------------
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:

@@ -242,6 +242,17 @@ class FusionModel(nn.Module):
         stacked = torch.stack(pooled, dim=1)
         return tokens, nn.functional.layer_norm(stacked, stacked.shape[-1:]), present
 
+    def available(self, present: torch.Tensor) -> torch.Tensor:
+        """``present`` [B, 3] with the modalities the model has no encoder for off."""
+        built = present.new_tensor(
+            [
+                self.vision_encoder is not None,
+                self.ehr_encoder is not None,
+                self.text_encoder is not None,
+            ]
+        )
+        return present * built
+
     def forward(
         self,
         image: torch.Tensor,
@@ -250,13 +261,22 @@ class FusionModel(nn.Module):
         note_mask: torch.Tensor,
         present: torch.Tensor,
         note_ngrams: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return multi-label logits [B, n_labels] (inputs as :meth:`encode`).
 
         ``note_ngrams`` [B, K]: the note's hashed word n-gram ids (0 pads), for the
-        wide term; None leaves the note out of it.
+        wide term; None leaves the note out of it. ``features`` [B, 3, H]: the
+        pooled embeddings :meth:`encode` would give, computed before
+        (:mod:`wardround.client.frozen_features`); image and note tokens are then
+        not read, and the fusion module must fuse pooled embeddings only.
         """
-        tokens, pooled, present = self.encode(image, ehr, note_ids, note_mask, present)
+        if features is None:
+            tokens, pooled, present = self.encode(
+                image, ehr, note_ids, note_mask, present
+            )
+        else:
+            tokens, pooled, present = None, features, self.available(present)
         logits: torch.Tensor = self.head(self.fusion(tokens, pooled, present))
         if self.wide is None:
             return logits

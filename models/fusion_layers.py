@@ -25,6 +25,9 @@ def masked_summary(per_modality: torch.Tensor, present: torch.Tensor) -> torch.T
 class ConcatFusion(nn.Module):
     """Concatenate the modality embeddings (absent ones zeroed) and project."""
 
+    reads_tokens = False
+    """Fuses the pooled embeddings only (the trainer may then cache them)."""
+
     def __init__(self, hidden: int, n_modalities: int) -> None:
         super().__init__()
         self.project = nn.Sequential(
@@ -33,17 +36,19 @@ class ConcatFusion(nn.Module):
 
     def forward(
         self,
-        tokens: list[tuple[torch.Tensor, torch.Tensor]],
+        tokens: list[tuple[torch.Tensor, torch.Tensor]] | None,
         pooled: torch.Tensor,
         present: torch.Tensor,
     ) -> torch.Tensor:
-        """Fuse ``pooled`` [B, M, H] given ``present`` [B, M]."""
+        """Fuse ``pooled`` [B, M, H] given ``present`` [B, M]; ``tokens`` unread."""
         fused: torch.Tensor = self.project(masked_summary(pooled, present))
         return fused
 
 
 class GatedFusion(nn.Module):
     """Sigmoid-gated average of the present modalities (Arevalo et al., 2017)."""
+
+    reads_tokens = False
 
     def __init__(self, hidden: int, n_modalities: int) -> None:
         super().__init__()
@@ -52,11 +57,11 @@ class GatedFusion(nn.Module):
 
     def forward(
         self,
-        tokens: list[tuple[torch.Tensor, torch.Tensor]],
+        tokens: list[tuple[torch.Tensor, torch.Tensor]] | None,
         pooled: torch.Tensor,
         present: torch.Tensor,
     ) -> torch.Tensor:
-        """Fuse ``pooled`` [B, M, H] given ``present`` [B, M]."""
+        """Fuse ``pooled`` [B, M, H] given ``present`` [B, M]; ``tokens`` unread."""
         gates = torch.sigmoid(self.gate(masked_summary(pooled, present)))
         weights = gates * present
         fused = (weights.unsqueeze(-1) * pooled).sum(1) / weights.sum(
@@ -75,6 +80,8 @@ class CrossAttentionFusion(nn.Module):
     attention from ``nn.Linear`` layers, so per-sample gradients are exact under
     Opacus.
     """
+
+    reads_tokens = True
 
     def __init__(self, hidden: int, n_modalities: int) -> None:
         super().__init__()

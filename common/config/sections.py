@@ -147,6 +147,11 @@ class TrainConfig(_Section):
         description="chance to hide a present modality per training example",
     )
     torch_threads: int = Field(1, ge=0, le=1024, description="0: torch's default")
+    cache_frozen_features: bool = Field(
+        True,
+        description="fusion family, encoders frozen (the DP recipe): compute each "
+        "study's encoder embeddings once per run instead of at every step",
+    )
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",

@@ -174,7 +174,7 @@ def predict(model: Any, dataset: Any, batch_size: int) -> tuple[np.ndarray, np.n
     scores, labels = [], []
     with torch.no_grad():
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            inputs = {k: batch[k].to(device) for k in INPUT_KEYS}
+            inputs = {k: batch[k].to(device) for k in INPUT_KEYS if k in batch}
             scores.append(torch.sigmoid(model(**inputs)).float().cpu().numpy())
             labels.append(batch["labels"].numpy())
     return np.concatenate(scores), np.concatenate(labels)
