@@ -38,10 +38,10 @@ _ENCODE_INPUTS = ("image", "ehr", "note_ids", "note_mask")
 TOKEN_INPUTS = ("image", "note_ids", "note_mask")
 """Inputs the embeddings replace: a cached item carries them empty ([0] each)."""
 
-_Key = tuple[int, tuple[tuple[int, int], ...]]
-_CACHE: weakref.WeakKeyDictionary[Dataset, tuple[_Key, TensorDictDataset]] = (
-    weakref.WeakKeyDictionary()
-)
+_Key = tuple[tuple[int, int], ...]
+_CACHE: weakref.WeakKeyDictionary[
+    Dataset, tuple[weakref.ref[FusionModel], _Key, TensorDictDataset]
+] = weakref.WeakKeyDictionary()
 
 
 def cacheable_fusion(model: nn.Module) -> FusionModel | None:
@@ -72,10 +72,12 @@ def with_frozen_features(
         return dataset
     key = _state_key(fusion)
     kept = _CACHE.get(dataset)
-    if kept is not None and kept[0] == key:
-        return kept[1]
+    # The model itself (a weak reference: a rebuilt model may reuse an address),
+    # then the values of its frozen tensors.
+    if kept is not None and kept[0]() is fusion and kept[1] == key:
+        return kept[2]
     cached = _embed(fusion, dataset, batch_size)
-    _CACHE[dataset] = (key, cached)
+    _CACHE[dataset] = (weakref.ref(fusion), key, cached)
     return cached
 
 
@@ -89,8 +91,8 @@ def _frozen_parameters(fusion: FusionModel) -> list[nn.Parameter]:
 
 
 def _state_key(fusion: FusionModel) -> _Key:
-    """Which model, and which values of its frozen tensors (in-place writes count)."""
-    return id(fusion), tuple((id(p), p._version) for p in _frozen_parameters(fusion))
+    """Which frozen tensors, and which values of them (in-place writes count)."""
+    return tuple((id(p), p._version) for p in _frozen_parameters(fusion))
 
 
 @torch.no_grad()
