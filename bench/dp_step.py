@@ -411,7 +411,7 @@ def check_exact(mode: str, device) -> dict:
     names, tensors = list(trainable), list(trainable.values())
     per_sample = {n: [] for n in names}
     for i in range(CHECK_BATCH):
-        one = tuple(x[i : i + 1] for x in inputs)
+        one = tuple(None if x is None else x[i : i + 1] for x in inputs)
         loss = bce(ref(*one), labels[i : i + 1]).mean()
         for n, g in zip(names, torch.autograd.grad(loss, tensors), strict=True):
             per_sample[n].append(g)

@@ -6,7 +6,9 @@ same at every step, epoch and round. Training then reads them from a dataset of
 embeddings, and a step runs the fusion module, the head and the wide term only.
 The result is the same model (per-example gradients, clipping, noise and the
 Poisson draws are unchanged); the encoders run once per study per run instead of
-once per draw. The frozen part computes as in evaluation: dropout in it is off.
+once per draw. A part that does not train runs as in evaluation, cached or not
+(the trainer holds it in eval mode): dropout in it is off, and no batch statistic
+mixes the examples of a batch.
 
 The embeddings are kept per dataset (held weakly: they go with the site's data)
 and recomputed when any frozen tensor of the model changed, or for another model.
@@ -57,6 +59,30 @@ def cacheable_fusion(model: nn.Module) -> FusionModel | None:
     if any(p.requires_grad for p in _frozen_parameters(fusion)):
         return None
     return fusion
+
+
+def frozen_parts(model: nn.Module) -> list[nn.Module]:
+    """The fusion model's parts before its fusion module that have nothing to train."""
+    fusion = next((m for m in model.modules() if isinstance(m, FusionModel)), None)
+    if fusion is None:
+        return []
+    return [
+        part
+        for name in FROZEN_PARTS
+        if (part := getattr(fusion, name)) is not None
+        and not any(p.requires_grad for p in part.parameters())
+    ]
+
+
+def hold_frozen_parts_in_eval(model: nn.Module) -> None:
+    """Run the parts that do not train as in evaluation (after ``model.train()``).
+
+    A frozen encoder is then one fixed function of its input, which the cache
+    relies on, and none of its layers (dropout, batch statistics) depends on the
+    rest of the batch or on chance.
+    """
+    for part in frozen_parts(model):
+        part.eval()
 
 
 def with_frozen_features(

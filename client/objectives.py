@@ -36,6 +36,7 @@ INPUT_KEYS = (
 """The fusion model's inputs (``labels`` is the target), in the order of its
 ``forward`` parameters. ``features`` (the frozen part's embeddings) is in a batch
 only when the trainer cached them (:mod:`.frozen_features`)."""
+OPTIONAL_INPUTS = ("features",)
 
 
 def forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -45,7 +46,8 @@ def forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     ``forward(x, *args, **kwargs)`` and takes the batch size from ``x``: a keyword
     call fails there, and every other wrapper passes positions through as well.
     """
-    return cast(torch.Tensor, model(*(batch.get(k) for k in INPUT_KEYS)))
+    inputs = (batch.get(k) if k in OPTIONAL_INPUTS else batch[k] for k in INPUT_KEYS)
+    return cast(torch.Tensor, model(*inputs))
 
 
 @dataclass(frozen=True)

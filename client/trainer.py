@@ -26,6 +26,7 @@ from .dp import (
     is_empty_batch,
     private_training,
 )
+from .frozen_features import hold_frozen_parts_in_eval
 from .objectives import INPUT_KEYS, EvalOutcome, FusionObjective, Objective
 from .proximal import add_proximal_gradient, proximal_term, snapshot_trainable
 
@@ -57,6 +58,9 @@ class LocalTrainSpec:
     momentum: float = 0.9
     wide_lr_scale: float = 1.0
     """The fusion model's wide term trains at ``learning_rate × wide_lr_scale``."""
+    cache_frozen_features: bool = True
+    """Read a frozen encoder part's embeddings from a per-run cache
+    (:mod:`.frozen_features`; ``train.cache-frozen-features``)."""
 
     @classmethod
     def from_config(
@@ -79,6 +83,7 @@ class LocalTrainSpec:
             optimizer=recipe.optimizer,
             momentum=recipe.momentum,
             wide_lr_scale=recipe.wide_lr_scale,
+            cache_frozen_features=config.train.cache_frozen_features,
         )
 
 
@@ -127,6 +132,9 @@ def train_local(
     optimizer = make_optimizer(param_groups(model, spec), spec)
     anchor = snapshot_trainable(model) if spec.proximal_mu > 0 else {}
     model.train()
+    # A part that does not train is a fixed function of its input, with or without
+    # the cache: no dropout, and no batch statistics mixing a DP batch's examples.
+    hold_frozen_parts_in_eval(model)
     if dp is None:
         counts = _run_epochs(
             model, model, optimizer, loader, spec, anchor, generator, objective
@@ -154,14 +162,19 @@ def train_local(
 
 
 def _round_objective(objective: Objective | None, spec: LocalTrainSpec) -> Objective:
-    """The objective with the round's modality dropout.
+    """The objective with the round's modality dropout and feature cache.
 
-    Fusion only: the other families have no modalities to hide.
+    Fusion only: the other families have no modalities to hide. The cache is used
+    when both the objective and the spec allow it.
     """
     if objective is None:
-        return FusionObjective(modality_dropout=spec.modality_dropout)
+        objective = FusionObjective()
     if isinstance(objective, FusionObjective):
-        return replace(objective, modality_dropout=spec.modality_dropout)
+        return replace(
+            objective,
+            modality_dropout=spec.modality_dropout,
+            frozen_features=objective.frozen_features and spec.cache_frozen_features,
+        )
     return objective
 
 

@@ -56,8 +56,12 @@ class LinearReference(nn.Module):
         note_mask: torch.Tensor,
         present: torch.Tensor,
         note_ngrams: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, labels]; the image and the note's tokens are not read."""
+        """Logits [B, labels]; only the EHR, the note's n-grams and presence are read.
+
+        The parameters are the fusion model's inputs, in its order.
+        """
         return self.wide(ehr, note_ngrams, present)
 
 

@@ -21,6 +21,7 @@ from wardround.client.trainer import LocalTrainSpec, evaluate, train_local
 from wardround.common.adapter import adapter_sha256, adapter_state, load_adapter_state
 from wardround.common.config import GradSampleMode, OptimizerKind
 from wardround.models import build_model
+from wardround.sitedata.dataset import TensorDictDataset
 
 
 @pytest.fixture(scope="module")
@@ -89,25 +90,30 @@ def test_the_encoders_run_once_per_study_per_run(site):
     model = site.built.model
     initial = adapter_state(model)
     objective = FusionObjective()
+    # datasets no test has cached yet
+    train, validation = (
+        TensorDictDataset(d.tensors, d.patients)
+        for d in (site.data.train, site.data.validation)
+    )
     calls, handles = _count_encoder_calls(model)
     dp = DpTraining(0.8, 0.5, GradSampleMode.HOOKS, secure_mode=False)
     try:
-        train_local(model, site.data.train, _spec(0), dp, objective)
+        outcome = train_local(model, train, _spec(0), dp, objective)
         first = calls[0]
         for seed in (1, 2):  # later rounds: the global adapter changes, not the base
             load_adapter_state(model, initial)
-            train_local(model, site.data.train, _spec(seed), dp, objective)
-        evaluate(model, site.data.validation, 64, objective)
-        evaluate(model, site.data.validation, 64, objective)
+            train_local(model, train, _spec(seed), dp, objective)
+        evaluate(model, validation, 64, objective)
+        evaluate(model, validation, 64, objective)
     finally:
         for handle in handles:
             handle.remove()
         load_adapter_state(model, initial)
-    # one pass over the training studies (two encoders, batches of 64) ...
-    batches = -(-len(site.data.train) // 64)
-    assert first <= 2 * batches
+    # one pass of each encoder over the training studies, in batches of 64 (the
+    # encoders' way would run them at every one of the round's steps) ...
+    assert first == 2 * -(-len(train) // 64) < 2 * outcome.steps
     # ... and one over the validation studies, for all later rounds together
-    assert calls[0] - first == 2 * -(-len(site.data.validation) // 64)
+    assert calls[0] - first == 2 * -(-len(validation) // 64)
 
 
 def test_cached_evaluation_equals_the_encoders_evaluation(site):
@@ -179,3 +185,58 @@ def test_a_model_without_an_image_encoder_reads_the_same_logits_from_the_cache(
         from_cache = forward(model, default_collate([cached[i] for i in rows]))
     assert data.tensors["present"][:, 0].all()
     torch.testing.assert_close(from_cache, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_encoders_with_dropout_train_alike_with_the_cache_or_without(
+    site, tiny_config
+):
+    """A part that does not train runs as in evaluation during training, so its
+    dropout is off whether the cache is used or not."""
+    model = build_model(tiny_config).model
+    fusion = cacheable_fusion(model)
+    dropouts = [
+        m
+        for part in (fusion.vision_encoder, fusion.text_encoder)
+        for m in part.modules()
+        if isinstance(m, torch.nn.Dropout)
+    ]
+    assert dropouts
+    for m in dropouts:
+        m.p = 0.5
+    modes: list[bool] = []
+    hook = fusion.text_encoder.register_forward_hook(
+        lambda module, args, output: modes.append(module.training)
+    )
+    initial = adapter_state(model)
+    dp = DpTraining(0.8, 0.5, GradSampleMode.HOOKS, secure_mode=False)
+    trained = {}
+    try:
+        for cached in (False, True):
+            objective = FusionObjective(frozen_features=cached)
+            train_local(model, site.data.train, _spec(2), dp, objective)
+            trained[cached] = adapter_state(model)
+            load_adapter_state(model, initial)
+    finally:
+        hook.remove()
+    assert modes and not any(modes)
+    assert fusion.fusion.training  # what trains stays in training mode
+    for name, value in trained[False].items():
+        np.testing.assert_allclose(trained[True][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_the_config_switch_turns_the_cache_off(site, tiny_config):
+    config = tiny_config.with_overrides(train={"cache_frozen_features": False})
+    spec = LocalTrainSpec.from_config(config, seed=0, proximal_mu=0.0, patients=50)
+    assert not spec.cache_frozen_features
+    assert not FusionObjective.for_run(config, site.built).frozen_features
+    model = site.built.model
+    initial = adapter_state(model)
+    train = TensorDictDataset(site.data.train.tensors, site.data.train.patients)
+    calls, handles = _count_encoder_calls(model)
+    try:
+        outcome = train_local(model, train, replace(spec, epochs=1), None)
+    finally:
+        for handle in handles:
+            handle.remove()
+        load_adapter_state(model, initial)
+    assert calls[0] == 2 * outcome.steps  # the encoders ran at every step

@@ -179,11 +179,14 @@ def test_slices_as_channels_reach_the_vision_encoder(tiny_config):
 
 
 def test_the_trainers_positional_inputs_follow_the_fusion_models_forward():
-    """The objective passes INPUT_KEYS by position (for Opacus's ew): same order."""
+    """The objective passes INPUT_KEYS by position (for Opacus's ew): same order,
+    for the fusion model and the study's classical reference model alike."""
     import inspect
 
     from wardround.client.objectives import INPUT_KEYS
     from wardround.models.fusion import FusionModel
+    from wardround.simulations.study.classical import LinearReference
 
-    parameters = list(inspect.signature(FusionModel.forward).parameters)
-    assert parameters[1:] == list(INPUT_KEYS)
+    for model in (FusionModel, LinearReference):
+        parameters = list(inspect.signature(model.forward).parameters)
+        assert parameters[1:] == list(INPUT_KEYS), model
