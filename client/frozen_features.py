@@ -107,6 +107,12 @@ def with_frozen_features(
     return cached
 
 
+def cached_nbytes(dataset: Dataset) -> int:
+    """Bytes the embeddings kept for ``dataset`` hold (0 when none are kept)."""
+    kept = _CACHE.get(dataset)
+    return 0 if kept is None else int(kept[2].tensors["features"].nbytes)
+
+
 def _frozen_parameters(fusion: FusionModel) -> list[nn.Parameter]:
     return [
         param

@@ -30,6 +30,7 @@ from ..models import BuiltModel, family_of
 from ..sitedata.site_config import SiteConfig
 from .answers import ANSWER_LOG, AnswerLog
 from .egress import EgressAllowlist
+from .frozen_features import cached_nbytes
 from .ledger import PrivacyLedger, site_ledger
 
 if TYPE_CHECKING:
@@ -246,7 +247,10 @@ def _over_budget(runtimes: list[SiteRuntime]) -> bool:
         if model_id not in shared:
             for device, size in model_bytes(model).items():
                 held[device] = held.get(device, 0) + size
-    held["cpu"] = held.get("cpu", 0) + sum(r.data.nbytes for r in runtimes)
+    held["cpu"] = held.get("cpu", 0) + sum(
+        r.data.nbytes + cached_nbytes(r.data.train) + cached_nbytes(r.data.validation)
+        for r in runtimes
+    )
     return any(size > memory_budget(device) for device, size in held.items())
 
 

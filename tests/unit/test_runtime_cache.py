@@ -181,3 +181,28 @@ def test_a_site_sees_the_shared_model_as_a_fresh_one_after_another_trained_it(
     )
     assert seen_by_b.loss == evaluate(fresh, b.data.validation, 16).loss
     assert seen_by_b.auroc_macro == evaluate(fresh, b.data.validation, 16).auroc_macro
+
+
+def test_the_sites_cached_embeddings_count_in_the_memory_budget(
+    three_sites, tiny_config, monkeypatch, fresh_cache
+):
+    """Room for three sites' data but not for their embeddings too: loading the
+    third site drops the least recently used one."""
+    from wardround.client.frozen_features import cached_nbytes, with_frozen_features
+
+    config = tiny_config.with_overrides(train={"device": "cpu"})
+    tomls = sorted(three_sites.glob("*/site.toml"))
+    runtimes = [get_runtime(t, i, config) for i, t in enumerate(tomls)]
+    data = sum(r.data.nbytes for r in runtimes)
+    runtime_module._CACHE.clear()
+    monkeypatch.setattr(runtime_module, "memory_budget", lambda device: data)
+    for i, t in enumerate(tomls[:2]):
+        runtime = get_runtime(t, i, config)
+        assert cached_nbytes(runtime.data.train) == 0
+        cached = with_frozen_features(runtime.built.model, runtime.data.train)
+        assert cached_nbytes(runtime.data.train) == cached.tensors["features"].nbytes
+        assert cached_nbytes(runtime.data.train) > 0
+    get_runtime(tomls[2], 2, config)
+    assert [Path(k[0]) for k in runtime_module._CACHE] == [
+        t.resolve() for t in tomls[1:]
+    ]
