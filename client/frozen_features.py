@@ -53,7 +53,7 @@ def cacheable_fusion(model: nn.Module) -> FusionModel | None:
     projection), and the fusion module reads pooled embeddings, not tokens
     (``concat`` and ``gated``; ``cross-attention`` attends over every token).
     """
-    fusion = next((m for m in model.modules() if isinstance(m, FusionModel)), None)
+    fusion = _fusion_of(model)
     if fusion is None or getattr(fusion.fusion, "reads_tokens", True):
         return None
     if any(p.requires_grad for p in _frozen_parameters(fusion)):
@@ -63,7 +63,7 @@ def cacheable_fusion(model: nn.Module) -> FusionModel | None:
 
 def frozen_parts(model: nn.Module) -> list[nn.Module]:
     """The fusion model's parts before its fusion module that have nothing to train."""
-    fusion = next((m for m in model.modules() if isinstance(m, FusionModel)), None)
+    fusion = _fusion_of(model)
     if fusion is None:
         return []
     return [
@@ -111,6 +111,11 @@ def cached_nbytes(dataset: Dataset) -> int:
     """Bytes the embeddings kept for ``dataset`` hold (0 when none are kept)."""
     kept = _CACHE.get(dataset)
     return 0 if kept is None else int(kept[2].tensors["features"].nbytes)
+
+
+def _fusion_of(model: nn.Module) -> FusionModel | None:
+    """The fusion model inside ``model`` (a PEFT wrapper, Opacus's), if any."""
+    return next((m for m in model.modules() if isinstance(m, FusionModel)), None)
 
 
 def _frozen_parameters(fusion: FusionModel) -> list[nn.Parameter]:
