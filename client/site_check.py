@@ -184,12 +184,34 @@ def _join_blocking(
 def _data_warnings(report: dict[str, Any]) -> list[str]:
     """What the site can train with but its operator should look at."""
     found: list[str] = []
-    for label, prevalence in report["ehr"]["label_prevalence"].items():
+    ehr = report["ehr"]
+    for label, prevalence in ehr["label_prevalence"].items():
         if prevalence == 0.0:
             found.append(f"label {label!r} has no positive example at this site")
-    for feature, frac in report["ehr"]["missing_fraction"].items():
+        elif prevalence == 1.0:
+            found.append(f"label {label!r} has no negative example at this site")
+    for feature, frac in ehr["missing_fraction"].items():
         if frac >= 0.5:
             found.append(f"feature {feature!r} is missing in {frac:.0%} of rows")
+    found.extend(_label_value_warnings(ehr))
+    found.extend(_feature_value_warnings(ehr))
+    if ehr["rows_without_keys"]:
+        found.append(
+            f"{ehr['rows_without_keys']} EHR row(s) have no patient id or no study "
+            "UID and are not used"
+        )
+    if ehr["duplicate_study_rows"]:
+        found.append(
+            f"{ehr['duplicate_study_rows']} EHR row(s) repeat another row's study UID: "
+            "the first row of each study is used, the others are not"
+        )
+    join = report.get("join", {})
+    unjoined = join.get("dicom_studies", 0) - join.get("dicom_studies_with_ehr", 0)
+    if unjoined > 0:
+        found.append(
+            f"{unjoined} DICOM stud(ies) have no EHR row and are not used (the join "
+            "is on the StudyInstanceUID and the EHR's study-uid column)"
+        )
     duplicates = report["dicom"]["duplicate_instances"]
     if duplicates:
         found.append(
@@ -209,6 +231,46 @@ def _data_warnings(report: dict[str, Any]) -> list[str]:
             f"{failures} study image(s) could not be decoded; those "
             "studies train without image"
         )
+    return found
+
+
+def _label_value_warnings(ehr: dict[str, Any]) -> list[str]:
+    """Label cells that train as negatives without saying so in the table."""
+    found = []
+    for label, unusable in ehr["label_null"].items():
+        unmapped = ehr["label_unmapped"].get(label, 0)
+        if unmapped:
+            found.append(
+                f"label {label!r}: {unmapped} value(s) are neither 0/1 nor one of its "
+                "declared positive/negative values (e.g. -1 for uncertain); they "
+                "train as negatives. Declare positive and negative for this label in "
+                "site.toml's [ehr.labels], or recode the column"
+            )
+        if unusable - unmapped:
+            found.append(
+                f"label {label!r} is empty in {unusable - unmapped} row(s); they "
+                "train as negatives"
+            )
+    return found
+
+
+def _feature_value_warnings(ehr: dict[str, Any]) -> list[str]:
+    """Feature values the encoding drops, when they are a large share of rows."""
+    found = []
+    rows = max(int(ehr["rows"]), 1)
+    for feature, n in ehr["out_of_range"].items():
+        if n / rows >= 0.1:
+            found.append(
+                f"feature {feature!r}: {n} of {rows} values are outside the run's "
+                "plausible range and count as missing: check the column's unit and "
+                "declare it (`unit`) in site.toml's [ehr.features]"
+            )
+    for feature, n in ehr["unknown_category"].items():
+        if n:
+            found.append(
+                f"feature {feature!r}: {n} value(s) are none of the run's categories "
+                "(matched exactly, after trimming spaces) and count as missing"
+            )
     return found
 
 

@@ -24,9 +24,16 @@ def read_toml(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist", hint="Check the path.")
+    raw = path.read_bytes()
+    # Windows editors save "UTF-8 with BOM"; the mark is not TOML, the text is
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {exc.start})",
+            hint="Save it as UTF-8.",
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
 

@@ -395,7 +395,14 @@ def _split_site_data(
             len(matched),
         )
     if null_labels:
-        logger.warning("%d null label cells were counted as 0", null_labels)
+        per_label = ehr.stats.label_null if ehr.stats is not None else {}
+        logger.warning(
+            "site %s: %d label cell(s) with no usable value were counted as 0 (%s); "
+            "`wardround site check` lists them per label",
+            site.site.name,
+            null_labels,
+            ", ".join(f"{k} {v}" for k, v in per_label.items() if v) or "by label",
+        )
     logger.info(
         "site data: %d studies (%d train, %d validation) of %d patients (%d train), "
         "%d EHR rows without image, %d images without EHR row, %d duplicate EHR rows",

@@ -132,12 +132,15 @@ class _SchemaCheck:
     ) -> None:
         """A numeric feature: a numeric column, a convertible unit, no ``map``."""
         dtype = self.column(spec.column, f"feature {name}", f"[ehr.features] {name}")
-        if dtype is not None:
+        # a column that is null in every row (a test this site never runs) has
+        # Arrow type null: it is a feature missing everywhere, not a wrong type
+        if dtype is not None and not pa.types.is_null(dtype):
             self.declared(spec.column, dtype, spec.type)
             if _kind(dtype) not in _NUMERIC:
                 self.problems.append(
                     f"  - column {spec.column!r} (feature {name}) holds {dtype}; "
-                    "it must be numeric"
+                    "it must be numeric: write it as numbers (a value like "
+                    "'5.5 mg/L' as 5.5, with `unit` declared for the feature)"
                 )
         if spec.unit_column is not None:
             unit_type = self.column(
@@ -335,6 +338,18 @@ def _texts(array: pa.ChunkedArray | pa.Array) -> list[str | None]:
     return pc.cast(array, pa.string()).to_pylist()
 
 
+def _keys(array: pa.ChunkedArray | pa.Array) -> list[str | None]:
+    """Patient ids or study UIDs without surrounding whitespace (None if blank).
+
+    Exports pad identifiers with spaces; ``" 0123"`` and ``"0123"`` are one patient.
+    """
+    keys: list[str | None] = []
+    for text in _texts(array):
+        key = text.strip() if text is not None else None
+        keys.append(key or None)
+    return keys
+
+
 def encode_batch(
     table: pa.Table | pa.RecordBatch,
     task: TaskConfig,
@@ -410,8 +425,8 @@ def encode_batch(
         features=features,
         labels=labels,
         notes=notes,
-        patient_ids=_texts(table.column(schema.patient_id)),
-        study_uids=_texts(table.column(schema.study_uid)),
+        patient_ids=_keys(table.column(schema.patient_id)),
+        study_uids=_keys(table.column(schema.study_uid)),
         label_null=label_null,
         stats=stats,
     )
@@ -439,7 +454,11 @@ def _label_values(
 ) -> np.ndarray:
     """1.0 / 0.0 per row, NaN for null or (with a mapping) unmapped values."""
     if not positive and _kind(array.type) in _NUMERIC:
-        return _floats(array)
+        values = _floats(array)
+        # without a declared mapping a numeric label is 0 or 1: another code (-1 for
+        # uncertain, 2 for a second class) is unmapped, never silently positive
+        values[(values != 0.0) & (values != 1.0)] = np.nan
+        return values
     pos = {p.strip().lower() for p in positive}
     neg = {v.strip().lower() for v in negative}
     out = np.full(len(array), np.nan)

@@ -77,8 +77,20 @@ class ParquetEhr:
         return self.dataset().schema
 
     def batches(self, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
-        """The declared columns, in file order."""
-        yield from self.dataset().to_batches(columns=columns, batch_size=batch_rows)
+        """The declared columns, in file order, one file after another.
+
+        The schema is the first file's; a later file that is not Parquet, or whose
+        values cannot be read as that schema's types, is a DataError naming it.
+        """
+        dataset = self.dataset()
+        for fragment in dataset.get_fragments():
+            scanner = pads.Scanner.from_fragment(
+                fragment, schema=dataset.schema, columns=columns, batch_size=batch_rows
+            )
+            try:
+                yield from scanner.to_batches()
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+                raise _unreadable_file(self.path, fragment.path, exc) from None
 
 
 def open_dataset(path: Path) -> pads.Dataset:
@@ -93,10 +105,56 @@ def open_dataset(path: Path) -> pads.Dataset:
     try:
         return pads.dataset(path, format="parquet", partitioning="hive")
     except (pa.ArrowInvalid, OSError) as exc:
+        bad = _first_unreadable(path) if path.is_dir() else None
+        if bad is not None:
+            raise _unreadable_file(path, str(bad), exc) from None
         raise DataError(
             f"EHR table {path} is not readable Parquet ({type(exc).__name__})",
             hint="Point `data.ehr` in site.toml at a Parquet file or folder.",
         ) from None
+
+
+def _first_unreadable(folder: Path) -> Path | None:
+    """The first file under ``folder`` (in path order) whose Parquet footer is unreadable.
+
+    Hidden and ``_``-prefixed names are skipped, as pyarrow skips them.
+    """
+    import pyarrow.parquet as pq
+
+    for file in sorted(folder.rglob("*")):
+        relative = file.relative_to(folder).parts
+        if not file.is_file() or any(p.startswith((".", "_")) for p in relative):
+            continue
+        try:
+            pq.read_schema(file)
+        except (pa.ArrowInvalid, OSError):
+            return file
+    return None
+
+
+def _unreadable_file(table: Path, file: str, exc: Exception) -> DataError:
+    """A DataError naming the file of an EHR folder that cannot be read.
+
+    Arrow's own message is left out: it can quote a cell's value.
+    """
+    import pyarrow.parquet as pq
+
+    name = Path(file).name
+    try:
+        pq.read_schema(file)
+        why = (
+            "a column holds values of another type than in the folder's first file, "
+            "e.g. text with units where numbers are expected"
+        )
+    except (pa.ArrowInvalid, OSError):
+        why = "it is not a Parquet file"
+    return DataError(
+        f"EHR table {table}: file {file} cannot be read with the folder's columns "
+        f"({why}; {type(exc).__name__})",
+        hint=f"Every file of an EHR folder must be Parquet with the same columns and "
+        f"types: move {name} out of the folder, or rewrite it with the first file's "
+        "types.",
+    )
 
 
 def as_source(source: EhrSource | Path | str) -> EhrSource:

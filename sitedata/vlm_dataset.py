@@ -141,7 +141,10 @@ def read_text_columns(site: SiteConfig, kind: TaskKind) -> TextColumns:
         list(source.batches(columns_read, BATCH_ROWS)),
         schema=pa.schema([arrow_schema.field(c) for c in columns_read]),
     )
-    studies = pc.cast(table.column(schema.study_uid), "string").to_pylist()
+    studies = [  # as the EHR's join reads them: without surrounding whitespace
+        uid.strip() or None if uid is not None else None
+        for uid in pc.cast(table.column(schema.study_uid), "string").to_pylist()
+    ]
     columns = {
         key: pc.cast(table.column(col), "string").to_pylist()
         for key, col in wanted.items()
