@@ -7,12 +7,15 @@ A *cell* is one setting the arms run in: patients per site, site count and base
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from ...common.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class StudySize(StrEnum):
@@ -118,6 +121,30 @@ def site_tomls_in(folder: Path) -> list[Path]:
             hint="Give a folder that holds one folder per site, each with its site.toml.",
         )
     tomls = sorted(folder.glob("*/site.toml"))
+    skipped = sorted(
+        sub
+        for sub in folder.iterdir()
+        if sub.is_dir()
+        and not sub.name.startswith(".")
+        and not (sub / "site.toml").is_file()
+    )
+    misnamed = [
+        f for sub in skipped for f in sub.iterdir() if f.name.lower() == "site.toml"
+    ]
+    if misnamed:
+        raise ConfigError(
+            f"--sites-dir {folder}: {misnamed[0]} is not named site.toml",
+            hint=f"Rename it to {misnamed[0].parent / 'site.toml'} (the name is "
+            "case-sensitive), or move the folder out of --sites-dir.",
+        )
+    if skipped:
+        log.warning(
+            "--sites-dir %s: %d folder(s) without a site.toml are not sites and are "
+            "left out: %s",
+            folder,
+            len(skipped),
+            ", ".join(sub.name for sub in skipped),
+        )
     if len(tomls) < 2:
         raise ConfigError(
             f"--sites-dir {folder} holds {len(tomls)} site folder(s) with a site.toml; "

@@ -104,21 +104,35 @@ def _personal_goals(
         if not arm.personal or not entry.get("seeds") or not fedavg or not local:
             continue
         per_site = {s: v["mean"] for s, v in entry["per_site"].items()}
-        margins = {
-            s: value - max(fedavg[s]["mean"], local[s]["mean"])
-            for s, value in per_site.items()
-            if s in fedavg and s in local
-        }
+        margins, unmeasured = _measured(
+            {
+                s: value - max(fedavg[s]["mean"], local[s]["mean"])
+                for s, value in per_site.items()
+                if s in fedavg and s in local
+            }
+        )
+        goal = (
+            f"{arm.label}: every site at or above both FedAvg and its local-only model"
+        )
+        if not margins:
+            goals.append(
+                _not_run(
+                    "personal_above_global_and_local",
+                    cell,
+                    goal,
+                    _unmeasured(unmeasured),
+                )
+            )
+            continue
         above = sum(m >= 0 for m in margins.values())
         worst = min(margins, key=margins.__getitem__)
         goals.append(
             at_least(
                 "personal_above_global_and_local",
                 cell,
-                f"{arm.label}: every site at or above both FedAvg and its "
-                "local-only model",
+                goal,
                 f"{above} of {len(margins)} sites; smallest margin "
-                f"{margins[worst]:+.3f} ({worst})",
+                f"{margins[worst]:+.3f} ({worst})" + _also_unmeasured(unmeasured),
                 float(above),
                 float(len(margins)),
             )
@@ -178,6 +192,32 @@ def _classical_dp_goal(cell: Cell, arms: Mapping[str, Any]) -> list[Goal]:
             0.0,
         )
     ]
+
+
+def _measured(margins: Mapping[str, float]) -> tuple[dict[str, float], list[str]]:
+    """The sites whose margin is a number, and those without one.
+
+    A site's AUROC is undefined where its validation split lacks positives or
+    negatives of every finding: it is neither above nor below.
+    """
+    finite = {s: m for s, m in margins.items() if math.isfinite(m)}
+    return finite, sorted(s for s in margins if s not in finite)
+
+
+_NOT_MEASURABLE = (
+    "AUROC undefined on its validation split: no finding has both positive and "
+    "negative studies there"
+)
+
+
+def _unmeasured(sites: list[str]) -> str:
+    return f"not measurable at any site ({', '.join(sites)}: {_NOT_MEASURABLE})"
+
+
+def _also_unmeasured(sites: list[str]) -> str:
+    if not sites:
+        return ""
+    return f"; not measurable, left out: {', '.join(sites)} ({_NOT_MEASURABLE})"
 
 
 def _not_run(key: str, cell: Cell, goal: str, why: str) -> Goal:
@@ -249,11 +289,15 @@ def _dp_local_goals(
                 "results",
             )
         ]
-    margins = {
-        site: value["mean"] - local["per_site"][site]["mean"]
-        for site, value in entry["per_site"].items()
-        if site in local["per_site"]
-    }
+    margins, unmeasured = _measured(
+        {
+            site: value["mean"] - local["per_site"][site]["mean"]
+            for site, value in entry["per_site"].items()
+            if site in local["per_site"]
+        }
+    )
+    if not margins:
+        return [_not_run("dp_above_local", cell, goal, _unmeasured(unmeasured))]
     above = sum(m > 0 for m in margins.values())
     worst = min(margins, key=margins.__getitem__)
     return [
@@ -263,7 +307,7 @@ def _dp_local_goals(
             goal,
             f"{above} of {len(margins)} sites; smallest margin {margins[worst]:+.3f} "
             f"({worst}: {entry['per_site'][worst]['mean']:.3f} vs local-only "
-            f"{local['per_site'][worst]['mean']:.3f})",
+            f"{local['per_site'][worst]['mean']:.3f})" + _also_unmeasured(unmeasured),
             float(above),
             float(len(margins)),
         )

@@ -178,13 +178,22 @@ def _compare(arms: dict[str, dict[str, Any]], plan: tuple[Arm, ...]) -> None:
         )
         entry["ratio_to_pooled"] = ratio(entry["auroc"]["mean"], pooled)
         entry["minus_classical"] = entry["auroc"]["mean"] - classical
-        per_site = {s: v["mean"] for s, v in entry["per_site"].items()}
+        # a site whose AUROC is undefined (its validation split lacks positives or
+        # negatives) is neither the worst nor below its local-only model
+        per_site = {
+            s: v["mean"]
+            for s, v in entry["per_site"].items()
+            if math.isfinite(v["mean"])
+        }
         entry["worst_site"] = min(per_site.values()) if per_site else math.nan
         if arm.kind is ArmKind.FEDERATED and local:
+            compared = [
+                s for s in per_site if s in local and math.isfinite(local[s]["mean"])
+            ]
             entry["sites_above_local"] = sum(
-                per_site[s] > local[s]["mean"] for s in per_site if s in local
+                per_site[s] > local[s]["mean"] for s in compared
             )
-            entry["sites"] = len(per_site)
+            entry["sites"] = len(compared)
 
 
 def arm_auroc(arms: Mapping[str, Any], name: str) -> float:
