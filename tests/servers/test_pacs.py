@@ -439,8 +439,11 @@ def test_dimse_association_rejected_names_the_ae(orthanc, tmp_path):
     with pytest.raises(SourceUnreachable) as err:
         check_pacs_reachable(section, tmp_path)
 
-    assert "association rejected" in str(err.value)
-    assert "NOT-THE-PACS" in str(err.value)
+    # Orthanc answers a wrong called AE with a rejection, or (on a busy machine,
+    # seen in a full test run here) by aborting it; both are the PACS refusing
+    message = str(err.value)
+    assert "association rejected" in message or "association aborted" in message
+    assert "NOT-THE-PACS" in message and "refused the request" in message
 
 
 def test_a_stopped_pacs_is_unreachable(hospital, tmp_path):
