@@ -338,7 +338,7 @@ def _texts(array: pa.ChunkedArray | pa.Array) -> list[str | None]:
     return pc.cast(array, pa.string()).to_pylist()
 
 
-def _keys(array: pa.ChunkedArray | pa.Array) -> list[str | None]:
+def record_keys(array: pa.ChunkedArray | pa.Array) -> list[str | None]:
     """Patient ids or study UIDs without surrounding whitespace (None if blank).
 
     Exports pad identifiers with spaces; ``" 0123"`` and ``"0123"`` are one patient.
@@ -425,8 +425,8 @@ def encode_batch(
         features=features,
         labels=labels,
         notes=notes,
-        patient_ids=_keys(table.column(schema.patient_id)),
-        study_uids=_keys(table.column(schema.study_uid)),
+        patient_ids=record_keys(table.column(schema.patient_id)),
+        study_uids=record_keys(table.column(schema.study_uid)),
         label_null=label_null,
         stats=stats,
     )

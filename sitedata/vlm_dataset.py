@@ -42,7 +42,7 @@ from ..common.vlm_prompts import (
     user_text,
 )
 from .dataset import PreparedSite, SiteData, prepare_site, split_patients
-from .ehr import BATCH_ROWS
+from .ehr import BATCH_ROWS, record_keys
 from .ehr_source import ehr_source
 from .patients import count_patients, patient_ordinals, patients_of
 from .site_config import SiteConfig
@@ -141,10 +141,7 @@ def read_text_columns(site: SiteConfig, kind: TaskKind) -> TextColumns:
         list(source.batches(columns_read, BATCH_ROWS)),
         schema=pa.schema([arrow_schema.field(c) for c in columns_read]),
     )
-    studies = [  # as the EHR's join reads them: without surrounding whitespace
-        uid.strip() or None if uid is not None else None
-        for uid in pc.cast(table.column(schema.study_uid), "string").to_pylist()
-    ]
+    studies = record_keys(table.column(schema.study_uid))  # as the EHR's join reads
     columns = {
         key: pc.cast(table.column(col), "string").to_pylist()
         for key, col in wanted.items()
