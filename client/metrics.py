@@ -7,13 +7,26 @@ from sklearn.metrics import roc_auc_score
 
 
 def auroc_per_label(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """AUROC per label column; NaN where a column has only one class."""
+    """AUROC per label column; NaN where a column has only one class.
+
+    A NaN label (the site's cell was empty or unmapped) leaves that example out of
+    its column's AUROC: an unknown finding is neither a positive nor a negative.
+    """
     out = np.full(labels.shape[1], np.nan)
     for k in range(labels.shape[1]):
-        y = labels[:, k]
+        known = ~np.isnan(labels[:, k])
+        y = labels[known, k]
         if 0 < y.sum() < len(y):
-            out[k] = roc_auc_score(y, scores[:, k])
+            out[k] = roc_auc_score(y, scores[known, k])
     return out
+
+
+def labels_or_unknown(labels: np.ndarray, known: np.ndarray | None) -> np.ndarray:
+    """``labels`` with NaN where ``known`` is 0 (all known without a mask)."""
+    labels = np.asarray(labels, np.float64)
+    if known is None:
+        return labels
+    return np.where(np.asarray(known) > 0.5, labels, np.nan)
 
 
 def macro_auroc(per_label: np.ndarray) -> float:

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..sitedata.transforms import drop_modalities
-from .metrics import auroc_per_label, macro_auroc
+from .metrics import auroc_per_label, labels_or_unknown, macro_auroc
 
 if TYPE_CHECKING:
     from ..common.config import RunConfig
@@ -37,6 +37,36 @@ INPUT_KEYS = (
 ``forward`` parameters. ``features`` (the frozen part's embeddings) is in a batch
 only when the trainer cached them (:mod:`.frozen_features`)."""
 OPTIONAL_INPUTS = ("features",)
+
+
+def label_known(batch: dict[str, Any]) -> torch.Tensor:
+    """1 per (example, label) pair whose label the site knows, else 0.
+
+    0 where the site's cell was empty or unmapped; every pair is known in a batch
+    without a ``label_known`` mask.
+    """
+    known = batch.get("label_known")
+    return torch.ones_like(batch["labels"]) if known is None else known
+
+
+def pair_bce(logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """BCE of each (example, label) pair, [B, labels]."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, batch["labels"], reduction="none"
+    )
+
+
+def example_bce(logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """Each example's BCE: the mean over the labels its site knows, [B].
+
+    An unknown label is left out rather than trained as a negative, which would
+    teach the model that an unrecorded finding is absent. An example with no known
+    label has loss 0, so under DP-SGD it adds nothing but its place in the sample.
+    """
+    known = label_known(batch)
+    return (pair_bce(logits, batch) * known).sum(dim=1) / known.sum(dim=1).clamp(
+        min=1.0
+    )
 
 
 def forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -152,13 +182,10 @@ class FusionObjective:
         batch: dict[str, Any],
         generator: torch.Generator,
     ) -> torch.Tensor:
-        """BCE over every (example, label) pair: a mean of per-example means."""
+        """A mean of per-example BCEs (:func:`example_bce`)."""
         if self.modality_dropout > 0:
             batch = drop_modalities(batch, self.modality_dropout, generator)
-        logits = forward(model, batch)
-        return torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, batch["labels"]
-        )
+        return example_bce(forward(model, batch), batch).mean()
 
     def example_losses(
         self,
@@ -166,13 +193,10 @@ class FusionObjective:
         batch: dict[str, Any],
         generator: torch.Generator,
     ) -> torch.Tensor:
-        """Each example's BCE, the mean over its labels; the same dropout draws."""
+        """Each example's BCE (:func:`example_bce`); the same dropout draws."""
         if self.modality_dropout > 0:
             batch = drop_modalities(batch, self.modality_dropout, generator)
-        logits = forward(model, batch)
-        return torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, batch["labels"], reduction="none"
-        ).mean(dim=1)
+        return example_bce(forward(model, batch), batch)
 
     def num_examples(self, batch: dict[str, Any]) -> int:
         """See :class:`Objective`."""
@@ -188,14 +212,17 @@ class FusionObjective:
         device = next(model.parameters()).device
         dataset = self.prepare(model, dataset)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
-        all_scores, all_labels, loss_sum = [], [], 0.0
+        all_scores, all_labels, loss_sum, pairs = [], [], 0.0, 0.0
         for batch in loader:
             batch = tensors_to(batch, device)
             logits = forward(model, batch)
-            loss_sum += float(loss_fn(logits, batch["labels"]))
+            known = label_known(batch)
+            loss_sum += float((pair_bce(logits, batch) * known).sum())
+            pairs += float(known.sum())
             all_scores.append(torch.sigmoid(logits).float().cpu().numpy())
-            all_labels.append(batch["labels"].cpu().numpy())
+            all_labels.append(
+                labels_or_unknown(batch["labels"].cpu().numpy(), known.cpu().numpy())
+            )
         n = len(cast(Sized, dataset))  # map-style datasets here all define __len__
         if n == 0:
             return EvalOutcome(
@@ -205,7 +232,7 @@ class FusionObjective:
         per_label = auroc_per_label(labels, scores)
         return EvalOutcome(
             num_examples=n,
-            loss=loss_sum / (n * labels.shape[1]),
+            loss=loss_sum / pairs if pairs else float("nan"),
             auroc_macro=macro_auroc(per_label),
             auroc_per_label=per_label,
             seconds=time.perf_counter() - start,

@@ -20,6 +20,9 @@ Each item is a dict::
     note_ngrams int64  [K]          the note's hashed word n-grams (bucket ids, 0 pads),
                                     K = max_note_ngrams
     labels     float32 [len(task.labels)]   in task.labels order, null -> 0
+    label_known float32 [len(task.labels)]  1 where the label cell had a usable value,
+                                    0 where it was empty or unmapped: the loss and
+                                    AUROC leave that (example, label) pair out
     present    float32 [3]          (image, ehr, note) present: 1, absent: 0
 """
 
@@ -62,6 +65,7 @@ ITEM_KEYS = (
     "note_mask",
     "note_ngrams",
     "labels",
+    "label_known",
     "present",
 )
 
@@ -326,9 +330,12 @@ def load_site_data(
             hash_note_ngrams(notes, note_ngram_buckets, max_note_ngrams)
         ),
         "labels": torch.from_numpy(prep.ehr.labels[prep.join.rows]),
+        "label_known": torch.from_numpy(
+            (~prep.ehr.label_null[prep.join.rows]).astype(np.float32)
+        ),
         "present": torch.from_numpy(present),
     }
-    return _split_site_data(site, prep, tensors, image_ok)
+    return _split_site_data(site, prep, tensors, image_ok, task.labels)
 
 
 def _check_matched(site: SiteConfig, join: Join) -> None:
@@ -374,6 +381,7 @@ def _split_site_data(
     prep: PreparedSite,
     tensors: dict[str, torch.Tensor],
     image_ok: np.ndarray,
+    label_names: tuple[str, ...],
 ) -> SiteData:
     """Split the items per patient into train and validation, and count them."""
     ehr, join = prep.ehr, prep.join
@@ -385,7 +393,8 @@ def _split_site_data(
     patients = patient_ordinals(patient_ids)
     val_idx = torch.from_numpy(np.flatnonzero(in_val))
     train_idx = torch.from_numpy(np.flatnonzero(~in_val))
-    null_labels = int(ehr.label_null[matched].sum())
+    null_per_label = ehr.label_null[matched].sum(axis=0)
+    null_labels = int(null_per_label.sum())
     with_image = np.array(join.with_image, bool)
     n_errors = int((with_image & ~image_ok).sum())
     if n_errors:
@@ -395,13 +404,16 @@ def _split_site_data(
             len(matched),
         )
     if null_labels:
-        per_label = ehr.stats.label_null if ehr.stats is not None else {}
         logger.warning(
-            "site %s: %d label cell(s) with no usable value were counted as 0 (%s); "
-            "`wardround site check` lists them per label",
+            "site %s: %d label cell(s) with no usable value are left out of the loss "
+            "and of AUROC (%s); `wardround site check` lists them per label",
             site.site.name,
             null_labels,
-            ", ".join(f"{k} {v}" for k, v in per_label.items() if v) or "by label",
+            ", ".join(
+                f"{name} {int(n)}"
+                for name, n in zip(label_names, null_per_label, strict=True)
+                if n
+            ),
         )
     logger.info(
         "site data: %d studies (%d train, %d validation) of %d patients (%d train), "
@@ -468,5 +480,6 @@ def _fingerprint(
         h.update((ehr.study_uids[i] or "").encode() + b"\x1f")
         h.update(ehr.features[i].tobytes())
         h.update(ehr.labels[i].tobytes())
+        h.update(ehr.label_null[i].tobytes())
         h.update(ehr.notes[i].encode() + b"\x1e")
     return h.hexdigest()

@@ -323,7 +323,7 @@ class EncodedEhr(NamedTuple):
 
     @property
     def null_labels(self) -> int:
-        """How many label cells were null (counted as 0)."""
+        """How many label cells were null or unmapped (left out of loss and AUROC)."""
         return int(self.label_null.sum())
 
 

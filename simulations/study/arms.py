@@ -161,12 +161,15 @@ def _per_label(outcome: Any, config: RunConfig) -> dict[str, float]:
 def predict(model: Any, dataset: Any, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The fusion model's sigmoid scores and the labels, [n, labels], in dataset order.
 
+    A label the site does not know is NaN (left out of AUROC).
+
     Per-example predictions stay in the study (synthetic patients); a site's
     ClientApp only ever reports aggregate metrics.
     """
     import torch
     from torch.utils.data import DataLoader
 
+    from ...client.metrics import labels_or_unknown
     from ...client.trainer import INPUT_KEYS
 
     model.eval()
@@ -176,7 +179,12 @@ def predict(model: Any, dataset: Any, batch_size: int) -> tuple[np.ndarray, np.n
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             inputs = {k: batch[k].to(device) for k in INPUT_KEYS if k in batch}
             scores.append(torch.sigmoid(model(**inputs)).float().cpu().numpy())
-            labels.append(batch["labels"].numpy())
+            known = batch.get("label_known")
+            labels.append(
+                labels_or_unknown(
+                    batch["labels"].numpy(), None if known is None else known.numpy()
+                )
+            )
     return np.concatenate(scores), np.concatenate(labels)
 
 

@@ -66,12 +66,18 @@ class LinearReference(nn.Module):
 
 
 def _arrays(dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The inputs, and the labels with NaN where the site's cell was unknown."""
+    from ...client.metrics import labels_or_unknown
+
     tensors = dataset.tensors
+    known = tensors.get("label_known")
     return (
         tensors["note_ngrams"].numpy(),
         tensors["ehr"].numpy(),
         tensors["present"].numpy(),
-        tensors["labels"].numpy(),
+        labels_or_unknown(
+            tensors["labels"].numpy(), None if known is None else known.numpy()
+        ),
     )
 
 
@@ -83,14 +89,18 @@ def _features(dataset: Any, config: RunConfig) -> tuple[Any, np.ndarray]:
 
 
 class _Fitted:
-    """One logistic regression per finding (a constant where a finding never varies)."""
+    """One logistic regression per finding (a constant where a finding never varies).
+
+    Each finding's model is fitted on the examples whose label is known (not NaN).
+    """
 
     def __init__(self, features: Any, labels: np.ndarray, seed: int) -> None:
         from sklearn.linear_model import LogisticRegressionCV
 
         self.models: list[Any] = []
         for k in range(labels.shape[1]):
-            y = labels[:, k]
+            known = ~np.isnan(labels[:, k])
+            y = labels[known, k]
             positives = int(y.sum())
             if positives < CV_FOLDS or len(y) - positives < CV_FOLDS:
                 self.models.append(float(y.mean()) if len(y) else 0.0)
@@ -105,7 +115,7 @@ class _Fitted:
             )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # convergence notes at extreme C
-                model.fit(features, y)
+                model.fit(features[known] if not known.all() else features, y)
             self.models.append(model)
 
     def scores(self, features: Any) -> np.ndarray:

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 import tomli_w
+import torch
 
 from wardround.common.config import TaskConfig
 from wardround.common.errors import DataError
@@ -296,6 +297,7 @@ def test_items_have_the_contract_shapes_and_dtypes(site_dir):
         "note_mask": ((48,), "int64"),
         "note_ngrams": ((256,), "int64"),
         "labels": ((len(TASK.labels),), "float32"),
+        "label_known": ((len(TASK.labels),), "float32"),
         "present": ((3,), "float32"),
     }
     assert set(item) == set(expected)
@@ -357,6 +359,29 @@ def test_fingerprint_changes_with_the_ehr(site_dir):
         site_dir / "ehr.parquet",
     )
     assert _load(site_dir).fingerprint != before
+
+
+def test_an_empty_label_cell_is_unknown_not_a_negative(site_dir):
+    table = pq.read_table(site_dir / "ehr.parquet")
+    zeros = table.column("effusion").to_pylist()
+    blank = [i for i, v in enumerate(zeros) if v == 0][:3]
+    zeros_before = _load(site_dir)
+    values = [None if i in blank else v for i, v in enumerate(zeros)]
+    pq.write_table(
+        table.set_column(
+            table.schema.get_field_index("effusion"), "effusion", pa.array(values)
+        ),
+        site_dir / "ehr.parquet",
+    )
+    data = _load(site_dir)
+    k = TASK.labels.index("effusion")
+    known = torch.cat([d.tensors["label_known"] for d in (data.train, data.validation)])
+    # a blanked row whose study has no image is not an item
+    unknown = int((known == 0).sum())
+    assert 1 <= unknown <= 3 and int((known[:, k] == 0).sum()) == unknown
+    assert data.num_null_labels == unknown
+    # a 0 that becomes unknown is other data: the run's manifest must tell them apart
+    assert data.fingerprint != zeros_before.fingerprint
 
 
 def test_fingerprint_covers_the_studies_used_not_the_rest_of_the_folder(site_dir):
