@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from ..common.config import TaskConfig, TaskKind
 from ..common.errors import WardroundError
-from ..sitedata.dataset import ehr_present, prepare_site
+from ..sitedata.dataset import ehr_present, prepare_site, split_patients
 from ..sitedata.decode import OK, transfer_syntax_name
 from ..sitedata.dicom_warnings import count_kinds, log_kinds
 from ..sitedata.ehr_source import ehr_source
@@ -94,6 +94,7 @@ def check_site(
     report["dicom"] = _dicom_section(site, prep.index, prep.images, prep.reasons)
     report["ehr"] = _ehr_section(prep)
     report["join"] = _join_section(prep, task)
+    report["validation"] = _validation_section(prep, site, task)
     report["fingerprint"] = prep.fingerprint
     report["phi"] = _phi_findings(prep, site)
     if task.kind is not TaskKind.CLASSIFICATION:
@@ -194,6 +195,7 @@ def _data_warnings(report: dict[str, Any]) -> list[str]:
         if frac >= 0.5:
             found.append(f"feature {feature!r} is missing in {frac:.0%} of rows")
     found.extend(_label_value_warnings(ehr))
+    found.extend(_validation_warnings(report))
     found.extend(_feature_value_warnings(ehr))
     if ehr["rows_without_keys"]:
         found.append(
@@ -235,7 +237,7 @@ def _data_warnings(report: dict[str, Any]) -> list[str]:
 
 
 def _label_value_warnings(ehr: dict[str, Any]) -> list[str]:
-    """Label cells that train as negatives without saying so in the table."""
+    """Label cells the site's table holds but training cannot use."""
     found = []
     for label, unusable in ehr["label_null"].items():
         unmapped = ehr["label_unmapped"].get(label, 0)
@@ -243,13 +245,14 @@ def _label_value_warnings(ehr: dict[str, Any]) -> list[str]:
             found.append(
                 f"label {label!r}: {unmapped} value(s) are neither 0/1 nor one of its "
                 "declared positive/negative values (e.g. -1 for uncertain); they "
-                "train as negatives. Declare positive and negative for this label in "
-                "site.toml's [ehr.labels], or recode the column"
+                "count as unknown and are left out of training and AUROC. Declare "
+                "positive and negative for this label in site.toml's [ehr.labels], "
+                "or recode the column"
             )
         if unusable - unmapped:
             found.append(
                 f"label {label!r} is empty in {unusable - unmapped} row(s); they "
-                "train as negatives"
+                "count as unknown and are left out of training and AUROC for this label"
             )
     return found
 
@@ -379,6 +382,50 @@ def _ehr_section(prep) -> dict[str, Any]:
     }
 
 
+def _validation_section(prep, site: SiteConfig, task: TaskConfig) -> dict[str, Any]:
+    """The validation split training will use: its size and each label's classes."""
+    rows = prep.join.rows
+    patient_ids = [prep.ehr.patient_ids[i] or "" for i in rows]
+    in_val = split_patients(
+        patient_ids, site.data.split_seed, site.data.validation_fraction
+    )
+    val_rows = np.asarray(rows, dtype=np.int64)[in_val]
+    labels = prep.ehr.labels[val_rows]
+    known = ~prep.ehr.label_null[val_rows]
+    return {
+        "patients": len(set(np.asarray(patient_ids, dtype=object)[in_val])),
+        "items": int(in_val.sum()),
+        "labels": {
+            name: {
+                "positive": int(((labels[:, k] > 0.5) & known[:, k]).sum()),
+                "negative": int(((labels[:, k] < 0.5) & known[:, k]).sum()),
+            }
+            for k, name in enumerate(task.labels)
+        },
+    }
+
+
+def _validation_warnings(report: dict[str, Any]) -> list[str]:
+    """Labels whose AUROC this site's validation split cannot measure."""
+    validation = report.get("validation")
+    if not validation or not validation["items"]:
+        return []
+    found = []
+    prevalence = report.get("ehr", {}).get("label_prevalence", {})
+    for label, counts in validation["labels"].items():
+        if prevalence.get(label) in (0.0, 1.0):
+            continue  # one class at the whole site: warned as such
+        if not counts["positive"] or not counts["negative"]:
+            found.append(
+                f"label {label!r}: the validation split ({validation['patients']} "
+                f"patient(s)) holds {counts['positive']} positive and "
+                f"{counts['negative']} negative example(s), so this site's AUROC "
+                "for it is undefined and its macro AUROC leaves it out; more "
+                "patients, or a larger data.validation-fraction, fix it"
+            )
+    return found
+
+
 def _join_section(prep, task: TaskConfig) -> dict[str, Any]:
     join, ehr = prep.join, prep.ehr
     position = {s: j for j, s in enumerate(prep.images)}
@@ -460,12 +507,19 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"site check: {report['config']}"]
     for key, value in report.get("sources", {}).items():
         lines.append(f"{key} from: {value}")
-    for section in ("pacs", "dicom", "ehr", "join", "text"):
+    for section in ("pacs", "dicom", "ehr", "join", "validation", "text"):
         if section not in report:
             continue
         lines.append(f"[{section}]")
         for key, value in report[section].items():
-            if isinstance(value, dict):
+            if section == "validation" and key == "labels":
+                lines.append(
+                    "  labels (positive/negative): "
+                    + ", ".join(
+                        f"{k}: {v['positive']}/{v['negative']}" for k, v in value.items()
+                    )
+                )
+            elif isinstance(value, dict):
                 shown = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
                 lines.append(f"  {key}: {shown}")
             else:

@@ -155,6 +155,23 @@ def test_site_check_warns_about_values_that_train_differently_than_they_read():
     assert "6 EHR row(s) repeat another row's study UID" in found
 
 
+def test_site_check_warns_when_the_validation_split_cannot_score_a_label():
+    report = _report()
+    report["validation"] = {
+        "patients": 2,
+        "items": 3,
+        "labels": {
+            "effusion": {"positive": 0, "negative": 3},
+            "nodule": {"positive": 1, "negative": 2},
+        },
+    }
+    found = "\n".join(_data_warnings(report))
+    assert "label 'effusion': the validation split (2 patient(s)) holds 0 positive" in (
+        found
+    )
+    assert "nodule" not in found and "validation-fraction" in found
+
+
 def test_site_check_warns_about_images_without_an_ehr_row():
     report = _report()
     report["join"] = {"dicom_studies": 80, "dicom_studies_with_ehr": 40}

@@ -280,6 +280,37 @@ def test_site_check_counts_the_text_a_generative_task_needs(template, tmp_path, 
     assert any(f"`[ehr] {target} = " in line for line in report["blocking"])
 
 
+def test_site_check_reports_the_validation_split_training_uses(template, tmp_path):
+    from wardround.client.site_check import check_site, format_report
+    from wardround.common.config import TaskConfig
+    from wardround.common.text import get_tokenizer
+    from wardround.sitedata.dataset import load_site_data
+    from wardround.sitedata.site_config import SiteConfig
+
+    site = tmp_path / "site"
+    shutil.copytree(template / "site-01", site)
+    task = TaskConfig()
+    report = check_site(site / "site.toml", task, image_size=32)
+    validation = report["validation"]
+    data = load_site_data(
+        SiteConfig.from_toml(site / "site.toml"),
+        task,
+        image_size=32,
+        max_note_tokens=16,
+        tokenizer=get_tokenizer("byte"),
+    )
+    labels = data.validation.tensors["labels"]
+    assert validation["items"] == len(data.validation) > 0
+    assert validation["patients"] == len(set(data.validation.patients.tolist()))
+    for k, name in enumerate(task.labels):
+        positives = int(labels[:, k].sum())
+        assert validation["labels"][name] == {
+            "positive": positives,
+            "negative": len(labels) - positives,
+        }
+    assert "labels (positive/negative): nodule: " in format_report(report)
+
+
 # -- site approve --------------------------------------------------------------------
 @pytest.fixture
 def approving_site(tmp_path) -> tuple[Path, Path]:
