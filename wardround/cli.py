@@ -300,7 +300,8 @@ def synth(
     ] = Path("sites"),
     patients: Annotated[int, typer.Option(min=10, help="Patients per site.")] = 300,
     seed: Annotated[
-        int, typer.Option(help="Seed; the same seed writes the same data.")
+        int,
+        typer.Option(min=0, help="Seed; the same seed writes the same data."),
     ] = 0,
     image_less_sites: Annotated[
         int,

@@ -136,6 +136,8 @@ MAX_TASK_ITEMS = 1024
 """The most labels, numeric or categorical features a task may declare."""
 MAX_VOCABULARY = 4096
 """The most values one categorical feature may have."""
+MAX_SEED = 2**63 - 1
+"""Seeds are non-negative and fit torch's and numpy's 64-bit seeding."""
 
 TINY_VLM_ARCHS = ("llava", "paligemma", "idefics3", "qwen2-vl")
 """Architectures ``model.tiny-arch`` can build from a config (random init)."""

@@ -17,6 +17,7 @@ from pydantic import Discriminator, Field, Tag, model_validator
 from ..errors import ConfigError
 from .enums import (
     ALL_MODALITIES,
+    MAX_SEED,
     TINY_VLM_ARCHS,
     Fusion,
     GradSampleMode,
@@ -48,7 +49,7 @@ class FamilyModelConfig(_Section):
         LoraVariant.LORA,
         description="'lora' (A and B train) or 'ffa' (FFA-LoRA: A frozen, B trains)",
     )
-    init_seed: int = 0
+    init_seed: int = Field(0, ge=0, le=MAX_SEED)
     image_size: int = Field(
         64, ge=16, le=1024, description="side of the square image the model reads"
     )

@@ -5,9 +5,13 @@ Every section is frozen, refuses unknown keys and takes dashed or underscored na
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .enums import (
+    MAX_SEED,
     MAX_TASK_ITEMS,
     MAX_VOCABULARY,
     Accountant,
@@ -53,7 +57,7 @@ class FederationConfig(_Section):
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, gt=0.0, le=1.0)
     round_timeout_s: float = Field(3600.0, gt=0.0, le=604_800.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     delta_clip_norm: float = Field(
         DEFAULT_DELTA_CLIP_NORM,
         ge=0.0,
@@ -159,6 +163,12 @@ class TrainConfig(_Section):
     )
 
 
+def _refuse_repeats(where: str, values: tuple[str, ...]) -> None:
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{where} lists {', '.join(map(repr, repeated))} twice")
+
+
 class NumericFeature(_Section):
     """A numeric EHR feature with the federation-wide normalisation."""
 
@@ -169,6 +179,41 @@ class NumericFeature(_Section):
 def _default_categorical() -> dict[str, tuple[str, ...]]:
     # A typed factory: the lambda's inferred ``tuple[str, str]`` does not match the field.
     return {"sex": ("F", "M")}
+
+
+DEFAULT_UNITS: dict[str, str] = {
+    "age": "years",
+    "temperature": "degC",
+    "heart_rate": "bpm",
+    "spo2": "%",
+    "wbc": "10^9/L",
+    "crp": "mg/L",
+    "bnp": "pg/mL",
+}
+DEFAULT_RANGES: dict[str, tuple[float, float]] = {
+    "age": (0.0, 120.0),
+    "temperature": (25.0, 45.0),
+    "heart_rate": (10.0, 300.0),
+    "spo2": (30.0, 100.0),
+    "wbc": (0.0, 500.0),
+    "crp": (0.0, 1000.0),
+    "bnp": (0.0, 100_000.0),
+}
+
+
+def _with_defaults(
+    declared: Any, defaults: dict[str, Any], numeric: Any
+) -> dict[str, Any] | Any:
+    """``declared`` over ``defaults``, for the run's numeric features.
+
+    A run that writes ``[task.ranges] age = [0, 110]`` means age's range; reading it
+    as "no range for the other features" would let a Fahrenheit column pass as
+    Celsius without a word.
+    """
+    if not isinstance(declared, dict):
+        return declared  # the field's own validation says what is wrong
+    names = numeric.keys() if isinstance(numeric, dict) else defaults.keys()
+    return {**{k: v for k, v in defaults.items() if k in names}, **declared}
 
 
 class TaskConfig(_Section):
@@ -201,32 +246,18 @@ class TaskConfig(_Section):
         default_factory=_default_categorical, max_length=MAX_TASK_ITEMS
     )
     units: dict[str, str] = Field(
-        default_factory=lambda: {
-            "age": "years",
-            "temperature": "degC",
-            "heart_rate": "bpm",
-            "spo2": "%",
-            "wbc": "10^9/L",
-            "crp": "mg/L",
-            "bnp": "pg/mL",
-        },
+        default_factory=lambda: dict(DEFAULT_UNITS),
         max_length=MAX_TASK_ITEMS,
         description="numeric feature -> the run's unit; sites declare theirs in "
-        "site.toml and are converted to it",
+        "site.toml and are converted to it. A declared table changes the features "
+        "it names; the others keep their default",
     )
     ranges: dict[str, tuple[float, float]] = Field(
-        default_factory=lambda: {
-            "age": (0.0, 120.0),
-            "temperature": (25.0, 45.0),
-            "heart_rate": (10.0, 300.0),
-            "spo2": (30.0, 100.0),
-            "wbc": (0.0, 500.0),
-            "crp": (0.0, 1000.0),
-            "bnp": (0.0, 100_000.0),
-        },
+        default_factory=lambda: dict(DEFAULT_RANGES),
         max_length=MAX_TASK_ITEMS,
         description="numeric feature -> plausible [low, high] in the run's unit; "
-        "values outside become missing (and are counted by `site check`)",
+        "values outside become missing (and are counted by `site check`). A "
+        "declared table changes the features it names; the others keep their default",
     )
     require_image: bool = Field(
         True,
@@ -245,10 +276,43 @@ class TaskConfig(_Section):
         description="channels of the image input (> 1 only with slice-mode 'channels')",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_default_units_and_ranges(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        numeric = data.get("numeric")
+        for key, defaults in (("units", DEFAULT_UNITS), ("ranges", DEFAULT_RANGES)):
+            if key in data:
+                data[key] = _with_defaults(data[key], defaults, numeric)
+            elif isinstance(numeric, dict):
+                data[key] = {k: v for k, v in defaults.items() if k in numeric}
+        return data
+
     @model_validator(mode="after")
     def _labels_present(self) -> TaskConfig:
         if not self.labels:
             raise ValueError("labels must name at least one label")
+        _refuse_repeats("labels", self.labels)
+        if any(not label.strip() for label in self.labels):
+            raise ValueError("labels: a label name is empty")
+        for key in ("units", "ranges"):
+            unknown = sorted(set(getattr(self, key)) - set(self.numeric))
+            if unknown:
+                raise ValueError(
+                    f"{key} names {', '.join(map(repr, unknown))}, not a numeric "
+                    f"feature of the run (numeric: {', '.join(self.numeric) or '-'})"
+                )
+        both = sorted(set(self.numeric) & set(self.categorical))
+        if both:
+            raise ValueError(
+                f"{', '.join(map(repr, both))} is declared both numeric and "
+                "categorical; keep one"
+            )
+        for name, feature in self.numeric.items():
+            if not (math.isfinite(feature.mean) and math.isfinite(feature.std)):
+                raise ValueError(f"numeric.{name}: mean and std must be finite")
         if (self.image_channels > 1) != (self.slice_mode is SliceMode.CHANNELS):
             raise ValueError(
                 "image-channels > 1 goes with slice-mode 'channels' (and only with it)"
@@ -259,6 +323,9 @@ class TaskConfig(_Section):
         for name, vocabulary in self.categorical.items():
             if len(vocabulary) > MAX_VOCABULARY:
                 raise ValueError(f"categorical.{name}: at most {MAX_VOCABULARY} values")
+            if not vocabulary:
+                raise ValueError(f"categorical.{name}: name at least one value")
+            _refuse_repeats(f"categorical.{name}", vocabulary)
         return self
 
     @property
@@ -276,7 +343,7 @@ class DataConfig(_Section):
         0, ge=0, le=256, description="make N synthetic sites if sites-dir is empty"
     )
     patients_per_site: int = Field(300, ge=10, le=1_000_000)
-    synth_seed: int = 0
+    synth_seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class PrivacyConfig(_Section):
@@ -331,6 +398,12 @@ class SecureAggregationConfig(_Section):
         ):
             raise ValueError(
                 "reconstruction-threshold above 1.0 must be a whole number"
+            )
+        if self.num_shares > 1.0 and self.reconstruction_threshold >= self.num_shares:
+            # Flower's SecAgg+ workflow refuses it, but only when round 1 starts
+            raise ValueError(
+                f"reconstruction-threshold ({self.reconstruction_threshold:g}) must "
+                f"be below num-shares ({self.num_shares:g})"
             )
         return self
 

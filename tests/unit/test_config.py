@@ -281,3 +281,52 @@ def test_every_grad_sample_mode_is_accepted():
 def test_the_other_grad_sample_modes_are_accepted(mode):
     config = RunConfig.from_mapping({"privacy": {"grad-sample-mode": mode}})
     assert config.privacy.grad_sample_mode.value == mode
+
+
+def test_a_partial_units_or_ranges_table_keeps_the_other_features_defaults():
+    config = RunConfig.from_mapping(
+        {"task": {"ranges": {"age": [0.0, 110.0]}, "units": {"crp": "mg/dL"}}}
+    )
+    task = config.task
+    assert task.ranges["age"] == (0.0, 110.0)
+    assert task.ranges["temperature"] == (25.0, 45.0)  # still caught out of range
+    assert task.units["crp"] == "mg/dL" and task.units["temperature"] == "degC"
+    own = RunConfig.from_mapping(
+        {"task": {"numeric": {"lactate": {"mean": 1.5, "std": 1.0}}}}
+    ).task
+    assert own.units == {} and own.ranges == {}  # defaults only for its features
+
+
+@pytest.mark.parametrize(
+    ("task", "says"),
+    [
+        ({"labels": ["effusion", "pneumonia", "effusion"]}, "lists 'effusion' twice"),
+        ({"labels": [""]}, "a label name is empty"),
+        ({"units": {"temprature": "degC"}}, "names 'temprature', not a numeric"),
+        ({"ranges": {"lactate": [0.0, 30.0]}}, "names 'lactate', not a numeric"),
+        ({"categorical": {"age": ["young", "old"]}}, "both numeric and categorical"),
+        ({"categorical": {"sex": ["F", "M", "F"]}}, "categorical.sex lists 'F' twice"),
+        ({"categorical": {"sex": []}}, "categorical.sex: name at least one value"),
+        ({"numeric": {"age": {"mean": float("nan"), "std": 1.0}}}, "must be finite"),
+    ],
+)
+def test_a_task_that_cannot_mean_what_it_says_is_refused(task, says):
+    with pytest.raises(ConfigError, match=says):
+        RunConfig.from_mapping({"task": task})
+
+
+def test_reconstruction_threshold_must_be_below_the_share_count():
+    with pytest.raises(ConfigError, match=r"must be below num-shares \(3\)"):
+        RunConfig().with_overrides(
+            secure_aggregation={"num_shares": 3, "reconstruction_threshold": 3}
+        )
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [("federation", "seed"), ("data", "synth_seed"), ("model", "init_seed")],
+)
+def test_seeds_are_non_negative_64_bit(section, key):
+    for bad in (-1, 2**64):
+        with pytest.raises(ConfigError, match=key.replace("_", "-")):
+            RunConfig().with_overrides(**{section: {key: bad}})
