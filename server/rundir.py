@@ -39,6 +39,18 @@ ROUNDS_FILE = "rounds.jsonl"
 STATUS_FILE = "status.json"
 RUN_STATE_FILE = "run-state.json"
 CONFIG_FILE = "run-config.toml"
+EARLIER_RUNS_DIR = "earlier-runs"
+RUN_OUTPUTS = (
+    "run.json",
+    ROUNDS_FILE,
+    RUN_STATE_FILE,
+    CONFIG_FILE,
+    "adapter",
+    "checkpoints",
+    "manifests",
+    "plots",
+)
+"""What a run writes into its directory and a new run there would overwrite."""
 
 
 class RunState(StrEnum):
@@ -295,13 +307,43 @@ class RunDirectory:
                     self.root,
                 )
         if point is None:
-            self.rounds_path.unlink(missing_ok=True)
+            self._set_aside_earlier_run(prior)
             start = RunStart(run_id or uuid.uuid4().hex, time.time())
         else:
             start = self._resume(point, prior or {}, run_id)
         self._write_run_state(start)
         self.write_config()
         return start
+
+    def _set_aside_earlier_run(self, prior: Mapping[str, Any] | None) -> Path | None:
+        """Move an earlier run's outputs into ``earlier-runs/`` instead of losing them.
+
+        A second ``wardround simulate`` into the same ``--out`` starts a new run
+        there; the first run's rounds, checkpoints and summary stay readable. The
+        launcher's own files (``launch.json``, ``status.json``) stay in place: they
+        belong to the run being started.
+        """
+        found = [
+            self.root / name for name in RUN_OUTPUTS if (self.root / name).exists()
+        ]
+        if not found:
+            return None
+        earlier = (prior or {}).get("run_id") or self._run_json_field("run_id")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        target = self.root / EARLIER_RUNS_DIR / f"{stamp}-{earlier or 'run'}"
+        suffix = 1
+        while target.exists():
+            suffix += 1
+            target = target.with_name(f"{stamp}-{earlier or 'run'}-{suffix}")
+        target.mkdir(parents=True)
+        for path in found:
+            os.replace(path, target / path.name)
+        log.warning(
+            "%s held an earlier run's outputs; they are now in %s",
+            self.root,
+            target,
+        )
+        return target
 
     def _resume(
         self, point: ResumePoint, prior: Mapping[str, Any], run_id: str | None

@@ -244,3 +244,24 @@ def test_nan_metrics_written_as_null_come_back_as_nan():
     back = RoundRecord.from_json(json.loads(json.dumps(_clean(record.to_json()))))
     assert math.isnan(back.global_auroc) and math.isnan(back.evaluate[0].auroc_macro)
     assert back.failures == record.failures and back.train == record.train
+
+
+def test_a_new_run_in_a_used_directory_sets_the_earlier_one_aside(
+    config, reference, tmp_path
+):
+    run_dir = tmp_path / "run"
+    _crash(config, run_dir, after=1)
+    first_id = _json(run_dir / "run-state.json")["run_id"]
+
+    run_federation(_grid(config), config, run_dir=run_dir)
+
+    (earlier,) = (run_dir / "earlier-runs").iterdir()
+    assert earlier.name.endswith(first_id)
+    assert _rounds(earlier) == [0, 1]  # the first run's history, not overwritten
+    assert (earlier / "checkpoints" / "round-001").is_dir()
+    assert _json(earlier / "run-state.json")["run_id"] == first_id
+    assert _rounds(run_dir) == [0, 1, 2, 3]
+    assert _json(run_dir / "run.json")["run_id"] != first_id
+    assert not (run_dir / "checkpoints" / "round-001").samefile(
+        earlier / "checkpoints" / "round-001"
+    )
