@@ -10,6 +10,7 @@ never the root CLI.
 from __future__ import annotations
 
 import functools
+import getpass
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from wardround.common.errors import WardroundError
+from wardround.common.errors import ConfigError, WardroundError
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -52,8 +53,48 @@ def user_errors(command: Callable[_P, _R]) -> Callable[_P, _R]:
                 raise
             report_user_error(exc)
             raise typer.Exit(exc.exit_code) from None
+        except PATH_ERRORS as exc:
+            if cli_flags["debug"] or exc.filename is None:
+                raise
+            error = path_error(exc)
+            report_user_error(error)
+            raise typer.Exit(error.exit_code) from None
 
     return guarded
+
+
+def _file_in_the_way(path: Path) -> Path:
+    """The first part of ``path`` that exists as a file (``path`` if none does)."""
+    for part in (*reversed(path.parents), path):
+        if part.is_file():
+            return part
+    return path
+
+
+PATH_ERRORS = (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError)
+"""A path the command was given, or derived from a setting, that it cannot use."""
+
+
+def path_error(exc: OSError) -> ConfigError:
+    """What to fix when a path in the way is of the wrong kind or not allowed."""
+    path = exc.filename
+    if isinstance(exc, PermissionError):
+        user = getpass.getuser()
+        return ConfigError(
+            f"{path}: permission denied for the account running wardround ({user})",
+            hint="Give that account access to it, or point the option or setting "
+            "that names it (--out, data.cache-dir, ...) at a folder it can use.",
+        )
+    if isinstance(exc, IsADirectoryError):
+        return ConfigError(
+            f"{path} is a folder where a file is needed",
+            hint="Give the path of a file (e.g. the folder's site.toml).",
+        )
+    return ConfigError(
+        f"{_file_in_the_way(Path(path))} is a file where a folder is needed",
+        hint="Point the option or setting that names it (--out, data.cache-dir, ...) "
+        "at a folder, or move the file.",
+    )
 
 
 def interrupt_on_sigterm() -> None:

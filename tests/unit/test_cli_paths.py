@@ -1,0 +1,39 @@
+"""A path a command cannot use (a file where a folder goes, no permission) is a
+configuration error that names it, not a traceback."""
+
+from __future__ import annotations
+
+import errno
+
+from typer.testing import CliRunner
+
+from wardround.cli import app
+from wardround.cli_support import path_error
+
+
+def test_an_out_folder_that_is_a_file_is_named(tmp_path):
+    in_the_way = tmp_path / "results"
+    in_the_way.write_text("not a folder")
+    result = CliRunner().invoke(
+        app, ["synth", "--sites", "1", "--patients", "10", "--out", str(in_the_way)]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"{in_the_way} is a file where a folder is needed" in result.output
+    assert "Traceback" not in result.output
+    assert in_the_way.read_text() == "not a folder"  # nothing overwritten
+
+
+def test_permission_denied_names_the_path_and_the_account():
+    error = path_error(
+        PermissionError(errno.EACCES, "Permission denied", "/srv/site/.cache")
+    )
+    assert error.exit_code == 2
+    assert "/srv/site/.cache: permission denied for the account" in error.message
+    assert "data.cache-dir" in (error.hint or "")
+
+
+def test_a_negative_seed_is_refused_before_anything_is_written(tmp_path):
+    result = CliRunner().invoke(
+        app, ["synth", "--sites", "1", "--seed", "-1", "--out", str(tmp_path / "s")]
+    )
+    assert result.exit_code == 2 and not (tmp_path / "s").exists()
