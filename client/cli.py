@@ -68,6 +68,7 @@ def check(
             run.task,
             image_size=run.model.image_size,
             images_required=run.requires_images if run_config else None,
+            run=run if run_config else None,
         )
     if log_path is not None:
         report["log"] = str(log_path)

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from ..common.config import TaskConfig, TaskKind
-from ..common.errors import WardroundError
+from ..common.config import RunConfig, TaskConfig, TaskKind
+from ..common.errors import PrivacyPolicyRefused, WardroundError
 from ..sitedata.dataset import ehr_present, prepare_site, split_patients
 from ..sitedata.decode import OK, transfer_syntax_name
 from ..sitedata.dicom_warnings import count_kinds, log_kinds
@@ -57,11 +57,14 @@ def check_site(
     *,
     image_size: int = 64,
     images_required: bool | None = None,
+    run: RunConfig | None = None,
 ) -> dict[str, Any]:
     """Check a site; return a JSON-able report with ``can_train`` and ``blocking``.
 
     ``images_required`` is the run's :attr:`RunConfig.requires_images` (None: no
     run is known, as for the site daemon); only a site without imaging reads it.
+    With ``run``, the site's privacy floor is checked against it as the site
+    daemon would: a run the floor refuses is a blocking problem.
     Never raises for problems of the site's data or settings: they become
     ``blocking`` entries.
     """
@@ -74,6 +77,7 @@ def check_site(
         blocking.append(str(exc))
         return _finish(report)
     report["sources"] = _sources(site)
+    warnings.extend(_names_the_run_lacks(site, task))
     if not site.has_imaging:
         warnings.extend(_no_imaging_notes(site, images_required))
     missing = [str(p) for p in site.dicom_paths if not p.is_dir()]
@@ -100,8 +104,29 @@ def check_site(
     if task.kind is not TaskKind.CLASSIFICATION:
         report["text"] = _text_section(site, task, prep, blocking)
     blocking.extend(_join_blocking(report, site, task))
+    if run is not None:
+        blocking.extend(_privacy_floor_refusal(run, site, report))
     warnings.extend(_data_warnings(report))
     return _finish(report)
+
+
+def _names_the_run_lacks(site: SiteConfig, task: TaskConfig) -> list[str]:
+    """Features and labels site.toml maps that the run does not have.
+
+    A misspelling there leaves the intended mapping (its column, unit, range) unused.
+    """
+    found = []
+    features = (*task.numeric, *task.categorical)
+    for section, declared, known in (
+        ("[ehr.features]", site.ehr.features, features),
+        ("[ehr.labels]", site.ehr.labels, task.labels),
+    ):
+        for name in sorted(set(declared) - set(known)):
+            found.append(
+                f"{section} maps {name!r}, which this run does not have (it has: "
+                f"{', '.join(known) or '-'}); it is not read. Check its spelling"
+            )
+    return found
 
 
 def _sources(site: SiteConfig) -> dict[str, str]:
@@ -382,6 +407,22 @@ def _ehr_section(prep) -> dict[str, Any]:
     }
 
 
+def _privacy_floor_refusal(
+    run: RunConfig, site: SiteConfig, report: dict[str, Any]
+) -> list[str]:
+    """The site's [privacy] floor's refusal of ``run``, as the daemon would say it."""
+    from .privacy_policy import plan_site_privacy
+
+    train_patients = report["join"]["patients"] - report["validation"]["patients"]
+    if train_patients < 1:
+        return []  # no training split: blocked as such
+    try:
+        plan_site_privacy(run, site.privacy, train_patients, simulation=False)
+    except PrivacyPolicyRefused as exc:
+        return [f"{exc.message} ({exc.hint})" if exc.hint else exc.message]
+    return []
+
+
 def _validation_section(prep, site: SiteConfig, task: TaskConfig) -> dict[str, Any]:
     """The validation split training will use: its size and each label's classes."""
     rows = prep.join.rows
@@ -516,7 +557,8 @@ def format_report(report: dict[str, Any]) -> str:
                 lines.append(
                     "  labels (positive/negative): "
                     + ", ".join(
-                        f"{k}: {v['positive']}/{v['negative']}" for k, v in value.items()
+                        f"{k}: {v['positive']}/{v['negative']}"
+                        for k, v in value.items()
                     )
                 )
             elif isinstance(value, dict):

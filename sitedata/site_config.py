@@ -119,6 +119,15 @@ class LabelSpec(_Section):
         (), max_length=1024, description="values meaning 0 (text columns)"
     )
 
+    @model_validator(mode="after")
+    def _one_meaning_per_value(self) -> LabelSpec:
+        both = sorted(set(self.positive) & set(self.negative))
+        if both:
+            raise ValueError(
+                f"{', '.join(map(repr, both))} is listed as both positive and negative"
+            )
+        return self
+
 
 class EhrSchema(_Section):
     """Column names (and declared types, units, ranges, mappings) of the EHR table."""

@@ -249,3 +249,35 @@ def test_a_site_toml_saved_with_a_byte_order_mark_reads(tmp_path):
     path.write_bytes(b"[site]\nname = '\xff'\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         read_toml(path)
+
+
+def test_a_label_value_both_positive_and_negative_is_refused():
+    with pytest.raises(ValueError, match="'1' is listed as both positive and negative"):
+        EhrSchema.model_validate(
+            {
+                "labels": {
+                    "pneumonia": {
+                        "column": "p",
+                        "positive": ["1"],
+                        "negative": ["1", "0"],
+                    }
+                }
+            }
+        )
+
+
+def test_site_check_names_a_mapping_the_run_does_not_have():
+    from wardround.client.site_check import _names_the_run_lacks
+    from wardround.sitedata.site_config import SiteConfig
+
+    site = SiteConfig.model_validate(
+        {
+            "site": {"name": "a"},
+            "ehr": {
+                "features": {"temprature": {"column": "temp", "unit": "degF"}},
+                "labels": {"effusion": "EFF"},
+            },
+        }
+    )
+    (found,) = _names_the_run_lacks(site, TASK)
+    assert "[ehr.features] maps 'temprature'" in found and "temperature" in found

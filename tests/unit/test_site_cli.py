@@ -311,6 +311,38 @@ def test_site_check_reports_the_validation_split_training_uses(template, tmp_pat
     assert "labels (positive/negative): nodule: " in format_report(report)
 
 
+def test_site_check_with_a_run_config_applies_the_sites_privacy_floor(
+    template, tmp_path
+):
+    from wardround.client.site_check import check_site
+    from wardround.common.config import RunConfig
+
+    site = tmp_path / "site"
+    shutil.copytree(template / "site-01", site)
+    toml = site / "site.toml"
+    text = toml.read_text()
+    assert "required = false" in text and "max-epsilon = 10.0" in text
+    toml.write_text(
+        text.replace("required = false", "required = true").replace(
+            "max-epsilon = 10.0", "max-epsilon = 5.0"
+        )
+    )
+    task = RunConfig().task
+    for run, says in (
+        (RunConfig(), "allows at most 5 per run"),  # the default target is 8
+        (
+            RunConfig().with_overrides(privacy={"enabled": False}),
+            "requires DP-SGD",
+        ),
+    ):
+        report = check_site(toml, task, image_size=32, run=run)
+        assert not report["can_train"]
+        assert any(says in line for line in report["blocking"]), report["blocking"]
+    within = RunConfig().with_overrides(privacy={"target_epsilon": 4.0})
+    assert check_site(toml, task, image_size=32, run=within)["can_train"]
+    assert check_site(toml, task, image_size=32)["can_train"]  # no run: no refusal
+
+
 # -- site approve --------------------------------------------------------------------
 @pytest.fixture
 def approving_site(tmp_path) -> tuple[Path, Path]:
