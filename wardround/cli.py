@@ -117,9 +117,13 @@ def simulate(
     patients: PatientsOption = None,
     rounds: RoundsOption = None,
     config: RunConfigOption = None,
-    out: Annotated[Path, typer.Option(help="The run directory to write.")] = Path(
-        "runs/simulate"
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="The run directory to write (default: the config's output.dir "
+            "where it sets one, else runs/simulate)."
+        ),
+    ] = None,
     strategy: StrategyOption = None,
     proximal_mu: ProximalMuOption = None,
     modalities: ModalitiesOption = None,
@@ -150,9 +154,20 @@ def simulate(
             privacy={"enabled": dp, "target_epsilon": epsilon},
             secure_aggregation={"enabled": secure_aggregation},
         )
-        _run_simulation(run_config, out, sites, rounds)
+        _run_simulation(run_config, _simulation_out(out, run_config), sites, rounds)
     except (KeyboardInterrupt, SystemExit) as stop:
         _exit_interrupted(stop)
+
+
+def _simulation_out(out: Path | None, run_config) -> Path:  # noqa: ANN001
+    """--out, else the config's own output.dir, else runs/simulate."""
+    from wardround.common.config import OutputConfig
+
+    if out is not None:
+        return out
+    if run_config.output.dir != OutputConfig().dir:
+        return Path(run_config.output.dir)
+    return Path("runs/simulate")
 
 
 def _load_run_config(path: Path | None):  # noqa: ANN202 - RunConfig, imported late

@@ -37,3 +37,15 @@ def test_a_negative_seed_is_refused_before_anything_is_written(tmp_path):
         app, ["synth", "--sites", "1", "--seed", "-1", "--out", str(tmp_path / "s")]
     )
     assert result.exit_code == 2 and not (tmp_path / "s").exists()
+
+
+def test_simulate_writes_where_the_config_says_unless_out_is_given(tmp_path):
+    from pathlib import Path
+
+    from wardround.cli import _simulation_out
+    from wardround.common.config import RunConfig
+
+    own = RunConfig().with_overrides(output={"dir": str(tmp_path / "mine")})
+    assert _simulation_out(None, own) == tmp_path / "mine"
+    assert _simulation_out(tmp_path / "flag", own) == tmp_path / "flag"
+    assert _simulation_out(None, RunConfig()) == Path("runs/simulate")
