@@ -213,10 +213,10 @@ def _loader(size: int, batch_size: int):
 
 
 def _plain_backward(logits, labels):
-    """The batch's mean BCE, backpropagated; returns it."""
-    import torch
+    """The batch's mean BCE (the trainer's loss), backpropagated; returns it."""
+    from wardround.client.objectives import example_bce
 
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    loss = example_bce(logits, {"labels": labels}).mean()
     loss.backward()
     return loss
 
@@ -236,6 +236,7 @@ def _make_private(model, mode: str, batch_size: int, max_grad_norm: float):
     import torch
 
     from wardround.client.dp import DpTraining, clipped_backward, private_training
+    from wardround.client.objectives import example_bce
     from wardround.common.config import GradSampleMode
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -254,9 +255,7 @@ def _make_private(model, mode: str, batch_size: int, max_grad_norm: float):
 
         def ghost_backward(logits, labels):
             # the trainer's ghost path: per-example losses, Opacus's two passes
-            losses = torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, labels, reduction="none"
-            ).mean(dim=1)
+            losses = example_bce(logits, {"labels": labels})
             clipped_backward(parts.model, parts.optimizer, losses)
             return losses.detach().mean()
 

@@ -57,16 +57,15 @@ def pair_bce(logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
 
 
 def example_bce(logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """Each example's BCE: the mean over the labels its site knows, [B].
+    """Each example's BCE over the labels its site knows, per label of the task, [B].
 
     An unknown label is left out rather than trained as a negative, which would
-    teach the model that an unrecorded finding is absent. An example with no known
-    label has loss 0, so under DP-SGD it adds nothing but its place in the sample.
+    teach the model that an unrecorded finding is absent. Dividing by the task's
+    label count, not the known ones, keeps every known (example, label) pair at
+    the weight it has in a fully labelled example. An example with no known label
+    has loss 0: under DP-SGD it adds nothing but its place in the sample.
     """
-    known = label_known(batch)
-    return (pair_bce(logits, batch) * known).sum(dim=1) / known.sum(dim=1).clamp(
-        min=1.0
-    )
+    return (pair_bce(logits, batch) * label_known(batch)).mean(dim=1)
 
 
 def forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -182,9 +181,12 @@ class FusionObjective:
         batch: dict[str, Any],
         generator: torch.Generator,
     ) -> torch.Tensor:
-        """A mean of per-example BCEs (:func:`example_bce`)."""
+        """The mean of the examples' BCEs (:func:`example_bce`)."""
         if self.modality_dropout > 0:
             batch = drop_modalities(batch, self.modality_dropout, generator)
+        # A mean over examples, as Opacus's hooks assume (loss_reduction "mean"):
+        # a denominator counting the batch's known pairs would tie one example's
+        # gradient to the others' labels.
         return example_bce(forward(model, batch), batch).mean()
 
     def example_losses(

@@ -193,7 +193,11 @@ def pretrain_base(
         parts = [data.train.tensors, data.validation.tensors]  # type: ignore[attr-defined]
         datasets.append(
             TensorDictDataset(
-                {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "labels"}
+                {
+                    k: torch.cat([p[k] for p in parts])
+                    for k in parts[0]
+                    if k not in ("labels", "label_known")
+                }
             )
         )
     model, _ = build_base(random_config)

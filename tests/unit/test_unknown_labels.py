@@ -32,7 +32,7 @@ def test_a_column_whose_known_labels_have_one_class_has_no_auroc():
     assert np.isnan(got[0])
 
 
-def test_example_loss_is_the_mean_over_known_labels_only():
+def test_example_loss_counts_known_labels_only():
     logits = torch.tensor([[2.0, -1.0, 0.5], [0.3, 0.3, 0.3]])
     labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     known = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
@@ -40,7 +40,8 @@ def test_example_loss_is_the_mean_over_known_labels_only():
     pair = nn.functional.binary_cross_entropy_with_logits(
         logits, labels, reduction="none"
     )
-    assert got[0] == pytest.approx(float((pair[0, 0] + pair[0, 2]) / 2))
+    # per label of the task: a known pair weighs what it weighs in a full row
+    assert got[0] == pytest.approx(float((pair[0, 0] + pair[0, 2]) / 3))
     assert got[1] == 0.0  # nothing known: nothing to learn from
     # without a mask every label is known: the plain per-example mean
     plain = example_bce(logits, {"labels": labels})
