@@ -98,14 +98,15 @@ def check_site(
     report["dicom"] = _dicom_section(site, prep.index, prep.images, prep.reasons)
     report["ehr"] = _ehr_section(prep)
     report["join"] = _join_section(prep, task)
-    report["validation"] = _validation_section(prep, site, task)
+    if task.kind is TaskKind.CLASSIFICATION:  # the split AUROC is measured on
+        report["validation"] = _validation_section(prep, site, task)
     report["fingerprint"] = prep.fingerprint
     report["phi"] = _phi_findings(prep, site)
     if task.kind is not TaskKind.CLASSIFICATION:
         report["text"] = _text_section(site, task, prep, blocking)
     blocking.extend(_join_blocking(report, site, task))
     if run is not None:
-        blocking.extend(_privacy_floor_refusal(run, site, report))
+        blocking.extend(_privacy_floor_refusal(run, site, prep))
     warnings.extend(_data_warnings(report))
     return _finish(report)
 
@@ -211,10 +212,13 @@ def _data_warnings(report: dict[str, Any]) -> list[str]:
     """What the site can train with but its operator should look at."""
     found: list[str] = []
     ehr = report["ehr"]
-    for label, prevalence in ehr["label_prevalence"].items():
-        if prevalence == 0.0:
+    # counts, not the rounded prevalence: 1 positive in 20,001 rows rounds to 0.0
+    for label, counts in ehr["label_examples"].items():
+        if not counts["positive"] and not counts["negative"]:
+            found.append(f"label {label!r} is unknown in every row at this site")
+        elif not counts["positive"]:
             found.append(f"label {label!r} has no positive example at this site")
-        elif prevalence == 1.0:
+        elif not counts["negative"]:
             found.append(f"label {label!r} has no negative example at this site")
     for feature, frac in ehr["missing_fraction"].items():
         if frac >= 0.5:
@@ -400,6 +404,10 @@ def _ehr_section(prep) -> dict[str, Any]:
         "label_prevalence": {
             k: _frac(v, labelled[k]) for k, v in stats.label_positive.items()
         },
+        "label_examples": {
+            k: {"positive": int(v), "negative": int(labelled[k] - v)}
+            for k, v in stats.label_positive.items()
+        },
         "label_null": dict(stats.label_null),
         "label_unmapped": dict(stats.label_unmapped),
         # only where a unit column gives each row's unit (e.g. OMOP)
@@ -407,13 +415,12 @@ def _ehr_section(prep) -> dict[str, Any]:
     }
 
 
-def _privacy_floor_refusal(
-    run: RunConfig, site: SiteConfig, report: dict[str, Any]
-) -> list[str]:
+def _privacy_floor_refusal(run: RunConfig, site: SiteConfig, prep) -> list[str]:
     """The site's [privacy] floor's refusal of ``run``, as the daemon would say it."""
     from .privacy_policy import plan_site_privacy
 
-    train_patients = report["join"]["patients"] - report["validation"]["patients"]
+    in_validation, patient_ids = _split(prep, site)
+    train_patients = len(set(np.asarray(patient_ids, dtype=object)[~in_validation]))
     if train_patients < 1:
         return []  # no training split: blocked as such
     try:
@@ -423,14 +430,19 @@ def _privacy_floor_refusal(
     return []
 
 
-def _validation_section(prep, site: SiteConfig, task: TaskConfig) -> dict[str, Any]:
-    """The validation split training will use: its size and each label's classes."""
-    rows = prep.join.rows
-    patient_ids = [prep.ehr.patient_ids[i] or "" for i in rows]
-    in_val = split_patients(
+def _split(prep, site: SiteConfig) -> tuple[np.ndarray, list[str]]:
+    """Which joined rows training puts in validation, and their patient ids."""
+    patient_ids = [prep.ehr.patient_ids[i] or "" for i in prep.join.rows]
+    in_validation = split_patients(
         patient_ids, site.data.split_seed, site.data.validation_fraction
     )
-    val_rows = np.asarray(rows, dtype=np.int64)[in_val]
+    return in_validation, patient_ids
+
+
+def _validation_section(prep, site: SiteConfig, task: TaskConfig) -> dict[str, Any]:
+    """The validation split training will use: its size and each label's classes."""
+    in_val, patient_ids = _split(prep, site)
+    val_rows = np.asarray(prep.join.rows, dtype=np.int64)[in_val]
     labels = prep.ehr.labels[val_rows]
     known = ~prep.ehr.label_null[val_rows]
     return {
@@ -452,10 +464,10 @@ def _validation_warnings(report: dict[str, Any]) -> list[str]:
     if not validation or not validation["items"]:
         return []
     found = []
-    prevalence = report.get("ehr", {}).get("label_prevalence", {})
+    at_site = report["ehr"]["label_examples"]
     for label, counts in validation["labels"].items():
-        if prevalence.get(label) in (0.0, 1.0):
-            continue  # one class at the whole site: warned as such
+        if label in at_site and not all(at_site[label].values()):
+            continue  # one class (or none) at the whole site: warned as such
         if not counts["positive"] or not counts["negative"]:
             found.append(
                 f"label {label!r}: the validation split ({validation['patients']} "

@@ -127,8 +127,9 @@ def label_agreement(
 ) -> float:
     """Share of (report, finding) pairs where the report states the true label.
 
-    Only findings that are both run labels and known to the rules count; a finding
-    the report does not state counts as a disagreement. NaN without any pair.
+    Only findings that are both run labels and known to the rules count, and only
+    where the site knows the label (NaN: unknown, left out); a finding the report
+    does not state counts as a disagreement. NaN without any pair.
     """
     columns = [(j, name) for j, name in enumerate(label_names) if name in PHRASES]
     if not reports or not columns:
@@ -137,9 +138,11 @@ def label_agreement(
     for report, row in zip(reports, labels, strict=True):
         stated = extract_findings(report)
         for j, name in columns:
+            if np.isnan(row[j]):
+                continue
             total += 1
             agree += stated[name] is not None and stated[name] == int(row[j] > 0.5)
-    return agree / total
+    return agree / total if total else float("nan")
 
 
 def vocabulary() -> list[str]:

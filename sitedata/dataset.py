@@ -480,6 +480,9 @@ def _fingerprint(
         h.update((ehr.study_uids[i] or "").encode() + b"\x1f")
         h.update(ehr.features[i].tobytes())
         h.update(ehr.labels[i].tobytes())
-        h.update(ehr.label_null[i].tobytes())
+        if ehr.label_null[i].any():  # tells an unknown label from a 0; rows
+            h.update(
+                b"\x1dunknown" + ehr.label_null[i].tobytes()
+            )  # without keep theirs
         h.update(ehr.notes[i].encode() + b"\x1e")
     return h.hexdigest()

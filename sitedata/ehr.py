@@ -447,6 +447,14 @@ def _row_conversions(
     return scales[index], offsets[index]
 
 
+def _as_numbers(values: set[str]) -> dict[str, float]:
+    """Each declared label value as a number; empty if any is not one."""
+    try:
+        return {v: float(v) for v in values}
+    except ValueError:
+        return {}
+
+
 def _label_values(
     array: pa.ChunkedArray | pa.Array,
     positive: tuple[str, ...],
@@ -462,6 +470,15 @@ def _label_values(
     pos = {p.strip().lower() for p in positive}
     neg = {v.strip().lower() for v in negative}
     out = np.full(len(array), np.nan)
+    numbers = _as_numbers(pos | neg)
+    if _kind(array.type) in (ColumnType.INTEGER, ColumnType.NUMBER) and numbers:
+        # a code is read as a number ("1" names 1.0 too); with only `positive`
+        # declared, 0 is the negative and another code (-1, 2) is unmapped
+        values = _floats(array)
+        out[np.isin(values, [numbers[v] for v in pos])] = 1.0
+        negatives = [numbers[v] for v in neg] if neg else [0.0]
+        out[np.isnan(out) & np.isin(values, negatives)] = 0.0
+        return out
     for i, text in enumerate(_texts(array)):
         if text is None:
             continue

@@ -297,7 +297,10 @@ def _encode_examples(
             if isinstance(v, np.ndarray)
         }
         item["prompt_length"] = torch.tensor(encoded["prompt_length"])
-        item["findings"] = torch.from_numpy(ehr.labels[i].copy())
+        # NaN where the site's label cell was unknown: label agreement skips it
+        item["findings"] = torch.from_numpy(
+            np.where(ehr.label_null[i], np.nan, ehr.labels[i]).astype(np.float32)
+        )
         item["index"] = torch.tensor(len(examples.items))
         examples.items.append(item)
         examples.prompts.append(text)

@@ -111,6 +111,7 @@ def _report(**ehr) -> dict:
     base = {
         "rows": 100,
         "label_prevalence": {"effusion": 0.3},
+        "label_examples": {"effusion": {"positive": 30, "negative": 70}},
         "missing_fraction": {},
         "label_null": {},
         "label_unmapped": {},
@@ -134,6 +135,7 @@ def test_site_check_warns_about_values_that_train_differently_than_they_read():
         _data_warnings(
             _report(
                 label_prevalence={"effusion": 1.0},
+                label_examples={"effusion": {"positive": 93, "negative": 0}},
                 label_null={"effusion": 7},
                 label_unmapped={"effusion": 5},
                 out_of_range={"age": 97, "temperature": 2},
@@ -153,6 +155,17 @@ def test_site_check_warns_about_values_that_train_differently_than_they_read():
     assert "feature 'sex': 4 value(s)" in found
     assert "3 EHR row(s) have no patient id" in found
     assert "6 EHR row(s) repeat another row's study UID" in found
+
+
+def test_one_class_warnings_read_counts_not_the_rounded_prevalence():
+    rare = _report(
+        label_prevalence={"effusion": 0.0},  # 1 in 20,001, rounded
+        label_examples={"effusion": {"positive": 1, "negative": 20_000}},
+    )
+    assert not any("no positive" in w for w in _data_warnings(rare))
+    unknown = _report(label_examples={"effusion": {"positive": 0, "negative": 0}})
+    (found,) = _data_warnings(unknown)
+    assert "label 'effusion' is unknown in every row" in found
 
 
 def test_site_check_warns_when_the_validation_split_cannot_score_a_label():
@@ -281,3 +294,12 @@ def test_site_check_names_a_mapping_the_run_does_not_have():
     )
     (found,) = _names_the_run_lacks(site, TASK)
     assert "[ehr.features] maps 'temprature'" in found and "temperature" in found
+
+
+def test_a_numeric_label_with_only_positive_declared_leaves_other_codes_unmapped():
+    from wardround.sitedata.ehr import _label_values
+
+    got = _label_values(pa.array([1, 0, -1, None, 2]), ("1",), ())
+    np.testing.assert_array_equal(got, [1.0, 0.0, np.nan, np.nan, np.nan])
+    declared = _label_values(pa.array([1, 0, -1]), ("1",), ("0", "-1"))
+    np.testing.assert_array_equal(declared, [1.0, 0.0, 0.0])

@@ -97,3 +97,12 @@ def test_synthetic_sites_write_reports_and_answers_that_agree_with_their_labels(
             if answer in ("yes", "no"):
                 finding = {q: f for f, q in QUESTIONS.items()}[question]
                 assert answer == ("yes" if truth[finding] else "no")
+
+
+def test_label_agreement_leaves_out_findings_the_site_does_not_know():
+    known = dict(zip(REPORT_FINDINGS, [1, 0, 0, 1], strict=True))
+    report = write_report(known, np.random.default_rng(0))
+    labels = np.array([[1, np.nan, 1, 1]], np.float32)  # 3rd is wrong, 2nd unknown
+    assert label_agreement([report], labels, REPORT_FINDINGS) == 2 / 3
+    nothing = np.full((1, 4), np.nan, np.float32)
+    assert np.isnan(label_agreement([report], nothing, REPORT_FINDINGS))

@@ -270,6 +270,7 @@ def test_site_check_counts_the_text_a_generative_task_needs(template, tmp_path, 
     report = check_site(site / "site.toml", task, image_size=32)
     assert report["can_train"], report["blocking"]
     assert report["text"]["kind"] == kind
+    assert "validation" not in report  # no AUROC is measured on a text task's split
     assert report["text"]["studies_with_target"] == report["join"]["items"] > 10
 
     target = "report" if kind == "report" else "answer"
