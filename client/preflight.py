@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..common.config import TaskConfig
 from ..common.errors import DataError
+from ..sitedata.dicom_index import not_folders
 from ..sitedata.ehr import open_ehr
 from ..sitedata.ehr_source import ehr_source
 from ..sitedata.imaging import task_for_site
@@ -26,10 +27,10 @@ def preflight_site(
     """
     site = SiteConfig.from_toml(site_toml)
     task_for_site(site, task, images_required)
-    missing = [str(p) for p in site.dicom_paths if not p.is_dir()]
+    missing = not_folders(site.dicom_paths)
     if missing:
         raise DataError(
-            f"{site_toml}: DICOM folder(s) not found: {', '.join(missing)}",
+            f"{site_toml}: DICOM folder(s) not usable: {', '.join(missing)}",
             hint="Fix `data.dicom-dirs` in site.toml (paths are relative to site.toml); "
             "a site without imaging names none.",
         )

@@ -15,13 +15,18 @@ from typing import Any, ClassVar, Self
 
 from pydantic import Field, ValidationError
 
-from ..common.config import RunConfig, _describe, _Section
+from ..common.config import RunConfig, _problems, _Section
 from ..common.errors import ConfigError
 
 
 def read_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file or raise ConfigError saying what is wrong with it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"{path} is a folder, not a config file",
+            hint="Give the TOML file itself (e.g. the folder's site.toml).",
+        )
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist", hint="Check the path.")
     raw = path.read_bytes()
@@ -60,6 +65,6 @@ class TomlFileConfig(_Section):
             return cls.model_validate(raw)
         except ValidationError as exc:
             raise ConfigError(
-                f"{path} has {exc.error_count()} problem(s):\n" + _describe(exc, cls),
+                _problems(path, exc, cls),
                 hint=cls.toml_hint,
             ) from None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,15 @@ _CHUNK = 256
 _PARALLEL_FROM = 512  # fewer new files than this are read in this process
 
 
+def not_folders(paths: Iterable[Path]) -> list[str]:
+    """Each path that is not a folder, with what it is instead."""
+    return [
+        f"{path} ({'a file, not a folder' if path.exists() else 'not found'})"
+        for path in map(Path, paths)
+        if not path.is_dir()
+    ]
+
+
 def index_dicom(
     folders: list[Path], cache_dir: Path, *, workers: int | None = None
 ) -> pa.Table:
@@ -99,10 +108,10 @@ def index_dicom(
         Processes reading headers (default: all cores); 1 reads in this process.
     """
     folders = [Path(f) for f in folders]
-    missing = [f for f in folders if not f.is_dir()]
+    missing = not_folders(folders)
     if missing:
         raise DataError(
-            "DICOM folder(s) not found: " + ", ".join(str(f) for f in missing),
+            "DICOM folder(s) not usable: " + ", ".join(missing),
             hint="Fix `data.dicom-dirs` in site.toml (paths relative to site.toml).",
         )
     cache_dir = Path(cache_dir)
