@@ -21,6 +21,7 @@ from ..common.config import RunConfig, TaskConfig, TaskKind
 from ..common.errors import PrivacyPolicyRefused, WardroundError
 from ..sitedata.dataset import ehr_present, prepare_site, split_patients
 from ..sitedata.decode import OK, transfer_syntax_name
+from ..sitedata.dicom_index import not_folders
 from ..sitedata.dicom_warnings import count_kinds, log_kinds
 from ..sitedata.ehr_source import ehr_source
 from ..sitedata.imaging import task_for_site
@@ -80,10 +81,10 @@ def check_site(
     warnings.extend(_names_the_run_lacks(site, task))
     if not site.has_imaging:
         warnings.extend(_no_imaging_notes(site, images_required))
-    missing = [str(p) for p in site.dicom_paths if not p.is_dir()]
+    missing = not_folders(site.dicom_paths)
     if missing:
         blocking.append(
-            f"DICOM folder(s) not found: {', '.join(missing)}; fix `data.dicom-dirs`"
+            f"DICOM folder(s) not usable: {', '.join(missing)}; fix `data.dicom-dirs`"
         )
         return _finish(report)
     try:
@@ -190,7 +191,12 @@ def _join_blocking(
     """What in the join keeps the site from training: no items, one patient."""
     found: list[str] = []
     items = report["join"]["items"]
-    if items == 0 and not site.has_imaging:
+    if report["ehr"]["rows"] == 0:
+        found.append(
+            "the EHR table has no rows: check that data.ehr (or the database "
+            "query) points at the export that holds the patients"
+        )
+    elif items == 0 and not site.has_imaging:
         found.append(
             "no EHR row has both a patient id and a study uid: check `[ehr] "
             "patient-id` and `[ehr] study-uid` in site.toml"
@@ -445,8 +451,10 @@ def _validation_section(prep, site: SiteConfig, task: TaskConfig) -> dict[str, A
     val_rows = np.asarray(prep.join.rows, dtype=np.int64)[in_val]
     labels = prep.ehr.labels[val_rows]
     known = ~prep.ehr.label_null[val_rows]
+    ids = np.asarray(patient_ids, dtype=object)
     return {
-        "patients": len(set(np.asarray(patient_ids, dtype=object)[in_val])),
+        "patients": len(set(ids[in_val])),
+        "train_patients": len(set(ids[~in_val])),
         "items": int(in_val.sum()),
         "labels": {
             name: {
@@ -465,6 +473,13 @@ def _validation_warnings(report: dict[str, Any]) -> list[str]:
         return []
     found = []
     at_site = report["ehr"]["label_examples"]
+    train_patients = validation["train_patients"]
+    if train_patients < validation["patients"]:
+        found.append(
+            f"the training split holds {train_patients} patient(s) and the "
+            f"validation split {validation['patients']}: check "
+            "data.validation-fraction (0.2 by default)"
+        )
     for label, counts in validation["labels"].items():
         if label in at_site and not all(at_site[label].values()):
             continue  # one class (or none) at the whole site: warned as such
