@@ -36,7 +36,7 @@ from .model import (
     ModelConfig,
     VlmModelConfig,
 )
-from .parsing import _describe, flower_config_string
+from .parsing import _describe, _problems, flower_config_string
 from .run import RunConfig
 from .sections import (
     DataConfig,
@@ -88,5 +88,6 @@ __all__ = [
     "_Section",
     "_dashed",
     "_describe",
+    "_problems",
     "flower_config_string",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -9,23 +10,56 @@ from pydantic import BaseModel, ValidationError
 from ..errors import ConfigError
 from .model import FAMILY_CONFIGS
 
+_SCALAR_BRANCHES = {"str", "int", "float", "bool"}
+"""pydantic's names for the scalar side of a ``str | Spec`` union in an error's loc."""
+
 
 def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
     lines = []
     for err in exc.errors():
         loc, family = _untagged(model, err["loc"])
+        loc, scalar_branch = _without_union_branches(loc)
+        if scalar_branch and isinstance(err.get("input"), dict):
+            continue  # a table was written: the table side's errors say what is wrong
         where = ".".join(str(p) for p in loc) or "(top level)"
+        msg = re.sub(
+            r" or instance of \w+", "", str(err["msg"]).removeprefix("Value error, ")
+        )
         if err["type"] == "extra_forbidden":
             lines.append(f"  - {where}: {_unknown_key(model, loc, family)}")
         elif not loc:
             # a check across sections: its input is the whole config, not worth echoing
-            lines.append(f"  - {where}: {err['msg']}")
+            lines.append(f"  - {where}: {msg}")
         elif isinstance(err.get("input"), dict):
             # a whole section: it may hold a url with a token; the keys say enough
-            lines.append(f"  - {where}: {err['msg']}")
+            lines.append(f"  - {where}: {msg}")
         else:
-            lines.append(f"  - {where}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"  - {where}: {msg} (got {err.get('input')!r})")
+            if err["type"] == "string_type":
+                lines[-1] += f'; write it in quotes: "{err.get("input")}"'
     return "\n".join(lines)
+
+
+def _problems(source: Any, exc: ValidationError, model: type[BaseModel]) -> str:
+    """``source`` has N problem(s), then each on a line."""
+    described = _describe(exc, model)
+    return f"{source} has {described.count(chr(10)) + 1} problem(s):\n{described}"
+
+
+def _without_union_branches(loc: list[Any]) -> tuple[list[Any], bool]:
+    """``loc`` without the union members pydantic names in it.
+
+    Also says whether it named a scalar member (``str`` of ``str | FeatureSpec``).
+    """
+    kept, scalar = [], False
+    for part in loc:
+        if isinstance(part, str) and part in _SCALAR_BRANCHES:
+            scalar = True
+            continue
+        if isinstance(part, str) and ("[" in part or part[:1].isupper()):
+            continue  # function-after[_check(), FeatureSpec], or a class name
+        kept.append(part)
+    return kept, scalar
 
 
 def _untagged(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[Any], str]:
@@ -70,7 +104,10 @@ def _unknown_key(model: type[BaseModel], loc: list[Any], family: str) -> str:
 
 
 def _keys(section: type[BaseModel]) -> set[str]:
-    return {f.alias or name for name, f in section.model_fields.items()}
+    """The keys a file may write: not the ones set by the reader (``exclude``)."""
+    return {
+        f.alias or name for name, f in section.model_fields.items() if not f.exclude
+    }
 
 
 def flower_config_string(value: str) -> str:

@@ -16,7 +16,7 @@ from pydantic import ValidationError, model_validator
 from ..errors import ConfigError
 from .enums import TransportDtype
 from .model import FamilyModelConfig, FusionModelConfig, ModelConfig
-from .parsing import _describe, _keys
+from .parsing import _keys, _problems
 from .sections import (
     DataConfig,
     FederationConfig,
@@ -107,7 +107,7 @@ class RunConfig(_Section):
             return cls.model_validate(raw)
         except ValidationError as exc:
             raise ConfigError(
-                f"{source} has {exc.error_count()} problem(s):\n" + _describe(exc, cls),
+                _problems(source, exc, cls),
                 hint="Fix the keys above; `wardround simulate --help` shows the options.",
             ) from None
 

@@ -34,6 +34,31 @@ class _Section(BaseModel):
         frozen=True, extra="forbid", alias_generator=_dashed, populate_by_name=True
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_true_or_false_for_numbers(cls, data: Any) -> Any:
+        # pydantic reads true as 1: `rounds = true` would run one round
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            if not _is_number(field.annotation):
+                continue
+            for key in {name, field.alias or name}:
+                if isinstance(data.get(key), bool):
+                    raise ValueError(
+                        f"{key} is a number; {str(data[key]).lower()} is not one"
+                    )
+        return data
+
+
+def _is_number(annotation: Any) -> bool:
+    """Whether ``annotation`` is int or float, optionally with None."""
+    numbers = (int, float)
+    if annotation in numbers:
+        return True
+    args = getattr(annotation, "__args__", ())
+    return bool(args) and all(a in numbers or a is type(None) for a in args)
+
 
 DEFAULT_DELTA_CLIP_NORM = 64.0
 """Above the honest delta norms measured with the default model and recipes

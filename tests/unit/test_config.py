@@ -330,3 +330,36 @@ def test_seeds_are_non_negative_64_bit(section, key):
     for bad in (-1, 2**64):
         with pytest.raises(ConfigError, match=key.replace("_", "-")):
             RunConfig().with_overrides(**{section: {key: bad}})
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [("federation", "rounds"), ("privacy", "target-epsilon"), ("train", "batch-size")],
+)
+def test_true_or_false_is_not_read_as_a_number(section, key):
+    with pytest.raises(ConfigError, match=f"{key} is a number; true is not one"):
+        RunConfig.from_mapping({section: {key: True}})
+
+
+def test_site_toml_problems_name_the_key_not_pydantics_union_members(tmp_path):
+    from wardround.sitedata.site_config import SiteConfig
+
+    toml = tmp_path / "site.toml"
+    toml.write_text(
+        'sitee = 1\n[site]\nname = "a"\n[ehr.features]\n'
+        'temperature = { column = "t", range = [45, 25] }\n'
+        '[ehr.labels]\npneumonia = { column = "p", positive = [1] }\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        SiteConfig.from_toml(toml)
+    text = str(info.value)
+    assert "3 problem(s)" in text
+    assert "ehr.features.temperature: range must be [low, high]" in text
+    assert (
+        'ehr.labels.pneumonia.positive.0: Input should be a valid string (got 1); write it in quotes: "1"'
+        in text
+    )
+    assert "function-after" not in text and "Value error" not in text
+    assert ".str:" not in text
+    assert "sitee: unknown key; known keys here: answers," in text
+    assert "base-dir" not in text  # the reader sets it; a file does not

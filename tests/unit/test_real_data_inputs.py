@@ -172,6 +172,7 @@ def test_site_check_warns_when_the_validation_split_cannot_score_a_label():
     report = _report()
     report["validation"] = {
         "patients": 2,
+        "train_patients": 8,
         "items": 3,
         "labels": {
             "effusion": {"positive": 0, "negative": 3},
@@ -303,3 +304,43 @@ def test_a_numeric_label_with_only_positive_declared_leaves_other_codes_unmapped
     np.testing.assert_array_equal(got, [1.0, 0.0, np.nan, np.nan, np.nan])
     declared = _label_values(pa.array([1, 0, -1]), ("1",), ("0", "-1"))
     np.testing.assert_array_equal(declared, [1.0, 0.0, 0.0])
+
+
+def test_site_check_warns_when_validation_outweighs_training():
+    report = _report()
+    report["validation"] = {
+        "patients": 18,
+        "train_patients": 1,
+        "items": 18,
+        "labels": {},
+    }
+    (found,) = _data_warnings(report)
+    assert "training split holds 1 patient(s)" in found
+    assert "validation-fraction" in found
+
+
+def test_an_empty_ehr_table_is_named_as_such():
+    from wardround.client.site_check import _join_blocking
+    from wardround.sitedata.site_config import SiteConfig
+
+    report = _report(rows=0)
+    report["join"] = {"items": 0, "patients": 0, "items_with_image": 0}
+    site = SiteConfig.model_validate({"site": {"name": "a"}})
+    (found,) = _join_blocking(report, site, TASK)
+    assert found.startswith("the EHR table has no rows")
+
+
+def test_a_dicom_dir_that_is_a_file_says_so(tmp_path):
+    from wardround.sitedata.dicom_index import not_folders
+
+    (tmp_path / "ehr.parquet").write_bytes(b"x")
+    found = not_folders([tmp_path / "ehr.parquet", tmp_path / "gone", tmp_path])
+    assert found == [
+        f"{tmp_path / 'ehr.parquet'} (a file, not a folder)",
+        f"{tmp_path / 'gone'} (not found)",
+    ]
+
+
+def test_a_folder_given_as_a_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a config file"):
+        read_toml(tmp_path)
