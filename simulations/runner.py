@@ -60,7 +60,13 @@ def prepare_simulation(
     if not found:
         raise ConfigError(
             f"no */site.toml under {sites_dir}",
-            hint="Run `wardround synth` or point data.sites-dir at real site folders.",
+            hint=(
+                f"{sites_dir} is itself a site (it holds site.toml): point "
+                "data.sites-dir at the folder that holds the site folders."
+                if (sites_dir / "site.toml").is_file()
+                else "Run `wardround synth` or point data.sites-dir at real site "
+                "folders."
+            ),
         )
     from ..client.preflight import preflight_site
     from ..client.runtime import resolve_device

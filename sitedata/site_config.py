@@ -27,6 +27,12 @@ class SiteSection(_Section):
 
     name: str = "site"
 
+    @model_validator(mode="after")
+    def _named(self) -> SiteSection:
+        if not self.name.strip():
+            raise ValueError("name is empty: give the site the name its logs use")
+        return self
+
 
 class SiteDataSection(_Section):
     """Where the site's data lives."""
@@ -55,6 +61,9 @@ class SiteDataSection(_Section):
 
     @model_validator(mode="after")
     def _one_ehr_source(self) -> SiteDataSection:
+        if any(not folder.strip() for folder in self.dicom_dirs):
+            # "" resolves to site.toml's own folder: every file there, EHR included
+            raise ValueError("dicom-dirs holds an empty path; name each folder")
         if self.ehr_database is not None and "ehr" in self.model_fields_set:
             raise ValueError(
                 "set data.ehr (a Parquet table) or [data.ehr-database], not both"

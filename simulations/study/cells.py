@@ -149,7 +149,12 @@ def site_tomls_in(folder: Path) -> list[Path]:
         raise ConfigError(
             f"--sites-dir {folder} holds {len(tomls)} site folder(s) with a site.toml; "
             "a federation needs at least 2",
-            hint="Put one folder per site in it, each with the site.toml that "
-            "`wardround site check` accepts.",
+            hint=(
+                f"{folder} is itself a site (it holds site.toml): give the folder "
+                "that holds the site folders."
+                if (folder / "site.toml").is_file()
+                else "Put one folder per site in it, each with the site.toml that "
+                "`wardround site check` accepts."
+            ),
         )
     return tomls

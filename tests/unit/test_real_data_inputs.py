@@ -344,3 +344,28 @@ def test_a_dicom_dir_that_is_a_file_says_so(tmp_path):
 def test_a_folder_given_as_a_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="is a folder, not a config file"):
         read_toml(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ({"site": {"name": " "}}, "name is empty"),
+        ({"data": {"dicom-dirs": ["dicom", ""]}}, "dicom-dirs holds an empty path"),
+    ],
+)
+def test_site_toml_blanks_are_refused(tmp_path, raw, says):
+    import tomli_w
+
+    from wardround.sitedata.site_config import SiteConfig
+
+    toml = tmp_path / "site.toml"
+    toml.write_text(tomli_w.dumps(raw))
+    with pytest.raises(ConfigError, match=says):
+        SiteConfig.from_toml(toml)
+
+
+def test_a_sites_dir_that_is_one_site_says_so(tmp_path):
+    (tmp_path / "site.toml").write_text('[site]\nname = "a"\n')
+    with pytest.raises(ConfigError) as info:
+        site_tomls_in(tmp_path)
+    assert "is itself a site" in (info.value.hint or "")
