@@ -334,6 +334,14 @@ def _shown_and_confirmed(site, value: str, run_config, settings, yes: bool) -> b
             f"in it. {refusal.hint}",
             err=True,
         )
+    from .privacy_policy import settings_below_floor
+
+    for refusal in settings_below_floor(settings, site.privacy):
+        typer.echo(
+            f"warning: {refusal}: this site's [privacy] floor will refuse to train "
+            "in it.",
+            err=True,
+        )
     return yes or typer.confirm(
         f"Approve this run at site {site.site.name}?", default=False
     )

@@ -133,17 +133,42 @@ def _plan(
     )
 
 
+def settings_below_floor(config: RunConfig, floor: SitePrivacy) -> list[str]:
+    """What the floor refuses in the run's settings alone, before any data is read.
+
+    For ``site approve``: the limits that depend on the site's training patients
+    (the default delta limit, the planned sigma) are checked when the run trains.
+    """
+    if not config.privacy.enabled:
+        return (
+            ["this site requires DP-SGD and the run has privacy.enabled = false"]
+            if floor.required
+            else []
+        )
+    return _below_floor(config.privacy, floor, None, None)
+
+
 def _below_floor(
-    privacy: PrivacyConfig, floor: SitePrivacy, num_train: int, sigma: float
+    privacy: PrivacyConfig,
+    floor: SitePrivacy,
+    num_train: int | None,
+    sigma: float | None,
 ) -> list[str]:
-    """Where the run's epsilon, delta or planned sigma falls short of the floor."""
+    """Where the run's epsilon, delta or planned sigma falls short of the floor.
+
+    Without ``num_train`` (and ``sigma``) only what the settings alone decide.
+    """
     reasons = []
     if privacy.target_epsilon > floor.max_epsilon:
         reasons.append(
             f"the run targets epsilon {privacy.target_epsilon:g} and this site allows "
             f"at most {floor.max_epsilon:g} per run (privacy.max-epsilon)"
         )
-    max_delta = floor.max_delta if floor.max_delta is not None else 1.0 / num_train
+    max_delta = (
+        floor.max_delta
+        if floor.max_delta is not None
+        else (1.0 / num_train if num_train else 1.0)
+    )
     if privacy.target_delta > max_delta:
         # The refusal reaches the coordinator: the default limit (1 / patients)
         # would tell it the site's patient count, so that one is not quoted.
@@ -156,7 +181,7 @@ def _below_floor(
                 "another)"
             )
         )
-    if sigma < floor.min_noise_multiplier:
+    if sigma is not None and sigma < floor.min_noise_multiplier:
         reasons.append(
             f"the run's schedule gives noise multiplier {sigma:.3f}, below this "
             f"site's minimum {floor.min_noise_multiplier:g} "

@@ -476,3 +476,23 @@ def test_site_approve_warns_a_site_without_imaging_of_a_run_that_requires_images
     assert needs.exit_code == 0 and fine.exit_code == 0
     assert "has no imaging" in needs.output and "refuse to train" in needs.output
     assert "has no imaging" not in fine.output
+
+
+def test_site_approve_warns_of_a_run_its_privacy_floor_will_refuse(approving_site):
+    site_toml, run_toml = approving_site  # the run targets epsilon 2.5
+    args = ["site", "approve", "--run-config", str(run_toml), "--config"]
+    within = runner.invoke(_app(), [*args, str(site_toml), "--yes"])
+    site_toml.write_text(
+        site_toml.read_text() + "[privacy]\nrequired = true\nmax-epsilon = 2.0\n"
+    )
+    above = runner.invoke(_app(), [*args, str(site_toml), "--yes"])
+    run_toml.write_text(
+        run_toml.read_text().replace("[privacy]", "[privacy]\nenabled = false")
+    )
+    no_dp = runner.invoke(_app(), [*args, str(site_toml), "--yes"])
+
+    assert within.exit_code == above.exit_code == no_dp.exit_code == 0
+    assert "floor will refuse" not in within.output
+    assert "allows at most 2 per run" in above.output
+    assert "floor will refuse" in above.output
+    assert "requires DP-SGD" in no_dp.output
