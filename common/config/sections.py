@@ -329,6 +329,14 @@ class TaskConfig(_Section):
                     f"{key} names {', '.join(map(repr, unknown))}, not a numeric "
                     f"feature of the run (numeric: {', '.join(self.numeric) or '-'})"
                 )
+        inputs = set(self.numeric) | set(self.categorical)
+        leaked = sorted(inputs & set(self.labels))
+        if leaked:
+            # by default both read the same-named column: the answer as an input
+            raise ValueError(
+                f"{', '.join(map(repr, leaked))} is both a label and an input "
+                "feature; rename one"
+            )
         both = sorted(set(self.numeric) & set(self.categorical))
         if both:
             raise ValueError(

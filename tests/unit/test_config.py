@@ -305,6 +305,7 @@ def test_a_partial_units_or_ranges_table_keeps_the_other_features_defaults():
         ({"units": {"temprature": "degC"}}, "names 'temprature', not a numeric"),
         ({"ranges": {"lactate": [0.0, 30.0]}}, "names 'lactate', not a numeric"),
         ({"categorical": {"age": ["young", "old"]}}, "both numeric and categorical"),
+        ({"labels": ["age", "effusion"]}, "'age' is both a label and an input"),
         ({"categorical": {"sex": ["F", "M", "F"]}}, "categorical.sex lists 'F' twice"),
         ({"categorical": {"sex": []}}, "categorical.sex: name at least one value"),
         ({"numeric": {"age": {"mean": float("nan"), "std": 1.0}}}, "must be finite"),
