@@ -89,6 +89,7 @@ class SitePlan:
 def plan_site(site_toml: Path) -> SitePlan:
     """Check ``site.toml`` for deployment; ConfigError/DataError say what to fix."""
     from ..pki import describe_certificate
+    from ..pki.loading import check_site_private_key
     from .site_check import check_site, format_report
 
     site_toml = Path(site_toml).resolve()
@@ -115,8 +116,11 @@ def plan_site(site_toml: Path) -> SitePlan:
         site_exposure(site, site_toml)  # a bad [dashboard] is refused before the check
     root, key = site.resolve(dep.root_certificate), site.resolve(dep.private_key)
     for what, path in (("root-certificate", root), ("private-key", key)):
+        if path.is_dir():
+            raise ConfigError(f"deployment.{what} {path} is a folder; name the file")
         if not path.is_file():
             raise ConfigError(f"deployment.{what} {path} does not exist")
+    check_site_private_key(key)
     info = describe_certificate(root)
     if info.days_left < 0:
         raise ConfigError(

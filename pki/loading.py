@@ -148,3 +148,42 @@ def public_key_fingerprint(pub_path: Path | str) -> str:
             hint="expected a .pub file written by: wardround keys site NAME --out DIR",
         ) from None
     return hashlib.sha256(blob).hexdigest()
+
+
+def check_site_private_key(path: Path | str) -> None:
+    """Refuse a file Flower's SuperNode cannot authenticate with, saying what it is.
+
+    The SuperNode wants the OpenSSH elliptic-curve key `wardround keys site` writes;
+    given anything else it exits and is restarted without end.
+
+    Raises
+    ------
+    ConfigError
+        The file is not an OpenSSH EC private key.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    expected = "the OpenSSH private key `wardround keys site NAME` writes (NAME.key)"
+    if data.startswith(b"ecdsa-sha2-") or data.startswith(b"ssh-"):
+        raise ConfigError(
+            f"{path} is a public key; expected {expected}",
+            hint="Name the .key file beside it, not the .pub.",
+        )
+    try:
+        key = serialization.load_ssh_private_key(data, password=None)
+    except (ValueError, UnsupportedAlgorithm, TypeError):
+        what = (
+            "a PEM private key, not an OpenSSH one"
+            if b"-----BEGIN" in data and b"PRIVATE KEY-----" in data
+            else "not an OpenSSH private key"
+        )
+        raise ConfigError(
+            f"{path} is {what}; expected {expected}",
+            hint="Make the site's key pair with `wardround keys site NAME` and "
+            "enrol its .pub at the coordinator.",
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(
+            f"{path} is not an elliptic-curve key; expected {expected}",
+            hint="Make the site's key pair with `wardround keys site NAME`.",
+        )

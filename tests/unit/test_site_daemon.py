@@ -469,3 +469,50 @@ def test_the_worker_signs_its_acquire_task_with_the_site_secret(secured_supernod
     finally:
         acquirer.close()
     assert threading.main_thread().is_alive()
+
+
+@pytest.mark.parametrize(
+    ("key_file", "says"),
+    [
+        ("public", "is a public key"),
+        ("pem", "is a PEM private key, not an OpenSSH one"),
+        ("folder", "is a folder"),
+    ],
+)
+def test_plan_site_names_a_key_the_supernode_cannot_use(
+    site, credentials, tmp_path, key_file, says
+):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    target = site.parent / "keys" / "site-01.key"
+    target.parent.mkdir(exist_ok=True)
+    if key_file == "public":
+        _local_copy(credentials[1].with_suffix(".pub"), target, 0o600)
+    elif key_file == "pem":
+        pem = ec.generate_private_key(ec.SECP384R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        target.write_bytes(pem)
+        target.chmod(0o600)
+    else:
+        target.mkdir()
+    _deploy(
+        site,
+        coordinator="coord.example.org:9093",
+        **{"root-certificate": str(credentials[0]), "private-key": "keys/site-01.key"},
+    )
+    with pytest.raises(ConfigError) as err:
+        plan_site(site)
+    assert says in err.value.message and "site-01.key" in err.value.message
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1", "https://127.0.0.1:9093", "coord.example.org:70000"]
+)
+def test_a_coordinator_address_that_is_not_host_port_is_refused(site, address):
+    _deploy(site, coordinator=address)
+    with pytest.raises(ConfigError, match="give HOST:PORT without a scheme"):
+        plan_site(site)
