@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import re
 
@@ -80,9 +81,15 @@ def validate_ips(ips: list[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6A
 
 
 def validate_days(days: int) -> int:
-    """A certificate validity in days, at least one."""
+    """A certificate validity in days: at least one, ending by the year 9999."""
     if days < 1:
         raise ConfigError(f"invalid validity of {days} days: use 1 or more")
+    latest = (dt.datetime(9999, 12, 31, tzinfo=dt.UTC) - dt.datetime.now(dt.UTC)).days
+    if days > latest:
+        raise ConfigError(
+            f"a validity of {days} days ends after the year 9999, the last an X.509 "
+            f"date can name: use at most {latest}"
+        )
     return days
 
 

@@ -449,3 +449,12 @@ def test_cli_bad_inputs_exit_2_naming_the_problem(pki, tmp_path):
     assert result.exit_code == 2
     assert "not a PEM certificate" in result.output and "junk.pem" in result.output
     assert list(tmp_path.iterdir()) == [junk]
+
+
+def test_a_validity_past_the_year_9999_is_a_config_error_not_an_overflow():
+    from wardround.common.errors import ConfigError
+    from wardround.pki.names import validate_days
+
+    assert validate_days(3650) == 3650
+    with pytest.raises(ConfigError, match="ends after the year 9999"):
+        validate_days(100_000_000)
