@@ -187,3 +187,30 @@ def check_site_private_key(path: Path | str) -> None:
             f"{path} is not an elliptic-curve key; expected {expected}",
             hint="Make the site's key pair with `wardround keys site NAME`.",
         )
+
+
+def check_key_matches_certificate(key_path: Path | str, cert_path: Path | str) -> None:
+    """Refuse a TLS private key that is not PEM or not the certificate's key.
+
+    Raises
+    ------
+    ConfigError
+        Saying which, before a TLS server fails on it with an SSL error in its log.
+    """
+    key_path = Path(key_path)
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(
+            f"{key_path} is not an unencrypted PEM private key",
+            hint="Use the .key file `wardround certs server` wrote beside the "
+            "certificate.",
+        ) from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    cert_key = load_certificate(cert_path).public_key().public_bytes(der, spki)
+    if key.public_key().public_bytes(der, spki) != cert_key:
+        raise ConfigError(
+            f"{key_path} is not the private key of {cert_path}",
+            hint="Name the key `wardround certs server` wrote with that certificate.",
+        )

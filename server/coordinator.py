@@ -21,6 +21,7 @@ and so finds the enrolled sites and the audit log.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import secrets
@@ -51,12 +52,15 @@ LOOPBACK_IP = "127.0.0.1"
 def check_tls(config: CoordinatorConfig) -> None:
     """The TLS files exist, match, have not expired and the key is private."""
     from ..pki import describe_certificate, verify_issued_by
+    from ..pki.loading import check_key_matches_certificate
 
     for what, path in (
         ("ca-certificate", config.ca_path),
         ("certificate", config.certificate_path),
         ("private-key", config.private_key_path),
     ):
+        if path.is_dir():
+            raise ConfigError(f"[tls] {what} {path} is a folder; name the file")
         if not path.is_file():
             raise ConfigError(
                 f"[tls] {what} {path} does not exist",
@@ -75,6 +79,12 @@ def check_tls(config: CoordinatorConfig) -> None:
             f"{info.not_after:%Y-%m-%d}",
             hint="Issue a new one (`wardround certs server`) and restart.",
         )
+    if info.not_before > dt.datetime.now(dt.UTC):
+        raise ConfigError(
+            f"[tls] certificate {config.certificate_path} is valid only from "
+            f"{info.not_before:%Y-%m-%d %H:%M} UTC: sites refuse it until then",
+            hint="Check this machine's clock, or issue one valid from now.",
+        )
     if LOOPBACK_IP not in info.ip_addresses:
         raise ConfigError(
             f"[tls] certificate {config.certificate_path} does not name {LOOPBACK_IP}: "
@@ -86,6 +96,7 @@ def check_tls(config: CoordinatorConfig) -> None:
             f"[tls] private-key {config.private_key_path} is readable by other users",
             hint=f"Run `chmod 600 {config.private_key_path}`.",
         )
+    check_key_matches_certificate(config.private_key_path, config.certificate_path)
 
 
 def superlink_command(config: CoordinatorConfig) -> list[str]:

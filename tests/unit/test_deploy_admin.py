@@ -258,3 +258,46 @@ def test_the_superexec_secret_is_private_and_fresh_at_every_start(tmp_path):
     second = write_superexec_secret(config).read_bytes()
     assert second != first
     assert _mode(config.superexec_secret_path) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        ("other", "is not the private key of"),
+        ("garbage", "is not an unencrypted PEM private key"),
+    ],
+)
+def test_check_tls_refuses_a_key_that_is_not_the_certificates(pki, tmp_path, key, says):
+    config = _tls_config(pki, tmp_path)
+    config.private_key_path.write_bytes(
+        (pki / "other-ca" / "coordinator.key").read_bytes()
+        if key == "other"
+        else b"not a key\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        check_tls(config)
+    assert says in err.value.message
+
+
+def test_check_tls_names_a_folder_given_as_a_file(pki, tmp_path):
+    config = _tls_config(pki, tmp_path)
+    config.private_key_path.unlink()
+    config.private_key_path.mkdir()
+    with pytest.raises(ConfigError, match="private-key .* is a folder"):
+        check_tls(config)
+
+
+def test_check_tls_refuses_a_certificate_not_valid_yet(pki, tmp_path):
+    config = _tls_config(pki, tmp_path)
+    early = tmp_path / "early"
+    files = issue_server_certificate(
+        pki / "tls",
+        ["localhost"],
+        ["127.0.0.1"],
+        early,
+        now=dt.datetime.now(dt.UTC) + dt.timedelta(days=10),
+    )
+    config.certificate_path.write_bytes(files.cert.read_bytes())
+    config.private_key_path.write_bytes(files.key.read_bytes())
+    with pytest.raises(ConfigError, match="is valid only from"):
+        check_tls(config)
