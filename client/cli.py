@@ -336,9 +336,9 @@ def _shown_and_confirmed(site, value: str, run_config, settings, yes: bool) -> b
         )
     from .privacy_policy import settings_below_floor
 
-    for refusal in settings_below_floor(settings, site.privacy):
+    for reason in settings_below_floor(settings, site.privacy):
         typer.echo(
-            f"warning: {refusal}: this site's [privacy] floor will refuse to train "
+            f"warning: {reason}: this site's [privacy] floor will refuse to train "
             "in it.",
             err=True,
         )
