@@ -33,6 +33,7 @@ from ..common.config import flower_config_string
 from ..common.errors import ConfigError, DataError, FederationError
 from ..ops.audit import AuditLog, safe_reason
 from ..ops.env import apply_machine_hygiene
+from ..ops.file_lock import sole_user
 from ..ops.processes import start_child, stop_child
 from ..ops.secret_file import load_or_create_secret
 from ..sitedata.site_config import SiteConfig
@@ -283,8 +284,17 @@ def _round_of(group: str) -> int | None:
 
 
 def run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
-    """Run the SuperNode and the warm worker until ``stop`` is set or the node fails."""
+    """Run the SuperNode and the warm worker until ``stop`` is set or the node fails.
+
+    A second daemon on the same state folder is refused: two SuperNodes with one
+    key and one state would take each other's work and write one audit log.
+    """
     plan.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with sole_user(plan.state_dir, "site daemon"):
+        _run_site_daemon(plan, stop)
+
+
+def _run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
     env_before = dict(os.environ)
     os.environ["FLWR_HOME"] = str(plan.state_dir / "flwr-home")
     apply_machine_hygiene(plan.state_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,44 @@ def exclusive_lock(lock_path: Path, wait_s: float | None = None) -> Iterator[Non
                             f"{lock_path} stayed locked for {wait_s:g} s"
                         ) from None
                     time.sleep(_POLL_S)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def sole_user(folder: Path, what: str) -> Iterator[None]:
+    """Hold ``folder``'s lock while this process uses it; refuse if another does.
+
+    For state a second daemon would corrupt (a coordinator's enrolment, a site's
+    SuperNode state). The holder's pid is written into the lock file, so the
+    refusal can name it.
+
+    Raises
+    ------
+    ConfigError
+        Another process holds the lock.
+    """
+    from ..common.errors import ConfigError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_path = folder / "in-use.lock"
+    with lock_path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ConfigError(
+                f"{folder} is in use by another {what} (pid {holder})",
+                hint=f"Stop that {what} first, or give this one another state folder.",
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
         try:
             yield
         finally:

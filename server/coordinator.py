@@ -35,6 +35,7 @@ from pathlib import Path
 from ..common.errors import ConfigError, FederationError
 from ..ops.audit import AuditLog, safe_reason
 from ..ops.env import apply_machine_hygiene
+from ..ops.file_lock import sole_user
 from ..ops.processes import flower_binary, start_child, stop_child
 from .coordinator_config import CoordinatorConfig
 from .fleet_proxy import error_log_tail, find_nginx, nginx_command, write_nginx_conf
@@ -215,8 +216,19 @@ def run_coordinator(
 ) -> None:
     """Run the SuperLink, SuperExec and nginx until ``stop`` is set.
 
-    Unfinished runs are resumed once all three are up.
+    Unfinished runs are resumed once all three are up. A second coordinator on
+    the same state folder is refused before it writes anything: it would
+    re-enrol the sites under new node ids behind the running one's back.
     """
+    with sole_user(config.state_path, "coordinator"):
+        _run_coordinator(config, stop, on_ready)
+
+
+def _run_coordinator(
+    config: CoordinatorConfig,
+    stop: threading.Event,
+    on_ready: Callable[[], None] | None,
+) -> None:
     saved, nginx = _prepare(config)
     audit = AuditLog(config.audit_path, actor="coordinator")
     children: dict[str, subprocess.Popen[bytes]] = {}
