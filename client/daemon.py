@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -422,12 +423,15 @@ class _SuperNode:
             self.quick_exits += 1
             delay = min(_MAX_RESTART_DELAY_S, 2.0 ** (self.quick_exits - 1))
             code = self.process.returncode
+            said = _last_error_line(text) if code else ""
             log.warning(
-                "the SuperNode exited with code %s after %.0f s; "
-                "starting it again in %.0f s",
+                "the SuperNode exited with code %s after %.0f s%s; "
+                "starting it again in %.0f s (its log: %s)",
                 code,
                 ran_s,
+                f", saying: {said}" if said else "",
                 delay,
+                self.log_path,
             )
             self.audit.record(
                 "supernode_restarted", exit_code=code, ran_s=round(ran_s, 1)
@@ -449,6 +453,21 @@ def _wait_for_port(port: int, node: object, limit_s: float = 60.0) -> None:
                 return
         except OSError:
             time.sleep(0.2)
+
+
+def _last_error_line(text: str) -> str:
+    """The line of a SuperNode's log that says why it exited, for the terminal.
+
+    The last line that reads as an error, else the last line; the cause (an
+    address Flower cannot parse, a key it cannot read) is otherwise only in the
+    log, while the terminal shows the retries' "connection refused".
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [
+        line for line in lines if re.search(r"error|exception|unable", line, re.I)
+    ]
+    chosen = (errors or lines or [""])[-1]
+    return chosen if len(chosen) <= 300 else chosen[:297] + "..."
 
 
 def _read_from(path: Path, offset: int) -> str:

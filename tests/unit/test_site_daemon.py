@@ -516,3 +516,20 @@ def test_a_coordinator_address_that_is_not_host_port_is_refused(site, address):
     _deploy(site, coordinator=address)
     with pytest.raises(ConfigError, match="give HOST:PORT without a scheme"):
         plan_site(site)
+
+
+def test_the_supernodes_exit_reason_is_the_last_error_line_of_its_log():
+    from wardround.client.daemon import _last_error_line
+
+    log = (
+        "INFO : Starting Flower SuperNode\n"
+        "ERROR : SuperLink address (127.0.0.1) cannot be parsed.\n"
+        "INFO : exiting\n\n"
+    )
+    assert (
+        _last_error_line(log)
+        == "ERROR : SuperLink address (127.0.0.1) cannot be parsed."
+    )
+    assert _last_error_line("INFO : only this\n") == "INFO : only this"
+    assert _last_error_line("") == ""
+    assert len(_last_error_line("Error: " + "x" * 1000)) == 300
