@@ -199,7 +199,7 @@ def start(
     import threading
 
     from ..sitedata.dicom_warnings import log_to_file
-    from .daemon import plan_site, run_site_daemon
+    from .daemon import SUPERNODE_LOG, plan_site, run_site_daemon
 
     with log_to_file(_check_log_path(config)):
         plan = plan_site(config)
@@ -212,7 +212,8 @@ def start(
     signal.signal(signal.SIGINT, handler)
     typer.echo(
         f"site {plan.site.site.name}: connecting to {plan.coordinator} (TLS); "
-        f"state in {plan.state_dir}"
+        f"state in {plan.state_dir}; the connection's log (retries, refusals): "
+        f"{plan.state_dir / SUPERNODE_LOG}"
     )
     if plan.site.dashboard.enabled:
         from .dashboard.app import site_exposure
