@@ -99,15 +99,18 @@ def check_site(
     report["dicom"] = _dicom_section(site, prep.index, prep.images, prep.reasons)
     report["ehr"] = _ehr_section(prep)
     report["join"] = _join_section(prep, task)
+    split = _split(prep, site)
     if task.kind is TaskKind.CLASSIFICATION:  # the split AUROC is measured on
-        report["validation"] = _validation_section(prep, site, task)
+        report["validation"] = _validation_section(prep, split, task)
     report["fingerprint"] = prep.fingerprint
     report["phi"] = _phi_findings(prep, site)
     if task.kind is not TaskKind.CLASSIFICATION:
         report["text"] = _text_section(site, task, prep, blocking)
     blocking.extend(_join_blocking(report, site, task))
     if run is not None:
-        blocking.extend(_privacy_floor_refusal(run, site, prep))
+        in_validation, patient_ids = split
+        train_patients = len(set(patient_ids[~in_validation]))
+        blocking.extend(_privacy_floor_refusal(run, site, train_patients))
     warnings.extend(_data_warnings(report))
     return _finish(report)
 
@@ -421,12 +424,12 @@ def _ehr_section(prep) -> dict[str, Any]:
     }
 
 
-def _privacy_floor_refusal(run: RunConfig, site: SiteConfig, prep) -> list[str]:
+def _privacy_floor_refusal(
+    run: RunConfig, site: SiteConfig, train_patients: int
+) -> list[str]:
     """The site's [privacy] floor's refusal of ``run``, as the daemon would say it."""
     from .privacy_policy import plan_site_privacy
 
-    in_validation, patient_ids = _split(prep, site)
-    train_patients = len(set(np.asarray(patient_ids, dtype=object)[~in_validation]))
     if train_patients < 1:
         return []  # no training split: blocked as such
     try:
@@ -436,22 +439,23 @@ def _privacy_floor_refusal(run: RunConfig, site: SiteConfig, prep) -> list[str]:
     return []
 
 
-def _split(prep, site: SiteConfig) -> tuple[np.ndarray, list[str]]:
+def _split(prep, site: SiteConfig) -> tuple[np.ndarray, np.ndarray]:
     """Which joined rows training puts in validation, and their patient ids."""
     patient_ids = [prep.ehr.patient_ids[i] or "" for i in prep.join.rows]
     in_validation = split_patients(
         patient_ids, site.data.split_seed, site.data.validation_fraction
     )
-    return in_validation, patient_ids
+    return in_validation, np.asarray(patient_ids, dtype=object)
 
 
-def _validation_section(prep, site: SiteConfig, task: TaskConfig) -> dict[str, Any]:
+def _validation_section(
+    prep, split: tuple[np.ndarray, np.ndarray], task: TaskConfig
+) -> dict[str, Any]:
     """The validation split training will use: its size and each label's classes."""
-    in_val, patient_ids = _split(prep, site)
+    in_val, ids = split
     val_rows = np.asarray(prep.join.rows, dtype=np.int64)[in_val]
     labels = prep.ehr.labels[val_rows]
     known = ~prep.ehr.label_null[val_rows]
-    ids = np.asarray(patient_ids, dtype=object)
     return {
         "patients": len(set(ids[in_val])),
         "train_patients": len(set(ids[~in_val])),
