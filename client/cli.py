@@ -220,8 +220,11 @@ def start(
 
         url = site_exposure(plan.site, plan.site_toml).url
         typer.echo(f"site {plan.site.site.name}: dashboard and /metrics on {url}")
-    run_site_daemon(plan, stop)
-    typer.echo(f"site {plan.site.site.name}: stopped")
+    name = plan.site.site.name
+    run_site_daemon(
+        plan, stop, report=lambda message: typer.echo(f"site {name}: {message}")
+    )
+    typer.echo(f"site {name}: stopped")
 
 
 @site_app.command("approve")

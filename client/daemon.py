@@ -26,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from ..ops.processes import start_child, stop_child
 from ..ops.secret_file import load_or_create_secret
 from ..sitedata.site_config import SiteConfig
 from .approvals import AppApprovals
+from .connection_watch import ConnectionWatch
 from .egress_log import EGRESS_FILE
 from .site_worker import APP_NOT_APPROVED, SiteWorker, TaskObserver, TaskOutcome
 from .supernode_main import POLL_ENV
@@ -284,18 +286,28 @@ def _round_of(group: str) -> int | None:
     return int(group) if group.isdigit() else None
 
 
-def run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
+def run_site_daemon(
+    plan: SitePlan,
+    stop: threading.Event,
+    report: Callable[[str], None] | None = None,
+) -> None:
     """Run the SuperNode and the warm worker until ``stop`` is set or the node fails.
+
+    ``report`` receives what the operator should see about the link to the
+    coordinator (connected, not answering, answering again); by default it is
+    logged as a warning.
 
     A second daemon on the same state folder is refused: two SuperNodes with one
     key and one state would take each other's work and write one audit log.
     """
     plan.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with sole_user(plan.state_dir, "site daemon"):
-        _run_site_daemon(plan, stop)
+        _run_site_daemon(plan, stop, report or log.warning)
 
 
-def _run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
+def _run_site_daemon(
+    plan: SitePlan, stop: threading.Event, report: Callable[[str], None]
+) -> None:
     env_before = dict(os.environ)
     os.environ["FLWR_HOME"] = str(plan.state_dir / "flwr-home")
     apply_machine_hygiene(plan.state_dir)
@@ -334,8 +346,9 @@ def _run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
     )
     worker_thread.start()
     failure: FederationError | None = None
+    watch = ConnectionWatch(plan.coordinator, str(node.log_path))
     try:
-        failure = _supervise(node, worker_thread, stop)
+        failure = _supervise(node, worker_thread, stop, watch, report)
     finally:
         stop.set()
         stop_child(node.process)
@@ -354,10 +367,16 @@ def _run_site_daemon(plan: SitePlan, stop: threading.Event) -> None:
 
 
 def _supervise(
-    node: _SuperNode, worker_thread: threading.Thread, stop: threading.Event
+    node: _SuperNode,
+    worker_thread: threading.Thread,
+    stop: threading.Event,
+    watch: ConnectionWatch,
+    report: Callable[[str], None],
 ) -> FederationError | None:
     """Watch the SuperNode and the worker until ``stop``; why they ended, if they did."""
     while not stop.wait(0.5):
+        for message in watch.feed(node.new_log_text(), time.monotonic()):
+            report(message)
         if node.process.poll() is not None:
             delay = node.restart_delay()
             if isinstance(delay, FederationError):
@@ -390,10 +409,23 @@ class _SuperNode:
         """Start the SuperNode; its log is read from here on."""
         log_path = self.log_path
         self.offset = log_path.stat().st_size if log_path.exists() else 0
+        self.watched_to = self.offset
         self.process = start_child(
             supernode_command(self.plan, self.port), self.env, log_path
         )
         self.started = time.monotonic()
+
+    def new_log_text(self) -> str:
+        """The log's complete lines written since the last call."""
+        try:
+            with self.log_path.open("rb") as handle:
+                handle.seek(self.watched_to)
+                data = handle.read()
+        except OSError:
+            return ""
+        complete = data[: data.rfind(b"\n") + 1]
+        self.watched_to += len(complete)
+        return complete.decode(errors="replace")
 
     def restart_delay(self) -> float | FederationError:
         """After the SuperNode exited: seconds to wait before a restart, or why not."""

@@ -159,6 +159,14 @@ def test_a_run_with_dp_and_secagg_writes_the_run_directory_and_audit_logs(federa
     assert not leaked, f"patient ids in the audit logs: {leaked[:3]}"
 
 
+def test_each_site_tells_its_operator_it_reached_the_coordinator(federation):
+    fed = federation
+    for name in fed.site_names:
+        daemon = fed.daemons[name]
+        said = f"site {name}: connected to the coordinator at 127.0.0.1:{fed.port}"
+        wait_for(lambda d=daemon, s=said: s in d.output(), 60, f"{name}'s connection")
+
+
 def test_a_site_refuses_a_run_it_has_not_approved(federation):
     fed = federation
     run_toml = fed.run_toml(

@@ -533,3 +533,63 @@ def test_the_supernodes_exit_reason_is_the_last_error_line_of_its_log():
     assert _last_error_line("INFO : only this\n") == "INFO : only this"
     assert _last_error_line("") == ""
     assert len(_last_error_line("Error: " + "x" * 1000)) == 300
+
+
+def test_the_operator_hears_of_an_unreachable_coordinator_and_of_the_connection(
+    site, credentials, monkeypatch
+):
+    import functools
+    import threading
+    import time
+
+    import wardround.client.daemon as daemon
+    from wardround.client.connection_watch import ConnectionWatch
+
+    # A SuperNode that opens its Runtime API, fails to reach the coordinator for a
+    # while, as Flower's logs it, then registers.
+    script = (
+        "import socket, sys, time\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+        "for wait in (0.3, 0.6, 1.2):\n"
+        "    print(f'WARNING :   Connection attempt failed, retrying in {wait} "
+        "seconds', flush=True); time.sleep(wait)\n"
+        "print('INFO :      Connection successful after 2.1 seconds and 4 tries.', "
+        "flush=True)\n"
+        "print('INFO :      SuperNode ID: 123', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    plan = _supervised_plan(site, credentials, monkeypatch, script)
+    monkeypatch.setattr(
+        daemon,
+        "supernode_command",
+        lambda plan, port: [sys.executable, "-c", script, str(port)],
+    )
+    monkeypatch.setattr(
+        daemon,
+        "ConnectionWatch",
+        functools.partial(ConnectionWatch, first_warning_s=0.5),
+    )
+    messages: list[str] = []
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=daemon.run_site_daemon, args=(plan, stop, messages.append)
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+            m.startswith("connected") for m in messages
+        ):
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    warnings = [m for m in messages if "has not answered" in m]
+    assert warnings, messages
+    assert "127.0.0.1:9" in warnings[0] and "failed attempts" in warnings[0]
+    assert "`[deployment] coordinator`" in warnings[0]
+    assert str(plan.state_dir / "supernode.log") in warnings[0]
+    connected = [m for m in messages if m.startswith("connected")]
+    assert connected == [m for m in messages if "127.0.0.1:9" in m][-1:]
+    assert len(connected) == 1 and "after" in connected[0]
+    assert messages.index(warnings[0]) < messages.index(connected[0])
