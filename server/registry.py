@@ -46,24 +46,47 @@ def load_sites(path: Path) -> dict[str, EnrolledSite]:
     try:
         raw = json.loads(Path(path).read_text())["sites"]
         return {name: EnrolledSite(name=name, **row) for name, row in raw.items()}
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        backup = backup_path(path)
+        hint = (
+            f"Restore the version before its last change: `cp {backup} {path}` (a "
+            "coordinator start gives the restored sites new node ids)."
+            if backup.is_file()
+            else f"Move {path} aside and enrol each site again with `wardround sites "
+            "add NAME --key NAME.pub`."
+        )
         raise DataError(
-            f"{path} is damaged ({type(exc).__name__})",
-            hint="Restore it from the state folder's backup.",
+            f"{path} is damaged ({type(exc).__name__})", hint=hint
         ) from None
 
 
+def backup_path(path: Path) -> Path:
+    """Where ``save_sites`` keeps the version it replaced."""
+    path = Path(path)
+    return path.with_name(path.name + ".bak")
+
+
 def save_sites(path: Path, sites: dict[str, EnrolledSite]) -> None:
-    """Write ``sites.json`` atomically, mode 0600."""
+    """Write ``sites.json`` atomically, mode 0600; the version it replaces is kept.
+
+    The copy (``sites.json.bak``) is what a damaged file is restored from.
+    """
+    path = Path(path)
+    if path.is_file():
+        _write_private(backup_path(path), path.read_bytes())
     rows = {
         name: {k: v for k, v in site.__dict__.items() if k != "name"}
         for name, site in sorted(sites.items())
     }
-    tmp = Path(path).with_suffix(".tmp")
+    _write_private(path, (json.dumps({"sites": rows}, indent=2) + "\n").encode())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically, mode 0600."""
+    tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"sites": rows}, handle, indent=2)
-        handle.write("\n")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
     os.replace(tmp, path)
 
 
