@@ -76,12 +76,45 @@ def submit(
     return run_id
 
 
+def check_enough_sites(coordinator: CoordinatorConfig, config: RunConfig) -> None:
+    """Refuse a run that asks for more sites than are enrolled and not revoked.
+
+    Such a run would wait for its join timeout every round and stop; the admin
+    learns it at launch instead.
+    """
+    from .registry import load_sites
+
+    active = sorted(
+        name for name, site in load_sites(coordinator.sites_path).items() if site.active
+    )
+    federation = config.federation
+    wanted = [
+        (key, value)
+        for key, value in (
+            ("min-sites", federation.min_sites),
+            ("expected-sites", federation.expected_sites),
+        )
+        if value > len(active)
+    ]
+    if not wanted:
+        return
+    key, value = wanted[0]
+    enrolled = ", ".join(active) if active else "none"
+    raise ConfigError(
+        f"federation.{key} = {value}, but {len(active)} site(s) are enrolled and not "
+        f"revoked ({enrolled}): no round could reach {value}",
+        hint=f"Lower federation.{key} in the run config, or enrol more sites first "
+        "(`wardround sites add NAME --key NAME.pub`).",
+    )
+
+
 def launch_run(
     coordinator: CoordinatorConfig, config: RunConfig, config_path: Path
 ) -> tuple[str, Path, AppBundle]:
     """Build, record and submit a new run; return its name, directory and bundle."""
     from wardround import __version__
 
+    check_enough_sites(coordinator, config)
     bundle = build_app(config, coordinator.state_path / "apps")
     name = new_run_name(bundle.fab_hash)
     run_dir = coordinator.runs_path / name
@@ -241,6 +274,15 @@ def mark_stopped(run_dir: Path, reason: str) -> None:
 def stop_run(coordinator: CoordinatorConfig, name: str) -> Path:
     """Stop a run: Flower stops its ServerApp; the run is marked stopped (not resumed)."""
     run_dir = find_run(coordinator, name)
+    status = read_json(run_dir / STATUS_FILE)
+    if status.get("state") in TERMINAL_STATES:
+        # A finished run's record must stay "finished".
+        reason = f" ({status['reason']})" if status.get("reason") else ""
+        raise ConfigError(
+            f"run {run_dir.name} has already {status['state']}{reason}; there is "
+            "nothing to stop",
+            hint=f"`wardround runs {run_dir.name}` shows it.",
+        )
     ids = read_json(run_dir / LAUNCH_FILE).get("flower_run_ids", [])
     if ids:
         try:
