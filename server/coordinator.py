@@ -22,6 +22,7 @@ and so finds the enrolled sites and the audit log.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
 import secrets
@@ -206,6 +207,40 @@ def _check_ports_free(config: CoordinatorConfig) -> None:
                 f"port {port} is already in use",
                 hint=f"Stop what listens there, or set {key}.",
             )
+    _check_bindable(section.host, section.port)
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Refuse a public address nginx could not listen on, before anything starts.
+
+    nginx would otherwise exit with the reason only in its error log.
+    """
+    bind_host = "0.0.0.0" if host in ("", "*") else host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(
+            bind_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        raise ConfigError(
+            f"[coordinator] host {host!r} does not resolve on this machine",
+            hint="Set it to one of this machine's addresses, or 0.0.0.0 for all.",
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            why = {
+                errno.EADDRNOTAVAIL: "is not an address of this machine",
+                errno.EACCES: f"port {port} needs privileges this account lacks",
+                errno.EADDRINUSE: f"port {port} is already in use there",
+            }.get(exc.errno or 0, f"cannot be listened on ({exc.strerror})")
+            raise ConfigError(
+                f"[coordinator] host {host!r}: {why}",
+                hint="Set [coordinator] host to one of this machine's addresses (0.0.0.0 "
+                "for all) and [coordinator] port to a free port above 1023.",
+            ) from None
 
 
 def run_coordinator(

@@ -15,10 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..common.config import _Section
 from ..dashboard.settings import DashboardSection
+from ..ops.addresses import HOST_PORT, is_host
 from ..ops.config_file import TomlFileConfig
 
 FEDERATION_NAME = "wardround"
@@ -65,6 +66,27 @@ class CoordinatorSection(_Section):
         description="open connections one address may hold on the public port",
     )
     state_dir: str = "coordinator-state"
+
+    @field_validator("host")
+    @classmethod
+    def _an_address(cls, host: str) -> str:
+        if host in ("", "*") or is_host(host):
+            return host
+        raise ValueError(
+            f"{host!r} is not an address to listen on: give an IP address or a host "
+            "name without a scheme or port (0.0.0.0 for every address; the port is "
+            "[coordinator] port)"
+        )
+
+    @field_validator("admin_address")
+    @classmethod
+    def _host_port(cls, address: str) -> str:
+        if address and not HOST_PORT.fullmatch(address):
+            raise ValueError(
+                f"{address!r}: give HOST:PORT without a scheme or path, e.g. "
+                "127.0.0.1:9094"
+            )
+        return address
 
     @model_validator(mode="after")
     def _two_ports(self) -> CoordinatorSection:

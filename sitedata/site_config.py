@@ -7,7 +7,6 @@ so hospitals with different EHR schemas join one federation.
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from pathlib import Path
 from typing import ClassVar
@@ -17,6 +16,7 @@ from pydantic import Field, model_validator
 from ..common.config import Accountant, _Section
 from ..common.wire import ANSWERABLE_METRICS, DEFAULT_ANSWER_METRICS
 from ..dashboard.settings import SiteDashboardSection
+from ..ops.addresses import HOST_PORT
 from ..ops.config_file import TomlFileConfig
 from .ehr_database_config import EhrDatabaseSection
 from .omop import omop_ehr_schema
@@ -297,18 +297,12 @@ class SiteDeployment(_Section):
     @model_validator(mode="after")
     def _coordinator_is_host_port(self) -> SiteDeployment:
         # Flower's SuperNode exits on anything else, and is restarted without end
-        if self.coordinator and not _HOST_PORT.fullmatch(self.coordinator):
+        if self.coordinator and not HOST_PORT.fullmatch(self.coordinator):
             raise ValueError(
                 f"coordinator {self.coordinator!r}: give HOST:PORT without a scheme "
                 "or path, e.g. coordinator.example.org:9093 or [::1]:9093"
             )
         return self
-
-
-_HOST_PORT = re.compile(
-    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
-    r":(?:6553[0-5]|655[0-2]\d|65[0-4]\d{2}|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3})"
-)
 
 
 class SiteConfig(TomlFileConfig):

@@ -15,6 +15,7 @@ from coordinator_files import coordinator_config as _coordinator
 from coordinator_files import file_mode as _mode
 
 from wardround.common.errors import ConfigError
+from wardround.deploy.loopback import free_port
 from wardround.pki import (
     init_ca,
     issue_server_certificate,
@@ -108,6 +109,40 @@ def test_coordinator_internal_port_must_differ_from_the_public_port(tmp_path):
     with pytest.raises(ConfigError) as err:
         CoordinatorConfig.from_toml(path)
     assert "internal-port 9500 must differ from port" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ('host = "0.0.0.0:9093"', "coordinator.host: '0.0.0.0:9093' is not an address"),
+        ('host = "https://coord.example.org"', "without a scheme or port"),
+        ('admin-address = "127.0.0.1"', "coordinator.admin-address: '127.0.0.1': give"),
+    ],
+)
+def test_coordinator_host_and_admin_address_are_checked(tmp_path, line, says):
+    path = tmp_path / "coordinator.toml"
+    path.write_text(f"[coordinator]\n{line}\n" + TLS_TABLE)
+    with pytest.raises(ConfigError) as err:
+        CoordinatorConfig.from_toml(path)
+    assert says in err.value.message
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "*", "::1", "[::1]", "localhost"])
+def test_coordinator_host_takes_addresses_and_names(tmp_path, host):
+    path = tmp_path / "coordinator.toml"
+    path.write_text(f'[coordinator]\nhost = "{host}"\n' + TLS_TABLE)
+    assert CoordinatorConfig.from_toml(path).coordinator.host == host
+
+
+def test_a_public_address_this_machine_lacks_is_refused_before_start(tmp_path):
+    from wardround.server.coordinator import _check_bindable
+
+    # 192.0.2.0/24 is reserved for documentation: no machine has it
+    with pytest.raises(ConfigError, match="'192.0.2.7': is not an address of this"):
+        _check_bindable("192.0.2.7", free_port())
+    with pytest.raises(ConfigError, match="does not resolve"):
+        _check_bindable("no-such-host.invalid", free_port())
+    _check_bindable("127.0.0.1", free_port())
 
 
 def test_coordinator_missing_file_is_a_config_error(tmp_path):
