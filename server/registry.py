@@ -125,6 +125,14 @@ def add_site(config: CoordinatorConfig, name: str, public_key: Path) -> Enrolled
                 f"this key is already enrolled as site {other.name!r}",
                 hint="Every site needs its own key pair (`wardround keys site NAME`).",
             )
+        if other.public_key_sha256 == fingerprint:
+            # A revoked key may be in the wrong hands; it never comes back.
+            raise ConfigError(
+                f"this key was revoked (site {other.name!r}, {other.revoked_at}) and "
+                "cannot be enrolled again",
+                hint=f"The site makes a new key pair (`wardround keys site {name}`) "
+                "and sends its .pub.",
+            )
     reply = flwr_json(config, "supernode", "register", str(public_key))
     site = EnrolledSite(
         name=name,

@@ -112,6 +112,20 @@ def test_add_site_refuses_the_same_key_under_another_name(tmp_path, flwr, keys):
     assert set(load_sites(config.sites_path)) == {"st-marys"}
 
 
+def test_add_site_refuses_a_revoked_key_under_any_name(tmp_path, flwr, keys):
+    config = _coordinator(tmp_path)
+    add_site(config, "st-marys", keys / "st-marys.pub")
+    revoke_site(config, "st-marys")
+    calls = len(flwr.calls)
+    for name in ("st-marys", "general"):
+        with pytest.raises(ConfigError) as err:
+            add_site(config, name, keys / "st-marys.pub")
+        assert "was revoked (site 'st-marys'" in err.value.message
+        assert f"wardround keys site {name}" in err.value.hint
+    assert len(flwr.calls) == calls  # the SuperLink was not asked
+    assert not load_sites(config.sites_path)["st-marys"].active
+
+
 @pytest.mark.parametrize("which", ["private-key", "pem", "text"])
 def test_add_site_refuses_a_file_that_is_not_an_openssh_public_key(
     tmp_path, flwr, keys, pki, which
