@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
 from wardround.common.errors import ConfigError
 
 from .certificates import (
@@ -156,14 +158,41 @@ def issue_server_certificate(
             hint="pick another --name, e.g. coordinator",
         )
     _refuse_overwrite([files.cert, files.key], force)
+    issued = utc_now(now)
+    _within_ca_validity(ca_cert, issued, days)
     key = new_private_key()
     cert = build_server_certificate(
-        key.public_key(), ca_cert, ca_key, dns_names, ip_addresses, days, utc_now(now)
+        key.public_key(), ca_cert, ca_key, dns_names, ip_addresses, days, issued
     )
     out.mkdir(parents=True, exist_ok=True)
     _write(files.key, private_key_pem(key), PRIVATE_MODE, force)
     _write(files.cert, certificate_pem(cert), PUBLIC_MODE, force)
     return files
+
+
+def _within_ca_validity(
+    ca_cert: x509.Certificate, issued: dt.datetime, days: int
+) -> None:
+    """Refuse a certificate that would outlive its CA (or a CA that has expired).
+
+    Clients stop trusting it when the CA expires, whatever its own dates say.
+    """
+    ca_end = ca_cert.not_valid_after_utc
+    left = (ca_end - issued).days
+    if left < 1:
+        raise ConfigError(
+            f"the CA expired on {ca_end:%Y-%m-%d}"
+            if ca_end <= issued
+            else f"the CA expires on {ca_end:%Y-%m-%d}, in less than a day",
+            hint="Make a new CA (`wardround certs init`) and re-issue every "
+            "certificate from it (deploy/README.md, Certificate rotation).",
+        )
+    if issued + dt.timedelta(days=days) > ca_end:
+        raise ConfigError(
+            f"--days {days} would keep the certificate valid after its CA expires "
+            f"({ca_end:%Y-%m-%d}); clients stop trusting it then",
+            hint=f"Give --days {left} or fewer, or renew the CA first.",
+        )
 
 
 def generate_site_keypair(

@@ -458,3 +458,31 @@ def test_a_validity_past_the_year_9999_is_a_config_error_not_an_overflow():
     assert validate_days(3650) == 3650
     with pytest.raises(ConfigError, match="ends after the year 9999"):
         validate_days(100_000_000)
+
+
+def test_a_server_certificate_may_not_outlive_its_ca(tmp_path):
+    issued = dt.datetime(2030, 1, 1, 12, tzinfo=dt.UTC)
+    init_ca(tmp_path / "ca", days=30, now=issued)
+    with pytest.raises(ConfigError) as err:
+        issue_server_certificate(
+            tmp_path / "ca", ["localhost"], [], tmp_path / "a", days=825, now=issued
+        )
+    assert "--days 825 would keep the certificate valid after its CA expires" in (
+        err.value.message
+    )
+    assert "(2030-01-31)" in err.value.message
+    assert "--days 30 or fewer" in err.value.hint
+    assert not (tmp_path / "a").exists()
+    files = issue_server_certificate(
+        tmp_path / "ca", ["localhost"], [], tmp_path / "b", days=30, now=issued
+    )
+    assert describe_certificate(files.cert, now=issued).days_left == 30
+    with pytest.raises(ConfigError, match="the CA expired on 2030-01-31"):
+        issue_server_certificate(
+            tmp_path / "ca",
+            ["localhost"],
+            [],
+            tmp_path / "c",
+            days=1,
+            now=issued + dt.timedelta(days=31),
+        )
