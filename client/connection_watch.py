@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 # Flower 1.41's SuperNode log lines (flwr/supercore/retry/*_retry.py and
 # flwr/supernode/start_client_internal.py).
-_FAILED = "Connection attempt failed"
+_FAILED = "Connection attempt failed, retrying"  # DEBUG adds a second line per try
 _RECOVERED = "Connection successful after"
 _REGISTERED = "SuperNode ID:"
 

@@ -326,6 +326,9 @@ def _run_site_daemon(
     port = plan.site.deployment.runtime_port or free_loopback_port()
     env = dict(os.environ)
     env[POLL_ENV] = str(plan.site.deployment.poll_interval_s)
+    if env.get("FLWR_LOG_LEVEL", "INFO").upper() not in ("INFO", "DEBUG"):
+        # the connection's messages to the operator are read from INFO lines
+        env["FLWR_LOG_LEVEL"] = "INFO"
     node = _SuperNode(plan, port, env, audit)
     audit.record(
         "site_daemon_started",
@@ -419,6 +422,8 @@ class _SuperNode:
         """The log's complete lines written since the last call."""
         try:
             with self.log_path.open("rb") as handle:
+                if os.fstat(handle.fileno()).st_size < self.watched_to:
+                    self.watched_to = self.offset = 0  # truncated (log rotation)
                 handle.seek(self.watched_to)
                 data = handle.read()
         except OSError:
@@ -505,6 +510,8 @@ def _last_error_line(text: str) -> str:
 def _read_from(path: Path, offset: int) -> str:
     try:
         with path.open("rb") as handle:
+            if os.fstat(handle.fileno()).st_size < offset:
+                offset = 0  # truncated since (log rotation): all of it is new
             handle.seek(offset)
             return handle.read().decode(errors="replace")
     except OSError:

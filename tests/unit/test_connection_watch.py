@@ -70,3 +70,10 @@ def test_a_coordinator_that_comes_up_late_is_announced_with_the_wait():
         "connected to the coordinator at coord.example:9092 after 25 s of failed "
         "attempts"
     ]
+
+
+def test_the_debug_lines_of_a_try_count_once():
+    watch = _watch()
+    debug = "DEBUG :     Connection attempt failed with exception: ConnectError\n"
+    watch.feed((debug + FAILED) * 3, now=0.0)
+    assert "(3 failed attempts)" in watch.feed("", now=16.0)[0]

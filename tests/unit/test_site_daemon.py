@@ -593,3 +593,17 @@ def test_the_operator_hears_of_an_unreachable_coordinator_and_of_the_connection(
     assert connected == [m for m in messages if "127.0.0.1:9" in m][-1:]
     assert len(connected) == 1 and "after" in connected[0]
     assert messages.index(warnings[0]) < messages.index(connected[0])
+
+
+def test_the_supernodes_log_is_read_again_from_its_start_after_a_truncation(tmp_path):
+    from wardround.client.daemon import _read_from, _SuperNode
+
+    node = object.__new__(_SuperNode)  # only its log reading, no process
+    node.log_path = tmp_path / "supernode.log"
+    node.log_path.write_text("first line\nsecond line\npartial")
+    node.offset = node.watched_to = 0
+    assert node.new_log_text() == "first line\nsecond line\n"
+    assert node.new_log_text() == ""
+    node.log_path.write_text("after rotation\n")  # copytruncate: shorter than before
+    assert node.new_log_text() == "after rotation\n"
+    assert _read_from(node.log_path, 10_000) == "after rotation\n"
