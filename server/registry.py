@@ -46,11 +46,17 @@ def load_sites(path: Path) -> dict[str, EnrolledSite]:
     try:
         raw = json.loads(Path(path).read_text())["sites"]
         return {name: EnrolledSite(name=name, **row) for name, row in raw.items()}
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+    except (
+        json.JSONDecodeError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        UnicodeDecodeError,
+    ) as exc:
         backup = backup_path(path)
         hint = (
-            f"Restore the version before its last change: `cp {backup} {path}` (a "
-            "coordinator start gives the restored sites new node ids)."
+            f"Restore the copy of its last good version: `cp {backup} {path}` (the "
+            "next coordinator start registers the restored keys again)."
             if backup.is_file()
             else f"Move {path} aside and enrol each site again with `wardround sites "
             "add NAME --key NAME.pub`."
@@ -61,32 +67,37 @@ def load_sites(path: Path) -> dict[str, EnrolledSite]:
 
 
 def backup_path(path: Path) -> Path:
-    """Where ``save_sites`` keeps the version it replaced."""
+    """Where ``save_sites`` keeps a second copy of what it wrote."""
     path = Path(path)
     return path.with_name(path.name + ".bak")
 
 
 def save_sites(path: Path, sites: dict[str, EnrolledSite]) -> None:
-    """Write ``sites.json`` atomically, mode 0600; the version it replaces is kept.
+    """Write ``sites.json`` atomically, mode 0600, and then the same to its copy.
 
-    The copy (``sites.json.bak``) is what a damaged file is restored from.
+    The copy (``sites.json.bak``) is what a damaged file is restored from. It is the
+    latest version, never an older one: an older one could still hold a key that
+    has since been revoked.
     """
     path = Path(path)
-    if path.is_file():
-        _write_private(backup_path(path), path.read_bytes())
     rows = {
         name: {k: v for k, v in site.__dict__.items() if k != "name"}
         for name, site in sorted(sites.items())
     }
-    _write_private(path, (json.dumps({"sites": rows}, indent=2) + "\n").encode())
+    data = (json.dumps({"sites": rows}, indent=2) + "\n").encode()
+    _write_private(path, data)
+    _write_private(backup_path(path), data)
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically, mode 0600."""
+    """Replace ``path`` with ``data`` atomically and durably, mode 0600."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # a leftover .tmp keeps its old mode
         handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
