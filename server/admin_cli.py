@@ -154,13 +154,15 @@ def launch(
     ] = False,
 ) -> None:
     """Start a run on the deployed federation and follow it round by round."""
-    from .launcher import build_app, launch_run
+    from .launcher import build_app, launch_run, site_count_warnings
 
     run = load_run_config(config)
     coord = _load(coordinator)
     if print_hash:
         typer.echo(build_app(run, coord.state_path / "apps").fab_hash)
         return
+    for warning in site_count_warnings(coord, run):
+        typer.echo(f"warning: {warning}", err=True)
     name, run_dir, bundle = launch_run(coord, run, config)
     typer.echo(f"run {name} started; app hash {bundle.fab_hash}")
     typer.echo(

@@ -76,11 +76,11 @@ def submit(
     return run_id
 
 
-def check_enough_sites(coordinator: CoordinatorConfig, config: RunConfig) -> None:
-    """Refuse a run that asks for more sites than are enrolled and not revoked.
+def site_count_warnings(coordinator: CoordinatorConfig, config: RunConfig) -> list[str]:
+    """What the admin should know when a run asks for more sites than are enrolled.
 
-    Such a run would wait for its join timeout every round and stop; the admin
-    learns it at launch instead.
+    Not a refusal: sites enrolled while the run waits are taken (the ServerApp
+    reads the roster again), so launching before the last enrolment works.
     """
     from .registry import load_sites
 
@@ -88,24 +88,25 @@ def check_enough_sites(coordinator: CoordinatorConfig, config: RunConfig) -> Non
         name for name, site in load_sites(coordinator.sites_path).items() if site.active
     )
     federation = config.federation
-    wanted = [
-        (key, value)
-        for key, value in (
-            ("min-sites", federation.min_sites),
-            ("expected-sites", federation.expected_sites),
-        )
-        if value > len(active)
-    ]
-    if not wanted:
-        return
-    key, value = wanted[0]
-    enrolled = ", ".join(active) if active else "none"
-    raise ConfigError(
-        f"federation.{key} = {value}, but {len(active)} site(s) are enrolled and not "
-        f"revoked ({enrolled}): no round could reach {value}",
-        hint=f"Lower federation.{key} in the run config, or enrol more sites first "
-        "(`wardround sites add NAME --key NAME.pub`).",
+    enrolled = (
+        f"{len(active)} site(s) are enrolled and not revoked "
+        f"({', '.join(active) if active else 'none'})"
     )
+    warnings = []
+    if federation.min_sites > len(active):
+        warnings.append(
+            f"federation.min-sites = {federation.min_sites}, but {enrolled}: the run "
+            f"pauses at its first round until {federation.min_sites} enrolled sites "
+            "connect. Enrol the others (`wardround sites add NAME --key NAME.pub`), or "
+            "stop it and lower min-sites."
+        )
+    if federation.expected_sites > len(active):
+        warnings.append(
+            f"federation.expected-sites = {federation.expected_sites}, but {enrolled}: "
+            f"every round waits join-timeout-s ({federation.join_timeout_s:g} s) for "
+            "the missing sites before it goes on without them."
+        )
+    return warnings
 
 
 def launch_run(
@@ -114,7 +115,6 @@ def launch_run(
     """Build, record and submit a new run; return its name, directory and bundle."""
     from wardround import __version__
 
-    check_enough_sites(coordinator, config)
     bundle = build_app(config, coordinator.state_path / "apps")
     name = new_run_name(bundle.fab_hash)
     run_dir = coordinator.runs_path / name
@@ -290,6 +290,12 @@ def stop_run(coordinator: CoordinatorConfig, name: str) -> Path:
         except FederationError as exc:
             if "finished" not in exc.message.lower():
                 raise
+            ended = read_json(run_dir / STATUS_FILE).get("state")
+            if ended in TERMINAL_STATES:  # it ended before the stop reached it
+                raise ConfigError(
+                    f"run {run_dir.name} {ended} before the stop reached it",
+                    hint=f"`wardround runs {run_dir.name}` shows it.",
+                ) from None
     mark_stopped(run_dir, "stopped by the coordinator admin")
     AuditLog(coordinator.audit_path, actor="admin").record(
         "run_stopped", run_id=run_dir.name, reason="stopped by the coordinator admin"
