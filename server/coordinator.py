@@ -213,33 +213,46 @@ def _check_ports_free(config: CoordinatorConfig) -> None:
 def _check_bindable(host: str, port: int) -> None:
     """Refuse a public address nginx could not listen on, before anything starts.
 
-    nginx would otherwise exit with the reason only in its error log.
+    nginx would otherwise exit with the reason only in its error log. Every
+    address the host resolves to is tried, as nginx listens on each.
     """
     bind_host = "0.0.0.0" if host in ("", "*") else host.strip("[]")
+    fix = (
+        "Set [coordinator] host to one of this machine's addresses, or 0.0.0.0 for all."
+    )
     try:
         infos = socket.getaddrinfo(
             bind_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError):
         raise ConfigError(
-            f"[coordinator] host {host!r} does not resolve on this machine",
-            hint="Set it to one of this machine's addresses, or 0.0.0.0 for all.",
+            f"[coordinator] host {host!r} does not resolve on this machine", hint=fix
         ) from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    for family, kind, proto, _, address in infos:
         try:
-            probe.bind(address)
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
         except OSError as exc:
-            why = {
-                errno.EADDRNOTAVAIL: "is not an address of this machine",
-                errno.EACCES: f"port {port} needs privileges this account lacks",
-                errno.EADDRINUSE: f"port {port} is already in use there",
-            }.get(exc.errno or 0, f"cannot be listened on ({exc.strerror})")
+            if exc.errno == errno.EACCES:
+                # nginx may hold the capability to bind low ports that we lack
+                log.warning(
+                    "this account may not listen on port %d; nginx needs the right to",
+                    port,
+                )
+                continue
+            if exc.errno == errno.EADDRINUSE:
+                raise FederationError(
+                    f"port {port} is already in use on {address[0]}",
+                    hint="Stop what listens there, or set [coordinator] port.",
+                ) from None
+            why = (
+                "is not an address of this machine"
+                if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+                else f"cannot be listened on ({exc.strerror})"
+            )
             raise ConfigError(
-                f"[coordinator] host {host!r}: {why}",
-                hint="Set [coordinator] host to one of this machine's addresses (0.0.0.0 "
-                "for all) and [coordinator] port to a free port above 1023.",
+                f"[coordinator] host {host!r} ({address[0]}) {why}", hint=fix
             ) from None
 
 

@@ -7,6 +7,7 @@ test_deploy_registry.py.
 from __future__ import annotations
 
 import datetime as dt
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from coordinator_files import TLS_TABLE
 from coordinator_files import coordinator_config as _coordinator
 from coordinator_files import file_mode as _mode
 
-from wardround.common.errors import ConfigError
+from wardround.common.errors import ConfigError, FederationError
 from wardround.deploy.loopback import free_port
 from wardround.pki import (
     init_ca,
@@ -138,11 +139,20 @@ def test_a_public_address_this_machine_lacks_is_refused_before_start(tmp_path):
     from wardround.server.coordinator import _check_bindable
 
     # 192.0.2.0/24 is reserved for documentation: no machine has it
-    with pytest.raises(ConfigError, match="'192.0.2.7': is not an address of this"):
+    with pytest.raises(
+        ConfigError, match=r"'192.0.2.7' \(192.0.2.7\) is not an address"
+    ):
         _check_bindable("192.0.2.7", free_port())
     with pytest.raises(ConfigError, match="does not resolve"):
         _check_bindable("no-such-host.invalid", free_port())
     _check_bindable("127.0.0.1", free_port())
+    with pytest.raises(ConfigError, match="does not resolve"):
+        _check_bindable("a" * 70 + ".example", free_port())  # a label over 63 bytes
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(FederationError, match="already in use on 127.0.0.1"):
+            _check_bindable("127.0.0.1", taken.getsockname()[1])
 
 
 def test_coordinator_missing_file_is_a_config_error(tmp_path):
