@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -115,7 +115,7 @@ def deid(
     Every input file is reported as written, a duplicate of another file of the
     same SOPInstanceUID (one copy per instance is written), or failed with why.
     """
-    from wardround.common.errors import ConfigError
+    from wardround.common.errors import ConfigError, DataError
 
     from .deid import deid_ehr, load_salt
     from .deid_export import deid_folder
@@ -130,7 +130,22 @@ def deid(
         )
     if as_json:
         typer.echo(json.dumps(result.summary(), indent=2))
-        return
+    else:
+        _print_deid(result, out, ehr_out)
+    if result.unlisted_folders:
+        shown = ", ".join(result.unlisted_folders[:5])
+        more = len(result.unlisted_folders) - 5
+        typer.echo(
+            f"NOT SEEN: {len(result.unlisted_folders)} folder(s) under {src} the "
+            f"account running wardround may not list ({shown}"
+            f"{f', and {more} more' if more > 0 else ''}): their files are not in the "
+            "counts. Give that account read access and run it again.",
+            err=True,
+        )
+        raise typer.Exit(DataError.exit_code)
+
+
+def _print_deid(result: Any, out: Path, ehr_out: Path | None) -> None:
     n_failed = sum(result.failed.values())
     typer.echo(
         f"{result.files} input file(s): {result.written} de-identified into {out}, "

@@ -13,7 +13,8 @@ Each input file ends as exactly one of:
 - **failed**, with its reason (not DICOM, unreadable, not writable after
   de-identification).
 
-``written + duplicates + failed`` is the number of input files. Nothing in
+``written + duplicates + failed`` is the number of input files. Folders the
+account running wardround may not list are named apart (their files are unseen). Nothing in
 ``--out`` is overwritten silently: a copy already there from an earlier export is
 counted as replaced. The per-file account goes to a JSON Lines report that names
 source paths, so it is kept beside ``--out``, never inside it.
@@ -25,6 +26,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,6 +71,8 @@ class DeidResult:
     burn_in_undeclared: int = 0
     ehr_rows: int = 0
     pydicom_warnings: dict[str, int] = field(default_factory=dict)
+    unlisted_folders: list[str] = field(default_factory=list)
+    """Folders under --in (relative) the account may not list: their files are unseen."""
     report: str = ""
     outcomes: list[FileOutcome] = field(default_factory=list, repr=False)
 
@@ -106,6 +110,7 @@ def deid_folder(
         )
     paths = sorted(p for p in src.rglob("*") if p.is_file())
     result = DeidResult(files=len(paths), report=str(report))
+    result.unlisted_folders = unlisted_folders(src)
     outcomes: dict[Path, FileOutcome] = {}
     instances: dict[str, list[tuple[tuple[bool, bool], Path]]] = {}
     for path in paths:
@@ -150,6 +155,22 @@ def deid_folder(
         sum(failed.values()),
     )
     return result
+
+
+def unlisted_folders(src: Path) -> list[str]:
+    """Folders under ``src`` that this account may not list, relative to ``src``.
+
+    A folder walk skips them without a word; the export names them instead.
+    """
+    denied: list[str] = []
+
+    def note(error: OSError) -> None:
+        if isinstance(error, PermissionError) and error.filename:
+            denied.append(str(Path(error.filename).relative_to(src)) or ".")
+
+    for _ in os.walk(src, onerror=note):
+        pass
+    return sorted(denied)
 
 
 def _export(

@@ -9,6 +9,7 @@ columns, modalities and body parts; it never holds patient values.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,12 @@ import pyarrow.compute as pc
 from ..common.config import RunConfig, TaskConfig, TaskKind
 from ..common.errors import PrivacyPolicyRefused, WardroundError
 from ..sitedata.dataset import ehr_present, prepare_site, split_patients
-from ..sitedata.decode import OK, transfer_syntax_name
+from ..sitedata.decode import (
+    FOLDER_NO_PERMISSION,
+    NO_PERMISSION,
+    OK,
+    transfer_syntax_name,
+)
 from ..sitedata.dicom_index import not_folders
 from ..sitedata.dicom_warnings import count_kinds, log_kinds
 from ..sitedata.ehr_source import ehr_source
@@ -252,6 +258,7 @@ def _data_warnings(report: dict[str, Any]) -> list[str]:
             f"{unjoined} DICOM stud(ies) have no EHR row and are not used (the join "
             "is on the StudyInstanceUID and the EHR's study-uid column)"
         )
+    found.extend(_permission_warnings(report["dicom"]))
     duplicates = report["dicom"]["duplicate_instances"]
     if duplicates:
         found.append(
@@ -272,6 +279,35 @@ def _data_warnings(report: dict[str, Any]) -> list[str]:
             "studies train without image"
         )
     return found
+
+
+def _permission_warnings(dicom: dict[str, Any]) -> list[str]:
+    """Files and folders the account may not read: their images are not used."""
+    not_usable = dicom["not_usable"]
+    files = not_usable.get(NO_PERMISSION, 0) + dicom["decode_failures"].get(
+        NO_PERMISSION, 0
+    )
+    folders = not_usable.get(FOLDER_NO_PERMISSION, 0)
+    if not files and not folders:
+        return []
+    denied = [f"read {files} DICOM file(s)"] if files else []
+    if folders:
+        denied.append(f"list {folders} folder(s), whose files are unseen")
+    return [
+        f"the account running wardround ({_account()}) may not "
+        + " and may not ".join(denied)
+        + ": their images are not used. Give that account read access (e.g. "
+        "through a group), then check again"
+    ]
+
+
+def _account() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
 
 
 def _label_value_warnings(ehr: dict[str, Any]) -> list[str]:

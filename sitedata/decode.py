@@ -24,6 +24,9 @@ from pydicom.uid import UID
 OK = "ok"
 NOT_DICOM = "not DICOM (no DICOM header)"
 UNREADABLE = "unreadable DICOM header"
+NO_PERMISSION = "no read permission for the account running wardround"
+FOLDER_NO_PERMISSION = "folder the account running wardround cannot list"
+PERMISSION_STATUSES = (NO_PERMISSION, FOLDER_NO_PERMISSION)
 NO_PIXELS = "not an image (no pixel data)"
 NO_TRANSFER_SYNTAX = "no transfer syntax in the file meta"
 UNSUPPORTED = "unsupported transfer syntax"
@@ -74,12 +77,14 @@ def read_dataset(path: Path, *, stop_before_pixels: bool = False) -> pydicom.Dat
     Raises
     ------
     DecodeFailure
-        :data:`NOT_DICOM` or :data:`UNREADABLE`.
+        :data:`NOT_DICOM`, :data:`UNREADABLE` or :data:`NO_PERMISSION`.
     """
     try:
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
         pass
+    except PermissionError as exc:
+        raise DecodeFailure(NO_PERMISSION) from exc
     except Exception as exc:  # noqa: BLE001 - every unreadable file is recorded
         raise DecodeFailure(UNREADABLE) from exc
     try:  # raw data sets without a preamble (common in old PACS exports)

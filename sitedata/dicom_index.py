@@ -119,11 +119,13 @@ def index_dicom(
     known = _cache_keys(cached)
     keep: list[int] = []
     todo: list[tuple[str, int, int]] = []
+    unlisted: list[str] = []
     seen = 0
-    for path, size, mtime_ns in _walk(folders, skip=cache_dir):
+    for path, size, mtime_ns in _walk(folders, skip=cache_dir, unlisted=unlisted):
         seen += 1
         old = known.pop(path, None)
-        if old is not None and old[0] == size and old[1] == mtime_ns:
+        # a permission granted since does not change size or mtime: read it again
+        if old is not None and old[0] == size and old[1] == mtime_ns and old[3]:
             keep.append(old[2])
         else:
             todo.append((path, size, mtime_ns))
@@ -131,6 +133,8 @@ def index_dicom(
     del known
     parts = [cached.take(pa.array(keep, pa.int64()))] if keep else []
     parts += list(_read_all(todo, workers))
+    if unlisted:
+        parts.append(_unlisted_rows(unlisted))
     table = (
         pa.concat_tables(parts).combine_chunks()
         if parts
@@ -169,8 +173,29 @@ def _read_chunk(chunk: list[tuple[str, int, int]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
 
 
-def _walk(folders: list[Path], *, skip: Path) -> Iterator[tuple[str, int, int]]:
-    """Yield (resolved path, size, mtime_ns) of every regular file, once each."""
+def _unlisted_rows(folders: list[str]) -> pa.Table:
+    """Index rows for folders that could not be listed: their files are unknown."""
+    rows = [
+        {
+            **{name: None for name in INDEX_SCHEMA.names},
+            "path": folder,
+            "size": 0,
+            "mtime_ns": 0,
+            "status": decode.FOLDER_NO_PERMISSION,
+        }
+        for folder in folders
+    ]
+    return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+
+
+def _walk(
+    folders: list[Path], *, skip: Path, unlisted: list[str]
+) -> Iterator[tuple[str, int, int]]:
+    """Yield (resolved path, size, mtime_ns) of every regular file, once each.
+
+    Folders the account may not list are appended to ``unlisted``, so that the
+    report names them instead of leaving their files out unseen.
+    """
     skip_resolved = str(skip.resolve())
     seen: set[str] = set()
     stack = [str(Path(f).resolve()) for f in reversed(folders)]
@@ -180,6 +205,9 @@ def _walk(folders: list[Path], *, skip: Path) -> Iterator[tuple[str, int, int]]:
             continue
         try:
             entries = sorted(os.scandir(here), key=lambda e: e.name)
+        except PermissionError:
+            unlisted.append(here)
+            continue
         except OSError:
             continue
         subdirs = []
@@ -217,13 +245,17 @@ def _load_cache(path: Path) -> pa.Table:
     return table
 
 
-def _cache_keys(table: pa.Table) -> dict[str, tuple[int, int, int]]:
+def _cache_keys(table: pa.Table) -> dict[str, tuple[int, int, int, bool]]:
+    """Path -> (size, mtime_ns, row, reusable); a row refused for permission is not."""
     paths = table.column("path").to_pylist()
     sizes = table.column("size").to_pylist()
     mtimes = table.column("mtime_ns").to_pylist()
+    statuses = table.column("status").to_pylist()
     return {
-        p: (s, m, i)
-        for i, (p, s, m) in enumerate(zip(paths, sizes, mtimes, strict=True))
+        p: (s, m, i, status not in decode.PERMISSION_STATUSES)
+        for i, (p, s, m, status) in enumerate(
+            zip(paths, sizes, mtimes, statuses, strict=True)
+        )
     }
 
 
@@ -296,6 +328,9 @@ def _header_row(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:
         except DecodeFailure as exc:
             row["status"] = exc.reason
             return row
+    except PermissionError:
+        row["status"] = decode.NO_PERMISSION
+        return row
     except Exception:  # noqa: BLE001 - any unreadable file is recorded, not fatal
         row["status"] = decode.UNREADABLE
         return row

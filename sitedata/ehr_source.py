@@ -89,6 +89,8 @@ class ParquetEhr:
             )
             try:
                 yield from scanner.to_batches()
+            except PermissionError as exc:
+                raise _no_permission(self.path, exc) from None
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
                 raise _unreadable_file(self.path, fragment.path, exc) from None
 
@@ -104,6 +106,8 @@ def open_dataset(path: Path) -> pads.Dataset:
         )
     try:
         return pads.dataset(path, format="parquet", partitioning="hive")
+    except PermissionError as exc:
+        raise _no_permission(path, exc) from None
     except (pa.ArrowInvalid, OSError) as exc:
         bad = _first_unreadable(path) if path.is_dir() else None
         if bad is not None:
@@ -130,6 +134,19 @@ def _first_unreadable(folder: Path) -> Path | None:
         except (pa.ArrowInvalid, OSError):
             return file
     return None
+
+
+def _no_permission(table: Path, exc: PermissionError) -> DataError:
+    """The account may not read the table (or a file or folder of it)."""
+    import getpass
+
+    where = exc.filename or table
+    return DataError(
+        f"EHR table {table}: the account running wardround ({getpass.getuser()}) may "
+        f"not read {where}",
+        hint="Give that account read access (e.g. through a group), or run wardround "
+        "as an account that has it.",
+    )
 
 
 def _unreadable_file(table: Path, file: str, exc: Exception) -> DataError:
