@@ -53,7 +53,10 @@ def check(
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Validate a site's data; exit 0 when it can train, 3 listing what blocks it."""
+    """Validate a site's data; exit 0 when it can train, 3 listing what blocks it.
+
+    A site.toml that cannot be read or validated exits 2, as every command does.
+    """
     from wardround.common.config import RunConfig
 
     from .site_check import check_site, format_report
@@ -76,7 +79,7 @@ def check(
     if not report["can_train"]:
         from wardround.common.errors import DataError
 
-        raise typer.Exit(DataError.exit_code)
+        raise typer.Exit(report.get("exit_code", DataError.exit_code))
 
 
 @site_app.command("deid")

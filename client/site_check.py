@@ -82,6 +82,7 @@ def check_site(
         task = task_for_site(site, task, images_required)
     except WardroundError as exc:
         blocking.append(str(exc))
+        report["exit_code"] = exc.exit_code  # 2: site.toml itself is to be fixed
         return _finish(report)
     report["sources"] = _sources(site)
     warnings.extend(_names_the_run_lacks(site, task))

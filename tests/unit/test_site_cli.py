@@ -118,8 +118,21 @@ def test_site_check_missing_config_is_a_config_error(tmp_path):
     result = runner.invoke(
         _app(), ["site", "check", "--config", str(tmp_path / "no.toml"), "--json"]
     )
-    assert result.exit_code == 3
+    assert result.exit_code == 2
     assert json.loads(result.output)["blocking"][0].startswith("config file")
+
+
+def test_site_check_broken_site_toml_exits_as_a_config_error(template, tmp_path):
+    site = tmp_path / "site"
+    shutil.copytree(template / "site-01", site)
+    (site / "site.toml").write_text(
+        (site / "site.toml").read_text() + "garbage = = 1\n"
+    )
+    result = runner.invoke(
+        _app(), ["site", "check", "--config", str(site / "site.toml")]
+    )
+    assert result.exit_code == 2
+    assert "BLOCKING" in result.output and "not valid TOML" in result.output
 
 
 def test_deid_profile_pseudonyms_and_ehr(tmp_path):
