@@ -6,8 +6,10 @@ a non-zero exit code; tracebacks only with ``--debug``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
@@ -135,28 +137,77 @@ def simulate(
     transport_dtype: TransportDtypeOption = None,
 ) -> None:
     """Run a whole federation on this machine (synthetic hospitals unless given data)."""
+    given = {
+        flag
+        for flag, value in {
+            "--patients": patients,
+            "--rounds": rounds,
+            "--strategy": strategy,
+            "--proximal-mu": proximal_mu,
+            "--transport-dtype": transport_dtype,
+            "--modalities": modalities,
+            "--fusion": fusion,
+            "--lora-variant": lora_variant,
+            "--epsilon": epsilon,
+        }.items()
+        if value is not None
+    }
     try:
         run_config = _load_run_config(config)
-        if patients is not None:
-            run_config = _with_synthetic_patients(run_config, patients)
-        run_config = _with_overrides(
-            run_config,
-            federation={
-                "strategy": strategy,
-                "proximal_mu": proximal_mu,
-                "transport_dtype": transport_dtype,
-            },
-            model={
-                "modalities": _comma_list(modalities),
-                "fusion": fusion,
-                "lora_variant": lora_variant,
-            },
-            privacy={"enabled": dp, "target_epsilon": epsilon},
-            secure_aggregation={"enabled": secure_aggregation},
-        )
-        _run_simulation(run_config, _simulation_out(out, run_config), sites, rounds)
+        with _flags_named(given):  # the file's own values are named by its keys
+            if patients is not None:
+                run_config = _with_synthetic_patients(run_config, patients)
+            run_config = _with_overrides(
+                run_config,
+                federation={
+                    "rounds": rounds,  # checked here, before any data is written
+                    "strategy": strategy,
+                    "proximal_mu": proximal_mu,
+                    "transport_dtype": transport_dtype,
+                },
+                model={
+                    "modalities": _comma_list(modalities),
+                    "fusion": fusion,
+                    "lora_variant": lora_variant,
+                },
+                privacy={"enabled": dp, "target_epsilon": epsilon},
+                secure_aggregation={"enabled": secure_aggregation},
+            )
+            _run_simulation(run_config, _simulation_out(out, run_config), sites, rounds)
     except (KeyboardInterrupt, SystemExit) as stop:
         _exit_interrupted(stop)
+
+
+# The run-config key each simulate option sets, for messages about its value.
+FLAG_KEYS = {
+    "--patients": "data.patients-per-site",
+    "--rounds": "federation.rounds",
+    "--strategy": "federation.strategy",
+    "--proximal-mu": "federation.proximal-mu",
+    "--transport-dtype": "federation.transport-dtype",
+    "--modalities": "model.modalities",
+    "--fusion": "model.fusion",
+    "--lora-variant": "model.lora-variant",
+    "--epsilon": "privacy.target-epsilon",
+}
+
+
+@contextlib.contextmanager
+def _flags_named(given: set[str]) -> Iterator[None]:
+    """A configuration error about a value an option set names the option too."""
+    from wardround.common.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as exc:
+        message = exc.message
+        for flag in sorted(given):
+            key = FLAG_KEYS[flag]
+            message = message.replace(f"  - {key}:", f"  - {flag} ({key}):")
+        if message == exc.message:
+            raise
+        hint = (exc.hint or "").replace("Fix the keys above", "Fix the values above")
+        raise ConfigError(message, hint=hint or None) from None
 
 
 def _simulation_out(out: Path | None, run_config) -> Path:  # noqa: ANN001

@@ -49,3 +49,25 @@ def test_simulate_writes_where_the_config_says_unless_out_is_given(tmp_path):
     assert _simulation_out(None, own) == tmp_path / "mine"
     assert _simulation_out(tmp_path / "flag", own) == tmp_path / "flag"
     assert _simulation_out(None, RunConfig()) == Path("runs/simulate")
+
+
+def test_a_bad_option_value_is_named_by_its_option_and_a_bad_file_value_by_its_key(
+    tmp_path,
+):
+    out = ["--out", str(tmp_path / "run")]
+    by_flag = CliRunner().invoke(app, ["simulate", "--rounds", "20000", *out])
+    assert by_flag.exit_code == 2
+    assert "--rounds (federation.rounds): Input should be less than" in by_flag.output
+    assert "Fix the values above" in by_flag.output
+    eps = CliRunner().invoke(app, ["simulate", "--epsilon", "0", *out])
+    assert "--epsilon (privacy.target-epsilon)" in eps.output
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text("[privacy]\ntarget-epsilon = -1\n")
+    by_key = CliRunner().invoke(
+        app, ["simulate", "--config", str(run_toml), "--epsilon", "2", *out]
+    )
+    assert by_key.exit_code == 2
+    assert (
+        "privacy.target-epsilon" in by_key.output and "--epsilon (" not in by_key.output
+    )
+    assert not (tmp_path / "run").exists()
