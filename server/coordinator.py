@@ -202,7 +202,9 @@ def _check_ports_free(config: CoordinatorConfig) -> None:
                 hint=f"Give {key} a port of its own.",
             )
         seen.add(port)
-        if _listening(host, port):
+        # the public port is probed by binding: connecting to a configured address
+        # could reach another machine
+        if key != "[coordinator] port" and _listening(host, port):
             raise FederationError(
                 f"port {port} is already in use",
                 hint=f"Stop what listens there, or set {key}.",
@@ -244,7 +246,8 @@ def _check_bindable(host: str, port: int) -> None:
             if exc.errno == errno.EADDRINUSE:
                 raise FederationError(
                     f"port {port} is already in use on {address[0]}",
-                    hint="Stop what listens there, or set [coordinator] port.",
+                    hint="Stop what listens there (`ss -ltnp 'sport = :"
+                    f"{port}'`), or set [coordinator] port.",
                 ) from None
             why = (
                 "is not an address of this machine"

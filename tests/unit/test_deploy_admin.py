@@ -346,3 +346,22 @@ def test_check_tls_refuses_a_certificate_not_valid_yet(pki, tmp_path):
     config.private_key_path.write_bytes(files.key.read_bytes())
     with pytest.raises(ConfigError, match="is valid only from"):
         check_tls(config)
+
+
+def test_the_public_port_is_checked_by_binding_never_by_connecting_out(
+    tmp_path, monkeypatch
+):
+    import wardround.server.coordinator as coordinator
+
+    dialled: list[tuple[str, int]] = []
+    monkeypatch.setattr(
+        coordinator, "_listening", lambda host, port: dialled.append((host, port))
+    )
+    public, internal = free_port(), free_port()
+    config = _coordinator(
+        tmp_path,
+        f'host = "127.0.0.1"\nport = {public}\ninternal-port = {internal}\n'
+        "[dashboard]\nenabled = false",
+    )
+    coordinator._check_ports_free(config)
+    assert dialled == [("127.0.0.1", internal)]
