@@ -35,6 +35,7 @@ from ..common.errors import (
     ConfigError,
     FederationError,
     PrivacyBudgetExhausted,
+    PrivacyPolicyRefused,
     WardroundError,
 )
 from ..models import build_model
@@ -119,8 +120,9 @@ def run_federation(
 
     Raises
     ------
-    FederationError, PrivacyBudgetExhausted
-        A round could not complete; the run directory holds every completed round.
+    FederationError, PrivacyBudgetExhausted, PrivacyPolicyRefused
+        A round could not complete (the last two: the sites' privacy budgets or
+        floors refused it); the run directory holds every completed round.
     ConfigError
         ``output.resume`` with a config that differs from the run's.
     """
@@ -290,7 +292,7 @@ class _Run:
         round_start = time.perf_counter()
         try:
             phase = self.phases.train(server_round, self.state)
-        except (FederationError, PrivacyBudgetExhausted) as exc:
+        except (FederationError, PrivacyBudgetExhausted, PrivacyPolicyRefused) as exc:
             # Keep every completed round: the run directory is written, then reported.
             log.error("run stopped in round %d: %s", server_round, exc.message)
             return exc

@@ -20,7 +20,11 @@ from flwr.serverapp import Grid
 from ..common import wire
 from ..common.adapter import to_record, wire_header
 from ..common.config import RunConfig
-from ..common.errors import FederationError, PrivacyBudgetExhausted
+from ..common.errors import (
+    FederationError,
+    PrivacyBudgetExhausted,
+    PrivacyPolicyRefused,
+)
 from .records import SiteEvalReport, SiteFailure, SiteTrainReport
 from .replies import (
     NameOf,
@@ -145,6 +149,13 @@ class RoundPhases:
                 "delta's norm when it clipped; revoke a site you do not trust. The "
                 "run directory holds every completed round; a resume reruns this "
                 "round, and each site spends its privacy budget for it again.",
+            )
+        if failures and all(f.kind == "PrivacyPolicyRefused" for f in failures):
+            raise PrivacyPolicyRefused(
+                message,
+                hint="The sites' privacy floors ([privacy] in their site.toml) refuse "
+                "this run's settings: lower privacy.target-epsilon, or turn DP on. The "
+                "run directory holds every completed round.",
             )
         if failures and all(f.kind in _PRIVACY_REFUSALS for f in failures):
             raise PrivacyBudgetExhausted(

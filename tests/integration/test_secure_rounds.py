@@ -119,7 +119,7 @@ def _sites_with(three_sites, tmp_path, **privacy):
 def test_sites_that_refuse_stop_the_run_cleanly_with_its_rounds_written(
     three_sites, tiny_config, tmp_path, secure
 ):
-    from wardround.common.errors import PrivacyBudgetExhausted
+    from wardround.common.errors import PrivacyPolicyRefused
 
     sites = _sites_with(three_sites, tmp_path, max_epsilon=4.0)  # the run asks for 8
     config = tiny_config.with_overrides(
@@ -128,8 +128,9 @@ def test_sites_that_refuse_stop_the_run_cleanly_with_its_rounds_written(
         federation={"rounds": 2, "min_sites": 3},
         secure_aggregation={"enabled": secure},
     )
+    # exit code 8, the floor's, not 6, a spent budget's
     with pytest.raises(
-        PrivacyBudgetExhausted, match="less privacy than this site allows"
+        PrivacyPolicyRefused, match="less privacy than this site allows"
     ):
         run_federation(_grid(config, 3), config, run_dir=tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
