@@ -49,8 +49,9 @@ def init(
     _echo_written(files.cert, files.key)
     typer.echo(f"keep {files.key} offline and private; give {files.cert} to every site")
     typer.echo(
-        f"next: wardround certs server --ca {out} --host HOST --out DIR  "
-        "(the coordinator's TLS certificate)"
+        f"next: wardround certs server --ca {out} --host HOST --ip 127.0.0.1 "
+        "--out DIR  (the coordinator's TLS certificate: HOST is the name sites "
+        "dial; 127.0.0.1 is for the admin commands on the coordinator host)"
     )
 
 
@@ -67,7 +68,11 @@ def server(
     ] = None,
     ip: Annotated[
         list[str] | None,
-        typer.Option("--ip", help="IP address sites connect to (repeatable)"),
+        typer.Option(
+            "--ip",
+            help="IP address sites connect to (repeatable); the coordinator's "
+            "certificate also needs 127.0.0.1, where the admin commands connect",
+        ),
     ] = None,
     name: Annotated[
         str, typer.Option("--name", help="base name of the two files")
@@ -82,6 +87,13 @@ def server(
         ca, host or [], ip or [], out, name, days, force=force
     )
     _echo_written(files.cert, files.key)
+    if "127.0.0.1" not in (ip or []):
+        typer.echo(
+            "warning: the certificate does not name 127.0.0.1; `wardround coordinator "
+            "start` refuses it as the coordinator's (the admin commands reach the "
+            "SuperLink on loopback). Issue it again with --ip 127.0.0.1 --force.",
+            err=True,
+        )
     typer.echo(
         f"SuperLink: --ssl-ca-certfile {ca / CA_CERT_NAME} "
         f"--ssl-certfile {files.cert} --ssl-keyfile {files.key}"

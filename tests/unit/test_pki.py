@@ -386,6 +386,7 @@ def test_cli_init_server_show(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"wrote {out / 'coordinator.key'} (mode 0600)" in result.output
     assert "--ssl-certfile" in result.output and "--root-certificates" in result.output
+    assert "warning" not in result.output
     assert verify_issued_by(out / "coordinator.pem", ca_dir / "ca.pem")
 
     pems = [str(ca_dir / "ca.pem"), str(out / "coordinator.pem")]
@@ -407,6 +408,10 @@ def test_cli_show_warns_about_a_certificate_close_to_expiry(pki, tmp_path):
     args = ["certs", "server", "--ca", str(pki["ca_dir"]), "--out", str(tmp_path)]
     result = runner.invoke(app, [*args, "--host", "localhost", "--days", "10"])
     assert result.exit_code == 0, result.output
+    # without --ip 127.0.0.1 the coordinator would refuse it: said at once
+    assert (
+        "does not name 127.0.0.1" in result.output and "--ip 127.0.0.1" in result.output
+    )
     result = runner.invoke(app, ["certs", "show", str(tmp_path / "coordinator.pem")])
     assert result.exit_code == 0, result.output
     assert "WARNING" in result.output and "expires in" in result.output
