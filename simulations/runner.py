@@ -70,11 +70,13 @@ def prepare_simulation(
         )
     from ..client.preflight import preflight_site
     from ..client.runtime import resolve_device
+    from ..sitedata.site_config import check_distinct_names
 
     resolve_device(config.train.device)  # simulated sites train on this machine
 
     for site_toml in found:
         preflight_site(site_toml, config.task, images_required=config.requires_images)
+    check_distinct_names(found)
     _require_secure_aggregation_sites(config, len(found))
     overrides["data"] = {"sites_dir": str(sites_dir)}
     config = config.with_overrides(**overrides)

@@ -14,6 +14,7 @@ from typing import ClassVar
 from pydantic import Field, model_validator
 
 from ..common.config import Accountant, _Section
+from ..common.errors import ConfigError
 from ..common.wire import ANSWERABLE_METRICS, DEFAULT_ANSWER_METRICS
 from ..dashboard.settings import SiteDashboardSection
 from ..ops.addresses import HOST_PORT
@@ -369,3 +370,24 @@ class SiteConfig(TomlFileConfig):
     def cache_path(self) -> Path:
         """The index cache folder, resolved."""
         return self.resolve(self.data.cache_dir)
+
+
+def check_distinct_names(site_tomls: list[Path]) -> None:
+    """Refuse a federation of site folders where two sites share a ``[site] name``.
+
+    A site's name seeds its rounds' randomness and names it in logs and reports:
+    two sites with one name would draw the same noise and read as one.
+    """
+    from collections import defaultdict
+
+    folders: dict[str, list[str]] = defaultdict(list)
+    for toml in site_tomls:
+        folders[SiteConfig.from_toml(toml).site.name].append(str(toml.parent))
+    shared = {name: where for name, where in folders.items() if len(where) > 1}
+    if shared:
+        name, where = next(iter(sorted(shared.items())))
+        raise ConfigError(
+            f"sites {' and '.join(where)} share the name {name!r} ([site] name in "
+            "their site.toml)",
+            hint="Give every site its own [site] name.",
+        )

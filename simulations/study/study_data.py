@@ -11,6 +11,7 @@ pretrained cell, the single-modality ablations included, loads that folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tomllib
 from dataclasses import dataclass, replace
@@ -20,7 +21,7 @@ from typing import Any
 import tomli_w
 
 from ...server.rundir import write_json
-from ...sitedata.site_config import SiteConfig
+from ...sitedata.site_config import SiteConfig, check_distinct_names
 from .cells import OWN_DATA, RANDOM_BASE, Cell, site_tomls_in
 from .plan import StudySettings
 
@@ -116,7 +117,9 @@ def stage_sites(settings: StudySettings, out_dir: Path) -> list[Path]:
     """
     assert settings.sites_dir is not None
     staged = []
-    for toml in site_tomls_in(Path(settings.sites_dir)):
+    sources = site_tomls_in(Path(settings.sites_dir))
+    check_distinct_names(sources)
+    for toml in sources:
         SiteConfig.from_toml(toml)  # a site that site check would refuse stops here
         doc = tomllib.loads(toml.read_text())
         home = toml.parent.resolve()
@@ -124,7 +127,12 @@ def stage_sites(settings: StudySettings, out_dir: Path) -> list[Path]:
         data = doc.setdefault("data", {})
         if "dicom-dirs" in data:
             data["dicom-dirs"] = [str(home / d) for d in data["dicom-dirs"]]
-        data["ehr"] = str(home / data.get("ehr", "ehr.parquet"))
+        if "ehr-database" in data:  # read from the database: no table path to add
+            _absolute_paths(data["ehr-database"], home, ("password-file",))
+        else:
+            data["ehr"] = str(home / data.get("ehr", "ehr.parquet"))
+        if "pacs" in data:
+            _absolute_paths(data["pacs"], home, ("ca-file", "password-file"))
         data["cache-dir"] = str(target / "cache")
         privacy = doc.setdefault("privacy", {})
         privacy["ledger-dir"] = str(target / "privacy-ledger")
@@ -134,6 +142,13 @@ def stage_sites(settings: StudySettings, out_dir: Path) -> list[Path]:
         staged.append(target / "site.toml")
     raise_lifetime_budget(staged)
     return staged
+
+
+def _absolute_paths(section: dict[str, Any], home: Path, keys: tuple[str, ...]) -> None:
+    """Resolve a staged section's file paths against the site's own folder."""
+    for key in keys:
+        if isinstance(section.get(key), str):
+            section[key] = str(home / Path(section[key]).expanduser())
 
 
 def inspect_sites(settings: StudySettings, out_dir: Path) -> StudySettings:
@@ -150,8 +165,11 @@ def inspect_sites(settings: StudySettings, out_dir: Path) -> StudySettings:
     present = {"image": 0.0, "ehr": 0.0, "note": 0.0}
     fingerprints = {}
     for index, toml in enumerate(tomls):
-        data = get_runtime(toml, index, config).data
-        fingerprints[toml.parent.name] = data.fingerprint
+        runtime = get_runtime(toml, index, config)
+        data = runtime.data
+        fingerprints[toml.parent.name] = (
+            f"{data.fingerprint}:{site_settings_key(runtime.site)}"
+        )
         for dataset in (data.train, data.validation):
             flags = dataset.tensors["present"].sum(0).tolist()
             for name, count in zip(present, flags, strict=True):
@@ -162,6 +180,23 @@ def inspect_sites(settings: StudySettings, out_dir: Path) -> StudySettings:
         if count == 0
     }
     return replace(settings, missing=missing, data_identity=fingerprints)
+
+
+def site_settings_key(site: SiteConfig) -> str:
+    """A hash of the site.toml settings that change an arm's result, paths left out.
+
+    The site's privacy floor refuses or allows DP arms, its answers round what it
+    reports, its split and schema decide its examples: a change reruns its arms.
+    """
+    settings = {
+        "site": site.site.model_dump(mode="json"),
+        "privacy": site.privacy.model_dump(mode="json", exclude={"ledger_dir"}),
+        "answers": site.answers.model_dump(mode="json"),
+        "ehr": site.ehr.model_dump(mode="json"),
+        "split": [site.data.validation_fraction, site.data.split_seed],
+    }
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def raise_lifetime_budget(

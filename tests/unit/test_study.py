@@ -396,3 +396,79 @@ def test_a_sites_dir_needs_two_site_folders(tmp_path):
         StudySettings.for_sites_dir(StudySize.SMOKE, _site_folders(tmp_path, 1))
     with pytest.raises(ConfigError, match="not a folder"):
         StudySettings.for_sites_dir(StudySize.SMOKE, tmp_path / "absent")
+
+
+def test_a_sites_settings_that_change_results_key_its_arms_and_its_paths_do_not(
+    synthetic_sites,
+):
+    from wardround.simulations.study.study_data import site_settings_key
+    from wardround.sitedata.site_config import SiteConfig
+
+    site = SiteConfig.from_toml(synthetic_sites / "site-01" / "site.toml")
+    key = site_settings_key(site)
+
+    def changed(section: str, **values: object) -> str:
+        part = getattr(site, section).model_copy(update=values)
+        return site_settings_key(site.model_copy(update={section: part}))
+
+    assert changed("privacy", min_noise_multiplier=3.0) != key
+    assert changed("answers", decimals=1) != key
+    assert changed("data", split_seed=site.data.split_seed + 1) != key
+    assert changed("privacy", ledger_dir="/elsewhere/ledger") == key
+    assert changed("data", cache_dir="/elsewhere/cache") == key
+
+
+def _copy_sites(synthetic_sites, tmp_path):
+    import shutil
+
+    folder = tmp_path / "sites"
+    shutil.copytree(synthetic_sites, folder)
+    return folder
+
+
+def test_sites_that_share_a_name_are_refused_naming_both_folders(
+    synthetic_sites, tmp_path
+):
+    from wardround.common.errors import ConfigError
+    from wardround.sitedata.site_config import check_distinct_names
+
+    folder = _copy_sites(synthetic_sites, tmp_path)
+    tomls = sorted(folder.glob("*/site.toml"))
+    check_distinct_names(tomls)
+    second = tomls[1]
+    second.write_text(
+        second.read_text().replace('name = "site-02"', 'name = "site-01"')
+    )
+    with pytest.raises(ConfigError) as err:
+        check_distinct_names(tomls)
+    assert "share the name 'site-01'" in err.value.message
+    assert str(tomls[0].parent) in err.value.message
+    assert str(tomls[1].parent) in err.value.message
+
+
+def test_a_site_reading_its_ehr_from_a_database_is_staged_without_a_table_path(
+    synthetic_sites, tmp_path
+):
+    import tomllib
+
+    import tomli_w
+
+    from wardround.simulations.study.study_data import stage_sites
+
+    folder = _copy_sites(synthetic_sites, tmp_path)
+    toml = folder / "site-02" / "site.toml"
+    doc = tomllib.loads(toml.read_text())
+    del doc["data"]["ehr"]
+    doc["data"]["ehr-database"] = {
+        "url": "postgresql://reader@127.0.0.1:5432/ehr",
+        "table": "ehr",
+        "password-file": "secrets/pw.txt",
+    }
+    toml.write_text(tomli_w.dumps(doc))
+    settings = StudySettings.for_sites_dir(StudySize.SMOKE, folder)
+    staged = stage_sites(settings, tmp_path / "out")
+    database = tomllib.loads(staged[1].read_text())["data"]
+    assert "ehr" not in database
+    assert database["ehr-database"]["password-file"] == str(
+        (folder / "site-02").resolve() / "secrets" / "pw.txt"
+    )
