@@ -9,6 +9,8 @@ from sklearn.metrics import roc_auc_score
 def auroc_per_label(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """AUROC per label column; NaN where a column has only one class.
 
+    Scores that are all equal within float rounding give 0.5.
+
     A NaN label (the site's cell was empty or unmapped) leaves that example out of
     its column's AUROC: an unknown finding is neither a positive nor a negative.
     """
@@ -17,8 +19,18 @@ def auroc_per_label(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
         known = ~np.isnan(labels[:, k])
         y = labels[known, k]
         if 0 < y.sum() < len(y):
-            out[k] = roc_auc_score(y, scores[known, k])
+            column = np.asarray(scores[known, k], np.float64)
+            # Scores equal up to float rounding (a model that gives every example
+            # the same output, e.g. an absent modality) rank nothing: chance.
+            scale = max(1.0, float(np.abs(column).max()))
+            if float(np.ptp(column)) <= _TIED * scale:
+                out[k] = 0.5
+            else:
+                out[k] = roc_auc_score(y, column)
     return out
+
+
+_TIED = 1e-6  # a few float32 steps around 1; real models spread far wider
 
 
 def labels_or_unknown(labels: np.ndarray, known: np.ndarray | None) -> np.ndarray:

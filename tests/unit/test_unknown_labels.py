@@ -115,3 +115,15 @@ def test_the_classical_reference_fits_each_finding_on_its_known_labels():
     scores = fitted.scores(x)
     assert np.isfinite(scores).all()
     assert roc_auc_score(y, scores[:, 1]) > 0.9
+
+
+def test_scores_equal_within_float_rounding_rank_nothing():
+    from wardround.client.metrics import auroc_per_label
+
+    labels = np.array([[1.0], [0.0], [1.0], [0.0], [np.nan]])
+    # one float32 output for every example, but for rounding in a batched pass
+    tied = np.float32(0.4871) + np.array([[0.0], [3e-8], [0.0], [-3e-8], [0.0]])
+    assert auroc_per_label(labels, tied)[0] == 0.5
+    # real separation, however small in absolute terms, is still ranked
+    apart = np.array([[0.52], [0.48], [0.51], [0.49], [0.9]])
+    assert auroc_per_label(labels, apart)[0] == 1.0
