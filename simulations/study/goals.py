@@ -15,7 +15,7 @@ from .catalog import Arm, ArmGroup, ArmKind
 from .cells import RANDOM_BASE, Cell, base_label
 from .plan import StudySettings
 from .stats import Goal, at_least
-from .summary import CLASSICAL_POOLED, arm_auroc, dp_arm
+from .summary import CLASSICAL_POOLED, arm_auroc, dp_arm, site_margin
 
 FEDERATED_VS_POOLED = 0.97
 DP_VS_POOLED = ((8.0, 0.90), (3.0, 0.85))
@@ -106,7 +106,7 @@ def _personal_goals(
         per_site = {s: v["mean"] for s, v in entry["per_site"].items()}
         margins, unmeasured = _measured(
             {
-                s: value - max(fedavg[s]["mean"], local[s]["mean"])
+                s: site_margin(value, max(fedavg[s]["mean"], local[s]["mean"]))
                 for s, value in per_site.items()
                 if s in fedavg and s in local
             }
@@ -291,7 +291,7 @@ def _dp_local_goals(
         ]
     margins, unmeasured = _measured(
         {
-            site: value["mean"] - local["per_site"][site]["mean"]
+            site: site_margin(value["mean"], local["per_site"][site]["mean"])
             for site, value in entry["per_site"].items()
             if site in local["per_site"]
         }

@@ -191,9 +191,26 @@ def _compare(arms: dict[str, dict[str, Any]], plan: tuple[Arm, ...]) -> None:
                 s for s in per_site if s in local and math.isfinite(local[s]["mean"])
             ]
             entry["sites_above_local"] = sum(
-                per_site[s] > local[s]["mean"] for s in compared
+                site_margin(per_site[s], local[s]["mean"]) > 0 for s in compared
             )
             entry["sites"] = len(compared)
+
+
+SITE_AUROC_DECIMALS = 3
+"""What a site reports its AUROC to by default (``[answers] decimals``); the arms
+trained on this machine (pooled, local only) are not rounded, so two sites' values
+are compared at that precision: a smaller difference is a tie."""
+
+
+def site_margin(value: float, reference: float) -> float:
+    """``value - reference`` at the precision sites report (0.0 for a tie)."""
+    return (
+        round(
+            round(value, SITE_AUROC_DECIMALS) - round(reference, SITE_AUROC_DECIMALS),
+            SITE_AUROC_DECIMALS,
+        )
+        + 0.0
+    )
 
 
 def arm_auroc(arms: Mapping[str, Any], name: str) -> float:

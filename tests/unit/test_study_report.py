@@ -337,3 +337,13 @@ def test_marked_section_is_replaced_in_place_and_appended_when_absent():
     )
     assert replace_marked_section(replaced, "x", "new") == replaced
     assert appended == "# B\n\n<!-- y:start -->\nbody\n<!-- y:end -->\n"
+
+
+def test_site_margins_are_compared_at_the_precision_sites_report():
+    from wardround.simulations.study.summary import site_margin
+
+    # a site's reported 0.708 against a local model's unrounded 0.7083333: a tie
+    assert site_margin(0.708, 0.7083333) == 0.0
+    assert str(site_margin(0.708, 0.7083333)) == "0.0"  # not -0.0
+    assert site_margin(0.712, 0.7083333) == 0.004
+    assert site_margin(0.700, 0.7083333) == -0.008
