@@ -119,7 +119,20 @@ def check_site(
         train_patients = len(set(patient_ids[~in_validation]))
         blocking.extend(_privacy_floor_refusal(run, site, train_patients))
     warnings.extend(_data_warnings(report))
+    if task.kind is TaskKind.CLASSIFICATION:
+        warnings.extend(_no_notes(report["join"], site.ehr.note))
     return _finish(report)
+
+
+def _no_notes(join: dict[str, Any], note_column: str) -> list[str]:
+    """A site whose note column is missing or empty trains its notes on nothing."""
+    if not join.get("items") or join.get("items_with_note"):
+        return []
+    return [
+        f"no study has a note: the EHR's note column {note_column!r} is missing or "
+        "empty in every row, so the note modality learns nothing here. If the "
+        'notes are in another column, set [ehr] note = "THAT_COLUMN" in site.toml'
+    ]
 
 
 def _names_the_run_lacks(site: SiteConfig, task: TaskConfig) -> list[str]:
@@ -284,10 +297,9 @@ def _data_warnings(report: dict[str, Any]) -> list[str]:
 
 def _permission_warnings(dicom: dict[str, Any]) -> list[str]:
     """Files and folders the account may not read: their images are not used."""
-    not_usable = dicom["not_usable"]
-    files = not_usable.get(NO_PERMISSION, 0) + dicom["decode_failures"].get(
-        NO_PERMISSION, 0
-    )
+    not_usable = dicom.get("not_usable", {})
+    failures = dicom.get("decode_failures", {})
+    files = not_usable.get(NO_PERMISSION, 0) + failures.get(NO_PERMISSION, 0)
     folders = not_usable.get(FOLDER_NO_PERMISSION, 0)
     if not files and not folders:
         return []

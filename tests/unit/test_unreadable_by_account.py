@@ -1,4 +1,5 @@
-"""Files and folders the account running wardround may not read are named, not lost.
+"""What site check and ingestion name instead of losing quietly: unreadable files and
+folders, an EHR table the account may not read, a note column with no note.
 
 The tests run as root in CI, where permissions do not stop a read: the refusal is
 made by patching the calls that would raise PermissionError for another account.
@@ -139,3 +140,13 @@ def test_site_check_warns_with_what_to_give_the_account():
     )
     assert "may not read 3 DICOM file(s) and may not list 1 folder(s)" in both
     assert "read access" in both
+
+
+def test_site_check_says_when_no_study_has_a_note():
+    from wardround.client.site_check import _no_notes
+
+    assert _no_notes({"items": 10, "items_with_note": 3}, "note") == []
+    assert _no_notes({"items": 0, "items_with_note": 0}, "note") == []
+    [warning] = _no_notes({"items": 10, "items_with_note": 0}, "clinical_note")
+    assert "'clinical_note' is missing or empty in every row" in warning
+    assert '[ehr] note = "THAT_COLUMN"' in warning
