@@ -124,14 +124,18 @@ def check_site(
     return _finish(report)
 
 
-def _no_notes(join: dict[str, Any], note_column: str) -> list[str]:
+def _no_notes(join: dict[str, Any], note_column: str | None) -> list[str]:
     """A site whose note column is missing or empty trains its notes on nothing."""
     if not join.get("items") or join.get("items_with_note"):
         return []
+    where = (
+        f"the EHR's note column {note_column!r} is missing or empty in every row"
+        if note_column
+        else "site.toml declares no note column"
+    )
     return [
-        f"no study has a note: the EHR's note column {note_column!r} is missing or "
-        "empty in every row, so the note modality learns nothing here. If the "
-        'notes are in another column, set [ehr] note = "THAT_COLUMN" in site.toml'
+        f"no study has a note: {where}, so the note modality learns nothing here. "
+        'If the notes are in a column, set [ehr] note = "THAT_COLUMN" in site.toml'
     ]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tomllib
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -297,9 +298,10 @@ class StudySettings:
         start = (
             load_run_config(Path(self.run_config)) if self.run_config else RunConfig()
         )
-        if self.sites_dir is not None:
+        if self.sites_dir is not None and not self._run_config_sets_require_image():
             # a real site may have no imaging, or studies without an image: they
-            # train on their EHR and note (the missing-modality path)
+            # train on their EHR and note (the missing-modality path), unless the
+            # researcher's run config says otherwise
             start = start.with_overrides(task={"require_image": False})
         return start.with_overrides(
             federation={"rounds": self.rounds, "min_sites": cell.sites, "seed": seed},
@@ -314,6 +316,12 @@ class StudySettings:
             data={"sites_dir": sites_dir},
             output={"checkpoint_every": self.rounds},
         )
+
+    def _run_config_sets_require_image(self) -> bool:
+        if not self.run_config:
+            return False
+        doc = tomllib.loads(Path(self.run_config).read_text())
+        return "require-image" in doc.get("task", {})
 
     def arm_config(
         self,

@@ -472,3 +472,15 @@ def test_a_site_reading_its_ehr_from_a_database_is_staged_without_a_table_path(
     assert database["ehr-database"]["password-file"] == str(
         (folder / "site-02").resolve() / "secrets" / "pw.txt"
     )
+
+
+def test_a_run_configs_own_require_image_is_kept_on_site_folders(tmp_path):
+    sites = _site_folders(tmp_path / "sites", 3)
+    plain = StudySettings.for_sites_dir(StudySize.SMOKE, sites)
+    (cell,) = plain.cells()
+    # image-less sites train on EHR and notes unless the researcher says otherwise
+    assert plain.base_config(str(sites), cell, 0).task.require_image is False
+    strict = tmp_path / "run.toml"
+    strict.write_text("[task]\nrequire-image = true\n")
+    kept = StudySettings.for_sites_dir(StudySize.SMOKE, sites, run_config=strict)
+    assert kept.base_config(str(sites), cell, 0).task.require_image is True

@@ -150,3 +150,5 @@ def test_site_check_says_when_no_study_has_a_note():
     [warning] = _no_notes({"items": 10, "items_with_note": 0}, "clinical_note")
     assert "'clinical_note' is missing or empty in every row" in warning
     assert '[ehr] note = "THAT_COLUMN"' in warning
+    [undeclared] = _no_notes({"items": 10, "items_with_note": 0}, None)
+    assert "declares no note column" in undeclared
