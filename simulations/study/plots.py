@@ -139,6 +139,7 @@ def _dp_points(arms: Mapping[str, Any]) -> list[tuple[float, Mapping[str, Any]]]
             if entry.get("seeds")
             and entry.get("target_epsilon") is not None
             and not entry.get("secure_aggregation")
+            and not entry.get("classical")  # the fusion model's line only
         ),
         key=lambda item: item[0],
     )

@@ -246,9 +246,11 @@ def header_lines(data: Mapping[str, Any]) -> list[str]:
             f"{size_text(int(p))} patients {n}" for p, n in _arm_runs(s).items()
         )
         + ".",
-        "- **AUROC**: macro over the four findings on each site's validation "
-        "split, then the mean over sites (every hospital once); mean ± sd over "
-        "seeds. Ratios to pooled are ratios of those means.",
+        "- **AUROC**: macro over the run's findings on each site's validation "
+        "split (a finding without both positive and negative studies there, or "
+        "unknown at that site, is left out of that site's mean), then the mean "
+        "over sites (every hospital once); mean ± sd over seeds. Ratios to pooled "
+        "are ratios of those means.",
     ]
 
 

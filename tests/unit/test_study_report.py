@@ -347,3 +347,22 @@ def test_site_margins_are_compared_at_the_precision_sites_report():
     assert str(site_margin(0.708, 0.7083333)) == "0.0"  # not -0.0
     assert site_margin(0.712, 0.7083333) == 0.004
     assert site_margin(0.700, 0.7083333) == -0.008
+
+
+def test_the_privacy_plot_draws_only_the_fusion_models_dp_arms():
+    from wardround.simulations.study.plots import _dp_points
+
+    arms = {
+        "fedavg-dp-eps8": {"seeds": 1, "target_epsilon": 8.0, "classical": False},
+        "classical-fedavg-dp-eps8": {
+            "seeds": 1,
+            "target_epsilon": 8.0,
+            "classical": True,
+        },
+        "fedavg-dp-eps8-secagg": {
+            "seeds": 1,
+            "target_epsilon": 8.0,
+            "secure_aggregation": True,
+        },
+    }
+    assert [entry for _, entry in _dp_points(arms)] == [arms["fedavg-dp-eps8"]]
