@@ -119,7 +119,8 @@ def check_site(
         train_patients = len(set(patient_ids[~in_validation]))
         blocking.extend(_privacy_floor_refusal(run, site, train_patients))
     warnings.extend(_data_warnings(report))
-    if task.kind is TaskKind.CLASSIFICATION:
+    uses_notes = run is None or "note" in getattr(run.model, "modalities", ("note",))
+    if task.kind is TaskKind.CLASSIFICATION and uses_notes:
         warnings.extend(_no_notes(report["join"], site.ehr.note))
     return _finish(report)
 
