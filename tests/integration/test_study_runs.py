@@ -73,8 +73,9 @@ def test_smoke_study_runs_every_arm_and_pooled_beats_chance(smoke_study):
         assert "minus_classical" in entry
     fedavg, local = arms["fedavg"]["per_site"], arms["local"]["per_site"]
     assert arms["fedavg"]["sites"] == 3
+    # above at the precision sites report their AUROC (3 decimals): a tie is not
     assert arms["fedavg"]["sites_above_local"] == sum(
-        fedavg[s]["mean"] > local[s]["mean"] for s in fedavg
+        round(fedavg[s]["mean"], 3) > round(local[s]["mean"], 3) for s in fedavg
     )
     assert arms["fedavg-dp-eps8"]["epsilon"]["mean"] <= 8.0 * 1.001
     assert arms["fedavg-secagg"]["upload_bytes_per_site_per_round"]["mean"] > 0
