@@ -372,18 +372,45 @@ def _fusion_goals(
         and a.strategy.value == "fedavg"
         and arms[a.name].get("seeds")
     ]
+    best_arm = next(
+        a.name
+        for a in plan.values()
+        if a.group is ArmGroup.MODALITY
+        and len(a.modalities) == 1
+        and a.modalities[0].value == best_name
+    )
+    unscored = arms[best_arm].get("unscored_sites") or {}
     goals = []
     for arm in fused:
-        margin = arm_auroc(arms, arm.name) - singles[best_name]
+        fused_auroc = arm_auroc(arms, arm.name)
+        where = ""
+        if unscored:
+            # the single modality is scored only where a site has it: the fused
+            # model is compared on those sites
+            fused_auroc = mean_on_sites(arms[arm.name], arms[best_arm])
+            where = f" (on the sites with it; not {', '.join(sorted(unscored))})"
+        margin = fused_auroc - singles[best_name]
         goals.append(
             at_least(
                 "fused_vs_best_single",
                 cell,
                 f"fused ({arm.fusion.value}) ≥ best single modality + {FUSION_MARGIN}",
-                f"{arm_auroc(arms, arm.name):.3f} vs {best_name} only "
-                f"{singles[best_name]:.3f}: {margin:+.3f}",
+                f"{fused_auroc:.3f} vs {best_name} only "
+                f"{singles[best_name]:.3f}{where}: {margin:+.3f}",
                 margin,
                 FUSION_MARGIN,
             )
         )
     return goals
+
+
+def mean_on_sites(entry: Mapping[str, Any], scored: Mapping[str, Any]) -> float:
+    """``entry``'s mean AUROC over the sites where ``scored`` has a value."""
+    sites = [
+        s
+        for s, v in scored.get("per_site", {}).items()
+        if v.get("mean") is not None and math.isfinite(v["mean"])
+    ]
+    values = [entry.get("per_site", {}).get(s, {}).get("mean", math.nan) for s in sites]
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan

@@ -105,6 +105,10 @@ class StudySettings:
     missing: dict[str, str] = field(default_factory=dict)
     """Modality -> why no site has it (the runner fills it from the sites' data):
     an arm that needs only missing modalities is skipped with that reason."""
+    site_gaps: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """``--sites-dir``: site -> the modalities none of its studies has. An arm
+    that needs only those is not scored at that site (it would score its
+    untrained prior, a tie: 0.5)."""
 
     def __post_init__(self) -> None:
         if not self.arms:
@@ -263,6 +267,16 @@ class StudySettings:
             wanted = [m.value for m in arm.modalities]
             if all(m in self.missing for m in wanted):
                 out[arm.name] = "; ".join(self.missing[m] for m in wanted)
+        return out
+
+    def unscored_sites(self, arm: Arm) -> dict[str, str]:
+        """Site -> why ``arm`` is not scored there: it has none of the arm's inputs."""
+        wanted = [m.value for m in arm.modalities]
+        out = {}
+        for site, gaps in sorted(self.site_gaps.items()):
+            if all(m in gaps for m in wanted):
+                names = ", ".join("images" if m == "image" else m + "s" for m in wanted)
+                out[site] = f"{site} has no {names}"
         return out
 
     def arms_left_out(self, n_sites: int) -> tuple[Arm, ...]:
@@ -431,6 +445,16 @@ class StudySettings:
             "sites_dir": self.sites_dir,
             "run_config": self.run_config,
             "skipped_arms": self.skipped(),
+            "unscored_sites": {
+                a.name: found
+                for a in self.arms
+                if a.name not in self.skipped() and (found := self.unscored_sites(a))
+            },
+            "arms_left_out": {
+                str(n): [a.name for a in left]
+                for n in self.site_counts
+                if (left := self.arms_left_out(n))
+            },
             "site_counts": list(self.site_counts),
             "patients": list(self.patients),
             "seeds": {str(p): list(self.seeds_for(p)) for p in self.patients},

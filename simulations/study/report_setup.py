@@ -141,6 +141,31 @@ def _data_text(s: Mapping[str, Any]) -> str:
     )
 
 
+def _arm_notes(s: Mapping[str, Any]) -> list[str]:
+    """What did not run, or is not scored everywhere, and why."""
+    lines = _own_data_notes(s)
+    unscored = s.get("unscored_sites") or {}
+    if unscored:
+        lines.append(
+            "- **Sites an arm does not score** (the site has none of the arm's "
+            "inputs: its AUROC would be the untrained prior's 0.5): "
+            + "; ".join(
+                f"{arm}: {', '.join(sorted(sites.values()))}"
+                for arm, sites in sorted(unscored.items())
+            )
+            + ". Those sites train in the arm but are left out of its means, "
+            "ratios and comparisons; a goal that compares it with another arm "
+            "compares the two on the same sites."
+        )
+    left_out = s.get("arms_left_out") or {}
+    for n, names in sorted(left_out.items(), key=lambda item: int(item[0])):
+        lines.append(
+            f"- **Not run at {n} sites**: {', '.join(names)} (SecAgg+ needs at "
+            "least 3 sites; a site refuses it among fewer)."
+        )
+    return lines
+
+
 def _own_data_notes(s: Mapping[str, Any]) -> list[str]:
     if not s.get("sites_dir"):
         return []
@@ -205,7 +230,7 @@ def header_lines(data: Mapping[str, Any]) -> list[str]:
             _base_text(name, info) for name, info in data.get("bases", {}).items()
         )
         + f". The ablations run on the `{s['primary_base']}` base.",
-        *_own_data_notes(s),
+        *_arm_notes(s),
         *([] if s.get("sites_dir") else [_generator_text(h, noise)]),
         "- **Classical reference**: logistic regression on each note's binary bag "
         "of hashed word 1–2-grams (L2-normalised; hashing, so no vocabulary is "

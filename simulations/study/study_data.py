@@ -164,22 +164,31 @@ def inspect_sites(settings: StudySettings, out_dir: Path) -> StudySettings:
     config = settings.base_config(str(Path(settings.sites_dir or ".")), cell, 0)
     present = {"image": 0.0, "ehr": 0.0, "note": 0.0}
     fingerprints = {}
+    gaps = {}
     for index, toml in enumerate(tomls):
         runtime = get_runtime(toml, index, config)
         data = runtime.data
         fingerprints[toml.parent.name] = (
             f"{data.fingerprint}:{site_settings_key(runtime.site)}"
         )
+        at_site = dict.fromkeys(present, 0.0)
         for dataset in (data.train, data.validation):
             flags = dataset.tensors["present"].sum(0).tolist()
             for name, count in zip(present, flags, strict=True):
-                present[name] += count
+                at_site[name] += count
+        for name, count in at_site.items():
+            present[name] += count
+        lacking = tuple(name for name, count in at_site.items() if count == 0)
+        if lacking:
+            gaps[toml.parent.name] = lacking
     missing = {
         name: f"no site has {'images' if name == 'image' else name + 's'}"
         for name, count in present.items()
         if count == 0
     }
-    return replace(settings, missing=missing, data_identity=fingerprints)
+    return replace(
+        settings, missing=missing, data_identity=fingerprints, site_gaps=gaps
+    )
 
 
 def site_settings_key(site: SiteConfig) -> str:

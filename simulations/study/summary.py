@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -154,15 +155,40 @@ def summarise(
         plan = settings.arms_for(cell)
         arms = {}
         for arm in plan:
+            unscored = settings.unscored_sites(arm)
             outcomes = [
-                results[(cell.key, seed, arm.name)]
+                without_sites(results[(cell.key, seed, arm.name)], unscored)
                 for seed in settings.seeds_for(cell.patients)
                 if (cell.key, seed, arm.name) in results
             ]
             arms[arm.name] = summarise_arm(arm, outcomes, labels)
+            if unscored and outcomes:
+                arms[arm.name]["unscored_sites"] = unscored
         _compare(arms, plan)
         out[cell.key] = arms
     return out
+
+
+def without_sites(outcome: ArmOutcome, sites: Mapping[str, str]) -> ArmOutcome:
+    """``outcome`` with the AUROCs of ``sites`` unmeasured (NaN).
+
+    Every mean, ratio and comparison then leaves those sites out.
+    """
+    if not sites:
+        return outcome
+    return replace(
+        outcome,
+        per_round=[
+            {s: math.nan if s in sites else v for s, v in r.items()}
+            for r in outcome.per_round
+        ],
+        per_label={
+            s: dict.fromkeys(labels, math.nan) if s in sites else labels
+            for s, labels in outcome.per_label.items()
+        },
+        # pooled over every site's predictions: those sites' cannot be taken out
+        subgroups=None,
+    )
 
 
 def _compare(arms: dict[str, dict[str, Any]], plan: tuple[Arm, ...]) -> None:

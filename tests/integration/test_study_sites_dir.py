@@ -44,12 +44,32 @@ def test_every_supported_arm_has_a_row_and_the_image_arm_says_why_not(sites_dir_
     assert data["settings"]["skipped_arms"] == {
         "fedavg-image-only": "no site has images"
     }
+    assert data["settings"]["unscored_sites"] == {}  # a skipped arm is not scored
     report = (out / "report.md").read_text()
     assert "own data" in report and "fedavg-image-only: no site has images" in report
     assert "never a deployment" in report
     assert "| classical, pooled |" in report and "| FedAvg, note only |" in report
     # the sites' folders are read, never written (cache and ledger under --out)
     assert sorted(p.relative_to(root) for p in (root / "sites").rglob("*")) == before
+
+
+def test_a_mixed_federation_scores_the_image_arm_only_where_there_are_images(
+    tmp_path,
+):
+    from wardround.simulations.study.study_data import inspect_sites
+
+    synthesize_federation(
+        tmp_path / "sites", 3, patients_per_site=20, seed=7, image_less_sites=1
+    )
+    settings = StudySettings.for_sites_dir(StudySize.SMOKE, tmp_path / "sites")
+
+    read = inspect_sites(settings, tmp_path / "out")
+
+    assert read.missing == {} and read.skipped() == {}
+    ((site, gaps),) = read.site_gaps.items()
+    assert gaps == ("image",)
+    image_only = next(a for a in read.arms if a.name == "fedavg-image-only")
+    assert read.unscored_sites(image_only) == {site: f"{site} has no images"}
 
 
 def test_the_command_refuses_synthetic_sizes_with_a_sites_dir(tmp_path):

@@ -391,6 +391,38 @@ def test_arms_that_need_a_modality_no_site_has_are_skipped_with_the_reason(tmp_p
     assert imageless.describe()["skipped_arms"] == imageless.skipped()
 
 
+def test_an_arm_is_not_scored_at_a_site_with_none_of_its_inputs(tmp_path):
+    settings = StudySettings.for_sites_dir(StudySize.SMOKE, _site_folders(tmp_path, 3))
+    mixed = replace(settings, site_gaps={"hospital-2": ("image", "note")})
+    arms = {a.name: a for a in mixed.arms}
+
+    assert mixed.unscored_sites(arms["fedavg-image-only"]) == {
+        "hospital-2": "hospital-2 has no images"
+    }
+    assert mixed.unscored_sites(arms["fedavg-note-only"]) == {
+        "hospital-2": "hospital-2 has no notes"
+    }
+    assert mixed.unscored_sites(arms["fedavg-ehr-only"]) == {}
+    assert mixed.unscored_sites(arms["fedavg"]) == {}
+    assert mixed.skipped() == {}  # two sites have images: the arm runs
+    assert set(mixed.describe()["unscored_sites"]) == {
+        "fedavg-image-only",
+        "fedavg-note-only",
+    }
+
+
+def test_the_arms_a_two_site_federation_cannot_run_are_in_the_report(tmp_path):
+    settings = StudySettings.for_sites_dir(StudySize.SMOKE, _site_folders(tmp_path, 2))
+
+    left_out = settings.describe()["arms_left_out"]
+
+    assert set(left_out) == {"2"} and "fedavg-secagg" in left_out["2"]
+    from wardround.simulations.study.report_setup import _arm_notes
+
+    (line,) = [n for n in _arm_notes(settings.describe()) if "Not run" in n]
+    assert "Not run at 2 sites" in line and "fedavg-secagg" in line
+
+
 def test_a_sites_dir_needs_two_site_folders(tmp_path):
     with pytest.raises(ConfigError, match="at least 2"):
         StudySettings.for_sites_dir(StudySize.SMOKE, _site_folders(tmp_path, 1))

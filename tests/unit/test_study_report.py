@@ -366,3 +366,42 @@ def test_the_privacy_plot_draws_only_the_fusion_models_dp_arms():
         },
     }
     assert [entry for _, entry in _dp_points(arms)] == [arms["fedavg-dp-eps8"]]
+
+
+def test_a_site_without_an_arms_inputs_is_left_out_of_that_arms_figures():
+    settings = replace(_two_sizes(), site_gaps={"site-03": ("image",)})
+    values = _two_size_values()
+    # site-03 has no images: the image-only model's constant prediction ties (0.5)
+    image_only = {"site-01": 0.90, "site-02": 0.88, "site-03": 0.5}
+    fused = {"site-01": 0.93, "site-02": 0.93, "site-03": 0.60}
+    values["40x3-pretrained"] = {
+        **values["40x3-pretrained"],
+        "fedavg-image-only": image_only,
+        "fedavg": fused,
+    }
+    summary = summarise(settings, _results(settings, values), LABELS)
+
+    arms = summary["40x3-pretrained"]
+    entry = arms["fedavg-image-only"]
+    assert entry["auroc"]["mean"] == pytest.approx(0.89)
+    assert np.isnan(entry["per_site"]["site-03"]["mean"])
+    assert entry["unscored_sites"] == {"site-03": "site-03 has no images"}
+    assert [v["mean"] for v in entry["per_label"].values()] == pytest.approx(
+        [0.89] * len(LABELS)
+    )
+    assert "unscored_sites" not in arms["fedavg"]  # it has EHR and notes there
+    # the fused model is compared with image-only on the sites that have images
+    concat = next(
+        g
+        for g in evaluate_goals(settings, summary)
+        if g.key == "fused_vs_best_single" and "(concat)" in g.goal
+    )
+    assert "image only" in concat.measured and "not site-03" in concat.measured
+    assert concat.value == pytest.approx(0.93 - 0.89)
+    assert concat.met
+    text = render_report(
+        json.loads(json.dumps(_study_data(settings, summary))),
+        {},
+        relative_to=Path("."),
+    )
+    assert "fedavg-image-only: site-03 has no images" in text
