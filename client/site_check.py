@@ -105,6 +105,11 @@ def check_site(
         warnings.extend(_pacs_warnings(prep.pacs))
     report["dicom"] = _dicom_section(site, prep.index, prep.images, prep.reasons)
     report["ehr"] = _ehr_section(prep)
+    report["ehr"]["not_recorded"] = [
+        name
+        for name in (*task.numeric, *task.categorical, *task.labels)
+        if not site.ehr.records(name)
+    ]
     report["join"] = _join_section(prep, task)
     split = _split(prep, site)
     if task.kind is TaskKind.CLASSIFICATION:  # the split AUROC is measured on
@@ -118,6 +123,7 @@ def check_site(
         in_validation, patient_ids = split
         train_patients = len(set(patient_ids[~in_validation]))
         blocking.extend(_privacy_floor_refusal(run, site, train_patients))
+    warnings.extend(_not_recorded_notes(site, task))
     warnings.extend(_data_warnings(report))
     uses_notes = run is None or "note" in getattr(run.model, "modalities", ("note",))
     if task.kind is TaskKind.CLASSIFICATION and uses_notes:
@@ -156,6 +162,33 @@ def _names_the_run_lacks(site: SiteConfig, task: TaskConfig) -> list[str]:
                 f"{section} maps {name!r}, which this run does not have (it has: "
                 f"{', '.join(known) or '-'}); it is not read. Check its spelling"
             )
+    known = (*features, *task.labels)
+    for name in sorted(set(site.ehr.not_recorded) - set(known)):
+        found.append(
+            f"[ehr] not-recorded names {name!r}, which this run does not have (its "
+            f"features and labels: {', '.join(known) or '-'}). Check its spelling"
+        )
+    return found
+
+
+def _not_recorded_notes(site: SiteConfig, task: TaskConfig) -> list[str]:
+    """What site.toml says this site does not record, and what that means here."""
+    features = [
+        f for f in (*task.numeric, *task.categorical) if not site.ehr.records(f)
+    ]
+    labels = [x for x in task.labels if not site.ehr.records(x)]
+    found = []
+    if features:
+        found.append(
+            f"not recorded here ([ehr] not-recorded): feature(s) {', '.join(features)} "
+            "count as missing in every row"
+        )
+    if labels:
+        found.append(
+            f"not recorded here ([ehr] not-recorded): label(s) {', '.join(labels)} "
+            "count as unknown in every row: this site trains no loss on them and "
+            "reports no AUROC for them"
+        )
     return found
 
 
@@ -246,8 +279,11 @@ def _data_warnings(report: dict[str, Any]) -> list[str]:
     """What the site can train with but its operator should look at."""
     found: list[str] = []
     ehr = report["ehr"]
+    declared = set(ehr.get("not_recorded", ()))  # said once, by _not_recorded_notes
     # counts, not the rounded prevalence: 1 positive in 20,001 rows rounds to 0.0
     for label, counts in ehr["label_examples"].items():
+        if label in declared:
+            continue
         if not counts["positive"] and not counts["negative"]:
             found.append(f"label {label!r} is unknown in every row at this site")
         elif not counts["positive"]:
@@ -255,10 +291,10 @@ def _data_warnings(report: dict[str, Any]) -> list[str]:
         elif not counts["negative"]:
             found.append(f"label {label!r} has no negative example at this site")
     for feature, frac in ehr["missing_fraction"].items():
-        if frac >= 0.5:
+        if frac >= 0.5 and feature not in declared:
             found.append(f"feature {feature!r} is missing in {frac:.0%} of rows")
-    found.extend(_label_value_warnings(ehr))
-    found.extend(_validation_warnings(report))
+    found.extend(_label_value_warnings(ehr, declared))
+    found.extend(_validation_warnings(report, declared))
     found.extend(_feature_value_warnings(ehr))
     if ehr["rows_without_keys"]:
         found.append(
@@ -328,10 +364,12 @@ def _account() -> str:
         return f"uid {os.getuid()}"
 
 
-def _label_value_warnings(ehr: dict[str, Any]) -> list[str]:
+def _label_value_warnings(ehr: dict[str, Any], declared: set[str]) -> list[str]:
     """Label cells the site's table holds but training cannot use."""
     found = []
     for label, unusable in ehr["label_null"].items():
+        if label in declared:
+            continue
         unmapped = ehr["label_unmapped"].get(label, 0)
         if unmapped:
             found.append(
@@ -524,7 +562,7 @@ def _validation_section(
     }
 
 
-def _validation_warnings(report: dict[str, Any]) -> list[str]:
+def _validation_warnings(report: dict[str, Any], declared: set[str]) -> list[str]:
     """Labels whose AUROC this site's validation split cannot measure."""
     validation = report.get("validation")
     if not validation or not validation["items"]:
@@ -539,6 +577,8 @@ def _validation_warnings(report: dict[str, Any]) -> list[str]:
             "data.validation-fraction (0.2 by default)"
         )
     for label, counts in validation["labels"].items():
+        if label in declared:
+            continue
         if label in at_site and not all(at_site[label].values()):
             continue  # one class (or none) at the whole site: warned as such
         if not counts["positive"] or not counts["negative"]:

@@ -40,13 +40,15 @@ def _columns(task: TaskConfig, schema: EhrSchema) -> list[str]:
     names = [schema.patient_id, schema.study_uid]
     if schema.note:
         names.append(schema.note)
-    names += [schema.feature_column(f) for f in (*task.numeric, *task.categorical)]
+    features = [f for f in (*task.numeric, *task.categorical) if schema.records(f)]
+    names += [schema.feature_column(f) for f in features]
     names += [
         unit
         for f in task.numeric
-        if (unit := schema.feature_spec(f).unit_column) is not None
+        if schema.records(f)
+        and (unit := schema.feature_spec(f).unit_column) is not None
     ]
-    names += [schema.label_column(label) for label in task.labels]
+    names += [schema.label_column(x) for x in task.labels if schema.records(x)]
     return list(dict.fromkeys(names))
 
 
@@ -89,11 +91,15 @@ def _problems_and_missing(
                 f"  - note column {schema.note!r} holds {dtype}, not text"
             )
     for name in task.numeric:
-        check.numeric_feature(name, schema.feature_spec(name), task.units.get(name))
+        if schema.records(name):
+            spec = schema.feature_spec(name)
+            check.numeric_feature(name, spec, task.units.get(name))
     for name, vocab in task.categorical.items():
-        check.categorical_feature(name, schema.feature_spec(name), vocab)
+        if schema.records(name):
+            check.categorical_feature(name, schema.feature_spec(name), vocab)
     for name in task.labels:
-        check.label(name, schema.label_spec(name))
+        if schema.records(name):
+            check.label(name, schema.label_spec(name))
     return check.problems, len(set(check.absent))
 
 
@@ -109,8 +115,15 @@ class _SchemaCheck:
         """The column's type, or None (a problem) when the table lacks it."""
         if name not in self.have:
             self.absent.append(name)
+            run_name = key.partition("] ")[2]
+            optional = (
+                f', or add "{run_name}" to `[ehr] not-recorded` if this site does '
+                "not record it"
+                if key.startswith(("[ehr.features]", "[ehr.labels]"))
+                else ""
+            )
             self.problems.append(
-                f'  - {name!r} ({what}): set `{key} = "<column>"` in site.toml'
+                f'  - {name!r} ({what}): set `{key} = "<column>"` in site.toml{optional}'
             )
             return None
         return self.have[name]
@@ -359,17 +372,26 @@ def encode_batch(
     """Encode one batch (see module docstring); counts go into ``stats``."""
     n = table.num_rows
     stats.rows += n
+
+    def column(name: str, column_name: str) -> pa.ChunkedArray | pa.Array:
+        # a feature or label the site does not record is null in every row
+        return table.column(column_name) if schema.records(name) else pa.nulls(n)
+
     numeric = np.zeros((n, len(task.numeric)), np.float32)
     missing = np.zeros((n, len(task.numeric)), np.float32)
     for j, (name, norm) in enumerate(task.numeric.items()):
         spec = schema.feature_spec(name)
-        values = _floats(table.column(spec.column))
+        values = _floats(column(name, spec.column))
         absent = ~np.isfinite(values)
         outside = np.zeros(n, bool)
         if spec.range is not None:
             outside |= ~absent & ((values < spec.range[0]) | (values > spec.range[1]))
         run_unit = task.units.get(name)
-        if spec.unit_column is not None and run_unit is not None:
+        if (
+            spec.unit_column is not None
+            and run_unit is not None
+            and schema.records(name)
+        ):
             scale, offset = _row_conversions(table.column(spec.unit_column), run_unit)
             unknown = ~absent & np.isnan(scale)
             stats.add(stats.unit_unknown, name, unknown.sum())
@@ -389,7 +411,7 @@ def encode_batch(
     onehots = []
     for name, vocab in task.categorical.items():
         spec = schema.feature_spec(name)
-        texts = _texts(table.column(spec.column))
+        texts = _texts(column(name, spec.column))
         slot = {v: i for i, v in enumerate(vocab)}
         slot.update({k: slot[v] for k, v in spec.map.items() if v in slot})
         index = np.array(
@@ -405,11 +427,10 @@ def encode_batch(
     label_null = np.zeros((n, len(task.labels)), bool)
     for k, name in enumerate(task.labels):
         label_spec = schema.label_spec(name)
-        values = _label_values(
-            table.column(label_spec.column), label_spec.positive, label_spec.negative
-        )
+        cells = column(name, label_spec.column)
+        values = _label_values(cells, label_spec.positive, label_spec.negative)
         null = np.isnan(values)
-        unmapped = int(null.sum()) - table.column(label_spec.column).null_count
+        unmapped = int(null.sum()) - cells.null_count
         label_null[:, k] = null
         labels[:, k] = np.where(null, 0.0, values != 0)
         stats.add(stats.label_null, name, null.sum())

@@ -161,6 +161,29 @@ class EhrSchema(_Section):
         max_length=1024,
         description="run label name -> column, or {column, type, positive, negative}",
     )
+    not_recorded: tuple[str, ...] = Field(
+        (),
+        max_length=1024,
+        description="run features and labels this site does not record: a feature "
+        "is missing in every row, a label unknown in every row (left out of "
+        "training and AUROC here)",
+    )
+
+    @model_validator(mode="after")
+    def _recorded_or_not(self) -> EhrSchema:
+        both = sorted(set(self.not_recorded) & (set(self.features) | set(self.labels)))
+        if both:
+            raise ValueError(
+                f"{', '.join(map(repr, both))} is mapped to a column and listed in "
+                "not-recorded: keep one"
+            )
+        if any(not name.strip() for name in self.not_recorded):
+            raise ValueError("not-recorded has an empty name")
+        return self
+
+    def records(self, name: str) -> bool:
+        """Whether this site records run feature or label ``name``."""
+        return name not in self.not_recorded
 
     def feature_spec(self, feature: str) -> FeatureSpec:
         """The site's declaration for a run feature (default: same-named column)."""
