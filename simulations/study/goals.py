@@ -15,7 +15,13 @@ from .catalog import Arm, ArmGroup, ArmKind
 from .cells import RANDOM_BASE, Cell, base_label
 from .plan import StudySettings
 from .stats import Goal, at_least
-from .summary import CLASSICAL_POOLED, arm_auroc, dp_arm, site_margin
+from .summary import (
+    CLASSICAL_POOLED,
+    SITE_AUROC_DECIMALS,
+    arm_auroc,
+    dp_arm,
+    site_margin,
+)
 
 FEDERATED_VS_POOLED = 0.97
 DP_VS_POOLED = ((8.0, 0.90), (3.0, 0.85))
@@ -79,7 +85,7 @@ def evaluate_goals(
                     )
                 )
         goals += _fusion_goals(cell, arms, plan)
-        goals += _personal_goals(cell, arms, plan)
+        goals += _personal_goals(cell, arms, plan, settings.site_decimals)
     for cell in settings.cells():
         goals += _classical_goals(cell, summary.get(cell.key, {}))
     for n_sites in settings.ablation_site_counts:
@@ -90,7 +96,10 @@ def evaluate_goals(
 
 
 def _personal_goals(
-    cell: Cell, arms: Mapping[str, Any], plan: Mapping[str, Arm]
+    cell: Cell,
+    arms: Mapping[str, Any],
+    plan: Mapping[str, Arm],
+    decimals: Mapping[str, int],
 ) -> list[Goal]:
     """Personalised FedAvg: every site at or above FedAvg and its local-only model.
 
@@ -106,7 +115,11 @@ def _personal_goals(
         per_site = {s: v["mean"] for s, v in entry["per_site"].items()}
         margins, unmeasured = _measured(
             {
-                s: site_margin(value, max(fedavg[s]["mean"], local[s]["mean"]))
+                s: site_margin(
+                    value,
+                    max(fedavg[s]["mean"], local[s]["mean"]),
+                    decimals.get(s, SITE_AUROC_DECIMALS),
+                )
                 for s, value in per_site.items()
                 if s in fedavg and s in local
             }
@@ -291,7 +304,11 @@ def _dp_local_goals(
         ]
     margins, unmeasured = _measured(
         {
-            site: site_margin(value["mean"], local["per_site"][site]["mean"])
+            site: site_margin(
+                value["mean"],
+                local["per_site"][site]["mean"],
+                settings.site_decimals.get(site, SITE_AUROC_DECIMALS),
+            )
             for site, value in entry["per_site"].items()
             if site in local["per_site"]
         }

@@ -105,6 +105,9 @@ class StudySettings:
     missing: dict[str, str] = field(default_factory=dict)
     """Modality -> why no site has it (the runner fills it from the sites' data):
     an arm that needs only missing modalities is skipped with that reason."""
+    site_decimals: dict[str, int] = field(default_factory=dict)
+    """``--sites-dir``: site -> its ``[answers] decimals`` (default 3): a site's
+    federated AUROC is compared with its local-only one at that precision."""
     site_gaps: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """``--sites-dir``: site -> the modalities none of its studies has. An arm
     that needs only those is not scored at that site (it would score its

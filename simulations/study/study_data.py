@@ -165,12 +165,14 @@ def inspect_sites(settings: StudySettings, out_dir: Path) -> StudySettings:
     present = {"image": 0.0, "ehr": 0.0, "note": 0.0}
     fingerprints = {}
     gaps = {}
+    decimals = {}
     for index, toml in enumerate(tomls):
         runtime = get_runtime(toml, index, config)
         data = runtime.data
         fingerprints[toml.parent.name] = (
             f"{data.fingerprint}:{site_settings_key(runtime.site)}"
         )
+        decimals[toml.parent.name] = runtime.site.answers.decimals
         at_site = dict.fromkeys(present, 0.0)
         for dataset in (data.train, data.validation):
             flags = dataset.tensors["present"].sum(0).tolist()
@@ -187,7 +189,11 @@ def inspect_sites(settings: StudySettings, out_dir: Path) -> StudySettings:
         if count == 0
     }
     return replace(
-        settings, missing=missing, data_identity=fingerprints, site_gaps=gaps
+        settings,
+        missing=missing,
+        data_identity=fingerprints,
+        site_gaps=gaps,
+        site_decimals=decimals,
     )
 
 

@@ -164,7 +164,7 @@ def summarise(
             arms[arm.name] = summarise_arm(arm, outcomes, labels)
             if unscored and outcomes:
                 arms[arm.name]["unscored_sites"] = unscored
-        _compare(arms, plan)
+        _compare(arms, plan, settings.site_decimals)
         out[cell.key] = arms
     return out
 
@@ -191,7 +191,11 @@ def without_sites(outcome: ArmOutcome, sites: Mapping[str, str]) -> ArmOutcome:
     )
 
 
-def _compare(arms: dict[str, dict[str, Any]], plan: tuple[Arm, ...]) -> None:
+def _compare(
+    arms: dict[str, dict[str, Any]],
+    plan: tuple[Arm, ...],
+    decimals: Mapping[str, int],
+) -> None:
     """Add each arm's ratio to pooled and how many sites beat their local-only model."""
     pooled = arm_auroc(arms, "pooled")
     classical = arm_auroc(arms, CLASSICAL_POOLED)
@@ -217,7 +221,13 @@ def _compare(arms: dict[str, dict[str, Any]], plan: tuple[Arm, ...]) -> None:
                 s for s in per_site if s in local and math.isfinite(local[s]["mean"])
             ]
             entry["sites_above_local"] = sum(
-                site_margin(per_site[s], local[s]["mean"]) > 0 for s in compared
+                site_margin(
+                    per_site[s],
+                    local[s]["mean"],
+                    decimals.get(s, SITE_AUROC_DECIMALS),
+                )
+                > 0
+                for s in compared
             )
             entry["sites"] = len(compared)
 
@@ -228,15 +238,15 @@ trained on this machine (pooled, local only) are not rounded, so two sites' valu
 are compared at that precision: a smaller difference is a tie."""
 
 
-def site_margin(value: float, reference: float) -> float:
-    """``value - reference`` at the precision sites report (0.0 for a tie)."""
-    return (
-        round(
-            round(value, SITE_AUROC_DECIMALS) - round(reference, SITE_AUROC_DECIMALS),
-            SITE_AUROC_DECIMALS,
-        )
-        + 0.0
-    )
+def site_margin(
+    value: float, reference: float, decimals: int = SITE_AUROC_DECIMALS
+) -> float:
+    """``value - reference`` at the precision a site reports (0.0 for a tie).
+
+    ``decimals``: the site's ``[answers] decimals`` (a site that reports 0.8 is
+    not above a local-only 0.783 computed here unrounded: both are 0.8).
+    """
+    return round(round(value, decimals) - round(reference, decimals), decimals) + 0.0
 
 
 def arm_auroc(arms: Mapping[str, Any], name: str) -> float:

@@ -70,6 +70,8 @@ def test_a_mixed_federation_scores_the_image_arm_only_where_there_are_images(
     assert gaps == ("image",)
     image_only = next(a for a in read.arms if a.name == "fedavg-image-only")
     assert read.unscored_sites(image_only) == {site: f"{site} has no images"}
+    # each site's answer precision, for comparing its AUROC with its local model
+    assert read.site_decimals == {s: 3 for s in ("site-01", "site-02", "site-03")}
 
 
 def test_the_command_refuses_synthetic_sizes_with_a_sites_dir(tmp_path):

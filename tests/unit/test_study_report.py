@@ -347,6 +347,28 @@ def test_site_margins_are_compared_at_the_precision_sites_report():
     assert str(site_margin(0.708, 0.7083333)) == "0.0"  # not -0.0
     assert site_margin(0.712, 0.7083333) == 0.004
     assert site_margin(0.700, 0.7083333) == -0.008
+    # a site that reports 1 decimal: its 0.8 is 0.75..0.85, not above 0.783
+    assert site_margin(0.8, 0.783, decimals=1) == 0.0
+
+
+def test_a_site_reporting_fewer_decimals_is_compared_at_its_own_precision():
+    values = _two_size_values()
+    values["40x3-pretrained"] = {
+        **values["40x3-pretrained"],
+        "local": {"site-01": 0.783, "site-02": 0.70, "site-03": 0.70},
+        "fedavg": {"site-01": 0.8, "site-02": 0.75, "site-03": 0.75},
+    }
+    at_3 = _two_sizes()
+    at_1 = replace(at_3, site_decimals={"site-01": 1})
+
+    above = {
+        name: summarise(s, _results(s, values), LABELS)["40x3-pretrained"]["fedavg"][
+            "sites_above_local"
+        ]
+        for name, s in (("3", at_3), ("1", at_1))
+    }
+
+    assert above == {"3": 3, "1": 2}
 
 
 def test_the_privacy_plot_draws_only_the_fusion_models_dp_arms():
