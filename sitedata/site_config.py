@@ -395,6 +395,28 @@ class SiteConfig(TomlFileConfig):
         return self.resolve(self.data.cache_dir)
 
 
+def load_site_configs(site_tomls: list[Path]) -> list[SiteConfig]:
+    """Every site's settings; one error naming every site.toml that fails.
+
+    A folder of many sites is fixed in one pass, not one file per attempt.
+    """
+    loaded, failed = [], []
+    for toml in site_tomls:
+        try:
+            loaded.append(SiteConfig.from_toml(toml))
+        except ConfigError as exc:
+            failed.append(exc)
+    if len(failed) == 1:
+        raise failed[0]
+    if failed:
+        raise ConfigError(
+            f"{len(failed)} of {len(site_tomls)} site.toml files have problems:\n"
+            + "\n".join(exc.message for exc in failed),
+            hint=failed[0].hint,
+        )
+    return loaded
+
+
 def check_distinct_names(site_tomls: list[Path]) -> None:
     """Refuse a federation of site folders where two sites share a ``[site] name``.
 
@@ -404,8 +426,8 @@ def check_distinct_names(site_tomls: list[Path]) -> None:
     from collections import defaultdict
 
     folders: dict[str, list[str]] = defaultdict(list)
-    for toml in site_tomls:
-        folders[SiteConfig.from_toml(toml).site.name].append(str(toml.parent))
+    for toml, site in zip(site_tomls, load_site_configs(site_tomls), strict=True):
+        folders[site.site.name].append(str(toml.parent))
     shared = {name: where for name, where in folders.items() if len(where) > 1}
     if shared:
         name, where = next(iter(sorted(shared.items())))

@@ -516,3 +516,20 @@ def test_a_run_configs_own_require_image_is_kept_on_site_folders(tmp_path):
     strict.write_text("[task]\nrequire-image = true\n")
     kept = StudySettings.for_sites_dir(StudySize.SMOKE, sites, run_config=strict)
     assert kept.base_config(str(sites), cell, 0).task.require_image is True
+
+
+def test_every_broken_site_toml_of_a_folder_is_named_at_once(synthetic_sites, tmp_path):
+    from wardround.common.errors import ConfigError
+    from wardround.sitedata.site_config import check_distinct_names
+
+    folder = _copy_sites(synthetic_sites, tmp_path)
+    tomls = sorted(folder.glob("*/site.toml"))
+    tomls[0].write_text(tomls[0].read_text() + "\n[data]\nsplit-seed = -1\n")
+    tomls[1].write_text("[site\nname = ")
+
+    with pytest.raises(ConfigError) as err:
+        check_distinct_names(tomls)
+
+    message = err.value.message
+    assert message.startswith(f"2 of {len(tomls)} site.toml files have problems")
+    assert str(tomls[0]) in message and str(tomls[1]) in message
