@@ -57,6 +57,22 @@ from .patients import count_patients, patient_ordinals
 from .site_config import SiteConfig
 
 logger = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(message: str, *args: object) -> None:
+    """Log a warning the first time this process sees its text, later at DEBUG.
+
+    A study or a simulation loads a site's data once per model configuration:
+    the same finding about the same data would otherwise repeat for every arm.
+    """
+    text = message % args
+    if text in _warned:
+        logger.debug(text)
+        return
+    _warned.add(text)
+    logger.warning(text)
+
 
 ITEM_KEYS = (
     "image",
@@ -394,17 +410,23 @@ def _split_site_data(
     val_idx = torch.from_numpy(np.flatnonzero(in_val))
     train_idx = torch.from_numpy(np.flatnonzero(~in_val))
     null_per_label = ehr.label_null[matched].sum(axis=0)
-    null_labels = int(null_per_label.sum())
+    # a label site.toml declares not recorded is unknown everywhere by design
+    null_labels = sum(
+        int(n)
+        for name, n in zip(label_names, null_per_label, strict=True)
+        if site.ehr.records(name)
+    )
     with_image = np.array(join.with_image, bool)
     n_errors = int((with_image & ~image_ok).sum())
     if n_errors:
-        logger.warning(
-            "%d of %d images could not be decoded; kept without image",
+        _warn_once(
+            "site %s: %d of %d images could not be decoded; kept without image",
+            site.site.name,
             n_errors,
             len(matched),
         )
     if null_labels:
-        logger.warning(
+        _warn_once(
             "site %s: %d label cell(s) with no usable value are left out of the loss "
             "and of AUROC (%s); `wardround site check` lists them per label",
             site.site.name,
@@ -412,7 +434,7 @@ def _split_site_data(
             ", ".join(
                 f"{name} {int(n)}"
                 for name, n in zip(label_names, null_per_label, strict=True)
-                if n
+                if n and site.ehr.records(name)
             ),
         )
     logger.info(

@@ -129,3 +129,43 @@ def test_a_name_mapped_and_not_recorded_is_refused():
         )
     with pytest.raises(ValidationError, match="empty name"):
         EhrSchema.model_validate({"not-recorded": [" "]})
+
+
+def test_loading_warns_once_about_unknown_labels_and_never_about_declared_ones(
+    site, tmp_path, caplog
+):
+    import logging
+
+    from wardround.common.text import get_tokenizer
+    from wardround.sitedata.dataset import load_site_data
+    from wardround.sitedata.site_config import SiteConfig
+
+    toml = _without_columns(site, tmp_path, ["nodule"])
+    _declare(toml, ["nodule"])
+    # an unknown cell in a recorded label: warned about, once per process
+    doc = tomllib.loads(toml.read_text())
+    table = pq.read_table(doc["data"]["ehr"])
+    effusion = table.column("effusion").to_pylist()
+    effusion[0] = None
+    table = table.set_column(
+        table.schema.get_field_index("effusion"), "effusion", [effusion]
+    )
+    pq.write_table(table, doc["data"]["ehr"])
+    config = SiteConfig.from_toml(toml)
+
+    def load(size: int) -> None:
+        load_site_data(
+            config,
+            TaskConfig(require_image=False),  # an image-less site
+            image_size=size,
+            max_note_tokens=32,
+            tokenizer=get_tokenizer("byte"),
+        )
+
+    with caplog.at_level(logging.WARNING, logger="wardround.sitedata.dataset"):
+        load(16)
+        load(24)  # another model configuration, the same data
+
+    said = [r.getMessage() for r in caplog.records if "label cell" in r.getMessage()]
+    assert len(said) == 1
+    assert "effusion 1" in said[0] and "nodule" not in said[0]
