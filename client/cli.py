@@ -228,19 +228,25 @@ def start(
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    typer.echo(
-        f"site {plan.site.site.name}: connecting to {plan.coordinator} (TLS); "
-        f"state in {plan.state_dir}; the connection's log (retries, refusals): "
-        f"{plan.state_dir / SUPERNODE_LOG}"
-    )
-    if plan.site.dashboard.enabled:
-        from .dashboard.app import site_exposure
-
-        url = site_exposure(plan.site, plan.site_toml).url
-        typer.echo(f"site {plan.site.site.name}: dashboard and /metrics on {url}")
     name = plan.site.site.name
+
+    def announce() -> None:  # once the state folder is this daemon's
+        typer.echo(
+            f"site {name}: connecting to {plan.coordinator} (TLS); "
+            f"state in {plan.state_dir}; the connection's log (retries, refusals): "
+            f"{plan.state_dir / SUPERNODE_LOG}"
+        )
+        if plan.site.dashboard.enabled:
+            from .dashboard.app import site_exposure
+
+            url = site_exposure(plan.site, plan.site_toml).url
+            typer.echo(f"site {name}: dashboard and /metrics on {url}")
+
     run_site_daemon(
-        plan, stop, report=lambda message: typer.echo(f"site {name}: {message}")
+        plan,
+        stop,
+        report=lambda message: typer.echo(f"site {name}: {message}"),
+        on_locked=announce,
     )
     typer.echo(f"site {name}: stopped")
 

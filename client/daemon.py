@@ -290,18 +290,22 @@ def run_site_daemon(
     plan: SitePlan,
     stop: threading.Event,
     report: Callable[[str], None] | None = None,
+    on_locked: Callable[[], None] | None = None,
 ) -> None:
     """Run the SuperNode and the warm worker until ``stop`` is set or the node fails.
 
     ``report`` receives what the operator should see about the link to the
     coordinator (connected, not answering, answering again); by default it is
-    logged as a warning.
+    logged as a warning. ``on_locked`` runs once this daemon holds the state
+    folder (a refused second daemon announces nothing).
 
     A second daemon on the same state folder is refused: two SuperNodes with one
     key and one state would take each other's work and write one audit log.
     """
     plan.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with sole_user(plan.state_dir, "site daemon"):
+        if on_locked is not None:
+            on_locked()
         _run_site_daemon(plan, stop, report or log.warning)
 
 

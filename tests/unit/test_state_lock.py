@@ -23,3 +23,21 @@ def test_a_second_user_of_a_state_folder_is_refused_with_the_holders_pid(tmp_pat
         assert "Stop that coordinator first" in (err.value.hint or "")
     with sole_user(state, "coordinator"):  # released on exit: usable again
         pass
+
+
+def test_a_refused_site_daemon_announces_nothing(tmp_path):
+    import threading
+    from types import SimpleNamespace
+
+    from wardround.client.daemon import run_site_daemon
+
+    state = tmp_path / "site-state"
+    announced = []
+    with sole_user(state, "site daemon"):
+        with pytest.raises(ConfigError, match="in use by another site daemon"):
+            run_site_daemon(
+                SimpleNamespace(state_dir=state),  # type: ignore[arg-type]
+                threading.Event(),
+                on_locked=lambda: announced.append("connecting ..."),
+            )
+    assert announced == []
