@@ -229,7 +229,7 @@ def _refuse_overwrite(paths: list[Path], force: bool) -> None:
         if path.exists():
             raise ConfigError(
                 f"{path} already exists",
-                hint="pass --force (force=True) to replace it; anything that trusts or "
+                hint="add --force to the command to replace it; anything that trusts or "
                 "uses the old file will need the new one",
             )
 
