@@ -268,22 +268,26 @@ class DimseBackend:
             ext_neg=[build_role(uid, scp_role=True) for uid in roles],
             evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
         )
+        finished = False
         try:
             yield from self._retrieve(assoc, queries, "C-GET", None)
+            finished = True
         finally:
-            _release(assoc)
+            _end(assoc, finished)
 
     def _move(self, queries: list[Dataset]) -> Iterator[tuple[InstanceRef, Payload]]:
         self._listen()
         ae = self._ae()
         ae.add_requested_context(MOVE_MODEL)
         assoc = self._associate(ae)
+        finished = False
         try:
             yield from self._retrieve(
                 assoc, queries, "C-MOVE", self._section.calling_ae
             )
+            finished = True
         finally:
-            _release(assoc)
+            _end(assoc, finished)
 
     def _listen(self) -> None:
         """Start the Storage SCP that C-MOVE sends to; it runs until :meth:`close`."""
@@ -510,6 +514,19 @@ def _no_delay(event: Event) -> None:
 def _release(assoc: Association) -> None:
     if assoc.is_established:
         assoc.release()
+
+
+def _end(assoc: Association, finished: bool) -> None:
+    """Release a retrieve's association, or abort one that was abandoned.
+
+    A retrieve given up midway (a timeout, a refused file, the caller stopping)
+    may still have sub-operations under way at the PACS: a release would wait
+    through them while the PACS keeps sending; an A-ABORT stops them at once.
+    """
+    if finished:
+        _release(assoc)
+    elif assoc.is_established:
+        assoc.abort()
 
 
 def _text(found: Dataset, keyword: str) -> str:
