@@ -79,7 +79,7 @@ def schema_problems(
 def _problems_and_missing(
     arrow_schema: pa.Schema, task: TaskConfig, schema: EhrSchema
 ) -> tuple[list[str], int]:
-    check = _SchemaCheck({f.name: f.type for f in arrow_schema})
+    check = _SchemaCheck({f.name: f.type for f in arrow_schema}, schema.from_omop)
     check.column(schema.patient_id, "patient id", "[ehr] patient-id")
     check.column(
         schema.study_uid, "study uid, joins DICOM StudyInstanceUID", "[ehr] study-uid"
@@ -106,25 +106,37 @@ def _problems_and_missing(
 class _SchemaCheck:
     """The EHR table's columns against site.toml's schema and the run's task."""
 
-    def __init__(self, have: dict[str, pa.DataType]) -> None:
+    def __init__(self, have: dict[str, pa.DataType], omop: bool = False) -> None:
         self.have = have
+        self.omop = omop  # the OMOP preset's query: its mapping is elsewhere
         self.problems: list[str] = []
         self.absent: list[str] = []
 
-    def column(self, name: str, what: str, key: str) -> pa.DataType | None:
-        """The column's type, or None (a problem) when the table lacks it."""
+    def column(
+        self, name: str, what: str, key: str, run_name: str | None = None
+    ) -> pa.DataType | None:
+        """The column's type, or None (a problem) when the table lacks it.
+
+        ``run_name``: the run feature or label this column holds (it may then be
+        declared not recorded instead).
+        """
         if name not in self.have:
             self.absent.append(name)
-            run_name = key.partition("] ")[2]
-            optional = (
-                f', or add "{run_name}" to `[ehr] not-recorded` if this site does '
-                "not record it"
-                if key.startswith(("[ehr.features]", "[ehr.labels]"))
-                else ""
-            )
-            self.problems.append(
-                f'  - {name!r} ({what}): set `{key} = "<column>"` in site.toml{optional}'
-            )
+            if run_name is not None and self.omop:
+                fix = (
+                    f"map {run_name} under [data.ehr-database.omop."
+                    f"{'labels' if key.startswith('[ehr.labels]') else 'features'}] "
+                    f'in site.toml, or add "{run_name}" to [data.ehr-database.omop] '
+                    "not-recorded if this site does not record it"
+                )
+            else:
+                fix = f'set `{key} = "<column>"` in site.toml'
+                if run_name is not None:
+                    fix += (
+                        f', or add "{run_name}" to `[ehr] not-recorded` if this '
+                        "site does not record it"
+                    )
+            self.problems.append(f"  - {name!r} ({what}): {fix}")
             return None
         return self.have[name]
 
@@ -144,7 +156,9 @@ class _SchemaCheck:
         self, name: str, spec: FeatureSpec, run_unit: str | None
     ) -> None:
         """A numeric feature: a numeric column, a convertible unit, no ``map``."""
-        dtype = self.column(spec.column, f"feature {name}", f"[ehr.features] {name}")
+        dtype = self.column(
+            spec.column, f"feature {name}", f"[ehr.features] {name}", name
+        )
         # a column that is null in every row (a test this site never runs) has
         # Arrow type null: it is a feature missing everywhere, not a wrong type
         if dtype is not None and not pa.types.is_null(dtype):
@@ -191,7 +205,9 @@ class _SchemaCheck:
         self, name: str, spec: FeatureSpec, vocab: tuple[str, ...]
     ) -> None:
         """A categorical feature: text or integer codes mapped into the vocabulary."""
-        dtype = self.column(spec.column, f"feature {name}", f"[ehr.features] {name}")
+        dtype = self.column(
+            spec.column, f"feature {name}", f"[ehr.features] {name}", name
+        )
         if dtype is not None:
             self.declared(spec.column, dtype, spec.type)
             if _kind(dtype) not in (
@@ -216,7 +232,7 @@ class _SchemaCheck:
 
     def label(self, name: str, spec: LabelSpec) -> None:
         """A label column: numeric or boolean, or text with its positive values."""
-        dtype = self.column(spec.column, f"label {name}", f"[ehr.labels] {name}")
+        dtype = self.column(spec.column, f"label {name}", f"[ehr.labels] {name}", name)
         if dtype is None:
             return
         self.declared(spec.column, dtype, spec.type)

@@ -105,6 +105,12 @@ class OmopPreset(_Section):
         max_length=1024,
         description="run label -> {observation|condition = concept id}",
     )
+    not_recorded: tuple[str, ...] = Field(
+        (),
+        max_length=1024,
+        description="run features and labels this site does not record (missing / "
+        "unknown in every row)",
+    )
 
     @field_validator("cdm_schema")
     @classmethod
@@ -149,6 +155,7 @@ def omop_ehr_schema(preset: OmopPreset) -> dict[str, Any]:
         **({"note": "note"} if preset.notes else {"note": None}),
         "features": features,
         "labels": {name: name for name in preset.labels},
+        "not-recorded": list(preset.not_recorded),
     }
 
 

@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from ..common.config import Accountant, _Section
 from ..common.errors import ConfigError
@@ -161,6 +161,7 @@ class EhrSchema(_Section):
         max_length=1024,
         description="run label name -> column, or {column, type, positive, negative}",
     )
+    _from_omop: bool = PrivateAttr(False)
     not_recorded: tuple[str, ...] = Field(
         (),
         max_length=1024,
@@ -180,6 +181,11 @@ class EhrSchema(_Section):
         if any(not name.strip() for name in self.not_recorded):
             raise ValueError("not-recorded has an empty name")
         return self
+
+    @property
+    def from_omop(self) -> bool:
+        """Whether the OMOP preset wrote this schema (its mapping is there)."""
+        return self._from_omop
 
     def records(self, name: str) -> bool:
         """Whether this site records run feature or label ``name``."""
@@ -354,9 +360,9 @@ class SiteConfig(TomlFileConfig):
                 "the OMOP preset maps the run's names under "
                 "[data.ehr-database.omop]: leave out [ehr]"
             )
-        object.__setattr__(
-            self, "ehr", EhrSchema.model_validate(omop_ehr_schema(database.omop))
-        )
+        schema = EhrSchema.model_validate(omop_ehr_schema(database.omop))
+        schema._from_omop = True
+        object.__setattr__(self, "ehr", schema)
         return self
 
     def resolve(self, relative: str) -> Path:

@@ -169,3 +169,26 @@ def test_loading_warns_once_about_unknown_labels_and_never_about_declared_ones(
     said = [r.getMessage() for r in caplog.records if "label cell" in r.getMessage()]
     assert len(said) == 1
     assert "effusion 1" in said[0] and "nodule" not in said[0]
+
+
+def test_the_missing_column_message_offers_not_recorded_only_where_it_applies(site):
+    from wardround.sitedata.omop import OmopPreset, omop_ehr_schema
+
+    doc = tomllib.loads((site / "site.toml").read_text())
+    table = pq.read_table(site / doc["data"].get("ehr", "ehr.parquet"))
+    # a unit column is not a run feature: not-recorded would not help
+    with_unit = EhrSchema.model_validate(
+        {"features": {"crp": {"column": "crp", "unit-column": "crp_unit"}}}
+    )
+    (problem,) = schema_problems(table.schema, TASK, with_unit)
+    assert "'crp_unit'" in problem and "not-recorded" not in problem
+    # an OMOP site maps its names under [data.ehr-database.omop]
+    preset = OmopPreset.model_validate({"not-recorded": ["bnp"]})
+    omop = EhrSchema.model_validate(omop_ehr_schema(preset))
+    omop._from_omop = True
+    assert omop.not_recorded == ("bnp",)
+    problems = schema_problems(table.drop_columns(["crp"]).schema, TASK, omop)
+    crp = next(p for p in problems if "(feature crp)" in p)
+    assert "[data.ehr-database.omop.features]" in crp
+    assert '"crp" to [data.ehr-database.omop] not-recorded' in crp
+    assert not any("(feature bnp)" in p for p in problems)
