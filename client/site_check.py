@@ -272,6 +272,20 @@ def _join_blocking(
         found.append("fewer than 2 patients: no validation split is possible")
     if items and report["join"]["items_with_image"] == 0 and task.require_image:
         found.append("no study image could be decoded (see dicom.decode_failures)")
+    examples = report["ehr"]["label_examples"]
+    if (
+        task.kind is TaskKind.CLASSIFICATION
+        and items
+        and examples
+        and not any(c["positive"] or c["negative"] for c in examples.values())
+    ):
+        # its loss would be zero while its studies still weigh in the average
+        found.append(
+            "no EHR row has a known value for any of the run's labels "
+            f"({', '.join(examples)}), so this site has nothing to train on: map "
+            "the label columns under [ehr.labels] (with positive/negative for text "
+            "values); a site that records none of them cannot join this run"
+        )
     return found
 
 

@@ -31,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -57,20 +59,33 @@ from .patients import count_patients, patient_ordinals
 from .site_config import SiteConfig
 
 logger = logging.getLogger(__name__)
-_warned: set[str] = set()
+_said: set[str] | None = None
+"""Inside :func:`each_data_warning_once`: the warnings already logged."""
 
 
-def _warn_once(message: str, *args: object) -> None:
-    """Log a warning the first time this process sees its text, later at DEBUG.
+@contextmanager
+def each_data_warning_once() -> Iterator[None]:
+    """Log each distinct data warning once while the block runs (later at DEBUG).
 
-    A study or a simulation loads a site's data once per model configuration:
-    the same finding about the same data would otherwise repeat for every arm.
+    A study loads a site's data once per model configuration: the same finding
+    about the same data would otherwise repeat for every arm. A site daemon
+    does not use it: each run's log says what that run's data held.
     """
+    global _said
+    before, _said = _said, set() if _said is None else _said
+    try:
+        yield
+    finally:
+        _said = before
+
+
+def _warn(message: str, *args: object) -> None:
     text = message % args
-    if text in _warned:
-        logger.debug(text)
-        return
-    _warned.add(text)
+    if _said is not None:
+        if text in _said:
+            logger.debug(text)
+            return
+        _said.add(text)
     logger.warning(text)
 
 
@@ -419,14 +434,14 @@ def _split_site_data(
     with_image = np.array(join.with_image, bool)
     n_errors = int((with_image & ~image_ok).sum())
     if n_errors:
-        _warn_once(
+        _warn(
             "site %s: %d of %d images could not be decoded; kept without image",
             site.site.name,
             n_errors,
             len(matched),
         )
     if null_labels:
-        _warn_once(
+        _warn(
             "site %s: %d label cell(s) with no usable value are left out of the loss "
             "and of AUROC (%s); `wardround site check` lists them per label",
             site.site.name,

@@ -208,6 +208,34 @@ def run_study(
 ) -> StudyResult:
     """Run (or resume) the study into ``out_dir``; write study.json, report and plots.
 
+    Each site's data warnings are logged once, not once per arm.
+    """
+    from ...sitedata.dataset import each_data_warning_once
+
+    with each_data_warning_once():
+        return _run_study(
+            settings,
+            out_dir,
+            command=command,
+            on_arm=on_arm,
+            shard=shard,
+            started=started,
+            machine=machine,
+        )
+
+
+def _run_study(
+    settings: StudySettings,
+    out_dir: Path,
+    *,
+    command: str,
+    on_arm: Callable[[ArmEvent], None] | None,
+    shard: tuple[int, int] | None,
+    started: float | None,
+    machine: dict[str, Any] | None,
+) -> StudyResult:
+    """:func:`run_study`'s work.
+
     An arm that raises a :class:`WardroundError` (a round that could not complete,
     a privacy refusal) is reported as failed, not cached, and the study goes on.
     With ``shard = (i, n)`` only the i-th of n shares of the federations

@@ -137,7 +137,7 @@ def test_loading_warns_once_about_unknown_labels_and_never_about_declared_ones(
     import logging
 
     from wardround.common.text import get_tokenizer
-    from wardround.sitedata.dataset import load_site_data
+    from wardround.sitedata.dataset import each_data_warning_once, load_site_data
     from wardround.sitedata.site_config import SiteConfig
 
     toml = _without_columns(site, tmp_path, ["nodule"])
@@ -162,13 +162,23 @@ def test_loading_warns_once_about_unknown_labels_and_never_about_declared_ones(
             tokenizer=get_tokenizer("byte"),
         )
 
-    with caplog.at_level(logging.WARNING, logger="wardround.sitedata.dataset"):
-        load(16)
-        load(24)  # another model configuration, the same data
+    def said() -> list[str]:
+        found = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        return [m for m in found if "label cell" in m]
 
-    said = [r.getMessage() for r in caplog.records if "label cell" in r.getMessage()]
-    assert len(said) == 1
-    assert "effusion 1" in said[0] and "nodule" not in said[0]
+    with caplog.at_level(logging.WARNING, logger="wardround.sitedata.dataset"):
+        with each_data_warning_once():  # as a study does
+            load(16)
+            load(24)  # another model configuration, the same data
+        once = said()
+        load(16)  # a site daemon's next run says it again
+        load(16)
+        again = said()
+
+    assert len(once) == 1
+    assert "effusion 1" in once[0] and "nodule" not in once[0]
+    assert len(again) == 2
 
 
 def test_the_missing_column_message_offers_not_recorded_only_where_it_applies(site):
@@ -192,3 +202,14 @@ def test_the_missing_column_message_offers_not_recorded_only_where_it_applies(si
     assert "[data.ehr-database.omop.features]" in crp
     assert '"crp" to [data.ehr-database.omop] not-recorded' in crp
     assert not any("(feature bnp)" in p for p in problems)
+
+
+def test_a_site_that_records_none_of_the_runs_labels_cannot_train(site, tmp_path):
+    labels = list(TASK.labels)
+    toml = _without_columns(site, tmp_path, labels)
+    _declare(toml, labels)
+
+    code, report = _check(toml)
+
+    assert code != 0 and not report["can_train"]
+    assert any("nothing to train on" in b for b in report["blocking"])
