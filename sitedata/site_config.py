@@ -418,7 +418,8 @@ def load_site_configs(site_tomls: list[Path]) -> list[SiteConfig]:
         raise ConfigError(
             f"{len(failed)} of {len(site_tomls)} site.toml files have problems:\n"
             + "\n".join(exc.message for exc in failed),
-            hint=failed[0].hint,
+            hint="\n".join(dict.fromkeys(exc.hint for exc in failed if exc.hint))
+            or None,
         )
     return loaded
 

@@ -18,6 +18,7 @@ from .stats import Goal, at_least
 from .summary import (
     CLASSICAL_POOLED,
     SITE_AUROC_DECIMALS,
+    against_best_single,
     arm_auroc,
     dp_arm,
     site_margin,
@@ -369,14 +370,14 @@ def _fusion_goals(
     cell: Cell, arms: Mapping[str, Any], plan: Mapping[str, Arm]
 ) -> list[Goal]:
     singles = {
-        a.modalities[0].value: arm_auroc(arms, a.name)
+        a.modalities[0].value: arms[a.name]
         for a in plan.values()
-        if a.group is ArmGroup.MODALITY and len(a.modalities) == 1
+        if a.group is ArmGroup.MODALITY
+        and len(a.modalities) == 1
+        and math.isfinite(arm_auroc(arms, a.name))
     }
-    singles = {k: v for k, v in singles.items() if math.isfinite(v)}
     if len(singles) < len(Modality):
         return []
-    best_name = max(singles, key=singles.__getitem__)
     fused = [
         a
         for a in plan.values()
@@ -389,45 +390,29 @@ def _fusion_goals(
         and a.strategy.value == "fedavg"
         and arms[a.name].get("seeds")
     ]
-    best_arm = next(
-        a.name
-        for a in plan.values()
-        if a.group is ArmGroup.MODALITY
-        and len(a.modalities) == 1
-        and a.modalities[0].value == best_name
-    )
-    unscored = arms[best_arm].get("unscored_sites") or {}
     goals = []
     for arm in fused:
-        fused_auroc = arm_auroc(arms, arm.name)
-        where = ""
-        if unscored:
-            # the single modality is scored only where a site has it: the fused
-            # model is compared on those sites
-            fused_auroc = mean_on_sites(arms[arm.name], arms[best_arm])
-            where = f" (on the sites with it; not {', '.join(sorted(unscored))})"
-        margin = fused_auroc - singles[best_name]
+        best = against_best_single(arms[arm.name], singles)
+        if best is None:
+            continue
+        name, single, fused_auroc = best
+        unscored = singles[name].get("unscored_sites") or {}
+        # a single modality is scored only where a site has it: the fused model
+        # is compared with it on those sites
+        where = (
+            f" (on the sites with it; not {', '.join(sorted(unscored))})"
+            if unscored
+            else ""
+        )
+        margin = fused_auroc - single
         goals.append(
             at_least(
                 "fused_vs_best_single",
                 cell,
                 f"fused ({arm.fusion.value}) ≥ best single modality + {FUSION_MARGIN}",
-                f"{fused_auroc:.3f} vs {best_name} only "
-                f"{singles[best_name]:.3f}{where}: {margin:+.3f}",
+                f"{fused_auroc:.3f} vs {name} only {single:.3f}{where}: {margin:+.3f}",
                 margin,
                 FUSION_MARGIN,
             )
         )
     return goals
-
-
-def mean_on_sites(entry: Mapping[str, Any], scored: Mapping[str, Any]) -> float:
-    """``entry``'s mean AUROC over the sites where ``scored`` has a value."""
-    sites = [
-        s
-        for s, v in scored.get("per_site", {}).items()
-        if v.get("mean") is not None and math.isfinite(v["mean"])
-    ]
-    values = [entry.get("per_site", {}).get(s, {}).get("mean", math.nan) for s in sites]
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else math.nan

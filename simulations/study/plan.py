@@ -109,8 +109,8 @@ class StudySettings:
     """``--sites-dir``: site -> its ``[answers] decimals`` (default 3): a site's
     federated AUROC is compared with its local-only one at that precision."""
     site_gaps: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    """``--sites-dir``: site -> the modalities none of its studies has. An arm
-    that needs only those is not scored at that site (it would score its
+    """``--sites-dir``: site -> the modalities none of its validation studies has.
+    An arm that needs only those is not scored at that site (it would score its
     untrained prior, a tie: 0.5)."""
 
     def __post_init__(self) -> None:
@@ -273,13 +273,13 @@ class StudySettings:
         return out
 
     def unscored_sites(self, arm: Arm) -> dict[str, str]:
-        """Site -> why ``arm`` is not scored there: it has none of the arm's inputs."""
+        """Site -> why ``arm`` is not scored there: no validation study has its inputs."""
         wanted = [m.value for m in arm.modalities]
         out = {}
         for site, gaps in sorted(self.site_gaps.items()):
             if all(m in gaps for m in wanted):
                 names = ", ".join("images" if m == "image" else m + "s" for m in wanted)
-                out[site] = f"{site} has no {names}"
+                out[site] = f"{site} has no {names} in its validation split"
         return out
 
     def arms_left_out(self, n_sites: int) -> tuple[Arm, ...]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .report_setup import header_lines, size_text
-from .summary import fmt
+from .summary import against_best_single, fmt
 
 DOCS_SECTION = "study:quality"
 PLOT_TITLES = {
@@ -188,26 +188,39 @@ def _findings(arms: Mapping[str, Any]) -> list[str]:
             "quantization of the deltas); bytes in `bench/systems.py`'s section."
         )
     singles = {
-        e["label"].split(", ")[-1]: e["auroc"]["mean"]
+        e["label"].split(", ")[-1]: e
         for e in arms.values()
         if e.get("seeds") and e["label"].endswith(" only") and e["group"] == "modality"
     }
     if singles and fedavg is not None:
-        best = max(singles, key=singles.__getitem__)
-        fusions = [
-            (e["label"].split("(")[-1].rstrip(")"), e["auroc"]["mean"])
+        fusions = [("concat", arms["fedavg"])] + [
+            (e["label"].split("(")[-1].rstrip(")"), e)
             for e in arms.values()
             if e.get("seeds") and "fused (" in e["label"]
         ]
-        lines.append(
-            f"- **Modalities**: best single {best} {singles[best]:.3f}; fused: concat "
-            f"{fedavg:.3f} ({fedavg - singles[best]:+.3f})"
-            + "".join(
-                f", {name} {value:.3f} ({value - singles[best]:+.3f})"
-                for name, value in fusions
+        compared = []
+        for name, entry in fusions:
+            best = against_best_single(entry, singles)
+            if best is not None:
+                compared.append((name, *best))
+        if compared:
+            best_name = compared[0][1]
+            same_sites = (
+                " (each fused model on the sites that single modality scores)"
+                if any(e.get("unscored_sites") for e in singles.values())
+                else ""
             )
-            + "."
-        )
+            lines.append(
+                f"- **Modalities**: best single {best_name} "
+                f"{singles[best_name]['auroc']['mean']:.3f}{same_sites}; fused: "
+                + ", ".join(
+                    f"{name} {here:.3f} ({here - single:+.3f}"
+                    + (f" vs {single_name}" if single_name != best_name else "")
+                    + ")"
+                    for name, single_name, single, here in compared
+                )
+                + "."
+            )
     return lines
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +25,8 @@ from ...server.rundir import write_json
 from ...sitedata.site_config import SiteConfig, check_distinct_names
 from .cells import OWN_DATA, RANDOM_BASE, Cell, site_tomls_in
 from .plan import StudySettings
+
+log = logging.getLogger(__name__)
 
 STUDY_LIFETIME_BUDGET = 1_000_000.0
 """The study's sites' lifetime epsilon budget: every DP arm is a separate run on the
@@ -140,6 +143,17 @@ def stage_sites(settings: StudySettings, out_dir: Path) -> list[Path]:
         target.mkdir(parents=True, exist_ok=True)
         (target / "site.toml").write_text(tomli_w.dumps(doc))
         staged.append(target / "site.toml")
+    # a site that left --sites-dir since an earlier call: its staged copy would
+    # join the federation (the arms run on every site.toml there); its cache and
+    # ledger stay
+    kept = {path.resolve() for path in staged}
+    for stale in sorted((out_dir / "data" / "sites-dir").glob("*/site.toml")):
+        if stale.resolve() not in kept:
+            log.warning(
+                "%s is no longer in --sites-dir: its staged copy leaves the study",
+                stale.parent.name,
+            )
+            stale.unlink()
     raise_lifetime_budget(staged)
     return staged
 
@@ -173,14 +187,14 @@ def inspect_sites(settings: StudySettings, out_dir: Path) -> StudySettings:
             f"{data.fingerprint}:{site_settings_key(runtime.site)}"
         )
         decimals[toml.parent.name] = runtime.site.answers.decimals
-        at_site = dict.fromkeys(present, 0.0)
+        scored = dict.fromkeys(present, 0.0)  # in the split AUROC is measured on
         for dataset in (data.train, data.validation):
             flags = dataset.tensors["present"].sum(0).tolist()
             for name, count in zip(present, flags, strict=True):
-                at_site[name] += count
-        for name, count in at_site.items():
-            present[name] += count
-        lacking = tuple(name for name, count in at_site.items() if count == 0)
+                present[name] += count
+                if dataset is data.validation:
+                    scored[name] += count
+        lacking = tuple(name for name, count in scored.items() if count == 0)
         if lacking:
             gaps[toml.parent.name] = lacking
     missing = {

@@ -206,8 +206,14 @@ def _compare(
         local = arms.get("classical-local" if arm.classical else "local", {}).get(
             "per_site", {}
         )
-        entry["ratio_to_pooled"] = ratio(entry["auroc"]["mean"], pooled)
-        entry["minus_classical"] = entry["auroc"]["mean"] - classical
+        mine = entry["auroc"]["mean"]
+        if entry.get("unscored_sites"):  # pooled and classical on the same sites
+            pooled_here = mean_on_sites(arms.get("pooled", {}), entry)
+            classical_here = mean_on_sites(arms.get(CLASSICAL_POOLED, {}), entry)
+        else:
+            pooled_here, classical_here = pooled, classical
+        entry["ratio_to_pooled"] = ratio(mine, pooled_here)
+        entry["minus_classical"] = mine - classical_here
         # a site whose AUROC is undefined (its validation split lacks positives or
         # negatives) is neither the worst nor below its local-only model
         per_site = {
@@ -247,6 +253,43 @@ def site_margin(
     not above a local-only 0.783 computed here unrounded: both are 0.8).
     """
     return round(round(value, decimals) - round(reference, decimals), decimals) + 0.0
+
+
+def mean_on_sites(entry: Mapping[str, Any], scored: Mapping[str, Any]) -> float:
+    """``entry``'s mean AUROC over the sites where ``scored`` has a value.
+
+    Without sites left out of ``scored``, ``entry``'s own mean.
+    """
+    if not scored.get("unscored_sites"):
+        return float(entry.get("auroc", {}).get("mean", math.nan))
+    sites = [
+        s
+        for s, v in scored.get("per_site", {}).items()
+        if v.get("mean") is not None and math.isfinite(v["mean"])
+    ]
+    values = [entry.get("per_site", {}).get(s, {}).get("mean", math.nan) for s in sites]
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def against_best_single(
+    fused: Mapping[str, Any], singles: Mapping[str, Mapping[str, Any]]
+) -> tuple[str, float, float] | None:
+    """The single modality the fused model leads by least, on the same sites.
+
+    Returns (modality, its AUROC, the fused model's AUROC on its sites); when
+    every arm scores every site, that is the best single modality.
+    """
+    options = []
+    for name, entry in singles.items():
+        single = entry.get("auroc", {}).get("mean", math.nan)
+        here = mean_on_sites(fused, entry)
+        if math.isfinite(single) and math.isfinite(here):
+            options.append((here - single, name, single, here))
+    if not options:
+        return None
+    _, name, single, here = min(options)
+    return name, single, here
 
 
 def arm_auroc(arms: Mapping[str, Any], name: str) -> float:

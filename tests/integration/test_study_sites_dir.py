@@ -69,9 +69,32 @@ def test_a_mixed_federation_scores_the_image_arm_only_where_there_are_images(
     ((site, gaps),) = read.site_gaps.items()
     assert gaps == ("image",)
     image_only = next(a for a in read.arms if a.name == "fedavg-image-only")
-    assert read.unscored_sites(image_only) == {site: f"{site} has no images"}
+    assert read.unscored_sites(image_only) == {
+        site: f"{site} has no images in its validation split"
+    }
     # each site's answer precision, for comparing its AUROC with its local model
     assert read.site_decimals == {s: 3 for s in ("site-01", "site-02", "site-03")}
+
+
+def test_a_site_that_left_the_folder_leaves_the_staged_federation(tmp_path):
+    import shutil
+
+    from wardround.simulations.study.study_data import stage_sites
+
+    synthesize_federation(
+        tmp_path / "sites", 3, patients_per_site=12, seed=7, image_less_sites=3
+    )
+    settings = StudySettings.for_sites_dir(StudySize.SMOKE, tmp_path / "sites")
+    first = stage_sites(settings, tmp_path / "out")
+    shutil.rmtree(tmp_path / "sites" / "site-03")
+    settings = StudySettings.for_sites_dir(StudySize.SMOKE, tmp_path / "sites")
+
+    second = stage_sites(settings, tmp_path / "out")
+
+    staged = tmp_path / "out" / "data" / "sites-dir"
+    assert len(first) == 3 and len(second) == 2
+    assert sorted(staged.glob("*/site.toml")) == sorted(second)
+    assert (staged / "site-03").is_dir()  # its cache and ledger are kept
 
 
 def test_the_command_refuses_synthetic_sizes_with_a_sites_dir(tmp_path):

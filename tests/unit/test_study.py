@@ -397,10 +397,10 @@ def test_an_arm_is_not_scored_at_a_site_with_none_of_its_inputs(tmp_path):
     arms = {a.name: a for a in mixed.arms}
 
     assert mixed.unscored_sites(arms["fedavg-image-only"]) == {
-        "hospital-2": "hospital-2 has no images"
+        "hospital-2": "hospital-2 has no images in its validation split"
     }
     assert mixed.unscored_sites(arms["fedavg-note-only"]) == {
-        "hospital-2": "hospital-2 has no notes"
+        "hospital-2": "hospital-2 has no notes in its validation split"
     }
     assert mixed.unscored_sites(arms["fedavg-ehr-only"]) == {}
     assert mixed.unscored_sites(arms["fedavg"]) == {}

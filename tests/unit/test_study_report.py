@@ -407,11 +407,15 @@ def test_a_site_without_an_arms_inputs_is_left_out_of_that_arms_figures():
     entry = arms["fedavg-image-only"]
     assert entry["auroc"]["mean"] == pytest.approx(0.89)
     assert np.isnan(entry["per_site"]["site-03"]["mean"])
-    assert entry["unscored_sites"] == {"site-03": "site-03 has no images"}
+    assert entry["unscored_sites"] == {
+        "site-03": "site-03 has no images in its validation split"
+    }
     assert [v["mean"] for v in entry["per_label"].values()] == pytest.approx(
         [0.89] * len(LABELS)
     )
     assert "unscored_sites" not in arms["fedavg"]  # it has EHR and notes there
+    # its ratio to pooled is to pooled on the same sites (0.80 and 0.81)
+    assert entry["ratio_to_pooled"] == pytest.approx(0.89 / 0.805)
     # the fused model is compared with image-only on the sites that have images
     concat = next(
         g
@@ -426,4 +430,35 @@ def test_a_site_without_an_arms_inputs_is_left_out_of_that_arms_figures():
         {},
         relative_to=Path("."),
     )
-    assert "fedavg-image-only: site-03 has no images" in text
+    assert "fedavg-image-only: site-03 has no images in its validation split" in text
+
+
+def test_the_fused_model_is_held_to_the_single_modality_it_leads_by_least():
+    settings = replace(_two_sizes(), site_gaps={"site-03": ("image",)})
+    values = _two_size_values()
+    values["40x3-pretrained"] = {
+        **values["40x3-pretrained"],
+        # image only looks best on its 2 sites; EHR only is 0.96 on those same sites
+        "fedavg-image-only": {"site-01": 0.90, "site-02": 0.88, "site-03": 0.5},
+        "fedavg-ehr-only": {"site-01": 0.96, "site-02": 0.96, "site-03": 0.50},
+        "fedavg": {"site-01": 0.93, "site-02": 0.93, "site-03": 0.60},
+    }
+    summary = summarise(settings, _results(settings, values), LABELS)
+
+    concat = next(
+        g
+        for g in evaluate_goals(settings, summary)
+        if g.key == "fused_vs_best_single" and "(concat)" in g.goal
+    )
+
+    # on all 3 sites: fused 0.82 against EHR only 0.807; image only is +0.04 behind
+    assert "ehr only" in concat.measured
+    assert concat.value == pytest.approx(0.82 - (0.96 + 0.96 + 0.50) / 3)
+    assert not concat.met
+    text = render_report(
+        json.loads(json.dumps(_study_data(settings, summary))),
+        {},
+        relative_to=Path("."),
+    )
+    line = next(x for x in text.splitlines() if x.startswith("- **Modalities**"))
+    assert "concat 0.820 (+0.013)" in line and "best single ehr only" in line
