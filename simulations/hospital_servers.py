@@ -221,8 +221,16 @@ def load_ehr_into_omop(
             tables[table].setdefault(key, []).append(value)
 
     column = {c: ehr.column(c).to_pylist() for c in ehr.column_names}
-    ages = column[spec.feature_column("age")]
-    sexes = column[spec.feature_column("sex")]
+    nothing = [None] * rows
+
+    def feature(name: str) -> list[Any]:  # null in every row where not recorded
+        return column[spec.feature_column(name)] if spec.records(name) else nothing
+
+    def label(name: str) -> list[Any]:
+        return column[spec.label_column(name)] if spec.records(name) else nothing
+
+    ages = feature("age")
+    sexes = feature("sex")
     units: dict[str, int] = {}
     for i in range(rows):
         patient = column[spec.patient_id][i]
@@ -249,7 +257,7 @@ def load_ehr_into_omop(
             visit_occurrence_id=visit, image_occurrence_date=_VISIT_DATE,
             image_study_uid=study)  # fmt: skip
         for name, concept in OMOP_MEASUREMENTS.items():
-            value = column[spec.feature_column(name)][i]
+            value = feature(name)[i]
             if value is None:
                 continue
             unit = normalise_unit(spec.feature_spec(name).unit or task.units[name])
@@ -260,7 +268,7 @@ def load_ehr_into_omop(
                 value_as_number=float(value), unit_concept_id=unit_id,
                 visit_occurrence_id=visit)  # fmt: skip
         for name, (kind, concept) in OMOP_FINDINGS.items():
-            if not column[spec.label_column(name)][i]:
+            if not label(name)[i]:
                 continue
             table = "observation" if kind == "observation" else "condition_occurrence"
             key = f"{table}_id"
