@@ -232,7 +232,7 @@ def test_a_site_too_small_to_score_is_left_out_of_per_site_goals_not_failed():
     plan = {
         "personal": SimpleNamespace(name="personal", label="own head", personal=True)
     }
-    (goal,) = _personal_goals(Cell(200, 3, "random"), arms, plan)
+    (goal,) = _personal_goals(Cell(200, 3, "random"), arms, plan, {})
     assert "1 of 2 sites" in goal.measured
     assert "-0.020 (b)" in goal.measured and "nan" not in goal.measured
     assert "not measurable, left out: c" in goal.measured
