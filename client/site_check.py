@@ -110,6 +110,9 @@ def check_site(
         for name in (*task.numeric, *task.categorical, *task.labels)
         if not site.ehr.records(name)
     ]
+    for name in report["ehr"]["not_recorded"]:
+        if name in report["ehr"]["label_prevalence"]:  # not 0.0: nothing is known
+            report["ehr"]["label_prevalence"][name] = None
     report["join"] = _join_section(prep, task)
     split = _split(prep, site)
     if task.kind is TaskKind.CLASSIFICATION:  # the split AUROC is measured on

@@ -373,12 +373,19 @@ def _arm_printer(console: Console, jobs: int) -> Callable[[ArmEvent], None]:
         if event.cached and jobs > 1:
             return  # the workers said it when they ran it
         outcome = event.outcome
-        state = (
-            f"AUROC {site_mean(outcome.final):.3f} "
-            f"({'cached' if event.cached else f'{outcome.seconds:.0f} s'})"
-            if outcome is not None
-            else f"failed: {event.error}"
-        )
+        if outcome is not None:
+            scored = {s: v for s, v in outcome.final.items() if s not in event.unscored}
+            left_out = (
+                f"{', '.join(event.unscored)} not scored: none of the arm's inputs; "
+                if event.unscored
+                else ""
+            )
+            state = (
+                f"AUROC {site_mean(scored):.3f} ({left_out}"
+                f"{'cached' if event.cached else f'{outcome.seconds:.0f} s'})"
+            )
+        else:
+            state = f"failed: {event.error}"
         console.print(
             f"[{event.index}/{event.total}] {event.cell.label}, seed "
             f"{event.seed}, {event.arm.label}: {state}",

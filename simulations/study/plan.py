@@ -453,6 +453,8 @@ class StudySettings:
                 for a in self.arms
                 if a.name not in self.skipped() and (found := self.unscored_sites(a))
             },
+            "site_decimals": dict(self.site_decimals),
+            "require_image_from_run_config": self._run_config_sets_require_image(),
             "arms_left_out": {
                 str(n): [a.name for a in left]
                 for n in self.site_counts

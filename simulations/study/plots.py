@@ -201,7 +201,8 @@ def plot_privacy(
         ax.set_xscale("log")
         ax.set_xticks(ticks, [f"{e:g}" if e != top else "no DP" for e in ticks])
         ax.minorticks_off()
-        ax.set_title(f"{patients:,} patients per site, {n_sites} sites", fontsize=9)
+        size = "own data" if patients == 0 else f"{patients:,} patients per site"
+        ax.set_title(f"{size}, {n_sites} sites", fontsize=9)
         ax.set_xlabel("ε per site (δ = 1e-5)")
         ax.set_ylabel("AUROC (mean over sites)")
         ax.grid(alpha=0.3)

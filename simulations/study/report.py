@@ -28,8 +28,13 @@ def plot_title(name: str) -> str:
     """The alt text of a plot (``privacy-P``: the privacy–utility plot at size P)."""
     if name.startswith("privacy-"):
         patients = int(name.split("-", 1)[1])
+        size = (
+            "on the sites' own data"
+            if patients == 0
+            else f"at {patients:,} patients per site"
+        )
         return (
-            f"Privacy–utility at {patients:,} patients per site: AUROC against the "
+            f"Privacy–utility {size}: AUROC against the "
             "DP budget ε per site, one line per base"
         )
     return PLOT_TITLES.get(name, name)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..reporting import describe_machine
+from .summary import SITE_AUROC_DECIMALS
 
 
 def _and(values: list[Any]) -> str:
@@ -73,6 +74,8 @@ def _training(s: Mapping[str, Any]) -> str:
 
 def _seeds(s: Mapping[str, Any]) -> str:
     seeds = s["seeds"]
+    if s.get("sites_dir"):  # one size: the sites' own data
+        return "seeds " + ", ".join(str(x) for x in next(iter(seeds.values())))
     parts = [
         f"{int(p):,} patients: {', '.join(str(x) for x in seeds[p])}" for p in seeds
     ]
@@ -175,6 +178,30 @@ def _own_data_notes(s: Mapping[str, Any]) -> list[str]:
         "or a simulation, never a deployment: in a deployment no record leaves a "
         "site."
     ]
+    if not s.get("require_image_from_run_config"):
+        lines.append(
+            "- **Studies without an image** train on their EHR and notes at every "
+            "site: the study sets `task.require-image = false` (a run config given "
+            "with `--config` that sets it decides instead), so an imaged site's "
+            "studies without an image, which `site check` leaves out by default, "
+            "are in its splits."
+        )
+    coarse = {
+        site: n
+        for site, n in sorted((s.get("site_decimals") or {}).items())
+        if n != SITE_AUROC_DECIMALS
+    }
+    if coarse:
+        lines.append(
+            "- **Answer precision**: "
+            + ", ".join(
+                f"{site} reports to {n} decimal(s)" for site, n in coarse.items()
+            )
+            + " (`[answers] decimals`), so its federated arms' AUROCs are rounded "
+            "so; the arms trained on this machine (pooled, local only, classical) "
+            "are not. A site counts as above its local-only model only if it is above "
+            "at that precision; equal values there are a tie."
+        )
     skipped = s.get("skipped_arms") or {}
     if skipped:
         lines.append(
@@ -252,7 +279,13 @@ def header_lines(data: Mapping[str, Any]) -> list[str]:
         + "}; DP-SGD at ε ∈ {"
         + ", ".join(f"{x:g}" for x in s["dp_epsilons"])
         + "} per site (δ = 1e-5, clip 1.0, RDP accounting).",
-        f"- **Arms**: every arm runs at {size_text(s['patients'][0])} patients per site on "
+        "- **Arms**: every arm runs "
+        + (
+            "on the sites' own data"
+            if s.get("sites_dir")
+            else f"at {size_text(s['patients'][0])} patients per site"
+        )
+        + " on "
         f"{_and(s['ablation_site_counts'])} sites with the `{s['primary_base']}` "
         "base"
         + (
@@ -266,11 +299,15 @@ def header_lines(data: Mapping[str, Any]) -> list[str]:
         )
         + "; every size and base runs the privacy axis (pooled, local-only, FedAvg "
         f"and FedAvg + DP at each ε) on {_and(s['ablation_site_counts'])} sites. "
-        "Arm runs per size (all seeds): "
-        + ", ".join(
-            f"{size_text(int(p))} patients {n}" for p, n in _arm_runs(s).items()
-        )
-        + ".",
+        + (
+            f"Arm runs (all seeds): {sum(_arm_runs(s).values())}."
+            if s.get("sites_dir")
+            else "Arm runs per size (all seeds): "
+            + ", ".join(
+                f"{size_text(int(p))} patients {n}" for p, n in _arm_runs(s).items()
+            )
+            + "."
+        ),
         "- **AUROC**: macro over the run's findings on each site's validation "
         "split (a finding without both positive and negative studies there, or "
         "unknown at that site, is left out of that site's mean), then the mean "

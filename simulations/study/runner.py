@@ -78,6 +78,8 @@ class ArmEvent:
     outcome: ArmOutcome | None
     error: str | None
     cached: bool
+    unscored: tuple[str, ...] = ()
+    """Sites this arm is not scored at (none of its inputs there)."""
 
 
 @dataclass
@@ -329,7 +331,17 @@ def _arm(
         )
     if result is not None:
         progress.results[(cell.key, seed, arm.name)] = result
-    return ArmEvent(cell, seed, arm, 0, 0, result, error, cached is not None)
+    return ArmEvent(
+        cell,
+        seed,
+        arm,
+        0,
+        0,
+        result,
+        error,
+        cached is not None,
+        tuple(settings.unscored_sites(arm)),
+    )
 
 
 def _run_and_record(

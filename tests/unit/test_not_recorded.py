@@ -81,6 +81,7 @@ def test_a_site_that_does_not_record_a_feature_and_a_label_trains(site, tmp_path
     # said once: not again as an unknown label or a missing feature
     assert not any("'nodule'" in w or "'crp'" in w for w in report["warnings"])
     assert report["ehr"]["label_examples"]["nodule"] == {"positive": 0, "negative": 0}
+    assert report["ehr"]["label_prevalence"]["nodule"] is None
     assert report["ehr"]["missing_fraction"]["crp"] == 1.0
 
 

@@ -533,3 +533,18 @@ def test_every_broken_site_toml_of_a_folder_is_named_at_once(synthetic_sites, tm
     message = err.value.message
     assert message.startswith(f"2 of {len(tomls)} site.toml files have problems")
     assert str(tomls[0]) in message and str(tomls[1]) in message
+
+
+def test_a_sites_dir_report_says_which_sites_report_coarser_and_how_images_are_used(
+    tmp_path,
+):
+    from wardround.simulations.study.report_setup import _arm_notes
+
+    settings = StudySettings.for_sites_dir(StudySize.SMOKE, _site_folders(tmp_path, 3))
+    coarse = replace(settings, site_decimals={"hospital-0": 3, "hospital-1": 1})
+
+    notes = "\n".join(_arm_notes(coarse.describe()))
+
+    assert "hospital-1 reports to 1 decimal(s)" in notes and "hospital-0" not in notes
+    assert "task.require-image = false" in notes
+    assert "Answer precision" not in "\n".join(_arm_notes(settings.describe()))
