@@ -377,17 +377,6 @@ def test_an_unmask_leaving_one_live_mask_partner_is_refused():
         assert "1 of this site's mask partners alive" in reason
 
 
-def test_the_site_client_app_still_ships_to_ray_workers(tiny_config):
-    # Flower's simulation engine serialises the ClientApp for its Ray workers
-    # (cloudpickle): the masked-vector marker must stay out of what the mods
-    # capture, or serialising raises. Nothing here is ever loaded back.
-    from ray import cloudpickle
-
-    app = build_client_app(tiny_config.to_flower())
-    assert isinstance(app, ClientApp)
-    assert cloudpickle.dumps(app)
-
-
 class _SetupOnlyGrid:
     """Keeps the setup messages Flower's workflow sends, and answers none."""
 
