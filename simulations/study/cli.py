@@ -33,6 +33,10 @@ def _size(patients: int) -> str:
     return "own data" if patients == 0 else f"{patients} patients"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _numbers(option: str, text: str | None, example: str) -> tuple[int, ...] | None:
     """A comma list of whole numbers (None: the option was not given)."""
     from wardround.common.errors import ConfigError
@@ -293,7 +297,7 @@ def run_quality(options: QualityOptions, shard: str | None = None) -> None:
     quiet_flower()
     on_arm = _arm_printer(console, options.jobs)
     console.print(
-        f"{command}: {len(settings.cells())} cells, arm runs per size: "
+        f"{command}: {_count(len(settings.cells()), 'cell')}, arm runs per size: "
         + ", ".join(
             f"{'own data' if p == 0 else f'{p} patients'} {settings.arm_count(p)}"
             for p in settings.patients

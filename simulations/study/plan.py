@@ -65,6 +65,11 @@ __all__ = [
 ]
 
 
+THIN_CLASS = 5
+"""Fewer positive (or negative) validation examples of a finding than this at a
+site, and its AUROC there moves in large steps between arms: the report names them."""
+
+
 @dataclass(frozen=True)
 class StudySettings:
     """Everything that decides a study's numbers, parsed once from the CLI."""
@@ -112,6 +117,14 @@ class StudySettings:
     """``--sites-dir``: site -> the modalities none of its validation studies has.
     An arm that needs only those is not scored at that site (it would score its
     untrained prior, a tie: 0.5)."""
+    site_not_recorded: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """``--sites-dir``: site -> the run's labels and features its ``[ehr]
+    not-recorded`` declares (unknown in every row there)."""
+    site_thin_labels: dict[str, dict[str, tuple[int, int]]] = field(
+        default_factory=dict
+    )
+    """``--sites-dir``: site -> label -> (positives, negatives) in its validation
+    split, for labels with few examples of a class there."""
 
     def __post_init__(self) -> None:
         if not self.arms:
@@ -454,6 +467,13 @@ class StudySettings:
                 if a.name not in self.skipped() and (found := self.unscored_sites(a))
             },
             "site_decimals": dict(self.site_decimals),
+            "site_not_recorded": {
+                k: list(v) for k, v in self.site_not_recorded.items()
+            },
+            "site_thin_labels": {
+                site: {label: list(pn) for label, pn in labels.items()}
+                for site, labels in self.site_thin_labels.items()
+            },
             "require_image_from_run_config": self._run_config_sets_require_image(),
             "arms_left_out": {
                 str(n): [a.name for a in left]

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..reporting import describe_machine
+from .plan import THIN_CLASS
 from .summary import SITE_AUROC_DECIMALS
 
 
@@ -201,6 +202,35 @@ def _own_data_notes(s: Mapping[str, Any]) -> list[str]:
             "so; the arms trained on this machine (pooled, local only, classical) "
             "are not. A site counts as above its local-only model only if it is above "
             "at that precision; equal values there are a tie."
+        )
+    not_recorded = s.get("site_not_recorded") or {}
+    if not_recorded:
+        lines.append(
+            "- **Not recorded at a site** (`[ehr] not-recorded`): "
+            + "; ".join(
+                f"{site}: {', '.join(names)}"
+                for site, names in sorted(not_recorded.items())
+            )
+            + ". A label there is unknown in every row: the site trains no loss on "
+            "it and its macro AUROC is over the other findings; a feature there is "
+            "missing in every row."
+        )
+    thin = s.get("site_thin_labels") or {}
+    if thin:
+        lines.append(
+            "- **Few validation examples of a class** (positives/negatives in the "
+            "site's validation split): "
+            + "; ".join(
+                f"{site}: "
+                + ", ".join(
+                    f"{label} {pos}/{neg}" for label, (pos, neg) in labels.items()
+                )
+                for site, labels in sorted(thin.items())
+            )
+            + f". With fewer than {THIN_CLASS} examples of a class a site's AUROC for "
+            "that finding moves in large steps between arms; with none it is "
+            "undefined and left out of the site's macro AUROC. A larger "
+            "`data.validation-fraction` in site.toml gives it more."
         )
     skipped = s.get("skipped_arms") or {}
     if skipped:

@@ -24,7 +24,7 @@ import tomli_w
 from ...server.rundir import write_json
 from ...sitedata.site_config import SiteConfig, check_distinct_names
 from .cells import OWN_DATA, RANDOM_BASE, Cell, site_tomls_in
-from .plan import StudySettings
+from .plan import THIN_CLASS, StudySettings
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,8 @@ def inspect_sites(settings: StudySettings, out_dir: Path) -> StudySettings:
     fingerprints = {}
     gaps = {}
     decimals = {}
+    not_recorded = {}
+    thin = {}
     for index, toml in enumerate(tomls):
         runtime = get_runtime(toml, index, config)
         data = runtime.data
@@ -197,6 +199,14 @@ def inspect_sites(settings: StudySettings, out_dir: Path) -> StudySettings:
         lacking = tuple(name for name, count in scored.items() if count == 0)
         if lacking:
             gaps[toml.parent.name] = lacking
+        task = runtime.config.task
+        run_names = (*task.labels, *task.numeric, *task.categorical)
+        unrecorded = tuple(n for n in run_names if not runtime.site.ehr.records(n))
+        if unrecorded:
+            not_recorded[toml.parent.name] = unrecorded
+        counts = _thin_validation_labels(data.validation, task.labels, unrecorded)
+        if counts:
+            thin[toml.parent.name] = counts
     missing = {
         name: f"no site has {'images' if name == 'image' else name + 's'}"
         for name, count in present.items()
@@ -208,7 +218,32 @@ def inspect_sites(settings: StudySettings, out_dir: Path) -> StudySettings:
         data_identity=fingerprints,
         site_gaps=gaps,
         site_decimals=decimals,
+        site_not_recorded=not_recorded,
+        site_thin_labels=thin,
     )
+
+
+def _thin_validation_labels(
+    validation: Any, labels: tuple[str, ...], unrecorded: tuple[str, ...]
+) -> dict[str, tuple[int, int]]:
+    """Label -> (positives, negatives) in a site's validation split, when few.
+
+    Only labels with fewer than ``THIN_CLASS`` examples of a class there; a
+    not-recorded label has none and is reported as such instead.
+    """
+    if not len(validation):
+        return {}
+    values = validation.tensors["labels"]
+    known = validation.tensors["label_known"].bool()
+    thin = {}
+    for k, name in enumerate(labels):
+        if name in unrecorded:
+            continue
+        positive = int(((values[:, k] > 0.5) & known[:, k]).sum())
+        negative = int(((values[:, k] < 0.5) & known[:, k]).sum())
+        if min(positive, negative) < THIN_CLASS:
+            thin[name] = (positive, negative)
+    return thin
 
 
 def site_settings_key(site: SiteConfig) -> str:

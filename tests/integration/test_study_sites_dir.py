@@ -3,12 +3,14 @@ notes only) run every arm their data supports, the classical reference included,
 the image-only arm is skipped with the reason; the sites' own folders are not written."""
 
 import json
+import tomllib
 
 import pytest
+import tomli_w
 from typer.testing import CliRunner
 
 from wardround.cli import app
-from wardround.simulations.study.plan import StudySettings, StudySize
+from wardround.simulations.study.plan import THIN_CLASS, StudySettings, StudySize
 from wardround.simulations.study.runner import run_study
 from wardround.synthetic.hospitals import synthesize_federation
 
@@ -56,11 +58,19 @@ def test_every_supported_arm_has_a_row_and_the_image_arm_says_why_not(sites_dir_
 def test_a_mixed_federation_scores_the_image_arm_only_where_there_are_images(
     tmp_path,
 ):
+    from wardround.simulations.study.report_setup import _arm_notes
     from wardround.simulations.study.study_data import inspect_sites
 
     synthesize_federation(
         tmp_path / "sites", 3, patients_per_site=20, seed=7, image_less_sites=1
     )
+    # site-02 does not record one finding and one lab
+    toml = tmp_path / "sites" / "site-02" / "site.toml"
+    doc = tomllib.loads(toml.read_text())
+    for table, name in (("labels", "pneumonia"), ("features", "crp")):
+        doc["ehr"].get(table, {}).pop(name, None)
+    doc["ehr"]["not-recorded"] = ["pneumonia", "crp"]
+    toml.write_text(tomli_w.dumps(doc))
     settings = StudySettings.for_sites_dir(StudySize.SMOKE, tmp_path / "sites")
 
     read = inspect_sites(settings, tmp_path / "out")
@@ -74,6 +84,18 @@ def test_a_mixed_federation_scores_the_image_arm_only_where_there_are_images(
     }
     # each site's answer precision, for comparing its AUROC with its local model
     assert read.site_decimals == {s: 3 for s in ("site-01", "site-02", "site-03")}
+    assert read.site_not_recorded == {"site-02": ("pneumonia", "crp")}
+    # 4 validation patients a site: every site has findings with few examples of
+    # a class; a not-recorded finding is reported as that, not as thin
+    assert set(read.site_thin_labels) == {"site-01", "site-02", "site-03"}
+    assert "pneumonia" not in read.site_thin_labels["site-02"]
+    for site, labels in read.site_thin_labels.items():
+        for label, (positive, negative) in labels.items():
+            assert min(positive, negative) < THIN_CLASS, (site, label)
+            assert 0 < positive + negative <= 20, (site, label)
+    notes = "\n".join(_arm_notes(read.describe()))
+    assert "Not recorded at a site" in notes and "site-02: pneumonia, crp" in notes
+    assert "Few validation examples of a class" in notes
 
 
 def test_a_site_that_left_the_folder_leaves_the_staged_federation(tmp_path):
