@@ -92,8 +92,11 @@ def run_one(sites: Path, arch: str, rounds: int, dp: bool, out: Path) -> dict:
     }
 
 
-def _label_rows(sites: Path) -> list[list[int]]:
-    """Every study's report findings (0/1), read from the sites' EHR tables."""
+def _label_rows(sites: Path) -> list[list[int | None]]:
+    """Every study's report findings (0/1), read from the sites' EHR tables.
+
+    A finding a site does not record (``[ehr] not-recorded``) is None there.
+    """
     import pyarrow.parquet as pq
 
     from wardround.common.report_text import REPORT_FINDINGS
@@ -104,15 +107,18 @@ def _label_rows(sites: Path) -> list[list[int]]:
         site = SiteConfig.from_toml(site_toml)
         table = pq.read_table(site.ehr_path)
         columns = [
-            table.column(site.ehr.label_column(f)).to_pylist() for f in REPORT_FINDINGS
+            table.column(site.ehr.label_column(f)).to_pylist()
+            if site.ehr.records(f)
+            else [None] * table.num_rows
+            for f in REPORT_FINDINGS
         ]
         rows += [list(r) for r in zip(*columns, strict=True)]
     return rows
 
 
-def _absent_share(rows: list[list[int]]) -> float:
-    """Share of (study, finding) pairs whose finding is absent."""
-    cells = [v for row in rows for v in row]
+def _absent_share(rows: list[list[int | None]]) -> float:
+    """Share of the known (study, finding) pairs whose finding is absent."""
+    cells = [v for row in rows for v in row if v is not None]
     return sum(1 for v in cells if not v) / len(cells)
 
 
