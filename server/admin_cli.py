@@ -154,7 +154,7 @@ def launch(
     ] = False,
 ) -> None:
     """Start a run on the deployed federation and follow it round by round."""
-    from .launcher import build_app, launch_run, site_count_warnings
+    from .launcher import build_app, check_copy_target, launch_run, site_count_warnings
 
     run = load_run_config(config)
     coord = _load(coordinator)
@@ -163,6 +163,9 @@ def launch(
         return
     for warning in site_count_warnings(coord, run):
         typer.echo(f"warning: {warning}", err=True)
+    if out is not None and not detach:
+        # before the run starts, not after its last round
+        check_copy_target(out, "")
     name, run_dir, bundle = launch_run(coord, run, config)
     typer.echo(f"run {name} started; app hash {bundle.fab_hash}")
     typer.echo(
@@ -178,7 +181,7 @@ def _follow_and_copy(coord: Any, run_dir: Path, out: Path, rounds: int) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from wardround.common.errors import FederationError
+    from wardround.common.errors import ConfigError, FederationError
 
     from .launcher import copy_run, follow
 
@@ -213,7 +216,11 @@ def _follow_and_copy(coord: Any, run_dir: Path, out: Path, rounds: int) -> None:
                 err=True,
             )
             raise typer.Exit(130) from None
-    copied = copy_run(run_dir, out)
+    try:
+        copied = copy_run(run_dir, out)
+    except ConfigError as refused:  # the folder changed while the run ran
+        refused.hint = f"The run is in {run_dir}; copy it from there."
+        raise
     typer.echo(f"run directory: {copied}")
     summary = copied / "run.json"
     if summary.exists():
@@ -253,7 +260,13 @@ def runs(
     as_json: JsonOption = False,
 ) -> None:
     """List the coordinator's runs, or show (and follow) one."""
-    from .launcher import find_run, list_runs, read_json, run_status
+    from .launcher import (
+        check_copy_target,
+        find_run,
+        list_runs,
+        read_json,
+        run_status,
+    )
 
     coord = _load(coordinator)
     if name is None:
@@ -265,6 +278,7 @@ def runs(
         return
     run_dir = find_run(coord, name)
     if follow_run:
+        check_copy_target(out or Path("runs") / run_dir.name, run_dir.name)
         total = run_status(run_dir).get("rounds") or 0
         _follow_and_copy(coord, run_dir, out or Path("runs") / run_dir.name, total)
         return

@@ -213,9 +213,42 @@ def follow(
         time.sleep(poll_s)
 
 
-def copy_run(run_dir: Path, out: Path) -> Path:
-    """Copy the run directory out of the coordinator's state (replacing ``out``)."""
+def check_copy_target(out: Path, run_name: str) -> None:
+    """Refuse an ``--out`` folder the run's copy would wipe.
+
+    A copy replaces only a missing or empty folder, or an earlier copy of the same
+    run; anything else (the admin's working folder, another run's copy) stays.
+    """
     out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(
+            f"--out {out} is a file: the run directory is copied into a folder",
+            hint="Give a new or empty folder, or leave --out out (runs/NAME).",
+        )
+    if not any(out.iterdir()):
+        return
+    launch = read_json(out / LAUNCH_FILE)
+    earlier = launch.get("name") if isinstance(launch, dict) else None
+    if earlier == run_name:
+        return
+    held = f"a copy of run {earlier}" if earlier else "other files"
+    raise ConfigError(
+        f"--out {out} holds {held}; copying run {run_name} there would delete them",
+        hint="Give a new or empty folder, or leave --out out (runs/NAME). "
+        "The run itself stays in the coordinator's state either way.",
+    )
+
+
+def copy_run(run_dir: Path, out: Path) -> Path:
+    """Copy the run directory out of the coordinator's state into ``out``.
+
+    ``out`` must pass :func:`check_copy_target` (an earlier copy of the same run
+    is replaced).
+    """
+    out = Path(out)
+    check_copy_target(out, run_dir.name)
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(run_dir, out)

@@ -1,0 +1,96 @@
+"""`launch --out DIR` copies the finished run into DIR: it never wipes a folder that
+holds anything but an earlier copy of the same run."""
+
+import json
+
+import pytest
+
+from wardround.common.errors import ConfigError
+from wardround.server.launcher import LAUNCH_FILE, check_copy_target, copy_run
+
+
+def _run_dir(root, name):
+    run_dir = root / "state" / "runs" / name
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / LAUNCH_FILE).write_text(json.dumps({"name": name}))
+    (run_dir / "run.json").write_text("{}")
+    return run_dir
+
+
+def test_a_folder_with_the_admins_files_is_refused_and_kept(tmp_path):
+    run_dir = _run_dir(tmp_path, "20261207-040131-4f37e74c")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("important")
+
+    with pytest.raises(ConfigError, match="holds other files") as refused:
+        copy_run(run_dir, precious)
+
+    assert "new or empty folder" in refused.value.hint
+    assert (precious / "notes.txt").read_text() == "important"
+    assert sorted(p.name for p in precious.iterdir()) == ["notes.txt"]
+
+
+def test_another_runs_copy_is_refused_and_the_same_runs_copy_is_replaced(tmp_path):
+    first = _run_dir(tmp_path, "20261207-040131-4f37e74c")
+    second = _run_dir(tmp_path, "20261207-050000-9a9a9a9a")
+    out = tmp_path / "runs-out"
+    copy_run(first, out)
+    (first / "checkpoints").mkdir()
+
+    with pytest.raises(ConfigError, match="a copy of run 20261207-040131-4f37e74c"):
+        copy_run(second, out)
+    assert json.loads((out / LAUNCH_FILE).read_text())["name"] == first.name
+
+    copy_run(first, out)  # a newer copy of the same run replaces the older
+    assert (out / "checkpoints").is_dir()
+
+
+def test_a_new_or_empty_folder_is_taken_and_a_file_is_refused(tmp_path):
+    run_dir = _run_dir(tmp_path, "20261207-040131-4f37e74c")
+    (tmp_path / "empty").mkdir()
+
+    assert (copy_run(run_dir, tmp_path / "empty") / "run.json").is_file()
+    assert (copy_run(run_dir, tmp_path / "new" / "run") / "run.json").is_file()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        check_copy_target(tmp_path / "file", run_dir.name)
+    # before a launch, when the run has no name yet, any run copy is refused
+    with pytest.raises(ConfigError, match="a copy of run"):
+        check_copy_target(tmp_path / "empty", "")
+
+
+def test_launch_refuses_such_a_folder_before_the_run_starts(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from wardround.cli import app
+    from wardround.server import launcher
+
+    from coordinator_files import coordinator_config
+
+    coordinator_config(tmp_path / "coord")
+    run_toml = tmp_path / "run.toml"
+    runner = CliRunner()
+    run_toml.write_text(runner.invoke(app, ["config"]).output)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "ca.key").write_text("the admin's key")
+    started = []
+    monkeypatch.setattr(launcher, "launch_run", lambda *a: started.append(a))
+
+    result = runner.invoke(
+        app,
+        [
+            "launch",
+            "--config",
+            str(run_toml),
+            "--coordinator",
+            str(tmp_path / "coord" / "coordinator.toml"),
+            "--out",
+            str(precious),
+        ],
+    )
+
+    assert result.exit_code == 2, result.output
+    assert "holds other files" in result.output and started == []
+    assert (precious / "ca.key").read_text() == "the admin's key"
