@@ -11,6 +11,7 @@ import configparser
 import json
 import re
 import shlex
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,10 @@ def test_systemd_unit(role):
     assert service.get("PrivateTmp") == "yes"
     assert service.get("ProtectHome") in {"yes", "read-only", "tmpfs"}
     assert f"/var/lib/wardround/{role}" in service.get("ReadWritePaths", "").split()
+    # the pretrained base is built on first use: its cache must be writable
+    assert f"WARDROUND_CACHE=/var/cache/{service.get('CacheDirectory')}" in (
+        service.get("Environment", "").split()
+    )
     assert "network-online.target" in unit["Unit"].get("After", "").split()
     assert unit["Install"].get("WantedBy") == "multi-user.target"
     if role == "site":
@@ -214,6 +219,12 @@ def test_dockerfile():
     assert " ".join(a for k, a in instructions if k == "EXPOSE").split() == ["9093"]
     apt = next(a for k, a in instructions if k == "RUN" and "apt-get install" in a)
     assert "nginx" in apt.split(), "the coordinator runs nginx in front of Flower"
+    # `pip install .` fails on a package folder the image lacks
+    with (DEPLOY.parent / "pyproject.toml").open("rb") as f:
+        package_dirs = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
+    copied = {a.split()[0] for k, a in instructions if k == "COPY"}
+    missing = {path.split("/")[0] for path in package_dirs.values()} - copied
+    assert not missing, f"the Dockerfile does not COPY {sorted(missing)}"
     last_install = max(
         i for i, (k, a) in enumerate(instructions) if k == "RUN" and "pip install" in a
     )
