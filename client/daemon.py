@@ -19,6 +19,7 @@ read-only dashboard and ``/metrics`` (``[dashboard]``; 127.0.0.1 by default).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -69,8 +70,11 @@ _REFUSALS = (
     ),
     (
         _KEY_REFUSED,
-        "the coordinator refused this site's key: it is not enrolled, or it was revoked",
-        "Send the site's public key (.pub) to the coordinator admin, who runs "
+        "the coordinator refused this site's key: it is not enrolled, it was "
+        "revoked, or a daemon with the same key is connected already",
+        "If another `wardround site start` of this site runs (on this or another "
+        "machine), stop one of them: a site runs one daemon. Otherwise send the "
+        "site's public key (.pub) to the coordinator admin, who runs "
         "`wardround sites add NAME --key NAME.pub --config coordinator.toml`.",
     ),
 )
@@ -300,10 +304,18 @@ def run_site_daemon(
     folder (a refused second daemon announces nothing).
 
     A second daemon on the same state folder is refused: two SuperNodes with one
-    key and one state would take each other's work and write one audit log.
+    key and one state would take each other's work and write one audit log. So is
+    a second daemon of the same site with another state folder: it would share
+    the privacy ledger (each spend is still counted, but the coordinator would
+    see the one site twice, and refuses the second connection of its key).
     """
     plan.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with sole_user(plan.state_dir, "site daemon"):
+    ledger = plan.site.ledger_path
+    ledger.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(sole_user(plan.state_dir, "site daemon"))
+        if ledger.resolve() != plan.state_dir.resolve():
+            locks.enter_context(sole_user(ledger, "site daemon (privacy ledger)"))
         if on_locked is not None:
             on_locked()
         _run_site_daemon(plan, stop, report or log.warning)

@@ -73,7 +73,8 @@ def sole_user(folder: Path, what: str) -> Iterator[None]:
             holder = handle.read().strip() or "unknown"
             raise ConfigError(
                 f"{folder} is in use by another {what} (pid {holder})",
-                hint=f"Stop that {what} first, or give this one another state folder.",
+                hint=f"Stop that {what} first. Another folder is for another "
+                "site or coordinator, with its own key: one runs one daemon.",
             ) from None
         handle.seek(0)
         handle.truncate()
