@@ -70,11 +70,17 @@ def worth_recording(count: int) -> bool:
     return count < 10
 
 
-def make_answer_audit_mod(audit_for: Callable[[Context], AuditLog | None]) -> Mod:
+def make_answer_audit_mod(
+    audit_for: Callable[[Context], AuditLog | None],
+    ledger_run_for: Callable[[Context], str | None] = lambda context: None,
+) -> Mod:
     """A mod that records each reply in ``audit_for(context)`` (None: not audited).
 
     Every answer sent is recorded; identical refusals are thinned out past
-    :data:`REFUSALS_IN_FULL` (see :func:`worth_recording`).
+    :data:`REFUSALS_IN_FULL` (see :func:`worth_recording`). A line names the
+    Flower run and, when ``ledger_run_for`` knows it, the run's key in the site's
+    privacy ledger (``ledger_run``), the run that ``wardround site privacy`` shows,
+    so ``wardround audit --run`` finds the answers by either.
     """
     refusals: OrderedDict[tuple[int, str, str], int] = OrderedDict()
 
@@ -92,6 +98,9 @@ def make_answer_audit_mod(audit_for: Callable[[Context], AuditLog | None]) -> Mo
             audit = audit_for(ctx)
             if audit is None:
                 return reply
+            ledger_run = ledger_run_for(ctx)
+            if ledger_run is not None:
+                fields["ledger_run"] = ledger_run
             if reply.has_error():
                 reason = safe_reason(str(reply.error.reason))
                 key = (fields["flower_run"], fields["message_type"], reason)

@@ -63,7 +63,7 @@ from .egress_mods import site_mods
 from .personal import load_personal, save_personal
 from .privacy_policy import DpPlan, plan_site_privacy
 from .round_budget import check_round_ahead, commit_round, reserve_round
-from .run_identity import run_identity
+from .run_identity import approved_run_key, run_identity
 from .runtime import (
     SiteRuntime,
     forget_model,
@@ -510,9 +510,17 @@ def build_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
             site.state_path / AUDIT_FILENAME, actor=f"site:{site.site.name}"
         )
 
+    def ledger_run_for(context: Context) -> str | None:
+        try:
+            config, _, simulation = _load(context, run_config)
+        except Exception:  # noqa: BLE001 - a site that cannot load answers nothing
+            return None
+        # A simulation's key also depends on the run each message names.
+        return None if simulation else approved_run_key(config)
+
     client_app = ClientApp(
         mods=[
-            make_answer_audit_mod(audit_for),
+            make_answer_audit_mod(audit_for, ledger_run_for),
             *site_mods(allowlist_for, precheck=precheck, violations_log=violations_log),
         ]
     )

@@ -39,7 +39,16 @@ def audit_command(
         ),
     ],
     run: Annotated[
-        str | None, typer.Option("--run", help="only events of this run id")
+        str | None,
+        typer.Option(
+            "--run",
+            help="only events of this run, in the coordinator's and the sites' logs "
+            "alike; give its run name (20261207-040131-4f37e74c), a Flower run id, "
+            "its app hash (8+ hex digits) or a site's ledger key (wardround site "
+            "privacy). Give the coordinator's log too: it ties the run name to "
+            "the Flower run ids; without it, the app hash ties them, taking in "
+            "other runs of the same app.",
+        ),
     ] = None,
     site: Annotated[
         str | None, typer.Option("--site", help="only events naming this site")
