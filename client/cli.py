@@ -16,6 +16,7 @@ import typer
 from wardround.cli_support import (
     JsonOption,
     SiteConfigOption,
+    cli_flags,
     command_group,
     user_errors,
 )
@@ -213,12 +214,19 @@ def start(
     config: SiteConfigOption,
 ) -> None:
     """Run the site daemon (a Flower SuperNode and the warm worker) until SIGTERM."""
+    import logging
     import signal
     import threading
 
+    from ..flower_compat.flower_logging import quiet_flower
     from ..sitedata.dicom_warnings import log_to_file
     from .daemon import SUPERNODE_LOG, plan_site, run_site_daemon
 
+    if not cli_flags["verbose"]:
+        # Flower's logger hands even its DEBUG lines (SecAgg+ stages, retries of
+        # the worker) to the daemon's handler. The SuperNode is a child process
+        # that writes its own log file, read at INFO by the daemon: untouched.
+        quiet_flower(logging.WARNING)
     with log_to_file(_check_log_path(config)):
         plan = plan_site(config)
     stop = threading.Event()

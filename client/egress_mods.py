@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from ..common.errors import EgressViolation, safe_error_reason
+from ..common.errors import EgressViolation, PolicyRefusal, safe_error_reason
 from ..flower_compat.constants import ErrorCode
 from ..flower_compat.secagg_protocol import Key, Stage
 from .egress import (
@@ -147,13 +147,22 @@ def error_sanitizing_mod(
 ) -> Message:
     """A Flower client mod: a failing handler replies with :func:`safe_error_reason`.
 
-    Without it Flower sends ``str(exception)`` to the coordinator. The full exception
-    is logged locally. Put it outermost.
+    Without it Flower sends ``str(exception)`` to the coordinator. The exception is
+    logged locally: a :class:`PolicyRefusal` (the site's policy said no) as one
+    warning with its message, anything else with its traceback. Put it outermost.
     """
     try:
         return call_next(msg, ctx)
     except Exception as exc:  # noqa: BLE001 - every failure is reported, sanitised
-        log.exception("the %s handler failed", msg.metadata.message_type)
+        if isinstance(exc, PolicyRefusal):
+            # Expected, and its message says why: a traceback would only bury it.
+            log.warning(
+                "refused the %s message: %s",
+                msg.metadata.message_type,
+                " ".join(f"{exc.title}: {exc}".split()),
+            )
+        else:
+            log.exception("the %s handler failed", msg.metadata.message_type)
         error = Error(
             code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=safe_error_reason(exc)
         )

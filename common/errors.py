@@ -54,6 +54,13 @@ class ModelMismatchError(WardroundError):
     title = "base-model mismatch"
 
 
+class PolicyRefusal(WardroundError):
+    """A site refuses a request by its own policy: an expected answer, not a fault.
+
+    Its message says why, so a site logs it as one line, without a traceback.
+    """
+
+
 class EgressViolation(WardroundError):
     """An outgoing message holds something other than the declared adapter and numbers."""
 
@@ -61,14 +68,14 @@ class EgressViolation(WardroundError):
     title = "egress refused"
 
 
-class PrivacyBudgetExhausted(WardroundError):
+class PrivacyBudgetExhausted(PolicyRefusal):
     """Training would spend more privacy than the site allows."""
 
     exit_code = 6
     title = "privacy budget exhausted"
 
 
-class PrivacyPolicyRefused(WardroundError):
+class PrivacyPolicyRefused(PolicyRefusal):
     """A run asks for less privacy than the site's own floor allows."""
 
     exit_code = 8
@@ -81,7 +88,7 @@ class AnswerRefused(PrivacyPolicyRefused):
     title = "answer refused"
 
 
-class SecureAggregationRefused(WardroundError):
+class SecureAggregationRefused(PolicyRefusal):
     """A train message breaks the SecAgg+ protocol or settings the site approved."""
 
     exit_code = 9

@@ -1,7 +1,10 @@
 """Flower's logger, quietened.
 
 Flower sets its ``flwr`` logger's level and handler when ``flwr.common.logger`` is
-first imported, so a level set before that import is overwritten.
+first imported, so a level set before that import is overwritten. It sets the
+level to DEBUG and filters in its own handler only, so every DEBUG line also
+reaches the root logger's handlers (``wardround``'s, which print it) unless the
+``flwr`` logger's level is raised here.
 """
 
 from __future__ import annotations
