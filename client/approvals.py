@@ -175,8 +175,10 @@ class AppApprovals:
         if fab_hash not in self.load():
             return Decision(
                 False,
-                f"this site has not approved app {fab_hash}; the site operator approves "
-                f"it with `wardround site approve {fab_hash}`",
+                f"this site has not approved app {fab_hash}; the site operator "
+                "approves it from the run's run.toml, which shows what it approves: "
+                "`wardround site approve --run-config run.toml --config site.toml` "
+                f"(the hash must come out as {fab_hash[:16]}…)",
             )
         components = fab_components(fab)
         if components.get("clientapp") != CLIENT_APP_REF:

@@ -84,3 +84,21 @@ def sole_user(folder: Path, what: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def in_use(folder: Path) -> bool:
+    """Whether a process holds ``folder``'s :func:`sole_user` lock now."""
+    lock_path = Path(folder) / "in-use.lock"
+    try:
+        handle = lock_path.open("r")
+    except FileNotFoundError:
+        return False
+    except OSError:  # not ours to read: say nothing we cannot tell
+        return True
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False

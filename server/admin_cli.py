@@ -56,22 +56,25 @@ def coordinator_start(config: CoordinatorOption) -> None:
     coordinator = _load(config)
     stop = threading.Event()
     _stop_on_signals(stop)
-    typer.echo(
-        f"coordinator: sites on {coordinator.coordinator.host}:"
-        f"{coordinator.coordinator.port} (TLS, Fleet API only, site "
-        f"authentication); admin on {coordinator.internal_address}; state in "
-        f"{coordinator.state_path}"
-    )
-    if coordinator.dashboard.enabled:
-        from .dashboard.app import coordinator_exposure
+    typer.echo(f"coordinator: starting; state in {coordinator.state_path}")
 
+    def announce() -> None:
+        # only once it serves: a refused start (TLS, lock, port) names no address
         typer.echo(
-            f"coordinator: dashboard and /metrics on "
-            f"{coordinator_exposure(coordinator).url} (read-only)"
+            f"coordinator: sites on {coordinator.coordinator.host}:"
+            f"{coordinator.coordinator.port} (TLS, Fleet API only, site "
+            f"authentication); admin on {coordinator.internal_address}"
         )
-    run_coordinator(
-        coordinator, stop, on_ready=lambda: typer.echo("coordinator: ready")
-    )
+        if coordinator.dashboard.enabled:
+            from .dashboard.app import coordinator_exposure
+
+            typer.echo(
+                f"coordinator: dashboard and /metrics on "
+                f"{coordinator_exposure(coordinator).url} (read-only)"
+            )
+        typer.echo("coordinator: ready")
+
+    run_coordinator(coordinator, stop, on_ready=announce)
     typer.echo("coordinator: stopped")
 
 
@@ -116,17 +119,14 @@ def sites_list(config: CoordinatorOption, as_json: JsonOption = False) -> None:
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    _table(rows, ["site", "node_id", "state", "online_at", "enrolled_at", "revoked_at"])
+    from .admin_table import print_admin_table
 
-
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    Console().print(table)
+    print_admin_table(
+        rows,
+        ["site", "node_id", "state", "online_at", "enrolled_at", "revoked_at"],
+        identifiers={"site", "node_id"},
+        times={"online_at", "enrolled_at", "revoked_at"},
+    )
 
 
 @user_errors
@@ -154,6 +154,9 @@ def launch(
     ] = False,
 ) -> None:
     """Start a run on the deployed federation and follow it round by round."""
+    from wardround.common.errors import FederationError
+
+    from ..ops.file_lock import in_use
     from .launcher import build_app, check_copy_target, launch_run, site_count_warnings
 
     run = load_run_config(config)
@@ -161,15 +164,25 @@ def launch(
     if print_hash:
         typer.echo(build_app(run, coord.state_path / "apps").fab_hash)
         return
-    for warning in site_count_warnings(coord, run):
-        typer.echo(f"warning: {warning}", err=True)
     if out is not None and not detach:
         # before the run starts, not after its last round
         check_copy_target(out, "")
+    if not in_use(coord.state_path):
+        raise FederationError(
+            f"the coordinator is not running: no process holds {coord.state_path}",
+            hint=f"Start it (`wardround coordinator start --config {coordinator}`, "
+            "or `systemctl start wardround-coordinator`), then launch again.",
+        )
+    for warning in site_count_warnings(coord, run):
+        typer.echo(f"warning: {warning}", err=True)
     name, run_dir, bundle = launch_run(coord, run, config)
     typer.echo(f"run {name} started; app hash {bundle.fab_hash}")
     typer.echo(
-        f"sites train it only once approved: wardround site approve {bundle.fab_hash}"
+        "sites train it only once approved: send them run.toml; each runs "
+        "`wardround site approve --run-config run.toml --config site.toml` and "
+        f"checks the hash is {bundle.fab_hash}. An approval is for one launch: "
+        "a run launched again (after a failure) needs a changed run.toml and new "
+        "approvals."
     )
     if detach:
         typer.echo(f"follow it with: wardround runs {name} --follow")
@@ -186,7 +199,7 @@ def _follow_and_copy(coord: Any, run_dir: Path, out: Path, rounds: int) -> None:
     from .launcher import copy_run, follow
 
     console = Console(stderr=True)
-    shown: dict[str, Any] = {"state": None}
+    shown: dict[str, Any] = {"state": None, "round": 0}
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -206,6 +219,11 @@ def _follow_and_copy(coord: Any, run_dir: Path, out: Path, rounds: int) -> None:
                 shown["state"] = state
                 reason = f": {status['reason']}" if status.get("reason") else ""
                 typer.echo(f"{state}{reason}", err=True)
+            done = int(status.get("rounds_done") or 0)
+            if done > shown["round"] and not console.is_terminal:
+                # without a terminal there is no progress bar: one line per round
+                shown["round"] = done
+                typer.echo(f"round {done}/{rounds} done", err=True)
 
         try:
             result = follow(coord, run_dir, on_progress)
@@ -230,8 +248,13 @@ def _follow_and_copy(coord: Any, run_dir: Path, out: Path, rounds: int) -> None:
             if isinstance(final, dict)
             else None
         )
-        if auroc is not None:
+        if auroc is not None and result.status.get("rounds_done"):
             typer.echo(f"final global AUROC {auroc:.3f}")
+        elif auroc is not None:
+            typer.echo(
+                f"no round completed: the adapter in {copied} is the untrained one "
+                f"(global AUROC {auroc:.3f})"
+            )
     if result.state != "finished":
         raise FederationError(
             f"run {run_dir.name} {result.state}: {result.reason or 'no reason given'}",
@@ -274,7 +297,16 @@ def runs(
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
         else:
-            _table(rows, ["name", "state", "round", "rounds", "reason", "launched_at"])
+            from .admin_table import print_admin_table
+
+            print_admin_table(
+                rows,
+                ["name", "state", "round", "rounds", "reason", "launched_at"],
+                identifiers={"name"},
+                free_text={"reason"},
+                times={"launched_at"},
+                where_in_full="a reason cut short: `wardround runs NAME` shows it",
+            )
         return
     run_dir = find_run(coord, name)
     if follow_run:

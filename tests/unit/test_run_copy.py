@@ -61,12 +61,11 @@ def test_a_new_or_empty_folder_is_taken_and_a_file_is_refused(tmp_path):
 
 
 def test_launch_refuses_such_a_folder_before_the_run_starts(tmp_path, monkeypatch):
+    from coordinator_files import coordinator_config
     from typer.testing import CliRunner
 
     from wardround.cli import app
     from wardround.server import launcher
-
-    from coordinator_files import coordinator_config
 
     coordinator_config(tmp_path / "coord")
     run_toml = tmp_path / "run.toml"
@@ -94,3 +93,37 @@ def test_launch_refuses_such_a_folder_before_the_run_starts(tmp_path, monkeypatc
     assert result.exit_code == 2, result.output
     assert "holds other files" in result.output and started == []
     assert (precious / "ca.key").read_text() == "the admin's key"
+
+
+def test_launch_says_when_the_coordinator_is_not_running(tmp_path, monkeypatch):
+    from coordinator_files import coordinator_config
+    from typer.testing import CliRunner
+
+    from wardround.cli import app
+    from wardround.ops.file_lock import sole_user
+    from wardround.server import launcher
+
+    config = coordinator_config(tmp_path / "coord")
+    run_toml = tmp_path / "run.toml"
+    runner = CliRunner()
+    run_toml.write_text(runner.invoke(app, ["config"]).output)
+    started = []
+    monkeypatch.setattr(launcher, "launch_run", lambda *a: started.append(a))
+    argv = [
+        "launch",
+        "--config",
+        str(run_toml),
+        "--coordinator",
+        str(tmp_path / "coord" / "coordinator.toml"),
+        "--detach",
+    ]
+
+    stopped = runner.invoke(app, argv)
+
+    assert stopped.exit_code == 7 and "the coordinator is not running" in stopped.output
+    assert "wardround coordinator start" in stopped.output
+    assert "enrolled" not in stopped.output  # no site-count warning before it
+    assert started == []
+    with sole_user(config.state_path, "coordinator"):  # as a running coordinator
+        running = runner.invoke(app, argv)
+    assert "not running" not in running.output and len(started) == 1
