@@ -19,7 +19,6 @@ read-only dashboard and ``/metrics`` (``[dashboard]``; 127.0.0.1 by default).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -304,18 +303,13 @@ def run_site_daemon(
     folder (a refused second daemon announces nothing).
 
     A second daemon on the same state folder is refused: two SuperNodes with one
-    key and one state would take each other's work and write one audit log. So is
-    a second daemon of the same site with another state folder: it would share
-    the privacy ledger (each spend is still counted, but the coordinator would
-    see the one site twice, and refuses the second connection of its key).
+    key and one state would take each other's work and write one audit log. The
+    privacy ledger may be shared (the same patients in two federations, each with
+    its own key and state folder): its writes are locked, and sharing it is what
+    composes their spends.
     """
     plan.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ledger = plan.site.ledger_path
-    ledger.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with contextlib.ExitStack() as locks:
-        locks.enter_context(sole_user(plan.state_dir, "site daemon"))
-        if ledger.resolve() != plan.state_dir.resolve():
-            locks.enter_context(sole_user(ledger, "site daemon (privacy ledger)"))
+    with sole_user(plan.state_dir, "site daemon"):
         if on_locked is not None:
             on_locked()
         _run_site_daemon(plan, stop, report or log.warning)

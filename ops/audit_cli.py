@@ -96,12 +96,29 @@ def audit_command(
     shown = filter_events(
         merged, run=run, site=site, event=wanted, since=lower, until=upper
     )
+    if run is not None:
+        _say_unclaimed(merged, run)
     _warn_unverified([_check_or_warn(path, key) for path in paths])
     if as_json:
         for entry in shown:
             typer.echo(json.dumps(entry, separators=(",", ":")))
     else:
         _print_table(shown, len(paths))
+
+
+def _say_unclaimed(events: list[dict[str, Any]], run: str) -> None:
+    """On stderr: Flower runs of the run's app that no coordinator line names."""
+    from wardround.ops.audit_query import run_identifiers
+
+    unclaimed = sorted(run_identifiers(events, run).unclaimed)
+    if unclaimed:
+        typer.echo(
+            f"note: Flower run(s) {', '.join(unclaimed)} ran this run's app and no "
+            "coordinator line names them (run outside `wardround launch`, or the "
+            "coordinator's log is not given or lost a line); their lines are shown, "
+            "and the sites' ledgers charge them to the same approved run.",
+            err=True,
+        )
 
 
 def _warn_unverified(checked: list[tuple[Path, Any]]) -> None:

@@ -67,7 +67,8 @@ def filter_events(
         site's ledger key. Selects the run's lines in the coordinator's and the
         sites' logs alike, so pass every log's events together.
     site
-        Matches the field ``site``, or membership in the list field ``sites``.
+        Matches the field ``site``, membership in the list field ``sites``, or
+        the site's own lines (``actor`` ``site:NAME``).
     event
         One event or several (ValueError on an unknown name).
     since, until
@@ -114,6 +115,10 @@ class RunIdentifiers:
 
     runs: set[str] = field(default_factory=set)
     apps: set[str] = field(default_factory=set)
+    unclaimed: set[str] = field(default_factory=set)
+    """Flower runs of this run's app that no coordinator line ties to a run name
+    (run outside ``launch``, or before its line was written): taken in, since
+    the site's ledger charges them to the same approved run; the command says so."""
 
     def selects(self, entry: Mapping[str, Any]) -> bool:
         """Whether ``entry`` is one of this run's lines."""
@@ -138,7 +143,7 @@ def run_identifiers(events: Iterable[Mapping[str, Any]], run: str) -> RunIdentif
     events = list(events)
     wanted = run.strip()
     found = RunIdentifiers(runs={wanted})
-    if _HEX.fullmatch(wanted.lower()):
+    if _HEX.fullmatch(wanted.lower()) and not wanted.isdigit():  # not a Flower id
         found.apps.add(wanted.lower())
     _add_linked_runs(events, found)
     flower_runs = {name for name in found.runs if name.isdigit()}
@@ -155,6 +160,19 @@ def run_identifiers(events: Iterable[Mapping[str, Any]], run: str) -> RunIdentif
     for entry in events:
         if not _runs_named(entry).isdisjoint(found.runs):
             found.apps |= _apps_named(entry)
+    claimed = {run for entry in events if len(r := _runs_named(entry)) > 1 for run in r}
+    for entry in events:
+        runs = _runs_named(entry)
+        if (
+            claimed  # only a coordinator's log tells claimed runs from others
+            and runs
+            and runs.isdisjoint(found.runs)
+            and runs.isdisjoint(claimed)
+            and all(name.isdigit() for name in runs)
+            and any(_same_app(m, a) for m in found.apps for a in _apps_named(entry))
+        ):
+            found.unclaimed |= runs
+    found.runs |= found.unclaimed
     return found
 
 
@@ -201,7 +219,11 @@ def _same_app(one: str, other: str) -> bool:
 
 def _has_site(entry: Mapping[str, Any], site: str) -> bool:
     sites = entry.get("sites")
-    return entry.get("site") == site or (isinstance(sites, list) and site in sites)
+    return (
+        entry.get("site") == site
+        or (isinstance(sites, list) and site in sites)
+        or entry.get("actor") == f"site:{site}"  # the site's own log's lines
+    )
 
 
 def merge_by_time(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -13,8 +13,23 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 _POLL_S = 0.05
+_IN_USE_PROBE_S = 1.0
+
+
+def _flock_within(handle: Any, wait_s: float) -> None:
+    """Take ``handle``'s exclusive lock, retrying for ``wait_s``; else BlockingIOError."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(_POLL_S)
 
 
 @contextlib.contextmanager
@@ -67,14 +82,17 @@ def sole_user(folder: Path, what: str) -> Iterator[None]:
     lock_path = folder / "in-use.lock"
     with lock_path.open("a+") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # a moment's wait: `in_use` (launch asking whether the coordinator
+            # runs) holds a shared lock for an instant
+            _flock_within(handle, _IN_USE_PROBE_S)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise ConfigError(
                 f"{folder} is in use by another {what} (pid {holder})",
-                hint=f"Stop that {what} first. Another folder is for another "
-                "site or coordinator, with its own key: one runs one daemon.",
+                hint=f"Stop that {what} first. Another state folder is for "
+                "another daemon with its own key (the same site in another "
+                "federation, say): one key runs one daemon.",
             ) from None
         handle.seek(0)
         handle.truncate()

@@ -166,10 +166,11 @@ def launch(
         return
     if out is not None and not detach:
         # before the run starts, not after its last round
-        check_copy_target(out, "")
+        check_copy_target(out, None, coord.state_path)
     if not in_use(coord.state_path):
         raise FederationError(
-            f"the coordinator is not running: no process holds {coord.state_path}",
+            f"the coordinator is not running: no process holds {coord.state_path} "
+            "(or it runs with another state-dir)",
             hint=f"Start it (`wardround coordinator start --config {coordinator}`, "
             "or `systemctl start wardround-coordinator`), then launch again.",
         )
@@ -223,7 +224,8 @@ def _follow_and_copy(coord: Any, run_dir: Path, out: Path, rounds: int) -> None:
             if done > shown["round"] and not console.is_terminal:
                 # without a terminal there is no progress bar: one line per round
                 shown["round"] = done
-                typer.echo(f"round {done}/{rounds} done", err=True)
+                of = f"/{rounds}" if rounds else ""
+                typer.echo(f"round {done}{of} done", err=True)
 
         try:
             result = follow(coord, run_dir, on_progress)
@@ -235,10 +237,15 @@ def _follow_and_copy(coord: Any, run_dir: Path, out: Path, rounds: int) -> None:
             )
             raise typer.Exit(130) from None
     try:
-        copied = copy_run(run_dir, out)
+        copied = copy_run(run_dir, out, coord.state_path)
     except ConfigError as refused:  # the folder changed while the run ran
         refused.hint = f"The run is in {run_dir}; copy it from there."
         raise
+    except OSError as failed:
+        raise ConfigError(
+            f"could not copy the run to {out}: {failed}",
+            hint=f"The run is in {run_dir}; copy it from there.",
+        ) from None
     typer.echo(f"run directory: {copied}")
     summary = copied / "run.json"
     if summary.exists():
@@ -310,7 +317,7 @@ def runs(
         return
     run_dir = find_run(coord, name)
     if follow_run:
-        check_copy_target(out or Path("runs") / run_dir.name, run_dir.name)
+        check_copy_target(out or Path("runs") / run_dir.name, run_dir, coord.state_path)
         total = run_status(run_dir).get("rounds") or 0
         _follow_and_copy(coord, run_dir, out or Path("runs") / run_dir.name, total)
         return

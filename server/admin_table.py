@@ -67,7 +67,13 @@ def print_admin_table(
     where_in_full: str | None = None,
     console: Console | None = None,
 ) -> None:
-    """Print :func:`admin_table` on ``console`` (stdout by default)."""
+    """Print :func:`admin_table` on ``console`` (stdout by default).
+
+    When the identifiers leave the other columns no room (a 64-character site
+    name at 80 columns), each row is printed as ``column: value`` lines instead:
+    a table would drop or crop columns.
+    """
+    console = console or Console()
     table = admin_table(
         rows,
         columns,
@@ -76,7 +82,23 @@ def print_admin_table(
         times=times,
         where_in_full=where_in_full,
     )
-    (console or Console()).print(table)
+    needed = sum(
+        max((len(_cell(row, name)) for row in rows), default=0)
+        for name in identifiers
+        if name in columns
+    )
+    # room for the borders and padding, and a few characters per other column
+    room = console.width - 3 * len(columns) - 1 - 6 * (len(columns) - len(identifiers))
+    if rows and needed > room:
+        for row in rows:
+            for name in columns:
+                value = _shown(row, name, free_text, times)
+                console.print(Text(f"{name}: ").append(value), soft_wrap=True)
+            console.print()
+        if where_in_full is not None:
+            console.print(Text(where_in_full))
+        return
+    console.print(table)
 
 
 def _cell(row: Mapping[str, Any], name: str) -> str:

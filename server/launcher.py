@@ -11,6 +11,7 @@ it round by round and copies it out when the run ends.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -213,45 +214,91 @@ def follow(
         time.sleep(poll_s)
 
 
-def check_copy_target(out: Path, run_name: str) -> None:
-    """Refuse an ``--out`` folder the run's copy would wipe.
+def check_copy_target(
+    out: Path, run_dir: Path | None, coordinator_state: Path | None = None
+) -> None:
+    """Refuse an ``--out`` folder the run's copy would wipe or that holds the run.
 
-    A copy replaces only a missing or empty folder, or an earlier copy of the same
-    run; anything else (the admin's working folder, another run's copy) stays.
+    A copy goes into a missing or empty folder, or replaces an earlier copy of the
+    same run that holds nothing the run lacks. Anything else (the admin's working
+    folder, another run's copy, files added to an earlier copy, the coordinator's
+    state) stays. ``run_dir`` None: before the launch, when the run has no folder.
+    ``out`` naming ``run_dir`` itself is allowed: nothing is copied.
     """
-    out = Path(out)
+    out = Path(out).expanduser().resolve()
+    run = None if run_dir is None else Path(run_dir).resolve()
+    if out == run:
+        return
+    advice = (
+        "Give a new or empty folder, or leave --out out (runs/NAME). The run itself "
+        "stays in the coordinator's state either way."
+    )
+    if coordinator_state is not None:
+        state = Path(coordinator_state).expanduser().resolve()
+        if out == state or state in out.parents or out in state.parents:
+            raise ConfigError(
+                f"--out {out} is the coordinator's state folder, inside it or above "
+                "it: copying the run there would delete the coordinator's state",
+                hint=advice,
+            )
     if not out.exists():
         return
     if not out.is_dir():
         raise ConfigError(
             f"--out {out} is a file: the run directory is copied into a folder",
-            hint="Give a new or empty folder, or leave --out out (runs/NAME).",
+            hint=advice,
         )
     if not any(out.iterdir()):
         return
     launch = read_json(out / LAUNCH_FILE)
     earlier = launch.get("name") if isinstance(launch, dict) else None
-    if earlier == run_name:
-        return
-    held = f"a copy of run {earlier}" if earlier else "other files"
-    raise ConfigError(
-        f"--out {out} holds {held}; copying run {run_name} there would delete them",
-        hint="Give a new or empty folder, or leave --out out (runs/NAME). "
-        "The run itself stays in the coordinator's state either way.",
+    this_run = "the run" if run is None else f"run {run.name}"
+    if run is None or earlier != run.name:
+        held = f"a copy of run {earlier}" if earlier else "other files"
+        raise ConfigError(
+            f"--out {out} holds {held}; copying {this_run} there would delete them",
+            hint=advice,
+        )
+    added = sorted(
+        str(p.relative_to(out))
+        for p in out.rglob("*")
+        if not p.is_dir() and not (run / p.relative_to(out)).exists()
     )
+    if added:
+        raise ConfigError(
+            f"--out {out} is an earlier copy of {this_run} with {len(added)} file(s) "
+            f"the run does not have ({', '.join(added[:3])}"
+            f"{', ...' if len(added) > 3 else ''}); a new copy would delete them",
+            hint=advice,
+        )
 
 
-def copy_run(run_dir: Path, out: Path) -> Path:
+def copy_run(run_dir: Path, out: Path, coordinator_state: Path | None = None) -> Path:
     """Copy the run directory out of the coordinator's state into ``out``.
 
-    ``out`` must pass :func:`check_copy_target` (an earlier copy of the same run
-    is replaced).
+    ``out`` must pass :func:`check_copy_target`. The copy is made beside ``out``
+    and moved in only when complete, so a failed copy leaves ``out`` as it was.
+    Returns where the run is (``run_dir`` itself when ``out`` names it).
     """
-    out = Path(out)
-    check_copy_target(out, run_dir.name)
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(run_dir, out)
+    check_copy_target(out, run_dir, coordinator_state)
+    out = Path(out).expanduser().resolve()
+    if out == Path(run_dir).resolve():
+        return Path(run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.copying-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        shutil.copytree(run_dir, partial)
+        if out.is_dir() and not any(out.iterdir()):
+            # an empty folder, maybe the admin's working folder: fill it in place
+            shutil.copytree(partial, out, dirs_exist_ok=True)
+            shutil.rmtree(partial)
+        else:
+            if out.exists():
+                shutil.rmtree(out)  # an earlier copy of this run, checked above
+            partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return out
 
 

@@ -157,6 +157,15 @@ class RoundPhases:
                 "this run's settings: lower privacy.target-epsilon, or turn DP on. The "
                 "run directory holds every completed round.",
             )
+        if failures and all(f.kind == "AnswerRefused" for f in failures):
+            raise PrivacyPolicyRefused(
+                message,
+                hint="The sites have answered as many messages as the run they "
+                "approved allows (a round repeated after a restart counts; so do "
+                "the rounds of an earlier launch of the same run.toml). The rest is "
+                "a new run: change run.toml and have the sites approve it. The run "
+                "directory holds every completed round.",
+            )
         if failures and all(f.kind in _PRIVACY_REFUSALS for f in failures):
             raise PrivacyBudgetExhausted(
                 message,

@@ -98,3 +98,26 @@ def test_wardround_runs_piped_at_80_columns_shows_whole_names(tmp_path):
     assert RUN_NAME in result.output
     assert len(result.output.splitlines()) < 10
     assert "`wardround runs NAME` shows it" in result.output  # the whole reason
+
+
+def test_a_64_character_site_name_at_80_columns_drops_no_column():
+    name = "university-hospital-of-somewhere-department-of-radiology-site-01"[:64]
+    rows = [
+        {
+            "site": name,
+            "node_id": NODE_ID,
+            "state": "revoked",
+            "online_at": None,
+            "enrolled_at": "2026-12-07T04:00:00+00:00",
+            "revoked_at": "2026-12-07T05:00:00+00:00",
+        }
+    ]
+    shown = _printed(
+        rows,
+        ["site", "node_id", "state", "online_at", "enrolled_at", "revoked_at"],
+        identifiers={"site", "node_id"},
+        times={"online_at", "enrolled_at", "revoked_at"},
+    )
+
+    assert len(name) == 64 and name in shown and NODE_ID in shown
+    assert "state: revoked" in shown and "revoked_at: 2026-12-07 05:00:00Z" in shown

@@ -132,3 +132,50 @@ def test_cli_run_filter_merges_the_coordinators_and_a_sites_lines(tmp_path):
     actors = [json.loads(line)["actor"] for line in result.output.splitlines()]
     assert actors.count("coordinator") == 6
     assert actors.count("site:site-01") == 7
+
+
+def test_site_selects_a_sites_own_lines_and_a_long_flower_id_is_not_an_app():
+    own = {"event": "privacy_spent", "actor": "site:site-01", "run_id": FIRST}
+    named = {"event": "site_joined", "actor": "coordinator", "site": "site-01"}
+    other = {"event": "privacy_spent", "actor": "site:site-02", "run_id": FIRST}
+
+    assert filter_events([own, named, other], site="site-01") == [own, named]
+    # an all-digit Flower run id is never read as an app hash prefix
+    assert run_identifiers(COORDINATOR + SITE, FIRST).apps.isdisjoint({FIRST})
+
+
+def test_a_flower_run_of_the_app_no_coordinator_line_names_is_shown_and_said():
+    stray = "5505"  # the approved app run by hand (`flwr run`), not by launch
+    site = SITE + [
+        {"event": "run_started", "run_id": stray, "fab_hash": APP},
+        {"event": "answer_sent", "flower_run": int(stray), "ledger_run": LEDGER},
+    ]
+
+    found = run_identifiers(COORDINATOR + site, NAME)
+
+    assert found.unclaimed == {stray}
+    assert RELAUNCHED not in found.runs  # claimed by its own run name
+    shown = filter_events(COORDINATOR + site, run=NAME)
+    assert {"event": "answer_sent", "flower_run": int(stray), "ledger_run": LEDGER} in (
+        shown
+    )
+
+
+def test_cli_says_which_flower_runs_no_coordinator_line_names(tmp_path):
+    coordinator = AuditLog(tmp_path / "coord" / "audit.jsonl", "coordinator")
+    site = AuditLog(tmp_path / "site-01" / "audit.jsonl", "site:site-01")
+    stray = [{"event": "run_started", "run_id": "5505", "fab_hash": APP}]
+    for log, lines in ((coordinator, COORDINATOR), (site, SITE + stray)):
+        for line in lines:
+            log.record(line["event"], **{k: v for k, v in line.items() if k != "event"})
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    app.command("audit")(audit_command)
+
+    result = CliRunner().invoke(
+        app, ["audit", str(coordinator.path), str(site.path), "--run", NAME, "--json"]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "note: Flower run(s) 5505 ran this run's app" in result.stderr
+    assert "5505" not in str(run_identifiers(COORDINATOR + SITE, NAME).unclaimed)

@@ -44,7 +44,7 @@ def test_each_completed_round_gets_a_line_and_the_final_auroc(
         launcher, "follow", _follow_through(statuses, "finished", rounds_done=2)
     )
 
-    _follow_and_copy(None, run_dir, tmp_path / "out", rounds=2)
+    _follow_and_copy(_coordinator(tmp_path), run_dir, tmp_path / "out", rounds=2)
 
     captured = capsys.readouterr()
     assert captured.err.count("round 1/2 done") == 1
@@ -62,8 +62,14 @@ def test_a_run_stopped_before_any_round_does_not_call_its_auroc_final(
     )
 
     with pytest.raises(FederationError, match="stopped: a reason"):
-        _follow_and_copy(None, run_dir, tmp_path / "out", rounds=2)
+        _follow_and_copy(_coordinator(tmp_path), run_dir, tmp_path / "out", rounds=2)
 
     out = capsys.readouterr().out
     assert "final global AUROC" not in out
     assert "no round completed" in out and "untrained" in out
+
+
+def _coordinator(tmp_path):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(state_path=tmp_path / "state")  # what the copy reads

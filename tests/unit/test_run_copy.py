@@ -2,6 +2,7 @@
 holds anything but an earlier copy of the same run."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,33 @@ def test_another_runs_copy_is_refused_and_the_same_runs_copy_is_replaced(tmp_pat
 
     copy_run(first, out)  # a newer copy of the same run replaces the older
     assert (out / "checkpoints").is_dir()
+    (out / "analysis.ipynb").write_text("the admin's notebook")
+    with pytest.raises(ConfigError, match=r"1 file\(s\) the run does not have"):
+        copy_run(first, out)
+    assert (out / "analysis.ipynb").is_file()
+
+
+def test_the_run_directory_and_the_coordinators_state_are_never_wiped(
+    tmp_path, monkeypatch
+):
+    run_dir = _run_dir(tmp_path, "20261207-040131-4f37e74c")
+    state = tmp_path / "state"
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "round-1.safetensors").write_text("weights")
+
+    # `runs/NAME` from the coordinator's state folder is the run directory itself
+    monkeypatch.chdir(state)
+    assert copy_run(run_dir, Path("runs") / run_dir.name, state) == run_dir
+    assert (run_dir / "checkpoints" / "round-1.safetensors").is_file()
+    for out in (state, tmp_path, state / "runs", state / "elsewhere"):
+        with pytest.raises(ConfigError, match="coordinator's state folder"):
+            copy_run(run_dir, out, state)
+    assert (run_dir / LAUNCH_FILE).is_file()
+    # a symlink to a new folder is followed; the copy lands at its target
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    copy_run(run_dir, tmp_path / "link", state)
+    assert (tmp_path / "target" / "checkpoints" / "round-1.safetensors").is_file()
 
 
 def test_a_new_or_empty_folder_is_taken_and_a_file_is_refused(tmp_path):
@@ -54,10 +82,10 @@ def test_a_new_or_empty_folder_is_taken_and_a_file_is_refused(tmp_path):
     assert (copy_run(run_dir, tmp_path / "new" / "run") / "run.json").is_file()
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
-        check_copy_target(tmp_path / "file", run_dir.name)
+        check_copy_target(tmp_path / "file", run_dir)
     # before a launch, when the run has no name yet, any run copy is refused
     with pytest.raises(ConfigError, match="a copy of run"):
-        check_copy_target(tmp_path / "empty", "")
+        check_copy_target(tmp_path / "empty", None)
 
 
 def test_launch_refuses_such_a_folder_before_the_run_starts(tmp_path, monkeypatch):

@@ -42,27 +42,8 @@ def test_a_refused_site_daemon_announces_nothing(tmp_path):
     assert announced == []
 
 
-def test_a_second_daemon_of_the_site_with_another_state_folder_is_refused(tmp_path):
-    import threading
-
-    from wardround.client.daemon import run_site_daemon
-
-    ledger = tmp_path / "privacy-ledger"
-    announced = []
-    # the first daemon holds its state folder and the site's ledger
-    with sole_user(ledger, "site daemon (privacy ledger)"):
-        with pytest.raises(ConfigError, match="privacy-ledger is in use") as refused:
-            run_site_daemon(
-                _plan(tmp_path / "second-state", ledger),
-                threading.Event(),
-                on_locked=lambda: announced.append("connecting ..."),
-            )
-    assert announced == []
-    assert "one runs one daemon" in refused.value.hint
-
-
 def _plan(state, ledger):
     from types import SimpleNamespace
 
     site = SimpleNamespace(ledger_path=ledger)
-    return SimpleNamespace(state_dir=state, site=site)  # a SitePlan's fields used
+    return SimpleNamespace(state_dir=state, site=site)  # the SitePlan fields read

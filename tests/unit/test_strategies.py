@@ -417,3 +417,28 @@ def test_a_discarded_secure_mean_stops_the_run_saying_so_once():
     assert raised.value.message == f"round 4: {reason}"
     assert "min-sites" not in raised.value.hint
     assert "SecAgg+ hides which site" in raised.value.hint
+
+
+def test_a_round_every_site_refuses_as_over_its_answers_says_a_new_run_is_needed():
+    from wardround.common.config import RunConfig
+    from wardround.common.errors import PrivacyPolicyRefused
+    from wardround.server.phases import RoundPhases
+    from wardround.server.records import SiteFailure
+
+    phases = RoundPhases(
+        strategy=None,
+        grid=None,
+        config=RunConfig(),
+        fingerprint="f",
+        name_of=lambda node, index: f"site-{node}",
+        run_id="run",
+        payload_shapes={},
+    )
+    reason = "this site has answered 3 train message(s) for this run, the most ..."
+    failures = [SiteFailure(n, "train", reason, "AnswerRefused") for n in NODES]
+
+    with pytest.raises(PrivacyPolicyRefused) as raised:
+        phases._require_enough(3, 0, failures)
+
+    assert "min-sites" not in raised.value.hint
+    assert "change run.toml and have the sites approve it" in raised.value.hint
