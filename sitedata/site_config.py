@@ -346,7 +346,8 @@ class SiteConfig(TomlFileConfig):
     deployment: SiteDeployment = SiteDeployment()
     dashboard: SiteDashboardSection = SiteDashboardSection()
     toml_hint: ClassVar[str] = (
-        "Fix site.toml; see the example that `wardround synth` writes."
+        "Fix site.toml: `wardround synth` writes an example of its data sections, "
+        "and deploy/README.md (Enrolling a site) shows its [deployment] section."
     )
 
     @model_validator(mode="after")

@@ -108,7 +108,8 @@ class RunConfig(_Section):
         except ValidationError as exc:
             raise ConfigError(
                 _problems(source, exc, cls),
-                hint="Fix the keys above; `wardround simulate --help` shows the options.",
+                hint="Fix the keys above; `wardround config` prints every key with "
+                "its default.",
             ) from None
 
     @classmethod
