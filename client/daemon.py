@@ -210,9 +210,16 @@ class AuditingObserver(TaskObserver):
     egress log (:mod:`.egress_log`): tensor names, bytes and metrics.
     """
 
-    def __init__(self, audit: AuditLog, egress_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        audit: AuditLog,
+        egress_path: Path | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
         self.audit = audit
         self.egress_path = egress_path
+        self.say = say
+        """Gets one line per training answer, for the operator's terminal."""
         self.runs_seen: set[int] = set()
 
     def on_task(self, outcome: TaskOutcome) -> None:
@@ -255,6 +262,8 @@ class AuditingObserver(TaskObserver):
                     epsilon_run=eps,
                     epsilon_total=outcome.metrics.get(wire.DP_EPSILON_TOTAL),
                 )
+            if self.say is not None and outcome.ok and outcome.message_type == "train":
+                self.say(training_line(outcome, fields["round"]))
             if not outcome.ok:
                 self.audit.record(
                     "error",
@@ -283,6 +292,24 @@ class AuditingObserver(TaskObserver):
             )
         except OSError as exc:  # the record must not stop training
             log.error("could not write the egress log: %s", exc)
+
+
+def training_line(outcome: TaskOutcome, server_round: int | None) -> str:
+    """One line on a training answer the site sent: the run, the round, the cost."""
+    where = f"run {outcome.run_name or outcome.run_id}"
+    if server_round is not None:
+        where += f" round {server_round}"
+    line = (
+        f"{where}: trained and answered in {outcome.seconds:.1f} s, "
+        f"{outcome.bytes_out:,} bytes sent"
+    )
+    run_eps = outcome.metrics.get(wire.DP_EPSILON_RUN)
+    total_eps = outcome.metrics.get(wire.DP_EPSILON_TOTAL)
+    if isinstance(run_eps, int | float):
+        line += f"; ε {run_eps:.2f} spent on this run"
+        if isinstance(total_eps, int | float):
+            line += f", {total_eps:.2f} over all runs"
+    return line
 
 
 def _round_of(group: str) -> int | None:
@@ -351,7 +378,7 @@ def _run_site_daemon(
     worker = SiteWorker(
         f"127.0.0.1:{port}",
         AppApprovals(plan.state_dir),
-        AuditingObserver(audit, plan.state_dir / EGRESS_FILE),
+        AuditingObserver(audit, plan.state_dir / EGRESS_FILE, say=report),
         superexec_secret=secret,
     )
     worker_thread = threading.Thread(
