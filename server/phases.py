@@ -139,7 +139,7 @@ class RoundPhases:
         message = (
             f"round {server_round}: {trained} site(s) trained, the run needs "
             f"federation.min-sites={self.config.federation.min_sites}. "
-            f"{reasons(failures)}"
+            f"{reasons(failures, self.name_of)}"
         )
         discarded = [f for f in failures if f.kind == SECURE_MEAN_OUT_OF_BOUND]
         if discarded:
@@ -194,7 +194,7 @@ class RoundPhases:
         raise FederationError(
             f"round {server_round}: {len(evals)} site(s) evaluated the global "
             f"adapter, the run needs federation.min-sites="
-            f"{self.config.federation.min_sites}. {reasons(evaluate_failures)}",
+            f"{self.config.federation.min_sites}. {reasons(evaluate_failures, self.name_of)}",
             hint="Check the failing sites' logs, or lower federation.min-sites.",
         )
 

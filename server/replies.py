@@ -233,10 +233,21 @@ def release_round_arrays(sent: list[Message], replies: list[Message]) -> None:
         release_arrays(sent)
 
 
-def reasons(failures: list[SiteFailure]) -> str:
-    """One line naming each failed node and the first line of its reason."""
+def reasons(failures: list[SiteFailure], name_of: NameOf | None = None) -> str:
+    """One line naming each failed site and the first line of its reason.
+
+    With ``name_of``, a site by its enrolled name (node ids change when a
+    coordinator restarts), its node id after it.
+    """
+
+    def who(node_id: int) -> str:
+        name = name_of(node_id, -1) if name_of is not None else ""
+        if name and name not in (str(node_id), f"node-{node_id}"):
+            return f"{name} (node {node_id})"
+        return f"node {node_id}"
+
     return "; ".join(
-        f"node {f.node_id}: {f.reason.splitlines()[0] if f.reason else '?'}"
+        f"{who(f.node_id)}: {f.reason.splitlines()[0] if f.reason else '?'}"
         for f in failures
     )
 

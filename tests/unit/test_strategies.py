@@ -442,3 +442,16 @@ def test_a_round_every_site_refuses_as_over_its_answers_says_a_new_run_is_needed
 
     assert "min-sites" not in raised.value.hint
     assert "change run.toml and have the sites approve it" in raised.value.hint
+
+
+def test_a_failed_round_names_the_sites_by_their_enrolled_names():
+    from wardround.server.records import SiteFailure
+    from wardround.server.replies import reasons
+
+    names = {NODES[0]: "st-marys"}
+    failures = [SiteFailure(n, "train", "[AppNotApproved] ...", "x") for n in NODES[:2]]
+
+    said = reasons(failures, lambda node, index: names.get(node, f"node-{node}"))
+
+    assert said.startswith(f"st-marys (node {NODES[0]}): [AppNotApproved]")
+    assert f"; node {NODES[1]}: [AppNotApproved]" in said
