@@ -95,10 +95,13 @@ def server(
             err=True,
         )
     typer.echo(
-        f"SuperLink: --ssl-ca-certfile {ca / CA_CERT_NAME} "
-        f"--ssl-certfile {files.cert} --ssl-keyfile {files.key}"
+        f'coordinator.toml [tls]: ca-certificate = "{ca / CA_CERT_NAME}", '
+        f'certificate = "{files.cert}", private-key = "{files.key}"'
     )
-    typer.echo(f"SuperNodes: --root-certificates {ca / CA_CERT_NAME}")
+    typer.echo(
+        f"each site.toml [deployment]: root-certificate = its copy of "
+        f"{ca / CA_CERT_NAME}"
+    )
 
 
 @certs_app.command("show")
@@ -156,8 +159,8 @@ def site(
     _echo_written(files.private_key, files.public_key)
     typer.echo(f"public key sha256: {fingerprint}")
     typer.echo(
-        f"the private key stays at the site: SuperNode --auth-supernode-private-key "
-        f"{files.private_key}"
+        f"the private key stays at the site: site.toml [deployment] private-key = "
+        f'"{files.private_key}"'
     )
     typer.echo(
         f"next, at the coordinator: wardround sites add {name} "

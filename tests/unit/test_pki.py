@@ -385,7 +385,8 @@ def test_cli_init_server_show(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"wrote {out / 'coordinator.key'} (mode 0600)" in result.output
-    assert "--ssl-certfile" in result.output and "--root-certificates" in result.output
+    assert "certificate = " in result.output and "root-certificate = " in result.output
+    assert "--ssl-certfile" not in result.output  # the config keys, not Flower's flags
     assert "warning" not in result.output
     assert verify_issued_by(out / "coordinator.pem", ca_dir / "ca.pem")
 
