@@ -262,8 +262,7 @@ class AuditingObserver(TaskObserver):
                     epsilon_run=eps,
                     epsilon_total=outcome.metrics.get(wire.DP_EPSILON_TOTAL),
                 )
-            if self.say is not None and outcome.ok and outcome.message_type == "train":
-                self.say(training_line(outcome, fields["round"]))
+            self._say_trained(outcome)
             if not outcome.ok:
                 self.audit.record(
                     "error",
@@ -273,6 +272,26 @@ class AuditingObserver(TaskObserver):
                 )
         except (ValueError, DataError) as exc:  # auditing must not stop training
             log.error("could not write the audit log: %s", exc)
+
+    def _say_trained(self, outcome: TaskOutcome) -> None:
+        """One line for the answer that carried this site's update.
+
+        The handler's metrics (its wire version) mark it: SecAgg+ sends its other
+        stages as train messages too, and those train nothing.
+        """
+        if self.say is None or not outcome.ok or outcome.message_type != "train":
+            return
+        if wire.WIRE_VERSION_KEY not in outcome.metrics:
+            return
+        server_round = (
+            outcome.server_round
+            if outcome.server_round is not None
+            else _round_of(outcome.group)
+        )
+        try:
+            self.say(training_line(outcome, server_round))
+        except Exception:  # noqa: BLE001 - a closed terminal must not fail the task
+            log.debug("could not print the round's line", exc_info=True)
 
     def _record_egress(self, outcome: TaskOutcome, server_round: int | None) -> None:
         from .egress_log import record_egress
@@ -296,7 +315,9 @@ class AuditingObserver(TaskObserver):
 
 def training_line(outcome: TaskOutcome, server_round: int | None) -> str:
     """One line on a training answer the site sent: the run, the round, the cost."""
-    where = f"run {outcome.run_name or outcome.run_id}"
+    # the run's name comes from the coordinator: nothing but printable text
+    name = "".join(c for c in outcome.run_name if c.isprintable())[:80]
+    where = f"run {name or outcome.run_id}"
     if server_round is not None:
         where += f" round {server_round}"
     line = (

@@ -95,13 +95,23 @@ def server(
             err=True,
         )
     typer.echo(
-        f'coordinator.toml [tls]: ca-certificate = "{ca / CA_CERT_NAME}", '
-        f'certificate = "{files.cert}", private-key = "{files.key}"'
+        f"coordinator.toml [tls]: ca-certificate = {_toml_path(ca / CA_CERT_NAME)}, "
+        f"certificate = {_toml_path(files.cert)}, "
+        f"private-key = {_toml_path(files.key)}"
     )
     typer.echo(
-        f"each site.toml [deployment]: root-certificate = its copy of "
-        f"{ca / CA_CERT_NAME}"
+        "each site.toml [deployment]: root-certificate = the path of its copy of "
+        f"{(ca / CA_CERT_NAME).resolve()}"
     )
+
+
+def _toml_path(path: Path) -> str:
+    """``path`` made absolute, as a TOML string.
+
+    A config's relative paths are read from its own folder, not from where this
+    command ran.
+    """
+    return json.dumps(str(Path(path).resolve()))
 
 
 @certs_app.command("show")
@@ -159,8 +169,8 @@ def site(
     _echo_written(files.private_key, files.public_key)
     typer.echo(f"public key sha256: {fingerprint}")
     typer.echo(
-        f"the private key stays at the site: site.toml [deployment] private-key = "
-        f'"{files.private_key}"'
+        "the private key stays at the site: site.toml [deployment] private-key = "
+        f"{_toml_path(files.private_key)}"
     )
     typer.echo(
         f"next, at the coordinator: wardround sites add {name} "

@@ -164,9 +164,12 @@ def launch(
     if print_hash:
         typer.echo(build_app(run, coord.state_path / "apps").fab_hash)
         return
-    if out is not None and not detach:
-        # before the run starts, not after its last round
-        check_copy_target(out, None, coord.state_path)
+    if not detach:
+        # before the run starts, not after its last round; the default runs/NAME
+        # from the coordinator's state folder is the run directory itself
+        default_here = Path("runs").resolve() == (coord.state_path / "runs").resolve()
+        if out is not None or not default_here:
+            check_copy_target(out or Path("runs") / "NAME", None, coord.state_path)
     if not in_use(coord.state_path):
         raise FederationError(
             f"the coordinator is not running: no process holds {coord.state_path} "

@@ -95,8 +95,8 @@ def print_admin_table(
                 value = _shown(row, name, free_text, times)
                 console.print(Text(f"{name}: ").append(value), soft_wrap=True)
             console.print()
-        if where_in_full is not None:
-            console.print(Text(where_in_full))
+        if table.caption is not None:  # a free-text cell was cut
+            console.print(Text(str(table.caption)))
         return
     console.print(table)
 

@@ -227,18 +227,24 @@ def check_copy_target(
     """
     out = Path(out).expanduser().resolve()
     run = None if run_dir is None else Path(run_dir).resolve()
+    run_name = None if run_dir is None else Path(run_dir).name
     if out == run:
         return
     advice = (
         "Give a new or empty folder, or leave --out out (runs/NAME). The run itself "
         "stays in the coordinator's state either way."
     )
+    kept = [] if run is None else [run]
     if coordinator_state is not None:
-        state = Path(coordinator_state).expanduser().resolve()
-        if out == state or state in out.parents or out in state.parents:
+        state = Path(coordinator_state).expanduser()
+        # the state folder and its runs folder, each as it resolves (a symlink
+        # may put the runs on another disk)
+        kept += [state.resolve(), (state / "runs").resolve()]
+    for folder in kept:
+        if out == folder or folder in out.parents or out in folder.parents:
             raise ConfigError(
-                f"--out {out} is the coordinator's state folder, inside it or above "
-                "it: copying the run there would delete the coordinator's state",
+                f"--out {out} is the coordinator's state or runs folder, or inside "
+                "or above it: the run's copy does not belong there",
                 hint=advice,
             )
     if not out.exists():
@@ -252,8 +258,8 @@ def check_copy_target(
         return
     launch = read_json(out / LAUNCH_FILE)
     earlier = launch.get("name") if isinstance(launch, dict) else None
-    this_run = "the run" if run is None else f"run {run.name}"
-    if run is None or earlier != run.name:
+    this_run = "the run" if run_name is None else f"run {run_name}"
+    if run is None or earlier != run_name:
         held = f"a copy of run {earlier}" if earlier else "other files"
         raise ConfigError(
             f"--out {out} holds {held}; copying {this_run} there would delete them",

@@ -241,7 +241,10 @@ def reasons(failures: list[SiteFailure], name_of: NameOf | None = None) -> str:
     """
 
     def who(node_id: int) -> str:
-        name = name_of(node_id, -1) if name_of is not None else ""
+        try:
+            name = name_of(node_id, -1) if name_of is not None else ""
+        except Exception:  # noqa: BLE001 - a broken roster must not hide the failure
+            name = ""
         if name and name not in (str(node_id), f"node-{node_id}"):
             return f"{name} (node {node_id})"
         return f"node {node_id}"

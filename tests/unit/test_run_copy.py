@@ -63,8 +63,8 @@ def test_the_run_directory_and_the_coordinators_state_are_never_wiped(
     monkeypatch.chdir(state)
     assert copy_run(run_dir, Path("runs") / run_dir.name, state) == run_dir
     assert (run_dir / "checkpoints" / "round-1.safetensors").is_file()
-    for out in (state, tmp_path, state / "runs", state / "elsewhere"):
-        with pytest.raises(ConfigError, match="coordinator's state folder"):
+    for out in (state, tmp_path, state / "runs", state / "elsewhere", run_dir / "x"):
+        with pytest.raises(ConfigError, match="coordinator's state or runs folder"):
             copy_run(run_dir, out, state)
     assert (run_dir / LAUNCH_FILE).is_file()
     # a symlink to a new folder is followed; the copy lands at its target
@@ -155,3 +155,41 @@ def test_launch_says_when_the_coordinator_is_not_running(tmp_path, monkeypatch):
     with sole_user(config.state_path, "coordinator"):  # as a running coordinator
         running = runner.invoke(app, argv)
     assert "not running" not in running.output and len(started) == 1
+
+
+def test_a_runs_folder_on_another_disk_is_guarded_too(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    elsewhere = tmp_path / "big-disk" / "runs"
+    elsewhere.mkdir(parents=True)
+    (state / "runs").symlink_to(elsewhere)
+    run_dir = _run_dir(tmp_path, "20261207-040131-4f37e74c")  # state/runs/NAME
+
+    with pytest.raises(ConfigError, match="state or runs folder"):
+        copy_run(run_dir, elsewhere / "copy", state)
+    assert (elsewhere / run_dir.name / LAUNCH_FILE).is_file()
+
+
+def test_launch_from_inside_the_runs_folder_is_refused_before_the_run(
+    tmp_path, monkeypatch
+):
+    from coordinator_files import coordinator_config
+    from typer.testing import CliRunner
+
+    from wardround.cli import app
+    from wardround.server import launcher
+
+    config = coordinator_config(tmp_path / "coord")
+    run_toml = tmp_path / "run.toml"
+    runner = CliRunner()
+    run_toml.write_text(runner.invoke(app, ["config"]).output)
+    (config.state_path / "runs").mkdir(parents=True)
+    monkeypatch.chdir(config.state_path / "runs")  # runs/NAME lands in the state
+    started = []
+    monkeypatch.setattr(launcher, "launch_run", lambda *a: started.append(a))
+    argv = ["launch", "--config", str(run_toml), "--coordinator"]
+
+    result = runner.invoke(app, [*argv, str(tmp_path / "coord" / "coordinator.toml")])
+
+    assert result.exit_code == 2 and "state or runs folder" in result.output
+    assert started == []

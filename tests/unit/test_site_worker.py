@@ -48,15 +48,23 @@ def test_the_operator_gets_one_line_per_training_answer(audit_path):
     observer = AuditingObserver(
         AuditLog(audit_path, actor="site:site-01"), say=said.append
     )
-    spent = {wire.DP_EPSILON_RUN: 2.3149, wire.DP_EPSILON_TOTAL: 4.5}
+    spent = {
+        wire.DP_EPSILON_RUN: 2.3149,
+        wire.DP_EPSILON_TOTAL: 4.5,
+        wire.WIRE_VERSION_KEY: wire.WIRE_VERSION,
+    }
 
-    observer.on_task(_outcome(run_name="20261207-run", server_round=2, metrics=spent))
-    observer.on_task(_outcome(message_type="evaluate"))
+    observer.on_task(
+        _outcome(run_name="20261207-run\x1b[2J", server_round=2, metrics=spent)
+    )
+    # SecAgg+'s other stages travel as train messages without the handler's metrics
+    observer.on_task(_outcome(server_round=2, metrics={}))
+    observer.on_task(_outcome(message_type="evaluate", metrics=spent))
     observer.on_task(_outcome(ok=False, error="[PrivacyBudgetExhausted] ..."))
     observer.on_task(_outcome(approved=False, ok=False, error="[AppNotApproved]"))
 
     assert said == [
-        "run 20261207-run round 2: trained and answered in 1.2 s, 2,000 bytes "
+        "run 20261207-run[2J round 2: trained and answered in 1.2 s, 2,000 bytes "
         "sent; ε 2.31 spent on this run, 4.50 over all runs"
     ]
 
