@@ -76,21 +76,21 @@ def test_an_unexpected_failure_keeps_its_traceback(caplog, failure):
 @pytest.fixture
 def flower_logger():
     """Flower's logger, with its level put back after the test."""
-    import flwr.common.logger  # noqa: F401 - Flower sets its level on import
+    from wardround.flower_compat.flower_logging import quiet_flower
 
     flower = logging.getLogger("flwr")
     saved = flower.level
-    flower.setLevel(logging.DEBUG)  # as Flower leaves it
+    quiet_flower(logging.DEBUG)  # loads Flower's logger, at the level Flower sets
     yield flower
     flower.setLevel(saved)
 
 
 def _start_a_daemon_that_logs(monkeypatch, tmp_path, *options: str):
-    from flwr.common.logger import log
+    flower = logging.getLogger("flwr")  # what Flower's own `log` writes to
 
     def fake_daemon(plan, stop, report=None, on_locked=None):
-        log(logging.DEBUG, "Node 7: stage 0 completes. uploading public keys...")
-        log(logging.ERROR, "the SuperLink refused the connection")
+        flower.debug("Node 7: stage 0 completes. uploading public keys...")
+        flower.error("the SuperLink refused the connection")
 
     plan = SimpleNamespace(
         site=SimpleNamespace(site=SimpleNamespace(name="site-01")),
