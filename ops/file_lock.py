@@ -45,17 +45,12 @@ def exclusive_lock(lock_path: Path, wait_s: float | None = None) -> Iterator[Non
         if wait_s is None:
             fcntl.flock(handle, fcntl.LOCK_EX)
         else:
-            deadline = time.monotonic() + wait_s
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise TimeoutError(
-                            f"{lock_path} stayed locked for {wait_s:g} s"
-                        ) from None
-                    time.sleep(_POLL_S)
+            try:
+                _flock_within(handle, wait_s)
+            except BlockingIOError:
+                raise TimeoutError(
+                    f"{lock_path} stayed locked for {wait_s:g} s"
+                ) from None
         try:
             yield
         finally:

@@ -117,16 +117,10 @@ def test_run_identifiers_names_every_identifier_of_the_run():
 
 
 def test_cli_run_filter_merges_the_coordinators_and_a_sites_lines(tmp_path):
-    coordinator = AuditLog(tmp_path / "coord" / "audit.jsonl", "coordinator")
-    site = AuditLog(tmp_path / "site-01" / "audit.jsonl", "site:site-01")
-    for log, lines in ((coordinator, COORDINATOR), (site, SITE)):
-        for line in lines:
-            log.record(line["event"], **{k: v for k, v in line.items() if k != "event"})
-    app = typer.Typer()
-    app.callback()(lambda: None)
-    app.command("audit")(audit_command)
+    coordinator, site = _written_logs(tmp_path, SITE)
     result = CliRunner().invoke(
-        app, ["audit", str(coordinator.path), str(site.path), "--run", NAME, "--json"]
+        _audit_app(),
+        ["audit", str(coordinator.path), str(site.path), "--run", NAME, "--json"],
     )
     assert result.exit_code == 0, result.output
     actors = [json.loads(line)["actor"] for line in result.output.splitlines()]
@@ -162,21 +156,32 @@ def test_a_flower_run_of_the_app_no_coordinator_line_names_is_shown_and_said():
 
 
 def test_cli_says_which_flower_runs_no_coordinator_line_names(tmp_path):
-    coordinator = AuditLog(tmp_path / "coord" / "audit.jsonl", "coordinator")
-    site = AuditLog(tmp_path / "site-01" / "audit.jsonl", "site:site-01")
     stray = [{"event": "run_started", "run_id": "5505", "fab_hash": APP}]
-    for log, lines in ((coordinator, COORDINATOR), (site, SITE + stray)):
-        for line in lines:
-            log.record(line["event"], **{k: v for k, v in line.items() if k != "event"})
-    app = typer.Typer()
-    app.callback()(lambda: None)
-    app.command("audit")(audit_command)
+    coordinator, site = _written_logs(tmp_path, SITE + stray)
 
     result = CliRunner().invoke(
-        app, ["audit", str(coordinator.path), str(site.path), "--run", NAME, "--json"]
+        _audit_app(),
+        ["audit", str(coordinator.path), str(site.path), "--run", NAME, "--json"],
     )
 
     assert result.exit_code == 0, result.output
     assert "note: Flower run(s) 5505 ran this run's app" in result.stderr
     shown = [json.loads(line) for line in result.stdout.splitlines()]
     assert any(e.get("run_id") == "5505" for e in shown)  # and its lines are shown
+
+
+def _written_logs(tmp_path, site_lines):
+    """The coordinator's lines and ``site_lines`` written as two keyed audit logs."""
+    coordinator = AuditLog(tmp_path / "coord" / "audit.jsonl", "coordinator")
+    site = AuditLog(tmp_path / "site-01" / "audit.jsonl", "site:site-01")
+    for log, lines in ((coordinator, COORDINATOR), (site, site_lines)):
+        for line in lines:
+            log.record(line["event"], **{k: v for k, v in line.items() if k != "event"})
+    return coordinator, site
+
+
+def _audit_app():
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    app.command("audit")(audit_command)
+    return app

@@ -390,14 +390,12 @@ def test_a_secure_mean_beyond_what_clipped_deltas_allow_is_discarded(
         np.testing.assert_allclose(exchange.mean_delta["w"], norm / 2)
 
 
-def test_a_discarded_secure_mean_stops_the_run_saying_so_once():
+def _round_phases():
+    """A coordinator's round phases with nothing behind them (for its verdicts)."""
     from wardround.common.config import RunConfig
-    from wardround.common.errors import FederationError
     from wardround.server.phases import RoundPhases
-    from wardround.server.records import SiteFailure
-    from wardround.server.strategies.secagg_plus import SECURE_MEAN_OUT_OF_BOUND
 
-    phases = RoundPhases(
+    return RoundPhases(
         strategy=None,
         grid=None,
         config=RunConfig(),
@@ -406,6 +404,14 @@ def test_a_discarded_secure_mean_stops_the_run_saying_so_once():
         run_id="run",
         payload_shapes={},
     )
+
+
+def test_a_discarded_secure_mean_stops_the_run_saying_so_once():
+    from wardround.common.errors import FederationError
+    from wardround.server.records import SiteFailure
+    from wardround.server.strategies.secagg_plus import SECURE_MEAN_OUT_OF_BOUND
+
+    phases = _round_phases()
     reason = "the unmasked mean delta has L2 norm 99, above the 64.6 that ..."
     failures = [
         SiteFailure(n, "train", reason, SECURE_MEAN_OUT_OF_BOUND) for n in NODES
@@ -420,20 +426,10 @@ def test_a_discarded_secure_mean_stops_the_run_saying_so_once():
 
 
 def test_a_round_every_site_refuses_as_over_its_answers_says_a_new_run_is_needed():
-    from wardround.common.config import RunConfig
     from wardround.common.errors import PrivacyPolicyRefused
-    from wardround.server.phases import RoundPhases
     from wardround.server.records import SiteFailure
 
-    phases = RoundPhases(
-        strategy=None,
-        grid=None,
-        config=RunConfig(),
-        fingerprint="f",
-        name_of=lambda node, index: f"site-{node}",
-        run_id="run",
-        payload_shapes={},
-    )
+    phases = _round_phases()
     reason = "this site has answered 3 train message(s) for this run, the most ..."
     failures = [SiteFailure(n, "train", reason, "AnswerRefused") for n in NODES]
 
