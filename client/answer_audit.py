@@ -22,6 +22,7 @@ from ..common.errors import DataError
 from ..common.wirebytes import content_bytes
 from ..flower_compat.secagg_protocol import RECORD_KEY_CONFIGS, Key
 from ..ops.audit import AuditEvent, AuditLog, safe_reason
+from .replay import clear_replayed, replayed_round
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,22 @@ def make_answer_audit_mod(
 ) -> Mod:
     """A mod that records each reply in ``audit_for(context)`` (None: not audited).
 
-    Every answer sent is recorded; identical refusals are thinned out past
+    Every answer sent is recorded; identical refusals, and an answer sent again
+    to a repeated question (:mod:`wardround.client.replay`), are thinned out past
     :data:`REFUSALS_IN_FULL` (see :func:`worth_recording`). A line names the
     Flower run and, when ``ledger_run_for`` knows it, the run's key in the site's
     privacy ledger (``ledger_run``), the run that ``wardround site privacy`` shows,
     so ``wardround audit --run`` finds the answers by either.
     """
-    refusals: OrderedDict[tuple[int, str, str], int] = OrderedDict()
+    repeats: OrderedDict[tuple[int, str, str], int] = OrderedDict()
+
+    def seen(key: tuple[int, str, str]) -> int:
+        """How often this refusal (or replay) has been seen, this one included."""
+        count = repeats.pop(key, 0) + 1
+        repeats[key] = count
+        while len(repeats) > _TRACKED_REFUSALS:
+            repeats.popitem(last=False)
+        return count
 
     def answer_audit_mod(
         msg: Message, ctx: Context, call_next: ClientAppCallable
@@ -93,7 +103,9 @@ def make_answer_audit_mod(
             "round": _round_of(msg) if msg.has_content() else None,
             "secagg_stage": _stage_of(msg) if msg.has_content() else None,
         }
+        clear_replayed()
         reply = call_next(msg, ctx)
+        replayed = replayed_round()
         try:
             audit = audit_for(ctx)
             if audit is None:
@@ -104,15 +116,28 @@ def make_answer_audit_mod(
             if reply.has_error():
                 reason = safe_reason(str(reply.error.reason))
                 key = (fields["flower_run"], fields["message_type"], reason)
-                count = refusals.pop(key, 0) + 1
-                refusals[key] = count
-                while len(refusals) > _TRACKED_REFUSALS:
-                    refusals.popitem(last=False)
+                count = seen(key)
                 if worth_recording(count):
                     audit.record(
                         AuditEvent.ANSWER_REFUSED,
                         **fields,
                         reason=reason,
+                        repeated=count,
+                    )
+            elif replayed is not None:
+                # The same answer again (a resumed round): thinned like refusals,
+                # so a coordinator repeating a question cannot fill the disk.
+                key = (
+                    fields["flower_run"],
+                    fields["message_type"],
+                    f"replay {replayed}",
+                )
+                count = seen(key)
+                if worth_recording(count):
+                    audit.record(
+                        AuditEvent.ANSWER_REPLAYED,
+                        **fields,
+                        bytes_out=int(content_bytes(reply.content)),
                         repeated=count,
                     )
             else:

@@ -62,6 +62,13 @@ from .egress import EgressAllowlist, check_legacy_fitres, check_reply, pack_payl
 from .egress_mods import site_mods
 from .personal import load_personal, save_personal
 from .privacy_policy import DpPlan, plan_site_privacy
+from .replay import (
+    Release,
+    ReleaseStore,
+    note_replayed,
+    replayable,
+    request_digest,
+)
 from .round_budget import check_round_ahead, commit_round, reserve_round
 from .run_identity import approved_run_key, run_identity
 from .runtime import (
@@ -251,12 +258,58 @@ def _dp_plan(request: _Request) -> DpPlan | None:
     )
 
 
-def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, Any]]:
-    """One round of local training; returns the clipped payload delta and metrics."""
+def _releases(request: _Request) -> ReleaseStore:
+    return ReleaseStore(request.runtime.site.ledger_path)
+
+
+def _digest(request: _Request, kind: AnswerKind) -> str:
+    return request_digest(
+        kind,
+        request.run,
+        request.server_round,
+        secure_aggregation=request.secure_aggregation,
+        layout=request.runtime.adapter_layout,
+        global_state=request.global_state,
+    )
+
+
+def _replay(request: _Request, kind: AnswerKind, digest: str | None) -> Release | None:
+    """The answer this site already sent to exactly this question, if it kept it."""
+    if digest is None:
+        return None
+    size = request.runtime.allowlist.layout.size if kind is AnswerKind.TRAIN else 0
+    release = _releases(request).find(kind, request.run, digest, payload_size=size)
+    if release is not None:
+        note_replayed(request.server_round)
+        log.info(
+            "round %d: the coordinator asks a %s question this site has answered "
+            "(a resumed round); the same answer is sent again: nothing trained, "
+            "no epsilon spent, not counted",
+            request.server_round,
+            kind.value,
+        )
+    return release
+
+
+def _train(request: _Request) -> tuple[np.ndarray, dict[str, Any]]:
+    """One round of local training; returns the packed, clipped delta and metrics."""
     from .trainer import LocalTrainSpec, train_local
 
     config, runtime = request.config, request.runtime
     plan = _dp_plan(request)
+    digest = (
+        _digest(request, AnswerKind.TRAIN)
+        if replayable(
+            AnswerKind.TRAIN,
+            private=plan is not None,
+            secure_aggregation=request.secure_aggregation,
+            simulation=request.simulation,
+        )
+        else None
+    )
+    release = _replay(request, AnswerKind.TRAIN, digest)
+    if release is not None and release.packed is not None:
+        return release.packed, dict(release.metrics)
     _admit_answer(request, AnswerKind.TRAIN)
     reservation = (
         None
@@ -309,7 +362,13 @@ def _train(request: _Request) -> tuple[OrderedDict[str, np.ndarray], dict[str, A
         runtime.site.answers,
         secure_aggregation=request.secure_aggregation,
     )
-    return payload, metrics
+    packed = pack_payload(payload, runtime.allowlist)
+    if digest is not None:
+        # Kept before the answer leaves, like the ledger's commit.
+        _releases(request).keep(
+            AnswerKind.TRAIN, request.run, request.server_round, digest, metrics, packed
+        )
+    return packed, metrics
 
 
 def _log_clipping(
@@ -358,7 +417,7 @@ def handle_train(
     """Train the received global adapter on local data; reply with the delta."""
     require_secure_channel(msg, _load(context, run_config)[0])
     request = _parse(msg, context, run_config)
-    payload, metrics = _train(request)
+    packed, metrics = _train(request)
     allowlist = request.runtime.allowlist
     if LEGACY_FITINS_ARRAYS in msg.content:
         max_weight = request.round_config.get(wire.SECAGG_MAX_WEIGHT)
@@ -373,7 +432,7 @@ def handle_train(
             FitRes(
                 status=Status(code=Code.OK, message="Success"),
                 parameters=Parameters(
-                    tensors=[npy_bytes(pack_payload(payload, allowlist))],
+                    tensors=[npy_bytes(packed)],
                     tensor_type="numpy.ndarray",
                 ),
                 num_examples=num_examples,
@@ -386,8 +445,7 @@ def handle_train(
         content = RecordDict(
             {
                 wire.ADAPTER_DELTA: packed_record(
-                    pack_payload(payload, allowlist),
-                    request.config.federation.transport_dtype,
+                    packed, request.config.federation.transport_dtype
                 ),
                 wire.METRICS: MetricRecord(metrics),
             }
@@ -409,6 +467,21 @@ def handle_evaluate(
             "this site answers no evaluate messages ([answers] evaluate = false)",
             hint="The site operator decides; the run can go on without its metrics.",
         )
+    digest = (
+        _digest(request, AnswerKind.EVALUATE)
+        if replayable(
+            AnswerKind.EVALUATE,
+            private=False,
+            secure_aggregation=False,
+            simulation=request.simulation,
+        )
+        else None
+    )
+    release = _replay(request, AnswerKind.EVALUATE, digest)
+    if release is not None:
+        content = RecordDict({wire.METRICS: MetricRecord(dict(release.metrics))})
+        check_reply(content, runtime.allowlist, kind="evaluate")
+        return Message(content, reply_to=msg)
     _admit_answer(request, AnswerKind.EVALUATE)
     outcome = evaluate(
         runtime.built.model,
@@ -436,6 +509,10 @@ def handle_evaluate(
     # Undefined numbers (one class only, no validation data) are left out, not sent.
     values = {k: v for k, v in values.items() if np.isfinite(v)}
     values = coarsen_metrics(values, runtime.site.answers, secure_aggregation=False)
+    if digest is not None:
+        _releases(request).keep(
+            AnswerKind.EVALUATE, request.run, request.server_round, digest, values
+        )
     content = RecordDict({wire.METRICS: MetricRecord(dict(values))})
     check_reply(content, runtime.allowlist, kind="evaluate")
     return Message(content, reply_to=msg)
@@ -480,6 +557,12 @@ def precheck_secure_round(
         run = run_identity(
             config, simulation=simulation, flower_run=int(context.run_id), named_run=""
         )
+        if not simulation and ReleaseStore(runtime.site.ledger_path).holds(
+            AnswerKind.TRAIN, run
+        ):
+            # Perhaps a resumed round this site answered: its answer is sent again
+            # at no cost. Anything else is checked under the ledger's lock anyway.
+            return
         check_round_ahead(runtime, plan, run)
 
 

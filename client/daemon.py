@@ -250,11 +250,13 @@ class AuditingObserver(TaskObserver):
                 "pull_seconds": round(outcome.pull_seconds, 3),
                 "ok": outcome.ok,
             }
+            if outcome.replayed:
+                fields["replayed"] = True
             self.audit.record("round_finished", **fields)
             if self.egress_path is not None:
                 self._record_egress(outcome, outcome.server_round)
             eps = outcome.metrics.get(wire.DP_EPSILON_RUN)
-            if eps is not None:
+            if eps is not None and not outcome.replayed:
                 self.audit.record(
                     "privacy_spent",
                     run_id=run,
@@ -320,6 +322,11 @@ def training_line(outcome: TaskOutcome, server_round: int | None) -> str:
     where = f"run {name or outcome.run_id}"
     if server_round is not None:
         where += f" round {server_round}"
+    if outcome.replayed:
+        return (
+            f"{where}: asked again (a resumed round); the answer sent before was "
+            f"sent again ({outcome.bytes_out:,} bytes): nothing trained, no ε spent"
+        )
     line = (
         f"{where}: trained and answered in {outcome.seconds:.1f} s, "
         f"{outcome.bytes_out:,} bytes sent"

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..common.errors import safe_error_reason
 from .approvals import AppApprovals
+from .replay import clear_replayed, replayed_round
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class TaskOutcome:
     """The round the coordinator's message named (its config record), if any."""
     run_name: str = ""
     """The coordinator's run id the message named (the privacy ledger's key)."""
+    replayed: bool = False
+    """The answer was one the site had sent before, sent again (a resumed round)."""
 
 
 class TaskObserver:
@@ -186,8 +189,10 @@ class SiteWorker:
                 details = reason
             else:
                 app_started = time.perf_counter()
+                clear_replayed()
                 reply = self._client_app(message=message, context=context)
                 outcome.app_seconds = time.perf_counter() - app_started
+                outcome.replayed = replayed_round() is not None
                 sub_status, details = SubStatus.COMPLETED, ""
         except Exception as exc:  # noqa: BLE001 - any failure becomes an error reply
             log.error("task failed: %s", type(exc).__name__, exc_info=exc)

@@ -55,6 +55,7 @@ class AuditEvent(StrEnum):
     PRIVACY_SPENT = "privacy_spent"
     ANSWER_SENT = "answer_sent"
     ANSWER_REFUSED = "answer_refused"
+    ANSWER_REPLAYED = "answer_replayed"
     ERROR = "error"
 
 

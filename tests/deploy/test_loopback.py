@@ -12,11 +12,13 @@ import json
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from wardround.client.answers import ANSWER_LOG, AnswerLog
 from wardround.deploy.loopback import (
     WARDROUND,
     LoopbackFederation,
@@ -248,6 +250,19 @@ def test_unenrolled_and_revoked_keys_and_a_foreign_ca_are_refused(federation):
     assert "root-certificate" in outputs["site-other-ca"]
 
 
+def _kept_train_rounds(fed: LoopbackFederation) -> set[int]:
+    """The rounds of the training answers the sites keep (their latest)."""
+    rounds = set()
+    for name in fed.site_names:
+        releases = fed.site_toml(name).parent / "privacy-ledger" / "releases"
+        for kept in releases.glob("*/train.json"):
+            try:
+                rounds.add(int(json.loads(kept.read_text())["round"]))
+            except (OSError, ValueError, KeyError):
+                continue  # being replaced
+    return rounds
+
+
 def _rounds_done(run_dir: Path) -> int:
     rounds = run_dir / "rounds.jsonl"
     return len(read_jsonl(rounds)) - 1 if rounds.exists() else 0
@@ -312,9 +327,18 @@ def test_the_coordinator_killed_mid_run_resumes_from_its_last_checkpoint(federat
     started = _launch(fed, run_toml, "--detach")
     assert started.returncode == 0, started.stderr
     run_dir = sorted(set(fed.run_dirs()) - before)[0]
-    wait_for(lambda: _rounds_done(run_dir) >= 1, 300, "round 1")
-
-    fed.kill("coordinator")
+    # The coordinator stops after a site has trained round 2 and before the round
+    # ends: frozen the moment a site keeps its round-2 answer (the round still
+    # needs SecAgg+'s unmasking), then killed.
+    wait_for(lambda: _kept_train_rounds(fed) & {2}, 300, "a site's round-2 answer")
+    coordinator = fed.daemons["coordinator"].family()
+    for process in coordinator:
+        process.suspend()
+    assert _rounds_done(run_dir) == 1
+    time.sleep(5)  # the other sites' round-2 answers, if they had their message
+    for process in coordinator:
+        process.kill()
+    fed.daemons["coordinator"].proc.wait(timeout=30)
     fed.start_coordinator()
     followed = fed.cli(
         "runs",
@@ -336,3 +360,20 @@ def test_the_coordinator_killed_mid_run_resumes_from_its_last_checkpoint(federat
     launch = json.loads((run_dir / "launch.json").read_text())
     assert len(launch["flower_run_ids"]) == 2
     assert "run_resumed" in [e["event"] for e in read_audit(fed.state / "audit.jsonl")]
+    # The repeated round cost the sites nothing more: a site that had answered
+    # it sent the same answer again (no ledger line, not counted), so the DP run
+    # reached its last round instead of being refused it.
+    replays = [
+        e
+        for name in fed.site_names
+        for e in read_audit(fed.site_state(name) / "audit.jsonl")
+        if e["event"] == "answer_replayed"
+    ]
+    assert replays, "no site sent a kept answer again"
+    run_key = replays[0]["ledger_run"]
+    for name in fed.site_names:
+        answers = AnswerLog(fed.site_toml(name).parent / "privacy-ledger" / ANSWER_LOG)
+        trained = [
+            e for e in answers.entries() if e["run"] == run_key and e["kind"] == "train"
+        ]
+        assert len(trained) == 2, name

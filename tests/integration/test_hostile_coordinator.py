@@ -113,10 +113,15 @@ def test_a_fresh_run_id_every_round_buys_no_fresh_budget(site, approved):
         for attempt, server_round in enumerate((1, 2, 1, 2, 2), start=1)
     ]
 
-    answered = [r for r in replies if not r.has_error()]
-    assert len(answered) == APPROVED_ROUNDS
-    refused = [r for r in replies if r.has_error()]
-    assert {error_kind(r.error.reason) for r in refused} == {"AnswerRefused"}
+    # Rounds 1 and 2 are trained. Round 1 again is trained anew (the site keeps
+    # only its latest answer), which the allowance refuses; round 2 again is the
+    # same question (the run is the approved one, whatever the message calls it),
+    # so it gets the very answer that already left, at no cost.
+    assert [r.has_error() for r in replies] == [False, False, True, False, False]
+    assert error_kind(replies[2].error.reason) == "AnswerRefused"
+    assert _delta_bytes(replies[3]) == _delta_bytes(replies[1])
+    assert _delta_bytes(replies[4]) == _delta_bytes(replies[1])
+    assert _delta_bytes(replies[0]) != _delta_bytes(replies[1])
     # One run at the site, whatever the messages called it, and its epsilon stays
     # within what the approved schedule plans.
     key = approved_run_key(approved)
@@ -126,7 +131,61 @@ def test_a_fresh_run_id_every_round_buys_no_fresh_budget(site, approved):
     )
     assert 0 < spent <= approved.privacy.target_epsilon * (1 + 1e-6)
     events = Counter(e["event"] for e in _audit(site))
-    assert events["answer_sent"] == 2 and events["answer_refused"] == 3
+    assert events["answer_sent"] == 2 and events["answer_refused"] == 1
+    assert events["answer_replayed"] == 2
+
+
+def _delta_bytes(reply) -> bytes:
+    (array,) = reply.content[wire.ADAPTER_DELTA].values()
+    return bytes(array.data)
+
+
+def test_a_repeated_question_gets_the_answer_sent_before_at_no_cost(site, approved):
+    coordinator = HostileServerApp(approved, site)
+    first = coordinator.ask(MessageType.TRAIN, 1)
+    answers_before = (site / "privacy-ledger" / ANSWER_LOG).read_bytes()
+    again = coordinator.ask(MessageType.TRAIN, 1, run_id="resumed")
+
+    assert not first.has_error() and not again.has_error()
+    assert _delta_bytes(again) == _delta_bytes(first)
+    assert dict(again.content[wire.METRICS]) == dict(first.content[wire.METRICS])
+    key = approved_run_key(approved)
+    assert _ledger_runs(site) == Counter({key: 1})
+    assert (site / "privacy-ledger" / ANSWER_LOG).read_bytes() == answers_before
+
+    # Any other adapter is a new question: trained, charged and counted.
+    nudged = {name: array.copy() for name, array in coordinator.adapter.items()}
+    nudged[next(iter(nudged))].flat[0] += 1e-3
+    other = coordinator.ask(MessageType.TRAIN, 1, adapter=nudged)
+    assert not other.has_error()
+    assert _delta_bytes(other) != _delta_bytes(first)
+    assert _ledger_runs(site) == Counter({key: 2})
+    assert len(AnswerLog(site / "privacy-ledger" / ANSWER_LOG).entries()) == 2
+    # ... and the allowance still ends the run's answers.
+    nudged[next(iter(nudged))].flat[0] += 1e-3
+    refused = coordinator.ask(MessageType.TRAIN, 1, adapter=nudged)
+    assert refused.has_error() and error_kind(refused.error.reason) == "AnswerRefused"
+    events = [e["event"] for e in _audit(site)]
+    assert events == [
+        "answer_sent",
+        "answer_replayed",
+        "answer_sent",
+        "answer_refused",
+    ]
+
+
+def test_a_damaged_kept_answer_is_trained_and_counted_again(site, approved):
+    from wardround.client.replay import RELEASES_FOLDER
+
+    coordinator = HostileServerApp(approved, site)
+    first = coordinator.ask(MessageType.TRAIN, 1)
+    (payload,) = (site / "privacy-ledger" / RELEASES_FOLDER).glob("*/train.npy")
+    payload.write_bytes(payload.read_bytes()[:-4] + b"\0\0\0\0")
+
+    again = coordinator.ask(MessageType.TRAIN, 1)
+    assert not again.has_error()
+    assert _ledger_runs(site) == Counter({approved_run_key(approved): 2})
+    assert _delta_bytes(again) != _delta_bytes(first)
 
 
 def test_rounds_past_the_approved_count_are_refused_before_any_budget(site, approved):
@@ -148,7 +207,16 @@ def test_fifty_evaluations_get_one_answer_per_approved_round(site, approved):
     ]
 
     answered = [r for r in replies if not r.has_error()]
-    assert len(answered) == APPROVED_ROUNDS + 1  # before training, then one a round
+    distinct = {tuple(sorted(dict(r.content[wire.METRICS]).items())) for r in answered}
+    # One evaluation before training, then one a round; after that only the latest
+    # question asked again gets its answer again, the very numbers that left.
+    assert len(AnswerLog(site / "privacy-ledger" / ANSWER_LOG).entries()) == 3
+    assert len(distinct) <= APPROVED_ROUNDS + 1
+    assert [r.has_error() for r in replies[:3]] == [False] * 3
+    latest = dict(replies[2].content[wire.METRICS])
+    for reply in replies[3:]:
+        if not reply.has_error():
+            assert dict(reply.content[wire.METRICS]) == latest
     assert all(
         error_kind(r.error.reason) == "AnswerRefused" for r in replies if r.has_error()
     )
@@ -160,14 +228,15 @@ def test_fifty_evaluations_get_one_answer_per_approved_round(site, approved):
         for name in (wire.AUROC_MACRO, wire.EVAL_LOSS):
             if name in metrics:
                 assert metrics[name] == round(metrics[name], decimals)
-    log = AnswerLog(site / "privacy-ledger" / ANSWER_LOG)
-    assert len(log.entries()) == APPROVED_ROUNDS + 1
     events = Counter(e["event"] for e in _audit(site))
-    # 47 refusals: the first ten each on a line, then the 20th, 30th and 40th with
-    # their count, so repeating a refused message cannot fill the site's disk
+    # 32 refusals and 15 repeats: the first ten of each on a line, then the 20th,
+    # 30th and 40th with their count, so repeating a message cannot fill the
+    # site's disk through its audit log
     refused = [e["repeated"] for e in _audit(site) if e["event"] == "answer_refused"]
+    replayed = [e["repeated"] for e in _audit(site) if e["event"] == "answer_replayed"]
     assert events["answer_sent"] == 3
-    assert refused == [*range(1, 11), 20, 30, 40]
+    assert refused == [*range(1, 11), 20, 30]
+    assert replayed == list(range(1, 11))
     sent = [e for e in _audit(site) if e["event"] == "answer_sent"]
     assert all(e["numbers"][wire.NUM_EXAMPLES] % 10 == 0 for e in sent)
 

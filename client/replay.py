@@ -1,0 +1,223 @@
+"""A question the site has answered gets the same answer again, at no new cost.
+
+A coordinator that restarts mid-round resumes the run from its last checkpoint
+and asks the round again: the same run, the same round, the same global adapter.
+Trained again, the site would spend a second round of epsilon and a second answer
+of the run's allowance on it, and a DP run would then stop short of its last
+round. Sending again the answer that already left reveals nothing new, so a
+deployed site keeps its latest answer per run and kind (beside its ledger), and a
+repeat of exactly that question gets exactly that answer: no training, no ledger
+line, no answer counted.
+
+Not for a training answer that left under SecAgg+ without DP. There the masks are
+its only protection: sent again into a round with other partners, two masked sums
+would differ by this site's update alone. Such a repeat is trained and counted as
+before (the answer allowance bounds it). With DP the update is private on its own
+(the ledger charged it as if published), and a plain answer was seen in the clear.
+
+Which question: the site's own identity of the run (what it approved), the kind,
+the round, whether it came through SecAgg+, and the global adapter's bytes in the
+adapter's layout. The message's run name and other settings are not part of it:
+the site answers from what it approved, not from them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..common.packing import AdapterLayout
+from .answers import AnswerKind
+
+log = logging.getLogger(__name__)
+
+RELEASES_FOLDER = "releases"
+KEPT_RUNS = 4
+"""Runs whose latest answers are kept; an older run's repeat is trained and counted."""
+_FORMAT = 1
+
+_replayed: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "wardround_replayed_round", default=None
+)
+
+
+def replayable(
+    kind: AnswerKind, *, private: bool, secure_aggregation: bool, simulation: bool
+) -> bool:
+    """Whether a repeat of this answer may be answered from the store.
+
+    Never in a simulation (the researcher runs both sides; nothing is counted).
+    """
+    if simulation:
+        return False
+    if kind is AnswerKind.EVALUATE:
+        return True  # metrics always leave in the clear
+    return private or not secure_aggregation
+
+
+def request_digest(
+    kind: AnswerKind,
+    run: str,
+    server_round: int,
+    *,
+    secure_aggregation: bool,
+    layout: AdapterLayout,
+    global_state: Mapping[str, np.ndarray],
+) -> str:
+    """The SHA-256 naming one question: run, kind, round, channel and adapter bytes."""
+    digest = hashlib.sha256()
+    header = [_FORMAT, kind.value, run, server_round, secure_aggregation, layout.digest]
+    digest.update(json.dumps(header).encode())
+    for name in layout.names:
+        digest.update(name.encode() + b"\0")
+        digest.update(np.ascontiguousarray(global_state[name], dtype=np.float32).data)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Release:
+    """An answer as it left: its round, metrics and (training) packed delta."""
+
+    server_round: int
+    metrics: dict[str, float | int]
+    packed: np.ndarray | None
+
+
+class ReleaseStore:
+    """The latest answer per run and kind, under ``<ledger-dir>/releases``.
+
+    Written before the answer leaves, atomically (a crash leaves the previous
+    answer or none). A damaged or missing file only means the repeat is trained
+    and counted like a new question: the store can never make the site send
+    something that did not leave before.
+    """
+
+    def __init__(self, ledger_dir: Path) -> None:
+        self.folder = Path(ledger_dir) / RELEASES_FOLDER
+
+    def _paths(self, kind: AnswerKind, run: str) -> tuple[Path, Path]:
+        folder = self.folder / run
+        return folder / f"{kind.value}.json", folder / f"{kind.value}.npy"
+
+    def holds(self, kind: AnswerKind, run: str) -> bool:
+        """Whether an answer of ``kind`` is kept for ``run``."""
+        return self._paths(kind, run)[0].is_file()
+
+    def find(
+        self, kind: AnswerKind, run: str, digest: str, *, payload_size: int = 0
+    ) -> Release | None:
+        """The answer kept for exactly this question, or None."""
+        meta_path, payload_path = self._paths(kind, run)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            log.warning(
+                "kept answer %s unreadable (%s): answering anew", meta_path, error
+            )
+            return None
+        if not isinstance(meta, dict) or meta.get("request") != digest:
+            return None
+        try:
+            metrics = {str(k): v for k, v in dict(meta["metrics"]).items()}
+            if not all(
+                isinstance(v, int | float) and not isinstance(v, bool)
+                for v in metrics.values()
+            ):
+                raise ValueError("a metric is not a number")
+            server_round = int(meta["round"])
+            packed = None
+            if kind is AnswerKind.TRAIN:
+                packed = np.load(payload_path, allow_pickle=False)
+                if packed.dtype != np.float32 or packed.shape != (payload_size,):
+                    raise ValueError(
+                        f"payload {packed.dtype} {packed.shape}, expected float32 "
+                        f"({payload_size},)"
+                    )
+                if hashlib.sha256(packed.data).hexdigest() != meta["payload_sha256"]:
+                    raise ValueError("payload checksum differs")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            log.warning(
+                "kept answer for %s round %s unusable (%s): answering anew",
+                kind.value,
+                meta.get("round"),
+                error,
+            )
+            return None
+        return Release(server_round, metrics, packed)
+
+    def keep(
+        self,
+        kind: AnswerKind,
+        run: str,
+        server_round: int,
+        digest: str,
+        metrics: Mapping[str, float | int],
+        packed: np.ndarray | None = None,
+    ) -> None:
+        """Keep this answer for ``run`` (replacing the one before), durably."""
+        meta_path, payload_path = self._paths(kind, run)
+        meta_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        meta: dict[str, Any] = {
+            "format": _FORMAT,
+            "kind": kind.value,
+            "round": server_round,
+            "request": digest,
+            "metrics": dict(metrics),
+        }
+        # The old description goes first: a crash between the two files then
+        # leaves no description that points at the wrong payload.
+        meta_path.unlink(missing_ok=True)
+        if packed is not None:
+            vector = np.ascontiguousarray(packed, dtype=np.float32)
+            meta["payload_sha256"] = hashlib.sha256(vector.data).hexdigest()
+            _write_atomically(payload_path, lambda f: np.save(f, vector))
+        _write_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()))
+        self._prune(keep=run)
+
+    def _prune(self, keep: str) -> None:
+        runs = [p for p in self.folder.iterdir() if p.is_dir()]
+        runs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in [p for p in runs if p.name != keep][KEPT_RUNS - 1 :]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=path.name, dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def note_replayed(server_round: int) -> None:
+    """Mark the answer being built in this thread as a replay (for audit and logs)."""
+    _replayed.set(server_round)
+
+
+def clear_replayed() -> None:
+    """Forget the mark before a new message is handled."""
+    _replayed.set(None)
+
+
+def replayed_round() -> int | None:
+    """The round of the replayed answer handled last in this thread, if it was one."""
+    return _replayed.get()

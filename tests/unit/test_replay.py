@@ -1,0 +1,143 @@
+"""The site's kept answers: which repeats may be answered again, and the store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+from wardround.client.answers import AnswerKind
+from wardround.client.replay import (
+    KEPT_RUNS,
+    RELEASES_FOLDER,
+    ReleaseStore,
+    replayable,
+    request_digest,
+)
+from wardround.common.packing import AdapterLayout
+
+TRAIN, EVALUATE = AnswerKind.TRAIN, AnswerKind.EVALUATE
+METRICS = {"num-examples": 40, "dp-epsilon-run": 3.25, "train-loss": 0.6931}
+
+
+def test_only_a_training_answer_masked_without_dp_is_never_answered_again():
+    def can(kind, private, secure, simulation=False):
+        return replayable(
+            kind, private=private, secure_aggregation=secure, simulation=simulation
+        )
+
+    # Masks are the only protection of a delta without DP: a second masked sum
+    # with other partners would give it away.
+    assert not can(TRAIN, private=False, secure=True)
+    assert can(TRAIN, private=True, secure=True)
+    assert can(TRAIN, private=True, secure=False)
+    assert can(TRAIN, private=False, secure=False)  # it was seen in the clear
+    assert can(EVALUATE, private=False, secure=False)
+    # a simulation counts nothing and keeps nothing
+    assert not any(
+        can(kind, private, secure, simulation=True)
+        for kind in (TRAIN, EVALUATE)
+        for private in (True, False)
+        for secure in (True, False)
+    )
+
+
+def _state(seed: int = 0) -> OrderedDict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return OrderedDict(
+        [
+            ("a.lora_A", rng.normal(size=(4, 3)).astype(np.float32)),
+            ("b.lora_B", rng.normal(size=(3, 4)).astype(np.float32)),
+        ]
+    )
+
+
+def _digest(state, kind=TRAIN, run="run", server_round=1, secure=False):
+    return request_digest(
+        kind,
+        run,
+        server_round,
+        secure_aggregation=secure,
+        layout=AdapterLayout.of_state(state),
+        global_state=state,
+    )
+
+
+def test_the_question_is_the_run_kind_round_channel_and_every_adapter_bit():
+    state = _state()
+    base = _digest(state)
+    assert _digest(_state()) == base  # the same question, built again
+    nudged = _state()
+    nudged["b.lora_B"][2, 3] = np.nextafter(nudged["b.lora_B"][2, 3], np.inf)
+    others = {
+        _digest(nudged),
+        _digest(state, kind=EVALUATE),
+        _digest(state, run="another-run"),
+        _digest(state, server_round=2),
+        _digest(state, secure=True),
+    }
+    assert base not in others and len(others) == 5
+
+
+def test_a_kept_answer_is_found_only_for_its_question(tmp_path):
+    store = ReleaseStore(tmp_path)
+    packed = np.arange(24, dtype=np.float32)
+    store.keep(TRAIN, "run", 1, "q1", METRICS, packed)
+    store.keep(EVALUATE, "run", 1, "e1", {"auroc-macro": 0.71})
+
+    found = store.find(TRAIN, "run", "q1", payload_size=24)
+    assert found is not None and found.server_round == 1
+    assert found.metrics == METRICS
+    assert found.packed is not None and found.packed.tobytes() == packed.tobytes()
+    assert store.find(TRAIN, "run", "q2", payload_size=24) is None
+    assert store.find(TRAIN, "other-run", "q1", payload_size=24) is None
+    assert store.find(EVALUATE, "run", "e1") is not None
+    assert store.holds(TRAIN, "run") and not store.holds(TRAIN, "other-run")
+    # the next round's answer replaces it: only the latest is kept
+    store.keep(TRAIN, "run", 2, "q2", METRICS, packed + 1)
+    assert store.find(TRAIN, "run", "q1", payload_size=24) is None
+    again = store.find(TRAIN, "run", "q2", payload_size=24)
+    assert again is not None and again.server_round == 2
+    for path in (tmp_path / RELEASES_FOLDER / "run").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated payload", "changed payload", "wrong size", "bad description"],
+)
+def test_a_damaged_kept_answer_is_never_sent(tmp_path, caplog, damage):
+    store = ReleaseStore(tmp_path)
+    store.keep(TRAIN, "run", 1, "q1", METRICS, np.arange(24, dtype=np.float32))
+    folder = tmp_path / RELEASES_FOLDER / "run"
+    payload, meta = folder / "train.npy", folder / "train.json"
+    size = 24
+    if damage == "truncated payload":
+        payload.write_bytes(payload.read_bytes()[:-8])
+    elif damage == "changed payload":
+        np.save(payload, np.arange(24, dtype=np.float32)[::-1].copy())
+    elif damage == "wrong size":
+        size = 25
+    else:
+        meta.write_text(meta.read_text().replace("3.25", '"3.25"'))
+    with caplog.at_level(logging.WARNING, logger="wardround.client.replay"):
+        assert store.find(TRAIN, "run", "q1", payload_size=size) is None
+    assert "answering anew" in caplog.text
+
+
+def test_only_the_latest_runs_are_kept(tmp_path):
+    store = ReleaseStore(tmp_path)
+    runs = [f"run-{i}" for i in range(KEPT_RUNS + 2)]
+    for age, run in enumerate(runs):
+        store.keep(EVALUATE, run, 0, "e", {"auroc-macro": 0.5})
+        past = time.time() - 1000 + age
+        os.utime(tmp_path / RELEASES_FOLDER / run, (past, past))
+    store.keep(EVALUATE, runs[0], 1, "e2", {"auroc-macro": 0.6})
+
+    kept = sorted(p.name for p in (tmp_path / RELEASES_FOLDER).iterdir())
+    # the run just answered, and the KEPT_RUNS - 1 most recent others
+    assert kept == sorted([runs[0], *runs[-(KEPT_RUNS - 1) :]])
