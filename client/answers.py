@@ -47,6 +47,17 @@ def answer_limit(kind: AnswerKind, approved_rounds: int) -> int:
     return approved_rounds if kind is AnswerKind.TRAIN else approved_rounds + 1
 
 
+def _train_once_reason(server_round: int) -> str:
+    # Retrained from the same adapter with the same seed, the update would be the
+    # same bits; masked again among other partners, two masked sums would differ
+    # by this site's update alone.
+    return (
+        f"this site has trained round {server_round} of this run under SecAgg+ "
+        "without DP, and answers such a round once: masks are its update's only "
+        "protection, and a second masked sum could give the update away"
+    )
+
+
 def coarsen_metrics(
     metrics: Mapping[str, float | int],
     policy: SiteAnswers,
@@ -113,12 +124,19 @@ class AnswerLog:
         self.path = Path(path)
 
     def admit(
-        self, kind: AnswerKind, run: str, server_round: int, approved_rounds: int
+        self,
+        kind: AnswerKind,
+        run: str,
+        server_round: int,
+        approved_rounds: int,
+        *,
+        once_per_round: bool = False,
     ) -> Admission:
         """Record one answer of ``kind`` for ``run``, or refuse it (AnswerRefused).
 
         Check and record happen under one lock: two messages racing for the last
-        answer cannot both get it.
+        answer cannot both get it. ``once_per_round``: a round already answered is
+        refused (a masked update without DP: see :func:`_train_once_reason`).
         """
         limit = answer_limit(kind, approved_rounds)
         first_round = 1 if kind is AnswerKind.TRAIN else 0
@@ -135,11 +153,19 @@ class AnswerLog:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             raw = _read_all(fd)
-            given = sum(
-                1
+            mine = [
+                entry
                 for entry in self._parse(raw)
                 if entry["kind"] == kind.value and entry["run"] == run
-            )
+            ]
+            given = len(mine)
+            if once_per_round and any(e["round"] == server_round for e in mine):
+                raise AnswerRefused(
+                    _train_once_reason(server_round),
+                    hint="Under SecAgg+ without DP a round that runs again (after the "
+                    "coordinator's restart) stops the run; the rounds left are a new "
+                    "run for the sites to approve.",
+                )
             if given >= limit:
                 raise AnswerRefused(
                     f"this site has answered {given} {kind.value} message(s) for this "

@@ -81,6 +81,7 @@ from .runtime import (
 from .secure_aggregation import (
     LEGACY_FITINS_ARRAYS,
     check_setup,
+    masking_now,
     require_secure_channel,
 )
 
@@ -267,10 +268,32 @@ def _digest(request: _Request, kind: AnswerKind) -> str:
         kind,
         request.run,
         request.server_round,
-        secure_aggregation=request.secure_aggregation,
+        policy=request.runtime.site.answers.model_dump_json(),
         layout=request.runtime.adapter_layout,
         global_state=request.global_state,
     )
+
+
+def _keep(
+    request: _Request,
+    kind: AnswerKind,
+    digest: str,
+    metrics: dict[str, Any],
+    packed: np.ndarray | None = None,
+) -> None:
+    """Keep the answer for a repeat; a failure only costs that repeat its saving."""
+    try:
+        _releases(request).keep(
+            kind, request.run, request.server_round, digest, metrics, packed
+        )
+    except OSError as error:
+        log.warning(
+            "could not keep round %d's %s answer for a repeat (%s); it is sent, "
+            "and a repeat would be answered anew",
+            request.server_round,
+            kind.value,
+            error,
+        )
 
 
 def _replay(request: _Request, kind: AnswerKind, digest: str | None) -> Release | None:
@@ -297,20 +320,16 @@ def _train(request: _Request) -> tuple[np.ndarray, dict[str, Any]]:
 
     config, runtime = request.config, request.runtime
     plan = _dp_plan(request)
+    masked = masking_now()
     digest = (
         _digest(request, AnswerKind.TRAIN)
-        if replayable(
-            AnswerKind.TRAIN,
-            private=plan is not None,
-            secure_aggregation=request.secure_aggregation,
-            simulation=request.simulation,
-        )
+        if replayable(masked=masked, simulation=request.simulation)
         else None
     )
     release = _replay(request, AnswerKind.TRAIN, digest)
     if release is not None and release.packed is not None:
         return release.packed, dict(release.metrics)
-    _admit_answer(request, AnswerKind.TRAIN)
+    _admit_answer(request, AnswerKind.TRAIN, once_per_round=masked and plan is None)
     reservation = (
         None
         if plan is None
@@ -364,10 +383,7 @@ def _train(request: _Request) -> tuple[np.ndarray, dict[str, Any]]:
     )
     packed = pack_payload(payload, runtime.allowlist)
     if digest is not None:
-        # Kept before the answer leaves, like the ledger's commit.
-        _releases(request).keep(
-            AnswerKind.TRAIN, request.run, request.server_round, digest, metrics, packed
-        )
+        _keep(request, AnswerKind.TRAIN, digest, metrics, packed)
     return packed, metrics
 
 
@@ -397,7 +413,9 @@ def _log_clipping(
     )
 
 
-def _admit_answer(request: _Request, kind: AnswerKind) -> None:
+def _admit_answer(
+    request: _Request, kind: AnswerKind, *, once_per_round: bool = False
+) -> None:
     """Count this answer against the approved run's allowance, or refuse it.
 
     Not in a simulation: there the researcher runs both sides, and a resumed run
@@ -407,7 +425,11 @@ def _admit_answer(request: _Request, kind: AnswerKind) -> None:
     if request.simulation:
         return
     request.runtime.answers.admit(
-        kind, request.run, request.server_round, request.config.federation.rounds
+        kind,
+        request.run,
+        request.server_round,
+        request.config.federation.rounds,
+        once_per_round=once_per_round,
     )
 
 
@@ -469,12 +491,7 @@ def handle_evaluate(
         )
     digest = (
         _digest(request, AnswerKind.EVALUATE)
-        if replayable(
-            AnswerKind.EVALUATE,
-            private=False,
-            secure_aggregation=False,
-            simulation=request.simulation,
-        )
+        if replayable(masked=False, simulation=request.simulation)
         else None
     )
     release = _replay(request, AnswerKind.EVALUATE, digest)
@@ -510,9 +527,7 @@ def handle_evaluate(
     values = {k: v for k, v in values.items() if np.isfinite(v)}
     values = coarsen_metrics(values, runtime.site.answers, secure_aggregation=False)
     if digest is not None:
-        _releases(request).keep(
-            AnswerKind.EVALUATE, request.run, request.server_round, digest, values
-        )
+        _keep(request, AnswerKind.EVALUATE, digest, dict(values))
     content = RecordDict({wire.METRICS: MetricRecord(dict(values))})
     check_reply(content, runtime.allowlist, kind="evaluate")
     return Message(content, reply_to=msg)
@@ -557,12 +572,6 @@ def precheck_secure_round(
         run = run_identity(
             config, simulation=simulation, flower_run=int(context.run_id), named_run=""
         )
-        if not simulation and ReleaseStore(runtime.site.ledger_path).holds(
-            AnswerKind.TRAIN, run
-        ):
-            # Perhaps a resumed round this site answered: its answer is sent again
-            # at no cost. Anything else is checked under the ledger's lock anyway.
-            return
         check_round_ahead(runtime, plan, run)
 
 

@@ -1,24 +1,26 @@
-"""A question the site has answered gets the same answer again, at no new cost.
+"""A question the site has answered in the clear gets the same answer again, free.
 
 A coordinator that restarts mid-round resumes the run from its last checkpoint
 and asks the round again: the same run, the same round, the same global adapter.
 Trained again, the site would spend a second round of epsilon and a second answer
 of the run's allowance on it, and a DP run would then stop short of its last
-round. Sending again the answer that already left reveals nothing new, so a
-deployed site keeps its latest answer per run and kind (beside its ledger), and a
-repeat of exactly that question gets exactly that answer: no training, no ledger
-line, no answer counted.
+round. Sending again an answer the coordinator has already seen reveals nothing
+new, so a deployed site keeps its latest plain answer per run and kind (beside
+its ledger), and a repeat of exactly that question gets exactly that answer: no
+training, no ledger line, no answer counted.
 
-Not for a training answer that left under SecAgg+ without DP. There the masks are
-its only protection: sent again into a round with other partners, two masked sums
-would differ by this site's update alone. Such a repeat is trained and counted as
-before (the answer allowance bounds it). With DP the update is private on its own
-(the ledger charged it as if published), and a plain answer was seen in the clear.
+Never for an answer that left masked under SecAgg+. The coordinator is meant to
+see only the masked sum; sent again into a round whose sum leaves a partner out,
+the same update would be the difference of two sums. A masked repeat is trained
+anew: with DP, on fresh noise, charged and counted as any answer; without DP a
+retrained update would be the same bits, so the site refuses to answer such a
+round twice (:meth:`~wardround.client.answers.AnswerLog.admit`).
 
 Which question: the site's own identity of the run (what it approved), the kind,
-the round, whether it came through SecAgg+, and the global adapter's bytes in the
-adapter's layout. The message's run name and other settings are not part of it:
-the site answers from what it approved, not from them.
+the round, the site's ``[answers]`` policy (a tightened policy is a new
+question), and the global adapter's bytes in the adapter's layout. The message's
+run name and other settings are not part of it: the site answers from what it
+approved, not from them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -46,24 +49,21 @@ RELEASES_FOLDER = "releases"
 KEPT_RUNS = 4
 """Runs whose latest answers are kept; an older run's repeat is trained and counted."""
 _FORMAT = 1
+_RUN_KEY = re.compile(r"[0-9a-f]{32}")
 
 _replayed: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "wardround_replayed_round", default=None
 )
 
 
-def replayable(
-    kind: AnswerKind, *, private: bool, secure_aggregation: bool, simulation: bool
-) -> bool:
-    """Whether a repeat of this answer may be answered from the store.
+def replayable(*, masked: bool, simulation: bool) -> bool:
+    """Whether a repeat of an answer may be answered from the store.
 
-    Never in a simulation (the researcher runs both sides; nothing is counted).
+    Only answers the coordinator saw in the clear (evaluation metrics always
+    are); never in a simulation (the researcher runs both sides, and nothing is
+    counted there).
     """
-    if simulation:
-        return False
-    if kind is AnswerKind.EVALUATE:
-        return True  # metrics always leave in the clear
-    return private or not secure_aggregation
+    return not simulation and not masked
 
 
 def request_digest(
@@ -71,13 +71,13 @@ def request_digest(
     run: str,
     server_round: int,
     *,
-    secure_aggregation: bool,
+    policy: str,
     layout: AdapterLayout,
     global_state: Mapping[str, np.ndarray],
 ) -> str:
-    """The SHA-256 naming one question: run, kind, round, channel and adapter bytes."""
+    """The SHA-256 naming one question: run, kind, round, policy and adapter bytes."""
     digest = hashlib.sha256()
-    header = [_FORMAT, kind.value, run, server_round, secure_aggregation, layout.digest]
+    header = [_FORMAT, kind.value, run, server_round, policy, layout.digest]
     digest.update(json.dumps(header).encode())
     for name in layout.names:
         digest.update(name.encode() + b"\0")
@@ -99,14 +99,16 @@ class ReleaseStore:
 
     Written before the answer leaves, atomically (a crash leaves the previous
     answer or none). A damaged or missing file only means the repeat is trained
-    and counted like a new question: the store can never make the site send
-    something that did not leave before.
+    and counted like a new question: the store never sends anything that was not
+    charged and counted as an answer before. Run keys are the site's own (hex).
     """
 
     def __init__(self, ledger_dir: Path) -> None:
         self.folder = Path(ledger_dir) / RELEASES_FOLDER
 
     def _paths(self, kind: AnswerKind, run: str) -> tuple[Path, Path]:
+        if not _RUN_KEY.fullmatch(run):
+            raise ValueError(f"not a site's run key: {run[:40]!r}")
         folder = self.folder / run
         return folder / f"{kind.value}.json", folder / f"{kind.value}.npy"
 
@@ -203,6 +205,11 @@ def _write_atomically(path: Path, write: Any) -> None:
             os.fsync(file.fileno())
         os.chmod(temporary, 0o600)
         os.replace(temporary, path)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)  # the rename itself survives a power cut
+        finally:
+            os.close(folder)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

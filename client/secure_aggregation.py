@@ -97,6 +97,15 @@ def is_secure_aggregation_message(msg: Message) -> bool:
     )
 
 
+def masking_now() -> bool:
+    """Whether the handler runs inside Flower's SecAgg+ masked-vector stage.
+
+    Its answer then leaves masked; a message's shape alone (a legacy FitIns) does
+    not say so, since a run without SecAgg+ may receive one outside the protocol.
+    """
+    return _masking_stage.get() is not None
+
+
 def require_secure_channel(msg: Message, config: RunConfig) -> None:
     """Refuse a train message outside SecAgg+ when the approved run enables it.
 

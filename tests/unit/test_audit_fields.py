@@ -80,7 +80,7 @@ def test_event_enum_is_exactly_the_agreed_set():
         "site_left", "site_refused", "run_started", "run_resumed", "run_paused",
         "run_finished", "run_stopped", "round_started", "round_finished",
         "app_approved", "app_refused", "privacy_spent", "answer_sent",
-        "answer_refused", "node_ignored", "error",
+        "answer_refused", "answer_replayed", "node_ignored", "error",
     }  # fmt: skip
 
 

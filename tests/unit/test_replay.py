@@ -21,29 +21,17 @@ from wardround.client.replay import (
 from wardround.common.packing import AdapterLayout
 
 TRAIN, EVALUATE = AnswerKind.TRAIN, AnswerKind.EVALUATE
+RUN, OTHER_RUN = "0" * 32, "f" * 32
 METRICS = {"num-examples": 40, "dp-epsilon-run": 3.25, "train-loss": 0.6931}
 
 
-def test_only_a_training_answer_masked_without_dp_is_never_answered_again():
-    def can(kind, private, secure, simulation=False):
-        return replayable(
-            kind, private=private, secure_aggregation=secure, simulation=simulation
-        )
-
-    # Masks are the only protection of a delta without DP: a second masked sum
-    # with other partners would give it away.
-    assert not can(TRAIN, private=False, secure=True)
-    assert can(TRAIN, private=True, secure=True)
-    assert can(TRAIN, private=True, secure=False)
-    assert can(TRAIN, private=False, secure=False)  # it was seen in the clear
-    assert can(EVALUATE, private=False, secure=False)
+def test_only_answers_seen_in_the_clear_are_answered_again():
+    # A masked update's only protection from the coordinator is the sum it is
+    # hidden in: sent again into another sum, it could be taken out.
+    assert replayable(masked=False, simulation=False)
+    assert not replayable(masked=True, simulation=False)
     # a simulation counts nothing and keeps nothing
-    assert not any(
-        can(kind, private, secure, simulation=True)
-        for kind in (TRAIN, EVALUATE)
-        for private in (True, False)
-        for secure in (True, False)
-    )
+    assert not replayable(masked=False, simulation=True)
 
 
 def _state(seed: int = 0) -> OrderedDict[str, np.ndarray]:
@@ -56,12 +44,12 @@ def _state(seed: int = 0) -> OrderedDict[str, np.ndarray]:
     )
 
 
-def _digest(state, kind=TRAIN, run="run", server_round=1, secure=False):
+def _digest(state, kind=TRAIN, run=RUN, server_round=1, policy="{}"):
     return request_digest(
         kind,
         run,
         server_round,
-        secure_aggregation=secure,
+        policy=policy,
         layout=AdapterLayout.of_state(state),
         global_state=state,
     )
@@ -76,9 +64,9 @@ def test_the_question_is_the_run_kind_round_channel_and_every_adapter_bit():
     others = {
         _digest(nudged),
         _digest(state, kind=EVALUATE),
-        _digest(state, run="another-run"),
+        _digest(state, run=OTHER_RUN),
         _digest(state, server_round=2),
-        _digest(state, secure=True),
+        _digest(state, policy='{"decimals": 2}'),
     }
     assert base not in others and len(others) == 5
 
@@ -86,23 +74,25 @@ def test_the_question_is_the_run_kind_round_channel_and_every_adapter_bit():
 def test_a_kept_answer_is_found_only_for_its_question(tmp_path):
     store = ReleaseStore(tmp_path)
     packed = np.arange(24, dtype=np.float32)
-    store.keep(TRAIN, "run", 1, "q1", METRICS, packed)
-    store.keep(EVALUATE, "run", 1, "e1", {"auroc-macro": 0.71})
+    store.keep(TRAIN, RUN, 1, "q1", METRICS, packed)
+    store.keep(EVALUATE, RUN, 1, "e1", {"auroc-macro": 0.71})
 
-    found = store.find(TRAIN, "run", "q1", payload_size=24)
+    found = store.find(TRAIN, RUN, "q1", payload_size=24)
     assert found is not None and found.server_round == 1
     assert found.metrics == METRICS
     assert found.packed is not None and found.packed.tobytes() == packed.tobytes()
-    assert store.find(TRAIN, "run", "q2", payload_size=24) is None
-    assert store.find(TRAIN, "other-run", "q1", payload_size=24) is None
-    assert store.find(EVALUATE, "run", "e1") is not None
-    assert store.holds(TRAIN, "run") and not store.holds(TRAIN, "other-run")
+    assert store.find(TRAIN, RUN, "q2", payload_size=24) is None
+    assert store.find(TRAIN, OTHER_RUN, "q1", payload_size=24) is None
+    assert store.find(EVALUATE, RUN, "e1") is not None
+    assert store.holds(TRAIN, RUN) and not store.holds(TRAIN, OTHER_RUN)
+    with pytest.raises(ValueError, match="run key"):
+        store.holds(TRAIN, "../elsewhere")
     # the next round's answer replaces it: only the latest is kept
-    store.keep(TRAIN, "run", 2, "q2", METRICS, packed + 1)
-    assert store.find(TRAIN, "run", "q1", payload_size=24) is None
-    again = store.find(TRAIN, "run", "q2", payload_size=24)
+    store.keep(TRAIN, RUN, 2, "q2", METRICS, packed + 1)
+    assert store.find(TRAIN, RUN, "q1", payload_size=24) is None
+    again = store.find(TRAIN, RUN, "q2", payload_size=24)
     assert again is not None and again.server_round == 2
-    for path in (tmp_path / RELEASES_FOLDER / "run").iterdir():
+    for path in (tmp_path / RELEASES_FOLDER / RUN).iterdir():
         assert path.stat().st_mode & 0o777 == 0o600
 
 
@@ -112,8 +102,8 @@ def test_a_kept_answer_is_found_only_for_its_question(tmp_path):
 )
 def test_a_damaged_kept_answer_is_never_sent(tmp_path, caplog, damage):
     store = ReleaseStore(tmp_path)
-    store.keep(TRAIN, "run", 1, "q1", METRICS, np.arange(24, dtype=np.float32))
-    folder = tmp_path / RELEASES_FOLDER / "run"
+    store.keep(TRAIN, RUN, 1, "q1", METRICS, np.arange(24, dtype=np.float32))
+    folder = tmp_path / RELEASES_FOLDER / RUN
     payload, meta = folder / "train.npy", folder / "train.json"
     size = 24
     if damage == "truncated payload":
@@ -125,13 +115,13 @@ def test_a_damaged_kept_answer_is_never_sent(tmp_path, caplog, damage):
     else:
         meta.write_text(meta.read_text().replace("3.25", '"3.25"'))
     with caplog.at_level(logging.WARNING, logger="wardround.client.replay"):
-        assert store.find(TRAIN, "run", "q1", payload_size=size) is None
+        assert store.find(TRAIN, RUN, "q1", payload_size=size) is None
     assert "answering anew" in caplog.text
 
 
 def test_only_the_latest_runs_are_kept(tmp_path):
     store = ReleaseStore(tmp_path)
-    runs = [f"run-{i}" for i in range(KEPT_RUNS + 2)]
+    runs = [f"{i:032x}" for i in range(KEPT_RUNS + 2)]
     for age, run in enumerate(runs):
         store.keep(EVALUATE, run, 0, "e", {"auroc-macro": 0.5})
         past = time.time() - 1000 + age

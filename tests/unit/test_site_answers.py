@@ -223,3 +223,14 @@ def test_identical_refusals_are_audited_in_full_then_nine_a_decade():
     recorded = [n for n in range(1, 1001) if worth_recording(n)]
     assert recorded == [*range(1, 11), *range(20, 101, 10), *range(200, 1001, 100)]
     assert sum(worth_recording(n) for n in range(1, 1_000_001)) == 10 + 9 * 5
+
+
+def test_a_round_answered_once_is_refused_the_second_time_only_when_asked(tmp_path):
+    log = AnswerLog(tmp_path / ANSWER_LOG)
+    log.admit(AnswerKind.TRAIN, "run", 1, approved_rounds=3, once_per_round=True)
+    with pytest.raises(AnswerRefused, match="answers such a round once"):
+        log.admit(AnswerKind.TRAIN, "run", 1, approved_rounds=3, once_per_round=True)
+    # another round, or a repeat without the rule, is within the allowance
+    log.admit(AnswerKind.TRAIN, "run", 2, approved_rounds=3, once_per_round=True)
+    log.admit(AnswerKind.TRAIN, "run", 1, approved_rounds=3)
+    assert len(log.entries()) == 3
