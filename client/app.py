@@ -245,8 +245,18 @@ def _require_finite(state: OrderedDict[str, np.ndarray]) -> None:
         )
 
 
-def _round_seed(config: RunConfig, runtime: SiteRuntime, server_round: int) -> int:
-    text = f"{config.federation.seed}/{runtime.site.site.name}/{server_round}"
+def _round_seed(request: _Request) -> int:
+    """The seed of a round's local training (batches, dropout; not DP noise).
+
+    A deployed site mixes in the approved run: another approved run asking the
+    same round of the same adapter must not get the same bits, which, masked
+    without DP, two sums could tell apart. A simulation keeps the seed of its
+    settings alone (its results are reproduced from them).
+    """
+    config, runtime = request.config, request.runtime
+    text = f"{config.federation.seed}/{runtime.site.site.name}/{request.server_round}"
+    if not request.simulation:
+        text += f"/{request.run}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
@@ -286,7 +296,7 @@ def _keep(
         _releases(request).keep(
             kind, request.run, request.server_round, digest, metrics, packed
         )
-    except OSError as error:
+    except Exception as error:  # noqa: BLE001 - the answer is paid for: it is sent
         log.warning(
             "could not keep round %d's %s answer for a repeat (%s); it is sent, "
             "and a repeat would be answered anew",
@@ -337,7 +347,7 @@ def _train(request: _Request) -> tuple[np.ndarray, dict[str, Any]]:
     )
     spec = LocalTrainSpec.from_config(
         config,
-        seed=_round_seed(config, runtime, request.server_round),
+        seed=_round_seed(request),
         patients=runtime.data.num_privacy_units,
         # The approved config's, never the message's (0 unless FedProx, by config).
         proximal_mu=config.federation.proximal_mu,

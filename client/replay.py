@@ -171,7 +171,11 @@ class ReleaseStore:
     ) -> None:
         """Keep this answer for ``run`` (replacing the one before), durably."""
         meta_path, payload_path = self._paths(kind, run)
-        meta_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.folder.mkdir(exist_ok=True, mode=0o700)
+        meta_path.parent.mkdir(exist_ok=True, mode=0o700)
+        for left in meta_path.parent.glob(f"{kind.value}.*.partial"):
+            left.unlink(missing_ok=True)  # a write a crash cut short
         meta: dict[str, Any] = {
             "format": _FORMAT,
             "kind": kind.value,
@@ -197,7 +201,9 @@ class ReleaseStore:
 
 
 def _write_atomically(path: Path, write: Any) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=path.name, dir=path.parent)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f"{path.stem}.", suffix=".partial", dir=path.parent
+    )
     try:
         with os.fdopen(handle, "wb") as file:
             write(file)

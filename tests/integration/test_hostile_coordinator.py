@@ -278,3 +278,22 @@ def test_the_audit_never_holds_a_tensor_or_text_from_data(site, approved):
         numbers = entry.get("numbers", {})
         assert all(isinstance(v, (int, float)) for v in numbers.values())
     assert "patient" not in raw.lower()
+
+
+def test_another_approved_run_never_trains_the_same_bits(site, approved, tmp_path):
+    # Without DP a retrained update is the same bits under the same seed; masked,
+    # two sums could then tell it apart. A deployed site seeds a round's training
+    # with the approved run too.
+    plain = approved.with_overrides(privacy={"enabled": False})
+    twin = tmp_path / "twin"
+    shutil.copytree(site, twin)
+    same = [
+        HostileServerApp(plain, folder).ask(MessageType.TRAIN, 1)
+        for folder in (site, twin)
+    ]
+    assert _delta_bytes(same[0]) == _delta_bytes(same[1])  # deterministic
+
+    other_run = plain.with_overrides(federation={"rounds": APPROVED_ROUNDS + 1})
+    other = HostileServerApp(other_run, site).ask(MessageType.TRAIN, 1)
+    assert not other.has_error()
+    assert _delta_bytes(other) != _delta_bytes(same[0])

@@ -131,3 +131,20 @@ def test_only_the_latest_runs_are_kept(tmp_path):
     kept = sorted(p.name for p in (tmp_path / RELEASES_FOLDER).iterdir())
     # the run just answered, and the KEPT_RUNS - 1 most recent others
     assert kept == sorted([runs[0], *runs[-(KEPT_RUNS - 1) :]])
+
+
+def test_folders_are_private_and_a_write_cut_short_is_cleared(tmp_path):
+    store = ReleaseStore(tmp_path / "ledger")
+    store.keep(EVALUATE, RUN, 0, "e", {"auroc-macro": 0.5})
+    folder = tmp_path / "ledger" / RELEASES_FOLDER
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert (folder / RUN).stat().st_mode & 0o777 == 0o700
+    left = folder / RUN / "train.abc123.partial"
+    left.write_bytes(b"half an adapter")
+    store.keep(TRAIN, RUN, 1, "q", METRICS, np.zeros(4, dtype=np.float32))
+    assert not left.exists()
+    assert sorted(p.name for p in (folder / RUN).iterdir()) == [
+        "evaluate.json",
+        "train.json",
+        "train.npy",
+    ]
