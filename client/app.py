@@ -63,6 +63,7 @@ from .egress_mods import site_mods
 from .personal import load_personal, save_personal
 from .privacy_policy import DpPlan, plan_site_privacy
 from .replay import (
+    MAX_REPLAYS,
     Release,
     ReleaseStore,
     note_replayed,
@@ -311,8 +312,18 @@ def _replay(request: _Request, kind: AnswerKind, digest: str | None) -> Release 
     if digest is None:
         return None
     size = request.runtime.allowlist.layout.size if kind is AnswerKind.TRAIN else 0
-    release = _releases(request).find(kind, request.run, digest, payload_size=size)
+    store = _releases(request)
+    release = store.find(kind, request.run, digest, payload_size=size)
     if release is not None:
+        if release.replays >= MAX_REPLAYS:
+            raise AnswerRefused(
+                f"this site has sent its round {request.server_round} {kind.value} "
+                f"answer again {release.replays} times, the most it sends one answer",
+                hint="A coordinator that restarts this often within one round needs "
+                "fixing; the rounds left are a new run for the sites to approve.",
+            )
+        # Counted before it leaves: a crash then costs a repeat, never adds one.
+        store.count_replay(kind, request.run, digest)
         note_replayed(request.server_round)
         log.info(
             "round %d: the coordinator asks a %s question this site has answered "
@@ -324,12 +335,29 @@ def _replay(request: _Request, kind: AnswerKind, digest: str | None) -> Release 
     return release
 
 
+def require_weight_answerable(runtime: SiteRuntime) -> None:
+    """Refuse to train when the site's policy keeps its example count home.
+
+    Every training answer carries it (rounded up to ``count-granularity``): the
+    coordinator weighs the update by it, and under SecAgg+ it is the masked weight.
+    """
+    if wire.NUM_EXAMPLES not in runtime.site.answers.metrics:
+        raise AnswerRefused(
+            f"this site's [answers] metrics leave out {wire.NUM_EXAMPLES!r}, which "
+            "every training answer carries (the update's weight, rounded up to "
+            "count-granularity); the site does not train",
+            hint=f"Add {wire.NUM_EXAMPLES!r} to [answers] metrics in site.toml, and "
+            "raise count-granularity to send it coarser.",
+        )
+
+
 def _train(request: _Request) -> tuple[np.ndarray, dict[str, Any]]:
     """One round of local training; returns the packed, clipped delta and metrics."""
     from .trainer import LocalTrainSpec, train_local
 
     config, runtime = request.config, request.runtime
     plan = _dp_plan(request)
+    require_weight_answerable(runtime)
     masked = masking_now()
     digest = (
         _digest(request, AnswerKind.TRAIN)
@@ -572,6 +600,7 @@ def precheck_secure_round(
     """
     config, runtime, simulation = _load(context, run_config)
     check_setup(msg, config)
+    require_weight_answerable(runtime)
     plan = plan_site_privacy(
         config,
         runtime.site.privacy,

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 RELEASES_FOLDER = "releases"
 KEPT_RUNS = 4
+MAX_REPLAYS = 5
+"""How often one kept answer is sent again: a coordinator restarting more often
+within one round is broken, or asking the site to upload and log without end."""
 """Runs whose latest answers are kept; an older run's repeat is trained and counted."""
 _FORMAT = 1
 _RUN_KEY = re.compile(r"[0-9a-f]{32}")
@@ -92,6 +95,8 @@ class Release:
     server_round: int
     metrics: dict[str, float | int]
     packed: np.ndarray | None
+    replays: int = 0
+    """How often it has been sent again before."""
 
 
 class ReleaseStore:
@@ -140,6 +145,7 @@ class ReleaseStore:
             ):
                 raise ValueError("a metric is not a number")
             server_round = int(meta["round"])
+            replays = int(meta.get("replays", 0))
             packed = None
             if kind is AnswerKind.TRAIN:
                 packed = np.load(payload_path, allow_pickle=False)
@@ -158,7 +164,16 @@ class ReleaseStore:
                 error,
             )
             return None
-        return Release(server_round, metrics, packed)
+        return Release(server_round, metrics, packed, replays)
+
+    def count_replay(self, kind: AnswerKind, run: str, digest: str) -> None:
+        """Record that the kept answer to ``digest`` is being sent again."""
+        meta_path, _ = self._paths(kind, run)
+        meta = json.loads(meta_path.read_text())
+        if meta.get("request") != digest:
+            raise ValueError("the kept answer was replaced meanwhile")
+        meta["replays"] = int(meta.get("replays", 0)) + 1
+        _write_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()))
 
     def keep(
         self,

@@ -24,6 +24,7 @@ from flwr.app.message_type import MessageType
 from wardround.client.answers import ANSWER_LOG, AnswerLog
 from wardround.client.app import build_client_app
 from wardround.client.ledger import site_ledger
+from wardround.client.replay import MAX_REPLAYS
 from wardround.client.run_identity import approved_run_key
 from wardround.common import wire
 from wardround.common.adapter import adapter_state, to_record, wire_header
@@ -209,17 +210,22 @@ def test_fifty_evaluations_get_one_answer_per_approved_round(site, approved):
     answered = [r for r in replies if not r.has_error()]
     distinct = {tuple(sorted(dict(r.content[wire.METRICS]).items())) for r in answered}
     # One evaluation before training, then one a round; after that only the latest
-    # question asked again gets its answer again, the very numbers that left.
+    # question asked again gets its answer again, the very numbers that left, and
+    # that at most MAX_REPLAYS times.
     assert len(AnswerLog(site / "privacy-ledger" / ANSWER_LOG).entries()) == 3
-    assert len(distinct) <= APPROVED_ROUNDS + 1
-    assert [r.has_error() for r in replies[:3]] == [False] * 3
+    assert len(distinct) <= APPROVED_ROUNDS + 1  # the same adapter each time
+    assert len(answered) == APPROVED_ROUNDS + 1 + MAX_REPLAYS
     latest = dict(replies[2].content[wire.METRICS])
     for reply in replies[3:]:
         if not reply.has_error():
             assert dict(reply.content[wire.METRICS]) == latest
+    reasons = Counter(
+        r.error.reason.split(":")[1][:40] for r in replies if r.has_error()
+    )
     assert all(
         error_kind(r.error.reason) == "AnswerRefused" for r in replies if r.has_error()
     )
+    assert sum(reasons.values()) == 50 - len(answered) and len(reasons) == 2
     # What left is what the site's policy allows, as coarse as it says.
     decimals = 3
     for reply in answered:
@@ -229,16 +235,38 @@ def test_fifty_evaluations_get_one_answer_per_approved_round(site, approved):
             if name in metrics:
                 assert metrics[name] == round(metrics[name], decimals)
     events = Counter(e["event"] for e in _audit(site))
-    # 32 refusals and 15 repeats: the first ten of each on a line, then the 20th,
-    # 30th and 40th with their count, so repeating a message cannot fill the
-    # site's disk through its audit log
+    # 32 refusals past the allowance, 10 past the replays: the first ten of each
+    # kind on a line, then the 20th, 30th, ... with their count, so repeating a
+    # message cannot fill the site's disk through its audit log
     refused = [e["repeated"] for e in _audit(site) if e["event"] == "answer_refused"]
     replayed = [e["repeated"] for e in _audit(site) if e["event"] == "answer_replayed"]
     assert events["answer_sent"] == 3
-    assert refused == [*range(1, 11), 20, 30]
-    assert replayed == list(range(1, 11))
+    assert sorted(refused) == sorted([*range(1, 11), 20, 30, *range(1, 11)])
+    assert replayed == list(range(1, MAX_REPLAYS + 1))
     sent = [e for e in _audit(site) if e["event"] == "answer_sent"]
     assert all(e["numbers"][wire.NUM_EXAMPLES] % 10 == 0 for e in sent)
+
+
+def test_one_answer_is_sent_again_at_most_max_replays_times(site, approved):
+    coordinator = HostileServerApp(approved, site)
+    replies = [coordinator.ask(MessageType.TRAIN, 1) for _ in range(MAX_REPLAYS + 2)]
+
+    assert [r.has_error() for r in replies] == [False] * (MAX_REPLAYS + 1) + [True]
+    assert len({_delta_bytes(r) for r in replies[:-1]}) == 1
+    assert f"again {MAX_REPLAYS} times" in replies[-1].error.reason
+    assert _ledger_runs(site) == Counter({approved_run_key(approved): 1})
+
+
+def test_a_site_that_keeps_its_example_count_home_does_not_train(site, approved):
+    doc = tomllib.loads((site / "site.toml").read_text())
+    doc["answers"] = {"metrics": [wire.AUROC_MACRO]}
+    (site / "site.toml").write_text(tomli_w.dumps(doc))
+    reply = HostileServerApp(approved, site).ask(MessageType.TRAIN, 1)
+
+    assert reply.has_error() and error_kind(reply.error.reason) == "AnswerRefused"
+    assert wire.NUM_EXAMPLES in reply.error.reason
+    assert not _ledger_runs(site)
+    assert AnswerLog(site / "privacy-ledger" / ANSWER_LOG).entries() == []
 
 
 def test_a_non_finite_adapter_is_refused_before_budget_or_answer(site, approved):
