@@ -218,10 +218,11 @@ def start(
     import signal
     import threading
 
-    from ..flower_compat.flower_logging import quiet_flower
+    from ..flower_compat.flower_logging import flower_lines_once, quiet_flower
     from ..sitedata.dicom_warnings import log_to_file
     from .daemon import SUPERNODE_LOG, plan_site, run_site_daemon
 
+    flower_lines_once()
     if not cli_flags["verbose"]:
         # Flower's logger hands even its DEBUG lines (SecAgg+ stages, retries of
         # the worker) to the daemon's handler. The SuperNode is a child process

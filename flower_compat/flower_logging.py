@@ -17,3 +17,16 @@ def quiet_flower(level: int = logging.ERROR) -> None:
     import flwr.common.logger  # noqa: F401  (Flower sets its own level on import)
 
     logging.getLogger("flwr").setLevel(level)
+
+
+def flower_lines_once() -> None:
+    """Print Flower's lines once, through the root logger's handlers.
+
+    Flower's logger has a console handler of its own and also hands every line on
+    to the root logger, so under ``wardround``'s handler each of its warnings
+    printed twice. Its own handler is taken off while the root logger has one.
+    """
+    from flwr.common.logger import console_handler
+
+    if logging.getLogger().handlers:
+        logging.getLogger("flwr").removeHandler(console_handler)

@@ -79,10 +79,12 @@ def flower_logger():
     from wardround.flower_compat.flower_logging import quiet_flower
 
     flower = logging.getLogger("flwr")
-    saved = flower.level
+    saved, handlers = flower.level, list(flower.handlers)
     quiet_flower(logging.DEBUG)  # loads Flower's logger, at the level Flower sets
     yield flower
     flower.setLevel(saved)
+    for handler in handlers:
+        flower.addHandler(handler)
 
 
 def _start_a_daemon_that_logs(monkeypatch, tmp_path, *options: str):
@@ -129,3 +131,22 @@ def test_the_site_daemon_shows_flowers_debug_lines_with_verbose(
         r.levelno: r.getMessage() for r in caplog.records if r.name == "flwr"
     }
     assert "stage 0 completes" in flower_lines[logging.DEBUG]
+
+
+def _consoles(logger: logging.Logger) -> list[logging.Handler]:
+    return [
+        h
+        for h in logger.handlers
+        if isinstance(h, logging.StreamHandler)
+        and not isinstance(h, logging.FileHandler)
+    ]
+
+
+def test_the_site_daemon_prints_each_flower_line_once(
+    monkeypatch, tmp_path, flower_logger
+):
+    # Flower's own console handler, and the root logger's: every warning twice
+    assert _consoles(flower_logger) and flower_logger.propagate
+    _start_a_daemon_that_logs(monkeypatch, tmp_path)
+
+    assert not _consoles(flower_logger) and flower_logger.propagate
