@@ -42,9 +42,10 @@ class AnswerKind(StrEnum):
     EVALUATE = "evaluate"
 
 
-def answer_limit(kind: AnswerKind, approved_rounds: int) -> int:
+def answer_limit(kind: AnswerKind, approved_rounds: int, repeatable: int = 0) -> int:
     """How many answers of ``kind`` one approved run gets."""
-    return approved_rounds if kind is AnswerKind.TRAIN else approved_rounds + 1
+    base = approved_rounds if kind is AnswerKind.TRAIN else approved_rounds + 1
+    return base + repeatable
 
 
 def _train_once_reason(server_round: int) -> str:
@@ -130,6 +131,7 @@ class AnswerLog:
         server_round: int,
         approved_rounds: int,
         *,
+        repeatable: int = 0,
         once_per_round: bool = False,
     ) -> Admission:
         """Record one answer of ``kind`` for ``run``, or refuse it (AnswerRefused).
@@ -138,7 +140,7 @@ class AnswerLog:
         answer cannot both get it. ``once_per_round``: a round already answered is
         refused (a masked update without DP: see :func:`_train_once_reason`).
         """
-        limit = answer_limit(kind, approved_rounds)
+        limit = answer_limit(kind, approved_rounds, repeatable)
         first_round = 1 if kind is AnswerKind.TRAIN else 0
         if not first_round <= server_round <= approved_rounds:
             raise AnswerRefused(
@@ -175,6 +177,7 @@ class AnswerLog:
                         if kind is AnswerKind.TRAIN
                         else "one before training and one per approved round"
                     )
+                    + (f", and {repeatable} repeatable" if repeatable else "")
                     + ")",
                     hint="A run that needs more is a new run for the site to approve.",
                 )

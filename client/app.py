@@ -458,7 +458,7 @@ def _admit_answer(
 
     Not in a simulation: there the researcher runs both sides, and a resumed run
     may repeat rounds. A deployed site trains an approved run at most its
-    ``federation.rounds`` times, a repeated round included.
+    ``federation.rounds`` plus ``repeatable-rounds`` times, repeats included.
     """
     if request.simulation:
         return
@@ -467,6 +467,7 @@ def _admit_answer(
         request.run,
         request.server_round,
         request.config.federation.rounds,
+        repeatable=request.config.federation.repeatable_rounds,
         once_per_round=once_per_round,
     )
 

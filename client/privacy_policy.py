@@ -89,7 +89,9 @@ def _plan(
         privacy.target_epsilon,
         privacy.target_delta,
         schedule.sample_rate,
-        schedule.steps_per_round * config.federation.rounds,
+        # a repeatable round is one more release the run's epsilon must cover
+        schedule.steps_per_round
+        * (config.federation.rounds + config.federation.repeatable_rounds),
         privacy.accountant,
         cache_root() / "sigma",
     )

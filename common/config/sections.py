@@ -72,6 +72,15 @@ class FederationConfig(_Section):
     strategy: Strategy = Strategy.FEDAVG
     proximal_mu: float = Field(0.0, ge=0.0, le=100.0)
     rounds: int = Field(5, ge=1, le=10_000)
+    repeatable_rounds: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="training rounds a deployed run may repeat (a coordinator "
+        "resumed mid-round asks its round again): every site answers this many "
+        "more and, under DP, plans its noise for rounds + this releases, so a repeat "
+        "stays within the run's epsilon",
+    )
     min_sites: int = Field(
         3,
         ge=1,

@@ -45,7 +45,7 @@ def sites(three_sites, tmp_path):
     return sorted(p for p in root.iterdir() if (p / "site.toml").is_file())
 
 
-def _round(config, folders, built):
+def _round(config, folders, built, server_round=1):
     run_config = config.to_flower()
     grid = LocalGrid(
         {node: build_client_app() for node in NODES},
@@ -64,7 +64,7 @@ def _round(config, folders, built):
                     wire.GLOBAL_ADAPTER: to_record(adapter),
                     wire.CONFIG: ConfigRecord(
                         {
-                            wire.SERVER_ROUND: 1,
+                            wire.SERVER_ROUND: server_round,
                             wire.BASE_FINGERPRINT: built.base_fingerprint,
                             **wire_header(adapter),
                             wire.RUN_ID: "resumed-run",
@@ -75,14 +75,14 @@ def _round(config, folders, built):
             ),
             dst_node_id=node,
             message_type=MessageType.TRAIN,
-            group_id="1",
+            group_id=str(server_round),
         )
         for node in NODES
     ]
     return run_secure_train(
         grid,
         messages,
-        server_round=1,
+        server_round=server_round,
         payload_shapes={name: value.shape for name, value in adapter.items()},
         settings=config.secure_aggregation,
         plan=plan,
@@ -141,3 +141,32 @@ def test_without_dp_a_secure_round_is_answered_once(sites, tiny_config):
     assert [_answers(f) for f in sites] == [1, 1, 1]
     assert all("answers such a round once" in why for why in second.failures.values())
     assert all(_events(f) == ["answer_sent", "answer_refused"] for f in sites)
+
+
+@pytest.mark.parametrize("repeatable", [0, 1])
+def test_a_repeatable_round_lets_a_resumed_dp_run_reach_its_last_round(
+    sites, tiny_config, repeatable
+):
+    config = tiny_config.with_overrides(
+        train={"max_steps": 1},
+        federation={"rounds": 2, "min_sites": 3, "repeatable_rounds": repeatable},
+    )
+    built = build_model(config)
+    first = _round(config, sites, built, server_round=1)
+    repeated = _round(config, sites, built, server_round=1)
+    last = _round(config, sites, built, server_round=2)
+
+    assert first.mean_delta is not None and repeated.mean_delta is not None
+    if repeatable:
+        # planned for three releases: the repeat fits in the run's epsilon
+        assert last.mean_delta is not None and not last.failures
+        assert [_answers(f) for f in sites] == [3, 3, 3]
+        key = site_ledger(sites[0] / "privacy-ledger").recorded()[0][0]
+        for folder in sites:
+            spent = site_ledger(folder / "privacy-ledger").epsilon(
+                config.privacy.target_delta, config.privacy.accountant, key
+            )
+            assert 0 < spent <= config.privacy.target_epsilon * (1 + 1e-6)
+    else:
+        assert last.mean_delta is None
+        assert [_answers(f) for f in sites] == [2, 2, 2]

@@ -234,3 +234,15 @@ def test_a_round_answered_once_is_refused_the_second_time_only_when_asked(tmp_pa
     log.admit(AnswerKind.TRAIN, "run", 2, approved_rounds=3, once_per_round=True)
     log.admit(AnswerKind.TRAIN, "run", 1, approved_rounds=3)
     assert len(log.entries()) == 3
+
+
+def test_repeatable_rounds_add_to_the_allowance_of_both_kinds(tmp_path):
+    log = AnswerLog(tmp_path / ANSWER_LOG)
+    for server_round in (1, 1, 2):
+        log.admit(AnswerKind.TRAIN, "run", server_round, 2, repeatable=1)
+    with pytest.raises(AnswerRefused, match="and 1 repeatable"):
+        log.admit(AnswerKind.TRAIN, "run", 2, 2, repeatable=1)
+    for server_round in (0, 1, 1, 2):
+        log.admit(AnswerKind.EVALUATE, "run", server_round, 2, repeatable=1)
+    with pytest.raises(AnswerRefused):
+        log.admit(AnswerKind.EVALUATE, "run", 2, 2, repeatable=1)
