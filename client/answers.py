@@ -11,7 +11,9 @@ chooses what it answers (``[answers]`` in ``site.toml``):
   to see only the sum);
 - how often: at most ``federation.rounds`` trainings and ``rounds + 1``
   evaluations (one before training, one per round) for a run the site approved,
-  counted in an append-only file that outlives processes and restarts.
+  plus ``repeatable-rounds`` of each (round numbers stay within the run, so
+  the extras can only go to rounds asked again), counted in an
+  append-only file that outlives processes and restarts.
 """
 
 from __future__ import annotations

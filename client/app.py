@@ -63,7 +63,6 @@ from .egress_mods import site_mods
 from .personal import load_personal, save_personal
 from .privacy_policy import DpPlan, plan_site_privacy
 from .replay import (
-    MAX_REPLAYS,
     Release,
     ReleaseStore,
     note_replayed,
@@ -315,15 +314,7 @@ def _replay(request: _Request, kind: AnswerKind, digest: str | None) -> Release 
     store = _releases(request)
     release = store.find(kind, request.run, digest, payload_size=size)
     if release is not None:
-        if release.replays >= MAX_REPLAYS:
-            raise AnswerRefused(
-                f"this site has sent its round {request.server_round} {kind.value} "
-                f"answer again {release.replays} times, the most it sends one answer",
-                hint="A coordinator that restarts this often within one round needs "
-                "fixing; the rounds left are a new run for the sites to approve.",
-            )
-        # Counted before it leaves: a crash then costs a repeat, never adds one.
-        store.count_replay(kind, request.run, digest)
+        store.claim_replay(kind, request.run, digest)
         note_replayed(request.server_round)
         log.info(
             "round %d: the coordinator asks a %s question this site has answered "
@@ -336,16 +327,17 @@ def _replay(request: _Request, kind: AnswerKind, digest: str | None) -> Release 
 
 
 def require_weight_answerable(runtime: SiteRuntime) -> None:
-    """Refuse to train when the site's policy keeps its example count home.
+    """Refuse to answer when the site's policy keeps its example count home.
 
-    Every training answer carries it (rounded up to ``count-granularity``): the
-    coordinator weighs the update by it, and under SecAgg+ it is the masked weight.
+    Every answer carries it (rounded up to ``count-granularity``): the coordinator
+    weighs the update and the metrics by it, and under SecAgg+ it is the masked
+    weight.
     """
     if wire.NUM_EXAMPLES not in runtime.site.answers.metrics:
         raise AnswerRefused(
             f"this site's [answers] metrics leave out {wire.NUM_EXAMPLES!r}, which "
-            "every training answer carries (the update's weight, rounded up to "
-            "count-granularity); the site does not train",
+            "every answer carries (the weight of its update or metrics, rounded up "
+            "to count-granularity); the site does not answer",
             hint=f"Add {wire.NUM_EXAMPLES!r} to [answers] metrics in site.toml, and "
             "raise count-granularity to send it coarser.",
         )
@@ -528,6 +520,7 @@ def handle_evaluate(
             "this site answers no evaluate messages ([answers] evaluate = false)",
             hint="The site operator decides; the run can go on without its metrics.",
         )
+    require_weight_answerable(runtime)
     digest = (
         _digest(request, AnswerKind.EVALUATE)
         if replayable(masked=False, simulation=request.simulation)

@@ -26,6 +26,7 @@ approved, not from them.
 from __future__ import annotations
 
 import contextvars
+import fcntl
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ..common.errors import AnswerRefused
 from ..common.packing import AdapterLayout
 from .answers import AnswerKind
 
@@ -47,10 +49,10 @@ log = logging.getLogger(__name__)
 
 RELEASES_FOLDER = "releases"
 KEPT_RUNS = 4
+"""Runs whose latest answers are kept; an older run's repeat is trained and counted."""
 MAX_REPLAYS = 5
 """How often one kept answer is sent again: a coordinator restarting more often
 within one round is broken, or asking the site to upload and log without end."""
-"""Runs whose latest answers are kept; an older run's repeat is trained and counted."""
 _FORMAT = 1
 _RUN_KEY = re.compile(r"[0-9a-f]{32}")
 
@@ -166,14 +168,42 @@ class ReleaseStore:
             return None
         return Release(server_round, metrics, packed, replays)
 
-    def count_replay(self, kind: AnswerKind, run: str, digest: str) -> None:
-        """Record that the kept answer to ``digest`` is being sent again."""
+    def claim_replay(self, kind: AnswerKind, run: str, digest: str) -> int:
+        """Count one more sending of the kept answer to ``digest``; its number.
+
+        Checked and written under one lock, before the answer leaves: two repeats
+        racing for the last sending cannot both get it, and a crash after this
+        costs a sending, never adds one. Raises AnswerRefused past
+        :data:`MAX_REPLAYS`, or when the answer cannot be counted.
+        """
         meta_path, _ = self._paths(kind, run)
-        meta = json.loads(meta_path.read_text())
-        if meta.get("request") != digest:
-            raise ValueError("the kept answer was replaced meanwhile")
-        meta["replays"] = int(meta.get("replays", 0)) + 1
-        _write_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()))
+        lock = os.open(meta_path.parent / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            meta = json.loads(meta_path.read_text())
+            if meta.get("request") != digest:
+                raise ValueError("the kept answer was replaced meanwhile")
+            sent = int(meta.get("replays", 0))
+            if sent >= MAX_REPLAYS:
+                raise AnswerRefused(
+                    f"this site has sent its round {meta.get('round')} {kind.value} "
+                    f"answer again {sent} times, the most it sends one answer",
+                    hint="A coordinator that restarts this often within one round "
+                    "needs fixing; the rounds left are a new run for the sites to "
+                    "approve.",
+                )
+            meta["replays"] = sent + 1
+            _write_atomically(meta_path, lambda f: f.write(json.dumps(meta).encode()))
+            return sent + 1
+        except (OSError, ValueError) as error:
+            raise AnswerRefused(
+                f"this site could not count a repeat of its {kind.value} answer "
+                f"({type(error).__name__}); it does not send it",
+                hint="Check free space and permissions of the privacy ledger's "
+                "folder (releases/).",
+            ) from error
+        finally:
+            os.close(lock)
 
     def keep(
         self,

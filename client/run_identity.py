@@ -20,11 +20,18 @@ import json
 from ..common.config import RunConfig
 
 _EXCLUDED_SECTIONS = frozenset({"output"})
+_LATER_SETTINGS = {("federation", "repeatable_rounds"): 0}
+"""Settings added after the key existed, left out at their neutral value: a site
+upgraded to a release that has them must keep naming an approved run as before,
+or the run's epsilon cap and answer allowance would start again from zero."""
 
 
 def approved_run_key(config: RunConfig) -> str:
     """The sha256 of the run's approved settings (32 hex digits)."""
     settings = config.model_dump(mode="json", exclude=set(_EXCLUDED_SECTIONS))
+    for (section, name), neutral in _LATER_SETTINGS.items():
+        if settings[section].get(name) == neutral:
+            del settings[section][name]
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 

@@ -84,6 +84,17 @@ class RunConfig(_Section):
                 "from a 32-bit seed); disable it for a run of 1 or 2 sites "
                 "(secure-aggregation.enabled = false, or --no-secagg)"
             )
+        if self.federation.repeatable_rounds and not (
+            self.privacy.enabled and self.secure_aggregation.enabled
+        ):
+            # In the clear a site answers a repeat again at no cost; masked
+            # without DP it answers a round once: spares would only be questions.
+            raise ValueError(
+                "federation.repeatable-rounds applies to runs with DP and SecAgg+ "
+                "(privacy.enabled and secure-aggregation.enabled); in the clear a "
+                "repeated round is answered again at no cost, and without DP a "
+                "masked round is answered once: drop repeatable-rounds"
+            )
         return self
 
     @property

@@ -257,14 +257,15 @@ def test_one_answer_is_sent_again_at_most_max_replays_times(site, approved):
     assert _ledger_runs(site) == Counter({approved_run_key(approved): 1})
 
 
-def test_a_site_that_keeps_its_example_count_home_does_not_train(site, approved):
+def test_a_site_that_keeps_its_example_count_home_does_not_answer(site, approved):
     doc = tomllib.loads((site / "site.toml").read_text())
     doc["answers"] = {"metrics": [wire.AUROC_MACRO]}
     (site / "site.toml").write_text(tomli_w.dumps(doc))
-    reply = HostileServerApp(approved, site).ask(MessageType.TRAIN, 1)
-
-    assert reply.has_error() and error_kind(reply.error.reason) == "AnswerRefused"
-    assert wire.NUM_EXAMPLES in reply.error.reason
+    coordinator = HostileServerApp(approved, site)
+    for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+        reply = coordinator.ask(kind, 1)
+        assert reply.has_error() and error_kind(reply.error.reason) == "AnswerRefused"
+        assert wire.NUM_EXAMPLES in reply.error.reason
     assert not _ledger_runs(site)
     assert AnswerLog(site / "privacy-ledger" / ANSWER_LOG).entries() == []
 

@@ -148,3 +148,34 @@ def test_folders_are_private_and_a_write_cut_short_is_cleared(tmp_path):
         "train.json",
         "train.npy",
     ]
+
+
+def test_racing_repeats_cannot_send_one_answer_more_than_max_replays_times(tmp_path):
+    import threading
+
+    from wardround.client.replay import MAX_REPLAYS
+    from wardround.common.errors import AnswerRefused
+
+    store = ReleaseStore(tmp_path)
+    store.keep(EVALUATE, RUN, 2, "e", {"auroc-macro": 0.5})
+    claimed: list[int] = []
+    refused: list[str] = []
+
+    def repeat() -> None:
+        try:
+            claimed.append(ReleaseStore(tmp_path).claim_replay(EVALUATE, RUN, "e"))
+        except AnswerRefused as error:
+            refused.append(error.message)
+
+    threads = [threading.Thread(target=repeat) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == list(range(1, MAX_REPLAYS + 1))
+    assert len(refused) == 12 - MAX_REPLAYS
+    assert all(f"again {MAX_REPLAYS} times" in why for why in refused)
+    # an answer replaced meanwhile is not sent: refused, with what to check
+    store.keep(EVALUATE, RUN, 3, "e3", {"auroc-macro": 0.6})
+    with pytest.raises(AnswerRefused, match="could not count"):
+        store.claim_replay(EVALUATE, RUN, "e")

@@ -246,3 +246,25 @@ def test_repeatable_rounds_add_to_the_allowance_of_both_kinds(tmp_path):
         log.admit(AnswerKind.EVALUATE, "run", server_round, 2, repeatable=1)
     with pytest.raises(AnswerRefused):
         log.admit(AnswerKind.EVALUATE, "run", 2, 2, repeatable=1)
+
+
+def test_a_run_key_outlives_upgrades_that_add_settings():
+    # Keys of fixed configs, as the release before `repeatable-rounds` computed
+    # them: a site that upgrades keeps counting an approved run's epsilon and
+    # answers where it left off. A new setting must leave these unchanged.
+    assert approved_run_key(RunConfig()) == "81a1086e5344d015b3acdb20da10d3f5"
+    plain = RunConfig().with_overrides(
+        federation={"rounds": 3}, privacy={"enabled": False}
+    )
+    assert approved_run_key(plain) == "ef45eaa6686b560661c26328992537a4"
+    spare = RunConfig().with_overrides(federation={"repeatable_rounds": 1})
+    assert approved_run_key(spare) != approved_run_key(RunConfig())
+
+
+@pytest.mark.parametrize(
+    "off", [{"privacy": {"enabled": False}}, {"secure_aggregation": {"enabled": False}}]
+)
+def test_repeatable_rounds_are_refused_where_a_repeat_needs_no_spare(off):
+    # in the clear a repeat is answered again free; masked without DP, once
+    with pytest.raises(ConfigError, match="repeatable-rounds applies to runs with DP"):
+        RunConfig().with_overrides(federation={"repeatable_rounds": 1}, **off)
