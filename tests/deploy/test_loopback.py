@@ -251,17 +251,29 @@ def test_unenrolled_and_revoked_keys_and_a_foreign_ca_are_refused(federation):
     assert "root-certificate" in outputs["site-other-ca"]
 
 
-def _kept_train_rounds(fed: LoopbackFederation) -> set[int]:
-    """The rounds of the training answers the sites keep (their latest)."""
-    rounds = set()
+def _kept_train_answers(fed: LoopbackFederation) -> dict[Path, tuple[int, str]]:
+    """Each kept training answer (the sites' latest per run): its round and question."""
+    kept: dict[Path, tuple[int, str]] = {}
     for name in fed.site_names:
         releases = fed.site_toml(name).parent / "privacy-ledger" / "releases"
-        for kept in releases.glob("*/train.json"):
+        for path in releases.glob("*/train.json"):
             try:
-                rounds.add(int(json.loads(kept.read_text())["round"]))
+                meta = json.loads(path.read_text())
+                kept[path] = (int(meta["round"]), str(meta["request"]))
             except (OSError, ValueError, KeyError):
                 continue  # being replaced
-    return rounds
+    return kept
+
+
+def _new_round_answers(
+    fed: LoopbackFederation, before: dict[Path, tuple[int, str]], server_round: int
+) -> list[Path]:
+    """Kept answers of ``server_round`` written since ``before`` (earlier runs' aside)."""
+    return [
+        path
+        for path, (kept_round, request) in _kept_train_answers(fed).items()
+        if kept_round == server_round and before.get(path, (0, ""))[1] != request
+    ]
 
 
 def _rounds_done(run_dir: Path) -> int:
@@ -327,13 +339,16 @@ def test_the_coordinator_killed_mid_run_resumes_from_its_last_checkpoint(federat
     )
     fed.approve(fed.app_hash(run_toml), fed.site_names)
     before = set(fed.run_dirs())
+    kept_before = _kept_train_answers(fed)  # earlier runs of this module
     started = _launch(fed, run_toml, "--detach")
     assert started.returncode == 0, started.stderr
     run_dir = sorted(set(fed.run_dirs()) - before)[0]
     # The coordinator stops after a site has trained round 2 and before the round
     # ends: frozen the moment a site keeps its round-2 answer (the round still
     # waits for the other sites and its evaluation), then killed.
-    wait_for(lambda: _kept_train_rounds(fed) & {2}, 300, "a site's round-2 answer")
+    wait_for(
+        lambda: _new_round_answers(fed, kept_before, 2), 300, "a site's round-2 answer"
+    )
     coordinator = fed.daemons["coordinator"].family()
     for process in coordinator:
         process.suspend()
