@@ -97,8 +97,6 @@ class Release:
     server_round: int
     metrics: dict[str, float | int]
     packed: np.ndarray | None
-    replays: int = 0
-    """How often it has been sent again before."""
 
 
 class ReleaseStore:
@@ -147,7 +145,6 @@ class ReleaseStore:
             ):
                 raise ValueError("a metric is not a number")
             server_round = int(meta["round"])
-            replays = int(meta.get("replays", 0))
             packed = None
             if kind is AnswerKind.TRAIN:
                 packed = np.load(payload_path, allow_pickle=False)
@@ -166,7 +163,7 @@ class ReleaseStore:
                 error,
             )
             return None
-        return Release(server_round, metrics, packed, replays)
+        return Release(server_round, metrics, packed)
 
     def claim_replay(self, kind: AnswerKind, run: str, digest: str) -> int:
         """Count one more sending of the kept answer to ``digest``; its number.
