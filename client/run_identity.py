@@ -20,7 +20,10 @@ import json
 from ..common.config import RunConfig
 
 _EXCLUDED_SECTIONS = frozenset({"output"})
-_LATER_SETTINGS = {("federation", "repeatable_rounds"): 0}
+_LATER_SETTINGS = {
+    ("federation", "repeatable_rounds"): 0,
+    ("federation", "round_retries"): 2,
+}
 """Settings added after the key existed, left out at their neutral value: a site
 upgraded to a release that has them must keep naming an approved run as before,
 or the run's epsilon cap and answer allowance would start again from zero."""

@@ -17,7 +17,24 @@ from flwr.server.superlink.linkstate.utils import (
     create_message_error_unavailable_res_message as superlink_offline_reply,
 )
 
-__all__ = ["addressee_of", "error_reason", "superlink_offline_reply"]
+__all__ = [
+    "addressee_of",
+    "error_reason",
+    "superlink_offline_reply",
+    "site_went_away",
+]
+
+_GONE = frozenset(
+    {
+        ErrorCode.NODE_UNAVAILABLE,
+        ErrorCode.MESSAGE_UNAVAILABLE,
+        ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+    }
+)
+"""Flower's errors for a site that went away: declared offline, or its reply or
+arrays never arrived. Asked again once it is back, it may answer. Any other error
+would likely come back the same; a crashed ClientApp (out of memory, say) would
+crash again, and every ask would count against the site's answers and budget."""
 
 _LATE_ARRAYS = (
     "its reply was announced but its arrays did not arrive within "
@@ -56,3 +73,8 @@ def error_reason(reply: Message) -> str:
     if reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE:
         return f"{_LATE_ARRAYS}. Flower: {reason}"
     return reason
+
+
+def site_went_away(reply: Message) -> bool:
+    """Whether an error reply says the site went away rather than failed the task."""
+    return reply.has_error() and reply.error.code in _GONE

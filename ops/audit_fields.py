@@ -50,6 +50,7 @@ class AuditEvent(StrEnum):
     RUN_STOPPED = "run_stopped"
     ROUND_STARTED = "round_started"
     ROUND_FINISHED = "round_finished"
+    ROUND_REPEATED = "round_repeated"
     APP_APPROVED = "app_approved"
     APP_REFUSED = "app_refused"
     PRIVACY_SPENT = "privacy_spent"

@@ -114,6 +114,8 @@ def build_server_app(
                 "run_id": deployment.run_id(config),
                 "expected_nodes": deployment.roster.expected_nodes(),
             }
+        # Only a deployment's sites go away and come back (server/retries.py).
+        options["asks_again"] = deployment is not None
         result = run_federation(
             grid,
             config,

@@ -181,6 +181,20 @@ class AuditObserver:
         for failure in failures:
             self._failure(server_round, failure)
 
+    def on_round_repeated(
+        self, server_round: int, phase: str, failures: list[SiteFailure]
+    ) -> None:
+        """``site_left`` / ``site_refused`` per failure, then ``round_repeated``."""
+        for failure in failures:
+            self._failure(server_round, failure)
+        self.recorder.record(
+            "round_repeated",
+            run_id=self.run_id,
+            round=server_round,
+            phase=phase,
+            sites_gone=[self.name_of(f.node_id, -1) for f in failures if f.went_away],
+        )
+
     def _failure(self, server_round: int, failure: SiteFailure) -> None:
         refused = failure.kind in REFUSALS
         self.recorder.record(

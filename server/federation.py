@@ -42,9 +42,11 @@ from ..models import build_model
 from ..models.adapter_files import save_peft_adapter
 from ..models.registry import describe
 from .observers import ObserverGroup, RoundObserver, RunInfo
-from .phases import RoundPhases
+from .phases import RoundPhases, TrainPhase
 from .plots import plot_privacy, plot_rounds
-from .records import RoundRecord
+from .records import RoundRecord, SiteEvalReport, SiteFailure
+from .replies import reasons
+from .retries import RoundRetries
 from .run_report import clip_advice, manifest, round_record, summary
 from .rundir import RunDirectory, RunStart, RunState
 from .site_wait import SiteWait
@@ -94,6 +96,7 @@ def run_federation(
     observer: RoundObserver | None = None,
     run_id: str | None = None,
     expected_nodes: Collection[int] = (),
+    asks_again: bool = True,
 ) -> FederationResult:
     """Run ``config.federation.rounds`` rounds and write the run directory.
 
@@ -117,6 +120,10 @@ def run_federation(
         Node ids the run expects (a coordinator's enrolled sites): with
         ``federation.expected-sites`` = 0 each round waits for this many, and the
         log names the missing ones.
+    asks_again
+        Whether a round left short by sites that went away is asked again once
+        they are back (``federation.round-retries``; see
+        :mod:`wardround.server.retries`). A simulation's sites never go away.
 
     Raises
     ------
@@ -149,6 +156,7 @@ def run_federation(
         name_of=name_of,
         events=ObserverGroup(observer),
         expected_nodes=expected_nodes,
+        asks_again=asks_again,
     )
     try:
         stopped = run.play()
@@ -180,6 +188,7 @@ class _Run:
         name_of: Callable[[int, int], str],
         events: ObserverGroup,
         expected_nodes: Collection[int],
+        asks_again: bool,
     ) -> None:
         self.config, self.out, self.start, self.built = config, out, start, built
         self.events = events
@@ -204,8 +213,8 @@ class _Run:
             run_id=start.run_id,
             payload_shapes={k: tuple(self.state[k].shape) for k in keys},
             on_sampled=events.on_round_started,
-            on_incomplete=events.on_round_incomplete,
         )
+        self.retries = RoundRetries.resuming(config, self.records, enabled=asks_again)
         # A resumed run skips round 0's evaluation, which tells SecAgg+ the sites'
         # training-set sizes: its records tell the same.
         for record in self.records:
@@ -271,8 +280,9 @@ class _Run:
         """Every site evaluates the initial adapter: the baseline rounds improve on."""
         self.status(RunState.RUNNING)
         self.wait.before_round(0)
+        self.retries.start_round()
         start = time.perf_counter()
-        evals, failures = self.phases.evaluate(0, self.state)
+        evals, failures = self._evaluate(0)
         record = round_record(
             0,
             [],
@@ -281,6 +291,7 @@ class _Run:
             adapter_sha256(self.state),
             time.perf_counter() - start,
             0.0,
+            asked_again=self.retries.asked_again,
         )
         self._write(record)
         return self._enough_evaluated(record)
@@ -289,20 +300,20 @@ class _Run:
         self.current_round = server_round
         self.status(RunState.RUNNING)
         self.wait.before_round(server_round)
+        self.retries.start_round()
         round_start = time.perf_counter()
-        try:
-            phase = self.phases.train(server_round, self.state)
-        except (FederationError, PrivacyBudgetExhausted, PrivacyPolicyRefused) as exc:
+        phase = self._train(server_round)
+        if not isinstance(phase, TrainPhase):
             # Keep every completed round: the run directory is written, then reported.
-            log.error("run stopped in round %d: %s", server_round, exc.message)
-            return exc
+            log.error("run stopped in round %d: %s", server_round, phase.message)
+            return phase
         trained_at = time.perf_counter()
         self.state = apply_delta(self.state, phase.mean_delta)
         # The mean is in the state now: a large adapter's copy goes before evaluation.
         phase = replace(phase, mean_delta={})
         self.wait.ensure_min()
         evaluate_start = time.perf_counter()
-        evals, eval_failures = self.phases.evaluate(server_round, self.state)
+        evals, eval_failures = self._evaluate(server_round)
         phase_seconds = {
             "train": trained_at - round_start,
             "evaluate": time.perf_counter() - evaluate_start,
@@ -318,6 +329,7 @@ class _Run:
             aggregation=phase.aggregation.value,
             secure_aggregation=phase.secure_aggregation,
             phase_seconds=phase_seconds,
+            asked_again=self.retries.asked_again,
         )
         self._write(record)
         # Once a run, and not under DP-SGD, where a delta is mostly noise and a
@@ -346,6 +358,79 @@ class _Run:
                 record.global_loss,
             )
         return self._enough_evaluated(record)
+
+    def _train(self, server_round: int) -> TrainPhase | WardroundError:
+        """The round's training phase, asked again while sites went away from it.
+
+        The error that stops the run when too few sites trained in the end.
+        """
+        asked = 1
+        while True:
+            try:
+                phase = self.phases.train(server_round, self.state)
+            except (
+                FederationError,
+                PrivacyBudgetExhausted,
+                PrivacyPolicyRefused,
+            ) as exc:
+                return exc  # e.g. a site revoked between sampling and sending
+            if isinstance(phase, TrainPhase):
+                return phase
+            why_not = self.retries.why_not(
+                "train", phase.failures, phase.trained, asked
+            )
+            if why_not is None:
+                self._ask_again(server_round, "train", phase.failures, asked)
+                asked += 1
+                continue
+            if why_not:
+                log.warning("round %d is not asked again: %s", server_round, why_not)
+            # The round leaves no record: say who failed in it before the run stops.
+            self.events.on_round_incomplete(server_round, phase.failures)
+            return self.phases.stop_short(server_round, phase, asked, why_not)
+
+    def _evaluate(
+        self, server_round: int
+    ) -> tuple[list[SiteEvalReport], list[SiteFailure]]:
+        """The sites' evaluations, asking again those that went away, while too few."""
+        evals, failures = self.phases.evaluate(server_round, self.state)
+        asked = 1
+        while len(evals) < self.config.federation.min_sites:
+            why_not = self.retries.why_not("evaluate", failures, len(evals), asked)
+            if why_not is not None:
+                if why_not:
+                    log.warning(
+                        "round %d's evaluation is not asked again: %s",
+                        server_round,
+                        why_not,
+                    )
+                break
+            self._ask_again(server_round, "evaluate", failures, asked)
+            asked += 1
+            done = frozenset(e.node_id for e in evals)
+            more, failures = self.phases.evaluate(server_round, self.state, done)
+            evals = sorted([*evals, *more], key=lambda e: e.site)
+        return evals, failures
+
+    def _ask_again(
+        self, server_round: int, phase: str, failures: list[SiteFailure], asked: int
+    ) -> None:
+        """Say why ``phase``, asked ``asked`` times, is asked again; wait for sites."""
+        self.retries.note(phase, failures)
+        gone = [f for f in failures if f.went_away]
+        log.warning(
+            "round %d: too few sites %s (%d went away: %s); asking again (%d of at "
+            "most %d) once federation.min-sites=%d are connected",
+            server_round,
+            "trained" if phase == "train" else "evaluated",
+            len(gone),
+            reasons(gone, self.phases.name_of),
+            asked,
+            self.config.federation.round_retries,
+            self.config.federation.min_sites,
+        )
+        self.events.on_round_repeated(server_round, phase, failures)
+        self.wait.before_round(server_round)
 
     def _write(self, record: RoundRecord) -> None:
         self.records.append(record)

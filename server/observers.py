@@ -52,6 +52,14 @@ class RoundObserver(Protocol):
     ) -> None:
         """Too few sites trained in ``server_round``: these failed; the run stops."""
 
+    def on_round_repeated(
+        self, server_round: int, phase: str, failures: list[SiteFailure]
+    ) -> None:
+        """Sites that went away left a phase ('train', 'evaluate') of a round short.
+
+        ``failures``: who failed in it; the phase is asked again.
+        """
+
     def on_paused(self, reason: str) -> None:
         """Too few sites are connected: the run waits for them."""
 
@@ -99,6 +107,12 @@ class ObserverGroup:
     ) -> None:
         """See :meth:`RoundObserver.on_round_incomplete`."""
         self._call("on_round_incomplete", server_round, failures)
+
+    def on_round_repeated(
+        self, server_round: int, phase: str, failures: list[SiteFailure]
+    ) -> None:
+        """See :meth:`RoundObserver.on_round_repeated`."""
+        self._call("on_round_repeated", server_round, phase, failures)
 
     def on_paused(self, reason: str) -> None:
         """See :meth:`RoundObserver.on_paused`."""

@@ -24,6 +24,7 @@ from ..common.errors import (
     FederationError,
     PrivacyBudgetExhausted,
     PrivacyPolicyRefused,
+    WardroundError,
 )
 from .records import SiteEvalReport, SiteFailure, SiteTrainReport
 from .replies import (
@@ -56,6 +57,26 @@ class TrainPhase:
 
 
 @dataclass(frozen=True)
+class ShortRound:
+    """A training phase with fewer than min-sites usable replies: nothing to aggregate."""
+
+    trained: int
+    """How many sites' updates would have counted."""
+    failures: list[SiteFailure]
+
+    @property
+    def sites_went_away(self) -> bool:
+        """Whether asking again may help: some site went away rather than refused.
+
+        Never for a secure mean beyond its bound: a site that skipped its clip would
+        do so again.
+        """
+        return any(f.went_away for f in self.failures) and not any(
+            f.kind == SECURE_MEAN_OUT_OF_BOUND for f in self.failures
+        )
+
+
+@dataclass(frozen=True)
 class RoundPhases:
     """What both phases of every round need (the strategy keeps what rounds learn)."""
 
@@ -68,8 +89,6 @@ class RoundPhases:
     payload_shapes: Mapping[str, tuple[int, ...]]
     on_sampled: Callable[[int, list[int]], None] | None = None
     """Called with (round, node ids) once the strategy has sampled a round's sites."""
-    on_incomplete: Callable[[int, list[SiteFailure]], None] | None = None
-    """Called with a round's failures when too few sites trained for it to count."""
 
     def _round_config(
         self, global_state: dict[str, np.ndarray], server_round: int | None = None
@@ -87,8 +106,12 @@ class RoundPhases:
 
     def train(
         self, server_round: int, global_state: dict[str, np.ndarray]
-    ) -> TrainPhase:
-        """Sampled sites train the global adapter; return the aggregate and reports."""
+    ) -> TrainPhase | ShortRound:
+        """Sampled sites train the global adapter; return the aggregate and reports.
+
+        A :class:`ShortRound` when fewer than min-sites' updates count: the caller
+        asks the round again or stops the run (:meth:`stop_short`).
+        """
         messages = list(
             self.strategy.configure_train(
                 server_round,
@@ -111,8 +134,8 @@ class RoundPhases:
             ),
         )
         counted = 0 if exchange.mean_delta is None else len(exchange.contributions)
-        self._require_enough(server_round, counted, exchange.failures)
-        assert exchange.mean_delta is not None
+        if counted < self.config.federation.min_sites or exchange.mean_delta is None:
+            return ShortRound(counted, exchange.failures)
         reports = [
             train_report(c.node_id, c.metrics, c.bytes_sent, self.name_of)
             for c in exchange.contributions
@@ -128,22 +151,24 @@ class RoundPhases:
             secure_aggregation=exchange.secure_aggregation,
         )
 
-    def _require_enough(
-        self, server_round: int, trained: int, failures: list[SiteFailure]
-    ) -> None:
-        if trained >= self.config.federation.min_sites:
-            return
-        # The round leaves no record: say who failed in it before the run stops.
-        if self.on_incomplete is not None:
-            self.on_incomplete(server_round, failures)
+    def stop_short(
+        self, server_round: int, short: ShortRound, asked: int = 1, not_again: str = ""
+    ) -> WardroundError:
+        """The error that stops the run after a short round, saying why and what to do.
+
+        ``asked``: how many times the round was asked; ``not_again``: why it is not
+        asked again, where sites went away from it.
+        """
+        failures = short.failures
+        times = f" (asked {asked} times)" if asked > 1 else ""
         message = (
-            f"round {server_round}: {trained} site(s) trained, the run needs "
-            f"federation.min-sites={self.config.federation.min_sites}. "
+            f"round {server_round}: {short.trained} site(s) trained{times}, the run "
+            f"needs federation.min-sites={self.config.federation.min_sites}. "
             f"{reasons(failures, self.name_of)}"
         )
         discarded = [f for f in failures if f.kind == SECURE_MEAN_OUT_OF_BOUND]
         if discarded:
-            raise FederationError(
+            return FederationError(
                 f"round {server_round}: {discarded[0].reason}",
                 hint="SecAgg+ hides which site sent it. Each site's log states its "
                 "delta's norm when it clipped; revoke a site you do not trust. The "
@@ -151,14 +176,14 @@ class RoundPhases:
                 "round, and each site spends its privacy budget for it again.",
             )
         if failures and all(f.kind == "PrivacyPolicyRefused" for f in failures):
-            raise PrivacyPolicyRefused(
+            return PrivacyPolicyRefused(
                 message,
                 hint="The sites' privacy floors ([privacy] in their site.toml) refuse "
                 "this run's settings: lower privacy.target-epsilon, or turn DP on. The "
                 "run directory holds every completed round.",
             )
         if failures and all(f.kind == "AnswerRefused" for f in failures):
-            raise PrivacyPolicyRefused(
+            return PrivacyPolicyRefused(
                 message,
                 hint="The sites have answered as many messages as the run they "
                 "approved allows (a round repeated after a restart counts; so do "
@@ -167,15 +192,17 @@ class RoundPhases:
                 "directory holds every completed round.",
             )
         if failures and all(f.kind in _PRIVACY_REFUSALS for f in failures):
-            raise PrivacyBudgetExhausted(
+            return PrivacyBudgetExhausted(
                 message,
                 hint="The sites' privacy floors or budgets stop this run; the run "
                 "directory holds every completed round.",
             )
-        raise FederationError(
-            message,
-            hint="Check the failing sites' logs, or lower federation.min-sites.",
-        )
+        hint = "Check the failing sites' logs, or lower federation.min-sites."
+        if short.sites_went_away:
+            hint += " A site that went away needs its daemon running and connected."
+            if not_again:
+                hint += f" Not asked again: {not_again}."
+        return FederationError(message, hint=hint)
 
     def require_evaluated(
         self,
@@ -199,17 +226,25 @@ class RoundPhases:
         )
 
     def evaluate(
-        self, server_round: int, global_state: dict[str, np.ndarray]
+        self,
+        server_round: int,
+        global_state: dict[str, np.ndarray],
+        skip: frozenset[int] = frozenset(),
     ) -> tuple[list[SiteEvalReport], list[SiteFailure]]:
-        """Every sampled site evaluates ``global_state`` on its validation split."""
-        messages = list(
-            self.strategy.configure_evaluate(
+        """Every sampled site evaluates ``global_state`` on its validation split.
+
+        ``skip``: node ids not asked (they have evaluated it already).
+        """
+        messages = [
+            m
+            for m in self.strategy.configure_evaluate(
                 server_round,
                 to_record(global_state),
                 self._round_config(global_state, server_round),
                 self.grid,
             )
-        )
+            if int(m.metadata.dst_node_id) not in skip
+        ]
         timeout = self.config.federation.round_timeout_s
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         release_round_arrays(messages, replies)

@@ -78,6 +78,9 @@ class SiteFailure:
     reason: str
     kind: str | None = None
     """The site's error class when it said (e.g. PrivacyBudgetExhausted)."""
+    went_away: bool = False
+    """The site went away (no reply, offline, its reply cut off): asked again once
+    it is back, it may answer."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from ..common.packing import AdapterLayout
 from ..common.release import version_from_metrics
 from ..common.transport import WIRE_DTYPES, decode
 from ..flower_compat.payloads import array_view, release_arrays
-from ..flower_compat.replies import addressee_of, error_reason
+from ..flower_compat.replies import addressee_of, error_reason, site_went_away
 from .records import PrivacySpend, SiteEvalReport, SiteFailure, SiteTrainReport
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,7 @@ def split_replies(
                 node,
                 phase,
                 f"no reply within federation.round-timeout-s ({timeout_s:g} s)",
+                went_away=True,
             )
         )
     for msg in replies:
@@ -190,7 +191,10 @@ def split_replies(
         if problem is None:
             ok.append(msg)
         else:
-            failed.append(SiteFailure(node, phase, *problem))
+            reason, kind = problem
+            failed.append(
+                SiteFailure(node, phase, reason, kind, went_away=site_went_away(msg))
+            )
     for failure in failed:
         log.warning(
             "site %s failed in %s: %s",
@@ -205,19 +209,19 @@ def _problem(
     msg: Message,
     need: tuple[str, ...],
     check: Callable[[Message], str | None] | None,
-) -> tuple[str] | tuple[str, str | None] | None:
-    """(reason,) or (reason, error kind) for an unusable reply; None for a sound one."""
+) -> tuple[str, str | None] | None:
+    """(reason, the site's error kind or None) for an unusable reply; None if sound."""
     if msg.has_error():
         reason = error_reason(msg)[:500]
         return reason, error_kind(reason)
     missing = [k for k in need if k not in msg.content]
     if missing:
-        return (f"reply lacks {missing}",)
+        return f"reply lacks {missing}", None
     try:
         problem = check(msg) if check is not None else None
     except Exception as error:  # noqa: BLE001 - a reply must never stop the round
         problem = f"reply could not be read ({type(error).__name__})"
-    return None if problem is None else (problem,)
+    return None if problem is None else (problem, None)
 
 
 def release_round_arrays(sent: list[Message], replies: list[Message]) -> None:

@@ -34,11 +34,14 @@ def round_record(
     aggregation: str = "none",
     secure_aggregation: dict[str, Any] | None = None,
     phase_seconds: dict[str, float] | None = None,
+    asked_again: list[dict[str, Any]] | None = None,
 ) -> RoundRecord:
     """A round's record: its reports, failures and example-weighted global metrics.
 
     ``phase_seconds``: how long the training phase (sending, the sites' training,
     aggregation) and the evaluation phase took at the coordinator.
+    ``asked_again``: each time a phase of the round fell short because sites went
+    away and was asked again, the phase and the failures of the ask before.
     """
     return RoundRecord(
         round=server_round,
@@ -62,6 +65,7 @@ def round_record(
         extra={
             **_generative_extra(evals),
             **({"phase_seconds": phase_seconds} if phase_seconds else {}),
+            **({"asked_again": asked_again} if asked_again else {}),
         },
     )
 

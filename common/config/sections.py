@@ -81,12 +81,26 @@ class FederationConfig(_Section):
         "more and, under DP, plans its noise for rounds + this releases, so a repeat "
         "stays within the run's epsilon",
     )
+    round_retries: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description="deployments: how many times a round (its training, then its "
+        "evaluation) that fell short of min-sites because sites went away (no reply, "
+        "offline, cut off mid-upload) is asked again once min-sites are connected; a "
+        "site that had answered sends its kept answer again (in the clear: no new "
+        "epsilon, not counted), one that died while training answers anew (counted, "
+        "charged). Under SecAgg+ a masked answer is never sent again: a training "
+        "round is asked again only within repeatable-rounds. 0: such a round stops "
+        "the run",
+    )
     min_sites: int = Field(
         3,
         ge=1,
         le=10_000,
-        description="a round with fewer successful sites stops the run (at least 3 "
-        "under secure aggregation)",
+        description="a round with fewer successful sites is asked again when sites "
+        "went away (round-retries), else stops the run (at least 3 under secure "
+        "aggregation)",
     )
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, gt=0.0, le=1.0)

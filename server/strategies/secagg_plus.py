@@ -108,8 +108,16 @@ class SecAggPlus:
             arrays_key=wire.GLOBAL_ADAPTER,
             config_key=wire.CONFIG,
         )
+        # A site that gave no reason of its own dropped out of the protocol (or it
+        # halted for want of live sites): asked again, it may take part.
         failures = [
-            SiteFailure(node, "train", reason, error_kind(reason))
+            SiteFailure(
+                node,
+                "train",
+                reason,
+                error_kind(reason),
+                went_away=error_kind(reason) is None,
+            )
             for node, reason in result.failures.items()
         ]
         for failure in failures:

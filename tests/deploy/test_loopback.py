@@ -327,6 +327,89 @@ def test_a_site_killed_mid_run_and_the_run_finishes_with_the_rest(federation):
     fed.wait_online(fed.site_names)
 
 
+def test_a_round_a_site_dropped_out_of_is_asked_again_once_it_is_back(federation):
+    """A site frozen through round 2 of a run that needs all 3 (DP, plain
+    aggregation) leaves the round short: it is asked again once the site is back,
+    the sites that had answered send the same answer again, and the run ends."""
+    fed = federation
+    run_toml = fed.run_toml(
+        "asked-again.toml",
+        FAST_RUN.format(
+            rounds=2, seed=5, timeout=45, stage_timeout=30, **ALL_SITES_PLAIN
+        ),
+    )
+    fed.approve(fed.app_hash(run_toml), fed.site_names)
+    before = set(fed.run_dirs())
+    audited = {
+        n: len(read_audit(fed.site_state(n) / "audit.jsonl")) for n in fed.site_names
+    }
+    started = _launch(fed, run_toml, "--detach")
+    assert started.returncode == 0, started.stderr
+    run_dir = sorted(set(fed.run_dirs()) - before)[0]
+    victim = fed.site_names[0]
+    wait_for(lambda: _rounds_done(run_dir) >= 1, 300, "round 1")
+    frozen = fed.daemons[victim].family()
+    for process in frozen:
+        process.suspend()
+    try:
+        wait_for(
+            lambda: _coordinator_events(fed, run_dir.name, "round_repeated"),
+            300,
+            "round 2 asked again",
+        )
+    finally:
+        for process in frozen:
+            process.resume()
+    followed = fed.cli(
+        "runs",
+        run_dir.name,
+        "--follow",
+        "--coordinator",
+        str(fed.coordinator_toml),
+        "--out",
+        str(fed.root / "out" / "asked-again"),
+        timeout_s=900,
+    )
+    assert followed.returncode == 0, followed.stdout + followed.stderr
+    out = fed.root / "out" / "asked-again"
+    rounds = read_jsonl(out / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert {t["site"] for t in rounds[2]["train"]} == set(fed.site_names)
+    asked = rounds[2]["extra"]["asked_again"]
+    assert asked[0]["phase"] == "train"
+    [repeated, *_] = _coordinator_events(fed, run_dir.name, "round_repeated")
+    assert (repeated["round"], repeated["sites_gone"]) == (2, [victim])
+    # The sites that had answered sent the same answer again: the repeat cost
+    # them no epsilon and no answer, and nobody trained round 2 twice.
+    others = fed.site_names[1:]
+    replays = {
+        name: [
+            e
+            for e in read_audit(fed.site_state(name) / "audit.jsonl")[audited[name] :]
+            if e["event"] == "answer_replayed" and e["message_type"] == "train"
+        ]
+        for name in others
+    }
+    assert all(replays.values()), replays
+    run_key = replays[others[0]][-1]["ledger_run"]
+    for name in fed.site_names:
+        answers = AnswerLog(fed.site_toml(name).parent / "privacy-ledger" / ANSWER_LOG)
+        trained = [
+            e["round"]
+            for e in answers.entries()
+            if e["run"] == run_key and e["kind"] == "train"
+        ]
+        assert trained == [1, 2], name
+
+
+def _coordinator_events(fed: LoopbackFederation, run_id: str, event: str) -> list[dict]:
+    return [
+        e
+        for e in read_audit(fed.state / "audit.jsonl")
+        if e["event"] == event and e.get("run_id") == run_id
+    ]
+
+
 def test_the_coordinator_killed_mid_run_resumes_from_its_last_checkpoint(federation):
     fed = federation
     run_toml = fed.run_toml(

@@ -79,6 +79,7 @@ def test_event_enum_is_exactly_the_agreed_set():
         "site_joined",
         "site_left", "site_refused", "run_started", "run_resumed", "run_paused",
         "run_finished", "run_stopped", "round_started", "round_finished",
+        "round_repeated",
         "app_approved", "app_refused", "privacy_spent", "answer_sent",
         "answer_refused", "answer_replayed", "node_ignored", "error",
     }  # fmt: skip

@@ -98,6 +98,7 @@ ALLOWED_FIELDS = {
     },
     "site_left": {"run_id", "round", "site", "phase", "kind", "reason"},
     "site_refused": {"run_id", "round", "site", "phase", "kind", "reason"},
+    "round_repeated": {"run_id", "round", "phase", "sites_gone"},
     "run_paused": {"run_id", "round", "reason"},
     "run_resumed": {"run_id", "round"},
     "run_finished": {"run_id", "round"},
@@ -281,6 +282,7 @@ def test_too_few_replies_stop_the_run_with_its_status_and_audit(config, tmp_path
     def silent(node, msg):
         return node == 1001 and msg.metadata.message_type == "train"
 
+    config = config.with_overrides(federation={"round_retries": 0})
     run_dir = tmp_path / "run"
     audit = FakeLog()
     _write_sites(tmp_path, {"st-aurelia": _site(1000), "st-brendan": _site(1001)})
@@ -302,3 +304,192 @@ def test_too_few_replies_stop_the_run_with_its_status_and_audit(config, tmp_path
     left, stopped = audit.lines[-2][1], audit.lines[-1][1]
     assert (left["site"], left["round"], left["phase"]) == ("st-brendan", 1, "train")
     assert stopped["state"] == "stopped" and "1 site(s) trained" in stopped["reason"]
+
+
+# -- a site that goes away mid-round: the round is asked again -------------------
+def _comes_back(grid):
+    """A vanished site restarts: it is connected again when the run next looks."""
+    real = grid.get_node_ids
+
+    def get_node_ids():
+        grid.dead.clear()
+        return real()
+
+    grid.get_node_ids = get_node_ids
+
+
+def _goes_away(node_id, message_type, times):
+    """``node_id`` dies on its first ``times`` messages of ``message_type``."""
+    left = {"n": times}
+
+    def rule(node, msg):
+        if node != node_id or msg.metadata.message_type != message_type:
+            return False
+        left["n"] -= 1
+        return left["n"] >= 0
+
+    return rule
+
+
+def _two_enrolled(tmp_path):
+    audit = FakeLog()
+    _write_sites(tmp_path, {"st-aurelia": _site(1000), "st-brendan": _site(1001)})
+    return audit, Deployment.open(tmp_path, recorder=audit)
+
+
+@pytest.mark.parametrize("phase", ["train", "evaluate"])
+def test_a_round_short_of_a_site_that_went_away_is_asked_again_once_it_is_back(
+    config, tmp_path, phase
+):
+    audit, deployment = _two_enrolled(tmp_path)
+    grid = _grid(config, vanish=_goes_away(1001, phase, times=1))
+    _comes_back(grid)
+    result = run_federation(
+        grid,
+        config,
+        run_dir=tmp_path / "run",
+        site_names=deployment.roster.name,
+        observer=deployment.observer,
+    )
+    # st-brendan went away in round 0's evaluation or round 1's training
+    short = result.rounds[0 if phase == "evaluate" else 1]
+    assert len(result.rounds) == 2  # round 0 and the run's one round
+    assert {e.site for e in short.evaluate} == {"st-aurelia", "st-brendan"}
+    if phase == "train":
+        assert {t.site for t in short.train} == {"st-aurelia", "st-brendan"}
+    [again] = short.extra["asked_again"]
+    assert again["phase"] == phase
+    [gone] = again["failures"]
+    assert (gone["node_id"], gone["went_away"]) == (1001, True)
+    assert short.failures == []  # the last ask had every site
+    repeated = [f for e, f in audit.lines if e == "round_repeated"]
+    assert repeated == [
+        {
+            "run_id": result.summary["run_id"],
+            "round": short.round,
+            "phase": phase,
+            "sites_gone": ["st-brendan"],
+        }
+    ]
+    left = [f for e, f in audit.lines if e == "site_left"]
+    assert [(f["site"], f["phase"]) for f in left] == [("st-brendan", phase)]
+    assert [e for e, _ in audit.lines][-1] == "run_finished"
+    written = json.loads(
+        (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()[short.round]
+    )
+    assert written["extra"]["asked_again"][0]["phase"] == phase
+
+
+def test_a_round_is_asked_again_at_most_round_retries_times(config, tmp_path):
+    audit, deployment = _two_enrolled(tmp_path)
+    config = config.with_overrides(federation={"round_retries": 2})
+    grid = _grid(config, vanish=_goes_away(1001, "train", times=3))
+    _comes_back(grid)
+    with pytest.raises(FederationError, match="asked 3 times") as stopped:
+        run_federation(
+            grid,
+            config,
+            run_dir=tmp_path / "run",
+            site_names=deployment.roster.name,
+            observer=deployment.observer,
+        )
+    assert "round-retries" in stopped.value.hint
+    events = [e for e, _ in audit.lines]
+    assert events.count("round_repeated") == 2
+    assert events[-2:] == ["site_left", "run_stopped"]
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "stopped" and "asked 3 times" in status["reason"]
+
+
+def test_a_round_is_asked_again_only_where_sites_went_away_and_can_make_it(config):
+    """Asking again helps only sites that went away, where they can reach min-sites."""
+    from wardround.server.records import SiteFailure
+    from wardround.server.retries import RoundRetries
+    from wardround.server.strategies.secagg_plus import SECURE_MEAN_OUT_OF_BOUND
+
+    three = config.with_overrides(federation={"min_sites": 3})
+    retries = RoundRetries(three)
+    refused = SiteFailure(1001, "train", "[AnswerRefused] ...", "AnswerRefused")
+    gone = SiteFailure(1002, "train", "no reply", went_away=True)
+    assert retries.why_not("train", [refused], answered=2, asked=1) == ""
+    assert retries.why_not("train", [gone], answered=2, asked=1) is None
+    # 1 answered, 1 refused, 1 gone: even back, it makes 2 of the 3 needed
+    hopeless = retries.why_not("train", [refused, gone], answered=1, asked=1)
+    assert "cannot reach federation.min-sites=3" in hopeless
+    assert "round-retries = 2" in retries.why_not("train", [gone], 2, asked=3)
+    # a secure mean beyond its bound: the site that skipped its clip would again
+    beyond = SiteFailure(1000, "train", "beyond", SECURE_MEAN_OUT_OF_BOUND)
+    assert retries.why_not("train", [beyond, gone], answered=2, asked=1) == ""
+    # a simulation's sites never go away: a late one is still working
+    simulated = RoundRetries(three, enabled=False)
+    assert simulated.why_not("train", [gone], answered=2, asked=1) == ""
+
+
+def test_under_secagg_a_training_round_is_asked_again_only_within_repeatable_rounds(
+    config,
+):
+    """A masked answer is never sent again: a repeat is a new, counted release."""
+    from wardround.server.records import SiteFailure
+    from wardround.server.retries import RoundRetries
+
+    gone = [SiteFailure(1001, "train", "left the protocol", went_away=True)]
+    secure = config.with_overrides(
+        federation={"min_sites": 3}, secure_aggregation={"enabled": True}
+    )
+    assert "repeatable-rounds (0)" in RoundRetries(secure).why_not("train", gone, 2, 1)
+    # evaluation answers travel in the clear: asked again all the same
+    assert RoundRetries(secure).why_not("evaluate", gone, 2, 1) is None
+    two_spare = secure.with_overrides(
+        federation={"repeatable_rounds": 2}, privacy={"enabled": True}
+    )
+    retries = RoundRetries(two_spare)
+    assert retries.why_not("train", gone, 2, 1) is None
+    retries.note("train", gone)
+    assert retries.why_not("train", gone, 2, 2) is None
+    retries.note("train", gone)
+    retries.start_round()  # a later round: its first ask
+    assert "all used" in retries.why_not("train", gone, 2, 1)
+    # a resumed run counts the repeats its records hold, and the round it resumes
+    asked = {"asked_again": [{"phase": "train"}, {"phase": "evaluate"}]}
+    records = [_record(0, {}), _record(1, asked)]
+    resumed = RoundRetries.resuming(two_spare, records, enabled=True)
+    assert resumed.secure_repeats_used == 2
+    assert "all used" in resumed.why_not("train", gone, 2, 1)
+
+
+def _record(server_round, extra):
+    from wardround.server.records import RoundRecord
+
+    return RoundRecord(
+        round=server_round,
+        train=[],
+        evaluate=[],
+        failures=[],
+        global_auroc=0.5,
+        global_loss=1.0,
+        train_loss=1.0,
+        adapter_sha256="0" * 64,
+        seconds=1.0,
+        aggregation_seconds=0.0,
+        extra=extra,
+    )
+
+
+def test_a_simulation_does_not_ask_a_short_round_again(config, tmp_path, monkeypatch):
+    """In a simulation no site goes away: a late one is still working on the round."""
+    from flwr.app import Context, RecordDict
+
+    from wardround.server.app import build_server_app
+
+    monkeypatch.delenv("WARDROUND_COORDINATOR_STATE", raising=False)
+    config = config.with_overrides(output={"dir": str(tmp_path / "run")})
+    grid = _grid(config, vanish=_goes_away(1001, "train", times=1))
+    _comes_back(grid)  # asked again, it would answer
+    app = build_server_app(config.to_flower(), results=[])
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}
+    )
+    with pytest.raises(FederationError, match="1 site\\(s\\) trained"):
+        app(grid, context)
+    rounds = (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()
+    assert len(rounds) == 1  # round 0 only

@@ -408,6 +408,7 @@ def _round_phases():
 
 def test_a_discarded_secure_mean_stops_the_run_saying_so_once():
     from wardround.common.errors import FederationError
+    from wardround.server.phases import ShortRound
     from wardround.server.records import SiteFailure
     from wardround.server.strategies.secagg_plus import SECURE_MEAN_OUT_OF_BOUND
 
@@ -416,9 +417,13 @@ def test_a_discarded_secure_mean_stops_the_run_saying_so_once():
     failures = [
         SiteFailure(n, "train", reason, SECURE_MEAN_OUT_OF_BOUND) for n in NODES
     ]
+    # a site that also dropped out does not make the round worth asking again
+    gone = SiteFailure(9, "train", "left the secure-aggregation protocol", None, True)
+    short = ShortRound(0, [*failures, gone])
+    assert not short.sites_went_away
 
     with pytest.raises(FederationError) as raised:
-        phases._require_enough(4, 0, failures)
+        raise phases.stop_short(4, short)
 
     assert raised.value.message == f"round 4: {reason}"
     assert "min-sites" not in raised.value.hint
@@ -427,6 +432,7 @@ def test_a_discarded_secure_mean_stops_the_run_saying_so_once():
 
 def test_a_round_every_site_refuses_as_over_its_answers_says_a_new_run_is_needed():
     from wardround.common.errors import PrivacyPolicyRefused
+    from wardround.server.phases import ShortRound
     from wardround.server.records import SiteFailure
 
     phases = _round_phases()
@@ -434,7 +440,7 @@ def test_a_round_every_site_refuses_as_over_its_answers_says_a_new_run_is_needed
     failures = [SiteFailure(n, "train", reason, "AnswerRefused") for n in NODES]
 
     with pytest.raises(PrivacyPolicyRefused) as raised:
-        phases._require_enough(3, 0, failures)
+        raise phases.stop_short(3, ShortRound(0, failures))
 
     assert "min-sites" not in raised.value.hint
     assert "change run.toml and have the sites approve it" in raised.value.hint
