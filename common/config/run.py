@@ -84,16 +84,17 @@ class RunConfig(_Section):
                 "from a 32-bit seed); disable it for a run of 1 or 2 sites "
                 "(secure-aggregation.enabled = false, or --no-secagg)"
             )
-        if self.federation.repeatable_rounds and not (
-            self.privacy.enabled and self.secure_aggregation.enabled
+        if (
+            self.federation.repeatable_rounds
+            and self.secure_aggregation.enabled
+            and not self.privacy.enabled
         ):
-            # In the clear a site answers a repeat again at no cost; masked
-            # without DP it answers a round once: spares would only be questions.
+            # Masked without DP a site answers a round once: spares would only be
+            # questions. In the clear they pay for a site that died mid-training.
             raise ValueError(
-                "federation.repeatable-rounds applies to runs with DP and SecAgg+ "
-                "(privacy.enabled and secure-aggregation.enabled); in the clear a "
-                "repeated round is answered again at no cost, and without DP a "
-                "masked round is answered once: drop repeatable-rounds"
+                "federation.repeatable-rounds does not apply to SecAgg+ runs without "
+                "DP: a masked round is answered once (a second masked sum could give "
+                "a site's update away); drop repeatable-rounds, or turn DP on"
             )
         return self
 

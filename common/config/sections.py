@@ -77,9 +77,10 @@ class FederationConfig(_Section):
         ge=0,
         le=100,
         description="training rounds a deployed run may repeat (a coordinator "
-        "resumed mid-round asks its round again): every site answers this many "
-        "more and, under DP, plans its noise for rounds + this releases, so a repeat "
-        "stays within the run's epsilon",
+        "resumed mid-round asks its round again under SecAgg+; a site that died "
+        "while training answers a round asked again anew): every site answers this "
+        "many more and, under DP, plans its noise for rounds + this releases, so a "
+        "repeat stays within the run's epsilon. Not for SecAgg+ without DP",
     )
     round_retries: int = Field(
         2,
