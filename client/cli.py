@@ -358,10 +358,32 @@ def _app_to_approve(app_hash: str | None, run_config: Path | None):  # noqa: ANN
 
 def _shown_and_confirmed(site, value: str, run_config, settings, yes: bool) -> bool:  # noqa: ANN001
     """Show the run's hash and settings (and whether this site can train in it); ask."""
+    from .answers import AnswerKind, answer_limit
     from .approvals import describe_run
 
     typer.echo(f"app hash {value} ({run_config})")
     typer.echo("\n".join(describe_run(settings)))
+    federation = settings.federation
+    trainings, evaluations = (
+        answer_limit(kind, federation.rounds, federation.repeatable_rounds)
+        for kind in (AnswerKind.TRAIN, AnswerKind.EVALUATE)
+    )
+    typer.echo(
+        f"this site answers this run at most {trainings} training and "
+        f"{evaluations} evaluation message(s)"
+        + (
+            f", {federation.repeatable_rounds} of each spare for rounds asked again"
+            if federation.repeatable_rounds
+            else ""
+        )
+    )
+    if federation.repeatable_rounds and not settings.privacy.enabled:
+        typer.echo(
+            f"warning: repeatable-rounds = {federation.repeatable_rounds} without DP: "
+            "each spare is one more un-noised update, on an adapter the coordinator "
+            "chooses",
+            err=True,
+        )
     if not site.has_imaging and settings.requires_images:
         from ..sitedata.imaging import no_imaging_error
 

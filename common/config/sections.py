@@ -76,7 +76,7 @@ class FederationConfig(_Section):
         0,
         ge=0,
         le=100,
-        description="training rounds a deployed run may repeat (a coordinator "
+        description="rounds a deployed run may ask again, training and evaluation (a coordinator "
         "resumed mid-round asks its round again under SecAgg+; a site that died "
         "while training answers a round asked again anew): every site answers this "
         "many more and, under DP, plans its noise for rounds + this releases, so a "

@@ -22,6 +22,7 @@ from wardround.client.answers import ANSWER_LOG, AnswerLog
 from wardround.client.app import build_client_app
 from wardround.client.ledger import site_ledger
 from wardround.common.errors import PrivacyPolicyRefused
+from wardround.ops.audit import AUDIT_FILENAME, read_audit
 from wardround.server.federation import run_federation
 from wardround.simulations.local_grid import LocalGrid
 
@@ -91,6 +92,15 @@ def _grid(config, folders, monkeypatch):
     return grid
 
 
+def _replayed(folder) -> list[int]:
+    """The rounds whose training answer the site sent again."""
+    return [
+        e["round"]
+        for e in read_audit(folder / ".wardround-site" / AUDIT_FILENAME)
+        if e["event"] == "answer_replayed" and e["message_type"] == "train"
+    ]
+
+
 def _trained_rounds(folder) -> list[int]:
     answers = AnswerLog(folder / "privacy-ledger" / ANSWER_LOG).entries()
     return [e["round"] for e in answers if e["kind"] == "train"]
@@ -114,25 +124,39 @@ def test_a_site_that_died_mid_training_answers_the_round_asked_again_anew(
     if spare:
         result = run_federation(grid, config, run_dir=run_dir)
         assert [r.round for r in result.rounds] == [0, 1, 2]
-        assert len(result.rounds[2].train) == 3
+        assert len(result.rounds[1].train) == len(result.rounds[2].train) == 3
     else:
-        with pytest.raises(PrivacyPolicyRefused, match="round 2"):
+        with pytest.raises(PrivacyPolicyRefused) as stopped:
             run_federation(grid, config, run_dir=run_dir)
+        assert stopped.value.message.startswith("round 2: 2 site(s) trained")
+        assert "node 3002: [AnswerRefused]" in stopped.value.message
 
     # round 1 was asked again: the site that died had trained nothing that left
     rounds = (run_dir / "rounds.jsonl").read_text().splitlines()
     assert '"asked_again"' in rounds[1]
     # the others sent their kept answers again: each round trained once
     assert all(_trained_rounds(f) == [1, 2] for f in others)
+    assert all(_replayed(f) == [1] for f in others)
     ledger = site_ledger(dying / "privacy-ledger")
     if spare:
         # the died round counted: one more answer and one more release, covered
         assert _trained_rounds(dying) == [1, 1, 2]
-        run_key = ledger.recorded()[0][0]
+        # three releases counted (the uncommitted one with its planned steps),
+        # all within the run's epsilon, which was planned for them
+        assert [run for run, _ in ledger.recorded()] == [ledger.recorded()[0][0]] * 3
         spent = ledger.epsilon(
-            config.privacy.target_delta, config.privacy.accountant, run_key
+            config.privacy.target_delta,
+            config.privacy.accountant,
+            ledger.recorded()[0][0],
         )
-        assert 0 < spent <= config.privacy.target_epsilon * (1 + 1e-6)
+        two = others[0]
+        spent_by_a_site_that_replayed = site_ledger(two / "privacy-ledger").epsilon(
+            config.privacy.target_delta,
+            config.privacy.accountant,
+            ledger.recorded()[0][0],
+        )
+        assert spent_by_a_site_that_replayed < spent
+        assert spent <= config.privacy.target_epsilon * (1 + 1e-6)
     else:
         # without a spare the last round is refused: the run stops, not hangs
         assert _trained_rounds(dying) == [1, 1]

@@ -509,3 +509,30 @@ def test_site_approve_warns_of_a_run_its_privacy_floor_will_refuse(approving_sit
     assert "allows at most 2 per run" in above.output
     assert "floor will refuse" in above.output
     assert "requires DP-SGD" in no_dp.output
+
+
+def test_site_approve_states_the_answers_a_run_may_ask_and_warns_of_un_noised_spares(
+    approving_site,
+):
+    site_toml, run_toml = approving_site  # 7 rounds, DP, SecAgg+
+    args = ["site", "approve", "--run-config", str(run_toml), "--config"]
+    plain = runner.invoke(_app(), [*args, str(site_toml), "--yes"])
+    run_toml.write_text(
+        run_toml.read_text().replace("rounds = 7", "rounds = 7\nrepeatable-rounds = 2")
+    )
+    spare = runner.invoke(_app(), [*args, str(site_toml), "--yes"])
+    run_toml.write_text(
+        run_toml.read_text()
+        .replace("[privacy]", "[privacy]\nenabled = false")
+        .replace("reconstruction-threshold = 0.8", "enabled = false")
+    )
+    spare_no_dp = runner.invoke(_app(), [*args, str(site_toml), "--yes"])
+
+    assert plain.exit_code == spare.exit_code == spare_no_dp.exit_code == 0
+    assert "at most 7 training and 8 evaluation message(s)\n" in plain.output
+    assert (
+        "at most 9 training and 10 evaluation message(s), 2 of each spare"
+        in spare.output
+    )
+    assert "un-noised" not in spare.output
+    assert "repeatable-rounds = 2 without DP" in spare_no_dp.output
