@@ -343,11 +343,31 @@ def require_weight_answerable(runtime: SiteRuntime) -> None:
         )
 
 
+def require_spares_allowed(
+    runtime: SiteRuntime, config: RunConfig, *, simulation: bool
+) -> None:
+    """Refuse a run with more spare answers than the site allows.
+
+    Not in a simulation, where the answer allowance does not apply either.
+    """
+    spares = config.federation.repeatable_rounds
+    allowed = runtime.site.answers.max_repeatable_rounds
+    if simulation or spares <= allowed:
+        return
+    raise AnswerRefused(
+        f"the run has federation.repeatable-rounds = {spares}; this site answers at "
+        f"most {allowed} spare round(s) per run ([answers] max-repeatable-rounds)",
+        hint="Launch the run with fewer repeatable-rounds, or have the site raise "
+        "[answers] max-repeatable-rounds in its site.toml.",
+    )
+
+
 def _train(request: _Request) -> tuple[np.ndarray, dict[str, Any]]:
     """One round of local training; returns the packed, clipped delta and metrics."""
     from .trainer import LocalTrainSpec, train_local
 
     config, runtime = request.config, request.runtime
+    require_spares_allowed(runtime, config, simulation=request.simulation)
     plan = _dp_plan(request)
     require_weight_answerable(runtime)
     masked = masking_now()
@@ -521,6 +541,7 @@ def handle_evaluate(
             hint="The site operator decides; the run can go on without its metrics.",
         )
     require_weight_answerable(runtime)
+    require_spares_allowed(runtime, request.config, simulation=request.simulation)
     digest = (
         _digest(request, AnswerKind.EVALUATE)
         if replayable(masked=False, simulation=request.simulation)
@@ -595,6 +616,7 @@ def precheck_secure_round(
     config, runtime, simulation = _load(context, run_config)
     check_setup(msg, config)
     require_weight_answerable(runtime)
+    require_spares_allowed(runtime, config, simulation=simulation)
     plan = plan_site_privacy(
         config,
         runtime.site.privacy,

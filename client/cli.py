@@ -377,6 +377,14 @@ def _shown_and_confirmed(site, value: str, run_config, settings, yes: bool) -> b
             else ""
         )
     )
+    allowed = site.answers.max_repeatable_rounds
+    if federation.repeatable_rounds > allowed:
+        typer.echo(
+            f"warning: the run has repeatable-rounds = {federation.repeatable_rounds} "
+            f"and this site's [answers] max-repeatable-rounds = {allowed}: this site "
+            "will refuse to answer it.",
+            err=True,
+        )
     if federation.repeatable_rounds and not settings.privacy.enabled:
         typer.echo(
             f"warning: repeatable-rounds = {federation.repeatable_rounds} without DP: "

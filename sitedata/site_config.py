@@ -278,6 +278,13 @@ class SiteAnswers(_Section):
         description="answer evaluate messages (at most one per approved round, "
         "plus the one before training)",
     )
+    max_repeatable_rounds: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description="refuse runs whose federation.repeatable-rounds is higher: each "
+        "is one more training and evaluation the coordinator may ask",
+    )
 
     @model_validator(mode="after")
     def _known_metrics(self) -> SiteAnswers:

@@ -270,6 +270,29 @@ def test_a_site_that_keeps_its_example_count_home_does_not_answer(site, approved
     assert AnswerLog(site / "privacy-ledger" / ANSWER_LOG).entries() == []
 
 
+def test_a_run_with_more_spares_than_the_site_allows_is_refused_before_any_work(
+    site, approved
+):
+    spares = approved.with_overrides(federation={"repeatable_rounds": 3})
+    coordinator = HostileServerApp(spares, site)  # the site allows 2 by default
+    for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+        reply = coordinator.ask(kind, 1)
+        assert reply.has_error() and error_kind(reply.error.reason) == "AnswerRefused"
+        assert "max-repeatable-rounds" in reply.error.reason
+    assert not _ledger_runs(site)
+    assert AnswerLog(site / "privacy-ledger" / ANSWER_LOG).entries() == []
+
+    # a site that allows 3 (its daemon reads site.toml when it starts)
+    generous = site.parent / "generous-hospital"
+    shutil.copytree(site, generous)
+    doc = tomllib.loads((generous / "site.toml").read_text())
+    doc.setdefault("answers", {})["max-repeatable-rounds"] = 3
+    (generous / "site.toml").write_text(tomli_w.dumps(doc))
+    reply = HostileServerApp(spares, generous).ask(MessageType.TRAIN, 1)
+    assert not reply.has_error(), reply.error.reason
+    assert _ledger_runs(generous) == Counter({approved_run_key(spares): 1})
+
+
 def test_a_non_finite_adapter_is_refused_before_budget_or_answer(site, approved):
     coordinator = HostileServerApp(approved, site)
     poisoned = {name: array.copy() for name, array in coordinator.adapter.items()}

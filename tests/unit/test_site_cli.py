@@ -535,4 +535,10 @@ def test_site_approve_states_the_answers_a_run_may_ask_and_warns_of_un_noised_sp
         in spare.output
     )
     assert "un-noised" not in spare.output
+    assert "max-repeatable-rounds" not in spare.output  # the site allows 2
     assert "repeatable-rounds = 2 without DP" in spare_no_dp.output
+    run_toml.write_text(
+        run_toml.read_text().replace("repeatable-rounds = 2", "repeatable-rounds = 3")
+    )
+    beyond = runner.invoke(_app(), [*args, str(site_toml), "--yes"])
+    assert "max-repeatable-rounds = 2: this site will refuse" in beyond.output
