@@ -66,14 +66,19 @@ class ShortRound:
 
     @property
     def sites_went_away(self) -> bool:
-        """Whether asking again may help: some site went away rather than refused.
+        """Whether asking again may help (see :func:`sites_went_away`)."""
+        return sites_went_away(self.failures)
 
-        Never for a secure mean beyond its bound: a site that skipped its clip would
-        do so again.
-        """
-        return any(f.went_away for f in self.failures) and not any(
-            f.kind == SECURE_MEAN_OUT_OF_BOUND for f in self.failures
-        )
+
+def sites_went_away(failures: list[SiteFailure]) -> bool:
+    """Whether asking a phase again may help: some site went away rather than refused.
+
+    Never for a secure mean beyond its bound: a site that skipped its clip would do
+    so again.
+    """
+    return any(f.went_away for f in failures) and not any(
+        f.kind == SECURE_MEAN_OUT_OF_BOUND for f in failures
+    )
 
 
 @dataclass(frozen=True)

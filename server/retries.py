@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..common.config import RunConfig
+from .phases import sites_went_away
 from .records import RoundRecord, SiteFailure
-from .strategies.secagg_plus import SECURE_MEAN_OUT_OF_BOUND
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,9 @@ class RoundRetries:
         ``answered``: the sites whose answers count; ``asked``: how many times the
         phase was asked.
         """
-        gone = sum(f.went_away for f in failures)
-        if not self.enabled or not gone:
+        if not self.enabled or not sites_went_away(failures):
             return ""
-        if any(f.kind == SECURE_MEAN_OUT_OF_BOUND for f in failures):
-            return ""  # a site that skipped its clip would do so again
+        gone = sum(f.went_away for f in failures)
         federation = self.config.federation
         if answered + gone < federation.min_sites:
             refused = len(failures) - gone

@@ -71,6 +71,20 @@ def three_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture
+def clean_three_sites(three_sites, tmp_path) -> list[Path]:
+    """Fresh copies of the three hospitals' folders: no ledger, answers or audit."""
+    import shutil
+
+    root = tmp_path / "sites"
+    shutil.copytree(
+        three_sites,
+        root,
+        ignore=shutil.ignore_patterns("privacy-ledger", ".wardround-site"),
+    )
+    return sorted(p for p in root.iterdir() if (p / "site.toml").is_file())
+
+
 @pytest.fixture(scope="module")
 def task_identity():
     """Flower stamps messages with the process's task identity, as a SuperLink sets it."""

@@ -360,18 +360,7 @@ def test_a_round_a_site_dropped_out_of_is_asked_again_once_it_is_back(federation
     finally:
         for process in frozen:
             process.resume()
-    followed = fed.cli(
-        "runs",
-        run_dir.name,
-        "--follow",
-        "--coordinator",
-        str(fed.coordinator_toml),
-        "--out",
-        str(fed.root / "out" / "asked-again"),
-        timeout_s=900,
-    )
-    assert followed.returncode == 0, followed.stdout + followed.stderr
-    out = fed.root / "out" / "asked-again"
+    out = _follow(fed, run_dir, "asked-again")
     rounds = read_jsonl(out / "rounds.jsonl")
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert {t["site"] for t in rounds[2]["train"]} == set(fed.site_names)
@@ -393,13 +382,34 @@ def test_a_round_a_site_dropped_out_of_is_asked_again_once_it_is_back(federation
     assert all(replays.values()), replays
     run_key = replays[others[0]][-1]["ledger_run"]
     for name in fed.site_names:
-        answers = AnswerLog(fed.site_toml(name).parent / "privacy-ledger" / ANSWER_LOG)
-        trained = [
-            e["round"]
-            for e in answers.entries()
-            if e["run"] == run_key and e["kind"] == "train"
-        ]
-        assert trained == [1, 2], name
+        assert _trained_rounds(fed, name, run_key) == [1, 2], name
+
+
+def _follow(fed: LoopbackFederation, run_dir: Path, out_name: str) -> Path:
+    """Follow a running run to its end (`wardround runs --follow`); its output folder."""
+    out = fed.root / "out" / out_name
+    followed = fed.cli(
+        "runs",
+        run_dir.name,
+        "--follow",
+        "--coordinator",
+        str(fed.coordinator_toml),
+        "--out",
+        str(out),
+        timeout_s=900,
+    )
+    assert followed.returncode == 0, followed.stdout + followed.stderr
+    return out
+
+
+def _trained_rounds(fed: LoopbackFederation, name: str, run_key: str) -> list[int]:
+    """The rounds a site's answer log counted training answers for, for one run."""
+    answers = AnswerLog(fed.site_toml(name).parent / "privacy-ledger" / ANSWER_LOG)
+    return [
+        e["round"]
+        for e in answers.entries()
+        if e["run"] == run_key and e["kind"] == "train"
+    ]
 
 
 def _coordinator_events(fed: LoopbackFederation, run_id: str, event: str) -> list[dict]:
@@ -441,18 +451,7 @@ def test_the_coordinator_killed_mid_run_resumes_from_its_last_checkpoint(federat
         process.kill()
     fed.daemons["coordinator"].proc.wait(timeout=30)
     fed.start_coordinator()
-    followed = fed.cli(
-        "runs",
-        run_dir.name,
-        "--follow",
-        "--coordinator",
-        str(fed.coordinator_toml),
-        "--out",
-        str(fed.root / "out" / "resumed"),
-        timeout_s=900,
-    )
-    assert followed.returncode == 0, followed.stdout + followed.stderr
-    out = fed.root / "out" / "resumed"
+    out = _follow(fed, run_dir, "resumed")
     rounds = [r["round"] for r in read_jsonl(out / "rounds.jsonl")]
     assert rounds == [0, 1, 2]
     summary = json.loads((out / "run.json").read_text())
@@ -473,8 +472,4 @@ def test_the_coordinator_killed_mid_run_resumes_from_its_last_checkpoint(federat
     assert replays, "no site sent a kept answer again"
     run_key = replays[0]["ledger_run"]
     for name in fed.site_names:
-        answers = AnswerLog(fed.site_toml(name).parent / "privacy-ledger" / ANSWER_LOG)
-        trained = [
-            e for e in answers.entries() if e["run"] == run_key and e["kind"] == "train"
-        ]
-        assert len(trained) == 2, name
+        assert len(_trained_rounds(fed, name, run_key)) == 2, name

@@ -10,8 +10,6 @@ update would be the same bits, so every site refuses to answer the round twice.
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -35,14 +33,8 @@ NODES = (2000, 2001, 2002)
 
 
 @pytest.fixture
-def sites(three_sites, tmp_path):
-    root = tmp_path / "sites"
-    shutil.copytree(
-        three_sites,
-        root,
-        ignore=shutil.ignore_patterns("privacy-ledger", ".wardround-site"),
-    )
-    return sorted(p for p in root.iterdir() if (p / "site.toml").is_file())
+def sites(clean_three_sites):
+    return clean_three_sites
 
 
 def _round(config, folders, built, server_round=1):

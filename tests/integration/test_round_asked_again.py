@@ -13,8 +13,6 @@ without one, that site refuses the last round and the run stops there.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 import wardround.client.trainer as trainer
@@ -37,14 +35,8 @@ class _SiteDied(BaseException):
 
 
 @pytest.fixture
-def sites(three_sites, tmp_path):
-    root = tmp_path / "sites"
-    shutil.copytree(
-        three_sites,
-        root,
-        ignore=shutil.ignore_patterns("privacy-ledger", ".wardround-site"),
-    )
-    return sorted(p for p in root.iterdir() if (p / "site.toml").is_file())
+def sites(clean_three_sites):
+    return clean_three_sites
 
 
 def _grid(config, folders, monkeypatch):
