@@ -7,7 +7,9 @@ The rules (issue 17, DESIGN.md "who the site trusts"):
 - read-only: GET and HEAD only (plus ``POST /login``, which only sets a cookie);
 - a token, when set, is asked of every page and of ``/metrics`` (``Authorization:
   Bearer TOKEN``, or the cookie ``/login`` sets);
-- everything is served from the package: the pages allow no other origin (CSP).
+- everything is served from the package: the pages allow no other origin (CSP);
+- on loopback, only requests addressed to a loopback name are answered, so that a web
+  page whose name its owner points at 127.0.0.1 (DNS rebinding) cannot read it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from ..common.errors import ConfigError, FederationError
 
@@ -138,12 +140,30 @@ def check_exposure(
     )
 
 
-class Guard:
-    """ASGI middleware: read-only methods, the token, and the security headers."""
+def addressed_to_loopback(host_header: str | None) -> bool:
+    """Whether a request's ``Host`` names this machine's loopback (any port).
 
-    def __init__(self, app: Any, token: str | None) -> None:
+    A browser always sends ``Host``; a request without one did not come from a web
+    page, so it passes. Starlette's ``TrustedHostMiddleware`` cannot be used: it cuts
+    ``[::1]:9095`` at the first colon.
+    """
+    if host_header is None:
+        return True
+    try:
+        name = urlsplit(f"//{host_header}").hostname
+    except ValueError:
+        return False
+    return name is not None and is_loopback(name)
+
+
+class Guard:
+    """ASGI middleware: the Host, read-only methods, the token, the security headers."""
+
+    def __init__(self, app: Any, token: str | None, *, loopback: bool = True) -> None:
         self.app = app
         self.token = token
+        # bound to loopback: answer only requests addressed to it (DNS rebinding)
+        self.loopback = loopback
 
     async def __call__(
         self,
@@ -170,6 +190,14 @@ class Guard:
                 message = {**message, "headers": headers}
             await send(message)
 
+        if self.loopback and not addressed_to_loopback(request.headers.get("host")):
+            await PlainTextResponse(
+                "this dashboard listens on loopback and answers only requests "
+                "addressed to 127.0.0.1, [::1] or localhost: open it as "
+                "http://127.0.0.1:PORT/ (over an SSH tunnel from another machine)",
+                status_code=421,
+            )(scope, receive, send_with_headers)
+            return
         if path == "/login" and self.token is not None:
             if request.method == "POST":
                 form = parse_qs((await request.body()).decode(errors="replace"))
@@ -282,7 +310,7 @@ def make_app(routes: list[Any], exposure: Exposure) -> Any:
     app = Starlette(
         routes=[*routes, Mount("/static", StaticFiles(directory=STATIC), name="static")]
     )
-    return Guard(app, exposure.token)
+    return Guard(app, exposure.token, loopback=is_loopback(exposure.host))
 
 
 class DashboardServer:

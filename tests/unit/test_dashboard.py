@@ -33,6 +33,8 @@ RUN = "20261205-010000-abcdef12"
 SITES = ["site-01", "site-02"]
 TOKEN = "t" * 40
 LOOPBACK = Exposure(host="127.0.0.1", port=9095)
+# TestClient names "testserver" unless told; a loopback dashboard answers loopback names
+LOCAL = "http://127.0.0.1:9095"
 
 
 def _round(r: int, failures=()) -> dict:
@@ -127,7 +129,9 @@ def _source(state: Path, online=("site-01", "site-02")) -> CoordinatorSource:
 
 
 def test_the_coordinator_pages_show_runs_sites_privacy_traffic_and_audit(state):
-    client = TestClient(build_app(_source(state, online=("site-01",)), LOOPBACK))
+    client = TestClient(
+        build_app(_source(state, online=("site-01",)), LOOPBACK), base_url=LOCAL
+    )
 
     runs = client.get("/runs")
     assert runs.status_code == 200
@@ -178,7 +182,7 @@ def test_the_coordinator_pages_show_runs_sites_privacy_traffic_and_audit(state):
 
 
 def test_the_coordinator_metrics_parse_with_the_prometheus_parser(state):
-    client = TestClient(build_app(_source(state), LOOPBACK))
+    client = TestClient(build_app(_source(state), LOOPBACK), base_url=LOCAL)
     response = client.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     samples = {
@@ -224,7 +228,7 @@ def test_the_coordinator_metrics_parse_with_the_prometheus_parser(state):
 
 
 def test_the_dashboard_is_read_only_and_names_nothing_outside_its_runs(state):
-    client = TestClient(build_app(_source(state), LOOPBACK))
+    client = TestClient(build_app(_source(state), LOOPBACK), base_url=LOCAL)
     for method in ("post", "put", "delete"):
         response = getattr(client, method)("/runs")
         assert response.status_code == 405
@@ -241,9 +245,44 @@ def test_the_dashboard_is_read_only_and_names_nothing_outside_its_runs(state):
     assert client.get("/login", follow_redirects=False).status_code == 303  # no token
 
 
+def test_a_loopback_dashboard_answers_only_requests_addressed_to_loopback(state):
+    # a web page whose name its owner re-points at 127.0.0.1 (DNS rebinding) sends
+    # its own name as Host; the browser would then let that page read the answer
+    client = TestClient(build_app(_source(state), LOOPBACK), base_url=LOCAL)
+    for host in (
+        "127.0.0.1:9095",
+        "localhost:9095",
+        "[::1]:9095",
+        "127.0.0.1",
+        "LOCALHOST",
+    ):
+        assert client.get("/runs", headers={"host": host}).status_code == 200, host
+    for host in (
+        "attacker.example:9095",
+        "127.0.0.1.attacker.example",
+        "localhost.attacker.example",
+        "10.0.0.5:9095",
+        "[::1",
+        "",
+    ):
+        response = client.get("/metrics", headers={"host": host})
+        assert response.status_code == 421, host
+        assert "SSH tunnel" in response.text
+        assert "wardround_" not in response.text
+    # off loopback the token and TLS protect it: a DNS name is how it is reached
+    exposed = Exposure(host="10.0.0.5", port=9095, token=TOKEN)
+    remote = TestClient(
+        build_app(_source(state), exposed), base_url="http://dash.example"
+    )
+    answer = remote.get("/metrics", headers={"authorization": f"Bearer {TOKEN}"})
+    assert answer.status_code == 200
+
+
 def test_a_token_is_asked_of_every_page_and_of_metrics(state):
     exposure = Exposure(host="127.0.0.1", port=9095, token=TOKEN)
-    client = TestClient(build_app(_source(state), exposure), follow_redirects=False)
+    client = TestClient(
+        build_app(_source(state), exposure), base_url=LOCAL, follow_redirects=False
+    )
     assert client.get("/runs").headers["location"] == "/login"
     assert 'name="token"' in client.get("/login").text
     assert client.get("/metrics").status_code == 401

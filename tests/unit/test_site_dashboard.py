@@ -22,6 +22,7 @@ from wardround.ops.audit import AuditLog
 from wardround.sitedata.site_config import SiteConfig
 
 LOOPBACK = Exposure(host="127.0.0.1", port=9101)
+LOCAL = "http://127.0.0.1:9101"
 
 
 @pytest.fixture
@@ -60,7 +61,8 @@ def site(tmp_path: Path) -> SiteConfig:
 def test_the_site_pages_show_the_ledger_as_site_privacy_json_does(site):
     report = {"config": "site.toml", "can_train": True, "blocking": [], "warnings": []}
     client = TestClient(
-        site_app(SiteSource(site=site, check=lambda: dict(report)), LOOPBACK)
+        site_app(SiteSource(site=site, check=lambda: dict(report)), LOOPBACK),
+        base_url=LOCAL,
     )
     cli = CliRunner().invoke(
         cli_app,
@@ -113,5 +115,5 @@ def test_wardround_dashboard_serves_a_site_from_its_site_toml(site):
 
     app, what = _app(None, None, site.base_dir / "site.toml", [], LOOPBACK, 5)
     assert what == "site site-07"
-    page = TestClient(app).get("/privacy").text
+    page = TestClient(app, base_url=LOCAL).get("/privacy").text
     assert f'id="epsilon-total">{privacy_report(site)["epsilon_total"]:.3f}<' in page
