@@ -81,11 +81,21 @@ class Arm:
 
     @property
     def privacy_axis(self) -> bool:
-        """Pooled, local-only, FedAvg and FedAvg + DP: the arms every cell runs."""
+        """Pooled, local-only, FedAvg and FedAvg + DP (neural and classical)."""
         return (
             self.group in (ArmGroup.REFERENCE, ArmGroup.CLASSICAL, ArmGroup.PRIVACY)
             or self.name == "fedavg"
         )
+
+    @property
+    def every_cell(self) -> bool:
+        """The arms every cell runs: the privacy axis and personalised FedAvg.
+
+        Personalisation is judged site by site, and at the smallest size a site's
+        validation split holds a few dozen studies: the larger sizes are where its
+        per-site margins can be read.
+        """
+        return self.privacy_axis or bool(self.personal)
 
 
 def standard_arms(

@@ -8,8 +8,8 @@ validation split.
 
 The cells span three axes: base × patients per site × DP. Every arm runs on the
 *primary* cells (the smallest size, the primary base); every other size and base
-runs the privacy axis only (pooled, local-only, FedAvg, FedAvg + DP per ε), on
-the ablation site counts.
+runs the privacy axis (pooled, local-only, FedAvg, FedAvg + DP per ε) and
+personalised FedAvg, on the ablation site counts.
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ class StudySettings:
             core = (ArmGroup.REFERENCE, ArmGroup.CLASSICAL, ArmGroup.STRATEGY)
             return tuple(a for a in arms if a.group in core)
         if axis:
-            return tuple(a for a in arms if a.privacy_axis)
+            return tuple(a for a in arms if a.every_cell)
         return ()
 
     def cells(self) -> tuple[Cell, ...]:

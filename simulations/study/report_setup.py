@@ -328,7 +328,8 @@ def header_lines(data: Mapping[str, Any]) -> list[str]:
             else ""
         )
         + "; every size and base runs the privacy axis (pooled, local-only, FedAvg "
-        f"and FedAvg + DP at each ε) on {_and(s['ablation_site_counts'])} sites. "
+        "and FedAvg + DP at each ε) and personalised FedAvg on "
+        f"{_and(s['ablation_site_counts'])} sites. "
         + (
             f"Arm runs (all seeds): {sum(_arm_runs(s).values())}."
             if s.get("sites_dir")
