@@ -42,6 +42,7 @@ from ..sitedata.site_config import SiteConfig
 from .approvals import AppApprovals
 from .connection_watch import ConnectionWatch
 from .egress_log import EGRESS_FILE
+from .runtime_tls import RUNTIME_HOST, RuntimeTls, issue_runtime_tls, serves_runtime_tls
 from .site_worker import APP_NOT_APPROVED, SiteWorker, TaskObserver, TaskOutcome
 from .supernode_main import POLL_ENV
 
@@ -170,8 +171,14 @@ def free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def supernode_command(plan: SitePlan, runtime_port: int) -> list[str]:
-    """The ``flower-supernode`` command line of this site."""
+def supernode_command(
+    plan: SitePlan, runtime_port: int, tls: RuntimeTls | None
+) -> list[str]:
+    """The ``flower-supernode`` command line of this site.
+
+    ``tls``: the Runtime API's certificate of this daemon start (the daemon always
+    gives one; None serves it in plain HTTP, for tests of the command alone).
+    """
     return [
         sys.executable,
         "-m",
@@ -192,6 +199,7 @@ def supernode_command(plan: SitePlan, runtime_port: int) -> list[str]:
         str(runtime_port),
         "--superexec-auth-secret-file",
         str(plan.state_dir / SUPEREXEC_SECRET_FILE),
+        *(tls.supernode_args() if tls is not None else []),
     ]
 
 
@@ -389,12 +397,15 @@ def _run_site_daemon(
         os.environ.update(env_before)
         raise
     port = plan.site.deployment.runtime_port or free_loopback_port()
+    # another local account may listen on that port when the SuperNode is down:
+    # the worker trusts only the certificate made here (runtime_tls.py)
+    tls = issue_runtime_tls(plan.state_dir)
     env = dict(os.environ)
     env[POLL_ENV] = str(plan.site.deployment.poll_interval_s)
     if env.get("FLWR_LOG_LEVEL", "INFO").upper() not in ("INFO", "DEBUG"):
         # the connection's messages to the operator are read from INFO lines
         env["FLWR_LOG_LEVEL"] = "INFO"
-    node = _SuperNode(plan, port, env, audit)
+    node = _SuperNode(plan, port, tls, env, audit)
     audit.record(
         "site_daemon_started",
         coordinator=plan.coordinator,
@@ -402,12 +413,13 @@ def _run_site_daemon(
         supernode_pid=node.process.pid,
         dashboard=dashboard.exposure.url if dashboard else "off",
     )
-    _wait_for_port(port, node.process)
+    _wait_for_port(port, node.process, tls)
     worker = SiteWorker(
-        f"127.0.0.1:{port}",
+        f"{RUNTIME_HOST}:{port}",
         AppApprovals(plan.state_dir),
         AuditingObserver(audit, plan.state_dir / EGRESS_FILE, say=report),
         superexec_secret=secret,
+        runtime_ca_pem=tls.ca_pem,
     )
     worker_thread = threading.Thread(
         target=worker.serve, args=(stop,), name="wardround-worker", daemon=True
@@ -465,9 +477,20 @@ class _SuperNode:
     """The site's SuperNode process, restarted when it ends in a way that passes."""
 
     def __init__(
-        self, plan: SitePlan, port: int, env: dict[str, str], audit: AuditLog
+        self,
+        plan: SitePlan,
+        port: int,
+        tls: RuntimeTls,
+        env: dict[str, str],
+        audit: AuditLog,
     ) -> None:
-        self.plan, self.port, self.env, self.audit = plan, port, env, audit
+        self.plan, self.port, self.tls, self.env, self.audit = (
+            plan,
+            port,
+            tls,
+            env,
+            audit,
+        )
         self.log_path = plan.state_dir / SUPERNODE_LOG
         self.first_refusal: float | None = None
         self.quick_exits = 0
@@ -479,7 +502,7 @@ class _SuperNode:
         self.offset = log_path.stat().st_size if log_path.exists() else 0
         self.watched_to = self.offset
         self.process = start_child(
-            supernode_command(self.plan, self.port), self.env, log_path
+            supernode_command(self.plan, self.port, self.tls), self.env, log_path
         )
         self.started = time.monotonic()
 
@@ -539,6 +562,15 @@ class _SuperNode:
                 "supernode_restarted", exit_code=code, ran_s=round(ran_s, 1)
             )
             return delay
+        if refusal is None and _port_taken(self.port):
+            return FederationError(
+                f"the SuperNode could not listen on its Runtime API port "
+                f"{RUNTIME_HOST}:{self.port}: another process holds it",
+                hint=f"See which with `ss -ltnp 'sport = :{self.port}'`; stop it, or "
+                "leave [deployment] runtime-port unset (a free port at each start). "
+                "The worker never talks to it: it trusts only its own SuperNode's "
+                "certificate.",
+            )
         return refusal or FederationError(
             f"the SuperNode exited with code {self.process.returncode}"
             + (f", {self.quick_exits} times in a row" if self.quick_exits else ""),
@@ -546,15 +578,34 @@ class _SuperNode:
         )
 
 
-def _wait_for_port(port: int, node: object, limit_s: float = 60.0) -> None:
-    # The worker starts once the SuperNode's Runtime API listens (no retry noise).
+def _wait_for_port(
+    port: int, node: object, tls: RuntimeTls | None, limit_s: float = 60.0
+) -> None:
+    # The worker starts once the SuperNode's Runtime API answers (no retry noise):
+    # with this start's certificate, so a process squatting the port does not count.
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline and node.poll() is None:  # type: ignore[attr-defined]
+        if tls is not None and serves_runtime_tls(port, tls, timeout_s=0.5):
+            return
+        if tls is None:
+            try:
+                with socket.create_connection((RUNTIME_HOST, port), timeout=0.5):
+                    return
+            except OSError:
+                pass
+        time.sleep(0.2)
+
+
+def _port_taken(port: int) -> bool:
+    """Whether some process listens on ``127.0.0.1:port`` (the SuperNode is down)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # past TIME_WAIT connections; Linux still refuses a port someone listens on
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+            sock.bind((RUNTIME_HOST, port))
         except OSError:
-            time.sleep(0.2)
+            return True
+    return False
 
 
 def _last_error_line(text: str) -> str:

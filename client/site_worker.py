@@ -74,7 +74,7 @@ class SiteWorker:
     Parameters
     ----------
     runtime_api_address : str
-        The SuperNode's Runtime API (``127.0.0.1:PORT``), plain HTTP on loopback.
+        The SuperNode's Runtime API (``127.0.0.1:PORT``), on loopback.
     approvals : AppApprovals
         The site's FAB allowlist.
     observer : TaskObserver | None
@@ -85,6 +85,10 @@ class SiteWorker:
         The secret the SuperNode was started with (``--superexec-auth-secret-file``):
         ``AcquireTask`` calls are signed with it, the way Flower's SuperExec signs
         them, so no other local user can take the site's tasks.
+    runtime_ca_pem : bytes | None
+        The CA of the Runtime API's certificate (:mod:`.runtime_tls`): the worker
+        talks to nothing else, so no other local user can hand it tasks by
+        listening on the port. None: plain HTTP (a SuperNode started without TLS).
     """
 
     def __init__(
@@ -94,9 +98,11 @@ class SiteWorker:
         observer: TaskObserver | None = None,
         poll_interval_s: float = 0.1,
         superexec_secret: bytes | None = None,
+        runtime_ca_pem: bytes | None = None,
     ) -> None:
         self.runtime_api_address = runtime_api_address
         self.superexec_secret = superexec_secret
+        self.runtime_ca_pem = runtime_ca_pem
         self.approvals = approvals
         self.observer = observer or TaskObserver()
         self.poll_interval_s = poll_interval_s
@@ -117,6 +123,7 @@ class SiteWorker:
         self.warm_up()
         acquirer = self._runtime_client(component="SuperExec")
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
+        impostor_said = False
         try:
             while not stop.is_set():
                 try:
@@ -127,10 +134,20 @@ class SiteWorker:
                             "the SuperNode refused the worker's SuperExec secret "
                             "(another SuperNode on this port, or the secret changed)"
                         )
+                    elif _is_tls_failure(exc):
+                        if not impostor_said:
+                            log.error(
+                                "what listens on %s does not show this daemon's "
+                                "Runtime API certificate: not the site's SuperNode; "
+                                "the worker does not talk to it",
+                                self.runtime_api_address,
+                            )
+                        impostor_said = True
                     else:
                         log.debug("AcquireTask failed: %s", exc)
                     stop.wait(1.0)
                     continue
+                impostor_said = False
                 if response.HasField("task") and response.token:
                     try:
                         self.run_task(response.token)
@@ -274,8 +291,8 @@ class SiteWorker:
             retry.max_time = TASK_CALL_RETRY_S
         return RuntimeHttpClient.from_server_address(
             server_address=self.runtime_api_address,
-            insecure=True,  # loopback only: the SuperNode binds its Runtime API to 127.0.0.1
-            root_certificates=None,
+            insecure=self.runtime_ca_pem is None,
+            root_certificates=self.runtime_ca_pem,
             interceptors=interceptors,
             retry_invoker=retry,
         )
@@ -285,6 +302,17 @@ TASK_CALL_RETRY_S = 120.0
 """How long one call of a task retries a SuperNode that does not answer."""
 SUPEREXEC_AUTH_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
 """The Runtime API calls a SuperNode with a SuperExec secret checks (Flower 1.41)."""
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    import ssl
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _status_code(exc: Exception) -> int | None:

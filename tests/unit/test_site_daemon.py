@@ -201,7 +201,7 @@ def test_supernode_command_runs_the_paced_supernode(site):
         private_key=Path("/etc/wardround/site-01.key"),
         state_dir=site.parent / ".wardround-site",
     )
-    command = supernode_command(plan, 45123)
+    command = supernode_command(plan, 45123, None)
     assert command[:3] == [sys.executable, "-m", "wardround.client.supernode_main"]
 
     def value(flag: str) -> str:
@@ -230,7 +230,7 @@ def test_supernode_node_config_parses_back_to_site_toml(site):
         private_key=Path("/k"),
         state_dir=Path("/s"),
     )
-    command = supernode_command(plan, 1)
+    command = supernode_command(plan, 1, None)
     node_config = parse_config_args([command[command.index("--node-config") + 1]])
     assert node_config == {SITE_CONFIG_KEY: str(site.resolve())}
 
@@ -244,8 +244,14 @@ class _IdleWorker:
     tasks_run = 0
     secrets: list[bytes | None] = []
 
-    def __init__(self, *args: object, superexec_secret: bytes | None = None) -> None:
+    def __init__(
+        self,
+        *args: object,
+        superexec_secret: bytes | None = None,
+        runtime_ca_pem: bytes | None = None,
+    ) -> None:
         _IdleWorker.secrets.append(superexec_secret)
+        assert runtime_ca_pem is not None  # the daemon's worker always checks TLS
 
     def serve(self, stop) -> None:  # noqa: ANN001 - a threading.Event
         stop.wait()
@@ -266,7 +272,7 @@ def _supervised_plan(site, credentials, monkeypatch, node_script: str) -> SitePl
     monkeypatch.setattr(
         daemon,
         "supernode_command",
-        lambda plan, port: [sys.executable, "-c", node_script],
+        lambda plan, port, tls: [sys.executable, "-c", node_script],
     )
     return plan_site(site)
 
@@ -353,7 +359,7 @@ def test_the_daemon_makes_one_private_superexec_secret_and_never_logs_it(
     secret = secret_file.read_bytes()
     assert len(secret) == 64 and int(secret, 16) > 0
     assert _IdleWorker.secrets == [secret, secret]
-    command = supernode_command(plan, 1)
+    command = supernode_command(plan, 1, None)
     flag = command.index("--superexec-auth-secret-file")
     assert command[flag + 1] == str(secret_file)
     for written in plan.state_dir.rglob("*"):
@@ -373,6 +379,7 @@ def secured_supernode(site, credentials, monkeypatch, tmp_path):
         _wait_for_port,
         free_loopback_port,
     )
+    from wardround.client.runtime_tls import issue_runtime_tls
     from wardround.ops.processes import start_child, stop_child
     from wardround.ops.secret_file import load_or_create_secret
 
@@ -387,18 +394,21 @@ def secured_supernode(site, credentials, monkeypatch, tmp_path):
     secret = load_or_create_secret(plan.state_dir / SUPEREXEC_SECRET_FILE, "secret")
     port = free_loopback_port()
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    tls = issue_runtime_tls(plan.state_dir)
     node = start_child(
-        supernode_command(plan, port), dict(os.environ), tmp_path / "supernode.log"
+        supernode_command(plan, port, tls),
+        dict(os.environ),
+        tmp_path / "supernode.log",
     )
     try:
-        _wait_for_port(port, node)
+        _wait_for_port(port, node, tls)
         assert node.poll() is None, (tmp_path / "supernode.log").read_text()
-        yield f"127.0.0.1:{port}", secret
+        yield f"127.0.0.1:{port}", secret, tls
     finally:
         stop_child(node)
 
 
-def _acquire_task(address: str, *interceptors: object):  # noqa: ANN202
+def _acquire_task(address: str, ca_pem: bytes, *interceptors: object):  # noqa: ANN202
     """One AcquireTask call, the way any local process could make it (no retries)."""
     from wardround.flower_compat.runtime import (
         AcquireTaskRequest,
@@ -409,8 +419,8 @@ def _acquire_task(address: str, *interceptors: object):  # noqa: ANN202
 
     client = RuntimeHttpClient.from_server_address(
         server_address=address,
-        insecure=True,
-        root_certificates=None,
+        insecure=False,
+        root_certificates=ca_pem,
         interceptors=[RuntimeVersionHttpInterceptor("SuperExec"), *interceptors],
     )
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
@@ -426,18 +436,18 @@ def test_acquire_task_without_the_site_secret_is_refused(secured_supernode):
     from wardround.client.site_worker import SUPEREXEC_AUTH_METHODS
     from wardround.flower_compat.runtime import SuperExecAuthHttpInterceptor
 
-    address, secret = secured_supernode
+    address, secret, tls = secured_supernode
     wrong = SuperExecAuthHttpInterceptor(
         master_secret=b"f" * 64, protected_methods=SUPEREXEC_AUTH_METHODS
     )
     for interceptors in ((), (wrong,)):
         with pytest.raises(httpx.HTTPStatusError) as refused:
-            _acquire_task(address, *interceptors)
+            _acquire_task(address, tls.ca_pem, *interceptors)
         assert refused.value.response.status_code == 401
     right = SuperExecAuthHttpInterceptor(
         master_secret=secret, protected_methods=SUPEREXEC_AUTH_METHODS
     )
-    assert not _acquire_task(address, right).HasField("task")
+    assert not _acquire_task(address, tls.ca_pem, right).HasField("task")
 
 
 def test_the_worker_signs_its_acquire_task_with_the_site_secret(secured_supernode):
@@ -447,9 +457,12 @@ def test_the_worker_signs_its_acquire_task_with_the_site_secret(secured_supernod
     from wardround.client.site_worker import SiteWorker
     from wardround.flower_compat.runtime import AcquireTaskRequest
 
-    address, secret = secured_supernode
+    address, secret, tls = secured_supernode
     worker = SiteWorker(
-        address, AppApprovals(Path("/nonexistent")), superexec_secret=secret
+        address,
+        AppApprovals(Path("/nonexistent")),
+        superexec_secret=secret,
+        runtime_ca_pem=tls.ca_pem,
     )
     acquirer = worker._runtime_client(component="SuperExec")
     try:
@@ -459,7 +472,10 @@ def test_the_worker_signs_its_acquire_task_with_the_site_secret(secured_supernod
     # a worker with a stale secret is refused, and its call gives up instead of
     # Flower's SuperExec reaction (SIGINT to its own process: the site daemon)
     stale = SiteWorker(
-        address, AppApprovals(Path("/nonexistent")), superexec_secret=b"0"
+        address,
+        AppApprovals(Path("/nonexistent")),
+        superexec_secret=b"0",
+        runtime_ca_pem=tls.ca_pem,
     )
     acquirer = stale._runtime_client(component="SuperExec")
     try:
@@ -469,6 +485,105 @@ def test_the_worker_signs_its_acquire_task_with_the_site_secret(secured_supernod
     finally:
         acquirer.close()
     assert threading.main_thread().is_alive()
+
+
+def test_the_runtime_api_is_served_with_this_starts_certificate_alone(
+    secured_supernode, tmp_path
+):
+    """Another local account listening on the port cannot pass for the SuperNode."""
+    import socket
+    import ssl
+    import threading
+    import time
+
+    import httpx
+
+    from wardround.client.approvals import AppApprovals
+    from wardround.client.daemon import _port_taken, _wait_for_port, free_loopback_port
+    from wardround.client.runtime_tls import issue_runtime_tls, serves_runtime_tls
+    from wardround.client.site_worker import SiteWorker, _is_tls_failure
+    from wardround.flower_compat.runtime import AcquireTaskRequest
+
+    address, secret, tls = secured_supernode
+    port = int(address.rsplit(":", 1)[1])
+    assert serves_runtime_tls(port, tls)
+    for name in ("ca.pem", "runtime.pem", "runtime.key"):
+        assert (tls.private_key.parent / name).stat().st_mode & 0o777 == 0o600
+    assert tls.private_key.parent.stat().st_mode & 0o777 == 0o700
+    # in plain HTTP the SuperNode does not answer at all
+    with pytest.raises(httpx.HTTPError):
+        _acquire_task_plain(address)
+
+    # a squatter on another port with a certificate of its own making (the same
+    # names, 127.0.0.1), as another account would run while the SuperNode restarts
+    own = issue_runtime_tls(tmp_path / "squatter")
+    squat_port = free_loopback_port()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(own.certificate, own.private_key)
+    listener = socket.create_server(("127.0.0.1", squat_port))
+    served: list[bytes] = []
+
+    def squat() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls_conn:
+                    served.append(tls_conn.recv(1024))
+            except (OSError, ssl.SSLError):
+                pass
+
+    thread = threading.Thread(target=squat, daemon=True)
+    thread.start()
+    try:
+        assert _port_taken(squat_port)
+        assert not serves_runtime_tls(squat_port, tls)
+
+        class _Running:
+            def poll(self) -> None:
+                return None
+
+        started = time.monotonic()
+        _wait_for_port(squat_port, _Running(), tls, limit_s=1.5)
+        assert time.monotonic() - started >= 1.4  # never taken for the SuperNode
+        worker = SiteWorker(
+            f"127.0.0.1:{squat_port}",
+            AppApprovals(Path("/nonexistent")),
+            superexec_secret=secret,
+            runtime_ca_pem=tls.ca_pem,
+        )
+        acquirer = worker._runtime_client(component="SuperExec")
+        try:
+            with pytest.raises(httpx.ConnectError) as refused:
+                acquirer.AcquireTask(AcquireTaskRequest())
+            assert _is_tls_failure(refused.value)
+        finally:
+            acquirer.close()
+        assert served == []  # not one byte of a request reached the squatter
+    finally:
+        listener.close()
+        thread.join(timeout=5)
+
+
+def _acquire_task_plain(address: str):  # noqa: ANN202
+    from wardround.flower_compat.runtime import (
+        AcquireTaskRequest,
+        RuntimeHttpClient,
+        RuntimeVersionHttpInterceptor,
+    )
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor("SuperExec")],
+    )
+    try:
+        return client.AcquireTask(AcquireTaskRequest())
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize(
@@ -547,9 +662,18 @@ def test_the_operator_hears_of_an_unreachable_coordinator_and_of_the_connection(
 
     # A SuperNode that opens its Runtime API, fails to reach the coordinator for a
     # while, as Flower's logs it, then registers.
+    # The Runtime API answers TLS handshakes with the daemon's certificate.
     script = (
-        "import socket, sys, time\n"
+        "import socket, ssl, sys, threading, time\n"
         "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+        "tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n"
+        "tls.load_cert_chain(sys.argv[2], sys.argv[3])\n"
+        "def serve():\n"
+        "    while True:\n"
+        "        c, _ = s.accept()\n"
+        "        try: tls.wrap_socket(c, server_side=True).close()\n"
+        "        except OSError: pass\n"
+        "threading.Thread(target=serve, daemon=True).start()\n"
         "for wait in (0.3, 0.6, 1.2):\n"
         "    print(f'WARNING :   Connection attempt failed, retrying in {wait} "
         "seconds', flush=True); time.sleep(wait)\n"
@@ -562,7 +686,14 @@ def test_the_operator_hears_of_an_unreachable_coordinator_and_of_the_connection(
     monkeypatch.setattr(
         daemon,
         "supernode_command",
-        lambda plan, port: [sys.executable, "-c", script, str(port)],
+        lambda plan, port, tls: [
+            sys.executable,
+            "-c",
+            script,
+            str(port),
+            str(tls.certificate),
+            str(tls.private_key),
+        ],
     )
     monkeypatch.setattr(
         daemon,
