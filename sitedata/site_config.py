@@ -405,8 +405,10 @@ class SiteConfig(TomlFileConfig):
 
     @property
     def cache_path(self) -> Path:
-        """The index cache folder, resolved."""
-        return self.resolve(self.data.cache_dir)
+        """The cache folder, resolved; owner-only (decoded images, PACS copies)."""
+        from ..ops.private_folder import private_folder
+
+        return private_folder(self.resolve(self.data.cache_dir), "[data] cache-dir")
 
 
 def load_site_configs(site_tomls: list[Path]) -> list[SiteConfig]:

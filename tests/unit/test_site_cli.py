@@ -101,6 +101,27 @@ def test_site_check_counts_duplicates_and_pydicom_warnings_and_logs_them(
     assert "pydicom's warnings, file by file" in done.stdout
 
 
+def test_site_check_keeps_its_cache_from_other_accounts(template, tmp_path):
+    # under a login shell's umask the cache's files are world-readable: the folder
+    # (decoded images, the DICOM index) is what keeps other accounts out
+    import os
+    import stat
+
+    site = tmp_path / "site"
+    shutil.copytree(template / "site-01", site)
+    before = os.umask(0o022)
+    try:
+        result = runner.invoke(
+            _app(), ["site", "check", "--config", str(site / "site.toml"), "--json"]
+        )
+    finally:
+        os.umask(before)
+    assert result.exit_code == 0, result.output
+    cache = site / ".wardround-cache"
+    assert any(cache.rglob("*.parquet"))  # the index was written there
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+
+
 def test_site_check_lists_blocking_problems(template, tmp_path):
     site = tmp_path / "site"
     shutil.copytree(template / "site-01", site)
