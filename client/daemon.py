@@ -405,7 +405,9 @@ def _run_site_daemon(
     if env.get("FLWR_LOG_LEVEL", "INFO").upper() not in ("INFO", "DEBUG"):
         # the connection's messages to the operator are read from INFO lines
         env["FLWR_LOG_LEVEL"] = "INFO"
-    node = _SuperNode(plan, port, tls, env, audit)
+    node = _SuperNode(
+        plan, port, tls, env, audit, movable=not plan.site.deployment.runtime_port
+    )
     audit.record(
         "site_daemon_started",
         coordinator=plan.coordinator,
@@ -413,13 +415,17 @@ def _run_site_daemon(
         supernode_pid=node.process.pid,
         dashboard=dashboard.exposure.url if dashboard else "off",
     )
-    _wait_for_port(port, node.process, tls)
+    _wait_for_port(node.port, node.process, tls)
     worker = SiteWorker(
-        f"{RUNTIME_HOST}:{port}",
+        f"{RUNTIME_HOST}:{node.port}",
         AppApprovals(plan.state_dir),
         AuditingObserver(audit, plan.state_dir / EGRESS_FILE, say=report),
         superexec_secret=secret,
         runtime_ca_pem=tls.ca_pem,
+    )
+    # the worker follows the SuperNode to the port it moved to (see _SuperNode.start)
+    node.on_port = lambda moved_to: setattr(
+        worker, "runtime_api_address", f"{RUNTIME_HOST}:{moved_to}"
     )
     worker_thread = threading.Thread(
         target=worker.serve, args=(stop,), name="wardround-worker", daemon=True
@@ -483,6 +489,8 @@ class _SuperNode:
         tls: RuntimeTls,
         env: dict[str, str],
         audit: AuditLog,
+        *,
+        movable: bool = False,
     ) -> None:
         self.plan, self.port, self.tls, self.env, self.audit = (
             plan,
@@ -491,13 +499,32 @@ class _SuperNode:
             env,
             audit,
         )
+        # runtime-port unset: a port another process took is left for a free one
+        self.movable = movable
+        self.on_port: Callable[[int], None] = lambda port: None
         self.log_path = plan.state_dir / SUPERNODE_LOG
         self.first_refusal: float | None = None
         self.quick_exits = 0
         self.start()
 
     def start(self) -> None:
-        """Start the SuperNode; its log is read from here on."""
+        """Start the SuperNode; its log is read from here on.
+
+        When another process listens on its port (another account of the host may
+        bind any loopback port while the SuperNode is down) and the port was not
+        fixed, it moves to a free one, and the worker follows.
+        """
+        if self.movable and _port_taken(self.port):
+            held, self.port = self.port, free_loopback_port()
+            log.warning(
+                "another process listens on the Runtime API port %s:%d; the "
+                "SuperNode moves to %d",
+                RUNTIME_HOST,
+                held,
+                self.port,
+            )
+            self.audit.record("runtime_port_moved", held_port=held, port=self.port)
+            self.on_port(self.port)
         log_path = self.log_path
         self.offset = log_path.stat().st_size if log_path.exists() else 0
         self.watched_to = self.offset

@@ -121,11 +121,16 @@ class SiteWorker:
         from ..flower_compat.runtime import AcquireTaskRequest, TaskType
 
         self.warm_up()
+        address = self.runtime_api_address
         acquirer = self._runtime_client(component="SuperExec")
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
         impostor_said = False
         try:
             while not stop.is_set():
+                if self.runtime_api_address != address:  # the SuperNode moved
+                    acquirer.close()
+                    address = self.runtime_api_address
+                    acquirer = self._runtime_client(component="SuperExec")
                 try:
                     response = acquirer.AcquireTask(request)
                 except Exception as exc:  # the SuperNode may be restarting

@@ -37,6 +37,7 @@ class AuditEvent(StrEnum):
     SITE_DAEMON_STARTED = "site_daemon_started"
     SITE_DAEMON_STOPPED = "site_daemon_stopped"
     SUPERNODE_RESTARTED = "supernode_restarted"
+    RUNTIME_PORT_MOVED = "runtime_port_moved"
     SITE_ENROLLED = "site_enrolled"
     SITE_REVOKED = "site_revoked"
     SITE_JOINED = "site_joined"

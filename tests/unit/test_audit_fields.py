@@ -75,7 +75,8 @@ def test_unknown_events_and_actors_are_refused(tmp_path):
 def test_event_enum_is_exactly_the_agreed_set():
     assert {e.value for e in AuditEvent} == {
         "coordinator_started", "coordinator_stopped", "site_daemon_started",
-        "site_daemon_stopped", "supernode_restarted", "site_enrolled", "site_revoked",
+        "site_daemon_stopped", "supernode_restarted", "runtime_port_moved",
+        "site_enrolled", "site_revoked",
         "site_joined",
         "site_left", "site_refused", "run_started", "run_resumed", "run_paused",
         "run_finished", "run_stopped", "round_started", "round_finished",

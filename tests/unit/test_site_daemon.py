@@ -323,6 +323,112 @@ def test_a_supernode_that_ends_itself_is_started_again(site, credentials, monkey
     assert events[-1]["reason"] == "stopped"
 
 
+class _FollowingWorker(_IdleWorker):
+    """Keeps the address it was given, and whatever the daemon moves it to."""
+
+    made: list[_FollowingWorker] = []
+
+    def __init__(self, address: str, *args: object, **kwargs: object) -> None:
+        super().__init__(address, *args, **kwargs)
+        self.runtime_api_address = address
+        _FollowingWorker.made.append(self)
+
+
+_HOLDER = (
+    "import socket, sys, time\n"
+    "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+    "print('bound', flush=True); time.sleep(300)\n"
+)
+
+
+def test_a_supernode_whose_port_another_process_took_moves_and_the_worker_follows(
+    site, credentials, monkeypatch, tmp_path
+):
+    import subprocess
+    import threading
+    import time
+
+    import wardround.client.daemon as daemon
+
+    ports_file, holder_pid = tmp_path / "ports", tmp_path / "holder.pid"
+    # Run 1 notes its port, leaves a process listening there (as another account
+    # would bind it once the SuperNode is gone) and ends; run 2 notes its port.
+    script = (
+        "import pathlib, subprocess, sys, time\n"
+        "ports = pathlib.Path(sys.argv[2])\n"
+        "seen = ports.read_text().split() if ports.exists() else []\n"
+        "ports.write_text(' '.join([*seen, sys.argv[1]]))\n"
+        "if not seen:\n"
+        f"    h = subprocess.Popen([sys.executable, '-c', {_HOLDER!r}, sys.argv[1]], "
+        "stdout=subprocess.PIPE, text=True)\n"
+        "    h.stdout.readline(); pathlib.Path(sys.argv[3]).write_text(str(h.pid))\n"
+        "    sys.exit(0)\n"
+        "time.sleep(120)\n"
+    )
+    plan = _supervised_plan(site, credentials, monkeypatch, script)
+    monkeypatch.setattr(
+        daemon,
+        "supernode_command",
+        lambda plan, port, tls: [
+            sys.executable, "-c", script, str(port), str(ports_file), str(holder_pid)
+        ],
+    )  # fmt: skip
+    monkeypatch.setattr(daemon, "SiteWorker", _FollowingWorker)
+    _FollowingWorker.made.clear()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            daemon.run_site_daemon(plan, stop)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+            not ports_file.exists() or len(ports_file.read_text().split()) < 2
+        ):
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert thread.is_alive(), errors
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        if holder_pid.exists():
+            os.kill(int(holder_pid.read_text()), 15)
+    assert not errors
+    held, moved_to = map(int, ports_file.read_text().split())
+    assert moved_to != held
+    (worker,) = _FollowingWorker.made
+    assert worker.runtime_api_address == f"127.0.0.1:{moved_to}"
+    events = read_audit(plan.state_dir / "audit.jsonl")
+    (moved,) = [e for e in events if e["event"] == "runtime_port_moved"]
+    assert (moved["held_port"], moved["port"]) == (held, moved_to)
+
+    # a fixed runtime-port does not move: the daemon stops and names the holder
+    subprocess_holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(held)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert subprocess_holder.stdout.readline().strip() == "bound"
+        site.write_text(site.read_text() + f"runtime-port = {held}\n")
+        fixed = daemon.plan_site(site)
+        monkeypatch.setattr(
+            daemon,
+            "supernode_command",
+            lambda plan, port, tls: [sys.executable, "-c", "import sys; sys.exit(1)"],
+        )
+        with pytest.raises(FederationError, match="another process holds it") as err:
+            daemon.run_site_daemon(fixed, threading.Event())
+        assert f"sport = :{held}" in err.value.hint
+    finally:
+        subprocess_holder.terminate()
+        subprocess_holder.wait(timeout=10)
+
+
 def test_a_supernode_that_keeps_ending_fails_the_daemon(site, credentials, monkeypatch):
     import threading
 
