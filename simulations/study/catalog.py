@@ -148,6 +148,13 @@ def strategy_arms(mus: tuple[float, ...]) -> tuple[Arm, ...]:
             ArmGroup.STRATEGY,
             personal=PERSONAL_MODULES,
         ),
+        Arm(
+            "fedavg-personal-lora-b",
+            "FedAvg, personalised (own LoRA B, FedSA-LoRA)",
+            federated,
+            ArmGroup.STRATEGY,
+            personal=PERSONAL_LORA,
+        ),
     )
 
 
@@ -219,6 +226,11 @@ def modality_arms() -> tuple[Arm, ...]:
 PERSONAL_MODULES = ("head", "wide")
 """What the personalised arm keeps at each site: the head and the wide term read the
 site's own label mix and note dialect; encoders and fusion layers are federated."""
+PERSONAL_LORA = ("lora_B",)
+"""What the FedSA-LoRA arm keeps at each site: every LoRA B factor (the A factors,
+the head and the wide term are federated), after Guo et al., "Selective Aggregation
+for Low-Rank Adaptation in Federated Learning" (ICLR 2025): A learns what the sites
+share, B what is each site's own."""
 
 
 def classical_arms(epsilons: tuple[float, ...]) -> tuple[Arm, ...]:

@@ -9,7 +9,7 @@ validation split.
 The cells span three axes: base × patients per site × DP. Every arm runs on the
 *primary* cells (the smallest size, the primary base); every other size and base
 runs the privacy axis (pooled, local-only, FedAvg, FedAvg + DP per ε) and
-personalised FedAvg, on the ablation site counts.
+the personalised arms, on the ablation site counts.
 """
 
 from __future__ import annotations

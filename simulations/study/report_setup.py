@@ -328,7 +328,7 @@ def header_lines(data: Mapping[str, Any]) -> list[str]:
             else ""
         )
         + "; every size and base runs the privacy axis (pooled, local-only, FedAvg "
-        "and FedAvg + DP at each ε) and personalised FedAvg on "
+        "and FedAvg + DP at each ε) and the personalised arms on "
         f"{_and(s['ablation_site_counts'])} sites. "
         + (
             f"Arm runs (all seeds): {sum(_arm_runs(s).values())}."
