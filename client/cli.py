@@ -40,9 +40,9 @@ def _check_log_path(site_toml: Path) -> Path | None:
 
     try:
         site = SiteConfig.from_toml(site_toml)
+        return site.cache_path / CHECK_LOG if site.has_imaging else None
     except WardroundError:
         return None  # the check reports why
-    return site.cache_path / CHECK_LOG if site.has_imaging else None
 
 
 @site_app.command("check")

@@ -42,7 +42,13 @@ from ..sitedata.site_config import SiteConfig
 from .approvals import AppApprovals
 from .connection_watch import ConnectionWatch
 from .egress_log import EGRESS_FILE
-from .runtime_tls import RUNTIME_HOST, RuntimeTls, issue_runtime_tls, serves_runtime_tls
+from .runtime_tls import (
+    RUNTIME_HOST,
+    RuntimeTls,
+    bypass_proxy_for_loopback,
+    issue_runtime_tls,
+    serves_runtime_tls,
+)
 from .site_worker import APP_NOT_APPROVED, SiteWorker, TaskObserver, TaskOutcome
 from .supernode_main import POLL_ENV
 
@@ -383,6 +389,7 @@ def _run_site_daemon(
 ) -> None:
     env_before = dict(os.environ)
     os.environ["FLWR_HOME"] = str(plan.state_dir / "flwr-home")
+    bypass_proxy_for_loopback(os.environ)  # the worker's calls to its SuperNode
     apply_machine_hygiene(plan.state_dir)
     secret = load_or_create_secret(
         plan.state_dir / SUPEREXEC_SECRET_FILE, "the site's SuperExec secret"
@@ -594,7 +601,8 @@ class _SuperNode:
                 f"the SuperNode could not listen on its Runtime API port "
                 f"{RUNTIME_HOST}:{self.port}: another process holds it",
                 hint=f"See which with `ss -ltnp 'sport = :{self.port}'`; stop it, or "
-                "leave [deployment] runtime-port unset (a free port at each start). "
+                "leave [deployment] runtime-port unset (the SuperNode then moves to a "
+                "free port). "
                 "The worker never talks to it: it trusts only its own SuperNode's "
                 "certificate.",
             )

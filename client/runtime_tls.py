@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 import ssl
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,19 @@ def issue_runtime_tls(state_dir: Path, now: dt.datetime | None = None) -> Runtim
     _write_private(tls.certificate, certificate_pem(cert))
     _write_private(tls.ca_certificate, ca_pem)
     return tls
+
+
+def bypass_proxy_for_loopback(environ: MutableMapping[str, str]) -> None:
+    """Calls to 127.0.0.1 go direct, whatever proxy the host sets for the internet.
+
+    Flower's Runtime API client is httpx, which sends an ``https://`` call through
+    ``HTTPS_PROXY`` unless ``NO_PROXY`` lists the host: a hospital's outbound proxy
+    would otherwise stand between the worker and its own SuperNode.
+    """
+    for name in ("NO_PROXY", "no_proxy"):
+        listed = [h.strip() for h in environ.get(name, "").split(",") if h.strip()]
+        listed += [h for h in (RUNTIME_HOST, "localhost") if h not in listed]
+        environ[name] = ",".join(listed)
 
 
 def serves_runtime_tls(port: int, tls: RuntimeTls, timeout_s: float = 2.0) -> bool:

@@ -18,29 +18,50 @@ from ..common.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def private_folder(path: Path, what: str) -> Path:
+def private_folder(path: Path, what: str, *, holds: Path | None = None) -> Path:
     """``path``, created 0700 if missing, tightened to 0700 if it is ours and looser.
 
-    A folder of another owner, or one that anyone may write to (``/tmp``), is
-    refused: it is not the site's to tighten. ``what`` names it in messages.
+    Refused: a folder another account owns (it could read or swap what is written
+    there, whatever its mode), and a loose one that is not the cache's alone: one
+    anyone may write to (``/tmp``), or ``holds`` (the site's folder) or a folder
+    above it, whose mode other people's access may rest on. ``what`` names it in
+    messages. A file system that ignores ``chmod`` is refused too.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     info = path.stat()
     mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid != os.geteuid():
+        raise _refused(path, what, f"it belongs to another account (uid {info.st_uid})")
     if not mode & 0o077:
         return path
-    if mode & 0o002 or info.st_uid != os.geteuid():
-        raise ConfigError(
-            f"{what} {path} may be read by other accounts of this host (mode "
-            f"{mode:04o}, owner uid {info.st_uid}), and it holds data derived from "
-            "patients",
-            hint="Give it a folder of the site's own (e.g. the default "
-            '".wardround-cache" next to site.toml), or make this one the site '
-            f"account's with mode 0700 (`chmod 700 {path}`).",
+    shared = holds is not None and (
+        path.resolve() == Path(holds).resolve()
+        or path.resolve() in Path(holds).resolve().parents
+    )
+    if mode & 0o002 or shared:
+        raise _refused(
+            path,
+            what,
+            f"other accounts may read it (mode {mode:04o}) and it is not the cache's "
+            "alone",
         )
     os.chmod(path, 0o700)
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise _refused(
+            path, what, f"its file system keeps mode {mode:04o} whatever chmod says"
+        )
     log.warning(
         "%s %s could be read by other accounts (mode %04o): now 0700", what, path, mode
     )
     return path
+
+
+def _refused(path: Path, what: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"{what} {path} cannot be kept from other accounts of this host: {why}; it "
+        "holds data derived from patients",
+        hint="Give the cache a folder of its own that the site's account owns (the "
+        'default ".wardround-cache" next to site.toml is made 0700), on a file '
+        "system that keeps Unix modes.",
+    )

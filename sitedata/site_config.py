@@ -408,7 +408,9 @@ class SiteConfig(TomlFileConfig):
         """The cache folder, resolved; owner-only (decoded images, PACS copies)."""
         from ..ops.private_folder import private_folder
 
-        return private_folder(self.resolve(self.data.cache_dir), "[data] cache-dir")
+        return private_folder(
+            self.resolve(self.data.cache_dir), "[data] cache-dir", holds=self.base_dir
+        )
 
 
 def load_site_configs(site_tomls: list[Path]) -> list[SiteConfig]:

@@ -114,7 +114,8 @@ PatientsOption = Annotated[
     typer.Option(
         "--patients",
         help="Comma list of patients per site (default: 200,1000,3000 for full, "
-        "40 for smoke); the smallest runs every arm, the others the privacy axis.",
+        "40 for smoke); the smallest runs every arm, the others the privacy axis "
+        "and the personalised arms.",
     ),
 ]
 BasesOption = Annotated[

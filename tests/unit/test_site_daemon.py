@@ -593,6 +593,52 @@ def test_the_worker_signs_its_acquire_task_with_the_site_secret(secured_supernod
     assert threading.main_thread().is_alive()
 
 
+def test_the_workers_calls_to_its_supernode_never_go_through_the_hosts_proxy(
+    secured_supernode, monkeypatch
+):
+    # a hospital sets https_proxy for its outbound traffic; httpx would send the
+    # worker's https://127.0.0.1 calls to that proxy
+    import httpx
+
+    from wardround.client.approvals import AppApprovals
+    from wardround.client.runtime_tls import bypass_proxy_for_loopback
+    from wardround.client.site_worker import SUPEREXEC_AUTH_METHODS, SiteWorker
+    from wardround.flower_compat.runtime import (
+        AcquireTaskRequest,
+        SuperExecAuthHttpInterceptor,
+    )
+
+    address, secret, tls = secured_supernode
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "intranet.example")
+    worker = SiteWorker(
+        address,
+        AppApprovals(Path("/nonexistent")),
+        superexec_secret=secret,
+        runtime_ca_pem=tls.ca_pem,
+    )
+
+    def acquire():  # noqa: ANN202
+        client = worker._runtime_client(component="SuperExec")
+        try:
+            return client.AcquireTask(AcquireTaskRequest())
+        finally:
+            client.close()
+
+    signed = SuperExecAuthHttpInterceptor(
+        master_secret=secret, protected_methods=SUPEREXEC_AUTH_METHODS
+    )
+    # the SuperNode listens: a refused connection is the call going to the proxy
+    with pytest.raises(httpx.ConnectError, match="refused"):
+        _acquire_task(address, tls.ca_pem, signed)  # one call, no retries
+    bypass_proxy_for_loopback(os.environ)
+    assert os.environ["NO_PROXY"] == "intranet.example,127.0.0.1,localhost"
+    assert not _acquire_task(address, tls.ca_pem, signed).HasField("task")
+    assert not acquire().HasField("task")  # the worker's own client
+
+
 def test_the_runtime_api_is_served_with_this_starts_certificate_alone(
     secured_supernode, tmp_path
 ):
