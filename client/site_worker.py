@@ -294,8 +294,16 @@ class SiteWorker:
                 cancelled.is_set() or bool(flower_giveup and flower_giveup(exc))
             )
             retry.max_time = TASK_CALL_RETRY_S
+        # A call retrying a SuperNode that moved to another port (another process
+        # took this one) gives up, so the worker follows it.
+        address = self.runtime_api_address
+        before_move: Callable[[Exception], bool] | None = retry.should_giveup
+        retry.should_giveup = lambda exc: (
+            self.runtime_api_address != address
+            or bool(before_move and before_move(exc))
+        )
         return RuntimeHttpClient.from_server_address(
-            server_address=self.runtime_api_address,
+            server_address=address,
             insecure=self.runtime_ca_pem is None,
             root_certificates=self.runtime_ca_pem,
             interceptors=interceptors,

@@ -245,3 +245,19 @@ def test_a_cancelled_task_stops_retrying_its_calls():
     cancelled.set()
     assert invoker.should_giveup(ConnectionRefusedError())
     assert invoker.max_time is not None
+
+
+def test_a_call_retrying_a_supernode_that_moved_gives_up_so_the_worker_follows():
+    # Flower retries a refused connection for ever; once the daemon has moved the
+    # SuperNode to another port, the worker's pending AcquireTask must give up
+    from wardround.client.approvals import AppApprovals
+    from wardround.client.site_worker import SiteWorker
+
+    worker = SiteWorker("127.0.0.1:9", AppApprovals(Path("/nonexistent")))
+    acquirer = worker._runtime_client("SuperExec")
+    invoker = next(v for v in vars(acquirer).values() if hasattr(v, "should_giveup"))
+    assert not invoker.should_giveup(ConnectionRefusedError())
+    worker.runtime_api_address = "127.0.0.1:10"
+    assert invoker.should_giveup(ConnectionRefusedError())
+    acquirer.close()
+    assert worker._runtime_client("SuperExec") is not None  # a new one, new address
