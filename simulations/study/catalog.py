@@ -89,7 +89,7 @@ class Arm:
 
     @property
     def every_cell(self) -> bool:
-        """The arms every cell runs: the privacy axis and personalised FedAvg.
+        """The arms every cell runs: the privacy axis and the personalised arms.
 
         Personalisation is judged site by site, and at the smallest size a site's
         validation split holds a few dozen studies: the larger sizes are where its
