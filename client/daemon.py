@@ -390,6 +390,16 @@ def _run_site_daemon(
     env_before = dict(os.environ)
     os.environ["FLWR_HOME"] = str(plan.state_dir / "flwr-home")
     bypass_proxy_for_loopback(os.environ)  # the worker's calls to its SuperNode
+    try:
+        _serve_site(plan, stop, report)
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+
+
+def _serve_site(
+    plan: SitePlan, stop: threading.Event, report: Callable[[str], None]
+) -> None:
     apply_machine_hygiene(plan.state_dir)
     secret = load_or_create_secret(
         plan.state_dir / SUPEREXEC_SECRET_FILE, "the site's SuperExec secret"
@@ -397,64 +407,70 @@ def _run_site_daemon(
     audit = AuditLog(plan.state_dir / AUDIT_FILE, actor=f"site:{plan.site.site.name}")
     from .dashboard.app import start_site_dashboard
 
-    try:
-        dashboard = start_site_dashboard(plan.site, plan.site_toml, plan.check_report)
-    except BaseException:
-        os.environ.clear()
-        os.environ.update(env_before)
-        raise
-    port = plan.site.deployment.runtime_port or free_loopback_port()
-    # another local account may listen on that port when the SuperNode is down:
-    # the worker trusts only the certificate made here (runtime_tls.py)
-    tls = issue_runtime_tls(plan.state_dir)
-    env = dict(os.environ)
-    env[POLL_ENV] = str(plan.site.deployment.poll_interval_s)
-    if env.get("FLWR_LOG_LEVEL", "INFO").upper() not in ("INFO", "DEBUG"):
-        # the connection's messages to the operator are read from INFO lines
-        env["FLWR_LOG_LEVEL"] = "INFO"
-    node = _SuperNode(
-        plan, port, tls, env, audit, movable=not plan.site.deployment.runtime_port
-    )
-    audit.record(
-        "site_daemon_started",
-        coordinator=plan.coordinator,
-        pid=os.getpid(),
-        supernode_pid=node.process.pid,
-        dashboard=dashboard.exposure.url if dashboard else "off",
-    )
-    _wait_for_port(node.port, node.process, tls)
-    worker = SiteWorker(
-        f"{RUNTIME_HOST}:{node.port}",
-        AppApprovals(plan.state_dir),
-        AuditingObserver(audit, plan.state_dir / EGRESS_FILE, say=report),
-        superexec_secret=secret,
-        runtime_ca_pem=tls.ca_pem,
-    )
-    # the worker follows the SuperNode to the port it moved to (see _SuperNode.start)
-    node.on_port = lambda moved_to: setattr(
-        worker, "runtime_api_address", f"{RUNTIME_HOST}:{moved_to}"
-    )
-    worker_thread = threading.Thread(
-        target=worker.serve, args=(stop,), name="wardround-worker", daemon=True
-    )
-    worker_thread.start()
+    dashboard = start_site_dashboard(plan.site, plan.site_toml, plan.check_report)
+    node: _SuperNode | None = None
+    worker: SiteWorker | None = None
+    worker_thread: threading.Thread | None = None
     failure: FederationError | None = None
-    watch = ConnectionWatch(plan.coordinator, str(node.log_path))
+    ended_by = "stopped"
     try:
+        port = plan.site.deployment.runtime_port or free_loopback_port()
+        # another local account may listen on that port when the SuperNode is
+        # down: the worker trusts only the certificate made here (runtime_tls.py)
+        tls = issue_runtime_tls(plan.state_dir)
+        env = dict(os.environ)
+        env[POLL_ENV] = str(plan.site.deployment.poll_interval_s)
+        if env.get("FLWR_LOG_LEVEL", "INFO").upper() not in ("INFO", "DEBUG"):
+            # the connection's messages to the operator are read from INFO lines
+            env["FLWR_LOG_LEVEL"] = "INFO"
+        node = _SuperNode(
+            plan, port, tls, env, audit, movable=not plan.site.deployment.runtime_port
+        )
+        audit.record(
+            "site_daemon_started",
+            coordinator=plan.coordinator,
+            pid=os.getpid(),
+            supernode_pid=node.process.pid,
+            dashboard=dashboard.exposure.url if dashboard else "off",
+        )
+        _wait_for_port(node.port, node.process, tls)
+        worker = SiteWorker(
+            f"{RUNTIME_HOST}:{node.port}",
+            AppApprovals(plan.state_dir),
+            AuditingObserver(audit, plan.state_dir / EGRESS_FILE, say=report),
+            superexec_secret=secret,
+            runtime_ca_pem=tls.ca_pem,
+        )
+        # the worker follows the SuperNode to a port it moved to (_SuperNode.start)
+        following = worker
+        node.on_port = lambda moved_to: setattr(
+            following, "runtime_api_address", f"{RUNTIME_HOST}:{moved_to}"
+        )
+        worker_thread = threading.Thread(
+            target=worker.serve, args=(stop,), name="wardround-worker", daemon=True
+        )
+        worker_thread.start()
+        watch = ConnectionWatch(plan.coordinator, str(node.log_path))
         failure = _supervise(node, worker_thread, stop, watch, report)
+        if failure is not None:
+            ended_by = safe_reason(failure.message)
+    except BaseException as exc:
+        ended_by = type(exc).__name__
+        raise
     finally:
         stop.set()
-        stop_child(node.process)
-        worker_thread.join(timeout=30)
+        if node is not None:
+            stop_child(node.process)
+        if worker_thread is not None:
+            worker_thread.join(timeout=30)
         if dashboard is not None:
             dashboard.stop()
-        audit.record(
-            "site_daemon_stopped",
-            tasks=worker.tasks_run,
-            reason=safe_reason(failure.message) if failure else "stopped",
-        )
-        os.environ.clear()
-        os.environ.update(env_before)
+        if node is not None:  # site_daemon_started was, or was about to be, recorded
+            audit.record(
+                "site_daemon_stopped",
+                tasks=worker.tasks_run if worker is not None else 0,
+                reason=ended_by,
+            )
     if failure is not None:
         raise failure
 
@@ -597,14 +613,24 @@ class _SuperNode:
             )
             return delay
         if refusal is None and _port_taken(self.port):
+            where = f"{RUNTIME_HOST}:{self.port}"
             return FederationError(
-                f"the SuperNode could not listen on its Runtime API port "
-                f"{RUNTIME_HOST}:{self.port}: another process holds it",
-                hint=f"See which with `ss -ltnp 'sport = :{self.port}'`; stop it, or "
-                "leave [deployment] runtime-port unset (the SuperNode then moves to a "
-                "free port). "
-                "The worker never talks to it: it trusts only its own SuperNode's "
-                "certificate.",
+                f"the SuperNode could not listen on its Runtime API port {where}: "
+                "another process holds it"
+                + (
+                    f" (each of the {self.quick_exits} free ports it was given)"
+                    if self.movable
+                    else ""
+                ),
+                hint=f"See which with `ss -ltnp 'sport = :{self.port}'` and stop it"
+                + (
+                    "; another account of this host is taking the site's ports."
+                    if self.movable
+                    else ", or leave [deployment] runtime-port unset (the SuperNode "
+                    "then moves to a free port)."
+                )
+                + " The worker never talks to it: it trusts only its own "
+                "SuperNode's certificate.",
             )
         return refusal or FederationError(
             f"the SuperNode exited with code {self.process.returncode}"

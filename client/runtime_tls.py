@@ -96,10 +96,15 @@ def bypass_proxy_for_loopback(environ: MutableMapping[str, str]) -> None:
     ``HTTPS_PROXY`` unless ``NO_PROXY`` lists the host: a hospital's outbound proxy
     would otherwise stand between the worker and its own SuperNode.
     """
+    # Python's lookup (which httpx and requests use) prefers the lowercase name,
+    # other tools the uppercase one: both get one list, keeping either's entries
+    listed: list[str] = []
     for name in ("NO_PROXY", "no_proxy"):
-        listed = [h.strip() for h in environ.get(name, "").split(",") if h.strip()]
-        listed += [h for h in (RUNTIME_HOST, "localhost") if h not in listed]
-        environ[name] = ",".join(listed)
+        for host in environ.get(name, "").split(","):
+            if host.strip() and host.strip() not in listed:
+                listed.append(host.strip())
+    listed += [h for h in (RUNTIME_HOST, "localhost") if h not in listed]
+    environ["NO_PROXY"] = environ["no_proxy"] = ",".join(listed)
 
 
 def serves_runtime_tls(port: int, tls: RuntimeTls, timeout_s: float = 2.0) -> bool:

@@ -108,6 +108,7 @@ class SiteWorker:
         self.poll_interval_s = poll_interval_s
         self.tasks_run = 0
         self._client_app: Any = None
+        self._stopping = threading.Event()
 
     def warm_up(self) -> None:
         """Import torch and the ClientApp now, not on the first message."""
@@ -120,6 +121,7 @@ class SiteWorker:
         from ..flower_compat.constants import RUNTIME_DEPENDENCY_INSTALL  # noqa: F401
         from ..flower_compat.runtime import AcquireTaskRequest, TaskType
 
+        self._stopping = stop  # a call retrying a gone SuperNode gives up on stop
         self.warm_up()
         address = self.runtime_api_address
         acquirer = self._runtime_client(component="SuperExec")
@@ -145,7 +147,7 @@ class SiteWorker:
                                 "what listens on %s does not show this daemon's "
                                 "Runtime API certificate: not the site's SuperNode; "
                                 "the worker does not talk to it",
-                                self.runtime_api_address,
+                                address,
                             )
                         impostor_said = True
                     else:
@@ -295,11 +297,13 @@ class SiteWorker:
             )
             retry.max_time = TASK_CALL_RETRY_S
         # A call retrying a SuperNode that moved to another port (another process
-        # took this one) gives up, so the worker follows it.
+        # took this one) gives up, so the worker follows it; so does one retrying a
+        # SuperNode that is gone when the daemon stops.
         address = self.runtime_api_address
         before_move: Callable[[Exception], bool] | None = retry.should_giveup
         retry.should_giveup = lambda exc: (
-            self.runtime_api_address != address
+            self._stopping.is_set()
+            or self.runtime_api_address != address
             or bool(before_move and before_move(exc))
         )
         return RuntimeHttpClient.from_server_address(
@@ -322,7 +326,8 @@ def _is_tls_failure(exc: BaseException) -> bool:
 
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ssl.SSLError):
+        # an EOF mid-handshake is the SuperNode going away, not another listener
+        if isinstance(seen, ssl.SSLError) and not isinstance(seen, ssl.SSLEOFError):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

@@ -28,6 +28,10 @@ def private_folder(path: Path, what: str, *, holds: Path | None = None) -> Path:
     messages. A file system that ignores ``chmod`` is refused too.
     """
     path = Path(path)
+    if path.is_symlink() and path.lstat().st_uid != os.geteuid():
+        # planted where the cache was to be (a shared folder): it could point at
+        # any folder of the site's account, which would then be tightened
+        raise _refused(path, what, "it is a link another account made")
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     info = path.stat()
     mode = stat.S_IMODE(info.st_mode)
@@ -61,7 +65,8 @@ def _refused(path: Path, what: str, why: str) -> ConfigError:
     return ConfigError(
         f"{what} {path} cannot be kept from other accounts of this host: {why}; it "
         "holds data derived from patients",
-        hint="Give the cache a folder of its own that the site's account owns (the "
+        hint="Run wardround as the site's account (e.g. `sudo -u wardround ...`), "
+        "and give the cache a folder of its own that this account owns (the "
         'default ".wardround-cache" next to site.toml is made 0700), on a file '
         "system that keeps Unix modes.",
     )

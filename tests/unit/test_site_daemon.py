@@ -354,7 +354,8 @@ def test_a_supernode_whose_port_another_process_took_moves_and_the_worker_follow
     # Run 1 notes its port, leaves a process listening there (as another account
     # would bind it once the SuperNode is gone) and ends; run 2 notes its port.
     script = (
-        "import pathlib, subprocess, sys, time\n"
+        "import os, pathlib, subprocess, sys, time\n"
+        "pathlib.Path(sys.argv[3] + '.env').write_text(os.environ['no_proxy'])\n"
         "ports = pathlib.Path(sys.argv[2])\n"
         "seen = ports.read_text().split() if ports.exists() else []\n"
         "ports.write_text(' '.join([*seen, sys.argv[1]]))\n"
@@ -375,6 +376,8 @@ def test_a_supernode_whose_port_another_process_took_moves_and_the_worker_follow
     )  # fmt: skip
     monkeypatch.setattr(daemon, "SiteWorker", _FollowingWorker)
     _FollowingWorker.made.clear()
+    monkeypatch.setenv("no_proxy", "pacs.hospital.local")
+    environ_before = dict(os.environ)
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -398,8 +401,16 @@ def test_a_supernode_whose_port_another_process_took_moves_and_the_worker_follow
         stop.set()
         thread.join(timeout=60)
         if holder_pid.exists():
-            os.kill(int(holder_pid.read_text()), 15)
+            pid = int(holder_pid.read_text())
+            os.kill(pid, 15)
+            gone_by = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < gone_by:
+                time.sleep(0.05)  # its port is bound again below
     assert not errors
+    assert dict(os.environ) == environ_before  # the daemon's changes are undone
+    # the SuperNode (and the worker) bypass the host's proxy for loopback
+    no_proxy = Path(str(holder_pid) + ".env").read_text().split(",")
+    assert {"pacs.hospital.local", "127.0.0.1", "localhost"} <= set(no_proxy)
     held, moved_to = map(int, ports_file.read_text().split())
     assert moved_to != held
     (worker,) = _FollowingWorker.made
@@ -611,8 +622,8 @@ def test_the_workers_calls_to_its_supernode_never_go_through_the_hosts_proxy(
     address, secret, tls = secured_supernode
     for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
-    for name in ("NO_PROXY", "no_proxy"):
-        monkeypatch.setenv(name, "intranet.example")
+    monkeypatch.setenv("NO_PROXY", "intranet.example")
+    monkeypatch.setenv("no_proxy", "pacs.hospital.local")
     worker = SiteWorker(
         address,
         AppApprovals(Path("/nonexistent")),
@@ -634,7 +645,9 @@ def test_the_workers_calls_to_its_supernode_never_go_through_the_hosts_proxy(
     with pytest.raises(httpx.ConnectError, match="refused"):
         _acquire_task(address, tls.ca_pem, signed)  # one call, no retries
     bypass_proxy_for_loopback(os.environ)
-    assert os.environ["NO_PROXY"] == "intranet.example,127.0.0.1,localhost"
+    # the operator's entries of either name stay, under both names
+    listed = "intranet.example,pacs.hospital.local,127.0.0.1,localhost"
+    assert os.environ["NO_PROXY"] == os.environ["no_proxy"] == listed
     assert not _acquire_task(address, tls.ca_pem, signed).HasField("task")
     assert not acquire().HasField("task")  # the worker's own client
 

@@ -260,4 +260,38 @@ def test_a_call_retrying_a_supernode_that_moved_gives_up_so_the_worker_follows()
     worker.runtime_api_address = "127.0.0.1:10"
     assert invoker.should_giveup(ConnectionRefusedError())
     acquirer.close()
-    assert worker._runtime_client("SuperExec") is not None  # a new one, new address
+
+
+def test_the_worker_follows_a_supernode_that_moved_and_ends_on_stop(monkeypatch):
+    import threading
+    import time
+
+    from wardround.client.approvals import AppApprovals
+    from wardround.client.daemon import free_loopback_port
+    from wardround.client.site_worker import SiteWorker
+
+    first, second = free_loopback_port(), free_loopback_port()  # nothing listens
+    worker = SiteWorker(f"127.0.0.1:{first}", AppApprovals(Path("/nonexistent")))
+    monkeypatch.setattr(worker, "warm_up", lambda: None)
+    made: list[str] = []
+    make = worker._runtime_client
+
+    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        made.append(worker.runtime_api_address)
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "_runtime_client", recording)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.serve, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)  # its AcquireTask is retrying the refused first port
+        worker.runtime_api_address = f"127.0.0.1:{second}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and made[-1:] != [f"127.0.0.1:{second}"]:
+            time.sleep(0.1)
+        assert made == [f"127.0.0.1:{first}", f"127.0.0.1:{second}"]
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()  # the call retrying a gone SuperNode gave up
