@@ -257,7 +257,10 @@ class _IdleWorker:
         stop.wait()
 
 
-def _supervised_plan(site, credentials, monkeypatch, node_script: str) -> SitePlan:
+def _supervised_plan(
+    site, credentials, monkeypatch, node_script: str, args=lambda port, tls: []
+) -> SitePlan:
+    """The site's plan, its SuperNode replaced by ``node_script`` run with ``args``."""
     import wardround.client.daemon as daemon
 
     _local_copy(credentials[0], site.parent / "ca.pem", 0o644)
@@ -272,7 +275,7 @@ def _supervised_plan(site, credentials, monkeypatch, node_script: str) -> SitePl
     monkeypatch.setattr(
         daemon,
         "supernode_command",
-        lambda plan, port, tls: [sys.executable, "-c", node_script],
+        lambda plan, port, tls: [sys.executable, "-c", node_script, *args(port, tls)],
     )
     return plan_site(site)
 
@@ -366,14 +369,13 @@ def test_a_supernode_whose_port_another_process_took_moves_and_the_worker_follow
         "    sys.exit(0)\n"
         "time.sleep(120)\n"
     )
-    plan = _supervised_plan(site, credentials, monkeypatch, script)
-    monkeypatch.setattr(
-        daemon,
-        "supernode_command",
-        lambda plan, port, tls: [
-            sys.executable, "-c", script, str(port), str(ports_file), str(holder_pid)
-        ],
-    )  # fmt: skip
+    plan = _supervised_plan(
+        site,
+        credentials,
+        monkeypatch,
+        script,
+        lambda port, tls: [str(port), str(ports_file), str(holder_pid)],
+    )
     monkeypatch.setattr(daemon, "SiteWorker", _FollowingWorker)
     _FollowingWorker.made.clear()
     monkeypatch.setenv("no_proxy", "pacs.hospital.local")
@@ -847,18 +849,12 @@ def test_the_operator_hears_of_an_unreachable_coordinator_and_of_the_connection(
         "print('INFO :      SuperNode ID: 123', flush=True)\n"
         "time.sleep(120)\n"
     )
-    plan = _supervised_plan(site, credentials, monkeypatch, script)
-    monkeypatch.setattr(
-        daemon,
-        "supernode_command",
-        lambda plan, port, tls: [
-            sys.executable,
-            "-c",
-            script,
-            str(port),
-            str(tls.certificate),
-            str(tls.private_key),
-        ],
+    plan = _supervised_plan(
+        site,
+        credentials,
+        monkeypatch,
+        script,
+        lambda port, tls: [str(port), str(tls.certificate), str(tls.private_key)],
     )
     monkeypatch.setattr(
         daemon,
