@@ -66,12 +66,14 @@ def coarsen_metrics(
     policy: SiteAnswers,
     *,
     secure_aggregation: bool,
+    private: bool = False,
 ) -> dict[str, float | int]:
     """The metrics the site's policy lets leave, as coarse as it says.
 
     Pure: a metric not listed is dropped (accounting aside), floats are rounded to
     ``policy.decimals``, counts rounded up to ``policy.count_granularity``. Under
-    SecAgg+ the per-site training metrics are dropped whatever the list says.
+    SecAgg+ the per-site training metrics are dropped whatever the list says; in a
+    DP round (``private``) those computed outside DP-SGD's noise are.
     """
     allowed = set(policy.metrics)
     per_label = wire.AUROC_PER_LABEL in allowed
@@ -88,6 +90,8 @@ def coarsen_metrics(
         if not listed:
             continue
         if secure_aggregation and name in wire.PER_SITE_TRAINING_METRICS:
+            continue
+        if private and name in wire.OUTSIDE_DP_TRAINING_METRICS:
             continue
         if name in wire.COUNT_METRICS:
             step = policy.count_granularity

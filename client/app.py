@@ -430,6 +430,7 @@ def _train(request: _Request) -> tuple[np.ndarray, dict[str, Any]]:
         metrics,
         runtime.site.answers,
         secure_aggregation=request.secure_aggregation,
+        private=plan is not None,
     )
     packed = pack_payload(payload, runtime.allowlist)
     if digest is not None:

@@ -141,13 +141,21 @@ METRIC_NAMES = (
 AUROC_PER_LABEL = AUROC_PREFIX + "*"
 """A site's answer policy names per-label AUROC with this one entry."""
 
-COUNT_METRICS = (NUM_EXAMPLES, TRAIN_EXAMPLES)
-"""Example counts: they leave rounded up to the site's count granularity."""
+COUNT_METRICS = (NUM_EXAMPLES, TRAIN_EXAMPLES, EVAL_GENERATED)
+"""Example counts: they leave rounded up to the site's count granularity (the
+number generated is the validation split's size when that is the smaller)."""
 
 PER_SITE_TRAINING_METRICS = (TRAIN_LOSS, TRAIN_SECONDS, DELTA_L2, DELTA_CLIPPED)
 """What a round's training says about one site's data beyond its update. Under
 SecAgg+ the coordinator sees only the sum of the updates, so these stay home
 (aggregate-only); in plain rounds they leave if the site's policy lists them."""
+
+OUTSIDE_DP_TRAINING_METRICS = (TRAIN_LOSS, TRAIN_SECONDS)
+"""What a round's training computes from its patients outside DP-SGD's clipping and
+noise: the mean loss of the sampled studies (a crafted adapter makes it any
+statistic of them) and the time (it follows the secret Poisson batch sizes). A DP
+round keeps them at the site whatever the policy lists; what else leaves is the
+noised update, functions of it (``delta-l2``, ``delta-clipped``) and of the plan."""
 
 ANSWERABLE_METRICS = tuple(
     m for m in METRIC_NAMES if m not in ACCOUNTING_METRICS + PROTOCOL_METRICS

@@ -349,3 +349,22 @@ def test_another_approved_run_never_trains_the_same_bits(site, approved, tmp_pat
     other = HostileServerApp(other_run, site).ask(MessageType.TRAIN, 1)
     assert not other.has_error()
     assert _delta_bytes(other) != _delta_bytes(same[0])
+
+
+def test_a_crafted_head_learns_nothing_from_a_dp_rounds_metrics(site, approved):
+    # A huge head bias would make the mean training loss an exact, un-noised
+    # statistic of the sampled patients' labels.
+    assert approved.privacy.enabled
+    coordinator = HostileServerApp(approved, site)
+    crafted = {name: array.copy() for name, array in coordinator.adapter.items()}
+    head = [k for k in crafted if ".head." in k]
+    assert head
+    for name in head:
+        crafted[name][...] = 1e4
+
+    reply = coordinator.ask(MessageType.TRAIN, 1, adapter=crafted)
+
+    assert not reply.has_error(), reply.error.reason
+    sent = dict(reply.content[wire.METRICS])
+    assert not set(sent) & set(wire.OUTSIDE_DP_TRAINING_METRICS)
+    assert sent[wire.DP_EPSILON_RUN] > 0  # it was a DP round, and it answered

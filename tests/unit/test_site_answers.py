@@ -50,6 +50,27 @@ def test_under_secagg_per_site_training_metrics_stay_home():
     assert out[wire.TRAIN_STEPS] == 4 and wire.DP_EPSILON_RUN in out
 
 
+def test_a_dp_round_keeps_what_training_computes_outside_the_noise():
+    private = coarsen_metrics(
+        TRAIN_METRICS, SiteAnswers(), secure_aggregation=False, private=True
+    )
+    plain = coarsen_metrics(TRAIN_METRICS, SiteAnswers(), secure_aggregation=False)
+
+    assert wire.TRAIN_LOSS in plain and wire.TRAIN_SECONDS in plain
+    assert not set(private) & set(wire.OUTSIDE_DP_TRAINING_METRICS)
+    # functions of the noised update and of the plan still leave
+    assert private[wire.DELTA_L2] == 0.123 and wire.DP_EPSILON_RUN in private
+    assert private[wire.TRAIN_STEPS] == 4
+
+
+def test_the_number_of_generated_examples_leaves_coarsened():
+    out = coarsen_metrics(
+        {wire.EVAL_GENERATED: 37}, SiteAnswers(), secure_aggregation=False
+    )
+
+    assert out[wire.EVAL_GENERATED] == 40
+
+
 def test_only_listed_metrics_leave():
     policy = SiteAnswers(metrics=(wire.AUROC_MACRO,), decimals=1)
     values = {wire.AUROC_MACRO: 0.7349, wire.EVAL_LOSS: 0.5, "auroc.edema": 0.61}
