@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from ..common import wire
-from ..common.errors import DataError
+from ..common.errors import DataError, error_kind
 from ..common.wirebytes import content_bytes
 from ..flower_compat.secagg_protocol import RECORD_KEY_CONFIGS, Key
 from ..ops.audit import AuditEvent, AuditLog, safe_reason
@@ -71,6 +71,33 @@ def worth_recording(count: int) -> bool:
     return count < 10
 
 
+class Repeats:
+    """How often each kind of refusal has been seen (the newest kinds kept).
+
+    A kind's key must hold nothing the coordinator chooses freely (a round number,
+    a run name, a version text): one that varied it would get a line each time.
+    """
+
+    def __init__(self) -> None:
+        self._counts: OrderedDict[tuple[str, ...], int] = OrderedDict()
+
+    def seen(self, *key: str) -> int:
+        """How often this kind has been seen, this one included."""
+        count = self._counts.pop(key, 0) + 1
+        self._counts[key] = count
+        while len(self._counts) > _TRACKED_REFUSALS:
+            self._counts.popitem(last=False)
+        return count
+
+
+def refusal_kind(reason: str) -> str:
+    """What identifies a refusal for thinning: its error class, not its text.
+
+    The text may carry the coordinator's round number, version or fingerprint.
+    """
+    return error_kind(reason) or "unclassified"
+
+
 def make_answer_audit_mod(
     audit_for: Callable[[Context], AuditLog | None],
     ledger_run_for: Callable[[Context], str | None] = lambda context: None,
@@ -84,15 +111,7 @@ def make_answer_audit_mod(
     privacy ledger (``ledger_run``), the run that ``wardround site privacy`` shows,
     so ``wardround audit --run`` finds the answers by either.
     """
-    repeats: OrderedDict[tuple[int, str, str], int] = OrderedDict()
-
-    def seen(key: tuple[int, str, str]) -> int:
-        """How often this refusal (or replay) has been seen, this one included."""
-        count = repeats.pop(key, 0) + 1
-        repeats[key] = count
-        while len(repeats) > _TRACKED_REFUSALS:
-            repeats.popitem(last=False)
-        return count
+    repeats = Repeats()
 
     def answer_audit_mod(
         msg: Message, ctx: Context, call_next: ClientAppCallable
@@ -113,10 +132,13 @@ def make_answer_audit_mod(
             ledger_run = ledger_run_for(ctx)
             if ledger_run is not None:
                 fields["ledger_run"] = ledger_run
+            # Thinned per approved run, not per Flower run: the coordinator picks those.
+            thread = ledger_run or ""
             if reply.has_error():
                 reason = safe_reason(str(reply.error.reason))
-                key = (fields["flower_run"], fields["message_type"], reason)
-                count = seen(key)
+                count = repeats.seen(
+                    thread, fields["message_type"], refusal_kind(reason)
+                )
                 if worth_recording(count):
                     audit.record(
                         AuditEvent.ANSWER_REFUSED,
@@ -127,12 +149,7 @@ def make_answer_audit_mod(
             elif replayed is not None:
                 # The same answer again (a resumed round): thinned like refusals,
                 # so a coordinator repeating a question cannot fill the disk.
-                key = (
-                    fields["flower_run"],
-                    fields["message_type"],
-                    f"replay {replayed}",
-                )
-                count = seen(key)
+                count = repeats.seen(thread, fields["message_type"], "replay")
                 if worth_recording(count):
                     audit.record(
                         AuditEvent.ANSWER_REPLAYED,

@@ -34,11 +34,13 @@ from ..common import wire
 from ..common.config import flower_config_string
 from ..common.errors import ConfigError, DataError, FederationError
 from ..ops.audit import AuditLog, safe_reason
+from ..ops.audit_fields import coordinator_label
 from ..ops.env import apply_machine_hygiene
 from ..ops.file_lock import sole_user
 from ..ops.processes import start_child, stop_child
 from ..ops.secret_file import load_or_create_secret
 from ..sitedata.site_config import SiteConfig
+from .answer_audit import Repeats, refusal_kind, worth_recording
 from .approvals import AppApprovals
 from .connection_watch import ConnectionWatch
 from .egress_log import EGRESS_FILE
@@ -235,18 +237,31 @@ class AuditingObserver(TaskObserver):
         self.say = say
         """Gets one line per training answer, for the operator's terminal."""
         self.runs_seen: set[int] = set()
+        self.repeats = Repeats()
+        """Refused and failed tasks: thinned like refused answers, whatever run,
+        app or round the coordinator names (:func:`.answer_audit.worth_recording`)."""
 
     def on_task(self, outcome: TaskOutcome) -> None:
         """One task: a refusal, a new run, a round's work, privacy spent, an error."""
         run = str(outcome.run_id)
         try:
             if not outcome.approved:
-                self.audit.record(
-                    "app_refused",
-                    run_id=run,
-                    fab_hash=outcome.fab_hash,
-                    reason=APP_NOT_APPROVED,
-                )
+                count = self.repeats.seen("app_refused")
+                if worth_recording(count):
+                    self.audit.record(
+                        "app_refused",
+                        run_id=run,
+                        fab_hash=outcome.fab_hash,
+                        reason=APP_NOT_APPROVED,
+                        repeated=count,
+                    )
+                return
+            failed = (
+                0
+                if outcome.ok
+                else self.repeats.seen("failed", refusal_kind(outcome.error or ""))
+            )
+            if failed and not worth_recording(failed):
                 return
             if outcome.run_id not in self.runs_seen:
                 self.runs_seen.add(outcome.run_id)
@@ -266,6 +281,8 @@ class AuditingObserver(TaskObserver):
             }
             if outcome.replayed:
                 fields["replayed"] = True
+            if failed:
+                fields["repeated"] = failed
             self.audit.record("round_finished", **fields)
             if self.egress_path is not None:
                 self._record_egress(outcome, outcome.server_round)
@@ -332,7 +349,7 @@ class AuditingObserver(TaskObserver):
 def training_line(outcome: TaskOutcome, server_round: int | None) -> str:
     """One line on a training answer the site sent: the run, the round, the cost."""
     # the run's name comes from the coordinator: nothing but printable text
-    name = "".join(c for c in outcome.run_name if c.isprintable())[:80]
+    name = coordinator_label(outcome.run_name)
     where = f"run {name or outcome.run_id}"
     if server_round is not None:
         where += f" round {server_round}"

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..ops.audit_fields import coordinator_label
+
 EGRESS_FILE = "egress.jsonl"
 
 
@@ -36,9 +38,9 @@ def record_egress(
     """Append one task's line (0600, created on first use)."""
     line = {
         "time": time.time(),
-        "run_id": str(run_id),
+        "run_id": coordinator_label(run_id),
         "round": server_round,
-        "message_type": str(message_type),
+        "message_type": coordinator_label(message_type),
         "ok": bool(ok),
         "bytes_in": int(bytes_in),
         "bytes_out": int(bytes_out),
@@ -55,13 +57,19 @@ def record_egress(
 
 
 def read_egress(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """The recorded tasks, oldest first (the newest ``limit``); torn lines skipped."""
+    """The recorded tasks, oldest first (the newest ``limit``); torn lines skipped.
+
+    With ``limit`` only the file's tail is read: a page shows the newest tasks of a
+    log that grows with every task.
+    """
     try:
-        text = Path(path).read_text()
+        lines = (
+            _tail(Path(path), limit) if limit else Path(path).read_text().splitlines()
+        )
     except OSError:
         return []
     rows = []
-    for line in text.splitlines():
+    for line in lines:
         try:
             row = json.loads(line)
         except ValueError:
@@ -69,6 +77,20 @@ def read_egress(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
         if isinstance(row, dict):
             rows.append(row)
     return rows[-limit:] if limit else rows
+
+
+def _tail(path: Path, lines: int, block: int = 1 << 16) -> list[str]:
+    """The file's last ``lines`` whole lines (fewer if it has fewer), read backwards."""
+    with path.open("rb") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        start, data = end, b""
+        while start > 0 and data.count(b"\n") <= lines:
+            start = max(0, start - block)
+            handle.seek(start)
+            data = handle.read(end - start)
+    if start > 0:
+        data = data[data.index(b"\n") + 1 :]  # the first line may be cut
+    return [line.decode("utf-8", "replace") for line in data.splitlines()[-lines:]]
 
 
 def reply_tensor_names(content: Any) -> list[str]:

@@ -429,12 +429,13 @@ def _safe_bytes(count: Any, message: Any) -> int:
 
 def _round_and_run(message: Any) -> tuple[int | None, str]:
     from ..common import wire
+    from ..ops.audit_fields import coordinator_label
 
     try:
         for record in message.content.config_records.values():
             value = record.get(wire.SERVER_ROUND)
             if isinstance(value, int) and not isinstance(value, bool):
-                return value, str(record.get(wire.RUN_ID, ""))
+                return value, coordinator_label(record.get(wire.RUN_ID, ""))
     except Exception:  # noqa: BLE001 - only for the records; never fails a task
         pass
     return None, ""

@@ -61,6 +61,15 @@ class AuditEvent(StrEnum):
     ERROR = "error"
 
 
+def coordinator_label(text: object, limit: int = 80) -> str:
+    """A name the coordinator chose (a run's), as the site may keep and show it.
+
+    Printable characters only, at most ``limit``: it goes into every egress line
+    and terminal line of its run, and a coordinator could make it megabytes long.
+    """
+    return "".join(c for c in str(text) if c.isprintable())[:limit]
+
+
 def safe_reason(text: object) -> str:
     """``text`` squeezed into the audit alphabet, for logging an error reason.
 

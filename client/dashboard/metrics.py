@@ -88,7 +88,8 @@ def _refusals(source: SiteSource) -> Any:
 
     refusals = CounterMetricFamily(
         "wardround_site_refusals",
-        "Tasks or answers the site refused (unapproved app, policy)",
+        "Tasks or answers the site refused (unapproved app, policy), as the audit "
+        "log records them: past the tenth of a kind, one line in ten",
         labels=["event"],
     )
     refused: dict[str, int] = {"app_refused": 0, "answer_refused": 0}

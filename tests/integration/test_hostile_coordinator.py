@@ -368,3 +368,15 @@ def test_a_crafted_head_learns_nothing_from_a_dp_rounds_metrics(site, approved):
     sent = dict(reply.content[wire.METRICS])
     assert not set(sent) & set(wire.OUTSIDE_DP_TRAINING_METRICS)
     assert sent[wire.DP_EPSILON_RUN] > 0  # it was a DP round, and it answered
+
+
+def test_refusals_naming_a_fresh_round_each_time_are_thinned(site, approved):
+    coordinator = HostileServerApp(approved, site)
+
+    replies = [coordinator.ask(MessageType.EVALUATE, 1000 + i) for i in range(60)]
+
+    assert all(reply.has_error() for reply in replies)
+    refused = [e for e in _audit(site) if e["event"] == "answer_refused"]
+    # ten in full, then the 20th, 30th, ... 60th
+    assert [e["repeated"] for e in refused] == [*range(1, 11), 20, 30, 40, 50, 60]
+    assert refused[0]["round"] == 1000 and refused[-1]["round"] == 1059

@@ -142,6 +142,38 @@ def test_observer_records_a_failed_task_as_an_error(audit_path):
     assert error["reason"] == "ValueError: bad value line two"
 
 
+def test_repeated_refused_and_failed_tasks_are_thinned_whatever_they_name(
+    audit_path, tmp_path
+):
+    egress = tmp_path / "egress.jsonl"
+    observer = AuditingObserver(AuditLog(audit_path, actor="site:x"), egress)
+    for i in range(100):
+        # a fresh run, app and round each time: none of them may buy a line
+        observer.on_task(
+            _outcome(run_id=1000 + i, fab_hash=f"{i:064x}", approved=False)
+        )
+        observer.on_task(
+            _outcome(
+                run_id=5,
+                server_round=1000 + i,
+                run_name="x" * 100_000,
+                ok=False,
+                error=f"[FederationError] round {1000 + i} is not approved",
+            )
+        )
+
+    events = read_audit(audit_path)
+    refused = [e for e in events if e["event"] == "app_refused"]
+    failed = [e for e in events if e["event"] == "round_finished"]
+    # ten in full, then the 20th, 30th, ... 100th: 19 lines for 100
+    assert len(refused) == 19 and refused[-1]["repeated"] == 100
+    assert len(failed) == 19 and failed[-1]["repeated"] == 100
+    assert len([e for e in events if e["event"] == "error"]) == 19
+    lines = egress.read_text().splitlines()
+    assert len(lines) == 19
+    assert max(len(line) for line in lines) < 1000  # the run name is cut
+
+
 def test_observer_never_raises_on_an_unloggable_field(audit_path):
     observer = _observer(audit_path)
     # refused by the audit log (not its alphabet): logged, not raised
