@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -561,7 +563,7 @@ def handle_evaluate(
         runtime.objective,
     )
     if outcome.samples:
-        write_samples(runtime, request.round_config, outcome.samples)
+        write_samples(request, outcome.samples)
     values: dict[str, float | int] = {
         wire.NUM_EXAMPLES: outcome.num_examples,
         wire.TRAIN_EXAMPLES: len(runtime.data.train),
@@ -587,23 +589,36 @@ def handle_evaluate(
     return Message(content, reply_to=msg)
 
 
-def write_samples(
-    runtime: SiteRuntime, round_config: dict[str, Any], samples: list[dict[str, Any]]
-) -> Path:
+def write_samples(request: _Request, samples: list[dict[str, Any]]) -> Path:
     """Keep generated texts at the site: ``<cache>/generations/<run>/round-NNN.jsonl``.
 
     They derive from patient data, so they never go on the wire; a simulation,
-    whose sites are all local, copies them into its run directory.
+    whose sites are all local, copies them into its run directory (its folder is
+    the run id it names). A deployed site files them under the run it approved,
+    and never over an earlier file: the coordinator chooses the run id and round
+    it names, and could otherwise overwrite what the site kept.
     """
-    run_id = str(round_config.get(wire.RUN_ID, "unnamed-run"))
-    server_round = int(round_config.get(wire.SERVER_ROUND, 0))
-    folder = samples_folder(runtime.site.cache_path, run_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"round-{server_round:03d}.jsonl"
-    with path.open("w", encoding="utf-8") as handle:
-        for sample in samples:
-            handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
-    return path
+    text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+    name = f"round-{request.server_round:03d}"
+    if request.simulation:
+        run_id = str(request.round_config.get(wire.RUN_ID, "unnamed-run"))
+        folder = samples_folder(request.runtime.site.cache_path, run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.jsonl"
+        path.write_text(text, encoding="utf-8")
+        return path
+    folder = samples_folder(request.runtime.site.cache_path, request.run)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for copy in itertools.count(1):
+        path = folder / (f"{name}.jsonl" if copy == 1 else f"{name}-{copy}.jsonl")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return path
+    raise AssertionError("unreachable")  # itertools.count never ends
 
 
 def precheck_secure_round(

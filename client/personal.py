@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def _path(runtime: SiteRuntime, run: str) -> Path:
-    name = hashlib.sha256(run.encode()).hexdigest()[:24]
+    # The site's name too: two sites whose site.toml share a cache folder and
+    # approve runs of the same settings must not load each other's modules.
+    key = f"{runtime.site.site.name}\x1f{run}"
+    name = hashlib.sha256(key.encode()).hexdigest()[:24]
     return runtime.site.cache_path / "personal" / f"{name}.safetensors"
 
 

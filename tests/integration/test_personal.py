@@ -58,3 +58,18 @@ def test_each_site_keeps_its_own_head_and_the_global_head_never_moves(tmp_path):
     assert not np.array_equal(own[0][head[0]], own[1][head[0]])
     assert not np.array_equal(own[0][head[0]], initial[head[0]])
     assert all(np.isfinite(v) for v in outcome.final.values())
+
+
+def test_two_sites_sharing_a_cache_folder_keep_their_own_modules(tmp_path):
+    from types import SimpleNamespace
+
+    from wardround.client.personal import _path
+
+    def runtime(name: str):
+        return SimpleNamespace(
+            site=SimpleNamespace(cache_path=tmp_path, site=SimpleNamespace(name=name))
+        )
+
+    run = "same-approved-settings"
+    assert _path(runtime("site-01"), run) != _path(runtime("site-02"), run)
+    assert _path(runtime("site-01"), run) == _path(runtime("site-01"), run)

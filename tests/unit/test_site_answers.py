@@ -301,3 +301,33 @@ def test_repeatable_rounds_are_taken_in_the_clear(clear):
     # a site that died while training answers a round asked again anew: a spare
     config = RunConfig().with_overrides(federation={"repeatable_rounds": 1}, **clear)
     assert config.federation.repeatable_rounds == 1
+
+
+def test_a_deployed_site_files_generations_under_its_run_and_never_over_one(
+    tmp_path,
+):
+    from types import SimpleNamespace
+
+    from wardround.client.app import write_samples
+    from wardround.common import wire as w
+
+    def request(named_run: str, simulation: bool = False):
+        return SimpleNamespace(
+            runtime=SimpleNamespace(site=SimpleNamespace(cache_path=tmp_path)),
+            round_config={w.RUN_ID: named_run},
+            run="approved-run-key",
+            server_round=2,
+            simulation=simulation,
+        )
+
+    first = write_samples(request("run-a"), [{"generated": "first"}])
+    # the same round named under another run id: a new file beside the first
+    second = write_samples(request("run-b"), [{"generated": "second"}])
+
+    assert first.parent == second.parent
+    assert first.parent.name == "approved-run-key"
+    assert "first" in first.read_text() and "second" in second.read_text()
+    assert first.stat().st_mode & 0o777 == 0o600
+    # a simulation names its folder by its run id (it copies them into its run)
+    simulated = write_samples(request("sim-run", simulation=True), [{"g": 1}])
+    assert simulated.parent.name == "sim-run"
