@@ -10,6 +10,7 @@ anything else.
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from ..common import wire
-from ..common.errors import DataError, error_kind
+from ..common.errors import DataError
 from ..common.wirebytes import content_bytes
 from ..flower_compat.secagg_protocol import RECORD_KEY_CONFIGS, Key
 from ..ops.audit import AuditEvent, AuditLog, safe_reason
@@ -90,12 +91,18 @@ class Repeats:
         return count
 
 
-def refusal_kind(reason: str) -> str:
-    """What identifies a refusal for thinning: its error class, not its text.
+_CHOSEN_PARTS = re.compile(r"(?<!\w)('[^']*'|\"[^\"]*\")|[0-9a-fA-F]{6,}…?|\d+(\.\d+)?")
+"""What a refusal's text may quote from the coordinator's message: quoted values
+(a version, a payload kind), fingerprints and numbers (a round)."""
 
-    The text may carry the coordinator's round number, version or fingerprint.
+
+def refusal_kind(reason: object) -> str:
+    """What identifies a refusal for thinning: its text without what the message chose.
+
+    The text may carry the coordinator's round number, version or fingerprint; a
+    new reason (another limit reached, a full disk) is a new kind, and is recorded.
     """
-    return error_kind(reason) or "unclassified"
+    return _CHOSEN_PARTS.sub("#", str(reason))[:300]
 
 
 def make_answer_audit_mod(
@@ -137,7 +144,7 @@ def make_answer_audit_mod(
             if reply.has_error():
                 reason = safe_reason(str(reply.error.reason))
                 count = repeats.seen(
-                    thread, fields["message_type"], refusal_kind(reason)
+                    thread, fields["message_type"], refusal_kind(reply.error.reason)
                 )
                 if worth_recording(count):
                     audit.record(

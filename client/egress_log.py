@@ -59,12 +59,14 @@ def record_egress(
 def read_egress(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     """The recorded tasks, oldest first (the newest ``limit``); torn lines skipped.
 
-    With ``limit`` only the file's tail is read: a page shows the newest tasks of a
-    log that grows with every task.
+    With ``limit`` only the file's tail is read (one line more, for a torn last
+    one): a page shows the newest tasks of a log that grows with every task.
     """
     try:
         lines = (
-            _tail(Path(path), limit) if limit else Path(path).read_text().splitlines()
+            _tail(Path(path), limit + 1)
+            if limit
+            else Path(path).read_text().splitlines()
         )
     except OSError:
         return []
@@ -81,13 +83,18 @@ def read_egress(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
 
 def _tail(path: Path, lines: int, block: int = 1 << 16) -> list[str]:
     """The file's last ``lines`` whole lines (fewer if it has fewer), read backwards."""
+    chunks: list[bytes] = []
+    newlines = 0
     with path.open("rb") as handle:
-        end = handle.seek(0, os.SEEK_END)
-        start, data = end, b""
-        while start > 0 and data.count(b"\n") <= lines:
-            start = max(0, start - block)
+        start = handle.seek(0, os.SEEK_END)
+        while start > 0 and newlines <= lines:
+            size = min(block, start)
+            start -= size
             handle.seek(start)
-            data = handle.read(end - start)
+            chunk = handle.read(size)
+            chunks.append(chunk)
+            newlines += chunk.count(b"\n")
+    data = b"".join(reversed(chunks))
     if start > 0:
         data = data[data.index(b"\n") + 1 :]  # the first line may be cut
     return [line.decode("utf-8", "replace") for line in data.splitlines()[-lines:]]

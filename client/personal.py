@@ -33,6 +33,12 @@ def _path(runtime: SiteRuntime, run: str) -> Path:
     return runtime.site.cache_path / "personal" / f"{name}.safetensors"
 
 
+def _earlier_path(runtime: SiteRuntime, run: str) -> Path:
+    """Where releases before the site's name was in the key kept a run's modules."""
+    name = hashlib.sha256(run.encode()).hexdigest()[:24]
+    return runtime.site.cache_path / "personal" / f"{name}.safetensors"
+
+
 def load_personal(runtime: SiteRuntime, run: str) -> dict[str, np.ndarray]:
     """This site's own tensors of the personal modules for ``run``.
 
@@ -40,6 +46,9 @@ def load_personal(runtime: SiteRuntime, run: str) -> dict[str, np.ndarray]:
     """
     personal = runtime.config.federation.personal
     path = _path(runtime, run)
+    if personal and not path.is_file() and _earlier_path(runtime, run).is_file():
+        # a run under way when the site upgraded keeps its modules
+        _earlier_path(runtime, run).replace(path)
     if not personal or not path.is_file():
         return {}
     from safetensors.numpy import load_file

@@ -380,3 +380,9 @@ def test_refusals_naming_a_fresh_round_each_time_are_thinned(site, approved):
     # ten in full, then the 20th, 30th, ... 60th
     assert [e["repeated"] for e in refused] == [*range(1, 11), 20, 30, 40, 50, 60]
     assert refused[0]["round"] == 1000 and refused[-1]["round"] == 1059
+    # another reason is another kind: its first refusal gets its own line
+    poisoned = {name: array.copy() for name, array in coordinator.adapter.items()}
+    next(iter(poisoned.values())).flat[0] = np.nan
+    assert coordinator.ask(MessageType.EVALUATE, 1, adapter=poisoned).has_error()
+    last = [e for e in _audit(site) if e["event"] == "answer_refused"][-1]
+    assert "non-finite" in last["reason"] and last["repeated"] == 1
