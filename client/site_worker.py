@@ -105,6 +105,8 @@ class SiteWorker:
         self.runtime_ca_pem = runtime_ca_pem
         self.approvals = approvals
         self.observer = observer or TaskObserver()
+        self.refused_apps = 0
+        """Tasks of unapproved apps so far: logged like refused answers, thinned."""
         self.poll_interval_s = poll_interval_s
         self.tasks_run = 0
         self._client_app: Any = None
@@ -204,7 +206,16 @@ class SiteWorker:
             )
             outcome.server_round, outcome.run_name = _round_and_run(message)
             if not decision.approved:
-                log.warning("refused run %s: %s", run.run_id, decision.reason)
+                from .answer_audit import worth_recording
+
+                self.refused_apps += 1
+                if worth_recording(self.refused_apps):
+                    log.warning(
+                        "refused run %s: %s (%d refused tasks so far)",
+                        run.run_id,
+                        decision.reason,
+                        self.refused_apps,
+                    )
                 reason = f"[{APP_NOT_APPROVED}] {decision.reason}"
                 reply = Message(
                     Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
