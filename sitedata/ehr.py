@@ -86,7 +86,12 @@ def _problems_and_missing(
     )
     if schema.note and "note" in schema.model_fields_set:
         dtype = check.column(schema.note, "free-text note", "[ehr] note")
-        if dtype is not None and _kind(dtype) is not ColumnType.TEXT:
+        # null: a column empty in every row (no study has a note)
+        if (
+            dtype is not None
+            and not pa.types.is_null(dtype)
+            and _kind(dtype) is not ColumnType.TEXT
+        ):
             check.problems.append(
                 f"  - note column {schema.note!r} holds {dtype}, not text"
             )
@@ -208,7 +213,9 @@ class _SchemaCheck:
         dtype = self.column(
             spec.column, f"feature {name}", f"[ehr.features] {name}", name
         )
-        if dtype is not None:
+        if dtype is not None and not pa.types.is_null(
+            dtype
+        ):  # null: missing everywhere
             self.declared(spec.column, dtype, spec.type)
             if _kind(dtype) not in (
                 ColumnType.TEXT,
@@ -233,14 +240,33 @@ class _SchemaCheck:
     def label(self, name: str, spec: LabelSpec) -> None:
         """A label column: numeric or boolean, or text with its positive values."""
         dtype = self.column(spec.column, f"label {name}", f"[ehr.labels] {name}", name)
-        if dtype is None:
+        if dtype is None or pa.types.is_null(dtype):  # null: unknown in every row
             return
         self.declared(spec.column, dtype, spec.type)
         kind = _kind(dtype)
-        if kind is ColumnType.TEXT and not spec.positive:
+        mapped = bool(spec.positive or spec.negative)
+        if (
+            kind is ColumnType.TEXT or (kind is ColumnType.BOOLEAN and mapped)
+        ) and not (spec.positive and spec.negative):
+            # a text value in neither list is unknown: with no negative list every
+            # finding would be unknown, and reading the rest as negatives would
+            # count 'uncertain' or 'not assessed' as a negative finding
             self.problems.append(
-                f"  - label column {spec.column!r} ({name}) holds text: declare "
-                f"`positive = [...]` (and `negative`) under [ehr.labels.{name}]"
+                f"  - label column {spec.column!r} ({name}) holds {kind.value}: "
+                f"declare both `positive = [...]` and `negative = [...]` under "
+                f"[ehr.labels.{name}] (a value in neither list is unknown, never "
+                "a negative)"
+            )
+        elif (
+            kind in (ColumnType.INTEGER, ColumnType.NUMBER)
+            and mapped
+            and not _as_numbers({*spec.positive, *spec.negative})
+        ):
+            words = [v for v in (*spec.positive, *spec.negative) if not _is_number(v)]
+            self.problems.append(
+                f"  - label column {spec.column!r} ({name}) holds numeric codes, "
+                f"and [ehr.labels.{name}] names {words}: name the codes instead "
+                '(e.g. positive = ["1"], negative = ["0"])'
             )
         elif kind is None:
             self.problems.append(
@@ -484,6 +510,10 @@ def _row_conversions(
     return scales[index], offsets[index]
 
 
+def _is_number(value: str) -> bool:
+    return bool(_as_numbers({value}))
+
+
 def _as_numbers(values: set[str]) -> dict[str, float]:
     """Each declared label value as a number; empty if any is not one."""
     try:
@@ -522,7 +552,7 @@ def _label_values(
         key = text.strip().lower()
         if key in pos:
             out[i] = 1.0
-        elif key in neg or (not neg and key):
+        elif key in neg:
             out[i] = 0.0
     return out
 

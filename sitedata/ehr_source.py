@@ -105,17 +105,58 @@ def open_dataset(path: Path) -> pads.Dataset:
             "relative to site.toml).",
         )
     try:
-        return pads.dataset(path, format="parquet", partitioning="hive")
+        dataset = pads.dataset(path, format="parquet", partitioning="hive")
+        typed = _typed_where_first_file_is_empty(dataset)
+        if typed is not None:
+            dataset = pads.dataset(
+                path, format="parquet", partitioning="hive", schema=typed
+            )
+        return dataset
     except PermissionError as exc:
         raise _no_permission(path, exc) from None
     except (pa.ArrowInvalid, OSError) as exc:
         bad = _first_unreadable(path) if path.is_dir() else None
         if bad is not None:
             raise _unreadable_file(path, str(bad), exc) from None
+        hint = "Point `data.ehr` in site.toml at a Parquet file or folder."
+        if path.suffix.lower() in (".csv", ".tsv", ".txt"):
+            hint = (
+                "wardround reads Parquet, which keeps each column's type; convert "
+                'the export once, e.g. python -c "import pyarrow.csv as c, '
+                f"pyarrow.parquet as p; p.write_table(c.read_csv('{path.name}'), "
+                f"'{path.stem}.parquet')\", check the column types `site check` "
+                "shows, and point `data.ehr` at the Parquet file."
+            )
         raise DataError(
             f"EHR table {path} is not readable Parquet ({type(exc).__name__})",
-            hint="Point `data.ehr` in site.toml at a Parquet file or folder.",
+            hint=hint,
         ) from None
+
+
+def _typed_where_first_file_is_empty(dataset: pads.Dataset) -> pa.Schema | None:
+    """The folder's schema with the type of a column the first file has empty.
+
+    A column null in every row of a file has Arrow type null there (a month in
+    which no BNP was measured); as the folder's schema it would refuse the files
+    that hold numbers. Its type is then the first other file's. None: no change.
+    """
+    schema = dataset.schema
+    empty = {f.name for f in schema if pa.types.is_null(f.type)}
+    if not empty:
+        return None
+    found: dict[str, pa.DataType] = {}
+    for fragment in dataset.get_fragments():
+        for field in fragment.physical_schema:
+            if field.name in empty and not pa.types.is_null(field.type):
+                found.setdefault(field.name, field.type)
+        if len(found) == len(empty):
+            break
+    if not found:
+        return None
+    return pa.schema(
+        [f.with_type(found[f.name]) if f.name in found else f for f in schema],
+        metadata=schema.metadata,
+    )
 
 
 def _first_unreadable(folder: Path) -> Path | None:

@@ -124,6 +124,33 @@ def test_text_label_without_mapping_is_a_problem():
     assert any("positive = [...]" in p for p in problems)
 
 
+def test_a_text_label_needs_both_lists_and_reads_neither_as_unknown():
+    table = _table(EFF=["positive", "negative", "uncertain"])
+    only_positive = EhrSchema.model_validate(
+        {**RAW, "labels": {"effusion": {"column": "EFF", "positive": ["positive"]}}}
+    )
+    problems = schema_problems(table.schema, TASK, only_positive)
+    assert any("`negative = [...]`" in p and "never a negative" in p for p in problems)
+
+    both = {"column": "EFF", "positive": ["positive"], "negative": ["negative"]}
+    schema = EhrSchema.model_validate({**RAW, "labels": {"effusion": both}})
+    assert not schema_problems(table.schema, TASK, schema)
+    encoded = encode_batch(table, TASK, schema, EhrStats())
+    k = TASK.labels.index("effusion")
+    # 'uncertain' is unknown, not a negative
+    assert encoded.label_null[:, k].tolist() == [False, False, True]
+    assert encoded.labels[:2, k].tolist() == [1.0, 0.0]
+
+
+def test_words_for_a_numeric_label_column_are_a_problem():
+    table = _table(EFF=[0, 1, 1])
+    schema = EhrSchema.model_validate(
+        {**RAW, "labels": {"effusion": {"column": "EFF", "positive": ["yes"]}}}
+    )
+    problems = schema_problems(table.schema, TASK, schema)
+    assert any("numeric codes" in p and "'yes'" in p for p in problems)
+
+
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tmpl")

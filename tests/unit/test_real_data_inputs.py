@@ -209,6 +209,10 @@ def test_a_sites_dir_names_the_folders_it_leaves_out(tmp_path, caplog):
         tomls = site_tomls_in(tmp_path)
     assert [t.parent.name for t in tomls] == ["site-01", "site-02"]
     assert "archive" in caplog.text and ".snapshots" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        site_tomls_in(tmp_path)  # every arm asks again: said once
+    assert "archive" not in caplog.text
 
 
 def test_a_misnamed_site_toml_is_refused_not_skipped(tmp_path):
@@ -246,6 +250,31 @@ def test_a_feature_null_in_every_row_is_missing_not_a_wrong_type():
     stats = EhrStats()
     encode_batch(table, TASK, EhrSchema(), stats)
     assert stats.missing["bnp"] == 3
+
+
+def test_a_label_category_or_note_empty_in_every_row_is_unknown_not_a_problem():
+    # a column of an export that no study filled has Arrow type null
+    table = _full_rows(3, nodule=pa.nulls(3), sex=pa.nulls(3), note=pa.nulls(3))
+    assert not schema_problems(table.schema, TASK, EhrSchema())
+    stats = EhrStats()
+    encoded = encode_batch(table, TASK, EhrSchema(), stats)
+    assert stats.label_null["nodule"] == 3 and stats.label_unmapped["nodule"] == 0
+    assert encoded.notes == ["", "", ""]
+
+
+def test_a_folder_whose_first_file_has_a_column_empty_reads_the_later_numbers(
+    tmp_path,
+):
+    folder = tmp_path / "ehr"
+    folder.mkdir()
+    pq.write_table(_rows(crp=pa.nulls(2)), folder / "2023-01.parquet")
+    pq.write_table(_rows(crp=[5.5, 3.0]), folder / "2023-02.parquet")
+
+    batches = list(ParquetEhr(folder).batches(["crp"], 1024))
+
+    values = [v for b in batches for v in b.column("crp").to_pylist()]
+    assert values == [None, None, 5.5, 3.0]
+    assert pa.types.is_floating(open_dataset(folder).schema.field("crp").type)
 
 
 def test_numbers_written_with_units_are_refused_with_how_to_write_them():
@@ -369,3 +398,11 @@ def test_a_sites_dir_that_is_one_site_says_so(tmp_path):
     with pytest.raises(ConfigError) as info:
         site_tomls_in(tmp_path)
     assert "is itself a site" in (info.value.hint or "")
+
+
+def test_a_csv_export_is_refused_with_how_to_convert_it(tmp_path):
+    csv = tmp_path / "ehr.csv"
+    csv.write_text("patient_id,study_uid\np1,1.2.3\n")
+    with pytest.raises(DataError) as err:
+        open_dataset(csv)
+    assert "read_csv('ehr.csv')" in err.value.hint and "ehr.parquet" in err.value.hint
