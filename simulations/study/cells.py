@@ -113,6 +113,9 @@ PRESETS: dict[StudySize, dict[str, Any]] = {
 }
 
 
+_LEFT_OUT_SAID: set[tuple[str, tuple[str, ...]]] = set()
+
+
 def site_tomls_in(folder: Path) -> list[Path]:
     """The ``site.toml`` of every site folder directly in ``folder`` (sorted)."""
     if not folder.is_dir():
@@ -137,7 +140,9 @@ def site_tomls_in(folder: Path) -> list[Path]:
             hint=f"Rename it to {misnamed[0].parent / 'site.toml'} (the name is "
             "case-sensitive), or move the folder out of --sites-dir.",
         )
-    if skipped:
+    said = (str(folder), tuple(sub.name for sub in skipped))
+    if skipped and said not in _LEFT_OUT_SAID:  # once, not once per arm
+        _LEFT_OUT_SAID.add(said)
         log.warning(
             "--sites-dir %s: %d folder(s) without a site.toml are not sites and are "
             "left out: %s",

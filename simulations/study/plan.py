@@ -368,6 +368,12 @@ class StudySettings:
         under DP-SGD, 'all' without), so each arm's saved config says what trained.
         """
         sections = arm.overrides()
+        # what no site has (or the run config leaves out) is not built nor sent
+        available = [
+            m for m in sections["model"]["modalities"] if m not in self.missing
+        ]
+        if available:
+            sections["model"]["modalities"] = available
         sections["output"] = {"dir": run_dir, "checkpoint_every": self.rounds}
         config = self.base_config(sites_dir, cell, seed, base_folder)
         config = config.with_overrides(**sections)

@@ -212,6 +212,12 @@ def inspect_sites(settings: StudySettings, out_dir: Path) -> StudySettings:
         for name, count in present.items()
         if count == 0
     }
+    chosen = {m.value for m in getattr(config.model, "modalities", ())}
+    for name in present:
+        if chosen and name not in chosen:
+            missing.setdefault(
+                name, f"the run config's model.modalities leaves out {name}"
+            )
     return replace(
         settings,
         missing=missing,

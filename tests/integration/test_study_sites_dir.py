@@ -51,6 +51,10 @@ def test_every_supported_arm_has_a_row_and_the_image_arm_says_why_not(sites_dir_
     assert "own data" in report and "fedavg-image-only: no site has images" in report
     assert "never a deployment" in report
     assert "| classical, pooled |" in report and "| FedAvg, note only |" in report
+    # no site has images: no arm builds or sends an image encoder
+    saved = out / "arms" / "own-data" / "sites-3" / "base-random" / "seed-0"
+    fedavg = tomllib.loads((saved / "fedavg" / "run" / "run-config.toml").read_text())
+    assert fedavg["model"]["modalities"] == ["ehr", "note"]
     # the sites' folders are read, never written (cache and ledger under --out)
     assert sorted(p.relative_to(root) for p in (root / "sites").rglob("*")) == before
 
