@@ -685,16 +685,32 @@ def _phi_findings(prep, site: SiteConfig) -> list[str]:
     return found
 
 
+_IMAGE_JOIN_KEYS = {
+    "ehr_studies_with_image",
+    "dicom_studies_with_ehr",
+    "dicom_studies",
+    "ehr_coverage",
+    "dicom_coverage",
+    "items_with_image",
+}
+
+
 def format_report(report: dict[str, Any]) -> str:
     """Plain-text rendering of a report, for a terminal."""
     lines = [f"site check: {report['config']}"]
     for key, value in report.get("sources", {}).items():
         lines.append(f"{key} from: {value}")
+    imaging = "pacs" in report or report.get("dicom", {}).get("folders", 1) > 0
     for section in ("pacs", "dicom", "ehr", "join", "validation", "text"):
         if section not in report:
             continue
         lines.append(f"[{section}]")
+        if section == "dicom" and not imaging:
+            lines.append("  none: this site has no imaging (no dicom-dirs, no PACS)")
+            continue
         for key, value in report[section].items():
+            if section == "join" and not imaging and key in _IMAGE_JOIN_KEYS:
+                continue  # a site without imaging joins nothing: zeros say nothing
             if section == "validation" and key == "labels":
                 lines.append(
                     "  labels (positive/negative): "

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from wardround.client.cli import site_app
 from wardround.client.preflight import preflight_site
-from wardround.client.site_check import check_site
+from wardround.client.site_check import check_site, format_report
 from wardround.common.config import RunConfig, TaskConfig
 from wardround.common.errors import DataError
 from wardround.common.text import get_tokenizer
@@ -122,6 +122,11 @@ def test_site_check_passes_runs_that_do_not_require_images(mixed, tmp_path, run_
     )
 
     assert report["can_train"], report["blocking"]
+    # the terminal says there is no imaging, not a block of zero coverages
+    text = format_report(report)
+    assert "none: this site has no imaging" in text
+    assert "ehr_coverage" not in text and "dicom_studies" not in text
+    assert "items_with_note" in text
 
 
 def test_an_unnamed_dicom_folder_beside_site_toml_is_pointed_out(mixed, tmp_path):
