@@ -323,6 +323,12 @@ def _data_warnings(report: dict[str, Any]) -> list[str]:
             f"{ehr['duplicate_study_rows']} EHR row(s) repeat another row's study UID: "
             "the first row of each study is used, the others are not"
         )
+    if ehr.get("studies_with_conflicting_labels"):
+        found.append(
+            f"{ehr['studies_with_conflicting_labels']} of those stud(ies) have rows "
+            "whose labels disagree, and the first row's are the ones trained on: "
+            "check which row the export should keep"
+        )
     join = report.get("join", {})
     unjoined = join.get("dicom_studies", 0) - join.get("dicom_studies_with_ehr", 0)
     if unjoined > 0:
@@ -515,6 +521,7 @@ def _ehr_section(prep) -> dict[str, Any]:
         "rows": rows,
         "studies": prep.join.ehr_studies,
         "duplicate_study_rows": prep.join.duplicates,
+        "studies_with_conflicting_labels": prep.join.conflicting,
         "rows_without_keys": prep.join.no_key,
         "missing_fraction": {k: _frac(v, rows) for k, v in stats.missing.items()},
         "out_of_range": dict(stats.out_of_range),

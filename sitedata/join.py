@@ -104,6 +104,9 @@ class Join:
     dicom_with_ehr: int
     duplicates: int  # EHR rows repeating a study already seen
     no_key: int  # EHR rows without patient id or study uid
+    conflicting: int = 0
+    """Studies with a repeated row whose labels disagree with the first row's (on a
+    label both rows know): the first row's are used, which may be the wrong ones."""
 
 
 def join_ehr_images(
@@ -111,12 +114,17 @@ def join_ehr_images(
 ) -> Join:
     """Join EHR rows to studies on the study UID (first row per study wins)."""
     first: dict[str, int] = {}
+    conflicting: set[str] = set()
     duplicates = no_key = 0
     for i, study in enumerate(ehr.study_uids):
         if study is None or ehr.patient_ids[i] is None:
             no_key += 1
         elif study in first:
             duplicates += 1
+            j = first[study]
+            known = ~(ehr.label_null[i] | ehr.label_null[j])
+            if (ehr.labels[i][known] != ehr.labels[j][known]).any():
+                conflicting.add(study)
         else:
             first[study] = i
     ordered = sorted(first)
@@ -134,4 +142,5 @@ def join_ehr_images(
         dicom_with_ehr=n_with,
         duplicates=duplicates,
         no_key=no_key,
+        conflicting=len(conflicting),
     )

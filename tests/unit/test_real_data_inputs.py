@@ -157,6 +157,27 @@ def test_site_check_warns_about_values_that_train_differently_than_they_read():
     assert "6 EHR row(s) repeat another row's study UID" in found
 
 
+def test_repeated_study_rows_whose_labels_disagree_are_counted_and_warned():
+    from wardround.sitedata.join import join_ehr_images
+
+    table = _full_rows(
+        4,
+        study_uid=["1.2.1", "1.2.1", "1.2.2", "1.2.2"],
+        pneumonia=[0, 1, 1, None],  # study 1.2.1 disagrees; 1.2.2 only lacks a value
+    )
+    encoded = encode_batch(table, TASK, EhrSchema(), EhrStats())
+
+    join = join_ehr_images(encoded, {}, require_image=False)
+
+    assert join.duplicates == 2 and join.conflicting == 1
+    found = " ".join(
+        _data_warnings(
+            _report(duplicate_study_rows=2, studies_with_conflicting_labels=1)
+        )
+    )
+    assert "1 of those stud(ies) have rows whose labels disagree" in found
+
+
 def test_one_class_warnings_read_counts_not_the_rounded_prevalence():
     rare = _report(
         label_prevalence={"effusion": 0.0},  # 1 in 20,001, rounded
