@@ -180,7 +180,11 @@ class _SchemaCheck:
                 f"unit of feature {name}",
                 f"[ehr.features] {name} unit-column",
             )
-            if unit_type is not None and _kind(unit_type) is not ColumnType.TEXT:
+            if (
+                unit_type is not None
+                and not pa.types.is_null(unit_type)  # empty: no value needs a unit
+                and _kind(unit_type) is not ColumnType.TEXT
+            ):
                 self.problems.append(
                     f"  - unit column {spec.unit_column!r} (feature {name}) holds "
                     f"{unit_type}, not text"
@@ -245,14 +249,21 @@ class _SchemaCheck:
         self.declared(spec.column, dtype, spec.type)
         kind = _kind(dtype)
         mapped = bool(spec.positive or spec.negative)
-        if (
-            kind is ColumnType.TEXT or (kind is ColumnType.BOOLEAN and mapped)
-        ) and not (spec.positive and spec.negative):
+        if kind is ColumnType.BOOLEAN and mapped:
+            odd = [v for v in (*spec.positive, *spec.negative) if _as_bool(v) is None]
+            if odd:
+                self.problems.append(
+                    f"  - label column {spec.column!r} ({name}) holds true/false, and "
+                    f"[ehr.labels.{name}] names {odd}: name true or false (e.g. "
+                    'positive = ["false"] for a column that is true when normal), '
+                    "or leave the mapping out (true is positive)"
+                )
+        elif kind is ColumnType.TEXT and not (spec.positive and spec.negative):
             # a text value in neither list is unknown: with no negative list every
             # finding would be unknown, and reading the rest as negatives would
             # count 'uncertain' or 'not assessed' as a negative finding
             self.problems.append(
-                f"  - label column {spec.column!r} ({name}) holds {kind.value}: "
+                f"  - label column {spec.column!r} ({name}) holds text: "
                 f"declare both `positive = [...]` and `negative = [...]` under "
                 f"[ehr.labels.{name}] (a value in neither list is unknown, never "
                 "a negative)"
@@ -319,7 +330,8 @@ def open_ehr(
             + "\nThe table has columns: "
             + ", ".join(sorted(arrow_schema.names)),
             hint="Map the run's names to your columns in site.toml under [ehr], "
-            "[ehr.features] and [ehr.labels] (with type, unit, range, map, positive).",
+            "[ehr.features] and [ehr.labels] (with type, unit, range, map, positive, "
+            "negative).",
         )
     have = set(arrow_schema.names)
     return source, [c for c in _columns(task, schema) if c in have]
@@ -510,6 +522,13 @@ def _row_conversions(
     return scales[index], offsets[index]
 
 
+def _as_bool(value: str) -> bool | None:
+    """A boolean label value as site.toml may write it (true/false, 1/0), else None."""
+    return {"true": True, "1": True, "false": False, "0": False}.get(
+        value.strip().lower()
+    )
+
+
 def _is_number(value: str) -> bool:
     return bool(_as_numbers({value}))
 
@@ -528,6 +547,16 @@ def _label_values(
     negative: tuple[str, ...],
 ) -> np.ndarray:
     """1.0 / 0.0 per row, NaN for null or (with a mapping) unmapped values."""
+    if _kind(array.type) is ColumnType.BOOLEAN and (positive or negative):
+        # one list names the other value too: a boolean has no third value
+        said = [b for b in map(_as_bool, positive) if b is not None]
+        unsaid = [not b for b in map(_as_bool, negative) if b is not None]
+        means_positive = said or unsaid  # the schema check refused other words
+        values = _floats(array)  # 1.0 / 0.0 / NaN for null
+        known = ~np.isnan(values)
+        out = np.full(len(array), np.nan)
+        out[known] = np.isin(values[known] == 1.0, means_positive).astype(float)
+        return out
     if not positive and _kind(array.type) in _NUMERIC:
         values = _floats(array)
         # without a declared mapping a numeric label is 0 or 1: another code (-1 for

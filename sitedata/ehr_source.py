@@ -119,13 +119,19 @@ def open_dataset(path: Path) -> pads.Dataset:
         if bad is not None:
             raise _unreadable_file(path, str(bad), exc) from None
         hint = "Point `data.ehr` in site.toml at a Parquet file or folder."
-        if path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        name = path.name.lower()
+        if name.endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz")):
+            stem = path.name.split(".")[0]
             hint = (
                 "wardround reads Parquet, which keeps each column's type; convert "
-                'the export once, e.g. python -c "import pyarrow.csv as c, '
-                f"pyarrow.parquet as p; p.write_table(c.read_csv('{path.name}'), "
-                f"'{path.stem}.parquet')\", check the column types `site check` "
-                "shows, and point `data.ehr` at the Parquet file."
+                "the export once, reading the id columns as text (a guessed type "
+                "turns '000123' into 123), e.g. python -c \"import pyarrow as pa, "
+                "pyarrow.csv as c, pyarrow.parquet as p; t = c.read_csv("
+                f"'{path.name}', convert_options=c.ConvertOptions(column_types="
+                "{'patient_id': pa.string(), 'study_uid': pa.string()})); "
+                f"p.write_table(t, '{stem}.parquet')\" (with your id column names), "
+                "check the column types `site check` shows, and point `data.ehr` at "
+                "the Parquet file."
             )
         raise DataError(
             f"EHR table {path} is not readable Parquet ({type(exc).__name__})",
@@ -138,7 +144,8 @@ def _typed_where_first_file_is_empty(dataset: pads.Dataset) -> pa.Schema | None:
 
     A column null in every row of a file has Arrow type null there (a month in
     which no BNP was measured); as the folder's schema it would refuse the files
-    that hold numbers. Its type is then the first other file's. None: no change.
+    that hold numbers. Its type is then the one that holds every other file's
+    (int64 and float64: float64). None: no change.
     """
     schema = dataset.schema
     empty = {f.name for f in schema if pa.types.is_null(f.type)}
@@ -147,10 +154,23 @@ def _typed_where_first_file_is_empty(dataset: pads.Dataset) -> pa.Schema | None:
     found: dict[str, pa.DataType] = {}
     for fragment in dataset.get_fragments():
         for field in fragment.physical_schema:
-            if field.name in empty and not pa.types.is_null(field.type):
-                found.setdefault(field.name, field.type)
-        if len(found) == len(empty):
-            break
+            if field.name not in empty or pa.types.is_null(field.type):
+                continue
+            if field.name not in found:
+                found[field.name] = field.type
+                continue
+            # int64 in one month, float64 (5.5) in the next: the type that holds both
+            try:
+                merged = pa.unify_schemas(
+                    [
+                        pa.schema([pa.field(field.name, found[field.name])]),
+                        pa.schema([field]),
+                    ],
+                    promote_options="permissive",
+                )
+                found[field.name] = merged.field(field.name).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                pass  # types that do not merge: the file that differs is named on read
     if not found:
         return None
     return pa.schema(

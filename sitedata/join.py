@@ -142,5 +142,5 @@ def join_ehr_images(
         dicom_with_ehr=n_with,
         duplicates=duplicates,
         no_key=no_key,
-        conflicting=len(conflicting),
+        conflicting=len(conflicting.intersection(ordered)),  # of those trained on
     )

@@ -124,10 +124,13 @@ class LabelSpec(_Section):
     column: str
     type: ColumnType | None = None
     positive: tuple[str, ...] = Field(
-        (), max_length=1024, description="values meaning 1 (text columns)"
+        (),
+        max_length=1024,
+        description="values meaning 1: a text column lists both positive and "
+        "negative (a value in neither is unknown); numeric codes, or true/false",
     )
     negative: tuple[str, ...] = Field(
-        (), max_length=1024, description="values meaning 0 (text columns)"
+        (), max_length=1024, description="values meaning 0 (see positive)"
     )
 
     @model_validator(mode="after")

@@ -142,6 +142,35 @@ def test_a_text_label_needs_both_lists_and_reads_neither_as_unknown():
     assert encoded.labels[:2, k].tolist() == [1.0, 0.0]
 
 
+@pytest.mark.parametrize(
+    ("mapping", "expected"),
+    [
+        ({}, [1.0, 0.0, 0.0]),  # true is positive
+        ({"positive": ["true"]}, [1.0, 0.0, 0.0]),  # one list names the other value
+        ({"negative": ["true"]}, [0.0, 1.0, 1.0]),  # true when normal
+        ({"positive": ["0"], "negative": ["1"]}, [0.0, 1.0, 1.0]),
+    ],
+)
+def test_a_boolean_label_reads_one_list_or_none(mapping, expected):
+    spec = {"column": "cardiomegaly", **mapping}
+    labels = {**RAW["labels"], "cardiomegaly": spec}
+    schema = EhrSchema.model_validate({**RAW, "labels": labels})
+    table = _table()  # cardiomegaly: True, False, False
+    assert not schema_problems(table.schema, TASK, schema)
+    encoded = encode_batch(table, TASK, schema, EhrStats())
+    k = TASK.labels.index("cardiomegaly")
+    assert encoded.labels[:, k].tolist() == expected
+    assert not encoded.label_null[:, k].any()
+
+
+def test_words_for_a_boolean_label_column_are_a_problem():
+    spec = {"column": "cardiomegaly", "positive": ["yes"], "negative": ["no"]}
+    labels = {**RAW["labels"], "cardiomegaly": spec}
+    schema = EhrSchema.model_validate({**RAW, "labels": labels})
+    problems = schema_problems(_table().schema, TASK, schema)
+    assert any("true/false" in p and "'yes'" in p for p in problems)
+
+
 def test_words_for_a_numeric_label_column_are_a_problem():
     table = _table(EFF=[0, 1, 1])
     schema = EhrSchema.model_validate(

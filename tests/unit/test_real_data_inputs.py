@@ -296,6 +296,23 @@ def test_a_folder_whose_first_file_has_a_column_empty_reads_the_later_numbers(
     values = [v for b in batches for v in b.column("crp").to_pylist()]
     assert values == [None, None, 5.5, 3.0]
     assert pa.types.is_floating(open_dataset(folder).schema.field("crp").type)
+    # whole numbers one month, 5.5 the next: the type that holds both
+    pq.write_table(_rows(crp=[1, 2]), folder / "2023-02.parquet")
+    pq.write_table(_rows(crp=[5.5, 3.0]), folder / "2023-03.parquet")
+    values = [
+        v
+        for b in ParquetEhr(folder).batches(["crp"], 1024)
+        for v in b["crp"].to_pylist()
+    ]
+    assert values == [None, None, 1.0, 2.0, 5.5, 3.0]
+
+
+def test_a_unit_column_empty_in_every_row_is_no_problem():
+    schema = EhrSchema.model_validate(
+        {"features": {"crp": {"column": "crp", "unit-column": "crp_unit"}}}
+    )
+    table = _full_rows(2, crp=pa.nulls(2)).append_column("crp_unit", pa.nulls(2))
+    assert not [p for p in schema_problems(table.schema, TASK, schema) if "crp" in p]
 
 
 def test_numbers_written_with_units_are_refused_with_how_to_write_them():
@@ -426,4 +443,6 @@ def test_a_csv_export_is_refused_with_how_to_convert_it(tmp_path):
     csv.write_text("patient_id,study_uid\np1,1.2.3\n")
     with pytest.raises(DataError) as err:
         open_dataset(csv)
-    assert "read_csv('ehr.csv')" in err.value.hint and "ehr.parquet" in err.value.hint
+    hint = err.value.hint
+    assert "read_csv('ehr.csv'" in hint and "'ehr.parquet'" in hint
+    assert "'patient_id': pa.string()" in hint  # ids stay text: '000123' is not 123
