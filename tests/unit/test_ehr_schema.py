@@ -124,16 +124,20 @@ def test_text_label_without_mapping_is_a_problem():
     assert any("positive = [...]" in p for p in problems)
 
 
+def _labelled(label: str, **spec) -> EhrSchema:
+    """The test schema with ``label`` read as ``spec`` says."""
+    return EhrSchema.model_validate({**RAW, "labels": {**RAW["labels"], label: spec}})
+
+
 def test_a_text_label_needs_both_lists_and_reads_neither_as_unknown():
     table = _table(EFF=["positive", "negative", "uncertain"])
-    only_positive = EhrSchema.model_validate(
-        {**RAW, "labels": {"effusion": {"column": "EFF", "positive": ["positive"]}}}
-    )
+    only_positive = _labelled("effusion", column="EFF", positive=["positive"])
     problems = schema_problems(table.schema, TASK, only_positive)
     assert any("`negative = [...]`" in p and "never a negative" in p for p in problems)
 
-    both = {"column": "EFF", "positive": ["positive"], "negative": ["negative"]}
-    schema = EhrSchema.model_validate({**RAW, "labels": {"effusion": both}})
+    schema = _labelled(
+        "effusion", column="EFF", positive=["positive"], negative=["negative"]
+    )
     assert not schema_problems(table.schema, TASK, schema)
     encoded = encode_batch(table, TASK, schema, EhrStats())
     k = TASK.labels.index("effusion")
@@ -152,9 +156,7 @@ def test_a_text_label_needs_both_lists_and_reads_neither_as_unknown():
     ],
 )
 def test_a_boolean_label_reads_one_list_or_none(mapping, expected):
-    spec = {"column": "cardiomegaly", **mapping}
-    labels = {**RAW["labels"], "cardiomegaly": spec}
-    schema = EhrSchema.model_validate({**RAW, "labels": labels})
+    schema = _labelled("cardiomegaly", column="cardiomegaly", **mapping)
     table = _table()  # cardiomegaly: True, False, False
     assert not schema_problems(table.schema, TASK, schema)
     encoded = encode_batch(table, TASK, schema, EhrStats())
@@ -164,18 +166,16 @@ def test_a_boolean_label_reads_one_list_or_none(mapping, expected):
 
 
 def test_words_for_a_boolean_label_column_are_a_problem():
-    spec = {"column": "cardiomegaly", "positive": ["yes"], "negative": ["no"]}
-    labels = {**RAW["labels"], "cardiomegaly": spec}
-    schema = EhrSchema.model_validate({**RAW, "labels": labels})
+    schema = _labelled(
+        "cardiomegaly", column="cardiomegaly", positive=["yes"], negative=["no"]
+    )
     problems = schema_problems(_table().schema, TASK, schema)
     assert any("true/false" in p and "'yes'" in p for p in problems)
 
 
 def test_words_for_a_numeric_label_column_are_a_problem():
     table = _table(EFF=[0, 1, 1])
-    schema = EhrSchema.model_validate(
-        {**RAW, "labels": {"effusion": {"column": "EFF", "positive": ["yes"]}}}
-    )
+    schema = _labelled("effusion", column="EFF", positive=["yes"])
     problems = schema_problems(table.schema, TASK, schema)
     assert any("numeric codes" in p and "'yes'" in p for p in problems)
 
