@@ -43,8 +43,6 @@ def _tasks(source: SiteSource) -> Iterator[Any]:
     """Tasks run, their wall time and the bytes in and out, from the egress log."""
     from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
 
-    from ..egress_log import read_egress
-
     tasks = CounterMetricFamily(
         "wardround_site_tasks",
         "Tasks run for the coordinator (failed ones as the egress log records "
@@ -62,22 +60,13 @@ def _tasks(source: SiteSource) -> Iterator[Any]:
         "Wall time of tasks (training, evaluation, SecAgg+ stages)",
         labels=["message_type"],
     )
-    counts: dict[tuple[str, str], int] = {}
-    times: dict[str, list[float]] = {}
-    total_out = total_in = 0
-    for row in read_egress(source.egress_path):
-        kind = str(row.get("message_type", ""))
-        key = (kind, "true" if row.get("ok") else "false")
-        counts[key] = counts.get(key, 0) + 1
-        times.setdefault(kind, []).append(float(row.get("seconds") or 0.0))
-        total_out += int(row.get("bytes_out") or 0)
-        total_in += int(row.get("bytes_in") or 0)
-    for (kind, ok), count in sorted(counts.items()):
+    tasks_seen = source.egress_tally().total()
+    for (kind, ok), count in sorted(tasks_seen.counts.items()):
         tasks.add_metric([kind, ok], count)
-    for kind, values in sorted(times.items()):
-        durations.add_metric([kind], count_value=len(values), sum_value=sum(values))
-    sent.add_metric([], total_out)
-    received.add_metric([], total_in)
+    for kind, (count, seconds) in sorted(tasks_seen.durations.items()):
+        durations.add_metric([kind], count_value=count, sum_value=seconds)
+    sent.add_metric([], tasks_seen.bytes_out)
+    received.add_metric([], tasks_seen.bytes_in)
     yield from (tasks, sent, received, durations)
 
 
@@ -85,19 +74,13 @@ def _refusals(source: SiteSource) -> Any:
     """Unapproved apps and refused answers, from the site's audit log."""
     from prometheus_client.core import CounterMetricFamily
 
-    from ...ops.audit import read_audit
-
     refusals = CounterMetricFamily(
         "wardround_site_refusals",
         "Tasks or answers the site refused (unapproved app, policy), as the audit "
         "log records them: past the tenth of a kind, one line in ten",
         labels=["event"],
     )
-    refused: dict[str, int] = {"app_refused": 0, "answer_refused": 0}
-    if source.audit_path.is_file():
-        for entry in read_audit(source.audit_path):
-            if entry.get("event") in refused:
-                refused[entry["event"]] += 1
+    refused = source.refusal_tally().total()
     for event, count in refused.items():
         refusals.add_metric([event], count)
     return refusals

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ...sitedata.site_config import SiteConfig
+from .log_totals import TaskTotals, fold_refusal, fold_task, no_refusals
+from .tally import JsonlTally
 
 DEFAULT_DELTA = 1e-5
 
@@ -62,6 +64,8 @@ class SiteSource:
     _privacy: tuple[tuple[Any, ...], dict[str, Any]] | None = field(
         default=None, repr=False
     )
+    _egress_tally: JsonlTally[TaskTotals] | None = field(default=None, repr=False)
+    _refusal_tally: JsonlTally[dict[str, int]] | None = field(default=None, repr=False)
 
     @property
     def state_dir(self) -> Path:
@@ -96,6 +100,22 @@ class SiteSource:
             if self._privacy is None or self._privacy[0] != stamp:
                 self._privacy = (stamp, privacy_report(self.site))
             return self._privacy[1]
+
+    def egress_tally(self) -> JsonlTally[TaskTotals]:
+        """Tasks, bytes and wall time over the whole egress log, read incrementally."""
+        with self._lock:
+            if self._egress_tally is None:
+                self._egress_tally = JsonlTally(self.egress_path, TaskTotals, fold_task)
+            return self._egress_tally
+
+    def refusal_tally(self) -> JsonlTally[dict[str, int]]:
+        """Refusal events over the whole audit log, read incrementally."""
+        with self._lock:
+            if self._refusal_tally is None:
+                self._refusal_tally = JsonlTally(
+                    self.audit_path, no_refusals, fold_refusal
+                )
+            return self._refusal_tally
 
     def approvals(self) -> list[dict[str, Any]]:
         """Approved app hashes, oldest first, with the settings shown at approval."""

@@ -117,3 +117,44 @@ def test_wardround_dashboard_serves_a_site_from_its_site_toml(site):
     assert what == "site site-07"
     page = TestClient(app, base_url=LOCAL).get("/privacy").text
     assert f'id="epsilon-total">{privacy_report(site)["epsilon_total"]:.3f}<' in page
+
+
+def test_metrics_count_what_was_appended_since_the_last_scrape(site):
+    """/metrics keeps its place in the logs and still counts every new line."""
+    client = TestClient(
+        site_app(SiteSource(site=site, check=lambda: {"can_train": True}), LOOPBACK),
+        base_url=LOCAL,
+    )
+
+    def scrape() -> dict:
+        return {
+            f.name: f
+            for f in text_string_to_metric_families(client.get("/metrics").text)
+        }
+
+    first = scrape()
+    assert first["wardround_site_bytes_sent"].samples[0].value == 4096
+    record_egress(
+        site.state_path / "egress.jsonl", run_id="77", server_round=2, message_type="train",
+        ok=True, bytes_in=900, bytes_out=1000, seconds=1.5, tensors=[], metrics={},
+    )  # fmt: skip
+    AuditLog(site.state_path / "audit.jsonl", actor="site:site-07").record(
+        "answer_refused", reason="over the per-run cap"
+    )
+    second = scrape()
+    assert second["wardround_site_bytes_sent"].samples[0].value == 5096
+    tasks = {
+        (s.labels["message_type"], s.labels["ok"]): s.value
+        for s in second["wardround_site_tasks"].samples
+        if s.name == "wardround_site_tasks_total"
+    }
+    assert tasks == {("train", "true"): 2}
+    durations = {
+        s.name: s.value for s in second["wardround_site_task_duration_seconds"].samples
+    }
+    assert durations["wardround_site_task_duration_seconds_count"] == 2
+    assert durations["wardround_site_task_duration_seconds_sum"] == 4.0
+    refused = {
+        s.labels["event"]: s.value for s in second["wardround_site_refusals"].samples
+    }
+    assert refused == {"app_refused": 1, "answer_refused": 1}
