@@ -91,23 +91,34 @@ def changed_settings(fab: bytes, run_config: dict[str, Any]) -> list[str]:
     return sorted(k for k in keys if approved.get(k) != run_config.get(k))
 
 
-SHOWN_SECTIONS = ("privacy", "secure-aggregation", "federation", "model", "task")
-"""The run settings a site operator reads before approving a run."""
+SHOWN_SECTIONS = (
+    "privacy",
+    "secure-aggregation",
+    "federation",
+    "model",
+    "task",
+    "train",
+)
+"""The run settings a site operator reads before approving a run, the privacy ones
+first. The app hash covers the other two sections as well, which do not reach a
+site: ``[data]`` names simulated sites (a deployed run refuses them) and
+``[output]`` where the coordinator writes its run directory."""
 
 
 def describe_run(run: Any) -> list[str]:
     """The settings of a run (a ``RunConfig``) that matter to a site, as text lines.
 
     One ``[section]`` header per shown section, then ``key = value`` lines in the
-    run.toml spelling; lists and tables are written as compact JSON.
+    run.toml spelling. Every value is written as JSON, strings quoted and escaped
+    (ASCII only): a value cannot start a line of its own or move the cursor of the
+    terminal the operator reads it on, whatever the run config holds.
     """
     settings = run.model_dump(mode="json", by_alias=True)
     lines: list[str] = []
     for section in SHOWN_SECTIONS:
         lines.append(f"[{section}]")
         for key, value in settings[section].items():
-            shown = value if isinstance(value, str) else json.dumps(value)
-            lines.append(f"  {key} = {shown}")
+            lines.append(f"  {key} = {json.dumps(value)}")
     return lines
 
 

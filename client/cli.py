@@ -392,6 +392,14 @@ def _shown_and_confirmed(site, value: str, run_config, settings, yes: bool) -> b
             "chooses",
             err=True,
         )
+    if settings.privacy.enabled and settings.train.batch_size:
+        typer.echo(
+            f"warning: train.batch-size = {settings.train.batch_size}: the sample "
+            "rate every DP answer carries (q = 1/ceil(patients / batch)) then tells "
+            "the coordinator this site's number of training patients to within one "
+            "batch (the DP recipe's batch, 0, is a fixed share of them)",
+            err=True,
+        )
     if not site.has_imaging and settings.requires_images:
         from ..sitedata.imaging import no_imaging_error
 

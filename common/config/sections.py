@@ -6,6 +6,7 @@ Every section is frozen, refuses unknown keys and takes dashed or underscored na
 from __future__ import annotations
 
 import math
+import unicodedata
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -49,6 +50,48 @@ class _Section(BaseModel):
                         f"{key} is a number; {str(data[key]).lower()} is not one"
                     )
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _printable_text_only(cls, data: Any) -> Any:
+        # A run.toml is written by the coordinator's admin and read by every site's
+        # operator before approving it: a control or bidi character in a value
+        # (an ANSI escape, a newline) could redraw what the operator reads.
+        if isinstance(data, dict):
+            for key, value in data.items():
+                where = None if isinstance(value, BaseModel) else _unprintable(value)
+                if where is not None:
+                    raise ValueError(
+                        f"{key}{where} holds a control or formatting character "
+                        "(a newline, an escape sequence, a direction mark); a run "
+                        "config takes printable text only"
+                    )
+        return data
+
+
+def _unprintable(value: Any, where: str = "") -> str | None:
+    """Where in ``value`` (a scalar, list or table) a non-printable character sits."""
+    if isinstance(value, str):
+        if any(unicodedata.category(c) in _NOT_PRINTABLE for c in value):
+            return where
+        return None
+    if isinstance(value, dict):
+        items = [(f".{k}", v) for k, v in value.items()]
+        items += [(f" (key {k!r})", k) for k in value]
+    elif isinstance(value, list | tuple):
+        items = [(f"[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return None
+    for place, item in items:
+        found = _unprintable(item, where + place)
+        if found is not None:
+            return found
+    return None
+
+
+_NOT_PRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+"""Unicode categories of control, format (bidi, zero-width), surrogate, private-use,
+unassigned and line/paragraph separator characters."""
 
 
 def _is_number(annotation: Any) -> bool:

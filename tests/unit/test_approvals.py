@@ -211,4 +211,22 @@ def test_describe_run_shows_the_sections_a_site_approves():
     assert "  target-epsilon = 3.0" in lines
     assert "  enabled = false" in lines  # secure aggregation off is shown plainly
     assert '  labels = ["nodule", "effusion", "pneumonia", "cardiomegaly"]' in lines
+    assert "  batch-size = 0" in lines  # [train] decides what the site computes
     assert not any(line.startswith("  dir =") for line in lines)  # output: not shown
+
+
+def test_a_value_cannot_redraw_what_the_operator_reads():
+    """Strings are shown quoted and escaped: no line of their own, no cursor moves."""
+    from wardround.client.approvals import describe_run
+
+    run = RunConfig().with_overrides(model={"base": "pretrained"})
+    lines = describe_run(run)
+    assert '  base = "pretrained"' in lines
+    with pytest.raises(ConfigError, match="model: base holds a control"):
+        RunConfig.from_mapping(
+            {"model": {"base": "pre\x1b[38A\r  enabled = true"}}, source="run.toml"
+        )
+    with pytest.raises(ConfigError, match=r"task: labels\[1\] holds a control"):
+        RunConfig.from_mapping(
+            {"task": {"labels": ["a", "b\u202e"]}}, source="run.toml"
+        )

@@ -563,3 +563,20 @@ def test_site_approve_states_the_answers_a_run_may_ask_and_warns_of_un_noised_sp
     )
     beyond = runner.invoke(_app(), [*args, str(site_toml), "--yes"])
     assert "max-repeatable-rounds = 2: this site will refuse" in beyond.output
+
+
+def test_site_approve_warns_that_a_set_batch_size_tells_the_cohort_size(
+    approving_site,
+):
+    site_toml, run_toml = approving_site  # DP on
+    args = ["site", "approve", "--run-config", str(run_toml), "--config"]
+    recipe = runner.invoke(_app(), [*args, str(site_toml), "--yes"])
+    run_toml.write_text(run_toml.read_text() + "\n[train]\nbatch-size = 1\n")
+    one = runner.invoke(_app(), [*args, str(site_toml), "--yes"])
+
+    assert recipe.exit_code == one.exit_code == 0
+    assert "batch-size" in recipe.output and "warning: train.batch-size" not in (
+        recipe.output
+    )
+    assert "warning: train.batch-size = 1: the sample rate" in one.output
+    assert "  batch-size = 1" in one.output  # and [train] is shown
