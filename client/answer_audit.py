@@ -21,7 +21,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from ..common import wire
 from ..common.errors import DataError
 from ..common.wirebytes import content_bytes
-from ..flower_compat.secagg_protocol import RECORD_KEY_CONFIGS, Key
+from ..flower_compat.secagg_protocol import RECORD_KEY_CONFIGS, Key, Stage
 from ..ops.audit import AuditEvent, AuditLog, safe_reason
 from .replay import clear_replayed, replayed_round
 
@@ -30,16 +30,26 @@ log = logging.getLogger(__name__)
 
 def _round_of(msg: Message) -> int | None:
     for record in msg.content.config_records.values():
-        value = record.get(wire.SERVER_ROUND)
-        if isinstance(value, int) and not isinstance(value, bool):
+        value = wire.round_number(record.get(wire.SERVER_ROUND))
+        if value is not None:
             return value
     return None
 
 
+_STAGES = frozenset(Stage.all())
+
+
 def _stage_of(msg: Message) -> str | None:
+    """The SecAgg+ stage a message names: one of Flower's, or ``other``.
+
+    The stage is the coordinator's text; recorded as it is, a character the audit
+    log refuses would cost the answer's line.
+    """
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
     stage = configs.get(Key.STAGE) if configs is not None else None
-    return stage if isinstance(stage, str) else None
+    if stage is None:
+        return None
+    return stage if isinstance(stage, str) and stage in _STAGES else "other"
 
 
 def _numbers_sent(reply: Message) -> dict[str, float | int]:

@@ -225,13 +225,13 @@ def _require_weights(round_config: dict[str, Any]) -> None:
 
 
 def _server_round(round_config: dict[str, Any]) -> int:
-    value = round_config.get(wire.SERVER_ROUND, 0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    value = wire.round_number(round_config.get(wire.SERVER_ROUND, 0))
+    if value is None:
         raise FederationError(
-            "the coordinator's message has no numeric server round",
+            "the coordinator's message has no whole-number server round",
             hint="The coordinator must run wardround's ServerApp.",
         )
-    return int(value)
+    return value
 
 
 def _require_finite(state: OrderedDict[str, np.ndarray]) -> None:

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..common import wire
 from ..common.config import flower_config_string
@@ -242,71 +243,82 @@ class AuditingObserver(TaskObserver):
         app or round the coordinator names (:func:`.answer_audit.worth_recording`)."""
 
     def on_task(self, outcome: TaskOutcome) -> None:
-        """One task: a refusal, a new run, a round's work, privacy spent, an error."""
-        run = str(outcome.run_id)
-        try:
-            if not outcome.approved:
-                count = self.repeats.seen("app_refused")
-                if worth_recording(count):
-                    self.audit.record(
-                        "app_refused",
-                        run_id=run,
-                        fab_hash=outcome.fab_hash,
-                        reason=APP_NOT_APPROVED,
-                        repeated=count,
-                    )
-                return
-            failed = (
-                0
-                if outcome.ok
-                else self.repeats.seen("failed", refusal_kind(outcome.error or ""))
-            )
-            if failed and not worth_recording(failed):
-                return
-            if outcome.run_id not in self.runs_seen:
-                self.runs_seen.add(outcome.run_id)
-                self.audit.record("run_started", run_id=run, fab_hash=outcome.fab_hash)
-            fields = {
-                "run_id": run,
-                "round": outcome.server_round
-                if outcome.server_round is not None
-                else _round_of(outcome.group),
-                "message_type": outcome.message_type,
-                "bytes_in": outcome.bytes_in,
-                "bytes_out": outcome.bytes_out,
-                "seconds": round(outcome.seconds, 3),
-                "app_seconds": round(outcome.app_seconds, 3),
-                "pull_seconds": round(outcome.pull_seconds, 3),
-                "ok": outcome.ok,
-            }
-            if outcome.replayed:
-                fields["replayed"] = True
-            if failed:
-                fields["repeated"] = failed
-            self.audit.record("round_finished", **fields)
-            if self.egress_path is not None:
-                self._record_egress(outcome, outcome.server_round)
-            eps = outcome.metrics.get(wire.DP_EPSILON_RUN)
-            if eps is not None and not outcome.replayed:
-                self.audit.record(
-                    "privacy_spent",
-                    run_id=run,
-                    round=fields["round"],
-                    epsilon_run=eps,
-                    epsilon_total=outcome.metrics.get(wire.DP_EPSILON_TOTAL),
-                )
-            self._say_trained(outcome)
-            if not outcome.ok:
-                self.audit.record(
-                    "error",
-                    run_id=run,
-                    round=fields["round"],
-                    reason=safe_reason(outcome.error),
-                )
-        except (ValueError, DataError) as exc:  # auditing must not stop training
-            log.error("could not write the audit log: %s", exc)
+        """One task: a refusal, a new run, a round's work, privacy spent, an error.
 
-    def _say_trained(self, outcome: TaskOutcome) -> None:
+        Each line is written on its own: a field the audit log refuses (a value the
+        coordinator chose) costs that line, never the egress log's or the
+        terminal's record of what was sent.
+        """
+        run = str(outcome.run_id)
+        if not outcome.approved:
+            count = self.repeats.seen("app_refused")
+            if worth_recording(count):
+                self._audit(
+                    "app_refused",
+                    run_id=run,
+                    fab_hash=outcome.fab_hash,
+                    reason=APP_NOT_APPROVED,
+                    repeated=count,
+                )
+            return
+        failed = (
+            0
+            if outcome.ok
+            else self.repeats.seen("failed", refusal_kind(outcome.error or ""))
+        )
+        if failed and not worth_recording(failed):
+            return
+        if outcome.run_id not in self.runs_seen:
+            self.runs_seen.add(outcome.run_id)
+            self._audit("run_started", run_id=run, fab_hash=outcome.fab_hash)
+        server_round = (
+            outcome.server_round
+            if outcome.server_round is not None
+            else _round_of(outcome.group)
+        )
+        fields: dict[str, Any] = {
+            "run_id": run,
+            "round": server_round,
+            "message_type": outcome.message_type,
+            "bytes_in": outcome.bytes_in,
+            "bytes_out": outcome.bytes_out,
+            "seconds": round(outcome.seconds, 3),
+            "app_seconds": round(outcome.app_seconds, 3),
+            "pull_seconds": round(outcome.pull_seconds, 3),
+            "ok": outcome.ok,
+        }
+        if outcome.replayed:
+            fields["replayed"] = True
+        if failed:
+            fields["repeated"] = failed
+        self._audit("round_finished", **fields)
+        if self.egress_path is not None:
+            self._record_egress(outcome, server_round)
+        eps = outcome.metrics.get(wire.DP_EPSILON_RUN)
+        if eps is not None and not outcome.replayed:
+            self._audit(
+                "privacy_spent",
+                run_id=run,
+                round=server_round,
+                epsilon_run=eps,
+                epsilon_total=outcome.metrics.get(wire.DP_EPSILON_TOTAL),
+            )
+        self._say_trained(outcome, server_round)
+        if not outcome.ok:
+            self._audit(
+                "error",
+                run_id=run,
+                round=server_round,
+                reason=safe_reason(outcome.error),
+            )
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        try:
+            self.audit.record(event, **fields)
+        except (ValueError, DataError) as exc:  # auditing must not stop training
+            log.error("could not write the audit log (%s): %s", event, exc)
+
+    def _say_trained(self, outcome: TaskOutcome, server_round: int | None) -> None:
         """One line for the answer that carried this site's update.
 
         The handler's metrics (its wire version) mark it: SecAgg+ sends its other
@@ -316,11 +328,6 @@ class AuditingObserver(TaskObserver):
             return
         if wire.WIRE_VERSION_KEY not in outcome.metrics:
             return
-        server_round = (
-            outcome.server_round
-            if outcome.server_round is not None
-            else _round_of(outcome.group)
-        )
         try:
             self.say(training_line(outcome, server_round))
         except Exception:  # noqa: BLE001 - a closed terminal must not fail the task
@@ -372,7 +379,14 @@ def training_line(outcome: TaskOutcome, server_round: int | None) -> str:
 
 
 def _round_of(group: str) -> int | None:
-    return int(group) if group.isdigit() else None
+    """The round a message's Flower group id names, if it is a plain round number.
+
+    The group id is the coordinator's text: ``"²".isdigit()`` is true and
+    ``int("²")`` fails, so only ASCII digits of a sane length count.
+    """
+    if group.isascii() and group.isdigit() and len(group) <= 9:
+        return int(group)
+    return None
 
 
 def run_site_daemon(

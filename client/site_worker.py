@@ -444,8 +444,8 @@ def _round_and_run(message: Any) -> tuple[int | None, str]:
 
     try:
         for record in message.content.config_records.values():
-            value = record.get(wire.SERVER_ROUND)
-            if isinstance(value, int) and not isinstance(value, bool):
+            value = wire.round_number(record.get(wire.SERVER_ROUND))
+            if value is not None:
                 return value, coordinator_label(record.get(wire.RUN_ID, ""))
     except Exception:  # noqa: BLE001 - only for the records; never fails a task
         pass

@@ -34,6 +34,23 @@ class PayloadKind(StrEnum):
 
 # Train/evaluate config keys the coordinator sends
 SERVER_ROUND = "server-round"
+
+
+def round_number(value: object) -> int | None:
+    """A message's ``server-round`` as every part of the site reads it, or None.
+
+    An int, or a float that holds one (Flower's records keep both); not a bool, a
+    fraction, NaN or infinity, which the coordinator could send as well.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 PROXIMAL_MU = "proximal-mu"  # the key Flower's FedProx sets
 BASE_FINGERPRINT = "base-model-fingerprint"
 PAYLOAD_KIND = "payload-kind"

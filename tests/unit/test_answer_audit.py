@@ -51,3 +51,37 @@ def test_without_a_ledger_key_the_line_has_no_ledger_field(tmp_path):
     [line] = read_audit(log.path)
     assert "ledger_run" not in line
     assert line["flower_run"] == FLOWER_RUN
+
+
+@pytest.mark.parametrize(
+    ("stage", "recorded"), [("setup", "setup"), ("bogus<x>", "other"), (7, "other")]
+)
+def test_a_secagg_stage_is_recorded_as_one_of_flowers_or_other(
+    tmp_path, stage, recorded
+):
+    """The stage is the coordinator's text: a name the audit log refuses loses no line."""
+    from flwr.app import ConfigRecord
+
+    from wardround.flower_compat.secagg_protocol import RECORD_KEY_CONFIGS, Key
+
+    log = AuditLog(tmp_path / "audit.jsonl", "site:site-01")
+    mod = make_answer_audit_mod(lambda context: log)
+    context = Context(
+        run_id=FLOWER_RUN, node_id=11, node_config={}, state=RecordDict(),
+        run_config={},
+    )  # fmt: skip
+    asked = Message(
+        content=RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: stage})}),
+        dst_node_id=11,
+        message_type="train",
+    )
+
+    def refuse(msg: Message, ctx: Context) -> Message:
+        from flwr.app import Error
+
+        return Message(Error(code=0, reason="unknown stage"), reply_to=msg)
+
+    mod(asked, context, refuse)
+    [line] = read_audit(log.path)
+    assert line["event"] == "answer_refused"
+    assert line["secagg_stage"] == recorded

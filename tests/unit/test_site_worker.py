@@ -327,3 +327,54 @@ def test_the_worker_follows_a_supernode_that_moved_and_ends_on_stop(monkeypatch)
         stop.set()
         thread.join(timeout=30)
     assert not thread.is_alive()  # the call retrying a gone SuperNode gave up
+
+
+def test_a_group_id_of_the_coordinators_choosing_costs_no_record_of_what_was_sent(
+    audit_path, tmp_path
+):
+    """'²' passes str.isdigit() and fails int(): the answer is still on record."""
+    egress = tmp_path / "egress.jsonl"
+    said: list[str] = []
+    observer = AuditingObserver(
+        AuditLog(audit_path, actor="site:x"), egress, say=said.append
+    )
+    spent = {wire.DP_EPSILON_RUN: 0.8, wire.WIRE_VERSION_KEY: wire.WIRE_VERSION}
+    for group in ("²", "9" * 5000):
+        observer.on_task(_outcome(group=group, server_round=None, metrics=spent))
+
+    events = [e["event"] for e in read_audit(audit_path)]
+    assert events == ["run_started"] + ["round_finished", "privacy_spent"] * 2
+    assert [e["round"] for e in read_audit(audit_path)[1:]] == [None] * 4
+    from wardround.client.egress_log import read_egress
+
+    assert [row["bytes_out"] for row in read_egress(egress)] == [2000, 2000]
+    assert len(said) == 2
+
+
+def test_a_field_the_audit_log_refuses_costs_that_line_only(audit_path, tmp_path):
+    egress = tmp_path / "egress.jsonl"
+    said: list[str] = []
+    observer = AuditingObserver(
+        AuditLog(audit_path, actor="site:x"), egress, say=said.append
+    )
+    spent = {wire.DP_EPSILON_RUN: 0.8, wire.WIRE_VERSION_KEY: wire.WIRE_VERSION}
+    observer.on_task(
+        _outcome(message_type="train<x>", server_round=3, metrics=spent)
+    )  # no terminal line: not a "train" message, but the egress log has it
+    observer.on_task(_outcome(server_round=4, metrics=spent))
+
+    events = [(e["event"], e.get("round")) for e in read_audit(audit_path)]
+    assert ("privacy_spent", 3) in events and ("round_finished", 4) in events
+    from wardround.client.egress_log import read_egress
+
+    assert [row["round"] for row in read_egress(egress)] == [3, 4]
+    assert len(said) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(3, 3), (3.0, 3), (True, None), (2.5, None), (float("nan"), None),
+     (float("inf"), None), ("3", None), (None, None)],
+)  # fmt: skip
+def test_every_part_of_the_site_reads_a_round_number_alike(value, expected):
+    assert wire.round_number(value) == expected
