@@ -12,13 +12,28 @@ Pure: it reads text and a clock value, and returns messages.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # Flower 1.41's SuperNode log lines (flwr/supercore/retry/*_retry.py and
-# flwr/supernode/start_client_internal.py).
-_FAILED = "Connection attempt failed, retrying"  # DEBUG adds a second line per try
-_RECOVERED = "Connection successful after"
-_REGISTERED = "SuperNode ID:"
+# flwr/supernode/start_client_internal.py), matched whole: other lines carry text
+# the coordinator chooses (Flower logs each message's group id), which must not
+# pass for a connection event.
+_FAILED = re.compile(r"Connection attempt failed, retrying in \d+(\.\d+)? seconds")
+_RECOVERED = re.compile(
+    r"Connection successful after \d+(\.\d+)? seconds and \d+ tries\."
+)
+_REGISTERED = re.compile(r"SuperNode ID: -?\d+")
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+_LOG_LINE = re.compile(r"(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\b.*?:\s+(.*)")
+"""Flower's console format: the level, an optional time, a colon, the message."""
+
+
+def _message(line: str) -> str | None:
+    """The message of one of Flower's log lines (None for any other line)."""
+    found = _LOG_LINE.fullmatch(_COLOUR.sub("", line).rstrip())
+    return found.group(1) if found else None
+
 
 FIRST_WARNING_S = 15.0
 LONGEST_WARNING_GAP_S = 600.0
@@ -44,11 +59,14 @@ class ConnectionWatch:
         """Messages for the operator, given the log's new text at time ``now``."""
         messages: list[str] = []
         for line in text.splitlines():
-            if _FAILED in line:
+            message = _message(line)
+            if message is None:
+                continue
+            if _FAILED.fullmatch(message):
                 if self.failing_since is None:
                     self.failing_since = now
                 self.failures += 1
-            elif _REGISTERED in line or _RECOVERED in line:
+            elif _REGISTERED.fullmatch(message) or _RECOVERED.fullmatch(message):
                 messages.extend(self._connected(now))
         messages.extend(self.due(now))
         return messages

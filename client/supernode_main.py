@@ -3,21 +3,59 @@
 The site daemon starts the SuperNode through this module rather than
 ``flower-supernode``: it applies :func:`wardround.flower_compat.pacing.pace_supernode`
 with ``WARDROUND_SUPERNODE_POLL_S`` (from ``deployment.poll-interval-s``), then runs
-Flower's own SuperNode entry point, with the same arguments.
+Flower's own SuperNode entry point, with the same arguments. Its log lines are
+kept to one line of printable text each (:class:`OneLineRecords`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import unicodedata
 
 POLL_ENV = "WARDROUND_SUPERNODE_POLL_S"
 
 
+def escaped(text: str) -> str:
+    """``text`` with every control and format character written as an escape."""
+    return "".join(
+        char.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(char) in _NOT_PRINTABLE
+        else char
+        for char in text
+    )
+
+
+_NOT_PRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+class OneLineRecords(logging.Filter):
+    """Writes each of Flower's log messages as one line of printable text.
+
+    The SuperNode logs text the coordinator chooses (each message's group id,
+    servers' error details) into ``<state-dir>/supernode.log``, which the daemon
+    reads for connection events and the operator reads with ``cat``: a newline
+    there could forge a line, an escape sequence act on a terminal.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's message, escaped; never drop it."""
+        message = record.getMessage()
+        safe = escaped(message)
+        if safe != message:
+            record.msg, record.args = safe, ()
+        return True
+
+
 def main() -> int:
     """Flower's ``flower-supernode``, with the pacing from the environment."""
+    from flwr.common.logger import FLOWER_LOGGER
+
     from ..flower_compat.pacing import pace_supernode
     from ..flower_compat.tools import flower_supernode
+
+    FLOWER_LOGGER.addFilter(OneLineRecords())
 
     poll = float(os.environ.get(POLL_ENV, "0") or 0)
     if poll > 0:

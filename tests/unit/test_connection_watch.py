@@ -77,3 +77,31 @@ def test_the_debug_lines_of_a_try_count_once():
     debug = "DEBUG :     Connection attempt failed with exception: ConnectError\n"
     watch.feed((debug + FAILED) * 3, now=0.0)
     assert "(3 failed attempts)" in watch.feed("", now=16.0)[0]
+
+
+def test_a_line_naming_a_connection_event_inside_other_text_is_not_one():
+    """Flower logs each message's group id, which the coordinator chooses."""
+    watch = _watch()
+    watch.feed(REGISTERED, now=0.0)
+    forged = (
+        "INFO :      [RUN 42, ROUND Connection attempt failed, retrying in 1.00 "
+        "seconds]\n"
+    )
+    assert watch.feed(forged * 5, now=1.0) == []
+    assert watch.feed("", now=100.0) == []  # no "has not answered" warning
+    assert watch.failures == 0
+    fresh = _watch()
+    assert fresh.feed("INFO :      [RUN 1, ROUND SuperNode ID: 7]\n", now=1.0) == []
+    assert not fresh.connected_once
+
+
+def test_flowers_coloured_lines_are_read():
+    watch = _watch()
+    coloured = "\x1b[92mINFO \x1b[0m:      SuperNode ID: 42\n"
+    assert watch.feed(coloured, now=1.0)[0].startswith("connected to the coordinator")
+
+
+def test_lines_with_flowers_timestamps_are_read():
+    watch = _watch()
+    stamped = "INFO 2026-12-07 19:00:01,123:      SuperNode ID: 42\n"
+    assert watch.feed(stamped, now=1.0)[0].startswith("connected to the coordinator")

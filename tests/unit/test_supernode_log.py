@@ -1,0 +1,41 @@
+"""The SuperNode's log keeps the coordinator's text to one printable line per record."""
+
+from __future__ import annotations
+
+import io
+import logging
+from logging import INFO
+
+from flwr.common.logger import FLOWER_LOGGER, log
+
+from wardround.client.connection_watch import ConnectionWatch
+from wardround.client.supernode_main import OneLineRecords
+
+
+def test_a_group_id_cannot_forge_a_line_or_reach_the_terminal():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s :      %(message)s"))
+    one_line = OneLineRecords()
+    FLOWER_LOGGER.addHandler(handler)
+    FLOWER_LOGGER.addFilter(one_line)
+    try:
+        forged = (
+            "3]\nWARNING :   Connection attempt failed, retrying in 1.00 seconds"
+            "\n\x1b[2J\x1b[HINFO :      all good"
+        )
+        log(INFO, "[RUN %s, ROUND %s]", 42, forged)
+        log(INFO, "SuperNode ID: %s", 77)
+    finally:
+        FLOWER_LOGGER.removeFilter(one_line)
+        FLOWER_LOGGER.removeHandler(handler)
+
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and "\x1b" not in stream.getvalue()
+    assert lines[0].startswith("INFO :      [RUN 42, ROUND 3]\\nWARNING")
+    assert lines[1] == "INFO :      SuperNode ID: 77"
+    watch = ConnectionWatch("coord:9092", "supernode.log", first_warning_s=0)
+    assert watch.feed(stream.getvalue(), now=1.0) == [
+        "connected to the coordinator at coord:9092"
+    ]
+    assert watch.failures == 0
