@@ -51,6 +51,7 @@ from ..flower_compat.secagg_protocol import (
     secaggplus_mod,
 )
 from ..flower_compat.secagg_wire import narrow_masked_vectors
+from .answer_audit import Repeats, refusal_kind, worth_recording
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,31 @@ _masking_stage: ContextVar[_MaskingStage | None] = ContextVar(
 )
 
 
+_refusals_logged = Repeats()
+
+
 def _refuse(message: str) -> SecureAggregationRefused:
-    log.warning("secure aggregation refused: %s", message)
+    # SecAgg+ messages cost the coordinator nothing: thinned like refused answers
+    count = _refusals_logged.seen(refusal_kind(message))
+    if worth_recording(count):
+        log.warning(
+            "secure aggregation refused%s: %s",
+            f" ({count} times)" if count > 1 else "",
+            message,
+        )
     return SecureAggregationRefused(message, hint=_HINT)
+
+
+QUOTED_CHARACTERS = 40
+"""The most of a value from the coordinator's message a refusal quotes."""
+
+
+def _quoted(value: object) -> str:
+    """``repr(value)``, cut to :data:`QUOTED_CHARACTERS` (its closing quote kept)."""
+    text = repr(value)
+    if len(text) <= QUOTED_CHARACTERS:
+        return text
+    return text[: QUOTED_CHARACTERS - 2] + "…" + text[-1]
 
 
 def is_secure_aggregation_message(msg: Message) -> bool:
@@ -127,7 +150,7 @@ def require_secure_channel(msg: Message, config: RunConfig) -> None:
         stage.max_weight
     ):
         raise _refuse(
-            f"the train instructions give max weight {max_weight!r}, the SecAgg+ "
+            f"the train instructions give max weight {_quoted(max_weight)}, the SecAgg+ "
             f"setup gave {stage.max_weight!r}"
         )
 
@@ -165,7 +188,7 @@ def check_setup(msg: Message, config: RunConfig) -> None:
         Key.MOD_RANGE: MODULUS_RANGE,
     }
     differences = [
-        f"{key} {configs.get(key)!r} (approved: {value!r})"
+        f"{key} {_quoted(configs.get(key))} (approved: {value!r})"
         for key, value in expected.items()
         if type(configs.get(key)) is not type(value) or configs.get(key) != value
     ]
@@ -176,7 +199,7 @@ def check_setup(msg: Message, config: RunConfig) -> None:
         or not 1.0 <= max_weight <= MAX_PLAUSIBLE_WEIGHT
     ):
         differences.append(
-            f"{Key.MAX_WEIGHT} {max_weight!r} (approved: an example count from 1 to "
+            f"{Key.MAX_WEIGHT} {_quoted(max_weight)} (approved: an example count from 1 to "
             f"{MAX_PLAUSIBLE_WEIGHT:.0f})"
         )
     if differences:

@@ -421,3 +421,39 @@ def test_the_site_recomputes_the_share_counts_flowers_workflow_announces(
     assert announced[Key.SAMPLE_NUMBER] == sites
     assert announced[Key.SHARE_NUMBER] == expected.num_shares
     assert announced[Key.THRESHOLD] == expected.threshold
+
+
+def test_a_refused_setup_quotes_little_of_the_coordinators_values_and_is_thinned(
+    monkeypatch, caplog
+):
+    """Setup messages cost the coordinator nothing: no megabyte warnings, no flood."""
+    from wardround.client import secure_aggregation
+    from wardround.client.answer_audit import Repeats
+    from wardround.common.config import RunConfig
+    from wardround.common.errors import SecureAggregationRefused
+
+    monkeypatch.setattr(secure_aggregation, "_refusals_logged", Repeats())
+    run = RunConfig().with_overrides(federation={"min_sites": 3})
+    reasons = []
+    with caplog.at_level(logging.WARNING, logger=secure_aggregation.__name__):
+        for i in range(30):
+            big = f"{i}" + "A" * 1_000_000
+            configs = {
+                Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: big,
+                Key.THRESHOLD: big, Key.CLIPPING_RANGE: big, Key.TARGET_RANGE: big,
+                Key.MOD_RANGE: big, Key.MAX_WEIGHT: big,
+            }  # fmt: skip
+            message = Message(
+                RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(configs)}),
+                dst_node_id=1,
+                message_type=MessageType.TRAIN,
+            )
+            with pytest.raises(SecureAggregationRefused) as refused:
+                secure_aggregation.check_setup(message, run)
+            reasons.append(str(refused.value))
+
+    assert max(len(reason) for reason in reasons) < 2_000
+    assert "share_num '0AAA" in reasons[0] and "…'" in reasons[0]
+    logged = [r for r in caplog.records if "secure aggregation refused" in r.message]
+    assert len(logged) == 12  # the first ten, the 20th and the 30th
+    assert "(30 times)" in logged[-1].message
