@@ -19,6 +19,7 @@ read-only dashboard and ``/metrics`` (``[dashboard]``; 127.0.0.1 by default).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -355,9 +356,10 @@ class AuditingObserver(TaskObserver):
 
 def training_line(outcome: TaskOutcome, server_round: int | None) -> str:
     """One line on a training answer the site sent: the run, the round, the cost."""
-    # the run's name comes from the coordinator: nothing but printable text
+    # The run's name comes from the coordinator: printable text only, and quoted,
+    # so that it cannot pass for the site's own words on the line.
     name = coordinator_label(outcome.run_name)
-    where = f"run {name or outcome.run_id}"
+    where = f"run {json.dumps(name) if name else outcome.run_id}"
     if server_round is not None:
         where += f" round {server_round}"
     if outcome.replayed:

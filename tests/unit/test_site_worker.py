@@ -64,7 +64,7 @@ def test_the_operator_gets_one_line_per_training_answer(audit_path):
     observer.on_task(_outcome(approved=False, ok=False, error="[AppNotApproved]"))
 
     assert said == [
-        "run 20261207-run[2J round 2: trained and answered in 1.2 s, 2,000 bytes "
+        'run "20261207-run[2J" round 2: trained and answered in 1.2 s, 2,000 bytes '
         "sent; ε 2.31 spent on this run, 4.50 over all runs"
     ]
 
