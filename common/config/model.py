@@ -28,7 +28,7 @@ from .enums import (
     TrainableScope,
     VlmTower,
 )
-from .sections import _Section
+from .sections import _RunSection
 
 if TYPE_CHECKING:
     from .run import RunConfig
@@ -38,7 +38,7 @@ DEFAULT_FAMILY = "fusion"
 """The family of a ``[model]`` section that names none."""
 
 
-class FamilyModelConfig(_Section):
+class FamilyModelConfig(_RunSection):
     """What every family's model config has: the LoRA adapters and their init."""
 
     family: str

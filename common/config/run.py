@@ -42,13 +42,6 @@ class RunConfig(_Section):
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     output: OutputConfig = OutputConfig()
 
-    @model_validator(mode="before")
-    @classmethod
-    def _printable_text_only(cls, data: Any) -> Any:
-        # Replaces _Section's check: each section checks its own values, so that a
-        # problem is reported under the section's name rather than the top level.
-        return data
-
     @model_validator(mode="after")
     def _task_fits_family(self) -> RunConfig:
         self.model.check_run(self)

@@ -51,6 +51,10 @@ class _Section(BaseModel):
                     )
         return data
 
+
+class _RunSection(_Section):
+    """A section of the run config: shared with every site, and shown to its operator."""
+
     @model_validator(mode="before")
     @classmethod
     def _printable_text_only(cls, data: Any) -> Any:
@@ -109,7 +113,7 @@ DEFAULT_DELTA_CLIP_NORM = 64.0
 update down, and the federation learns slower than its sites."""
 
 
-class FederationConfig(_Section):
+class FederationConfig(_RunSection):
     """How rounds run."""
 
     strategy: Strategy = Strategy.FEDAVG
@@ -208,7 +212,7 @@ class FederationConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
+class TrainConfig(_RunSection):
     """Local training at each site, per round."""
 
     local_epochs: int = Field(2, ge=1, le=1000)
@@ -261,7 +265,7 @@ def _refuse_repeats(where: str, values: tuple[str, ...]) -> None:
         raise ValueError(f"{where} lists {', '.join(map(repr, repeated))} twice")
 
 
-class NumericFeature(_Section):
+class NumericFeature(_RunSection):
     """A numeric EHR feature with the federation-wide normalisation."""
 
     mean: float
@@ -308,7 +312,7 @@ def _with_defaults(
     return {**{k: v for k, v in defaults.items() if k in names}, **declared}
 
 
-class TaskConfig(_Section):
+class TaskConfig(_RunSection):
     """What is predicted from what. Shared by every site of a run.
 
     Normalisation statistics and categorical vocabularies are declared here, never
@@ -435,7 +439,7 @@ class TaskConfig(_Section):
         return 2 * len(self.numeric) + onehot
 
 
-class DataConfig(_Section):
+class DataConfig(_RunSection):
     """Where the sites' data is (simulation)."""
 
     sites_dir: str = ""
@@ -446,7 +450,7 @@ class DataConfig(_Section):
     synth_seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
-class PrivacyConfig(_Section):
+class PrivacyConfig(_RunSection):
     """Record-level DP-SGD at every site (Opacus). Each site's own floor still applies."""
 
     enabled: bool = True
@@ -462,7 +466,7 @@ class PrivacyConfig(_Section):
     secure_mode: SecureMode = SecureMode.AUTO
 
 
-class SecureAggregationConfig(_Section):
+class SecureAggregationConfig(_RunSection):
     """Flower's SecAgg+: the coordinator only sees the masked sum of the deltas."""
 
     enabled: bool = True
@@ -508,7 +512,7 @@ class SecureAggregationConfig(_Section):
         return self
 
 
-class OutputConfig(_Section):
+class OutputConfig(_RunSection):
     """Where the run directory goes."""
 
     dir: str = "runs/latest"

@@ -130,3 +130,13 @@ def test_c_move_stores_are_taken_only_from_the_pacs_addresses(tmp_path):
     assert backend._received.empty()
     assert store_from("127.0.0.1") == 0x0000
     assert not backend._received.empty()
+
+
+def test_a_sites_own_multi_line_query_is_accepted(tmp_path):
+    """The printable-text rule is the run config's (shown to every operator), not site.toml's."""
+    path = _site(
+        tmp_path,
+        {"ehr-database": {"url": URL, "query": "SELECT a,\n\tb\nFROM t -- ours\n"}},
+    )
+    site = SiteConfig.from_toml(path)
+    assert "\n\tb\n" in site.data.ehr_database.query
