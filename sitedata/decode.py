@@ -36,6 +36,7 @@ MISSING_ATTRIBUTE = "image attributes missing or invalid"
 CODEC_ERROR = "codec could not decode the pixel data"
 DECODE_ERROR = "pixel data could not be decoded"
 SERIES_SHAPES = "slices of the series differ in size"
+DISPLAY_ERROR = "colour table, rescale or window missing or invalid"
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 

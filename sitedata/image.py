@@ -22,7 +22,13 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from ..common.config import SliceMode
 from ..common.errors import DataError
-from .decode import SERIES_SHAPES, DecodeFailure, decode_pixels, read_dataset
+from .decode import (
+    DISPLAY_ERROR,
+    SERIES_SHAPES,
+    DecodeFailure,
+    decode_pixels,
+    read_dataset,
+)
 
 #: (center, width) for CT when the file declares no window and no preset fits
 CT_DEFAULT_WINDOW = (-400.0, 1600.0)
@@ -151,15 +157,92 @@ def frames_to_unit(
     pixels: np.ndarray,
     presets: dict[tuple[str, str | None], tuple[float, float]] | None = None,
 ) -> np.ndarray:
-    """Decoded pixels → float32 ``[F, H, W]`` in [0, 1], display-ready."""
+    """Decoded pixels → float32 ``[F, H, W]`` in [0, 1], display-ready.
+
+    Raises
+    ------
+    DecodeFailure
+        :data:`~.decode.DISPLAY_ERROR` when the file's colour table, rescale or
+        window cannot be applied, or gives values that are not finite.
+    """
+    try:
+        unit = _frames_to_unit(ds, pixels, presets)
+    except DecodeFailure:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any header the decoder accepted
+        raise DecodeFailure(DISPLAY_ERROR) from exc
+    if not np.isfinite(unit).all():
+        raise DecodeFailure(DISPLAY_ERROR)
+    return unit
+
+
+def _frames_to_unit(
+    ds: pydicom.Dataset,
+    pixels: np.ndarray,
+    presets: dict[tuple[str, str | None], tuple[float, float]] | None,
+) -> np.ndarray:
     frames = as_frames(pixels, ds)
     if is_colour(ds):
         return min_max(to_grey(frames, ds))
+    if _has_functional_groups(ds):
+        return np.stack(
+            [
+                _grey_to_unit(frame[None], frame_view(ds, index), presets)[0]
+                for index, frame in enumerate(frames)
+            ]
+        )
+    return _grey_to_unit(frames, ds, presets)
+
+
+def _grey_to_unit(
+    frames: np.ndarray,
+    ds: pydicom.Dataset,
+    presets: dict[tuple[str, str | None], tuple[float, float]] | None,
+) -> np.ndarray:
     values = np.asarray(apply_modality_lut(frames, ds), dtype=np.float32)
     unit = to_unit(values, ds, presets)
     if photometric(ds) == "MONOCHROME1":
         unit = 1.0 - unit
     return unit.astype(np.float32, copy=False)
+
+
+_FRAME_KEYWORDS = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+"""What an Enhanced multi-frame image keeps per frame or shared, in its functional
+groups (Pixel Value Transformation, Frame VOI LUT), rather than at the top level."""
+
+
+def _has_functional_groups(ds: pydicom.Dataset) -> bool:
+    return bool(
+        ds.get("SharedFunctionalGroupsSequence")
+        or ds.get("PerFrameFunctionalGroupsSequence")
+    )
+
+
+def frame_view(ds: pydicom.Dataset, index: int) -> pydicom.Dataset:
+    """The display attributes that hold for frame ``index``.
+
+    The data set's own, then those of its shared functional groups, then those of
+    the frame's own groups, each overriding the one before (PS3.3 C.7.6.16).
+    """
+    view = pydicom.Dataset()
+    for keyword in (*_FRAME_KEYWORDS, "Modality", "BodyPartExamined"):
+        if keyword in ds:
+            setattr(view, keyword, ds.get(keyword))
+    view.PhotometricInterpretation = photometric(ds)
+    if "ModalityLUTSequence" in ds:
+        view.ModalityLUTSequence = ds.ModalityLUTSequence
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    groups = [*(ds.get("SharedFunctionalGroupsSequence") or [])[:1]]
+    if index < len(per_frame):
+        groups.append(per_frame[index])
+    for group in groups:
+        for element in group:
+            if element.VR != "SQ" or not element.value:
+                continue
+            for keyword in _FRAME_KEYWORDS:
+                if keyword in element.value[0]:
+                    setattr(view, keyword, element.value[0].get(keyword))
+    return view
 
 
 def pick_indices(n: int, mode: SliceMode, channels: int = 1) -> list[int]:

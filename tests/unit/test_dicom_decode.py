@@ -289,3 +289,61 @@ def test_parallel_index_matches_serial(tmp_path, monkeypatch):
     monkeypatch.setattr(dicom_index, "_CHUNK", 1)
     parallel = index_dicom([folder], tmp_path / "c2", workers=2)
     assert parallel.equals(serial) and serial.num_rows == 4
+
+
+def _enhanced(tmp_path: Path) -> Path:
+    """Three frames of raw value 1064; rescale and window only in functional groups."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for kw in ("RescaleIntercept", "RescaleSlope", "WindowCenter", "WindowWidth"):
+        if kw in ds:
+            delattr(ds, kw)
+    ds.NumberOfFrames = 3
+    ds.PixelRepresentation = 1
+    ds.PixelData = np.full((3, ds.Rows, ds.Columns), 1064, np.int16).tobytes()
+    rescale, voi, shared = Dataset(), Dataset(), Dataset()
+    rescale.RescaleIntercept, rescale.RescaleSlope = -1024, 1  # → 40 HU
+    voi.WindowCenter, voi.WindowWidth = 0, 400  # 40 HU → 0.6
+    shared.PixelValueTransformationSequence = Sequence([rescale])
+    shared.FrameVOILUTSequence = Sequence([voi])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    last_voi, last = Dataset(), Dataset()
+    last_voi.WindowCenter, last_voi.WindowWidth = 200, 400  # this frame: 40 HU → 0.1
+    last.FrameVOILUTSequence = Sequence([last_voi])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([Dataset(), Dataset(), last])
+    path = tmp_path / "enhanced.dcm"
+    ds.save_as(path)
+    return path
+
+
+def test_an_enhanced_images_rescale_and_window_come_from_its_functional_groups(
+    tmp_path,
+):
+    from wardround.sitedata.image import load_unit_frames
+
+    frames, _ = load_unit_frames(_enhanced(tmp_path))
+    np.testing.assert_allclose(frames[:, 5, 5], [0.6, 0.6, 0.1], atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["palette without its table", "slope not a number"])
+def test_a_header_the_decoder_accepts_but_display_cannot_use_is_a_reason(
+    tmp_path, damage
+):
+    """Not a crash of site check or training: the study keeps its EHR and note."""
+    if damage == "palette without its table":
+        path = _palette(tmp_path)
+        ds = pydicom.dcmread(path)
+        for colour in ("Red", "Green", "Blue"):
+            delattr(ds, f"{colour}PaletteColorLookupTableData")
+        ds.save_as(path)
+    else:
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.RescaleSlope = "7.77"
+        path = tmp_path / "slope.dcm"
+        ds.save_as(path)
+        path.write_bytes(path.read_bytes().replace(b"7.77", b"abc "))
+    with pytest.raises(DecodeFailure) as err:
+        load_study_image([path], 16)
+    assert err.value.reason == decode.DISPLAY_ERROR
