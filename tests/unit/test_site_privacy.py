@@ -169,3 +169,22 @@ def test_a_site_that_clips_its_delta_says_so_and_sends_the_bound(
     assert "round 1" in record.getMessage() and f"= {bound:g}" in record.getMessage()
     # a DP-SGD delta is mostly noise: the bound limiting it is expected, not a fault
     assert record.levelname == ("INFO" if private else "WARNING")
+
+
+def test_a_tiny_epsilon_is_computed_without_opacus_asking_for_more_orders():
+    """Opacus warns when its largest order is the best one; the ledger keeps its orders."""
+    import warnings
+
+    import numpy as np
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    from wardround.common.privacy import _rdp_epsilon
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = np.asarray(compute_rdp(q=0.01, noise_multiplier=50.0, steps=1, orders=orders))
+    with pytest.warns(UserWarning, match="Optimal order is the largest alpha"):
+        expected, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _rdp_epsilon(((50.0, 0.01, 1),), 1e-5) == float(expected)
