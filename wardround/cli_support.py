@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import getpass
+import json
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -31,8 +32,23 @@ cli_flags = {"debug": False, "verbose": False}
 _received: dict[str, int] = {}
 
 
-def report_user_error(exc: WardroundError) -> None:
-    """Print a user error as one paragraph and its hint, without a traceback."""
+def report_user_error(exc: WardroundError, *, as_json: bool = False) -> None:
+    """Print a user error as one paragraph and its hint, without a traceback.
+
+    ``as_json`` (a command run with ``--json``): the error also goes to standard
+    output as one JSON object, so a script reading the output gets a document
+    either way.
+    """
+    if as_json:
+        document = {
+            "error": {
+                "kind": exc.title,
+                "message": exc.message,
+                "hint": exc.hint,
+                "exit_code": exc.exit_code,
+            }
+        }
+        typer.echo(json.dumps(document, indent=2))
     # Messages quote site.toml keys like [ehr.features]: print them as plain text.
     err_console.print(
         Text.assemble((f"{exc.title}: ", "bold red"), exc.message), soft_wrap=True
@@ -51,13 +67,13 @@ def user_errors(command: Callable[_P, _R]) -> Callable[_P, _R]:
         except WardroundError as exc:
             if cli_flags["debug"]:
                 raise
-            report_user_error(exc)
+            report_user_error(exc, as_json=bool(kwargs.get("as_json")))
             raise typer.Exit(exc.exit_code) from None
         except PATH_ERRORS as exc:
             if cli_flags["debug"] or exc.filename is None:
                 raise
             error = path_error(exc)
-            report_user_error(error)
+            report_user_error(error, as_json=bool(kwargs.get("as_json")))
             raise typer.Exit(error.exit_code) from None
 
     return guarded

@@ -580,3 +580,23 @@ def test_site_approve_warns_that_a_set_batch_size_tells_the_cohort_size(
     )
     assert "warning: train.batch-size = 1: the sample rate" in one.output
     assert "  batch-size = 1" in one.output  # and [train] is shown
+
+
+def test_site_check_json_gives_a_json_document_when_the_run_config_is_broken(
+    tmp_path,
+):
+    """A script reading --json output gets an object with the error, and exit 2."""
+    site_toml = tmp_path / "site.toml"
+    site_toml.write_text('[site]\nname = "x"\n')
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text("[federation\n")
+    result = runner.invoke(
+        _app(),
+        ["site", "check", "--config", str(site_toml), "--run-config", str(run_toml),
+         "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    document = json.loads(result.stdout)
+    assert document["error"]["kind"] == "configuration error"
+    assert "is not valid TOML" in document["error"]["message"]
+    assert document["error"]["exit_code"] == 2
