@@ -104,6 +104,10 @@ def check_site(
         report["pacs"] = _pacs_section(prep.pacs)
         warnings.extend(_pacs_warnings(prep.pacs))
     report["dicom"] = _dicom_section(site, prep.index, prep.images, prep.reasons)
+    trained = {prep.ehr.study_uids[row] for row in prep.join.rows}
+    report["dicom"]["decode_failures_of_trained_studies"] = sum(
+        1 for study in prep.reasons if study in trained
+    )
     report["ehr"] = _ehr_section(prep)
     report["ehr"]["not_recorded"] = [
         name
@@ -351,10 +355,16 @@ def _data_warnings(report: dict[str, Any]) -> list[str]:
             "dicom.pydicom_warnings; each file in the log)"
         )
     failures = sum(report["dicom"]["decode_failures"].values())
-    if failures:
+    trained = report["dicom"].get("decode_failures_of_trained_studies", failures)
+    if trained:
         found.append(
-            f"{failures} study image(s) could not be decoded; those "
-            "studies train without image"
+            f"{trained} study image(s) could not be decoded (by reason in "
+            "dicom.decode_failures); those studies train without image"
+        )
+    if failures > trained:
+        found.append(
+            f"{failures - trained} more study image(s) could not be decoded; their "
+            "studies have no EHR row, so they would not train either way"
         )
     return found
 

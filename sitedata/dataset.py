@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from ..common.config import FusionModelConfig, RunConfig, TaskConfig
 from ..common.errors import DataError
 from ..common.text import hash_note_ngrams
 from . import dicom_warnings
+from .data_notes import write_data_notes
 from .decode import DecodeFailure
 from .dicom_index import INDEX_SCHEMA, index_dicom
 from .ehr import EncodedEhr, read_encoded_ehr
@@ -433,6 +435,16 @@ def _split_site_data(
     )
     with_image = np.array(join.with_image, bool)
     n_errors = int((with_image & ~image_ok).sum())
+    failed = with_image & ~image_ok
+    write_data_notes(
+        site.cache_path,
+        studies=len(matched),
+        image_failures=Counter(
+            prep.reasons.get(ehr.study_uids[i] or "", "unknown")
+            for i, bad in zip(matched, failed, strict=True)
+            if bad
+        ),
+    )
     if n_errors:
         _warn(
             "site %s: %d of %d images could not be decoded; kept without image",

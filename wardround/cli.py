@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 if TYPE_CHECKING:
     from wardround.server.federation import RoundObserver
@@ -297,6 +299,7 @@ def _run_simulation(
     console.print(_simulation_banner(run_config, n_sites))
     _ensure_public_base(run_config)
     observer = ProgressObserver(console)
+    started = time.time()
     interrupt_on_sigterm()  # processes are stopped first, as on Ctrl-C
     try:
         # RoundObserver's optional hooks are skipped for an observer that lacks
@@ -310,9 +313,25 @@ def _run_simulation(
     finally:
         observer.close()
     console.print(summary_table(result))
+    for line in _site_data_notes(Path(run_config.data.sites_dir), started):
+        err_console.print(Text(f"warning: {line}"), soft_wrap=True)
     console.print(
         f"run directory: {result.run_dir}  (adapter/, run.json, rounds.jsonl, plots/)"
     )
+
+
+def _site_data_notes(sites_dir: Path, since: float) -> list[str]:
+    """What the sites' data loaders noted in this run (they run where nothing shows)."""
+    from wardround.sitedata.data_notes import describe_data_notes, read_data_notes
+    from wardround.sitedata.site_config import SiteConfig
+
+    lines: list[str] = []
+    for site_toml in sorted(sites_dir.glob("*/site.toml")):
+        site = SiteConfig.from_toml(site_toml)
+        note = read_data_notes(site.cache_path, since)
+        if note is not None:
+            lines.extend(describe_data_notes(site.site.name, note))
+    return lines
 
 
 def _exit_interrupted(stop: BaseException) -> None:

@@ -600,3 +600,38 @@ def test_site_check_json_gives_a_json_document_when_the_run_config_is_broken(
     assert document["error"]["kind"] == "configuration error"
     assert "is not valid TOML" in document["error"]["message"]
     assert document["error"]["exit_code"] == 2
+
+
+def test_site_check_counts_undecodable_images_of_studies_that_train_apart(
+    template, tmp_path
+):
+    """An image whose study has no EHR row would not train anyway: said apart."""
+    import pydicom
+
+    site = tmp_path / "site"
+    shutil.copytree(template / "site-01", site)
+    files = sorted((site / "dicom").rglob("*.dcm"))
+
+    def unusable_slope(ds: pydicom.Dataset, path: Path) -> None:
+        ds.RescaleSlope, ds.RescaleIntercept = "7.77", 0
+        ds.save_as(path)
+        path.write_bytes(path.read_bytes().replace(b"7.77", b"abc "))
+
+    for path in files[:2]:  # two studies that train
+        unusable_slope(pydicom.dcmread(path), path)
+    orphan = pydicom.dcmread(files[2])  # a study no EHR row names
+    orphan.StudyInstanceUID = orphan.SeriesInstanceUID = "2.25.1234567"
+    orphan.SOPInstanceUID = "2.25.7654321"
+    unusable_slope(orphan, site / "dicom" / "orphan.dcm")
+
+    result = runner.invoke(
+        _app(), ["site", "check", "--config", str(site / "site.toml"), "--json"]
+    )
+    report = json.loads(result.stdout)
+    assert sum(report["dicom"]["decode_failures"].values()) == 3
+    assert report["dicom"]["decode_failures_of_trained_studies"] == 2
+    assert any(
+        w.startswith("2 study image(s) could not be decoded")
+        for w in report["warnings"]
+    )
+    assert any(w.startswith("1 more study image(s)") for w in report["warnings"])

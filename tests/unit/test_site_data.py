@@ -414,3 +414,27 @@ def test_no_matching_study_is_a_data_error(site_dir):
     pq.write_table(table.set_column(1, "study_uid", fake), site_dir / "ehr.parquet")
     with pytest.raises(DataError, match="study-uid"):
         _load(site_dir)
+
+
+def test_training_notes_the_studies_it_took_without_their_image(site_dir):
+    """The note `wardround simulate` prints: counts and fixed reasons only."""
+    import time
+
+    from wardround.sitedata import decode
+    from wardround.sitedata.data_notes import describe_data_notes, read_data_notes
+
+    for path in [p for p in _files(site_dir / "dicom") if p.suffix == ".dcm"][:2]:
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope, ds.RescaleIntercept = "7.77", 0
+        ds.save_as(path)
+        path.write_bytes(path.read_bytes().replace(b"7.77", b"abc "))
+    before = time.time()
+    data = _load(site_dir)
+    site = SiteConfig.from_toml(site_dir / "site.toml")
+
+    note = read_data_notes(site.cache_path, before)
+    assert note is not None and note["image_failures"] == {decode.DISPLAY_ERROR: 2}
+    assert note["studies"] == data.num_studies and data.num_image_errors == 2
+    [line] = describe_data_notes("site-01", note)
+    assert line.startswith(f"site-01: 2 of {data.num_studies} studies trained without")
+    assert read_data_notes(site.cache_path, time.time() + 60) is None  # older: unsaid
