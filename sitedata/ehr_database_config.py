@@ -56,6 +56,13 @@ class EhrDatabaseSection(SecretSource):
         "visit_occurrence, measurement, observation and note",
     )
     connect_timeout_s: int = Field(10, ge=1, le=600)
+    query_timeout_s: int = Field(
+        600,
+        ge=1,
+        le=86_400,
+        description="the most one query may take, waits for another session's locks "
+        "included; reading all the rows is one query",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -90,6 +97,16 @@ class EhrDatabaseSection(SecretSource):
         if repeated:
             raise ConfigError(
                 f"[data.ehr-database] url repeats {', '.join(repeated)} in its query"
+            )
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or above 65535
+            port = 0
+        if port == 0:
+            raise ConfigError(
+                "[data.ehr-database] url port must be 1-65535",
+                hint="Write the port as digits after the host: "
+                "postgresql://user@host:5432/db",
             )
         if not parts.hostname or not parts.path.strip("/"):
             raise ConfigError(

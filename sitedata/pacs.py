@@ -5,7 +5,10 @@ The EHR names the studies (StudyInstanceUIDs); the PACS lists each study's insta
 C-MOVE) into ``<cache-dir>/pacs/<study>/<series>/<sop>.dcm``, which
 :func:`.dicom_index.index_dicom` then indexes like any DICOM folder. The files are
 the cache's manifest: an instance whose file exists is not fetched again, so the
-next sync fetches only what is new, and an interrupted sync keeps what it got. Each
+next sync fetches only what is new, and an interrupted sync keeps what it got. The
+cache follows the PACS's answers: a cached file of a study that the PACS no longer
+lists is deleted, and so is a study it answers not-found (deleted or withdrawn
+there); a PACS that does not answer deletes nothing. Each
 file is written under ``<cache-dir>/pacs-incoming`` first, its header checked
 against the instance asked for, then moved into place (``os.replace``), so a
 half-written file is never in the folder that is indexed.
@@ -81,6 +84,7 @@ class PacsStudyOutcome:
     fetched: int = 0  # of those, fetched by this sync
     bytes_fetched: int = 0
     reason: str | None = None  # None when complete; else starts with one of REASONS
+    removed: int = 0  # cached files taken out: the PACS no longer lists them
 
     @property
     def reason_kind(self) -> str | None:
@@ -125,6 +129,11 @@ class PacsSyncReport:
             "instances_cached": sum(s.cached for s in self.studies),
             "instances_fetched": self.instances_fetched,
             "bytes_fetched": self.bytes_fetched,
+            # deleted or corrected on the PACS since they were cached
+            "instances_removed": sum(s.removed for s in self.studies),
+            "studies_removed": sum(
+                1 for s in self.studies if s.removed and s.reason_kind == "not-found"
+            ),
         }
 
 
@@ -191,7 +200,8 @@ def sync_pacs(
     totals = report.totals()
     logger.info(
         "PACS sync from %s: %d studies requested, %d cached, %d fetched, "
-        "%d partial, %d failed; %d instances (%.1f MB) fetched in %.1f s",
+        "%d partial, %d failed; %d instances (%.1f MB) fetched in %.1f s; "
+        "%d cached instances removed (%d studies no longer on the PACS)",
         report.pacs,
         totals["requested"],
         totals["cached"],
@@ -201,6 +211,8 @@ def sync_pacs(
         totals["instances_fetched"],
         totals["bytes_fetched"] / 1e6,
         report.seconds,
+        totals["instances_removed"],
+        totals["studies_removed"],
     )
     return report
 
@@ -266,7 +278,13 @@ def _sync_study(
     except PacsRequestError as err:
         return _failed(study_uid, _reason(err)), err
     if not listed:
-        return _failed(study_uid, "not-found: the PACS lists no instance of it"), None
+        # The PACS answered: a study deleted there (withdrawn consent, a mis-filed
+        # study) leaves the cache too, so it no longer trains.
+        removed = _remove_unlisted(root, study_uid, set())
+        reason = "not-found: the PACS lists no instance of it" + (
+            f"; its {removed} cached file(s) were removed" if removed else ""
+        )
+        return _failed(study_uid, reason, removed), None
     if len(listed) > section.max_instances_per_study:
         reason = (
             f"refused: the PACS lists {len(listed)} instances, more than "
@@ -282,6 +300,9 @@ def _sync_study(
             usable.setdefault(ref.sop_uid, ref)
     expected = invalid + len(usable)
     refs = list(usable.values())
+    removed = _remove_unlisted(
+        root, study_uid, {cached_path(root, study_uid, ref) for ref in refs}
+    )
     missing = [ref for ref in refs if not cached_path(root, study_uid, ref).is_file()]
     cached = len(refs) - len(missing)
     fetched = nbytes = wrong = 0
@@ -320,7 +341,9 @@ def _sync_study(
     got = cached + fetched
     if got == expected:
         status = StudyStatus.FETCHED if fetched else StudyStatus.CACHED
-        outcome = PacsStudyOutcome(study_uid, status, expected, cached, fetched, nbytes)
+        outcome = PacsStudyOutcome(
+            study_uid, status, expected, cached, fetched, nbytes, removed=removed
+        )
         return outcome, error
     causes = []
     if invalid:
@@ -332,7 +355,14 @@ def _sync_study(
     reason = f"partial: expected {expected} instances, got {got}"
     reason += f" ({'; '.join(causes)})" if causes else ""
     outcome = PacsStudyOutcome(
-        study_uid, StudyStatus.PARTIAL, expected, cached, fetched, nbytes, reason
+        study_uid,
+        StudyStatus.PARTIAL,
+        expected,
+        cached,
+        fetched,
+        nbytes,
+        reason,
+        removed,
     )
     return outcome, error
 
@@ -427,8 +457,32 @@ def _give_up(error: PacsRequestError | None, timeouts: int) -> str | None:
     return None
 
 
-def _failed(study_uid: str, reason: str) -> PacsStudyOutcome:
-    return PacsStudyOutcome(study_uid, StudyStatus.FAILED, reason=reason)
+def _failed(study_uid: str, reason: str, removed: int = 0) -> PacsStudyOutcome:
+    return PacsStudyOutcome(
+        study_uid, StudyStatus.FAILED, reason=reason, removed=removed
+    )
+
+
+def _remove_unlisted(root: Path, study_uid: str, listed: set[Path]) -> int:
+    """Delete the study's cached files not in ``listed``; how many were deleted.
+
+    Called only with a listing the PACS gave (an empty one: the study is gone), so
+    a PACS that cannot be reached never empties the cache.
+    """
+    folder = root / study_uid  # study_uid is a DICOM UID: the folder is in root
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before folders
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif path not in listed:
+            path.unlink(missing_ok=True)
+            removed += 1
+    if not any(folder.iterdir()):
+        folder.rmdir()
+    return removed
 
 
 def _log_study(outcome: PacsStudyOutcome) -> None:

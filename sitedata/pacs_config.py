@@ -157,6 +157,12 @@ class PacsSection(SecretSource):
                 "[data.pacs] url must be the DICOMweb root, without ?query or #part",
                 hint="Put credentials in username and password-file, never in url.",
             )
+        if isinstance(url, str) and not _port_ok(url):
+            raise ConfigError(
+                "[data.pacs] url port must be 1-65535",
+                hint="Write the port as digits after the host: "
+                "https://pacs.example.org:8443/dicom-web",
+            )
         return data
 
     @model_validator(mode="after")
@@ -175,6 +181,15 @@ class PacsSection(SecretSource):
         if self.protocol is PacsProtocol.DICOMWEB:
             return f"the PACS at {self.url}"
         return f"the PACS {self.called_ae} at {self.host}:{self.port}"
+
+
+def _port_ok(url: str) -> bool:
+    """No port, or digits in 1-65535 (urllib raises on the rest only when asked)."""
+    try:
+        port = urlsplit(url).port
+    except ValueError:  # not a number, or above 65535
+        return False
+    return port != 0
 
 
 def _dicomweb_problems(section: PacsSection) -> list[str]:

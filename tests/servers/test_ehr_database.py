@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from postgres_server import READER, Postgres
@@ -240,3 +249,303 @@ def test_both_a_file_and_a_database_is_refused(loaded, tmp_path):
     with pytest.raises(ConfigError, match="not both"):
         SiteConfig.from_toml(_with_text(tmp_path, doc))
     assert os.environ.get("PGPASSWORD") is None
+
+
+def _admin(postgres: Postgres):
+    """An ADBC connection as the admin role (the test's hand on the database)."""
+    from urllib.parse import quote
+
+    import adbc_driver_postgresql.dbapi as adbc
+
+    password = quote(postgres.admin_password, safe="")
+    url = postgres.url("admin").replace("admin@", f"admin:{password}@")
+    return adbc.connect(url, autocommit=True)
+
+
+def _admin_sql(postgres: Postgres, *statements: str) -> list[tuple]:
+    """Run ``statements`` as admin, each on its own; the last one's rows."""
+    with _admin(postgres) as connection, connection.cursor() as cursor:
+        rows: list[tuple] = []
+        for statement in statements:
+            cursor.execute(statement)
+            rows = cursor.fetchall() if cursor.description else []
+    return rows
+
+
+def _table_columns(postgres: Postgres, table: str) -> list[str]:
+    rows = _admin_sql(
+        postgres,
+        "SELECT column_name FROM information_schema.columns "
+        f"WHERE table_name = '{table}' ORDER BY ordinal_position",
+    )
+    return [str(name) for (name,) in rows]
+
+
+def test_a_locked_table_gives_up_after_query_timeout_s(loaded, postgres):
+    from postgres_server import _binaries
+
+    _, server_toml = loaded[0]
+    table = SiteConfig.from_toml(server_toml).data.ehr_database.table
+    variant = SiteConfig.from_toml(_server_site(server_toml, **{"query-timeout-s": 1}))
+    # Another session (an ETL, a VACUUM FULL) holds the table's lock for 20 s.
+    locker = subprocess.Popen(
+        [
+            str(_binaries() / "psql"),
+            "-X",
+            "-h",
+            postgres.host,
+            "-p",
+            str(postgres.port),
+            "-U",
+            "admin",
+            "-d",
+            "hospital",
+            "-c",
+            f"BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE; "
+            "SELECT pg_sleep(20); COMMIT;",
+        ],
+        env={**os.environ, "PGPASSWORD": postgres.admin_password},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not _admin_sql(
+            postgres,
+            "SELECT 1 FROM pg_locks WHERE mode = 'AccessExclusiveLock' "
+            f"AND relation = '{table}'::regclass AND granted",
+        ):
+            assert time.monotonic() < deadline, "the lock was not taken"
+            time.sleep(0.1)
+        started = time.monotonic()
+
+        with pytest.raises(DataError) as err:
+            open_ehr(ehr_source(variant), TASK, variant.ehr)
+
+        assert time.monotonic() - started < 10
+        assert "did not answer within 1 s" in str(err.value)
+        assert "query-timeout-s" in (err.value.hint or "")
+        assert not isinstance(err.value, SourceUnreachable)
+    finally:
+        locker.kill()
+        locker.wait(timeout=10)
+
+
+def test_a_uuid_patient_id_is_read_as_its_text(loaded, postgres):
+    _, server_toml = loaded[0]
+    site = SiteConfig.from_toml(server_toml)
+    table = site.data.ehr_database.table
+    pid, uid = site.ehr.patient_id, site.ehr.study_uid
+    others = [c for c in _table_columns(postgres, table) if c not in (pid, uid)]
+    _admin_sql(
+        postgres,
+        # a table of its own: a view would keep other tests from replacing theirs
+        f"CREATE TABLE uuid_ids AS SELECT md5({pid})::uuid AS {pid}, {uid}, "
+        f"{', '.join(others)} FROM {table}",
+        f"GRANT SELECT ON uuid_ids TO {READER}",
+    )
+    from_table = SiteConfig.from_toml(_server_site(server_toml, table="uuid_ids"))
+    from_query = SiteConfig.from_toml(
+        _server_site(server_toml, table=None, query=f"SELECT {pid} FROM uuid_ids")
+    )
+    expected = read_ehr(ehr_source(site), TASK, site.ehr)
+
+    table_rows = read_ehr(ehr_source(from_table), TASK, from_table.ehr)
+    query_source = ehr_source(from_query)
+    query_rows = pa.Table.from_batches(list(query_source.batches([pid], 100)))
+
+    wanted = sorted(
+        str(uuid.UUID(hashlib.md5(p.encode()).hexdigest()))
+        for p in expected.column(pid).to_pylist()
+    )
+    assert table_rows.num_rows == expected.num_rows
+    assert table_rows.schema.field(pid).type == pa.string()
+    assert sorted(table_rows.column(pid).to_pylist()) == wanted
+    assert query_source.arrow_schema().field(pid).type == pa.string()
+    assert sorted(query_rows.column(pid).to_pylist()) == wanted
+
+
+def test_a_role_denied_an_undeclared_column_reads_the_rest(loaded, postgres):
+    _, server_toml = loaded[0]
+    site = SiteConfig.from_toml(server_toml)
+    table = site.data.ehr_database.table
+    columns = _table_columns(postgres, table)
+    _admin_sql(
+        postgres,
+        f"CREATE TABLE with_ssn AS SELECT *, '123-45-6789'::text AS ssn FROM {table}",
+        f"GRANT SELECT ({', '.join(columns)}) ON with_ssn TO {READER}",
+    )
+    variant = SiteConfig.from_toml(_server_site(server_toml, table="with_ssn"))
+
+    source, wanted = open_ehr(ehr_source(variant), TASK, variant.ehr)
+    rows = read_ehr(ehr_source(variant), TASK, variant.ehr)
+
+    assert "ssn" not in source.arrow_schema().names
+    assert rows.num_rows == read_ehr(ehr_source(site), TASK, site.ehr).num_rows
+    assert rows.column_names == wanted
+
+
+def test_a_one_line_query_may_end_in_a_comment(loaded):
+    files_toml, server_toml = loaded[0]
+    site = SiteConfig.from_toml(server_toml)
+    table = site.data.ehr_database.table
+    columns = ", ".join(open_ehr(ehr_source(site), TASK, site.ehr)[1])
+    query_toml = _server_site(
+        server_toml,
+        table=None,
+        query=f"SELECT {columns} FROM {table} WHERE age >= 0 -- adults and children",
+    )
+
+    report = check_site(query_toml, TASK)
+
+    assert report["blocking"] == []
+    assert report["fingerprint"] == check_site(files_toml, TASK)["fingerprint"]
+
+
+def test_connection_messages_name_the_real_cause(loaded, postgres):
+    _, server_toml = loaded[0]
+    cases = {
+        "?sslmode=require": "the TLS set-up failed",  # this server has no TLS
+        "?connect_timeout=abc": "the url has an invalid connection option",
+    }
+    for options, why in cases.items():
+        variant = _server_site(server_toml, url=postgres.url() + options)
+        with pytest.raises(SourceUnreachable) as err:
+            preflight_site(variant, TASK)
+        assert why in str(err.value), options
+        assert "does not exist" not in str(err.value)
+        assert "timed out" not in str(err.value)
+    (server_toml.parent / "wrong.pw").write_text("Wr0ng")
+    (server_toml.parent / "wrong.pw").chmod(0o600)
+    variant = _server_site(server_toml, **{"password-file": "wrong.pw"})
+    with pytest.raises(SourceUnreachable) as err:
+        preflight_site(variant, TASK)
+    assert "refused the credentials" in str(err.value)
+    assert "UNAUTHORIZED" not in str(err.value)
+
+
+CLEARTEXT_READER = "cleartext_reader"
+
+
+@dataclass(frozen=True)
+class TlsPostgres:
+    server: Postgres
+    ca_file: Path  # the self-signed certificate the server presents
+
+
+@pytest.fixture(scope="module")
+def tls_postgres() -> Iterator[TlsPostgres]:
+    """A PostgreSQL of its own with TLS on, and a role that logs in by cleartext."""
+    from postgres_server import _as_server_user, start_postgres, stop_postgres
+
+    root = Path(tempfile.mkdtemp(prefix="wr-postgres-tls-"))
+    try:
+        server, process = start_postgres(root / "server")
+        try:
+            tls = root / "server" / "tls"
+            tls.mkdir()
+            subprocess.run(
+                [
+                    "openssl",
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    str(tls / "server.key"),
+                    "-out",
+                    str(tls / "server.crt"),
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=localhost",
+                    "-addext",
+                    "subjectAltName=DNS:localhost",
+                ],  # fmt: skip
+                check=True,
+                capture_output=True,
+            )
+            (tls / "server.key").chmod(0o600)
+            if _as_server_user():
+                for path in (tls, tls / "server.key", tls / "server.crt"):
+                    shutil.chown(path, "postgres", "postgres")
+            hba = root / "server" / "data" / "pg_hba.conf"
+            hba.write_text(
+                f"host hospital {CLEARTEXT_READER} 127.0.0.1/32 password\n"
+                + hba.read_text()
+            )
+            _admin_sql(
+                server,
+                "ALTER SYSTEM SET ssl = on",
+                f"ALTER SYSTEM SET ssl_cert_file = '{tls / 'server.crt'}'",
+                f"ALTER SYSTEM SET ssl_key_file = '{tls / 'server.key'}'",
+                f"CREATE ROLE {CLEARTEXT_READER} LOGIN PASSWORD "
+                f"'{server.reader_password}'",
+                "CREATE TABLE tls_probe (patient_id text, study_uid text)",
+                f"GRANT SELECT ON tls_probe TO {READER}, {CLEARTEXT_READER}",
+            )
+            _admin_sql(server, "SELECT pg_reload_conf()")
+            time.sleep(0.5)
+            yield TlsPostgres(server, tls / "server.crt")
+        finally:
+            stop_postgres(process)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _tls_site(server_toml: Path, tls: TlsPostgres, user: str, options: str) -> Path:
+    """A site.toml beside the CA file and the TLS server's password file."""
+    shutil.copy(tls.ca_file, server_toml.parent / "db-ca.pem")
+    (server_toml.parent / "tls.pw").write_text(tls.server.reader_password)
+    (server_toml.parent / "tls.pw").chmod(0o600)
+    url = f"postgresql://{user}@localhost:{tls.server.port}/hospital{options}"
+    return _server_site(
+        server_toml, url=url, table="tls_probe", **{"password-file": "tls.pw"}
+    )
+
+
+def test_tls_problems_are_named_as_tls(loaded, tls_postgres, tmp_path, monkeypatch):
+    _, server_toml = loaded[0]
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.postgresql/root.crt
+    monkeypatch.chdir(tmp_path)  # not site.toml's folder
+    without_ca = _tls_site(server_toml, tls_postgres, READER, "?sslmode=verify-full")
+    with pytest.raises(SourceUnreachable) as err:
+        preflight_site(without_ca, TASK)
+    assert "the TLS set-up failed" in str(err.value)
+    assert "sslrootcert" in (err.value.hint or "")
+    assert "database or user does not exist" not in str(err.value)
+
+    # sslrootcert relative to site.toml, as password-file and ca-file are
+    with_ca = SiteConfig.from_toml(
+        _tls_site(
+            server_toml,
+            tls_postgres,
+            READER,
+            "?sslmode=verify-full&sslrootcert=db-ca.pem",
+        )
+    )
+    assert ehr_source(with_ca).arrow_schema().names == ["patient_id", "study_uid"]
+
+
+def test_a_server_asking_for_a_cleartext_password_says_how_to_allow_it(
+    loaded, tls_postgres
+):
+    _, server_toml = loaded[0]
+    verified = "?sslmode=verify-full&sslrootcert=db-ca.pem"
+    refused = _tls_site(server_toml, tls_postgres, CLEARTEXT_READER, verified)
+    with pytest.raises(SourceUnreachable) as err:
+        preflight_site(refused, TASK)
+    assert "asks for the password in clear" in str(err.value)
+    assert "require_auth=password" in (err.value.hint or "")
+    assert tls_postgres.server.reader_password not in str(err.value)
+
+    allowed = SiteConfig.from_toml(
+        _tls_site(
+            server_toml,
+            tls_postgres,
+            CLEARTEXT_READER,
+            verified + "&require_auth=password",
+        )
+    )
+    assert ehr_source(allowed).arrow_schema().names == ["patient_id", "study_uid"]

@@ -626,3 +626,90 @@ def test_a_study_that_takes_too_long_or_lists_too_much_is_cut_off(
     reasons = {s.study_uid: s.reason or "" for s in report.studies}
     assert "study-timeout-s" in reasons[slow_study]
     assert "max-instances-per-study (3)" in reasons[huge_study]
+
+
+def _delete_on_pacs(orthanc: OrthancServer, uid: str) -> None:
+    """Delete a study or instance from Orthanc (the PACS team, not the site)."""
+    found = requests.post(
+        f"{orthanc.http_url}/tools/lookup", data=uid, auth=orthanc.auth, timeout=10
+    ).json()
+    requests.delete(
+        f"{orthanc.http_url}{found[0]['Path']}", auth=orthanc.auth, timeout=10
+    ).raise_for_status()
+
+
+def test_deletions_on_the_pacs_leave_the_cache(orthanc, hospital, tmp_path):
+    section = _dicomweb(orthanc, tmp_path)
+    template = _one_file(hospital.dicom)
+    gone, _, _ = _new_study(template, tmp_path / "gone", 2)
+    corrected, _, paths = _new_study(template, tmp_path / "corrected", 3)
+    upload_folder(orthanc, tmp_path / "gone")
+    upload_folder(orthanc, tmp_path / "corrected")
+    cache = tmp_path / "cache"
+    first = sync_pacs(section, tmp_path, [gone, corrected], cache)
+    assert first.instances_fetched == 5
+    misfiled = _sop(paths[1])
+    _delete_on_pacs(orthanc, gone)
+    _delete_on_pacs(orthanc, misfiled)
+
+    report = sync_pacs(section, tmp_path, [gone, corrected], cache)
+
+    _consistent(report)
+    outcome = {s.study_uid: s for s in report.studies}
+    assert outcome[gone].reason_kind == "not-found"
+    assert outcome[gone].removed == 2
+    assert "2 cached file(s) were removed" in (outcome[gone].reason or "")
+    assert (outcome[corrected].status, outcome[corrected].removed) == (
+        StudyStatus.CACHED,
+        1,
+    )
+    totals = report.totals()
+    assert (totals["instances_removed"], totals["studies_removed"]) == (3, 1)
+    _, indexed = _index(report.folder, tmp_path / "index")
+    assert {study for study, _, _ in indexed} == {corrected}
+    assert misfiled not in {sop for _, _, sop in indexed}
+    assert len(indexed) == 2
+    assert not (report.folder / gone).exists()
+
+
+def test_a_pacs_that_stops_answering_deletes_nothing(hospital, tmp_path, monkeypatch):
+    from orthanc_server import start_orthanc
+
+    server = start_orthanc(tmp_path / "orthanc")
+    try:
+        upload_folder(server, hospital.dicom)
+        section = _dicomweb(server, tmp_path)
+        studies = hospital.study_uids[:3]
+        first = sync_pacs(section, tmp_path, studies, tmp_path / "cache")
+        assert first.instances_fetched == 3
+        listing = pacs_dicomweb.DicomWebBackend.find_instances
+        stopped: list[bool] = []
+
+        def stop_then_list(self, study_uid):
+            if not stopped:  # after the echo: the PACS goes away mid-sync
+                stop_orthanc(server)
+                stopped.append(True)
+            return listing(self, study_uid)
+
+        monkeypatch.setattr(
+            pacs_dicomweb.DicomWebBackend, "find_instances", stop_then_list
+        )
+
+        report = sync_pacs(section, tmp_path, studies, tmp_path / "cache")
+    finally:
+        if not stopped:
+            stop_orthanc(server)
+        shutil.rmtree(tmp_path / "orthanc", ignore_errors=True)
+
+    assert report.count(StudyStatus.FAILED) == 3
+    assert {s.reason_kind for s in report.studies} == {"unreachable"}
+    assert report.totals()["instances_removed"] == 0
+    assert len(list(report.folder.rglob("*.dcm"))) == 3
+
+
+@pytest.mark.parametrize("port", ["99999", "8042x", "0"])
+def test_a_url_port_out_of_range_is_a_config_error(port):
+    with pytest.raises(ConfigError, match="url port must be 1-65535"):
+        PacsSection.model_validate(
+            {"protocol": "dicomweb", "url": f"http://127.0.0.1:{port}/dicom-web"}
+        )
