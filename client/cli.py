@@ -129,9 +129,11 @@ def deid(
     key = load_salt(salt, salt_file)
     result = deid_folder(src, out, key, report=report)
     if ehr is not None and ehr_out is not None:
-        result.ehr_rows = deid_ehr(
+        ehr_result = deid_ehr(
             ehr, ehr_out, key, study_column=study_col, patient_column=patient_col
         )
+        result.ehr_rows = ehr_result.rows
+        result.ehr_missing_ids = ehr_result.missing_ids
     if as_json:
         typer.echo(json.dumps(result.summary(), indent=2))
     else:
@@ -162,8 +164,6 @@ def _print_deid(result: Any, out: Path, ehr_out: Path | None) -> None:
         )
     for reason, n in result.failed.items():
         typer.echo(f"  failed {n}: {reason}")
-    if result.replaced:
-        typer.echo(f"  {result.replaced} copy(ies) from an earlier export replaced")
     if result.pydicom_warnings:
         total = sum(result.pydicom_warnings.values())
         typer.echo(f"pydicom warned {total} time(s), by kind:")
@@ -172,10 +172,14 @@ def _print_deid(result: Any, out: Path, ehr_out: Path | None) -> None:
     if result.burned_in or result.burn_in_undeclared:
         typer.echo(
             f"review for burned-in text: {result.burned_in} declared, "
-            f"{result.burn_in_undeclared} undeclared in prone modalities"
+            f"{result.burn_in_undeclared} undeclared in prone modalities (the "
+            "report's burned_in field names them)"
         )
     if ehr_out is not None:
         typer.echo(f"EHR: {result.ehr_rows} row(s) written to {ehr_out}")
+        for column, n in result.ehr_missing_ids.items():
+            if n:
+                typer.echo(f"  {n} row(s) with no {column} (null or blank): left null")
     typer.echo(f"every file's outcome (and warnings): {result.report}")
 
 

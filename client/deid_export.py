@@ -10,14 +10,18 @@ Each input file ends as exactly one of:
   index calls usable (an image with all its pixel data, in a transfer syntax this
   machine decodes), (2) a header pydicom reads without warning, (3) source path
   order. A file that fails is followed by the next of its instance;
-- **failed**, with its reason (not DICOM, unreadable, not writable after
-  de-identification).
+- **failed**, with its reason (not DICOM, unreadable, a media directory
+  (DICOMDIR: its records name patients and source folders), no SOP Class/Instance
+  UID for the file meta, not writable after de-identification).
 
 ``written + duplicates + failed`` is the number of input files. Folders the
-account running wardround may not list are named apart (their files are unseen). Nothing in
-``--out`` is overwritten silently: a copy already there from an earlier export is
-counted as replaced. The per-file account goes to a JSON Lines report that names
-source paths, so it is kept beside ``--out``, never inside it.
+account running wardround may not list are named apart (their files are unseen).
+``--out`` must be new or empty: an earlier export's copies (under another salt's
+pseudonyms, or of files since deleted) would otherwise stay beside this one's. A
+written file that declares burned-in text, or is of a modality prone to it
+without declaring, is marked in its line. The per-file account goes to a JSON
+Lines report that names source paths, so it is kept beside ``--out``, never
+inside it.
 """
 
 from __future__ import annotations
@@ -31,16 +35,31 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pydicom.uid import MediaStorageDirectoryStorage
+
 from ..common.errors import ConfigError, DataError
 from ..sitedata import dicom_warnings
-from ..sitedata.decode import OK, DecodeFailure, read_dataset
-from ..sitedata.dicom_index import read_header
+from ..sitedata.decode import (
+    BROKEN_LINK,
+    OK,
+    TRUNCATED,
+    UNREADABLE,
+    DecodeFailure,
+    read_dataset,
+)
+from ..sitedata.dicom_index import read_header, walk_files
 from .deid import deidentify
 
 logger = logging.getLogger(__name__)
 
 WRITTEN, DUPLICATE, FAILED = "written", "duplicate", "failed"
 NOT_WRITABLE = "could not be written after de-identification"
+NO_META_UIDS = "no SOPClassUID / SOPInstanceUID for the file meta"
+MEDIA_DIRECTORY = "media directory, not an instance"
+NOT_EXPORTED = frozenset({UNREADABLE, TRUNCATED, BROKEN_LINK})
+"""Index statuses of files not copied: a whole-looking copy of a file cut short
+(pydicom reads a header that ends early without a word) would hide the damage."""
+BURNED_IN_DECLARED, BURN_IN_UNDECLARED = "declared", "undeclared-risk"
 NAME_TAKEN = "its pseudonymised name is another file's"
 _BURN_IN_PRONE = {"US", "SC", "XA", "OT", "ES", "SM", "DOC"}
 
@@ -54,7 +73,9 @@ class FileOutcome:
     output: str | None = None  # written: relative to --out
     duplicate_of: str | None = None  # duplicate: the source written for its instance
     reason: str | None = None  # failed: why
-    replaced: bool = False  # written over a copy an earlier export left in --out
+    # written, to review for text in the pixels: "declared" (BurnedInAnnotation YES)
+    # or "undeclared-risk" (not declared, in a modality prone to it)
+    burned_in: str | None = None
     warnings: list[str] = field(default_factory=list)  # kinds of pydicom's warnings
 
 
@@ -66,10 +87,11 @@ class DeidResult:
     written: int = 0
     duplicates: int = 0
     failed: dict[str, int] = field(default_factory=dict)
-    replaced: int = 0
     burned_in: int = 0
     burn_in_undeclared: int = 0
     ehr_rows: int = 0
+    ehr_missing_ids: dict[str, int] = field(default_factory=dict)
+    """Per EHR id column, rows with no id (null, empty or spaces): left null."""
     pydicom_warnings: dict[str, int] = field(default_factory=dict)
     unlisted_folders: list[str] = field(default_factory=list)
     """Folders under --in (relative) the account may not list: their files are unseen."""
@@ -108,18 +130,26 @@ def deid_folder(
             f"the report {report} names source files: keep it outside --in and --out",
             hint="Give --report a path beside them.",
         )
-    paths = sorted(p for p in src.rglob("*") if p.is_file())
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ConfigError(
+            f"--out {dst} is not an empty folder: an earlier export's copies would "
+            "stay beside this one's (under other pseudonyms, or of deleted files)",
+            hint="Choose a new or empty folder for --out, or remove this one.",
+        )
+    paths = sorted(walk_files(src))  # the index's walk: the files site check sees
     result = DeidResult(files=len(paths), report=str(report))
     result.unlisted_folders = unlisted_folders(src)
     outcomes: dict[Path, FileOutcome] = {}
+    statuses: dict[Path, str] = {}
     instances: dict[str, list[tuple[tuple[bool, bool], Path]]] = {}
     for path in paths:
         row = read_header(path)  # pydicom's warnings in row["warnings"]
         outcomes[path] = FileOutcome(
             source=str(path.relative_to(src)),
             status=FAILED,
-            warnings=list(row["warnings"] or []),
+            warnings=_once(row["warnings"] or []),
         )
+        statuses[path] = row["status"]
         key = row["sop_uid"] or f"\x00{path}"  # no instance UID: its own instance
         rank = (row["status"] != OK, bool(row["warnings"]))
         instances.setdefault(key, []).append((rank, path))
@@ -130,14 +160,17 @@ def deid_folder(
             if kept is not None:
                 outcomes[path].status = DUPLICATE
                 outcomes[path].duplicate_of = outcomes[kept].source
-            elif _export(path, src, dst, salt, outcomes[path], taken, result):
+            elif statuses[path] in NOT_EXPORTED:
+                outcomes[path].reason = statuses[path]
+            elif _export(path, src, dst, salt, outcomes[path], taken):
                 kept = path
     result.outcomes = [outcomes[p] for p in paths]
     failed: Counter[str] = Counter()
     for o in result.outcomes:
         result.written += o.status == WRITTEN
         result.duplicates += o.status == DUPLICATE
-        result.replaced += o.replaced
+        result.burned_in += o.burned_in == BURNED_IN_DECLARED
+        result.burn_in_undeclared += o.burned_in == BURN_IN_UNDECLARED
         if o.status == FAILED:
             failed[o.reason or "unknown"] += 1
         dicom_warnings.log_kinds(o.source, o.warnings)
@@ -180,20 +213,32 @@ def _export(
     salt: bytes,
     outcome: FileOutcome,
     taken: set[Path],
-    result: DeidResult,
 ) -> bool:
     """De-identify and write one file; record the outcome; True when written."""
     with dicom_warnings.capture() as kinds:
-        written = _write_copy(path, src, dst, salt, outcome, taken, result)
-    outcome.warnings += kinds  # filled as the capture ends
+        written = _write_copy(path, src, dst, salt, outcome, taken)
+    # the header read and this full read report the same problems: once per file
+    outcome.warnings = _once(outcome.warnings + kinds)  # kinds: filled as capture ends
     return written
 
 
-def _write_copy(path, src, dst, salt, outcome, taken, result) -> bool:  # noqa: ANN001
+def _once(kinds: list[str]) -> list[str]:
+    """Each kind of warning once, in first-seen order."""
+    return list(dict.fromkeys(kinds))
+
+
+def _write_copy(path, src, dst, salt, outcome, taken) -> bool:  # noqa: ANN001
     try:
         ds = read_dataset(path)
     except DecodeFailure as exc:
         outcome.reason = exc.reason
+        return False
+    meta = getattr(ds, "file_meta", None) or {}
+    if (
+        meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage
+        or "DirectoryRecordSequence" in ds
+    ):
+        outcome.reason = MEDIA_DIRECTORY
         return False
     burned = str(ds.get("BurnedInAnnotation", "")).upper()
     prone = not burned and str(ds.get("Modality", "")).upper() in _BURN_IN_PRONE
@@ -209,20 +254,43 @@ def _write_copy(path, src, dst, salt, outcome, taken, result) -> bool:  # noqa: 
     if out in taken:
         outcome.reason = NAME_TAKEN
         return False
-    existed = out.exists()
+    as_file_format = "TransferSyntaxUID" in ds.file_meta
+    if as_file_format and not _meta_uids(ds):
+        outcome.reason = NO_META_UIDS
+        return False
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        ds.save_as(out, enforce_file_format="TransferSyntaxUID" in ds.file_meta)
+        ds.save_as(out, enforce_file_format=as_file_format)
+    except OSError as exc:  # the system's words (no space, ...), never header text
+        outcome.reason = f"{NOT_WRITABLE}: {exc.strerror or type(exc).__name__}"
+        out.unlink(missing_ok=True)
+        return False
     except Exception:  # noqa: BLE001 - a file that cannot be written is counted
         outcome.reason = NOT_WRITABLE
         out.unlink(missing_ok=True)
         return False
     taken.add(out)
     outcome.status, outcome.output = WRITTEN, str(out.relative_to(dst))
-    outcome.replaced = existed
-    result.burned_in += burned == "YES"
-    result.burn_in_undeclared += prone
+    if burned == "YES":
+        outcome.burned_in = BURNED_IN_DECLARED
+    elif prone:
+        outcome.burned_in = BURN_IN_UNDECLARED
     return True
+
+
+def _meta_uids(ds) -> bool:  # noqa: ANN001
+    """Whether the file meta gets its SOP Class and Instance UIDs.
+
+    pydicom copies them from the dataset, or keeps the meta's own.
+    """
+    meta = ds.file_meta
+    return all(
+        str(ds.get(own, "") or meta.get(in_meta, "") or "").strip()
+        for own, in_meta in (
+            ("SOPClassUID", "MediaStorageSOPClassUID"),
+            ("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+        )
+    )
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -507,7 +507,8 @@ def _dicom_section(
         log_kinds(path, kinds or ())
     return {
         "folders": len(site.data.dicom_dirs),
-        "files": index.num_rows,
+        # a folder the account cannot list has a row of its own: not a file
+        "files": index.num_rows - status.count(FOLDER_NO_PERMISSION),
         "usable_files": usable.num_rows,
         "studies": len(images),
         "by_modality": _counts(usable.column("modality").to_pylist()),

@@ -50,7 +50,7 @@ from ..common.text import hash_note_ngrams
 from . import dicom_warnings
 from .data_notes import write_data_notes
 from .decode import DecodeFailure
-from .dicom_index import INDEX_SCHEMA, index_dicom
+from .dicom_index import INDEX_SCHEMA, file_path, index_dicom
 from .ehr import EncodedEhr, read_encoded_ehr
 from .ehr_source import ehr_source
 from .image import load_study_image
@@ -278,7 +278,7 @@ def decoded_images(
         with dicom_warnings.capture() as kinds:
             try:
                 array[i] = load_study_image(
-                    [Path(r["path"]) for r in rows],
+                    [file_path(r["path"]) for r in rows],
                     image_size,
                     task.slice_mode,
                     channels,

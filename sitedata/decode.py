@@ -37,6 +37,7 @@ CODEC_ERROR = "codec could not decode the pixel data"
 DECODE_ERROR = "pixel data could not be decoded"
 SERIES_SHAPES = "slices of the series differ in size"
 DISPLAY_ERROR = "colour table, rescale or window missing or invalid"
+BROKEN_LINK = "broken link (its target is missing)"
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 

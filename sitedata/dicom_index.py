@@ -11,6 +11,12 @@ Python objects per file. pydicom's warnings about a file are kept in its row, by
 kind, not printed. One SOP Instance UID may be indexed in several files (a
 re-send, a copy in another transfer syntax): the index keeps them all, and
 :func:`.join.study_series` uses each instance once.
+
+Folder links are followed, each folder is listed once (a link to a parent folder
+is no loop), and :func:`walk_files` is the walk every command uses, so ``site
+check``, training and ``site deid`` see the same files. A name that is not UTF-8
+(an old ISO-8859 share) is kept as an escaped ``file://`` URI in the ``path``
+column: read that column with :func:`file_path`.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,12 +36,23 @@ import pydicom
 
 from ..common.errors import DataError
 from . import decode, dicom_warnings
-from .decode import OK, DecodeFailure
+from .decode import BROKEN_LINK, OK, DecodeFailure
+from .dicom_walk import file_path, stored_path, walk_entries, walk_files
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "dicom-index.parquet"
-__all__ = ["INDEX_FILE", "INDEX_SCHEMA", "OK", "index_dicom", "read_header"]
+__all__ = [
+    "BROKEN_LINK",
+    "INDEX_FILE",
+    "INDEX_SCHEMA",
+    "OK",
+    "file_path",
+    "index_dicom",
+    "read_header",
+    "stored_path",
+    "walk_files",
+]
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -63,7 +80,10 @@ INDEX_SCHEMA = pa.schema(
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN"}
+_LONG_VRS |= {b"UR", b"UT", b"UV"}  # explicit VRs with a 4-byte length
 _TAGS = [
+    "SOPClassUID",
     "StudyInstanceUID",
     "SeriesInstanceUID",
     "SOPInstanceUID",
@@ -120,28 +140,33 @@ def index_dicom(
     keep: list[int] = []
     todo: list[tuple[str, int, int]] = []
     unlisted: list[str] = []
+    broken: list[str] = []
     seen = 0
-    for path, size, mtime_ns in _walk(folders, skip=cache_dir, unlisted=unlisted):
+    for _, real, stat in walk_entries(folders, skip=cache_dir, unlisted=unlisted):
         seen += 1
-        old = known.pop(path, None)
-        # a permission granted since does not change size or mtime: read it again
-        if old is not None and old[0] == size and old[1] == mtime_ns and old[3]:
+        old = known.pop(stored_path(real), None)
+        if stat is None:
+            broken.append(real)
+        # unchanged size and mtime: reuse the row unless it may read otherwise now
+        elif old is not None and old[:2] == (stat.st_size, stat.st_mtime_ns) and old[3]:
             keep.append(old[2])
         else:
-            todo.append((path, size, mtime_ns))
+            todo.append((real, stat.st_size, stat.st_mtime_ns))
+    for path in unlisted:
+        known.pop(stored_path(path), None)
     n_gone = len(known)
     del known
     parts = [cached.take(pa.array(keep, pa.int64()))] if keep else []
     parts += list(_read_all(todo, workers))
-    if unlisted:
-        parts.append(_unlisted_rows(unlisted))
+    parts += [_status_rows(unlisted, decode.FOLDER_NO_PERMISSION)] if unlisted else []
+    parts += [_status_rows(broken, BROKEN_LINK)] if broken else []
     table = (
         pa.concat_tables(parts).combine_chunks()
         if parts
         else INDEX_SCHEMA.empty_table()
     )
     table = table.sort_by("path")
-    if todo or n_gone or not (cache_dir / INDEX_FILE).is_file():
+    if todo or broken or n_gone or not (cache_dir / INDEX_FILE).is_file():
         _save_cache(table, cache_dir)
     n_ok = pc.sum(pc.equal(table.column("status"), OK)).as_py() or 0
     logger.info(
@@ -173,58 +198,16 @@ def _read_chunk(chunk: list[tuple[str, int, int]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
 
 
-def _unlisted_rows(folders: list[str]) -> pa.Table:
-    """Index rows for folders that could not be listed: their files are unknown."""
-    rows = [
-        {
-            **{name: None for name in INDEX_SCHEMA.names},
-            "path": folder,
-            "size": 0,
-            "mtime_ns": 0,
-            "status": decode.FOLDER_NO_PERMISSION,
-        }
-        for folder in folders
-    ]
+def _status_rows(paths: list[str], status: str) -> pa.Table:
+    """Rows for paths whose header is not read: unlisted folders, broken links."""
+    rows = [_status_row(path, status) for path in paths]
     return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
 
 
-def _walk(
-    folders: list[Path], *, skip: Path, unlisted: list[str]
-) -> Iterator[tuple[str, int, int]]:
-    """Yield (resolved path, size, mtime_ns) of every regular file, once each.
-
-    Folders the account may not list are appended to ``unlisted``, so that the
-    report names them instead of leaving their files out unseen.
-    """
-    skip_resolved = str(skip.resolve())
-    seen: set[str] = set()
-    stack = [str(Path(f).resolve()) for f in reversed(folders)]
-    while stack:
-        here = stack.pop()
-        if here == skip_resolved:
-            continue
-        try:
-            entries = sorted(os.scandir(here), key=lambda e: e.name)
-        except PermissionError:
-            unlisted.append(here)
-            continue
-        except OSError:
-            continue
-        subdirs = []
-        for entry in entries:
-            try:
-                if entry.is_dir():
-                    subdirs.append(os.path.realpath(entry.path))
-                elif entry.is_file():
-                    path = os.path.realpath(entry.path)
-                    if path in seen:
-                        continue
-                    seen.add(path)
-                    stat = entry.stat()
-                    yield path, stat.st_size, stat.st_mtime_ns
-            except OSError:
-                continue
-        stack.extend(reversed(subdirs))
+def _status_row(path: str, status: str) -> dict[str, Any]:
+    row: dict[str, Any] = {name: None for name in INDEX_SCHEMA.names}
+    row.update(path=stored_path(path), size=0, mtime_ns=0, status=status)
+    return row
 
 
 def _load_cache(path: Path) -> pa.Table:
@@ -246,17 +229,32 @@ def _load_cache(path: Path) -> pa.Table:
 
 
 def _cache_keys(table: pa.Table) -> dict[str, tuple[int, int, int, bool]]:
-    """Path -> (size, mtime_ns, row, reusable); a row refused for permission is not."""
+    """Path -> (size, mtime_ns, row, reusable).
+
+    A row is not reusable when what refused it may have changed without changing
+    the file: a permission granted since, a codec installed since.
+    """
     paths = table.column("path").to_pylist()
     sizes = table.column("size").to_pylist()
     mtimes = table.column("mtime_ns").to_pylist()
     statuses = table.column("status").to_pylist()
+    syntaxes = table.column("transfer_syntax").to_pylist()
+    codec: dict[str, str] = {}  # transfer syntax -> its codec status now
+    for status, syntax in zip(statuses, syntaxes, strict=True):
+        if status == decode.NEEDS_CODEC and syntax not in codec:
+            codec[syntax] = decode.codec_status(syntax)
     return {
-        p: (s, m, i, status not in decode.PERMISSION_STATUSES)
-        for i, (p, s, m, status) in enumerate(
-            zip(paths, sizes, mtimes, statuses, strict=True)
+        p: (s, m, i, _reusable(status, codec.get(syntax)))
+        for i, (p, s, m, status, syntax) in enumerate(
+            zip(paths, sizes, mtimes, statuses, syntaxes, strict=True)
         )
     }
+
+
+def _reusable(status: str, codec_now: str | None) -> bool:
+    if status in decode.PERMISSION_STATUSES:
+        return False
+    return status != decode.NEEDS_CODEC or codec_now == decode.NEEDS_CODEC
 
 
 def _save_cache(table: pa.Table, cache_dir: Path) -> None:
@@ -280,7 +278,7 @@ def _int(ds: Any, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
         return int(value) if value is not None and value != "" else None
-    except (TypeError, ValueError, OverflowError):
+    except Exception:  # noqa: BLE001 - e.g. a value cut short by the end of the file
         return None
 
 
@@ -291,13 +289,18 @@ def _slice_position(ds: pydicom.Dataset) -> float | None:
             return float(position[2])
         location = ds.get("SliceLocation")
         return float(location) if location is not None else None
-    except (TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - a malformed element is as good as absent
         return None
 
 
 def read_header(path: Path) -> dict[str, Any]:
     """One file's index row (its ``status`` says whether it is a usable image)."""
-    stat = Path(path).stat()
+    try:
+        stat = Path(path).stat()
+    except OSError:  # not found, or a loop of links
+        if not Path(path).is_symlink():
+            raise
+        return _status_row(str(path), BROKEN_LINK)
     return _read_header(Path(path), stat.st_size, stat.st_mtime_ns)
 
 
@@ -315,7 +318,7 @@ def _read_header(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:
 
 def _header_row(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:
     row: dict[str, Any] = {name: None for name in INDEX_SCHEMA.names}
-    row.update(path=str(path), size=size, mtime_ns=mtime_ns)
+    row.update(path=stored_path(str(path)), size=size, mtime_ns=mtime_ns)
     pixel_offset: int | None = None
     ds: pydicom.Dataset  # a FileDataset from dcmread, a plain Dataset from the fallback
     try:
@@ -362,7 +365,10 @@ def _status(
     ds: pydicom.Dataset, row: dict[str, Any], path: Path, offset: int | None, size: int
 ) -> str:
     if not row["rows"] or not row["columns"]:
-        return decode.NO_PIXELS
+        if _cut_short(ds, path, size):
+            return decode.UNREADABLE
+        # an image class without rows: e.g. cut off between two of its elements
+        return decode.MISSING_ATTRIBUTE if _image_class(ds) else decode.NO_PIXELS
     if not row["study_uid"]:
         return "no StudyInstanceUID"
     if not row["sop_uid"]:
@@ -378,17 +384,81 @@ def _status(
     return _pixel_status(ds, path, offset, size)
 
 
-def _pixel_status(ds: pydicom.Dataset, path: Path, offset: int, size: int) -> str:
-    """Check that a pixel data element follows the header and fits in the file."""
-    little = True
-    implicit = False
+def _image_class(ds: pydicom.Dataset) -> bool:
+    """Whether the SOP class is an image's (an SR, a PR, a KOS is not one)."""
+    meta = getattr(ds, "file_meta", None)
+    uid = _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")
+    return uid is not None and "Image Storage" in pydicom.uid.UID(uid).name
+
+
+def _encoding(ds: pydicom.Dataset) -> tuple[bool, bool]:
+    """(little endian, implicit VR) of the data set, from its transfer syntax."""
     meta = getattr(ds, "file_meta", None)
     ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
-    if ts is not None:
-        try:
-            little, implicit = ts.is_little_endian, ts.is_implicit_VR
-        except (AttributeError, ValueError):
-            pass
+    if ts is None:
+        return True, False
+    try:
+        return bool(ts.is_little_endian), bool(ts.is_implicit_VR)
+    except (AttributeError, ValueError):  # not a transfer syntax UID
+        return True, False
+
+
+def _cut_short(ds: pydicom.Dataset, path: Path, size: int) -> bool:
+    """Whether the file ends inside a data element: its header was cut off.
+
+    pydicom stops quietly at the end of a file, even inside an element, so a file
+    cut off in its header reads as a short data set without pixels, like an SR.
+    """
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if ts == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return False  # element lengths are inside the deflated stream
+    little, implicit = _encoding(ds)
+    with path.open("rb") as handle:
+        return ends_inside_an_element(handle, size, little=little, implicit=implicit)
+
+
+def ends_inside_an_element(
+    handle: BinaryIO, size: int, *, little: bool, implicit: bool
+) -> bool:
+    """Whether the DICOM file in ``handle`` ends before its last element does.
+
+    Steps over the elements by their lengths: the file meta (explicit VR little
+    endian), then the data set in the given encoding. An element of undefined
+    length (a sequence, encapsulated pixel data) is stepped into: its items and
+    delimiters are elements too. Only the byte structure is read, never a value.
+    """
+    handle.seek(128)
+    pos = 132 if handle.read(4) == b"DICM" else 0
+    in_meta = True
+    while pos < size:
+        handle.seek(pos)
+        head = handle.read(12)
+        if len(head) < 8:
+            return True
+        in_meta = in_meta and head[:2] == b"\x02\x00"
+        end = "<" if in_meta or little else ">"
+        (group,) = struct.unpack(end + "H", head[:2])
+        explicit = in_meta or not implicit
+        if group == 0xFFFE or not explicit or not head[4:6].isalpha():
+            (length,) = struct.unpack(end + "L", head[4:8])  # items: always so
+            pos += 8
+        elif head[4:6] in _LONG_VRS:
+            if len(head) < 12:
+                return True
+            (length,) = struct.unpack(end + "L", head[8:12])
+            pos += 12
+        else:
+            (length,) = struct.unpack(end + "H", head[6:8])
+            pos += 8
+        if length != _UNDEFINED_LENGTH:
+            pos += length
+    return pos > size
+
+
+def _pixel_status(ds: pydicom.Dataset, path: Path, offset: int, size: int) -> str:
+    """Check that a pixel data element follows the header and fits in the file."""
+    little, implicit = _encoding(ds)
     with path.open("rb") as handle:
         handle.seek(offset)
         head = handle.read(12)

@@ -82,15 +82,24 @@ def test_every_input_file_is_written_a_duplicate_or_failed(archive, tmp_path):
     assert by_source["junk.bin"]["reason"] == "not DICOM (no DICOM header)"
 
 
-def test_a_second_export_into_the_same_folder_reports_what_it_replaced(
-    archive, tmp_path
-):
-    deid_folder(archive, tmp_path / "out", SALT)
+def test_a_second_export_into_a_folder_that_holds_files_is_refused(archive, tmp_path):
+    first = deid_folder(archive, tmp_path / "out", SALT)
+    before = sorted((tmp_path / "out").rglob("*"))
 
-    again = deid_folder(archive, tmp_path / "out", SALT)
+    # another salt would leave each image twice, under two pseudonyms
+    with pytest.raises(ConfigError, match="not an empty folder"):
+        deid_folder(archive, tmp_path / "out", SALT + b"-other")
 
-    assert again.replaced == again.written == 3
-    assert Path(again.report) == tmp_path / "out.deid-report.jsonl"
+    assert sorted((tmp_path / "out").rglob("*")) == before
+    assert Path(first.report) == tmp_path / "out.deid-report.jsonl"
+
+
+def test_an_empty_out_folder_is_used(archive, tmp_path):
+    (tmp_path / "out").mkdir()
+
+    result = deid_folder(archive, tmp_path / "out", SALT)
+
+    assert result.written == 3
 
 
 def test_the_report_never_goes_into_the_shared_copy(archive, tmp_path):
