@@ -122,6 +122,27 @@ def describe_run(run: Any) -> list[str]:
     return lines
 
 
+def fitted(line: str, width: int) -> str:
+    """``line`` cut to ``width`` characters (an ellipsis marks the cut).
+
+    On the operator's terminal a wrapped line could start a visual line that
+    reads like one of the screen's own (``  enabled = true``).
+    """
+    return line if len(line) <= width else line[: max(width - 1, 1)] + "…"
+
+
+def approval_summary(run: Any, fab_hash: str) -> str:
+    """One line on what matters most, printed again just above the question."""
+    privacy = run.privacy
+    dp = (
+        f"DP-SGD on (ε {privacy.target_epsilon:g}, δ {privacy.target_delta:g})"
+        if privacy.enabled
+        else "DP-SGD OFF"
+    )
+    secagg = "SecAgg+ on" if run.secure_aggregation.enabled else "SecAgg+ OFF"
+    return f"approving {fab_hash[:12]}…: {dp}, {secagg}, {run.federation.rounds} rounds"
+
+
 class AppApprovals:
     """The site's allowlist of FAB hashes, kept in ``<state-dir>/approved-apps.json``."""
 

@@ -8,6 +8,7 @@ stays fast.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -363,10 +364,11 @@ def _app_to_approve(app_hash: str | None, run_config: Path | None):  # noqa: ANN
 def _shown_and_confirmed(site, value: str, run_config, settings, yes: bool) -> bool:  # noqa: ANN001
     """Show the run's hash and settings (and whether this site can train in it); ask."""
     from .answers import AnswerKind, answer_limit
-    from .approvals import describe_run
+    from .approvals import approval_summary, describe_run, fitted
 
+    width = max(shutil.get_terminal_size().columns - 1, 40)
     typer.echo(f"app hash {value} ({run_config})")
-    typer.echo("\n".join(describe_run(settings)))
+    typer.echo("\n".join(fitted(line, width) for line in describe_run(settings)))
     federation = settings.federation
     trainings, evaluations = (
         answer_limit(kind, federation.rounds, federation.repeatable_rounds)
@@ -421,6 +423,7 @@ def _shown_and_confirmed(site, value: str, run_config, settings, yes: bool) -> b
             "in it.",
             err=True,
         )
+    typer.echo(approval_summary(settings, value))
     return yes or typer.confirm(
         f"Approve this run at site {site.site.name}?", default=False
     )

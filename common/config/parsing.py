@@ -9,6 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError
 from .model import FAMILY_CONFIGS
+from .sections import shown_text
 
 _SCALAR_BRANCHES = {"str", "int", "float", "bool"}
 """pydantic's names for the scalar side of a ``str | Spec`` union in an error's loc."""
@@ -21,7 +22,8 @@ def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
         loc, scalar_branch = _without_union_branches(loc)
         if scalar_branch and isinstance(err.get("input"), dict):
             continue  # a table was written: the table side's errors say what is wrong
-        where = ".".join(str(p) for p in loc) or "(top level)"
+        # a key is the config's own text: escaped when it holds a control character
+        where = ".".join(shown_text(p) for p in loc) or "(top level)"
         msg = re.sub(
             r" or instance of \w+", "", str(err["msg"]).removeprefix("Value error, ")
         )

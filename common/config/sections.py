@@ -59,35 +59,53 @@ class _RunSection(_Section):
     @classmethod
     def _printable_text_only(cls, data: Any) -> Any:
         # A run.toml is written by the coordinator's admin and read by every site's
-        # operator before approving it: a control or bidi character in a value
-        # (an ANSI escape, a newline) could redraw what the operator reads.
+        # operator before approving it: a control or bidi character in a key or a
+        # value (an ANSI escape, a newline) could redraw what the operator reads,
+        # and a very long value push the real settings off the screen.
         if isinstance(data, dict):
             for key, value in data.items():
-                where = None if isinstance(value, BaseModel) else _unprintable(value)
+                where = _unprintable(key, shown_text(key))
+                if where is None and not isinstance(value, BaseModel):
+                    where = _unprintable(value, shown_text(key))
                 if where is not None:
                     raise ValueError(
-                        f"{key}{where} holds a control or formatting character "
-                        "(a newline, an escape sequence, a direction mark); a run "
-                        "config takes printable text only"
+                        f"{where} holds a control or formatting character (a "
+                        "newline, an escape sequence, a direction mark) or is longer "
+                        f"than {MAX_TEXT} characters; a run config takes printable "
+                        "text only"
                     )
         return data
 
 
-def _unprintable(value: Any, where: str = "") -> str | None:
-    """Where in ``value`` (a scalar, list or table) a non-printable character sits."""
+MAX_TEXT = 1024
+"""The longest text a run config holds in one value (a label, a path)."""
+
+
+def shown_text(text: object) -> str:
+    """``text`` for a message: as it is when printable, else escaped (``ascii``)."""
+    plain = str(text)
+    if any(unicodedata.category(c) in _NOT_PRINTABLE for c in plain):
+        return ascii(plain)
+    return plain
+
+
+def _unprintable(value: Any, where: str) -> str | None:
+    """Where in ``value`` (a scalar, list or table) unusable text sits, else None."""
     if isinstance(value, str):
-        if any(unicodedata.category(c) in _NOT_PRINTABLE for c in value):
+        if len(value) > MAX_TEXT or any(
+            unicodedata.category(c) in _NOT_PRINTABLE for c in value
+        ):
             return where
         return None
     if isinstance(value, dict):
-        items = [(f".{k}", v) for k, v in value.items()]
-        items += [(f" (key {k!r})", k) for k in value]
+        items = [(f"{where} (key {shown_text(k)})", k) for k in value]
+        items += [(f"{where}.{shown_text(k)}", v) for k, v in value.items()]
     elif isinstance(value, list | tuple):
-        items = [(f"[{i}]", v) for i, v in enumerate(value)]
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
     else:
         return None
     for place, item in items:
-        found = _unprintable(item, where + place)
+        found = _unprintable(item, place)
         if found is not None:
             return found
     return None

@@ -230,3 +230,12 @@ def test_a_value_cannot_redraw_what_the_operator_reads():
         RunConfig.from_mapping(
             {"task": {"labels": ["a", "b\u202e"]}}, source="run.toml"
         )
+
+
+def test_a_refused_key_is_named_escaped_and_a_long_value_is_refused():
+    """The refusal itself must not act on the terminal it is printed on."""
+    with pytest.raises(ConfigError) as refused:
+        RunConfig.from_mapping({"train": {"\x1b[2J\x1b[Hfake": "x"}}, source="run.toml")
+    assert "\x1b" not in str(refused.value) and "\\x1b[2J" in str(refused.value)
+    with pytest.raises(ConfigError, match="longer than 1024 characters"):
+        RunConfig.from_mapping({"model": {"vision": "x" * 1025}}, source="run.toml")

@@ -635,3 +635,33 @@ def test_site_check_counts_undecodable_images_of_studies_that_train_apart(
         for w in report["warnings"]
     )
     assert any(w.startswith("1 more study image(s)") for w in report["warnings"])
+
+
+def test_site_approve_fits_each_setting_to_the_terminal_and_repeats_the_essentials(
+    approving_site, monkeypatch
+):
+    """A long value cannot wrap into a line that reads like one of the screen's own."""
+    import os
+
+    site_toml, run_toml = approving_site  # DP on, SecAgg+ on
+    monkeypatch.setattr(
+        shutil, "get_terminal_size", lambda *a, **k: os.terminal_size((80, 24))
+    )
+    padded = "x" + " " * 120 + "[privacy] enabled = false"
+    run_toml.write_text(
+        run_toml.read_text() + f'\n[task.categorical]\nsex = ["F", "M", "{padded}"]\n'
+    )
+    result = runner.invoke(
+        _app(),
+        ["site", "approve", "--run-config", str(run_toml), "--config", str(site_toml)],
+        input="n\n",
+    )
+    lines = result.stdout.splitlines()
+    long = [
+        line for line in lines if len(line) > 79 and not line.startswith("app hash")
+    ]
+    assert long == []
+    assert not any("enabled = false" in line for line in lines)
+    summary = [line for line in lines if line.startswith("approving ")]
+    assert summary and "DP-SGD on (ε 2.5, δ 1e-05)" in summary[0]
+    assert "SecAgg+ on" in summary[0]
