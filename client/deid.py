@@ -58,6 +58,27 @@ _TABLE_LISTS = {
 #: are kept with the profile applied inside, so that a derived image still points
 #: at its sources' pseudonymised UIDs.
 _CHOSEN = {"Z/D": "Z", "X/Z": "X", "X/D": "X", "X/Z/D": "X", "X/Z/U*": "U*"}
+#: free text the table (2026c) does not list but real archives fill with names and
+#: findings: a TextValue outside an SR's ContentSequence (protocol context, content
+#: item modifiers), frame labels, an issuer's local namespace
+_BEYOND_TABLE = {
+    Tag("TextValue"): "X",
+    Tag("ProtocolContextSequence"): "X",
+    Tag("ContentItemModifierSequence"): "X",
+    Tag("FrameLabel"): "X",
+    Tag("IssuerOfAccessionNumberSequence"): "X",
+}
+#: the file meta keeps only what Part 10 requires (its UIDs replaced): anything else
+#: (PrivateInformation, SourceApplicationEntityTitle) names the source
+_FILE_META_KEPT = {
+    Tag("FileMetaInformationGroupLength"),
+    Tag("FileMetaInformationVersion"),
+    Tag("MediaStorageSOPClassUID"),
+    Tag("MediaStorageSOPInstanceUID"),
+    Tag("TransferSyntaxUID"),
+    Tag("ImplementationClassUID"),
+    Tag("ImplementationVersionName"),
+}
 #: the EHR join key: pseudonymised (a salted dummy, D) rather than emptied (Z/D)
 _PATIENT_ID = Tag("PatientID")
 
@@ -154,11 +175,15 @@ def deidentify(ds: Dataset, salt: bytes) -> Dataset:
     """Apply the profile to ``ds`` (every nesting level) in place and return it."""
     ds.remove_private_tags()  # at every level (pydicom walks the sequences)
     _strip(ds, salt)
+    ds.preamble = b"\x00" * 128  # copied as read otherwise: any bytes a tool left
     meta = getattr(ds, "file_meta", None)
-    if meta is not None and not is_blank(meta.get("MediaStorageSOPInstanceUID")):
-        meta.MediaStorageSOPInstanceUID = uid_pseudonym(
-            meta.MediaStorageSOPInstanceUID, salt
-        )
+    if meta is not None:
+        for tag in [t for t in meta.keys() if t not in _FILE_META_KEPT]:
+            del meta[tag]
+        if not is_blank(meta.get("MediaStorageSOPInstanceUID")):
+            meta.MediaStorageSOPInstanceUID = uid_pseudonym(
+                meta.MediaStorageSOPInstanceUID, salt
+            )
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = METHOD
     code = Dataset()
@@ -175,7 +200,7 @@ def profile_action(tag: int, vr: str) -> str | None:
     group, element = tag >> 16, tag & 0xFFFF
     if group & 0xFF00 in (0x5000, 0x6000):  # curves (retired) and overlays: all of it
         return "X"
-    action = PROFILE.get(tag)
+    action = PROFILE.get(tag) or _BEYOND_TABLE.get(tag)
     if action is None:
         action = next(
             (

@@ -345,3 +345,39 @@ def test_a_warning_of_the_header_and_the_full_read_counts_once(tmp_path):
         lines["badVR.dcm"]["warnings"]
     )
     assert result.pydicom_warnings[kind] == 1
+
+
+def test_the_preamble_the_file_meta_and_free_text_beyond_the_table_are_gone(tmp_path):
+    """What the review found after the table: bytes and text no attribute rule covers."""
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.preamble = b"MARK-PREAMBLE".ljust(128, b"\x00")
+    ds.file_meta.SourceApplicationEntityTitle = "MARK_AE"
+    ds.file_meta.add_new(
+        (0x0002, 0x0100), "UI", "1.2.3"
+    )  # PrivateInformationCreatorUID
+    ds.file_meta.add_new((0x0002, 0x0102), "OB", b"MARK-PRIVATE-INFO")
+    modifier = Dataset()
+    modifier.ValueType, modifier.TextValue = "TEXT", "MARK_DEPTH3"
+    context = Dataset()
+    context.ValueType, context.TextValue = "TEXT", "MARK_DEPTH2"
+    context.ContentItemModifierSequence = Sequence([modifier])
+    protocol = Dataset()
+    protocol.CodeValue, protocol.CodingSchemeDesignator = "1", "L"
+    protocol.ProtocolContextSequence = Sequence([context])
+    ds.PerformedProtocolCodeSequence = Sequence([protocol])
+    src = tmp_path / "in"
+    src.mkdir()
+    ds.save_as(src / "ct.dcm")
+
+    result = deid_folder(src, tmp_path / "out", SALT)
+
+    assert result.written == 1
+    [written] = list((tmp_path / "out").rglob("*.dcm"))
+    data = written.read_bytes()
+    assert b"MARK" not in data
+    assert data[:128] == b"\x00" * 128
+    again = pydicom.dcmread(written)
+    assert "SourceApplicationEntityTitle" not in again.file_meta
+    assert again.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
