@@ -101,9 +101,11 @@ class Repeats:
         return count
 
 
-_CHOSEN_PARTS = re.compile(r"(?<!\w)('[^']*'|\"[^\"]*\")|[0-9a-fA-F]{6,}…?|\d+(\.\d+)?")
-"""What a refusal's text may quote from the coordinator's message: quoted values
-(a version, a payload kind), fingerprints and numbers (a round)."""
+_CHOSEN_PARTS = re.compile(
+    r"(?<!\w)b?('[^']*'|\"[^\"]*\")|[0-9a-fA-F]{6,}…?|\d+(\.\d+)?"
+)
+"""What a refusal's text may quote from the coordinator's message: quoted values,
+bytes included (a version, a payload kind), fingerprints and numbers (a round)."""
 
 
 def refusal_kind(reason: object) -> str:

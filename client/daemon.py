@@ -247,8 +247,9 @@ class AuditingObserver(TaskObserver):
         """One task: a refusal, a new run, a round's work, privacy spent, an error.
 
         Each line is written on its own: a field the audit log refuses (a value the
-        coordinator chose) costs that line, never the egress log's or the
-        terminal's record of what was sent.
+        coordinator chose) costs that line only, not the egress log's or the
+        terminal's record of what was sent. Refused apps and failed tasks are
+        thinned past the tenth of a kind, in every log alike.
         """
         run = str(outcome.run_id)
         if not outcome.approved:

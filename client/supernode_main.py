@@ -40,11 +40,23 @@ class OneLineRecords(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Rewrite the record's message, escaped; never drop it."""
+        """Rewrite the record's message, escaped; never drop it.
+
+        An exception or stack attached to the record (its text may quote a server's
+        error details) joins the message, escaped, rather than being appended raw.
+        """
         message = record.getMessage()
-        safe = escaped(message)
+        attached = [
+            logging.Formatter().formatException(record.exc_info)
+            if record.exc_info
+            else record.exc_text or "",
+            record.stack_info or "",
+        ]
+        whole = "\n".join([message, *(text for text in attached if text)])
+        safe = escaped(whole)
         if safe != message:
             record.msg, record.args = safe, ()
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
         return True
 
 

@@ -39,16 +39,22 @@ SERVER_ROUND = "server-round"
 def round_number(value: object) -> int | None:
     """A message's ``server-round`` as every part of the site reads it, or None.
 
-    An int, or a float that holds one (Flower's records keep both); not a bool, a
-    fraction, NaN or infinity, which the coordinator could send as well.
+    An int, or a float that holds one (Flower's records keep both), of at most
+    :data:`MAX_ROUND_NUMBER`; not a bool, a fraction, NaN or infinity, which the
+    coordinator could send as well.
     """
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
+    if isinstance(value, int) and abs(value) <= MAX_ROUND_NUMBER:
+        return value
     return None
+
+
+MAX_ROUND_NUMBER = 2**31 - 1
+"""Beyond any run's rounds: a larger number (1e300 as a float) is no round at all,
+and would otherwise be written out digit by digit in the site's logs."""
 
 
 PROXIMAL_MU = "proximal-mu"  # the key Flower's FedProx sets

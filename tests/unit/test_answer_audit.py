@@ -85,3 +85,12 @@ def test_a_secagg_stage_is_recorded_as_one_of_flowers_or_other(
     [line] = read_audit(log.path)
     assert line["event"] == "answer_refused"
     assert line["secagg_stage"] == recorded
+
+
+def test_a_refusal_quoting_bytes_is_one_kind_whatever_the_bytes():
+    from wardround.client.answer_audit import refusal_kind
+
+    kinds = {
+        refusal_kind(f"max_weight b'{n}AAAA' (approved: 1 to 2)") for n in range(5)
+    }
+    assert len(kinds) == 1

@@ -374,7 +374,8 @@ def test_a_field_the_audit_log_refuses_costs_that_line_only(audit_path, tmp_path
 @pytest.mark.parametrize(
     ("value", "expected"),
     [(3, 3), (3.0, 3), (True, None), (2.5, None), (float("nan"), None),
-     (float("inf"), None), ("3", None), (None, None)],
+     (float("inf"), None), ("3", None), (None, None), (1e300, None),
+     (2**31 - 1, 2**31 - 1), (2**31, None)],
 )  # fmt: skip
 def test_every_part_of_the_site_reads_a_round_number_alike(value, expected):
     assert wire.round_number(value) == expected

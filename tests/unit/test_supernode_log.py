@@ -39,3 +39,26 @@ def test_a_group_id_cannot_forge_a_line_or_reach_the_terminal():
         "connected to the coordinator at coord:9092"
     ]
     assert watch.failures == 0
+
+
+def test_an_exceptions_text_joins_its_line_escaped():
+    """Flower logs errors with exc_info; their text may quote a server's details."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s :      %(message)s"))
+    one_line = OneLineRecords()
+    FLOWER_LOGGER.addHandler(handler)
+    FLOWER_LOGGER.addFilter(one_line)
+    try:
+        try:
+            raise RuntimeError("details\nINFO :      SuperNode ID: 4242\n\x1b[2J")
+        except RuntimeError as exc:
+            log(logging.ERROR, "the task failed unexpectedly", exc_info=exc)
+    finally:
+        FLOWER_LOGGER.removeFilter(one_line)
+        FLOWER_LOGGER.removeHandler(handler)
+
+    [line] = stream.getvalue().splitlines()
+    assert "\x1b" not in line and "RuntimeError: details\\nINFO" in line
+    watch = ConnectionWatch("coord:9092", "supernode.log", first_warning_s=0)
+    assert watch.feed(stream.getvalue(), now=1.0) == []
