@@ -19,14 +19,18 @@ from typing import Any, Generic, TypeVar
 
 Total = TypeVar("Total")
 
+_FINGERPRINT_BYTES = 256
+"""How much of what was read is kept to notice the file rewritten under it."""
+
 
 class JsonlTally(Generic[Total]):
     """``fold`` applied to every complete JSON-object line of ``path``, kept up to date.
 
     A line without its newline (a torn or half-written append) waits for the next
     read; a line that is not a JSON object is skipped, as the logs' readers do. A
-    file replaced (another inode) or cut shorter than what was read starts the
-    tally again from its first line.
+    file replaced (another inode), cut shorter than what was read, or rewritten in
+    place (the bytes before the place read no longer those seen: a restored
+    backup, a copy-truncate rotation) starts the tally again from its first line.
     """
 
     def __init__(
@@ -41,6 +45,7 @@ class JsonlTally(Generic[Total]):
         self._lock = threading.Lock()
         self._identity: tuple[int, int] | None = None
         self._offset = 0
+        self._seen_last = b""  # the bytes just before the offset, as read
         self._total = empty()
 
     def total(self) -> Total:
@@ -52,6 +57,7 @@ class JsonlTally(Generic[Total]):
     def _restart(self, identity: tuple[int, int] | None) -> None:
         self._identity = identity
         self._offset = 0
+        self._seen_last = b""
         self._total = self._empty()
 
     def _catch_up(self) -> None:
@@ -65,9 +71,15 @@ class JsonlTally(Generic[Total]):
             identity = (info.st_dev, info.st_ino)
             if identity != self._identity or info.st_size < self._offset:
                 self._restart(identity)
+            elif self._seen_last:
+                handle.seek(self._offset - len(self._seen_last))
+                if handle.read(len(self._seen_last)) != self._seen_last:
+                    self._restart(identity)
             handle.seek(self._offset)
             appended = handle.read(info.st_size - self._offset)
         complete = appended[: appended.rfind(b"\n") + 1]
+        if complete:
+            self._seen_last = (self._seen_last + complete)[-_FINGERPRINT_BYTES:]
         for line in complete.splitlines():
             try:
                 row = json.loads(line)

@@ -93,3 +93,17 @@ def test_a_mangled_field_counts_the_task_and_no_bytes(tmp_path):
     totals = JsonlTally(path, TaskTotals, fold_task).total()
     assert totals.counts == {("train", "true"): 1, ("train", "false"): 1}
     assert totals.bytes_out == 5 and totals.durations == {"train": (2, 1.5)}
+
+
+def test_a_log_rewritten_in_place_is_read_again(tmp_path):
+    """Same inode, at least as long: a restored backup or a copy-truncate rotation."""
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"n": 1}\n{"n": 2}\n')
+    tally = JsonlTally(path, list, _count)
+    assert tally.total() == [1, 2]
+    with path.open("r+") as handle:  # rewritten through the same inode
+        handle.write('{"n": 7}\n{"n": 8}\n{"n": 9}\n')
+    assert tally.total() == [7, 8, 9]
+    with path.open("a") as handle:
+        handle.write('{"n": 10}\n')
+    assert tally.total() == [7, 8, 9, 10]
