@@ -186,10 +186,12 @@ class DatabaseEhr:
         # session's lock (an ETL's LOCK TABLE, a VACUUM FULL) or a runaway plan.
         timeout = f"{self.section.query_timeout_s}s"
         options = query.get("options", "")
+        # the url's own options come after the timeouts, so a site's own
+        # statement_timeout wins; read-only comes last, whatever they say
         query["options"] = (
-            f"{options} -c default_transaction_read_only=on "
-            f"-c statement_timeout={timeout} -c lock_timeout={timeout}"
-        ).strip()
+            f"-c statement_timeout={timeout} -c lock_timeout={timeout} {options} "
+            "-c default_transaction_read_only=on"
+        ).replace("  ", " ")
         uri = urlunsplit(
             (
                 parts.scheme,

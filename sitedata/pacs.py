@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 PACS_FOLDER = "pacs"  # under the site's cache folder: what index_dicom reads
 INCOMING_FOLDER = "pacs-incoming"  # beside it, never indexed: files being checked
+REMOVED_FOLDER = "pacs-removed"
+"""Beside ``<cache-dir>/pacs``: cached files the PACS no longer lists, kept aside."""
+
 REASONS = (
     "not-found",  # the PACS lists no instance of the study
     "partial",  # fewer instances cached than the PACS listed; the cause follows
@@ -282,7 +285,10 @@ def _sync_study(
         # study) leaves the cache too, so it no longer trains.
         removed = _remove_unlisted(root, study_uid, set())
         reason = "not-found: the PACS lists no instance of it" + (
-            f"; its {removed} cached file(s) were removed" if removed else ""
+            f"; its {removed} cached file(s) were removed (kept aside in "
+            f"{REMOVED_FOLDER})"
+            if removed
+            else ""
         )
         return _failed(study_uid, reason, removed), None
     if len(listed) > section.max_instances_per_study:
@@ -300,8 +306,14 @@ def _sync_study(
             usable.setdefault(ref.sop_uid, ref)
     expected = invalid + len(usable)
     refs = list(usable.values())
-    removed = _remove_unlisted(
-        root, study_uid, {cached_path(root, study_uid, ref) for ref in refs}
+    # a listing with unusable entries may be missing what they stand for: it
+    # takes nothing out of the cache
+    removed = (
+        0
+        if invalid
+        else _remove_unlisted(
+            root, study_uid, {cached_path(root, study_uid, ref) for ref in refs}
+        )
     )
     missing = [ref for ref in refs if not cached_path(root, study_uid, ref).is_file()]
     cached = len(refs) - len(missing)
@@ -464,21 +476,26 @@ def _failed(study_uid: str, reason: str, removed: int = 0) -> PacsStudyOutcome:
 
 
 def _remove_unlisted(root: Path, study_uid: str, listed: set[Path]) -> int:
-    """Delete the study's cached files not in ``listed``; how many were deleted.
+    """Move the study's cached files not in ``listed`` out of what trains.
 
-    Called only with a listing the PACS gave (an empty one: the study is gone), so
-    a PACS that cannot be reached never empties the cache.
+    Called only with a listing the PACS gave (an empty one: the study is gone).
+    The files go to ``<cache-dir>/pacs-removed/<study>``, beside the indexed
+    folder rather than deleted: a PACS that answers short by mistake (a nearline
+    study, a capped listing) costs a fetch, and the site can look at what went.
     """
     folder = root / study_uid  # study_uid is a DICOM UID: the folder is in root
     if not folder.is_dir():
         return 0
+    aside = root.parent / REMOVED_FOLDER / study_uid
     removed = 0
     for path in sorted(folder.rglob("*"), reverse=True):  # files before folders
         if path.is_dir() and not path.is_symlink():
             if not any(path.iterdir()):
                 path.rmdir()
         elif path not in listed:
-            path.unlink(missing_ok=True)
+            target = aside / path.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
             removed += 1
     if not any(folder.iterdir()):
         folder.rmdir()

@@ -33,6 +33,7 @@ from wardround.sitedata.dicom_index import index_dicom
 from wardround.sitedata.join import index_fingerprint, study_series
 from wardround.sitedata.pacs import (
     REASONS,
+    REMOVED_FOLDER,
     PacsSyncReport,
     StudyStatus,
     cached_path,
@@ -670,6 +671,9 @@ def test_deletions_on_the_pacs_leave_the_cache(orthanc, hospital, tmp_path):
     assert misfiled not in {sop for _, _, sop in indexed}
     assert len(indexed) == 2
     assert not (report.folder / gone).exists()
+    aside = cache / REMOVED_FOLDER  # kept for the site to look at, never indexed
+    assert len(list((aside / gone).rglob("*.dcm"))) == 2
+    assert [p.stem for p in (aside / corrected).rglob("*.dcm")] == [misfiled]
 
 
 def test_a_pacs_that_stops_answering_deletes_nothing(hospital, tmp_path, monkeypatch):
