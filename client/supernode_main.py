@@ -62,12 +62,11 @@ class OneLineRecords(logging.Filter):
 
 def main() -> int:
     """Flower's ``flower-supernode``, with the pacing from the environment."""
-    from flwr.common.logger import FLOWER_LOGGER
-
+    from ..flower_compat.flower_logging import filter_flower_records
     from ..flower_compat.pacing import pace_supernode
     from ..flower_compat.tools import flower_supernode
 
-    FLOWER_LOGGER.addFilter(OneLineRecords())
+    filter_flower_records(OneLineRecords())
 
     poll = float(os.environ.get(POLL_ENV, "0") or 0)
     if poll > 0:

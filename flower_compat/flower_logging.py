@@ -30,3 +30,10 @@ def flower_lines_once() -> None:
 
     if logging.getLogger().handlers:
         logging.getLogger("flwr").removeHandler(console_handler)
+
+
+def filter_flower_records(record_filter: logging.Filter) -> None:
+    """Pass every record Flower logs through ``record_filter`` (after its import)."""
+    from flwr.common.logger import FLOWER_LOGGER
+
+    FLOWER_LOGGER.addFilter(record_filter)

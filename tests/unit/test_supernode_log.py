@@ -6,10 +6,12 @@ import io
 import logging
 from logging import INFO
 
-from flwr.common.logger import FLOWER_LOGGER, log
-
 from wardround.client.connection_watch import ConnectionWatch
 from wardround.client.supernode_main import OneLineRecords
+
+# Flower's logger (flwr.common.logger.FLOWER_LOGGER; its log() is this logger's)
+FLOWER_LOGGER = logging.getLogger("flwr")
+log = FLOWER_LOGGER.log
 
 
 def test_a_group_id_cannot_forge_a_line_or_reach_the_terminal():
