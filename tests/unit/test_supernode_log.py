@@ -19,6 +19,8 @@ def test_a_group_id_cannot_forge_a_line_or_reach_the_terminal():
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(levelname)s :      %(message)s"))
     one_line = OneLineRecords()
+    level = FLOWER_LOGGER.level
+    FLOWER_LOGGER.setLevel(logging.INFO)  # the SuperNode logs at INFO
     FLOWER_LOGGER.addHandler(handler)
     FLOWER_LOGGER.addFilter(one_line)
     try:
@@ -31,6 +33,7 @@ def test_a_group_id_cannot_forge_a_line_or_reach_the_terminal():
     finally:
         FLOWER_LOGGER.removeFilter(one_line)
         FLOWER_LOGGER.removeHandler(handler)
+        FLOWER_LOGGER.setLevel(level)
 
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and "\x1b" not in stream.getvalue()
