@@ -61,7 +61,7 @@ _CHOSEN = {"Z/D": "Z", "X/Z": "X", "X/D": "X", "X/Z/D": "X", "X/Z/U*": "U*"}
 #: free text the table (2026c) does not list but real archives fill with names and
 #: findings: a TextValue outside an SR's ContentSequence (protocol context, content
 #: item modifiers), frame labels, an issuer's local namespace
-_BEYOND_TABLE = {
+_BEYOND_TABLE: dict[int, str] = {
     Tag("TextValue"): "X",
     Tag("ProtocolContextSequence"): "X",
     Tag("ContentItemModifierSequence"): "X",
