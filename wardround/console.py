@@ -93,11 +93,11 @@ def _title(summary: dict) -> str:
 
 def _caption(with_privacy: bool, generative: bool = False) -> str:
     text = (
-        "val n: validation examples, as each site reports them (rounded up: "
-        "[answers] count-granularity); r0: before training; ppl: perplexity"
+        "val n: validation examples, as each site reports them (rounded up to its "
+        "count-granularity); r0: before training; ppl: perplexity"
         if generative
-        else "val n: validation studies, as each site reports them (rounded up: "
-        "[answers] count-granularity); AUROC r0: before training"
+        else "val n: validation studies, as each site reports them (rounded up to "
+        "its count-granularity); AUROC r0: before training"
     )
     if with_privacy:
         text += "; ε run / ε all: spent by this run / by all runs (RDP)"
