@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import unicodedata
 
 POLL_ENV = "WARDROUND_SUPERNODE_POLL_S"
 
@@ -20,14 +19,9 @@ POLL_ENV = "WARDROUND_SUPERNODE_POLL_S"
 def escaped(text: str) -> str:
     """``text`` with every control and format character written as an escape."""
     return "".join(
-        char.encode("unicode_escape").decode("ascii")
-        if unicodedata.category(char) in _NOT_PRINTABLE
-        else char
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
         for char in text
     )
-
-
-_NOT_PRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 class OneLineRecords(logging.Filter):

@@ -434,8 +434,8 @@ def _split_site_data(
         if site.ehr.records(name)
     )
     with_image = np.array(join.with_image, bool)
-    n_errors = int((with_image & ~image_ok).sum())
     failed = with_image & ~image_ok
+    n_errors = int(failed.sum())
     write_data_notes(
         site.cache_path,
         studies=len(matched),

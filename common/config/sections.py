@@ -6,7 +6,6 @@ Every section is frozen, refuses unknown keys and takes dashed or underscored na
 from __future__ import annotations
 
 import math
-import unicodedata
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -84,17 +83,13 @@ MAX_TEXT = 1024
 def shown_text(text: object) -> str:
     """``text`` for a message: as it is when printable, else escaped (``ascii``)."""
     plain = str(text)
-    if any(unicodedata.category(c) in _NOT_PRINTABLE for c in plain):
-        return ascii(plain)
-    return plain
+    return plain if plain.isprintable() else ascii(plain)
 
 
 def _unprintable(value: Any, where: str) -> str | None:
     """Where in ``value`` (a scalar, list or table) unusable text sits, else None."""
     if isinstance(value, str):
-        if len(value) > MAX_TEXT or any(
-            unicodedata.category(c) in _NOT_PRINTABLE for c in value
-        ):
+        if len(value) > MAX_TEXT or not value.isprintable():
             return where
         return None
     if isinstance(value, dict):
@@ -109,11 +104,6 @@ def _unprintable(value: Any, where: str) -> str | None:
         if found is not None:
             return found
     return None
-
-
-_NOT_PRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
-"""Unicode categories of control, format (bidi, zero-width), surrogate, private-use,
-unassigned and line/paragraph separator characters."""
 
 
 def _is_number(annotation: Any) -> bool:
