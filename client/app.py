@@ -20,9 +20,9 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from flwr.app import (
@@ -62,7 +62,8 @@ from .answer_audit import make_answer_audit_mod
 from .answers import AnswerKind, coarsen_metrics
 from .egress import EgressAllowlist, check_legacy_fitres, check_reply, pack_payload
 from .egress_mods import site_mods
-from .personal import load_personal, save_personal
+from .own_model import evaluate_mixture
+from .personal import load_own_model, load_personal, save_own_model, save_personal
 from .privacy_policy import DpPlan, plan_site_privacy
 from .replay import (
     Release,
@@ -86,6 +87,9 @@ from .secure_aggregation import (
     masking_now,
     require_secure_channel,
 )
+
+if TYPE_CHECKING:
+    from .trainer import LocalTrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +441,41 @@ def _train(request: _Request) -> tuple[np.ndarray, dict[str, Any]]:
     packed = pack_payload(payload, runtime.allowlist)
     if digest is not None:
         _keep(request, AnswerKind.TRAIN, digest, metrics, packed)
+    if config.federation.own_model_weight:
+        # after the answer is made and kept: nothing of this model is in it
+        _train_own_model(request, spec)
     return packed, metrics
+
+
+def _train_own_model(request: _Request, spec: LocalTrainSpec) -> None:
+    """One round of the site's own model: its patients alone, from where it was.
+
+    It starts from the first global adapter this site trains on (with the site's
+    personal modules), and never leaves the site.
+    """
+    from .trainer import train_local
+
+    runtime = request.runtime
+    own = load_own_model(runtime, request.run)
+    start = (
+        own
+        if own is not None
+        else {**request.global_state, **load_personal(runtime, request.run)}
+    )
+    load_adapter_state(runtime.built.model, start)
+    # No proximal term: FedProx's anchor is the global adapter, not this model.
+    own_spec = replace(spec, proximal_mu=0.0)
+    outcome = train_local(
+        runtime.built.model, runtime.data.train, own_spec, None, runtime.objective
+    )
+    save_own_model(runtime, request.run, adapter_state(runtime.built.model))
+    log.info(
+        "round %d: the site's own model trained %d step(s) in %.1f s (kept at the "
+        "site)",
+        request.server_round,
+        outcome.steps,
+        outcome.seconds,
+    )
 
 
 def _log_clipping(
@@ -556,12 +594,23 @@ def handle_evaluate(
         check_reply(content, runtime.allowlist, kind="evaluate")
         return Message(content, reply_to=msg)
     _admit_answer(request, AnswerKind.EVALUATE)
-    outcome = evaluate(
-        runtime.built.model,
-        runtime.data.validation,
-        request.config.train.eval_batch_size,
-        runtime.objective,
-    )
+    own_model = load_own_model(runtime, request.run)
+    if own_model is not None:
+        outcome = evaluate_mixture(
+            runtime.built.model,
+            own_model,
+            runtime.data.validation,
+            request.config.train.eval_batch_size,
+            runtime.objective,
+            request.config.federation.own_model_weight,
+        )
+    else:
+        outcome = evaluate(
+            runtime.built.model,
+            runtime.data.validation,
+            request.config.train.eval_batch_size,
+            runtime.objective,
+        )
     if outcome.samples:
         write_samples(request, outcome.samples)
     values: dict[str, float | int] = {

@@ -205,6 +205,31 @@ class FusionObjective:
         return len(batch["labels"])
 
     @torch.no_grad()
+    def predict(
+        self, model: torch.nn.Module, dataset: Dataset, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each study's sigmoid scores and its labels (NaN: unknown), [n, labels]."""
+        model.eval()
+        device = next(model.parameters()).device
+        loader = DataLoader(
+            self.prepare(model, dataset), batch_size=batch_size, shuffle=False
+        )
+        all_scores, all_labels = [], []
+        for batch in loader:
+            batch = tensors_to(batch, device)
+            all_scores.append(
+                torch.sigmoid(forward(model, batch)).float().cpu().numpy()
+            )
+            all_labels.append(
+                labels_or_unknown(
+                    batch["labels"].cpu().numpy(), label_known(batch).cpu().numpy()
+                )
+            )
+        if not all_scores:
+            return np.zeros((0, 0)), np.zeros((0, 0))
+        return np.concatenate(all_scores), np.concatenate(all_labels)
+
+    @torch.no_grad()
     def evaluate(
         self, model: torch.nn.Module, dataset: Dataset, batch_size: int
     ) -> EvalOutcome:

@@ -4,7 +4,9 @@ Their tensors are left out of what the site sends (``common.adapter.payload_keys
 so the egress guard refuses them too) and out of what the coordinator aggregates.
 The site keeps its own copy per run in its cache folder, loads it over every global
 adapter it receives, for training and for evaluation, and replaces it after each
-round of training. A restarted daemon picks it up again.
+round of training. A restarted daemon picks it up again. A site with a model of
+its own (``federation.own-model-weight``, :mod:`.own_model`) keeps it beside them,
+the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ def _path(runtime: SiteRuntime, run: str) -> Path:
     key = f"{runtime.site.site.name}\x1f{run}"
     name = hashlib.sha256(key.encode()).hexdigest()[:24]
     return runtime.site.cache_path / "personal" / f"{name}.safetensors"
+
+
+def own_model_path(runtime: SiteRuntime, run: str) -> Path:
+    """Where the site keeps its own model of ``run`` (a whole adapter)."""
+    return _path(runtime, run).with_name(_path(runtime, run).stem + ".own.safetensors")
 
 
 def _earlier_path(runtime: SiteRuntime, run: str) -> Path:
@@ -77,4 +84,35 @@ def save_personal(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(own, str(tmp))
+    tmp.replace(path)
+
+
+def load_own_model(runtime: SiteRuntime, run: str) -> dict[str, np.ndarray] | None:
+    """This site's own model of ``run``; None before it has trained it once."""
+    path = own_model_path(runtime, run)
+    if not runtime.config.federation.own_model_weight or not path.is_file():
+        return None
+    from safetensors.numpy import load_file
+
+    own = load_file(str(path))
+    if set(own) != set(runtime.adapter_shapes) or any(
+        tuple(v.shape) != runtime.adapter_shapes[k] for k, v in own.items()
+    ):
+        log.warning(
+            "the site's own model in %s does not fit this model; not used", path
+        )
+        return None
+    return own
+
+
+def save_own_model(
+    runtime: SiteRuntime, run: str, state: Mapping[str, np.ndarray]
+) -> None:
+    """Keep the site's own model of ``run``, written whole or not at all."""
+    from safetensors.numpy import save_file
+
+    path = own_model_path(runtime, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
     tmp.replace(path)

@@ -88,6 +88,11 @@ class FamilyModelConfig(_RunSection):
                 f"model.family {self.family!r} generates text: set task.kind to "
                 "'report' or 'vqa'"
             )
+        if self.generative and run.federation.own_model_weight:
+            raise ValueError(
+                f"federation.own-model-weight mixes two classifiers' probabilities; "
+                f"model.family {self.family!r} generates text: set it to 0"
+            )
 
     def requires_images(self, task: TaskConfig) -> bool:
         """Whether every study must have an image (see RunConfig.requires_images)."""

@@ -76,6 +76,14 @@ class RunConfig(_Section):
                 f"'{self.federation.transport_dtype.value}' needs "
                 "federation.delta-clip-norm > 0 (e.g. 64)"
             )
+        if self.privacy.enabled and self.federation.own_model_weight:
+            # Its training and the metrics it enters are outside the accountant's
+            # count of DP-SGD steps.
+            raise ValueError(
+                "federation.own-model-weight trains a model on each site's patients "
+                "outside DP-SGD: set it to 0 for a DP run, or keep modules at each "
+                "site with federation.personal (they train under DP-SGD)"
+            )
         if self.secure_aggregation.enabled and self.federation.min_sites < 3:
             # common.secagg_math.MIN_PARTICIPANTS: sites refuse SecAgg+ among fewer
             raise ValueError(

@@ -198,6 +198,15 @@ class FederationConfig(_RunSection):
         "keeps to itself (e.g. ['head', 'wide']); they never leave the site, are "
         "not aggregated, and each site evaluates with its own",
     )
+    own_model_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="personalised sites: each site also trains a model of its own "
+        "on its patients alone (it never leaves the site) and evaluates with the "
+        "mixture of the two models' probabilities, its own weighted by this share "
+        "(0.5: equal). 0: off. Not with DP-SGD",
+    )
 
     @model_validator(mode="after")
     def _mu_matches_strategy(self) -> FederationConfig:

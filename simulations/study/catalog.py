@@ -59,6 +59,14 @@ class Arm:
     EHR, :mod:`.classical`) instead of the fusion model."""
     personal: tuple[str, ...] = ()
     """Modules each site keeps to itself (``federation.personal``)."""
+    own_model_weight: float = 0.0
+    """Each site mixes a model of its own into its evaluation at this share
+    (``federation.own-model-weight``; 0: not)."""
+
+    @property
+    def personalised(self) -> bool:
+        """Whether each site evaluates a model of its own."""
+        return bool(self.personal) or self.own_model_weight > 0
 
     def overrides(self) -> dict[str, dict[str, Any]]:
         """The run-config sections this arm sets (on top of the study's base config)."""
@@ -67,6 +75,7 @@ class Arm:
                 "strategy": self.strategy.value,
                 "proximal_mu": self.proximal_mu,
                 "personal": list(self.personal),
+                "own_model_weight": self.own_model_weight,
             },
             "model": {
                 "modalities": [m.value for m in self.modalities],
@@ -95,7 +104,7 @@ class Arm:
         validation split holds a few dozen studies: the larger sizes are where its
         per-site margins can be read.
         """
-        return self.privacy_axis or bool(self.personal)
+        return self.privacy_axis or self.personalised
 
 
 def standard_arms(
@@ -154,6 +163,13 @@ def strategy_arms(mus: tuple[float, ...]) -> tuple[Arm, ...]:
             federated,
             ArmGroup.STRATEGY,
             personal=PERSONAL_LORA,
+        ),
+        Arm(
+            "fedavg-own-model",
+            "FedAvg, personalised (own model mixed in, APFL)",
+            federated,
+            ArmGroup.STRATEGY,
+            own_model_weight=OWN_MODEL_WEIGHT,
         ),
     )
 
@@ -231,6 +247,11 @@ PERSONAL_LORA = ("lora_B",)
 the head and the wide term are federated), after Guo et al., "Selective Aggregation
 for Low-Rank Adaptation in Federated Learning" (ICLR 2025): A learns what the sites
 share, B what is each site's own."""
+
+
+OWN_MODEL_WEIGHT = 0.5
+"""The share of each site's own model in the mixture it evaluates with: equal to
+the global model's, a share no site's data chose."""
 
 
 def classical_arms(epsilons: tuple[float, ...]) -> tuple[Arm, ...]:

@@ -111,7 +111,7 @@ def _personal_goals(
     local = arms.get("local", {}).get("per_site", {})
     for arm in plan.values():
         entry = arms.get(arm.name, {})
-        if not arm.personal or not entry.get("seeds") or not fedavg or not local:
+        if not arm.personalised or not entry.get("seeds") or not fedavg or not local:
             continue
         per_site = {s: v["mean"] for s, v in entry["per_site"].items()}
         margins, unmeasured = _measured(
@@ -383,7 +383,7 @@ def _fusion_goals(
         for a in plan.values()
         if a.kind is ArmKind.FEDERATED
         and not a.classical
-        and not a.personal
+        and not a.personalised
         and len(a.modalities) == len(Modality)
         and a.epsilon is None
         and not a.secure_aggregation

@@ -431,6 +431,8 @@ class StudySettings:
         arm_fields = asdict(arm)
         if not arm.personal:
             del arm_fields["personal"]  # absent when off: earlier results stay valid
+        if not arm.own_model_weight:
+            del arm_fields["own_model_weight"]
         federation: dict[str, Any] = {}
         if arm.kind is ArmKind.FEDERATED and not arm.classical:
             # the sites clip their deltas to it (the classical arm does not)

@@ -73,3 +73,56 @@ def test_two_sites_sharing_a_cache_folder_keep_their_own_modules(tmp_path):
     run = "same-approved-settings"
     assert _path(runtime("site-01"), run) != _path(runtime("site-02"), run)
     assert _path(runtime("site-01"), run) == _path(runtime("site-01"), run)
+
+
+def test_a_sites_own_model_stays_home_and_is_mixed_into_its_evaluation(tmp_path):
+    from wardround.client.objectives import FusionObjective
+    from wardround.client.own_model import mixed_outcome
+    from wardround.common.adapter import load_adapter_state
+    from wardround.simulations.study.arms import _sites
+
+    tomls = synthesize_federation(tmp_path / "sites", 3, patients_per_site=30, seed=4)
+    settings = StudySettings.for_size(StudySize.SMOKE)
+    base = settings.base_config(
+        str(tmp_path / "sites"), Cell(30, 3, "random"), 0
+    ).with_overrides(privacy={"enabled": False})
+    mixed = base.with_overrides(
+        federation={"own_model_weight": 0.5}, output={"dir": str(tmp_path / "mixed")}
+    )
+    plain = base.with_overrides(output={"dir": str(tmp_path / "plain")})
+
+    outcome = run_federated(mixed, tomls, tmp_path / "mixed", subgroups=False)
+    run_federated(plain, tomls, tmp_path / "plain", subgroups=False)
+
+    # What the sites sent is FedAvg's own: the global adapters are the same.
+    final = "checkpoints/round-002/adapter.safetensors"
+    sent = load_file(str(tmp_path / "mixed" / final))
+    fedavg = load_file(str(tmp_path / "plain" / final))
+    assert sent.keys() == fedavg.keys()
+    assert all(np.array_equal(sent[k], fedavg[k]) for k in sent)
+    own = {
+        toml.parent.name: load_file(str(path))
+        for toml in tomls
+        for path in (toml.parent / ".wardround-cache" / "personal").glob(
+            "*.own.safetensors"
+        )
+    }
+    assert sorted(own) == ["site-01", "site-02", "site-03"]
+    assert all(o.keys() == sent.keys() for o in own.values())
+    assert any(not np.array_equal(own["site-01"][k], sent[k]) for k in sent)
+    assert any(not np.array_equal(own["site-01"][k], own["site-02"][k]) for k in sent)
+
+    # Each site reported the AUROC of the even mixture of the two models.
+    model = build_model(mixed).model
+    objective = FusionObjective()
+    differs = []
+    for site in _sites(mixed, tomls):
+        load_adapter_state(model, sent)
+        global_scores, labels = objective.predict(model, site.data.validation, 64)
+        load_adapter_state(model, own[site.name])
+        own_scores, _ = objective.predict(model, site.data.validation, 64)
+        expected = mixed_outcome(global_scores, own_scores, labels, 0.5, 0.0)
+        assert outcome.final[site.name] == pytest.approx(expected.auroc_macro, abs=1e-3)
+        alone = mixed_outcome(global_scores, own_scores, labels, 0.0, 0.0)
+        differs.append(abs(alone.auroc_macro - expected.auroc_macro) > 1e-3)
+    assert any(differs)  # the sites did not report the global model alone

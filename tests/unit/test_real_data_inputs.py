@@ -255,7 +255,9 @@ def test_a_site_too_small_to_score_is_left_out_of_per_site_goals_not_failed():
         "personal": per_site(a=0.72, b=0.78, c=math.nan),
     }
     plan = {
-        "personal": SimpleNamespace(name="personal", label="own head", personal=True)
+        "personal": SimpleNamespace(
+            name="personal", label="own head", personalised=True
+        )
     }
     (goal,) = _personal_goals(Cell(200, 3, "random"), arms, plan, {})
     assert "1 of 2 sites" in goal.measured

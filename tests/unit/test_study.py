@@ -142,6 +142,7 @@ def test_full_study_crosses_base_size_and_dp_with_the_ablations_at_the_smallest(
         "classical-fedavg-dp-eps8",
         "fedavg-personal",  # judged per site: the larger validation splits
         "fedavg-personal-lora-b",
+        "fedavg-own-model",
     }
     # every arm at 200 patients, 3 sites, pretrained
     assert _names(settings.arms_for(cells["200x3-pretrained"])) == _names(settings.arms)
