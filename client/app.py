@@ -410,6 +410,12 @@ def _train(request: _Request) -> tuple[np.ndarray, dict[str, Any]]:
         forget_model(runtime)  # it may keep Opacus's hooks: the next message rebuilds
         raise
     trained = adapter_state(runtime.built.model)
+    # the adapter this round trained from: the global one, with the site's modules
+    trained_from = (
+        {**request.global_state, **load_personal(runtime, request.run)}
+        if config.federation.own_model_weight
+        else None
+    )
     save_personal(runtime, request.run, trained)
     full_delta = subtract(trained, request.global_state)
     payload = OrderedDict((k, full_delta[k]) for k in runtime.payload_keys)
@@ -441,41 +447,57 @@ def _train(request: _Request) -> tuple[np.ndarray, dict[str, Any]]:
     packed = pack_payload(payload, runtime.allowlist)
     if digest is not None:
         _keep(request, AnswerKind.TRAIN, digest, metrics, packed)
-    if config.federation.own_model_weight:
+    if trained_from is not None and all(np.isfinite(v).all() for v in payload.values()):
         # after the answer is made and kept: nothing of this model is in it
-        _train_own_model(request, spec)
+        _train_own_model(request, spec, trained_from, trained)
     return packed, metrics
 
 
-def _train_own_model(request: _Request, spec: LocalTrainSpec) -> None:
+def _train_own_model(
+    request: _Request,
+    spec: LocalTrainSpec,
+    trained_from: dict[str, np.ndarray],
+    trained: OrderedDict[str, np.ndarray],
+) -> None:
     """One round of the site's own model: its patients alone, from where it was.
 
-    It starts from the first global adapter this site trains on (with the site's
-    personal modules), and never leaves the site.
+    Its first round starts from the adapter this site trained its first round
+    from; without FedProx's term that round is the one just trained (the same
+    start, data and seed), so ``trained`` is kept as it. It never leaves the site.
     """
     from .trainer import train_local
 
     runtime = request.runtime
     own = load_own_model(runtime, request.run)
-    start = (
-        own
-        if own is not None
-        else {**request.global_state, **load_personal(runtime, request.run)}
-    )
-    load_adapter_state(runtime.built.model, start)
-    # No proximal term: FedProx's anchor is the global adapter, not this model.
-    own_spec = replace(spec, proximal_mu=0.0)
-    outcome = train_local(
-        runtime.built.model, runtime.data.train, own_spec, None, runtime.objective
-    )
-    save_own_model(runtime, request.run, adapter_state(runtime.built.model))
-    log.info(
-        "round %d: the site's own model trained %d step(s) in %.1f s (kept at the "
-        "site)",
-        request.server_round,
-        outcome.steps,
-        outcome.seconds,
-    )
+    if own is None and spec.proximal_mu == 0.0:
+        state, steps, seconds = trained, 0, 0.0
+    else:
+        load_adapter_state(
+            runtime.built.model, own if own is not None else trained_from
+        )
+        # No proximal term: FedProx's anchor is the global adapter, not this model.
+        outcome = train_local(
+            runtime.built.model,
+            runtime.data.train,
+            replace(spec, proximal_mu=0.0),
+            None,
+            runtime.objective,
+        )
+        state = adapter_state(runtime.built.model)
+        steps, seconds = outcome.steps, outcome.seconds
+    if save_own_model(runtime, request.run, state) and own is None:
+        log.info(
+            "round %d: the site's own model starts from this round's training (kept "
+            "at the site)",
+            request.server_round,
+        )
+    elif own is not None:
+        log.info(
+            "round %d: the site's own model trained %d step(s) in %.1f s",
+            request.server_round,
+            steps,
+            seconds,
+        )
 
 
 def _log_clipping(
@@ -594,7 +616,11 @@ def handle_evaluate(
         check_reply(content, runtime.allowlist, kind="evaluate")
         return Message(content, reply_to=msg)
     _admit_answer(request, AnswerKind.EVALUATE)
-    own_model = load_own_model(runtime, request.run)
+    own_model = (
+        load_own_model(runtime, request.run)
+        if request.config.federation.own_model_weight
+        else None
+    )
     if own_model is not None:
         outcome = evaluate_mixture(
             runtime.built.model,

@@ -47,15 +47,14 @@ def macro_auroc(per_label: np.ndarray) -> float:
     return float(per_label[ok].mean()) if ok.any() else float("nan")
 
 
-def mean_bce(labels: np.ndarray, probabilities: np.ndarray) -> float:
+def mean_log_loss(labels: np.ndarray, log_p: np.ndarray, log_q: np.ndarray) -> float:
     """Mean binary cross-entropy over the known (non-NaN) label cells (NaN if none).
 
-    Probabilities are clipped to [1e-7, 1 − 1e-7], so one confident miss counts as
-    a large loss rather than an infinite one.
+    From the log-probabilities of a positive (``log_p``) and of a negative
+    (``log_q``), so that a confident miss costs what it costs from the logits.
     """
     known = ~np.isnan(labels)
     if not known.any():
         return float("nan")
-    p = np.clip(np.asarray(probabilities, np.float64)[known], 1e-7, 1.0 - 1e-7)
     y = labels[known]
-    return float(-(y * np.log(p) + (1.0 - y) * np.log1p(-p)).mean())
+    return float(-(y * log_p[known] + (1.0 - y) * log_q[known]).mean())

@@ -205,10 +205,10 @@ class FusionObjective:
         return len(batch["labels"])
 
     @torch.no_grad()
-    def predict(
+    def predict_logits(
         self, model: torch.nn.Module, dataset: Dataset, batch_size: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Each study's sigmoid scores and its labels (NaN: unknown), [n, labels]."""
+        """Each study's logits and its labels (NaN: unknown), [n, labels]."""
         model.eval()
         device = next(model.parameters()).device
         loader = DataLoader(
@@ -217,9 +217,7 @@ class FusionObjective:
         all_scores, all_labels = [], []
         for batch in loader:
             batch = tensors_to(batch, device)
-            all_scores.append(
-                torch.sigmoid(forward(model, batch)).float().cpu().numpy()
-            )
+            all_scores.append(forward(model, batch).double().cpu().numpy())
             all_labels.append(
                 labels_or_unknown(
                     batch["labels"].cpu().numpy(), label_known(batch).cpu().numpy()

@@ -2,7 +2,8 @@
 
 Beside the global adapter it trains and sends, a site trains a model of its own on
 its patients alone: one round of local training per round of the run, starting
-from the first global adapter it receives. That model never leaves the site. The
+from the adapter it trained its first round from (the global one, with its
+personal modules). That model never leaves the site. The
 site evaluates with the mixture of the two models' probabilities,
 ``w · own + (1 − w) · global`` — the output mixture of APFL (Deng et al., "Adaptive
 Personalized Federated Learning", 2020), with the share ``w`` fixed by the run
@@ -24,23 +25,46 @@ from torch.utils.data import Dataset
 
 from ..common.adapter import load_adapter_state
 from ..common.errors import ConfigError
-from .metrics import auroc_per_label, macro_auroc, mean_bce
+from .metrics import auroc_per_label, macro_auroc, mean_log_loss
 from .objectives import EvalOutcome, FusionObjective, Objective
 
 
+def _log_sigmoid(x: np.ndarray) -> np.ndarray:
+    return -np.logaddexp(0.0, -x)
+
+
+def mixture_log_probabilities(
+    global_logits: np.ndarray, own_logits: np.ndarray, own_weight: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Log P(positive) and log P(negative) of ``w · own + (1 − w) · global``.
+
+    Mixed in log space: a probability rounded to 0 or 1 would make a confident
+    miss cost a clipped loss rather than the one its logits say.
+    """
+    with np.errstate(divide="ignore"):  # log 0 = −inf: a share of 0 or 1
+        log_w, log_rest = np.log(own_weight), np.log(1.0 - own_weight)
+    log_p = np.logaddexp(
+        log_w + _log_sigmoid(own_logits), log_rest + _log_sigmoid(global_logits)
+    )
+    log_q = np.logaddexp(
+        log_w + _log_sigmoid(-own_logits), log_rest + _log_sigmoid(-global_logits)
+    )
+    return log_p, log_q
+
+
 def mixed_outcome(
-    global_scores: np.ndarray,
-    own_scores: np.ndarray,
+    global_logits: np.ndarray,
+    own_logits: np.ndarray,
     labels: np.ndarray,
     own_weight: float,
     seconds: float,
 ) -> EvalOutcome:
-    """Loss and AUROC of ``own_weight · own + (1 − own_weight) · global``."""
-    mixed = own_weight * own_scores + (1.0 - own_weight) * global_scores
-    per_label = auroc_per_label(labels, mixed)
+    """Loss and AUROC of the probabilities ``w · own + (1 − w) · global``."""
+    log_p, log_q = mixture_log_probabilities(global_logits, own_logits, own_weight)
+    per_label = auroc_per_label(labels, np.exp(log_p))
     return EvalOutcome(
         num_examples=len(labels),
-        loss=mean_bce(labels, mixed),
+        loss=mean_log_loss(labels, log_p, log_q),
         auroc_macro=macro_auroc(per_label),
         auroc_per_label=per_label,
         seconds=seconds,
@@ -66,9 +90,9 @@ def evaluate_mixture(
             hint="Set federation.own-model-weight = 0.",
         )
     start = time.perf_counter()
-    global_scores, labels = objective.predict(model, dataset, batch_size)
+    global_logits, labels = objective.predict_logits(model, dataset, batch_size)
     load_adapter_state(model, own_state)
-    own_scores, _ = objective.predict(model, dataset, batch_size)
+    own_logits, _ = objective.predict_logits(model, dataset, batch_size)
     return mixed_outcome(
-        global_scores, own_scores, labels, own_weight, time.perf_counter() - start
+        global_logits, own_logits, labels, own_weight, time.perf_counter() - start
     )

@@ -88,31 +88,50 @@ def save_personal(
 
 
 def load_own_model(runtime: SiteRuntime, run: str) -> dict[str, np.ndarray] | None:
-    """This site's own model of ``run``; None before it has trained it once."""
+    """This site's own model of ``run``; None before it has trained it once.
+
+    A file that does not fit the model, or holds a NaN or an infinity, is not
+    used: the site starts its own model again from the global adapter.
+    """
     path = own_model_path(runtime, run)
-    if not runtime.config.federation.own_model_weight or not path.is_file():
+    if not path.is_file():
         return None
     from safetensors.numpy import load_file
 
     own = load_file(str(path))
-    if set(own) != set(runtime.adapter_shapes) or any(
-        tuple(v.shape) != runtime.adapter_shapes[k] for k, v in own.items()
+    shapes = runtime.adapter_shapes
+    if set(own) != set(shapes) or any(
+        tuple(v.shape) != shapes[k] for k, v in own.items()
     ):
         log.warning(
             "the site's own model in %s does not fit this model; not used", path
         )
+        return None
+    if not all(np.isfinite(v).all() for v in own.values()):
+        log.warning("the site's own model in %s holds NaN or infinity; not used", path)
         return None
     return own
 
 
 def save_own_model(
     runtime: SiteRuntime, run: str, state: Mapping[str, np.ndarray]
-) -> None:
-    """Keep the site's own model of ``run``, written whole or not at all."""
+) -> bool:
+    """Keep the site's own model of ``run``, written whole or not at all.
+
+    A state with a NaN or an infinity (training diverged) is not kept: the site
+    goes on with the model it had. Returns whether it was written.
+    """
     from safetensors.numpy import save_file
 
+    if not all(np.isfinite(v).all() for v in state.values()):
+        log.warning(
+            "the site's own model diverged (NaN or infinity) this round; the one "
+            "of the round before is kept"
+        )
+        return False
     path = own_model_path(runtime, run)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
     tmp.replace(path)
+    return True

@@ -23,6 +23,7 @@ _EXCLUDED_SECTIONS = frozenset({"output"})
 _LATER_SETTINGS = {
     ("federation", "repeatable_rounds"): 0,
     ("federation", "round_retries"): 2,
+    ("federation", "own_model_weight"): 0.0,
 }
 """Settings added after the key existed, left out at their neutral value: a site
 upgraded to a release that has them must keep naming an approved run as before,

@@ -91,8 +91,9 @@ def test_a_sites_own_model_stays_home_and_is_mixed_into_its_evaluation(tmp_path)
     )
     plain = base.with_overrides(output={"dir": str(tmp_path / "plain")})
 
-    outcome = run_federated(mixed, tomls, tmp_path / "mixed", subgroups=False)
+    # Plain first, in the same process: the site runtimes it builds are reused.
     run_federated(plain, tomls, tmp_path / "plain", subgroups=False)
+    outcome = run_federated(mixed, tomls, tmp_path / "mixed", subgroups=False)
 
     # What the sites sent is FedAvg's own: the global adapters are the same.
     final = "checkpoints/round-002/adapter.safetensors"
@@ -118,9 +119,11 @@ def test_a_sites_own_model_stays_home_and_is_mixed_into_its_evaluation(tmp_path)
     differs = []
     for site in _sites(mixed, tomls):
         load_adapter_state(model, sent)
-        global_scores, labels = objective.predict(model, site.data.validation, 64)
+        global_scores, labels = objective.predict_logits(
+            model, site.data.validation, 64
+        )
         load_adapter_state(model, own[site.name])
-        own_scores, _ = objective.predict(model, site.data.validation, 64)
+        own_scores, _ = objective.predict_logits(model, site.data.validation, 64)
         expected = mixed_outcome(global_scores, own_scores, labels, 0.5, 0.0)
         assert outcome.final[site.name] == pytest.approx(expected.auroc_macro, abs=1e-3)
         alone = mixed_outcome(global_scores, own_scores, labels, 0.0, 0.0)

@@ -5,17 +5,32 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wardround.client.metrics import auroc_per_label, mean_bce
-from wardround.client.own_model import mixed_outcome
+from wardround.client.metrics import auroc_per_label, mean_log_loss
+from wardround.client.own_model import mixed_outcome, mixture_log_probabilities
 from wardround.common.config import RunConfig
 from wardround.common.errors import ConfigError
 
 LABELS = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, np.nan], [0.0, 0.0]])
-GLOBAL = np.array([[0.9, 0.2], [0.6, 0.4], [0.4, 0.5], [0.1, 0.3]])
-OWN = np.array([[0.3, 0.1], [0.1, 0.9], [0.8, 0.7], [0.2, 0.2]])
+GLOBAL = np.array([[2.2, -1.4], [0.4, -0.4], [-0.4, 0.0], [-2.2, -0.8]])
+OWN = np.array([[-0.8, -2.2], [-2.2, 2.2], [1.4, 0.8], [-1.4, -1.4]])
+
+
+def _logit(p):
+    p = np.asarray(p, float)
+    return np.log(p / (1 - p))
+
+
+def _bce_from_logits(labels, logits):
+    known = ~np.isnan(labels)
+    return float(
+        torch.nn.functional.binary_cross_entropy_with_logits(
+            torch.tensor(logits[known]), torch.tensor(labels[known])
+        )
+    )
 
 
 def test_weight_zero_is_the_global_model_and_one_the_sites_own():
@@ -24,14 +39,15 @@ def test_weight_zero_is_the_global_model_and_one_the_sites_own():
 
     assert np.allclose(alone.auroc_per_label, auroc_per_label(LABELS, GLOBAL))
     assert np.allclose(own.auroc_per_label, auroc_per_label(LABELS, OWN))
-    assert alone.loss == pytest.approx(mean_bce(LABELS, GLOBAL))
+    assert alone.loss == pytest.approx(_bce_from_logits(LABELS, GLOBAL))
+    assert own.loss == pytest.approx(_bce_from_logits(LABELS, OWN))
 
 
 def test_the_mixture_ranks_by_the_weighted_mean_of_the_two_probabilities():
     # Each model misorders one pair of the first finding; their mean orders both.
     labels = np.array([[1.0], [0.0], [1.0], [0.0]])
-    first = np.array([[0.9], [0.6], [0.5], [0.1]])
-    second = np.array([[0.5], [0.1], [0.9], [0.6]])
+    first = _logit([[0.9], [0.6], [0.5], [0.1]])
+    second = _logit([[0.5], [0.1], [0.9], [0.6]])
 
     assert auroc_per_label(labels, first)[0] == 0.75
     assert auroc_per_label(labels, second)[0] == 0.75
@@ -40,16 +56,20 @@ def test_the_mixture_ranks_by_the_weighted_mean_of_the_two_probabilities():
     assert mixed.num_examples == 4 and mixed.seconds == 1.5
     # 0.25 · second + 0.75 · first: 0.8, 0.475, 0.6, 0.225
     assert mixed_outcome(first, second, labels, 0.25, 0.0).auroc_macro == 1.0
+    log_p, log_q = mixture_log_probabilities(first, second, 0.25)
+    assert np.allclose(np.exp(log_p).ravel(), [0.8, 0.475, 0.6, 0.225])
+    assert np.allclose(np.exp(log_p) + np.exp(log_q), 1.0)
 
 
-def test_mean_bce_counts_known_cells_only_and_bounds_a_confident_miss():
-    labels = np.array([[1.0, np.nan], [0.0, 1.0]])
-    scores = np.array([[0.8, 0.0], [0.2, 0.5]])
+def test_a_confident_miss_costs_what_its_logits_say():
+    labels = np.array([[0.0]])
+    confident = np.array([[30.0]])
 
-    expected = -(math.log(0.8) + math.log(0.8) + math.log(0.5)) / 3
-    assert mean_bce(labels, scores) == pytest.approx(expected)
-    assert math.isfinite(mean_bce(np.array([[1.0]]), np.array([[0.0]])))
-    assert math.isnan(mean_bce(np.array([[np.nan]]), np.array([[0.5]])))
+    outcome = mixed_outcome(confident, confident, labels, 0.5, 0.0)
+    assert outcome.loss == pytest.approx(30.0, rel=1e-6)
+    assert math.isnan(
+        mean_log_loss(np.array([[np.nan]]), np.zeros((1, 1)), np.zeros((1, 1)))
+    )
 
 
 @settings(max_examples=60, deadline=None)
@@ -61,11 +81,43 @@ def test_the_mixtures_loss_is_at_most_the_weighted_mean_of_the_two(weight, seed)
     # BCE is convex in the probability: mixing never costs more than the mean loss.
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, (12, 3)).astype(float)
-    first, second = rng.uniform(0.01, 0.99, (2, 12, 3))
+    first, second = rng.normal(0.0, 4.0, (2, 12, 3))
 
     mixed = mixed_outcome(first, second, labels, weight, 0.0).loss
-    bound = weight * mean_bce(labels, second) + (1 - weight) * mean_bce(labels, first)
+    bound = weight * _bce_from_logits(labels, second) + (1 - weight) * (
+        _bce_from_logits(labels, first)
+    )
     assert mixed <= bound + 1e-9
+
+
+def _runtime(tmp_path, shapes):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        site=SimpleNamespace(cache_path=tmp_path, site=SimpleNamespace(name="site-01")),
+        adapter_shapes=shapes,
+    )
+
+
+def test_a_diverged_own_model_is_neither_kept_nor_used(tmp_path):
+    from safetensors.numpy import save_file
+
+    from wardround.client.personal import load_own_model, own_model_path, save_own_model
+
+    runtime = _runtime(tmp_path, {"head.weight": (2, 3)})
+    good = {"head.weight": np.ones((2, 3), np.float32)}
+    bad = {"head.weight": np.full((2, 3), np.nan, np.float32)}
+
+    assert save_own_model(runtime, "run", good)
+    assert not save_own_model(runtime, "run", bad)
+    kept = load_own_model(runtime, "run")
+    assert kept is not None and np.array_equal(kept["head.weight"], good["head.weight"])
+    # a file written otherwise (an older release, a disk fault) is refused as well
+    save_file(bad, str(own_model_path(runtime, "run")))
+    assert load_own_model(runtime, "run") is None
+    save_file({"other": np.ones(2, np.float32)}, str(own_model_path(runtime, "run")))
+    assert load_own_model(runtime, "run") is None
+    assert load_own_model(runtime, "another run") is None
 
 
 def test_a_dp_run_refuses_a_model_trained_outside_dp_sgd():
