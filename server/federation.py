@@ -352,8 +352,12 @@ class _Run:
             )
         else:
             log.info(
-                "round %d: global AUROC %.3f, loss %.4f",
+                "round %d: %s %.3f, loss %.4f",
                 server_round,
+                # each site evaluates its own modules or model: no one global model
+                "AUROC of the sites' personalised models"
+                if self.config.federation.personalised
+                else "global AUROC",
                 record.global_auroc,
                 record.global_loss,
             )

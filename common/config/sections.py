@@ -208,6 +208,11 @@ class FederationConfig(_RunSection):
         "(0.5: equal). 0: off. Not with DP-SGD",
     )
 
+    @property
+    def personalised(self) -> bool:
+        """Whether each site evaluates a model of its own (its modules, its model)."""
+        return bool(self.personal) or self.own_model_weight > 0
+
     @model_validator(mode="after")
     def _mu_matches_strategy(self) -> FederationConfig:
         if self.strategy is Strategy.FEDPROX and self.proximal_mu <= 0.0:

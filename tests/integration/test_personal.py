@@ -1,6 +1,8 @@
 """Personalised sites (federation.personal): each site's own modules never leave it,
 are not aggregated, and are what it trains and evaluates with."""
 
+import logging
+
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -75,7 +77,10 @@ def test_two_sites_sharing_a_cache_folder_keep_their_own_modules(tmp_path):
     assert _path(runtime("site-01"), run) == _path(runtime("site-01"), run)
 
 
-def test_a_sites_own_model_stays_home_and_is_mixed_into_its_evaluation(tmp_path):
+def test_a_sites_own_model_stays_home_and_is_mixed_into_its_evaluation(
+    tmp_path, caplog
+):
+
     from wardround.client.objectives import FusionObjective
     from wardround.client.own_model import mixed_outcome
     from wardround.common.adapter import load_adapter_state
@@ -93,7 +98,12 @@ def test_a_sites_own_model_stays_home_and_is_mixed_into_its_evaluation(tmp_path)
 
     # Plain first, in the same process: the site runtimes it builds are reused.
     run_federated(plain, tomls, tmp_path / "plain", subgroups=False)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="wardround.server.federation")
     outcome = run_federated(mixed, tomls, tmp_path / "mixed", subgroups=False)
+    # no one global model is scored: the coordinator's log does not call it one
+    assert "round 2: AUROC of the sites' personalised models" in caplog.text
+    assert "global AUROC" not in caplog.text
 
     # What the sites sent is FedAvg's own: the global adapters are the same.
     final = "checkpoints/round-002/adapter.safetensors"
