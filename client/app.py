@@ -63,7 +63,13 @@ from .answers import AnswerKind, coarsen_metrics
 from .egress import EgressAllowlist, check_legacy_fitres, check_reply, pack_payload
 from .egress_mods import site_mods
 from .own_model import evaluate_mixture
-from .personal import load_own_model, load_personal, save_own_model, save_personal
+from .personal import (
+    discard_own_model,
+    load_own_model,
+    load_personal,
+    save_own_model,
+    save_personal,
+)
 from .privacy_policy import DpPlan, plan_site_privacy
 from .replay import (
     Release,
@@ -89,6 +95,8 @@ from .secure_aggregation import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from .trainer import LocalTrainSpec
 
 log = logging.getLogger(__name__)
@@ -368,8 +376,14 @@ def require_spares_allowed(
     )
 
 
-def _train(request: _Request) -> tuple[np.ndarray, dict[str, Any]]:
-    """One round of local training; returns the packed, clipped delta and metrics."""
+def _train(
+    request: _Request,
+) -> tuple[np.ndarray, dict[str, Any], _OwnRound | None]:
+    """One round of local training: the packed, clipped delta and the metrics.
+
+    And, with ``federation.own-model-weight``, what the site's own model needs of
+    the round, for once the answer has passed the egress guard.
+    """
     from .trainer import LocalTrainSpec, train_local
 
     config, runtime = request.config, request.runtime
@@ -384,7 +398,7 @@ def _train(request: _Request) -> tuple[np.ndarray, dict[str, Any]]:
     )
     release = _replay(request, AnswerKind.TRAIN, digest)
     if release is not None and release.packed is not None:
-        return release.packed, dict(release.metrics)
+        return release.packed, dict(release.metrics), None
     _admit_answer(request, AnswerKind.TRAIN, once_per_round=masked and plan is None)
     reservation = (
         None
@@ -410,9 +424,13 @@ def _train(request: _Request) -> tuple[np.ndarray, dict[str, Any]]:
         forget_model(runtime)  # it may keep Opacus's hooks: the next message rebuilds
         raise
     trained = adapter_state(runtime.built.model)
-    # the adapter this round trained from: the global one, with the site's modules
-    trained_from = (
-        {**request.global_state, **load_personal(runtime, request.run)}
+    own_round = (
+        # the adapter this round trained from: the global one, with the site's modules
+        _OwnRound(
+            spec,
+            {**request.global_state, **load_personal(runtime, request.run)},
+            trained,
+        )
         if config.federation.own_model_weight
         else None
     )
@@ -447,57 +465,69 @@ def _train(request: _Request) -> tuple[np.ndarray, dict[str, Any]]:
     packed = pack_payload(payload, runtime.allowlist)
     if digest is not None:
         _keep(request, AnswerKind.TRAIN, digest, metrics, packed)
-    if trained_from is not None and all(np.isfinite(v).all() for v in payload.values()):
-        # after the answer is made and kept: nothing of this model is in it
-        _train_own_model(request, spec, trained_from, trained)
-    return packed, metrics
+    return packed, metrics, own_round
 
 
-def _train_own_model(
-    request: _Request,
-    spec: LocalTrainSpec,
-    trained_from: dict[str, np.ndarray],
-    trained: OrderedDict[str, np.ndarray],
-) -> None:
+@dataclass(frozen=True)
+class _OwnRound:
+    """What a round of training leaves for the site's own model."""
+
+    spec: LocalTrainSpec
+    trained_from: dict[str, np.ndarray]
+    """The adapter the round trained from: the global one, with the site's modules."""
+    trained: OrderedDict[str, np.ndarray]
+
+
+def _train_own_model(request: _Request, own_round: _OwnRound) -> None:
     """One round of the site's own model: its patients alone, from where it was.
 
-    Its first round starts from the adapter this site trained its first round
-    from; without FedProx's term that round is the one just trained (the same
-    start, data and seed), so ``trained`` is kept as it. It never leaves the site.
+    It starts from the adapter as this site built it from the approved run config,
+    so nothing a coordinator sent is in it. When this round trained from exactly
+    that adapter without FedProx's term (an honest first round), the round just
+    trained is that model's first (the same start, data and seed) and is kept as
+    it, not trained twice. It never leaves the site.
     """
     from .trainer import train_local
 
     runtime = request.runtime
     own = load_own_model(runtime, request.run)
-    if own is None and spec.proximal_mu == 0.0:
-        state, steps, seconds = trained, 0, 0.0
-    else:
-        load_adapter_state(
-            runtime.built.model, own if own is not None else trained_from
-        )
-        # No proximal term: FedProx's anchor is the global adapter, not this model.
-        outcome = train_local(
-            runtime.built.model,
-            runtime.data.train,
-            replace(spec, proximal_mu=0.0),
-            None,
-            runtime.objective,
-        )
-        state = adapter_state(runtime.built.model)
-        steps, seconds = outcome.steps, outcome.seconds
-    if save_own_model(runtime, request.run, state) and own is None:
+    initial = runtime.built.initial_adapter
+    spec = own_round.spec
+    if (
+        own is None
+        and spec.proximal_mu == 0.0
+        and _same(own_round.trained_from, initial)
+    ):
+        if save_own_model(runtime, request.run, own_round.trained):
+            log.info(
+                "round %d: the site's own model is this round's training (kept at "
+                "the site)",
+                request.server_round,
+            )
+        return
+    load_adapter_state(runtime.built.model, own if own is not None else initial)
+    # No proximal term: FedProx's anchor is the global adapter, not this model.
+    outcome = train_local(
+        runtime.built.model,
+        runtime.data.train,
+        replace(spec, proximal_mu=0.0),
+        None,
+        runtime.objective,
+    )
+    if save_own_model(runtime, request.run, adapter_state(runtime.built.model)):
         log.info(
-            "round %d: the site's own model starts from this round's training (kept "
-            "at the site)",
+            "round %d: the site's own model trained %d step(s) in %.1f s (kept at "
+            "the site)",
             request.server_round,
+            outcome.steps,
+            outcome.seconds,
         )
-    elif own is not None:
-        log.info(
-            "round %d: the site's own model trained %d step(s) in %.1f s",
-            request.server_round,
-            steps,
-            seconds,
-        )
+
+
+def _same(state: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]) -> bool:
+    return state.keys() == other.keys() and all(
+        np.array_equal(state[k], other[k]) for k in state
+    )
 
 
 def _log_clipping(
@@ -553,7 +583,7 @@ def handle_train(
     """Train the received global adapter on local data; reply with the delta."""
     require_secure_channel(msg, _load(context, run_config)[0])
     request = _parse(msg, context, run_config)
-    packed, metrics = _train(request)
+    packed, metrics, own_round = _train(request)
     allowlist = request.runtime.allowlist
     if LEGACY_FITINS_ARRAYS in msg.content:
         max_weight = request.round_config.get(wire.SECAGG_MAX_WEIGHT)
@@ -587,6 +617,10 @@ def handle_train(
             }
         )
         check_reply(content, allowlist, kind="train")
+    if own_round is not None:
+        # once the answer passed the guard: nothing of this model is in it, and a
+        # round whose answer was refused does not move it
+        _train_own_model(request, own_round)
     return Message(content, reply_to=msg)
 
 
@@ -622,7 +656,7 @@ def handle_evaluate(
         else None
     )
     if own_model is not None:
-        outcome = evaluate_mixture(
+        outcome, mixed = evaluate_mixture(
             runtime.built.model,
             own_model,
             runtime.data.validation,
@@ -630,6 +664,14 @@ def handle_evaluate(
             runtime.objective,
             request.config.federation.own_model_weight,
         )
+        if not mixed:
+            discard_own_model(runtime, request.run)
+            log.warning(
+                "round %d: the site's own model gives NaN or infinite outputs: this "
+                "evaluation is the global model's alone, and the own model starts "
+                "again at the next round of training",
+                request.server_round,
+            )
     else:
         outcome = evaluate(
             runtime.built.model,

@@ -57,4 +57,8 @@ def mean_log_loss(labels: np.ndarray, log_p: np.ndarray, log_q: np.ndarray) -> f
     if not known.any():
         return float("nan")
     y = labels[known]
-    return float(-(y * log_p[known] + (1.0 - y) * log_q[known]).mean())
+    # a cell's other term is left out, not multiplied by 0 (0 · −inf is NaN)
+    with np.errstate(invalid="ignore"):
+        positive = np.where(y > 0, y * log_p[known], 0.0)
+        negative = np.where(y < 1, (1.0 - y) * log_q[known], 0.0)
+    return float(-(positive + negative).mean())

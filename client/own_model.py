@@ -78,11 +78,13 @@ def evaluate_mixture(
     batch_size: int,
     objective: Objective,
     own_weight: float,
-) -> EvalOutcome:
+) -> tuple[EvalOutcome, bool]:
     """Evaluate the adapter ``model`` holds mixed with the site's own model.
 
-    Leaves ``model`` holding the site's own model (the next message loads its
-    adapter anew).
+    Returns the outcome and whether the own model was in it: one whose outputs
+    hold a NaN or an infinity is left out (the outcome is the global model's
+    alone), for the caller to start it again. Leaves ``model`` holding the site's
+    own model (the next message loads its adapter anew).
     """
     if not isinstance(objective, FusionObjective):
         raise ConfigError(
@@ -93,6 +95,12 @@ def evaluate_mixture(
     global_logits, labels = objective.predict_logits(model, dataset, batch_size)
     load_adapter_state(model, own_state)
     own_logits, _ = objective.predict_logits(model, dataset, batch_size)
-    return mixed_outcome(
+    if not np.isfinite(own_logits).all():
+        alone = mixed_outcome(
+            global_logits, global_logits, labels, 0.0, time.perf_counter() - start
+        )
+        return alone, False
+    outcome = mixed_outcome(
         global_logits, own_logits, labels, own_weight, time.perf_counter() - start
     )
+    return outcome, True

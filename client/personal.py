@@ -65,6 +65,13 @@ def load_personal(runtime: SiteRuntime, run: str) -> dict[str, np.ndarray]:
     if any(k not in shapes or tuple(v.shape) != shapes[k] for k, v in own.items()):
         log.warning("personal modules in %s do not fit this model; not used", path)
         return {}
+    if not all(np.isfinite(v).all() for v in own.values()):
+        log.warning(
+            "personal modules in %s hold NaN or infinity; not used (the global "
+            "adapter's are)",
+            path,
+        )
+        return {}
     return own
 
 
@@ -80,6 +87,13 @@ def save_personal(
     own = {
         k: np.ascontiguousarray(v) for k, v in state.items() if is_personal(k, personal)
     }
+    if not all(np.isfinite(v).all() for v in own.values()):
+        # a diverged round: keeping it would make every later round start from NaN
+        log.warning(
+            "the personal modules diverged (NaN or infinity) this round and are "
+            "not kept"
+        )
+        return
     path = _path(runtime, run)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -125,8 +139,7 @@ def save_own_model(
 
     if not all(np.isfinite(v).all() for v in state.values()):
         log.warning(
-            "the site's own model diverged (NaN or infinity) this round; the one "
-            "of the round before is kept"
+            "the site's own model diverged (NaN or infinity) this round and is not kept"
         )
         return False
     path = own_model_path(runtime, run)
@@ -135,3 +148,8 @@ def save_own_model(
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
     tmp.replace(path)
     return True
+
+
+def discard_own_model(runtime: SiteRuntime, run: str) -> None:
+    """Remove the site's own model of ``run``: it starts again from the built one."""
+    own_model_path(runtime, run).unlink(missing_ok=True)

@@ -226,6 +226,9 @@ def forget_model(runtime: SiteRuntime) -> None:
 
 def _build(config: RunConfig) -> BuiltModel:
     built = family_of(config).build(config)
+    if not config.model.generative:
+        # a classifier's adapter is small; a site's own model starts from it
+        built.initial_adapter = adapter_state(built.model)
     built.model.to(resolve_device(config.train.device))
     return built
 

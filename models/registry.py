@@ -40,6 +40,10 @@ class BuiltModel:
     processor: Any = None
     """What turns raw inputs into model inputs, when the family has one (``vlm``:
     the Hugging Face processor that tokenises prompts and prepares images)."""
+    initial_adapter: Any = None
+    """The adapter as built from the run config (a name → numpy array mapping),
+    for a site's own model to start from: nothing a coordinator sent is in it.
+    Kept by the site for classifier families only (``client.runtime``)."""
 
 
 @dataclass(frozen=True)

@@ -252,18 +252,26 @@ def _follow_and_copy(coord: Any, run_dir: Path, out: Path, rounds: int) -> None:
     typer.echo(f"run directory: {copied}")
     summary = copied / "run.json"
     if summary.exists():
-        final = json.loads(summary.read_text()).get("final", {})
+        report = json.loads(summary.read_text())
+        final = report.get("final", {})
         auroc = (
             final.get("global", {}).get("auroc_macro")
             if isinstance(final, dict)
             else None
         )
+        # each site evaluates a model of its own: no one global model is scored
+        federation = report.get("config", {}).get("federation", {})
+        scored = (
+            "AUROC of the sites' personalised models"
+            if federation.get("personal") or federation.get("own-model-weight")
+            else "global AUROC"
+        )
         if auroc is not None and result.status.get("rounds_done"):
-            typer.echo(f"final global AUROC {auroc:.3f}")
+            typer.echo(f"final {scored} {auroc:.3f}")
         elif auroc is not None:
             typer.echo(
                 f"no round completed: the adapter in {copied} is the untrained one "
-                f"(global AUROC {auroc:.3f})"
+                f"({scored} {auroc:.3f})"
             )
     if result.state != "finished":
         raise FederationError(

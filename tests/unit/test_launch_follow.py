@@ -10,12 +10,13 @@ from wardround.server import launcher
 from wardround.server.admin_cli import _follow_and_copy
 
 
-def _run_dir(tmp_path, rounds_done):
+def _run_dir(tmp_path, rounds_done, federation=None):
     run_dir = tmp_path / "state" / "runs" / "20261207-040131-4f37e74c"
     run_dir.mkdir(parents=True)
     (run_dir / launcher.LAUNCH_FILE).write_text(json.dumps({"name": run_dir.name}))
     final = {"global": {"auroc_macro": 0.507 if rounds_done == 0 else 0.812}}
-    (run_dir / "run.json").write_text(json.dumps({"final": final}))
+    config = {"federation": federation or {"personal": [], "own-model-weight": 0.0}}
+    (run_dir / "run.json").write_text(json.dumps({"final": final, "config": config}))
     return run_dir
 
 
@@ -73,3 +74,23 @@ def _coordinator(tmp_path):
     from types import SimpleNamespace
 
     return SimpleNamespace(state_path=tmp_path / "state")  # what the copy reads
+
+
+@pytest.mark.parametrize(
+    "federation",
+    [{"personal": ["head"], "own-model-weight": 0.0}, {"own-model-weight": 0.5}],
+)
+def test_personalised_sites_auroc_is_not_called_a_global_models(
+    tmp_path, monkeypatch, capsys, federation
+):
+    run_dir = _run_dir(tmp_path, rounds_done=2, federation=federation)
+    statuses = [{"state": "finished", "rounds_done": 2}]
+    monkeypatch.setattr(
+        launcher, "follow", _follow_through(statuses, "finished", rounds_done=2)
+    )
+
+    _follow_and_copy(_coordinator(tmp_path), run_dir, tmp_path / "out", rounds=2)
+
+    out = capsys.readouterr().out
+    assert "final AUROC of the sites' personalised models 0.812" in out
+    assert "global AUROC" not in out
