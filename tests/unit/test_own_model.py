@@ -145,3 +145,23 @@ def test_a_text_generating_family_refuses_a_probability_mixture():
 def test_the_share_is_a_fraction(weight):
     with pytest.raises(ConfigError, match="own-model-weight"):
         RunConfig.from_mapping({"federation": {"own-model-weight": weight}})
+
+
+def test_diverged_personal_modules_are_neither_kept_nor_used(tmp_path):
+    from types import SimpleNamespace
+
+    from safetensors.numpy import save_file
+
+    from wardround.client.personal import _path, load_personal, save_personal
+
+    runtime = _runtime(tmp_path, {"head.weight": (2, 3), "fusion.weight": (3,)})
+    runtime.config = SimpleNamespace(federation=SimpleNamespace(personal=("head",)))
+    good = {"head.weight": np.ones((2, 3), np.float32), "fusion.weight": np.ones(3)}
+    bad = {**good, "head.weight": np.full((2, 3), np.inf, np.float32)}
+
+    save_personal(runtime, "run", good)
+    save_personal(runtime, "run", bad)
+    kept = load_personal(runtime, "run")
+    assert list(kept) == ["head.weight"] and np.isfinite(kept["head.weight"]).all()
+    save_file({"head.weight": bad["head.weight"]}, str(_path(runtime, "run")))
+    assert load_personal(runtime, "run") == {}
