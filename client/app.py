@@ -47,7 +47,12 @@ from ..common.adapter import (
 )
 from ..common.aggregation import subtract
 from ..common.config import RunConfig
-from ..common.errors import AnswerRefused, FederationError, ModelMismatchError
+from ..common.errors import (
+    AnswerRefused,
+    ConfigError,
+    FederationError,
+    ModelMismatchError,
+)
 from ..common.npy import npy_bytes, npy_view
 from ..common.release import version_metrics
 from ..flower_compat.legacy import (
@@ -492,6 +497,11 @@ def _train_own_model(request: _Request, own_round: _OwnRound) -> None:
     runtime = request.runtime
     own = load_own_model(runtime, request.run)
     initial = runtime.built.initial_adapter
+    if initial is None:  # a generative family's config refuses the setting
+        raise ConfigError(
+            "federation.own-model-weight applies to the fusion family only",
+            hint="Set federation.own-model-weight = 0.",
+        )
     spec = own_round.spec
     if (
         own is None

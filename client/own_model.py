@@ -1,13 +1,14 @@
 """Personalised sites by a model of their own (``federation.own-model-weight``).
 
 Beside the global adapter it trains and sends, a site trains a model of its own on
-its patients alone: one round of local training per round of the run, starting
-from the adapter it trained its first round from (the global one, with its
-personal modules). That model never leaves the site. The
-site evaluates with the mixture of the two models' probabilities,
-``w · own + (1 − w) · global`` — the output mixture of APFL (Deng et al., "Adaptive
-Personalized Federated Learning", 2020), with the share ``w`` fixed by the run
-rather than learned, since learning it would need data the site does not train on.
+its patients alone: one round of local training per round of the run it trains,
+starting from the adapter the site built from the approved run config (nothing a
+coordinator sent is in it). That model never leaves the site, and it moves only
+in a round whose answer passed the egress guard. The site evaluates with the
+mixture of the two models' probabilities, ``w · own + (1 − w) · global`` — the
+output mixture of APFL (Deng et al., "Adaptive Personalized Federated Learning",
+2020) with the share ``w`` fixed by the run: choosing it per site would need
+patients the site has not trained on (docs/benchmarks.md says what was tried).
 A site that has not trained yet evaluates the global model alone.
 
 The mixing itself (:func:`mixed_outcome`) is pure; loading and training are the
