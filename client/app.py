@@ -628,9 +628,18 @@ def handle_train(
         )
         check_reply(content, allowlist, kind="train")
     if own_round is not None:
-        # once the answer passed the guard: nothing of this model is in it, and a
-        # round whose answer was refused does not move it
-        _train_own_model(request, own_round)
+        # once the answer passed this site's inner guard: nothing of this model is
+        # in it, and a round whose answer that guard refused does not move it
+        try:
+            _train_own_model(request, own_round)
+        except Exception as failed:  # the site's own, optional: the answer goes out
+            log.warning(
+                "round %d: the site's own model was not trained this round (%s: "
+                "%s); it goes on from where it was",
+                request.server_round,
+                type(failed).__name__,
+                failed,
+            )
     return Message(content, reply_to=msg)
 
 

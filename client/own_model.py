@@ -5,10 +5,11 @@ its patients alone: one round of local training per round of the run it trains,
 starting from the adapter the site built from the approved run config (nothing a
 coordinator sent is in it). That model never leaves the site, and it moves only
 in a round whose answer passed the egress guard. The site evaluates with the
-mixture of the two models' probabilities, ``w · own + (1 − w) · global`` — the
-output mixture of APFL (Deng et al., "Adaptive Personalized Federated Learning",
-2020) with the share ``w`` fixed by the run: choosing it per site would need
-patients the site has not trained on (docs/benchmarks.md says what was tried).
+mixture of the two models' probabilities, ``w · own + (1 − w) · global``, with
+the share ``w`` fixed by the run. The own model is, in effect, the site's
+local-only model: this is an output ensemble of it and the global model, not a
+model trained for the mixture (APFL, Deng et al. 2020, mixes parameters and
+trains the local part through the mix).
 A site that has not trained yet evaluates the global model alone.
 
 The mixing itself (:func:`mixed_outcome`) is pure; loading and training are the

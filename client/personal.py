@@ -105,7 +105,7 @@ def load_own_model(runtime: SiteRuntime, run: str) -> dict[str, np.ndarray] | No
     """This site's own model of ``run``; None before it has trained it once.
 
     A file that does not fit the model, or holds a NaN or an infinity, is not
-    used: the site starts its own model again from the global adapter.
+    used: the site starts its own model again from the adapter it built.
     """
     path = own_model_path(runtime, run)
     if not path.is_file():

@@ -166,7 +166,7 @@ def strategy_arms(mus: tuple[float, ...]) -> tuple[Arm, ...]:
         ),
         Arm(
             "fedavg-own-model",
-            "FedAvg, personalised (own model mixed in, APFL)",
+            "FedAvg, personalised (own model, outputs mixed)",
             federated,
             ArmGroup.STRATEGY,
             own_model_weight=OWN_MODEL_WEIGHT,
