@@ -136,3 +136,25 @@ def test_an_own_model_with_infinite_outputs_is_left_out_and_started_again(site, 
     assert np.isfinite(metrics[wire.AUROC_MACRO])
     assert "this evaluation is the global model's alone" in caplog.text
     assert not own_file.exists()
+
+
+def test_a_failing_own_model_never_costs_the_rounds_answer(site, monkeypatch, caplog):
+    from wardround.client import app
+
+    config, built, folder = site
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(app, "save_own_model", full_disk)
+    caplog.set_level(logging.WARNING, logger="wardround.client.app")
+    before = _own_files(folder)
+
+    reply = handle_train(
+        _message(built, adapter_state(built.model), MessageType.TRAIN),
+        _context(config, 805),
+    )
+
+    assert wire.ADAPTER_DELTA in reply.content
+    assert "the site's own model was not trained this round (OSError" in caplog.text
+    assert _own_files(folder) == before
