@@ -131,9 +131,18 @@ def summary_table(result: FederationResult) -> Table:
         final_global = last.global_auroc
     sent = result.summary["bytes_sent_per_site"]
     spent = result.summary["privacy_spent"]
-    table = Table(
-        title=_title(result.summary), caption=_caption(bool(spent), generative)
+    federation = result.summary.get("config", {}).get("federation", {})
+    # each site scores a model of its own: the last row is their mean, no one model's
+    personalised = bool(federation.get("personal")) or bool(
+        federation.get("own-model-weight")
     )
+    caption = _caption(bool(spent), generative)
+    if personalised:
+        caption += (
+            "; personalised sites: each scores a model of its own, and 'all sites' "
+            "is their weighted mean"
+        )
+    table = Table(title=_title(result.summary), caption=caption)
     # Short headers: the table fits an 80-column terminal (and CI logs).
     columns = ["site", "val n", *names, "val loss"]
     if spent:
@@ -160,7 +169,7 @@ def summary_table(result: FederationResult) -> Table:
             f"{sent.get(e.site, 0):,}",
         )
     table.add_row(
-        "[bold]global",
+        "[bold]all sites" if personalised else "[bold]global",
         str(sum(e.num_examples for e in last.evaluate)),
         _fmt(first_global, 4 if generative else 3),
         f"[bold]{_fmt(final_global, 2 if generative else 3)}",

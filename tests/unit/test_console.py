@@ -39,3 +39,20 @@ def test_summary_counts_training_rounds_and_shows_every_site():
     assert "300" in text  # bytes summed over sites
     assert "SecAgg+" in text and "ε=8" in text
     assert "3.21" in text and "11.50" in text  # epsilon per site: this run, all runs
+
+
+def test_personalised_sites_mean_is_not_called_a_global_models():
+    summary = {
+        "aggregation": ["plain"],
+        "rounds_completed": 1,
+        "differential_privacy": None,
+        "privacy_spent": {},
+        "bytes_sent_per_site": {"site-01": 100, "site-02": 200},
+        "config": {"federation": {"personal": [], "own-model-weight": 0.5}},
+    }
+    result = FederationResult(Path("."), [_round(0, 0.5), _round(1, 0.6)], summary)
+    console = Console(record=True, width=200)
+    console.print(summary_table(result))
+    text = console.export_text()
+    assert "all sites" in text and "weighted mean" in text
+    assert "global" not in text
