@@ -65,7 +65,7 @@ def load_personal(runtime: SiteRuntime, run: str) -> dict[str, np.ndarray]:
     if any(k not in shapes or tuple(v.shape) != shapes[k] for k, v in own.items()):
         log.warning("personal modules in %s do not fit this model; not used", path)
         return {}
-    if not all(np.isfinite(v).all() for v in own.values()):
+    if not _finite(own):
         log.warning(
             "personal modules in %s hold NaN or infinity; not used (the global "
             "adapter's are)",
@@ -82,23 +82,15 @@ def save_personal(
     personal = runtime.config.federation.personal
     if not personal:
         return
-    from safetensors.numpy import save_file
-
-    own = {
-        k: np.ascontiguousarray(v) for k, v in state.items() if is_personal(k, personal)
-    }
-    if not all(np.isfinite(v).all() for v in own.values()):
+    own = {k: v for k, v in state.items() if is_personal(k, personal)}
+    if not _finite(own):
         # a diverged round: keeping it would make every later round start from NaN
         log.warning(
             "the personal modules diverged (NaN or infinity) this round and are "
             "not kept"
         )
         return
-    path = _path(runtime, run)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(own, str(tmp))
-    tmp.replace(path)
+    _write(_path(runtime, run), own)
 
 
 def load_own_model(runtime: SiteRuntime, run: str) -> dict[str, np.ndarray] | None:
@@ -121,7 +113,7 @@ def load_own_model(runtime: SiteRuntime, run: str) -> dict[str, np.ndarray] | No
             "the site's own model in %s does not fit this model; not used", path
         )
         return None
-    if not all(np.isfinite(v).all() for v in own.values()):
+    if not _finite(own):
         log.warning("the site's own model in %s holds NaN or infinity; not used", path)
         return None
     return own
@@ -135,21 +127,29 @@ def save_own_model(
     A state with a NaN or an infinity (training diverged) is not kept: the site
     goes on with the model it had. Returns whether it was written.
     """
-    from safetensors.numpy import save_file
-
-    if not all(np.isfinite(v).all() for v in state.values()):
+    if not _finite(state):
         log.warning(
             "the site's own model diverged (NaN or infinity) this round and is not kept"
         )
         return False
-    path = own_model_path(runtime, run)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
-    tmp.replace(path)
+    _write(own_model_path(runtime, run), state)
     return True
 
 
 def discard_own_model(runtime: SiteRuntime, run: str) -> None:
     """Remove the site's own model of ``run``: it starts again from the built one."""
     own_model_path(runtime, run).unlink(missing_ok=True)
+
+
+def _finite(state: Mapping[str, np.ndarray]) -> bool:
+    return all(np.isfinite(v).all() for v in state.values())
+
+
+def _write(path: Path, state: Mapping[str, np.ndarray]) -> None:
+    """Write ``state`` to ``path`` whole or not at all (a temporary file, renamed)."""
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
+    tmp.replace(path)

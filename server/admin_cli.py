@@ -21,6 +21,7 @@ from wardround.cli_support import (
     user_errors,
 )
 
+from ..common.config import personalised_in
 from ..ops.config_file import load_run_config
 
 coordinator_app = command_group(
@@ -260,10 +261,9 @@ def _follow_and_copy(coord: Any, run_dir: Path, out: Path, rounds: int) -> None:
             else None
         )
         # each site evaluates a model of its own: no one global model is scored
-        federation = report.get("config", {}).get("federation", {})
         scored = (
             "AUROC of the sites' personalised models"
-            if federation.get("personal") or federation.get("own-model-weight")
+            if personalised_in(report.get("config", {}).get("federation", {}))
             else "global AUROC"
         )
         if auroc is not None and result.status.get("rounds_done"):

@@ -16,6 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from wardround.common.config import personalised_in
 from wardround.server.federation import FederationResult
 from wardround.server.records import RoundRecord
 
@@ -131,10 +132,9 @@ def summary_table(result: FederationResult) -> Table:
         final_global = last.global_auroc
     sent = result.summary["bytes_sent_per_site"]
     spent = result.summary["privacy_spent"]
-    federation = result.summary.get("config", {}).get("federation", {})
     # each site scores a model of its own: the last row is their mean, no one model's
-    personalised = bool(federation.get("personal")) or bool(
-        federation.get("own-model-weight")
+    personalised = personalised_in(
+        result.summary.get("config", {}).get("federation", {})
     )
     caption = _caption(bool(spent), generative)
     if personalised:

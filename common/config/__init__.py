@@ -49,6 +49,7 @@ from .sections import (
     TrainConfig,
     _dashed,
     _Section,
+    personalised_in,
 )
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "DataConfig",
     "FamilyModelConfig",
     "FederationConfig",
+    "personalised_in",
     "Fusion",
     "FusionModelConfig",
     "GradSampleMode",

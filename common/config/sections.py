@@ -121,6 +121,15 @@ DEFAULT_DELTA_CLIP_NORM = 64.0
 update down, and the federation learns slower than its sites."""
 
 
+def personalised_in(federation: dict[str, Any]) -> bool:
+    """Whether a ``[federation]`` section, as run.json dumps it, personalises sites.
+
+    Each site then evaluates a model of its own, and the sites' mean AUROC is no
+    one global model's.
+    """
+    return bool(federation.get("personal")) or bool(federation.get("own-model-weight"))
+
+
 class FederationConfig(_RunSection):
     """How rounds run."""
 
