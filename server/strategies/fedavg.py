@@ -94,7 +94,7 @@ class FedAvg:
             ),
         )
         # Site order fixes the float sum's order: the same seed, the same mean.
-        ok.sort(key=lambda m: int(_metrics(m).get(wire.SITE_INDEX, -1)))
+        ok.sort(key=_site_index)
         contributions = [
             Contribution(
                 node_id=int(msg.metadata.src_node_id),
@@ -132,6 +132,12 @@ class FedAvg:
             "strategy": self.kind.value,
             "proximal_mu": float(self.train_settings().get(wire.PROXIMAL_MU, 0.0)),
         }
+
+
+def _site_index(msg: Message) -> int:
+    """The index a reply states (``check_train_reply`` let only whole numbers by)."""
+    index = _metrics(msg).get(wire.SITE_INDEX, -1)
+    return index if isinstance(index, int) else -1
 
 
 def _metrics(msg: Message) -> MetricRecord:

@@ -154,7 +154,7 @@ class SecAggPlus:
         self, plan: QuantizationPlan, result: SecureRoundResult
     ) -> str | None:
         """Why the unmasked mean cannot be the mean of clipped deltas, or None."""
-        mean = result.mean_delta or {}
+        mean: dict[str, np.ndarray] = result.mean_delta or {}
         norm = l2_norm(mean)
         limit = largest_honest_mean_norm(
             plan,
