@@ -21,7 +21,6 @@ PALETTE = (
     "#000000",
     "#F0E442",
 )
-GLOBAL = "global"
 
 
 def _figure(width_in: float = 6.4, height_in: float = 3.0):  # noqa: ANN202
@@ -52,8 +51,9 @@ def line_chart(
     ylabel: str,
     xlabel: str = "round",
     ylim: tuple[float, float] | None = None,
+    emphasised: str = "global",
 ) -> str:
-    """One line per name (``global`` drawn thick and black) over rounds, as SVG."""
+    """One line per name (``emphasised``, the mean, thick and black) over rounds."""
     figure, axes = _figure()
     colours = iter(PALETTE)
     plotted = 0
@@ -62,7 +62,7 @@ def line_chart(
         if not kept:
             continue
         xs, ys = zip(*kept, strict=True)
-        if name == GLOBAL:
+        if name == emphasised:
             axes.plot(xs, ys, color="#000000", linewidth=2.4, marker="o", label=name)
         else:
             axes.plot(xs, ys, color=next(colours, "#444444"), marker=".", label=name)

@@ -65,8 +65,16 @@ def _draw(run: RunView, kind: str) -> str:
         )
     auroc, loss = learning_series(run)
     if kind == "auroc":
-        return line_chart(auroc, title="AUROC (macro)", ylabel="AUROC", ylim=(0, 1))
-    return line_chart(loss, title="Validation loss", ylabel="loss")
+        return line_chart(
+            auroc,
+            title="AUROC (macro)",
+            ylabel="AUROC",
+            ylim=(0, 1),
+            emphasised=run.scored,
+        )
+    return line_chart(
+        loss, title="Validation loss", ylabel="loss", emphasised=run.scored
+    )
 
 
 def _not_found(what: str) -> Any:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...common.config import personalised_in
+
 LIVE_STATES = frozenset({"starting", "running", "paused"})
 MANIFEST_NAME = re.compile(r"round-\d{3,6}\.json")
 SITE_STATUS_TTL_S = 3.0
@@ -94,6 +96,14 @@ class RunView:
     rounds: list[dict[str, Any]] = field(repr=False, default_factory=list)
     manifests: list[str] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
+    personalised: bool = False
+    """Each site evaluates a model of its own (``federation.personal`` or
+    ``own-model-weight``): the sites' mean AUROC is no one global model's."""
+
+    @property
+    def scored(self) -> str:
+        """What the rounds' mean AUROC and loss are of, as the pages name it."""
+        return "all sites" if self.personalised else "global"
 
     @property
     def live(self) -> bool:
@@ -138,6 +148,7 @@ def load_run(run_dir: Path) -> RunView:
         rounds=rounds,
         manifests=manifests,
         final=summary.get("final") or {},
+        personalised=personalised_in(config.get("federation", {})),
     )
 
 
@@ -163,13 +174,18 @@ def adapter_bytes(run_dir: Path) -> int | None:
 def learning_series(
     run: RunView,
 ) -> tuple[dict[str, list[tuple[int, float | None]]], dict[str, list]]:
-    """AUROC and loss per round: one series per site, and ``global``."""
-    auroc: dict[str, list[tuple[int, float | None]]] = {"global": []}
-    loss: dict[str, list[tuple[int, float | None]]] = {"global": []}
+    """AUROC and loss per round: one series per site, and the sites' mean.
+
+    The mean is named ``global``, or ``all sites`` when each site scores a model
+    of its own (:attr:`RunView.scored`).
+    """
+    mean = run.scored
+    auroc: dict[str, list[tuple[int, float | None]]] = {mean: []}
+    loss: dict[str, list[tuple[int, float | None]]] = {mean: []}
     for row in run.rounds:
         r = row["round"]
-        auroc["global"].append((r, row.get("global_auroc")))
-        loss["global"].append((r, row.get("global_loss")))
+        auroc[mean].append((r, row.get("global_auroc")))
+        loss[mean].append((r, row.get("global_loss")))
         for report in row.get("evaluate", []):
             site = str(report.get("site"))
             auroc.setdefault(site, []).append((r, report.get("auroc_macro")))

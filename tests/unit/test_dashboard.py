@@ -19,7 +19,7 @@ from wardround.common.errors import ConfigError
 from wardround.dashboard.web import Exposure, check_exposure
 from wardround.ops.audit import AuditLog
 from wardround.server.dashboard.app import build_app
-from wardround.server.dashboard.state import CoordinatorSource
+from wardround.server.dashboard.state import CoordinatorSource, learning_series
 from wardround.server.records import (
     PrivacySpend,
     RoundRecord,
@@ -478,3 +478,33 @@ def test_a_dashboard_with_tls_and_a_token_serves_only_those_who_give_it(
     finally:
         server.stop()
     assert not server.thread.is_alive()
+
+
+@pytest.mark.parametrize("federation", ["personal = true", "own-model-weight = 0.5"])
+def test_a_personalised_run_is_not_shown_as_a_global_model(state, federation):
+    # each site scores a model of its own: the sites' mean is no global model's
+    run_dir = state / "runs" / RUN
+    (run_dir / "run-config.toml").write_text(
+        f"[federation]\nrounds = 3\n{federation}\n"
+    )
+    source = _source(state)
+    client = TestClient(build_app(source, LOOPBACK), base_url=LOCAL)
+
+    page = client.get(f"/runs/{RUN}").text
+    assert "AUROC, all sites" in page and "global AUROC" not in page
+    assert "AUROC per site and all sites by round" in page
+    assert client.get(f"/runs/{RUN}/chart/auroc.svg").status_code == 200
+    view = source.find_run(RUN)
+    assert view is not None and view.personalised
+    auroc, loss = learning_series(view)
+    assert "global" not in auroc and [v for _, v in auroc["all sites"]] == [
+        pytest.approx(0.5 + 0.1 * r) for r in range(3)
+    ]
+    assert "global" not in loss and "all sites" in loss
+
+
+def test_a_plain_run_shows_the_global_model(state):
+    page = TestClient(build_app(_source(state), LOOPBACK), base_url=LOCAL).get(
+        f"/runs/{RUN}"
+    )
+    assert "global AUROC" in page.text and "all sites" not in page.text
