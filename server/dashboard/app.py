@@ -38,7 +38,7 @@ class _ChartCache:
         self.items: dict[tuple[str, str], tuple[tuple[Any, ...], str]] = {}
 
     def get(self, run: RunView, kind: str) -> str:
-        key = (run.name, kind)
+        key = (run.key, kind)
         stamp = (len(run.rounds), run.state)
         with self.lock:
             hit = self.items.get(key)

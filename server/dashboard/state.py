@@ -83,6 +83,7 @@ class RunView:
     """One run as the pages show it."""
 
     name: str
+    """The run's name (``launch.json``'s, else its folder's)."""
     path: Path
     state: str
     rounds_done: int
@@ -99,6 +100,14 @@ class RunView:
     personalised: bool = False
     """Each site evaluates a model of its own (``federation.personal`` or
     ``own-model-weight``): the sites' mean AUROC is no one global model's."""
+
+    @property
+    def key(self) -> str:
+        """The run's folder name: what the pages' addresses name it by.
+
+        It differs from :attr:`name` in a copy (``launch --out DIR``).
+        """
+        return self.path.name
 
     @property
     def scored(self) -> str:
@@ -282,10 +291,13 @@ class CoordinatorSource:
         """Every run, newest first."""
         return [load_run(p) for p in self.run_dirs()]
 
-    def find_run(self, name: str) -> RunView | None:
-        """A run by its exact name (None for anything else: no path tricks)."""
+    def find_run(self, key: str) -> RunView | None:
+        """A run by its folder's exact name (:attr:`RunView.key`).
+
+        None for anything else: no path tricks.
+        """
         for path in self.run_dirs():
-            if path.name == name:
+            if path.name == key:
                 return load_run(path)
         return None
 

@@ -508,3 +508,31 @@ def test_a_plain_run_shows_the_global_model(state):
         f"/runs/{RUN}"
     )
     assert "global AUROC" in page.text and "all sites" not in page.text
+
+
+def test_every_link_resolves_for_a_run_copied_under_another_name(state, tmp_path):
+    # `launch --out DIR` copies a run into a folder named as the admin likes; the
+    # pages show the run's name but address it by its folder
+    import re
+    import shutil
+
+    copy = tmp_path / "runs-out"
+    shutil.copytree(state / "runs" / RUN, copy)
+    client = TestClient(
+        build_app(CoordinatorSource(single_run=copy), LOOPBACK), base_url=LOCAL
+    )
+    seen: set[str] = set()
+    pending = ["/runs", "/traffic", "/privacy"]
+    while pending:
+        page = client.get(pending.pop())
+        assert page.status_code == 200, page.url
+        if "html" not in page.headers["content-type"]:
+            continue
+        assert RUN in page.text  # the run's own name is what is shown
+        for link in re.findall(r'(?:href|src)="(/runs/[^"?]+)', page.text):
+            if link not in seen:
+                seen.add(link)
+                pending.append(link)
+    assert f"/runs/{copy.name}" in seen
+    assert f"/runs/{copy.name}/chart/auroc.svg" in seen
+    assert f"/runs/{copy.name}/adapter.zip" in seen
