@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 SUPERNODE_LOG = "supernode.log"
 AUDIT_FILE = "audit.jsonl"
 SUPEREXEC_SECRET_FILE = "superexec.secret"
+RUN_NAMES_KEPT = 64
+"""Flower runs whose names the site keeps for its egress log (the newest)."""
 
 _KEY_REFUSED = "Failed to activate SuperNode"
 _STABLE_S = 30.0  # a SuperNode up this long was not refused
@@ -239,6 +241,9 @@ class AuditingObserver(TaskObserver):
         self.say = say
         """Gets one line per training answer, for the operator's terminal."""
         self.runs_seen: set[int] = set()
+        self.run_names: dict[int, str] = {}
+        """The run name each Flower run's train and evaluate messages gave: SecAgg+'s
+        other stages carry none, and are recorded under it too."""
         self.repeats = Repeats()
         """Refused and failed tasks: thinned like refused answers, whatever run,
         app or round the coordinator names (:func:`.answer_audit.worth_recording`)."""
@@ -270,6 +275,7 @@ class AuditingObserver(TaskObserver):
         )
         if failed and not worth_recording(failed):
             return
+        self._remember_name(outcome)
         if outcome.run_id not in self.runs_seen:
             self.runs_seen.add(outcome.run_id)
             self._audit("run_started", run_id=run, fab_hash=outcome.fab_hash)
@@ -314,6 +320,14 @@ class AuditingObserver(TaskObserver):
                 reason=safe_reason(outcome.error),
             )
 
+    def _remember_name(self, outcome: TaskOutcome) -> None:
+        if not outcome.run_name:
+            return
+        self.run_names.pop(outcome.run_id, None)  # the newest last
+        self.run_names[outcome.run_id] = outcome.run_name
+        while len(self.run_names) > RUN_NAMES_KEPT:  # a coordinator's many runs
+            del self.run_names[next(iter(self.run_names))]
+
     def _audit(self, event: str, **fields: Any) -> None:
         try:
             self.audit.record(event, **fields)
@@ -341,7 +355,9 @@ class AuditingObserver(TaskObserver):
         try:
             record_egress(
                 self.egress_path,  # type: ignore[arg-type]
-                run_id=outcome.run_name or str(outcome.run_id),
+                run_id=outcome.run_name
+                or self.run_names.get(outcome.run_id)
+                or str(outcome.run_id),
                 server_round=server_round,
                 message_type=outcome.message_type,
                 ok=outcome.ok,

@@ -379,3 +379,25 @@ def test_a_field_the_audit_log_refuses_costs_that_line_only(audit_path, tmp_path
 )  # fmt: skip
 def test_every_part_of_the_site_reads_a_round_number_alike(value, expected):
     assert wire.round_number(value) == expected
+
+
+def test_secagg_stages_are_recorded_under_the_run_name_the_run_gave(
+    audit_path, tmp_path
+):
+    # SecAgg+'s key and share stages carry no run name; the train message does
+    from wardround.client.daemon import RUN_NAMES_KEPT
+    from wardround.client.egress_log import read_egress
+
+    egress = tmp_path / "egress.jsonl"
+    observer = AuditingObserver(AuditLog(audit_path, actor="site:x"), egress)
+    observer.on_task(_outcome(run_id=7, message_type="train"))  # before any name
+    observer.on_task(_outcome(run_id=7, run_name="20261208-run", server_round=1))
+    observer.on_task(_outcome(run_id=7, group="1"))  # a SecAgg+ stage
+    observer.on_task(_outcome(run_id=8, group="1"))  # another run, never named
+    for run_id in range(100, 100 + RUN_NAMES_KEPT):
+        observer.on_task(_outcome(run_id=run_id, run_name=f"run-{run_id}"))
+    observer.on_task(_outcome(run_id=7, group="2"))  # its name was let go
+
+    rows = [row["run_id"] for row in read_egress(egress)]
+    assert rows[:4] == ["7", "20261208-run", "20261208-run", "8"]
+    assert rows[-1] == "7" and len(observer.run_names) == RUN_NAMES_KEPT
