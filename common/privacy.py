@@ -135,8 +135,13 @@ def plan_noise_multiplier(
         )
         used = Accountant.RDP
     try:
-        return float(
-            get_noise_multiplier(
+        with warnings.catch_warnings():
+            # The search tries small sigmas whose epsilon is huge, where the best
+            # order is Opacus's largest (see _rdp_epsilon): no message for a site.
+            warnings.filterwarnings(
+                "ignore", message="Optimal order is the largest alpha"
+            )
+            sigma = get_noise_multiplier(
                 target_epsilon=target_epsilon,
                 target_delta=target_delta,
                 sample_rate=sample_rate,
@@ -144,7 +149,7 @@ def plan_noise_multiplier(
                 accountant=used.value,
                 epsilon_tolerance=0.01,
             )
-        )
+        return float(sigma)
     except ValueError as err:
         raise ConfigError(
             f"no noise multiplier reaches epsilon {target_epsilon:g} at delta "

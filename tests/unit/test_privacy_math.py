@@ -54,6 +54,18 @@ def test_sigma_planned_for_the_whole_schedule_reaches_the_target(
     assert one_round < 0.7 * target  # a per-round plan would overspend R-fold-ish
 
 
+def test_planning_sigma_warns_nothing():
+    # the search's huge-epsilon trials end at Opacus's largest order: valid bounds,
+    # and once on a site's terminal (site check, site approve) only noise
+    import warnings
+
+    plan_noise_multiplier.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sigma = plan_noise_multiplier(8.0, DELTA, 0.125, 80, Accountant.RDP)
+    assert 0.5 < sigma < 2.0
+
+
 def test_unreachable_target_is_a_config_error():
     # RDP cannot certify epsilon below ~log(1/delta)/62 whatever sigma is.
     with pytest.raises(ConfigError, match="target-epsilon"):
