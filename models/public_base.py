@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -95,7 +94,9 @@ def public_base_folder(
     """The cached public base for ``config``'s shapes, built first if missing.
 
     Concurrent callers (a simulation's sites) wait on one lock; the base is
-    written to a temporary folder and renamed, so a half-built base is never used.
+    written to a staging folder and renamed, so a half-built base is never used.
+    The staging folder is named by the base, so a build killed before it finished
+    (SIGTERM skips the cleanup) leaves one folder, removed by the next build.
     """
     folder = public_base_path(config, corpus, settings)
     if (folder / MANIFEST).is_file():
@@ -105,12 +106,15 @@ def public_base_folder(
         if (folder / MANIFEST).is_file():
             return folder
         logger.info("building the public pretrained base in %s (first use)", folder)
-        with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
-            staging = Path(scratch) / "base"
-            build_public_base(
-                config, staging, Path(scratch) / "corpus", corpus, settings
-            )
+        scratch = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(scratch, ignore_errors=True)  # a build that was killed
+        scratch.mkdir()
+        try:
+            staging = scratch / "base"
+            build_public_base(config, staging, scratch / "corpus", corpus, settings)
             os.replace(staging, folder)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return folder
 
 

@@ -117,10 +117,16 @@ def test_a_folder_without_a_manifest_is_not_a_base(tmp_path, tiny_config):
 def test_the_public_base_is_built_once_then_reused(tmp_path, tiny_config, monkeypatch):
     monkeypatch.setenv("WARDROUND_CACHE", str(tmp_path / "cache"))
     corpus = PublicCorpus(sites=2, patients_per_site=24)
+    # what a build killed by SIGTERM leaves: its staging folder, half written
+    where = public_base.public_base_path(tiny_config, corpus, FEW_STEPS)
+    killed = where.with_name(where.name + ".partial")
+    (killed / "corpus" / "site-01").mkdir(parents=True)
     first = public_base.public_base_folder(tiny_config, corpus, FEW_STEPS)
     assert (first / MANIFEST).is_file()
     assert read_manifest(first)["corpus"]["seed"] == corpus.seed
-    assert not list(first.parent.glob("tmp*"))  # the staging folder is gone
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted(
+        [first.name, first.with_suffix(".lock").name]
+    )  # the killed build's staging folder and this build's are gone
 
     def no_second_build(*args, **kwargs):
         raise AssertionError("the cached base was built again")
