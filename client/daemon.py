@@ -242,8 +242,8 @@ class AuditingObserver(TaskObserver):
         """Gets one line per training answer, for the operator's terminal."""
         self.runs_seen: set[int] = set()
         self.run_names: dict[int, str] = {}
-        """The run name each Flower run's train and evaluate messages gave: SecAgg+'s
-        other stages carry none, and are recorded under it too."""
+        """The first run name each Flower run's train and evaluate messages gave:
+        SecAgg+'s other stages carry none, and are recorded under it too."""
         self.repeats = Repeats()
         """Refused and failed tasks: thinned like refused answers, whatever run,
         app or round the coordinator names (:func:`.answer_audit.worth_recording`)."""
@@ -321,9 +321,10 @@ class AuditingObserver(TaskObserver):
             )
 
     def _remember_name(self, outcome: TaskOutcome) -> None:
-        if not outcome.run_name:
+        # the first name a run gave stays: a coordinator cannot rename a run's
+        # earlier rows part-way through (each row also keeps the Flower run id)
+        if not outcome.run_name or outcome.run_id in self.run_names:
             return
-        self.run_names.pop(outcome.run_id, None)  # the newest last
         self.run_names[outcome.run_id] = outcome.run_name
         while len(self.run_names) > RUN_NAMES_KEPT:  # a coordinator's many runs
             del self.run_names[next(iter(self.run_names))]
@@ -358,6 +359,7 @@ class AuditingObserver(TaskObserver):
                 run_id=outcome.run_name
                 or self.run_names.get(outcome.run_id)
                 or str(outcome.run_id),
+                flower_run_id=outcome.run_id,
                 server_round=server_round,
                 message_type=outcome.message_type,
                 ok=outcome.ok,

@@ -26,6 +26,7 @@ def record_egress(
     path: Path,
     *,
     run_id: str,
+    flower_run_id: int | None = None,
     server_round: int | None,
     message_type: str,
     ok: bool,
@@ -39,6 +40,9 @@ def record_egress(
     line = {
         "time": time.time(),
         "run_id": coordinator_label(run_id),
+        # the site's own record of which Flower run it was: the name is the
+        # coordinator's word
+        "flower_run_id": None if flower_run_id is None else int(flower_run_id),
         "round": server_round,
         "message_type": coordinator_label(message_type),
         "ok": bool(ok),

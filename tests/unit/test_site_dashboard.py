@@ -84,12 +84,19 @@ def test_the_site_pages_show_the_ledger_as_site_privacy_json_does(site):
     approvals = client.get("/approvals").text
     assert "target-epsilon = 8.0" in approvals and "ward study" in approvals
     assert "Approved as a bare hash" in approvals
+    record_egress(  # a SecAgg+ stage, filed under the run's name and its Flower id
+        site.state_path / "egress.jsonl", run_id="20261208-run", flower_run_id=77,
+        server_round=1, message_type="train", ok=True, bytes_in=10, bytes_out=0,
+        seconds=0.1, tensors=[], metrics={},
+    )  # fmt: skip
     sent = client.get("/sent").text
     assert (
         "delta/fusion.lora_A" in sent
         and "4.0 KiB" in sent
         and "train-loss=0.61<" in sent
     )
+    # the coordinator's name, and the site's own record of the Flower run
+    assert sent.count("(Flower run 77)") == 1 and "Flower run )" not in sent
     assert "This site can train." in client.get("/check").text
     assert "app_refused" in client.get("/audit").text
 

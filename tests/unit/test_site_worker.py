@@ -398,6 +398,13 @@ def test_secagg_stages_are_recorded_under_the_run_name_the_run_gave(
         observer.on_task(_outcome(run_id=run_id, run_name=f"run-{run_id}"))
     observer.on_task(_outcome(run_id=7, group="2"))  # its name was let go
 
-    rows = [row["run_id"] for row in read_egress(egress)]
-    assert rows[:4] == ["7", "20261208-run", "20261208-run", "8"]
-    assert rows[-1] == "7" and len(observer.run_names) == RUN_NAMES_KEPT
+    observer.on_task(_outcome(run_id=9, run_name="20261208-run"))  # another run
+    observer.on_task(_outcome(run_id=9, run_name="renamed"))  # the first name stays
+    observer.on_task(_outcome(run_id=9, group="3"))
+
+    rows = [(row["run_id"], row["flower_run_id"]) for row in read_egress(egress)]
+    assert rows[:4] == [("7", 7), ("20261208-run", 7), ("20261208-run", 7), ("8", 8)]
+    assert rows[4 + RUN_NAMES_KEPT] == ("7", 7)
+    assert len(observer.run_names) == RUN_NAMES_KEPT
+    # the same name on two Flower runs: the site's own id tells them apart
+    assert rows[-3:] == [("20261208-run", 9), ("renamed", 9), ("20261208-run", 9)]
