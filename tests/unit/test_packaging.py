@@ -7,7 +7,7 @@ package list only fails once installed from a wheel (the Docker image's
 
 from __future__ import annotations
 
-import fnmatch
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Read by people from a checkout (recipes, their docs), never by the code.
 CHECKOUT_ONLY = {"deploy": ("*.md", "docker/*", "systemd/*")}
+# Top-level folders that are not part of the package.
+NOT_SHIPPED = {"tests", "bench", "docs", "build"}
 
 
 def _setuptools() -> dict:
@@ -28,6 +30,18 @@ def _package_dirs() -> dict[str, Path]:
     }
 
 
+def _source_files() -> list[Path]:
+    """The checkout's tracked files: what a release ships from, without a
+    developer's editor leftovers."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return [ROOT / name for name in listed.split("\0") if name]
+
+
 def test_every_listed_package_has_its_folder() -> None:
     config = _setuptools()
     assert set(config["packages"]) == set(config["package-dir"])
@@ -37,33 +51,34 @@ def test_every_listed_package_has_its_folder() -> None:
 
 def test_every_package_folder_is_listed() -> None:
     listed = {folder.resolve() for folder in _package_dirs().values()}
-    roots = {ROOT / Path(*folder.relative_to(ROOT).parts[:1]) for folder in listed}
-    for root in sorted(roots):
-        for init in sorted(root.rglob("__init__.py")):
-            folder = init.parent.resolve()
-            assert folder in listed, (
-                f"{folder.relative_to(ROOT)} is a package that `pip install .` leaves "
-                "out: add it to [tool.setuptools] packages and package-dir"
-            )
+    for path in _source_files():
+        top = path.relative_to(ROOT).parts[0]
+        if path.name != "__init__.py" or top in NOT_SHIPPED or top.startswith("."):
+            continue
+        folder = path.parent.resolve()
+        assert folder in listed, (
+            f"{folder.relative_to(ROOT)} is a package that `pip install .` leaves "
+            "out: add it to [tool.setuptools] packages and package-dir"
+        )
 
 
 def test_every_data_file_ships() -> None:
     dirs = _package_dirs()
     package_data = _setuptools().get("package-data", {})
-    folders = {folder.resolve() for folder in dirs.values()}
-    for name, folder in dirs.items():
-        for path in sorted(folder.rglob("*")):
-            if not path.is_file() or path.suffix in {".py", ".pyc"}:
-                continue
-            # a file belongs to the nearest package folder above it
-            owner = next(p for p in path.parents if p.resolve() in folders)
-            if owner.resolve() != folder.resolve():
-                continue
-            relative = path.relative_to(folder).as_posix()
-            patterns = package_data.get(name, []) + list(
-                CHECKOUT_ONLY.get(folder.relative_to(ROOT).as_posix(), ())
-            )
-            assert any(fnmatch.fnmatch(relative, p) for p in patterns), (
-                f"{path.relative_to(ROOT)} is not shipped: add it to "
-                f"[tool.setuptools.package-data] {name!r}"
-            )
+    folders = {folder.resolve(): name for name, folder in dirs.items()}
+    for path in _source_files():
+        if path.suffix == ".py" or not any(
+            parent.resolve() in folders for parent in path.parents
+        ):
+            continue
+        # a file belongs to the nearest package folder above it
+        owner = next(p for p in path.parents if p.resolve() in folders)
+        name = folders[owner.resolve()]
+        patterns = package_data.get(name, []) + list(
+            CHECKOUT_ONLY.get(owner.relative_to(ROOT).as_posix(), ())
+        )
+        # setuptools globs as Path.glob does: '*' stops at a folder
+        assert any(path in set(owner.glob(p)) for p in patterns), (
+            f"{path.relative_to(ROOT)} is not shipped: add it to "
+            f"[tool.setuptools.package-data] {name!r}"
+        )
