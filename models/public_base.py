@@ -12,11 +12,13 @@ federations name a base folder built from public data (``wardround pretrain
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -95,8 +97,9 @@ def public_base_folder(
 
     Concurrent callers (a simulation's sites) wait on one lock; the base is
     written to a staging folder and renamed, so a half-built base is never used.
-    The staging folder is named by the base, so a build killed before it finished
-    (SIGTERM skips the cleanup) leaves one folder, removed by the next build.
+    A build killed before it finished (SIGTERM skips the cleanup) leaves its
+    staging folder; the next build of that base on the same host removes it once
+    its process is gone (a cache shared between hosts keeps the others' folders).
     """
     folder = public_base_path(config, corpus, settings)
     if (folder / MANIFEST).is_file():
@@ -106,8 +109,9 @@ def public_base_folder(
         if (folder / MANIFEST).is_file():
             return folder
         logger.info("building the public pretrained base in %s (first use)", folder)
-        scratch = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(scratch, ignore_errors=True)  # a build that was killed
+        _remove_killed_builds(folder)
+        scratch = folder.with_name(f"{_staging_prefix(folder)}{os.getpid()}")
+        shutil.rmtree(scratch, ignore_errors=True)  # a killed build had this PID
         scratch.mkdir()
         try:
             staging = scratch / "base"
@@ -116,6 +120,30 @@ def public_base_folder(
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return folder
+
+
+def _staging_prefix(folder: Path) -> str:
+    """The staging folders of ``folder``'s builds on this host: the prefix, then a PID."""
+    return f"{folder.name}.partial-{socket.gethostname()}-"
+
+
+def _remove_killed_builds(folder: Path) -> None:
+    """Remove this host's staging folders of ``folder`` whose build process is gone."""
+    prefix = _staging_prefix(folder)
+    for leftover in folder.parent.glob(glob.escape(prefix) + "*"):
+        pid = leftover.name[len(prefix) :]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def check_public_corpus_fits(config: RunConfig) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,14 +123,22 @@ def test_the_public_base_is_built_once_then_reused(tmp_path, tiny_config, monkey
     corpus = PublicCorpus(sites=2, patients_per_site=24)
     # what a build killed by SIGTERM leaves: its staging folder, half written
     where = public_base.public_base_path(tiny_config, corpus, FEW_STEPS)
-    killed = where.with_name(where.name + ".partial")
-    (killed / "corpus" / "site-01").mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    prefix = f"{where.name}.partial-{socket.gethostname()}-"
+    killed = where.with_name(f"{prefix}{dead.pid}")
+    building = where.with_name(f"{prefix}{os.getppid()}")  # a live process's
+    elsewhere = where.with_name(f"{where.name}.partial-other-host-{dead.pid}")
+    for leftover in (killed, building, elsewhere):
+        (leftover / "corpus" / "site-01").mkdir(parents=True)
     first = public_base.public_base_folder(tiny_config, corpus, FEW_STEPS)
     assert (first / MANIFEST).is_file()
     assert read_manifest(first)["corpus"]["seed"] == corpus.seed
+    # the killed build's staging folder and this build's are gone; a live
+    # build's and another host's are not this build's to remove
     assert sorted(p.name for p in first.parent.iterdir()) == sorted(
-        [first.name, first.with_suffix(".lock").name]
-    )  # the killed build's staging folder and this build's are gone
+        [first.name, first.with_suffix(".lock").name, building.name, elsewhere.name]
+    )
 
     def no_second_build(*args, **kwargs):
         raise AssertionError("the cached base was built again")
