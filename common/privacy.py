@@ -136,8 +136,9 @@ def plan_noise_multiplier(
         used = Accountant.RDP
     try:
         with warnings.catch_warnings():
-            # The search tries small sigmas whose epsilon is huge, where the best
-            # order is Opacus's largest (see _rdp_epsilon): no message for a site.
+            # The search starts at large sigmas, whose small epsilon is best bounded
+            # at Opacus's largest order (see _rdp_epsilon): a valid bound, and no
+            # message for a site.
             warnings.filterwarnings(
                 "ignore", message="Optimal order is the largest alpha"
             )

@@ -55,8 +55,8 @@ def test_sigma_planned_for_the_whole_schedule_reaches_the_target(
 
 
 def test_planning_sigma_warns_nothing():
-    # the search's huge-epsilon trials end at Opacus's largest order: valid bounds,
-    # and once on a site's terminal (site check, site approve) only noise
+    # the search's large-sigma trials are bounded at Opacus's largest order: valid
+    # bounds, and on a site's terminal (site check, site approve) only noise
     import warnings
 
     plan_noise_multiplier.cache_clear()
